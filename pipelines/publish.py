@@ -1,0 +1,478 @@
+"""Versioned, atomic publishing of embedding-index versions under one root URI.
+
+Layout (see `imagebind_core.index`): every run stages a complete version under
+`<root>/versions/<version:08d>-<run id>/` that nobody reads yet, then publishes it with one
+compare-and-swap of the small pointer object `<root>/LATEST`:
+
+- on S3 a PUT of one object is atomic, and a conditional PUT (`If-Match: <etag read>`, or
+  `If-None-Match: *` for the first version) fails with 412 if another run moved the pointer in
+  between. Readers therefore see the old version or the new one, never a mix, and of two runs
+  that staged on the same parent exactly one publishes.
+- on a local folder the same contract is kept with `os.replace` (atomic rename) under an
+  `fcntl` lock.
+
+Besides the compare-and-swap, which alone guarantees correctness, a lease lock (`<root>/_lock`,
+created with `If-None-Match: *`, renewed by a heartbeat, broken with a conditional DELETE once
+expired) keeps a second run from doing the same work at the same time; a lock left by a crashed
+run expires after its TTL and is recovered by the next run.
+
+Retention keeps the last N published versions (following `parent` links from `LATEST`) and
+removes abandoned staging folders of crashed or losing runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec.asyn
+
+from imagebind_core.index import (
+    POINTER_NAME,
+    RECORD_NAME,
+    VERSIONS_DIR,
+    Pointer,
+    join_uri,
+)
+from imagebind_core.io import StorageOptions, filesystem, protocol_of
+
+logger = logging.getLogger(__name__)
+
+LOCK_NAME = "_lock"
+# Fault-injection hook for the crash tests: when set to a path, a run about to swap the pointer
+# creates that file and waits until `<path>.go` exists (a test kills it or lets it go on).
+PAUSE_ENV = "IMAGEBIND_PUBLISH_PAUSE_FILE"
+
+
+class PreconditionFailed(Exception):
+    """A conditional write or delete lost: the object changed (or appeared) since it was read."""
+
+
+class PublishConflict(RuntimeError):
+    """Another run published a version after this run read the pointer; nothing was published."""
+
+
+class LockHeld(RuntimeError):
+    """Another run holds the re-index lease of this index root."""
+
+
+def utc_now() -> str:
+    """The current time as an ISO-8601 UTC string (seconds)."""
+    return _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat()
+
+
+# --------------------------------------------------------------------------- object stores
+
+
+class _Store:
+    """Small-object operations on keys below an index root, with optional preconditions."""
+
+    def get(self, key: str) -> tuple[bytes, str] | None:
+        """(content, etag) of `key`, or None if absent."""
+        raise NotImplementedError
+
+    def put(
+        self, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False
+    ) -> str:
+        """Write `key`; returns its new etag. Raises PreconditionFailed if a condition fails."""
+        raise NotImplementedError
+
+    def delete(self, key: str, *, if_match: str | None = None) -> None:
+        """Delete `key` (only if its etag is `if_match`, when given)."""
+        raise NotImplementedError
+
+
+def _is_precondition_failure(exc: BaseException) -> bool:
+    """s3fs turns a 412 into FileExistsError (If-None-Match) or OSError(EINVAL) (If-Match)."""
+    if isinstance(exc, FileExistsError):
+        return True
+    cause = exc.__cause__
+    response = getattr(cause, "response", None)
+    if isinstance(response, dict):
+        code = str(response.get("Error", {}).get("Code", ""))
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        # ConditionalRequestConflict (409): S3's answer to two conditional writes in flight.
+        return code in ("PreconditionFailed", "412", "ConditionalRequestConflict") or status in (
+            409,
+            412,
+        )
+    return isinstance(exc, OSError) and exc.errno == errno.EINVAL
+
+
+class _S3Store(_Store):
+    """Conditional S3 requests (If-Match / If-None-Match) through s3fs's aiobotocore client."""
+
+    def __init__(self, root: str, storage_options: StorageOptions | None) -> None:
+        self.fs, path = filesystem(root, storage_options)
+        self.bucket, _, self.prefix = path.partition("/")
+        self.prefix = self.prefix.strip("/")
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _call(self, method: str, **kwargs: Any) -> Any:
+        return fsspec.asyn.sync(self.fs.loop, self.fs._call_s3, method, **kwargs)
+
+    def get(self, key: str) -> tuple[bytes, str] | None:
+        async def _get() -> tuple[bytes, str] | None:
+            try:
+                resp = await self.fs._call_s3("get_object", Bucket=self.bucket, Key=self._key(key))
+            except FileNotFoundError:
+                return None
+            body = resp["Body"]
+            try:
+                data = await body.read()
+            finally:
+                body.close()
+            return data, resp["ETag"]
+
+        return fsspec.asyn.sync(self.fs.loop, _get)
+
+    def put(
+        self, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False
+    ) -> str:
+        cond: dict[str, str] = {}
+        if if_match is not None:
+            cond["IfMatch"] = if_match
+        if if_none_match:
+            cond["IfNoneMatch"] = "*"
+        try:
+            resp = self._call(
+                "put_object", Bucket=self.bucket, Key=self._key(key), Body=data, **cond
+            )
+        except FileNotFoundError as e:  # If-Match on an object that is gone
+            if if_match is not None:
+                raise PreconditionFailed(key) from e
+            raise
+        except OSError as e:
+            if cond and _is_precondition_failure(e):
+                raise PreconditionFailed(key) from e
+            raise
+        return resp["ETag"]
+
+    def delete(self, key: str, *, if_match: str | None = None) -> None:
+        cond = {"IfMatch": if_match} if if_match is not None else {}
+        try:
+            self._call("delete_object", Bucket=self.bucket, Key=self._key(key), **cond)
+        except FileNotFoundError as e:
+            if if_match is not None:
+                raise PreconditionFailed(key) from e
+        except OSError as e:
+            if cond and _is_precondition_failure(e):
+                raise PreconditionFailed(key) from e
+            raise
+
+
+class _LocalStore(_Store):
+    """The same contract on a local folder: check-and-replace under an exclusive flock."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root[len("file://") :] if root.startswith("file://") else root
+        os.makedirs(self.root, exist_ok=True)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        with open(os.path.join(self.root, ".store.flock"), "a+b") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _read(self, key: str) -> tuple[bytes, str] | None:
+        try:
+            with open(os.path.join(self.root, key), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        return data, hashlib.sha256(data).hexdigest()[:32]
+
+    def get(self, key: str) -> tuple[bytes, str] | None:
+        return self._read(key)
+
+    def put(
+        self, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False
+    ) -> str:
+        path = os.path.join(self.root, key)
+        with self._locked():
+            cur = self._read(key)
+            if if_none_match and cur is not None:
+                raise PreconditionFailed(key)
+            if if_match is not None and (cur is None or cur[1] != if_match):
+                raise PreconditionFailed(key)
+            tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)  # atomic: readers see the old or the new content
+        return hashlib.sha256(data).hexdigest()[:32]
+
+    def delete(self, key: str, *, if_match: str | None = None) -> None:
+        with self._locked():
+            cur = self._read(key)
+            if if_match is not None and (cur is None or cur[1] != if_match):
+                raise PreconditionFailed(key)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(self.root, key))
+
+
+def open_store(root: str, storage_options: StorageOptions | None = None) -> _Store:
+    """The conditional store for `root`: S3 (s3://, s3a://) or a local folder."""
+    proto = protocol_of(root)
+    if proto in ("s3", "s3a"):
+        return _S3Store(root, storage_options)
+    if proto == "file":
+        return _LocalStore(root)
+    raise ValueError(
+        f"index root {root!r}: publishing needs atomic conditional writes, supported on s3:// "
+        "and local folders, not on {proto}://"
+    )
+
+
+# --------------------------------------------------------------------------------- lease
+
+
+@dataclass
+class Lease:
+    """A held re-index lock. Renewed by a heartbeat thread; `lost` is set if renewal failed."""
+
+    store: _Store
+    owner: str
+    ttl_s: float
+    etag: str
+    lost: threading.Event = field(default_factory=threading.Event)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    @staticmethod
+    def _doc(owner: str, ttl_s: float) -> bytes:
+        now = time.time()
+        return json.dumps(
+            {"owner": owner, "acquired_at": now, "expires_at": now + ttl_s, "ttl_s": ttl_s}
+        ).encode()
+
+    @classmethod
+    def acquire(cls, store: _Store, owner: str, ttl_s: float = 600.0) -> Lease:
+        """Take the lock, recovering it if the holder's lease expired. Raises LockHeld."""
+        for _ in range(3):
+            try:
+                etag = store.put(LOCK_NAME, cls._doc(owner, ttl_s), if_none_match=True)
+                return cls(store, owner, ttl_s, etag)
+            except PreconditionFailed:
+                pass
+            cur = store.get(LOCK_NAME)
+            if cur is None:
+                continue  # released between our two calls: try again
+            try:
+                doc = json.loads(cur[0])
+                expires_at, holder = float(doc["expires_at"]), str(doc["owner"])
+            except (ValueError, KeyError, TypeError):
+                expires_at, holder = 0.0, "<unreadable lock>"
+            if expires_at > time.time():
+                raise LockHeld(
+                    f"index is being re-indexed by {holder} (lease valid for another "
+                    f"{expires_at - time.time():.0f} s)"
+                )
+            # Stale: break it only if it is still the very lock we judged stale (If-Match), so
+            # two runs recovering at once cannot both delete and both re-acquire.
+            try:
+                store.delete(LOCK_NAME, if_match=cur[1])
+            except PreconditionFailed:
+                raise LockHeld("another run recovered the stale lock first") from None
+            logger.warning("recovered a stale re-index lock left by %s", holder)
+        raise LockHeld("could not acquire the re-index lock (contended)")
+
+    def renew(self) -> None:
+        """Extend the lease; sets `lost` if someone else took the lock."""
+        try:
+            self.etag = self.store.put(
+                LOCK_NAME, self._doc(self.owner, self.ttl_s), if_match=self.etag
+            )
+        except PreconditionFailed:
+            logger.error("re-index lease of %s was lost (lock taken over)", self.owner)
+            self.lost.set()
+
+    def start_heartbeat(self) -> None:
+        """Renew every ttl/3 in a daemon thread until `release`."""
+
+        def beat() -> None:
+            while not self._stop.wait(self.ttl_s / 3):
+                try:
+                    self.renew()
+                except Exception:  # a transient store error: try again next beat
+                    logger.exception("lease renewal failed")
+                if self.lost.is_set():
+                    return
+
+        self._thread = threading.Thread(target=beat, name="reindex-lease", daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        """Stop the heartbeat and delete the lock if it is still ours."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        with contextlib.suppress(PreconditionFailed):
+            self.store.delete(LOCK_NAME, if_match=self.etag)
+
+
+# ------------------------------------------------------------------------- index root
+
+
+def version_name(version: int, run_id: str) -> str:
+    """Folder name of a staged version: zero-padded number (sorts) plus the run id (unique)."""
+    return f"{version:08d}-{run_id}"
+
+
+def parse_version_name(name: str) -> int | None:
+    """The version number in a version folder name, or None if it is not one."""
+    head = name.split("-", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def new_run_id() -> str:
+    """A short unique id for one run."""
+    return uuid.uuid4().hex[:12]
+
+
+def default_owner(run_id: str) -> str:
+    """`host:pid:run` — who holds a lease, for humans reading the lock."""
+    return f"{socket.gethostname()}:{os.getpid()}:{run_id}"
+
+
+class IndexRoot:
+    """Publishing operations on one index root URI (local folder or s3:// prefix)."""
+
+    def __init__(self, root: str, storage_options: StorageOptions | None = None) -> None:
+        self.root = root.rstrip("/")
+        self.storage_options = dict(storage_options or {})
+        self.store = open_store(self.root, self.storage_options)
+
+    def version_uri(self, name: str) -> str:
+        """URI of the version folder `name`."""
+        return join_uri(self.root, VERSIONS_DIR, name)
+
+    def latest(self) -> tuple[Pointer | None, str | None]:
+        """The published pointer and its etag (both None before the first publish)."""
+        got = self.store.get(POINTER_NAME)
+        if got is None:
+            return None, None
+        return Pointer.from_json(got[0], join_uri(self.root, POINTER_NAME)), got[1]
+
+    def read_record(self, name: str) -> dict:
+        """The version record of version folder `name`."""
+        fs, path = filesystem(join_uri(self.version_uri(name), RECORD_NAME), self.storage_options)
+        return json.loads(fs.cat_file(path))
+
+    def write_record(self, name: str, record: dict) -> None:
+        """Write the version record into the staged folder `name` (before publishing)."""
+        fs, path = filesystem(join_uri(self.version_uri(name), RECORD_NAME), self.storage_options)
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(path, json.dumps(record, indent=2, sort_keys=True).encode())
+
+    def lease(self, owner: str, ttl_s: float = 600.0) -> Lease:
+        """Acquire the re-index lease (LockHeld if another live run holds it)."""
+        return Lease.acquire(self.store, owner, ttl_s)
+
+    def publish(self, pointer: Pointer, expected_etag: str | None) -> None:
+        """Swap `LATEST` to `pointer` iff it still has `expected_etag` (None: does not exist).
+
+        Raises PublishConflict (and changes nothing) if another run published in between.
+        """
+        _pause_point()
+        try:
+            if expected_etag is None:
+                self.store.put(POINTER_NAME, pointer.to_json(), if_none_match=True)
+            else:
+                self.store.put(POINTER_NAME, pointer.to_json(), if_match=expected_etag)
+        except PreconditionFailed:
+            raise PublishConflict(
+                f"another run published to {self.root} after this run read the pointer; "
+                f"version {pointer.name} was not published"
+            ) from None
+        logger.info("published version %s at %s", pointer.name, self.root)
+
+    def _list_version_names(self) -> list[str]:
+        fs, path = filesystem(join_uri(self.root, VERSIONS_DIR), self.storage_options)
+        try:
+            entries = fs.ls(path, detail=False, refresh=True)
+        except FileNotFoundError:
+            return []
+        names = [e.rstrip("/").rsplit("/", 1)[-1] for e in entries]
+        return sorted(n for n in names if parse_version_name(n) is not None)
+
+    def history(self) -> list[dict]:
+        """Version records of the published chain, newest first (follows `parent_name`)."""
+        pointer, _ = self.latest()
+        out: list[dict] = []
+        name = pointer.name if pointer else None
+        while name:
+            try:
+                rec = self.read_record(name)
+            except FileNotFoundError:
+                break  # older versions were removed by retention
+            out.append(rec)
+            name = rec.get("parent_name")
+        return out
+
+    def discard(self, name: str) -> None:
+        """Remove a staged (never published) or retired version folder."""
+        fs, path = filesystem(self.version_uri(name), self.storage_options)
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(path, recursive=True)
+
+    def apply_retention(self, keep: int) -> list[str]:
+        """Keep the newest `keep` published versions; remove older ones and abandoned stages.
+
+        A folder numbered above the published version may belong to a run still staging, so
+        it is left alone (a later publish passes it, and then it is removed).
+        Returns the names removed.
+        """
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        pointer, _ = self.latest()
+        if pointer is None:
+            return []
+        kept: set[str] = set()
+        name: str | None = pointer.name
+        while name and len(kept) < keep:
+            kept.add(name)
+            try:
+                name = self.read_record(name).get("parent_name")
+            except FileNotFoundError:
+                break
+        removed = []
+        for n in self._list_version_names():
+            num = parse_version_name(n)
+            if n in kept or num is None or num > pointer.version:
+                continue
+            self.discard(n)
+            removed.append(n)
+        if removed:
+            logger.info("retention removed versions %s", removed)
+        return removed
+
+
+def _pause_point() -> None:
+    """Test hook (see PAUSE_ENV): announce we are about to swap, then wait for permission."""
+    marker = os.environ.get(PAUSE_ENV)
+    if not marker:
+        return
+    with open(marker, "w") as f:
+        f.write(str(os.getpid()))
+    while not os.path.exists(marker + ".go"):
+        time.sleep(0.05)
