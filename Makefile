@@ -1,0 +1,43 @@
+# One-command setup + run. Everything is installed from nothing into $(VENV).
+#   make demo   - create the venv, install, run the offline embedding job on the bundled demo corpus
+#   make test   - create the venv, install, lint, run the whole test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# The tested torch trio (pyproject declares a range; GPU machines may carry a newer torch).
+TORCH_PINS := torch==2.9.1 torchvision==0.24.1 torchaudio==2.9.1
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
+
+.PHONY: setup demo test lint format bench clean
+
+setup: $(STAMP)
+
+$(STAMP):
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q $(TORCH_PINS)
+	$(PIP) install -q -e '.[data,serve,index,test,reference]' $(TORCH_PINS)
+	# The reference implementation, for the parity tests only (its declared deps pull
+	# pytorchvideo/decord, which do not install on current torchvision; see tests/reference_shim.py).
+	$(PIP) install -q --no-deps imagebind-unofficial==0.1.1
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+demo: setup
+	RAY_AUTH_MODE=disabled $(VENV)/bin/imagebind-embed --config configs/demo.yaml
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+test: lint
+	RAY_AUTH_MODE=disabled $(VENV)/bin/pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,33 @@
+"""Typed errors. Everything a caller can get wrong raises one of these, with a sentence."""
+
+from __future__ import annotations
+
+
+class ImageBindError(Exception):
+    """Base class of this package's errors."""
+
+
+class InvalidInput(ImageBindError, ValueError):
+    """One input item cannot be turned into a model input.
+
+    Carries the modality, a human-readable reason and, when known, the item's id, so a job can
+    write it to its errors table and an endpoint can answer 400 naming the bad input.
+    """
+
+    def __init__(self, modality: str, reason: str, item_id: str | None = None) -> None:
+        self.modality = str(modality)
+        self.reason = reason
+        self.item_id = item_id
+        where = f" (item {item_id!r})" if item_id is not None else ""
+        super().__init__(f"invalid {self.modality} input{where}: {reason}")
+
+    def with_id(self, item_id: str | None) -> InvalidInput:
+        """The same error, naming `item_id`."""
+        return InvalidInput(self.modality, self.reason, item_id)
+
+    def __reduce__(self):  # picklable across Ray workers
+        return (InvalidInput, (self.modality, self.reason, self.item_id))
+
+
+class CheckpointError(ImageBindError):
+    """A checkpoint cannot be fetched, verified, read or mapped onto the model."""

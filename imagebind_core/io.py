@@ -1,0 +1,114 @@
+"""Object-store I/O through fsspec: local paths, `file://`, `s3://` (any S3-compatible endpoint),
+`https://`. The one place that turns a URI plus options into bytes, shared by the checkpoint
+loader, the offline job and the endpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import fsspec
+
+from imagebind_core.errors import InvalidInput
+
+StorageOptions = Mapping[str, Any]
+
+
+def s3_storage_options(
+    endpoint_url: str | None = None,
+    region: str | None = None,
+    key: str | None = None,
+    secret: str | None = None,
+    anon: bool = False,
+) -> dict[str, Any]:
+    """fsspec/s3fs options for an S3-compatible store (AWS, MinIO, moto, ...).
+
+    Credentials left as None fall back to the usual AWS chain (env vars, profile, instance role).
+    """
+    opts: dict[str, Any] = {}
+    client_kwargs: dict[str, Any] = {}
+    if endpoint_url:
+        opts["endpoint_url"] = endpoint_url
+    if region:
+        client_kwargs["region_name"] = region
+    if key is not None:
+        opts["key"] = key
+    if secret is not None:
+        opts["secret"] = secret
+    if anon:
+        opts["anon"] = True
+    if client_kwargs:
+        opts["client_kwargs"] = client_kwargs
+    return opts
+
+
+def protocol_of(uri: str) -> str:
+    """`s3`, `https`, `file`, ... (`file` for plain paths)."""
+    if "://" not in uri:
+        return "file"
+    return uri.split("://", 1)[0].lower()
+
+
+def options_for(uri: str, storage_options: StorageOptions | None) -> dict[str, Any]:
+    """Storage options apply to object stores only; local paths take none."""
+    if protocol_of(uri) in ("s3", "s3a"):
+        return dict(storage_options or {})
+    return {}
+
+
+def filesystem(uri: str, storage_options: StorageOptions | None = None):
+    """Return (fsspec filesystem, path within it) for `uri`."""
+    fs, path = fsspec.core.url_to_fs(uri, **options_for(uri, storage_options))
+    return fs, path
+
+
+def open_uri(uri: str, mode: str = "rb", storage_options: StorageOptions | None = None):
+    """Open `uri` for reading or writing."""
+    return fsspec.open(uri, mode, **options_for(uri, storage_options)).open()
+
+
+def read_bytes(
+    uri: str,
+    storage_options: StorageOptions | None = None,
+    *,
+    max_bytes: int | None = None,
+    modality: str = "file",
+) -> bytes:
+    """Read a whole object, refusing (InvalidInput) one larger than `max_bytes` or missing.
+
+    The size is checked before the body is read when the store reports it, and again while
+    reading, so a lying server cannot make us buffer more than `max_bytes` + 1.
+    """
+    try:
+        fs, path = filesystem(uri, storage_options)
+        if max_bytes is not None:
+            try:
+                size = fs.size(path)
+            except (FileNotFoundError, OSError):
+                raise
+            except Exception:  # some HTTP servers do not report a size
+                size = None
+            if size is not None and size > max_bytes:
+                raise InvalidInput(
+                    modality, f"object is {size} bytes, over the limit of {max_bytes}", uri
+                )
+        with fs.open(path, "rb") as f:
+            data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+    except InvalidInput:
+        raise
+    except FileNotFoundError:
+        raise InvalidInput(modality, f"object not found: {uri}", uri) from None
+    except (OSError, ValueError) as e:
+        raise InvalidInput(modality, f"cannot read {uri}: {e}", uri) from None
+    if max_bytes is not None and len(data) > max_bytes:
+        raise InvalidInput(modality, f"object is over the limit of {max_bytes} bytes", uri)
+    return data
+
+
+def local_cache_dir() -> str:
+    """Where downloaded checkpoints are cached: $IMAGEBIND_CACHE or ~/.cache/imagebind-ray."""
+    return os.environ.get(
+        "IMAGEBIND_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "imagebind-ray")
+    )
