@@ -12,8 +12,12 @@ Importing this package loads no weights, no vocabulary and touches no network.
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
+# Decoder libraries (PIL, PyAV, torchaudio) are imported by the preprocessing modules on first
+# use, so this stays cheap.
+from imagebind_core import preprocess as _preprocess_pkg
 from imagebind_core.checkpoint import (
     fetch_checkpoint,
     load_checkpoint,
@@ -38,32 +42,34 @@ from imagebind_core.config import (
 from imagebind_core.errors import CheckpointError, ImageBindError, InvalidInput
 from imagebind_core.io import read_bytes, s3_storage_options
 from imagebind_core.model import Encoder, ImageBindModel, build_model
+from imagebind_core.preprocess import (
+    PREPROCESS_VERSION,
+    Limits,
+    collate,
+    infer_kind,
+    model_modality,
+)
 
 __version__ = "0.1.0"
 
-# Preprocessing is imported on first use (it pulls in PIL, PyAV, the tokenizer module ...).
-_PREPROCESS_NAMES = (
-    "preprocess",
-    "model_modality",
-    "collate",
-    "infer_kind",
-    "Limits",
-    "PREPROCESS_VERSION",
-)
+
+class _CallableModule(types.ModuleType):
+    """Makes the `imagebind_core.preprocess` subpackage callable as the entry point
+    `imagebind_core.preprocess(kind, data, **options)` while it stays an importable package
+    (`import imagebind_core.preprocess.audio` keeps working)."""
+
+    def __call__(self, kind: str, data: Any, **options: Any) -> Any:
+        return self.preprocess(kind, data, **options)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _PREPROCESS_NAMES:
-        from imagebind_core import preprocess as _pp
-
-        return getattr(_pp, name)
-    raise AttributeError(f"module 'imagebind_core' has no attribute {name!r}")
-
+_preprocess_pkg.__class__ = _CallableModule
+preprocess = _preprocess_pkg
 
 __all__ = [
     "ALL_MODALITIES",
     "BASE",
     "HUGE",
+    "PREPROCESS_VERSION",
     "PRESETS",
     "TINY",
     "CheckpointError",
@@ -74,17 +80,21 @@ __all__ = [
     "ImageBindError",
     "ImageBindModel",
     "InvalidInput",
+    "Limits",
     "Modality",
     "PostConfig",
     "StemConfig",
     "TrunkConfig",
     "build_model",
+    "collate",
     "fetch_checkpoint",
     "get_config",
+    "infer_kind",
     "load_checkpoint",
     "load_model",
     "map_reference_state_dict",
+    "model_modality",
+    "preprocess",
     "read_bytes",
     "s3_storage_options",
-    *_PREPROCESS_NAMES,
 ]
