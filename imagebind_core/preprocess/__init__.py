@@ -1,0 +1,83 @@
+"""Bytes -> model input tensors for every modality, number for number with the reference loaders.
+
+`preprocess(kind, data)` is the one entry point used by the offline job, the endpoint and the
+tests; the per-modality `decode_*` (bytes -> array, where limits are enforced) and
+`preprocess_*` (array -> tensor, pure) functions behind it are public too. Modules that pull in
+heavy decoders (PyAV, torchaudio) are imported on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from imagebind_core.preprocess.api import (
+    ITEM_SHAPES,
+    KINDS,
+    collate,
+    infer_kind,
+    model_modality,
+    preprocess,
+)
+from imagebind_core.preprocess.common import DEFAULT_LIMITS, PREPROCESS_VERSION, Limits
+
+_LAZY: dict[str, str] = {
+    # still images
+    "decode_image": "image",
+    "preprocess_image": "image",
+    "ImageConfig": "image",
+    # text
+    "tokenize": "text",
+    "preprocess_text": "text",
+    "get_tokenizer": "text",
+    "Tokenizer": "text",
+    "TextConfig": "text",
+    # audio
+    "decode_audio": "audio",
+    "preprocess_audio": "audio",
+    "AudioConfig": "audio",
+    # video
+    "decode_video": "video",
+    "preprocess_video": "video",
+    "VideoConfig": "video",
+    "video_frame_indices": "video",
+    # depth / thermal
+    "decode_depth": "depth",
+    "preprocess_depth": "depth",
+    "DepthConfig": "depth",
+    "decode_thermal": "depth",
+    "preprocess_thermal": "depth",
+    "ThermalConfig": "depth",
+    # imu
+    "decode_imu": "imu",
+    "preprocess_imu": "imu",
+    "ImuConfig": "imu",
+    # clip sampling shared by audio and video
+    "clip_spans": "clips",
+}
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "ITEM_SHAPES",
+    "KINDS",
+    "PREPROCESS_VERSION",
+    "Limits",
+    "collate",
+    "infer_kind",
+    "model_modality",
+    "preprocess",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{mod}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,164 @@
+"""The one entry point: `preprocess(kind, data)` -> one item's model input; plus batching."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import torch
+
+from imagebind_core.config import Modality
+from imagebind_core.errors import InvalidInput
+from imagebind_core.preprocess.common import DEFAULT_LIMITS, Limits
+
+logger = logging.getLogger(__name__)
+
+Kind = Literal["vision", "video", "text", "audio", "depth", "thermal", "imu"]
+KINDS: tuple[str, ...] = ("vision", "video", "text", "audio", "depth", "thermal", "imu")
+
+# kind -> (module, function taking (data, limits, **options)). Imported on first use so that
+# e.g. a text-only worker never imports PyAV.
+_HANDLERS: dict[str, tuple[str, str]] = {
+    "vision": ("imagebind_core.preprocess.image", "image_from_bytes"),
+    "video": ("imagebind_core.preprocess.video", "video_from_bytes"),
+    "text": ("imagebind_core.preprocess.text", "text_from_data"),
+    "audio": ("imagebind_core.preprocess.audio", "audio_from_bytes"),
+    "depth": ("imagebind_core.preprocess.depth", "depth_from_bytes"),
+    "thermal": ("imagebind_core.preprocess.depth", "thermal_from_bytes"),
+    "imu": ("imagebind_core.preprocess.imu", "imu_from_bytes"),
+}
+
+# Shape of one preprocessed item, without the batch axis.
+ITEM_SHAPES: dict[str, tuple[int, ...]] = {
+    "vision": (3, 224, 224),
+    "video": (15, 3, 2, 224, 224),
+    "text": (77,),
+    "audio": (3, 1, 128, 204),
+    "depth": (1, 224, 224),
+    "thermal": (1, 224, 224),
+    "imu": (6, 2000),
+}
+
+
+def _handler(kind: str) -> Callable[..., torch.Tensor]:
+    mod, fn = _HANDLERS[kind]
+    return getattr(importlib.import_module(mod), fn)
+
+
+def check_kind(kind: str) -> str:
+    """`kind` as a plain string, or `InvalidInput` naming the known kinds."""
+    k = str(kind.value if isinstance(kind, Modality) else kind).lower()
+    if k not in _HANDLERS:
+        raise InvalidInput(str(kind), f"unknown modality {kind!r}; expected one of {list(KINDS)}")
+    return k
+
+
+def preprocess(
+    kind: Kind | str,
+    data: bytes | str,
+    *,
+    item_id: str | None = None,
+    limits: Limits | None = None,
+    **options: Any,
+) -> torch.Tensor:
+    """Decode and preprocess one item into the model's input tensor (no batch axis).
+
+    Args:
+        kind: "vision" (still image), "video", "text", "audio", "depth", "thermal" or "imu".
+        data: the encoded bytes (a file's content); for text also a `str`.
+        item_id: named in the error if the item is bad.
+        limits: hard limits (`Limits()` by default).
+        **options: per-modality config overrides, e.g. `mean_subtraction="per_clip"` for audio,
+            `input="disparity"` for depth (see docs/preprocessing.md); unknown names raise
+            TypeError.
+
+    Returns:
+        vision (3,224,224) float32; video (15,3,2,224,224) float32; text (77,) int64;
+        audio (3,1,128,204) float32; depth/thermal (1,224,224) float32; imu (6,2000) float32.
+
+    Raises:
+        InvalidInput: empty, corrupt, mislabelled or over-limit data, naming `item_id`.
+    """
+    k = check_kind(kind)
+    fn = _handler(k)
+    try:
+        return fn(data, limits or DEFAULT_LIMITS, **options)
+    except InvalidInput as e:
+        raise e.with_id(item_id) from e.__cause__
+    except TypeError:
+        raise
+    except (Exception, MemoryError) as e:
+        logger.exception("unexpected error preprocessing %s item %r", k, item_id)
+        raise InvalidInput(k, f"{type(e).__name__}: {e}", item_id) from e
+
+
+def model_modality(kind: Kind | str) -> Modality:
+    """The model input key for a media kind: "video" -> Modality.VISION, others identical."""
+    k = check_kind(kind)
+    return Modality.VISION if k == "video" else Modality(k)
+
+
+def collate(items: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Stack preprocessed items of one kind into a batch (a new leading axis).
+
+    The clip axis of video (15 views) and audio (3 clips) is kept: (B, 15, 3, 2, 224, 224),
+    (B, 3, 1, 128, 204). Images and videos cannot share a batch (different shapes).
+
+    Raises:
+        ValueError: no items, or items of different shapes/dtypes.
+    """
+    if len(items) == 0:
+        raise ValueError("collate needs at least one item")
+    first = items[0]
+    for i, t in enumerate(items):
+        if t.shape != first.shape or t.dtype != first.dtype:
+            raise ValueError(
+                f"cannot batch item {i} of shape {tuple(t.shape)} {t.dtype} with item 0 of "
+                f"shape {tuple(first.shape)} {first.dtype}: one kind per batch"
+            )
+    return torch.stack(list(items), dim=0)
+
+
+_EXTENSIONS: dict[str, str] = {
+    **dict.fromkeys(
+        ("jpg", "jpeg", "jpe", "jfif", "png", "webp", "bmp", "gif", "tif", "tiff", "mpo"),
+        "vision",
+    ),
+    **dict.fromkeys(
+        ("mp4", "m4v", "mov", "mkv", "webm", "avi", "mpg", "mpeg", "ts", "3gp", "ogv", "wmv"),
+        "video",
+    ),
+    **dict.fromkeys(("wav", "wave", "flac", "ogg", "oga", "opus", "mp3", "m4a", "aac"), "audio"),
+    **dict.fromkeys(("txt", "text"), "text"),
+}
+# Raster formats a depth/thermal map can come in, and array formats an IMU/depth recording can.
+_DEPTH_EXT = {"png", "tif", "tiff", "npy"}
+_THERMAL_EXT = {"png", "jpg", "jpeg", "tif", "tiff", "bmp", "webp"}
+_IMU_EXT = {"npy", "csv", "json"}
+
+
+def infer_kind(path_or_name: str) -> str | None:
+    """Media kind from a file name, path or URI (query strings ignored), or None if unknown.
+
+    Plain extensions: images -> "vision", videos -> "video", audio -> "audio", ".txt" ->
+    "text". Depth, thermal and IMU share container formats with other kinds, so they are named
+    by a second suffix: "x.depth.png", "x.depth.npy", "x.thermal.png", "x.imu.npy",
+    "x.imu.csv", "x.imu.json". A bare ".npy", ".csv" or ".json" is ambiguous -> None.
+    """
+    name = urlsplit(path_or_name).path if "://" in path_or_name else path_or_name
+    name = name.replace("\\", "/").rsplit("/", 1)[-1].lower()
+    parts = name.split(".")
+    if len(parts) < 2:
+        return None
+    ext = parts[-1]
+    tag = parts[-2] if len(parts) >= 3 else ""
+    if tag == "depth" and ext in _DEPTH_EXT:
+        return "depth"
+    if tag == "thermal" and ext in _THERMAL_EXT:
+        return "thermal"
+    if tag == "imu" and ext in _IMU_EXT:
+        return "imu"
+    return _EXTENSIONS.get(ext)

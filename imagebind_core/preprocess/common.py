@@ -1,0 +1,151 @@
+"""Limits, the preprocessing version, and the helpers every decoder shares.
+
+Every decoder funnels failures into `InvalidInput`: the libraries underneath (Pillow, PyAV,
+libsndfile, numpy) raise a zoo of exception types for bad bytes, and a worker that embeds
+millions of items must turn each of them into one row in an errors table, never a crash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from imagebind_core.errors import InvalidInput
+
+logger = logging.getLogger(__name__)
+
+# Bump when any default preprocessing output changes numerically: re-indexing keys on it.
+PREPROCESS_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Hard limits applied to every item before and while it is decoded.
+
+    Every field is enforced; an item over a limit raises `InvalidInput` naming the limit.
+
+    Args:
+        max_bytes: encoded size of one item.
+        max_pixels: decoded width x height of one image, depth/thermal map or video frame,
+            checked from the header before any pixel is decoded (decompression bombs).
+        max_audio_duration_s: declared or decoded audio duration. The reference resamples the
+            whole waveform, so memory grows with duration (48 kHz stereo: ~0.4 MB/s).
+        max_video_duration_s: video duration (frames / average fps).
+        max_video_frames: frames in the video stream (counted from the container's packets).
+        max_text_chars: characters of one text, before cleaning.
+        max_imu_samples: time steps of one IMU recording, before resampling.
+        max_sample_rate: audio sample rate in Hz.
+        max_channels: audio channels.
+        max_decode_s: wall-clock budget for the frame/packet loops of one item (checked
+            between frames; a single libav call cannot be interrupted).
+    """
+
+    max_bytes: int = 512 * 1024 * 1024
+    max_pixels: int = 100_000_000
+    max_audio_duration_s: float = 600.0
+    max_video_duration_s: float = 3600.0
+    max_video_frames: int = 500_000
+    max_text_chars: int = 20_000
+    max_imu_samples: int = 1_000_000
+    max_sample_rate: int = 768_000
+    max_channels: int = 64
+    max_decode_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if not isinstance(v, int | float) or v <= 0:
+                raise ValueError(f"Limits.{f.name} must be a positive number, got {v!r}")
+
+    def replace(self, **changes: Any) -> Limits:
+        """A copy with some limits changed."""
+        return dataclasses.replace(self, **changes)
+
+
+DEFAULT_LIMITS = Limits()
+
+
+def as_bytes(kind: str, data: Any, limits: Limits) -> bytes:
+    """`data` as bytes, refusing empty or oversized input."""
+    if isinstance(data, memoryview | bytearray):
+        data = bytes(data)
+    if not isinstance(data, bytes):
+        raise InvalidInput(kind, f"expected encoded bytes, got {type(data).__name__}")
+    if len(data) == 0:
+        raise InvalidInput(kind, "empty input (0 bytes)")
+    if len(data) > limits.max_bytes:
+        raise InvalidInput(
+            kind, f"input is {len(data)} bytes, over the limit of {limits.max_bytes} bytes"
+        )
+    return data
+
+
+def check_pixels(kind: str, width: int, height: int, limits: Limits) -> None:
+    """Refuse a raster whose declared size is empty or over `limits.max_pixels`."""
+    if width <= 0 or height <= 0:
+        raise InvalidInput(kind, f"declared size {width}x{height} is empty")
+    if width * height > limits.max_pixels:
+        raise InvalidInput(
+            kind,
+            f"declared size {width}x{height} = {width * height} pixels is over the limit of "
+            f"{limits.max_pixels} pixels",
+        )
+
+
+def check_finite(kind: str, x: np.ndarray | torch.Tensor, what: str = "values") -> None:
+    """Refuse NaN or Inf: they would silently poison an embedding."""
+    ok = (
+        bool(torch.isfinite(x).all()) if isinstance(x, torch.Tensor) else bool(np.isfinite(x).all())
+    )
+    if not ok:
+        raise InvalidInput(kind, f"{what} contain NaN or Inf")
+
+
+@contextlib.contextmanager
+def decoding(kind: str, what: str) -> Iterator[None]:
+    """Turn any library failure inside the block into `InvalidInput(kind, ...)`.
+
+    `MemoryError` is included: an allocation that fails for one item must not end the worker.
+    """
+    try:
+        yield
+    except InvalidInput:
+        raise
+    except (Exception, MemoryError) as e:
+        msg = str(e).strip() or type(e).__name__
+        raise InvalidInput(kind, f"cannot decode {what}: {msg}") from e
+
+
+class Deadline:
+    """A wall-clock budget checked between frames/packets of one item."""
+
+    def __init__(self, kind: str, seconds: float) -> None:
+        self.kind = kind
+        self.seconds = seconds
+        self.end = time.monotonic() + seconds
+
+    def check(self) -> None:
+        """Raise `InvalidInput` once the budget is spent."""
+        if time.monotonic() > self.end:
+            raise InvalidInput(
+                self.kind, f"decoding took longer than the limit of {self.seconds:g} s"
+            )
+
+
+def replace_config(cfg: Any, options: dict[str, Any], kind: str) -> Any:
+    """`cfg` with `options` applied as field overrides; unknown names raise TypeError."""
+    if not options:
+        return cfg
+    names = {f.name for f in dataclasses.fields(cfg)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise TypeError(f"unknown {kind} preprocessing option(s) {unknown}; known: {sorted(names)}")
+    return dataclasses.replace(cfg, **options)

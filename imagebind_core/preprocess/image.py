@@ -1,0 +1,152 @@
+"""Still images: bytes -> RGB uint8 array -> the reference's (3, 224, 224) CLIP-normalised tensor.
+
+The resize is Pillow's bicubic on the uint8 image (antialiased on downscale), exactly what the
+reference gets from torchvision's `Resize` on a PIL image; a tensor-side bicubic would differ
+by several grey levels. Geometry helpers here are shared by depth and thermal.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from imagebind_core.errors import InvalidInput
+from imagebind_core.preprocess.common import (
+    DEFAULT_LIMITS,
+    Limits,
+    as_bytes,
+    check_pixels,
+    decoding,
+    replace_config,
+)
+
+logger = logging.getLogger(__name__)
+
+# Pillow plugins we open. An explicit list keeps e.g. EPS (which shells out to Ghostscript)
+# and exotic formats out of a server's attack surface. (Camera MPO files open as JPEG.)
+IMAGE_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+
+CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """The reference's still-image recipe (`load_and_transform_vision_data`)."""
+
+    size: int = 224
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+
+
+IMAGE = ImageConfig()
+
+
+@functools.cache
+def _init_plugins() -> None:
+    # Pillow registers only its five most common plugins eagerly; `formats=` needs ours loaded.
+    Image.init()
+
+
+def open_image(kind: str, data: bytes, limits: Limits) -> Image.Image:
+    """Open (not decode) `data` with Pillow and check the declared size against the limits.
+
+    Pillow reads only the header here; pixels are decoded by `.load()`/`.convert()`, after the
+    pixel-count check, so a 30000x30000 PNG of a few kilobytes costs nothing.
+    """
+    data = as_bytes(kind, data, limits)
+    _init_plugins()
+    with decoding(kind, "image"), warnings.catch_warnings():
+        # We enforce our own pixel limit; Pillow's bomb warning/error must not pre-empt it.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+        except Image.UnidentifiedImageError:
+            raise InvalidInput(
+                kind, f"not a supported image (expected one of {', '.join(IMAGE_FORMATS)})"
+            ) from None
+        except Image.DecompressionBombError as e:
+            # Pillow's own guard (2 x its MAX_IMAGE_PIXELS) fires inside open() for headers far
+            # beyond any sane limit; ours below covers everything smaller.
+            raise InvalidInput(kind, f"declared size is over the pixel limit ({e})") from None
+    check_pixels(kind, im.width, im.height, limits)
+    return im
+
+
+def load_pixels(kind: str, im: Image.Image) -> None:
+    """Decode the pixels of an opened image, wrapping truncation/corruption errors."""
+    with decoding(kind, f"{im.format or 'image'} pixels"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        im.load()
+
+
+def decode_image(data: bytes, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
+    """Decode an encoded image into an RGB uint8 array of shape (H, W, 3).
+
+    JPEG, PNG (8/16-bit, palette, alpha), WebP, BMP, GIF (first frame) and TIFF (first page).
+    Colour conversion is Pillow's `convert("RGB")`, as in the reference: alpha is dropped (not
+    composited), palette and grey are expanded, EXIF orientation is not applied, and 16-bit
+    grey values are clipped to 255 (not rescaled) — the reference's numbers, quirks included.
+
+    Raises:
+        InvalidInput: empty, unsupported, truncated, corrupt, or over `limits.max_pixels`.
+    """
+    im = open_image("vision", data, limits)
+    load_pixels("vision", im)
+    with decoding("vision", "image"):
+        rgb = im.convert("RGB")
+        arr = np.asarray(rgb)
+    return arr
+
+
+def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(W, H) after scaling the short side to `size`: the long side is truncated, as
+    torchvision's `Resize(int)` does (int(size * long / short) in Python floats)."""
+    if width <= height:
+        return size, int(size * height / width)
+    return int(size * width / height), size
+
+
+def resize_center_crop(im: Image.Image, size: int) -> Image.Image:
+    """Pillow bicubic short-side resize to `size`, then a centre crop of `size` x `size`.
+
+    Same arithmetic as torchvision's `Resize(size, BICUBIC)` + `CenterCrop(size)` on a PIL image:
+    no resize when the size already matches; crop offsets round half to even (Python `round`).
+    Works for any Pillow mode that supports bicubic (L, RGB, F, I).
+    """
+    w, h = resized_size(im.width, im.height, size)
+    if (w, h) != (im.width, im.height):
+        im = im.resize((w, h), Image.Resampling.BICUBIC)
+    top = round((h - size) / 2.0)
+    left = round((w - size) / 2.0)
+    return im.crop((left, top, left + size, top + size))
+
+
+def preprocess_image(image: np.ndarray, cfg: ImageConfig = IMAGE) -> torch.Tensor:
+    """RGB uint8 (H, W, 3) -> reference model input (3, 224, 224) float32.
+
+    Bicubic short-side resize, centre crop, /255, per-channel (x - mean) / std.
+    The input array is not modified.
+    """
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise InvalidInput("vision", f"expected an RGB uint8 (H, W, 3) array, got {image.shape}")
+    im = resize_center_crop(Image.fromarray(image, "RGB"), cfg.size)
+    x = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).contiguous()  # (3,H,W)
+    x = x.to(torch.float32).div(255)
+    mean = torch.tensor(cfg.mean, dtype=torch.float32)[:, None, None]
+    std = torch.tensor(cfg.std, dtype=torch.float32)[:, None, None]
+    return x.sub_(mean).div_(std)
+
+
+def image_from_bytes(
+    data: bytes, limits: Limits = DEFAULT_LIMITS, **options: object
+) -> torch.Tensor:
+    """`preprocess("vision", data)`: decode + preprocess one still image."""
+    return preprocess_image(decode_image(data, limits), replace_config(IMAGE, options, "vision"))

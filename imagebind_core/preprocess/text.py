@@ -1,0 +1,243 @@
+"""Text: the CLIP byte-level BPE tokenizer with the reference's cleaning and framing.
+
+Written here rather than imported: OpenCLIP's tokenizer (the maintained home of this
+vocabulary) names its special tokens `<start_of_text>`/`<end_of_text>`, so a literal
+`<|endoftext|>` in user text would tokenize differently from the reference, and importing
+`open_clip` pulls in its whole model zoo. We use OpenCLIP only for the vocabulary *file*
+(md5-checked), located without importing the package. The tokenizer is built once per
+process and memoises BPE per word, so it runs far faster than the reference, which rebuilds
+its tokenizer on every call.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import html
+import importlib.util
+import itertools
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import ftfy
+import regex
+import torch
+
+from imagebind_core.errors import InvalidInput
+from imagebind_core.preprocess.common import DEFAULT_LIMITS, Limits, replace_config
+
+logger = logging.getLogger(__name__)
+
+BPE_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
+BPE_MD5 = "933b7abbbbde62c36f02f0e6ccde464f"
+CONTEXT_LENGTH = 77
+SOT_TOKEN = "<|startoftext|>"
+EOT_TOKEN = "<|endoftext|>"
+SOT_ID = 49406
+EOT_ID = 49407
+VOCAB_SIZE = 49408
+# Merges used by CLIP: lines 2 .. 49152-256-2+1 of the file (the first line is a header).
+NUM_MERGES = 49152 - 256 - 2
+
+# Pre-tokenisation of the reference (case-insensitive): the two special strings, English
+# contractions, letter runs, single digits, runs of other non-space symbols.
+_PRETOKEN = regex.compile(
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+",
+    regex.IGNORECASE,
+)
+_WHITESPACE = regex.compile(r"\s+")
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """Framing of the tokens: context length 77 with SOT first and EOT always kept."""
+
+    context_length: int = CONTEXT_LENGTH
+
+
+TEXT = TextConfig()
+
+
+def bpe_vocab_path() -> Path:
+    """Path of CLIP's BPE merges file.
+
+    `$IMAGEBIND_BPE_PATH` if set, else the copy shipped by the `open_clip_torch` package
+    (found with `importlib.util.find_spec`, which does not import the package).
+    """
+    env = os.environ.get("IMAGEBIND_BPE_PATH")
+    if env:
+        return Path(env)
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "CLIP's BPE vocabulary not found: install `open_clip_torch` (a core dependency) "
+            "or set IMAGEBIND_BPE_PATH to bpe_simple_vocab_16e6.txt.gz"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / BPE_FILENAME
+
+
+def _byte_symbols() -> list[str]:
+    """The 256 printable stand-ins for bytes used by byte-level BPE, in byte order.
+
+    Printable Latin-1 bytes stand for themselves; the other 68 bytes (controls, space, ...)
+    map to code points 256, 257, ... in byte order, so no symbol is whitespace.
+    """
+    printable = set(range(0x21, 0x7F)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+    out: list[str] = []
+    extra = 0
+    for b in range(256):
+        if b in printable:
+            out.append(chr(b))
+        else:
+            out.append(chr(256 + extra))
+            extra += 1
+    return out
+
+
+class Tokenizer:
+    """CLIP BPE tokenizer, reference-compatible ids (SOT 49406, EOT 49407, pad 0)."""
+
+    def __init__(self, bpe_path: str | os.PathLike[str] | None = None) -> None:
+        path = Path(bpe_path) if bpe_path is not None else bpe_vocab_path()
+        raw = path.read_bytes()
+        digest = hashlib.md5(raw).hexdigest()
+        if digest != BPE_MD5:
+            raise RuntimeError(f"{path} has md5 {digest}, expected CLIP's vocabulary {BPE_MD5}")
+        lines = gzip.decompress(raw).decode("utf-8").split("\n")[1 : NUM_MERGES + 1]
+        merges = [tuple(line.split()) for line in lines]
+        byte_syms = _byte_symbols()
+        # The vocabulary order defines the ids: bytes in the order below, the same with the
+        # end-of-word marker, each merge result, then the two specials.
+        order = [*byte_syms[0x21:0x7F], *byte_syms[0xA1:0xAD], *byte_syms[0xAE:0x100]]
+        order += [s for s in byte_syms if s not in set(order)]
+        vocab = order + [s + "</w>" for s in order] + ["".join(m) for m in merges]
+        vocab += [SOT_TOKEN, EOT_TOKEN]
+        self.encoder: dict[str, int] = {tok: i for i, tok in enumerate(vocab)}
+        if len(self.encoder) != VOCAB_SIZE or self.encoder[EOT_TOKEN] != EOT_ID:
+            raise RuntimeError(f"unexpected CLIP vocabulary built from {path}")
+        self.ranks: dict[tuple[str, str], int] = {m: i for i, m in enumerate(merges)}
+        self.byte_table = byte_syms
+        self._cache: dict[str, tuple[int, ...]] = {
+            SOT_TOKEN: (SOT_ID,),
+            EOT_TOKEN: (EOT_ID,),
+        }
+
+    def _bpe(self, word: str) -> tuple[int, ...]:
+        """Ids of one pre-token (already mapped to byte symbols), memoised."""
+        hit = self._cache.get(word)
+        if hit is not None:
+            return hit
+        parts = [*word[:-1], word[-1] + "</w>"]
+        ranks = self.ranks
+        while len(parts) > 1:
+            # Merge the lowest-ranked adjacent pair everywhere it occurs, left to right.
+            best = None
+            best_rank = None
+            for pair in itertools.pairwise(parts):
+                r = ranks.get(pair)
+                if r is not None and (best_rank is None or r < best_rank):
+                    best, best_rank = pair, r
+            if best is None:
+                break
+            first, second = best
+            merged: list[str] = []
+            i = 0
+            n = len(parts)
+            while i < n:
+                if i < n - 1 and parts[i] == first and parts[i + 1] == second:
+                    merged.append(first + second)
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+        ids = tuple(self.encoder[p] for p in parts)
+        if len(self._cache) < 1_000_000:  # bounded memo for long-running workers
+            self._cache[word] = ids
+        return ids
+
+    @staticmethod
+    def clean(text: str) -> str:
+        """The reference's cleaning: ftfy, HTML-unescape twice, collapse whitespace, lower."""
+        text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+        return _WHITESPACE.sub(" ", text).strip().lower()
+
+    def encode(self, text: str) -> list[int]:
+        """BPE ids of `text` after cleaning, without SOT/EOT."""
+        table = self.byte_table
+        ids: list[int] = []
+        for tok in _PRETOKEN.findall(self.clean(text)):
+            ids.extend(self._bpe("".join(table[b] for b in tok.encode("utf-8"))))
+        return ids
+
+    def frame(self, ids: Sequence[int], context_length: int = CONTEXT_LENGTH) -> list[int]:
+        """[SOT] + ids, cut to context_length - 1, then [EOT]: EOT survives truncation."""
+        return [*[SOT_ID, *ids][: context_length - 1], EOT_ID]
+
+
+@functools.cache
+def get_tokenizer() -> Tokenizer:
+    """The process-wide tokenizer, built on first use (about 0.1 s) and reused."""
+    return Tokenizer()
+
+
+def check_text(text: str | bytes, limits: Limits = DEFAULT_LIMITS) -> str:
+    """`text` as a checked `str`: bytes must be UTF-8; length within `limits.max_text_chars`."""
+    if isinstance(text, bytes | bytearray | memoryview):
+        if len(text) > 4 * limits.max_text_chars:
+            raise InvalidInput(
+                "text",
+                f"text is {len(text)} bytes, over the limit of {limits.max_text_chars} chars",
+            )
+        try:
+            text = bytes(text).decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise InvalidInput(
+                "text", f"text is not valid UTF-8 ({e.reason} at byte {e.start})"
+            ) from None
+    if not isinstance(text, str):
+        raise InvalidInput("text", f"expected str or UTF-8 bytes, got {type(text).__name__}")
+    if len(text) > limits.max_text_chars:
+        raise InvalidInput(
+            "text", f"text has {len(text)} characters, over the limit of {limits.max_text_chars}"
+        )
+    return text
+
+
+def tokenize(
+    texts: str | Sequence[str],
+    cfg: TextConfig = TEXT,
+    limits: Limits = DEFAULT_LIMITS,
+) -> torch.Tensor:
+    """Token ids of one or more texts: always a 2-D LongTensor (N, 77), zero-padded.
+
+    Same ids as the reference's `SimpleTokenizer`: cleaned with ftfy + double HTML unescape +
+    whitespace collapse + lower case; a literal `<|endoftext|>` in the text becomes id 49407;
+    texts longer than 75 BPE tokens are cut and still end with EOT.
+    """
+    if isinstance(texts, str | bytes):
+        texts = [texts]
+    tok = get_tokenizer()
+    out = torch.zeros(len(texts), cfg.context_length, dtype=torch.long)
+    for i, t in enumerate(texts):
+        ids = tok.frame(tok.encode(check_text(t, limits)), cfg.context_length)
+        out[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return out
+
+
+def preprocess_text(
+    text: str | bytes, cfg: TextConfig = TEXT, limits: Limits = DEFAULT_LIMITS
+) -> torch.Tensor:
+    """One text (str or UTF-8 bytes) -> (77,) int64 token ids."""
+    return tokenize([check_text(text, limits)], cfg, limits)[0]
+
+
+def text_from_data(
+    data: str | bytes, limits: Limits = DEFAULT_LIMITS, **options: object
+) -> torch.Tensor:
+    """`preprocess("text", data)`: a str or UTF-8 bytes -> (77,) int64."""
+    return preprocess_text(data, replace_config(TEXT, options, "text"), limits)

@@ -1,0 +1,99 @@
+"""Still images: parity with the reference loader on lossless inputs; formats; limits; errors."""
+
+from __future__ import annotations
+
+import time
+
+import media
+import numpy as np
+import pytest
+import torch
+from reference_data_shim import reference_data
+
+import imagebind_core.preprocess as P
+from imagebind_core.errors import InvalidInput
+
+
+def reference_image(tmp_path, data: bytes) -> torch.Tensor:
+    path = tmp_path / "img"
+    path.write_bytes(data)
+    return reference_data().load_and_transform_vision_data([str(path)], "cpu")[0]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "size", "mode"),
+    [
+        ("PNG", (320, 240), "RGB"),  # landscape downscale
+        ("PNG", (240, 417), "RGBA"),  # portrait, alpha dropped
+        ("PNG", (224, 224), "L"),  # exact size: no resize
+        ("PNG", (225, 300), "P"),  # palette, odd crop offset (round half even)
+        ("PNG", (150, 97), "I;16"),  # 16-bit grey, upscale
+        ("WEBP", (301, 199), "RGB"),  # lossless WebP
+        ("BMP", (500, 223), "RGB"),
+        ("GIF", (260, 260), "P"),
+        ("TIFF", (333, 250), "RGB"),
+        ("PNG", (1000, 227), "LA"),  # wide panorama
+    ],
+)
+def test_parity_with_reference(tmp_path, fmt: str, size: tuple[int, int], mode: str) -> None:
+    data = media.make_image(fmt, size, mode, seed=size[0] % 7)
+    ours = P.preprocess("vision", data)
+    ref = reference_image(tmp_path, data)
+    assert ours.shape == (3, 224, 224) and ours.dtype == torch.float32
+    assert (ours - ref).abs().max().item() <= 1e-5
+
+
+def test_jpeg_matches_reference_on_the_same_decoder(tmp_path) -> None:
+    data = media.make_image("JPEG", (640, 360), "RGB", quality=90)
+    assert (P.preprocess("vision", data) - reference_image(tmp_path, data)).abs().max() <= 1e-5
+
+
+def test_decode_image_returns_rgb_and_does_not_touch_input() -> None:
+    arr = P.decode_image(media.make_image("PNG", (50, 40), "RGBA"))
+    assert arr.shape == (40, 50, 3) and arr.dtype == np.uint8
+    before = arr.copy()
+    P.preprocess_image(arr)
+    assert np.array_equal(arr, before)
+
+
+def test_gif_first_frame(tmp_path) -> None:
+    from PIL import Image
+
+    frames = [Image.fromarray(media.image_array((64, 64), s)).quantize(32) for s in (1, 2)]
+    import io
+
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    data = buf.getvalue()
+    first = io.BytesIO()
+    frames[0].save(first, "GIF")
+    assert torch.equal(P.preprocess("vision", data), P.preprocess("vision", first.getvalue()))
+    assert (P.preprocess("vision", data) - reference_image(tmp_path, data)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", "empty"),
+        (media.truncated(media.make_image("JPEG", (320, 240))), "cannot decode"),
+        (media.truncated(media.make_image("PNG", (320, 240))), "cannot decode"),
+        (media.random_bytes(5000), "not a supported image"),
+        (media.png_declaring(30000, 30000), "over the pixel limit"),
+        (media.png_declaring(12000, 12000), "144000000 pixels is over the limit"),
+        (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", "not a supported image"),
+    ],
+)
+def test_bad_images_raise_invalid_input(data: bytes, reason: str) -> None:
+    t = time.monotonic()
+    with pytest.raises(InvalidInput, match=reason) as e:
+        P.preprocess("vision", data, item_id="img-1")
+    assert e.value.modality == "vision" and e.value.item_id == "img-1"
+    assert time.monotonic() - t < 5
+
+
+def test_limits_are_configurable() -> None:
+    data = media.make_image("PNG", (300, 200))
+    with pytest.raises(InvalidInput, match="60000 pixels is over the limit of 50000"):
+        P.preprocess("vision", data, limits=P.Limits(max_pixels=50_000))
+    with pytest.raises(InvalidInput, match="over the limit of 100 bytes"):
+        P.preprocess("vision", data, limits=P.Limits(max_bytes=100))
