@@ -1,0 +1,101 @@
+"""The typed application builder: `serve run serve.app:app preset=tiny`.
+
+    serve run serve.app:app preset=tiny                       # laptop, random weights
+    serve run serve.app:app preset=huge checkpoint=s3://b/imagebind_huge.pth device=cuda ...
+    serve run configs/serve.yaml                              # the same, from a config file
+
+One `encoder-{modality}` deployment per model input the served kinds need (video shares
+`encoder-vision`), an `ingress` deployment in front, and a `search` deployment when `index_uri`
+is set.
+"""
+
+# No `from __future__ import annotations` here: Serve inspects the builder's annotation and
+# must see the AppArgs class itself (not a string) to validate the arguments into it.
+
+import logging
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+from ray.serve.config import AutoscalingConfig, BackpressureConfig
+
+from serve.encoder import Encoder
+from serve.ingress import Ingress
+from serve.schemas import AppArgs, EncoderOptions
+
+log = logging.getLogger(__name__)
+
+
+def _autoscaling(min_replicas: int, max_replicas: int, target: float) -> AutoscalingConfig:
+    return AutoscalingConfig(
+        min_replicas=min_replicas,
+        initial_replicas=max(1, min_replicas),
+        max_replicas=max_replicas,
+        target_ongoing_requests=target,
+    )
+
+
+def encoder_app(modality: str, args: AppArgs, opts: EncoderOptions) -> Application:
+    """The bound `encoder-{modality}` deployment."""
+    actor: dict[str, Any] = {"num_cpus": opts.num_cpus, "num_gpus": opts.num_gpus}
+    if opts.memory_bytes:
+        actor["memory"] = opts.memory_bytes
+    return Encoder.options(
+        name=f"encoder-{modality}",
+        ray_actor_options=actor,
+        autoscaling_config=_autoscaling(
+            opts.min_replicas, opts.max_replicas, opts.target_ongoing_requests
+        ),
+        max_ongoing_requests=opts.max_ongoing_requests,
+        max_queued_requests=opts.max_queued_requests,
+        health_check_period_s=opts.health_check_period_s,
+        user_config={
+            "max_batch_size": opts.max_batch_size,
+            "batch_wait_timeout_s": opts.batch_wait_timeout_s,
+        },
+    ).bind(
+        modality,
+        preset=args.preset,
+        checkpoint=args.checkpoint,
+        sha256=args.sha256,
+        dtype=args.dtype,
+        device=args.device,
+        seed=args.seed,
+        storage_options=args.storage_options() if args.checkpoint else None,
+        torch_threads=opts.torch_threads,
+    )
+
+
+def build_app(args: AppArgs) -> Application:
+    """The whole application for `args` (also what tests call)."""
+    encoders = {m: encoder_app(m, args, args.encoder_options(m)) for m in args.model_modalities()}
+    search = None
+    if args.index_uri:
+        # Imported only here: the search deployment (and faiss) is optional.
+        from serve.search import SearchIndex
+
+        if not isinstance(SearchIndex, serve.Deployment):
+            SearchIndex = serve.deployment(SearchIndex)
+        search = SearchIndex.options(
+            name="search", ray_actor_options={"num_cpus": args.ingress.num_cpus}
+        ).bind(args.index_uri, storage_options=args.storage_options())
+    ing = args.ingress
+    return Ingress.options(
+        name="ingress",
+        ray_actor_options={"num_cpus": ing.num_cpus},
+        autoscaling_config=_autoscaling(
+            ing.min_replicas, ing.max_replicas, ing.target_ongoing_requests
+        ),
+        max_ongoing_requests=ing.max_ongoing_requests,
+        max_queued_requests=ing.max_queued_requests,
+        # Overload at the proxy: 503 with Retry-After instead of an unbounded queue.
+        backpressure_config=BackpressureConfig(status_code=503, retry_after_s=args.retry_after_s),
+    ).bind(args.model_dump(), encoders, search)
+
+
+def app(args: AppArgs) -> Application:
+    """Typed application builder for `serve run serve.app:app key=value ...` and config files."""
+    log.info(
+        "building imagebind app: preset=%s modalities=%s", args.preset, ",".join(args.modalities)
+    )
+    return build_app(args)

@@ -1,0 +1,190 @@
+"""Encoder deployments: one per model modality, each holding only that modality's weights.
+
+The ingress sends already preprocessed, collated arrays (decoding never runs here, so a model
+replica never waits on a decoder). `@serve.batch` merges the arrays of concurrent requests into
+one model call; the batch limits come from the deployment's `user_config` via `reconfigure`, so
+they can change without restarting a replica (Serve's batching guide).
+
+`EncoderCore` is the logic, usable without Ray (tests inject a model); `Encoder` is the thin
+Serve deployment around it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from ray import serve
+from ray.serve import metrics
+
+log = logging.getLogger(__name__)
+
+# Histogram buckets: batch sizes and seconds (queue waits are ms-scale, compute up to seconds).
+_BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+_TIME_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+
+
+@dataclass
+class EncodeCall:
+    """One call from the ingress: a chunk of one request's inputs, collated.
+
+    Args:
+        x: (k, ...) model input of k items, k <= the encoder's max_batch_size.
+        normalize: unit-length output (True) or the reference's raw output.
+        sent_at: `time.time()` when the ingress sent it; queue time is measured from here.
+    """
+
+    x: np.ndarray
+    normalize: bool = True
+    sent_at: float = 0.0
+
+
+def call_size(calls: list[EncodeCall]) -> int:
+    """Items in a list of calls: what `max_batch_size` counts (inputs, not requests)."""
+    return sum(int(c.x.shape[0]) for c in calls)
+
+
+class EncoderCore:
+    """Runs one modality's encoder over batches of `EncodeCall`s. No Ray needed.
+
+    Args:
+        modality: the model input this replica serves (`vision` also serves video clips).
+        model: an `imagebind_core` model to use instead of loading one (tests inject TINY).
+        preset, checkpoint, sha256, dtype, device, seed, storage_options: as
+            `imagebind_core.load_model`; only `modality`'s weights are loaded.
+        torch_threads: `torch.set_num_threads` for this process (None keeps the default).
+    """
+
+    def __init__(
+        self,
+        modality: str,
+        *,
+        model: Any = None,
+        preset: str = "tiny",
+        checkpoint: str | None = None,
+        sha256: str | None = None,
+        dtype: str | None = None,
+        device: str | None = None,
+        seed: int = 0,
+        storage_options: dict[str, Any] | None = None,
+        torch_threads: int | None = None,
+    ) -> None:
+        import torch
+
+        import imagebind_core as ibc
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.modality = str(ibc.Modality(modality))
+        if model is None:
+            model = ibc.load_model(
+                checkpoint,
+                preset=preset,
+                modalities=[self.modality],
+                device=device,
+                dtype=dtype,
+                sha256=sha256,
+                storage_options=storage_options,
+                seed=seed,
+            )
+        self.model = model
+
+    def encode(self, calls: list[EncodeCall]) -> list[np.ndarray]:
+        """One model call per (input shape, normalize) group; outputs in call order.
+
+        Images (3,H,W) and video clips (S,3,T,H,W) reach the same vision encoder but cannot be
+        stacked, and `normalize` is a model argument: a mixed batch runs once per group.
+        """
+        import torch
+
+        groups: dict[tuple, list[int]] = {}
+        for i, c in enumerate(calls):
+            groups.setdefault((c.x.shape[1:], c.x.dtype.str, c.normalize), []).append(i)
+        out: list[np.ndarray | None] = [None] * len(calls)
+        with torch.inference_mode():
+            for (_, _, normalize), idx in groups.items():
+                x = torch.from_numpy(np.concatenate([calls[i].x for i in idx]))
+                y = self.model.encode(self.modality, x, normalize=normalize)
+                y = y.float().cpu().numpy()  # (N, D) float32
+                start = 0
+                for i in idx:
+                    k = calls[i].x.shape[0]
+                    out[i] = y[start : start + k]
+                    start += k
+        return out  # type: ignore[return-value]
+
+    def info(self) -> dict[str, Any]:
+        """Modality, embedding size and lineage of the loaded weights."""
+        return {
+            "modality": self.modality,
+            "embed_dim": int(self.model.embed_dim),
+            "lineage": dict(self.model.lineage()),
+        }
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25})
+class Encoder(EncoderCore):
+    """Serve deployment `encoder-{modality}`: dynamic batching around `EncoderCore`."""
+
+    def __init__(self, modality: str, **kwargs: Any) -> None:
+        super().__init__(modality, **kwargs)
+        # The model runs on one worker thread: the replica's event loop stays free to accept
+        # and batch the next requests while a batch computes.
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"encode-{modality}")
+        self._m_items = metrics.Counter(
+            "imagebind_encoder_items", description="Inputs encoded.", tag_keys=("modality",)
+        )
+        self._m_batch = metrics.Histogram(
+            "imagebind_encoder_batch_size",
+            description="Inputs per model call.",
+            boundaries=_BATCH_BUCKETS,
+            tag_keys=("modality",),
+        )
+        self._m_queue = metrics.Histogram(
+            "imagebind_encoder_queue_seconds",
+            description="From the ingress sending a chunk to its batch starting to compute.",
+            boundaries=_TIME_BUCKETS_S,
+            tag_keys=("modality",),
+        )
+        self._m_compute = metrics.Histogram(
+            "imagebind_encoder_compute_seconds",
+            description="Model time of one batch.",
+            boundaries=_TIME_BUCKETS_S,
+            tag_keys=("modality",),
+        )
+        for m in (self._m_items, self._m_batch, self._m_queue, self._m_compute):
+            # A fresh dict each time: Serve adds its own tags to the one it is given.
+            m.set_default_tags({"modality": self.modality})
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """Batch limits from `user_config`: {max_batch_size, batch_wait_timeout_s}."""
+        if "max_batch_size" in config:
+            self._batched.set_max_batch_size(int(config["max_batch_size"]))
+        if "batch_wait_timeout_s" in config:
+            self._batched.set_batch_wait_timeout_s(float(config["batch_wait_timeout_s"]))
+
+    async def embed(self, call: EncodeCall) -> np.ndarray:
+        """Encode one chunk: (k, ...) -> (k, D) float32, batched with concurrent calls."""
+        return await self._batched(call)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005, batch_size_fn=call_size)
+    async def _batched(self, calls: list[EncodeCall]) -> list[np.ndarray]:
+        start = time.time()
+        for c in calls:
+            self._m_queue.observe(max(0.0, start - c.sent_at))
+        loop = asyncio.get_running_loop()
+        out = await loop.run_in_executor(self._pool, self.encode, calls)
+        n = call_size(calls)
+        self._m_compute.observe(time.time() - start)
+        self._m_batch.observe(n)
+        self._m_items.inc(n)
+        return out
+
+    def ready(self) -> dict[str, Any]:
+        """Readiness probe for the ingress: a replica exists only after its model loaded."""
+        return self.info()

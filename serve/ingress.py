@@ -1,0 +1,662 @@
+"""HTTP ingress: parse, authenticate, bound, decode + preprocess, fan out to the encoders.
+
+The ingress owns no model. It holds one `DeploymentHandle` per model modality and turns each
+request into chunks of at most the encoder's `max_batch_size` preprocessed inputs. Decoding and
+preprocessing (`imagebind_core.preprocess`) run on a thread pool here, so they overlap with the
+encoders' batches instead of stalling them.
+
+Every client fault is a 4xx in OpenAI's error shape `{"error": {"message", "type", "param",
+"code"}}`; a 500 means a bug.
+"""
+
+# No `from __future__ import annotations`: FastAPI must see `Request` itself on the route
+# methods that `serve.ingress` rewraps, or it takes `request` for a query parameter.
+import asyncio
+import base64
+import binascii
+import hmac
+import logging
+import os
+import re
+import time
+import urllib.parse
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+from ray import serve
+from ray.serve import metrics
+
+from serve.encoder import EncodeCall
+from serve.schemas import (
+    ALL_KINDS,
+    AppArgs,
+    Embedding,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    ModelCard,
+    ModelList,
+    SearchHit,
+    SearchRequest,
+    SearchResponse,
+    Usage,
+    chunk_bounds,
+    encoder_modality,
+)
+
+log = logging.getLogger(__name__)
+
+_URI_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_TIME_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+TIMEOUT_HEADER = "x-request-timeout"
+
+
+class APIError(Exception):
+    """A request that cannot be served, as an HTTP status plus OpenAI-style error body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = dict(headers or {})
+
+    def response(self) -> JSONResponse:
+        """The JSON response for this error."""
+        body = {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+def _validation_message(e: ValidationError) -> tuple[str, str | None]:
+    """First pydantic error as `field: message`, plus the field as `param`."""
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err.get("loc", ()))
+    msg = err.get("msg", "invalid value")
+    return (f"{loc}: {msg}" if loc else msg), (loc or None)
+
+
+class EmbeddingService:
+    """The request logic of the ingress, independent of FastAPI routing and Serve.
+
+    Args:
+        args: the application's arguments.
+        encoders: `{model modality: handle}`; a handle's `embed.remote(EncodeCall)` returns an
+            awaitable (k, D) array, its `ready.remote()` the encoder's info.
+        search: handle of the `SearchIndex` deployment, or None when no index is configured.
+    """
+
+    def __init__(
+        self, args: AppArgs, encoders: Mapping[str, Any], search: Any | None = None
+    ) -> None:
+        self.args = args
+        self.encoders = dict(encoders)
+        self.search_index = search
+        self.model_id = args.served_model()
+        self.kinds = list(args.modalities)
+        key = args.api_key
+        if key is None and args.api_key_env:
+            key = os.environ.get(args.api_key_env) or None
+            if key is None:
+                # Failing closed: an operator who named a secret expects auth to be on.
+                raise RuntimeError(
+                    f"api_key_env={args.api_key_env!r} is set but that environment variable "
+                    "is empty in the ingress replica"
+                )
+        self._api_key = key.encode() if key else None
+        self._pool = ThreadPoolExecutor(
+            max_workers=args.ingress.preprocess_threads, thread_name_prefix="preprocess"
+        )
+        self._storage_options: dict[str, Any] | None = None
+        self._info: dict[str, Any] | None = None
+        self.created = int(time.time())
+        self._m_requests = metrics.Counter(
+            "imagebind_requests",
+            description="HTTP requests by route, modality and status code.",
+            tag_keys=("route", "modality", "status"),
+        )
+        self._m_inputs = metrics.Counter(
+            "imagebind_inputs", description="Inputs received.", tag_keys=("modality",)
+        )
+        self._m_latency = metrics.Histogram(
+            "imagebind_request_seconds",
+            description="Request latency inside the ingress.",
+            boundaries=_TIME_BUCKETS_S,
+            tag_keys=("route", "modality"),
+        )
+        self._m_preprocess = metrics.Histogram(
+            "imagebind_preprocess_seconds",
+            description="Decode + preprocess time of one input.",
+            boundaries=_TIME_BUCKETS_S,
+            tag_keys=("modality",),
+        )
+
+    # --- request plumbing --------------------------------------------------------------------
+    def check_auth(self, request: Request) -> None:
+        """401 unless auth is off or the bearer token matches (constant-time compare)."""
+        if self._api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), self._api_key
+        ):
+            raise APIError(
+                401,
+                "missing or invalid API key: send `Authorization: Bearer <key>`",
+                type="authentication_error",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    async def read_body(self, request: Request) -> bytes:
+        """The request body, refusing (413) one over `max_body_bytes` before buffering it."""
+        limit = self.args.max_body_bytes
+        too_big = APIError(
+            413,
+            f"request body is over the limit of {limit} bytes",
+            code="request_too_large",
+        )
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            try:
+                if int(declared) > limit:
+                    raise too_big
+            except ValueError:
+                raise APIError(400, "Content-Length is not a number") from None
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > limit:
+                raise too_big
+        return bytes(body)
+
+    def deadline_s(self, request: Request) -> float:
+        """The server's request timeout, shortened by an `X-Request-Timeout` header (seconds)."""
+        limit = self.args.request_timeout_s
+        raw = request.headers.get(TIMEOUT_HEADER)
+        if raw is None:
+            return limit
+        try:
+            asked = float(raw)
+        except ValueError:
+            raise APIError(400, f"{TIMEOUT_HEADER} must be a number of seconds") from None
+        if not asked > 0:
+            raise APIError(400, f"{TIMEOUT_HEADER} must be positive")
+        return min(limit, asked)
+
+    def check_model(self, model: str | None) -> None:
+        """404 for a model id this endpoint does not serve (None means the served one)."""
+        if model is not None and model != self.model_id:
+            raise APIError(
+                404,
+                f"model {model!r} does not exist; this endpoint serves {self.model_id!r}",
+                param="model",
+                code="model_not_found",
+            )
+
+    def check_kind(self, kind: str, param: str = "modality") -> str:
+        """400 for an unknown modality or one this deployment does not serve."""
+        if kind not in ALL_KINDS:
+            raise APIError(
+                400,
+                f"unknown modality {kind!r}; choose one of {list(ALL_KINDS)}",
+                param=param,
+                code="unknown_modality",
+            )
+        if kind not in self.kinds:
+            raise APIError(
+                400,
+                f"modality {kind!r} is not served by this deployment; it serves {self.kinds}",
+                param=param,
+                code="modality_not_served",
+            )
+        return kind
+
+    def storage_options(self) -> dict[str, Any]:
+        if self._storage_options is None:
+            self._storage_options = self.args.storage_options()
+        return self._storage_options
+
+    # --- inputs ------------------------------------------------------------------------------
+    def load_bytes(self, kind: str, index: int, value: str) -> bytes:
+        """A media input's bytes from base64, a `data:` URI or an allow-listed `s3://` URI."""
+        import imagebind_core as ibc
+
+        param = f"input[{index}]"
+        limit = self.args.max_input_bytes
+        if value.startswith("data:"):
+            header, sep, payload = value.partition(",")
+            if not sep:
+                raise APIError(400, f"{param}: malformed data: URI (no comma)", param=param)
+            if header.endswith(";base64"):
+                value = payload
+            else:
+                data = urllib.parse.unquote_to_bytes(payload)
+                if len(data) > limit:
+                    raise APIError(400, f"{param}: over the limit of {limit} bytes", param=param)
+                return data
+        else:
+            m = _URI_SCHEME.match(value)
+            if m:
+                return self._read_uri(kind, index, value, m.group(1).lower())
+        # base64: refuse by length before decoding (4 characters carry 3 bytes).
+        if len(value) // 4 * 3 > limit + 3:
+            raise APIError(400, f"{param}: over the limit of {limit} bytes", param=param)
+        try:
+            data = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise APIError(
+                400,
+                f"{param}: not valid base64 (send {kind} inputs as base64, a data: URI or an "
+                "allowed s3:// URI)",
+                param=param,
+                code="invalid_input",
+            ) from None
+        if not data:
+            raise ibc.InvalidInput(kind, "empty input", param)
+        return data
+
+    def _read_uri(self, kind: str, index: int, uri: str, scheme: str) -> bytes:
+        import imagebind_core as ibc
+
+        param = f"input[{index}]"
+        if scheme != "s3":
+            raise APIError(
+                400,
+                f"{param}: {scheme}:// URIs are not accepted; only s3:// under the allowed "
+                "prefixes",
+                param=param,
+                code="uri_not_allowed",
+            )
+        # Checked on the string, before any request leaves this process. Dot segments are
+        # refused so that no normalisation downstream can step outside a prefix.
+        parts = uri[len("s3://") :].split("/")
+        allowed = any(uri.startswith(p) for p in self.args.s3_allowed_prefixes)
+        if not allowed or any(p in (".", "..") for p in parts):
+            raise APIError(
+                400,
+                f"{param}: {uri!r} is not under an allowed prefix "
+                f"({self.args.s3_allowed_prefixes or 'none configured'})",
+                param=param,
+                code="uri_not_allowed",
+            )
+        return ibc.read_bytes(
+            uri, self.storage_options(), max_bytes=self.args.max_input_bytes, modality=kind
+        )
+
+    def prepare(self, kind: str, index: int, value: str) -> tuple[np.ndarray, int]:
+        """One input -> (model input array, text tokens). Runs on the preprocessing pool."""
+        # The submodule, not `ibc.preprocess`: the package attribute of that name is lazy.
+        from imagebind_core.preprocess import preprocess
+
+        t0 = time.perf_counter()
+        item_id = f"input[{index}]"
+        if kind == "text":
+            x = preprocess("text", value, item_id=item_id)
+            tokens = int((x != 0).sum())  # padding is token id 0
+        else:
+            x = preprocess(kind, self.load_bytes(kind, index, value), item_id=item_id)
+            tokens = 0
+        self._m_preprocess.observe(time.perf_counter() - t0, tags={"modality": kind})
+        return x.numpy(), tokens
+
+    async def prepare_all(self, kind: str, inputs: list[str]) -> tuple[list[np.ndarray], int]:
+        """Preprocess every input on the pool; the lowest-index bad input -> 400."""
+        import imagebind_core as ibc
+
+        loop = asyncio.get_running_loop()
+        futs = [
+            loop.run_in_executor(self._pool, self.prepare, kind, i, v) for i, v in enumerate(inputs)
+        ]
+        results = await asyncio.gather(*futs, return_exceptions=True)
+        arrays, tokens = [], 0
+        for i, r in enumerate(results):
+            if isinstance(r, APIError):
+                raise r
+            if isinstance(r, ibc.InvalidInput):
+                raise APIError(
+                    400,
+                    f"input[{i}]: invalid {kind} input: {r.reason}",
+                    param=f"input[{i}]",
+                    code="invalid_input",
+                )
+            if isinstance(r, BaseException):
+                raise r
+            arrays.append(r[0])
+            tokens += r[1]
+        return arrays, tokens
+
+    async def encode(self, kind: str, arrays: list[np.ndarray], normalize: bool) -> np.ndarray:
+        """(n, ...) preprocessed inputs -> (n, D), in chunks of the encoder's max_batch_size."""
+        import torch
+
+        from imagebind_core.preprocess import collate
+
+        m = encoder_modality(kind)
+        size = self.args.encoder_options(m).max_batch_size
+        calls = [
+            EncodeCall(
+                collate([torch.from_numpy(a) for a in arrays[s:e]]).numpy(),
+                normalize,
+            )
+            for s, e in chunk_bounds(len(arrays), size)
+        ]
+        tasks = [asyncio.ensure_future(self._call_encoder(m, c)) for c in calls]
+        try:
+            outs = await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            raise
+        return np.concatenate(outs)
+
+    async def _call_encoder(self, modality: str, call: EncodeCall) -> np.ndarray:
+        """One chunk to the encoder; a replica dying mid-call is retried once, then 503."""
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+        handle = self.encoders[modality]
+        retry = {"Retry-After": str(max(0, round(self.args.retry_after_s)))}
+        for attempt in range(2):
+            call.sent_at = time.time()
+            try:
+                return await handle.embed.remote(call)
+            except BackPressureError:
+                raise APIError(
+                    503,
+                    f"encoder-{modality} is overloaded; retry later",
+                    type="server_error",
+                    code="overloaded",
+                    headers=retry,
+                ) from None
+            except DeploymentUnavailableError:
+                raise APIError(
+                    503,
+                    f"encoder-{modality} is unavailable; retry later",
+                    type="server_error",
+                    code="unavailable",
+                    headers=retry,
+                ) from None
+            except (ActorDiedError, ActorUnavailableError, RayActorError) as e:
+                if attempt == 0:
+                    log.warning("encoder-%s replica failed (%s); retrying once", modality, e)
+                    continue
+                raise APIError(
+                    503,
+                    f"encoder-{modality} replica failed; retry later",
+                    type="server_error",
+                    code="replica_failed",
+                    headers=retry,
+                ) from None
+        raise AssertionError("unreachable")
+
+    # --- routes ------------------------------------------------------------------------------
+    async def embeddings(self, request: Request) -> Response:
+        """POST /v1/embeddings."""
+        t0 = time.perf_counter()
+        kind = "unknown"
+        status = 500
+        try:
+            self.check_auth(request)
+            body = await self.read_body(request)
+            try:
+                req = EmbeddingRequest.model_validate_json(body)
+            except ValidationError as e:
+                msg, param = _validation_message(e)
+                raise APIError(400, msg, param=param) from None
+            self.check_model(req.model)
+            kind = self.check_kind(req.modality)
+            inputs = req.inputs()
+            if not inputs:
+                raise APIError(400, "input is empty", param="input")
+            if len(inputs) > self.args.max_inputs:
+                raise APIError(
+                    400,
+                    f"{len(inputs)} inputs is over the limit of {self.args.max_inputs} per request",
+                    param="input",
+                    code="too_many_inputs",
+                )
+            deadline = self.deadline_s(request)
+            self._m_inputs.inc(len(inputs), tags={"modality": kind})
+            try:
+                async with asyncio.timeout(deadline):
+                    arrays, tokens = await self.prepare_all(kind, inputs)
+                    vectors = await self.encode(kind, arrays, req.normalize)
+            except TimeoutError:
+                raise APIError(
+                    504,
+                    f"request timed out after {deadline:g} s",
+                    type="server_error",
+                    code="timeout",
+                ) from None
+            if req.dimensions is not None and req.dimensions != vectors.shape[1]:
+                raise APIError(
+                    400,
+                    f"dimensions={req.dimensions} is not supported; this model returns "
+                    f"{vectors.shape[1]}",
+                    param="dimensions",
+                )
+            data = [
+                Embedding(index=i, embedding=_encode_vector(v, req.encoding_format))
+                for i, v in enumerate(vectors)
+            ]
+            resp = EmbeddingResponse(
+                data=data,
+                model=self.model_id,
+                usage=Usage(prompt_tokens=tokens, total_tokens=tokens),
+            )
+            status = 200
+            return JSONResponse(resp.model_dump())
+        except APIError as e:
+            status = e.status
+            raise
+        finally:
+            self._observe("embeddings", kind, status, t0)
+
+    async def search(self, request: Request) -> Response:
+        """POST /v1/search: embed the query (or take a vector) and ask the index."""
+        t0 = time.perf_counter()
+        kind = "unknown"
+        status = 500
+        try:
+            self.check_auth(request)
+            if self.search_index is None:
+                raise APIError(
+                    404,
+                    "search is not enabled: this app was started without `index_uri`",
+                    code="search_disabled",
+                )
+            body = await self.read_body(request)
+            try:
+                req = SearchRequest.model_validate_json(body)
+            except ValidationError as e:
+                msg, param = _validation_message(e)
+                raise APIError(400, msg, param=param) from None
+            self.check_model(req.model)
+            if req.filter_modality is not None and req.filter_modality not in ALL_KINDS:
+                raise APIError(
+                    400,
+                    f"unknown filter_modality {req.filter_modality!r}",
+                    param="filter_modality",
+                )
+            deadline = self.deadline_s(request)
+            try:
+                async with asyncio.timeout(deadline):
+                    if req.vector is not None:
+                        kind = "vector"
+                        vector = [float(v) for v in req.vector]
+                    else:
+                        kind = self.check_kind(req.modality)
+                        arrays, _ = await self.prepare_all(kind, [req.input or ""])
+                        vector = (await self.encode(kind, arrays, True))[0].tolist()
+                    hits = await self._search(vector, req.top_k, req.filter_modality)
+            except TimeoutError:
+                raise APIError(
+                    504, f"request timed out after {deadline:g} s", type="server_error"
+                ) from None
+            resp = SearchResponse(data=[SearchHit(**h) for h in hits], model=self.model_id)
+            status = 200
+            return JSONResponse(resp.model_dump())
+        except APIError as e:
+            status = e.status
+            raise
+        finally:
+            self._observe("search", kind, status, t0)
+
+    async def _search(self, vector: list[float], top_k: int, modality: str | None) -> list[dict]:
+        from ray.exceptions import RayTaskError
+
+        try:
+            return await self.search_index.search.remote(vector, top_k, modality)
+        except RayTaskError as e:
+            # The index refuses a bad query (wrong vector length, ...) with a ValueError.
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, ValueError):
+                raise APIError(400, f"search: {cause}", param="vector") from None
+            raise
+
+    async def models(self, request: Request) -> Response:
+        """GET /v1/models."""
+        self.check_auth(request)
+        return JSONResponse(ModelList(data=[await self._card()]).model_dump())
+
+    async def model(self, request: Request, model: str) -> Response:
+        """GET /v1/models/{model}."""
+        self.check_auth(request)
+        self.check_model(model)
+        return JSONResponse((await self._card()).model_dump())
+
+    async def _card(self) -> ModelCard:
+        info = self._info
+        if info is None:
+            try:
+                m = next(iter(self.encoders))
+                info = self._info = await asyncio.wait_for(
+                    self.encoders[m].ready.remote(), timeout=10
+                )
+            except Exception:  # not loaded yet: answer without the lineage
+                info = {}
+        return ModelCard(
+            id=self.model_id,
+            created=self.created,
+            embed_dim=info.get("embed_dim"),
+            modalities=self.kinds,
+            lineage=info.get("lineage", {}),
+        )
+
+    async def readiness(self) -> Response:
+        """GET /readyz: 200 once every encoder (and the index, if any) answers, else 503."""
+
+        async def probe(name: str, call: Any) -> tuple[str, bool]:
+            try:
+                await asyncio.wait_for(call, timeout=5)
+                return name, True
+            except Exception:
+                return name, False
+
+        probes = [probe(f"encoder-{m}", h.ready.remote()) for m, h in self.encoders.items()]
+        if self.search_index is not None:
+            probes.append(probe("search", self.search_index.info.remote()))
+        states = dict(await asyncio.gather(*probes))
+        ready = all(states.values())
+        body = {"ready": ready, "deployments": states}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    def _observe(self, route: str, kind: str, status: int, t0: float) -> None:
+        tags = {"route": route, "modality": kind}
+        self._m_requests.inc(tags={**tags, "status": str(status)})
+        self._m_latency.observe(time.perf_counter() - t0, tags=tags)
+
+
+def _encode_vector(v: np.ndarray, fmt: str) -> list[float] | str:
+    """float: a JSON list; base64: little-endian float32 bytes, as OpenAI sends them."""
+    if fmt == "base64":
+        return base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode("ascii")
+    return v.astype(np.float32).tolist()
+
+
+# --- FastAPI wiring --------------------------------------------------------------------------
+
+api = FastAPI(
+    title="imagebind-ray",
+    description="ImageBind embeddings for six modalities; OpenAI-compatible for text.",
+)
+
+
+@api.exception_handler(APIError)
+async def _api_error(_: Request, e: APIError) -> Response:
+    return e.response()
+
+
+@api.exception_handler(RequestValidationError)
+async def _request_invalid(_: Request, e: RequestValidationError) -> Response:
+    err = e.errors()[0] if e.errors() else {}
+    loc = ".".join(str(p) for p in err.get("loc", ()))
+    return APIError(400, f"{loc}: {err.get('msg', 'invalid request')}").response()
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25})
+@serve.ingress(api)
+class Ingress:
+    """Serve deployment `ingress`: the FastAPI app above around an `EmbeddingService`."""
+
+    def __init__(
+        self,
+        args: dict[str, Any],
+        encoders: dict[str, Any],
+        search: Any | None = None,
+    ) -> None:
+        self.service = EmbeddingService(AppArgs.model_validate(args), encoders, search)
+
+    @api.post("/v1/embeddings")
+    async def embeddings(self, request: Request) -> Response:
+        """Embed inputs of one modality (OpenAI-compatible for text)."""
+        return await self.service.embeddings(request)
+
+    @api.post("/v1/search")
+    async def search(self, request: Request) -> Response:
+        """Nearest neighbours of a query in the configured index."""
+        return await self.service.search(request)
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> Response:
+        """The served model."""
+        return await self.service.models(request)
+
+    @api.get("/v1/models/{model}")
+    async def model(self, request: Request, model: str) -> Response:
+        """One model by id (404 if not served)."""
+        return await self.service.model(request, model)
+
+    @api.get("/healthz")
+    async def healthz(self) -> Response:
+        """Liveness: the ingress answers."""
+        return JSONResponse({"status": "ok"})
+
+    @api.get("/readyz")
+    async def readyz(self) -> Response:
+        """Readiness: every encoder has loaded its weights and answers."""
+        return await self.service.readiness()

@@ -1,0 +1,370 @@
+"""Pydantic bodies of the HTTP API and `AppArgs`, the typed arguments of the Serve application.
+
+`AppArgs` is what `serve run serve.app:app key=value ...` and the `args:` block of a Serve
+config YAML are validated into. Everything an operator can set lives here, so the documentation
+of a field and its check sit together.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# What a request may name in its `modality` field. `video` is encoded by the vision encoder
+# (clips averaged, as in the reference); the other six are the model's own input names.
+Kind = Literal["text", "vision", "video", "audio", "depth", "thermal", "imu"]
+ALL_KINDS: tuple[str, ...] = ("text", "vision", "video", "audio", "depth", "thermal", "imu")
+# The model's inputs, each served by one deployment named `encoder-{modality}`.
+ModelModality = Literal["vision", "text", "audio", "depth", "thermal", "imu"]
+MODEL_MODALITIES: tuple[str, ...] = ("vision", "text", "audio", "depth", "thermal", "imu")
+
+
+def encoder_modality(kind: str) -> str:
+    """The encoder deployment (model input) that serves a request kind: video -> vision.
+
+    Mirrors `imagebind_core.model_modality`; kept here so that the ingress and the schemas
+    route without importing the model package.
+    """
+    return "vision" if kind == "video" else kind
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP bodies
+# ---------------------------------------------------------------------------------------------
+
+
+class EmbeddingRequest(BaseModel):
+    """`POST /v1/embeddings`: OpenAI's embeddings request plus `modality` and `normalize`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: str | list[str] = Field(
+        description="One input or a list. Text: the string itself. Other modalities: base64, "
+        "a `data:` URI, or an `s3://` URI under an operator-allowed prefix."
+    )
+    model: str | None = Field(default=None, description="Served model id; see GET /v1/models.")
+    encoding_format: Literal["float", "base64"] = "float"
+    modality: str = Field(default="text", description="One of " + ", ".join(ALL_KINDS))
+    normalize: bool = Field(
+        default=True,
+        description="Unit-length vectors (default); false returns the reference model's raw "
+        "output (after its post-processing, e.g. the logit scale).",
+    )
+    dimensions: int | None = Field(
+        default=None, description="OpenAI field; accepted only if equal to the model's size."
+    )
+    user: str | None = Field(default=None, description="OpenAI field; ignored.")
+
+    def inputs(self) -> list[str]:
+        """The inputs as a list (a single string is a list of one)."""
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+class Embedding(BaseModel):
+    """One vector of the response, at the position of its input."""
+
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class Usage(BaseModel):
+    """OpenAI usage block. `prompt_tokens` counts text tokens (start/end included); 0 for media."""
+
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    """`POST /v1/embeddings` answer, OpenAI's shape."""
+
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    """One entry of `GET /v1/models`, OpenAI's shape plus what this endpoint serves."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "imagebind-ray"
+    embed_dim: int | None = None
+    modalities: list[str]
+    lineage: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelList(BaseModel):
+    """`GET /v1/models`."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class SearchRequest(BaseModel):
+    """`POST /v1/search`: embed one query (or take a raw vector) and look it up in the index."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: str | None = Field(default=None, description="The query, same forms as embeddings.")
+    vector: list[float] | None = Field(default=None, description="A raw query vector instead.")
+    modality: str = Field(default="text", description="Modality of `input`.")
+    model: str | None = None
+    top_k: int = Field(default=10, ge=1, le=1000)
+    filter_modality: str | None = Field(
+        default=None, description="Return only hits of this modality (e.g. `vision`)."
+    )
+
+    @model_validator(mode="after")
+    def _one_query(self) -> SearchRequest:
+        if (self.input is None) == (self.vector is None):
+            raise ValueError("give exactly one of `input` or `vector`")
+        return self
+
+
+class SearchHit(BaseModel):
+    """One search result."""
+
+    id: str
+    uri: str | None = None
+    modality: str | None = None
+    score: float
+
+
+class SearchResponse(BaseModel):
+    """`POST /v1/search` answer, best hit first."""
+
+    object: Literal["list"] = "list"
+    data: list[SearchHit]
+    model: str
+
+
+# ---------------------------------------------------------------------------------------------
+# Application arguments
+# ---------------------------------------------------------------------------------------------
+
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
+class EncoderOptions(BaseModel):
+    """Settings of one `encoder-{modality}` deployment.
+
+    The defaults fit a 2-core laptop: a quarter CPU per replica, so that seven deployments and
+    the ingress fit in two logical CPUs (Serve asks for 1 CPU per replica by default, which
+    leaves autoscaled replicas STARTING forever on small machines).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: PositiveInt = 16
+    batch_wait_timeout_s: float = Field(default=0.005, ge=0.0)
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: PositiveInt = 1
+    target_ongoing_requests: float = Field(default=4.0, gt=0)
+    num_cpus: float = Field(default=0.25, ge=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+    memory_bytes: int | None = Field(default=None, ge=0, description="Ray memory request.")
+    max_ongoing_requests: PositiveInt = 32
+    max_queued_requests: int = Field(
+        default=256,
+        ge=-1,
+        description="Requests (chunks of at most max_batch_size inputs) waiting per caller "
+        "beyond max_ongoing_requests; -1 is unbounded (not recommended). Past it: 503.",
+    )
+    torch_threads: PositiveInt | None = Field(
+        default=None, description="torch.set_num_threads in the replica; None keeps Ray's."
+    )
+    health_check_period_s: float = Field(default=5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> EncoderOptions:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(
+                f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})"
+            )
+        if self.max_ongoing_requests < self.max_batch_size:
+            # Serve's batching guide: a replica never sees more than max_ongoing_requests
+            # calls at once, so smaller values cap every batch below max_batch_size.
+            raise ValueError(
+                f"max_ongoing_requests ({self.max_ongoing_requests}) must be at least "
+                f"max_batch_size ({self.max_batch_size}) or batches can never fill"
+            )
+        return self
+
+
+class IngressOptions(BaseModel):
+    """Settings of the HTTP ingress deployment (parsing, decoding, preprocessing)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: PositiveInt = 1
+    target_ongoing_requests: float = Field(default=16.0, gt=0)
+    num_cpus: float = Field(default=0.25, ge=0)
+    max_ongoing_requests: PositiveInt = 128
+    max_queued_requests: int = Field(default=512, ge=-1)
+    preprocess_threads: PositiveInt = Field(
+        default=4,
+        description="Threads decoding and preprocessing inputs in each ingress replica; they "
+        "overlap with encoding, so a model replica never waits on a decoder.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> IngressOptions:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(
+                f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})"
+            )
+        return self
+
+
+def _split_csv(value: Any) -> Any:
+    """`a,b,c` from the `serve run` command line -> ["a", "b", "c"]."""
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
+
+
+class AppArgs(BaseModel):
+    """Arguments of the application builder `serve.app:app`.
+
+    From the command line: `serve run serve.app:app preset=tiny modalities=text,vision`.
+    From a config YAML: the `args:` mapping of the application (nested settings allowed).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    # --- model: the same arguments as the offline job's --------------------------------------
+    preset: str = Field(default="tiny", description="imagebind_core preset: huge, base, tiny.")
+    checkpoint: str | None = Field(
+        default=None,
+        description="Checkpoint path or fsspec URL (file://, s3://, https://); None: seeded "
+        "random weights (tests, demos).",
+    )
+    sha256: str | None = Field(default=None, description="Expected checkpoint SHA-256.")
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    device: str | None = Field(
+        default=None,
+        description="torch device for encoders: cpu, cuda; None picks cuda if "
+        "the replica has a GPU, else cpu.",
+    )
+    seed: int = Field(default=0, description="Seed of random weights (checkpoint=None).")
+    model_name: str | None = Field(
+        default=None, description="Model id clients send; default imagebind-{preset}."
+    )
+    modalities: list[Kind] = Field(
+        default_factory=lambda: list(ALL_KINDS),
+        description="Request kinds to serve (comma-separated on the command line). One "
+        "encoder deployment is started per model input they need.",
+    )
+    # --- deployments -------------------------------------------------------------------------
+    encoder: EncoderOptions = Field(
+        default_factory=EncoderOptions, description="Settings of every encoder deployment."
+    )
+    encoders: dict[ModelModality, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Per-modality overrides of `encoder`, e.g. {vision: {num_gpus: 0.5}}.",
+    )
+    ingress: IngressOptions = Field(default_factory=IngressOptions)
+    # --- limits and safety -------------------------------------------------------------------
+    api_key: str | None = Field(
+        default=None, description="Bearer token clients must send; None disables auth."
+    )
+    api_key_env: str | None = Field(
+        default=None,
+        description="Name of an environment variable (of the ingress replica) holding the "
+        "bearer token; keeps the secret out of config files. Used when api_key is None.",
+    )
+    max_body_bytes: PositiveInt = Field(default=32 * 1024 * 1024, description="Else 413.")
+    max_inputs: PositiveInt = Field(default=64, description="Inputs per request, else 400.")
+    max_input_bytes: PositiveInt = Field(
+        default=16 * 1024 * 1024, description="Decoded bytes of one media input, else 400."
+    )
+    request_timeout_s: float = Field(
+        default=60.0, gt=0, description="Deadline of one request inside the ingress, else 504."
+    )
+    retry_after_s: float = Field(default=1.0, ge=0, description="Retry-After sent with 503.")
+    # --- object storage ----------------------------------------------------------------------
+    s3_allowed_prefixes: list[str] = Field(
+        default_factory=list,
+        description="`s3://bucket/prefix/` URIs inputs may name; any other URI is refused "
+        "before anything is fetched. Empty: no URI inputs at all.",
+    )
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    s3_anon: bool = False
+    # --- search ------------------------------------------------------------------------------
+    index_uri: str | None = Field(
+        default=None, description="A published index; enables POST /v1/search."
+    )
+
+    _split_modalities = field_validator("modalities", "s3_allowed_prefixes", mode="before")(
+        _split_csv
+    )
+
+    @field_validator("modalities")
+    @classmethod
+    def _nonempty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("serve at least one modality")
+        return list(dict.fromkeys(v))  # de-duplicated, order kept
+
+    @field_validator("s3_allowed_prefixes")
+    @classmethod
+    def _prefixes(cls, v: list[str]) -> list[str]:
+        out = []
+        for p in v:
+            if not p.startswith("s3://") or len(p) <= len("s3://"):
+                raise ValueError(f"allowed prefix {p!r} is not an s3://bucket/... URI")
+            # A prefix is a folder: `s3://b/x` must not also allow `s3://b/x-secret/...`.
+            out.append(p if p.endswith("/") else p + "/")
+        return out
+
+    @model_validator(mode="after")
+    def _check(self) -> AppArgs:
+        for m in self.encoders:
+            self.encoder_options(m)  # raises with the field's name on a bad override
+        if self.device is not None and self.device.startswith("cuda"):
+            for m in self.model_modalities():
+                if self.encoder_options(m).num_gpus <= 0:
+                    raise ValueError(
+                        f"device={self.device!r} but encoder-{m} asks for no GPU (num_gpus=0); "
+                        "Ray hides GPUs from replicas that do not request one"
+                    )
+        return self
+
+    # --- derived -----------------------------------------------------------------------------
+    def served_model(self) -> str:
+        """The model id of this endpoint."""
+        return self.model_name or f"imagebind-{self.preset}"
+
+    def model_modalities(self) -> list[str]:
+        """The encoder deployments this app needs, in the model's order."""
+        needed = {encoder_modality(k) for k in self.modalities}
+        return [m for m in MODEL_MODALITIES if m in needed]
+
+    def encoder_options(self, modality: str) -> EncoderOptions:
+        """`encoder` with the overrides of `encoders[modality]` applied (validated)."""
+        override = self.encoders.get(modality)  # type: ignore[call-overload]
+        if not override:
+            return self.encoder
+        try:
+            return EncoderOptions.model_validate({**self.encoder.model_dump(), **override})
+        except ValueError as e:
+            raise ValueError(f"encoders.{modality}: {e}") from None
+
+    def storage_options(self) -> dict[str, Any]:
+        """fsspec options for s3:// inputs and the index (credentials from the AWS chain)."""
+        import imagebind_core as ibc
+
+        return ibc.s3_storage_options(
+            endpoint_url=self.s3_endpoint_url, region=self.s3_region, anon=self.s3_anon
+        )
+
+
+def chunk_bounds(n: int, size: int) -> list[tuple[int, int]]:
+    """[(start, stop)] splitting n inputs into ceil(n/size) chunks of at most `size`."""
+    return [(i, min(i + size, n)) for i in range(0, n, size)] if n else []

@@ -1,0 +1,402 @@
+"""The Serve app over real HTTP: local Ray, the TINY preset, two apps started once per module.
+
+App "a" serves all seven kinds without auth (limits small enough to hit); app "b" serves text
+only, behind a bearer token, with queues of one so that a burst overflows them. Every answer
+is compared with `imagebind_core` called directly in this process (same preset and seed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+
+import httpx
+import media
+import numpy as np
+import pytest
+from conftest_serve import serve_base_url, wait_ready
+
+PREFIX_A = "/t5a"
+PREFIX_B = "/t5b"
+API_KEY = "s3cret-token"
+BUCKET = "serve-test"
+KINDS = ("text", "vision", "video", "audio", "depth", "thermal", "imu")
+
+
+def make_input(kind: str, seed: int = 0) -> bytes | str:
+    """One small input of `kind` (text as str, media as encoded file bytes)."""
+    if kind == "text":
+        return f"a photo of thing number {seed}"
+    if kind == "vision":
+        return media.make_image(size=(96, 80), seed=seed)
+    if kind == "video":
+        return media.make_video(seconds=1.0 + 0.5 * seed, size=(64, 48))
+    if kind == "audio":
+        return media.make_wav(seconds=2.0, seed=seed)
+    if kind == "depth":
+        return media.make_depth_png(size=(96, 80), seed=seed)
+    if kind == "thermal":
+        return media.make_gray_png(size=(96, 80), bits=8, seed=seed)
+    if kind == "imu":
+        return media.make_imu_npy(seed=seed)
+    raise ValueError(kind)
+
+
+def wire(x: bytes | str) -> str:
+    """How an input travels in JSON: text as is, media as base64."""
+    return x if isinstance(x, str) else base64.b64encode(x).decode()
+
+
+@pytest.fixture(scope="module")
+def direct():
+    """`embed(kind, inputs, normalize)` with imagebind_core in this process: the reference."""
+    import imagebind_core as ibc
+    from imagebind_core.preprocess import collate, model_modality, preprocess
+
+    models: dict[str, object] = {}
+
+    def embed(kind: str, inputs: list, normalize: bool = True) -> np.ndarray:
+        m = str(model_modality(kind))
+        if m not in models:
+            models[m] = ibc.load_model(None, preset="tiny", modalities=[m], seed=0)
+        x = collate([preprocess(kind, d) for d in inputs])
+        return models[m].encode(m, x, normalize=normalize).numpy()
+
+    return embed
+
+
+@pytest.fixture(scope="module")
+def apps(ray_session, s3_server):
+    """Deploy apps a and b once; yield their base URLs; delete them afterwards."""
+    from ray import serve
+
+    from serve.app import build_app
+    from serve.schemas import AppArgs
+
+    s3_server.create_bucket(BUCKET)
+    base = serve_base_url()
+    small = {"num_cpus": 0.1, "health_check_period_s": 1.0}
+    args_a = AppArgs(
+        preset="tiny",
+        encoder={**small, "max_batch_size": 4, "max_ongoing_requests": 8},
+        ingress={"num_cpus": 0.1, "preprocess_threads": 2},
+        max_inputs=8,
+        max_body_bytes=2_000_000,
+        s3_allowed_prefixes=[f"s3://{BUCKET}/allowed"],
+        s3_endpoint_url=s3_server.endpoint_url,
+        s3_region=s3_server.region,
+    )
+    args_b = AppArgs(
+        preset="tiny",
+        modalities=["text"],
+        model_name="guarded",
+        api_key=API_KEY,
+        encoder={
+            **small,
+            "max_batch_size": 1,
+            "max_ongoing_requests": 1,
+            "max_queued_requests": 1,
+        },
+        ingress={"num_cpus": 0.1},
+        retry_after_s=2,
+    )
+    serve.run(build_app(args_a), name="t5a", route_prefix=PREFIX_A, blocking=False)
+    serve.run(build_app(args_b), name="t5b", route_prefix=PREFIX_B, blocking=False)
+    urls = {"a": base + PREFIX_A, "b": base + PREFIX_B}
+    wait_ready(urls["a"])
+    yield urls
+    serve.delete("t5a")
+    serve.delete("t5b")
+
+
+@pytest.fixture(scope="module")
+def client(apps):
+    with httpx.Client(base_url=apps["a"], timeout=120) as c:
+        yield c
+
+
+def embed(client: httpx.Client, inputs, kind: str = "text", **extra) -> httpx.Response:
+    body = {"input": inputs, "modality": kind, **extra}
+    return client.post("/v1/embeddings", json=body)
+
+
+def vectors(resp: httpx.Response) -> np.ndarray:
+    assert resp.status_code == 200, resp.text
+    data = resp.json()["data"]
+    assert [d["index"] for d in data] == list(range(len(data)))
+    return np.array([d["embedding"] for d in data], dtype=np.float32)
+
+
+def error(resp: httpx.Response, status: int) -> dict:
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert err["message"]
+    return err
+
+
+# --------------------------------------------------------------------------- modalities
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_modality_single_and_batched(client, direct, kind):
+    items = [make_input(kind, seed) for seed in range(3)]
+    single = vectors(embed(client, wire(items[0]), kind))
+    np.testing.assert_allclose(single, direct(kind, items[:1]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(single, axis=1), 1.0, atol=1e-5)
+
+    batched = vectors(embed(client, [wire(x) for x in items], kind))
+    np.testing.assert_allclose(batched, direct(kind, items), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(batched[0], batched[1])  # different inputs, different vectors
+
+
+def test_raw_output_on_request(client, direct):
+    items = ["raw one", "raw two"]
+    raw = vectors(embed(client, items, normalize=False))
+    np.testing.assert_allclose(raw, direct("text", items, normalize=False), rtol=1e-5, atol=1e-5)
+    # The reference scales text after normalising (logit scale): raw is not unit length.
+    assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0, atol=1e-3)
+
+
+def test_request_larger_than_a_batch_is_chunked_in_order(client, direct):
+    texts = [f"text number {i}" for i in range(7)]  # max_batch_size 4 -> chunks of 4 + 3
+    np.testing.assert_allclose(
+        vectors(embed(client, texts)), direct("text", texts), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_base64_round_trip_and_data_uri(client, direct):
+    png = make_input("vision", 1)
+    plain = vectors(embed(client, wire(png), "vision"))
+    resp = embed(client, wire(png), "vision", encoding_format="base64")
+    assert resp.status_code == 200, resp.text
+    b64 = resp.json()["data"][0]["embedding"]
+    assert isinstance(b64, str)
+    decoded = np.frombuffer(base64.b64decode(b64), dtype="<f4")
+    np.testing.assert_array_equal(decoded, plain[0])
+    uri = "data:image/png;base64," + wire(png)
+    np.testing.assert_allclose(vectors(embed(client, uri, "vision")), plain, atol=1e-6)
+
+
+def test_openai_client_text(apps, direct):
+    import openai
+
+    oa = openai.OpenAI(base_url=apps["a"] + "/v1", api_key="unused", max_retries=0)
+    texts = ["a dog on a beach", "a red car"]
+    out = oa.embeddings.create(model="imagebind-tiny", input=texts)  # base64 on the wire
+    got = np.array([d.embedding for d in out.data], dtype=np.float32)
+    np.testing.assert_allclose(got, direct("text", texts), rtol=1e-5, atol=1e-5)
+    assert out.model == "imagebind-tiny"
+    assert out.usage.prompt_tokens > 2 * 2  # start + end token per text, plus words
+    floats = oa.embeddings.create(
+        model="imagebind-tiny", input="a red car", encoding_format="float"
+    )
+    np.testing.assert_allclose(floats.data[0].embedding, got[1], atol=1e-6)
+    with pytest.raises(openai.NotFoundError):
+        oa.embeddings.create(model="gpt-nothing", input="x")
+
+
+def test_concurrent_requests_of_different_modalities(apps, direct):
+    kinds = ["text", "vision", "audio", "imu", "depth", "thermal"] * 3
+    items = {k: [make_input(k, s) for s in range(2)] for k in set(kinds)}
+    expected = {k: direct(k, v) for k, v in items.items()}
+
+    async def run() -> list[tuple[str, httpx.Response]]:
+        async with httpx.AsyncClient(base_url=apps["a"], timeout=120) as ac:
+
+            async def one(kind: str) -> tuple[str, httpx.Response]:
+                body = {"input": [wire(x) for x in items[kind]], "modality": kind}
+                return kind, await ac.post("/v1/embeddings", json=body)
+
+            return await asyncio.gather(*(one(k) for k in kinds))
+
+    for kind, resp in asyncio.run(run()):
+        np.testing.assert_allclose(vectors(resp), expected[kind], rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- object storage
+
+
+def test_s3_inputs_only_under_allowed_prefixes(client, s3_server, direct):
+    png = make_input("vision", 2)
+    s3 = s3_server.client()
+    s3.put_object(Bucket=BUCKET, Key="allowed/cat.png", Body=png)
+    s3.put_object(Bucket=BUCKET, Key="private/cat.png", Body=png)
+    s3.put_object(Bucket=BUCKET, Key="allowed-not/cat.png", Body=png)
+
+    ok = vectors(embed(client, [f"s3://{BUCKET}/allowed/cat.png", wire(png)], "vision"))
+    np.testing.assert_allclose(ok, direct("vision", [png, png]), rtol=1e-5, atol=1e-5)
+
+    # The same bytes exist at these URIs; refusal is by name (code uri_not_allowed), so nothing
+    # was fetched: a fetch would have embedded them.
+    for uri in (
+        f"s3://{BUCKET}/private/cat.png",
+        f"s3://{BUCKET}/allowed-not/cat.png",  # prefix is a folder, not a string prefix
+        f"s3://{BUCKET}/allowed/../private/cat.png",
+        "https://example.com/cat.png",
+        "file:///etc/passwd",
+    ):
+        err = error(embed(client, [wire(png), uri], "vision"), 400)
+        assert err["param"] == "input[1]" and err["code"] == "uri_not_allowed", (uri, err)
+
+    err = error(embed(client, f"s3://{BUCKET}/allowed/missing.png", "vision"), 400)
+    assert "not found" in err["message"] and err["param"] == "input[0]"
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_bad_inputs_are_400_naming_the_input(client):
+    png = wire(make_input("vision"))
+    err = error(embed(client, [png, "@@not base64@@"], "vision"), 400)
+    assert err["param"] == "input[1]" and "base64" in err["message"]
+    garbage = base64.b64encode(media.random_bytes(2048)).decode()
+    err = error(embed(client, [png, png, garbage], "vision"), 400)
+    assert err["param"] == "input[2]" and err["message"].startswith("input[2]: invalid vision")
+    err = error(embed(client, [wire(make_input("vision"))], "audio"), 400)  # a PNG as audio
+    assert err["param"] == "input[0]"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "needle"),
+    [
+        ({"input": "x", "modality": "smell"}, 400, "unknown modality"),
+        ({"input": "x", "model": "gpt-4"}, 404, "does not exist"),
+        ({"input": []}, 400, "empty"),
+        ({"input": [f"t{i}" for i in range(9)]}, 400, "over the limit of 8"),
+        ({"input": "x", "modalty": "text"}, 400, "modalty"),
+        ({"input": [1, 2, 3]}, 400, "input"),
+        ({"input": "x", "encoding_format": "int8"}, 400, "encoding_format"),
+        ({"input": "x", "dimensions": 7}, 400, "dimensions"),
+        ({}, 400, "input"),
+    ],
+)
+def test_request_errors(client, body, status, needle):
+    err = error(client.post("/v1/embeddings", json=body), status)
+    assert needle in err["message"], err
+
+
+def test_malformed_json_and_size_limits(client):
+    r = client.post(
+        "/v1/embeddings", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    error(r, 400)
+    big = "a" * 2_100_000  # over max_body_bytes=2_000_000
+    err = error(embed(client, big, "vision"), 413)
+    assert "2000000" in err["message"]
+    # Chunked upload without Content-Length: counted while reading.
+    chunks = (b'{"input": "' + b"a" * 500_000 for _ in range(5))
+    error(client.post("/v1/embeddings", content=chunks), 413)
+
+
+def test_timeout_is_504(client):
+    items = [f"text {i}" for i in range(8)]
+    assert embed(client, items).status_code == 200
+    r = client.post(
+        "/v1/embeddings",
+        json={"input": items},
+        headers={"X-Request-Timeout": "0.001"},
+    )
+    err = error(r, 504)
+    assert err["code"] == "timeout"
+    # Later requests are unaffected.
+    assert embed(client, "still fine").status_code == 200
+
+
+def test_models_health_ready_and_no_search(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["deployments"] == {
+        f"encoder-{m}": True for m in ("vision", "text", "audio", "depth", "thermal", "imu")
+    }
+    models = client.get("/v1/models").json()
+    (card,) = models["data"]
+    assert card["id"] == "imagebind-tiny" and card["embed_dim"] == 32
+    assert card["modalities"] == list(KINDS)
+    assert card["lineage"]["checkpoint_sha256"] == "random"
+    assert client.get("/v1/models/imagebind-tiny").status_code == 200
+    error(client.get("/v1/models/nope"), 404)
+    err = error(client.post("/v1/search", json={"input": "a dog"}), 404)
+    assert "index_uri" in err["message"]
+
+
+# --------------------------------------------------------------------------- app b: auth, load
+
+
+def test_auth(apps, direct):
+    url = apps["b"]
+    body = {"input": ["a dog"], "model": "guarded"}
+    r = httpx.post(url + "/v1/embeddings", json=body)
+    assert error(r, 401)["type"] == "authentication_error"
+    assert r.headers["www-authenticate"] == "Bearer"
+    bad = {"Authorization": "Bearer wrong"}
+    error(httpx.post(url + "/v1/embeddings", json=body, headers=bad), 401)
+    error(httpx.get(url + "/v1/models", headers=bad), 401)
+    good = {"Authorization": f"Bearer {API_KEY}"}
+    r = httpx.post(url + "/v1/embeddings", json=body, headers=good, timeout=60)
+    np.testing.assert_allclose(vectors(r), direct("text", ["a dog"]), rtol=1e-5, atol=1e-5)
+    assert httpx.get(url + "/healthz").status_code == 200  # probes need no key
+    # Auth off on app a: no header needed (the other tests).
+
+
+def test_overload_is_503_with_retry_after(apps):
+    url = apps["b"]
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    body = {"input": [f"text {i} " * 20 for i in range(4)]}
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=120, headers=headers) as ac:
+            return await asyncio.gather(*(ac.post("/v1/embeddings", json=body) for _ in range(24)))
+
+    responses = asyncio.run(burst())
+    codes = sorted({r.status_code for r in responses})
+    assert set(codes) <= {200, 503}, codes
+    rejected = [r for r in responses if r.status_code == 503]
+    assert rejected, "a queue of one must overflow under a burst of 24 x 4 inputs"
+    assert rejected[0].headers["retry-after"] == "2"
+    assert rejected[0].json()["error"]["code"] == "overloaded"
+    r = httpx.post(url + "/v1/embeddings", json={"input": "after"}, headers=headers, timeout=60)
+    assert r.status_code == 200, r.text
+
+
+# --------------------------------------------------------------------------- failure
+
+
+def test_replica_killed_mid_traffic_recovers(apps, direct):
+    import ray
+
+    url = apps["a"]
+    texts = ["during the kill", "another one"]
+    expected = direct("text", texts)
+    names = [
+        a
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if "SERVE_REPLICA::t5a#encoder-text#" in a["name"]
+    ]
+    assert names, "no encoder-text replica found"
+    statuses: list[int] = []
+
+    async def traffic(stop_at: float) -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as ac:
+            while time.time() < stop_at:
+                r = await ac.post("/v1/embeddings", json={"input": texts})
+                statuses.append(r.status_code)
+                if r.status_code == 200:
+                    np.testing.assert_allclose(vectors(r), expected, rtol=1e-5, atol=1e-5)
+
+    async def run() -> None:
+        stop_at = time.time() + 6
+        workers = [asyncio.create_task(traffic(stop_at)) for _ in range(3)]
+        await asyncio.sleep(1.0)
+        n_before = len(statuses)
+        for a in names:
+            ray.kill(ray.get_actor(a["name"], namespace=a["namespace"]), no_restart=True)
+        await asyncio.gather(*workers)
+        assert n_before > 0 and len(statuses) > n_before
+
+    asyncio.run(run())
+    assert set(statuses) <= {200, 503}, sorted(set(statuses))  # never a 500
+    wait_ready(url, timeout_s=90)
+    r = httpx.post(url + "/v1/embeddings", json={"input": texts}, timeout=60)
+    np.testing.assert_allclose(vectors(r), expected, rtol=1e-5, atol=1e-5)
