@@ -529,11 +529,22 @@ class EmbeddingService:
     async def _search(self, vector: list[float], top_k: int, modality: str | None) -> list[dict]:
         from ray.exceptions import RayTaskError
 
+        from serve.search import IndexNotReady
+
         try:
             return await self.search_index.search.remote(vector, top_k, modality)
         except RayTaskError as e:
-            # The index refuses a bad query (wrong vector length, ...) with a ValueError.
             cause = getattr(e, "cause", None)
+            if isinstance(cause, IndexNotReady):
+                raise APIError(
+                    503,
+                    f"search: {cause}",
+                    type="server_error",
+                    code="index_not_ready",
+                    headers={"Retry-After": str(max(1, round(self.args.retry_after_s)))},
+                ) from None
+            # The index refuses a bad query (wrong vector length, ...) with a ValueError
+            # (imagebind_core.InvalidInput is one).
             if isinstance(cause, ValueError):
                 raise APIError(400, f"search: {cause}", param="vector") from None
             raise

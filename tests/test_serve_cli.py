@@ -1,0 +1,125 @@
+"""The repo's Serve config files: they validate, build, and `serve run configs/serve.yaml` works.
+
+`serve run` runs as a subprocess with its own local Ray (`--address local`), as a user would
+start it; only the HTTP port is changed (to a free one) in a copy of the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+from conftest_serve import free_port, wait_ready
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("serve*.yaml"))
+
+
+def serve_apps(config: dict) -> list:
+    from ray.serve.schema import ServeDeploySchema
+
+    return ServeDeploySchema.model_validate(config).applications
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_config_files_validate_and_build(path):
+    from ray.serve import Application
+
+    from serve.app import app as builder
+    from serve.schemas import AppArgs
+
+    apps = serve_apps(yaml.safe_load(path.read_text()))
+    assert apps
+    for a in apps:
+        assert a.import_path == "serve.app:app"
+        args = AppArgs.model_validate(a.args)
+        assert isinstance(builder(args), Application)
+
+
+def test_rayservice_manifest_args_validate():
+    """deploy/rayservice.yaml embeds a serve config: its args must be valid AppArgs too."""
+    from serve.schemas import AppArgs
+
+    manifest = yaml.safe_load((ROOT / "deploy" / "rayservice.yaml").read_text())
+    for a in serve_apps(yaml.safe_load(manifest["spec"]["serveConfigV2"])):
+        AppArgs.model_validate(a.args)
+
+
+def test_bad_args_fail_with_a_sentence():
+    from pydantic import ValidationError
+
+    from serve.schemas import AppArgs
+
+    with pytest.raises(ValidationError, match="max_ongoing_requests"):
+        AppArgs(encoder={"max_batch_size": 64, "max_ongoing_requests": 8})
+    with pytest.raises(ValidationError, match=r"encoders\.vision"):
+        AppArgs(encoders={"vision": {"max_replicas": 0}})
+    with pytest.raises(ValidationError, match="asks for no GPU"):
+        AppArgs(device="cuda")
+    with pytest.raises(ValidationError, match="modalities"):
+        AppArgs(modalities="text,smell")
+    # Command-line style values (strings) are accepted where they are unambiguous.
+    args = AppArgs.model_validate({"modalities": "text,video", "max_inputs": "8"})
+    assert args.model_modalities() == ["vision", "text"] and args.max_inputs == 8
+    assert AppArgs(s3_allowed_prefixes="s3://b/x").s3_allowed_prefixes == ["s3://b/x/"]
+
+
+def test_serve_run_config_yaml(tmp_path):
+    config = yaml.safe_load((ROOT / "configs" / "serve.yaml").read_text())
+    port = free_port()
+    config["http_options"]["port"] = port
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    env.pop("RAY_ADDRESS", None)
+    serve_cli = Path(sys.executable).with_name("serve")
+    log = (tmp_path / "serve-run.log").open("w")
+    proc = subprocess.Popen(
+        [str(serve_cli), "run", "--address", "local", str(path)],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: torn down as one below
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        try:
+            wait_ready(url, timeout_s=240)
+        except TimeoutError:
+            log.flush()
+            tail = (tmp_path / "serve-run.log").read_text()[-3000:]
+            pytest.fail(f"serve run did not become ready; its log ends with:\n{tail}")
+        r = httpx.post(url + "/v1/embeddings", json={"input": ["a dog", "a cat"]}, timeout=60)
+        assert r.status_code == 200, r.text
+        vecs = np.array([d["embedding"] for d in r.json()["data"]])
+        assert vecs.shape == (2, 32)
+        np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+        card = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]
+        assert card["id"] == "imagebind-tiny" and len(card["modalities"]) == 7
+    finally:
+        # Ctrl-C, as a user would: `serve run` shuts Serve down and its Ray with it.
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+        # Whatever of that Ray is left (same process group, started by this test) goes too.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(url + "/healthz", timeout=5)
