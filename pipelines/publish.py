@@ -11,10 +11,10 @@ compare-and-swap of the small pointer object `<root>/LATEST`:
 - on a local folder the same contract is kept with `os.replace` (atomic rename) under an
   `fcntl` lock.
 
-Besides the compare-and-swap, which alone guarantees correctness, a lease lock (`<root>/_lock`,
-created with `If-None-Match: *`, renewed by a heartbeat, broken with a conditional DELETE once
-expired) keeps a second run from doing the same work at the same time; a lock left by a crashed
-run expires after its TTL and is recovered by the next run.
+Besides the compare-and-swap, which alone guarantees correctness, `pipelines.reindex` holds the
+lease lock of `pipelines.lock` on the index root (`<root>/_lock`, created with
+`If-None-Match: *` through the store below, renewed by a heartbeat, broken with a conditional
+DELETE once stale) so a second run does not repeat the same work at the same time.
 
 Retention keeps the last N published versions (following `parent` links from `LATEST`) and
 removes abandoned staging folders of crashed or losing runs.
@@ -30,12 +30,9 @@ import hashlib
 import json
 import logging
 import os
-import socket
-import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec.asyn
@@ -51,7 +48,6 @@ from imagebind_core.io import StorageOptions, filesystem, protocol_of
 
 logger = logging.getLogger(__name__)
 
-LOCK_NAME = "_lock"
 # Fault-injection hook for the crash tests: when set to a path, a run about to swap the pointer
 # creates that file and waits until `<path>.go` exists (a test kills it or lets it go on).
 PAUSE_ENV = "IMAGEBIND_PUBLISH_PAUSE_FILE"
@@ -63,10 +59,6 @@ class PreconditionFailed(Exception):
 
 class PublishConflict(RuntimeError):
     """Another run published a version after this run read the pointer; nothing was published."""
-
-
-class LockHeld(RuntimeError):
-    """Another run holds the re-index lease of this index root."""
 
 
 def utc_now() -> str:
@@ -243,93 +235,6 @@ def open_store(root: str, storage_options: StorageOptions | None = None) -> _Sto
     )
 
 
-# --------------------------------------------------------------------------------- lease
-
-
-@dataclass
-class Lease:
-    """A held re-index lock. Renewed by a heartbeat thread; `lost` is set if renewal failed."""
-
-    store: _Store
-    owner: str
-    ttl_s: float
-    etag: str
-    lost: threading.Event = field(default_factory=threading.Event)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    @staticmethod
-    def _doc(owner: str, ttl_s: float) -> bytes:
-        now = time.time()
-        return json.dumps(
-            {"owner": owner, "acquired_at": now, "expires_at": now + ttl_s, "ttl_s": ttl_s}
-        ).encode()
-
-    @classmethod
-    def acquire(cls, store: _Store, owner: str, ttl_s: float = 600.0) -> Lease:
-        """Take the lock, recovering it if the holder's lease expired. Raises LockHeld."""
-        for _ in range(3):
-            try:
-                etag = store.put(LOCK_NAME, cls._doc(owner, ttl_s), if_none_match=True)
-                return cls(store, owner, ttl_s, etag)
-            except PreconditionFailed:
-                pass
-            cur = store.get(LOCK_NAME)
-            if cur is None:
-                continue  # released between our two calls: try again
-            try:
-                doc = json.loads(cur[0])
-                expires_at, holder = float(doc["expires_at"]), str(doc["owner"])
-            except (ValueError, KeyError, TypeError):
-                expires_at, holder = 0.0, "<unreadable lock>"
-            if expires_at > time.time():
-                raise LockHeld(
-                    f"index is being re-indexed by {holder} (lease valid for another "
-                    f"{expires_at - time.time():.0f} s)"
-                )
-            # Stale: break it only if it is still the very lock we judged stale (If-Match), so
-            # two runs recovering at once cannot both delete and both re-acquire.
-            try:
-                store.delete(LOCK_NAME, if_match=cur[1])
-            except PreconditionFailed:
-                raise LockHeld("another run recovered the stale lock first") from None
-            logger.warning("recovered a stale re-index lock left by %s", holder)
-        raise LockHeld("could not acquire the re-index lock (contended)")
-
-    def renew(self) -> None:
-        """Extend the lease; sets `lost` if someone else took the lock."""
-        try:
-            self.etag = self.store.put(
-                LOCK_NAME, self._doc(self.owner, self.ttl_s), if_match=self.etag
-            )
-        except PreconditionFailed:
-            logger.error("re-index lease of %s was lost (lock taken over)", self.owner)
-            self.lost.set()
-
-    def start_heartbeat(self) -> None:
-        """Renew every ttl/3 in a daemon thread until `release`."""
-
-        def beat() -> None:
-            while not self._stop.wait(self.ttl_s / 3):
-                try:
-                    self.renew()
-                except Exception:  # a transient store error: try again next beat
-                    logger.exception("lease renewal failed")
-                if self.lost.is_set():
-                    return
-
-        self._thread = threading.Thread(target=beat, name="reindex-lease", daemon=True)
-        self._thread.start()
-
-    def release(self) -> None:
-        """Stop the heartbeat and delete the lock if it is still ours."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        with contextlib.suppress(PreconditionFailed):
-            self.store.delete(LOCK_NAME, if_match=self.etag)
-
-
 # ------------------------------------------------------------------------- index root
 
 
@@ -347,11 +252,6 @@ def parse_version_name(name: str) -> int | None:
 def new_run_id() -> str:
     """A short unique id for one run."""
     return uuid.uuid4().hex[:12]
-
-
-def default_owner(run_id: str) -> str:
-    """`host:pid:run` — who holds a lease, for humans reading the lock."""
-    return f"{socket.gethostname()}:{os.getpid()}:{run_id}"
 
 
 class IndexRoot:
@@ -383,10 +283,6 @@ class IndexRoot:
         fs, path = filesystem(join_uri(self.version_uri(name), RECORD_NAME), self.storage_options)
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         fs.pipe_file(path, json.dumps(record, indent=2, sort_keys=True).encode())
-
-    def lease(self, owner: str, ttl_s: float = 600.0) -> Lease:
-        """Acquire the re-index lease (LockHeld if another live run holds it)."""
-        return Lease.acquire(self.store, owner, ttl_s)
 
     def publish(self, pointer: Pointer, expected_etag: str | None) -> None:
         """Swap `LATEST` to `pointer` iff it still has `expected_etag` (None: does not exist).

@@ -44,7 +44,7 @@ class SearchIndexCore:
         index_uri: str,
         storage_options: dict | None = None,
         *,
-        poll_interval_s: float = 10.0,
+        poll_interval_s: float = 5.0,
     ) -> None:
         if not index_uri:
             raise ValueError("index_uri must name an index root")
@@ -154,7 +154,7 @@ class SearchIndex(SearchIndexCore):
         index_uri: str,
         storage_options: dict | None = None,
         *,
-        poll_interval_s: float = 10.0,
+        poll_interval_s: float = 5.0,
     ) -> None:
         super().__init__(index_uri, storage_options, poll_interval_s=poll_interval_s)
 

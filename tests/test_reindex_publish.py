@@ -11,9 +11,7 @@ import pytest
 
 from imagebind_core.index import Pointer, read_pointer
 from pipelines.publish import (
-    LOCK_NAME,
     IndexRoot,
-    LockHeld,
     PreconditionFailed,
     PublishConflict,
     open_store,
@@ -77,35 +75,19 @@ def test_pointer_cas_exactly_one_of_two_publishes(root):
     assert [r["name"] for r in ir.history()] == [winner, p1.name]
 
 
-def test_lease_excludes_then_recovers_stale_lock(root):
-    ir = IndexRoot(*root)
-    lease = ir.lease("run-a", ttl_s=60)
-    with pytest.raises(LockHeld, match="run-a"):
-        ir.lease("run-b", ttl_s=60)
-    lease.release()
-    ir.lease("run-b", ttl_s=60).release()
-    # A crashed holder: its lock stays until the lease expires, then is recovered.
-    ir.store.put(
-        LOCK_NAME,
-        json.dumps({"owner": "crashed", "expires_at": time.time() - 1, "ttl_s": 1}).encode(),
-    )
-    recovered = ir.lease("run-c", ttl_s=60)
-    assert json.loads(ir.store.get(LOCK_NAME)[0])["owner"] == "run-c"
-    # A holder that lost its lock notices on renewal.
-    ir.store.put(LOCK_NAME, b'{"owner": "intruder", "expires_at": 0}')
-    recovered.renew()
-    assert recovered.lost.is_set()
+def test_index_root_lease_excludes_and_recovers_a_stale_lock(root):
+    """The lease reindex holds on the index root: a second run is refused; an expired lock
+    left by a crashed run is recovered."""
+    from pipelines.lock import LOCK_KEY, OutputLock, OutputLocked
 
-
-def test_heartbeat_keeps_a_short_lease_alive(root):
-    ir = IndexRoot(*root)
-    lease = ir.lease("run-a", ttl_s=0.6)
-    lease.start_heartbeat()
-    time.sleep(1.5)  # > ttl: without renewals the lock would be stale
-    with pytest.raises(LockHeld):
-        ir.lease("run-b", ttl_s=60)
-    lease.release()
-    assert ir.store.get(LOCK_NAME) is None
+    with OutputLock(root[0], root[1], ttl_s=60), pytest.raises(OutputLocked):
+        OutputLock(root[0], root[1], ttl_s=60).acquire()
+    store = open_store(*root)
+    stale = {"host": "elsewhere", "pid": 1, "renewed_at": 0, "expires_at": time.time() - 1}
+    store.put(LOCK_KEY, json.dumps(stale).encode())
+    with OutputLock(root[0], root[1], ttl_s=60):
+        assert json.loads(store.get(LOCK_KEY)[0])["host"] != "elsewhere"
+    assert store.get(LOCK_KEY) is None
 
 
 def test_retention_keeps_last_n_and_removes_abandoned_stages(root):
