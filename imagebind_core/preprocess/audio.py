@@ -1,0 +1,300 @@
+"""Audio: bytes -> waveform -> the reference's (3, 1, 128, 204) log-mel clips.
+
+Reference recipe (`load_and_transform_audio_data`): resample the whole waveform to 16 kHz with
+`torchaudio.functional.resample` defaults; three 2 s clips from the constant-clips sampler; per
+clip subtract the clip mean *in place* (see `AudioConfig.mean_subtraction`), Kaldi fbank of
+channel 0 (128 mel bins, 25 ms Hann windows, 10 ms hop, no dither), zero-pad or cut to 204
+frames, then (x + 4.268) / 9.138.
+
+Decoding: WAV/FLAC/Ogg/AIFF through libsndfile (soundfile) — the same float values torchaudio
+gives for PCM; MP3, M4A/AAC and anything else through PyAV (FFmpeg, what current torchaudio
+decodes with).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import struct
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio
+
+from imagebind_core.errors import InvalidInput
+from imagebind_core.preprocess.clips import clip_spans
+from imagebind_core.preprocess.common import (
+    DEFAULT_LIMITS,
+    Deadline,
+    Limits,
+    as_bytes,
+    check_finite,
+    decoding,
+    replace_config,
+)
+
+logger = logging.getLogger(__name__)
+
+KIND = "audio"
+
+
+@dataclass(frozen=True)
+class AudioConfig:
+    """The reference's audio recipe, plus the one switch for its mean-subtraction quirk.
+
+    Args:
+        mean_subtraction: "reference" (default) reproduces the reference's numbers: clips are
+            views of one shared waveform and each clip's mean is subtracted from it in place,
+            so for 2-8 s files (overlapping clips) later clips see samples already shifted by
+            earlier clips' means — a step inside the clip. Indexes built with the reference
+            carry these numbers. "per_clip" subtracts each clip's own mean from a copy (what
+            the recipe intends); it differs only where clips overlap.
+    """
+
+    sample_rate: int = 16000
+    clip_duration: float = 2
+    num_clips: int = 3
+    num_mel_bins: int = 128
+    target_length: int = 204
+    frame_length_ms: float = 25
+    frame_shift_ms: float = 10
+    mean: float = -4.268
+    std: float = 9.138
+    mean_subtraction: Literal["reference", "per_clip"] = "reference"
+
+    def __post_init__(self) -> None:
+        if self.mean_subtraction not in ("reference", "per_clip"):
+            raise ValueError(
+                f"mean_subtraction must be 'reference' or 'per_clip', got {self.mean_subtraction!r}"
+            )
+
+
+AUDIO = AudioConfig()
+
+# Containers libsndfile reads; everything else goes to PyAV.
+_SNDFILE_MAGIC = (b"RIFF", b"RF64", b"fLaC", b"OggS", b"FORM")
+
+
+def _wav_declared_vs_present(data: bytes) -> tuple[int, int] | None:
+    """(declared, present) byte sizes of a RIFF/WAVE file's `data` chunk, or None when the
+    header does not say (not WAV, streaming placeholder sizes 0 / 0xFFFFFFFF, RF64 without
+    ds64). libsndfile silently clamps a lying size to the bytes present, so we read the header
+    ourselves to refuse truncated files and headers that claim hours of audio."""
+    if len(data) < 12 or data[8:12] != b"WAVE" or data[:4] not in (b"RIFF", b"RF64"):
+        return None
+    pos = 12
+    ds64_data: int | None = None
+    while pos + 8 <= len(data):
+        tag = data[pos : pos + 4]
+        (size,) = struct.unpack("<I", data[pos + 4 : pos + 8])
+        if tag == b"ds64" and pos + 8 + 24 <= len(data):
+            (ds64_data,) = struct.unpack("<Q", data[pos + 8 + 8 : pos + 8 + 16])
+        if tag == b"data":
+            if size == 0xFFFFFFFF and ds64_data is not None:
+                size = ds64_data
+            if size in (0, 0xFFFFFFFF):
+                return None
+            return size, len(data) - (pos + 8)
+        pos += 8 + size + (size & 1)
+    return None
+
+
+def _check_stream(sr: int, channels: int, declared_frames: int | None, limits: Limits) -> None:
+    if sr <= 0 or sr > limits.max_sample_rate:
+        raise InvalidInput(KIND, f"sample rate {sr} Hz outside 1..{limits.max_sample_rate} Hz")
+    if channels <= 0 or channels > limits.max_channels:
+        raise InvalidInput(KIND, f"{channels} channels outside 1..{limits.max_channels}")
+    if declared_frames is not None and declared_frames / sr > limits.max_audio_duration_s:
+        raise InvalidInput(
+            KIND,
+            f"declared duration {declared_frames / sr:.1f} s is over the limit of "
+            f"{limits.max_audio_duration_s:g} s",
+        )
+
+
+def _decode_sndfile(data: bytes, limits: Limits) -> tuple[np.ndarray, int]:
+    sizes = _wav_declared_vs_present(data)
+    with decoding(KIND, "audio"), sf.SoundFile(io.BytesIO(data)) as f:
+        sr, channels = f.samplerate, f.channels
+        if sizes is not None:
+            declared, present = sizes
+            frame_bytes = _frame_bytes(f.subtype, channels)
+            declared_frames = declared // frame_bytes if frame_bytes else f.frames
+            _check_stream(sr, channels, declared_frames, limits)
+            if frame_bytes and declared - present >= frame_bytes:
+                raise InvalidInput(
+                    KIND,
+                    f"WAV header declares {declared_frames} samples "
+                    f"({declared_frames / sr:.2f} s) but the file holds "
+                    f"{present // frame_bytes} ({present / frame_bytes / sr:.2f} s): truncated "
+                    "file or lying header",
+                )
+        _check_stream(sr, channels, f.frames, limits)
+        audio = f.read(dtype="float32", always_2d=True)  # (frames, channels)
+        if 0 < f.frames < 2**62 and len(audio) < f.frames:
+            raise InvalidInput(
+                KIND, f"header declares {f.frames} samples but only {len(audio)} decode"
+            )
+    return np.ascontiguousarray(audio.T), sr
+
+
+_SUBTYPE_BYTES = {
+    "PCM_S8": 1,
+    "PCM_U8": 1,
+    "PCM_16": 2,
+    "PCM_24": 3,
+    "PCM_32": 4,
+    "FLOAT": 4,
+    "DOUBLE": 8,
+    "ULAW": 1,
+    "ALAW": 1,
+}
+
+
+def _frame_bytes(subtype: str, channels: int) -> int | None:
+    b = _SUBTYPE_BYTES.get(subtype)
+    return b * channels if b else None
+
+
+def _decode_pyav(data: bytes, limits: Limits) -> tuple[np.ndarray, int]:
+    import av
+
+    deadline = Deadline(KIND, limits.max_decode_s)
+    with decoding(KIND, "audio"), av.open(io.BytesIO(data), mode="r") as container:
+        if not container.streams.audio:
+            raise InvalidInput(KIND, "no audio stream in the file")
+        st = container.streams.audio[0]
+        sr = st.codec_context.sample_rate or st.rate
+        channels = st.codec_context.channels
+        declared = None
+        if st.duration is not None and st.time_base is not None:
+            declared = int(float(st.duration * st.time_base) * sr)
+        elif container.duration is not None:
+            declared = int(container.duration / 1_000_000 * sr)
+        _check_stream(sr or 0, channels or 0, declared, limits)
+        max_frames = int(limits.max_audio_duration_s * sr) + 1
+        chunks: list[np.ndarray] = []
+        total = 0
+        resampler = None
+        for frame in container.decode(st):
+            deadline.check()
+            if frame.format.name != "fltp":
+                # Format conversion only (same rate and layout): int samples -> float [-1, 1].
+                if resampler is None:
+                    resampler = av.AudioResampler(
+                        format="fltp", layout=frame.layout.name, rate=frame.sample_rate
+                    )
+                frames = resampler.resample(frame)
+            else:
+                frames = [frame]
+            for fr in frames:
+                arr = fr.to_ndarray()  # (channels, samples) for planar float
+                chunks.append(arr)
+                total += arr.shape[1]
+            if total > max_frames:
+                raise InvalidInput(
+                    KIND,
+                    f"decoded duration exceeds the limit of {limits.max_audio_duration_s:g} s",
+                )
+        if resampler is not None:
+            for fr in resampler.resample(None):
+                chunks.append(fr.to_ndarray())
+    if not chunks or sum(c.shape[1] for c in chunks) == 0:
+        raise InvalidInput(KIND, "no audio samples decoded")
+    return np.ascontiguousarray(np.concatenate(chunks, axis=1), dtype=np.float32), sr
+
+
+def decode_audio(data: bytes, limits: Limits = DEFAULT_LIMITS) -> tuple[np.ndarray, int]:
+    """Decode encoded audio into (waveform float32 (channels, samples) in [-1, 1], sample rate).
+
+    WAV, FLAC, Ogg/Vorbis/Opus, AIFF via libsndfile; MP3, M4A/AAC and other FFmpeg formats via
+    PyAV. Declared sizes are checked before decoding (a WAV header that claims more data than
+    the file holds, or hours of audio, is refused without reading samples).
+
+    Raises:
+        InvalidInput: empty, undecodable, truncated, no audio stream, over the duration /
+            sample-rate / channel limits, or NaN/Inf samples.
+    """
+    data = as_bytes(KIND, data, limits)
+    if data[:4] in _SNDFILE_MAGIC:
+        try:
+            wave, sr = _decode_sndfile(data, limits)
+        except InvalidInput as e:
+            if not e.reason.startswith("cannot decode"):
+                raise
+            wave, sr = _decode_pyav(data, limits)  # e.g. an Ogg codec libsndfile lacks
+    else:
+        wave, sr = _decode_pyav(data, limits)
+    if wave.shape[1] == 0:
+        raise InvalidInput(KIND, "no audio samples decoded")
+    check_finite(KIND, wave, "audio samples")
+    return wave, sr
+
+
+def preprocess_audio(
+    waveform: np.ndarray | torch.Tensor, sample_rate: int, cfg: AudioConfig = AUDIO
+) -> torch.Tensor:
+    """Waveform (channels, samples) at `sample_rate` -> (3, 1, 128, 204) float32 model input.
+
+    The input is not modified. Raises InvalidInput if a clip is shorter than one 25 ms frame.
+    """
+    wave = torch.as_tensor(waveform, dtype=torch.float32)
+    if wave.ndim != 2 or wave.shape[1] == 0:
+        raise InvalidInput(
+            KIND, f"expected a (channels, samples) waveform, got {tuple(wave.shape)}"
+        )
+    sr = cfg.sample_rate
+    if sample_rate != sr:
+        wave = torchaudio.functional.resample(wave, orig_freq=sample_rate, new_freq=sr)
+    else:
+        wave = wave.clone()  # clips below are modified in place
+    n = wave.shape[1]
+    min_len = int(sr * cfg.frame_length_ms / 1000)
+    mean = torch.tensor(cfg.mean, dtype=torch.float32)
+    std = torch.tensor(cfg.std, dtype=torch.float32)
+    out = []
+    for start, end in clip_spans(n / sr, cfg.clip_duration, cfg.num_clips):
+        a, b = int(start * sr), min(int(end * sr), n)
+        if b - a < min_len:
+            raise InvalidInput(
+                KIND,
+                f"audio is {n / sr * 1000:.1f} ms long; at least {cfg.frame_length_ms:g} ms "
+                "(one analysis frame) is needed",
+            )
+        if cfg.mean_subtraction == "reference":
+            clip = wave[:, a:b]  # a view: the subtraction below leaks into later clips
+        else:
+            clip = wave[:, a:b].clone()
+        clip -= clip.mean()
+        fbank = torchaudio.compliance.kaldi.fbank(
+            clip,
+            htk_compat=True,
+            sample_frequency=sr,
+            use_energy=False,
+            window_type="hanning",
+            num_mel_bins=cfg.num_mel_bins,
+            dither=0.0,
+            frame_length=cfg.frame_length_ms,
+            frame_shift=cfg.frame_shift_ms,
+        ).T  # (mel, frames)
+        pad = cfg.target_length - fbank.shape[1]
+        if pad > 0:
+            fbank = torch.nn.functional.pad(fbank, (0, pad), value=0.0)
+        elif pad < 0:
+            fbank = fbank[:, : cfg.target_length]
+        out.append(((fbank - mean) / std).unsqueeze(0))  # (1, mel, time)
+    x = torch.stack(out, dim=0)  # (clips, 1, mel, time)
+    check_finite(KIND, x, "log-mel features")
+    return x
+
+
+def audio_from_bytes(
+    data: bytes, limits: Limits = DEFAULT_LIMITS, **options: object
+) -> torch.Tensor:
+    """`preprocess("audio", data)`: decode + preprocess one audio file."""
+    cfg = replace_config(AUDIO, options, KIND)
+    wave, sr = decode_audio(data, limits)
+    return preprocess_audio(wave, sr, cfg)

@@ -1,0 +1,100 @@
+"""Audio: parity with the reference loader (WAV/FLAC, 8-48 kHz, mono/stereo, 0.5-12 s), the
+mean-subtraction quirk and its per-clip option, compressed formats, limits."""
+
+from __future__ import annotations
+
+import media
+import numpy as np
+import pytest
+import torch
+from reference_data_shim import reference_data
+
+import imagebind_core.preprocess as P
+
+
+def reference_audio(tmp_path, data: bytes, ext: str) -> torch.Tensor:
+    path = tmp_path / f"a.{ext}"
+    path.write_bytes(data)
+    return reference_data().load_and_transform_audio_data([str(path)], "cpu")[0]
+
+
+@pytest.mark.parametrize(
+    ("seconds", "sr", "channels", "fmt"),
+    [
+        (0.5, 8000, 1, "wav"),  # shorter than a clip: 3 identical padded clips
+        (2.0, 8000, 2, "flac"),  # exactly one clip long
+        (5.0, 22050, 2, "wav"),  # overlapping clips: the in-place mean leak matters
+        (3.3, 44100, 1, "flac"),
+        (10.0, 44100, 2, "wav"),
+        (12.0, 48000, 1, "wav"),
+        (7.0, 48000, 2, "flac"),
+        (4.0, 16000, 1, "wav"),  # native rate: no resampling
+    ],
+)
+def test_parity_with_reference(tmp_path, seconds, sr, channels, fmt) -> None:
+    make = media.make_wav if fmt == "wav" else media.make_flac
+    data = make(seconds, sr, channels, seed=sr % 11)
+    ours = P.preprocess("audio", data)
+    ref = reference_audio(tmp_path, data, fmt)
+    assert ours.shape == (3, 1, 128, 204) and ours.dtype == torch.float32
+    assert (ours - ref).abs().max().item() <= 1e-4
+
+
+def test_float_and_24bit_wav(tmp_path) -> None:
+    for subtype in ("FLOAT", "PCM_24"):
+        data = media.make_wav(3.0, 44100, 2, subtype=subtype)
+        assert (
+            P.preprocess("audio", data) - reference_audio(tmp_path, data, "wav")
+        ).abs().max() <= 1e-4
+
+
+def test_per_clip_option_matches_independent_clips(tmp_path) -> None:
+    """'per_clip' equals the reference's own clip function applied to a copy of each clip;
+    'reference' differs from it exactly where clips overlap (clips 2 and 3 of a 5 s file)."""
+    ref = reference_data()
+    data = media.make_wav(5.0, 16000, 2, dc=0.2)
+    wave, sr = P.decode_audio(data)
+    w = torch.from_numpy(wave)
+    expected = []
+    for start, end in P.clip_spans(w.shape[1] / 16000, 2, 3):
+        clip = w[:, int(start * 16000) : int(end * 16000)].clone()
+        mel = ref.waveform2melspec(clip, 16000, 128, 204)
+        expected.append((mel - torch.tensor(-4.268)) / torch.tensor(9.138))
+    expected = torch.stack(expected)
+    per_clip = P.preprocess("audio", data, mean_subtraction="per_clip")
+    default = P.preprocess("audio", data)
+    assert (per_clip - expected).abs().max() <= 1e-4
+    assert (default[0] - expected[0]).abs().max() <= 1e-4
+    assert (default[1:] - expected[1:]).abs().max() > 0.1  # the documented leak
+    assert np.array_equal(wave, P.decode_audio(data)[0])  # preprocess did not mutate the input
+    P.preprocess_audio(wave, sr)
+    assert np.array_equal(wave, P.decode_audio(data)[0])
+
+
+def test_stereo_uses_channel_zero() -> None:
+    left = media.audio_array(3.0, 16000, 2, dc=0.0)
+    swapped = left[:, ::-1].copy()
+    a = P.preprocess_audio(left.T.copy(), 16000, P.AudioConfig(mean_subtraction="per_clip"))
+    b = P.preprocess_audio(swapped.T.copy(), 16000, P.AudioConfig(mean_subtraction="per_clip"))
+    mono = P.preprocess_audio(
+        left[:, :1].T.copy(), 16000, P.AudioConfig(mean_subtraction="per_clip")
+    )
+    assert (a - mono).abs().max() < 1e-3 and (a - b).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("fmt", ["mp3", "m4a", "ogg"])
+def test_compressed_formats_close_to_lossless(fmt) -> None:
+    make = {"mp3": media.make_mp3, "m4a": media.make_m4a, "ogg": media.make_ogg}[fmt]
+    lossy = P.preprocess("audio", make(3.0, 44100, 2))
+    wave = media.audio_array(3.0, 44100, 2, dc=0.0).T.copy()
+    lossless = P.preprocess_audio(wave, 44100)
+    assert torch.isfinite(lossy).all() and lossy.shape == (3, 1, 128, 204)
+    # codecs drop inaudible detail and shift by a few ms: compare the bulk of the spectrum
+    assert (lossy - lossless).abs().mean() < 0.15
+
+
+def test_ogg_matches_reference_decoder(tmp_path) -> None:
+    data = media.make_ogg(2.5, 22050, 1)
+    assert (
+        P.preprocess("audio", data) - reference_audio(tmp_path, data, "ogg")
+    ).abs().max() <= 1e-4
