@@ -1,0 +1,278 @@
+"""The embedding job's configuration: one pydantic model, loaded from YAML, overridable by flags.
+
+The same file runs on a laptop (local Ray, local folders) and on a cluster (`ray job submit`,
+S3): only `input`/`output` URIs and resources change. Every field is documented in
+docs/pipelines.md. A bad field raises `ConfigError` with a message naming the field.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+import imagebind_core as ibc
+
+Kind = Literal["vision", "video", "text", "audio", "depth", "thermal", "imu"]
+KINDS: tuple[str, ...] = ("vision", "video", "text", "audio", "depth", "thermal", "imu")
+Format = Literal["auto", "manifest", "webdataset", "files"]
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+class ConfigError(ValueError):
+    """A configuration file or flag is invalid; the message names the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StorageConfig(_Strict):
+    """Object-store settings, passed as fsspec `storage_options` to every read and write.
+
+    Credentials left unset fall back to the usual AWS chain (environment variables, profile,
+    instance role), which is the recommended way on a cluster: a key set here travels to the
+    workers inside task arguments.
+    """
+
+    endpoint_url: str | None = None  # MinIO, moto, Ceph, R2 ...: http(s)://host:port
+    region: str | None = None
+    key: str | None = None
+    secret: str | None = None
+    anon: bool = False
+
+    def options(self) -> dict[str, Any]:
+        """fsspec/s3fs storage options for these settings."""
+        return ibc.s3_storage_options(
+            endpoint_url=self.endpoint_url,
+            region=self.region,
+            key=self.key,
+            secret=self.secret,
+            anon=self.anon,
+        )
+
+
+class FilesConfig(_Strict):
+    """`format: files` — a folder, prefix or glob of media files, one item per file."""
+
+    kind: Kind | None = None  # force one kind for every file (default: from the extension)
+    # Extra or overriding suffix -> kind mappings, e.g. {".dat": "imu"} (case-insensitive).
+    extensions: dict[str, Kind] = Field(default_factory=dict)
+    # Files are grouped into shards by a stable hash of their relative path; the shard count is
+    # fixed on the first run (recorded in <output>/_job.json) so reruns find the same shards.
+    files_per_shard: int = Field(1000, gt=0)
+
+
+class WebDatasetConfig(_Strict):
+    """`format: webdataset` — tar shards as img2dataset / video2dataset write them."""
+
+    # Member kinds to embed (default: every kind found in the first shard). Each kind reads the
+    # shard on its own; `[vision]` skips captions.
+    kinds: list[Kind] | None = None
+    # Suffix (after the sample key) -> kind, overriding the extension rules, e.g.
+    # {"caption.txt": "text"}.
+    extensions: dict[str, Kind] = Field(default_factory=dict)
+
+
+class PreprocessConfig(_Strict):
+    """Decode + preprocess: stateless CPU tasks in front of the encoders."""
+
+    num_cpus: float = Field(1.0, gt=0)  # logical CPUs per preprocessing task
+    batch_size: int = Field(16, gt=0)  # items per task call
+    read_threads: int = Field(8, gt=0)  # parallel object reads inside one task (latency hiding)
+    read_num_cpus: float = Field(0.25, gt=0)  # per shard-reading task (listing/tar streaming)
+    # Memory reserved per preprocessing task (Ray scheduling), enough for one batch of decoded
+    # media; it also keeps this stage a separate operator from the encoder.
+    memory_mb: int = Field(512, gt=0)
+    # Overrides of imagebind_core.Limits fields, e.g. {max_bytes: 50000000}.
+    limits: dict[str, int | float] = Field(default_factory=dict)
+    # Per-kind preprocessing options passed to imagebind_core.preprocess, e.g.
+    # {depth: {input: disparity}}.
+    options: dict[Kind, dict[str, Any]] = Field(default_factory=dict)
+
+    @field_validator("limits")
+    @classmethod
+    def _check_limits(cls, v: dict[str, int | float]) -> dict[str, int | float]:
+        try:
+            ibc.Limits(**v)
+        except TypeError as e:
+            raise ValueError(f"unknown limit: {e}") from None
+        return v
+
+    def make_limits(self) -> Any:
+        """The `imagebind_core.Limits` these settings describe."""
+        return ibc.Limits(**self.limits)
+
+
+class EncoderConfig(_Strict):
+    """One encoder actor pool (one per kind present in the job)."""
+
+    batch_size: int = Field(32, gt=0)
+    num_gpus: float = Field(0.0, ge=0)  # per actor; > 0 puts the model on CUDA
+    num_cpus: float = Field(1.0, ge=0)  # per actor (logical)
+    min_actors: int = Field(1, gt=0)
+    max_actors: int = Field(1, gt=0)
+    dtype: DType = "float32"
+    torch_threads: int | None = Field(None, gt=0)  # default: max(1, round(num_cpus))
+
+    @model_validator(mode="after")
+    def _check_pool(self) -> EncoderConfig:
+        if self.max_actors < self.min_actors:
+            raise ValueError(
+                f"max_actors ({self.max_actors}) is smaller than min_actors ({self.min_actors})"
+            )
+        if self.dtype == "float16" and self.num_gpus == 0:
+            raise ValueError("dtype float16 needs a GPU (num_gpus > 0); use bfloat16 on CPU")
+        return self
+
+
+class EncoderOverride(_Strict):
+    """Per-kind changes to `encoder_defaults`; unset fields keep the default."""
+
+    batch_size: int | None = Field(None, gt=0)
+    num_gpus: float | None = Field(None, ge=0)
+    num_cpus: float | None = Field(None, ge=0)
+    min_actors: int | None = Field(None, gt=0)
+    max_actors: int | None = Field(None, gt=0)
+    dtype: DType | None = None
+    torch_threads: int | None = Field(None, gt=0)
+
+
+class RayConfig(_Strict):
+    """How the job reaches Ray."""
+
+    # None: RAY_ADDRESS if set (ray job submit sets it), else a new local Ray. "local" forces a
+    # new local instance; "auto" or host:port joins an existing cluster.
+    address: str | None = None
+    num_cpus: int | None = Field(None, gt=0)  # logical CPUs of a new local instance
+    progress_bars: bool = True  # Ray Data's progress bars on stderr
+
+
+class DebugConfig(_Strict):
+    """Diagnostics used by the crash/resume tests; off by default."""
+
+    trace_path: str | None = None  # local file: one line "<pid> <id>" per item preprocessed
+    delay_per_item_s: float = Field(0.0, ge=0)  # sleep per item in preprocessing (slow runs)
+
+
+class JobConfig(_Strict):
+    """Everything `imagebind-embed` needs. See docs/pipelines.md for every field."""
+
+    input: str
+    output: str
+    format: Format = "auto"
+    preset: str = "huge"
+    checkpoint: str | None = None
+    checkpoint_sha256: str | None = None
+    seed: int = 0  # random weights only (no checkpoint)
+    normalize: bool = True  # unit-length embeddings; False stores the reference's raw output
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    files: FilesConfig = Field(default_factory=FilesConfig)
+    webdataset: WebDatasetConfig = Field(default_factory=WebDatasetConfig)
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    encoder_defaults: EncoderConfig = Field(default_factory=EncoderConfig)
+    encoders: dict[Kind, EncoderOverride] = Field(default_factory=dict)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    lock_ttl_s: float = Field(300.0, gt=0)  # a lock not renewed for this long is stale
+    debug: DebugConfig = Field(default_factory=DebugConfig)
+
+    @field_validator("preset")
+    @classmethod
+    def _check_preset(cls, v: str) -> str:
+        if v not in ibc.PRESETS:
+            raise ValueError(f"unknown preset {v!r}; choose one of {sorted(ibc.PRESETS)}")
+        return v
+
+    @field_validator("input", "output")
+    @classmethod
+    def _check_uri(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v.strip()
+
+    @model_validator(mode="after")
+    def _check_encoders(self) -> JobConfig:
+        for kind in self.encoders:
+            try:
+                self.encoder(kind)
+            except ValidationError as e:
+                msg = "; ".join(err["msg"] for err in e.errors())
+                raise ValueError(f"encoders.{kind}: {msg}") from None
+        return self
+
+    def encoder(self, kind: str) -> EncoderConfig:
+        """The effective encoder settings of `kind`: defaults with its overrides applied."""
+        base = self.encoder_defaults.model_dump()
+        over = self.encoders.get(kind)  # type: ignore[call-overload]
+        if over is not None:
+            base.update({k: v for k, v in over.model_dump().items() if v is not None})
+        return EncoderConfig(**base)
+
+    def storage_options(self) -> dict[str, Any]:
+        """fsspec storage options for S3 URIs."""
+        return self.storage.options()
+
+
+def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    cur = d
+    for k in keys[:-1]:
+        nxt = cur.get(k)
+        if nxt is None:
+            nxt = cur[k] = {}
+        elif not isinstance(nxt, dict):
+            raise ConfigError(f"{dotted}: {k!r} is not a section")
+        cur = nxt
+    cur[keys[-1]] = value
+
+
+def _format_validation_error(e: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        msg = err["msg"]
+        if err["type"] == "missing":
+            msg = "required field is missing"
+        elif err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        given = err.get("input")
+        shown = (
+            "" if err["type"] in ("missing",) or isinstance(given, dict) else f" (got {given!r})"
+        )
+        lines.append(f"  {loc}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def load_config(
+    path: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> JobConfig:
+    """Read a YAML config (optional) and apply dotted-key overrides (`encoders.vision.batch_size`).
+
+    Raises:
+        ConfigError: unreadable YAML, or any invalid field (named in the message).
+    """
+    data: dict[str, Any] = {}
+    source = path or "flags"
+    if path is not None:
+        if not os.path.exists(path):
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            with open(path) as f:
+                loaded = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of fields")
+        data = loaded
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            _set_dotted(data, k, v)
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None

@@ -1,0 +1,587 @@
+"""`imagebind-embed`: embed a corpus with Ray Data, exactly once, resumable.
+
+    read (one task per shard and kind) -> preprocess (CPU tasks) -> encode (actor pool per kind)
+      -> write parts -> the driver commits each shard when all its items are in
+
+One branch per media kind present in the input (its own encoder pool, batch size, dtype and
+resources); the branches meet in one `union` before the part writer, so a corpus is one Ray Data
+execution. Library use:
+
+    from pipelines.config import load_config
+    from pipelines.embed import run_job
+    summary = run_job(load_config("configs/demo.yaml"))
+
+Re-indexing reuses the pieces: `pipelines.readers.list_items` (listing without bytes) and
+`embed_items` (embed a given subset of rows into an output, same commit protocol).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+import imagebind_core as ibc
+from pipelines.config import ConfigError, JobConfig, load_config
+from pipelines.lock import OutputLock, OutputLocked
+from pipelines.readers import (
+    INVALID,
+    Plan,
+    PlanError,
+    ShardSpec,
+    plan_items,
+    plan_job,
+    read_tasks,
+    shard_tasks,
+)
+from pipelines.stages import EncodeBatch, preprocess_batch, without_tensors
+from pipelines.writers import (
+    Output,
+    commit_shard,
+    read_job_record,
+    write_job_record,
+    write_parts,
+)
+
+logger = logging.getLogger(__name__)
+
+# Logical CPUs of the part writer tasks: small I/O-bound work that must never wait long for a slot.
+WRITER_NUM_CPUS = 0.1
+
+
+class OutputMismatch(RuntimeError):
+    """The output was started by a run with another model, input or format."""
+
+
+# ----------------------------------------------------------------------------- lineage
+
+
+def model_lineage(cfg: JobConfig, kinds: Sequence[str] = ()) -> dict[str, str]:
+    """What produces this job's embeddings, as Parquet schema metadata (str -> str).
+
+    The checkpoint's sha256 is `checkpoint_sha256` from the config when given (the actors
+    verify it); otherwise the driver fetches the checkpoint once to hash it.
+    """
+    if cfg.checkpoint is None:
+        sha = "random"
+    elif cfg.checkpoint_sha256:
+        sha = cfg.checkpoint_sha256.lower()
+    else:
+        logger.info("hashing checkpoint %s (set checkpoint_sha256 to skip)", cfg.checkpoint)
+        _, sha = ibc.fetch_checkpoint(cfg.checkpoint, storage_options=cfg.storage_options())
+    dtypes = {k: cfg.encoder(k).dtype for k in kinds if k != INVALID}
+    uniq = sorted(set(dtypes.values())) or [cfg.encoder_defaults.dtype]
+    dtype = uniq[0] if len(uniq) == 1 else ",".join(f"{k}={v}" for k, v in sorted(dtypes.items()))
+    return {
+        "imagebind.preset": cfg.preset,
+        "imagebind.checkpoint": cfg.checkpoint or "random",
+        "imagebind.checkpoint_sha256": sha,
+        "imagebind.dtype": dtype,
+        "imagebind.embed_dim": str(ibc.get_config(cfg.preset).out_embed_dim),
+        "imagebind.normalize": str(cfg.normalize).lower(),
+        "imagebind.package_version": ibc.__version__,
+        "imagebind.preprocess_version": str(ibc.PREPROCESS_VERSION),
+    }
+
+
+def _record_key(cfg: JobConfig, plan: Plan, lineage: dict[str, str]) -> dict[str, Any]:
+    keep = ("preset", "checkpoint_sha256", "embed_dim", "normalize", "preprocess_version")
+    return {
+        "input": cfg.input,
+        "format": plan.format,
+        **{k: lineage[f"imagebind.{k}"] for k in keep},
+    }
+
+
+def _check_record(output: Output, cfg: JobConfig, plan: Plan, lineage: dict[str, str]) -> None:
+    key = _record_key(cfg, plan, lineage)
+    rec = read_job_record(output)
+    if rec is not None:
+        old = rec.get("key", {})
+        diff = {k: (old.get(k), v) for k, v in key.items() if old.get(k) != v}
+        if diff:
+            lines = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+            raise OutputMismatch(
+                f"output {cfg.output} was started by a different job ({lines}). Write to a new "
+                "output, or delete this one to start over."
+            )
+        return
+    write_job_record(
+        output,
+        {
+            "key": key,
+            "files_shards": plan.files_shards,
+            "metadata": lineage,
+            "created_at": time.time(),
+        },
+    )
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
+def build_pipeline(cfg: JobConfig, plan: Plan, shards: Sequence[ShardSpec] | None = None) -> Any:
+    """The Ray Data dataset of one run: its rows are the part writer's summaries.
+
+    Lazy: nothing runs until it is iterated. `shards` defaults to every shard of `plan`.
+    Returns None when there is nothing to do.
+    """
+    import ray.data
+
+    so = cfg.storage_options()
+    dim = ibc.get_config(cfg.preset).out_embed_dim
+    tasks = shard_tasks(plan, cfg, plan.shards if shards is None else shards)
+    branches = []
+    for kind, rows in sorted(tasks.items()):
+        ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+        ds = ds.map_batches(
+            read_tasks,
+            batch_size=1,
+            batch_format="pyarrow",
+            num_cpus=cfg.preprocess.read_num_cpus,
+            fn_kwargs={"output_uri": cfg.output, "storage_options": so},
+        )
+        if kind == INVALID:
+            ds = ds.map_batches(
+                without_tensors,
+                batch_format="pyarrow",
+                num_cpus=cfg.preprocess.read_num_cpus,
+                fn_kwargs={"embed_dim": dim},
+            )
+            branches.append(ds)
+            continue
+        ds = ds.map_batches(
+            preprocess_batch,
+            batch_size=cfg.preprocess.batch_size,
+            batch_format="pyarrow",
+            num_cpus=cfg.preprocess.num_cpus,
+            # A memory reservation the encoder does not have: Ray Data fuses neighbouring
+            # stages whose resource requests are equal, which would move preprocessing into
+            # the encoder actor. CPU work stays out of it.
+            memory=cfg.preprocess.memory_mb * 2**20,
+            fn_kwargs={
+                "storage_options": so,
+                "limits": dict(cfg.preprocess.limits),
+                "options": {kind: cfg.preprocess.options.get(kind, {})},  # type: ignore[call-overload]
+                "read_threads": cfg.preprocess.read_threads,
+                "trace_path": cfg.debug.trace_path,
+                "delay_per_item_s": cfg.debug.delay_per_item_s,
+            },
+        )
+        enc = cfg.encoder(kind)
+        ds = ds.map_batches(
+            EncodeBatch,
+            batch_size=enc.batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(min_size=enc.min_actors, max_size=enc.max_actors),
+            num_cpus=enc.num_cpus,
+            num_gpus=enc.num_gpus,
+            fn_constructor_kwargs={
+                "kind": kind,
+                "preset": cfg.preset,
+                "checkpoint": cfg.checkpoint,
+                "sha256": cfg.checkpoint_sha256,
+                "dtype": enc.dtype,
+                "device": "cuda" if enc.num_gpus > 0 else "cpu",
+                "normalize": cfg.normalize,
+                "seed": cfg.seed,
+                "storage_options": so,
+                "torch_threads": enc.torch_threads or max(1, round(enc.num_cpus)),
+            },
+        )
+        branches.append(ds)
+    if not branches:
+        return None
+    ds = branches[0].union(*branches[1:]) if len(branches) > 1 else branches[0]
+    return ds.map_batches(
+        write_parts,
+        batch_size=None,
+        batch_format="pyarrow",
+        num_cpus=WRITER_NUM_CPUS,
+        fn_kwargs={"output_uri": cfg.output, "storage_options": so, "embed_dim": dim},
+    )
+
+
+def required_cpus(cfg: JobConfig, kinds: Sequence[str]) -> float:
+    """Logical CPUs the pipeline needs to make progress: every pool at its minimum size plus
+    one reader, one preprocessing task per kind and a writer."""
+    need = cfg.preprocess.read_num_cpus + WRITER_NUM_CPUS
+    for k in kinds:
+        if k == INVALID:
+            continue
+        enc = cfg.encoder(k)
+        need += enc.min_actors * enc.num_cpus + cfg.preprocess.num_cpus
+    return need
+
+
+# ----------------------------------------------------------------------------- running
+
+
+@dataclass
+class JobSummary:
+    """What a run did."""
+
+    output: str
+    shards_total: int
+    shards_skipped: int  # already committed before this run
+    shards_committed: int  # committed by this run
+    ok: dict[str, int] = field(default_factory=dict)  # items embedded by this run, per kind
+    errors: dict[str, int] = field(default_factory=dict)  # items failed in this run, per kind
+    seconds: float = 0.0
+
+    def items_per_s(self, kind: str) -> float:
+        n = self.ok.get(kind, 0) + self.errors.get(kind, 0)
+        return n / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        kinds = sorted(set(self.ok) | set(self.errors))
+        return {
+            "output": self.output,
+            "shards_total": self.shards_total,
+            "shards_skipped": self.shards_skipped,
+            "shards_committed": self.shards_committed,
+            "seconds": round(self.seconds, 3),
+            "kinds": {
+                k: {
+                    "embedded": self.ok.get(k, 0),
+                    "errors": self.errors.get(k, 0),
+                    "items_per_s": round(self.items_per_s(k), 2),
+                }
+                for k in kinds
+            },
+        }
+
+    def format(self) -> str:
+        lines = [
+            f"imagebind-embed: done in {self.seconds:.1f} s -> {self.output}",
+            f"  shards: {self.shards_committed} committed by this run, "
+            f"{self.shards_skipped} already done, {self.shards_total} in total",
+        ]
+        for k in sorted(set(self.ok) | set(self.errors)):
+            lines.append(
+                f"  {k:8s} {self.ok.get(k, 0):8d} embedded {self.errors.get(k, 0):6d} errors "
+                f"{self.items_per_s(k):9.1f} items/s"
+            )
+        if not self.ok and not self.errors:
+            lines.append("  nothing to do: every shard was already committed")
+        if sum(self.errors.values()):
+            lines.append(f"  failed items and reasons: {self.output.rstrip('/')}/_errors/")
+        return "\n".join(lines)
+
+
+class _Tracker:
+    """Which (shard, kind) tasks are complete: every id announced by its end marker is written."""
+
+    def __init__(self, shards: Sequence[ShardSpec]) -> None:
+        self.kinds = {s.name: set(s.kinds) for s in shards}
+        self.expected: dict[tuple[str, str], int] = {}
+        self.seen: dict[tuple[str, str], set[str]] = defaultdict(set)
+        self.ok: dict[str, int] = defaultdict(int)
+        self.err: dict[str, int] = defaultdict(int)
+
+    def add(self, summary: pa.Table) -> list[str]:
+        done = []
+        for r in summary.to_pylist():
+            key = (r["shard"], r["kind"])
+            self.seen[key].update(r["ids"])
+            self.ok[r["kind"]] += r["n_ok"]
+            self.err[r["kind"]] += r["n_err"]
+            if r["expected"] is not None:
+                self.expected[key] = r["expected"]
+            kinds = self.kinds.get(r["shard"])
+            if kinds is None:
+                continue
+            if all(
+                (r["shard"], k) in self.expected
+                and len(self.seen[(r["shard"], k)]) >= self.expected[(r["shard"], k)]
+                for k in kinds
+            ):
+                del self.kinds[r["shard"]]
+                for k in kinds:
+                    self.seen.pop((r["shard"], k), None)
+                done.append(r["shard"])
+        return done
+
+
+def _ensure_ray(cfg: JobConfig, kinds: Sequence[str]) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local"
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+    if address == "local":
+        need = required_cpus(cfg, kinds)
+        kwargs["num_cpus"] = cfg.ray.num_cpus or max(os.cpu_count() or 1, int(need + 0.999), 2)
+    ray.init(address=address, **kwargs)
+
+
+def _check_resources(cfg: JobConfig, kinds: Sequence[str]) -> None:
+    import ray
+
+    have = ray.cluster_resources()
+    need = required_cpus(cfg, kinds)
+    if have.get("CPU", 0) + 1e-9 < need:
+        raise PlanError(
+            f"the job needs at least {need:g} logical CPUs (encoders.*.num_cpus x min_actors + "
+            f"preprocess.num_cpus per kind + readers) but Ray has {have.get('CPU', 0):g}: lower "
+            "those settings or start Ray with more CPUs (ray.num_cpus)"
+        )
+    gpus = sum(cfg.encoder(k).num_gpus * cfg.encoder(k).min_actors for k in kinds if k != INVALID)
+    if gpus > have.get("GPU", 0):
+        logger.warning(
+            "encoders ask for %g GPUs at minimum pool size, the cluster has %g now (fine if it "
+            "autoscales)",
+            gpus,
+            have.get("GPU", 0),
+        )
+
+
+def run_plan(cfg: JobConfig, plan: Plan, *, log_every_s: float = 10.0) -> JobSummary:
+    """Execute `plan` into `cfg.output` under the output lock; returns what was done.
+
+    Raises OutputLocked if another run holds the output, OutputMismatch if the output was
+    started by a different model/input.
+    """
+    import ray
+    from ray.data import DataContext
+
+    t0 = time.perf_counter()
+    so = cfg.storage_options()
+    output = Output(cfg.output, so)
+    output.makedirs(output.root)
+    lineage = model_lineage(cfg, plan.kinds)
+    with OutputLock(cfg.output, so, ttl_s=cfg.lock_ttl_s) as lock:
+        _check_record(output, cfg, plan, lineage)
+        committed = output.committed_shards()
+        pending = [s for s in plan.shards if s.name not in committed]
+        summary = JobSummary(cfg.output, len(plan.shards), len(plan.shards) - len(pending), 0)
+        logger.info(
+            "%s: %d shards, %d already committed, %d to do; kinds %s",
+            cfg.input,
+            len(plan.shards),
+            summary.shards_skipped,
+            len(pending),
+            ",".join(plan.kinds),
+        )
+        if not pending:
+            summary.seconds = time.perf_counter() - t0
+            return summary
+        _ensure_ray(cfg, plan.kinds)
+        _check_resources(cfg, plan.kinds)
+        ctx = DataContext.get_current()
+        prev_bars = ctx.enable_progress_bars
+        ctx.enable_progress_bars = cfg.ray.progress_bars
+        try:
+            ds = build_pipeline(cfg, plan, pending)
+            tracker = _Tracker(pending)
+            dim = int(lineage["imagebind.embed_dim"])
+            commit = ray.remote(num_cpus=0, max_retries=3)(commit_shard)
+            refs = []
+            last_log = time.perf_counter()
+            for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                if lock.lost.is_set():
+                    raise OutputLocked(f"lost the lock on {cfg.output}; stopping")
+                for shard in tracker.add(block):
+                    refs.append(commit.remote(cfg.output, shard, so, dim, lineage))
+                if time.perf_counter() - last_log > log_every_s:
+                    last_log = time.perf_counter()
+                    done = len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else 0
+                    logger.info(
+                        "progress: %d/%d shards committed, embedded %s, errors %s, %.0f s",
+                        done,
+                        len(pending),
+                        dict(tracker.ok),
+                        dict(tracker.err),
+                        time.perf_counter() - t0,
+                    )
+            results = ray.get(refs)
+        finally:
+            ctx.enable_progress_bars = prev_bars
+        missing = [s.name for s in pending if s.name not in output.committed_shards()]
+        if missing:
+            raise RuntimeError(
+                f"{len(missing)} shards were not completed (e.g. {missing[:3]}); rerun the same "
+                "command to finish them"
+            )
+        summary.shards_committed = len(results)
+        summary.ok = dict(tracker.ok)
+        summary.errors = dict(tracker.err)
+        summary.seconds = time.perf_counter() - t0
+        return summary
+
+
+def run_job(cfg: JobConfig) -> JobSummary:
+    """Plan the input of `cfg` and embed every item not yet committed in `cfg.output`."""
+    output = Output(cfg.output, cfg.storage_options())
+    rec = read_job_record(output)
+    plan = plan_job(cfg, files_shards=(rec or {}).get("files_shards"))
+    return run_plan(cfg, plan)
+
+
+def embed_items(cfg: JobConfig, items: pa.Table, output: str | None = None) -> JobSummary:
+    """Embed exactly the rows of `items` (a subset of `readers.list_items(cfg)`).
+
+    Writes `<output>/<shard>.parquet` for every shard the rows belong to, holding only those
+    rows, with the same lock, resume and exactly-once guarantees as a full run. `output`
+    defaults to `cfg.output`.
+    """
+    if output is not None:
+        cfg = cfg.model_copy(update={"output": output})
+    return run_plan(cfg, plan_items(cfg, items))
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _describe_plan(cfg: JobConfig, plan: Plan) -> str:
+    output = Output(cfg.output, cfg.storage_options())
+    committed = output.committed_shards()
+    pending = [s for s in plan.shards if s.name not in committed]
+    lines = [
+        f"input:   {cfg.input} (format {plan.format})",
+        f"output:  {cfg.output}",
+        f"model:   preset {cfg.preset}, checkpoint {cfg.checkpoint or 'none (random weights)'}, "
+        f"normalize {cfg.normalize}",
+        f"shards:  {len(plan.shards)} ({len(plan.shards) - len(pending)} already committed, "
+        f"{len(pending)} to do)",
+    ]
+    for s in pending[:5]:
+        lines.append(f"  - {s.name}  kinds {','.join(s.kinds)}")
+    if len(pending) > 5:
+        lines.append(f"  ... and {len(pending) - 5} more")
+    if plan.counts is not None:
+        lines.append("items:   " + ", ".join(f"{k} {n}" for k, n in sorted(plan.counts.items())))
+    else:
+        lines.append("items:   counted while reading (tar shards are not opened for a plan)")
+    if plan.skipped:
+        lines.append(f"skipped: {len(plan.skipped)} files without a media extension")
+    p = cfg.preprocess
+    lines.append(
+        f"preprocess: {p.num_cpus:g} CPU per task, {p.batch_size} items per task, "
+        f"{p.read_threads} read threads; readers {p.read_num_cpus:g} CPU per shard"
+    )
+    for k in plan.kinds:
+        if k == INVALID:
+            lines.append(f"  {k}: rows rejected while reading go straight to _errors")
+            continue
+        e = cfg.encoder(k)
+        lines.append(
+            f"encoder {k}: {e.min_actors}-{e.max_actors} actors x ({e.num_gpus:g} GPU, "
+            f"{e.num_cpus:g} CPU), batch {e.batch_size}, {e.dtype}"
+        )
+    lines.append(f"needs at least {required_cpus(cfg, plan.kinds):g} logical CPUs")
+    return "\n".join(lines)
+
+
+def _parse_set(values: Sequence[str]) -> dict[str, Any]:
+    import yaml
+
+    out = {}
+    for v in values:
+        if "=" not in v:
+            raise ConfigError(
+                f"--set {v!r}: expected KEY=VALUE, e.g. encoders.vision.batch_size=64"
+            )
+        k, val = v.split("=", 1)
+        out[k.strip()] = yaml.safe_load(val)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="imagebind-embed",
+        description="Embed a corpus (manifest, WebDataset shards or media files; local or S3) "
+        "with ImageBind on Ray Data into Parquet, exactly once and resumable.",
+    )
+    p.add_argument("--config", help="YAML job config; flags override its fields")
+    p.add_argument("--input", help="input URI: folder, prefix, glob, manifest or tar shard(s)")
+    p.add_argument("--output", help="output URI (local folder or s3://bucket/prefix)")
+    p.add_argument("--format", choices=["auto", "manifest", "webdataset", "files"])
+    p.add_argument("--preset", help="model preset: huge, base, tiny")
+    p.add_argument("--checkpoint", help="checkpoint path or URI (default: random weights)")
+    p.add_argument("--checkpoint-sha256", help="expected sha256 of the checkpoint")
+    p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (MinIO, moto, ...)")
+    p.add_argument("--s3-region", help="S3 region")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="encoder dtype")
+    p.add_argument("--batch-size", type=int, help="encoder batch size (every kind)")
+    p.add_argument("--num-gpus", type=float, help="GPUs per encoder actor (every kind)")
+    p.add_argument("--raw", action="store_true", help="store raw (unnormalised) embeddings")
+    p.add_argument("--ray-address", help="Ray address: local (default), auto, host:port")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config field, e.g. --set encoders.vision.max_actors=4",
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    p.add_argument("--no-progress", action="store_true", help="no Ray Data progress bars")
+    p.add_argument("--json", action="store_true", help="print the final summary as JSON")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point. Exit status: 0 done (item errors included), 2 bad config or
+    input, 3 output locked or started by another job, 1 anything else."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        overrides: dict[str, Any] = {
+            "input": args.input,
+            "output": args.output,
+            "format": args.format,
+            "preset": args.preset,
+            "checkpoint": args.checkpoint,
+            "checkpoint_sha256": args.checkpoint_sha256,
+            "storage.endpoint_url": args.s3_endpoint,
+            "storage.region": args.s3_region,
+            "encoder_defaults.dtype": args.dtype,
+            "encoder_defaults.batch_size": args.batch_size,
+            "encoder_defaults.num_gpus": args.num_gpus,
+            "ray.address": args.ray_address,
+        }
+        if args.raw:
+            overrides["normalize"] = False
+        if args.no_progress:
+            overrides["ray.progress_bars"] = False
+        overrides.update(_parse_set(args.set))
+        cfg = load_config(args.config, overrides)
+        if args.dry_run:
+            output = Output(cfg.output, cfg.storage_options())
+            rec = read_job_record(output)
+            plan = plan_job(cfg, files_shards=(rec or {}).get("files_shards"))
+            print(_describe_plan(cfg, plan))
+            return 0
+        if cfg.checkpoint is None:
+            logger.warning(
+                "no checkpoint: embedding with RANDOM %s weights (seed %d) — fine for a demo or "
+                "a test, meaningless otherwise",
+                cfg.preset,
+                cfg.seed,
+            )
+        summary = run_job(cfg)
+    except (ConfigError, PlanError) as e:
+        print(f"imagebind-embed: {e}", file=sys.stderr)
+        return 2
+    except (OutputLocked, OutputMismatch) as e:
+        print(f"imagebind-embed: {e}", file=sys.stderr)
+        return 3
+    print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.format())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""One writer per output: a lease lock `<output>/_lock` with stale-lock recovery.
+
+Taken with a create-if-absent write (S3 `If-None-Match: *`; a flock-guarded check on a local
+folder — the conditional store of `pipelines.publish`), renewed by a heartbeat thread, and
+released on exit. A second run on the same output is refused with a message naming the holder.
+A lock is stale, and is broken with a conditional delete (so two runs recovering it at once
+cannot both win), when its lease expired (the holder stopped renewing: crashed or lost its
+node), or at once when the holder ran on this host and its process is gone (a `kill -9`
+followed by an immediate rerun).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+from imagebind_core.io import StorageOptions
+from pipelines.publish import PreconditionFailed, open_store
+
+logger = logging.getLogger(__name__)
+
+LOCK_KEY = "_lock"
+
+
+class OutputLocked(RuntimeError):
+    """Another run is writing to this output."""
+
+
+def _proc_start(pid: int) -> str | None:
+    # Field 22 of /proc/<pid>/stat (start time in clock ticks): tells a reused pid apart.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        if fields[0] == "Z":  # a zombie is dead for our purposes
+            return "zombie"
+        return fields[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _pid_alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    now = _proc_start(pid)
+    if now == "zombie":
+        return False
+    return start is None or now is None or now == start
+
+
+class OutputLock:
+    """The exclusive lease on an output URI. Use as a context manager."""
+
+    def __init__(
+        self, output_uri: str, storage_options: StorageOptions | None = None, ttl_s: float = 300.0
+    ) -> None:
+        self.output_uri = output_uri
+        self.store = open_store(output_uri, storage_options)
+        self.ttl_s = ttl_s
+        self.etag: str | None = None
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        pid = os.getpid()
+        self.doc_base: dict[str, Any] = {
+            "host": socket.gethostname(),
+            "pid": pid,
+            "pid_start": _proc_start(pid),
+        }
+
+    def _doc(self) -> bytes:
+        now = time.time()
+        return json.dumps(
+            {**self.doc_base, "renewed_at": now, "expires_at": now + self.ttl_s}
+        ).encode()
+
+    def _stale_reason(self, doc: dict[str, Any]) -> str | None:
+        if float(doc.get("expires_at", 0)) < time.time():
+            return "its lease expired"
+        pid = doc.get("pid")
+        same_host = doc.get("host") == socket.gethostname()
+        if same_host and isinstance(pid, int) and not _pid_alive(pid, doc.get("pid_start")):
+            return f"process {pid} on this host is gone"
+        return None
+
+    def acquire(self) -> OutputLock:
+        """Take the lock or raise OutputLocked naming the current holder."""
+        for _ in range(5):
+            try:
+                self.etag = self.store.put(LOCK_KEY, self._doc(), if_none_match=True)
+                break
+            except PreconditionFailed:
+                pass
+            cur = self.store.get(LOCK_KEY)
+            if cur is None:
+                continue
+            try:
+                doc = json.loads(cur[0])
+            except ValueError:
+                doc = {}
+            reason = self._stale_reason(doc)
+            if reason is None:
+                raise OutputLocked(
+                    f"output {self.output_uri} is being written by another run "
+                    f"(host {doc.get('host')}, pid {doc.get('pid')}; lock {LOCK_KEY} renewed "
+                    f"{time.time() - float(doc.get('renewed_at', 0)):.0f} s ago). Wait for it "
+                    "to finish, or write to another output."
+                )
+            try:
+                self.store.delete(LOCK_KEY, if_match=cur[1])
+            except PreconditionFailed:
+                raise OutputLocked(
+                    f"output {self.output_uri}: another run recovered the stale lock first"
+                ) from None
+            logger.warning("recovered a stale lock on %s (%s)", self.output_uri, reason)
+        else:
+            raise OutputLocked(f"output {self.output_uri}: could not take the lock (contended)")
+        self._thread = threading.Thread(target=self._beat, name="embed-lock", daemon=True)
+        self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            try:
+                self.etag = self.store.put(LOCK_KEY, self._doc(), if_match=self.etag)
+            except PreconditionFailed:
+                logger.error("lock on %s was taken over by another run", self.output_uri)
+                self.lost.set()
+                return
+            except Exception:  # a transient store error: try again at the next beat
+                logger.exception("lock renewal failed")
+
+    def release(self) -> None:
+        """Stop renewing and delete the lock if it is still ours."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self.etag is not None and not self.lost.is_set():
+            with contextlib.suppress(PreconditionFailed, FileNotFoundError):
+                self.store.delete(LOCK_KEY, if_match=self.etag)
+        self.etag = None
+
+    def __enter__(self) -> OutputLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -1,0 +1,765 @@
+"""Input side of the embedding job: list a corpus into shards, and shards into item rows.
+
+Three input formats, local or on an object store (`s3://...`):
+
+- `manifest`: Parquet / CSV / JSONL files (each file one shard) with columns `uri` and
+  `modality`, optionally `id`, inline `text`, and `fingerprint`/`size`/`mtime`. A relative
+  `uri` is resolved against the manifest's folder.
+- `webdataset`: tar shards as img2dataset / video2dataset write them; every member whose
+  suffix names a media kind (`key.jpg`, `key.txt`, `key.wav`, ...) is one item, so one
+  sample yields several rows. `key.json` and unknown suffixes are metadata, not items.
+- `files`: a folder, prefix or glob of media files, kind from the extension (overridable);
+  files are grouped into shards by a stable hash of their relative path.
+
+Ids are stable across reruns and derive from the source key, never from block layout:
+manifest `id` (else its `uri` as written, else `<shard>#<row>` for inline text), `<shard>/<member>`
+for WebDataset, the relative path for files. Paths and names starting with `_` or `.` are
+skipped, as Spark/pyarrow do.
+
+Planning and listing (`plan_job`, `list_items`) never read media bytes: manifests are read
+(small), tar shards are walked header by header (seeking over payloads), files are listed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import posixpath
+import tarfile
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+import imagebind_core as ibc
+from imagebind_core.io import StorageOptions, filesystem, protocol_of
+from pipelines.config import KINDS, JobConfig
+from pipelines.writers import (
+    ITEM_SCHEMA,
+    STATUS_EOS,
+    STATUS_ERROR,
+    STATUS_OK,
+    Output,
+    fingerprint_from_info,
+    member_fingerprint,
+    text_fingerprint,
+)
+
+logger = logging.getLogger(__name__)
+
+# Pseudo-kind of rows rejected while reading (unknown modality, no uri/text): they skip
+# preprocessing and encoding and go straight to the errors table.
+INVALID = "invalid"
+
+MANIFEST_SUFFIXES = (".parquet", ".csv", ".csv.gz", ".jsonl", ".jsonl.gz", ".ndjson", ".json")
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+KIND_ALIASES = {"image": "vision", "img": "vision", "photo": "vision"}
+
+LISTING_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("uri", pa.string()),
+        pa.field("modality", pa.string()),
+        pa.field("shard", pa.string()),
+        pa.field("source", pa.string()),
+        pa.field("fingerprint", pa.string()),
+        pa.field("size", pa.int64()),
+        pa.field("mtime", pa.float64()),
+        pa.field("error", pa.string()),
+    ]
+)
+
+
+class PlanError(ValueError):
+    """The input cannot be planned (nothing found, unreadable manifest, name clash...)."""
+
+
+# ----------------------------------------------------------------------------- listing
+
+
+@dataclass(frozen=True)
+class Source:
+    """One listed object: its URI, path relative to the input root, and fingerprint."""
+
+    uri: str
+    rel: str
+    fingerprint: str
+    size: int | None
+    mtime: float | None
+
+
+def _has_glob(path: str) -> bool:
+    return any(c in path for c in "*?[")
+
+
+def _to_uri(fs: fsspec.AbstractFileSystem, path: str, local: bool) -> str:
+    return path if local else fs.unstrip_protocol(path)
+
+
+def _hidden(rel: str) -> bool:
+    return any(p.startswith(("_", ".")) for p in rel.split("/") if p)
+
+
+def list_input(
+    input_uri: str, storage_options: StorageOptions | None = None, exclude: str | None = None
+) -> list[Source]:
+    """List the objects of an input: one file, a folder/prefix (recursively) or a glob.
+
+    `exclude` (an output URI) is skipped if it lies inside the input. Raises PlanError if
+    nothing is found.
+    """
+    fs, path = filesystem(input_uri, storage_options)
+    local = protocol_of(input_uri) == "file"
+    if local:
+        path = os.path.abspath(path)
+    fs.invalidate_cache()
+    if _has_glob(path):
+        root = path[: min(path.index(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
+        found = fs.glob(path, detail=True)
+    elif fs.isdir(path):
+        root = path.rstrip("/")
+        found = fs.find(path, detail=True)
+    elif fs.exists(path):
+        root = path.rsplit("/", 1)[0]
+        found = {path: fs.info(path)}
+    else:
+        raise PlanError(f"input not found: {input_uri}")
+    skip = None
+    if exclude is not None and protocol_of(exclude) == protocol_of(input_uri):
+        _, skip = filesystem(exclude, storage_options)
+        skip = (os.path.abspath(skip) if local else skip).rstrip("/") + "/"
+    out = []
+    for p, info in sorted(found.items()):
+        if info.get("type") != "file":
+            continue
+        rel = p[len(root) + 1 :] if p.startswith(root + "/") else p.rsplit("/", 1)[-1]
+        if _hidden(rel) or (skip is not None and p.startswith(skip)):
+            continue
+        fp, size, mtime = fingerprint_from_info(info)
+        out.append(Source(_to_uri(fs, p, local), rel, fp, size, mtime))
+    if not out:
+        raise PlanError(f"no input files found at {input_uri}")
+    return out
+
+
+def _strip_suffix(rel: str, suffixes: Sequence[str]) -> str:
+    low = rel.lower()
+    for s in sorted(suffixes, key=len, reverse=True):
+        if low.endswith(s):
+            return rel[: -len(s)]
+    return rel
+
+
+def detect_format(sources: Sequence[Source]) -> str:
+    """`webdataset` if every file is a tar, `manifest` if every file is a manifest, else `files`."""
+    names = [s.rel.lower() for s in sources]
+    if all(n.endswith(TAR_SUFFIXES) for n in names):
+        return "webdataset"
+    if all(n.endswith(MANIFEST_SUFFIXES) for n in names):
+        return "manifest"
+    return "files"
+
+
+def normalise_kind(value: Any) -> str | None:
+    """A manifest `modality` value as a kind ("image" is accepted for "vision"), or None."""
+    if value is None:
+        return None
+    k = str(value).strip().lower()
+    k = KIND_ALIASES.get(k, k)
+    return k if k in KINDS else None
+
+
+def file_kind(
+    name: str, forced: str | None = None, extensions: Mapping[str, str] = {}
+) -> str | None:
+    """Kind of a media file: `forced`, else an `extensions` override, else `infer_kind`."""
+    if forced:
+        return forced
+    low = name.lower()
+    for suffix, kind in sorted(extensions.items(), key=lambda kv: -len(kv[0])):
+        s = suffix.lower()
+        if low.endswith(s if s.startswith(".") else "." + s):
+            return kind
+    return ibc.infer_kind(name)
+
+
+# ----------------------------------------------------------------------------- manifests
+
+
+def read_manifest(uri: str, storage_options: StorageOptions | None = None) -> pa.Table:
+    """Read one manifest file; `id`, `uri`, `modality`, `text`, `fingerprint` become strings.
+
+    Raises PlanError naming the file if it cannot be read or lacks the required columns.
+    """
+    low = uri.lower()
+    strings = ("id", "uri", "modality", "text", "fingerprint")
+    fs, path = filesystem(uri, storage_options)
+    try:
+        with fs.open(path, "rb", compression="infer") as f:
+            if low.endswith(".parquet"):
+                table = pq.read_table(f)
+            elif low.endswith((".csv", ".csv.gz")):
+                table = pacsv.read_csv(
+                    f,
+                    convert_options=pacsv.ConvertOptions(
+                        column_types={c: pa.string() for c in strings},
+                        strings_can_be_null=True,
+                    ),
+                )
+            else:
+                table = pajson.read_json(f)
+    except Exception as e:
+        raise PlanError(f"manifest {uri}: cannot read it: {e}") from None
+    missing = [c for c in ("modality",) if c not in table.column_names]
+    if missing or ("uri" not in table.column_names and "text" not in table.column_names):
+        raise PlanError(
+            f"manifest {uri}: needs columns 'uri' (or inline 'text') and 'modality'; "
+            f"it has {table.column_names}"
+        )
+    for c in strings:
+        if c in table.column_names and table.schema.field(c).type != pa.string():
+            table = table.set_column(
+                table.column_names.index(c), c, table.column(c).cast(pa.string())
+            )
+    return table
+
+
+def resolve_uri(base: str, uri: str) -> str:
+    """`uri` as an absolute URI/path: relative ones are resolved against the folder `base`."""
+    if "://" in uri or uri.startswith("/") or not base:
+        return uri
+    scheme, sep, path = base.partition("://")
+    if not sep:
+        return posixpath.normpath(posixpath.join(base, uri))
+    return f"{scheme}://{posixpath.normpath(posixpath.join(path, uri))}"
+
+
+def manifest_items(table: pa.Table, shard: str, manifest_uri: str) -> list[dict[str, Any]]:
+    """Item rows of one manifest (without payload bytes, except inline text in `data`).
+
+    Rows with an unknown modality, inline text for a non-text modality, or neither `uri` nor
+    `text` get kind INVALID and an error. A repeated id keeps its first row (logged).
+    """
+    base = manifest_uri.rsplit("/", 1)[0] if "/" in manifest_uri else ""
+    cols = set(table.column_names)
+    out: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    dups = 0
+    for i, row in enumerate(table.to_pylist()):
+        raw_kind = row.get("modality")
+        kind = normalise_kind(raw_kind)
+        text = row.get("text") if "text" in cols else None
+        uri = row.get("uri") if "uri" in cols else None
+        uri = uri.strip() if isinstance(uri, str) and uri.strip() else None
+        id_ = row.get("id") if "id" in cols else None
+        if not id_:
+            id_ = uri if uri else f"{shard}#{i}"
+        if id_ in seen:
+            dups += 1
+            continue
+        seen.add(id_)
+        full = resolve_uri(base, uri) if uri else None
+        item: dict[str, Any] = {
+            "id": id_,
+            "uri": full or f"{manifest_uri}#{i}",
+            "modality": kind or (str(raw_kind) if raw_kind is not None else None),
+            "shard": shard,
+            "fingerprint": row.get("fingerprint") if "fingerprint" in cols else None,
+            "size": row.get("size") if "size" in cols else None,
+            "mtime": row.get("mtime") if "mtime" in cols else None,
+            "status": STATUS_OK,
+            "error": None,
+            "data": None,
+        }
+        if kind is None:
+            item["error"] = f"unknown modality {raw_kind!r}; expected one of {list(KINDS)}"
+        elif text is not None:
+            if kind != "text":
+                item["error"] = f"inline text given for modality {kind!r}"
+            else:
+                item["data"] = text.encode("utf-8")
+                item["fingerprint"] = text_fingerprint(text)
+                item["size"] = len(item["data"])
+        elif not uri:
+            item["error"] = "row has neither 'uri' nor inline 'text'"
+        if item["error"] is not None:
+            item["status"] = STATUS_ERROR
+            item["_kind"] = INVALID
+        else:
+            item["_kind"] = kind
+        out.append(item)
+    if dups:
+        logger.warning("manifest %s: %d rows repeat an earlier id and were ignored", shard, dups)
+    return out
+
+
+# ----------------------------------------------------------------------------- webdataset
+
+
+def member_kind(name: str, extensions: Mapping[str, str] = {}) -> str | None:
+    """Kind of a WebDataset member from the suffix after its sample key, or None (metadata)."""
+    base = name.rsplit("/", 1)[-1]
+    if "." not in base:
+        return None
+    suffix = base.split(".", 1)[1].lower()
+    for s, k in extensions.items():
+        if suffix == s.lower().lstrip("."):
+            return k
+    return ibc.infer_kind(base)
+
+
+def iter_tar(
+    uri: str,
+    storage_options: StorageOptions | None,
+    want: Callable[[str], str | None],
+    *,
+    read: bool = True,
+) -> Iterator[tuple[str, str, bytes | None, int, float]]:
+    """(member name, kind, bytes or None, size, mtime) for the members `want` maps to a kind.
+
+    Headers are read one by one and payloads of unwanted members are seeked over, so listing
+    (`read=False`) or a caption-only pass does not download the images.
+    """
+    fs, path = filesystem(uri, storage_options)
+    with (
+        fs.open(path, "rb", block_size=1 << 20) as f,
+        tarfile.open(fileobj=f, mode="r:*") as tf,
+    ):
+        for m in tf:
+            if not m.isfile():
+                continue
+            kind = want(m.name)
+            if kind is None:
+                continue
+            data = None
+            if read:
+                fobj = tf.extractfile(m)
+                data = fobj.read() if fobj is not None else b""
+            yield m.name, kind, data, int(m.size), float(m.mtime)
+
+
+def peek_tar_kinds(
+    uri: str, storage_options: StorageOptions | None, extensions: Mapping[str, str], n: int = 64
+) -> list[str]:
+    """Kinds among the first `n` members of a tar shard (headers only)."""
+    kinds: set[str] = set()
+    for i, (_, kind, _, _, _) in enumerate(
+        iter_tar(uri, storage_options, lambda name: member_kind(name, extensions), read=False)
+    ):
+        kinds.add(kind)
+        if i >= n:
+            break
+    return sorted(kinds)
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+@dataclass
+class ShardSpec:
+    """One input shard and what the job must do with it.
+
+    `items` (files format, or an explicit item list) holds the rows per kind; `include` (manifest
+    and webdataset subsets) restricts a shard to some ids; None means every item.
+    """
+
+    name: str
+    format: str
+    uri: str
+    fingerprint: str | None
+    kinds: tuple[str, ...]
+    items: dict[str, list[dict[str, Any]]] | None = None
+    include: dict[str, list[str]] | None = None
+    counts: dict[str, int] | None = None
+
+
+@dataclass
+class Plan:
+    """What a run will read: the format, its shards, the kinds present."""
+
+    format: str
+    input: str
+    shards: list[ShardSpec]
+    kinds: tuple[str, ...]
+    counts: dict[str, int] | None  # items per kind, when cheap to know
+    skipped: list[str] = field(default_factory=list)  # files with no known media kind
+    files_shards: int | None = None
+
+
+def _shard_names(sources: Sequence[Source], suffixes: Sequence[str]) -> list[str]:
+    names = [_strip_suffix(s.rel, suffixes) for s in sources]
+    clash = [n for n, c in Counter(names).items() if c > 1]
+    if clash:
+        raise PlanError(
+            f"input shards {clash[:3]} differ only by extension; their outputs would share a "
+            "name. Rename them or embed them in separate jobs."
+        )
+    return names
+
+
+def _files_item(src: Source, kind: str, shard: str) -> dict[str, Any]:
+    return {
+        "id": src.rel,
+        "uri": src.uri,
+        "modality": kind,
+        "shard": shard,
+        "fingerprint": src.fingerprint,
+        "size": src.size,
+        "mtime": src.mtime,
+    }
+
+
+def plan_job(cfg: JobConfig, files_shards: int | None = None, *, scan_workers: int = 8) -> Plan:
+    """List the input of `cfg` into shards without reading media bytes.
+
+    Args:
+        files_shards: the shard count recorded by an earlier run on the same output
+            (files format); None on a first run.
+    """
+    so = cfg.storage_options()
+    sources = list_input(cfg.input, so, exclude=cfg.output)
+    fmt = detect_format(sources) if cfg.format == "auto" else cfg.format
+    if fmt == "files":
+        return _plan_files(cfg, sources, files_shards)
+    if fmt == "manifest":
+        bad = [s.rel for s in sources if not s.rel.lower().endswith(MANIFEST_SUFFIXES)]
+        if bad:
+            raise PlanError(f"format manifest: {bad[:3]} are not Parquet/CSV/JSONL manifests")
+        names = _shard_names(sources, MANIFEST_SUFFIXES)
+
+        def scan(args: tuple[Source, str]) -> ShardSpec:
+            src, name = args
+            items = manifest_items(read_manifest(src.uri, so), name, src.uri)
+            counts = Counter(it["_kind"] for it in items)
+            return ShardSpec(
+                name, fmt, src.uri, src.fingerprint, tuple(sorted(counts)), counts=dict(counts)
+            )
+
+        with ThreadPoolExecutor(scan_workers) as ex:
+            shards = list(ex.map(scan, zip(sources, names, strict=True)))
+        total: Counter[str] = Counter()
+        for s in shards:
+            total.update(s.counts or {})
+        kinds = tuple(sorted(total))
+        return Plan(fmt, cfg.input, shards, kinds, dict(total))
+    if fmt == "webdataset":
+        bad = [s.rel for s in sources if not s.rel.lower().endswith(TAR_SUFFIXES)]
+        if bad:
+            raise PlanError(f"format webdataset: {bad[:3]} are not tar shards")
+        names = _shard_names(sources, TAR_SUFFIXES)
+        kinds = cfg.webdataset.kinds
+        if kinds is None:
+            kinds = peek_tar_kinds(sources[0].uri, so, cfg.webdataset.extensions)
+            if not kinds:
+                raise PlanError(
+                    f"{sources[0].uri}: no member with a known media suffix; set "
+                    "webdataset.kinds / webdataset.extensions"
+                )
+        kinds_t = tuple(sorted(set(kinds)))
+        shards = [
+            ShardSpec(n, fmt, s.uri, s.fingerprint, kinds_t)
+            for s, n in zip(sources, names, strict=True)
+        ]
+        return Plan(fmt, cfg.input, shards, kinds_t, None)
+    raise PlanError(f"unknown format {fmt!r}")
+
+
+def _plan_files(cfg: JobConfig, sources: list[Source], files_shards: int | None) -> Plan:
+    kinded: list[tuple[Source, str]] = []
+    skipped = []
+    for s in sources:
+        k = file_kind(s.rel, cfg.files.kind, cfg.files.extensions)
+        if k is None:
+            skipped.append(s.rel)
+        else:
+            kinded.append((s, k))
+    if skipped:
+        logger.warning(
+            "%d files have no known media extension and are not items (e.g. %s); map them "
+            "with files.extensions or files.kind",
+            len(skipped),
+            skipped[:3],
+        )
+    if not kinded:
+        raise PlanError(f"no media files (known extensions) at {cfg.input}")
+    n = files_shards or max(1, math.ceil(len(kinded) / cfg.files.files_per_shard))
+    buckets: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for s, k in kinded:
+        b = zlib.crc32(s.rel.encode()) % n
+        name = f"files-{b:05d}-of-{n:05d}"
+        buckets.setdefault(name, {}).setdefault(k, []).append(_files_item(s, k, name))
+    shards = [
+        ShardSpec(
+            name,
+            "files",
+            "",
+            None,
+            tuple(sorted(by_kind)),
+            items=by_kind,
+            counts={k: len(v) for k, v in by_kind.items()},
+        )
+        for name, by_kind in sorted(buckets.items())
+    ]
+    counts = Counter(k for _, k in kinded)
+    return Plan("files", cfg.input, shards, tuple(sorted(counts)), dict(counts), skipped, n)
+
+
+# ----------------------------------------------------------------------------- listing items
+
+
+def list_items(cfg: JobConfig, *, stat: bool = True, threads: int = 16) -> pa.Table:
+    """Every item of the corpus as rows (LISTING_SCHEMA) without reading payload bytes.
+
+    Columns: id, uri, modality (kind; "invalid" for rejected manifest rows), shard, source
+    (the manifest/tar URI, or the file), fingerprint, size, mtime, error. For manifest rows
+    that reference objects and carry no fingerprint, `stat=True` asks the store for each
+    object's metadata (a HEAD request, no body). This is what re-indexing diffs against the
+    `fingerprint` column of a previous output.
+    """
+    so = cfg.storage_options()
+    plan = plan_job(cfg)
+    rows: list[dict[str, Any]] = []
+    for shard in plan.shards:
+        if plan.format == "files":
+            for kind_items in (shard.items or {}).values():
+                for it in kind_items:
+                    rows.append({**it, "source": it["uri"], "error": None})
+        elif plan.format == "manifest":
+            for it in manifest_items(read_manifest(shard.uri, so), shard.name, shard.uri):
+                it = {k: v for k, v in it.items() if k in LISTING_SCHEMA.names}
+                if it["error"] is not None:
+                    it["modality"] = INVALID if it["modality"] not in KINDS else it["modality"]
+                rows.append({**it, "source": shard.uri})
+        else:
+            want = _wds_want(set(shard.kinds), cfg.webdataset.extensions)
+            for name, kind, _, size, mtime in iter_tar(shard.uri, so, want, read=False):
+                rows.append(
+                    {
+                        "id": f"{shard.name}/{name}",
+                        "uri": f"{shard.uri}#{name}",
+                        "modality": kind,
+                        "shard": shard.name,
+                        "source": shard.uri,
+                        "fingerprint": member_fingerprint(shard.fingerprint or "", name),
+                        "size": size,
+                        "mtime": mtime,
+                        "error": None,
+                    }
+                )
+    if stat:
+        need = [r for r in rows if r["fingerprint"] is None and r["error"] is None]
+
+        def fill(r: dict[str, Any]) -> None:
+            try:
+                fs, p = filesystem(r["uri"], so)
+                r["fingerprint"], r["size"], r["mtime"] = fingerprint_from_info(fs.info(p))
+            except FileNotFoundError:
+                r["error"] = f"object not found: {r['uri']}"
+            except Exception as e:
+                r["error"] = f"cannot stat {r['uri']}: {e}"
+
+        with ThreadPoolExecutor(threads) as ex:
+            list(ex.map(fill, need))
+    return pa.Table.from_pylist(
+        [{k: r.get(k) for k in LISTING_SCHEMA.names} for r in rows], schema=LISTING_SCHEMA
+    )
+
+
+def plan_items(cfg: JobConfig, items: pa.Table) -> Plan:
+    """A plan that embeds exactly `items` (rows of `list_items`, e.g. the new and changed ones).
+
+    Rows keep their shard: the output has one file per touched shard, named as a full run
+    would name it.
+    """
+    fmt = cfg.format
+    if fmt == "auto":
+        fmt = detect_format(
+            [
+                Source(u, u.rsplit("/", 1)[-1], "", None, None)
+                for u in set(items.column("source").to_pylist())
+            ]
+        )
+    by_shard: dict[str, list[dict[str, Any]]] = {}
+    for r in items.to_pylist():
+        by_shard.setdefault(r["shard"], []).append(r)
+    shards = []
+    counts: Counter[str] = Counter()
+    for name, rs in sorted(by_shard.items()):
+        by_kind: dict[str, list[dict[str, Any]]] = {}
+        for r in rs:
+            kind = r["modality"] if r["modality"] in KINDS and not r.get("error") else INVALID
+            by_kind.setdefault(kind, []).append(r)
+            counts[kind] += 1
+        if fmt == "files":
+            shards.append(ShardSpec(name, fmt, "", None, tuple(sorted(by_kind)), items=by_kind))
+        else:
+            src = rs[0]["source"]
+            fp = None
+            if fmt == "webdataset":
+                fp = rs[0]["fingerprint"].rsplit("#", 1)[0] if rs[0]["fingerprint"] else None
+            shards.append(
+                ShardSpec(
+                    name,
+                    fmt,
+                    src,
+                    fp,
+                    tuple(sorted(by_kind)),
+                    include={k: [r["id"] for r in v] for k, v in by_kind.items()},
+                )
+            )
+    return Plan(fmt, cfg.input, shards, tuple(sorted(counts)), dict(counts))
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+def shard_tasks(plan: Plan, cfg: JobConfig, shards: Sequence[ShardSpec]) -> dict[str, list[dict]]:
+    """One task per (shard, kind), grouped by kind: the rows of the reading stage's input."""
+    by_kind: dict[str, list[dict]] = {}
+    for s in shards:
+        for kind in s.kinds:
+            task = {
+                "shard": s.name,
+                "kind": kind,
+                "format": s.format,
+                "uri": s.uri,
+                "fingerprint": s.fingerprint,
+                "items": (s.items or {}).get(kind) if s.items is not None else None,
+                "include": (s.include or {}).get(kind) if s.include is not None else None,
+                "wds_extensions": dict(cfg.webdataset.extensions),
+            }
+            by_kind.setdefault(kind, []).append({"task": json.dumps(task)})
+    return by_kind
+
+
+def _wds_want(kinds: set[str], extensions: Mapping[str, str]) -> Callable[[str], str | None]:
+    def want(name: str) -> str | None:
+        k = member_kind(name, extensions)
+        return k if k in kinds else None
+
+    return want
+
+
+def _item_rows(task: dict[str, Any], storage_options: StorageOptions | None) -> Iterator[dict]:
+    kind = task["kind"]
+    fmt = task["format"]
+    shard = task["shard"]
+    if task["items"] is not None and kind != INVALID:  # files: rows listed by the planner
+        for it in task["items"]:
+            yield {**it, "status": STATUS_OK, "error": None, "data": None}
+        return
+    if task["items"] is not None:  # rows rejected while listing (plan_items)
+        for it in task["items"]:
+            yield {
+                **{k: it.get(k) for k in ("id", "uri", "modality", "fingerprint", "size", "mtime")},
+                "shard": shard,
+                "status": STATUS_ERROR,
+                "error": it.get("error") or "invalid item",
+                "data": None,
+            }
+        return
+    if fmt == "manifest":
+        for it in manifest_items(read_manifest(task["uri"], storage_options), shard, task["uri"]):
+            if it.pop("_kind") == kind:
+                yield it
+        return
+    if fmt == "webdataset":
+        want = _wds_want({kind}, task["wds_extensions"])
+        try:
+            for name, k, data, size, mtime in iter_tar(task["uri"], storage_options, want):
+                yield {
+                    "id": f"{shard}/{name}",
+                    "uri": f"{task['uri']}#{name}",
+                    "modality": k,
+                    "shard": shard,
+                    "fingerprint": member_fingerprint(task["fingerprint"] or "", name),
+                    "size": size,
+                    "mtime": mtime,
+                    "status": STATUS_OK,
+                    "error": None,
+                    "data": data,
+                }
+        except (tarfile.TarError, OSError, EOFError) as e:
+            # A truncated or corrupt shard: its readable members were emitted; the rest cannot
+            # be enumerated, so the shard itself is recorded as a failed item.
+            yield {
+                "id": f"{shard}#unreadable-{kind}",
+                "uri": task["uri"],
+                "modality": kind,
+                "shard": shard,
+                "fingerprint": task["fingerprint"],
+                "size": None,
+                "mtime": None,
+                "status": STATUS_ERROR,
+                "error": f"cannot read tar shard: {type(e).__name__}: {e}",
+                "data": None,
+            }
+        return
+    raise PlanError(f"unknown format {fmt!r}")
+
+
+def _to_table(rows: list[dict[str, Any]]) -> pa.Table:
+    cols = {f.name: [r.get(f.name) for r in rows] for f in ITEM_SCHEMA}
+    return pa.table(cols, schema=ITEM_SCHEMA)
+
+
+def read_shard_task(
+    task: dict[str, Any],
+    output_uri: str,
+    storage_options: StorageOptions | None,
+    *,
+    chunk_rows: int = 64,
+    chunk_bytes: int = 64 << 20,
+) -> Iterator[pa.Table]:
+    """Item rows of one (shard, kind) task in chunks, then its end-of-shard marker.
+
+    Ids already in the shard's part files (an interrupted earlier run) and ids outside
+    `include` are skipped; the marker's `count` is the number of items emitted.
+    """
+    done = Output(output_uri, storage_options).part_ids(task["shard"])
+    include = set(task["include"]) if task.get("include") is not None else None
+    emitted = 0
+    seen: set[str] = set()
+    buf: list[dict[str, Any]] = []
+    nbytes = 0
+    for row in _item_rows(task, storage_options):
+        row["branch"] = task["kind"]
+        id_ = row["id"]
+        if id_ in done or id_ in seen or (include is not None and id_ not in include):
+            continue
+        seen.add(id_)
+        buf.append(row)
+        emitted += 1
+        nbytes += len(row["data"] or b"")
+        if len(buf) >= chunk_rows or nbytes >= chunk_bytes:
+            yield _to_table(buf)
+            buf, nbytes = [], 0
+    buf.append(
+        {
+            "id": f"{task['shard']}#eos-{task['kind']}",
+            "shard": task["shard"],
+            "modality": task["kind"],
+            "branch": task["kind"],
+            "status": STATUS_EOS,
+            "count": emitted,
+        }
+    )
+    yield _to_table(buf)
+
+
+def read_tasks(
+    batch: pa.Table, output_uri: str, storage_options: StorageOptions | None
+) -> Iterator[pa.Table]:
+    """Ray Data `map_batches` function: task rows (`task` JSON) -> item rows."""
+    for t in batch.column("task").to_pylist():
+        yield from read_shard_task(json.loads(t), output_uri, storage_options)

@@ -1,0 +1,129 @@
+"""The embedding job end to end on local Ray: every input format, from a local folder and from
+S3 (moto's server over HTTP), with corrupt items mixed in; values equal imagebind_core's.
+
+One Ray Data execution per (format, location): the assertions share it.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from conftest_pipeline import (
+    BUILDERS,
+    EMBED_DIM,
+    MAX_TEXT_CHARS,
+    Writer,
+    expected_embeddings,
+    read_output,
+)
+
+import imagebind_core as ibc
+from pipelines.config import load_config
+from pipelines.embed import run_job
+
+# Fractional resources: 3 kinds x (encoder + preprocessing) fit in the session's 4 CPUs.
+SMALL = {
+    "preset": "tiny",
+    "ray.progress_bars": False,
+    "preprocess.num_cpus": 0.25,
+    "preprocess.read_num_cpus": 0.1,
+    "preprocess.batch_size": 4,
+    "encoder_defaults.num_cpus": 0.25,
+    "encoder_defaults.batch_size": 8,
+    "files.files_per_shard": 4,
+    "preprocess.limits": {"max_text_chars": MAX_TEXT_CHARS},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    # All six encoders: the job's one-kind actors must produce the same numbers.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ibc.load_model(None, "tiny", device="cpu")
+
+
+@pytest.mark.parametrize("location", ["local", "s3"])
+@pytest.mark.parametrize("fmt", ["files", "manifest", "webdataset"])
+def test_embed_end_to_end(fmt, location, tmp_path, ray_session, s3_server, tiny_model):
+    if location == "s3":
+        bucket = s3_server.create_bucket(f"e2e-{fmt}-{uuid.uuid4().hex[:6]}")
+        fs = s3_server.filesystem()
+        writer = Writer(f"s3://{bucket}/corpus", fs)
+        output = f"s3://{bucket}/out"
+        storage = {
+            "storage.endpoint_url": s3_server.endpoint_url,
+            "storage.key": s3_server.key,
+            "storage.secret": s3_server.secret,
+            "storage.region": s3_server.region,
+        }
+    else:
+        fs = None
+        writer = Writer(str(tmp_path / "corpus"))
+        output = str(tmp_path / "out")
+        storage = {}
+    corpus = BUILDERS[fmt](writer)
+    cfg = load_config(None, {**SMALL, **storage, "input": corpus.input, "output": output})
+
+    summary = run_job(cfg)
+
+    emb, err, files = read_output(output, fs)
+    ids = emb.column("id").to_pylist()
+    err_ids = err.column("id").to_pylist()
+    # Every item exactly once: good ones embedded, bad ones in _errors, nothing else.
+    assert len(ids) == len(set(ids)), "duplicate ids in the embeddings"
+    assert sorted(ids) == sorted(corpus.good)
+    assert sorted(err_ids) == sorted(corpus.bad)
+    assert not set(ids) & set(err_ids)
+    assert sum(summary.ok.values()) == len(corpus.good)
+    assert sum(summary.errors.values()) == len(corpus.bad)
+    assert summary.shards_committed == len(files) == summary.shards_total
+
+    # Types and metadata.
+    assert emb.schema.field("embedding").type == pa.list_(pa.float32(), EMBED_DIM)
+    meta = {k.decode(): v.decode() for k, v in (emb.schema.metadata or {}).items()}
+    assert meta["imagebind.preset"] == "tiny"
+    assert meta["imagebind.checkpoint_sha256"] == "random"
+    assert meta["imagebind.dtype"] == "float32"
+    assert meta["imagebind.preprocess_version"] == str(ibc.PREPROCESS_VERSION)
+
+    # Values: the same as imagebind_core called directly on the same bytes.
+    want = expected_embeddings(corpus, tiny_model)
+    got = dict(zip(ids, emb.column("embedding").to_pylist(), strict=True))
+    kinds = dict(zip(ids, emb.column("modality").to_pylist(), strict=True))
+    for id_, (kind, _) in corpus.good.items():
+        assert kinds[id_] == kind
+        np.testing.assert_allclose(np.asarray(got[id_]), want[id_], rtol=1e-5, atol=1e-5)
+        assert abs(np.linalg.norm(got[id_]) - 1) < 1e-4
+
+    # Errors carry the reason and the modality as read.
+    reasons = dict(zip(err_ids, err.column("error").to_pylist(), strict=True))
+    err_kinds = dict(zip(err_ids, err.column("modality").to_pylist(), strict=True))
+    for id_, kind in corpus.bad.items():
+        assert reasons[id_], f"{id_}: no reason"
+        assert err_kinds[id_] == kind
+    # Fingerprints are computable from a listing: ETag on S3, size+mtime locally, hash inline.
+    fps = dict(zip(ids, emb.column("fingerprint").to_pylist(), strict=True))
+    for id_ in ids:
+        fp = fps[id_]
+        if fmt == "webdataset":
+            assert "#" in fp and fp.endswith(id_.split("/", 1)[1])
+        elif fmt == "manifest" and isinstance(corpus.good[id_][1], str):
+            assert fp.startswith("sha256:")
+        else:
+            assert fp.startswith("etag:" if location == "s3" else "stat:"), fp
+    if fmt == "manifest":
+        assert "not found" in reasons["a3"]
+        assert "smell" in reasons["a4"]
+    if fmt == "files":
+        assert corpus.skipped[0] not in ids
+
+    # A rerun finds everything committed and does nothing.
+    again = run_job(cfg)
+    assert again.shards_committed == 0 and again.shards_skipped == summary.shards_total
+    assert read_output(output, fs)[0].num_rows == emb.num_rows
