@@ -1,0 +1,636 @@
+"""`imagebind-reindex`: keep a published embedding index in step with a living corpus.
+
+One run:
+
+1. takes the re-index lease on the index root (`pipelines.lock.OutputLock` on `<root>/_lock`);
+   a second run finds it held and exits without doing anything;
+2. reads the published pointer (`<root>/LATEST`) and the parent version's rows;
+3. lists the corpus without reading payloads (`pipelines.readers.list_items`, the same inputs
+   as `imagebind-embed`) and diffs it against the parent by (`id`, `fingerprint`): new and
+   changed items are embedded, unchanged rows are carried forward as they are (same bytes, no
+   recomputation), deleted items are left out. A different model lineage (preset, checkpoint
+   sha256, dtype, embedding size, normalisation, preprocessing version; the seed for random
+   weights) re-embeds everything. Items that failed in the parent with the same fingerprint
+   are not retried unless `index.retry_failed` is set (a bad file must not make every run
+   publish a new version);
+4. if nothing changed, publishes nothing; otherwise stages a complete version under
+   `<root>/versions/<n>-<run>/` — `data/embedded/` (this run's embeddings, written by
+   `pipelines.embed.embed_items` with its exactly-once protocol), `data/carried/` (rows copied
+   from the parent), `index/` (the FAISS index, `imagebind_core.index`), `version.json` (the
+   record) — and publishes it with one compare-and-swap of `LATEST` (`pipelines.publish`);
+5. applies retention (the last `index.keep_versions` versions stay).
+
+Library use: `reindex(load_reindex_config("reindex.yaml"))`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from imagebind_core.index import DATA_DIR, INDEX_DIR, Pointer, VectorIndex, join_uri
+from imagebind_core.io import filesystem
+from pipelines.config import KINDS, ConfigError, JobConfig, load_config
+from pipelines.lock import OutputLock, OutputLocked
+from pipelines.publish import (
+    IndexRoot,
+    PublishConflict,
+    new_run_id,
+    utc_now,
+    version_name,
+)
+from pipelines.readers import PlanError
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_DIR = "embedded"  # this run's embeddings (embed_items output) inside data/
+CARRIED_DIR = "carried"  # rows copied from the parent version inside data/
+ERRORS_DIR = "_errors"
+RECORD_FORMAT = 1
+# The lineage fields whose change forces a full re-embed (names of model_lineage's keys).
+LINEAGE_KEYS = (
+    "preset",
+    "checkpoint_sha256",
+    "dtype",
+    "embed_dim",
+    "normalize",
+    "preprocess_version",
+)
+# Rows per carried-forward Parquet file.
+CARRIED_ROWS_PER_FILE = 1_000_000
+
+
+class IndexSettings(BaseModel):
+    """The `index:` section of a re-index config (the rest is an `imagebind-embed` config)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    root: str = Field(description="Index root URI: a local folder or s3://bucket/prefix.")
+    keep_versions: int = Field(3, ge=1, description="Published versions retention keeps.")
+    lock_ttl_s: float = Field(
+        600.0, gt=0, description="Lease of the re-index lock; renewed every third of it."
+    )
+    retry_failed: bool = Field(
+        False, description="Retry items that failed in the parent although unchanged."
+    )
+    full: bool = Field(False, description="Re-embed everything this run.")
+    flat_threshold: int = Field(
+        20_000, ge=1, description="Modalities with fewer vectors get an exact flat index."
+    )
+    nlist: int | None = Field(None, ge=1, description="IVF lists (default ~4 sqrt(n)).")
+    nprobe: int = Field(32, ge=1, description="IVF lists searched per query.")
+
+
+@dataclass(frozen=True)
+class ReindexConfig:
+    """The embedding job's settings (`JobConfig`; its `output` is set per version) + `index`."""
+
+    job: JobConfig
+    index: IndexSettings
+
+
+def load_reindex_config(
+    path: str | None = None, overrides: dict[str, Any] | None = None
+) -> ReindexConfig:
+    """Read a YAML re-index config: `imagebind-embed` fields plus an `index:` section.
+
+    `overrides` are dotted keys as for `pipelines.config.load_config`; keys under `index.` go
+    to the index section. `output` may be omitted (each version's folder is the job's output).
+    Raises ConfigError naming the bad field.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        if not os.path.exists(path):
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of fields")
+    index = dict(data.pop("index", None) or {})
+    job_over: dict[str, Any] = {}
+    for k, v in (overrides or {}).items():
+        if v is None:
+            continue
+        if k.startswith("index."):
+            index[k[len("index.") :]] = v
+        else:
+            job_over[k] = v
+    try:
+        settings = IndexSettings.model_validate(index)
+    except ValidationError as e:
+        msg = "; ".join(
+            f"index.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()
+        )
+        raise ConfigError(f"invalid configuration ({path or 'flags'}): {msg}") from None
+    data.setdefault("output", join_uri(settings.root, "versions", "_unused"))
+    try:
+        job = load_config(None, {**data, **job_over})
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("(flags)", f"({path or 'flags'})")) from None
+    return ReindexConfig(job, settings)
+
+
+# ----------------------------------------------------------------------------- lineage
+
+
+def lineage_key(job: JobConfig) -> dict[str, str]:
+    """What must stay equal for rows to be carried forward (see LINEAGE_KEYS)."""
+    from pipelines.embed import model_lineage
+
+    lin = model_lineage(job, KINDS)
+    key = {k: lin[f"imagebind.{k}"] for k in LINEAGE_KEYS}
+    if key["checkpoint_sha256"] == "random":
+        key["seed"] = str(job.seed)  # random weights: the seed is the model
+    return key
+
+
+def lineage_changes(old: dict[str, str] | None, new: dict[str, str]) -> list[str]:
+    """Human-readable differences (`field: old -> new`); empty if the lineage is unchanged."""
+    if old is None:
+        return []
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+# ----------------------------------------------------------------------------- diff
+
+
+@dataclass
+class Diff:
+    """What a run does with each listed item and each parent row."""
+
+    to_embed: pa.Table  # listing rows to embed (new, changed, retried, or all)
+    carried: pa.Table  # parent rows kept as they are
+    carried_errors: pa.Table  # parent failures kept (same fingerprint, not retried)
+    added: int = 0
+    changed: int = 0
+    deleted: int = 0
+    retried: int = 0
+    reembedded: int = 0  # unchanged items re-embedded by a full run
+    # Why each row of `to_embed` is embedded: added, changed, retried or reembedded.
+    classes: list[str] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        """True if the new version would equal the parent."""
+        return self.to_embed.num_rows == 0 and self.deleted == 0
+
+
+def diff_listing(
+    listing: pa.Table,
+    parent_rows: pa.Table | None,
+    parent_errors: pa.Table | None,
+    *,
+    full: bool = False,
+    retry_failed: bool = False,
+) -> Diff:
+    """Diff a corpus listing (`id`, `fingerprint`, ...) against the parent version's rows.
+
+    Raises PlanError if the listing repeats an id (two objects would share one row).
+    """
+    ids = listing.column("id").to_pylist()
+    fps = listing.column("fingerprint").to_pylist()
+    if len(set(ids)) != len(ids):
+        seen: set[str] = set()
+        dup = next(i for i in ids if i in seen or seen.add(i))  # type: ignore[func-returns-value]
+        raise PlanError(f"the corpus lists id {dup!r} more than once; ids must be unique")
+    prev: dict[str, str | None] = {}
+    if parent_rows is not None:
+        prev = dict(
+            zip(
+                parent_rows.column("id").to_pylist(),
+                parent_rows.column("fingerprint").to_pylist(),
+                strict=True,
+            )
+        )
+    prev_err: dict[str, str | None] = {}
+    if parent_errors is not None:
+        prev_err = dict(
+            zip(
+                parent_errors.column("id").to_pylist(),
+                parent_errors.column("fingerprint").to_pylist(),
+                strict=True,
+            )
+        )
+    embed: list[int] = []
+    carry: set[str] = set()
+    carry_err: set[str] = set()
+    d = Diff(listing.slice(0, 0), pa.table({}), pa.table({}))
+    for i, (id_, fp) in enumerate(zip(ids, fps, strict=True)):
+        if id_ in prev:
+            if prev[id_] == fp and fp is not None:
+                if full:
+                    d.reembedded += 1
+                    embed.append(i)
+                    d.classes.append("reembedded")
+                else:
+                    carry.add(id_)
+            else:
+                d.changed += 1
+                embed.append(i)
+                d.classes.append("changed")
+        elif id_ in prev_err:
+            if prev_err[id_] == fp and not (full or retry_failed):
+                carry_err.add(id_)
+            else:
+                d.retried += 1
+                embed.append(i)
+                d.classes.append("retried")
+        else:
+            d.added += 1
+            embed.append(i)
+            d.classes.append("added")
+    listed = set(ids)
+    d.deleted = sum(1 for i in prev if i not in listed)
+    d.to_embed = listing.take(pa.array(embed, pa.int64()))
+    d.carried = _keep_ids(parent_rows, carry)
+    d.carried_errors = _keep_ids(parent_errors, carry_err)
+    return d
+
+
+def _keep_ids(table: pa.Table | None, keep: set[str]) -> pa.Table:
+    if table is None:
+        return pa.table({})
+    if not keep:
+        return table.slice(0, 0)
+    mask = pa.array([i in keep for i in table.column("id").to_pylist()], pa.bool_())
+    return table.filter(mask)
+
+
+# ----------------------------------------------------------------------------- version I/O
+
+
+def _read_parquet_tree(uri: str, storage_options: dict, *, errors: bool) -> pa.Table | None:
+    """All Parquet files under `uri`: data files (`errors=False`, `_`/`.` paths skipped) or the
+    files inside `_errors/` folders (`errors=True`). None if there are none."""
+    fs, root = filesystem(uri, storage_options)
+    try:
+        fs.invalidate_cache(root)
+        files = sorted(fs.find(root))
+    except FileNotFoundError:
+        return None
+    picked = []
+    for f in files:
+        if not f.endswith(".parquet"):
+            continue
+        rel = f[len(root.rstrip("/")) + 1 :].split("/")
+        hidden = [p for p in rel[:-1] if p.startswith(("_", "."))]
+        if rel[-1].startswith(("_", ".")):
+            continue
+        if (errors and hidden == [ERRORS_DIR]) or (not errors and not hidden):
+            picked.append(f)
+    if not picked:
+        return None
+    tables = []
+    for f in picked:
+        with fs.open(f, "rb") as fh:
+            tables.append(pq.read_table(fh))
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def _write_table(uri: str, table: pa.Table, storage_options: dict) -> None:
+    fs, path = filesystem(uri, storage_options)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    fs.pipe_file(path, sink.getvalue().to_pybytes())
+
+
+def _write_chunks(folder: str, table: pa.Table, storage_options: dict) -> list[str]:
+    names = []
+    for k, start in enumerate(range(0, table.num_rows, CARRIED_ROWS_PER_FILE)):
+        name = f"part-{k:05d}.parquet"
+        _write_table(
+            join_uri(folder, name), table.slice(start, CARRIED_ROWS_PER_FILE), storage_options
+        )
+        names.append(name)
+    return names
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class ReindexResult:
+    """What a run did: `status` is published, unchanged, locked or conflict."""
+
+    status: str
+    index_root: str
+    version: int | None = None
+    name: str | None = None
+    parent_name: str | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+    full_reason: str | None = None
+    removed: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    message: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form."""
+        return asdict(self)
+
+    def format(self) -> str:
+        """Human-readable summary for the CLI."""
+        head = f"imagebind-reindex: {self.status} in {self.seconds:.1f} s ({self.index_root})"
+        lines = [head]
+        if self.message:
+            lines.append(f"  {self.message}")
+        if self.name:
+            lines.append(f"  version {self.name} (parent {self.parent_name})")
+        if self.full_reason:
+            lines.append(f"  full re-embed: {self.full_reason}")
+        if self.counts:
+            lines.append("  " + ", ".join(f"{k} {v}" for k, v in self.counts.items()))
+        if self.removed:
+            lines.append(f"  retention removed {len(self.removed)} old version(s)")
+        return "\n".join(lines)
+
+
+def reindex(cfg: ReindexConfig) -> ReindexResult:
+    """Run one incremental re-index of `cfg.job.input` into the index at `cfg.index.root`."""
+    t0 = time.perf_counter()
+    so = cfg.job.storage_options()
+    root = cfg.index.root.rstrip("/")
+    ir = IndexRoot(root, so)
+    try:
+        lock = OutputLock(root, so, ttl_s=cfg.index.lock_ttl_s).acquire()
+    except OutputLocked as e:
+        logger.warning("%s", e)
+        return ReindexResult("locked", root, message=str(e), seconds=time.perf_counter() - t0)
+    try:
+        result = _run_locked(cfg, ir, lock)
+    finally:
+        lock.release()
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _run_locked(cfg: ReindexConfig, ir: IndexRoot, lock: OutputLock) -> ReindexResult:
+    from pipelines.embed import embed_items, model_lineage
+    from pipelines.readers import list_items
+
+    so = ir.storage_options
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    pointer, etag = ir.latest()
+    parent_rec = ir.read_record(pointer.name) if pointer else None
+    key = lineage_key(cfg.job)
+    changes = lineage_changes(parent_rec.get("lineage_key") if parent_rec else None, key)
+    if pointer is None:
+        full_reason = "first version"
+    elif changes:
+        full_reason = "model changed (" + "; ".join(changes) + ")"
+    elif cfg.index.full:
+        full_reason = "requested (index.full)"
+    else:
+        full_reason = None
+    parent_rows = parent_errors = None
+    if pointer is not None:
+        data_uri = join_uri(pointer.version_uri(ir.root), DATA_DIR)
+        parent_rows = _read_parquet_tree(data_uri, so, errors=False)
+        parent_errors = _read_parquet_tree(data_uri, so, errors=True)
+    timings["read_parent_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    listing = list_items(cfg.job)
+    diff = diff_listing(
+        listing,
+        parent_rows,
+        parent_errors,
+        full=full_reason is not None,
+        retry_failed=cfg.index.retry_failed,
+    )
+    timings["list_and_diff_s"] = time.perf_counter() - t
+    logger.info(
+        "%s: %d listed; %d new, %d changed, %d retried, %d re-embedded, %d deleted, "
+        "%d carried, %d failures kept%s",
+        cfg.job.input,
+        listing.num_rows,
+        diff.added,
+        diff.changed,
+        diff.retried,
+        diff.reembedded,
+        diff.deleted,
+        diff.carried.num_rows,
+        diff.carried_errors.num_rows,
+        f"; full re-embed: {full_reason}" if full_reason else "",
+    )
+    if pointer is not None and full_reason is None and diff.empty:
+        return ReindexResult(
+            "unchanged",
+            ir.root,
+            pointer.version,
+            pointer.name,
+            message="the corpus matches the published version; nothing published",
+        )
+
+    version = (pointer.version if pointer else 0) + 1
+    name = version_name(version, new_run_id())
+    vuri = ir.version_uri(name)
+    data_uri = join_uri(vuri, DATA_DIR)
+    logger.info("staging version %s", name)
+    t = time.perf_counter()
+    failed = 0
+    if diff.to_embed.num_rows:
+        embed_items(cfg.job, diff.to_embed, output=join_uri(data_uri, EMBEDDED_DIR))
+    timings["embed_s"] = time.perf_counter() - t
+    if lock.lost.is_set():
+        raise OutputLocked(f"lost the re-index lock on {ir.root} while embedding; not publishing")
+
+    t = time.perf_counter()
+    embedded_uri = join_uri(data_uri, EMBEDDED_DIR)
+    new_rows = _read_parquet_tree(embedded_uri, so, errors=False)
+    new_errors = _read_parquet_tree(embedded_uri, so, errors=True)
+    failed = new_errors.num_rows if new_errors is not None else 0
+    carried_uri = join_uri(data_uri, CARRIED_DIR)
+    if diff.carried.num_rows:
+        _write_chunks(carried_uri, diff.carried, so)
+    if diff.carried_errors.num_rows:
+        _write_chunks(join_uri(carried_uri, ERRORS_DIR), diff.carried_errors, so)
+    parts = [t_ for t_ in (new_rows, diff.carried) if t_ is not None and t_.num_rows]
+    cols = ["id", "uri", "modality", "embedding"]
+    rows = (
+        pa.concat_tables([p.select(cols) for p in parts], promote_options="default")
+        if parts
+        else None
+    )
+    dim = int(key["embed_dim"])
+    if rows is None:
+        rows = pa.table(
+            {
+                "id": pa.array([], pa.string()),
+                "uri": pa.array([], pa.string()),
+                "modality": pa.array([], pa.string()),
+                "embedding": pa.array([], pa.list_(pa.float32(), dim)),
+            }
+        )
+    index = VectorIndex.from_table(
+        rows,
+        flat_threshold=cfg.index.flat_threshold,
+        nlist=cfg.index.nlist,
+        nprobe=cfg.index.nprobe,
+    )
+    index.save(join_uri(vuri, INDEX_DIR), so)
+    timings["carry_and_index_s"] = time.perf_counter() - t
+
+    # Counts of rows embedded successfully, by why they were embedded.
+    new_ids = set(new_rows.column("id").to_pylist()) if new_rows is not None else set()
+    ok = Counter(
+        c
+        for i, c in zip(diff.to_embed.column("id").to_pylist(), diff.classes, strict=True)
+        if i in new_ids
+    )
+    counts = {
+        "added": ok["added"],
+        "changed": ok["changed"],
+        "deleted": diff.deleted,
+        "carried": diff.carried.num_rows,
+        "failed": failed,
+        "failed_kept": diff.carried_errors.num_rows,
+        "reembedded": ok["reembedded"],
+        "retried": ok["retried"],
+        "total": rows.num_rows,
+    }
+    record = {
+        "format": RECORD_FORMAT,
+        "version": version,
+        "name": name,
+        "parent": pointer.version if pointer else None,
+        "parent_name": pointer.name if pointer else None,
+        "created_at": utc_now(),
+        "input": cfg.job.input,
+        "counts": counts,
+        "full_reembed": full_reason is not None,
+        "full_reason": full_reason,
+        "lineage": model_lineage(cfg.job, sorted(set(rows.column("modality").to_pylist()))),
+        "lineage_key": key,
+        "embed_dim": dim,
+        "index": {
+            "metric": "cosine",
+            "parts": {m: {"kind": p.kind, "count": p.count} for m, p in index.parts.items()},
+            "nprobe": index.nprobe,
+        },
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+    }
+    ir.write_record(name, record)
+    if lock.lost.is_set():
+        ir.discard(name)
+        raise OutputLocked(f"lost the re-index lock on {ir.root}; not publishing {name}")
+    try:
+        ir.publish(Pointer(version, name, utc_now()), etag)
+    except PublishConflict as e:
+        logger.error("%s", e)
+        ir.discard(name)
+        return ReindexResult("conflict", ir.root, version, name, message=str(e))
+    removed = ir.apply_retention(cfg.index.keep_versions)
+    return ReindexResult(
+        "published",
+        ir.root,
+        version,
+        name,
+        pointer.name if pointer else None,
+        counts,
+        full_reason,
+        removed,
+    )
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `imagebind-reindex` command line."""
+    p = argparse.ArgumentParser(
+        prog="imagebind-reindex",
+        description="Incrementally re-index a corpus into a versioned, atomically published "
+        "embedding index (embed new and changed items, carry the rest, drop deleted ones).",
+    )
+    p.add_argument("--config", help="YAML: imagebind-embed fields plus an `index:` section")
+    p.add_argument("--input", help="corpus URI (as for imagebind-embed)")
+    p.add_argument("--index-root", help="index root URI (local folder or s3://bucket/prefix)")
+    p.add_argument("--format", choices=["auto", "manifest", "webdataset", "files"])
+    p.add_argument("--preset", help="model preset: huge, base, tiny")
+    p.add_argument("--checkpoint", help="checkpoint path or URI (default: random weights)")
+    p.add_argument("--checkpoint-sha256", help="expected sha256 of the checkpoint")
+    p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (MinIO, moto, ...)")
+    p.add_argument("--s3-region", help="S3 region")
+    p.add_argument("--keep-versions", type=int, help="published versions to keep (default 3)")
+    p.add_argument("--lock-ttl-s", type=float, help="lease of the re-index lock in seconds")
+    p.add_argument("--full", action="store_true", help="re-embed everything this run")
+    p.add_argument(
+        "--retry-failed", action="store_true", help="retry items that failed before, unchanged"
+    )
+    p.add_argument("--ray-address", help="Ray address: local (default), auto, host:port")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config field, e.g. --set index.nprobe=64",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no Ray Data progress bars")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point. Exit status: 0 published or unchanged, 2 bad config or input,
+    3 another run holds the lock or published first (nothing published), 1 anything else."""
+    from pipelines.embed import _parse_set
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        overrides: dict[str, Any] = {
+            "input": args.input,
+            "index.root": args.index_root,
+            "format": args.format,
+            "preset": args.preset,
+            "checkpoint": args.checkpoint,
+            "checkpoint_sha256": args.checkpoint_sha256,
+            "storage.endpoint_url": args.s3_endpoint,
+            "storage.region": args.s3_region,
+            "index.keep_versions": args.keep_versions,
+            "index.lock_ttl_s": args.lock_ttl_s,
+            "ray.address": args.ray_address,
+        }
+        if args.full:
+            overrides["index.full"] = True
+        if args.retry_failed:
+            overrides["index.retry_failed"] = True
+        if args.no_progress:
+            overrides["ray.progress_bars"] = False
+        overrides.update(_parse_set(args.set))
+        cfg = load_reindex_config(args.config, overrides)
+        result = reindex(cfg)
+    except (ConfigError, PlanError) as e:
+        print(f"imagebind-reindex: {e}", file=sys.stderr)
+        return 2
+    except OutputLocked as e:
+        print(f"imagebind-reindex: {e}", file=sys.stderr)
+        return 3
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.format())
+    return 3 if result.status in ("locked", "conflict") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

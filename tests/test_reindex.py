@@ -1,0 +1,340 @@
+"""Incremental re-indexing end to end on local Ray and moto's S3 server (real HTTP), tiny preset.
+
+One corpus goes through a first build, a no-op rerun, an add/modify/delete round and a model
+change; the assertions count the items the job's preprocessing stage really processed (its
+trace file, one line per item sent to the encoder), compare carried rows bit for bit, and
+check the version records. Separate tests kill a run during publish and race two runs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import media
+import numpy as np
+import pyarrow as pa
+import pytest
+
+import imagebind_core as ibc
+from imagebind_core.index import DATA_DIR, INDEX_DIR, VectorIndex, join_uri, read_pointer
+from pipelines.publish import PAUSE_ENV, IndexRoot
+from pipelines.reindex import (
+    ReindexConfig,
+    _read_parquet_tree,
+    diff_listing,
+    lineage_changes,
+    load_reindex_config,
+    reindex,
+)
+
+# Fractional resources: two kinds x (encoder + preprocessing) fit in the session's 4 CPUs.
+SMALL = {
+    "preset": "tiny",
+    "ray.progress_bars": False,
+    "preprocess.num_cpus": 0.25,
+    "preprocess.read_num_cpus": 0.1,
+    "preprocess.batch_size": 4,
+    "encoder_defaults.num_cpus": 0.25,
+    "encoder_defaults.batch_size": 8,
+    "files.files_per_shard": 4,
+}
+TEXTS = ["a red square", "two dogs playing", "a quiet street", "rain on a tin roof", "a violin"]
+
+
+class Corpus:
+    """A folder of captions and pictures on the S3 server."""
+
+    def __init__(self, s3, bucket: str) -> None:
+        self.fs = s3.filesystem()
+        self.root = f"s3://{bucket}/corpus"
+
+    def put(self, rel: str, data: bytes) -> None:
+        self.fs.pipe(f"{self.root}/{rel}", data)
+
+    def rm(self, rel: str) -> None:
+        self.fs.rm(f"{self.root}/{rel}")
+
+
+def make_corpus(s3, bucket: str) -> Corpus:
+    c = Corpus(s3, bucket)
+    for i, t in enumerate(TEXTS):
+        c.put(f"txt/cap{i}.txt", t.encode())
+    for i in range(3):
+        c.put(f"img/pic{i}.png", media.make_image("PNG", size=(64, 48), seed=i))
+    c.put("img/broken.png", media.random_bytes(512, seed=3))  # fails to decode
+    return c
+
+
+def config(s3, corpus: Corpus, root: str, trace: str, **extra) -> ReindexConfig:
+    over = {
+        **SMALL,
+        "input": corpus.root,
+        "storage.endpoint_url": s3.endpoint_url,
+        "storage.key": s3.key,
+        "storage.secret": s3.secret,
+        "storage.region": s3.region,
+        "debug.trace_path": trace,
+        "index.root": root,
+        "index.keep_versions": 2,
+        **extra,
+    }
+    return load_reindex_config(None, over)
+
+
+def traced(trace: str) -> list[str]:
+    """Ids the preprocessing stage handled so far (each line: `<pid> <id>`)."""
+    if not os.path.exists(trace):
+        return []
+    with open(trace) as f:
+        return [line.split(" ", 1)[1].strip() for line in f if line.strip()]
+
+
+def version_rows(root: str, so: dict) -> tuple[str, pa.Table]:
+    pointer = read_pointer(root, so)
+    rows = _read_parquet_tree(join_uri(pointer.version_uri(root), DATA_DIR), so, errors=False)
+    return pointer.name, rows
+
+
+def by_id(rows: pa.Table) -> dict[str, bytes]:
+    """id -> the raw bytes of its float32 embedding."""
+    emb = np.asarray(rows.column("embedding").combine_chunks().flatten(), np.float32)
+    emb = emb.reshape(rows.num_rows, -1)
+    return {i: emb[k].tobytes() for k, i in enumerate(rows.column("id").to_pylist())}
+
+
+def test_incremental_reindex_round_trip(ray_session, s3_server, tmp_path):
+    bucket = s3_server.create_bucket(f"ri-{uuid.uuid4().hex[:8]}")
+    so = s3_server.storage_options
+    corpus = make_corpus(s3_server, bucket)
+    root = f"s3://{bucket}/index"
+    trace = str(tmp_path / "trace.txt")
+    cfg = config(s3_server, corpus, root, trace)
+
+    # 1. First build: everything embedded once, the broken picture recorded as failed.
+    r1 = reindex(cfg)
+    assert r1.status == "published" and r1.version == 1, r1
+    assert r1.full_reason == "first version"
+    assert r1.counts == {
+        "added": 8,
+        "changed": 0,
+        "deleted": 0,
+        "carried": 0,
+        "failed": 1,
+        "failed_kept": 0,
+        "reembedded": 0,
+        "retried": 0,
+        "total": 8,
+    }
+    assert sorted(traced(trace)) == sorted(
+        [f"txt/cap{i}.txt" for i in range(5)]
+        + [f"img/pic{i}.png" for i in range(3)]
+        + ["img/broken.png"]
+    )
+    name1, rows1 = version_rows(root, so)
+    v1 = by_id(rows1)
+    rec1 = IndexRoot(root, so).read_record(name1)
+    assert rec1["parent"] is None and rec1["lineage_key"]["preset"] == "tiny"
+    assert rec1["lineage_key"]["preprocess_version"] == str(ibc.PREPROCESS_VERSION)
+
+    # The published vector index: an item's own embedding finds it first; filter works.
+    index = VectorIndex.load(join_uri(root, "versions", name1, INDEX_DIR), so)
+    for id_, raw in v1.items():
+        assert index.search(np.frombuffer(raw, np.float32), 1)[0]["id"] == id_
+    q = np.frombuffer(v1["txt/cap0.txt"], np.float32)
+    assert {h["modality"] for h in index.search(q, 8, "vision")} == {"vision"}
+
+    # 2. No change (the broken file included): nothing embedded, nothing published.
+    n_traced = len(traced(trace))
+    r2 = reindex(cfg)
+    assert r2.status == "unchanged" and r2.name == name1
+    assert len(traced(trace)) == n_traced
+    assert read_pointer(root, so).name == name1
+
+    # 3. Modify one caption, add a picture, delete a caption.
+    corpus.put("txt/cap1.txt", b"three dogs sleeping")
+    corpus.put("img/pic9.png", media.make_image("PNG", size=(64, 48), seed=9))
+    corpus.rm("txt/cap4.txt")
+    r3 = reindex(cfg)
+    assert r3.status == "published" and r3.version == 2 and r3.parent_name == name1
+    assert r3.full_reason is None
+    assert r3.counts == {
+        "added": 1,
+        "changed": 1,
+        "deleted": 1,
+        "carried": 6,
+        "failed": 0,
+        "failed_kept": 1,
+        "reembedded": 0,
+        "retried": 0,
+        "total": 8,
+    }
+    # Exactly the changed items went through the encoder again.
+    assert sorted(traced(trace)[n_traced:]) == ["img/pic9.png", "txt/cap1.txt"]
+    name2, rows2 = version_rows(root, so)
+    v2 = by_id(rows2)
+    assert "txt/cap4.txt" not in v2  # deleted
+    carried = set(v1) - {"txt/cap1.txt", "txt/cap4.txt"}
+    assert len(carried) == 6
+    for id_ in carried:
+        assert v2[id_] == v1[id_], f"{id_} not carried bit-identically"
+    assert v2["txt/cap1.txt"] != v1["txt/cap1.txt"]
+    rec2 = IndexRoot(root, so).read_record(name2)
+    assert rec2["parent_name"] == name1 and rec2["counts"] == r3.counts
+    index2 = VectorIndex.load(join_uri(root, "versions", name2, INDEX_DIR), so)
+    assert index2.count == 8
+    assert "txt/cap4.txt" not in {h["id"] for h in index2.search(q, 100)}
+
+    # 4. A model change (other random weights) re-embeds everything.
+    n_traced = len(traced(trace))
+    cfg_b = config(s3_server, corpus, root, trace, seed=1)
+    r4 = reindex(cfg_b)
+    assert r4.status == "published" and r4.version == 3
+    assert "seed: '0' -> '1'" in r4.full_reason
+    assert r4.counts["reembedded"] == 8 and r4.counts["carried"] == 0
+    assert r4.counts["total"] == 8 and r4.counts["failed"] == 1  # the broken file again
+    assert len(traced(trace)) - n_traced == 9
+    _, rows4 = version_rows(root, so)
+    v4 = by_id(rows4)
+    assert all(v4[i] != v2[i] for i in v2)
+    # Retention (keep 2): version 1 is gone, 2 and 3 remain.
+    assert r4.removed == [name1]
+    assert [r["version"] for r in IndexRoot(root, so).history()] == [3, 2]
+
+
+def test_diff_and_lineage_rules():
+    listing = pa.table(
+        {
+            "id": ["a", "b", "c", "e"],
+            "fingerprint": ["1", "2x", "3", "5"],
+        }
+    )
+    parent = pa.table({"id": ["a", "b", "d"], "fingerprint": ["1", "2", "4"], "v": [1, 2, 4]})
+    errors = pa.table({"id": ["e"], "fingerprint": ["5"]})
+    d = diff_listing(listing, parent, errors)
+    assert d.to_embed.column("id").to_pylist() == ["b", "c"]
+    assert d.classes == ["changed", "added"]
+    assert (d.added, d.changed, d.deleted, d.retried) == (1, 1, 1, 0)
+    assert d.carried.column("v").to_pylist() == [1]
+    assert d.carried_errors.column("id").to_pylist() == ["e"]
+    d = diff_listing(listing, parent, errors, retry_failed=True)
+    assert d.to_embed.column("id").to_pylist() == ["b", "c", "e"]
+    d = diff_listing(listing, parent, errors, full=True)
+    assert d.classes == ["reembedded", "changed", "added", "retried"] and d.carried.num_rows == 0
+    with pytest.raises(ValueError, match="'a' more than once"):
+        diff_listing(pa.table({"id": ["a", "a"], "fingerprint": ["1", "1"]}), None, None)
+    key = {"preset": "tiny", "preprocess_version": "1"}
+    assert lineage_changes(key, dict(key)) == []
+    assert lineage_changes(key, {**key, "preprocess_version": "2"}) == [
+        "preprocess_version: '1' -> '2'"
+    ]
+
+
+def test_bad_config_names_the_field():
+    from pipelines.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"index\.root"):
+        load_reindex_config(None, {"input": "/tmp/x"})
+    with pytest.raises(ConfigError, match=r"index\.keep_versions"):
+        load_reindex_config(
+            None, {"input": "/tmp/x", "index.root": "/tmp/i", "index.keep_versions": 0}
+        )
+
+
+# ----------------------------------------------------------------------------- crash / race
+
+
+def _cli(cfg_over: dict, ray_address: str, pause: str) -> subprocess.Popen:
+    """`python -m pipelines.reindex` in a subprocess, joined to the test's Ray cluster, pausing
+    just before it swaps the pointer (PAUSE_ENV)."""
+    args = [sys.executable, "-m", "pipelines.reindex", "--ray-address", ray_address]
+    for k, v in cfg_over.items():
+        args += ["--set", f"{k}={v}"]
+    env = {**os.environ, PAUSE_ENV: pause}
+    return subprocess.Popen(
+        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def _wait_for(path: str, proc: subprocess.Popen, timeout: float = 240.0) -> None:
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        if proc.poll() is not None:
+            raise AssertionError(f"run exited early ({proc.returncode}):\n{proc.stdout.read()}")
+        assert time.time() < deadline, "the run never reached the publish point"
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def published(ray_session, s3_server, tmp_path):
+    """A corpus with one published version; yields (config overrides, root, corpus)."""
+    bucket = s3_server.create_bucket(f"rc-{uuid.uuid4().hex[:8]}")
+    corpus = Corpus(s3_server, bucket)
+    for i, t in enumerate(TEXTS[:3]):
+        corpus.put(f"txt/cap{i}.txt", t.encode())
+    root = f"s3://{bucket}/index"
+    over = {
+        **SMALL,
+        "input": corpus.root,
+        "storage.endpoint_url": s3_server.endpoint_url,
+        "storage.region": s3_server.region,
+        "index.root": root,
+        "index.lock_ttl_s": 60,
+    }
+    assert reindex(load_reindex_config(None, over)).status == "published"
+    yield over, root, corpus
+
+
+def test_crash_during_publish_keeps_previous_version(published, ray_session, s3_server, tmp_path):
+    over, root, corpus = published
+    so = s3_server.storage_options
+    before = read_pointer(root, so)
+    corpus.put("txt/new.txt", b"a new caption")
+    pause = str(tmp_path / "pause")
+    proc = _cli(over, ray_session.get_runtime_context().gcs_address, pause)
+    try:
+        _wait_for(pause, proc)
+        # The new version is fully staged; the run is about to swap the pointer. Kill it.
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert read_pointer(root, so) == before  # readers still get the previous version
+    _, rows = version_rows(root, so)
+    assert "txt/new.txt" not in rows.column("id").to_pylist()
+    # The rerun recovers the dead run's lock and completes; its orphan stage is cleaned up.
+    r = reindex(load_reindex_config(None, over))
+    assert r.status == "published" and r.version == before.version + 1, r
+    assert r.counts["added"] == 1 and r.counts["carried"] == 3
+    names = IndexRoot(root, so)._list_version_names()
+    assert names == [before.name, r.name]
+
+
+def test_two_concurrent_runs_exactly_one_publishes(published, ray_session, s3_server, tmp_path):
+    over, root, corpus = published
+    so = s3_server.storage_options
+    before = read_pointer(root, so)
+    corpus.put("txt/other.txt", b"another caption")
+    pause = str(tmp_path / "pause")
+    proc = _cli(over, ray_session.get_runtime_context().gcs_address, pause)
+    try:
+        _wait_for(pause, proc)
+        # Run B starts while A holds the lease: it must not publish.
+        rb = reindex(load_reindex_config(None, over))
+        assert rb.status == "locked"
+        assert read_pointer(root, so) == before
+        with open(pause + ".go", "w"):
+            pass
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    after = read_pointer(root, so)
+    assert after.version == before.version + 1
+    assert IndexRoot(root, so).read_record(after.name)["counts"]["added"] == 1
