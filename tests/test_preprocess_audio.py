@@ -98,3 +98,21 @@ def test_ogg_matches_reference_decoder(tmp_path) -> None:
     assert (
         P.preprocess("audio", data) - reference_audio(tmp_path, data, "ogg")
     ).abs().max() <= 1e-4
+
+
+def test_long_files_are_read_only_where_clips_are(monkeypatch) -> None:
+    import imagebind_core.preprocess.audio as A
+
+    data = media.make_flac(60.0, 22050, 2, seed=4)
+    read = []
+    real = A._SndfileSource.read
+
+    def spy(self, start, stop):
+        read.append(stop - start)
+        return real(self, start, stop)
+
+    monkeypatch.setattr(A._SndfileSource, "read", spy)
+    lazy = P.preprocess("audio", data)
+    assert sum(read) < 0.2 * 60 * 22050  # three 2 s clips (+ margins) of a 60 s file
+    whole = P.preprocess_audio(*P.decode_audio(data))
+    assert torch.equal(lazy, whole)

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -115,30 +117,54 @@ def _check_stream(sr: int, channels: int, declared_frames: int | None, limits: L
         )
 
 
-def _decode_sndfile(data: bytes, limits: Limits) -> tuple[np.ndarray, int]:
-    sizes = _wav_declared_vs_present(data)
-    with decoding(KIND, "audio"), sf.SoundFile(io.BytesIO(data)) as f:
-        sr, channels = f.samplerate, f.channels
+class _SndfileSource:
+    """An opened, validated libsndfile stream that reads sample ranges on demand.
+
+    Long WAV/FLAC/Ogg files are never decoded whole: only the sample ranges the three clips
+    need (plus the resampler's margin) are read.
+    """
+
+    def __init__(self, data: bytes, limits: Limits) -> None:
+        sizes = _wav_declared_vs_present(data)
+        with decoding(KIND, "audio"):
+            self.f = sf.SoundFile(io.BytesIO(data))
+        f = self.f
+        self.sr, self.channels = f.samplerate, f.channels
         if sizes is not None:
             declared, present = sizes
-            frame_bytes = _frame_bytes(f.subtype, channels)
+            frame_bytes = _frame_bytes(f.subtype, self.channels)
             declared_frames = declared // frame_bytes if frame_bytes else f.frames
-            _check_stream(sr, channels, declared_frames, limits)
+            _check_stream(self.sr, self.channels, declared_frames, limits)
             if frame_bytes and declared - present >= frame_bytes:
                 raise InvalidInput(
                     KIND,
                     f"WAV header declares {declared_frames} samples "
-                    f"({declared_frames / sr:.2f} s) but the file holds "
-                    f"{present // frame_bytes} ({present / frame_bytes / sr:.2f} s): truncated "
-                    "file or lying header",
+                    f"({declared_frames / self.sr:.2f} s) but the file holds "
+                    f"{present // frame_bytes} ({present / frame_bytes / self.sr:.2f} s): "
+                    "truncated file or lying header",
                 )
-        _check_stream(sr, channels, f.frames, limits)
-        audio = f.read(dtype="float32", always_2d=True)  # (frames, channels)
-        if 0 < f.frames < 2**62 and len(audio) < f.frames:
+        _check_stream(self.sr, self.channels, f.frames, limits)
+        if f.frames <= 0:
+            raise InvalidInput(KIND, "no audio samples in the file")
+        self.frames = f.frames
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Samples [start, stop) as float32 (channels, stop - start)."""
+        with decoding(KIND, "audio"):
+            self.f.seek(start)
+            a = self.f.read(stop - start, dtype="float32", always_2d=True)
+        if len(a) < stop - start:
             raise InvalidInput(
-                KIND, f"header declares {f.frames} samples but only {len(audio)} decode"
+                KIND,
+                f"header declares {self.frames} samples but decoding stops at {start + len(a)} "
+                "(truncated file)",
             )
-    return np.ascontiguousarray(audio.T), sr
+        a = np.ascontiguousarray(a.T)
+        check_finite(KIND, a, "audio samples")
+        return a
+
+    def close(self) -> None:
+        self.f.close()
 
 
 _SUBTYPE_BYTES = {
@@ -218,16 +244,26 @@ def decode_audio(data: bytes, limits: Limits = DEFAULT_LIMITS) -> tuple[np.ndarr
         InvalidInput: empty, undecodable, truncated, no audio stream, over the duration /
             sample-rate / channel limits, or NaN/Inf samples.
     """
+    src = _open_source(data, limits)
+    if isinstance(src, _SndfileSource):
+        try:
+            return src.read(0, src.frames), src.sr
+        finally:
+            src.close()
+    return src
+
+
+def _open_source(data: bytes, limits: Limits) -> _SndfileSource | tuple[np.ndarray, int]:
+    """A lazily read libsndfile source, or a whole (waveform, rate) decoded by PyAV."""
     data = as_bytes(KIND, data, limits)
     if data[:4] in _SNDFILE_MAGIC:
         try:
-            wave, sr = _decode_sndfile(data, limits)
+            return _SndfileSource(data, limits)
         except InvalidInput as e:
             if not e.reason.startswith("cannot decode"):
                 raise
-            wave, sr = _decode_pyav(data, limits)  # e.g. an Ogg codec libsndfile lacks
-    else:
-        wave, sr = _decode_pyav(data, limits)
+            # e.g. an Ogg codec libsndfile lacks: let FFmpeg try
+    wave, sr = _decode_pyav(data, limits)
     if wave.shape[1] == 0:
         raise InvalidInput(KIND, "no audio samples decoded")
     check_finite(KIND, wave, "audio samples")
@@ -246,33 +282,95 @@ def preprocess_audio(
         raise InvalidInput(
             KIND, f"expected a (channels, samples) waveform, got {tuple(wave.shape)}"
         )
-    sr = cfg.sample_rate
-    if sample_rate != sr:
-        wave = torchaudio.functional.resample(wave, orig_freq=sample_rate, new_freq=sr)
-    else:
-        wave = wave.clone()  # clips below are modified in place
-    n = wave.shape[1]
-    min_len = int(sr * cfg.frame_length_ms / 1000)
-    mean = torch.tensor(cfg.mean, dtype=torch.float32)
-    std = torch.tensor(cfg.std, dtype=torch.float32)
-    out = []
-    for start, end in clip_spans(n / sr, cfg.clip_duration, cfg.num_clips):
-        a, b = int(start * sr), min(int(end * sr), n)
+    return _clip_features(wave.shape[1], sample_rate, lambda a, b: wave[:, a:b], cfg)
+
+
+def resampled_length(n: int, orig_sr: int, new_sr: int) -> int:
+    """Length of `torchaudio.functional.resample`'s output for `n` input samples (its own
+    arithmetic: ceil in float32 of the gcd-reduced ratio)."""
+    if orig_sr == new_sr:
+        return n
+    g = math.gcd(orig_sr, new_sr)
+    o, w = orig_sr // g, new_sr // g
+    return int(torch.ceil(torch.as_tensor(w * n / o)).long())
+
+
+def _resampled_range(
+    read: Callable[[int, int], np.ndarray | torch.Tensor],
+    n_in: int,
+    sr: int,
+    new_sr: int,
+    a: int,
+    b: int,
+) -> torch.Tensor:
+    """Output samples [a, b) of `torchaudio.functional.resample(whole, sr, new_sr)`, computed
+    from only the input range they depend on.
+
+    The resampler is a strided convolution: output block i (new/g samples) reads input
+    [i*o - width, i*o + o + width) with o = sr/g and zero padding beyond the ends. Resampling a
+    segment that starts on a block boundary and carries that margin reproduces those outputs
+    (up to float summation order), so a 10-minute file costs the same as 6 s of audio.
+    """
+    if sr == new_sr:
+        return torch.as_tensor(read(a, b), dtype=torch.float32).clone()
+    g = math.gcd(sr, new_sr)
+    o, w = sr // g, new_sr // g
+    width = math.ceil(6 * o / (min(o, w) * 0.99))  # torchaudio's default filter half-width
+    margin = -(-width // o) + 1  # blocks
+    i0, i1 = a // w, (b - 1) // w
+    s = max(0, (i0 - margin) * o)
+    e = min(n_in, (i1 + 1 + margin) * o + width)
+    seg = torch.as_tensor(read(s, e), dtype=torch.float32)
+    y = torchaudio.functional.resample(seg, orig_freq=sr, new_freq=new_sr)
+    off = (s // o) * w
+    if y.shape[1] < b - off:  # cannot happen with the margins above; keep the exact path
+        y = torchaudio.functional.resample(
+            torch.as_tensor(read(0, n_in), dtype=torch.float32), orig_freq=sr, new_freq=new_sr
+        )
+        off = 0
+    return y[:, a - off : b - off]
+
+
+def _clip_features(
+    n_in: int, sr: int, read: Callable[[int, int], np.ndarray | torch.Tensor], cfg: AudioConfig
+) -> torch.Tensor:
+    """The reference's clip loop over a source of `n_in` samples at `sr`, read by ranges."""
+    new_sr = cfg.sample_rate
+    n = resampled_length(n_in, sr, new_sr)
+    min_len = int(new_sr * cfg.frame_length_ms / 1000)
+    spans = []
+    for start, end in clip_spans(n / new_sr, cfg.clip_duration, cfg.num_clips):
+        a, b = int(start * new_sr), min(int(end * new_sr), n)
         if b - a < min_len:
             raise InvalidInput(
                 KIND,
-                f"audio is {n / sr * 1000:.1f} ms long; at least {cfg.frame_length_ms:g} ms "
+                f"audio is {n / new_sr * 1000:.1f} ms long; at least {cfg.frame_length_ms:g} ms "
                 "(one analysis frame) is needed",
             )
-        if cfg.mean_subtraction == "reference":
-            clip = wave[:, a:b]  # a view: the subtraction below leaks into later clips
+        spans.append((a, b))
+    # Overlapping clips share one buffer, like the reference's views of one waveform (the
+    # in-place mean subtraction then leaks between them exactly as there).
+    groups: list[list[int]] = []
+    for a, b in sorted(spans):
+        if groups and a < groups[-1][1]:
+            groups[-1][1] = max(groups[-1][1], b)
         else:
-            clip = wave[:, a:b].clone()
+            groups.append([a, b])
+    buffers = [(ga, _resampled_range(read, n_in, sr, new_sr, ga, gb)) for ga, gb in groups]
+    mean = torch.tensor(cfg.mean, dtype=torch.float32)
+    std = torch.tensor(cfg.std, dtype=torch.float32)
+    out = []
+    for a, b in spans:
+        ga, buf = next((ga, buf) for ga, buf in reversed(buffers) if ga <= a)
+        if cfg.mean_subtraction == "reference":
+            clip = buf[:, a - ga : b - ga]  # a view: the subtraction below leaks into later clips
+        else:
+            clip = buf[:, a - ga : b - ga].clone()
         clip -= clip.mean()
         fbank = torchaudio.compliance.kaldi.fbank(
             clip,
             htk_compat=True,
-            sample_frequency=sr,
+            sample_frequency=new_sr,
             use_energy=False,
             window_type="hanning",
             num_mel_bins=cfg.num_mel_bins,
@@ -296,5 +394,11 @@ def audio_from_bytes(
 ) -> torch.Tensor:
     """`preprocess("audio", data)`: decode + preprocess one audio file."""
     cfg = replace_config(AUDIO, options, KIND)
-    wave, sr = decode_audio(data, limits)
+    src = _open_source(data, limits)
+    if isinstance(src, _SndfileSource):
+        try:
+            return _clip_features(src.frames, src.sr, src.read, cfg)
+        finally:
+            src.close()
+    wave, sr = src
     return preprocess_audio(wave, sr, cfg)

@@ -101,7 +101,7 @@ def decode_image(data: bytes, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
     im = open_image("vision", data, limits)
     load_pixels("vision", im)
     with decoding("vision", "image"):
-        rgb = im.convert("RGB")
+        rgb = im if im.mode == "RGB" else im.convert("RGB")  # convert() would copy RGB
         arr = np.asarray(rgb)
     return arr
 

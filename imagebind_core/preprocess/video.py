@@ -284,8 +284,9 @@ def crop_offsets(height: int, width: int, size: int, num_crops: int = 3) -> list
 def preprocess_video(video: DecodedVideo, cfg: VideoConfig = VIDEO) -> torch.Tensor:
     """Decoded frames -> (clips * crops, 3, frames_per_clip, 224, 224) float32 = (15, 3, 2,
     224, 224) with the reference config. The input is not modified."""
-    frames = torch.from_numpy(video.frames).permute(0, 3, 1, 2).to(torch.float32)  # (K,3,H,W)
-    frames = frames / 255.0
+    # (K, H, W, 3) uint8 -> float32 in the same layout, viewed as (K, 3, H, W) channels-last:
+    # a straight conversion instead of a transposing copy of ~100 MB for ten 720p frames.
+    frames = torch.from_numpy(video.frames).to(torch.float32).permute(0, 3, 1, 2)
     h, w = frames.shape[-2:]
     nh, nw = short_side_size(h, w, cfg.size)
     if nh < cfg.size or nw < cfg.size:
@@ -293,6 +294,10 @@ def preprocess_video(video: DecodedVideo, cfg: VideoConfig = VIDEO) -> torch.Ten
     frames = torch.nn.functional.interpolate(
         frames, size=(nh, nw), mode="bilinear", align_corners=False
     )
+    # The reference divides by 255 before resizing; bilinear weights are linear, so dividing
+    # the 224-px result instead changes values by float rounding only (< 1e-6 after
+    # normalisation) and touches ~10x less memory.
+    frames = frames.contiguous().div_(255.0)
     mean = torch.tensor(cfg.mean, dtype=torch.float32)[:, None, None]
     std = torch.tensor(cfg.std, dtype=torch.float32)[:, None, None]
     frames = frames.sub_(mean).div_(std)  # (K, 3, nh, nw)
