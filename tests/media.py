@@ -280,7 +280,7 @@ def make_video(
 
     codec/container e.g. libx264/mp4, libvpx-vp9/webm, mpeg4/mkv, libx264/mov. `gop` sets the
     keyframe interval (the encoder's default otherwise); `rotate` writes display-rotation
-    metadata; `audio` adds a silent AAC track.
+    matrix (by remuxing); `audio` adds a silent AAC track.
     """
     import av
 
@@ -300,8 +300,6 @@ def make_video(
             opts.setdefault("deadline", "realtime")
             opts.setdefault("cpu-used", "8")
         st.codec_context.options = opts
-        if rotate is not None:
-            st.metadata["rotate"] = str(rotate)
         ast = out.add_stream("aac", rate=16000, layout="mono") if audio else None
         for i in range(n):
             frame = av.VideoFrame.from_ndarray(video_frame(i, size, float(fps)), format="rgb24")
@@ -323,6 +321,25 @@ def make_video(
                     out.mux(p)
             for p in ast.encode(None):
                 out.mux(p)
+    if rotate is not None:
+        return with_display_rotation(buf.getvalue(), rotate, container)
+    return buf.getvalue()
+
+
+def with_display_rotation(data: bytes, degrees: int, container: str = "mp4") -> bytes:
+    """`data` remuxed (same packets, no re-encode) with a display-rotation matrix."""
+    import av
+
+    buf = io.BytesIO()
+    with av.open(io.BytesIO(data)) as src, av.open(buf, "w", format=container) as out:
+        ist = src.streams.video[0]
+        ost = out.add_stream_from_template(ist)
+        ost.set_display_rotation(degrees)
+        for p in src.demux(ist):
+            if p.dts is None:
+                continue
+            p.stream = ost
+            out.mux(p)
     return buf.getvalue()
 
 
