@@ -52,6 +52,7 @@ class SearchIndexCore:
         self.storage_options: StorageOptions = dict(storage_options or {})
         self.poll_interval_s = float(poll_interval_s)
         self._current: tuple[Pointer, VectorIndex] | None = None
+        self._started_at = time.time()
         self._loaded_at: float | None = None
         self._last_error: str | None = None
         self._refresh_lock = threading.Lock()
@@ -119,7 +120,8 @@ class SearchIndexCore:
         return index.search(vector, top_k, modality)
 
     def info_sync(self) -> dict[str, Any]:
-        """The loaded version (name, number, publish time), its size and per-modality counts."""
+        """The loaded version (name, number, publish time), its size and per-modality counts,
+        when it was loaded and when this replica started (a hot swap changes the former only)."""
         current = self._current
         out: dict[str, Any] = {
             "index_uri": self.index_uri,
@@ -130,6 +132,7 @@ class SearchIndexCore:
             "dim": None,
             "modalities": {},
             "loaded_at": self._loaded_at,
+            "started_at": self._started_at,
             "last_error": self._last_error,
         }
         if current is not None:

@@ -1,0 +1,130 @@
+"""`POST /v1/search` over HTTP against an index built and published by `imagebind-reindex`
+(tiny preset, moto's S3 server): a query made from an item's own bytes finds it first, the
+modality filter holds, and a newly published version is answered without a restart."""
+
+from __future__ import annotations
+
+import base64
+import time
+import uuid
+
+import httpx
+import media
+import pytest
+from conftest_serve import serve_base_url, wait_ready
+from test_reindex import SMALL, TEXTS, Corpus
+
+from imagebind_core.index import DATA_DIR, join_uri, read_pointer
+from pipelines.reindex import _read_parquet_tree, load_reindex_config, reindex
+
+APP = "search-t"
+PREFIX = "/search-t"
+
+
+def _pic(seed: int) -> bytes:
+    return media.make_image("PNG", size=(64, 48), seed=seed)
+
+
+@pytest.fixture(scope="module")
+def setup(ray_session, s3_server):
+    from ray import serve
+
+    from serve.app import build_app
+    from serve.schemas import AppArgs
+
+    bucket = s3_server.create_bucket(f"srch-{uuid.uuid4().hex[:8]}")
+    corpus = Corpus(s3_server, bucket)
+    for i, t in enumerate(TEXTS):
+        corpus.put(f"txt/cap{i}.txt", t.encode())
+    for i in range(3):
+        corpus.put(f"img/pic{i}.png", _pic(i))
+    root = f"s3://{bucket}/index"
+    over = {
+        **SMALL,
+        "input": corpus.root,
+        "storage.endpoint_url": s3_server.endpoint_url,
+        "storage.region": s3_server.region,
+        "index.root": root,
+    }
+    assert reindex(load_reindex_config(None, over)).status == "published"
+
+    base = serve_base_url()
+    args = AppArgs(
+        preset="tiny",  # seed 0, like the job: the same model
+        modalities=["text", "vision"],
+        encoder={"num_cpus": 0.1, "max_batch_size": 4, "max_ongoing_requests": 8},
+        ingress={"num_cpus": 0.1, "preprocess_threads": 2},
+        s3_endpoint_url=s3_server.endpoint_url,
+        s3_region=s3_server.region,
+        index_uri=root,
+    )
+    serve.run(build_app(args), name=APP, route_prefix=PREFIX, blocking=False)
+    url = base + PREFIX
+    wait_ready(url)
+    with httpx.Client(base_url=url, timeout=120) as client:
+        yield client, corpus, over, root
+    serve.delete(APP)
+
+
+def search(client: httpx.Client, **body) -> list[dict]:
+    r = client.post("/v1/search", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()["data"]
+
+
+def test_own_bytes_find_the_item_first(setup):
+    client, _, _, _ = setup
+    for i, text in enumerate(TEXTS):
+        hits = search(client, input=text, modality="text", top_k=3)
+        assert hits[0]["id"] == f"txt/cap{i}.txt"
+        assert hits[0]["modality"] == "text" and hits[0]["uri"].endswith(f"cap{i}.txt")
+        assert hits[0]["score"] == pytest.approx(1.0, abs=1e-3)
+    for i in range(3):
+        b64 = base64.b64encode(_pic(i)).decode()
+        hits = search(client, input=b64, modality="vision", top_k=2)
+        assert hits[0]["id"] == f"img/pic{i}.png"
+
+
+def test_modality_filter_and_raw_vector(setup, s3_server):
+    client, _, _, root = setup
+    hits = search(client, input=TEXTS[0], modality="text", top_k=8, filter_modality="vision")
+    assert len(hits) == 3 and {h["modality"] for h in hits} == {"vision"}
+    hits = search(client, input=TEXTS[0], modality="text", top_k=8)
+    assert len(hits) == 8 and {h["modality"] for h in hits} == {"vision", "text"}
+    so = s3_server.storage_options
+    pointer = read_pointer(root, so)
+    rows = _read_parquet_tree(join_uri(pointer.version_uri(root), DATA_DIR), so, errors=False)
+    k = rows.column("id").to_pylist().index("img/pic1.png")
+    vec = rows.column("embedding")[k].as_py()
+    assert search(client, vector=vec, top_k=1)[0]["id"] == "img/pic1.png"
+    r = client.post("/v1/search", json={"vector": vec[:5], "top_k": 1})
+    assert r.status_code == 400 and "32" in r.text
+
+
+def _info() -> dict:
+    from ray import serve
+
+    return serve.get_deployment_handle("search", app_name=APP).info.remote().result()
+
+
+def test_new_version_is_served_without_restart(setup):
+    client, corpus, over, _ = setup
+    before = _info()
+    query = "a lighthouse at dusk"
+    assert search(client, input=query, modality="text", top_k=1)[0]["id"] != "txt/new.txt"
+    corpus.put("txt/new.txt", query.encode())
+    corpus.rm("txt/cap0.txt")
+    r = reindex(load_reindex_config(None, over))
+    assert r.status == "published" and r.counts["added"] == 1 and r.counts["deleted"] == 1
+    deadline = time.time() + 60
+    while True:
+        hits = search(client, input=query, modality="text", top_k=8)
+        if hits[0]["id"] == "txt/new.txt":
+            break
+        assert time.time() < deadline, "the endpoint never picked up the new version"
+        time.sleep(0.5)
+    assert "txt/cap0.txt" not in {h["id"] for h in hits}  # deleted in the new version
+    after = _info()
+    assert after["version"] == before["version"] + 1 and after["name"] == r.name
+    assert after["started_at"] == before["started_at"]  # the same replica, hot-swapped
+    assert after["loaded_at"] > before["loaded_at"]
