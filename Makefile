@@ -26,6 +26,7 @@ $(STAMP):
 	touch $@
 
 demo: setup
+	$(PY) -m pipelines.demo_corpus demo-output/corpus
 	RAY_AUTH_MODE=disabled $(VENV)/bin/imagebind-embed --config configs/demo.yaml
 
 lint: setup

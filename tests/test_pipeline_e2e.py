@@ -23,6 +23,7 @@ from conftest_pipeline import (
 import imagebind_core as ibc
 from pipelines.config import load_config
 from pipelines.embed import run_job
+from pipelines.readers import list_items
 
 # Fractional resources: 3 kinds x (encoder + preprocessing) fit in the session's 4 CPUs.
 SMALL = {
@@ -122,6 +123,13 @@ def test_embed_end_to_end(fmt, location, tmp_path, ray_session, s3_server, tiny_
         assert "smell" in reasons["a4"]
     if fmt == "files":
         assert corpus.skipped[0] not in ids
+
+    # The listing re-indexing diffs against (no payload read) gives the stored fingerprints.
+    listed = list_items(cfg)
+    listed_fp = dict(
+        zip(listed.column("id").to_pylist(), listed.column("fingerprint").to_pylist(), strict=True)
+    )
+    assert {i: listed_fp[i] for i in ids} == fps
 
     # A rerun finds everything committed and does nothing.
     again = run_job(cfg)

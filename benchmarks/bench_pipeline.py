@@ -1,0 +1,314 @@
+"""Throughput of the offline embedding job against its baselines, measured in one process/run.
+
+For each kind (images, texts) on a generated corpus:
+
+- loop:  a single-process loop doing what the job does — read the file, `preprocess`,
+         `collate` into batches of the same size, encode with the same model — timed from
+         model construction to the last embedding (the job builds its models inside the run too);
+- bare:  the encoder alone on pre-decoded, pre-collated tensors (the ceiling: an encoder that
+         never starves);
+- job:   `run_job` on local Ray (Ray already started: `ray.init` is reported apart), timed
+         from planning to the last committed shard, and in steady state (first to last block).
+
+Prints items/s and the ratios job/loop and job/bare, and the job's peak resident memory (sum
+over the driver and every Ray process it started; shared pages count once per process, so
+this over-estimates). Use a model large enough to be the work (`--preset base`, random
+weights); `--preset tiny` measures framework overhead only. Never compare absolute numbers
+across runs or machines, only the ratios printed by one run.
+
+    python benchmarks/bench_pipeline.py --preset base --images 96 --texts 512
+    python benchmarks/bench_pipeline.py --preset tiny --images 96 --texts 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+import warnings
+
+import numpy as np
+
+import imagebind_core as ibc
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+# ----------------------------------------------------------------------------- corpus
+
+
+def make_corpus(root: str, n_images: int, n_texts: int) -> dict[str, str]:
+    """Write `n_images` 640x480 JPEGs and `n_texts` captions; returns {kind: folder}."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    os.makedirs(f"{root}/images", exist_ok=True)
+    os.makedirs(f"{root}/texts", exist_ok=True)
+    yy, xx = np.mgrid[0:480, 0:640].astype(np.float32)
+    for i in range(n_images):
+        img = np.stack(
+            [
+                127 + 127 * np.sin(xx / (7 + i % 5)),
+                255 * yy / 479,
+                127 + 127 * np.cos((xx + yy) / (11 + i % 3)),
+            ],
+            -1,
+        )
+        img += rng.normal(0, 8, img.shape)
+        buf = io.BytesIO()
+        Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+        with open(f"{root}/images/{i:05d}.jpg", "wb") as f:
+            f.write(buf.getvalue())
+    words = [
+        "a",
+        "the",
+        "dog",
+        "cat",
+        "runs",
+        "over",
+        "under",
+        "bright",
+        "dark",
+        "city",
+    ]
+    for i in range(n_texts):
+        text = " ".join(rng.choice(words, size=8 + i % 12))
+        with open(f"{root}/texts/{i:05d}.txt", "w") as f:
+            f.write(text)
+    return {"vision": f"{root}/images", "text": f"{root}/texts"}
+
+
+# ----------------------------------------------------------------------------- baselines
+
+
+def _files(folder: str) -> list[str]:
+    return sorted(os.path.join(folder, n) for n in os.listdir(folder))
+
+
+def run_loop(kind: str, folder: str, preset: str, batch: int) -> tuple[float, int]:
+    """Single-process read + preprocess + collate + encode; (seconds, items)."""
+    import torch
+
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = ibc.load_model(None, preset, modalities=[ibc.model_modality(kind)], device="cpu")
+    m = ibc.model_modality(kind).value
+    files = _files(folder)
+    n = 0
+    for i in range(0, len(files), batch):
+        xs = []
+        for p in files[i : i + batch]:
+            with open(p, "rb") as f:
+                xs.append(ibc.preprocess(kind, f.read()))
+        with torch.inference_mode():
+            model({m: ibc.collate(xs)}, normalize=True)
+        n += len(xs)
+    return time.perf_counter() - t0, n
+
+
+def run_bare(kind: str, folder: str, preset: str, batch: int) -> tuple[float, int]:
+    """The encoder alone on pre-decoded batches; (seconds, items)."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = ibc.load_model(None, preset, modalities=[ibc.model_modality(kind)], device="cpu")
+    m = ibc.model_modality(kind).value
+    files = _files(folder)
+    batches = []
+    for i in range(0, len(files), batch):
+        xs = []
+        for p in files[i : i + batch]:
+            with open(p, "rb") as f:
+                xs.append(ibc.preprocess(kind, f.read()))
+        batches.append(ibc.collate(xs))
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for x in batches:
+            model({m: x}, normalize=True)
+    return time.perf_counter() - t0, len(files)
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+def _tree_rss(root_pid: int) -> tuple[int, int]:
+    """(sum, max) of VmRSS in bytes over `root_pid` and its descendants (Linux /proc)."""
+    parent: dict[int, int] = {}
+    rss: dict[int, int] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{d}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        rss[int(d)] = int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            continue
+    tree, frontier = {root_pid}, [root_pid]
+    while frontier:
+        p = frontier.pop()
+        kids = [c for c, pp in parent.items() if pp == p and c not in tree]
+        tree.update(kids)
+        frontier.extend(kids)
+    vals = [rss.get(p, 0) for p in tree]
+    return sum(vals), max(vals)
+
+
+class RssSampler:
+    """Peak of the process-tree RSS, sampled every `period` seconds in a thread."""
+
+    def __init__(self, period: float = 0.25) -> None:
+        self.period = period
+        self.peak_sum = 0
+        self.peak_proc = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            s, m = _tree_rss(os.getpid())
+            self.peak_sum, self.peak_proc = max(self.peak_sum, s), max(self.peak_proc, m)
+            self._stop.wait(self.period)
+
+    def __enter__(self) -> RssSampler:
+        self._t.start()
+        return self
+
+    def __exit__(self, *a: object) -> None:
+        self._stop.set()
+        self._t.join()
+
+
+def run_job_once(
+    kind: str, folder: str, out: str, preset: str, batch: int, enc_cpus: float, threads: int
+) -> dict:
+    """`run_job` on `folder`; seconds end to end and in steady state, items, peak RSS."""
+    import pipelines.embed as embed
+    from pipelines.config import load_config
+
+    cfg = load_config(
+        None,
+        {
+            "input": folder,
+            "output": out,
+            "format": "files",
+            "preset": preset,
+            "files.files_per_shard": 32,
+            "preprocess.num_cpus": 0.5,
+            "preprocess.batch_size": 8,
+            "encoder_defaults.batch_size": batch,
+            "encoder_defaults.num_cpus": enc_cpus,
+            "encoder_defaults.torch_threads": threads,
+            "ray.progress_bars": False,
+        },
+    )
+    first_block: list[float] = []
+    orig = embed._Tracker.add
+
+    def add(self, summary):  # record when results start flowing (steady state begins)
+        if not first_block and summary.num_rows:
+            first_block.append(time.perf_counter())
+        return orig(self, summary)
+
+    embed._Tracker.add = add
+    try:
+        with RssSampler() as rss:
+            t0 = time.perf_counter()
+            summary = embed.run_job(cfg)
+            t1 = time.perf_counter()
+    finally:
+        embed._Tracker.add = orig
+    n = summary.ok.get(kind, 0) + summary.errors.get(kind, 0)
+    return {
+        "seconds": t1 - t0,
+        "steady_seconds": t1 - first_block[0] if first_block else float("nan"),
+        "items": n,
+        "peak_rss_sum_mb": rss.peak_sum / 2**20,
+        "peak_rss_proc_mb": rss.peak_proc / 2**20,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="base")
+    p.add_argument("--images", type=int, default=96)
+    p.add_argument("--texts", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--encoder-cpus", type=float, default=1.0, help="logical CPUs per actor")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
+    p.add_argument("--kinds", default="vision,text")
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args()
+
+    import ray
+    import torch
+
+    torch.set_num_threads(args.threads)
+    tmp = tempfile.mkdtemp(prefix="bench-pipeline-")
+    try:
+        folders = make_corpus(tmp, args.images, args.texts)
+        t0 = time.perf_counter()
+        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+        ray_init_s = time.perf_counter() - t0
+        results = {"preset": args.preset, "batch_size": args.batch_size, "ray_init_s": ray_init_s}
+        print(
+            f"preset {args.preset}, batch {args.batch_size}, {os.cpu_count()} cores, "
+            f"torch threads {args.threads}; ray.init {ray_init_s:.1f} s (not counted)"
+        )
+        for kind in args.kinds.split(","):
+            folder = folders[kind]
+            loop_s, n = run_loop(kind, folder, args.preset, args.batch_size)
+            bare_s, _ = run_bare(kind, folder, args.preset, args.batch_size)
+            job = run_job_once(
+                kind,
+                folder,
+                f"{tmp}/out-{kind}",
+                args.preset,
+                args.batch_size,
+                args.encoder_cpus,
+                args.threads,
+            )
+            assert job["items"] == n, (job, n)
+            r = {
+                "items": n,
+                "loop_items_s": n / loop_s,
+                "bare_items_s": n / bare_s,
+                "job_items_s": n / job["seconds"],
+                "job_steady_items_s": n / job["steady_seconds"],
+                **job,
+            }
+            r["job_vs_loop"] = r["job_items_s"] / r["loop_items_s"]
+            r["job_steady_vs_loop"] = r["job_steady_items_s"] / r["loop_items_s"]
+            r["job_vs_bare"] = r["job_items_s"] / r["bare_items_s"]
+            r["job_steady_vs_bare"] = r["job_steady_items_s"] / r["bare_items_s"]
+            results[kind] = r
+            print(
+                f"{kind:7s} {n:5d} items | loop {r['loop_items_s']:7.1f}/s | bare encoder "
+                f"{r['bare_items_s']:7.1f}/s | job {r['job_items_s']:7.1f}/s "
+                f"(steady {r['job_steady_items_s']:7.1f}/s)\n"
+                f"        job/loop {r['job_vs_loop']:.2f}x (steady {r['job_steady_vs_loop']:.2f}x)"
+                f" | job/bare {r['job_vs_bare']:.2f}x (steady {r['job_steady_vs_bare']:.2f}x)"
+                f" | peak RSS: {r['peak_rss_sum_mb']:.0f} MB all processes, "
+                f"{r['peak_rss_proc_mb']:.0f} MB largest process"
+            )
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
+        ray.shutdown()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

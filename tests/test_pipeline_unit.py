@@ -1,0 +1,254 @@
+"""The embedding job's pieces without Ray: config errors, planning and listing, ids, part
+writing and shard commits, the output lock (local and S3), refusal of a mismatched output."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest_pipeline import Writer, files_corpus, manifest_corpus, webdataset_corpus
+
+from pipelines.config import ConfigError, load_config
+from pipelines.embed import OutputMismatch, main, run_job
+from pipelines.lock import LOCK_KEY, OutputLock, OutputLocked
+from pipelines.readers import list_items, plan_job
+from pipelines.writers import (
+    ITEM_SCHEMA,
+    STATUS_EOS,
+    STATUS_ERROR,
+    STATUS_OK,
+    Output,
+    commit_shard,
+    embedding_type,
+    encoded_schema,
+    write_parts,
+)
+
+# ----------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"encoder_defaults.batch_size": 0}, "encoder_defaults.batch_size"),
+        ({"encoders.vision.bach_size": 3}, "encoders.vision.bach_size"),
+        ({"encoders.text.min_actors": 4, "encoders.text.max_actors": 2}, "encoders.text"),
+        ({"preset": "gigantic"}, "preset"),
+        ({"format": "zip"}, "format"),
+        ({"preprocess.limits": {"max_pixel": 10}}, "preprocess.limits"),
+        ({"encoders.smell.batch_size": 3}, "encoders.smell"),
+    ],
+)
+def test_bad_config_names_the_field(overrides, named):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, {"input": "in", "output": "out", **overrides})
+    assert named in str(e.value)
+
+
+def test_missing_field_and_yaml_errors(tmp_path):
+    with pytest.raises(ConfigError, match="output: required field is missing"):
+        load_config(None, {"input": "x"})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("input: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(str(tmp_path / "nope.yaml"))
+
+
+def test_encoder_overrides_merge_with_defaults():
+    cfg = load_config(
+        None,
+        {
+            "input": "i",
+            "output": "o",
+            "encoder_defaults.batch_size": 7,
+            "encoder_defaults.num_cpus": 0.5,
+            "encoders.vision.num_gpus": 1,
+        },
+    )
+    v = cfg.encoder("vision")
+    assert (v.batch_size, v.num_cpus, v.num_gpus) == (7, 0.5, 1)
+    assert cfg.encoder("text").num_gpus == 0
+
+
+def test_cli_bad_flag_exit_code_and_message(capsys):
+    rc = main(["--input", "a", "--output", "b", "--set", "encoder_defaults.max_actors=-1"])
+    assert rc == 2
+    assert "encoder_defaults.max_actors" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def test_dry_run_prints_the_plan(tmp_path, capsys):
+    corpus = files_corpus(Writer(str(tmp_path)))
+    rc = main(
+        [
+            *("--input", corpus.input, "--output", str(tmp_path / "out"), "--preset", "tiny"),
+            *("--set", "files.files_per_shard=4", "--dry-run"),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "format files" in out and "3 to do" in out
+    assert "audio 1, text 4, vision 5" in out
+    assert "skipped: 1 files" in out
+    assert "encoder vision" in out
+    assert not (tmp_path / "out").exists(), "a dry run writes nothing"
+
+
+def test_listing_reads_no_payload_and_ids_are_stable(tmp_path, monkeypatch):
+    w = Writer(str(tmp_path))
+    wds = webdataset_corpus(w)
+    man = manifest_corpus(w)
+
+    def refuse(*a, **k):
+        raise AssertionError("payload read while listing")
+
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", refuse)
+    monkeypatch.setattr("imagebind_core.read_bytes", refuse)
+    cfg = load_config(None, {"input": wds.input, "output": str(tmp_path / "o"), "preset": "tiny"})
+    rows = list_items(cfg)
+    assert sorted(rows.column("id").to_pylist()) == sorted([*wds.good, *wds.bad])
+    assert all("#" in fp for fp in rows.column("fingerprint").to_pylist())
+    assert list_items(cfg).equals(rows)  # same listing twice: ids and fingerprints stable
+
+    cfg = load_config(None, {"input": man.input, "output": str(tmp_path / "o"), "preset": "tiny"})
+    rows = {r["id"]: r for r in list_items(cfg).to_pylist()}
+    assert set(rows) == set(man.good) | set(man.bad)
+    assert rows["a3"]["error"].startswith("object not found")
+    assert rows["a4"]["modality"] == "invalid"
+    assert rows["a2"]["fingerprint"].startswith("sha256:")
+    assert rows["a0"]["fingerprint"].startswith("stat:")
+    assert rows["a0"]["uri"] == os.path.join(str(tmp_path), "media", "m0.png")
+
+
+def test_files_shards_are_stable_across_runs(tmp_path):
+    corpus = files_corpus(Writer(str(tmp_path)))
+    cfg = load_config(
+        None, {"input": corpus.input, "output": str(tmp_path / "o"), "files.files_per_shard": 2}
+    )
+    first = plan_job(cfg)
+    # New files after the first run must not move existing files to other shards.
+    Writer(str(tmp_path)).put("files/img/new.png", b"x")
+    again = plan_job(cfg, files_shards=first.files_shards)
+    old = {it["id"]: s.name for s in first.shards for v in s.items.values() for it in v}
+    new = {it["id"]: s.name for s in again.shards for v in s.items.values() for it in v}
+    assert all(new[i] == old[i] for i in old)
+
+
+# ----------------------------------------------------------------------------- parts + commit
+
+
+def _encoded(rows: list[dict], dim: int = 4) -> pa.Table:
+    base = {f.name: [r.get(f.name) for r in rows] for f in ITEM_SCHEMA if f.name != "data"}
+    emb = [r.get("embedding") for r in rows]
+    return pa.table(
+        {**base, "embedding": pa.array(emb, embedding_type(dim))}, schema=encoded_schema(dim)
+    )
+
+
+def test_parts_are_idempotent_and_commit_dedupes(tmp_path):
+    out = str(tmp_path / "out")
+
+    def row(i, status=STATUS_OK):
+        return {
+            "id": f"x{i}",
+            "uri": f"u{i}",
+            "modality": "text",
+            "shard": "s",
+            "branch": "text",
+            "status": status,
+            "error": "bad" if status == STATUS_ERROR else None,
+            "embedding": [float(i)] * 4 if status == STATUS_OK else None,
+            "fingerprint": f"f{i}",
+        }
+
+    block = _encoded([row(0), row(1), row(2, STATUS_ERROR)])
+    s1 = write_parts(block, out, None, 4)
+    s2 = write_parts(block, out, None, 4)  # a retried task: same part name, no copy
+    assert s1.equals(s2)
+    assert len(os.listdir(tmp_path / "out" / "_parts" / "s")) == 1
+    # Another block repeats x1 (e.g. re-executed upstream) and carries the end marker.
+    eos = {"id": "s#eos", "shard": "s", "modality": "text", "branch": "text"}
+    summary = write_parts(
+        _encoded([row(1), row(3), {**eos, "status": STATUS_EOS, "count": 4}]), out, None, 4
+    )
+    assert summary.column("expected").to_pylist() == [4]
+    meta = {"imagebind.preset": "tiny"}
+    res = commit_shard(out, "s", None, 4, meta)
+    assert res == {"shard": "s", "ok": 3, "errors": 1}
+    emb = pq.read_table(tmp_path / "out" / "s.parquet")
+    assert emb.column("id").to_pylist() == ["x0", "x1", "x3"]
+    assert emb.schema.metadata[b"imagebind.preset"] == b"tiny"
+    np.testing.assert_array_equal(emb.column("embedding").to_pylist()[2], [3.0] * 4)
+    err = pq.read_table(tmp_path / "out" / "_errors" / "s.parquet")
+    assert err.column("id").to_pylist() == ["x2"] and err.column("error").to_pylist() == ["bad"]
+    assert not (tmp_path / "out" / "_parts" / "s").exists()
+    assert Output(out).committed_shards() == {"s"}
+
+
+def test_output_started_by_another_model_is_refused(tmp_path):
+    corpus = files_corpus(Writer(str(tmp_path)))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "_job.json").write_text(
+        json.dumps({"key": {"input": corpus.input, "format": "files", "preset": "base"}})
+    )
+    cfg = load_config(None, {"input": corpus.input, "output": str(out), "preset": "tiny"})
+    with pytest.raises(OutputMismatch, match="preset: 'base' -> 'tiny'"):
+        run_job(cfg)
+    assert not (out / LOCK_KEY).exists(), "the lock is released on refusal"
+
+
+# ----------------------------------------------------------------------------- lock
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_lock_refuses_a_second_run_and_recovers_stale_locks(tmp_path):
+    out = str(tmp_path / "out")
+    with (
+        OutputLock(out, ttl_s=60),
+        pytest.raises(OutputLocked, match="being written by another run"),
+    ):
+        OutputLock(out, ttl_s=60).acquire()
+    assert not os.path.exists(os.path.join(out, LOCK_KEY))
+    # A lock left by a process of this host that is gone (kill -9): recovered at once.
+    doc = {"host": socket.gethostname(), "pid": _dead_pid(), "expires_at": time.time() + 600}
+    with open(os.path.join(out, LOCK_KEY), "w") as f:
+        json.dump(doc, f)
+    with OutputLock(out, ttl_s=60) as lock:
+        assert lock.etag is not None
+    # A lock of another host whose lease expired: recovered; a live one: refused.
+    for expires, ok in ((time.time() - 1, True), (time.time() + 600, False)):
+        with open(os.path.join(out, LOCK_KEY), "w") as f:
+            json.dump({"host": "elsewhere", "pid": 1, "expires_at": expires}, f)
+        if ok:
+            OutputLock(out, ttl_s=60).acquire().release()
+        else:
+            with pytest.raises(OutputLocked):
+                OutputLock(out, ttl_s=60).acquire()
+
+
+def test_lock_on_s3(s3_server):
+    bucket = s3_server.create_bucket(f"lock-{uuid.uuid4().hex[:6]}")
+    out = f"s3://{bucket}/out"
+    with OutputLock(out, s3_server.storage_options, ttl_s=60), pytest.raises(OutputLocked):
+        OutputLock(out, s3_server.storage_options, ttl_s=60).acquire()
+    OutputLock(out, s3_server.storage_options, ttl_s=60).acquire().release()
