@@ -36,6 +36,8 @@ def test_model_modality_and_unknown_kind() -> None:
         P.preprocess("smell", b"x")
     with pytest.raises(TypeError, match="unknown audio preprocessing option"):
         P.preprocess("audio", media.make_wav(1.0), mean_subtract="x")
+    with pytest.raises(P.PreprocessOptionError, match="mean_subtraction must be"):
+        P.preprocess("audio", media.make_wav(1.0), mean_subtraction="x")
 
 
 def test_collate_keeps_clip_axis_and_refuses_mixed_shapes() -> None:

@@ -116,3 +116,12 @@ def test_long_files_are_read_only_where_clips_are(monkeypatch) -> None:
     assert sum(read) < 0.2 * 60 * 22050  # three 2 s clips (+ margins) of a 60 s file
     whole = P.preprocess_audio(*P.decode_audio(data))
     assert torch.equal(lazy, whole)
+
+
+def test_mp3_via_libsndfile_ranges_matches_ffmpeg_whole_decode() -> None:
+    import imagebind_core.preprocess.audio as A
+
+    data = media.make_mp3(10.0, 44100, 2, seed=5)
+    via_ranges = P.preprocess("audio", data)
+    via_ffmpeg = P.preprocess_audio(*A._decode_pyav(data, P.Limits()))
+    assert (via_ranges - via_ffmpeg).abs().max() < 1e-2

@@ -19,7 +19,12 @@ from imagebind_core.preprocess.api import (
     model_modality,
     preprocess,
 )
-from imagebind_core.preprocess.common import DEFAULT_LIMITS, PREPROCESS_VERSION, Limits
+from imagebind_core.preprocess.common import (
+    DEFAULT_LIMITS,
+    PREPROCESS_VERSION,
+    Limits,
+    PreprocessOptionError,
+)
 
 _LAZY: dict[str, str] = {
     # still images
@@ -62,6 +67,7 @@ __all__ = [
     "KINDS",
     "PREPROCESS_VERSION",
     "Limits",
+    "PreprocessOptionError",
     "collate",
     "infer_kind",
     "model_modality",

@@ -12,7 +12,7 @@ import torch
 
 from imagebind_core.config import Modality
 from imagebind_core.errors import InvalidInput
-from imagebind_core.preprocess.common import DEFAULT_LIMITS, Limits
+from imagebind_core.preprocess.common import DEFAULT_LIMITS, Limits, PreprocessOptionError
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +72,8 @@ def preprocess(
         item_id: named in the error if the item is bad.
         limits: hard limits (`Limits()` by default).
         **options: per-modality config overrides, e.g. `mean_subtraction="per_clip"` for audio,
-            `input="disparity"` for depth (see docs/preprocessing.md); unknown names raise
-            TypeError.
+            `input="disparity"` for depth (see docs/preprocessing.md); unknown names or
+            invalid values raise `PreprocessOptionError` (a TypeError).
 
     Returns:
         vision (3,224,224) float32; video (15,3,2,224,224) float32; text (77,) int64;
@@ -88,7 +88,7 @@ def preprocess(
         return fn(data, limits or DEFAULT_LIMITS, **options)
     except InvalidInput as e:
         raise e.with_id(item_id) from e.__cause__
-    except TypeError:
+    except PreprocessOptionError:
         raise
     except (Exception, MemoryError) as e:
         logger.exception("unexpected error preprocessing %s item %r", k, item_id)

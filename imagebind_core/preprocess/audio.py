@@ -6,9 +6,9 @@ clip subtract the clip mean *in place* (see `AudioConfig.mean_subtraction`), Kal
 channel 0 (128 mel bins, 25 ms Hann windows, 10 ms hop, no dither), zero-pad or cut to 204
 frames, then (x + 4.268) / 9.138.
 
-Decoding: WAV/FLAC/Ogg/AIFF through libsndfile (soundfile) — the same float values torchaudio
-gives for PCM; MP3, M4A/AAC and anything else through PyAV (FFmpeg, what current torchaudio
-decodes with).
+Decoding: WAV/FLAC/Ogg/AIFF/MP3 through libsndfile (soundfile) — the same float values
+torchaudio gives for PCM; M4A/AAC and anything else (or anything libsndfile rejects) through
+PyAV (FFmpeg, what current torchaudio decodes with).
 """
 
 from __future__ import annotations
@@ -78,6 +78,13 @@ AUDIO = AudioConfig()
 
 # Containers libsndfile reads; everything else goes to PyAV.
 _SNDFILE_MAGIC = (b"RIFF", b"RF64", b"fLaC", b"OggS", b"FORM")
+
+
+def _looks_like_mp3(data: bytes) -> bool:
+    """An ID3 tag or an MPEG audio frame sync at the start. libsndfile (mpg123) decodes MP3 to
+    within 2e-6 of FFmpeg with the same length, and seeks sample-accurately, so MP3 gets the
+    read-only-the-clips path too."""
+    return data[:3] == b"ID3" or (len(data) > 1 and data[0] == 0xFF and data[1] & 0xE0 == 0xE0)
 
 
 def _wav_declared_vs_present(data: bytes) -> tuple[int, int] | None:
@@ -236,9 +243,10 @@ def _decode_pyav(data: bytes, limits: Limits) -> tuple[np.ndarray, int]:
 def decode_audio(data: bytes, limits: Limits = DEFAULT_LIMITS) -> tuple[np.ndarray, int]:
     """Decode encoded audio into (waveform float32 (channels, samples) in [-1, 1], sample rate).
 
-    WAV, FLAC, Ogg/Vorbis/Opus, AIFF via libsndfile; MP3, M4A/AAC and other FFmpeg formats via
-    PyAV. Declared sizes are checked before decoding (a WAV header that claims more data than
-    the file holds, or hours of audio, is refused without reading samples).
+    WAV, FLAC, Ogg/Vorbis/Opus, AIFF, MP3 via libsndfile; M4A/AAC and other FFmpeg formats
+    (or files libsndfile rejects) via PyAV. Declared sizes are checked before decoding (a WAV
+    header that claims more data than the file holds, or hours of audio, is refused without
+    reading samples).
 
     Raises:
         InvalidInput: empty, undecodable, truncated, no audio stream, over the duration /
@@ -256,7 +264,7 @@ def decode_audio(data: bytes, limits: Limits = DEFAULT_LIMITS) -> tuple[np.ndarr
 def _open_source(data: bytes, limits: Limits) -> _SndfileSource | tuple[np.ndarray, int]:
     """A lazily read libsndfile source, or a whole (waveform, rate) decoded by PyAV."""
     data = as_bytes(KIND, data, limits)
-    if data[:4] in _SNDFILE_MAGIC:
+    if data[:4] in _SNDFILE_MAGIC or _looks_like_mp3(data):
         try:
             return _SndfileSource(data, limits)
         except InvalidInput as e:

@@ -140,12 +140,23 @@ class Deadline:
             )
 
 
+class PreprocessOptionError(TypeError):
+    """An option passed to `preprocess` that the modality does not have, or an invalid value:
+    a caller's programming error, not bad input data."""
+
+
 def replace_config(cfg: Any, options: dict[str, Any], kind: str) -> Any:
-    """`cfg` with `options` applied as field overrides; unknown names raise TypeError."""
+    """`cfg` with `options` applied as field overrides; unknown names or invalid values raise
+    `PreprocessOptionError` (a TypeError)."""
     if not options:
         return cfg
     names = {f.name for f in dataclasses.fields(cfg)}
     unknown = sorted(set(options) - names)
     if unknown:
-        raise TypeError(f"unknown {kind} preprocessing option(s) {unknown}; known: {sorted(names)}")
-    return dataclasses.replace(cfg, **options)
+        raise PreprocessOptionError(
+            f"unknown {kind} preprocessing option(s) {unknown}; known: {sorted(names)}"
+        )
+    try:
+        return dataclasses.replace(cfg, **options)
+    except ValueError as e:
+        raise PreprocessOptionError(f"invalid {kind} preprocessing option: {e}") from None
