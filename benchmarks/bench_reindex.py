@@ -9,12 +9,14 @@ short while the `base` model is still the work; the code path is the same for ev
 1. first build (everything embedded; warms Ray Data up);
 2. modify 1% of the items and re-index (the incremental run);
 3. no change, re-index (nothing published: the cost of listing + diffing);
-4. delete one item and re-index (publishes without embedding: carry-forward + index + publish,
-   i.e. the fixed overhead of a publishing run without Ray Data);
-5. full re-embed of the same corpus (`index.full`), the baseline.
+4. delete one item and re-index (publishes without embedding: carry-forward + index + publish);
+5. change one item and re-index: the fixed overhead of a run that embeds anything (Ray Data
+   start-up, encoder actor start and model construction, shard commit, index build, publish);
+6. full re-embed of the same corpus (`index.full`), the baseline.
 
-Prints each time and the ratio incremental / full, and the incremental run's overhead beyond its
-share of the full run: `t_inc - changed_fraction * t_full`. Times are never compared across runs.
+Prints each time with the job's own phase timings (from the version record), the ratio
+incremental / full, and whether incremental <= 5% of full + the fixed overhead of step 5.
+Times are never compared across runs.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import os
 import shutil
 import time
 
+from pipelines.publish import IndexRoot
 from pipelines.reindex import load_reindex_config, reindex
 
 WORDS = [
@@ -102,7 +105,12 @@ def main() -> None:
         t = time.perf_counter()
         r = reindex(c)
         dt = time.perf_counter() - t
-        print(f"{label:34s} {dt:8.1f} s  {r.status:9s} {json.dumps(r.counts)}", flush=True)
+        phases = ""
+        if r.status == "published":
+            rec = IndexRoot(c.index.root).read_record(r.name)
+            phases = " ".join(f"{k[:-2]}={v:.1f}" for k, v in rec["timings_s"].items())
+        counts = {k: v for k, v in r.counts.items() if v}
+        print(f"{label:34s} {dt:7.1f} s {r.status:9s} {json.dumps(counts)}  [{phases}]", flush=True)
         return dt
 
     print(f"corpus: {a.n} captions, preset {a.preset}, {a.changed:.1%} changed")
@@ -115,17 +123,20 @@ def main() -> None:
     t_noop = run("3. no change (publishes nothing)")
     os.remove(os.path.join(corpus, f"cap{a.n - 1:06d}.txt"))
     t_del = run("4. one deletion (no embedding)")
-    t_full = run("5. full re-embed (baseline)", cfg_full)
-    frac = k / a.n
-    budget = 0.05 * t_full + t_del
+    with open(os.path.join(corpus, f"cap{a.n - 2:06d}.txt"), "w") as f:
+        f.write(caption(a.n, salt=2))
+    t_one = run("5. one item changed (fixed cost)")
+    t_full = run("6. full re-embed (baseline)", cfg_full)
+    budget = 0.05 * t_full + t_one
     print(f"incremental / full = {t_inc / t_full:.3f}")
     print(
-        f"target: incremental <= 5% of full + fixed overhead (the publishing run without "
-        f"embedding, {t_del:.1f} s) = {budget:.1f} s -> {'met' if t_inc <= budget else 'NOT met'}"
+        f"target: incremental <= 5% of full + fixed overhead (one-item run, {t_one:.1f} s) = "
+        f"{budget:.1f} s -> {'met' if t_inc <= budget else 'NOT met'}"
     )
     print(
-        f"incremental overhead beyond its {frac:.1%} share of the full run: "
-        f"{t_inc - frac * t_full:.1f} s (no-change run: {t_noop:.1f} s)"
+        f"incremental beyond the fixed overhead: {t_inc - t_one:.1f} s = "
+        f"{(t_inc - t_one) / t_full:.2%} of full; no-change run {t_noop:.1f} s, "
+        f"deletion-only run {t_del:.1f} s"
     )
 
 

@@ -446,7 +446,6 @@ def _run_locked(cfg: ReindexConfig, ir: IndexRoot, lock: OutputLock) -> ReindexR
     data_uri = join_uri(vuri, DATA_DIR)
     logger.info("staging version %s", name)
     t = time.perf_counter()
-    failed = 0
     if diff.to_embed.num_rows:
         embed_items(cfg.job, diff.to_embed, output=join_uri(data_uri, EMBEDDED_DIR))
     timings["embed_s"] = time.perf_counter() - t

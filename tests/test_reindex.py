@@ -234,8 +234,12 @@ def test_diff_and_lineage_rules():
     ]
 
 
-def test_bad_config_names_the_field():
+def test_bad_config_names_the_field(capsys):
     from pipelines.config import ConfigError
+    from pipelines.reindex import main
+
+    assert main(["--index-root", "/tmp/nowhere"]) == 2  # no input
+    assert "input" in capsys.readouterr().err
 
     with pytest.raises(ConfigError, match=r"index\.root"):
         load_reindex_config(None, {"input": "/tmp/x"})
