@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 _URI_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _TIME_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
 TIMEOUT_HEADER = "x-request-timeout"
+_INLINE_TEXT_CHARS = 2048
 
 
 class APIError(Exception):
@@ -327,11 +328,22 @@ class EmbeddingService:
         """Preprocess every input on the pool; the lowest-index bad input -> 400."""
         import imagebind_core as ibc
 
-        loop = asyncio.get_running_loop()
-        futs = [
-            loop.run_in_executor(self._pool, self.prepare, kind, i, v) for i, v in enumerate(inputs)
-        ]
-        results = await asyncio.gather(*futs, return_exceptions=True)
+        if kind == "text" and sum(map(len, inputs)) <= _INLINE_TEXT_CHARS:
+            # Tokenising a few short texts takes microseconds: cheaper on the event loop than
+            # two thread hand-offs, which cost milliseconds on a busy machine.
+            results: list[Any] = []
+            for i, v in enumerate(inputs):
+                try:
+                    results.append(self.prepare(kind, i, v))
+                except Exception as e:
+                    results.append(e)
+        else:
+            loop = asyncio.get_running_loop()
+            futs = [
+                loop.run_in_executor(self._pool, self.prepare, kind, i, v)
+                for i, v in enumerate(inputs)
+            ]
+            results = await asyncio.gather(*futs, return_exceptions=True)
         arrays, tokens = [], 0
         for i, r in enumerate(results):
             if isinstance(r, APIError):
@@ -444,7 +456,9 @@ class EmbeddingService:
             try:
                 async with asyncio.timeout(deadline):
                     arrays, tokens = await self.prepare_all(kind, inputs)
+                    t_enc = time.perf_counter()
                     vectors = await self.encode(kind, arrays, req.normalize)
+                    t_enc = time.perf_counter() - t_enc
             except TimeoutError:
                 raise APIError(
                     504,
@@ -469,7 +483,13 @@ class EmbeddingService:
                 usage=Usage(prompt_tokens=tokens, total_tokens=tokens),
             )
             status = 200
-            return JSONResponse(resp.model_dump())
+            # Like OpenAI's `openai-processing-ms`: time spent inside the ingress, and the part
+            # of it waiting for the encoders (queue + batch + model).
+            headers = {
+                "x-processing-ms": f"{1000 * (time.perf_counter() - t0):.1f}",
+                "x-encode-ms": f"{1000 * t_enc:.1f}",
+            }
+            return JSONResponse(resp.model_dump(), headers=headers)
         except APIError as e:
             status = e.status
             raise
@@ -592,7 +612,12 @@ class EmbeddingService:
         if self.search_index is not None:
             probes.append(probe("search", self.search_index.info.remote()))
         states = dict(await asyncio.gather(*probes))
-        ready = all(states.values())
+        # An encoder allowed to scale to zero has no replica to answer while idle; gating on it
+        # would keep traffic (and so the scale-up) away forever.
+        optional = {
+            f"encoder-{m}" for m in self.encoders if self.args.encoder_options(m).min_replicas == 0
+        }
+        ready = all(ok for name, ok in states.items() if name not in optional)
         body = {"ready": ready, "deployments": states}
         return JSONResponse(body, status_code=200 if ready else 503)
 

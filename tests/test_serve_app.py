@@ -214,6 +214,43 @@ def test_concurrent_requests_of_different_modalities(apps, direct):
         np.testing.assert_allclose(vectors(resp), expected[kind], rtol=1e-5, atol=1e-5)
 
 
+def test_prometheus_metrics(apps, client):
+    """Per-modality counts, batch sizes, queue and compute time reach Ray's Prometheus export."""
+    import ray
+
+    node = ray.nodes()[0]
+    url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    want = [
+        "ray_imagebind_requests_total{",
+        "ray_imagebind_inputs_total{",
+        "ray_imagebind_request_seconds_bucket{",
+        "ray_imagebind_preprocess_seconds_bucket{",
+        "ray_imagebind_encoder_items_total{",
+        "ray_imagebind_encoder_batch_size_bucket{",
+        "ray_imagebind_encoder_queue_seconds_bucket{",
+        "ray_imagebind_encoder_compute_seconds_bucket{",
+    ]
+    assert embed(client, "count me").status_code == 200
+    deadline = time.time() + 60  # metrics are pushed to the exporter every few seconds
+    while True:
+        lines = httpx.get(url, timeout=10).text.splitlines()
+        mine = [ln for ln in lines if ln.startswith("ray_imagebind_")]
+        missing = [w for w in want if not any(ln.startswith(w) for ln in mine)]
+        if not missing or time.time() > deadline:
+            break
+        time.sleep(2)
+    assert not missing, (missing, mine[:20])
+    text_requests = [
+        ln
+        for ln in mine
+        if ln.startswith("ray_imagebind_requests_total{")
+        and 'modality="text"' in ln
+        and 'status="200"' in ln
+    ]
+    assert text_requests and float(text_requests[0].rsplit(" ", 1)[1]) >= 1
+    assert any('modality="vision"' in ln for ln in mine if "encoder_batch_size" in ln)
+
+
 # --------------------------------------------------------------------------- object storage
 
 
