@@ -23,14 +23,18 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-import imagebind_core as ibc  # noqa: E402
-from imagebind_core.config import (  # noqa: E402
+import imagebind_core as ibc
+from imagebind_core.config import (
     BASE_REFERENCE_KWARGS,
     HUGE_REFERENCE_KWARGS,
     TINY_REFERENCE_KWARGS,
 )
 
-KWARGS = {"huge": HUGE_REFERENCE_KWARGS, "base": BASE_REFERENCE_KWARGS, "tiny": TINY_REFERENCE_KWARGS}
+KWARGS = {
+    "huge": HUGE_REFERENCE_KWARGS,
+    "base": BASE_REFERENCE_KWARGS,
+    "tiny": TINY_REFERENCE_KWARGS,
+}
 
 
 def make_inputs(modality: str, batch: int) -> torch.Tensor:
