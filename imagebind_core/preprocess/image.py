@@ -87,6 +87,13 @@ def load_pixels(kind: str, im: Image.Image) -> None:
         im.load()
 
 
+def _decode_rgb(data: bytes, limits: Limits) -> Image.Image:
+    im = open_image("vision", data, limits)
+    load_pixels("vision", im)
+    with decoding("vision", "image"):
+        return im if im.mode == "RGB" else im.convert("RGB")  # convert() would copy RGB
+
+
 def decode_image(data: bytes, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
     """Decode an encoded image into an RGB uint8 array of shape (H, W, 3).
 
@@ -98,12 +105,7 @@ def decode_image(data: bytes, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
     Raises:
         InvalidInput: empty, unsupported, truncated, corrupt, or over `limits.max_pixels`.
     """
-    im = open_image("vision", data, limits)
-    load_pixels("vision", im)
-    with decoding("vision", "image"):
-        rgb = im if im.mode == "RGB" else im.convert("RGB")  # convert() would copy RGB
-        arr = np.asarray(rgb)
-    return arr
+    return np.asarray(_decode_rgb(data, limits))
 
 
 def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
@@ -137,7 +139,11 @@ def preprocess_image(image: np.ndarray, cfg: ImageConfig = IMAGE) -> torch.Tenso
     """
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise InvalidInput("vision", f"expected an RGB uint8 (H, W, 3) array, got {image.shape}")
-    im = resize_center_crop(Image.fromarray(image, "RGB"), cfg.size)
+    return _to_model_input(Image.fromarray(image, "RGB"), cfg)
+
+
+def _to_model_input(im: Image.Image, cfg: ImageConfig) -> torch.Tensor:
+    im = resize_center_crop(im, cfg.size)
     x = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).contiguous()  # (3,H,W)
     x = x.to(torch.float32).div(255)
     mean = torch.tensor(cfg.mean, dtype=torch.float32)[:, None, None]
@@ -148,5 +154,7 @@ def preprocess_image(image: np.ndarray, cfg: ImageConfig = IMAGE) -> torch.Tenso
 def image_from_bytes(
     data: bytes, limits: Limits = DEFAULT_LIMITS, **options: object
 ) -> torch.Tensor:
-    """`preprocess("vision", data)`: decode + preprocess one still image."""
-    return preprocess_image(decode_image(data, limits), replace_config(IMAGE, options, "vision"))
+    """`preprocess("vision", data)`: decode + preprocess one still image (the decoded PIL image
+    goes straight to the resize, without a round trip through an array)."""
+    cfg = replace_config(IMAGE, options, "vision")
+    return _to_model_input(_decode_rgb(data, limits), cfg)
