@@ -287,19 +287,30 @@ def main() -> None:
         print(
             f"\n## {kind}: concurrency 1, {pair['pairs']} alternating pairs: direct p50 "
             f"{pair['direct_p50_ms']:.1f} ms, served p50 {pair['served_p50_ms']:.1f} ms, "
-            f"overhead p50 {pair['overhead_p50_ms']:.1f} ms",
+            f"overhead p50 {pair['overhead_p50_ms']:.1f} ms (load average "
+            f"{os.getloadavg()[0]:.1f})",
             flush=True,
         )
-        print(f"in-process: {before:.2f} items/s at batch {a.max_batch_size}", flush=True)
-        print(f"{'conc':>5} {'items/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'vs in-proc':>10} errors")
+        print(
+            f"in-process: {before:.2f} items/s at batch {a.max_batch_size} "
+            f"(load average {os.getloadavg()[0]:.1f})",
+            flush=True,
+        )
+        print(
+            f"{'conc':>5} {'items/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'vs in-proc':>10} "
+            f"{'load':>5} errors"
+        )
         rows = []
         for c in levels:
             r = asyncio.run(load(url, kind, c, a.warmup, a.window))
             r["vs_inproc"] = r["items_s"] / before
+            # 1-minute load average after the window: on a shared machine, the context of
+            # every figure (the ratios only mean something when it stayed about the same).
+            r["loadavg"] = os.getloadavg()[0]
             rows.append(r)
             print(
                 f"{c:>5} {r['items_s']:>9.2f} {r['p50_ms']:>9.1f} {r['p99_ms']:>9.1f} "
-                f"{r['vs_inproc']:>10.2f} {r['errors'] or ''}",
+                f"{r['vs_inproc']:>10.2f} {r['loadavg']:>5.1f} {r['errors'] or ''}",
                 flush=True,
             )
         after = direct.throughput(a.max_batch_size, a.baseline_s)

@@ -305,6 +305,14 @@ class AppArgs(BaseModel):
         _split_csv
     )
 
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, v: str) -> str:
+        from imagebind_core.config import get_config
+
+        get_config(v)  # raises naming the known presets
+        return v
+
     @field_validator("modalities")
     @classmethod
     def _nonempty(cls, v: list[str]) -> list[str]:

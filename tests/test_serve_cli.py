@@ -53,6 +53,21 @@ def test_rayservice_manifest_args_validate():
         AppArgs.model_validate(a.args)
 
 
+def test_command_line_args_build_the_app():
+    """`serve run serve.app:app preset=tiny modalities=text,vision` hands Serve these strings."""
+    from ray.serve import Application
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    from serve.app import app as builder
+
+    built = call_user_app_builder_with_args_if_necessary(
+        builder, {"preset": "tiny", "modalities": "text,video", "max_inputs": "8"}
+    )
+    assert isinstance(built, Application)
+    with pytest.raises(Exception, match="preset"):
+        call_user_app_builder_with_args_if_necessary(builder, {"presett": "tiny"})
+
+
 def test_bad_args_fail_with_a_sentence():
     from pydantic import ValidationError
 
@@ -62,6 +77,8 @@ def test_bad_args_fail_with_a_sentence():
         AppArgs(encoder={"max_batch_size": 64, "max_ongoing_requests": 8})
     with pytest.raises(ValidationError, match=r"encoders\.vision"):
         AppArgs(encoders={"vision": {"max_replicas": 0}})
+    with pytest.raises(ValidationError, match="unknown preset 'hugh'"):
+        AppArgs(preset="hugh")
     with pytest.raises(ValidationError, match="asks for no GPU"):
         AppArgs(device="cuda")
     with pytest.raises(ValidationError, match="modalities"):
