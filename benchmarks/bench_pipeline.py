@@ -8,7 +8,8 @@ For each kind (images, texts) on a generated corpus:
 - bare:  the encoder alone on pre-decoded, pre-collated tensors (the ceiling: an encoder that
          never starves);
 - job:   `run_job` on local Ray (Ray already started: `ray.init` is reported apart), timed
-         from planning to the last committed shard, and in steady state (first to last block).
+         from planning to the last committed shard; "steady" subtracts the time of a one-item
+         run of the same job (actor start-up, model build, one shard commit: the fixed cost).
 
 Prints items/s and the ratios job/loop and job/bare, and the job's peak resident memory (sum
 over the driver and every Ray process it started; shared pages count once per process, so
@@ -193,7 +194,7 @@ class RssSampler:
 def run_job_once(
     kind: str, folder: str, out: str, preset: str, batch: int, enc_cpus: float, threads: int
 ) -> dict:
-    """`run_job` on `folder`; seconds end to end and in steady state, items, peak RSS."""
+    """`run_job` on `folder`: seconds (planning to last commit), items, peak RSS."""
     import pipelines.embed as embed
     from pipelines.config import load_config
 
@@ -213,26 +214,13 @@ def run_job_once(
             "ray.progress_bars": False,
         },
     )
-    first_block: list[float] = []
-    orig = embed._Tracker.add
-
-    def add(self, summary):  # record when results start flowing (steady state begins)
-        if not first_block and summary.num_rows:
-            first_block.append(time.perf_counter())
-        return orig(self, summary)
-
-    embed._Tracker.add = add
-    try:
-        with RssSampler() as rss:
-            t0 = time.perf_counter()
-            summary = embed.run_job(cfg)
-            t1 = time.perf_counter()
-    finally:
-        embed._Tracker.add = orig
+    with RssSampler() as rss:
+        t0 = time.perf_counter()
+        summary = embed.run_job(cfg)
+        t1 = time.perf_counter()
     n = summary.ok.get(kind, 0) + summary.errors.get(kind, 0)
     return {
         "seconds": t1 - t0,
-        "steady_seconds": t1 - first_block[0] if first_block else float("nan"),
         "items": n,
         "peak_rss_sum_mb": rss.peak_sum / 2**20,
         "peak_rss_proc_mb": rss.peak_proc / 2**20,
@@ -270,22 +258,26 @@ def main() -> None:
             folder = folders[kind]
             loop_s, n = run_loop(kind, folder, args.preset, args.batch_size)
             bare_s, _ = run_bare(kind, folder, args.preset, args.batch_size)
-            job = run_job_once(
-                kind,
-                folder,
-                f"{tmp}/out-{kind}",
-                args.preset,
-                args.batch_size,
-                args.encoder_cpus,
-                args.threads,
-            )
+            # The job's fixed cost (actor start, model build, one shard): a one-item run.
+            one = f"{tmp}/one-{kind}"
+            os.makedirs(one)
+            first = _files(folder)[0]
+            shutil.copy(first, os.path.join(one, os.path.basename(first)))
+            common = (args.preset, args.batch_size, args.encoder_cpus, args.threads)
+            job1 = run_job_once(kind, one, f"{tmp}/out1-{kind}", *common)
+            job = run_job_once(kind, folder, f"{tmp}/out-{kind}", *common)
+            job["fixed_seconds"] = job1["seconds"]
             assert job["items"] == n, (job, n)
             r = {
                 "items": n,
                 "loop_items_s": n / loop_s,
                 "bare_items_s": n / bare_s,
                 "job_items_s": n / job["seconds"],
-                "job_steady_items_s": n / job["steady_seconds"],
+                # Throughput once running: (n - 1) items over the time beyond a 1-item run.
+                # Undefined (nan) when the fixed cost is nearly all of it (tiny models).
+                "job_steady_items_s": (n - 1) / extra
+                if (extra := job["seconds"] - job1["seconds"]) > 0.1 * job["seconds"]
+                else float("nan"),
                 **job,
             }
             r["job_vs_loop"] = r["job_items_s"] / r["loop_items_s"]

@@ -22,7 +22,7 @@ from conftest_pipeline import (
 
 import imagebind_core as ibc
 from pipelines.config import load_config
-from pipelines.embed import run_job
+from pipelines.embed import embed_items, run_job
 from pipelines.readers import list_items
 
 # Fractional resources: 3 kinds x (encoder + preprocessing) fit in the session's 4 CPUs.
@@ -130,6 +130,20 @@ def test_embed_end_to_end(fmt, location, tmp_path, ray_session, s3_server, tiny_
         zip(listed.column("id").to_pylist(), listed.column("fingerprint").to_pylist(), strict=True)
     )
     assert {i: listed_fp[i] for i in ids} == fps
+
+    if fmt == "webdataset" and location == "local":
+        # Re-indexing's entry point: embed only some listed rows (here two of one shard, one
+        # good and one bad) into another output; same ids, same values.
+        pick = sorted(ids)[:1] + sorted(corpus.bad)[:1]
+        mask = pa.array([i in pick for i in listed.column("id").to_pylist()])
+        sub = embed_items(cfg, listed.filter(mask), output=str(tmp_path / "subset"))
+        emb2, err2, _ = read_output(str(tmp_path / "subset"))
+        assert emb2.column("id").to_pylist() == pick[:1]
+        assert err2.column("id").to_pylist() == pick[1:]
+        np.testing.assert_allclose(
+            emb2.column("embedding").to_pylist()[0], want[pick[0]], atol=1e-5
+        )
+        assert sub.shards_committed == 1
 
     # A rerun finds everything committed and does nothing.
     again = run_job(cfg)
