@@ -273,9 +273,10 @@ def _wait_for(path: str, proc: subprocess.Popen, timeout: float = 240.0) -> None
         time.sleep(0.1)
 
 
-@pytest.fixture
-def published(ray_session, s3_server, tmp_path):
-    """A corpus with one published version; yields (config overrides, root, corpus)."""
+@pytest.fixture(scope="module")
+def published(ray_session, s3_server):
+    """A corpus with a published version, shared by the crash and race tests (each adds one
+    caption and checks what it publishes relative to the version it found)."""
     bucket = s3_server.create_bucket(f"rc-{uuid.uuid4().hex[:8]}")
     corpus = Corpus(s3_server, bucket)
     for i, t in enumerate(TEXTS[:3]):
