@@ -227,7 +227,7 @@ def main() -> None:
     p.add_argument("--kinds", default="text,vision", help="comma-separated: text, vision")
     p.add_argument("--concurrency", default="1,8,32,64", help="comma-separated client counts")
     p.add_argument("--max-batch-size", type=int, default=16, help="encoder max_batch_size")
-    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="batch_wait_timeout_s * 1000")
+    p.add_argument("--batch-wait-ms", type=float, default=0.0, help="batch_wait_timeout_s * 1000")
     p.add_argument(
         "--threads",
         type=int,
