@@ -360,6 +360,8 @@ def run_plan(cfg: JobConfig, plan: Plan, *, log_every_s: float = 10.0) -> JobSum
     output = Output(cfg.output, so)
     output.makedirs(output.root)
     lineage = model_lineage(cfg, plan.kinds)
+    if cfg.checkpoint is not None:  # every actor verifies the checkpoint the metadata names
+        cfg = cfg.model_copy(update={"checkpoint_sha256": lineage["imagebind.checkpoint_sha256"]})
     with OutputLock(cfg.output, so, ttl_s=cfg.lock_ttl_s) as lock:
         _check_record(output, cfg, plan, lineage)
         committed = output.committed_shards()

@@ -149,3 +149,54 @@ def test_embed_end_to_end(fmt, location, tmp_path, ray_session, s3_server, tiny_
     again = run_job(cfg)
     assert again.shards_committed == 0 and again.shards_skipped == summary.shards_total
     assert read_output(output, fs)[0].num_rows == emb.num_rows
+
+
+def test_checkpoint_from_s3_is_loaded_verified_and_recorded(tmp_path, ray_session, s3_server):
+    """The production path: weights from an object-store checkpoint (here a tiny model with
+    seed 1, saved in this package's layout), sha256 in the metadata, raw output on request."""
+    import hashlib
+    import io as _io
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = ibc.load_model(None, "tiny", device="cpu", seed=1)
+    buf = _io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    bucket = s3_server.create_bucket(f"ckpt-{uuid.uuid4().hex[:6]}")
+    fs = s3_server.filesystem()
+    fs.pipe(f"{bucket}/tiny.pth", buf.getvalue())
+    texts = {"t0": "a cat on a mat", "t1": "rain over the harbour"}
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "m.jsonl").write_text(
+        "".join(f'{{"id": "{k}", "modality": "text", "text": "{v}"}}\n' for k, v in texts.items())
+    )
+    cfg = load_config(
+        None,
+        {
+            **SMALL,
+            "input": str(tmp_path / "in"),
+            "output": str(tmp_path / "out"),
+            "checkpoint": f"s3://{bucket}/tiny.pth",
+            "normalize": False,
+            "storage.endpoint_url": s3_server.endpoint_url,
+            "storage.key": s3_server.key,
+            "storage.secret": s3_server.secret,
+            "storage.region": s3_server.region,
+        },
+    )
+    run_job(cfg)
+    emb, err, _ = read_output(str(tmp_path / "out"))
+    assert err.num_rows == 0
+    meta = emb.schema.metadata
+    assert (
+        meta[b"imagebind.checkpoint_sha256"].decode() == hashlib.sha256(buf.getvalue()).hexdigest()
+    )
+    assert meta[b"imagebind.normalize"] == b"false"
+    x = ibc.collate([ibc.preprocess("text", t) for t in texts.values()])
+    with torch.inference_mode():
+        want = model({"text": x})["text"].numpy()  # raw (not normalised)
+    got = dict(zip(emb.column("id").to_pylist(), emb.column("embedding").to_pylist(), strict=True))
+    np.testing.assert_allclose(np.array([got["t0"], got["t1"]]), want, rtol=1e-5, atol=1e-5)
