@@ -269,7 +269,7 @@ class JobSummary:
         for k in sorted(set(self.ok) | set(self.errors)):
             lines.append(
                 f"  {k:8s} {self.ok.get(k, 0):8d} embedded {self.errors.get(k, 0):6d} errors "
-                f"{self.items_per_s(k):9.1f} items/s"
+                f"{self.items_per_s(k):9.2f} items/s"
             )
         if not self.ok and not self.errors:
             lines.append("  nothing to do: every shard was already committed")
