@@ -192,7 +192,15 @@ class RssSampler:
 
 
 def run_job_once(
-    kind: str, folder: str, out: str, preset: str, batch: int, enc_cpus: float, threads: int
+    kind: str,
+    folder: str,
+    out: str,
+    preset: str,
+    batch: int,
+    enc_cpus: float,
+    threads: int,
+    preprocess_batch: int = 8,
+    files_per_shard: int = 32,
 ) -> dict:
     """`run_job` on `folder`: seconds (planning to last commit), items, peak RSS."""
     import pipelines.embed as embed
@@ -205,9 +213,9 @@ def run_job_once(
             "output": out,
             "format": "files",
             "preset": preset,
-            "files.files_per_shard": 32,
+            "files.files_per_shard": files_per_shard,
             "preprocess.num_cpus": 0.5,
-            "preprocess.batch_size": 8,
+            "preprocess.batch_size": preprocess_batch,
             "encoder_defaults.batch_size": batch,
             "encoder_defaults.num_cpus": enc_cpus,
             "encoder_defaults.torch_threads": threads,
@@ -236,6 +244,8 @@ def main() -> None:
     p.add_argument("--encoder-cpus", type=float, default=1.0, help="logical CPUs per actor")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     p.add_argument("--kinds", default="vision,text")
+    p.add_argument("--preprocess-batch", type=int, default=8, help="rows per preprocess task")
+    p.add_argument("--files-per-shard", type=int, default=32, help="input files per shard")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
 
@@ -263,7 +273,14 @@ def main() -> None:
             os.makedirs(one)
             first = _files(folder)[0]
             shutil.copy(first, os.path.join(one, os.path.basename(first)))
-            common = (args.preset, args.batch_size, args.encoder_cpus, args.threads)
+            common = (
+                args.preset,
+                args.batch_size,
+                args.encoder_cpus,
+                args.threads,
+                args.preprocess_batch,
+                args.files_per_shard,
+            )
             job1 = run_job_once(kind, one, f"{tmp}/out1-{kind}", *common)
             job = run_job_once(kind, folder, f"{tmp}/out-{kind}", *common)
             job["fixed_seconds"] = job1["seconds"]
