@@ -499,6 +499,49 @@ def _parse_set(values: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def add_job_arguments(p: argparse.ArgumentParser, set_example: str) -> None:
+    """Flags shared by `imagebind-embed` and `imagebind-reindex` (model, storage, Ray)."""
+    p.add_argument("--format", choices=["auto", "manifest", "webdataset", "files"])
+    p.add_argument("--preset", help="model preset: huge, base, tiny")
+    p.add_argument("--checkpoint", help="checkpoint path or URI (default: random weights)")
+    p.add_argument("--checkpoint-sha256", help="expected sha256 of the checkpoint")
+    p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (MinIO, moto, ...)")
+    p.add_argument("--s3-region", help="S3 region")
+    p.add_argument("--ray-address", help="Ray address: local (default), auto, host:port")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override any config field, e.g. --set {set_example}",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no Ray Data progress bars")
+    p.add_argument("--log-level", default="INFO")
+
+
+def job_overrides(args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any]:
+    """Config overrides from the shared flags, then `extra` (command-specific), then `--set`
+    (which wins). Logging is configured here too: both CLIs call this first."""
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    overrides: dict[str, Any] = {
+        "input": args.input,
+        "format": args.format,
+        "preset": args.preset,
+        "checkpoint": args.checkpoint,
+        "checkpoint_sha256": args.checkpoint_sha256,
+        "storage.endpoint_url": args.s3_endpoint,
+        "storage.region": args.s3_region,
+        "ray.address": args.ray_address,
+        **extra,
+    }
+    if args.no_progress:
+        overrides["ray.progress_bars"] = False
+    overrides.update(_parse_set(args.set))
+    return overrides
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="imagebind-embed",
@@ -508,28 +551,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML job config; flags override its fields")
     p.add_argument("--input", help="input URI: folder, prefix, glob, manifest or tar shard(s)")
     p.add_argument("--output", help="output URI (local folder or s3://bucket/prefix)")
-    p.add_argument("--format", choices=["auto", "manifest", "webdataset", "files"])
-    p.add_argument("--preset", help="model preset: huge, base, tiny")
-    p.add_argument("--checkpoint", help="checkpoint path or URI (default: random weights)")
-    p.add_argument("--checkpoint-sha256", help="expected sha256 of the checkpoint")
-    p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (MinIO, moto, ...)")
-    p.add_argument("--s3-region", help="S3 region")
+    add_job_arguments(p, "encoders.vision.max_actors=4")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="encoder dtype")
     p.add_argument("--batch-size", type=int, help="encoder batch size (every kind)")
     p.add_argument("--num-gpus", type=float, help="GPUs per encoder actor (every kind)")
     p.add_argument("--raw", action="store_true", help="store raw (unnormalised) embeddings")
-    p.add_argument("--ray-address", help="Ray address: local (default), auto, host:port")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override any config field, e.g. --set encoders.vision.max_actors=4",
-    )
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
-    p.add_argument("--no-progress", action="store_true", help="no Ray Data progress bars")
     p.add_argument("--json", action="store_true", help="print the final summary as JSON")
-    p.add_argument("--log-level", default="INFO")
     return p
 
 
@@ -537,29 +565,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point. Exit status: 0 done (item errors included), 2 bad config or
     input, 3 output locked or started by another job, 1 anything else."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     try:
-        overrides: dict[str, Any] = {
-            "input": args.input,
+        extra: dict[str, Any] = {
             "output": args.output,
-            "format": args.format,
-            "preset": args.preset,
-            "checkpoint": args.checkpoint,
-            "checkpoint_sha256": args.checkpoint_sha256,
-            "storage.endpoint_url": args.s3_endpoint,
-            "storage.region": args.s3_region,
             "encoder_defaults.dtype": args.dtype,
             "encoder_defaults.batch_size": args.batch_size,
             "encoder_defaults.num_gpus": args.num_gpus,
-            "ray.address": args.ray_address,
         }
         if args.raw:
-            overrides["normalize"] = False
-        if args.no_progress:
-            overrides["ray.progress_bars"] = False
-        overrides.update(_parse_set(args.set))
+            extra["normalize"] = False
+        overrides = job_overrides(args, extra)
         cfg = load_config(args.config, overrides)
         if args.dry_run:
             output = Output(cfg.output, cfg.storage_options())

@@ -563,62 +563,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML: imagebind-embed fields plus an `index:` section")
     p.add_argument("--input", help="corpus URI (as for imagebind-embed)")
     p.add_argument("--index-root", help="index root URI (local folder or s3://bucket/prefix)")
-    p.add_argument("--format", choices=["auto", "manifest", "webdataset", "files"])
-    p.add_argument("--preset", help="model preset: huge, base, tiny")
-    p.add_argument("--checkpoint", help="checkpoint path or URI (default: random weights)")
-    p.add_argument("--checkpoint-sha256", help="expected sha256 of the checkpoint")
-    p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (MinIO, moto, ...)")
-    p.add_argument("--s3-region", help="S3 region")
+    from pipelines.embed import add_job_arguments
+
+    add_job_arguments(p, "index.nprobe=64")
     p.add_argument("--keep-versions", type=int, help="published versions to keep (default 3)")
     p.add_argument("--lock-ttl-s", type=float, help="lease of the re-index lock in seconds")
     p.add_argument("--full", action="store_true", help="re-embed everything this run")
     p.add_argument(
         "--retry-failed", action="store_true", help="retry items that failed before, unchanged"
     )
-    p.add_argument("--ray-address", help="Ray address: local (default), auto, host:port")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override any config field, e.g. --set index.nprobe=64",
-    )
-    p.add_argument("--no-progress", action="store_true", help="no Ray Data progress bars")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("--log-level", default="INFO")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point. Exit status: 0 published or unchanged, 2 bad config or input,
     3 another run holds the lock or published first (nothing published), 1 anything else."""
-    from pipelines.embed import _parse_set
+    from pipelines.embed import job_overrides
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     try:
-        overrides: dict[str, Any] = {
-            "input": args.input,
+        extra: dict[str, Any] = {
             "index.root": args.index_root,
-            "format": args.format,
-            "preset": args.preset,
-            "checkpoint": args.checkpoint,
-            "checkpoint_sha256": args.checkpoint_sha256,
-            "storage.endpoint_url": args.s3_endpoint,
-            "storage.region": args.s3_region,
             "index.keep_versions": args.keep_versions,
             "index.lock_ttl_s": args.lock_ttl_s,
-            "ray.address": args.ray_address,
         }
         if args.full:
-            overrides["index.full"] = True
+            extra["index.full"] = True
         if args.retry_failed:
-            overrides["index.retry_failed"] = True
-        if args.no_progress:
-            overrides["ray.progress_bars"] = False
-        overrides.update(_parse_set(args.set))
+            extra["index.retry_failed"] = True
+        overrides = job_overrides(args, extra)
         cfg = load_reindex_config(args.config, overrides)
         result = reindex(cfg)
     except (ConfigError, PlanError) as e:
