@@ -192,17 +192,10 @@ class RssSampler:
 
 
 def run_job_once(
-    kind: str,
-    folder: str,
-    out: str,
-    preset: str,
-    batch: int,
-    enc_cpus: float,
-    threads: int,
-    preprocess_batch: int = 8,
-    files_per_shard: int = 32,
+    kind: str, folder: str, out: str, preset: str, batch: int, overrides: dict
 ) -> dict:
-    """`run_job` on `folder`: seconds (planning to last commit), items, peak RSS."""
+    """`run_job` on `folder` with the job's defaults plus `overrides`: seconds (planning to
+    last commit), items, peak RSS."""
     import pipelines.embed as embed
     from pipelines.config import load_config
 
@@ -213,13 +206,9 @@ def run_job_once(
             "output": out,
             "format": "files",
             "preset": preset,
-            "files.files_per_shard": files_per_shard,
-            "preprocess.num_cpus": 0.5,
-            "preprocess.batch_size": preprocess_batch,
             "encoder_defaults.batch_size": batch,
-            "encoder_defaults.num_cpus": enc_cpus,
-            "encoder_defaults.torch_threads": threads,
             "ray.progress_bars": False,
+            **overrides,
         },
     )
     with RssSampler() as rss:
@@ -241,11 +230,16 @@ def main() -> None:
     p.add_argument("--images", type=int, default=96)
     p.add_argument("--texts", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--encoder-cpus", type=float, default=1.0, help="logical CPUs per actor")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
+    p.add_argument(
+        "--threads", type=int, default=os.cpu_count() or 1, help="torch threads of loop and bare"
+    )
     p.add_argument("--kinds", default="vision,text")
-    p.add_argument("--preprocess-batch", type=int, default=8, help="rows per preprocess task")
-    p.add_argument("--files-per-shard", type=int, default=32, help="input files per shard")
+    # The job runs with its defaults; these override them (unset: the job's default).
+    p.add_argument("--encoder-cpus", type=float, help="job: logical CPUs per encoder actor")
+    p.add_argument("--job-threads", type=int, help="job: torch threads per encoder actor")
+    p.add_argument("--actors", type=int, help="job: a fixed pool of this many encoder actors")
+    p.add_argument("--preprocess-batch", type=int, help="job: rows per preprocess task")
+    p.add_argument("--files-per-shard", type=int, help="job: input files per shard")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
 
@@ -257,12 +251,16 @@ def main() -> None:
     try:
         folders = make_corpus(tmp, args.images, args.texts)
         t0 = time.perf_counter()
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+        # What the job starts when it starts Ray itself: twice the cores in logical CPUs.
+        ray.init(num_cpus=2 * (os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
         ray_init_s = time.perf_counter() - t0
         results = {"preset": args.preset, "batch_size": args.batch_size, "ray_init_s": ray_init_s}
+        flags = ("encoder_cpus", "job_threads", "actors", "preprocess_batch", "files_per_shard")
+        given_flags = " ".join(f"{a}={getattr(args, a)}" for a in flags if getattr(args, a))
         print(
-            f"preset {args.preset}, batch {args.batch_size}, {os.cpu_count()} cores, "
-            f"torch threads {args.threads}; ray.init {ray_init_s:.1f} s (not counted)"
+            f"preset {args.preset}, batch {args.batch_size}, {os.cpu_count()} cores, loop/bare "
+            f"torch threads {args.threads}; ray.init {ray_init_s:.1f} s (not counted); job "
+            f"settings: {given_flags or 'the job defaults'}"
         )
         for kind in args.kinds.split(","):
             folder = folders[kind]
@@ -273,14 +271,15 @@ def main() -> None:
             os.makedirs(one)
             first = _files(folder)[0]
             shutil.copy(first, os.path.join(one, os.path.basename(first)))
-            common = (
-                args.preset,
-                args.batch_size,
-                args.encoder_cpus,
-                args.threads,
-                args.preprocess_batch,
-                args.files_per_shard,
-            )
+            given = {
+                "encoder_defaults.num_cpus": args.encoder_cpus,
+                "encoder_defaults.torch_threads": args.job_threads,
+                "encoder_defaults.min_actors": args.actors,
+                "encoder_defaults.max_actors": args.actors,
+                "preprocess.batch_size": args.preprocess_batch,
+                "files.files_per_shard": args.files_per_shard,
+            }
+            common = (args.preset, args.batch_size, {k: v for k, v in given.items() if v})
             job1 = run_job_once(kind, one, f"{tmp}/out1-{kind}", *common)
             job = run_job_once(kind, folder, f"{tmp}/out-{kind}", *common)
             job["fixed_seconds"] = job1["seconds"]

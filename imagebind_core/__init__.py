@@ -7,23 +7,20 @@ The one source of truth for "bytes of modality X -> tensor -> embedding":
     x = ibc.collate([ibc.preprocess("text", "a dog")])
     emb = model({"text": x}, normalize=True)["text"]   # (1, 1024), unit length
 
-Importing this package loads no weights, no vocabulary and touches no network.
+Importing this package loads no weights, no vocabulary and touches no network, and it does not
+import torch: the model and checkpoint modules load on first use of their names (Ray tasks that
+only list, read or write files start without paying for torch).
 """
 
 from __future__ import annotations
 
+import importlib
 import types
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # Decoder libraries (PIL, PyAV, torchaudio) are imported by the preprocessing modules on first
 # use, so this stays cheap.
 from imagebind_core import preprocess as _preprocess_pkg
-from imagebind_core.checkpoint import (
-    fetch_checkpoint,
-    load_checkpoint,
-    load_model,
-    map_reference_state_dict,
-)
 from imagebind_core.config import (
     ALL_MODALITIES,
     BASE,
@@ -41,7 +38,6 @@ from imagebind_core.config import (
 )
 from imagebind_core.errors import CheckpointError, ImageBindError, InvalidInput
 from imagebind_core.io import read_bytes, s3_storage_options
-from imagebind_core.model import Encoder, ImageBindModel, build_model
 from imagebind_core.preprocess import (
     PREPROCESS_VERSION,
     Limits,
@@ -51,6 +47,39 @@ from imagebind_core.preprocess import (
 )
 
 __version__ = "0.1.0"
+
+# Names whose modules import torch: loaded on first attribute access (PEP 562).
+_LAZY = {
+    "fetch_checkpoint": "checkpoint",
+    "load_checkpoint": "checkpoint",
+    "load_model": "checkpoint",
+    "map_reference_state_dict": "checkpoint",
+    "Encoder": "model",
+    "ImageBindModel": "model",
+    "build_model": "model",
+}
+
+if TYPE_CHECKING:
+    from imagebind_core.checkpoint import (
+        fetch_checkpoint,
+        load_checkpoint,
+        load_model,
+        map_reference_state_dict,
+    )
+    from imagebind_core.model import Encoder, ImageBindModel, build_model
+
+
+def __getattr__(name: str) -> Any:
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{mod}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
 
 
 class _CallableModule(types.ModuleType):

@@ -47,6 +47,8 @@ from pipelines.writers import (
         ({"format": "zip"}, "format"),
         ({"preprocess.limits": {"max_pixel": 10}}, "preprocess.limits"),
         ({"encoders.smell.batch_size": 3}, "encoders.smell"),
+        ({"encoder_defaults.max_actors": "many"}, "encoder_defaults.max_actors"),
+        ({"preprocess.batch_sizes": {"text": 0}}, "preprocess.batch_sizes.text"),
     ],
 )
 def test_bad_config_names_the_field(overrides, named):
@@ -80,6 +82,66 @@ def test_encoder_overrides_merge_with_defaults():
     v = cfg.encoder("vision")
     assert (v.batch_size, v.num_cpus, v.num_gpus) == (7, 0.5, 1)
     assert cfg.encoder("text").num_gpus == 0
+
+
+def test_pool_sizes_and_preprocess_batches_resolve_per_kind(monkeypatch):
+    from pipelines.embed import Pool, pool_size
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    cfg = load_config(None, {"input": "i", "output": "o"})
+    # auto on CPU: one single-thread actor per core of this machine, split between the kinds
+    # that encode on CPU; the pool starts at full size.
+    assert pool_size(cfg, "vision", ["vision"], {"CPU": 16}) == Pool(1, 8, 8)
+    assert pool_size(cfg, "vision", ["vision", "text"], {"CPU": 16}) == Pool(1, 4, 4)
+    # on a cluster: half its logical CPUs (the other half decodes)
+    assert pool_size(cfg, "text", ["text"], {"CPU": 64}, local=False) == Pool(1, 32, 32)
+    two = cfg.model_copy(
+        update={"encoder_defaults": cfg.encoder_defaults.model_copy(update={"torch_threads": 2})}
+    )
+    assert pool_size(two, "vision", ["vision"], {"CPU": 16}) == Pool(1, 4, 4)
+    # auto on GPU: one actor per num_gpus of the cluster's GPUs, never below min_actors
+    gpu = load_config(
+        None,
+        {
+            "input": "i",
+            "output": "o",
+            "encoders.vision.num_gpus": 0.5,
+            "encoders.vision.min_actors": 2,
+        },
+    )
+    assert pool_size(gpu, "vision", ["vision", "text"], {"CPU": 16, "GPU": 4}) == Pool(2, 8, 8)
+    assert pool_size(gpu, "vision", ["vision"], {"CPU": 16}) == Pool(2, 2, 2)
+    assert pool_size(gpu, "text", ["vision", "text"], {"CPU": 16, "GPU": 4}) == Pool(1, 8, 8)
+    assert gpu.encoder("vision").tasks_in_flight == 2 and gpu.encoder("text").tasks_in_flight == 1
+    # a number is taken as given: [min, max], starting at min
+    fixed = load_config(None, {"input": "i", "output": "o", "encoders.text.max_actors": 3})
+    assert pool_size(fixed, "text", ["text"], {"CPU": 16}) == Pool(1, 1, 3)
+
+    assert cfg.preprocess.batch_size_for("text") == 128
+    assert cfg.preprocess.batch_size_for("video") == 2
+    tuned = load_config(
+        None,
+        {
+            "input": "i",
+            "output": "o",
+            "preprocess.batch_size": 4,
+            "preprocess.batch_sizes": {"text": 512},
+        },
+    )
+    assert tuned.preprocess.batch_size_for("text") == 512
+    assert tuned.preprocess.batch_size_for("vision") == 4
+
+
+def test_listing_and_writing_modules_do_not_import_torch():
+    # Ray tasks that list shards, write parts and commit import these modules: without torch
+    # they start in a fraction of the time (worker start-up is the job's fixed cost).
+    code = (
+        "import sys, pipelines.embed, pipelines.readers, pipelines.writers, pipelines.lock; "
+        "import imagebind_core as ibc; ibc.infer_kind('a.jpg'); "
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_cli_bad_flag_exit_code_and_message(capsys):

@@ -5,14 +5,15 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
-
-import torch
 
 from imagebind_core.config import Modality
 from imagebind_core.errors import InvalidInput
 from imagebind_core.preprocess.common import DEFAULT_LIMITS, Limits, PreprocessOptionError
+
+if TYPE_CHECKING:  # torch loads with the first decoder: listing and writing tasks never pay it
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +111,8 @@ def collate(items: Sequence[torch.Tensor]) -> torch.Tensor:
     Raises:
         ValueError: no items, or items of different shapes/dtypes.
     """
+    import torch
+
     if len(items) == 0:
         raise ValueError("collate needs at least one item")
     first = items[0]

@@ -13,12 +13,14 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from imagebind_core.errors import InvalidInput
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -102,9 +104,7 @@ def check_pixels(kind: str, width: int, height: int, limits: Limits) -> None:
 
 def check_finite(kind: str, x: np.ndarray | torch.Tensor, what: str = "values") -> None:
     """Refuse NaN or Inf: they would silently poison an embedding."""
-    ok = (
-        bool(torch.isfinite(x).all()) if isinstance(x, torch.Tensor) else bool(np.isfinite(x).all())
-    )
+    ok = bool(np.isfinite(x).all()) if isinstance(x, np.ndarray) else bool(x.isfinite().all())
     if not ok:
         raise InvalidInput(kind, f"{what} contain NaN or Inf")
 
