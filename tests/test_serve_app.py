@@ -19,6 +19,7 @@ from conftest_serve import serve_base_url, wait_ready
 
 PREFIX_A = "/t5a"
 PREFIX_B = "/t5b"
+PREFIX_C = "/t5c"
 API_KEY = "s3cret-token"
 BUCKET = "serve-test"
 KINDS = ("text", "vision", "video", "audio", "depth", "thermal", "imu")
@@ -101,13 +102,24 @@ def apps(ray_session, s3_server):
         ingress={"num_cpus": 0.1},
         retry_after_s=2,
     )
+    # App c: the ingress itself bounded (one request at a time, one queued): the proxy answers
+    # the overflow before any replica sees it.
+    args_c = AppArgs(
+        preset="tiny",
+        modalities=["text"],
+        encoder=small,
+        ingress={"num_cpus": 0.1, "max_ongoing_requests": 1, "max_queued_requests": 1},
+        retry_after_s=3,
+    )
     serve.run(build_app(args_a), name="t5a", route_prefix=PREFIX_A, blocking=False)
     serve.run(build_app(args_b), name="t5b", route_prefix=PREFIX_B, blocking=False)
-    urls = {"a": base + PREFIX_A, "b": base + PREFIX_B}
+    serve.run(build_app(args_c), name="t5c", route_prefix=PREFIX_C, blocking=False)
+    urls = {"a": base + PREFIX_A, "b": base + PREFIX_B, "c": base + PREFIX_C}
     wait_ready(urls["a"])
     yield urls
     serve.delete("t5a")
     serve.delete("t5b")
+    serve.delete("t5c")
 
 
 @pytest.fixture(scope="module")
@@ -403,6 +415,54 @@ def test_overload_is_503_with_retry_after(apps):
     assert rejected[0].json()["error"]["code"] == "overloaded"
     r = httpx.post(url + "/v1/embeddings", json={"input": "after"}, headers=headers, timeout=60)
     assert r.status_code == 200, r.text
+
+
+def test_ingress_overload_is_503_at_the_proxy(apps):
+    url = apps["c"]
+    wait_ready(url)
+    body = {"input": [f"text {i} " * 30 for i in range(8)]}
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=120) as ac:
+            return await asyncio.gather(*(ac.post("/v1/embeddings", json=body) for _ in range(32)))
+
+    responses = asyncio.run(burst())
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 503}, sorted(set(codes))  # bounded, never a 500 or a hang
+    rejected = [r for r in responses if r.status_code == 503]
+    assert rejected, "an ingress with one slot and a queue of one must overflow under 32 requests"
+    assert codes.count(200) >= 1
+    assert all(r.headers.get("retry-after") == "3" for r in rejected)
+    r = httpx.post(url + "/v1/embeddings", json={"input": "after"}, timeout=60)
+    assert r.status_code == 200, r.text
+
+
+def test_api_key_from_the_environment(ray_session, monkeypatch):
+    from starlette.requests import Request
+
+    from serve.ingress import APIError, EmbeddingService
+    from serve.schemas import AppArgs
+
+    def request(auth: str | None) -> Request:
+        headers = [(b"authorization", auth.encode())] if auth else []
+        return Request({"type": "http", "method": "POST", "path": "/", "headers": headers})
+
+    monkeypatch.setenv("IMAGEBIND_TEST_KEY", "from-env")
+    svc = EmbeddingService(AppArgs(preset="tiny", api_key_env="IMAGEBIND_TEST_KEY"), {})
+    svc.check_auth(request("Bearer from-env"))
+    for bad in (None, "Bearer wrong", "Basic from-env"):
+        with pytest.raises(APIError) as e:
+            svc.check_auth(request(bad))
+        assert e.value.status == 401
+    # An explicit api_key wins over the environment.
+    svc = EmbeddingService(
+        AppArgs(preset="tiny", api_key="k", api_key_env="IMAGEBIND_TEST_KEY"), {}
+    )
+    svc.check_auth(request("Bearer k"))
+    # Naming a variable that is unset fails closed instead of serving without auth.
+    monkeypatch.delenv("IMAGEBIND_TEST_KEY")
+    with pytest.raises(RuntimeError, match="IMAGEBIND_TEST_KEY"):
+        EmbeddingService(AppArgs(preset="tiny", api_key_env="IMAGEBIND_TEST_KEY"), {})
 
 
 # --------------------------------------------------------------------------- failure
