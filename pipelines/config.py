@@ -137,7 +137,8 @@ class EncoderConfig(_Strict):
     min_actors: int = Field(1, gt=0)
     # "auto": sized from the cluster when the job starts (`embed.pool_size`): one actor per
     # `num_gpus` of the cluster's GPUs; for CPU encoders one single-threaded actor per core
-    # (several 1-thread actors out-run one multi-threaded actor on CPU), split between kinds.
+    # (on CPU, several 1-thread actors are at least as fast as one multi-threaded one),
+    # split between kinds.
     max_actors: Annotated[int, Field(gt=0)] | Literal["auto"] = "auto"
     dtype: DType = "float32"
     torch_threads: int | None = Field(None, gt=0)  # default: max(1, round(num_cpus))

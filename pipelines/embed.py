@@ -149,11 +149,12 @@ def pool_size(
 
     auto, GPU encoders: one actor per `num_gpus` of the cluster's GPUs now (an autoscaling
     cluster that starts without GPUs: set `max_actors`). auto, CPU encoders: one actor per
-    `torch_threads` cores — on CPU several single-threaded actors out-run one multi-threaded
-    actor (no intra-op synchronisation; measured +7–28 % on 2 cores, docs/pipelines.md) —
-    split between the CPU-encoded kinds of the job; the cores are this machine's for a local
-    Ray, half the cluster's logical CPUs otherwise (the other half decodes). An auto pool starts
-    at its full size: the model load is paid once, up front, not during a ramp-up.
+    `torch_threads` cores — on CPU several single-threaded actors are at least as fast as one
+    multi-threaded actor (no intra-op synchronisation; text 1.03–1.28x on 2 cores, vision
+    within noise: benchmarks/bench_cpu_actors.py) — split between the CPU-encoded kinds of
+    the job; the cores are this machine's for a local Ray, half the cluster's logical CPUs
+    otherwise (the other half decodes). An auto pool starts at its full size: the model load
+    is paid once, up front, not during a ramp-up.
     """
     enc = cfg.encoder(kind)
     if enc.max_actors != "auto":
