@@ -138,12 +138,41 @@ class Pool:
     max: int
 
 
+def actor_memory_bytes(cfg: JobConfig, kind: str) -> int:
+    """What one CPU encoder actor of `kind` holds: the weights in its dtype, half as much again
+    for activations and the allocator, and ~0.6 GB of process (torch, Ray worker)."""
+    # From the config, not a built model (the driver does not import torch): the transformer
+    # trunk is most of an encoder — per block 4 d^2 attention + 2 r d^2 MLP weights — and the
+    # stem, head and norms add up to ~15 % more (text's token table; images ~1 %): erring high.
+    trunk = ibc.get_config(cfg.preset).encoder(ibc.model_modality(kind)).trunk
+    d = trunk.embed_dim
+    n = 1.15 * trunk.num_blocks * (4 + 2 * trunk.mlp_ratio) * d * d
+    width = 2 if cfg.encoder(kind).dtype in ("bfloat16", "float16") else 4
+    return int(1.5 * n * width) + 600 * 2**20
+
+
+def available_memory_bytes() -> int | None:
+    """This machine's available memory (Linux MemAvailable; else free pages), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def pool_size(
     cfg: JobConfig,
     kind: str,
     kinds: Sequence[str],
     resources: dict[str, float] | None = None,
     local: bool = True,
+    memory_bytes: float | None = None,
 ) -> Pool:
     """Resolve `encoders.<kind>.max_actors` ("auto" or a number) against the cluster.
 
@@ -164,8 +193,16 @@ def pool_size(
         n = int(res.get("GPU", 0) // enc.num_gpus)
     else:
         cpu_kinds = [k for k in kinds if k != INVALID and cfg.encoder(k).num_gpus == 0]
+        share = max(1, len(cpu_kinds))
         cores = (os.cpu_count() or 1) if local else res.get("CPU", 0) / 2
-        n = int(cores // (enc.threads * max(1, len(cpu_kinds))))
+        n = int(cores // (enc.threads * share))
+        if memory_bytes is None:
+            if local:
+                memory_bytes = available_memory_bytes()
+            else:
+                memory_bytes = res.get("memory", 0) or None
+        if memory_bytes:
+            n = min(n, int(memory_bytes / 2 / share // actor_memory_bytes(cfg, kind)))
     n = max(n, enc.min_actors)
     return Pool(enc.min_actors, n, n)
 

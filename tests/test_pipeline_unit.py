@@ -85,16 +85,25 @@ def test_encoder_overrides_merge_with_defaults():
 
 
 def test_pool_sizes_and_preprocess_batches_resolve_per_kind(monkeypatch):
-    from pipelines.embed import Pool, pool_size
+    from pipelines.embed import Pool, actor_memory_bytes, pool_size
 
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
-    cfg = load_config(None, {"input": "i", "output": "o"})
+    cfg = load_config(None, {"input": "i", "output": "o", "preset": "tiny"})
     # auto on CPU: one single-thread actor per core of this machine, split between the kinds
     # that encode on CPU; the pool starts at full size.
     assert pool_size(cfg, "vision", ["vision"], {"CPU": 16}) == Pool(1, 8, 8)
     assert pool_size(cfg, "vision", ["vision", "text"], {"CPU": 16}) == Pool(1, 4, 4)
     # on a cluster: half its logical CPUs (the other half decodes)
     assert pool_size(cfg, "text", ["text"], {"CPU": 64}, local=False) == Pool(1, 32, 32)
+    # ... and never more copies of the weights than fit in half the memory (huge vision fp32
+    # ~4.7 GB per actor by the estimate: 32 GiB -> 3 of 8; bf16 halves the weights)
+    huge = load_config(None, {"input": "i", "output": "o", "preset": "huge"})
+    assert 4.0e9 < actor_memory_bytes(huge, "vision") < 5.5e9
+    assert pool_size(huge, "vision", ["vision"], {"CPU": 16}, memory_bytes=32 * 2**30).max == 3
+    assert pool_size(huge, "vision", ["vision"], {"CPU": 16}, memory_bytes=2**30).max == 1
+    assert pool_size(
+        huge, "vision", ["vision"], {"CPU": 128, "memory": 64 * 2**30}, local=False
+    ) == Pool(1, 6, 6)
     two = cfg.model_copy(
         update={"encoder_defaults": cfg.encoder_defaults.model_copy(update={"torch_threads": 2})}
     )
@@ -105,6 +114,7 @@ def test_pool_sizes_and_preprocess_batches_resolve_per_kind(monkeypatch):
         {
             "input": "i",
             "output": "o",
+            "preset": "tiny",
             "encoders.vision.num_gpus": 0.5,
             "encoders.vision.min_actors": 2,
         },
@@ -114,7 +124,9 @@ def test_pool_sizes_and_preprocess_batches_resolve_per_kind(monkeypatch):
     assert pool_size(gpu, "text", ["vision", "text"], {"CPU": 16, "GPU": 4}) == Pool(1, 8, 8)
     assert gpu.encoder("vision").tasks_in_flight == 2 and gpu.encoder("text").tasks_in_flight == 1
     # a number is taken as given: [min, max], starting at min
-    fixed = load_config(None, {"input": "i", "output": "o", "encoders.text.max_actors": 3})
+    fixed = load_config(
+        None, {"input": "i", "output": "o", "preset": "tiny", "encoders.text.max_actors": 3}
+    )
     assert pool_size(fixed, "text", ["text"], {"CPU": 16}) == Pool(1, 1, 3)
 
     assert cfg.preprocess.batch_size_for("text") == 128
