@@ -14,13 +14,13 @@ only list, read or write files start without paying for torch).
 
 from __future__ import annotations
 
-import importlib
 import types
 from typing import TYPE_CHECKING, Any
 
 # Decoder libraries (PIL, PyAV, torchaudio) are imported by the preprocessing modules on first
 # use, so this stays cheap.
 from imagebind_core import preprocess as _preprocess_pkg
+from imagebind_core._lazy import lazy_getattr
 from imagebind_core.config import (
     ALL_MODALITIES,
     BASE,
@@ -69,13 +69,7 @@ if TYPE_CHECKING:
     from imagebind_core.model import Encoder, ImageBindModel, build_model
 
 
-def __getattr__(name: str) -> Any:
-    mod = _LAZY.get(name)
-    if mod is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{mod}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())
 
 
 def __dir__() -> list[str]:

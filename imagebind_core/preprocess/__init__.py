@@ -8,9 +8,7 @@ heavy decoders (PyAV, torchaudio) are imported on first use.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from imagebind_core._lazy import lazy_getattr
 from imagebind_core.preprocess.api import (
     ITEM_SHAPES,
     KINDS,
@@ -76,13 +74,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    mod = _LAZY.get(name)
-    if mod is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{mod}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())
 
 
 def __dir__() -> list[str]:
