@@ -182,8 +182,10 @@ def pool_size(
     multi-threaded actor (no intra-op synchronisation; text 1.03–1.28x on 2 cores, vision
     within noise: benchmarks/bench_cpu_actors.py) — split between the CPU-encoded kinds of
     the job; the cores are this machine's for a local Ray, half the cluster's logical CPUs
-    otherwise (the other half decodes). An auto pool starts at its full size: the model load
-    is paid once, up front, not during a ramp-up.
+    otherwise (the other half decodes), and never more actors than fit in half of
+    `memory_bytes` (default: this machine's available memory for a local Ray, the cluster's
+    `memory` resource otherwise; per actor `actor_memory_bytes`). An auto pool starts at its
+    full size: the model load is paid once, up front, not during a ramp-up.
     """
     enc = cfg.encoder(kind)
     if enc.max_actors != "auto":
