@@ -477,6 +477,13 @@ def run_plan(cfg: JobConfig, plan: Plan, *, log_every_s: float = 10.0) -> JobSum
             len(pending),
             ",".join(plan.kinds),
         )
+        dim = int(lineage["imagebind.embed_dim"])
+        # A shard with no items (an empty manifest, or only ids of earlier manifests) gets its
+        # empty output file here: no task would ever report it complete.
+        for s in [s for s in pending if not s.kinds]:
+            commit_shard(cfg.output, s.name, so, dim, lineage)
+            summary.shards_committed += 1
+        pending = [s for s in pending if s.kinds]
         if not pending:
             summary.seconds = time.perf_counter() - t0
             return summary
@@ -488,7 +495,6 @@ def run_plan(cfg: JobConfig, plan: Plan, *, log_every_s: float = 10.0) -> JobSum
         try:
             ds = build_pipeline(cfg, plan, pending, ray.cluster_resources(), local)
             tracker = _Tracker(pending)
-            dim = int(lineage["imagebind.embed_dim"])
             commit = ray.remote(num_cpus=0, max_retries=3)(commit_shard)
             refs = []
             last_log = time.perf_counter()
@@ -517,7 +523,7 @@ def run_plan(cfg: JobConfig, plan: Plan, *, log_every_s: float = 10.0) -> JobSum
                 f"{len(missing)} shards were not completed (e.g. {missing[:3]}); rerun the same "
                 "command to finish them"
             )
-        summary.shards_committed = len(results)
+        summary.shards_committed += len(results)
         summary.ok = dict(tracker.ok)
         summary.errors = dict(tracker.err)
         summary.seconds = time.perf_counter() - t0
@@ -560,7 +566,7 @@ def _describe_plan(cfg: JobConfig, plan: Plan) -> str:
         f"{len(pending)} to do)",
     ]
     for s in pending[:5]:
-        lines.append(f"  - {s.name}  kinds {','.join(s.kinds)}")
+        lines.append(f"  - {s.name}  kinds {','.join(s.kinds) or '(none: no items)'}")
     if len(pending) > 5:
         lines.append(f"  ... and {len(pending) - 5} more")
     if plan.counts is not None:
@@ -569,6 +575,8 @@ def _describe_plan(cfg: JobConfig, plan: Plan) -> str:
         lines.append("items:   counted while reading (tar shards are not opened for a plan)")
     if plan.skipped:
         lines.append(f"skipped: {len(plan.skipped)} files without a media extension")
+    if plan.duplicates:
+        lines.append(f"skipped: {plan.duplicates} manifest rows whose id is in an earlier manifest")
     p = cfg.preprocess
     lines.append(
         f"preprocess: {p.num_cpus:g} CPU per task, {p.read_threads} read threads; "

@@ -14,7 +14,9 @@ Three input formats, local or on an object store (`s3://...`):
 Ids are stable across reruns and derive from the source key, never from block layout:
 manifest `id` (else its `uri` as written, else `<shard>#<row>` for inline text), `<shard>/<member>`
 for WebDataset, the relative path for files. Paths and names starting with `_` or `.` are
-skipped, as Spark/pyarrow do.
+skipped, as Spark/pyarrow do. An id is embedded once per corpus: a manifest row that repeats an
+id of an earlier row — in the same manifest or in a manifest earlier in name order — is
+skipped with a warning (first occurrence wins, the same on every rerun).
 
 Planning and listing (`plan_job`, `list_items`) never read media bytes: manifests are read
 (small), tar shards are walked header by header (seeking over payloads), files are listed.
@@ -22,6 +24,7 @@ Planning and listing (`plan_job`, `list_items`) never read media bytes: manifest
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -30,12 +33,13 @@ import posixpath
 import tarfile
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
@@ -370,7 +374,8 @@ class ShardSpec:
     """One input shard and what the job must do with it.
 
     `items` (files format, or an explicit item list) holds the rows per kind; `include` (manifest
-    and webdataset subsets) restricts a shard to some ids; None means every item.
+    and webdataset subsets) restricts a shard to some ids; None means every item. `exclude`
+    (manifests) lists ids this shard repeats from an earlier shard: they are not its items.
     """
 
     name: str
@@ -381,6 +386,7 @@ class ShardSpec:
     items: dict[str, list[dict[str, Any]]] | None = None
     include: dict[str, list[str]] | None = None
     counts: dict[str, int] | None = None
+    exclude: list[str] | None = None
 
 
 @dataclass
@@ -394,6 +400,7 @@ class Plan:
     counts: dict[str, int] | None  # items per kind, when cheap to know
     skipped: list[str] = field(default_factory=list)  # files with no known media kind
     files_shards: int | None = None
+    duplicates: int = 0  # manifest rows skipped: their id is in an earlier manifest
 
 
 def _shard_names(sources: Sequence[Source], suffixes: Sequence[str]) -> list[str]:
@@ -437,21 +444,24 @@ def plan_job(cfg: JobConfig, files_shards: int | None = None, *, scan_workers: i
             raise PlanError(f"format manifest: {bad[:3]} are not Parquet/CSV/JSONL manifests")
         names = _shard_names(sources, MANIFEST_SUFFIXES)
 
-        def scan(args: tuple[Source, str]) -> ShardSpec:
+        def scan(args: tuple[Source, str]) -> tuple[ShardSpec, np.ndarray]:
             src, name = args
             items = manifest_items(read_manifest(src.uri, so), name, src.uri)
             counts = Counter(it["_kind"] for it in items)
-            return ShardSpec(
+            spec = ShardSpec(
                 name, fmt, src.uri, src.fingerprint, tuple(sorted(counts)), counts=dict(counts)
             )
+            return spec, id_digests(it["id"] for it in items)
 
         with ThreadPoolExecutor(scan_workers) as ex:
-            shards = list(ex.map(scan, zip(sources, names, strict=True)))
+            scanned = list(ex.map(scan, zip(sources, names, strict=True)))
+        shards = [spec for spec, _ in scanned]
+        duplicates = _exclude_repeated_ids(shards, [d for _, d in scanned], so, scan_workers)
         total: Counter[str] = Counter()
         for s in shards:
             total.update(s.counts or {})
-        kinds = tuple(sorted(total))
-        return Plan(fmt, cfg.input, shards, kinds, dict(total))
+        kinds = tuple(sorted(k for k, n in total.items() if n))
+        return Plan(fmt, cfg.input, shards, kinds, dict(total), duplicates=duplicates)
     if fmt == "webdataset":
         bad = [s.rel for s in sources if not s.rel.lower().endswith(TAR_SUFFIXES)]
         if bad:
@@ -472,6 +482,67 @@ def plan_job(cfg: JobConfig, files_shards: int | None = None, *, scan_workers: i
         ]
         return Plan(fmt, cfg.input, shards, kinds_t, None)
     raise PlanError(f"unknown format {fmt!r}")
+
+
+def id_digests(ids: Iterable[str]) -> np.ndarray:
+    """(n, 2) uint64: a 128-bit BLAKE2b digest per id.
+
+    Corpus-wide duplicate detection keeps 16 bytes per item on the driver instead of the id
+    strings; at 128 bits a collision is out of reach (~1e-20 for a billion ids).
+    """
+    buf = b"".join(hashlib.blake2b(i.encode(), digest_size=16).digest() for i in ids)
+    return np.frombuffer(buf, dtype=np.uint64).reshape(-1, 2)
+
+
+def repeated_rows(digests: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Per shard (in order), the row indices whose id already occurs in an earlier row —
+    an earlier shard, or earlier in the same shard. One sort over all digests."""
+    sizes = [len(d) for d in digests]
+    if not sum(sizes):
+        return [np.empty(0, np.int64) for _ in digests]
+    allv = np.concatenate(digests)
+    pos = np.arange(len(allv))
+    order = np.lexsort((pos, allv[:, 1], allv[:, 0]))  # by digest, then first occurrence
+    srt = allv[order]
+    same = np.all(srt[1:] == srt[:-1], axis=1)
+    later = np.sort(order[1:][same])
+    starts = np.cumsum([0, *sizes])
+    parts = np.split(later, np.searchsorted(later, starts[1:-1]))
+    return [p - a for p, a in zip(parts, starts[:-1], strict=True)]
+
+
+def _exclude_repeated_ids(
+    shards: list[ShardSpec],
+    digests: Sequence[np.ndarray],
+    storage_options: StorageOptions | None,
+    workers: int,
+) -> int:
+    """Set `exclude` (and fix `counts`/`kinds`) on manifest shards that repeat ids of earlier
+    shards; returns how many rows were excluded. Shards with repeats are read again to name
+    the ids: a second read only when the corpus has duplicates."""
+    rows = repeated_rows(digests)
+    todo = [(s, r) for s, r in zip(shards, rows, strict=True) if len(r)]
+
+    def fix(args: tuple[ShardSpec, np.ndarray]) -> int:
+        spec, idx = args
+        items = manifest_items(read_manifest(spec.uri, storage_options), spec.name, spec.uri)
+        dup = [items[i] for i in idx.tolist()]
+        spec.exclude = sorted({it["id"] for it in dup})
+        counts = Counter(spec.counts or {})
+        counts.subtract(it["_kind"] for it in dup)
+        spec.counts = {k: n for k, n in counts.items() if n > 0}
+        spec.kinds = tuple(sorted(spec.counts))
+        logger.warning(
+            "manifest %s: %d rows repeat ids of an earlier manifest and are skipped (first "
+            "occurrence wins), e.g. %s",
+            spec.name,
+            len(dup),
+            spec.exclude[:3],
+        )
+        return len(dup)
+
+    with ThreadPoolExecutor(max(1, min(workers, len(todo)))) as ex:
+        return sum(ex.map(fix, todo))
 
 
 def _plan_files(cfg: JobConfig, sources: list[Source], files_shards: int | None) -> Plan:
@@ -535,7 +606,10 @@ def list_items(cfg: JobConfig, *, stat: bool = True, threads: int = 16) -> pa.Ta
                 for it in kind_items:
                     rows.append({**it, "source": it["uri"], "error": None})
         elif plan.format == "manifest":
+            skip = set(shard.exclude or ())
             for it in manifest_items(read_manifest(shard.uri, so), shard.name, shard.uri):
+                if it["id"] in skip:
+                    continue
                 it = {k: v for k, v in it.items() if k in LISTING_SCHEMA.names}
                 if it["error"] is not None:
                     it["modality"] = INVALID if it["modality"] not in KINDS else it["modality"]
@@ -636,6 +710,7 @@ def shard_tasks(plan: Plan, cfg: JobConfig, shards: Sequence[ShardSpec]) -> dict
                 "fingerprint": s.fingerprint,
                 "items": (s.items or {}).get(kind) if s.items is not None else None,
                 "include": (s.include or {}).get(kind) if s.include is not None else None,
+                "exclude": s.exclude,
                 "wds_extensions": dict(cfg.webdataset.extensions),
             }
             by_kind.setdefault(kind, []).append({"task": json.dumps(task)})
@@ -723,10 +798,12 @@ def read_shard_task(
 ) -> Iterator[pa.Table]:
     """Item rows of one (shard, kind) task in chunks, then its end-of-shard marker.
 
-    Ids already in the shard's part files (an interrupted earlier run) and ids outside
-    `include` are skipped; the marker's `count` is the number of items emitted.
+    Ids already in the shard's part files (an interrupted earlier run), ids outside `include`
+    and ids in `exclude` (repeats of an earlier shard) are skipped; the marker's `count` is the
+    number of items emitted.
     """
     done = Output(output_uri, storage_options).part_ids(task["shard"])
+    done.update(task.get("exclude") or ())
     include = set(task["include"]) if task.get("include") is not None else None
     emitted = 0
     seen: set[str] = set()

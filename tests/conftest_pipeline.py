@@ -99,9 +99,9 @@ def _table_bytes(rows: list[dict[str, Any]], fmt: str) -> bytes:
 
 
 def manifest_corpus(w: Writer) -> Corpus:
-    """Two manifest shards (Parquet, JSONL) and a CSV one: object URIs (relative and absolute),
-    inline text, ids given or derived; bad rows: missing object, corrupt bytes, unknown
-    modality, no uri nor text."""
+    """Manifest shards (Parquet, JSONL, CSV): object URIs (relative and absolute), inline text,
+    ids given or derived; bad rows: missing object, corrupt bytes, unknown modality, no uri
+    nor text; rows repeating ids of earlier manifests; an empty manifest."""
     c = Corpus(w.uri("manifests"))
     media_rows = []
     for i in range(4):
@@ -139,7 +139,15 @@ def manifest_corpus(w: Writer) -> Corpus:
     ]
     c.good["0042"] = ("vision", media_rows[2])
     c.good["0043"] = ("text", "csv caption")
+    # Ids repeated from an earlier manifest, with other content: the first occurrence wins.
+    rows2.append({"id": "a0", "uri": "../media/m3.png", "modality": "vision"})
     w.put("manifests/part-2.csv", _table_bytes(rows2, "csv"))
+    w.put("manifests/part-3.csv", b"id,uri,modality\n")  # empty: an empty output shard
+    rows4 = [  # only repeats (by derived and by given id): an empty output shard too
+        {"uri": "../media/m3.png", "modality": "vision"},
+        {"id": "0043", "text": "another caption", "modality": "text"},
+    ]
+    w.put("manifests/part-4.jsonl", _table_bytes(rows4, "jsonl"))
     return c
 
 

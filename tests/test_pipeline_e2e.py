@@ -126,6 +126,8 @@ def test_embed_end_to_end(fmt, location, tmp_path, ray_session, s3_server, tiny_
 
     # The listing re-indexing diffs against (no payload read) gives the stored fingerprints.
     listed = list_items(cfg)
+    listed_ids = listed.column("id").to_pylist()
+    assert len(listed_ids) == len(set(listed_ids)), "the listing repeats ids"
     listed_fp = dict(
         zip(listed.column("id").to_pylist(), listed.column("fingerprint").to_pylist(), strict=True)
     )

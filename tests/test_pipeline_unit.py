@@ -21,7 +21,14 @@ from conftest_pipeline import Writer, files_corpus, manifest_corpus, webdataset_
 from pipelines.config import ConfigError, load_config
 from pipelines.embed import OutputMismatch, main, run_job
 from pipelines.lock import LOCK_KEY, OutputLock, OutputLocked
-from pipelines.readers import list_items, plan_job
+from pipelines.readers import (
+    id_digests,
+    list_items,
+    plan_job,
+    read_tasks,
+    repeated_rows,
+    shard_tasks,
+)
 from pipelines.writers import (
     ITEM_SCHEMA,
     STATUS_EOS,
@@ -220,6 +227,49 @@ def test_files_shards_are_stable_across_runs(tmp_path):
     old = {it["id"]: s.name for s in first.shards for v in s.items.values() for it in v}
     new = {it["id"]: s.name for s in again.shards for v in s.items.values() for it in v}
     assert all(new[i] == old[i] for i in old)
+
+
+def test_ids_repeated_across_manifests_keep_their_first_occurrence(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "a.csv").write_text("id,modality,text\nx1,text,one\nx2,text,two\n")
+    (d / "b.csv").write_text("id,modality,text\nx2,text,TWO\nx3,text,three\nx3,text,dup\n")
+    (d / "c.csv").write_text("id,uri,modality\n")  # empty
+    (d / "d.jsonl").write_text('{"id": "x1", "uri": "p.png", "modality": "vision"}\n')
+    cfg = load_config(None, {"input": str(d), "output": str(tmp_path / "o"), "preset": "tiny"})
+    plan = plan_job(cfg)
+    by = {s.name: s for s in plan.shards}
+    assert plan.duplicates == 2  # x2 in b, x1 in d; x3 twice in b is a within-manifest repeat
+    assert by["b"].exclude == ["x2"] and by["b"].counts == {"text": 1}
+    assert by["d"].exclude == ["x1"] and by["d"].kinds == () and by["d"].counts == {}
+    assert by["a"].exclude is None and by["c"].kinds == ()
+    assert plan.counts == {"text": 3} and plan.kinds == ("text",)
+    listed = list_items(cfg, stat=False)
+    assert sorted(listed.column("id").to_pylist()) == ["x1", "x2", "x3"]
+    assert dict(zip(*listed.select(["id", "shard"]).to_pydict().values(), strict=True)) == {
+        "x1": "a",
+        "x2": "a",
+        "x3": "b",
+    }
+    # The reading task of b skips the repeat.
+    (task,) = shard_tasks(plan, cfg, [by["b"]])["text"]
+    batches = read_tasks(pa.table({"task": [task["task"]]}), str(tmp_path / "o"), None)
+    rows = [r for t in batches for r in t.to_pylist()]
+    assert [r["id"] for r in rows if r["status"] == "ok"] == ["x3"]
+
+
+def test_repeated_rows_over_many_shards():
+    rng = np.random.default_rng(0)
+    shards = [[f"id{int(i)}" for i in rng.integers(0, 500, size=n)] for n in (300, 0, 200, 400)]
+    got = repeated_rows([id_digests(s) for s in shards])
+    seen: set[str] = set()
+    for ids, rows in zip(shards, got, strict=True):
+        want = []
+        for j, i in enumerate(ids):
+            if i in seen:
+                want.append(j)
+            seen.add(i)
+        assert rows.tolist() == want
 
 
 # ----------------------------------------------------------------------------- parts + commit
