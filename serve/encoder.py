@@ -1,9 +1,10 @@
 """Encoder deployments: one per model modality, each holding only that modality's weights.
 
 The ingress sends already preprocessed, collated arrays (decoding never runs here, so a model
-replica never waits on a decoder). `@serve.batch` merges the arrays of concurrent requests into
-one model call; the batch limits come from the deployment's `user_config` via `reconfigure`, so
-they can change without restarting a replica (Serve's batching guide).
+replica never waits on a decoder). `serve.batching.ContinuousBatcher` merges the arrays of
+concurrent requests into one model call, taking a batch whenever the model is free (why not
+`@serve.batch`: see that module); the batch limits come from the deployment's `user_config`
+via `reconfigure`, so they can change without restarting a replica.
 
 `EncoderCore` is the logic, usable without Ray (tests inject a model); `Encoder` is the thin
 Serve deployment around it.
@@ -21,6 +22,8 @@ from typing import Any
 import numpy as np
 from ray import serve
 from ray.serve import metrics
+
+from serve.batching import ContinuousBatcher
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +47,9 @@ class EncodeCall:
     sent_at: float = 0.0
 
 
-def call_size(calls: list[EncodeCall]) -> int:
-    """Items in a list of calls: what `max_batch_size` counts (inputs, not requests)."""
-    return sum(int(c.x.shape[0]) for c in calls)
+def call_size(call: EncodeCall) -> int:
+    """Items in one call: what `max_batch_size` counts (inputs, not requests)."""
+    return int(call.x.shape[0])
 
 
 class EncoderCore:
@@ -134,8 +137,9 @@ class Encoder(EncoderCore):
     def __init__(self, modality: str, **kwargs: Any) -> None:
         super().__init__(modality, **kwargs)
         # The model runs on one worker thread: the replica's event loop stays free to accept
-        # and batch the next requests while a batch computes.
+        # and queue the next requests while a batch computes.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"encode-{modality}")
+        self._batcher = ContinuousBatcher(self._run_batch, 16, 0.0, size=call_size)
         self._m_items = metrics.Counter(
             "imagebind_encoder_items", description="Inputs encoded.", tag_keys=("modality",)
         )
@@ -163,23 +167,22 @@ class Encoder(EncoderCore):
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Batch limits from `user_config`: {max_batch_size, batch_wait_timeout_s}."""
-        if "max_batch_size" in config:
-            self._batched.set_max_batch_size(int(config["max_batch_size"]))
-        if "batch_wait_timeout_s" in config:
-            self._batched.set_batch_wait_timeout_s(float(config["batch_wait_timeout_s"]))
+        self._batcher.set_limits(
+            int(config.get("max_batch_size", self._batcher.max_batch_size)),
+            float(config.get("batch_wait_timeout_s", self._batcher.batch_wait_timeout_s)),
+        )
 
     async def embed(self, call: EncodeCall) -> np.ndarray:
         """Encode one chunk: (k, ...) -> (k, D) float32, batched with concurrent calls."""
-        return await self._batched(call)
+        return await self._batcher.submit(call)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005, batch_size_fn=call_size)
-    async def _batched(self, calls: list[EncodeCall]) -> list[np.ndarray]:
+    async def _run_batch(self, calls: list[EncodeCall]) -> list[np.ndarray]:
         start = time.time()
         for c in calls:
             self._m_queue.observe(max(0.0, start - c.sent_at))
         loop = asyncio.get_running_loop()
         out = await loop.run_in_executor(self._pool, self.encode, calls)
-        n = call_size(calls)
+        n = sum(map(call_size, calls))
         self._m_compute.observe(time.time() - start)
         self._m_batch.observe(n)
         self._m_items.inc(n)

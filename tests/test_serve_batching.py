@@ -1,0 +1,143 @@
+"""The encoder replicas' continuous batcher, without Ray: batches form when the model is free."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from serve.batching import ContinuousBatcher
+
+
+class Model:
+    """A batch function that records its batches and can be held mid-batch."""
+
+    def __init__(self, fail_on: str | None = None) -> None:
+        self.batches: list[list[str]] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.started = asyncio.Event()
+        self.fail_on = fail_on
+
+    async def __call__(self, calls: list[str]) -> list[str]:
+        self.batches.append(list(calls))
+        self.started.set()
+        await self.gate.wait()
+        if self.fail_on in calls:
+            raise ValueError(f"bad input {self.fail_on}")
+        return [c.upper() for c in calls]
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 10))
+
+
+def test_a_lone_request_runs_at_once_and_a_busy_model_gets_full_batches():
+    async def main():
+        m = Model()
+        b = ContinuousBatcher(m, max_batch_size=4)
+        t0 = time.monotonic()
+        assert await b.submit("a") == "A"
+        assert time.monotonic() - t0 < 0.5 and m.batches == [["a"]]
+
+        m.gate.clear()
+        m.started.clear()
+        first = asyncio.ensure_future(b.submit("x"))
+        await m.started.wait()  # "x" is computing; the next ten queue up meanwhile
+        rest = [asyncio.ensure_future(b.submit(f"r{i}")) for i in range(10)]
+        await asyncio.sleep(0.05)
+        assert b.queued == 10
+        m.gate.set()
+        assert await first == "X"
+        assert await asyncio.gather(*rest) == [f"R{i}" for i in range(10)]
+        assert m.batches[1:] == [
+            ["x"],
+            ["r0", "r1", "r2", "r3"],
+            ["r4", "r5", "r6", "r7"],
+            ["r8", "r9"],
+        ]
+        assert b.queued == 0
+
+    run(main())
+
+
+def test_sizes_count_items_and_an_oversized_call_runs_alone():
+    async def main():
+        m = Model()
+        m.gate.clear()
+        b = ContinuousBatcher(m, max_batch_size=4, size=len)
+        hold = asyncio.ensure_future(b.submit("h"))
+        await m.started.wait()
+        calls = ["aaa", "b", "cccccc", "dd", "ee"]
+        futs = [asyncio.ensure_future(b.submit(c)) for c in calls]
+        await asyncio.sleep(0.05)
+        m.gate.set()
+        await hold
+        assert await asyncio.gather(*futs) == [c.upper() for c in calls]
+        assert m.batches == [["h"], ["aaa", "b"], ["cccccc"], ["dd", "ee"]]
+
+    run(main())
+
+
+def test_cancelled_callers_are_dropped_and_errors_reach_every_caller_of_the_batch():
+    async def main():
+        m = Model(fail_on="bad")
+        m.gate.clear()
+        b = ContinuousBatcher(m, max_batch_size=8)
+        hold = asyncio.ensure_future(b.submit("h"))
+        await m.started.wait()
+        gone = asyncio.ensure_future(b.submit("gone"))
+        same = [asyncio.ensure_future(b.submit(c)) for c in ("ok", "bad")]
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        await asyncio.sleep(0.01)
+        m.gate.set()
+        await hold
+        results = await asyncio.gather(*same, return_exceptions=True)
+        assert all(isinstance(r, ValueError) and "bad input bad" in str(r) for r in results)
+        assert ["gone"] not in m.batches and ["ok", "bad"] in m.batches
+        assert b.queued == 0
+        assert await b.submit("after") == "AFTER"  # the batcher survives a failed batch
+
+    run(main())
+
+
+def test_wait_timeout_fills_a_batch_and_a_full_batch_does_not_wait():
+    async def main():
+        m = Model()
+        b = ContinuousBatcher(m, max_batch_size=3, batch_wait_timeout_s=0.3)
+        t0 = time.monotonic()
+        one = asyncio.ensure_future(b.submit("a"))
+        await asyncio.sleep(0.05)
+        two = asyncio.ensure_future(b.submit("b"))
+        assert await asyncio.gather(one, two) == ["A", "B"]
+        assert m.batches == [["a", "b"]]
+        assert 0.25 < time.monotonic() - t0 < 2.0  # waited for the timeout, then ran
+
+        t0 = time.monotonic()
+        assert await asyncio.gather(*(b.submit(c) for c in "xyz")) == ["X", "Y", "Z"]
+        assert m.batches[-1] == ["x", "y", "z"] and time.monotonic() - t0 < 0.2
+
+        b.set_limits(3, 0.0)  # reconfigured: no wait
+        t0 = time.monotonic()
+        assert await b.submit("q") == "Q" and time.monotonic() - t0 < 0.2
+
+    run(main())
+
+
+def test_bad_limits_and_bad_batch_functions_are_reported():
+    with pytest.raises(ValueError, match="max_batch_size"):
+        ContinuousBatcher(Model(), max_batch_size=0)
+    with pytest.raises(ValueError, match="batch_wait_timeout_s"):
+        ContinuousBatcher(Model(), max_batch_size=2, batch_wait_timeout_s=-1)
+
+    async def short(calls):
+        return calls[:-1]
+
+    async def main():
+        b = ContinuousBatcher(short, max_batch_size=4)
+        with pytest.raises(RuntimeError, match="returned 0 results for 1 calls"):
+            await b.submit("a")
+
+    run(main())
