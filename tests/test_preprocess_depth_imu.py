@@ -78,6 +78,27 @@ def test_thermal_8_and_16_bit() -> None:
     assert float(full.max()) <= 1.0 and not torch.equal(full, t16)
 
 
+def test_large_maps_are_converted_in_row_blocks_with_the_same_numbers() -> None:
+    # 1500 x 1200: the float64 maths runs over two row blocks (~1 M pixels each); the result
+    # must be the whole-array float64 computation cast once to float32, exactly.
+    rng = np.random.default_rng(0)
+    depth = rng.integers(0, 9000, size=(1500, 1200)).astype(np.uint16)
+    depth[:10] = 0  # holes in the first block
+    x = depth.astype(np.float64) * 0.001
+    disp = np.zeros_like(x)
+    disp[x > 0] = 0.075 * 518.857901 / x[x > 0]
+    want = np.clip(disp, 0.0, 75.0) / 75.0
+    got = P.preprocess_depth(depth, P.DepthConfig(mean=0.0, std=1.0))
+    ref = P.depth._resize_crop_float(want.astype(np.float32), 224)
+    assert torch.equal(got, ref)
+
+    therm = rng.integers(100, 30000, size=(1500, 1200)).astype(np.uint16)
+    lo, hi = float(therm.min()), float(therm.max())
+    unit = ((therm.astype(np.float64) - lo) / (hi - lo)).astype(np.float32)
+    got = P.preprocess_thermal(therm)
+    assert torch.equal(got, P.depth._resize_crop_float(unit, 224))
+
+
 def test_imu_formats_agree() -> None:
     ref = torch.from_numpy(media.imu_array(2000).T.copy())
     for data in (

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -137,6 +138,20 @@ def _load_single_channel(kind: str, data: bytes, limits: Limits, allow_rgb: bool
     return arr
 
 
+def _map_rows(fn: Callable[[np.ndarray], np.ndarray], arr: np.ndarray) -> np.ndarray:
+    """`fn(arr.astype(float64)).astype(float32)` computed over blocks of rows.
+
+    Same numbers (the maths is elementwise, in float64), but the float64 temporaries cover one
+    block (~1 M pixels) instead of the whole map: a 100-megapixel depth map needs ~0.5 GB here
+    instead of ~5 GB, so a small PNG cannot make a worker swell by gigabytes.
+    """
+    out = np.empty(arr.shape, np.float32)
+    step = max(1, (1 << 20) // max(1, arr.shape[1]))
+    for r in range(0, arr.shape[0], step):
+        out[r : r + step] = fn(arr[r : r + step].astype(np.float64))
+    return out
+
+
 def _resize_crop_float(arr: np.ndarray, size: int) -> torch.Tensor:
     im = resize_center_crop(Image.fromarray(np.ascontiguousarray(arr, dtype=np.float32), "F"), size)
     return torch.from_numpy(np.array(im, dtype=np.float32))[None]  # (1, size, size)
@@ -161,18 +176,20 @@ def preprocess_depth(depth: np.ndarray, cfg: DepthConfig = DEPTH) -> torch.Tenso
     if depth.ndim != 2:
         raise InvalidInput("depth", f"expected a 2-D (H, W) array, got shape {depth.shape}")
     check_finite("depth", depth, "depth values")
-    x = depth.astype(np.float64)
     integer = np.issubdtype(depth.dtype, np.integer)
-    if cfg.input == "metric":
-        scale = cfg.scale if cfg.scale is not None else (0.001 if integer else 1.0)
-        metres = x * scale
-        disparity = np.zeros_like(metres)
-        valid = metres > 0
-        disparity[valid] = cfg.baseline_m * cfg.focal_px / metres[valid]
-    else:
-        disparity = x * (cfg.scale if cfg.scale is not None else 1.0)
-    disparity = np.clip(disparity, 0.0, cfg.max_disparity) / cfg.max_disparity
-    t = _resize_crop_float(disparity.astype(np.float32), cfg.size)
+
+    def to_disparity(x: np.ndarray) -> np.ndarray:
+        if cfg.input == "metric":
+            scale = cfg.scale if cfg.scale is not None else (0.001 if integer else 1.0)
+            metres = x * scale
+            disparity = np.zeros_like(metres)
+            valid = metres > 0
+            disparity[valid] = cfg.baseline_m * cfg.focal_px / metres[valid]
+        else:
+            disparity = x * (cfg.scale if cfg.scale is not None else 1.0)
+        return np.clip(disparity, 0.0, cfg.max_disparity) / cfg.max_disparity
+
+    t = _resize_crop_float(_map_rows(to_disparity, depth), cfg.size)
     t = (t - cfg.mean) / cfg.std
     check_finite("depth", t, "preprocessed depth")
     return t
@@ -193,16 +210,21 @@ def preprocess_thermal(thermal: np.ndarray, cfg: ThermalConfig = THERMAL) -> tor
     if thermal.ndim != 2:
         raise InvalidInput("thermal", f"expected a 2-D (H, W) array, got shape {thermal.shape}")
     check_finite("thermal", thermal, "thermal values")
-    x = thermal.astype(np.float64)
-    if thermal.dtype == np.uint8:
-        x = x / 255.0
-    elif np.issubdtype(thermal.dtype, np.integer):
-        if cfg.sixteen_bit == "full_range":
-            x = x / 65535.0
-        else:
-            lo, hi = float(x.min()), float(x.max())
-            x = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
-    t = _resize_crop_float(x.astype(np.float32), cfg.size)
+    integer = np.issubdtype(thermal.dtype, np.integer)
+    lo = hi = 0.0
+    if integer and thermal.dtype != np.uint8 and cfg.sixteen_bit != "full_range":
+        lo, hi = float(thermal.min()), float(thermal.max())
+
+    def to_unit(x: np.ndarray) -> np.ndarray:
+        if thermal.dtype == np.uint8:
+            return x / 255.0
+        if integer:
+            if cfg.sixteen_bit == "full_range":
+                return x / 65535.0
+            return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
+        return x
+
+    t = _resize_crop_float(_map_rows(to_unit, thermal), cfg.size)
     t = (t - cfg.mean) / cfg.std
     check_finite("thermal", t, "preprocessed thermal")
     return t
