@@ -14,6 +14,7 @@ Every client fault is a 4xx in OpenAI's error shape `{"error": {"message", "type
 import asyncio
 import base64
 import binascii
+import contextlib
 import hmac
 import logging
 import os
@@ -31,6 +32,8 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from ray import serve
 from ray.serve import metrics
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from serve.encoder import EncodeCall
 from serve.schemas import (
@@ -55,6 +58,16 @@ _URI_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _TIME_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
 TIMEOUT_HEADER = "x-request-timeout"
 _INLINE_TEXT_CHARS = 2048
+_WHITESPACE = {ord(c): None for c in " \t\r\n\v\f"}
+# A body still arriving after max(request deadline, this) is a 408: a client that stalls
+# mid-upload must not hold an ingress slot forever. The floor keeps a tiny X-Request-Timeout
+# from turning the proxy's own body hand-off into a "client too slow".
+BODY_READ_MIN_S = 5.0
+CLIENT_CLOSED = 499  # nginx's status for a client that went away: counted, never answered
+# What each request field must be, for type errors (pydantic's own message names union members).
+_FIELD_HINTS = {
+    "input": "must be a string or a list of strings (token-id arrays are not supported)",
+}
 
 
 class APIError(Exception):
@@ -94,9 +107,28 @@ class APIError(Exception):
 def _validation_message(e: ValidationError) -> tuple[str, str | None]:
     """First pydantic error as `field: message`, plus the field as `param`."""
     err = e.errors()[0]
-    loc = ".".join(str(p) for p in err.get("loc", ()))
+    parts = [str(p) for p in err.get("loc", ())]
     msg = err.get("msg", "invalid value")
+    if parts and parts[0] in _FIELD_HINTS:
+        # A union's error location carries the member tried (`input.str`): name the field.
+        return f"{parts[0]} {_FIELD_HINTS[parts[0]]}", parts[0]
+    loc = ".".join(parts)
     return (f"{loc}: {msg}" if loc else msg), (loc or None)
+
+
+@contextlib.asynccontextmanager
+async def _deadline(seconds: float):
+    """`asyncio.timeout` whose expiry is the API's 504."""
+    try:
+        async with asyncio.timeout(max(0.0, seconds)):
+            yield
+    except TimeoutError:
+        raise APIError(
+            504,
+            f"request timed out after {seconds:g} s",
+            type="server_error",
+            code="timeout",
+        ) from None
 
 
 class EmbeddingService:
@@ -173,7 +205,15 @@ class EmbeddingService:
             )
 
     async def read_body(self, request: Request) -> bytes:
-        """The request body, refusing (413) one over `max_body_bytes` before buffering it."""
+        """The request body, refusing (413) one over `max_body_bytes` before buffering it and
+        (415) a compressed one."""
+        encoding = request.headers.get("content-encoding", "").strip().lower()
+        if encoding not in ("", "identity"):
+            raise APIError(
+                415,
+                f"Content-Encoding {encoding!r} is not supported: send the JSON body uncompressed",
+                code="unsupported_encoding",
+            )
         limit = self.args.max_body_bytes
         too_big = APIError(
             413,
@@ -193,6 +233,17 @@ class EmbeddingService:
             if len(body) > limit:
                 raise too_big
         return bytes(body)
+
+    async def read_body_in_time(self, request: Request, deadline_s: float) -> bytes:
+        """`read_body`, or 408 when the body has not fully arrived in time."""
+        wait = max(deadline_s, BODY_READ_MIN_S)
+        try:
+            async with asyncio.timeout(wait):
+                return await self.read_body(request)
+        except TimeoutError:
+            raise APIError(
+                408, f"request body not received within {wait:g} s", code="request_timeout"
+            ) from None
 
     def deadline_s(self, request: Request) -> float:
         """The server's request timeout, shortened by an `X-Request-Timeout` header (seconds)."""
@@ -248,16 +299,26 @@ class EmbeddingService:
 
         param = f"input[{index}]"
         limit = self.args.max_input_bytes
-        if value.startswith("data:"):
+        if value[:5].lower() == "data:":  # RFC 2397; the media type is not trusted
             header, sep, payload = value.partition(",")
             if not sep:
-                raise APIError(400, f"{param}: malformed data: URI (no comma)", param=param)
-            if header.endswith(";base64"):
+                raise APIError(
+                    400,
+                    f"{param}: malformed data: URI (no comma)",
+                    param=param,
+                    code="invalid_input",
+                )
+            if header.lower().endswith(";base64"):
                 value = payload
             else:
                 data = urllib.parse.unquote_to_bytes(payload)
                 if len(data) > limit:
-                    raise APIError(400, f"{param}: over the limit of {limit} bytes", param=param)
+                    raise APIError(
+                        400,
+                        f"{param}: over the limit of {limit} bytes",
+                        param=param,
+                        code="too_large",
+                    )
                 return data
         else:
             m = _URI_SCHEME.match(value)
@@ -265,14 +326,22 @@ class EmbeddingService:
                 return self._read_uri(kind, index, value, m.group(1).lower())
         # base64: refuse by length before decoding (4 characters carry 3 bytes).
         if len(value) // 4 * 3 > limit + 3:
-            raise APIError(400, f"{param}: over the limit of {limit} bytes", param=param)
+            raise APIError(
+                400, f"{param}: over the limit of {limit} bytes", param=param, code="too_large"
+            )
+        # What clients send: line-wrapped (MIME, `base64` without -w0), the URL-safe alphabet,
+        # padding dropped. All are unambiguous; anything else is refused.
+        compact = value.translate(_WHITESPACE)
+        if "-" in compact or "_" in compact:
+            compact = compact.replace("-", "+").replace("_", "/")
+        compact += "=" * (-len(compact) % 4)
         try:
-            data = base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError):
+            data = base64.b64decode(compact, validate=True)
+        except (binascii.Error, ValueError) as e:
             raise APIError(
                 400,
-                f"{param}: not valid base64 (send {kind} inputs as base64, a data: URI or an "
-                "allowed s3:// URI)",
+                f"{param}: not valid base64 ({e}); send {kind} inputs as base64 (standard or "
+                "URL-safe alphabet), a data: URI or an allowed s3:// URI",
                 param=param,
                 code="invalid_input",
             ) from None
@@ -433,46 +502,41 @@ class EmbeddingService:
         status = 500
         try:
             self.check_auth(request)
-            body = await self.read_body(request)
-            try:
-                req = EmbeddingRequest.model_validate_json(body)
-            except ValidationError as e:
-                msg, param = _validation_message(e)
-                raise APIError(400, msg, param=param) from None
-            self.check_model(req.model)
-            kind = self.check_kind(req.modality)
-            inputs = req.inputs()
-            if not inputs:
-                raise APIError(400, "input is empty", param="input")
-            if len(inputs) > self.args.max_inputs:
-                raise APIError(
-                    400,
-                    f"{len(inputs)} inputs is over the limit of {self.args.max_inputs} per request",
-                    param="input",
-                    code="too_many_inputs",
-                )
             deadline = self.deadline_s(request)
-            self._m_inputs.inc(len(inputs), tags={"modality": kind})
-            try:
-                async with asyncio.timeout(deadline):
-                    arrays, tokens = await self.prepare_all(kind, inputs)
-                    t_enc = time.perf_counter()
-                    vectors = await self.encode(kind, arrays, req.normalize)
-                    t_enc = time.perf_counter() - t_enc
-            except TimeoutError:
-                raise APIError(
-                    504,
-                    f"request timed out after {deadline:g} s",
-                    type="server_error",
-                    code="timeout",
-                ) from None
-            if req.dimensions is not None and req.dimensions != vectors.shape[1]:
-                raise APIError(
-                    400,
-                    f"dimensions={req.dimensions} is not supported; this model returns "
-                    f"{vectors.shape[1]}",
-                    param="dimensions",
-                )
+            started = time.monotonic()
+            body = await self.read_body_in_time(request, deadline)
+            async with _deadline(deadline - (time.monotonic() - started)):
+                try:
+                    req = EmbeddingRequest.model_validate_json(body)
+                except ValidationError as e:
+                    msg, param = _validation_message(e)
+                    raise APIError(400, msg, param=param, code="invalid_request") from None
+                self.check_model(req.model)
+                kind = self.check_kind(req.modality)
+                dim = self.embed_dim()
+                if req.dimensions is not None and req.dimensions != dim:
+                    raise APIError(
+                        400,
+                        f"dimensions={req.dimensions} is not supported; this model returns {dim}",
+                        param="dimensions",
+                        code="invalid_request",
+                    )
+                inputs = req.inputs()
+                if not inputs:
+                    raise APIError(400, "input is empty", param="input", code="invalid_request")
+                if len(inputs) > self.args.max_inputs:
+                    raise APIError(
+                        400,
+                        f"{len(inputs)} inputs is over the limit of {self.args.max_inputs} per "
+                        "request",
+                        param="input",
+                        code="too_many_inputs",
+                    )
+                self._m_inputs.inc(len(inputs), tags={"modality": kind})
+                arrays, tokens = await self.prepare_all(kind, inputs)
+                t_enc = time.perf_counter()
+                vectors = await self.encode(kind, arrays, req.normalize)
+                t_enc = time.perf_counter() - t_enc
             data = [
                 Embedding(index=i, embedding=_encode_vector(v, req.encoding_format))
                 for i, v in enumerate(vectors)
@@ -493,8 +557,17 @@ class EmbeddingService:
         except APIError as e:
             status = e.status
             raise
+        except (ClientDisconnect, asyncio.CancelledError):
+            status = CLIENT_CLOSED  # the client went away: not a server error
+            raise
         finally:
             self._observe("embeddings", kind, status, t0)
+
+    def embed_dim(self) -> int:
+        """Size of the served embeddings (from the preset: known before any encoder answers)."""
+        import imagebind_core as ibc
+
+        return int(ibc.get_config(self.args.preset).out_embed_dim)
 
     async def search(self, request: Request) -> Response:
         """POST /v1/search: embed the query (or take a vector) and ask the index."""
@@ -509,39 +582,39 @@ class EmbeddingService:
                     "search is not enabled: this app was started without `index_uri`",
                     code="search_disabled",
                 )
-            body = await self.read_body(request)
-            try:
-                req = SearchRequest.model_validate_json(body)
-            except ValidationError as e:
-                msg, param = _validation_message(e)
-                raise APIError(400, msg, param=param) from None
-            self.check_model(req.model)
-            if req.filter_modality is not None and req.filter_modality not in ALL_KINDS:
-                raise APIError(
-                    400,
-                    f"unknown filter_modality {req.filter_modality!r}",
-                    param="filter_modality",
-                )
             deadline = self.deadline_s(request)
-            try:
-                async with asyncio.timeout(deadline):
-                    if req.vector is not None:
-                        kind = "vector"
-                        vector = [float(v) for v in req.vector]
-                    else:
-                        kind = self.check_kind(req.modality)
-                        arrays, _ = await self.prepare_all(kind, [req.input or ""])
-                        vector = (await self.encode(kind, arrays, True))[0].tolist()
-                    hits = await self._search(vector, req.top_k, req.filter_modality)
-            except TimeoutError:
-                raise APIError(
-                    504, f"request timed out after {deadline:g} s", type="server_error"
-                ) from None
+            started = time.monotonic()
+            body = await self.read_body_in_time(request, deadline)
+            async with _deadline(deadline - (time.monotonic() - started)):
+                try:
+                    req = SearchRequest.model_validate_json(body)
+                except ValidationError as e:
+                    msg, param = _validation_message(e)
+                    raise APIError(400, msg, param=param, code="invalid_request") from None
+                self.check_model(req.model)
+                if req.filter_modality is not None and req.filter_modality not in ALL_KINDS:
+                    raise APIError(
+                        400,
+                        f"unknown filter_modality {req.filter_modality!r}",
+                        param="filter_modality",
+                        code="unknown_modality",
+                    )
+                if req.vector is not None:
+                    kind = "vector"
+                    vector = [float(v) for v in req.vector]
+                else:
+                    kind = self.check_kind(req.modality)
+                    arrays, _ = await self.prepare_all(kind, [req.input or ""])
+                    vector = (await self.encode(kind, arrays, True))[0].tolist()
+                hits = await self._search(vector, req.top_k, req.filter_modality)
             resp = SearchResponse(data=[SearchHit(**h) for h in hits], model=self.model_id)
             status = 200
             return JSONResponse(resp.model_dump())
         except APIError as e:
             status = e.status
+            raise
+        except (ClientDisconnect, asyncio.CancelledError):
+            status = CLIENT_CLOSED
             raise
         finally:
             self._observe("search", kind, status, t0)
@@ -639,6 +712,7 @@ def _encode_vector(v: np.ndarray, fmt: str) -> list[float] | str:
 api = FastAPI(
     title="imagebind-ray",
     description="ImageBind embeddings for six modalities; OpenAI-compatible for text.",
+    redirect_slashes=False,  # `/v1/embeddings/` is a 404 in the error shape, not a redirect
 )
 
 
@@ -651,7 +725,26 @@ async def _api_error(_: Request, e: APIError) -> Response:
 async def _request_invalid(_: Request, e: RequestValidationError) -> Response:
     err = e.errors()[0] if e.errors() else {}
     loc = ".".join(str(p) for p in err.get("loc", ()))
-    return APIError(400, f"{loc}: {err.get('msg', 'invalid request')}").response()
+    return APIError(
+        400, f"{loc}: {err.get('msg', 'invalid request')}", code="invalid_request"
+    ).response()
+
+
+_ROUTING_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _routing_error(request: Request, e: StarletteHTTPException) -> Response:
+    # Unknown paths and wrong methods, in the same error shape as everything else.
+    if e.status_code == 404:
+        msg = f"no route {request.url.path!r}; see GET /v1/models and the API docs"
+    elif e.status_code == 405:
+        msg = f"{request.method} is not allowed on {request.url.path!r}"
+    else:
+        msg = str(e.detail)
+    err = APIError(e.status_code, msg, code=_ROUTING_CODES.get(e.status_code))
+    err.headers.update(e.headers or {})
+    return err.response()
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25})
@@ -687,12 +780,12 @@ class Ingress:
         """One model by id (404 if not served)."""
         return await self.service.model(request, model)
 
-    @api.get("/healthz")
+    @api.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz(self) -> Response:
         """Liveness: the ingress answers."""
         return JSONResponse({"status": "ok"})
 
-    @api.get("/readyz")
+    @api.api_route("/readyz", methods=["GET", "HEAD"])
     async def readyz(self) -> Response:
         """Readiness: every encoder has loaded its weights and answers."""
         return await self.service.readiness()

@@ -35,9 +35,12 @@ def encoder_modality(kind: str) -> str:
 
 
 class EmbeddingRequest(BaseModel):
-    """`POST /v1/embeddings`: OpenAI's embeddings request plus `modality` and `normalize`."""
+    """`POST /v1/embeddings`: OpenAI's embeddings request plus `modality` and `normalize`.
 
-    model_config = ConfigDict(extra="forbid")
+    Strict types: `"normalize": "yes"` or `"dimensions": "32"` is a 400, not a guess.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     input: str | list[str] = Field(
         description="One input or a list. Text: the string itself. Other modalities: base64, "
@@ -107,7 +110,7 @@ class ModelList(BaseModel):
 class SearchRequest(BaseModel):
     """`POST /v1/search`: embed one query (or take a raw vector) and look it up in the index."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     input: str | None = Field(default=None, description="The query, same forms as embeddings.")
     vector: list[float] | None = Field(default=None, description="A raw query vector instead.")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
+import socket
 import time
 
 import httpx
@@ -322,7 +324,9 @@ def test_bad_inputs_are_400_naming_the_input(client):
         ({"input": []}, 400, "empty"),
         ({"input": [f"t{i}" for i in range(9)]}, 400, "over the limit of 8"),
         ({"input": "x", "modalty": "text"}, 400, "modalty"),
-        ({"input": [1, 2, 3]}, 400, "input"),
+        ({"input": [1, 2, 3]}, 400, "list of strings"),
+        ({"input": "x", "normalize": "yes"}, 400, "normalize"),
+        ({"input": "x", "dimensions": "32"}, 400, "dimensions"),
         ({"input": "x", "encoding_format": "int8"}, 400, "encoding_format"),
         ({"input": "x", "dimensions": 7}, 400, "dimensions"),
         ({}, 400, "input"),
@@ -331,6 +335,52 @@ def test_bad_inputs_are_400_naming_the_input(client):
 def test_request_errors(client, body, status, needle):
     err = error(client.post("/v1/embeddings", json=body), status)
     assert needle in err["message"], err
+
+
+def test_client_spellings_of_base64_and_data_uris(client, direct):
+    png = make_input("vision", seed=3)
+    b64 = base64.b64encode(png).decode()
+    urlsafe = base64.urlsafe_b64encode(png).decode().rstrip("=")
+    assert "-" in urlsafe or "_" in urlsafe
+    variants = [
+        base64.encodebytes(png).decode(),  # MIME: wrapped at 76 characters
+        urlsafe,  # URL-safe alphabet, padding dropped
+        "DATA:image/png;BASE64," + b64,
+        "  " + b64 + "\n",
+    ]
+    got = vectors(embed(client, variants, "vision"))
+    np.testing.assert_allclose(got, direct("vision", [png] * 4), rtol=1e-5, atol=1e-5)
+    err = error(embed(client, [b64[:-5] + "!!!!!"], "vision"), 400)
+    assert err["param"] == "input[0]" and "base64" in err["message"]
+
+
+def test_routing_and_protocol_errors_use_the_error_shape(client):
+    assert error(client.get("/v1/embeddings"), 405)["code"] == "method_not_allowed"
+    assert error(client.get("/v1/nothing"), 404)["code"] == "not_found"
+    error(client.post("/v1/embeddings/", json={"input": "x"}), 404)  # no redirect
+    assert client.head("/healthz").status_code == 200
+    r = client.post(
+        "/v1/embeddings",
+        content=gzip.compress(b'{"input": "x"}'),
+        headers={"content-encoding": "gzip", "content-type": "application/json"},
+    )
+    assert error(r, 415)["code"] == "unsupported_encoding"
+
+
+def test_a_stalled_upload_is_408_not_a_hang(apps):
+    url = httpx.URL(apps["a"])
+    body = b'{"input": "a dog"}'
+    head = (
+        f"POST {url.path}/v1/embeddings HTTP/1.1\r\nHost: {url.host}\r\n"
+        "Content-Type: application/json\r\nX-Request-Timeout: 1\r\n"
+        f"Content-Length: {len(body) + 50}\r\n\r\n"
+    ).encode()
+    t0 = time.monotonic()
+    with socket.create_connection((url.host, url.port), timeout=60) as s:
+        s.sendall(head + body)  # 50 bytes short, and never sent
+        reply = s.recv(65536)
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:300]
+    assert b"request_timeout" in reply and time.monotonic() - t0 < 30
 
 
 def test_malformed_json_and_size_limits(client):
