@@ -60,13 +60,31 @@ def options_for(uri: str, storage_options: StorageOptions | None) -> dict[str, A
 
 def filesystem(uri: str, storage_options: StorageOptions | None = None):
     """Return (fsspec filesystem, path within it) for `uri`."""
+    if protocol_of(uri) == "file":
+        # Local paths go straight to the local filesystem: fsspec's URL parsing would read
+        # `a::b.jpg` as a chained URL and `a#b` as a fragment, and such names are legal files.
+        path = uri[len("file://") :] if uri.lower().startswith("file://") else uri
+        return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(path))
     fs, path = fsspec.core.url_to_fs(uri, **options_for(uri, storage_options))
     return fs, path
 
 
+def canonical_uri(uri: str) -> str:
+    """One spelling per location, to compare inputs across runs.
+
+    A local path becomes absolute (no `file://`, no trailing `/`); an object-store URI gets a
+    lower-case scheme and loses its trailing `/`.
+    """
+    if protocol_of(uri) == "file":
+        return filesystem(uri)[1].rstrip("/") or "/"
+    scheme, rest = uri.split("://", 1)
+    return f"{scheme.lower()}://{rest.rstrip('/')}"
+
+
 def open_uri(uri: str, mode: str = "rb", storage_options: StorageOptions | None = None):
     """Open `uri` for reading or writing."""
-    return fsspec.open(uri, mode, **options_for(uri, storage_options)).open()
+    fs, path = filesystem(uri, storage_options)
+    return fs.open(path, mode)
 
 
 def read_bytes(

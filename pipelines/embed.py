@@ -31,6 +31,7 @@ from typing import Any
 import pyarrow as pa
 
 import imagebind_core as ibc
+from imagebind_core.io import canonical_uri, filesystem
 from pipelines.config import ConfigError, JobConfig, load_config
 from pipelines.lock import OutputLock, OutputLocked
 from pipelines.readers import (
@@ -96,7 +97,7 @@ def model_lineage(cfg: JobConfig, kinds: Sequence[str] = ()) -> dict[str, str]:
 def _record_key(cfg: JobConfig, plan: Plan, lineage: dict[str, str]) -> dict[str, Any]:
     keep = ("preset", "checkpoint_sha256", "embed_dim", "normalize", "preprocess_version")
     return {
-        "input": cfg.input,
+        "input": canonical_uri(cfg.input),
         "format": plan.format,
         **{k: lineage[f"imagebind.{k}"] for k in keep},
     }
@@ -106,7 +107,9 @@ def _check_record(output: Output, cfg: JobConfig, plan: Plan, lineage: dict[str,
     key = _record_key(cfg, plan, lineage)
     rec = read_job_record(output)
     if rec is not None:
-        old = rec.get("key", {})
+        old = dict(rec.get("key", {}))
+        if isinstance(old.get("input"), str):  # records written before inputs were canonical
+            old["input"] = canonical_uri(old["input"])
         diff = {k: (old.get(k), v) for k, v in key.items() if old.get(k) != v}
         if diff:
             lines = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
@@ -369,7 +372,7 @@ class JobSummary:
                 f"  {k:8s} {self.ok.get(k, 0):8d} embedded {self.errors.get(k, 0):6d} errors "
                 f"{self.items_per_s(k):9.2f} items/s"
             )
-        if not self.ok and not self.errors:
+        if not self.ok and not self.errors and not self.shards_committed:
             lines.append("  nothing to do: every shard was already committed")
         if sum(self.errors.values()):
             lines.append(f"  failed items and reasons: {self.output.rstrip('/')}/_errors/")
@@ -448,6 +451,15 @@ def _check_resources(cfg: JobConfig, kinds: Sequence[str]) -> None:
         )
 
 
+def check_output(cfg: JobConfig) -> None:
+    """PlanError if the output names an existing file (it must be a folder or prefix)."""
+    fs, path = filesystem(cfg.output, cfg.storage_options())
+    if fs.isfile(path):
+        raise PlanError(
+            f"output {cfg.output} is an existing file; give a folder (or an object-store prefix)"
+        )
+
+
 def run_plan(cfg: JobConfig, plan: Plan, *, log_every_s: float = 10.0) -> JobSummary:
     """Execute `plan` into `cfg.output` under the output lock; returns what was done.
 
@@ -458,6 +470,7 @@ def run_plan(cfg: JobConfig, plan: Plan, *, log_every_s: float = 10.0) -> JobSum
     from ray.data import DataContext
 
     t0 = time.perf_counter()
+    check_output(cfg)
     so = cfg.storage_options()
     output = Output(cfg.output, so)
     output.makedirs(output.root)
@@ -576,7 +589,9 @@ def _describe_plan(cfg: JobConfig, plan: Plan) -> str:
     if plan.skipped:
         lines.append(f"skipped: {len(plan.skipped)} files without a media extension")
     if plan.duplicates:
-        lines.append(f"skipped: {plan.duplicates} manifest rows whose id is in an earlier manifest")
+        lines.append(
+            f"skipped: {plan.duplicates} manifest rows whose id is in an earlier row or manifest"
+        )
     p = cfg.preprocess
     lines.append(
         f"preprocess: {p.num_cpus:g} CPU per task, {p.read_threads} read threads; "
@@ -693,6 +708,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides = job_overrides(args, extra)
         cfg = load_config(args.config, overrides)
         if args.dry_run:
+            check_output(cfg)
             output = Output(cfg.output, cfg.storage_options())
             rec = read_job_record(output)
             plan = plan_job(cfg, files_shards=(rec or {}).get("files_shards"))

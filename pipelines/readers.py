@@ -41,6 +41,7 @@ from typing import Any
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
@@ -127,15 +128,17 @@ def list_input(
     if local:
         path = os.path.abspath(path)
     fs.invalidate_cache()
-    if _has_glob(path):
-        root = path[: min(path.index(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
-        found = fs.glob(path, detail=True)
-    elif fs.isdir(path):
+    # An existing folder or file is taken literally even if its name has glob characters
+    # (`photos [2024]/`); only a path that does not exist is a pattern.
+    if fs.isdir(path):
         root = path.rstrip("/")
         found = fs.find(path, detail=True)
     elif fs.exists(path):
         root = path.rsplit("/", 1)[0]
         found = {path: fs.info(path)}
+    elif _has_glob(path):
+        root = path[: min(path.index(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
+        found = fs.glob(path, detail=True)
     else:
         raise PlanError(f"input not found: {input_uri}")
     skip = None
@@ -169,7 +172,8 @@ def detect_format(sources: Sequence[Source]) -> str:
     names = [s.rel.lower() for s in sources]
     if all(n.endswith(TAR_SUFFIXES) for n in names):
         return "webdataset"
-    if all(n.endswith(MANIFEST_SUFFIXES) for n in names):
+    # `walk.imu.csv` / `walk.imu.json` are IMU recordings, not manifests.
+    if all(n.endswith(MANIFEST_SUFFIXES) and ibc.infer_kind(n) is None for n in names):
         return "manifest"
     return "files"
 
@@ -201,14 +205,19 @@ def file_kind(
 
 
 def read_manifest(uri: str, storage_options: StorageOptions | None = None) -> pa.Table:
-    """Read one manifest file; `id`, `uri`, `modality`, `text`, `fingerprint` become strings.
+    """Read one manifest file; `id`, `uri`, `modality`, `text`, `fingerprint` become strings,
+    `size` int64 and `mtime` float64 seconds (timestamps and ISO dates are converted).
 
-    Raises PlanError naming the file if it cannot be read or lacks the required columns.
+    A 0-byte file is an empty manifest. Raises PlanError naming the file if it cannot be read,
+    lacks the required columns, or has a `size`/`mtime` column of the wrong kind.
     """
     low = uri.lower()
     strings = ("id", "uri", "modality", "text", "fingerprint")
     fs, path = filesystem(uri, storage_options)
     try:
+        if fs.size(path) == 0:
+            empty = pa.array([], pa.string())
+            return pa.table({"uri": empty, "modality": empty})
         with fs.open(path, "rb", compression="infer") as f:
             if low.endswith(".parquet"):
                 table = pq.read_table(f)
@@ -223,7 +232,12 @@ def read_manifest(uri: str, storage_options: StorageOptions | None = None) -> pa
             else:
                 table = pajson.read_json(f)
     except Exception as e:
-        raise PlanError(f"manifest {uri}: cannot read it: {e}") from None
+        hint = ""
+        if low.endswith((".json", ".jsonl", ".jsonl.gz", ".ndjson")) and _starts_with(
+            fs, path, b"["
+        ):
+            hint = " (a JSON manifest is JSON Lines: one object per line, not an array)"
+        raise PlanError(f"manifest {uri}: cannot read it: {e}{hint}") from None
     missing = [c for c in ("modality",) if c not in table.column_names]
     if missing or ("uri" not in table.column_names and "text" not in table.column_names):
         raise PlanError(
@@ -231,11 +245,59 @@ def read_manifest(uri: str, storage_options: StorageOptions | None = None) -> pa
             f"it has {table.column_names}"
         )
     for c in strings:
-        if c in table.column_names and table.schema.field(c).type != pa.string():
-            table = table.set_column(
-                table.column_names.index(c), c, table.column(c).cast(pa.string())
-            )
+        if c not in table.column_names:
+            continue
+        col = table.column(c)
+        if c == "id" and pa.types.is_floating(col.type):
+            col = pa.array([_float_id(v) for v in col.to_pylist()], pa.string())
+        elif col.type != pa.string():
+            col = col.cast(pa.string())
+        if c == "text":  # "" is no text, as CSV reads it, whatever the file format
+            col = pc.if_else(pc.equal(col, ""), pa.scalar(None, pa.string()), col)
+        table = table.set_column(table.column_names.index(c), c, col)
+    for c, convert in (("size", _as_int64), ("mtime", _as_seconds)):
+        if c in table.column_names:
+            try:
+                col = convert(table.column(c))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, TypeError) as e:
+                raise PlanError(
+                    f"manifest {uri}: column {c!r} of type {table.column(c).type} cannot be read "
+                    f"as {'bytes (an integer)' if c == 'size' else 'a time'}: {e}"
+                ) from None
+            table = table.set_column(table.column_names.index(c), c, col)
     return table
+
+
+def _starts_with(fs: fsspec.AbstractFileSystem, path: str, prefix: bytes) -> bool:
+    try:
+        with fs.open(path, "rb", compression="infer") as f:
+            return f.read(256).lstrip().startswith(prefix)
+    except Exception:
+        return False
+
+
+def _float_id(v: float | None) -> str | None:
+    # pandas stores an integer id column with a gap as float64: 7.0 is id "7", NaN is no id.
+    if v is None or v != v:
+        return None
+    return str(int(v)) if float(v).is_integer() else repr(v)
+
+
+def _as_int64(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    return col if col.type == pa.int64() else col.cast(pa.int64())
+
+
+_PER_SECOND = {"s": 1.0, "ms": 1e3, "us": 1e6, "ns": 1e9}
+
+
+def _as_seconds(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    """An mtime column as float64 seconds since the epoch (numbers are taken as seconds)."""
+    t = col.type
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_date(t):
+        col, t = col.cast(pa.timestamp("us")), pa.timestamp("us")
+    if pa.types.is_timestamp(t):  # stored as UTC whatever the zone: the instant
+        return pc.divide(col.cast(pa.int64()).cast(pa.float64()), _PER_SECOND[t.unit])
+    return col.cast(pa.float64())
 
 
 def resolve_uri(base: str, uri: str) -> str:
@@ -248,17 +310,20 @@ def resolve_uri(base: str, uri: str) -> str:
     return f"{scheme}://{posixpath.normpath(posixpath.join(path, uri))}"
 
 
-def manifest_items(table: pa.Table, shard: str, manifest_uri: str) -> list[dict[str, Any]]:
+def manifest_items(
+    table: pa.Table, shard: str, manifest_uri: str, repeats: list[str] | None = None
+) -> list[dict[str, Any]]:
     """Item rows of one manifest (without payload bytes, except inline text in `data`).
 
     Rows with an unknown modality, inline text for a non-text modality, or neither `uri` nor
-    `text` get kind INVALID and an error. A repeated id keeps its first row (logged).
+    `text` get kind INVALID and an error. A repeated id keeps its first row (logged; the ids
+    of the skipped rows are appended to `repeats` if given).
     """
     base = manifest_uri.rsplit("/", 1)[0] if "/" in manifest_uri else ""
     cols = set(table.column_names)
     out: list[dict[str, Any]] = []
     seen: set[str] = set()
-    dups = 0
+    dups: list[str] = []
     for i, row in enumerate(table.to_pylist()):
         raw_kind = row.get("modality")
         kind = normalise_kind(raw_kind)
@@ -269,7 +334,7 @@ def manifest_items(table: pa.Table, shard: str, manifest_uri: str) -> list[dict[
         if not id_:
             id_ = uri if uri else f"{shard}#{i}"
         if id_ in seen:
-            dups += 1
+            dups.append(id_)
             continue
         seen.add(id_)
         full = resolve_uri(base, uri) if uri else None
@@ -303,7 +368,14 @@ def manifest_items(table: pa.Table, shard: str, manifest_uri: str) -> list[dict[
             item["_kind"] = kind
         out.append(item)
     if dups:
-        logger.warning("manifest %s: %d rows repeat an earlier id and were ignored", shard, dups)
+        logger.warning(
+            "manifest %s: %d rows repeat an id of an earlier row and are skipped, e.g. %s",
+            shard,
+            len(dups),
+            sorted(set(dups))[:3],
+        )
+        if repeats is not None:
+            repeats.extend(dups)
     return out
 
 
@@ -400,7 +472,7 @@ class Plan:
     counts: dict[str, int] | None  # items per kind, when cheap to know
     skipped: list[str] = field(default_factory=list)  # files with no known media kind
     files_shards: int | None = None
-    duplicates: int = 0  # manifest rows skipped: their id is in an earlier manifest
+    duplicates: int = 0  # manifest rows skipped: their id is in an earlier row or manifest
 
 
 def _shard_names(sources: Sequence[Source], suffixes: Sequence[str]) -> list[str]:
@@ -444,19 +516,21 @@ def plan_job(cfg: JobConfig, files_shards: int | None = None, *, scan_workers: i
             raise PlanError(f"format manifest: {bad[:3]} are not Parquet/CSV/JSONL manifests")
         names = _shard_names(sources, MANIFEST_SUFFIXES)
 
-        def scan(args: tuple[Source, str]) -> tuple[ShardSpec, np.ndarray]:
+        def scan(args: tuple[Source, str]) -> tuple[ShardSpec, np.ndarray, int]:
             src, name = args
-            items = manifest_items(read_manifest(src.uri, so), name, src.uri)
+            repeats: list[str] = []
+            items = manifest_items(read_manifest(src.uri, so), name, src.uri, repeats)
             counts = Counter(it["_kind"] for it in items)
             spec = ShardSpec(
                 name, fmt, src.uri, src.fingerprint, tuple(sorted(counts)), counts=dict(counts)
             )
-            return spec, id_digests(it["id"] for it in items)
+            return spec, id_digests(it["id"] for it in items), len(repeats)
 
         with ThreadPoolExecutor(scan_workers) as ex:
             scanned = list(ex.map(scan, zip(sources, names, strict=True)))
-        shards = [spec for spec, _ in scanned]
-        duplicates = _exclude_repeated_ids(shards, [d for _, d in scanned], so, scan_workers)
+        shards = [spec for spec, _, _ in scanned]
+        duplicates = sum(n for _, _, n in scanned)
+        duplicates += _exclude_repeated_ids(shards, [d for _, d, _ in scanned], so, scan_workers)
         total: Counter[str] = Counter()
         for s in shards:
             total.update(s.counts or {})
@@ -469,12 +543,7 @@ def plan_job(cfg: JobConfig, files_shards: int | None = None, *, scan_workers: i
         names = _shard_names(sources, TAR_SUFFIXES)
         kinds = cfg.webdataset.kinds
         if kinds is None:
-            kinds = peek_tar_kinds(sources[0].uri, so, cfg.webdataset.extensions)
-            if not kinds:
-                raise PlanError(
-                    f"{sources[0].uri}: no member with a known media suffix; set "
-                    "webdataset.kinds / webdataset.extensions"
-                )
+            kinds = _peek_kinds(sources, so, cfg.webdataset.extensions)
         kinds_t = tuple(sorted(set(kinds)))
         shards = [
             ShardSpec(n, fmt, s.uri, s.fingerprint, kinds_t)
@@ -543,6 +612,33 @@ def _exclude_repeated_ids(
 
     with ThreadPoolExecutor(max(1, min(workers, len(todo)))) as ex:
         return sum(ex.map(fix, todo))
+
+
+def _peek_kinds(
+    sources: Sequence[Source],
+    storage_options: StorageOptions | None,
+    extensions: Mapping[str, str],
+    tries: int = 8,
+) -> list[str]:
+    """Kinds of a WebDataset corpus from its first readable shard (an empty or corrupt one is
+    skipped here; reading it later records it in `_errors`)."""
+    failures = []
+    for src in sources[:tries]:
+        try:
+            kinds = peek_tar_kinds(src.uri, storage_options, extensions)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            failures.append(f"{src.uri}: {type(e).__name__}: {e}")
+            continue
+        if not kinds:
+            raise PlanError(
+                f"{src.uri}: no member with a known media suffix; set webdataset.kinds / "
+                "webdataset.extensions"
+            )
+        return kinds
+    raise PlanError(
+        f"cannot read the first {len(failures)} tar shard(s) to find the kinds (set "
+        f"webdataset.kinds to skip this): {'; '.join(failures[:3])}"
+    )
 
 
 def _plan_files(cfg: JobConfig, sources: list[Source], files_shards: int | None) -> Plan:
@@ -616,20 +712,37 @@ def list_items(cfg: JobConfig, *, stat: bool = True, threads: int = 16) -> pa.Ta
                 rows.append({**it, "source": shard.uri})
         else:
             want = _wds_want(set(shard.kinds), cfg.webdataset.extensions)
-            for name, kind, _, size, mtime in iter_tar(shard.uri, so, want, read=False):
-                rows.append(
-                    {
-                        "id": f"{shard.name}/{name}",
-                        "uri": f"{shard.uri}#{name}",
-                        "modality": kind,
-                        "shard": shard.name,
-                        "source": shard.uri,
-                        "fingerprint": member_fingerprint(shard.fingerprint or "", name),
-                        "size": size,
-                        "mtime": mtime,
-                        "error": None,
-                    }
-                )
+            try:
+                for name, kind, _, size, mtime in iter_tar(shard.uri, so, want, read=False):
+                    rows.append(
+                        {
+                            "id": f"{shard.name}/{name}",
+                            "uri": f"{shard.uri}#{name}",
+                            "modality": kind,
+                            "shard": shard.name,
+                            "source": shard.uri,
+                            "fingerprint": member_fingerprint(shard.fingerprint or "", name),
+                            "size": size,
+                            "mtime": mtime,
+                            "error": None,
+                        }
+                    )
+            except (tarfile.TarError, OSError, EOFError) as e:
+                # The rows the job records for an unreadable shard (see `_item_rows`).
+                for kind in shard.kinds:
+                    rows.append(
+                        {
+                            "id": f"{shard.name}#unreadable-{kind}",
+                            "uri": shard.uri,
+                            "modality": kind,
+                            "shard": shard.name,
+                            "source": shard.uri,
+                            "fingerprint": shard.fingerprint,
+                            "size": None,
+                            "mtime": None,
+                            "error": f"cannot read tar shard: {type(e).__name__}: {e}",
+                        }
+                    )
     if stat:
         need = [r for r in rows if r["fingerprint"] is None and r["error"] is None]
 

@@ -22,7 +22,10 @@ from pipelines.config import ConfigError, load_config
 from pipelines.embed import OutputMismatch, main, run_job
 from pipelines.lock import LOCK_KEY, OutputLock, OutputLocked
 from pipelines.readers import (
+    PlanError,
+    detect_format,
     id_digests,
+    list_input,
     list_items,
     plan_job,
     read_tasks,
@@ -239,7 +242,7 @@ def test_ids_repeated_across_manifests_keep_their_first_occurrence(tmp_path):
     cfg = load_config(None, {"input": str(d), "output": str(tmp_path / "o"), "preset": "tiny"})
     plan = plan_job(cfg)
     by = {s.name: s for s in plan.shards}
-    assert plan.duplicates == 2  # x2 in b, x1 in d; x3 twice in b is a within-manifest repeat
+    assert plan.duplicates == 3  # x2 in b and x1 in d repeat earlier manifests; x3 twice in b
     assert by["b"].exclude == ["x2"] and by["b"].counts == {"text": 1}
     assert by["d"].exclude == ["x1"] and by["d"].kinds == () and by["d"].counts == {}
     assert by["a"].exclude is None and by["c"].kinds == ()
@@ -256,6 +259,115 @@ def test_ids_repeated_across_manifests_keep_their_first_occurrence(tmp_path):
     batches = read_tasks(pa.table({"task": [task["task"]]}), str(tmp_path / "o"), None)
     rows = [r for t in batches for r in t.to_pylist()]
     assert [r["id"] for r in rows if r["status"] == "ok"] == ["x3"]
+
+
+def test_manifest_columns_of_other_types_are_normalised(tmp_path):
+    import datetime
+
+    d = tmp_path / "in"
+    d.mkdir()
+    pq.write_table(
+        pa.table(
+            {
+                "uri": ["a.png", "b.png", "c.png"],
+                "modality": ["vision"] * 3,
+                "id": pa.array([7.0, float("nan"), 2.5]),  # pandas' int column with a gap
+                "mtime": pa.array(
+                    [datetime.datetime(2024, 1, 1), None, datetime.datetime(2024, 1, 1, 0, 0, 1)],
+                    pa.timestamp("us", tz="UTC"),
+                ),
+                "size": pa.array([1, 2, None], pa.int32()),
+                "text": ["", None, None],  # "" is no text (as CSV reads it), not inline text
+            }
+        ),
+        d / "a.parquet",
+    )
+    (d / "b.csv").write_text("uri,modality,mtime,size\nd.png,vision,2024-01-01T00:00:00,12\n")
+    (d / "c.jsonl").write_bytes(b"")  # 0 bytes: an empty manifest
+    cfg = load_config(None, {"input": str(d), "output": str(tmp_path / "o"), "preset": "tiny"})
+    plan = plan_job(cfg)
+    assert plan.counts == {"vision": 4}
+    rows = {}
+    for task in shard_tasks(plan, cfg, plan.shards)["vision"]:
+        for t in read_tasks(pa.table({"task": [task["task"]]}), str(tmp_path / "o"), None):
+            rows.update({r["id"]: r for r in t.to_pylist() if r["status"] == "ok"})
+    assert set(rows) == {"7", "b.png", "2.5", "d.png"}  # NaN id: the uri is the id
+    assert rows["7"]["mtime"] == 1704067200.0 and rows["7"]["size"] == 1
+    assert rows["d.png"]["mtime"] == 1704067200.0 and rows["d.png"]["size"] == 12
+
+    (d / "bad.csv").write_text("uri,modality,size\nb.png,vision,twelve\n")
+    with pytest.raises(PlanError, match=r"bad.csv: column 'size' .* integer"):
+        plan_job(cfg)
+    (d / "bad.csv").write_text('[{"uri": "b.png", "modality": "vision"}]')
+    (d / "bad.csv").rename(d / "bad.json")
+    with pytest.raises(PlanError, match="JSON Lines"):
+        plan_job(cfg)
+
+
+def test_listing_edge_cases_of_paths_and_formats(tmp_path):
+    from imagebind_core.io import canonical_uri, filesystem
+
+    # A folder whose name has glob characters is a folder, not a pattern.
+    d = tmp_path / "photos [2024]"
+    d.mkdir()
+    (d / "a.txt").write_text("a caption")
+    (d / "b::c.txt").write_text("fsspec would read :: as URL chaining")
+    srcs = list_input(str(d))
+    assert sorted(s.rel for s in srcs) == ["a.txt", "b::c.txt"]
+    fs, path = filesystem(srcs[1].uri)
+    assert fs.cat_file(path) == b"fsspec would read :: as URL chaining"
+    assert len(list_input(str(tmp_path / "photos*" / "*.txt"))) == 2  # a pattern is still one
+    # IMU recordings saved as CSV / JSON are media files, not manifests.
+    imu = tmp_path / "imu"
+    imu.mkdir()
+    np.savetxt(imu / "walk.imu.csv", np.zeros((20, 6)), delimiter=",")
+    assert detect_format(list_input(str(imu))) == "files"
+    assert canonical_uri(str(d) + "/") == canonical_uri("file://" + str(d)) == str(d)
+    assert canonical_uri("S3://bucket/prefix/") == "s3://bucket/prefix"
+    # An output that is a file is refused before anything is written.
+    (tmp_path / "afile").write_text("x")
+    rc = main(["--input", str(d), "--output", str(tmp_path / "afile"), "--dry-run"])
+    assert rc == 2
+
+
+def test_an_unreadable_first_tar_shard_is_skipped_when_planning(tmp_path):
+    w = Writer(str(tmp_path))
+    corpus = webdataset_corpus(w)
+    w.put(os.path.relpath(corpus.input, str(tmp_path)) + "/000-empty.tar", b"")  # sorts first
+    cfg = load_config(
+        None, {"input": corpus.input, "output": str(tmp_path / "o"), "preset": "tiny"}
+    )
+    plan = plan_job(cfg)
+    assert plan.format == "webdataset" and "000-empty" in {s.name for s in plan.shards}
+    rows = list_items(cfg, stat=False).to_pylist()
+    bad = [r for r in rows if r["shard"] == "000-empty"]
+    assert bad and all(r["id"].startswith("000-empty#unreadable-") and r["error"] for r in bad)
+    only_bad = tmp_path / "only_bad"
+    only_bad.mkdir()
+    (only_bad / "x.tar").write_bytes(b"not a tar at all" * 10)
+    cfg = load_config(None, {"input": str(only_bad), "output": str(tmp_path / "o2")})
+    with pytest.raises(PlanError, match=r"x\.tar"):
+        plan_job(cfg)
+
+
+def test_rerun_with_the_input_spelled_differently_is_the_same_job(tmp_path):
+    from pipelines.embed import _check_record, model_lineage
+    from pipelines.writers import Output
+
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "a.csv").write_text("id,modality,text\nx1,text,one\n")
+    out = Output(str(tmp_path / "o"))
+    out.makedirs(out.root)
+    for spelling in (str(d) + "/", str(d), "file://" + str(d)):
+        cfg = load_config(None, {"input": spelling, "output": out.root, "preset": "tiny"})
+        _check_record(out, cfg, plan_job(cfg), model_lineage(cfg, ("text",)))
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "a.csv").write_text("id,modality,text\nx1,text,one\n")
+    cfg = load_config(None, {"input": str(other), "output": out.root, "preset": "tiny"})
+    with pytest.raises(OutputMismatch, match="different job"):
+        _check_record(out, cfg, plan_job(cfg), model_lineage(cfg, ("text",)))
 
 
 def test_repeated_rows_over_many_shards():
