@@ -106,10 +106,14 @@ def read_version_record(version_uri: str, storage_options: StorageOptions | None
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
-    """Row-wise L2 normalisation in float32 (zero rows stay zero)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    """Row-wise L2 normalisation (zero rows stay zero) -> float32.
+
+    Computed in float64: a float32 vector of magnitude ~1e38 or ~1e-30 overflows or underflows
+    its own norm in float32, which would turn every cosine score into 0.
+    """
+    x = np.asarray(x, dtype=np.float64)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, np.float32(1e-12))
+    return np.ascontiguousarray(x / np.maximum(norms, 1e-300), dtype=np.float32)
 
 
 @dataclass
@@ -229,7 +233,10 @@ class VectorIndex:
         (wrong length, non-finite or zero vector, top_k out of range, unknown modality)
         raises InvalidInput naming the field.
         """
-        q = np.asarray(vector, dtype=np.float32).reshape(-1)
+        try:
+            q = np.asarray(vector, dtype=np.float64).reshape(-1)
+        except (TypeError, ValueError):
+            raise InvalidInput("vector", "must be a list of numbers") from None
         if q.shape[0] != self.dim:
             raise InvalidInput(
                 "vector", f"has {q.shape[0]} values; this index holds {self.dim}-d embeddings"

@@ -480,6 +480,9 @@ def run_plan(cfg: JobConfig, plan: Plan, *, log_every_s: float = 10.0) -> JobSum
     with OutputLock(cfg.output, so, ttl_s=cfg.lock_ttl_s) as lock:
         _check_record(output, cfg, plan, lineage)
         committed = output.committed_shards()
+        for shard in output.leftover_parts(committed):
+            logger.info("shard %s: removing parts left by a run that died after its commit", shard)
+            output.rm_tree(output.parts_dir(shard))
         pending = [s for s in plan.shards if s.name not in committed]
         summary = JobSummary(cfg.output, len(plan.shards), len(plan.shards) - len(pending), 0)
         logger.info(

@@ -89,6 +89,10 @@ class PlanError(ValueError):
     """The input cannot be planned (nothing found, unreadable manifest, name clash...)."""
 
 
+class EmptyInput(PlanError):
+    """The input exists but holds no items (every file deleted, or none with a media kind)."""
+
+
 # ----------------------------------------------------------------------------- listing
 
 
@@ -155,7 +159,7 @@ def list_input(
         fp, size, mtime = fingerprint_from_info(info)
         out.append(Source(_to_uri(fs, p, local), rel, fp, size, mtime))
     if not out:
-        raise PlanError(f"no input files found at {input_uri}")
+        raise EmptyInput(f"no input files found at {input_uri}")
     return out
 
 
@@ -658,7 +662,7 @@ def _plan_files(cfg: JobConfig, sources: list[Source], files_shards: int | None)
             skipped[:3],
         )
     if not kinded:
-        raise PlanError(f"no media files (known extensions) at {cfg.input}")
+        raise EmptyInput(f"no media files (known extensions) at {cfg.input}")
     n = files_shards or max(1, math.ceil(len(kinded) / cfg.files.files_per_shard))
     buckets: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for s, k in kinded:
@@ -794,6 +798,9 @@ def plan_items(cfg: JobConfig, items: pa.Table) -> Plan:
             fp = None
             if fmt == "webdataset":
                 fp = rs[0]["fingerprint"].rsplit("#", 1)[0] if rs[0]["fingerprint"] else None
+            # Rows the listing already failed (e.g. an unreadable tar's `#unreadable-<kind>`)
+            # travel as explicit rows: no reading task would produce them again.
+            invalid = by_kind.get(INVALID)
             shards.append(
                 ShardSpec(
                     name,
@@ -801,7 +808,8 @@ def plan_items(cfg: JobConfig, items: pa.Table) -> Plan:
                     src,
                     fp,
                     tuple(sorted(by_kind)),
-                    include={k: [r["id"] for r in v] for k, v in by_kind.items()},
+                    items={INVALID: invalid} if invalid else None,
+                    include={k: [r["id"] for r in v] for k, v in by_kind.items() if k != INVALID},
                 )
             )
     return Plan(fmt, cfg.input, shards, tuple(sorted(counts)), dict(counts))
@@ -913,7 +921,8 @@ def read_shard_task(
 
     Ids already in the shard's part files (an interrupted earlier run), ids outside `include`
     and ids in `exclude` (repeats of an earlier shard) are skipped; the marker's `count` is the
-    number of items emitted.
+    number of items emitted. An `include`d id the shard does not yield (the object changed
+    since it was listed, or the tar breaks before it) becomes an error row: it must not vanish.
     """
     done = Output(output_uri, storage_options).part_ids(task["shard"])
     done.update(task.get("exclude") or ())
@@ -922,10 +931,15 @@ def read_shard_task(
     seen: set[str] = set()
     buf: list[dict[str, Any]] = []
     nbytes = 0
+    broken: str | None = None  # why the shard stopped yielding, if it did
     for row in _item_rows(task, storage_options):
         row["branch"] = task["kind"]
         id_ = row["id"]
-        if id_ in done or id_ in seen or (include is not None and id_ not in include):
+        if include is not None and id_ not in include:
+            if row["status"] == STATUS_ERROR and id_.endswith(f"#unreadable-{task['kind']}"):
+                broken = row["error"]
+            continue
+        if id_ in done or id_ in seen:
             continue
         seen.add(id_)
         buf.append(row)
@@ -934,6 +948,24 @@ def read_shard_task(
         if len(buf) >= chunk_rows or nbytes >= chunk_bytes:
             yield _to_table(buf)
             buf, nbytes = [], 0
+    for id_ in sorted((include or set()) - seen - done):
+        member = id_.split("/", 1)[1] if task["format"] == "webdataset" and "/" in id_ else None
+        buf.append(
+            {
+                "id": id_,
+                "uri": f"{task['uri']}#{member}" if member else task["uri"],
+                "modality": task["kind"],
+                "shard": task["shard"],
+                "branch": task["kind"],
+                # The listing's fingerprint: the failure is kept until the member changes.
+                "fingerprint": member_fingerprint(task["fingerprint"] or "", member)
+                if member
+                else None,
+                "status": STATUS_ERROR,
+                "error": broken or "listed, but not found when the shard was read",
+            }
+        )
+        emitted += 1
     buf.append(
         {
             "id": f"{task['shard']}#eos-{task['kind']}",

@@ -87,6 +87,12 @@ class IndexSettings(BaseModel):
         False, description="Retry items that failed in the parent although unchanged."
     )
     full: bool = Field(False, description="Re-embed everything this run.")
+    allow_empty: bool = Field(
+        False,
+        description="Publish an empty version when the input exists but holds no items "
+        "(every item deleted). Off by default: an emptied folder or prefix is more often a "
+        "mistake than a corpus, and publishing it would empty the index.",
+    )
     flat_threshold: int = Field(
         20_000, ge=1, description="Modalities with fewer vectors get an exact flat index."
     )
@@ -183,13 +189,14 @@ class Diff:
     deleted: int = 0
     retried: int = 0
     reembedded: int = 0  # unchanged items re-embedded by a full run
+    relocated: int = 0  # carried rows whose content is unchanged but whose `uri` moved
     # Why each row of `to_embed` is embedded: added, changed, retried or reembedded.
     classes: list[str] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
         """True if the new version would equal the parent."""
-        return self.to_embed.num_rows == 0 and self.deleted == 0
+        return self.to_embed.num_rows == 0 and self.deleted == 0 and self.relocated == 0
 
 
 def diff_listing(
@@ -210,44 +217,47 @@ def diff_listing(
         seen: set[str] = set()
         dup = next(i for i in ids if i in seen or seen.add(i))  # type: ignore[func-returns-value]
         raise PlanError(f"the corpus lists id {dup!r} more than once; ids must be unique")
-    prev: dict[str, str | None] = {}
+    uris = listing.column("uri").to_pylist()
+    kinds = listing.column("modality").to_pylist()
+    prev: dict[str, tuple[str | None, str | None, str | None]] = {}
     if parent_rows is not None:
-        prev = dict(
-            zip(
-                parent_rows.column("id").to_pylist(),
-                parent_rows.column("fingerprint").to_pylist(),
-                strict=True,
-            )
-        )
-    prev_err: dict[str, str | None] = {}
+        prev = {
+            r["id"]: (r["fingerprint"], r["uri"], r["modality"])
+            for r in parent_rows.select(["id", "fingerprint", "uri", "modality"]).to_pylist()
+        }
+    prev_err: dict[str, tuple[str | None, str | None]] = {}
     if parent_errors is not None:
-        prev_err = dict(
-            zip(
-                parent_errors.column("id").to_pylist(),
-                parent_errors.column("fingerprint").to_pylist(),
-                strict=True,
-            )
-        )
+        prev_err = {
+            r["id"]: (r["fingerprint"], r["uri"])
+            for r in parent_errors.select(["id", "fingerprint", "uri"]).to_pylist()
+        }
     embed: list[int] = []
     carry: set[str] = set()
     carry_err: set[str] = set()
+    moved: dict[str, str] = {}  # id -> its new uri (same content, same modality)
     d = Diff(listing.slice(0, 0), pa.table({}), pa.table({}))
     for i, (id_, fp) in enumerate(zip(ids, fps, strict=True)):
         if id_ in prev:
-            if prev[id_] == fp and fp is not None:
+            old_fp, old_uri, old_kind = prev[id_]
+            # Same bytes read as another modality (a manifest row relabelled) is a change.
+            if old_fp == fp and fp is not None and old_kind == kinds[i]:
                 if full:
                     d.reembedded += 1
                     embed.append(i)
                     d.classes.append("reembedded")
                 else:
                     carry.add(id_)
+                    if uris[i] != old_uri:
+                        moved[id_] = uris[i]
             else:
                 d.changed += 1
                 embed.append(i)
                 d.classes.append("changed")
         elif id_ in prev_err:
-            if prev_err[id_] == fp and not (full or retry_failed):
+            if prev_err[id_][0] == fp and not (full or retry_failed):
                 carry_err.add(id_)
+                if uris[i] != prev_err[id_][1]:
+                    moved[id_] = uris[i]
             else:
                 d.retried += 1
                 embed.append(i)
@@ -257,11 +267,26 @@ def diff_listing(
             embed.append(i)
             d.classes.append("added")
     listed = set(ids)
-    d.deleted = sum(1 for i in prev if i not in listed)
+    # Failed items count too: a bad file that was deleted must leave the errors table.
+    d.deleted = sum(1 for i in prev if i not in listed) + sum(
+        1 for i in prev_err if i not in listed
+    )
+    d.relocated = len(moved)
     d.to_embed = listing.take(pa.array(embed, pa.int64()))
-    d.carried = _keep_ids(parent_rows, carry)
-    d.carried_errors = _keep_ids(parent_errors, carry_err)
+    d.carried = _relocate(_keep_ids(parent_rows, carry), moved)
+    d.carried_errors = _relocate(_keep_ids(parent_errors, carry_err), moved)
     return d
+
+
+def _relocate(table: pa.Table, moved: dict[str, str]) -> pa.Table:
+    """`table` with the `uri` of the ids in `moved` replaced (a corpus moved or renamed its
+    objects without changing their bytes: carry the vector, point at where it lives now)."""
+    if not moved or not table.num_rows or "uri" not in table.column_names:
+        return table
+    ids = table.column("id").to_pylist()
+    old = table.column("uri").to_pylist()
+    new = pa.array([moved.get(i, u) for i, u in zip(ids, old, strict=True)], pa.string())
+    return table.set_column(table.column_names.index("uri"), table.schema.field("uri"), new)
 
 
 def _keep_ids(table: pa.Table | None, keep: set[str]) -> pa.Table:
@@ -383,7 +408,7 @@ def reindex(cfg: ReindexConfig) -> ReindexResult:
 
 def _run_locked(cfg: ReindexConfig, ir: IndexRoot, lock: OutputLock) -> ReindexResult:
     from pipelines.embed import embed_items, model_lineage
-    from pipelines.readers import list_items
+    from pipelines.readers import LISTING_SCHEMA, EmptyInput, list_items
 
     so = ir.storage_options
     timings: dict[str, float] = {}
@@ -408,7 +433,17 @@ def _run_locked(cfg: ReindexConfig, ir: IndexRoot, lock: OutputLock) -> ReindexR
     timings["read_parent_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    listing = list_items(cfg.job)
+    try:
+        listing = list_items(cfg.job)
+    except EmptyInput as e:
+        if pointer is None or not cfg.index.allow_empty:
+            hint = (
+                "; pass --allow-empty (index.allow_empty) to publish an empty version"
+                if pointer is not None
+                else ""
+            )
+            raise EmptyInput(f"{e}{hint}") from None
+        listing = LISTING_SCHEMA.empty_table()
     diff = diff_listing(
         listing,
         parent_rows,
@@ -419,7 +454,7 @@ def _run_locked(cfg: ReindexConfig, ir: IndexRoot, lock: OutputLock) -> ReindexR
     timings["list_and_diff_s"] = time.perf_counter() - t
     logger.info(
         "%s: %d listed; %d new, %d changed, %d retried, %d re-embedded, %d deleted, "
-        "%d carried, %d failures kept%s",
+        "%d carried (%d relocated), %d failures kept%s",
         cfg.job.input,
         listing.num_rows,
         diff.added,
@@ -428,6 +463,7 @@ def _run_locked(cfg: ReindexConfig, ir: IndexRoot, lock: OutputLock) -> ReindexR
         diff.reembedded,
         diff.deleted,
         diff.carried.num_rows,
+        diff.relocated,
         diff.carried_errors.num_rows,
         f"; full re-embed: {full_reason}" if full_reason else "",
     )
@@ -500,6 +536,7 @@ def _run_locked(cfg: ReindexConfig, ir: IndexRoot, lock: OutputLock) -> ReindexR
         "changed": ok["changed"],
         "deleted": diff.deleted,
         "carried": diff.carried.num_rows,
+        "relocated": diff.relocated,
         "failed": failed,
         "failed_kept": diff.carried_errors.num_rows,
         "reembedded": ok["reembedded"],
@@ -572,6 +609,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--retry-failed", action="store_true", help="retry items that failed before, unchanged"
     )
+    p.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="publish an empty version if the input holds no items any more",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     return p
 
@@ -592,6 +634,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             extra["index.full"] = True
         if args.retry_failed:
             extra["index.retry_failed"] = True
+        if args.allow_empty:
+            extra["index.allow_empty"] = True
         overrides = job_overrides(args, extra)
         cfg = load_reindex_config(args.config, overrides)
         result = reindex(cfg)

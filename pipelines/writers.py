@@ -293,6 +293,18 @@ class Output:
             out.add(rel[: -len(".parquet")])
         return out
 
+    def leftover_parts(self, committed: set[str]) -> list[str]:
+        """Committed shards that still have a `_parts/<shard>/` folder: a run that died between
+        writing `<shard>.parquet` and deleting the parts. Only disk space; reruns clean it."""
+        base = self.path(PARTS_DIR)
+        try:
+            files = self.fs.find(base)
+        except FileNotFoundError:
+            return []
+        prefix = base.rstrip("/") + "/"
+        shards = {f[len(prefix) :].rsplit("/", 1)[0] for f in files if f.startswith(prefix)}
+        return sorted(s for s in shards if s in committed)
+
     def part_ids(self, shard: str) -> set[str]:
         """Ids already written to parts of an uncommitted shard (resume inside a shard)."""
         ids: set[str] = set()

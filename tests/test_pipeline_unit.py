@@ -433,6 +433,12 @@ def test_parts_are_idempotent_and_commit_dedupes(tmp_path):
     assert err.column("id").to_pylist() == ["x2"] and err.column("error").to_pylist() == ["bad"]
     assert not (tmp_path / "out" / "_parts" / "s").exists()
     assert Output(out).committed_shards() == {"s"}
+    # A run that died between the commit and deleting the parts leaves them; they are found
+    # (the next run removes them), parts of uncommitted shards are not.
+    write_parts(block, out, None, 4)
+    nested = {**row(5), "shard": "a/b"}
+    write_parts(_encoded([nested]), out, None, 4)
+    assert Output(out).leftover_parts(Output(out).committed_shards()) == ["s"]
 
 
 def test_output_started_by_another_model_is_refused(tmp_path):

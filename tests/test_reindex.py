@@ -21,7 +21,14 @@ import pyarrow as pa
 import pytest
 
 import imagebind_core as ibc
-from imagebind_core.index import DATA_DIR, INDEX_DIR, VectorIndex, join_uri, read_pointer
+from imagebind_core.index import (
+    DATA_DIR,
+    INDEX_DIR,
+    VectorIndex,
+    join_uri,
+    load_latest,
+    read_pointer,
+)
 from pipelines.publish import PAUSE_ENV, IndexRoot
 from pipelines.reindex import (
     ReindexConfig,
@@ -124,6 +131,7 @@ def test_incremental_reindex_round_trip(ray_session, s3_server, tmp_path):
         "changed": 0,
         "deleted": 0,
         "carried": 0,
+        "relocated": 0,
         "failed": 1,
         "failed_kept": 0,
         "reembedded": 0,
@@ -167,6 +175,7 @@ def test_incremental_reindex_round_trip(ray_session, s3_server, tmp_path):
         "changed": 1,
         "deleted": 1,
         "carried": 6,
+        "relocated": 0,
         "failed": 0,
         "failed_kept": 1,
         "reembedded": 0,
@@ -207,18 +216,25 @@ def test_incremental_reindex_round_trip(ray_session, s3_server, tmp_path):
 
 
 def test_diff_and_lineage_rules():
-    listing = pa.table(
-        {
-            "id": ["a", "b", "c", "e"],
-            "fingerprint": ["1", "2x", "3", "5"],
-        }
-    )
-    parent = pa.table({"id": ["a", "b", "d"], "fingerprint": ["1", "2", "4"], "v": [1, 2, 4]})
-    errors = pa.table({"id": ["e"], "fingerprint": ["5"]})
+    def table(ids, fps, kinds=None, uris=None, **extra):
+        return pa.table(
+            {
+                "id": ids,
+                "fingerprint": fps,
+                "modality": kinds or ["text"] * len(ids),
+                "uri": uris or [f"/c/{i}" for i in ids],
+                **extra,
+            }
+        )
+
+    listing = table(["a", "b", "c", "e"], ["1", "2x", "3", "5"])
+    parent = table(["a", "b", "d"], ["1", "2", "4"], v=[1, 2, 4])
+    errors = table(["e", "gone"], ["5", "9"])
     d = diff_listing(listing, parent, errors)
     assert d.to_embed.column("id").to_pylist() == ["b", "c"]
     assert d.classes == ["changed", "added"]
-    assert (d.added, d.changed, d.deleted, d.retried) == (1, 1, 1, 0)
+    # d (a row) and "gone" (a failure) are no longer listed: both are deletions.
+    assert (d.added, d.changed, d.deleted, d.retried, d.relocated) == (1, 1, 2, 0, 0)
     assert d.carried.column("v").to_pylist() == [1]
     assert d.carried_errors.column("id").to_pylist() == ["e"]
     d = diff_listing(listing, parent, errors, retry_failed=True)
@@ -226,7 +242,20 @@ def test_diff_and_lineage_rules():
     d = diff_listing(listing, parent, errors, full=True)
     assert d.classes == ["reembedded", "changed", "added", "retried"] and d.carried.num_rows == 0
     with pytest.raises(ValueError, match="'a' more than once"):
-        diff_listing(pa.table({"id": ["a", "a"], "fingerprint": ["1", "1"]}), None, None)
+        diff_listing(table(["a", "a"], ["1", "1"]), None, None)
+
+    # Same bytes relabelled as another modality: re-embedded. Same bytes at a new uri (a moved
+    # corpus): carried with the new uri, and the version is not "unchanged".
+    moved = table(["a", "b", "e"], ["1", "2", "5"], ["thermal", "text", "text"], None)
+    moved = moved.set_column(3, "uri", pa.array(["/c/a", "/new/b", "/new/e"]))
+    d = diff_listing(moved, parent.filter(pa.array([True, True, False])), errors.slice(0, 1))
+    assert d.to_embed.column("id").to_pylist() == ["a"] and d.classes == ["changed"]
+    assert d.carried.column("uri").to_pylist() == ["/new/b"] and d.relocated == 2
+    assert d.carried_errors.column("uri").to_pylist() == ["/new/e"]
+    assert not d.empty
+    # Everything deleted (an allowed empty listing): all parent rows and failures go.
+    d = diff_listing(listing.slice(0, 0), parent, errors)
+    assert d.deleted == 5 and d.carried.num_rows == 0 and not d.empty
     key = {"preset": "tiny", "preprocess_version": "1"}
     assert lineage_changes(key, dict(key)) == []
     assert lineage_changes(key, {**key, "preprocess_version": "2"}) == [
@@ -343,3 +372,43 @@ def test_two_concurrent_runs_exactly_one_publishes(published, ray_session, s3_se
     after = read_pointer(root, so)
     assert after.version == before.version + 1
     assert IndexRoot(root, so).read_record(after.name)["counts"]["added"] == 1
+
+
+def test_unreadable_shard_is_kept_as_a_failure_and_an_emptied_corpus_needs_consent(
+    ray_session, tmp_path
+):
+    from conftest_pipeline import Writer, webdataset_corpus
+
+    from pipelines.readers import EmptyInput
+
+    corpus = webdataset_corpus(Writer(str(tmp_path)))
+    root = str(tmp_path / "index")
+    cfg = load_reindex_config(None, {**SMALL, "input": corpus.input, "index.root": root})
+    assert reindex(cfg).status == "published"
+    # Shard 00000 is cut short: its readable members stay, the rest is one failure row.
+    shard = os.path.join(corpus.input, "00000.tar")
+    with open(shard, "r+b") as f:
+        f.truncate(1200)
+    second = reindex(cfg)
+    assert second.status == "published" and second.counts["failed"] >= 1
+    errors = _read_parquet_tree(
+        join_uri(read_pointer(root, {}).version_uri(root), DATA_DIR), {}, errors=True
+    )
+    assert any(i.startswith("00000#unreadable-") for i in errors.column("id").to_pylist())
+    # Nothing changed since: nothing is published (the failure is kept, not retried).
+    third = reindex(cfg)
+    assert third.status == "unchanged", (third.counts, third.message)
+
+    # Every item deleted: refused unless asked for, then an empty version.
+    for name in os.listdir(corpus.input):
+        os.remove(os.path.join(corpus.input, name))
+    with pytest.raises(EmptyInput, match="allow-empty"):
+        reindex(cfg)
+    cfg = load_reindex_config(
+        None, {**SMALL, "input": corpus.input, "index.root": root, "index.allow_empty": True}
+    )
+    emptied = reindex(cfg)
+    assert emptied.status == "published" and emptied.counts["total"] == 0
+    assert emptied.counts["deleted"] > 0
+    _, index = load_latest(root, {})
+    assert index.search([1.0] * 32, 5) == []

@@ -58,6 +58,18 @@ def test_modality_filter_and_merge_match_brute_force():
     assert len(index.search(q.tolist(), 1000)) == n  # top_k above count returns all
 
 
+def test_scores_do_not_depend_on_the_query_scale():
+    emb = clustered(50, 16, clusters=3, seed=5)
+    index = VectorIndex.build(*rows(50, ["text"]), emb)
+    q = emb[7].astype(np.float64)
+    want = index.search(q.tolist(), 5)
+    for scale in (1e38, 1e-30, 3.0):  # float32 would overflow / underflow the norm
+        got = index.search((q * scale).tolist(), 5)
+        assert [h["id"] for h in got] == [h["id"] for h in want], scale
+        assert [h["score"] for h in got] == pytest.approx([h["score"] for h in want], abs=1e-6)
+    assert want[0]["score"] == pytest.approx(1.0, abs=1e-5)
+
+
 def test_bad_queries_are_named():
     emb = clustered(20, 8, clusters=2, seed=4)
     index = VectorIndex.build(*rows(20, ["text"]), emb)
@@ -68,6 +80,7 @@ def test_bad_queries_are_named():
         ([0.1] * 8, 0, None, "top_k"),
         ([0.1] * 8, 5000, None, "top_k"),
         ([0.1] * 8, 3, "smell", "modality"),
+        (["a"] * 8, 3, None, "vector"),
     ]:
         with pytest.raises(InvalidInput) as e:
             index.search(vector, top_k, mod)
