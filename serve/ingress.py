@@ -29,7 +29,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve import metrics
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -114,21 +114,6 @@ def _validation_message(e: ValidationError) -> tuple[str, str | None]:
         return f"{parts[0]} {_FIELD_HINTS[parts[0]]}", parts[0]
     loc = ".".join(parts)
     return (f"{loc}: {msg}" if loc else msg), (loc or None)
-
-
-@contextlib.asynccontextmanager
-async def _deadline(seconds: float):
-    """`asyncio.timeout` whose expiry is the API's 504."""
-    try:
-        async with asyncio.timeout(max(0.0, seconds)):
-            yield
-    except TimeoutError:
-        raise APIError(
-            504,
-            f"request timed out after {seconds:g} s",
-            type="server_error",
-            code="timeout",
-        ) from None
 
 
 class EmbeddingService:
@@ -243,6 +228,30 @@ class EmbeddingService:
         except TimeoutError:
             raise APIError(
                 408, f"request body not received within {wait:g} s", code="request_timeout"
+            ) from None
+
+    @contextlib.asynccontextmanager
+    async def json_request(self, request: Request, schema: type[BaseModel]):
+        """Read the body (408 if it does not arrive in time) and validate it into `schema`
+        (400 naming the field), then run the block under what is left of the request's
+        deadline (504 when it runs out)."""
+        deadline = self.deadline_s(request)
+        started = time.monotonic()
+        body = await self.read_body_in_time(request, deadline)
+        try:
+            async with asyncio.timeout(max(0.0, deadline - (time.monotonic() - started))):
+                try:
+                    req = schema.model_validate_json(body)
+                except ValidationError as e:
+                    msg, param = _validation_message(e)
+                    raise APIError(400, msg, param=param, code="invalid_request") from None
+                yield req
+        except TimeoutError:
+            raise APIError(
+                504,
+                f"request timed out after {deadline:g} s",
+                type="server_error",
+                code="timeout",
             ) from None
 
     def deadline_s(self, request: Request) -> float:
@@ -502,15 +511,7 @@ class EmbeddingService:
         status = 500
         try:
             self.check_auth(request)
-            deadline = self.deadline_s(request)
-            started = time.monotonic()
-            body = await self.read_body_in_time(request, deadline)
-            async with _deadline(deadline - (time.monotonic() - started)):
-                try:
-                    req = EmbeddingRequest.model_validate_json(body)
-                except ValidationError as e:
-                    msg, param = _validation_message(e)
-                    raise APIError(400, msg, param=param, code="invalid_request") from None
+            async with self.json_request(request, EmbeddingRequest) as req:
                 self.check_model(req.model)
                 kind = self.check_kind(req.modality)
                 dim = self.embed_dim()
@@ -582,15 +583,7 @@ class EmbeddingService:
                     "search is not enabled: this app was started without `index_uri`",
                     code="search_disabled",
                 )
-            deadline = self.deadline_s(request)
-            started = time.monotonic()
-            body = await self.read_body_in_time(request, deadline)
-            async with _deadline(deadline - (time.monotonic() - started)):
-                try:
-                    req = SearchRequest.model_validate_json(body)
-                except ValidationError as e:
-                    msg, param = _validation_message(e)
-                    raise APIError(400, msg, param=param, code="invalid_request") from None
+            async with self.json_request(request, SearchRequest) as req:
                 self.check_model(req.model)
                 if req.filter_modality is not None and req.filter_modality not in ALL_KINDS:
                     raise APIError(
