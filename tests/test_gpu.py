@@ -1,0 +1,90 @@
+"""CUDA checks: the same inputs give the same embeddings on a GPU as on the CPU.
+
+Marker `gpu`; skipped where no CUDA device is visible, so CI (CPU only) never runs them. Run
+on a GPU machine with `python -m pytest -m gpu tests/test_gpu.py`. Parity with the reference
+itself is proven on the CPU (tests/test_model_parity.py, never skipped); these tests carry it
+to the GPU: float32 on CUDA against float32 on the CPU, and the low-precision dtypes against
+float32 on CUDA, for every modality, from real decoded media.
+"""
+
+from __future__ import annotations
+
+import media
+import pytest
+import torch
+import torch.nn.functional as F
+
+import imagebind_core as ibc
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+MODALITIES = ("vision", "text", "audio", "depth", "thermal", "imu")
+
+
+@pytest.fixture(scope="module")
+def batches() -> dict[str, torch.Tensor]:
+    """Each encoder's input, decoded and preprocessed from generated media (video too)."""
+    items = {
+        "vision": [media.make_image("JPEG", (640, 480), seed=s) for s in range(3)],
+        "video": [media.make_video(2, 10, (320, 240))],
+        "text": ["a dog on a beach", "", "<|endoftext|> twice <|endoftext|>"],
+        "audio": [media.make_flac(3.0, 44100, 2), media.make_mp3(1.0, 16000, 1)],
+        "depth": [media.make_depth_png((320, 240))],
+        "thermal": [media.make_gray_png((320, 240))],
+        "imu": [media.make_imu_npy(2000)],
+    }
+    return {k: torch.stack([ibc.preprocess(k, v) for v in vs]) for k, vs in items.items()}
+
+
+def encoder_of(kind: str) -> str:
+    return "vision" if kind == "video" else kind
+
+
+@pytest.fixture(scope="module")
+def cpu_model():
+    return ibc.build_model("tiny", MODALITIES, device="cpu")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@torch.inference_mode()
+def test_cuda_float32_matches_cpu(batches, cpu_model):
+    torch.backends.cudnn.allow_tf32 = False  # the conv stems: full float32, as on the CPU
+    try:
+        gpu = ibc.build_model("tiny", MODALITIES, device="cuda")
+        for kind, x in batches.items():
+            want = cpu_model.encode(encoder_of(kind), x)
+            got = gpu.encode(encoder_of(kind), x.cuda()).cpu()
+            assert got.dtype == torch.float32 and got.shape == want.shape
+            assert rel_err(got, want) < 1e-4, kind
+    finally:
+        torch.backends.cudnn.allow_tf32 = True
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@torch.inference_mode()
+def test_low_precision_close_to_float32(batches, dtype):
+    full = ibc.load_model(None, preset="tiny", device="cuda")
+    low = ibc.load_model(None, preset="tiny", device="cuda", dtype=dtype)
+    assert low.dtype == getattr(torch, dtype) and low.lineage()["dtype"] == dtype
+    for kind, x in batches.items():
+        want = full.encode(encoder_of(kind), x, normalize=True)
+        got = low.encode(encoder_of(kind), x, normalize=True)  # host tensor in, cast on device
+        assert got.dtype == torch.float32 and torch.isfinite(got).all(), kind
+        assert F.cosine_similarity(got, want).min().item() > 0.999, kind
+
+
+@torch.inference_mode()
+def test_auto_device_is_cuda_and_compile_agrees(batches):
+    model = ibc.load_model(None, preset="tiny", modalities=["vision"], device="auto")
+    assert model.device.type == "cuda"
+    x = batches["vision"]
+    eager = model.encode("vision", x)
+    model.compile()
+    compiled = model.encode("vision", x)
+    assert rel_err(compiled, eager) < 1e-3
