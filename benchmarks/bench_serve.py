@@ -87,6 +87,20 @@ def payloads(kind: str, n: int = 64) -> list[bytes | str]:
     raise SystemExit(f"--kinds: {kind!r} is not benchmarked (text, vision)")
 
 
+def direct_ingress_url() -> str:
+    """The ingress replica's own port: Serve allocates them upwards from this minimum."""
+    import httpx
+
+    low = int(os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "30000"))
+    for port in range(low, low + 32):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                return f"http://127.0.0.1:{port}"
+        except httpx.HTTPError:
+            continue
+    raise RuntimeError(f"no direct-ingress replica answered on ports {low}-{low + 31}")
+
+
 def pctl(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs), q)) if xs else float("nan")
 
@@ -241,7 +255,15 @@ def main() -> None:
     p.add_argument("--baseline-s", type=float, default=8.0, help="seconds per baseline figure")
     p.add_argument("--ray-cpus", type=int, default=4, help="logical CPUs for local Ray")
     p.add_argument("--json", default=None, help="also write the results to this file")
+    p.add_argument(
+        "--direct-ingress",
+        action="store_true",
+        help="RAY_SERVE_ENABLE_DIRECT_INGRESS=1: send requests to the ingress replica's own "
+        "HTTP port instead of Serve's proxy",
+    )
     a = p.parse_args()
+    if a.direct_ingress:
+        os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"  # before Ray starts: workers inherit
     kinds = [k for k in a.kinds.split(",") if k]
     levels = [int(c) for c in a.concurrency.split(",") if c]
 
@@ -271,8 +293,10 @@ def main() -> None:
     t0 = time.perf_counter()
     serve.run(build_app(args), name="bench", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
+    if a.direct_ingress:
+        url = direct_ingress_url()
     print(
-        f"# app up in {time.perf_counter() - t0:.1f} s; preset={a.preset} "
+        f"# app up in {time.perf_counter() - t0:.1f} s at {url}; preset={a.preset} "
         f"max_batch_size={a.max_batch_size} threads={a.threads}",
         flush=True,
     )
@@ -283,6 +307,14 @@ def main() -> None:
         direct = Direct(kind, a.preset, a.threads)
         direct.call(0)
         pair = paired_latency(url, direct, a.baseline_s)
+        if a.direct_ingress:  # the proxy still runs: its overhead in the same run, for contrast
+            via_proxy = paired_latency(f"http://127.0.0.1:{port}", direct, a.baseline_s)
+            print(
+                f"\n## {kind}: through Serve's proxy instead, {via_proxy['pairs']} pairs: "
+                f"overhead p50 {via_proxy['overhead_p50_ms']:.1f} ms",
+                flush=True,
+            )
+            pair = paired_latency(url, direct, a.baseline_s)  # again, after: drift shows
         before = direct.throughput(a.max_batch_size, a.baseline_s)
         print(
             f"\n## {kind}: concurrency 1, {pair['pairs']} alternating pairs: direct p50 "

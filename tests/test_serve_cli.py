@@ -90,7 +90,20 @@ def test_bad_args_fail_with_a_sentence():
     assert AppArgs(s3_allowed_prefixes="s3://b/x").s3_allowed_prefixes == ["s3://b/x/"]
 
 
-def test_serve_run_config_yaml(tmp_path):
+def direct_ingress_url(low: int, count: int = 8) -> str:
+    """The ingress replica's own HTTP port: Serve allocates them upwards from `low`."""
+    for port in range(low, low + count):
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200:
+                return f"http://127.0.0.1:{port}"
+    raise AssertionError(f"no ingress replica answers on ports {low}-{low + count - 1}")
+
+
+@pytest.mark.parametrize("direct_ingress", [False, True], ids=["proxy", "direct-ingress"])
+def test_serve_run_config_yaml(tmp_path, direct_ingress):
+    """`serve run configs/serve.yaml`, as documented; with RAY_SERVE_ENABLE_DIRECT_INGRESS=1
+    (docs/serve.md, low-latency mode) the ingress replica also answers on its own port, with
+    the same embeddings and the same errors as through the proxy."""
     config = yaml.safe_load((ROOT / "configs" / "serve.yaml").read_text())
     port = free_port()
     config["http_options"]["port"] = port
@@ -102,6 +115,11 @@ def test_serve_run_config_yaml(tmp_path):
         "RAY_USAGE_STATS_ENABLED": "0",
     }
     env.pop("RAY_ADDRESS", None)
+    low = free_port()
+    if direct_ingress:
+        env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
+        env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(low)
+        env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = str(low + 100)
     serve_cli = Path(sys.executable).with_name("serve")
     log = (tmp_path / "serve-run.log").open("w")
     proc = subprocess.Popen(
@@ -113,6 +131,7 @@ def test_serve_run_config_yaml(tmp_path):
         start_new_session=True,  # its own process group: torn down as one below
     )
     url = f"http://127.0.0.1:{port}"
+    urls = [url]
     try:
         try:
             wait_ready(url, timeout_s=240)
@@ -120,13 +139,23 @@ def test_serve_run_config_yaml(tmp_path):
             log.flush()
             tail = (tmp_path / "serve-run.log").read_text()[-3000:]
             pytest.fail(f"serve run did not become ready; its log ends with:\n{tail}")
-        r = httpx.post(url + "/v1/embeddings", json={"input": ["a dog", "a cat"]}, timeout=60)
-        assert r.status_code == 200, r.text
-        vecs = np.array([d["embedding"] for d in r.json()["data"]])
-        assert vecs.shape == (2, 32)
-        np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
-        card = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]
-        assert card["id"] == "imagebind-tiny" and len(card["modalities"]) == 7
+        if direct_ingress:
+            urls.append(direct_ingress_url(low))
+        got = []
+        for u in urls:
+            r = httpx.post(u + "/v1/embeddings", json={"input": ["a dog", "a cat"]}, timeout=60)
+            assert r.status_code == 200, r.text
+            vecs = np.array([d["embedding"] for d in r.json()["data"]])
+            assert vecs.shape == (2, 32)
+            np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+            got.append(vecs)
+            card = httpx.get(u + "/v1/models", timeout=30).json()["data"][0]
+            assert card["id"] == "imagebind-tiny" and len(card["modalities"]) == 7
+            bad = httpx.post(u + "/v1/embeddings", json={"input": "x", "modality": "smell"})
+            assert bad.status_code == 400, bad.text
+            assert "unknown modality" in bad.json()["error"]["message"]
+            assert httpx.get(u + "/nope", timeout=30).status_code == 404
+        np.testing.assert_allclose(got[-1], got[0], atol=1e-6)
     finally:
         # Ctrl-C, as a user would: `serve run` shuts Serve down and its Ray with it.
         proc.send_signal(signal.SIGINT)
@@ -139,12 +168,13 @@ def test_serve_run_config_yaml(tmp_path):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
-    # The proxy is a Ray worker: it exits once it notices its Ray is gone (a few seconds).
+    # The proxy and replicas are Ray workers: they exit once they notice their Ray is gone.
     deadline = time.time() + 60
-    while True:
-        try:
-            httpx.get(url + "/healthz", timeout=5)
-        except httpx.HTTPError:
-            break
-        assert time.time() < deadline, "the endpoint still answers after serve run stopped"
-        time.sleep(1)
+    for u in urls:
+        while True:
+            try:
+                httpx.get(u + "/healthz", timeout=5)
+            except httpx.HTTPError:
+                break
+            assert time.time() < deadline, f"{u} still answers after serve run stopped"
+            time.sleep(1)
