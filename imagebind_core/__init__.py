@@ -42,6 +42,7 @@ from imagebind_core.preprocess import (
     PREPROCESS_VERSION,
     Limits,
     collate,
+    expand,
     infer_kind,
     model_modality,
 )
@@ -110,6 +111,7 @@ __all__ = [
     "TrunkConfig",
     "build_model",
     "collate",
+    "expand",
     "fetch_checkpoint",
     "get_config",
     "infer_kind",

@@ -297,6 +297,7 @@ def build_pipeline(
                 "seed": cfg.seed,
                 "storage_options": so,
                 "torch_threads": enc.threads,
+                "options": cfg.preprocess.options.get(kind, {}),  # type: ignore[call-overload]
             },
         )
         branches.append(ds)

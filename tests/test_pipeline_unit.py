@@ -494,3 +494,34 @@ def test_lock_on_s3(s3_server):
     with OutputLock(out, s3_server.storage_options, ttl_s=60), pytest.raises(OutputLocked):
         OutputLock(out, s3_server.storage_options, ttl_s=60).acquire()
     OutputLock(out, s3_server.storage_options, ttl_s=60).acquire().release()
+
+
+def test_images_travel_compact_and_embed_as_the_full_input():
+    """The preprocessing stage hands still images on as uint8 pixels (a quarter of the bytes
+    through the object store); the encoder stage expands them into exactly the model input."""
+    import media
+    import torch
+
+    import imagebind_core as ibc
+    from pipelines.stages import EncodeBatch, _tensor_from_bytes, preprocess_batch
+    from pipelines.writers import ITEM_SCHEMA, STATUS_OK
+
+    images = [media.make_image("JPEG", (320 + 16 * i, 240), seed=i) for i in range(3)]
+    rows = {f.name: [None] * 3 for f in ITEM_SCHEMA}
+    rows.update(
+        id=["a", "b", "c"],
+        modality=["vision"] * 3,
+        status=[STATUS_OK] * 3,
+        data=images,
+        fingerprint=["x"] * 3,
+    )
+    pre = preprocess_batch(pa.table(rows, schema=ITEM_SCHEMA))
+    arrays = [_tensor_from_bytes(b) for b in pre.column("tensor").to_pylist()]
+    assert all(a.dtype == "uint8" and a.shape == (3, 224, 224) for a in arrays)
+    model = ibc.build_model("tiny", ["vision"])
+    got = EncodeBatch("vision", model=model)(pre)
+    want = model.encode(
+        "vision", torch.stack([ibc.preprocess("vision", d) for d in images]), normalize=True
+    )
+    emb = np.array(got.column("embedding").to_pylist(), np.float32)
+    np.testing.assert_array_equal(emb, want.numpy())

@@ -41,6 +41,32 @@ def test_parity_with_reference(tmp_path, fmt: str, size: tuple[int, int], mode: 
     ref = reference_image(tmp_path, data)
     assert ours.shape == (3, 224, 224) and ours.dtype == torch.float32
     assert (ours - ref).abs().max().item() <= 1e-5
+    # The compact form the offline job moves between processes expands to the same bits.
+    compact = P.preprocess("vision", data, compact=True)
+    assert compact.shape == (3, 224, 224) and compact.dtype == torch.uint8
+    assert torch.equal(P.expand("vision", compact), ours)
+
+
+def test_compact_inputs_batches_options_and_other_kinds() -> None:
+    datas = [media.make_image("JPEG", (640 + 37 * i, 480), "RGB", seed=i) for i in range(3)]
+    full = torch.stack([P.preprocess("vision", d) for d in datas])
+    compact = P.collate([P.preprocess("vision", d, compact=True) for d in datas])
+    assert compact.element_size() * compact.nelement() * 4 == full.element_size() * full.nelement()
+    assert torch.equal(P.expand("vision", compact), full)  # a batch expands in one call
+    assert P.expand("vision", full) is full  # already full: unchanged
+    # Options that change the arithmetic must be given to both sides.
+    opts = {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+    want = P.preprocess("vision", datas[0], **opts)
+    assert torch.equal(
+        P.expand("vision", P.preprocess("vision", datas[0], compact=True), **opts), want
+    )
+    assert not torch.equal(want, full[0])
+    # Kinds without a smaller exact form come back as `preprocess` returns them.
+    for kind, data in [("text", "a dog"), ("imu", media.make_imu_npy(2000))]:
+        x = P.preprocess(kind, data, compact=True)
+        assert torch.equal(x, P.preprocess(kind, data)) and P.expand(kind, x) is x
+    with pytest.raises(InvalidInput, match="not a supported image"):
+        P.preprocess("vision", b"not an image", compact=True)
 
 
 def test_jpeg_matches_reference_on_the_same_decoder(tmp_path) -> None:

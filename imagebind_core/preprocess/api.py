@@ -57,12 +57,21 @@ def check_kind(kind: str) -> str:
     return k
 
 
+# Kinds whose input has a smaller exact form for transport: kind -> (compact preprocessing,
+# expansion). Still images only: every other kind's last integer stage is far from its input
+# (video and depth/thermal resize in floating point, audio is a spectrogram).
+_COMPACT: dict[str, tuple[str, str, str]] = {
+    "vision": ("imagebind_core.preprocess.image", "image_pixels_from_bytes", "expand_pixels"),
+}
+
+
 def preprocess(
     kind: Kind | str,
     data: bytes | str,
     *,
     item_id: str | None = None,
     limits: Limits | None = None,
+    compact: bool = False,
     **options: Any,
 ) -> torch.Tensor:
     """Decode and preprocess one item into the model's input tensor (no batch axis).
@@ -72,6 +81,10 @@ def preprocess(
         data: the encoded bytes (a file's content); for text also a `str`.
         item_id: named in the error if the item is bad.
         limits: hard limits (`Limits()` by default).
+        compact: return the smallest exact form of the input, for moving it to another
+            process or machine: still images as uint8 (3,224,224) pixels after resize and crop
+            (a quarter of the bytes); other kinds unchanged. `expand(kind, x)` then gives,
+            on any device, exactly what `compact=False` returns.
         **options: per-modality config overrides, e.g. `mean_subtraction="per_clip"` for audio,
             `input="disparity"` for depth (see docs/preprocessing.md); unknown names or
             invalid values raise `PreprocessOptionError` (a TypeError).
@@ -84,7 +97,11 @@ def preprocess(
         InvalidInput: empty, corrupt, mislabelled or over-limit data, naming `item_id`.
     """
     k = check_kind(kind)
-    fn = _handler(k)
+    if compact and k in _COMPACT:
+        mod, name, _ = _COMPACT[k]
+        fn = getattr(importlib.import_module(mod), name)
+    else:
+        fn = _handler(k)
     try:
         return fn(data, limits or DEFAULT_LIMITS, **options)
     except InvalidInput as e:
@@ -94,6 +111,18 @@ def preprocess(
     except (Exception, MemoryError) as e:
         logger.exception("unexpected error preprocessing %s item %r", k, item_id)
         raise InvalidInput(k, f"{type(e).__name__}: {e}", item_id) from e
+
+
+def expand(kind: Kind | str, x: torch.Tensor, **options: Any) -> torch.Tensor:
+    """A compact input (one item or a batch, `preprocess(..., compact=True)`) -> the model
+    input, on the tensor's own device: run it where the model runs, so the smaller form is what
+    travels. Inputs that are already full (any kind whose compact form is the full one, or a
+    float image) are returned as they are. `options` must be those given to `preprocess`."""
+    k = check_kind(kind)
+    if k not in _COMPACT or x.is_floating_point():
+        return x
+    mod, _, name = _COMPACT[k]
+    return getattr(importlib.import_module(mod), name)(x, **options)
 
 
 def model_modality(kind: Kind | str) -> Modality:

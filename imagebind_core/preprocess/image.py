@@ -142,13 +142,42 @@ def preprocess_image(image: np.ndarray, cfg: ImageConfig = IMAGE) -> torch.Tenso
     return _to_model_input(Image.fromarray(image, "RGB"), cfg)
 
 
-def _to_model_input(im: Image.Image, cfg: ImageConfig) -> torch.Tensor:
+def _pixels(im: Image.Image, cfg: ImageConfig) -> torch.Tensor:
+    """Resize + centre crop: (3, size, size) uint8, the last exact integer stage."""
     im = resize_center_crop(im, cfg.size)
-    x = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).contiguous()  # (3,H,W)
+    return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def normalize_pixels(x: torch.Tensor, cfg: ImageConfig = IMAGE) -> torch.Tensor:
+    """uint8 pixels (3, H, W) or (B, 3, H, W), on any device -> the model input in float32:
+    /255 then per-channel (x - mean) / std, the reference's order of operations, so the result
+    is bit for bit the one `preprocess("vision", ...)` returns."""
     x = x.to(torch.float32).div(255)
-    mean = torch.tensor(cfg.mean, dtype=torch.float32)[:, None, None]
-    std = torch.tensor(cfg.std, dtype=torch.float32)[:, None, None]
+    mean = torch.tensor(cfg.mean, dtype=torch.float32, device=x.device)[:, None, None]
+    std = torch.tensor(cfg.std, dtype=torch.float32, device=x.device)[:, None, None]
     return x.sub_(mean).div_(std)
+
+
+def _to_model_input(im: Image.Image, cfg: ImageConfig) -> torch.Tensor:
+    return normalize_pixels(_pixels(im, cfg), cfg)
+
+
+def image_pixels_from_bytes(
+    data: bytes, limits: Limits = DEFAULT_LIMITS, **options: object
+) -> torch.Tensor:
+    """`preprocess("vision", data, compact=True)`: the resized, cropped uint8 pixels — a quarter
+    of the float32 input's bytes, for moving items between processes or machines. Finish with
+    `expand_pixels` (or `imagebind_core.expand`) where the model runs."""
+    cfg = replace_config(IMAGE, options, "vision")
+    return _pixels(_decode_rgb(data, limits), cfg)
+
+
+def expand_pixels(x: torch.Tensor, **options: object) -> torch.Tensor:
+    """Compact still-image input (uint8) -> model input, with the same `options` as its
+    preprocessing (a different `mean`/`std` must be given to both)."""
+    if x.dtype != torch.uint8:
+        raise ValueError(f"expected compact uint8 pixels, got {x.dtype}")
+    return normalize_pixels(x, replace_config(IMAGE, options, "vision"))
 
 
 def image_from_bytes(
