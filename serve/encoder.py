@@ -1,10 +1,11 @@
 """Encoder deployments: one per model modality, each holding only that modality's weights.
 
 The ingress sends already preprocessed, collated arrays (decoding never runs here, so a model
-replica never waits on a decoder). `serve.batching.ContinuousBatcher` merges the arrays of
-concurrent requests into one model call, taking a batch whenever the model is free (why not
-`@serve.batch`: see that module); the batch limits come from the deployment's `user_config`
-via `reconfigure`, so they can change without restarting a replica.
+replica never waits on a decoder); still images come as compact uint8 pixels, expanded here on
+the model's device (`imagebind_core.expand`). `serve.batching.ContinuousBatcher` merges the
+arrays of concurrent requests into one model call, taking a batch whenever the model is free
+(why not `@serve.batch`: see that module); the batch limits come from the deployment's
+`user_config` via `reconfigure`, so they can change without restarting a replica.
 
 `EncoderCore` is the logic, usable without Ray (tests inject a model); `Encoder` is the thin
 Serve deployment around it.
@@ -105,6 +106,8 @@ class EncoderCore:
         """
         import torch
 
+        import imagebind_core as ibc
+
         groups: dict[tuple, list[int]] = {}
         for i, c in enumerate(calls):
             groups.setdefault((c.x.shape[1:], c.x.dtype.str, c.normalize), []).append(i)
@@ -112,6 +115,8 @@ class EncoderCore:
         with torch.inference_mode():
             for (_, _, normalize), idx in groups.items():
                 x = torch.from_numpy(np.concatenate([calls[i].x for i in idx]))
+                if x.dtype == torch.uint8:  # compact image pixels: expand on the model's device
+                    x = ibc.expand("vision", x.to(self.model.device))
                 y = self.model.encode(self.modality, x, normalize=normalize)
                 y = y.float().cpu().numpy()  # (N, D) float32
                 start = 0

@@ -397,7 +397,9 @@ class EmbeddingService:
             x = preprocess("text", value, item_id=item_id)
             tokens = int((x != 0).sum())  # padding is token id 0
         else:
-            x = preprocess(kind, self.load_bytes(kind, index, value), item_id=item_id)
+            # compact: images go to the encoder replica as uint8 pixels, a quarter of the
+            # bytes of the float input; the replica expands them (EncoderCore.encode)
+            x = preprocess(kind, self.load_bytes(kind, index, value), item_id=item_id, compact=True)
             tokens = 0
         self._m_preprocess.observe(time.perf_counter() - t0, tags={"modality": kind})
         return x.numpy(), tokens

@@ -141,3 +141,23 @@ def test_bad_limits_and_bad_batch_functions_are_reported():
             await b.submit("a")
 
     run(main())
+
+
+def test_encoder_core_expands_compact_images_in_a_mixed_batch():
+    """The ingress sends images as compact uint8 pixels: the encoder's result must equal the
+    float input's, also when both forms (and a video) meet in one batch."""
+    import media
+    import numpy as np
+
+    import imagebind_core as ibc
+    from serve.encoder import EncodeCall, EncoderCore
+
+    core = EncoderCore("vision", model=ibc.build_model("tiny", ["vision"]))
+    data = media.make_image("PNG", (300, 200))
+    full = ibc.preprocess("vision", data).numpy()[None]
+    compact = ibc.preprocess("vision", data, compact=True).numpy()[None]
+    assert compact.dtype == np.uint8 and compact.nbytes * 4 == full.nbytes
+    video = ibc.preprocess("video", media.make_video(2, 10, (160, 120))).numpy()[None]
+    a, b, v = core.encode([EncodeCall(full), EncodeCall(compact), EncodeCall(video)])
+    np.testing.assert_array_equal(a, b)
+    assert v.shape == a.shape
