@@ -88,3 +88,11 @@ def test_auto_device_is_cuda_and_compile_agrees(batches):
     model.compile()
     compiled = model.encode("vision", x)
     assert rel_err(compiled, eager) < 1e-3
+
+
+def test_compact_images_expand_on_cuda_to_the_same_input():
+    """The job and the app expand compact image pixels on the encoder's device."""
+    data = media.make_image("JPEG", (640, 480), seed=5)
+    compact = ibc.preprocess("vision", data, compact=True)
+    got = ibc.expand("vision", compact.cuda())
+    assert got.is_cuda and torch.equal(got.cpu(), ibc.preprocess("vision", data))
