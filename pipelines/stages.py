@@ -235,9 +235,8 @@ class EncodeBatch:
         import torch
 
         x = ibc.collate([torch.from_numpy(a) for a in arrays])  # (B, ...item shape)
-        if self.kind == "vision" and x.dtype == torch.uint8:
-            # compact pixels: expand on the model's device, so the small form is what moves
-            x = ibc.expand(self.kind, x.to(self.model.device), **self.options)
+        # compact pixels: expanded on the model's device, so the small form is what moves
+        x = ibc.expand(self.kind, x, self.model.device, **self.options)
         with torch.inference_mode():
             y = self.model({self.modality.value: x}, normalize=self.normalize)[self.modality.value]
         return y.float().cpu().numpy()  # (B, D)

@@ -115,8 +115,7 @@ class EncoderCore:
         with torch.inference_mode():
             for (_, _, normalize), idx in groups.items():
                 x = torch.from_numpy(np.concatenate([calls[i].x for i in idx]))
-                if x.dtype == torch.uint8:  # compact image pixels: expand on the model's device
-                    x = ibc.expand("vision", x.to(self.model.device))
+                x = ibc.expand(self.modality, x, self.model.device)  # compact image pixels
                 y = self.model.encode(self.modality, x, normalize=normalize)
                 y = y.float().cpu().numpy()  # (N, D) float32
                 start = 0

@@ -94,5 +94,5 @@ def test_compact_images_expand_on_cuda_to_the_same_input():
     """The job and the app expand compact image pixels on the encoder's device."""
     data = media.make_image("JPEG", (640, 480), seed=5)
     compact = ibc.preprocess("vision", data, compact=True)
-    got = ibc.expand("vision", compact.cuda())
+    got = ibc.expand("vision", compact, "cuda")
     assert got.is_cuda and torch.equal(got.cpu(), ibc.preprocess("vision", data))

@@ -113,15 +113,18 @@ def preprocess(
         raise InvalidInput(k, f"{type(e).__name__}: {e}", item_id) from e
 
 
-def expand(kind: Kind | str, x: torch.Tensor, **options: Any) -> torch.Tensor:
+def expand(kind: Kind | str, x: torch.Tensor, device: Any = None, **options: Any) -> torch.Tensor:
     """A compact input (one item or a batch, `preprocess(..., compact=True)`) -> the model
-    input, on the tensor's own device: run it where the model runs, so the smaller form is what
-    travels. Inputs that are already full (any kind whose compact form is the full one, or a
-    float image) are returned as they are. `options` must be those given to `preprocess`."""
+    input, computed on `device` (default: the tensor's own) — give the model's device, so the
+    smaller form is what travels. Inputs that are already full (any kind whose compact form is
+    the full one, or a float image) are returned as they are, wherever they are. `options` must
+    be those given to `preprocess`."""
     k = check_kind(kind)
     if k not in _COMPACT or x.is_floating_point():
         return x
     mod, _, name = _COMPACT[k]
+    if device is not None:
+        x = x.to(device)
     return getattr(importlib.import_module(mod), name)(x, **options)
 
 
