@@ -136,7 +136,11 @@ def embed(client: httpx.Client, inputs, kind: str = "text", **extra) -> httpx.Re
 
 
 def vectors(resp: httpx.Response) -> np.ndarray:
+    from serve.schemas import EmbeddingResponse
+
     assert resp.status_code == 200, resp.text
+    assert resp.headers["content-type"] == "application/json"
+    EmbeddingResponse.model_validate(resp.json())  # the documented response schema
     data = resp.json()["data"]
     assert [d["index"] for d in data] == list(range(len(data)))
     return np.array([d["embedding"] for d in data], dtype=np.float32)
@@ -490,6 +494,57 @@ def test_ingress_overload_is_503_at_the_proxy(apps):
     assert all(r.headers.get("retry-after") == "3" for r in rejected)
     r = httpx.post(url + "/v1/embeddings", json={"input": "after"}, timeout=60)
     assert r.status_code == 200, r.text
+
+
+def test_encoder_calls_pick_their_transport_and_survive_a_grpc_failure(ray_session):
+    """Small chunks go over Serve's gRPC transport, large ones by reference; a broken gRPC
+    channel (a dead replica) is retried once, then answered 503, never a 500."""
+    import grpc
+    from grpc.aio import AioRpcError
+
+    from serve.encoder import EncodeCall
+    from serve.ingress import GRPC_MAX_BYTES, APIError, EmbeddingService
+    from serve.schemas import AppArgs
+
+    class Handle:
+        def __init__(self, by_reference: bool = True, fail: int = 0) -> None:
+            self.by_reference, self.fail, self.calls = by_reference, fail, []
+            self.embed = self
+
+        def options(self, _by_reference: bool = True) -> Handle:
+            self.grpc = Handle(_by_reference, self.fail)
+            return self.grpc
+
+        def remote(self, call: EncodeCall):
+            self.calls.append(call.x.nbytes)
+
+            async def answer():
+                if self.fail:
+                    self.fail -= 1
+                    raise AioRpcError(grpc.StatusCode.INTERNAL, None, None, "socket closed")
+                return np.zeros((call.x.shape[0], 4), np.float32)
+
+            return answer()
+
+    by_ref = Handle()
+    svc = EmbeddingService(AppArgs(preset="tiny"), {"text": by_ref})
+    small = np.zeros((1, GRPC_MAX_BYTES), np.uint8)
+    large = np.zeros((1, GRPC_MAX_BYTES + 1), np.uint8)
+    asyncio.run(svc._call_encoder("text", EncodeCall(small)))
+    asyncio.run(svc._call_encoder("text", EncodeCall(large)))
+    assert by_ref.grpc.by_reference is False
+    assert by_ref.grpc.calls == [small.nbytes] and by_ref.calls == [large.nbytes]
+
+    flaky = Handle(fail=1)  # the first gRPC call breaks, the retry succeeds
+    svc = EmbeddingService(AppArgs(preset="tiny"), {"text": flaky})
+    assert asyncio.run(svc._call_encoder("text", EncodeCall(small))).shape == (1, 4)
+    assert len(flaky.grpc.calls) == 2
+
+    dead = Handle(fail=2)  # broken twice: 503 with Retry-After
+    svc = EmbeddingService(AppArgs(preset="tiny"), {"text": dead})
+    with pytest.raises(APIError) as e:
+        asyncio.run(svc._call_encoder("text", EncodeCall(small)))
+    assert e.value.status == 503 and "Retry-After" in e.value.headers
 
 
 def test_api_key_from_the_environment(ray_session, monkeypatch):
