@@ -166,7 +166,7 @@ def paired_latency(url: str, direct: Direct, seconds: float) -> dict:
         }
         for d in direct.data
     ]
-    d_lat, s_lat = [], []
+    d_lat, s_lat, proc, enc = [], [], [], []
     with httpx.Client(base_url=url, timeout=600) as client:
         t_end = time.perf_counter() + seconds
         i = 0
@@ -176,12 +176,17 @@ def paired_latency(url: str, direct: Direct, seconds: float) -> dict:
             r = client.post("/v1/embeddings", json=bodies[i % len(bodies)])
             s_lat.append(time.perf_counter() - t0)
             r.raise_for_status()
+            proc.append(float(r.headers["x-processing-ms"]) / 1000)
+            enc.append(float(r.headers["x-encode-ms"]) / 1000)
             i += 1
     return {
         "pairs": i,
         "direct_p50_ms": 1000 * statistics.median(d_lat),
         "served_p50_ms": 1000 * statistics.median(s_lat),
         "overhead_p50_ms": 1000 * statistics.median(np.subtract(s_lat, d_lat)),
+        "outside_ingress_p50_ms": 1000 * statistics.median(np.subtract(s_lat, proc)),
+        "ingress_own_p50_ms": 1000 * statistics.median(np.subtract(proc, enc)),
+        "encode_call_p50_ms": 1000 * statistics.median(enc),
     }
 
 
@@ -261,7 +266,14 @@ def main() -> None:
         help="RAY_SERVE_ENABLE_DIRECT_INGRESS=1: send requests to the ingress replica's own "
         "HTTP port instead of Serve's proxy",
     )
+    p.add_argument(
+        "--proxy-grpc",
+        action="store_true",
+        help="RAY_SERVE_PROXY_USE_GRPC=1: Serve's proxy reaches the ingress over gRPC",
+    )
     a = p.parse_args()
+    if a.proxy_grpc:
+        os.environ["RAY_SERVE_PROXY_USE_GRPC"] = "1"  # before Ray starts: the proxy inherits
     if a.direct_ingress:
         os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"  # before Ray starts: workers inherit
     kinds = [k for k in a.kinds.split(",") if k]
@@ -311,7 +323,8 @@ def main() -> None:
             via_proxy = paired_latency(f"http://127.0.0.1:{port}", direct, a.baseline_s)
             print(
                 f"\n## {kind}: through Serve's proxy instead, {via_proxy['pairs']} pairs: "
-                f"overhead p50 {via_proxy['overhead_p50_ms']:.1f} ms",
+                f"overhead p50 {via_proxy['overhead_p50_ms']:.1f} ms [outside ingress "
+                f"{via_proxy['outside_ingress_p50_ms']:.1f}]",
                 flush=True,
             )
             pair = paired_latency(url, direct, a.baseline_s)  # again, after: drift shows
@@ -319,7 +332,9 @@ def main() -> None:
         print(
             f"\n## {kind}: concurrency 1, {pair['pairs']} alternating pairs: direct p50 "
             f"{pair['direct_p50_ms']:.1f} ms, served p50 {pair['served_p50_ms']:.1f} ms, "
-            f"overhead p50 {pair['overhead_p50_ms']:.1f} ms (load average "
+            f"overhead p50 {pair['overhead_p50_ms']:.1f} ms [outside ingress "
+            f"{pair['outside_ingress_p50_ms']:.1f}, ingress own {pair['ingress_own_p50_ms']:.1f}, "
+            f"encoder call {pair['encode_call_p50_ms']:.1f}] (load average "
             f"{os.getloadavg()[0]:.1f})",
             flush=True,
         )
