@@ -99,11 +99,13 @@ def direct_ingress_url(low: int, count: int = 8) -> str:
     raise AssertionError(f"no ingress replica answers on ports {low}-{low + count - 1}")
 
 
-@pytest.mark.parametrize("direct_ingress", [False, True], ids=["proxy", "direct-ingress"])
-def test_serve_run_config_yaml(tmp_path, direct_ingress):
-    """`serve run configs/serve.yaml`, as documented; with RAY_SERVE_ENABLE_DIRECT_INGRESS=1
-    (docs/serve.md, low-latency mode) the ingress replica also answers on its own port, with
-    the same embeddings and the same errors as through the proxy."""
+@pytest.mark.parametrize("mode", ["proxy", "proxy-grpc", "direct-ingress"])
+def test_serve_run_config_yaml(tmp_path, mode):
+    """`serve run configs/serve.yaml`, as documented, in the three ways docs/serve.md gives:
+    as is; with RAY_SERVE_PROXY_USE_GRPC=1 (the proxy reaches the ingress over gRPC); and with
+    RAY_SERVE_ENABLE_DIRECT_INGRESS=1, where the ingress replica also answers on its own port,
+    with the same embeddings and the same errors as through the proxy."""
+    direct_ingress = mode == "direct-ingress"
     config = yaml.safe_load((ROOT / "configs" / "serve.yaml").read_text())
     port = free_port()
     config["http_options"]["port"] = port
@@ -116,6 +118,8 @@ def test_serve_run_config_yaml(tmp_path, direct_ingress):
     }
     env.pop("RAY_ADDRESS", None)
     low = free_port()
+    if mode == "proxy-grpc":
+        env["RAY_SERVE_PROXY_USE_GRPC"] = "1"
     if direct_ingress:
         env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
         env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(low)
