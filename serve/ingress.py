@@ -557,6 +557,15 @@ class EmbeddingService:
                 t_enc = time.perf_counter()
                 vectors = await self.encode(kind, arrays, req.normalize)
                 t_enc = time.perf_counter() - t_enc
+            bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
+            if bad.size:  # never sent as JSON nulls (what orjson writes for NaN)
+                raise APIError(
+                    500,
+                    f"the encoder returned non-finite values for input[{int(bad[0])}] "
+                    f"({bad.size} of {len(vectors)} inputs); with dtype float16 this is overflow",
+                    type="server_error",
+                    code="non_finite_embedding",
+                )
             # `EmbeddingResponse`'s shape, built as a dict: the vectors stay float32 arrays
             # for `_json_response` (pydantic would validate and copy each of 1024 floats).
             body = {

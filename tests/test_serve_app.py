@@ -547,6 +547,45 @@ def test_encoder_calls_pick_their_transport_and_survive_a_grpc_failure(ray_sessi
     assert e.value.status == 503 and "Retry-After" in e.value.headers
 
 
+def test_non_finite_embeddings_are_a_500_not_json_nulls(ray_session):
+    from starlette.requests import Request
+
+    from serve.ingress import APIError, EmbeddingService
+    from serve.schemas import AppArgs
+
+    class NaNEncoder:
+        def __init__(self) -> None:
+            self.embed = self
+
+        def options(self, **_) -> NaNEncoder:
+            return self
+
+        def remote(self, call):
+            async def answer():
+                out = np.ones((call.x.shape[0], 32), np.float32)
+                out[-1, 3] = np.nan
+                return out
+
+            return answer()
+
+    body = b'{"input": ["fine", "also fine, but the model overflows"]}'
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/embeddings",
+        "headers": [(b"content-type", b"application/json")],
+        "query_string": b"",
+    }
+    svc = EmbeddingService(AppArgs(preset="tiny"), {"text": NaNEncoder()})
+    with pytest.raises(APIError) as e:
+        asyncio.run(svc.embeddings(Request(scope, receive)))
+    assert e.value.status == 500 and "input[1]" in str(e.value)
+
+
 def test_api_key_from_the_environment(ray_session, monkeypatch):
     from starlette.requests import Request
 
