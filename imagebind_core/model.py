@@ -19,10 +19,12 @@ modalities; `normalize=True` returns unit-length vectors for retrieval instead.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import threading
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -228,6 +230,43 @@ def init_random_weights(model: ImageBindModel, seed: int = 0) -> None:
             module.log_logit_scale.fill_(module.init_log_logit_scale)
 
 
+# torch.nn.init functions that module constructors call in `reset_parameters`.
+_INIT_FUNCTIONS = (
+    "uniform_",
+    "normal_",
+    "trunc_normal_",
+    "constant_",
+    "ones_",
+    "zeros_",
+    "xavier_uniform_",
+    "xavier_normal_",
+    "kaiming_uniform_",
+    "kaiming_normal_",
+)
+_init_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _no_default_init() -> Iterator[None]:
+    """Module constructors skip their own random init (as `transformers`' `no_init_weights`).
+
+    Every model here is built on the meta device and then gets its weights from a checkpoint
+    or `init_random_weights`, so torch's default init is wasted work — and on meta tensors it
+    runs Python decompositions that import sympy and torch._dynamo: ~0.4-1.5 s of each
+    encoder actor's and replica's start-up, measured. The patch is process-wide while held,
+    hence the lock; nothing else here initialises modules concurrently.
+    """
+    with _init_lock:
+        saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS}
+        try:
+            for name in _INIT_FUNCTIONS:
+                setattr(nn.init, name, lambda tensor, *a, **k: tensor)
+            yield
+        finally:
+            for name, fn in saved.items():
+                setattr(nn.init, name, fn)
+
+
 def build_model(
     config: ImageBindConfig | str = "huge",
     modalities: Iterable[Modality | str] | None = None,
@@ -239,9 +278,13 @@ def build_model(
     """Construct a model. `device="meta"` builds without memory; `seed=None` leaves weights
     uninitialised (for loading); otherwise weights are seeded random."""
     cfg = get_config(config)
-    if str(device) == "meta" or seed is None:
-        return ImageBindModel(cfg, modalities, device=device, dtype=dtype).eval()
-    model = ImageBindModel(cfg, modalities, device="meta")
-    model.to_empty(device="cpu")
+    if str(device) == "meta":
+        with _no_default_init():
+            return ImageBindModel(cfg, modalities, device=device, dtype=dtype).eval()
+    if seed is None:
+        with _no_default_init():
+            return ImageBindModel(cfg, modalities, device=device, dtype=dtype).eval()
+    with _no_default_init():  # uninitialised CPU tensors, then seeded draws
+        model = ImageBindModel(cfg, modalities, device="cpu")
     init_random_weights(model, seed)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)

@@ -94,7 +94,11 @@ class TextStem(nn.Module):
 
     def __init__(self, cfg: StemConfig, dim: int, device=None, dtype=None) -> None:
         super().__init__()
-        self.token_embedding = nn.Embedding(cfg.vocab_size, dim, device=device, dtype=dtype)
+        # An explicit, uninitialised weight: nn.Embedding's own normal_ init is wasted (weights
+        # come from a checkpoint or `init_random_weights`) and, on the meta device, imports
+        # torch._dynamo: 1.1 s of every encoder actor's start-up.
+        weight = torch.empty(cfg.vocab_size, dim, device=device, dtype=dtype)
+        self.token_embedding = nn.Embedding(cfg.vocab_size, dim, _weight=weight)
         self.pos_embed = nn.Parameter(
             torch.empty(1, cfg.context_length, dim, device=device, dtype=dtype)
         )

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from reference_shim import build_reference
 import imagebind_core as ibc
 from imagebind_core.checkpoint import RandomWeightsWarning, map_reference_key
 from imagebind_core.config import TINY_REFERENCE_KWARGS
+from imagebind_core.model import ImageBindModel, init_random_weights
 
 INVENTORY = Path(__file__).parent / "data" / "reference-huge-state-dict.tsv"
 
@@ -221,6 +224,35 @@ def test_random_weights_are_explicit_and_deterministic():
         assert torch.equal(v, a.state_dict()[k]), k
     assert not torch.equal(c.state_dict()["encoders.text.head.proj.weight"],
                            a.state_dict()["encoders.text.head.proj.weight"])  # fmt: skip
+
+
+def test_building_a_model_skips_torch_default_init(tiny_checkpoint, tmp_path):
+    """Every encoder actor and replica builds its model at start-up. Torch's own module init is
+    wasted work here (weights come from a checkpoint or `init_random_weights`) and, on meta
+    tensors, imports torch._dynamo and sympy (1-1.5 s per process): it must not run."""
+    _, path, _ = tiny_checkpoint
+    code = (
+        "import sys, warnings; warnings.simplefilter('ignore')\n"
+        "import imagebind_core as ibc\n"
+        "ibc.load_model(None, 'tiny', device='cpu')\n"
+        f"ibc.load_model({str(path)!r}, 'tiny', device='cpu')\n"
+        "ibc.build_model('huge', device='meta')\n"
+        "print(sorted(m for m in ('torch._dynamo', 'sympy') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    )
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    # ... and a module built that way is the same model as torch-initialised-then-overwritten.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RandomWeightsWarning)
+        a = ibc.load_model(None, preset="tiny", device="cpu")
+    b = ImageBindModel(ibc.get_config("tiny"))  # torch's default init, on CPU
+    init_random_weights(b, seed=0)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
 
 
 def test_bfloat16_on_cpu_is_close_to_float32():
