@@ -25,7 +25,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pyarrow as pa
@@ -461,6 +461,24 @@ def check_output(cfg: JobConfig) -> None:
         )
 
 
+def _quiet_issue_detectors(config: Any) -> Any:
+    """Ray Data's issue detectors without the high-memory one.
+
+    It compares each operator's worker RSS with the memory the operator requests, every 30 s
+    for the whole run. Ray reuses worker processes across operators, so a writer task that
+    runs in a worker which earlier preprocessed (and imported torch) reports ~400 MB and the
+    detector tells users to reserve that for the writer: a false alarm, repeated. The job
+    reserves memory where it is used (`preprocess.memory_mb`); the other detectors stay.
+    """
+    try:  # an internal module: on a Ray without it, keep Ray's defaults
+        from ray.data._internal.issue_detection.detectors import HighMemoryIssueDetector
+    except ImportError:
+        return config
+    return replace(
+        config, detectors=[d for d in config.detectors if d is not HighMemoryIssueDetector]
+    )
+
+
 def run_plan(cfg: JobConfig, plan: Plan, *, log_every_s: float = 10.0) -> JobSummary:
     """Execute `plan` into `cfg.output` under the output lock; returns what was done.
 
@@ -507,8 +525,9 @@ def run_plan(cfg: JobConfig, plan: Plan, *, log_every_s: float = 10.0) -> JobSum
         local = _ensure_ray(cfg, plan.kinds)
         _check_resources(cfg, plan.kinds)
         ctx = DataContext.get_current()
-        prev_bars = ctx.enable_progress_bars
+        prev_bars, prev_detectors = ctx.enable_progress_bars, ctx.issue_detectors_config
         ctx.enable_progress_bars = cfg.ray.progress_bars
+        ctx.issue_detectors_config = _quiet_issue_detectors(prev_detectors)
         try:
             ds = build_pipeline(cfg, plan, pending, ray.cluster_resources(), local)
             tracker = _Tracker(pending)
@@ -533,7 +552,7 @@ def run_plan(cfg: JobConfig, plan: Plan, *, log_every_s: float = 10.0) -> JobSum
                     )
             results = ray.get(refs)
         finally:
-            ctx.enable_progress_bars = prev_bars
+            ctx.enable_progress_bars, ctx.issue_detectors_config = prev_bars, prev_detectors
         missing = [s.name for s in pending if s.name not in output.committed_shards()]
         if missing:
             raise RuntimeError(

@@ -525,3 +525,19 @@ def test_images_travel_compact_and_embed_as_the_full_input():
     )
     emb = np.array(got.column("embedding").to_pylist(), np.float32)
     np.testing.assert_array_equal(emb, want.numpy())
+
+
+def test_job_drops_only_rays_high_memory_detector():
+    """Ray Data's high-memory detector misreads reused workers' RSS (torch loaded by an earlier
+    preprocessing task) and repeats a wrong advice every 30 s; the job turns off that one."""
+    from ray.data import DataContext
+    from ray.data._internal.issue_detection.detectors import HighMemoryIssueDetector
+
+    from pipelines.embed import _quiet_issue_detectors
+
+    default = DataContext.get_current().issue_detectors_config
+    assert HighMemoryIssueDetector in default.detectors  # else this change is moot
+    quiet = _quiet_issue_detectors(default)
+    assert HighMemoryIssueDetector not in quiet.detectors
+    assert set(quiet.detectors) == set(default.detectors) - {HighMemoryIssueDetector}
+    assert HighMemoryIssueDetector in default.detectors  # the caller's config is untouched
