@@ -8,8 +8,14 @@ For each kind (images, texts) on a generated corpus:
 - bare:  the encoder alone on pre-decoded, pre-collated tensors (the ceiling: an encoder that
          never starves);
 - job:   `run_job` on local Ray (Ray already started: `ray.init` is reported apart), timed
-         from planning to the last committed shard; "steady" subtracts the time of a one-item
-         run of the same job (actor start-up, model build, one shard commit: the fixed cost).
+         from planning to the last committed shard, after a one-item job has warmed Ray Data
+         up (its time, the first job's start-up, is printed apart); "steady" subtracts the
+         time of another one-item run of the same job (actor start-up, model build, one shard
+         commit: the fixed cost).
+
+Loop and job run in `--rounds` pairs, the order alternating (loop first, then job first, ...),
+and each round's job/loop ratio is printed: the machine's speed drifts over minutes, and
+neighbours in time are the fair comparison. The median round gives the summary figures.
 
 Prints items/s and the ratios job/loop and job/bare, and the job's peak resident memory (sum
 over the driver and every Ray process it started; shared pages count once per process, so
@@ -26,6 +32,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -234,6 +241,9 @@ def main() -> None:
         "--threads", type=int, default=os.cpu_count() or 1, help="torch threads of loop and bare"
     )
     p.add_argument("--kinds", default="vision,text")
+    p.add_argument(
+        "--rounds", type=int, default=3, help="(loop, job) pairs per kind, in alternating order"
+    )
     # The job runs with its defaults; these override them (unset: the job's default).
     p.add_argument("--encoder-cpus", type=float, help="job: logical CPUs per encoder actor")
     p.add_argument("--job-threads", type=int, help="job: torch threads per encoder actor")
@@ -264,8 +274,6 @@ def main() -> None:
         )
         for kind in args.kinds.split(","):
             folder = folders[kind]
-            loop_s, n = run_loop(kind, folder, args.preset, args.batch_size)
-            bare_s, _ = run_bare(kind, folder, args.preset, args.batch_size)
             # The job's fixed cost (actor start, model build, one shard): a one-item run.
             one = f"{tmp}/one-{kind}"
             os.makedirs(one)
@@ -280,21 +288,45 @@ def main() -> None:
                 "files.files_per_shard": args.files_per_shard,
             }
             common = (args.preset, args.batch_size, {k: v for k, v in given.items() if v})
+            # The first job in a Ray instance also pays Ray Data's own start (its imports in
+            # the driver, its stats/autoscaling/location actors): a one-item run takes it, and
+            # is reported apart. The measured jobs then run warm, and another one-item run
+            # (warm too) gives the fixed cost that "steady" subtracts.
+            cold = run_job_once(kind, one, f"{tmp}/out0-{kind}", *common)
+            bare_s, _ = run_bare(kind, folder, args.preset, args.batch_size)
+            # Rounds of (loop, job) in alternating order, each ratio from neighbours in time:
+            # this VM's speed drifts by ~10 % over minutes, which one pair cannot tell from a
+            # real difference.
+            rounds = []
+            for i in range(args.rounds):
+                out = f"{tmp}/out-{kind}-{i}"
+                if i % 2 == 0:
+                    loop_s, n = run_loop(kind, folder, args.preset, args.batch_size)
+                    job = run_job_once(kind, folder, out, *common)
+                else:
+                    job = run_job_once(kind, folder, out, *common)
+                    loop_s, n = run_loop(kind, folder, args.preset, args.batch_size)
+                assert job["items"] == n, (job, n)
+                rounds.append({"loop_seconds": loop_s, **job})
             job1 = run_job_once(kind, one, f"{tmp}/out1-{kind}", *common)
-            job = run_job_once(kind, folder, f"{tmp}/out-{kind}", *common)
-            job["fixed_seconds"] = job1["seconds"]
-            assert job["items"] == n, (job, n)
+            ratios = [r["loop_seconds"] / r["seconds"] for r in rounds]
+            mid = sorted(range(len(rounds)), key=lambda i: ratios[i])[len(rounds) // 2]
+            med = rounds[mid]  # the round with the median job/loop ratio
+            extra = med["seconds"] - job1["seconds"]
             r = {
                 "items": n,
-                "loop_items_s": n / loop_s,
+                "rounds": rounds,
+                "job_vs_loop_per_round": ratios,
+                "loop_items_s": n / med["loop_seconds"],
                 "bare_items_s": n / bare_s,
-                "job_items_s": n / job["seconds"],
+                "job_items_s": n / med["seconds"],
                 # Throughput once running: (n - 1) items over the time beyond a 1-item run.
                 # Undefined (nan) when the fixed cost is nearly all of it (tiny models).
-                "job_steady_items_s": (n - 1) / extra
-                if (extra := job["seconds"] - job1["seconds"]) > 0.1 * job["seconds"]
-                else float("nan"),
-                **job,
+                "job_steady_items_s": (n - 1) / extra if extra > 0.1 * med["seconds"] else math.nan,
+                "fixed_seconds": job1["seconds"],
+                "cold_one_item_seconds": cold["seconds"],
+                "peak_rss_sum_mb": max(x["peak_rss_sum_mb"] for x in rounds),
+                "peak_rss_proc_mb": max(x["peak_rss_proc_mb"] for x in rounds),
             }
             r["job_vs_loop"] = r["job_items_s"] / r["loop_items_s"]
             r["job_steady_vs_loop"] = r["job_steady_items_s"] / r["loop_items_s"]
@@ -302,13 +334,17 @@ def main() -> None:
             r["job_steady_vs_bare"] = r["job_steady_items_s"] / r["bare_items_s"]
             results[kind] = r
             print(
-                f"{kind:7s} {n:5d} items | loop {r['loop_items_s']:7.1f}/s | bare encoder "
-                f"{r['bare_items_s']:7.1f}/s | job {r['job_items_s']:7.1f}/s "
-                f"(steady {r['job_steady_items_s']:7.1f}/s)\n"
+                f"{kind:7s} {n:5d} items | job/loop per round (alternating order): "
+                + ", ".join(f"{x:.2f}x" for x in ratios)
+                + f"\n        median round: loop {r['loop_items_s']:7.1f}/s | job "
+                f"{r['job_items_s']:7.1f}/s (steady {r['job_steady_items_s']:7.1f}/s) | "
+                f"bare encoder {r['bare_items_s']:7.1f}/s\n"
                 f"        job/loop {r['job_vs_loop']:.2f}x (steady {r['job_steady_vs_loop']:.2f}x)"
                 f" | job/bare {r['job_vs_bare']:.2f}x (steady {r['job_steady_vs_bare']:.2f}x)"
                 f" | peak RSS: {r['peak_rss_sum_mb']:.0f} MB all processes, "
-                f"{r['peak_rss_proc_mb']:.0f} MB largest process"
+                f"{r['peak_rss_proc_mb']:.0f} MB largest process\n"
+                f"        fixed cost (a one-item job): {job1['seconds']:.1f} s warm, "
+                f"{cold['seconds']:.1f} s as the first job of the Ray instance"
             )
         if args.json:
             with open(args.json, "w") as f:
