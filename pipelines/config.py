@@ -90,12 +90,42 @@ DEFAULT_PREPROCESS_BATCH: dict[str, int] = {
     "imu": 128,
 }
 
+# The same for kinds whose encoder runs on a GPU, which consumes items 10-100x faster: an H200
+# runs huge text at ~10k/s in bf16, so a 128-text task would be 13 ms of GPU work and the
+# driver would have to dispatch ~80 tasks/s per GPU. These give each encoder task ~50-100 ms
+# of H200 work (benchmarks/results/gpu-h200.md) and each preprocessing task 0.1-2 s of CPU.
+DEFAULT_PREPROCESS_BATCH_GPU: dict[str, int] = {
+    "vision": 64,
+    "depth": 64,
+    "thermal": 64,
+    "video": 4,
+    "audio": 32,
+    "text": 1024,
+    "imu": 1024,
+}
+
+# Items per encoder call when `batch_size` is unset. CPU: 32. GPU: at or past the knee of the
+# H200's items/s-vs-batch curve in bf16 (vision 64 -> 1371/s, 256 -> 1357/s; text 256 ->
+# 9918/s, 1024 -> 10027/s; benchmarks/results/gpu-h200.md), with activations of a few GB at
+# most for huge in float32.
+DEFAULT_ENCODER_BATCH_CPU = 32
+DEFAULT_ENCODER_BATCH_GPU: dict[str, int] = {
+    "vision": 128,
+    "video": 8,
+    "text": 512,
+    "audio": 128,
+    "depth": 256,
+    "thermal": 256,
+    "imu": 512,
+}
+
 
 class PreprocessConfig(_Strict):
     """Decode + preprocess: stateless CPU tasks in front of the encoders."""
 
     num_cpus: float = Field(1.0, gt=0)  # logical CPUs per preprocessing task
-    # Items per task; None: DEFAULT_PREPROCESS_BATCH for the kind. `batch_sizes` sets one kind.
+    # Items per task; None: the kind's default (DEFAULT_PREPROCESS_BATCH, or
+    # DEFAULT_PREPROCESS_BATCH_GPU when the kind encodes on a GPU). `batch_sizes` sets one kind.
     batch_size: int | None = Field(None, gt=0)
     batch_sizes: dict[Kind, Annotated[int, Field(gt=0)]] = Field(default_factory=dict)
     read_threads: int = Field(8, gt=0)  # parallel object reads inside one task (latency hiding)
@@ -122,16 +152,19 @@ class PreprocessConfig(_Strict):
         """The `imagebind_core.Limits` these settings describe."""
         return ibc.Limits(**self.limits)
 
-    def batch_size_for(self, kind: str) -> int:
+    def batch_size_for(self, kind: str, gpu: bool = False) -> int:
         """Items per preprocessing task for `kind`: `batch_sizes`, else `batch_size`, else
-        the kind's default."""
-        return self.batch_sizes.get(kind) or self.batch_size or DEFAULT_PREPROCESS_BATCH[kind]  # type: ignore[call-overload]
+        the kind's default for an encoder on CPU or (`gpu`) on a GPU."""
+        default = (DEFAULT_PREPROCESS_BATCH_GPU if gpu else DEFAULT_PREPROCESS_BATCH)[kind]
+        return self.batch_sizes.get(kind) or self.batch_size or default  # type: ignore[call-overload]
 
 
 class EncoderConfig(_Strict):
     """One encoder actor pool (one per kind present in the job)."""
 
-    batch_size: int = Field(32, gt=0)
+    # Items per encoder call; None: DEFAULT_ENCODER_BATCH_CPU, or on a GPU the kind's
+    # DEFAULT_ENCODER_BATCH_GPU (resolved by `JobConfig.encoder`).
+    batch_size: int | None = Field(None, gt=0)
     num_gpus: float = Field(0.0, ge=0)  # per actor; > 0 puts the model on CUDA
     num_cpus: float = Field(1.0, ge=0)  # per actor (logical)
     min_actors: int = Field(1, gt=0)
@@ -248,7 +281,16 @@ class JobConfig(_Strict):
         over = self.encoders.get(kind)  # type: ignore[call-overload]
         if over is not None:
             base.update({k: v for k, v in over.model_dump().items() if v is not None})
+        if base["batch_size"] is None:
+            gpu = base["num_gpus"] > 0 and kind in DEFAULT_ENCODER_BATCH_GPU
+            base["batch_size"] = (
+                DEFAULT_ENCODER_BATCH_GPU[kind] if gpu else DEFAULT_ENCODER_BATCH_CPU
+            )
         return EncoderConfig(**base)
+
+    def preprocess_batch(self, kind: str) -> int:
+        """Items per preprocessing task of `kind` (its encoder's device picks the default)."""
+        return self.preprocess.batch_size_for(kind, gpu=self.encoder(kind).num_gpus > 0)
 
     def storage_options(self) -> dict[str, Any]:
         """fsspec storage options for S3 URIs."""

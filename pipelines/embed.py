@@ -249,7 +249,7 @@ def build_pipeline(
             )
             branches.append(ds)
             continue
-        pre_batch = cfg.preprocess.batch_size_for(kind)
+        pre_batch = cfg.preprocess_batch(kind)
         # A shard is read as one block; cut it into task-sized blocks so that a shard's items
         # are preprocessed by parallel tasks and reach the encoders as many small bundles (the
         # actor pool balances bundles, not rows). Streaming: no all-to-all exchange.
@@ -633,7 +633,7 @@ def _describe_plan(cfg: JobConfig, plan: Plan) -> str:
         lines.append(
             f"encoder {k}: {actors} actors x ({e.num_gpus:g} GPU, {e.num_cpus:g} CPU, "
             f"{e.threads} threads), batch {e.batch_size}, {e.dtype}; "
-            f"preprocess {p.batch_size_for(k)} items per task"
+            f"preprocess {cfg.preprocess_batch(k)} items per task"
         )
     lines.append(f"needs at least {required_cpus(cfg, plan.kinds):g} logical CPUs")
     return "\n".join(lines)

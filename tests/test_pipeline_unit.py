@@ -154,6 +154,33 @@ def test_pool_sizes_and_preprocess_batches_resolve_per_kind(monkeypatch):
     assert tuned.preprocess.batch_size_for("vision") == 4
 
 
+def test_batch_defaults_follow_the_encoder_device():
+    """A GPU encoder consumes items 10-100x faster than a CPU one: unset batch sizes give its
+    kind larger encoder calls and preprocessing tasks; anything set explicitly wins."""
+    cpu = load_config(None, {"input": "i", "output": "o"})
+    assert [cpu.encoder(k).batch_size for k in ("vision", "text")] == [32, 32]
+    assert [cpu.preprocess_batch(k) for k in ("vision", "text", "video")] == [16, 128, 2]
+    gpu = load_config(None, {"input": "i", "output": "o", "encoders.text.num_gpus": 1})
+    assert gpu.encoder("text").batch_size == 512 and gpu.preprocess_batch("text") == 1024
+    assert gpu.encoder("vision").batch_size == 32 and gpu.preprocess_batch("vision") == 16
+    every = load_config(None, {"input": "i", "output": "o", "encoder_defaults.num_gpus": 1})
+    assert [every.encoder(k).batch_size for k in ("vision", "video", "audio")] == [128, 8, 128]
+    assert [every.preprocess_batch(k) for k in ("vision", "video", "audio")] == [64, 4, 32]
+    given = load_config(
+        None,
+        {
+            "input": "i",
+            "output": "o",
+            "encoder_defaults.num_gpus": 1,
+            "encoder_defaults.batch_size": 48,
+            "encoders.text.batch_size": 200,
+            "preprocess.batch_sizes": {"vision": 8},
+        },
+    )
+    assert [given.encoder(k).batch_size for k in ("vision", "text")] == [48, 200]
+    assert given.preprocess_batch("vision") == 8 and given.preprocess_batch("text") == 1024
+
+
 def test_listing_and_writing_modules_do_not_import_torch():
     # Ray tasks that list shards, write parts and commit import these modules: without torch
     # they start in a fraction of the time (worker start-up is the job's fixed cost).
