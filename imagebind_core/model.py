@@ -250,11 +250,11 @@ _init_lock = threading.Lock()
 def _no_default_init() -> Iterator[None]:
     """Module constructors skip their own random init (as `transformers`' `no_init_weights`).
 
-    Every model here is built on the meta device and then gets its weights from a checkpoint
-    or `init_random_weights`, so torch's default init is wasted work — and on meta tensors it
-    runs Python decompositions that import sympy and torch._dynamo: ~0.4-1.5 s of each
-    encoder actor's and replica's start-up, measured. The patch is process-wide while held,
-    hence the lock; nothing else here initialises modules concurrently.
+    Every model here gets its weights from a checkpoint or `init_random_weights`, so torch's
+    default init is wasted work — and on meta tensors it runs Python decompositions that
+    import sympy and torch._dynamo: ~0.4-1.5 s of each encoder actor's and replica's
+    start-up, measured. The patch is process-wide while held, hence the lock; nothing else
+    here initialises modules concurrently.
     """
     with _init_lock:
         saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS}
@@ -278,13 +278,9 @@ def build_model(
     """Construct a model. `device="meta"` builds without memory; `seed=None` leaves weights
     uninitialised (for loading); otherwise weights are seeded random."""
     cfg = get_config(config)
-    if str(device) == "meta":
-        with _no_default_init():
+    with _no_default_init():
+        if str(device) == "meta" or seed is None:
             return ImageBindModel(cfg, modalities, device=device, dtype=dtype).eval()
-    if seed is None:
-        with _no_default_init():
-            return ImageBindModel(cfg, modalities, device=device, dtype=dtype).eval()
-    with _no_default_init():  # uninitialised CPU tensors, then seeded draws
-        model = ImageBindModel(cfg, modalities, device="cpu")
+        model = ImageBindModel(cfg, modalities, device="cpu")  # uninitialised, then seeded
     init_random_weights(model, seed)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)

@@ -282,7 +282,7 @@ class JobConfig(_Strict):
         if over is not None:
             base.update({k: v for k, v in over.model_dump().items() if v is not None})
         if base["batch_size"] is None:
-            gpu = base["num_gpus"] > 0 and kind in DEFAULT_ENCODER_BATCH_GPU
+            gpu = base["num_gpus"] > 0
             base["batch_size"] = (
                 DEFAULT_ENCODER_BATCH_GPU[kind] if gpu else DEFAULT_ENCODER_BATCH_CPU
             )
