@@ -58,6 +58,7 @@ _LAZY = {
     "Encoder": "model",
     "ImageBindModel": "model",
     "build_model": "model",
+    "text_lengths": "model",
 }
 
 if TYPE_CHECKING:
@@ -67,7 +68,7 @@ if TYPE_CHECKING:
         load_model,
         map_reference_state_dict,
     )
-    from imagebind_core.model import Encoder, ImageBindModel, build_model
+    from imagebind_core.model import Encoder, ImageBindModel, build_model, text_lengths
 
 
 __getattr__ = lazy_getattr(__name__, _LAZY, globals())
@@ -122,4 +123,5 @@ __all__ = [
     "preprocess",
     "read_bytes",
     "s3_storage_options",
+    "text_lengths",
 ]

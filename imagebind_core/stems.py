@@ -90,7 +90,8 @@ class PatchStem(nn.Module):
 
 
 class TextStem(nn.Module):
-    """Token ids (N, 77) -> (N, 77, D): token embedding + learned positions."""
+    """Token ids (N, L) -> (N, L, D): token embedding + learned positions, L <= 77 (the
+    model drops padding after the last end-of-text token before the stem)."""
 
     def __init__(self, cfg: StemConfig, dim: int, device=None, dtype=None) -> None:
         super().__init__()
@@ -104,7 +105,7 @@ class TextStem(nn.Module):
         )
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.token_embedding(ids) + self.pos_embed
+        return self.token_embedding(ids) + self.pos_embed[:, : ids.shape[-1]]
 
 
 class ImuStem(nn.Module):

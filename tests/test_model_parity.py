@@ -80,6 +80,29 @@ def test_text_with_literal_end_token_inside_pools_at_first_occurrence(models):
 
 
 @torch.no_grad()
+def test_short_texts_run_only_through_the_last_end_token_and_match_reference(models):
+    """The causal text trunk lets no token see a later one, and the head reads each row's EOT:
+    the model drops the columns after the batch's last EOT (exact), doing a fraction of the
+    work for short captions."""
+    ref, ours = models
+    ids = text_ids(4, [3, 9, 12, 5], seed=7)
+    ids[0, 20:30] = 1234  # tokens after an EOT change nothing, whatever they are
+    seen = []
+    hook = ours.encoders["text"].trunk.register_forward_pre_hook(
+        lambda mod, args: seen.append(args[0].shape[1])
+    )
+    try:
+        got = ours({"text": ids})["text"]
+    finally:
+        hook.remove()
+    assert seen == [13]
+    assert (got - ref({"text": ids})["text"]).abs().max() <= ATOL
+    full = ours.encoders["text"](ids)  # the untrimmed tower on all 77 columns
+    assert (got - full).abs().max() <= ATOL
+    assert ibc.text_lengths(ids).tolist() == [4, 10, 13, 6]
+
+
+@torch.no_grad()
 def test_normalize_option_gives_unit_vectors_in_reference_direction(models):
     ref, ours = models
     x = random_inputs(seed=1)
