@@ -3,8 +3,8 @@
 - `preprocess_batch`: a stateless CPU function (Ray tasks): fetch each item's bytes (inline,
   or from its URI with a few threads to hide object-store latency), run
   `imagebind_core.preprocess` (compact: still images as uint8 pixels), and serialise the model
-  input. A bad item becomes an error row (`InvalidInput`'s reason), never an exception out of
-  the block.
+  input; texts leave sorted by length. A bad item becomes an error row (`InvalidInput`'s
+  reason), never an exception out of the block.
 - `EncodeBatch`: a callable class (one Ray actor per pool member) that loads the model once in
   `__init__` and in `__call__` only stacks, moves (expanding compact pixels), runs the encoder under
   `torch.inference_mode()` and returns float32 embeddings. No decoding happens here, so a GPU
@@ -90,6 +90,7 @@ def preprocess_batch(
     mtimes = batch.column("mtime").to_pylist()
     data: list[Any] = batch.column("data").to_pylist()
     tensors: list[bytes | None] = [None] * n
+    lengths = [0] * n  # text rows: tokens through EOT, the text encoder's cost
 
     todo = [i for i in range(n) if status[i] == STATUS_OK]
     fetch = [i for i in todo if data[i] is None]
@@ -128,6 +129,8 @@ def preprocess_batch(
                 **opts.get(kinds[i], {}),
             )
             tensors[i] = _tensor_bytes(t)
+            if kinds[i] == "text":
+                lengths[i] = int(ibc.text_lengths(t))
         except ibc.InvalidInput as e:
             status[i], errors[i] = STATUS_ERROR, e.reason
         except Exception as e:  # a bug in a decoder must still not take the block down
@@ -152,7 +155,15 @@ def preprocess_batch(
             "tensor": pa.array(tensors, pa.large_binary()),
         }
     )
-    return pa.table({f.name: cols[f.name] for f in PREPROCESSED_SCHEMA}, schema=PREPROCESSED_SCHEMA)
+    out = pa.table({f.name: cols[f.name] for f in PREPROCESSED_SCHEMA}, schema=PREPROCESSED_SCHEMA)
+    if any(lengths):
+        # Texts in order of length: the encoder cuts its batches from this block in order and
+        # runs each one only as long as its longest text (ImageBindModel.encode drops the
+        # padding), so similar lengths together cost less than file order — measured in
+        # benchmarks/bench_pipeline.py. Row order carries no meaning downstream (rows keep
+        # their ids; shards are committed whole).
+        out = out.take(np.argsort(lengths, kind="stable"))
+    return out
 
 
 def _embedding_column(emb: np.ndarray | None, ok: list[int], n: int, dim: int) -> pa.Array:

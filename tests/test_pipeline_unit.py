@@ -554,6 +554,49 @@ def test_images_travel_compact_and_embed_as_the_full_input():
     np.testing.assert_array_equal(emb, want.numpy())
 
 
+def test_texts_leave_preprocessing_sorted_by_length_and_embed_as_in_file_order():
+    """Texts of one block reach the encoder shortest first, so its batches run short (the
+    model drops padding after a batch's longest text); each row's embedding is unchanged."""
+    import torch
+
+    import imagebind_core as ibc
+    from pipelines.stages import EncodeBatch, _tensor_from_bytes, preprocess_batch
+    from pipelines.writers import ITEM_SCHEMA, STATUS_ERROR, STATUS_OK
+
+    words = ["a", "dog", "runs", "over", "the", "bright", "city", "under", "a", "dark", "sky"]
+    texts = [" ".join(words[: 1 + (7 * i) % 11]) for i in range(12)]
+    n = len(texts) + 1
+    rows = {f.name: [None] * n for f in ITEM_SCHEMA}
+    rows.update(
+        id=[f"t{i:02d}" for i in range(n)],
+        modality=["text"] * n,
+        status=[STATUS_OK] * len(texts) + [STATUS_ERROR],
+        error=[None] * len(texts) + ["rejected while reading"],
+        data=[t.encode() for t in texts] + [None],
+        fingerprint=["x"] * n,
+    )
+    pre = preprocess_batch(pa.table(rows, schema=ITEM_SCHEMA))
+    assert sorted(pre.column("id").to_pylist()) == rows["id"]  # every row, once
+    ok = pre.filter(pa.compute.equal(pre.column("status"), STATUS_OK))
+    lengths = [
+        int(ibc.text_lengths(torch.from_numpy(_tensor_from_bytes(b))))
+        for b in ok.column("tensor").to_pylist()
+    ]
+    assert lengths == sorted(lengths) and len(set(lengths)) > 5, lengths
+
+    model = ibc.build_model("tiny", ["text"])
+    got = EncodeBatch("text", model=model)(pre)
+    by_id = dict(
+        zip(got.column("id").to_pylist(), got.column("embedding").to_pylist(), strict=True)
+    )
+    want = model.encode(
+        "text", ibc.collate([ibc.preprocess("text", t) for t in texts]), normalize=True
+    )
+    for i, w in enumerate(want.numpy()):
+        np.testing.assert_allclose(by_id[f"t{i:02d}"], w, atol=1e-6)
+    assert by_id[f"t{n - 1:02d}"] is None  # the error row passed through
+
+
 def test_job_drops_only_rays_high_memory_detector():
     """Ray Data's high-memory detector misreads reused workers' RSS (torch loaded by an earlier
     preprocessing task) and repeats a wrong advice every 30 s; the job turns off that one."""
