@@ -19,7 +19,8 @@ neighbours in time are the fair comparison. The median round gives the summary f
 
 Prints items/s and the ratios job/loop and job/bare, and the job's peak resident memory (sum
 over the driver and every Ray process it started; shared pages count once per process, so
-this over-estimates). Use a model large enough to be the work (`--preset base`, random
+this over-estimates) beside the loop's (the same sampler runs around both, at the same
+cost). Use a model large enough to be the work (`--preset base`, random
 weights); `--preset tiny` measures framework overhead only. Never compare absolute numbers
 across runs or machines, only the ratios printed by one run.
 
@@ -121,6 +122,14 @@ def run_loop(kind: str, folder: str, preset: str, batch: int) -> tuple[float, in
     return time.perf_counter() - t0, n
 
 
+def run_loop_sampled(kind: str, folder: str, preset: str, batch: int) -> tuple[float, int, float]:
+    """`run_loop` under the job's RSS sampler (its /proc scans cost both sides alike), counting
+    this process only — Ray's processes idle beside the loop; (seconds, items, peak RSS MB)."""
+    with RssSampler(descendants=False) as rss:
+        seconds, n = run_loop(kind, folder, preset, batch)
+    return seconds, n, rss.peak_sum / 2**20
+
+
 def run_bare(kind: str, folder: str, preset: str, batch: int) -> tuple[float, int]:
     """The encoder alone on pre-decoded batches; (seconds, items)."""
     import torch
@@ -147,8 +156,9 @@ def run_bare(kind: str, folder: str, preset: str, batch: int) -> tuple[float, in
 # ----------------------------------------------------------------------------- the job
 
 
-def _tree_rss(root_pid: int) -> tuple[int, int]:
-    """(sum, max) of VmRSS in bytes over `root_pid` and its descendants (Linux /proc)."""
+def _tree_rss(root_pid: int, descendants: bool = True) -> tuple[int, int]:
+    """(sum, max) of VmRSS in bytes over `root_pid` and its descendants (Linux /proc); with
+    `descendants=False` the scan is the same (the same cost) but only `root_pid` counts."""
     parent: dict[int, int] = {}
     rss: dict[int, int] = {}
     for d in os.listdir("/proc"):
@@ -163,7 +173,7 @@ def _tree_rss(root_pid: int) -> tuple[int, int]:
                         rss[int(d)] = int(line.split()[1]) * 1024
         except (OSError, ValueError, IndexError):
             continue
-    tree, frontier = {root_pid}, [root_pid]
+    tree, frontier = {root_pid}, ([root_pid] if descendants else [])
     while frontier:
         p = frontier.pop()
         kids = [c for c, pp in parent.items() if pp == p and c not in tree]
@@ -176,8 +186,9 @@ def _tree_rss(root_pid: int) -> tuple[int, int]:
 class RssSampler:
     """Peak of the process-tree RSS, sampled every `period` seconds in a thread."""
 
-    def __init__(self, period: float = 0.25) -> None:
+    def __init__(self, period: float = 0.25, descendants: bool = True) -> None:
         self.period = period
+        self.descendants = descendants
         self.peak_sum = 0
         self.peak_proc = 0
         self._stop = threading.Event()
@@ -185,7 +196,7 @@ class RssSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            s, m = _tree_rss(os.getpid())
+            s, m = _tree_rss(os.getpid(), self.descendants)
             self.peak_sum, self.peak_proc = max(self.peak_sum, s), max(self.peak_proc, m)
             self._stop.wait(self.period)
 
@@ -301,13 +312,17 @@ def main() -> None:
             for i in range(args.rounds):
                 out = f"{tmp}/out-{kind}-{i}"
                 if i % 2 == 0:
-                    loop_s, n = run_loop(kind, folder, args.preset, args.batch_size)
+                    loop_s, n, loop_rss = run_loop_sampled(
+                        kind, folder, args.preset, args.batch_size
+                    )
                     job = run_job_once(kind, folder, out, *common)
                 else:
                     job = run_job_once(kind, folder, out, *common)
-                    loop_s, n = run_loop(kind, folder, args.preset, args.batch_size)
+                    loop_s, n, loop_rss = run_loop_sampled(
+                        kind, folder, args.preset, args.batch_size
+                    )
                 assert job["items"] == n, (job, n)
-                rounds.append({"loop_seconds": loop_s, **job})
+                rounds.append({"loop_seconds": loop_s, "loop_peak_rss_mb": loop_rss, **job})
             job1 = run_job_once(kind, one, f"{tmp}/out1-{kind}", *common)
             ratios = [r["loop_seconds"] / r["seconds"] for r in rounds]
             mid = sorted(range(len(rounds)), key=lambda i: ratios[i])[len(rounds) // 2]
@@ -327,6 +342,7 @@ def main() -> None:
                 "cold_one_item_seconds": cold["seconds"],
                 "peak_rss_sum_mb": max(x["peak_rss_sum_mb"] for x in rounds),
                 "peak_rss_proc_mb": max(x["peak_rss_proc_mb"] for x in rounds),
+                "loop_peak_rss_mb": max(x["loop_peak_rss_mb"] for x in rounds),
             }
             r["job_vs_loop"] = r["job_items_s"] / r["loop_items_s"]
             r["job_steady_vs_loop"] = r["job_steady_items_s"] / r["loop_items_s"]
@@ -342,7 +358,8 @@ def main() -> None:
                 f"        job/loop {r['job_vs_loop']:.2f}x (steady {r['job_steady_vs_loop']:.2f}x)"
                 f" | job/bare {r['job_vs_bare']:.2f}x (steady {r['job_steady_vs_bare']:.2f}x)"
                 f" | peak RSS: {r['peak_rss_sum_mb']:.0f} MB all processes, "
-                f"{r['peak_rss_proc_mb']:.0f} MB largest process\n"
+                f"{r['peak_rss_proc_mb']:.0f} MB largest process (loop: "
+                f"{r['loop_peak_rss_mb']:.0f} MB)\n"
                 f"        fixed cost (a one-item job): {job1['seconds']:.1f} s warm, "
                 f"{cold['seconds']:.1f} s as the first job of the Ray instance"
             )
