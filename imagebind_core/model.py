@@ -129,8 +129,6 @@ class ImageBindModel(nn.Module):
         self.encoders = nn.ModuleDict(
             {m.value: Encoder(config.encoder(m), config.out_embed_dim, device, dtype) for m in mods}
         )
-        text = config.encoder(Modality.TEXT)
-        self._text_padding_is_inert = text.trunk.causal and text.head.select == "eot"
         self.checkpoint: str | None = None
         self.checkpoint_sha256: str = "random"
         self._compiled: dict[str, nn.Module] = {}
@@ -186,7 +184,8 @@ class ImageBindModel(nn.Module):
         clips = x.ndim == item_rank + 2 or (m == Modality.VISION and x.ndim == item_rank + 3)
         if x.ndim != item_rank + 1 and not clips:
             raise ValueError(f"{m.value}: unexpected input shape {tuple(x.shape)}")
-        if m == Modality.TEXT and self._text_padding_is_inert:
+        cfg = self.config.encoder(m)
+        if m == Modality.TEXT and cfg.trunk.causal and cfg.head.select == "eot":
             # Drop the columns after the batch's last end-of-text token before the trunk runs.
             # Exact, not an approximation: the trunk is causal, so no position attends to a
             # later one, and the head reads only each row's EOT. Captions are far shorter than
