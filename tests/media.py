@@ -153,7 +153,10 @@ def audio_array(
 
 def _sf_bytes(arr: np.ndarray, sr: int, fmt: str, subtype: str | None) -> bytes:
     buf = io.BytesIO()
-    sf.write(buf, arr, sr, format=fmt, subtype=subtype)
+    # In blocks: libsndfile 1.2.2's Vorbis encoder crashes on one minute of audio in one write.
+    with sf.SoundFile(buf, "w", sr, arr.shape[1], subtype, format=fmt) as f:
+        for i in range(0, len(arr), 1 << 15):
+            f.write(arr[i : i + (1 << 15)])
     return buf.getvalue()
 
 
@@ -223,6 +226,29 @@ def make_mp3(seconds: float = 3.0, sr: int = 44100, channels: int = 2, seed: int
 def make_m4a(seconds: float = 3.0, sr: int = 44100, channels: int = 2, seed: int = 0) -> bytes:
     """An M4A (AAC in MP4) file."""
     return _av_audio(audio_array(seconds, sr, channels, seed, 0.0), sr, "ipod", "aac", 192000)
+
+
+# Opus codes at 8, 12, 16, 24 or 48 kHz only; other rates are taken at the next supported one.
+OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
+
+
+def make_opus(seconds: float = 3.0, sr: int = 48000, channels: int = 2, seed: int = 0) -> bytes:
+    """An Ogg/Opus file (libopus through libsndfile) at the lowest Opus rate >= `sr`."""
+    rate = next((r for r in OPUS_RATES if r >= sr), 48000)
+    return _sf_bytes(audio_array(seconds, rate, channels, seed, 0.0), rate, "OGG", "OPUS")
+
+
+# codec -> (file extension, maker(seconds, sr, channels, seed) -> bytes)
+AUDIO_CODECS = {
+    "wav16": ("wav", lambda s, r, c, k: make_wav(s, r, c, k, "PCM_16", 0.0)),
+    "wav24": ("wav", lambda s, r, c, k: make_wav(s, r, c, k, "PCM_24", 0.0)),
+    "wavfloat": ("wav", lambda s, r, c, k: make_wav(s, r, c, k, "FLOAT", 0.0)),
+    "flac": ("flac", lambda s, r, c, k: make_flac(s, r, c, k, 0.0)),
+    "vorbis": ("ogg", make_ogg),
+    "opus": ("opus", make_opus),
+    "mp3": ("mp3", make_mp3),
+    "m4a": ("m4a", make_m4a),
+}
 
 
 def wav_with_declared_length(

@@ -13,8 +13,10 @@ What the reference's data module needs and what we put in its place (reference d
   ceil(fps*start) .. ceil(fps*end) - 1). The rest of the video loader (clip loop, /255,
   normalisation, the three spatial crops, ordering) is the reference's own code.
 * `torchaudio.load` (needs TorchCodec on torchaudio 2.9): the reference module's `torchaudio`
-  name is pointed at a proxy whose `load` reads with soundfile (float32, channels first — the
-  same values torchaudio gives for PCM WAV/FLAC); every other attribute is the real torchaudio.
+  name is pointed at a proxy whose `load` reads the whole file with soundfile (float32,
+  channels first — torchaudio's soundfile backend; the same values its other backends give for
+  PCM WAV/FLAC), and what libsndfile cannot open (M4A/AAC) with a whole-file PyAV decode
+  (torchaudio's FFmpeg backend); every other attribute is the real torchaudio.
 
 Nothing is patched globally: the placeholders only fill module names that do not import, and
 the audio proxy is local to the reference data module.
@@ -136,8 +138,24 @@ class EncodedVideo:
 
 
 def _soundfile_load(path: Any, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, int]:
-    data, sr = sf.read(path, dtype="float32", always_2d=True)
+    try:
+        data, sr = sf.read(path, dtype="float32", always_2d=True)
+    except sf.LibsndfileError:
+        return _pyav_load(path)
     return torch.from_numpy(np.ascontiguousarray(data.T)), sr
+
+
+def _pyav_load(path: Any) -> tuple[torch.Tensor, int]:
+    """Every frame of the first audio stream, converted to planar float32 by FFmpeg."""
+    import av
+
+    with av.open(str(path)) as c:
+        st = c.streams.audio[0]
+        sr = st.codec_context.sample_rate
+        to_float = av.AudioResampler(format="fltp", layout=st.codec_context.layout, rate=sr)
+        parts = [f.to_ndarray() for fr in c.decode(st) for f in to_float.resample(fr)]
+        parts += [f.to_ndarray() for f in to_float.resample(None)]
+    return torch.from_numpy(np.concatenate(parts, axis=1).astype(np.float32)), sr
 
 
 class _TorchaudioProxy(types.ModuleType):

@@ -8,7 +8,10 @@ frames, then (x + 4.268) / 9.138.
 
 Decoding: WAV/FLAC/Ogg/AIFF/MP3 through libsndfile (soundfile) — the same float values
 torchaudio gives for PCM; M4A/AAC and anything else (or anything libsndfile rejects) through
-PyAV (FFmpeg, what current torchaudio decodes with).
+PyAV (FFmpeg, what current torchaudio decodes with). Only PCM (WAV/AIFF/...) and FLAC are read
+by sample ranges (their seeks are sample-accurate); Vorbis, Opus and MP3 are decoded whole from
+the start, as the reference loader does, because libsndfile's seeks in them land near, not on,
+the requested sample.
 """
 
 from __future__ import annotations
@@ -82,8 +85,7 @@ _SNDFILE_MAGIC = (b"RIFF", b"RF64", b"fLaC", b"OggS", b"FORM")
 
 def _looks_like_mp3(data: bytes) -> bool:
     """An ID3 tag or an MPEG audio frame sync at the start. libsndfile (mpg123) decodes MP3 to
-    within 2e-6 of FFmpeg with the same length, and seeks sample-accurately, so MP3 gets the
-    read-only-the-clips path too."""
+    within 2e-6 of FFmpeg with the same length (decoded whole: see `_SndfileSource.seekable`)."""
     return data[:3] == b"ID3" or (len(data) > 1 and data[0] == 0xFF and data[1] & 0xE0 == 0xE0)
 
 
@@ -127,8 +129,9 @@ def _check_stream(sr: int, channels: int, declared_frames: int | None, limits: L
 class _SndfileSource:
     """An opened, validated libsndfile stream that reads sample ranges on demand.
 
-    Long WAV/FLAC/Ogg files are never decoded whole: only the sample ranges the three clips
-    need (plus the resampler's margin) are read.
+    Long PCM and FLAC files are never decoded whole: only the sample ranges the three clips
+    need (plus the resampler's margin) are read. Other codecs are `seekable = False` and are
+    read whole (`read_all`).
     """
 
     def __init__(self, data: bytes, limits: Limits) -> None:
@@ -154,6 +157,26 @@ class _SndfileSource:
         if f.frames <= 0:
             raise InvalidInput(KIND, "no audio samples in the file")
         self.frames = f.frames
+        # Sample-accurate seeks: uncompressed PCM and FLAC (seek table + frame-exact decode).
+        # libsndfile's Vorbis, Opus and MP3 seeks are approximate (decoder pre-roll, the MP3
+        # bit reservoir), so reading clips by ranges there does not give the reference's
+        # numbers (docs/preprocessing.md has the measured differences).
+        self.seekable = f.subtype in _SUBTYPE_BYTES
+
+    def read_all(self) -> np.ndarray:
+        """Every sample, decoded in one pass from the start: float32 (channels, n).
+
+        Rewinds first, as `soundfile.read` does: mpg123 decodes the first frames of a stream it
+        has only probed 1 ulp differently from a stream restarted at sample 0.
+        """
+        with decoding(KIND, "audio"):
+            self.f.seek(0)
+            a = self.f.read(dtype="float32", always_2d=True)
+        if len(a) == 0:
+            raise InvalidInput(KIND, "no audio samples decoded")
+        a = np.ascontiguousarray(a.T)
+        check_finite(KIND, a, "audio samples")
+        return a
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Samples [start, stop) as float32 (channels, stop - start)."""
@@ -266,11 +289,18 @@ def _open_source(data: bytes, limits: Limits) -> _SndfileSource | tuple[np.ndarr
     data = as_bytes(KIND, data, limits)
     if data[:4] in _SNDFILE_MAGIC or _looks_like_mp3(data):
         try:
-            return _SndfileSource(data, limits)
+            src = _SndfileSource(data, limits)
         except InvalidInput as e:
             if not e.reason.startswith("cannot decode"):
                 raise
             # e.g. an Ogg codec libsndfile lacks: let FFmpeg try
+        else:
+            if src.seekable:
+                return src
+            try:
+                return src.read_all(), src.sr
+            finally:
+                src.close()
     wave, sr = _decode_pyav(data, limits)
     if wave.shape[1] == 0:
         raise InvalidInput(KIND, "no audio samples decoded")
