@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from numerics import assert_embeddings_close
 from reference_shim import build_reference
 
 import imagebind_core as ibc
@@ -106,7 +107,7 @@ def _text_batch():
 def _same_text_output(model, ref) -> None:
     ids = _text_batch()
     with torch.no_grad():
-        assert torch.allclose(model({"text": ids})["text"], ref({"text": ids})["text"], atol=1e-6)
+        assert_embeddings_close(model({"text": ids})["text"], ref({"text": ids})["text"])
 
 
 def test_load_from_file_url_with_sha256(tiny_checkpoint, tmp_path):
@@ -268,6 +269,21 @@ def test_bfloat16_on_cpu_is_close_to_float32():
         assert torch.nn.functional.cosine_similarity(a[m], b[m]).min() >= 0.99
     with pytest.raises(ValueError, match="CUDA only"):
         ibc.load_model(None, preset="tiny", device="cpu", dtype="float16")
+
+
+def test_dtype_auto_picks_bfloat16_only_where_the_hardware_has_it(monkeypatch):
+    import imagebind_core.checkpoint as C
+
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: False, raising=False)
+    assert C.auto_dtype("cpu") == "float32" and C.auto_dtype("cuda") == "bfloat16"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RandomWeightsWarning)
+        assert ibc.load_model(None, "tiny", ["text"], "cpu", "auto").dtype == torch.float32
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+        assert C.auto_dtype("cpu") == "bfloat16"
+        model = ibc.load_model(None, "tiny", ["text"], "cpu", "auto")
+    assert model.dtype == torch.bfloat16 and model.lineage()["dtype"] == "bfloat16"
 
 
 def test_bad_inputs_to_forward_are_explained():

@@ -7,16 +7,17 @@ These tests must run in CI (the reference is installed by `make test`); they are
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
+from numerics import EMBED_REL, assert_embeddings_close, embed_rel_err
 from reference_shim import build_reference, build_reference_tiny
 
 import imagebind_core as ibc
 from imagebind_core.config import TINY_REFERENCE_KWARGS, ImageBindConfig
 from imagebind_core.layers import Attention
-
-ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +57,7 @@ def test_every_modality_matches_reference(models):
     assert list(got) == list(x)
     for m in x:
         assert got[m].shape == (x[m].shape[0], 32)
-        diff = (got[m] - expected[m]).abs().max().item()
-        assert diff <= ATOL, f"{m}: max abs diff {diff}"
+        assert_embeddings_close(got[m], expected[m], m)
 
 
 @torch.no_grad()
@@ -66,7 +66,7 @@ def test_video_with_15_clips_matches_reference(models):
     video = torch.randn(2, 15, 3, 2, 224, 224, generator=torch.Generator().manual_seed(3))
     expected = ref({"vision": video})["vision"]
     got = ours({"vision": video})["vision"]
-    assert (got - expected).abs().max().item() <= ATOL
+    assert_embeddings_close(got, expected)
     # Clip averaging happens after normalisation, so the norm is below 1 (reference quirk).
     assert (got.norm(dim=-1) < 1).all()
 
@@ -76,7 +76,7 @@ def test_text_with_literal_end_token_inside_pools_at_first_occurrence(models):
     ref, ours = models
     ids = text_ids(2, [40, 60], seed=5)
     ids[:, 10] = 49407  # a literal <|endoftext|> in user text moves the pooling position
-    assert (ours({"text": ids})["text"] - ref({"text": ids})["text"]).abs().max() <= ATOL
+    assert_embeddings_close(ours({"text": ids})["text"], ref({"text": ids})["text"])
 
 
 @torch.no_grad()
@@ -96,9 +96,9 @@ def test_short_texts_run_only_through_the_last_end_token_and_match_reference(mod
     finally:
         hook.remove()
     assert seen == [13]
-    assert (got - ref({"text": ids})["text"]).abs().max() <= ATOL
+    assert_embeddings_close(got, ref({"text": ids})["text"], "trimmed vs reference")
     full = ours.encoders["text"](ids)  # the untrimmed tower on all 77 columns
-    assert (got - full).abs().max() <= ATOL
+    assert_embeddings_close(got, full, "trimmed vs full width")
     assert ibc.text_lengths(ids).tolist() == [4, 10, 13, 6]
 
 
@@ -110,7 +110,7 @@ def test_normalize_option_gives_unit_vectors_in_reference_direction(models):
     got = ours(x, normalize=True)
     for m in x:
         assert torch.allclose(got[m].norm(dim=-1), torch.ones(len(got[m])), atol=1e-6)
-        assert torch.allclose(got[m], F.normalize(expected[m], dim=-1), atol=ATOL)
+        assert_embeddings_close(got[m], F.normalize(expected[m], dim=-1), m)
 
 
 @torch.no_grad()
@@ -121,7 +121,7 @@ def test_batch_invariance(models):
     batched = ours(x)
     for m, t in x.items():
         singles = torch.cat([ours({m: t[i : i + 1]})[m] for i in range(len(t))])
-        assert (batched[m] - singles).abs().max().item() <= ATOL, m
+        assert_embeddings_close(batched[m], singles, m)
 
 
 def test_non_default_reference_sizes_build_and_match(tmp_path):
@@ -153,14 +153,14 @@ def test_non_default_reference_sizes_build_and_match(tmp_path):
     with torch.no_grad():
         expected, got = ref(x), ours(x)
     for m in x:
-        assert (got[m] - expected[m]).abs().max().item() <= ATOL, m
+        assert_embeddings_close(got[m], expected[m], m)
 
 
 @torch.no_grad()
 def test_off_nominal_image_size_interpolates_positions_like_reference(models):
     ref, ours = models
     x = torch.randn(1, 3, 256, 256)
-    assert (ours({"vision": x})["vision"] - ref({"vision": x})["vision"]).abs().max() <= ATOL
+    assert_embeddings_close(ours({"vision": x})["vision"], ref({"vision": x})["vision"])
 
 
 # The combinations the reference uses: plain (vision), causal (text), bias_kv (the others).
@@ -176,3 +176,34 @@ def test_attention_matches_torch_multihead_attention(bias_kv, causal):
     mask = torch.full((L, L), float("-inf")).triu(1) if causal else None
     expected = mha(*(x.transpose(0, 1),) * 3, attn_mask=mask, need_weights=False)[0]
     assert torch.allclose(ours(x), expected.transpose(0, 1), atol=1e-6)
+
+
+@torch.no_grad()
+def test_bound_catches_one_perturbed_layernorm_element(models):
+    """The parity bound is tight enough for a real bug: 1e-3 added to one element of any one
+    LayerNorm weight (the smallest plausible porting slip) moves that encoder's output past
+    EMBED_REL, while the unperturbed model stays within it."""
+    ref, ours = models
+    x = random_inputs(seed=4)
+    expected = ref(x)
+    norms = [(n, p) for n, p in ours.named_parameters() if "norm" in n and n.endswith("weight")]
+    assert len(norms) >= 6 * 3  # every encoder's stem/trunk/head norms are covered
+    for name, p in norms:
+        kind = name.split(".")[1]
+        assert embed_rel_err(ours(x)[kind], expected[kind]) <= EMBED_REL
+        p.view(-1)[0] += 1e-3
+        try:
+            err = embed_rel_err(ours({kind: x[kind]})[kind], expected[kind])
+        finally:
+            p.view(-1)[0] -= 1e-3
+        assert err > EMBED_REL, f"{name}: a 1e-3 slip moved the output by only {err:.2g}"
+
+
+def test_the_forced_kernel_variant_is_in_force():
+    """`make test` reruns this module with ATEN_CPU_CAPABILITY=avx2 (and oneDNN/MKL capped to
+    AVX2): that run proves portability only if torch really dispatches to those kernels."""
+    want = os.environ.get("ATEN_CPU_CAPABILITY")
+    got = torch.backends.cpu.get_cpu_capability()
+    assert got in ("DEFAULT", "VSX", "ZVECTOR", "AVX2", "AVX512", "SVE256")
+    if want:
+        assert got == want.upper(), f"asked for {want}, torch dispatches to {got}"

@@ -19,6 +19,7 @@ from conftest_pipeline import (
     expected_embeddings,
     read_output,
 )
+from numerics import assert_embeddings_close
 
 import imagebind_core as ibc
 from pipelines.config import load_config
@@ -99,7 +100,7 @@ def test_embed_end_to_end(fmt, location, tmp_path, ray_session, s3_server, tiny_
     kinds = dict(zip(ids, emb.column("modality").to_pylist(), strict=True))
     for id_, (kind, _) in corpus.good.items():
         assert kinds[id_] == kind
-        np.testing.assert_allclose(np.asarray(got[id_]), want[id_], rtol=1e-5, atol=1e-5)
+        assert_embeddings_close(np.asarray(got[id_]), want[id_])
         assert abs(np.linalg.norm(got[id_]) - 1) < 1e-4
 
     # Errors carry the reason and the modality as read.
@@ -142,9 +143,7 @@ def test_embed_end_to_end(fmt, location, tmp_path, ray_session, s3_server, tiny_
         emb2, err2, _ = read_output(str(tmp_path / "subset"))
         assert emb2.column("id").to_pylist() == pick[:1]
         assert err2.column("id").to_pylist() == pick[1:]
-        np.testing.assert_allclose(
-            emb2.column("embedding").to_pylist()[0], want[pick[0]], atol=1e-5
-        )
+        assert_embeddings_close(emb2.column("embedding").to_pylist()[0], want[pick[0]])
         assert sub.shards_committed == 1
 
     # A rerun finds everything committed and does nothing.
@@ -201,4 +200,4 @@ def test_checkpoint_from_s3_is_loaded_verified_and_recorded(tmp_path, ray_sessio
     with torch.inference_mode():
         want = model({"text": x})["text"].numpy()  # raw (not normalised)
     got = dict(zip(emb.column("id").to_pylist(), emb.column("embedding").to_pylist(), strict=True))
-    np.testing.assert_allclose(np.array([got["t0"], got["t1"]]), want, rtol=1e-5, atol=1e-5)
+    assert_embeddings_close(np.array([got["t0"], got["t1"]]), want)

@@ -18,6 +18,7 @@ import media
 import numpy as np
 import pytest
 from conftest_serve import serve_base_url, wait_ready
+from numerics import assert_embeddings_close
 
 PREFIX_A = "/t5a"
 PREFIX_B = "/t5b"
@@ -160,27 +161,25 @@ def error(resp: httpx.Response, status: int) -> dict:
 def test_each_modality_single_and_batched(client, direct, kind):
     items = [make_input(kind, seed) for seed in range(3)]
     single = vectors(embed(client, wire(items[0]), kind))
-    np.testing.assert_allclose(single, direct(kind, items[:1]), rtol=1e-5, atol=1e-5)
+    assert_embeddings_close(single, direct(kind, items[:1]))
     np.testing.assert_allclose(np.linalg.norm(single, axis=1), 1.0, atol=1e-5)
 
     batched = vectors(embed(client, [wire(x) for x in items], kind))
-    np.testing.assert_allclose(batched, direct(kind, items), rtol=1e-5, atol=1e-5)
+    assert_embeddings_close(batched, direct(kind, items))
     assert not np.allclose(batched[0], batched[1])  # different inputs, different vectors
 
 
 def test_raw_output_on_request(client, direct):
     items = ["raw one", "raw two"]
     raw = vectors(embed(client, items, normalize=False))
-    np.testing.assert_allclose(raw, direct("text", items, normalize=False), rtol=1e-5, atol=1e-5)
+    assert_embeddings_close(raw, direct("text", items, normalize=False))
     # The reference scales text after normalising (logit scale): raw is not unit length.
     assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0, atol=1e-3)
 
 
 def test_request_larger_than_a_batch_is_chunked_in_order(client, direct):
     texts = [f"text number {i}" for i in range(7)]  # max_batch_size 4 -> chunks of 4 + 3
-    np.testing.assert_allclose(
-        vectors(embed(client, texts)), direct("text", texts), rtol=1e-5, atol=1e-5
-    )
+    assert_embeddings_close(vectors(embed(client, texts)), direct("text", texts))
 
 
 def test_base64_round_trip_and_data_uri(client, direct):
@@ -193,7 +192,7 @@ def test_base64_round_trip_and_data_uri(client, direct):
     decoded = np.frombuffer(base64.b64decode(b64), dtype="<f4")
     np.testing.assert_array_equal(decoded, plain[0])
     uri = "data:image/png;base64," + wire(png)
-    np.testing.assert_allclose(vectors(embed(client, uri, "vision")), plain, atol=1e-6)
+    assert_embeddings_close(vectors(embed(client, uri, "vision")), plain)
 
 
 def test_openai_client_text(apps, direct):
@@ -203,13 +202,13 @@ def test_openai_client_text(apps, direct):
     texts = ["a dog on a beach", "a red car"]
     out = oa.embeddings.create(model="imagebind-tiny", input=texts)  # base64 on the wire
     got = np.array([d.embedding for d in out.data], dtype=np.float32)
-    np.testing.assert_allclose(got, direct("text", texts), rtol=1e-5, atol=1e-5)
+    assert_embeddings_close(got, direct("text", texts))
     assert out.model == "imagebind-tiny"
     assert out.usage.prompt_tokens > 2 * 2  # start + end token per text, plus words
     floats = oa.embeddings.create(
         model="imagebind-tiny", input="a red car", encoding_format="float"
     )
-    np.testing.assert_allclose(floats.data[0].embedding, got[1], atol=1e-6)
+    assert_embeddings_close(floats.data[0].embedding, got[1])
     with pytest.raises(openai.NotFoundError):
         oa.embeddings.create(model="gpt-nothing", input="x")
 
@@ -229,7 +228,7 @@ def test_concurrent_requests_of_different_modalities(apps, direct):
             return await asyncio.gather(*(one(k) for k in kinds))
 
     for kind, resp in asyncio.run(run()):
-        np.testing.assert_allclose(vectors(resp), expected[kind], rtol=1e-5, atol=1e-5)
+        assert_embeddings_close(vectors(resp), expected[kind])
 
 
 def test_prometheus_metrics(apps, client):
@@ -288,7 +287,7 @@ def test_s3_inputs_only_under_allowed_prefixes(client, s3_server, direct):
     s3.put_object(Bucket=BUCKET, Key="allowed-not/cat.png", Body=png)
 
     ok = vectors(embed(client, [f"s3://{BUCKET}/allowed/cat.png", wire(png)], "vision"))
-    np.testing.assert_allclose(ok, direct("vision", [png, png]), rtol=1e-5, atol=1e-5)
+    assert_embeddings_close(ok, direct("vision", [png, png]))
 
     # The same bytes exist at these URIs; refusal is by name (code uri_not_allowed), so nothing
     # was fetched: a fetch would have embedded them.
@@ -353,7 +352,7 @@ def test_client_spellings_of_base64_and_data_uris(client, direct):
         "  " + b64 + "\n",
     ]
     got = vectors(embed(client, variants, "vision"))
-    np.testing.assert_allclose(got, direct("vision", [png] * 4), rtol=1e-5, atol=1e-5)
+    assert_embeddings_close(got, direct("vision", [png] * 4))
     err = error(embed(client, [b64[:-5] + "!!!!!"], "vision"), 400)
     assert err["param"] == "input[0]" and "base64" in err["message"]
 
@@ -451,7 +450,7 @@ def test_auth(apps, direct):
     error(httpx.get(url + "/v1/models", headers=bad), 401)
     good = {"Authorization": f"Bearer {API_KEY}"}
     r = httpx.post(url + "/v1/embeddings", json=body, headers=good, timeout=60)
-    np.testing.assert_allclose(vectors(r), direct("text", ["a dog"]), rtol=1e-5, atol=1e-5)
+    assert_embeddings_close(vectors(r), direct("text", ["a dog"]))
     assert httpx.get(url + "/healthz").status_code == 200  # probes need no key
     # Auth off on app a: no header needed (the other tests).
 
@@ -637,7 +636,7 @@ def test_replica_killed_mid_traffic_recovers(apps, direct):
                 r = await ac.post("/v1/embeddings", json={"input": texts})
                 statuses.append(r.status_code)
                 if r.status_code == 200:
-                    np.testing.assert_allclose(vectors(r), expected, rtol=1e-5, atol=1e-5)
+                    assert_embeddings_close(vectors(r), expected)
 
     async def run() -> None:
         stop_at = time.time() + 6
@@ -653,4 +652,4 @@ def test_replica_killed_mid_traffic_recovers(apps, direct):
     assert set(statuses) <= {200, 503}, sorted(set(statuses))  # never a 500
     wait_ready(url, timeout_s=90)
     r = httpx.post(url + "/v1/embeddings", json={"input": texts}, timeout=60)
-    np.testing.assert_allclose(vectors(r), expected, rtol=1e-5, atol=1e-5)
+    assert_embeddings_close(vectors(r), expected)
