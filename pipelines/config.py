@@ -14,11 +14,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 import imagebind_core as ibc
+from imagebind_core.checkpoint import auto_dtype
 
 Kind = Literal["vision", "video", "text", "audio", "depth", "thermal", "imu"]
 KINDS: tuple[str, ...] = ("vision", "video", "text", "audio", "depth", "thermal", "imu")
 Format = Literal["auto", "manifest", "webdataset", "files"]
-DType = Literal["float32", "bfloat16", "float16"]
+# "auto": bfloat16 on GPU encoders and on CPUs with AMX / AVX-512 BF16, float32 on other CPUs
+# (`imagebind_core.checkpoint.auto_dtype`), resolved once by the driver (`JobConfig.encoder`)
+# so every actor of a job, and its lineage, carries the same concrete dtype.
+DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 class ConfigError(ValueError):
@@ -281,11 +285,13 @@ class JobConfig(_Strict):
         over = self.encoders.get(kind)  # type: ignore[call-overload]
         if over is not None:
             base.update({k: v for k, v in over.model_dump().items() if v is not None})
+        gpu = base["num_gpus"] > 0
         if base["batch_size"] is None:
-            gpu = base["num_gpus"] > 0
             base["batch_size"] = (
                 DEFAULT_ENCODER_BATCH_GPU[kind] if gpu else DEFAULT_ENCODER_BATCH_CPU
             )
+        if base["dtype"] == "auto":
+            base["dtype"] = auto_dtype("cuda" if gpu else "cpu")
         return EncoderConfig(**base)
 
     def preprocess_batch(self, kind: str) -> int:

@@ -706,7 +706,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", help="input URI: folder, prefix, glob, manifest or tar shard(s)")
     p.add_argument("--output", help="output URI (local folder or s3://bucket/prefix)")
     add_job_arguments(p, "encoders.vision.max_actors=4")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="encoder dtype")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="encoder dtype (auto: bfloat16 on GPUs and AMX/AVX-512-BF16 CPUs, else float32)",
+    )
     p.add_argument("--batch-size", type=int, help="encoder batch size (every kind)")
     p.add_argument("--num-gpus", type=float, help="GPUs per encoder actor (every kind)")
     p.add_argument("--raw", action="store_true", help="store raw (unnormalised) embeddings")

@@ -57,6 +57,16 @@ def _autoscaling(min_replicas: int, max_replicas: int, target: float) -> Autosca
     )
 
 
+def _dtype(args: AppArgs, opts: EncoderOptions) -> str | None:
+    """`dtype: auto` resolved where the app is built, so every replica of a deployment (and the
+    lineage it reports) has the same concrete dtype."""
+    if args.dtype != "auto":
+        return args.dtype
+    from imagebind_core.checkpoint import auto_dtype  # torch: only when asked for
+
+    return auto_dtype("cuda" if opts.num_gpus > 0 and args.device != "cpu" else "cpu")
+
+
 def encoder_app(modality: str, args: AppArgs, opts: EncoderOptions) -> Application:
     """The bound `encoder-{modality}` deployment."""
     return Encoder.options(
@@ -77,7 +87,7 @@ def encoder_app(modality: str, args: AppArgs, opts: EncoderOptions) -> Applicati
         preset=args.preset,
         checkpoint=args.checkpoint,
         sha256=args.sha256,
-        dtype=args.dtype,
+        dtype=_dtype(args, opts),
         device=args.device,
         seed=args.seed,
         storage_options=args.storage_options() if args.checkpoint else None,

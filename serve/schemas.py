@@ -251,7 +251,11 @@ class AppArgs(BaseModel):
         "random weights (tests, demos).",
     )
     sha256: str | None = Field(default=None, description="Expected checkpoint SHA-256.")
-    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] | None = Field(
+        default=None,
+        description="Encoder dtype; None: float32. auto: bfloat16 on GPU encoders and on CPUs "
+        "with AMX / AVX-512 BF16, float32 on other CPUs (resolved when the app is built).",
+    )
     device: str | None = Field(
         default=None,
         description="torch device for encoders: cpu, cuda; None picks cuda if "

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest_pipeline import Writer, files_corpus, manifest_corpus, webdataset_corpus
+from numerics import assert_embeddings_close
 
 from pipelines.config import ConfigError, load_config
 from pipelines.embed import OutputMismatch, main, run_job
@@ -152,6 +153,27 @@ def test_pool_sizes_and_preprocess_batches_resolve_per_kind(monkeypatch):
     )
     assert tuned.preprocess.batch_size_for("text") == 512
     assert tuned.preprocess.batch_size_for("vision") == 4
+
+
+@pytest.mark.parametrize("fast_bf16", [True, False])
+def test_dtype_auto_is_resolved_once_per_kind_by_the_encoder_device(monkeypatch, fast_bf16):
+    """`dtype: auto`: bfloat16 on GPU encoders and on CPUs with hardware bf16, float32 on
+    other CPUs; the job's encoder settings (and so its lineage) carry the concrete dtype."""
+    import imagebind_core.checkpoint as C
+
+    monkeypatch.setattr(C, "cpu_has_fast_bf16", lambda: fast_bf16)
+    cfg = load_config(
+        None,
+        {
+            "input": "i",
+            "output": "o",
+            "encoder_defaults.dtype": "auto",
+            "encoders.text.num_gpus": 1,
+        },
+    )
+    assert cfg.encoder("text").dtype == "bfloat16"
+    assert cfg.encoder("vision").dtype == ("bfloat16" if fast_bf16 else "float32")
+    assert load_config(None, {"input": "i", "output": "o"}).encoder("vision").dtype == "float32"
 
 
 def test_batch_defaults_follow_the_encoder_device():
@@ -593,7 +615,7 @@ def test_texts_leave_preprocessing_sorted_by_length_and_embed_as_in_file_order()
         "text", ibc.collate([ibc.preprocess("text", t) for t in texts]), normalize=True
     )
     for i, w in enumerate(want.numpy()):
-        np.testing.assert_allclose(by_id[f"t{i:02d}"], w, atol=1e-6)
+        assert_embeddings_close(by_id[f"t{i:02d}"], w)
     assert by_id[f"t{n - 1:02d}"] is None  # the error row passed through
 
 

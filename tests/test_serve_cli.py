@@ -182,3 +182,18 @@ def test_serve_run_config_yaml(tmp_path, mode):
                 break
             assert time.time() < deadline, f"{u} still answers after serve run stopped"
             time.sleep(1)
+
+
+def test_dtype_auto_is_resolved_per_encoder_when_the_app_is_built(monkeypatch):
+    import imagebind_core.checkpoint as C
+    from serve.app import _dtype
+    from serve.schemas import AppArgs
+
+    monkeypatch.setattr(C, "cpu_has_fast_bf16", lambda: False)
+    args = AppArgs(dtype="auto", encoders={"vision": {"num_gpus": 1}})
+    assert _dtype(args, args.encoder_options("vision")) == "bfloat16"
+    assert _dtype(args, args.encoder_options("text")) == "float32"
+    monkeypatch.setattr(C, "cpu_has_fast_bf16", lambda: True)
+    assert _dtype(args, args.encoder_options("text")) == "bfloat16"
+    plain = AppArgs()
+    assert _dtype(plain, plain.encoder_options("text")) is None  # float32, as before
