@@ -159,6 +159,9 @@ def test_every_object_validates_against_strict_kubernetes_schemas(version):
     every pod template they embed (as a v1 PodTemplate)."""
     pod = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}}
     for where, obj in all_objects():
+        meta = obj["metadata"]
+        name = meta.get("name") or meta["generateName"] + "abcde"  # what the API server appends
+        assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 63, where
         parts = [(where, obj)]
         if obj["apiVersion"] == "ray.io/v1":
             parts = [
@@ -194,6 +197,7 @@ def test_kuberay_controller_rules():
             continue
         meta = obj["metadata"]
         name = meta.get("name") or meta["generateName"] + "x" * 5
+        # A DNS-1035 label of at most 47 characters (MaxRayJobNameLength, ...NameLength).
         assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 47, where
         spec = ray_cluster_spec(obj)
         assert spec["rayVersion"] == ray.__version__, f"{where}: rayVersion != installed Ray"
