@@ -231,7 +231,7 @@ def open_store(root: str, storage_options: StorageOptions | None = None) -> _Sto
         return _LocalStore(root)
     raise ValueError(
         f"index root {root!r}: publishing needs atomic conditional writes, supported on s3:// "
-        "and local folders, not on {proto}://"
+        f"and local folders, not on {proto}://"
     )
 
 

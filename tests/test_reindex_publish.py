@@ -105,3 +105,10 @@ def test_retention_keeps_last_n_and_removes_abandoned_stages(root):
     assert [r["version"] for r in ir.history()] == [4, 3]
     with pytest.raises(ValueError):
         ir.apply_retention(keep=0)
+
+
+def test_a_store_without_conditional_writes_is_refused_by_name():
+    from pipelines.publish import open_store
+
+    with pytest.raises(ValueError, match=r"not on gs://"):
+        open_store("gs://bucket/index")
