@@ -8,6 +8,8 @@ quadratic in the word's length, but only the tokens that fit in the context reac
 from __future__ import annotations
 
 import io
+import random
+import sys
 import time
 
 import media
@@ -19,6 +21,7 @@ from reference_data_shim import reference_data
 
 import imagebind_core.preprocess as P
 from imagebind_core.errors import InvalidInput
+from imagebind_core.preprocess import text as text_mod
 from imagebind_core.preprocess.common import Limits
 
 # Generous against a busy 2-core box; the unbounded paths take 5-50 s and GBs on these inputs.
@@ -90,3 +93,65 @@ def test_panoramas_within_the_ratio_still_work(tmp_path) -> None:
     assert x.shape == (3, 224, 224)
     with pytest.raises(ValueError, match="max_aspect_ratio"):
         Limits(max_aspect_ratio=0)
+
+
+# --------------------------------------------------------------------------- text
+
+
+def _letters(n: int, seed: int, alphabet: str = "abcdefghijklmnopqrstuvwxyz") -> str:
+    rng = random.Random(seed)
+    return "".join(rng.choice(alphabet) for _ in range(n))
+
+
+def test_a_huge_word_costs_what_fits_in_the_context() -> None:
+    P.tokenize("warm up")
+    word = _letters(20_000, 0)  # under max_text_chars; 2.6 s of CPU when merged whole
+    t0 = time.process_time()
+    ids = P.tokenize(word)
+    assert time.process_time() - t0 < 0.2
+    assert ids[0, 0] == 49406 and ids[0, 76] == 49407 and (ids[0, 1:76] != 0).all()
+    # A text of many long words costs no more: tokens past the context are never computed.
+    t0 = time.process_time()
+    P.tokenize(" ".join(_letters(3_000, s) for s in range(6)))
+    assert time.process_time() - t0 < 0.2
+
+
+@pytest.mark.parametrize(
+    "word",
+    [
+        _letters(2_000, 1),
+        _letters(1_500, 2, "aeiou"),
+        _letters(1_500, 3, "ab"),
+        "ha" * 800,
+        "x" * 3_000,
+        "!?" * 700,
+        _letters(1_200, 4, "aeiouéèçàüß"),
+        _letters(600, 5, "中文日本語のテキスト한국어"),
+    ],
+    ids=["random", "vowels", "ab", "haha", "xxx", "symbols", "accents", "cjk"],
+)
+def test_long_words_keep_the_reference_ids(word) -> None:
+    text = f"a photo of {word} and more"
+    tok = text_mod.Tokenizer()
+    full = tok.frame(tok.encode(text))  # every word merged whole: the reference's algorithm
+    assert P.tokenize(text)[0, : len(full)].tolist() == full
+    if len(word) <= 2_000:  # the reference itself is quadratic: only on the shorter ones
+        ref = reference_data().load_and_transform_text([text], "cpu")[0]
+        assert P.tokenize(text)[0].tolist() == ref.tolist()
+
+
+def test_the_bpe_memo_is_bounded_in_bytes(monkeypatch) -> None:
+    cap = 256 * 1024
+    monkeypatch.setattr(text_mod, "MEMO_MAX_BYTES", cap)
+    tok = text_mod.Tokenizer()
+    words = [_letters(200, 100 + s) for s in range(1_000)]  # ~1 MB of memo if kept
+    for w in words:
+        ids = tok.encode(w)
+        assert ids == tok.encode(w)
+    held = sum(sys.getsizeof(k) + sys.getsizeof(v) for k, v in tok._cache.items())
+    assert held <= cap
+    # Long words are never memoised, however many.
+    tok2 = text_mod.Tokenizer()
+    for s in range(20):
+        tok2.encode(_letters(5_000, s), max_tokens=75)
+    assert max(len(k) for k in tok2._cache) <= text_mod.LONG_WORD_SYMBOLS
