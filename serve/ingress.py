@@ -438,6 +438,17 @@ class EmbeddingService:
                     param=f"input[{i}]",
                     code="invalid_input",
                 )
+            if isinstance(r, ibc.StoreUnavailable):
+                # The store (or this endpoint's credentials for it), not the request: 503.
+                log.warning("input[%d]: %s", i, r)
+                raise APIError(
+                    503,
+                    f"input[{i}]: {r}; retry later",
+                    type="server_error",
+                    param=f"input[{i}]",
+                    code="store_unavailable",
+                    headers={"Retry-After": str(max(1, round(self.args.retry_after_s)))},
+                )
             if isinstance(r, BaseException):
                 raise r
             arrays.append(r[0])

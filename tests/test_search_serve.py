@@ -56,6 +56,7 @@ def setup(ray_session, s3_server):
         ingress={"num_cpus": 0.1, "preprocess_threads": 2},
         s3_endpoint_url=s3_server.endpoint_url,
         s3_region=s3_server.region,
+        s3_allowed_prefixes=[f"s3://{bucket}/queries"],
         index_uri=root,
     )
     serve.run(build_app(args), name=APP, route_prefix=PREFIX, blocking=False)
@@ -99,6 +100,26 @@ def test_modality_filter_and_raw_vector(setup, s3_server):
     assert search(client, vector=vec, top_k=1)[0]["id"] == "img/pic1.png"
     r = client.post("/v1/search", json={"vector": vec[:5], "top_k": 1})
     assert r.status_code == 400 and "32" in r.text
+
+
+def test_query_by_s3_uri_whose_key_has_double_colons(setup, s3_server):
+    """A query object's key may contain `::` (fsspec's URL-chaining separator): it is read as
+    that key, and the chained reading never reaches the host it names."""
+    from listener import Listener
+
+    client, corpus, _, _ = setup
+    bucket = corpus.root.split("/")[2]
+    s3_server.client().put_object(Bucket=bucket, Key="queries/pic::1.png", Body=_pic(1))
+    hits = search(client, input=f"s3://{bucket}/queries/pic::1.png", modality="vision", top_k=1)
+    assert hits[0]["id"] == "img/pic1.png"
+    other = Listener()
+    try:
+        uri = f"s3://{bucket}/queries/a::http://127.0.0.1:{other.port}/pic.png"
+        r = client.post("/v1/search", json={"input": uri, "modality": "vision"})
+        assert r.status_code == 400 and "not found" in r.json()["error"]["message"], r.text
+        assert other.hits == []
+    finally:
+        other.close()
 
 
 def _info() -> dict:

@@ -306,6 +306,46 @@ def test_s3_inputs_only_under_allowed_prefixes(client, s3_server, direct):
     assert "not found" in err["message"] and err["param"] == "input[0]"
 
 
+def test_s3_keys_with_double_colons_are_keys_not_url_chains(client, s3_server, direct):
+    """fsspec reads `a::b` as a chain of URLs; here a URI is one object in one store."""
+    from listener import Listener
+
+    png = make_input("vision", 4)
+    s3_server.client().put_object(Bucket=BUCKET, Key="allowed/a::b.png", Body=png)
+    ok = vectors(embed(client, [f"s3://{BUCKET}/allowed/a::b.png"], "vision"))
+    np.testing.assert_allclose(ok, direct("vision", [png]), rtol=1e-5, atol=1e-5)
+
+    other = Listener()  # the host a chained URL would read from
+    try:
+        uri = f"s3://{BUCKET}/allowed/a::http://127.0.0.1:{other.port}/cat.png"
+        err = error(embed(client, [wire(png), uri], "vision"), 400)
+        assert err["param"] == "input[1]" and "not found" in err["message"], err
+        assert other.hits == []
+    finally:
+        other.close()
+
+
+def test_unreachable_object_store_is_503_naming_it(ray_session):
+    from listener import closed_port
+
+    from serve.ingress import APIError, EmbeddingService
+    from serve.schemas import AppArgs
+
+    dead = f"http://127.0.0.1:{closed_port()}"
+    args = AppArgs(
+        preset="tiny",
+        s3_allowed_prefixes=["s3://photos/ok"],
+        s3_endpoint_url=dead,
+        retry_after_s=4,
+    )
+    svc = EmbeddingService(args, {})
+    with pytest.raises(APIError) as e:
+        asyncio.run(svc.prepare_all("vision", ["s3://photos/ok/cat.png"]))
+    err = e.value
+    assert err.status == 503 and err.code == "store_unavailable" and err.param == "input[0]"
+    assert dead in err.message and err.headers["Retry-After"] == "4"
+
+
 # --------------------------------------------------------------------------- errors
 
 
