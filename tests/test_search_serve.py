@@ -122,6 +122,20 @@ def test_query_by_s3_uri_whose_key_has_double_colons(setup, s3_server):
         other.close()
 
 
+def test_huge_vector_components_are_normalised_not_zeroed(setup):
+    """1e308 is a finite float64; its square is not. The query must still be the direction
+    it points in (here the same as 1.0 everywhere), not a vector of scores 0.0."""
+    client, _, _, _ = setup
+    ones = search(client, vector=[1.0] * 32, top_k=5)
+    huge = search(client, vector=[1e308] * 32, top_k=5)
+    tiny = search(client, vector=[1e-310] * 32, top_k=5)  # subnormal: the norm underflows
+    assert [h["id"] for h in huge] == [h["id"] for h in ones] == [h["id"] for h in tiny]
+    for got in (huge, tiny):
+        for a, b in zip(got, ones, strict=True):
+            assert a["score"] == pytest.approx(b["score"], abs=1e-6)
+    assert any(abs(h["score"]) > 1e-3 for h in ones)
+
+
 def _info() -> dict:
     from ray import serve
 
