@@ -493,7 +493,16 @@ def test_auth(apps, direct):
     r = httpx.post(url + "/v1/embeddings", json=body, headers=good, timeout=60)
     np.testing.assert_allclose(vectors(r), direct("text", ["a dog"]), rtol=1e-5, atol=1e-5)
     assert httpx.get(url + "/healthz").status_code == 200  # probes need no key
-    # Auth off on app a: no header needed (the other tests).
+    # The API's documentation is behind the key too (it lists every route and field).
+    for path in ("/openapi.json", "/docs", "/redoc"):
+        assert error(httpx.get(url + path), 401)["code"] == "invalid_api_key", path
+        assert httpx.get(url + path, headers=good).status_code == 200, path
+    schema = httpx.get(url + "/openapi.json", headers=good).json()
+    assert "/v1/embeddings" in schema["paths"] and "/docs" not in schema["paths"]
+    assert f"{PREFIX_B}/openapi.json" in httpx.get(url + "/docs", headers=good).text
+    # Auth off on app a: no header needed (the other tests), the docs included.
+    assert "/v1/search" in httpx.get(apps["a"] + "/openapi.json").json()["paths"]
+    assert httpx.get(apps["a"] + "/docs").status_code == 200
 
 
 def test_overload_is_503_with_retry_after(apps):
