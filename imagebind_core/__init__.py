@@ -36,7 +36,12 @@ from imagebind_core.config import (
     TrunkConfig,
     get_config,
 )
-from imagebind_core.errors import CheckpointError, ImageBindError, InvalidInput
+from imagebind_core.errors import (
+    CheckpointError,
+    ImageBindError,
+    InvalidInput,
+    StoreUnavailable,
+)
 from imagebind_core.io import read_bytes, s3_storage_options
 from imagebind_core.preprocess import (
     PREPROCESS_VERSION,
@@ -109,6 +114,7 @@ __all__ = [
     "Modality",
     "PostConfig",
     "StemConfig",
+    "StoreUnavailable",
     "TrunkConfig",
     "build_model",
     "collate",

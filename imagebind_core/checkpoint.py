@@ -152,6 +152,28 @@ def map_reference_state_dict(
     return mapped
 
 
+def _file_signature(path: str) -> str:
+    """What identifies one version of a local file's bytes without reading them: device, inode,
+    size, mtime and ctime, in nanoseconds. ctime cannot be set from user space (writing the
+    file or resetting its mtime with `os.utime` moves it to "now"), so unlike (size, mtime) this
+    cannot be forged to pass a different file off as a hashed one."""
+    st = os.stat(path)
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+
+def _cached_digest(digest_file: str, local: str) -> str | None:
+    """The digest recorded for `local`, if the record was made for the file as it is now."""
+    try:
+        digest, _, signature = Path(digest_file).read_text().strip().partition(" ")
+    except OSError:
+        return None
+    return digest if digest and signature == _file_signature(local) else None
+
+
+def _record_digest(digest_file: str, local: str, digest: str) -> None:
+    _atomic_write_text(digest_file, f"{digest} {_file_signature(local)}")
+
+
 def _sha256_file(path: str, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -191,7 +213,9 @@ def fetch_checkpoint(
     `cache_dir` (default $IMAGEBIND_CACHE or ~/.cache/imagebind-ray) while hashing, written
     under a temporary name and renamed when complete; a later call reuses the cached copy if
     the remote size/ETag are unchanged. A given `sha256` is verified in every case. Digests
-    of local files are cached beside the cache entries, keyed by path, size and mtime.
+    are cached beside the cache entries and trusted only while the file's device, inode, size,
+    mtime and ctime are those it had when it was hashed (see `_file_signature`); otherwise the
+    file is hashed again.
     """
     cache_dir = cache_dir or local_cache_dir()
     os.makedirs(cache_dir, exist_ok=True)
@@ -211,18 +235,17 @@ def fetch_checkpoint(
     if protocol_of(uri) == "file":
         local = path
         with _file_lock(digest_file + ".lock"):
-            if os.path.exists(digest_file):
-                digest = Path(digest_file).read_text().strip()
-            else:
+            digest = _cached_digest(digest_file, local)
+            if digest is None:
                 digest = _sha256_file(local)
-                _atomic_write_text(digest_file, digest)
+                _record_digest(digest_file, local, digest)
         _check_digest(digest, sha256, uri)
         return local, digest
 
     local = os.path.join(cache_dir, f"{key}-{base}")
     with _file_lock(local + ".lock"):
-        if os.path.exists(local) and os.path.exists(digest_file):
-            digest = Path(digest_file).read_text().strip()
+        digest = _cached_digest(digest_file, local) if os.path.exists(local) else None
+        if digest is not None:
             _check_digest(digest, sha256, uri)
             return local, digest
         log.info("downloading checkpoint %s -> %s", uri, local)
@@ -240,7 +263,7 @@ def fetch_checkpoint(
                 )
             _check_digest(digest, sha256, uri)
             os.replace(tmp, local)
-            _atomic_write_text(digest_file, digest)
+            _record_digest(digest_file, local, digest)
         except CheckpointError:
             raise
         except Exception as e:
@@ -260,15 +283,31 @@ def _atomic_write_text(path: str, text: str) -> None:
 
 def load_checkpoint(path: str, source: str | None = None) -> Mapping[str, torch.Tensor]:
     """Read a state dict from a local file with `weights_only=True` (memory-mapped when the
-    file is in the zip format, so untouched modalities are never read into memory)."""
+    file is in the zip format with uncompressed entries, as `torch.save` writes it, so untouched
+    modalities are never read into memory; a re-zipped file with compressed entries is read
+    whole)."""
     source = source or path
     if not os.path.isfile(path):
         raise CheckpointError(f"{source}: no such file")
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"{source}: file is empty")
     is_zip = zipfile.is_zipfile(path)
+    mmap = is_zip
+    if is_zip:
+        compressed = _compressed_entries(path, source)
+        if compressed:
+            # Memory-mapping reads tensor bytes straight from the file: a deflated entry would
+            # be mapped as-is (garbage weights or a resize error). Read it normally instead.
+            log.warning(
+                "%s: %d zip entries are compressed (e.g. %s); loading without mmap, so the "
+                "whole checkpoint is read into memory",
+                source,
+                len(compressed),
+                compressed[0],
+            )
+            mmap = False
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # UnpicklingError, RuntimeError from the zip reader, EOFError, ...
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "Weights only load failed" in str(e) or "Unsupported global" in str(e):
@@ -282,6 +321,16 @@ def load_checkpoint(path: str, source: str | None = None) -> Mapping[str, torch.
             reason = f"not a PyTorch checkpoint ({msg})"
         raise CheckpointError(f"{source}: {reason}") from None
     return _unwrap(obj, source)
+
+
+def _compressed_entries(path: str, source: str) -> list[str]:
+    """Names of the zip entries that are not stored uncompressed (torch.save never compresses;
+    a checkpoint re-zipped by another tool may)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return [i.filename for i in z.infolist() if i.compress_type != zipfile.ZIP_STORED]
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(f"{source}: truncated or corrupt checkpoint ({e})") from None
 
 
 class RandomWeightsWarning(UserWarning):

@@ -31,3 +31,22 @@ class InvalidInput(ImageBindError, ValueError):
 
 class CheckpointError(ImageBindError):
     """A checkpoint cannot be fetched, verified, read or mapped onto the model."""
+
+
+class StoreUnavailable(ImageBindError):
+    """An object store cannot be reached or has no credentials to sign with: the store's (or
+    the operator's) fault, not the item's. An endpoint answers 503; a job retries or stops
+    rather than recording the item as bad.
+
+    Carries the store (endpoint URL, or the scheme when the default endpoint is used) and the
+    reason.
+    """
+
+    def __init__(self, store: str, reason: str, uri: str | None = None) -> None:
+        self.store = store
+        self.reason = reason
+        self.uri = uri
+        super().__init__(f"object store {store} is unavailable: {reason}")
+
+    def __reduce__(self):  # picklable across Ray workers
+        return (StoreUnavailable, (self.store, self.reason, self.uri))

@@ -108,10 +108,15 @@ def read_version_record(version_uri: str, storage_options: StorageOptions | None
 def _normalize(x: np.ndarray) -> np.ndarray:
     """Row-wise L2 normalisation (zero rows stay zero) -> float32.
 
-    Computed in float64: a float32 vector of magnitude ~1e38 or ~1e-30 overflows or underflows
-    its own norm in float32, which would turn every cosine score into 0.
+    Computed in float64 after scaling each row by a power of two that brings its largest
+    component near 1: a vector of magnitude ~1e308 (or ~1e-310) overflows (underflows) its own
+    norm even in float64, which would turn every cosine score into 0. Scaling by a power of two
+    is exact, so in-range vectors get the same bits as without it.
     """
     x = np.asarray(x, dtype=np.float64)
+    peak = np.abs(x).max(axis=1, keepdims=True) if x.size else np.zeros((len(x), 1))
+    _, exp = np.frexp(np.where(np.isfinite(peak) & (peak > 0), peak, 1.0))
+    x = np.ldexp(x, -exp)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return np.ascontiguousarray(x / np.maximum(norms, 1e-300), dtype=np.float32)
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import fsspec
 
-from imagebind_core.errors import InvalidInput
+from imagebind_core.errors import InvalidInput, StoreUnavailable
 
 StorageOptions = Mapping[str, Any]
 
@@ -65,8 +65,17 @@ def filesystem(uri: str, storage_options: StorageOptions | None = None):
         # `a::b.jpg` as a chained URL and `a#b` as a fragment, and such names are legal files.
         path = uri[len("file://") :] if uri.lower().startswith("file://") else uri
         return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(path))
-    fs, path = fsspec.core.url_to_fs(uri, **options_for(uri, storage_options))
-    return fs, path
+    # Never `fsspec.core.url_to_fs`: it reads `::` anywhere in the string as a chain of URLs
+    # (`s3://bucket/a::http://host/x` would open `http://host/x` through an S3 cache), and a
+    # user-supplied URI must name one object in one store. `::` is a legal character of an S3
+    # key and stays part of the key here.
+    protocol = protocol_of(uri)
+    try:
+        cls = fsspec.get_filesystem_class(protocol)
+    except ValueError:
+        raise ValueError(f"unsupported URI scheme {protocol!r} in {uri!r}") from None
+    fs = fsspec.filesystem(protocol, **options_for(uri, storage_options))
+    return fs, cls._strip_protocol(uri)
 
 
 def canonical_uri(uri: str) -> str:
@@ -87,6 +96,40 @@ def open_uri(uri: str, mode: str = "rb", storage_options: StorageOptions | None 
     return fs.open(path, mode)
 
 
+def store_name(uri: str, storage_options: StorageOptions | None = None) -> str:
+    """The store behind `uri`, for messages: the configured endpoint URL, else the scheme's
+    default (e.g. `s3 (default endpoint)`)."""
+    protocol = protocol_of(uri)
+    endpoint = options_for(uri, storage_options).get("endpoint_url")
+    if endpoint:
+        return str(endpoint)
+    if protocol in ("http", "https"):
+        return uri.split("/", 3)[2] if uri.count("/") >= 2 else uri
+    return f"{protocol} (default endpoint)"
+
+
+def _unavailable_reason(e: BaseException) -> str | None:
+    """Why the store (not the object) failed, or None if `e` is about the object.
+
+    No credentials and connection failures (refused, DNS, timeouts) are the store's; a missing
+    or unreadable object is the item's.
+    """
+    try:
+        from botocore import exceptions as be
+    except ImportError:  # no S3 support installed
+        be = None
+    if be is not None:
+        if isinstance(e, be.NoCredentialsError | be.PartialCredentialsError):
+            return f"no credentials to sign requests with ({e})"
+        if isinstance(e, be.CredentialRetrievalError):
+            return f"credentials could not be retrieved ({e})"
+        if isinstance(e, be.ConnectionError | be.HTTPClientError):
+            return f"cannot connect ({e})"
+    if isinstance(e, ConnectionError | TimeoutError):
+        return f"cannot connect ({e})"
+    return None
+
+
 def read_bytes(
     uri: str,
     storage_options: StorageOptions | None = None,
@@ -95,6 +138,9 @@ def read_bytes(
     modality: str = "file",
 ) -> bytes:
     """Read a whole object, refusing (InvalidInput) one larger than `max_bytes` or missing.
+
+    A store that cannot be reached, or that there are no credentials for, raises
+    `StoreUnavailable` instead: that is not the item's fault.
 
     The size is checked before the body is read when the store reports it, and again while
     reading, so a lying server cannot make us buffer more than `max_bytes` + 1.
@@ -106,7 +152,9 @@ def read_bytes(
                 size = fs.size(path)
             except (FileNotFoundError, OSError):
                 raise
-            except Exception:  # some HTTP servers do not report a size
+            except Exception as e:  # some HTTP servers do not report a size
+                if _unavailable_reason(e) is not None:
+                    raise
                 size = None
             if size is not None and size > max_bytes:
                 raise InvalidInput(
@@ -118,8 +166,13 @@ def read_bytes(
         raise
     except FileNotFoundError:
         raise InvalidInput(modality, f"object not found: {uri}", uri) from None
-    except (OSError, ValueError) as e:
-        raise InvalidInput(modality, f"cannot read {uri}: {e}", uri) from None
+    except Exception as e:
+        unavailable = _unavailable_reason(e)
+        if unavailable is None:
+            if isinstance(e, OSError | ValueError):
+                raise InvalidInput(modality, f"cannot read {uri}: {e}", uri) from None
+            raise
+        raise StoreUnavailable(store_name(uri, storage_options), unavailable, uri) from e
     if max_bytes is not None and len(data) > max_bytes:
         raise InvalidInput(modality, f"object is over the limit of {max_bytes} bytes", uri)
     return data

@@ -29,6 +29,7 @@ import numpy as np
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from ray import serve
@@ -438,6 +439,17 @@ class EmbeddingService:
                     param=f"input[{i}]",
                     code="invalid_input",
                 )
+            if isinstance(r, ibc.StoreUnavailable):
+                # The store (or this endpoint's credentials for it), not the request: 503.
+                log.warning("input[%d]: %s", i, r)
+                raise APIError(
+                    503,
+                    f"input[{i}]: {r}; retry later",
+                    type="server_error",
+                    param=f"input[{i}]",
+                    code="store_unavailable",
+                    headers={"Retry-After": str(max(1, round(self.args.retry_after_s)))},
+                )
             if isinstance(r, BaseException):
                 raise r
             arrays.append(r[0])
@@ -749,7 +761,13 @@ api = FastAPI(
     title="imagebind-ray",
     description="ImageBind embeddings for six modalities; OpenAI-compatible for text.",
     redirect_slashes=False,  # `/v1/embeddings/` is a 404 in the error shape, not a redirect
+    # FastAPI's own /docs, /redoc and /openapi.json answer everyone: ours (on `Ingress`) ask
+    # for the API key like every other route when one is set.
+    docs_url=None,
+    redoc_url=None,
+    openapi_url=None,
 )
+OPENAPI_PATH = "/openapi.json"
 
 
 @api.exception_handler(APIError)
@@ -767,6 +785,11 @@ async def _request_invalid(_: Request, e: RequestValidationError) -> Response:
 
 
 _ROUTING_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+def _under_root(request: Request, path: str) -> str:
+    """`path` under the app's route prefix (what the browser must ask for)."""
+    return request.scope.get("root_path", "").rstrip("/") + path
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -815,6 +838,24 @@ class Ingress:
     async def model(self, request: Request, model: str) -> Response:
         """One model by id (404 if not served)."""
         return await self.service.model(request, model)
+
+    @api.get(OPENAPI_PATH, include_in_schema=False)
+    async def openapi(self, request: Request) -> Response:
+        """The OpenAPI schema (the API key is required when one is set)."""
+        self.service.check_auth(request)
+        return JSONResponse(api.openapi())
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request) -> Response:
+        """Swagger UI (the API key is required when one is set)."""
+        self.service.check_auth(request)
+        return get_swagger_ui_html(openapi_url=_under_root(request, OPENAPI_PATH), title=api.title)
+
+    @api.get("/redoc", include_in_schema=False)
+    async def redoc(self, request: Request) -> Response:
+        """ReDoc (the API key is required when one is set)."""
+        self.service.check_auth(request)
+        return get_redoc_html(openapi_url=_under_root(request, OPENAPI_PATH), title=api.title)
 
     @api.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz(self) -> Response:

@@ -8,7 +8,9 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 import warnings
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from numerics import assert_embeddings_close
 from reference_shim import build_reference
 
 import imagebind_core as ibc
+from imagebind_core import checkpoint as ckpt
 from imagebind_core.checkpoint import RandomWeightsWarning, map_reference_key
 from imagebind_core.config import TINY_REFERENCE_KWARGS
 from imagebind_core.model import ImageBindModel, init_random_weights
@@ -162,6 +165,50 @@ def test_sha256_mismatch_is_rejected(tiny_checkpoint, tmp_path):
 class _Exploit:
     def __reduce__(self):
         return (os.system, ("echo pwned > /tmp/imagebind_ray_pwned",))
+
+
+def test_pinned_sha256_is_checked_against_the_bytes_not_size_and_mtime(
+    tiny_checkpoint, tmp_path, monkeypatch
+):
+    """The digest cache must not vouch for a different file of the same size whose mtime was
+    put back: the pinned digest is what the lineage reports as loaded."""
+    _, path, digest = tiny_checkpoint
+    local = tmp_path / "model.pth"
+    local.write_bytes(path.read_bytes())
+    cache = str(tmp_path / "cache")
+    ckpt.fetch_checkpoint(str(local), sha256=digest, cache_dir=cache)  # hashed and recorded
+    st = local.stat()
+    other = bytearray(local.read_bytes())
+    other[len(other) // 2] ^= 0xFF  # one flipped byte inside a tensor: same size, still loads
+    time.sleep(0.05)  # ctime is kept at a coarse tick on some filesystems
+    local.write_bytes(bytes(other))
+    os.utime(local, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert local.stat().st_size == st.st_size and local.stat().st_mtime_ns == st.st_mtime_ns
+    with pytest.raises(ibc.CheckpointError, match="sha256 mismatch"):
+        ibc.load_model(str(local), preset="tiny", sha256=digest, cache_dir=cache)
+    # Unpinned, the lineage names the digest of the bytes loaded, not the cached one.
+    model = ibc.load_model(str(local), preset="tiny", modalities=["text"], cache_dir=cache)
+    assert model.checkpoint_sha256 == hashlib.sha256(other).hexdigest() != digest
+    # An unchanged file is not hashed again (the cache still works).
+    calls = []
+    real = ckpt._sha256_file
+    monkeypatch.setattr(ckpt, "_sha256_file", lambda p, *a: calls.append(p) or real(p, *a))
+    ckpt.fetch_checkpoint(str(local), cache_dir=cache)
+    assert calls == []
+
+
+def test_compressed_zip_entries_load_the_right_weights(tiny_checkpoint, tmp_path):
+    """A checkpoint re-zipped with deflate (not what torch.save writes): memory-mapping would
+    map compressed bytes as tensors; it is read without mmap and gives the same weights."""
+    _, path, _ = tiny_checkpoint
+    deflated = tmp_path / "deflated.pth"
+    with zipfile.ZipFile(path) as zi, zipfile.ZipFile(deflated, "w") as zo:
+        for info in zi.infolist():
+            zo.writestr(info.filename, zi.read(info), compress_type=zipfile.ZIP_DEFLATED)
+    model = ibc.load_model(str(deflated), preset="tiny", cache_dir=str(tmp_path), device="cpu")
+    plain = ibc.load_model(str(path), preset="tiny", cache_dir=str(tmp_path), device="cpu")
+    for (k, a), (_, b) in zip(model.state_dict().items(), plain.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
 
 
 def test_pickle_that_would_execute_code_is_refused(tmp_path):

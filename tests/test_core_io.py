@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 
 import pytest
+from listener import Listener, closed_port
 
 import imagebind_core as ibc
 
@@ -42,3 +43,57 @@ def test_invalid_input_survives_pickling_across_workers():
     )
     assert str(back) == "invalid audio input (item 'item-7'): header declares 9 hours"
     assert isinstance(back, ValueError)
+
+
+@pytest.fixture
+def listener():
+    li = Listener()
+    yield li
+    li.close()
+
+
+def test_s3_keys_with_double_colons_are_plain_keys(s3_server, listener):
+    """`::` is fsspec's URL-chaining separator, and a legal S3 key character: a URI names one
+    object in one store, never a chain that reaches another host."""
+    bucket = s3_server.create_bucket("io-colons")
+    opts = s3_server.storage_options
+    chained = f"p/a::http://127.0.0.1:{listener.port}/x"
+    s3 = s3_server.client()
+    s3.put_object(Bucket=bucket, Key="p/a::b.txt", Body=b"colons")
+    assert ibc.read_bytes(f"s3://{bucket}/p/a::b.txt", opts) == b"colons"
+    # Not stored: "not found", and the host named after `::` is never asked.
+    with pytest.raises(ibc.InvalidInput, match="not found"):
+        ibc.read_bytes(f"s3://{bucket}/{chained}", opts, max_bytes=100, modality="vision")
+    # Stored under that very key: those bytes, still without a request to the other host.
+    s3.put_object(Bucket=bucket, Key=chained, Body=b"the key")
+    assert ibc.read_bytes(f"s3://{bucket}/{chained}", opts, max_bytes=100) == b"the key"
+    assert listener.hits == []
+
+
+def test_unreachable_store_or_missing_credentials_is_store_unavailable(s3_server, monkeypatch):
+    """Not the item's fault, so not InvalidInput (which a job records as a bad item and an
+    endpoint answers 400): StoreUnavailable naming the store."""
+    from imagebind_core.io import s3_storage_options
+
+    dead = f"http://127.0.0.1:{closed_port()}"
+    opts = {**s3_storage_options(dead, "us-east-1", "k", "s"), "config_kwargs": _no_retries()}
+    with pytest.raises(ibc.StoreUnavailable, match="cannot connect") as e:
+        ibc.read_bytes("s3://any/x.png", opts, max_bytes=10, modality="vision")
+    assert e.value.store == dead and dead in str(e.value)
+    assert not isinstance(e.value, ibc.InvalidInput)
+    assert pickle.loads(pickle.dumps(e.value)).store == dead
+
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    # A region no other test uses: a new client, which looks for credentials afresh.
+    opts = s3_storage_options(s3_server.endpoint_url, "eu-north-1")
+    with pytest.raises(ibc.StoreUnavailable, match="no credentials") as e:
+        ibc.read_bytes("s3://io-bytes/k/a.txt", opts, modality="text")
+    assert e.value.store == s3_server.endpoint_url
+
+
+def _no_retries() -> dict:
+    return {"retries": {"max_attempts": 1, "mode": "standard"}, "connect_timeout": 2}

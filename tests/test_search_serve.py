@@ -56,6 +56,7 @@ def setup(ray_session, s3_server):
         ingress={"num_cpus": 0.1, "preprocess_threads": 2},
         s3_endpoint_url=s3_server.endpoint_url,
         s3_region=s3_server.region,
+        s3_allowed_prefixes=[f"s3://{bucket}/queries"],
         index_uri=root,
     )
     serve.run(build_app(args), name=APP, route_prefix=PREFIX, blocking=False)
@@ -99,6 +100,40 @@ def test_modality_filter_and_raw_vector(setup, s3_server):
     assert search(client, vector=vec, top_k=1)[0]["id"] == "img/pic1.png"
     r = client.post("/v1/search", json={"vector": vec[:5], "top_k": 1})
     assert r.status_code == 400 and "32" in r.text
+
+
+def test_query_by_s3_uri_whose_key_has_double_colons(setup, s3_server):
+    """A query object's key may contain `::` (fsspec's URL-chaining separator): it is read as
+    that key, and the chained reading never reaches the host it names."""
+    from listener import Listener
+
+    client, corpus, _, _ = setup
+    bucket = corpus.root.split("/")[2]
+    s3_server.client().put_object(Bucket=bucket, Key="queries/pic::1.png", Body=_pic(1))
+    hits = search(client, input=f"s3://{bucket}/queries/pic::1.png", modality="vision", top_k=1)
+    assert hits[0]["id"] == "img/pic1.png"
+    other = Listener()
+    try:
+        uri = f"s3://{bucket}/queries/a::http://127.0.0.1:{other.port}/pic.png"
+        r = client.post("/v1/search", json={"input": uri, "modality": "vision"})
+        assert r.status_code == 400 and "not found" in r.json()["error"]["message"], r.text
+        assert other.hits == []
+    finally:
+        other.close()
+
+
+def test_huge_vector_components_are_normalised_not_zeroed(setup):
+    """1e308 is a finite float64; its square is not. The query must still be the direction
+    it points in (here the same as 1.0 everywhere), not a vector of scores 0.0."""
+    client, _, _, _ = setup
+    ones = search(client, vector=[1.0] * 32, top_k=5)
+    huge = search(client, vector=[1e308] * 32, top_k=5)
+    tiny = search(client, vector=[1e-310] * 32, top_k=5)  # subnormal: the norm underflows
+    assert [h["id"] for h in huge] == [h["id"] for h in ones] == [h["id"] for h in tiny]
+    for got in (huge, tiny):
+        for a, b in zip(got, ones, strict=True):
+            assert a["score"] == pytest.approx(b["score"], abs=1e-6)
+    assert any(abs(h["score"]) > 1e-3 for h in ones)
 
 
 def _info() -> dict:

@@ -305,6 +305,46 @@ def test_s3_inputs_only_under_allowed_prefixes(client, s3_server, direct):
     assert "not found" in err["message"] and err["param"] == "input[0]"
 
 
+def test_s3_keys_with_double_colons_are_keys_not_url_chains(client, s3_server, direct):
+    """fsspec reads `a::b` as a chain of URLs; here a URI is one object in one store."""
+    from listener import Listener
+
+    png = make_input("vision", 4)
+    s3_server.client().put_object(Bucket=BUCKET, Key="allowed/a::b.png", Body=png)
+    ok = vectors(embed(client, [f"s3://{BUCKET}/allowed/a::b.png"], "vision"))
+    np.testing.assert_allclose(ok, direct("vision", [png]), rtol=1e-5, atol=1e-5)
+
+    other = Listener()  # the host a chained URL would read from
+    try:
+        uri = f"s3://{BUCKET}/allowed/a::http://127.0.0.1:{other.port}/cat.png"
+        err = error(embed(client, [wire(png), uri], "vision"), 400)
+        assert err["param"] == "input[1]" and "not found" in err["message"], err
+        assert other.hits == []
+    finally:
+        other.close()
+
+
+def test_unreachable_object_store_is_503_naming_it(ray_session):
+    from listener import closed_port
+
+    from serve.ingress import APIError, EmbeddingService
+    from serve.schemas import AppArgs
+
+    dead = f"http://127.0.0.1:{closed_port()}"
+    args = AppArgs(
+        preset="tiny",
+        s3_allowed_prefixes=["s3://photos/ok"],
+        s3_endpoint_url=dead,
+        retry_after_s=4,
+    )
+    svc = EmbeddingService(args, {})
+    with pytest.raises(APIError) as e:
+        asyncio.run(svc.prepare_all("vision", ["s3://photos/ok/cat.png"]))
+    err = e.value
+    assert err.status == 503 and err.code == "store_unavailable" and err.param == "input[0]"
+    assert dead in err.message and err.headers["Retry-After"] == "4"
+
+
 # --------------------------------------------------------------------------- errors
 
 
@@ -452,7 +492,16 @@ def test_auth(apps, direct):
     r = httpx.post(url + "/v1/embeddings", json=body, headers=good, timeout=60)
     assert_embeddings_close(vectors(r), direct("text", ["a dog"]))
     assert httpx.get(url + "/healthz").status_code == 200  # probes need no key
-    # Auth off on app a: no header needed (the other tests).
+    # The API's documentation is behind the key too (it lists every route and field).
+    for path in ("/openapi.json", "/docs", "/redoc"):
+        assert error(httpx.get(url + path), 401)["code"] == "invalid_api_key", path
+        assert httpx.get(url + path, headers=good).status_code == 200, path
+    schema = httpx.get(url + "/openapi.json", headers=good).json()
+    assert "/v1/embeddings" in schema["paths"] and "/docs" not in schema["paths"]
+    assert f"{PREFIX_B}/openapi.json" in httpx.get(url + "/docs", headers=good).text
+    # Auth off on app a: no header needed (the other tests), the docs included.
+    assert "/v1/search" in httpx.get(apps["a"] + "/openapi.json").json()["paths"]
+    assert httpx.get(apps["a"] + "/docs").status_code == 200
 
 
 def test_overload_is_503_with_retry_after(apps):
@@ -473,6 +522,89 @@ def test_overload_is_503_with_retry_after(apps):
     assert rejected[0].json()["error"]["code"] == "overloaded"
     r = httpx.post(url + "/v1/embeddings", json={"input": "after"}, headers=headers, timeout=60)
     assert r.status_code == 200, r.text
+
+
+def _serving_rss(app: str) -> dict[int, int]:
+    """RSS (bytes) of this session's Serve processes for `app` (ingress and encoder replicas)
+    and its HTTP proxy: the descendants of this test process, read from /proc."""
+    import os
+
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(d))
+    out, todo = {}, [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, []))
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")[0].decode(errors="replace")
+            if cmd.startswith(f"ray::ServeReplica:{app}:") or cmd.startswith("ray::ProxyActor"):
+                with open(f"/proc/{pid}/status") as f:
+                    rss = next(ln for ln in f if ln.startswith("VmRSS:"))
+                out[pid] = int(rss.split()[1]) * 1024
+        except (OSError, StopIteration):
+            continue
+    return out
+
+
+def test_sustained_overload_is_503_memory_flat_and_recovers(apps):
+    """About 10x app b's capacity (its encoder takes one chunk at a time and queues one; 20
+    clients each keep a one-input request in flight) for a bounded time: every answer is a 200
+    or a 503 with Retry-After, the serving processes' memory stays flat, and the endpoint
+    answers normally as soon as the load stops."""
+    url = apps["b"]
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    body = {"input": ["a sustained load " * 20]}
+    ok = httpx.post(url + "/v1/embeddings", json=body, headers=headers, timeout=60)
+    assert ok.status_code == 200, ok.text  # warm: first-call allocations are not load
+    before = _serving_rss("t5b")
+    assert len(before) >= 3, before  # proxy, ingress, encoder
+    statuses: list[int] = []
+    retry_after: set[str | None] = set()
+    peak: dict[int, int] = dict(before)
+
+    async def client(ac: httpx.AsyncClient, stop_at: float) -> None:
+        while time.monotonic() < stop_at and len(statuses) < 2_000:
+            r = await ac.post("/v1/embeddings", json=body)
+            statuses.append(r.status_code)
+            if r.status_code == 503:
+                retry_after.add(r.headers.get("retry-after"))
+
+    async def sample(stop_at: float) -> None:
+        while time.monotonic() < stop_at:
+            for pid, rss in (await asyncio.to_thread(_serving_rss, "t5b")).items():
+                peak[pid] = max(peak.get(pid, 0), rss)
+            await asyncio.sleep(0.5)
+
+    async def load() -> None:
+        stop_at = time.monotonic() + 8
+        limits = httpx.Limits(max_connections=20)
+        async with httpx.AsyncClient(
+            base_url=url, headers=headers, timeout=60, limits=limits
+        ) as ac:
+            await asyncio.gather(sample(stop_at), *(client(ac, stop_at) for _ in range(20)))
+
+    asyncio.run(load())
+    assert set(statuses) <= {200, 503}, sorted(set(statuses))  # never a 500, never a hang
+    assert statuses.count(503) > statuses.count(200) > 0, (statuses.count(200), len(statuses))
+    assert retry_after == {"2"}
+    # Memory flat: bounded queues mean no process grows with the backlog.
+    grown = {pid: (peak[pid] - before[pid]) / 2**20 for pid in before if pid in peak}
+    print(f"overload: {statuses.count(200)} x 200, {statuses.count(503)} x 503; MiB grown {grown}")
+    assert max(grown.values()) < 100, grown  # MiB
+    # Recovers at once: the next requests are served, not refused.
+    t0 = time.monotonic()
+    for _ in range(3):
+        r = httpx.post(url + "/v1/embeddings", json=body, headers=headers, timeout=60)
+        assert r.status_code == 200, r.text
+    assert time.monotonic() - t0 < 15
 
 
 def test_ingress_overload_is_503_at_the_proxy(apps):
@@ -628,12 +760,18 @@ def test_replica_killed_mid_traffic_recovers(apps, direct):
         if "SERVE_REPLICA::t5a#encoder-text#" in a["name"]
     ]
     assert names, "no encoder-text replica found"
+    r = httpx.post(url + "/v1/embeddings", json={"input": texts}, timeout=60)  # warm, alone
+    assert r.status_code == 200, r.text
     statuses: list[int] = []
+    log: list[tuple[float, float, int]] = []  # (sent, answered, status)
+    killed: list[float] = []
 
     async def traffic(stop_at: float) -> None:
         async with httpx.AsyncClient(base_url=url, timeout=60) as ac:
             while time.time() < stop_at:
+                sent = time.monotonic()
                 r = await ac.post("/v1/embeddings", json={"input": texts})
+                log.append((sent, time.monotonic(), r.status_code))
                 statuses.append(r.status_code)
                 if r.status_code == 200:
                     assert_embeddings_close(vectors(r), expected)
@@ -643,6 +781,7 @@ def test_replica_killed_mid_traffic_recovers(apps, direct):
         workers = [asyncio.create_task(traffic(stop_at)) for _ in range(3)]
         await asyncio.sleep(1.0)
         n_before = len(statuses)
+        killed.append(time.monotonic())
         for a in names:
             ray.kill(ray.get_actor(a["name"], namespace=a["namespace"]), no_restart=True)
         await asyncio.gather(*workers)
@@ -650,6 +789,15 @@ def test_replica_killed_mid_traffic_recovers(apps, direct):
 
     asyncio.run(run())
     assert set(statuses) <= {200, 503}, sorted(set(statuses))  # never a 500
+    # Only what was in flight when the replica died may fail: each of the 3 clients had at
+    # most one request out; later requests wait for the replacement instead of failing.
+    rel = [(s - killed[0], e - killed[0], code) for s, e, code in log]
+    failed = [(s, e) for s, e, code in rel if code != 200]
+    print(f"kill: {len(log)} requests, failed (sent, answered) relative to the kill: {failed}")
+    assert any(s <= 0 <= e for s, e, _ in rel), "no request was in flight at the kill"
+    assert any(s > 0 and code == 200 for s, _, code in rel), "nothing served after the kill"
+    assert len(failed) <= 3, failed
+    assert all(s <= 0.5 for s, _ in failed), failed
     wait_ready(url, timeout_s=90)
     r = httpx.post(url + "/v1/embeddings", json={"input": texts}, timeout=60)
     assert_embeddings_close(vectors(r), expected)

@@ -38,6 +38,12 @@ class Limits:
         max_bytes: encoded size of one item.
         max_pixels: decoded width x height of one image, depth/thermal map or video frame,
             checked from the header before any pixel is decoded (decompression bombs).
+        max_aspect_ratio: long side / short side of one image, depth/thermal map or video
+            frame, checked with `max_pixels`. The short side is scaled to 224 before the
+            centre crop, so the resized raster grows with the ratio, not with the pixel count:
+            a 100000x1 PNG of 370 bytes would be resized to 22,400,000x224. At the default
+            (20:1, wider than phone and stitched panoramas, which run 2:1 to ~10:1) the
+            resized long side is at most 4,480 pixels.
         max_audio_duration_s: declared or decoded audio duration. The reference resamples the
             whole waveform, so memory grows with duration (48 kHz stereo: ~0.4 MB/s).
         max_video_duration_s: video duration (frames / average fps).
@@ -52,6 +58,7 @@ class Limits:
 
     max_bytes: int = 512 * 1024 * 1024
     max_pixels: int = 100_000_000
+    max_aspect_ratio: float = 20.0
     max_audio_duration_s: float = 600.0
     max_video_duration_s: float = 3600.0
     max_video_frames: int = 500_000
@@ -91,7 +98,8 @@ def as_bytes(kind: str, data: Any, limits: Limits) -> bytes:
 
 
 def check_pixels(kind: str, width: int, height: int, limits: Limits) -> None:
-    """Refuse a raster whose declared size is empty or over `limits.max_pixels`."""
+    """Refuse a raster whose declared size is empty, over `limits.max_pixels`, or more
+    elongated than `limits.max_aspect_ratio` (its short-side resize would be huge)."""
     if width <= 0 or height <= 0:
         raise InvalidInput(kind, f"declared size {width}x{height} is empty")
     if width * height > limits.max_pixels:
@@ -99,6 +107,13 @@ def check_pixels(kind: str, width: int, height: int, limits: Limits) -> None:
             kind,
             f"declared size {width}x{height} = {width * height} pixels is over the limit of "
             f"{limits.max_pixels} pixels",
+        )
+    long, short = max(width, height), min(width, height)
+    if long > limits.max_aspect_ratio * short:
+        raise InvalidInput(
+            kind,
+            f"declared size {width}x{height} has an aspect ratio of {long / short:.4g}:1, over "
+            f"the limit of {limits.max_aspect_ratio:g}:1 (max_aspect_ratio)",
         )
 
 

@@ -19,6 +19,7 @@ import importlib.util
 import itertools
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,18 @@ _PRETOKEN = regex.compile(
     regex.IGNORECASE,
 )
 _WHITESPACE = regex.compile(r"\s+")
+# Longest vocabulary entry, in byte symbols (checked when the vocabulary is built).
+MAX_TOKEN_SYMBOLS = 32
+# Pre-tokens longer than this (in byte symbols) are neither memoised nor, when only the first
+# few of their tokens can reach the model, merged whole (see `Tokenizer._bpe_prefix`).
+LONG_WORD_SYMBOLS = 256
+# Tokens of a prefix that end at least this many symbols before the cut are taken as the whole
+# word's: a BPE merge only ever joins neighbours, and on every word tried (random letters,
+# repeats, symbols, accents, CJK) the prefix's tokens differed from the word's only within the
+# last 10 symbols before the cut. Four longest tokens is a wide margin.
+PREFIX_MARGIN_SYMBOLS = 4 * MAX_TOKEN_SYMBOLS
+# Bytes of the per-process BPE memo (words and their ids) before it is emptied and refilled.
+MEMO_MAX_BYTES = 32 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -119,19 +132,67 @@ class Tokenizer:
         self.encoder: dict[str, int] = {tok: i for i, tok in enumerate(vocab)}
         if len(self.encoder) != VOCAB_SIZE or self.encoder[EOT_TOKEN] != EOT_ID:
             raise RuntimeError(f"unexpected CLIP vocabulary built from {path}")
+        longest = max(len(t.removesuffix("</w>")) for t in vocab[:-2])
+        if longest > MAX_TOKEN_SYMBOLS:
+            raise RuntimeError(f"{path}: a token of {longest} symbols; expected <= 32")
         self.ranks: dict[tuple[str, str], int] = {m: i for i, m in enumerate(merges)}
         self.byte_table = byte_syms
-        self._cache: dict[str, tuple[int, ...]] = {
-            SOT_TOKEN: (SOT_ID,),
-            EOT_TOKEN: (EOT_ID,),
-        }
+        self._cache: dict[str, tuple[int, ...]] = {}
+        self._cache_bytes = 0
+        self._clear_memo()
 
-    def _bpe(self, word: str) -> tuple[int, ...]:
-        """Ids of one pre-token (already mapped to byte symbols), memoised."""
+    def _clear_memo(self) -> None:
+        self._cache.clear()
+        self._cache.update({SOT_TOKEN: (SOT_ID,), EOT_TOKEN: (EOT_ID,)})
+        self._cache_bytes = 0
+
+    def _bpe(self, word: str, limit: int | None = None) -> tuple[int, ...]:
+        """Ids of one pre-token (already mapped to byte symbols).
+
+        Short words are memoised; the memo holds at most `MEMO_MAX_BYTES` (then it starts
+        over). With `limit`, only the first `limit` ids are needed (the rest of the word cannot
+        fit in the context): a long word is then merged prefix by prefix (`_bpe_prefix`), so
+        its cost does not grow with its length.
+        """
         hit = self._cache.get(word)
         if hit is not None:
-            return hit
-        parts = [*word[:-1], word[-1] + "</w>"]
+            return hit if limit is None else hit[:limit]
+        if len(word) > LONG_WORD_SYMBOLS:
+            if limit is not None:
+                return self._bpe_prefix(word, limit)
+            return tuple(self.encoder[p] for p in self._merge([*word[:-1], word[-1] + "</w>"]))
+        ids = tuple(self.encoder[p] for p in self._merge([*word[:-1], word[-1] + "</w>"]))
+        size = sys.getsizeof(word) + sys.getsizeof(ids) + 100  # + the dict's slot and hash
+        if self._cache_bytes + size > MEMO_MAX_BYTES:
+            self._clear_memo()
+        self._cache[word] = ids
+        self._cache_bytes += size
+        return ids if limit is None else ids[:limit]
+
+    def _bpe_prefix(self, word: str, limit: int) -> tuple[int, ...]:
+        """The first `limit` ids of a long word, from merging growing prefixes of it.
+
+        A prefix is merged without the end-of-word marker; its tokens that end at least
+        `PREFIX_MARGIN_SYMBOLS` before the cut are kept. The prefix doubles until `limit`
+        tokens are kept or it covers the word (then the word is merged whole, exactly).
+        """
+        n = 4 * limit + PREFIX_MARGIN_SYMBOLS
+        while n < len(word):
+            kept: list[str] = []
+            end = 0
+            for p in self._merge(list(word[:n])):
+                end += len(p)
+                if end > n - PREFIX_MARGIN_SYMBOLS or len(kept) == limit:
+                    break
+                kept.append(p)
+            if len(kept) == limit:
+                return tuple(self.encoder[p] for p in kept)
+            n *= 2
+        parts = self._merge([*word[:-1], word[-1] + "</w>"])
+        return tuple(self.encoder[p] for p in parts[:limit])
+
+    def _merge(self, parts: list[str]) -> list[str]:
+        """The reference's BPE loop over `parts` (symbols, the last one may carry `</w>`)."""
         ranks = self.ranks
         while len(parts) > 1:
             # Merge the lowest-ranked adjacent pair everywhere it occurs, left to right.
@@ -155,10 +216,7 @@ class Tokenizer:
                     merged.append(parts[i])
                     i += 1
             parts = merged
-        ids = tuple(self.encoder[p] for p in parts)
-        if len(self._cache) < 1_000_000:  # bounded memo for long-running workers
-            self._cache[word] = ids
-        return ids
+        return parts
 
     @staticmethod
     def clean(text: str) -> str:
@@ -166,12 +224,20 @@ class Tokenizer:
         text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
         return _WHITESPACE.sub(" ", text).strip().lower()
 
-    def encode(self, text: str) -> list[int]:
-        """BPE ids of `text` after cleaning, without SOT/EOT."""
+    def encode(self, text: str, max_tokens: int | None = None) -> list[int]:
+        """BPE ids of `text` after cleaning, without SOT/EOT.
+
+        With `max_tokens`, stops after the first `max_tokens` ids (the same ids as the full
+        encoding's first ones): framing keeps no more, and the work is then bounded by the
+        context length instead of the text's length.
+        """
         table = self.byte_table
         ids: list[int] = []
-        for tok in _PRETOKEN.findall(self.clean(text)):
-            ids.extend(self._bpe("".join(table[b] for b in tok.encode("utf-8"))))
+        for tok in _PRETOKEN.finditer(self.clean(text)):
+            left = None if max_tokens is None else max_tokens - len(ids)
+            if left is not None and left <= 0:
+                break
+            ids.extend(self._bpe("".join(table[b] for b in tok.group().encode("utf-8")), left))
         return ids
 
     def frame(self, ids: Sequence[int], context_length: int = CONTEXT_LENGTH) -> list[int]:
@@ -224,7 +290,9 @@ def tokenize(
     tok = get_tokenizer()
     out = torch.zeros(len(texts), cfg.context_length, dtype=torch.long)
     for i, t in enumerate(texts):
-        ids = tok.frame(tok.encode(check_text(t, limits)), cfg.context_length)
+        # SOT + at most context_length - 2 ids + EOT: no id after those can reach the model.
+        ids = tok.encode(check_text(t, limits), max(0, cfg.context_length - 2))
+        ids = tok.frame(ids, cfg.context_length)
         out[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
     return out
 

@@ -175,6 +175,9 @@ def decode_video(
         shapes = {got[i].shape for i in needed}
         if len(shapes) != 1:
             raise InvalidInput(KIND, f"frame size changes within the stream: {sorted(shapes)}")
+        # The decoded size, not only the header's: a stream may change size after it.
+        fh, fw = next(iter(shapes))[:2]
+        check_pixels(KIND, fw, fh, limits)
         frames = np.stack([got[i] for i in needed])
     pos = {idx: k for k, idx in enumerate(needed)}
     return DecodedVideo(
