@@ -15,7 +15,7 @@ import time
 import media
 import numpy as np
 import pytest
-import torch
+from numerics import assert_inputs_close
 from PIL import Image
 from reference_data_shim import reference_data
 
@@ -83,7 +83,7 @@ def test_panoramas_within_the_ratio_still_work(tmp_path) -> None:
         path = tmp_path / f"pano-{size[0]}x{size[1]}.png"
         path.write_bytes(png)
         ref = reference_data().load_and_transform_vision_data([str(path)], "cpu")[0]
-        assert torch.allclose(x, ref, atol=1e-6)
+        assert_inputs_close(x, ref, f"{size} panorama")
     assert P.preprocess("depth", media.make_depth_png(size=(1200, 100))).shape == (1, 224, 224)
     assert P.preprocess("video", media.make_video(seconds=1, size=(640, 64))).shape[0] == 15
     # Just over the limit is refused; a caller can raise the limit deliberately.
