@@ -174,6 +174,10 @@ class EncoderConfig(_Strict):
     # split between kinds.
     max_actors: Annotated[int, Field(gt=0)] | Literal["auto"] = "auto"
     dtype: DType = "float32"
+    # Where the model runs: "auto" = CUDA when the actor asks for GPUs (num_gpus > 0), else
+    # the CPU. "cpu" keeps it on the CPU even with num_gpus > 0 (the actor still holds its
+    # logical GPU share: tests of pool sizing on machines without GPUs).
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_threads: int | None = Field(None, gt=0)  # default: max(1, round(num_cpus))
     # Batches queued at one actor while it computes; None: 1 on CPU (an idle actor never waits
     # behind a busy one), 2 on GPU (the next batch is already local when one finishes).
@@ -183,6 +187,19 @@ class EncoderConfig(_Strict):
     def threads(self) -> int:
         """Intra-op threads per actor."""
         return self.torch_threads or max(1, round(self.num_cpus))
+
+    @property
+    def model_device(self) -> str:
+        """The device the model runs on ("cpu" or "cuda")."""
+        if self.device != "auto":
+            return self.device
+        return "cuda" if self.num_gpus > 0 else "cpu"
+
+    @property
+    def concurrent_batches(self) -> int:
+        """Calls one actor runs at once: 2 on CUDA (one batch's copy to the device overlaps
+        the previous one's compute; the runner computes one at a time), else 1."""
+        return 2 if self.model_device == "cuda" else 1
 
     @property
     def tasks_in_flight(self) -> int:
@@ -195,8 +212,10 @@ class EncoderConfig(_Strict):
             raise ValueError(
                 f"max_actors ({self.max_actors}) is smaller than min_actors ({self.min_actors})"
             )
-        if self.dtype == "float16" and self.num_gpus == 0:
+        if self.dtype == "float16" and self.model_device != "cuda":
             raise ValueError("dtype float16 needs a GPU (num_gpus > 0); use bfloat16 on CPU")
+        if self.device == "cuda" and self.num_gpus == 0:
+            raise ValueError("device cuda needs num_gpus > 0 (the actor's share of a GPU)")
         return self
 
 
@@ -209,6 +228,7 @@ class EncoderOverride(_Strict):
     min_actors: int | None = Field(None, gt=0)
     max_actors: Annotated[int, Field(gt=0)] | Literal["auto"] | None = None
     dtype: DType | None = None
+    device: Literal["auto", "cpu", "cuda"] | None = None
     torch_threads: int | None = Field(None, gt=0)
     max_tasks_in_flight: int | None = Field(None, gt=0)
 
@@ -228,6 +248,10 @@ class DebugConfig(_Strict):
 
     trace_path: str | None = None  # local file: one line "<pid> <id>" per item preprocessed
     delay_per_item_s: float = Field(0.0, ge=0)  # sleep per item in preprocessing (slow runs)
+    # Encoders that run no model (zero embeddings): the pipeline's own ceiling
+    # (benchmarks/bench_pipeline.py --null-encoder). Never for real output.
+    null_encoder: bool = False
+    actor_trace_path: str | None = None  # local file: one line "<pid> <kind> <GPU ids>" per actor
 
 
 class JobConfig(_Strict):
@@ -287,6 +311,22 @@ class JobConfig(_Strict):
                 DEFAULT_ENCODER_BATCH_GPU[kind] if gpu else DEFAULT_ENCODER_BATCH_CPU
             )
         return EncoderConfig(**base)
+
+    def model_spec(self, kind: str) -> ibc.ModelSpec:
+        """The model `kind` is embedded with: its identity, dtype, device and preprocessing."""
+        enc = self.encoder(kind)
+        return ibc.ModelSpec(
+            preset=self.preset,
+            checkpoint=self.checkpoint,
+            sha256=self.checkpoint_sha256,
+            dtype=enc.dtype,
+            device=enc.model_device,
+            seed=self.seed,
+            normalize=self.normalize,
+            options={k: dict(v) for k, v in self.preprocess.options.items()},
+            limits=dict(self.preprocess.limits),
+            storage_options=self.storage_options() if self.checkpoint else None,
+        )
 
     def preprocess_batch(self, kind: str) -> int:
         """Items per preprocessing task of `kind` (its encoder's device picks the default)."""

@@ -69,8 +69,10 @@ class OutputMismatch(RuntimeError):
 def model_lineage(cfg: JobConfig, kinds: Sequence[str] = ()) -> dict[str, str]:
     """What produces this job's embeddings, as Parquet schema metadata (str -> str).
 
-    The checkpoint's sha256 is `checkpoint_sha256` from the config when given (the actors
-    verify it); otherwise the driver fetches the checkpoint once to hash it.
+    Each kind's `JobConfig.model_spec` lineage, merged (a field that differs between kinds,
+    e.g. the dtype, lists them); the preprocessing settings are those of `kinds`. The
+    checkpoint's sha256 is `checkpoint_sha256` from the config when given (the actors verify
+    it); otherwise the driver fetches the checkpoint once to hash it.
     """
     if cfg.checkpoint is None:
         sha = "random"
@@ -79,27 +81,20 @@ def model_lineage(cfg: JobConfig, kinds: Sequence[str] = ()) -> dict[str, str]:
     else:
         logger.info("hashing checkpoint %s (set checkpoint_sha256 to skip)", cfg.checkpoint)
         _, sha = ibc.fetch_checkpoint(cfg.checkpoint, storage_options=cfg.storage_options())
-    dtypes = {k: cfg.encoder(k).dtype for k in kinds if k != INVALID}
-    uniq = sorted(set(dtypes.values())) or [cfg.encoder_defaults.dtype]
-    dtype = uniq[0] if len(uniq) == 1 else ",".join(f"{k}={v}" for k, v in sorted(dtypes.items()))
-    return {
-        "imagebind.preset": cfg.preset,
-        "imagebind.checkpoint": cfg.checkpoint or "random",
-        "imagebind.checkpoint_sha256": sha,
-        "imagebind.dtype": dtype,
-        "imagebind.embed_dim": str(ibc.get_config(cfg.preset).out_embed_dim),
-        "imagebind.normalize": str(cfg.normalize).lower(),
-        "imagebind.package_version": ibc.__version__,
-        "imagebind.preprocess_version": str(ibc.PREPROCESS_VERSION),
+    real = sorted({k for k in kinds if k != INVALID})
+    per_kind = {
+        k: cfg.model_spec(k).lineage(kinds=real, checkpoint_sha256=sha) for k in real or ["vision"]
     }
+    if not real:  # no kinds (an empty shard's file): the defaults'
+        per_kind["vision"]["dtype"] = cfg.encoder_defaults.dtype
+    return {f"imagebind.{k}": v for k, v in ibc.merge_lineage(per_kind).items()}
 
 
 def _record_key(cfg: JobConfig, plan: Plan, lineage: dict[str, str]) -> dict[str, Any]:
-    keep = ("preset", "checkpoint_sha256", "embed_dim", "normalize", "preprocess_version")
     return {
         "input": canonical_uri(cfg.input),
         "format": plan.format,
-        **{k: lineage[f"imagebind.{k}"] for k in keep},
+        **ibc.lineage_key(lineage),
     }
 
 
@@ -274,6 +269,7 @@ def build_pipeline(
         )
         enc = cfg.encoder(kind)
         pool = pool_size(cfg, kind, plan.kinds, resources, local)
+        concurrent = enc.concurrent_batches
         ds = ds.map_batches(
             EncodeBatch,
             batch_size=enc.batch_size,
@@ -282,22 +278,20 @@ def build_pipeline(
                 min_size=pool.min,
                 max_size=pool.max,
                 initial_size=pool.initial,
-                max_tasks_in_flight_per_actor=enc.tasks_in_flight,
+                max_tasks_in_flight_per_actor=max(enc.tasks_in_flight, concurrent),
+                # CUDA: two calls at once, so one batch is copied to the device while the
+                # previous computes (the runner lets one compute at a time).
+                max_concurrent_calls_per_actor=concurrent,
+                enable_true_multi_threading=concurrent > 1,
             ),
             num_cpus=enc.num_cpus,
             num_gpus=enc.num_gpus,
             fn_constructor_kwargs={
                 "kind": kind,
-                "preset": cfg.preset,
-                "checkpoint": cfg.checkpoint,
-                "sha256": cfg.checkpoint_sha256,
-                "dtype": enc.dtype,
-                "device": "cuda" if enc.num_gpus > 0 else "cpu",
-                "normalize": cfg.normalize,
-                "seed": cfg.seed,
-                "storage_options": so,
+                "spec": cfg.model_spec(kind),
                 "torch_threads": enc.threads,
-                "options": cfg.preprocess.options.get(kind, {}),  # type: ignore[call-overload]
+                "null_encoder": cfg.debug.null_encoder,
+                "trace_path": cfg.debug.actor_trace_path,
             },
         )
         branches.append(ds)
