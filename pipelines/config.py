@@ -120,6 +120,18 @@ DEFAULT_ENCODER_BATCH_GPU: dict[str, int] = {
 }
 
 
+# Fraction of `encoder_defaults.num_gpus` a small encoder's actor asks for when its kind does
+# not set `num_gpus` itself: these towers are 1/4 to 1/20 of vision's work per item (huge,
+# H200, bf16: depth 13.7k/s, thermal 8.5k/s, audio 2.7k/s against vision 1.4k/s;
+# benchmarks/results/gpu-h200.md), so one actor rarely fills a GPU and several share one.
+SMALL_ENCODER_GPU_SHARE: dict[str, float] = {
+    "audio": 0.25,
+    "depth": 0.25,
+    "thermal": 0.25,
+    "imu": 0.25,
+}
+
+
 class PreprocessConfig(_Strict):
     """Decode + preprocess: stateless CPU tasks in front of the encoders."""
 
@@ -165,7 +177,10 @@ class EncoderConfig(_Strict):
     # Items per encoder call; None: DEFAULT_ENCODER_BATCH_CPU, or on a GPU the kind's
     # DEFAULT_ENCODER_BATCH_GPU (resolved by `JobConfig.encoder`).
     batch_size: int | None = Field(None, gt=0)
-    num_gpus: float = Field(0.0, ge=0)  # per actor; > 0 puts the model on CUDA
+    # Per actor; > 0 puts the model on CUDA (see `device`). In `encoder_defaults` it is the
+    # big towers' share (vision, video, text); audio, depth, thermal and IMU actors take
+    # SMALL_ENCODER_GPU_SHARE of it unless their kind sets its own.
+    num_gpus: float = Field(0.0, ge=0)
     num_cpus: float = Field(1.0, ge=0)  # per actor (logical)
     min_actors: int = Field(1, gt=0)
     # "auto": sized from the cluster when the job starts (`embed.pool_size`): one actor per
@@ -303,6 +318,8 @@ class JobConfig(_Strict):
         """The effective encoder settings of `kind`: defaults with its overrides applied."""
         base = self.encoder_defaults.model_dump()
         over = self.encoders.get(kind)  # type: ignore[call-overload]
+        if over is None or over.num_gpus is None:
+            base["num_gpus"] *= SMALL_ENCODER_GPU_SHARE.get(kind, 1.0)
         if over is not None:
             base.update({k: v for k, v in over.model_dump().items() if v is not None})
         if base["batch_size"] is None:

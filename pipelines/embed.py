@@ -164,6 +164,29 @@ def available_memory_bytes() -> int | None:
         return None
 
 
+def gpu_pools(cfg: JobConfig, kinds: Sequence[str], gpus: float) -> dict[str, tuple[int, int]]:
+    """(initial, max) actors of each GPU-encoded kind among `kinds` on `gpus` GPUs.
+
+    Each kind starts with an equal share of the GPUs, in whole actors of its `num_gpus` (one
+    per GPU for the big towers; small encoders pack several actors on one GPU with fractional
+    `num_gpus`); what rounding leaves over goes to the kinds with the largest actors first,
+    so that at the start every GPU is taken. A pool may grow to every GPU (Ray Data's
+    autoscaler adds actors when the other kinds' pools finish and free theirs).
+    """
+    need = {k: cfg.encoder(k).num_gpus for k in kinds if k != INVALID}
+    need = {k: g for k, g in need.items() if g > 0}
+    if not need:
+        return {}
+    share = gpus / len(need)
+    initial = {k: int(share // g + 1e-9) for k, g in need.items()}
+    left = gpus - sum(initial[k] * g for k, g in need.items())
+    for k in sorted(need, key=lambda k: (-need[k], k)):
+        while left + 1e-9 >= need[k]:
+            initial[k] += 1
+            left -= need[k]
+    return {k: (initial[k], int(gpus // g + 1e-9)) for k, g in need.items()}
+
+
 def pool_size(
     cfg: JobConfig,
     kind: str,
@@ -174,8 +197,9 @@ def pool_size(
 ) -> Pool:
     """Resolve `encoders.<kind>.max_actors` ("auto" or a number) against the cluster.
 
-    auto, GPU encoders: one actor per `num_gpus` of the cluster's GPUs now (an autoscaling
-    cluster that starts without GPUs: set `max_actors`). auto, CPU encoders: one actor per
+    auto, GPU encoders: the cluster's GPUs now, shared between the job's GPU-encoded kinds
+    (`gpu_pools`; an autoscaling cluster that starts without GPUs: set `max_actors`). auto,
+    CPU encoders: one actor per
     `torch_threads` cores — on CPU several single-threaded actors are at least as fast as one
     multi-threaded actor (no intra-op synchronisation; text 1.03–1.28x on 2 cores, vision
     within noise: benchmarks/bench_cpu_actors.py) — split between the CPU-encoded kinds of
@@ -190,19 +214,19 @@ def pool_size(
         return Pool(enc.min_actors, enc.min_actors, enc.max_actors)
     res = resources or {}
     if enc.num_gpus > 0:
-        n = int(res.get("GPU", 0) // enc.num_gpus)
-    else:
-        cpu_kinds = [k for k in kinds if k != INVALID and cfg.encoder(k).num_gpus == 0]
-        share = max(1, len(cpu_kinds))
-        cores = (os.cpu_count() or 1) if local else res.get("CPU", 0) / 2
-        n = int(cores // (enc.threads * share))
-        if memory_bytes is None:
-            if local:
-                memory_bytes = available_memory_bytes()
-            else:
-                memory_bytes = res.get("memory", 0) or None
-        if memory_bytes:
-            n = min(n, int(memory_bytes / 2 / share // actor_memory_bytes(cfg, kind)))
+        initial, most = gpu_pools(cfg, kinds, res.get("GPU", 0))[kind]
+        return Pool(enc.min_actors, max(initial, enc.min_actors), max(most, enc.min_actors))
+    cpu_kinds = [k for k in kinds if k != INVALID and cfg.encoder(k).num_gpus == 0]
+    share = max(1, len(cpu_kinds))
+    cores = (os.cpu_count() or 1) if local else res.get("CPU", 0) / 2
+    n = int(cores // (enc.threads * share))
+    if memory_bytes is None:
+        if local:
+            memory_bytes = available_memory_bytes()
+        else:
+            memory_bytes = res.get("memory", 0) or None
+    if memory_bytes:
+        n = min(n, int(memory_bytes / 2 / share // actor_memory_bytes(cfg, kind)))
     n = max(n, enc.min_actors)
     return Pool(enc.min_actors, n, n)
 

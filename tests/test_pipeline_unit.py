@@ -397,6 +397,49 @@ def test_rerun_with_the_input_spelled_differently_is_the_same_job(tmp_path):
         _check_record(out, cfg, plan_job(cfg), model_lineage(cfg, ("text",)))
 
 
+def test_gpu_pools_fill_every_gpu_and_pack_small_encoders():
+    from pipelines.embed import Pool, gpu_pools, pool_size
+
+    cfg = load_config(
+        None, {"input": "i", "output": "o", "preset": "tiny", "encoder_defaults.num_gpus": 1}
+    )
+    # big towers: a whole GPU per actor; small encoders: a quarter (several share a GPU)
+    assert [cfg.encoder(k).num_gpus for k in ("vision", "text", "audio", "imu")] == [
+        1,
+        1,
+        0.25,
+        0.25,
+    ]
+    assert cfg.encoder("vision").model_device == "cuda"
+    assert cfg.encoder("vision").concurrent_batches == 2
+    kinds = ["audio", "text", "vision"]
+    pools = gpu_pools(cfg, kinds, 4)
+    # every GPU taken at the start: 1 + 1 + 8 x 0.25; each pool may grow to all four GPUs
+    assert pools == {"vision": (1, 4), "text": (1, 4), "audio": (8, 16)}
+    assert pool_size(cfg, "audio", kinds, {"CPU": 64, "GPU": 4}) == Pool(1, 8, 16)
+    assert sum(i * cfg.encoder(k).num_gpus for k, (i, _) in pools.items()) == 4
+    # one GPU, two big towers: one waits for the other's pool to finish (min_actors 1)
+    assert gpu_pools(cfg, ["text", "vision"], 1) == {"text": (1, 1), "vision": (0, 1)}
+    assert pool_size(cfg, "vision", ["text", "vision"], {"GPU": 1}) == Pool(1, 1, 1)
+    # a kind's own num_gpus wins; device cpu keeps the model off the GPU it holds
+    own = load_config(
+        None,
+        {
+            "input": "i",
+            "output": "o",
+            "preset": "tiny",
+            "encoder_defaults.num_gpus": 1,
+            "encoder_defaults.device": "cpu",
+            "encoders.audio.num_gpus": 0.5,
+        },
+    )
+    assert own.encoder("audio").num_gpus == 0.5 and own.encoder("audio").model_device == "cpu"
+    assert own.model_spec("audio").device == "cpu" and own.encoder("audio").concurrent_batches == 1
+    assert gpu_pools(own, ["audio", "vision"], 2) == {"audio": (2, 4), "vision": (1, 2)}
+    with pytest.raises(ConfigError, match="device cuda needs num_gpus"):
+        load_config(None, {"input": "i", "output": "o", "encoder_defaults.device": "cuda"})
+
+
 @pytest.mark.parametrize(
     "change",
     [
