@@ -26,6 +26,24 @@ across runs or machines, only the ratios printed by one run.
 
     python benchmarks/bench_pipeline.py --preset base --images 96 --texts 512
     python benchmarks/bench_pipeline.py --preset tiny --images 96 --texts 512
+
+`--null-encoder` measures the pipeline's own ceiling instead: the job with encoders that run
+no model (`debug.null_encoder`), fed as a GPU encoder is (its preprocessing and encoder batch
+sizes), against the bare preprocessing in one process on one core (read the file or take the
+manifest's text, `preprocess(..., compact=True)`). Images are JPEG files, texts inline in
+Parquet manifests. Both sides are counted two ways, in rounds of alternating order:
+
+- CPU: items per CPU-second — the job's over every process it runs on (driver, Ray's
+  daemons, workers: utime+stime of the process tree), the bare loop's of its own process.
+  1.0 means Ray and the transport cost nothing; neighbours on a shared machine barely move it;
+- wall: the job's items/s per core of the machine against the bare loop's items/s (one core).
+
+Both count the job's steady state: the difference between the full job and a job on a part
+of the corpus (`--null-part`, a quarter by default), which pays the same fixed costs (worker
+and actor start-up and imports, tokenizer builds, planning, the last commit) but fewer items.
+The last line reads `null-encoder ceiling: vision <ratio>, text <ratio>` (the CPU ratios).
+
+    python benchmarks/bench_pipeline.py --null-encoder --json benchmarks/results/null.json
 """
 
 from __future__ import annotations
@@ -36,6 +54,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -242,6 +261,266 @@ def run_job_once(
     }
 
 
+# ----------------------------------------------------------------------------- null encoder
+
+
+def _tree_cpu_s(root_pid: int) -> float:
+    """CPU seconds (user + system, reaped children included) of `root_pid` and every
+    descendant now alive: the driver, Ray's daemons and workers of a local Ray."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parent: dict[int, int] = {}
+    cpu: dict[int, int] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(d)] = int(fields[1])
+        cpu[int(d)] = sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+    tree, frontier = {root_pid}, [root_pid]
+    while frontier:
+        p = frontier.pop()
+        kids = [c for c, pp in parent.items() if pp == p and c not in tree]
+        tree.update(kids)
+        frontier.extend(kids)
+    return sum(cpu.get(p, 0) for p in tree) / tick
+
+
+class ObjectStoreSampler:
+    """Peak object-store use and spilled bytes of the local Ray while a job runs (Ray's own
+    memory stats, polled every `period` s)."""
+
+    def __init__(self, period: float = 0.5) -> None:
+        self.period = period
+        self.peak_bytes = 0
+        self.spilled_bytes = 0
+        self.ok = True
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _stats(self):
+        import ray
+        from ray._private.internal_api import get_memory_info_reply
+        from ray._private.state import state
+
+        node = ray.nodes()[0] if not hasattr(self, "_node") else self._node
+        self._node = node
+        reply = get_memory_info_reply(
+            state, node["NodeManagerAddress"], node["NodeManagerPort"], timeout_seconds=5
+        )
+        return reply.store_stats
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                st = self._stats()
+                self.peak_bytes = max(self.peak_bytes, int(st.object_store_bytes_used))
+                self.spilled_bytes = int(st.spilled_bytes_total)
+            except Exception:  # an internal API: report nothing rather than fail the run
+                self.ok = False
+                return
+            self._stop.wait(self.period)
+
+    def __enter__(self) -> ObjectStoreSampler:
+        self._t.start()
+        return self
+
+    def __exit__(self, *a: object) -> None:
+        self._stop.set()
+        self._t.join()
+
+
+def make_text_manifests(root: str, n: int, per_file: int) -> str:
+    """`n` captions as inline-text Parquet manifests of `per_file` rows; returns the folder."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(1)
+    words = [
+        "a",
+        "the",
+        "dog",
+        "cat",
+        "runs",
+        "over",
+        "under",
+        "bright",
+        "dark",
+        "city",
+        "red",
+        "car",
+        "park",
+        "beach",
+    ]
+    os.makedirs(f"{root}/manifests", exist_ok=True)
+    for k, start in enumerate(range(0, n, per_file)):
+        ids = range(start, min(n, start + per_file))
+        texts = [" ".join(rng.choice(words, size=6 + i % 14)) for i in ids]
+        pq.write_table(
+            pa.table(
+                {"id": [f"t{i:07d}" for i in ids], "modality": ["text"] * len(texts), "text": texts}
+            ),
+            f"{root}/manifests/part-{k:04d}.parquet",
+        )
+    return f"{root}/manifests"
+
+
+def bare_preprocess(kind: str, source: str, limit: int) -> tuple[int, float, float]:
+    """One process, one thread: read + `preprocess(compact=True)` of up to `limit` items;
+    (items, CPU s, wall s)."""
+    import pyarrow.parquet as pq
+
+    if kind == "text":
+        texts = []
+        for name in sorted(os.listdir(source)):
+            texts.extend(
+                pq.read_table(os.path.join(source, name), columns=["text"])["text"].to_pylist()
+            )
+            if len(texts) >= limit:
+                break
+        items = texts[:limit]
+        ibc.preprocess("text", items[0])  # tokenizer built: every worker does that once
+        c0, w0 = time.process_time(), time.perf_counter()
+        for t in items:
+            ibc.preprocess("text", t, compact=True)
+    else:
+        files = _files(source)[:limit]
+        with open(files[0], "rb") as f:
+            ibc.preprocess(kind, f.read(), compact=True)
+        c0, w0 = time.process_time(), time.perf_counter()
+        for p in files:
+            with open(p, "rb") as f:
+                ibc.preprocess(kind, f.read(), compact=True)
+    return (
+        len(items if kind == "text" else files),
+        time.process_time() - c0,
+        time.perf_counter() - w0,
+    )
+
+
+def null_job(kind: str, source: str, out: str, fmt: str) -> dict:
+    """The job with null encoders, sized as for a GPU encoder; wall and tree CPU seconds."""
+    import pipelines.embed as embed
+    from pipelines.config import (
+        DEFAULT_ENCODER_BATCH_GPU,
+        DEFAULT_PREPROCESS_BATCH_GPU,
+        load_config,
+    )
+
+    cfg = load_config(
+        None,
+        {
+            "input": source,
+            "output": out,
+            "format": fmt,
+            "preset": "tiny",
+            "ray.progress_bars": False,
+            "debug.null_encoder": True,
+            "encoder_defaults.min_actors": 1,
+            "encoder_defaults.max_actors": 1,
+            "encoder_defaults.batch_size": DEFAULT_ENCODER_BATCH_GPU[kind],
+            "preprocess.batch_size": DEFAULT_PREPROCESS_BATCH_GPU[kind],
+        },
+    )
+    with ObjectStoreSampler() as store:
+        c0, w0 = _tree_cpu_s(os.getpid()), time.perf_counter()
+        summary = embed.run_job(cfg)
+        wall, cpu = time.perf_counter() - w0, _tree_cpu_s(os.getpid()) - c0
+    return {
+        "items": summary.ok.get(kind, 0) + summary.errors.get(kind, 0),
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "first_batch_s": summary.first_batch_seconds,
+        "object_store_peak_mb": store.peak_bytes / 2**20 if store.ok else None,
+        "spilled_mb": store.spilled_bytes / 2**20 if store.ok else None,
+    }
+
+
+def run_null_ceiling(args: argparse.Namespace) -> None:
+    import ray
+    import torch
+
+    torch.set_num_threads(1)
+    cores = os.cpu_count() or 1
+    tmp = tempfile.mkdtemp(prefix="bench-null-")
+    try:
+        folders = make_corpus(tmp, args.images, 0)
+        folders["text"] = make_text_manifests(tmp, args.texts, args.texts_per_manifest)
+        fmts = {"vision": "files", "text": "manifest"}
+        bare_items = {"vision": args.bare_images, "text": args.bare_texts}
+        ray.init(num_cpus=2 * cores, include_dashboard=False, log_to_driver=False)
+        results: dict = {"cores": cores, "command": "python " + " ".join(sys.argv)}
+        print(f"null encoder: {cores} cores; images {args.images}, texts {args.texts}")
+        ratios = {}
+        for kind in args.kinds.split(","):
+            part = f"{tmp}/part-{kind}"
+            if kind == "text":
+                part = make_text_manifests(
+                    part, int(args.texts * args.null_part), args.texts_per_manifest
+                )
+            else:
+                os.makedirs(part)
+                for f in _files(folders[kind])[: int(args.images * args.null_part)]:
+                    os.link(f, os.path.join(part, os.path.basename(f)))
+            null_job(kind, part, f"{tmp}/warm-{kind}", fmts[kind])  # Ray Data's first start
+            rounds = []
+            for i in range(args.rounds):
+                order = ["bare", "job"] if i % 2 == 0 else ["job", "bare"]
+                r: dict = {}
+                for side in order:
+                    if side == "bare":
+                        n, c, w = bare_preprocess(kind, folders[kind], bare_items[kind])
+                        r.update(bare_items_per_cpu_s=n / c, bare_items_per_s=n / w)
+                    else:
+                        fixed = null_job(kind, part, f"{tmp}/fixed-{kind}-{i}", fmts[kind])
+                        job = null_job(kind, folders[kind], f"{tmp}/out-{kind}-{i}", fmts[kind])
+                        steady_n = job["items"] - fixed["items"]
+                        r.update(job=job, fixed=fixed)
+                        r["job_items_per_cpu_s"] = steady_n / max(
+                            job["cpu_s"] - fixed["cpu_s"], 1e-9
+                        )
+                        r["job_items_per_s_per_core"] = (
+                            steady_n / max(job["wall_s"] - fixed["wall_s"], 1e-9) / cores
+                        )
+                r["cpu_ratio"] = r["job_items_per_cpu_s"] / r["bare_items_per_cpu_s"]
+                r["wall_ratio"] = r["job_items_per_s_per_core"] / r["bare_items_per_s"]
+                rounds.append(r)
+                print(
+                    f"{kind:6s} round {i + 1}: bare {r['bare_items_per_cpu_s']:8.1f} items/CPU-s "
+                    f"({r['bare_items_per_s']:8.1f}/s) | job {r['job_items_per_cpu_s']:8.1f} "
+                    f"items/CPU-s ({r['job_items_per_s_per_core']:8.1f}/s per core) | CPU ratio "
+                    f"{r['cpu_ratio']:.2f}, wall ratio {r['wall_ratio']:.2f} | first batch "
+                    f"{r['job']['first_batch_s'] or float('nan'):.1f} s | object store peak "
+                    f"{r['job']['object_store_peak_mb'] or float('nan'):.0f} MB, spilled "
+                    f"{r['job']['spilled_mb'] or 0:.0f} MB",
+                    flush=True,
+                )
+            med = sorted(x["cpu_ratio"] for x in rounds)[len(rounds) // 2]
+            wall_med = sorted(x["wall_ratio"] for x in rounds)[len(rounds) // 2]
+            ratios[kind] = med
+            results[kind] = {
+                "items": rounds[0]["job"]["items"],
+                "rounds": rounds,
+                "cpu_ratio_median": med,
+                "wall_ratio_median": wall_med,
+                "object_store_peak_mb": max(
+                    (x["job"]["object_store_peak_mb"] or 0) for x in rounds
+                ),
+                "spilled_mb": max((x["job"]["spilled_mb"] or 0) for x in rounds),
+            }
+            print(f"{kind:6s} median: CPU ratio {med:.2f}, wall ratio {wall_med:.2f}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
+        ray.shutdown()
+        print("null-encoder ceiling: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="base")
@@ -262,7 +541,27 @@ def main() -> None:
     p.add_argument("--preprocess-batch", type=int, help="job: rows per preprocess task")
     p.add_argument("--files-per-shard", type=int, help="job: input files per shard")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument(
+        "--null-encoder",
+        action="store_true",
+        help="the pipeline's ceiling: encoders that run no model, against bare preprocessing "
+        "(defaults then: --images 2048 --texts 200000 --rounds 3)",
+    )
+    p.add_argument("--texts-per-manifest", type=int, default=20000, help="null encoder")
+    p.add_argument(
+        "--null-part", type=float, default=0.25, help="null encoder: the smaller job's share"
+    )
+    p.add_argument("--bare-images", type=int, default=256, help="null encoder: bare loop items")
+    p.add_argument("--bare-texts", type=int, default=20000, help="null encoder: bare loop items")
     args = p.parse_args()
+    if args.null_encoder:
+        given = set(sys.argv)
+        if "--images" not in given:
+            args.images = 2048
+        if "--texts" not in given:
+            args.texts = 200_000
+        run_null_ceiling(args)
+        return
 
     import ray
     import torch

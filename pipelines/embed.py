@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 import imagebind_core as ibc
 from imagebind_core.io import canonical_uri, filesystem
@@ -357,6 +358,9 @@ class JobSummary:
     ok: dict[str, int] = field(default_factory=dict)  # items embedded by this run, per kind
     errors: dict[str, int] = field(default_factory=dict)  # items failed in this run, per kind
     seconds: float = 0.0
+    # From the start of the run to the first encoded batch's rows written (the encoder's first
+    # batch plus one part write): what the job pays before its encoders produce anything.
+    first_batch_seconds: float | None = None
 
     def items_per_s(self, kind: str) -> float:
         n = self.ok.get(kind, 0) + self.errors.get(kind, 0)
@@ -370,6 +374,9 @@ class JobSummary:
             "shards_skipped": self.shards_skipped,
             "shards_committed": self.shards_committed,
             "seconds": round(self.seconds, 3),
+            "first_batch_seconds": (
+                None if self.first_batch_seconds is None else round(self.first_batch_seconds, 3)
+            ),
             "kinds": {
                 k: {
                     "embedded": self.ok.get(k, 0),
@@ -386,6 +393,8 @@ class JobSummary:
             f"  shards: {self.shards_committed} committed by this run, "
             f"{self.shards_skipped} already done, {self.shards_total} in total",
         ]
+        if self.first_batch_seconds is not None:
+            lines.append(f"  first encoded batch written after {self.first_batch_seconds:.1f} s")
         for k in sorted(set(self.ok) | set(self.errors)):
             lines.append(
                 f"  {k:8s} {self.ok.get(k, 0):8d} embedded {self.errors.get(k, 0):6d} errors "
@@ -555,6 +564,8 @@ def run_plan(cfg: JobConfig, plan: Plan, *, log_every_s: float = 10.0) -> JobSum
             for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                 if lock.lost.is_set():
                     raise OutputLocked(f"lost the lock on {cfg.output}; stopping")
+                if summary.first_batch_seconds is None and pc.sum(block["n_ok"]).as_py():
+                    summary.first_batch_seconds = time.perf_counter() - t0
                 for shard in tracker.add(block):
                     refs.append(commit.remote(cfg.output, shard, so, dim, lineage))
                 if time.perf_counter() - last_log > log_every_s:

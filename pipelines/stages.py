@@ -215,9 +215,9 @@ def preprocess_batch(
                 compact=True,
                 **opts.get(kinds[i], {}),
             )
-            tensors[i] = compact_input(kinds[i], t)
+            x = tensors[i] = compact_input(kinds[i], t)
             if kinds[i] == "text":
-                lengths[i] = int(ibc.text_lengths(t))
+                lengths[i] = int(x.argmax()) + 1  # = ibc.text_lengths: through the first EOT
         except ibc.InvalidInput as e:
             status[i], errors[i] = STATUS_ERROR, e.reason
         except Exception as e:  # a bug in a decoder must still not take the block down
