@@ -34,7 +34,8 @@ manifest's text, `preprocess(..., compact=True)`). Images are JPEG files, texts 
 Parquet manifests. Both sides are counted two ways, in rounds of alternating order:
 
 - CPU: items per CPU-second — the job's over every process it runs on (driver, Ray's
-  daemons, workers: utime+stime of the process tree), the bare loop's of its own process.
+  daemons, workers: utime+stime of the process tree, `CpuSampler`), the bare loop's of its
+  own process.
   1.0 means Ray and the transport cost nothing; neighbours on a shared machine barely move it;
 - wall: the job's items/s per core of the machine against the bare loop's items/s (one core).
 
@@ -264,10 +265,8 @@ def run_job_once(
 # ----------------------------------------------------------------------------- null encoder
 
 
-def _tree_cpu_s(root_pid: int) -> float:
-    """CPU seconds (user + system, reaped children included) of `root_pid` and every
-    descendant now alive: the driver, Ray's daemons and workers of a local Ray."""
-    tick = os.sysconf("SC_CLK_TCK")
+def _tree_cpu_ticks(root_pid: int) -> dict[int, int]:
+    """utime + stime (clock ticks) of `root_pid` and every descendant alive now."""
     parent: dict[int, int] = {}
     cpu: dict[int, int] = {}
     for d in os.listdir("/proc"):
@@ -279,14 +278,51 @@ def _tree_cpu_s(root_pid: int) -> float:
         except OSError:
             continue
         parent[int(d)] = int(fields[1])
-        cpu[int(d)] = sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+        cpu[int(d)] = int(fields[11]) + int(fields[12])
     tree, frontier = {root_pid}, [root_pid]
     while frontier:
         p = frontier.pop()
         kids = [c for c, pp in parent.items() if pp == p and c not in tree]
         tree.update(kids)
         frontier.extend(kids)
-    return sum(cpu.get(p, 0) for p in tree) / tick
+    return {p: cpu[p] for p in tree if p in cpu}
+
+
+class CpuSampler:
+    """CPU seconds the process tree of this driver (Ray's daemons and workers of a local Ray)
+    spends while the block runs: each process's utime+stime, sampled every `period` s, minus
+    what it had at the start. A process that exits between two samples loses at most one
+    period of its time (workers live for the whole job, so this undercounts little)."""
+
+    def __init__(self, period: float = 0.5) -> None:
+        self.period = period
+        self._start: dict[int, int] = {}
+        self._last: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            for p, t in _tree_cpu_ticks(os.getpid()).items():
+                self._last[p] = t
+            if self._stop.wait(self.period):
+                break
+        for p, t in _tree_cpu_ticks(os.getpid()).items():
+            self._last[p] = t
+
+    @property
+    def seconds(self) -> float:
+        ticks = sum(t - self._start.get(p, 0) for p, t in self._last.items())
+        return ticks / os.sysconf("SC_CLK_TCK")
+
+    def __enter__(self) -> CpuSampler:
+        self._start = _tree_cpu_ticks(os.getpid())
+        self._t.start()
+        return self
+
+    def __exit__(self, *a: object) -> None:
+        self._stop.set()
+        self._t.join()
 
 
 class ObjectStoreSampler:
@@ -425,10 +461,11 @@ def null_job(kind: str, source: str, out: str, fmt: str) -> dict:
             "preprocess.batch_size": DEFAULT_PREPROCESS_BATCH_GPU[kind],
         },
     )
-    with ObjectStoreSampler() as store:
-        c0, w0 = _tree_cpu_s(os.getpid()), time.perf_counter()
+    with ObjectStoreSampler() as store, CpuSampler() as cpu_s:
+        w0 = time.perf_counter()
         summary = embed.run_job(cfg)
-        wall, cpu = time.perf_counter() - w0, _tree_cpu_s(os.getpid()) - c0
+        wall = time.perf_counter() - w0
+    cpu = cpu_s.seconds
     return {
         "items": summary.ok.get(kind, 0) + summary.errors.get(kind, 0),
         "wall_s": wall,
@@ -545,7 +582,7 @@ def main() -> None:
         "--null-encoder",
         action="store_true",
         help="the pipeline's ceiling: encoders that run no model, against bare preprocessing "
-        "(defaults then: --images 2048 --texts 200000 --rounds 3)",
+        "(defaults then: --images 2048 --texts 100000 --rounds 3)",
     )
     p.add_argument("--texts-per-manifest", type=int, default=20000, help="null encoder")
     p.add_argument(
@@ -559,7 +596,7 @@ def main() -> None:
         if "--images" not in given:
             args.images = 2048
         if "--texts" not in given:
-            args.texts = 200_000
+            args.texts = 100_000
         run_null_ceiling(args)
         return
 
