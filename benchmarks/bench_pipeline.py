@@ -437,16 +437,15 @@ def bare_preprocess(kind: str, source: str, limit: int) -> tuple[int, float, flo
     )
 
 
-def null_job(kind: str, source: str, out: str, fmt: str) -> dict:
-    """The job with null encoders, sized as for a GPU encoder; wall and tree CPU seconds."""
-    import pipelines.embed as embed
+def null_config(kind: str, source: str, out: str, fmt: str):
+    """The job's config with null encoders, batched as for a GPU encoder, one actor."""
     from pipelines.config import (
         DEFAULT_ENCODER_BATCH_GPU,
         DEFAULT_PREPROCESS_BATCH_GPU,
         load_config,
     )
 
-    cfg = load_config(
+    return load_config(
         None,
         {
             "input": source,
@@ -461,6 +460,13 @@ def null_job(kind: str, source: str, out: str, fmt: str) -> dict:
             "preprocess.batch_size": DEFAULT_PREPROCESS_BATCH_GPU[kind],
         },
     )
+
+
+def null_job(kind: str, source: str, out: str, fmt: str) -> dict:
+    """The job with null encoders; wall and tree CPU seconds, object store, first batch."""
+    import pipelines.embed as embed
+
+    cfg = null_config(kind, source, out, fmt)
     with ObjectStoreSampler() as store, CpuSampler() as cpu_s:
         w0 = time.perf_counter()
         summary = embed.run_job(cfg)
@@ -488,9 +494,22 @@ def run_null_ceiling(args: argparse.Namespace) -> None:
         folders["text"] = make_text_manifests(tmp, args.texts, args.texts_per_manifest)
         fmts = {"vision": "files", "text": "manifest"}
         bare_items = {"vision": args.bare_images, "text": args.bare_texts}
-        ray.init(num_cpus=2 * cores, include_dashboard=False, log_to_driver=False)
-        results: dict = {"cores": cores, "command": "python " + " ".join(sys.argv)}
-        print(f"null encoder: {cores} cores; images {args.images}, texts {args.texts}")
+        from pipelines.embed import local_num_cpus
+
+        # The logical CPUs the job gives a local Ray it starts itself, for the busiest kind.
+        kinds = args.kinds.split(",")
+        cpus = max(local_num_cpus(null_config(k, "x", "y", fmts[k]), [k]) for k in kinds)
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        results: dict = {
+            "cores": cores,
+            "ray_logical_cpus": cpus,
+            "command": "python " + " ".join(sys.argv),
+        }
+        print(
+            f"null encoder: {cores} cores, Ray {cpus} logical CPUs; images {args.images}, "
+            f"texts {args.texts}",
+            flush=True,
+        )
         ratios = {}
         for kind in args.kinds.split(","):
             part = f"{tmp}/part-{kind}"
@@ -609,7 +628,13 @@ def main() -> None:
         folders = make_corpus(tmp, args.images, args.texts)
         t0 = time.perf_counter()
         # What the job starts when it starts Ray itself: twice the cores in logical CPUs.
-        ray.init(num_cpus=2 * (os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+        from pipelines.config import load_config
+        from pipelines.embed import local_num_cpus
+
+        # The logical CPUs the job gives a local Ray it starts itself.
+        kinds = args.kinds.split(",")
+        cpus = local_num_cpus(load_config(None, {"input": "x", "output": "y"}), kinds)
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
         ray_init_s = time.perf_counter() - t0
         results = {"preset": args.preset, "batch_size": args.batch_size, "ray_init_s": ray_init_s}
         flags = ("encoder_cpus", "job_threads", "actors", "preprocess_batch", "files_per_shard")

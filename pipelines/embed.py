@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -344,6 +345,20 @@ def required_cpus(cfg: JobConfig, kinds: Sequence[str]) -> float:
     return need
 
 
+def local_num_cpus(cfg: JobConfig, kinds: Sequence[str]) -> int:
+    """Logical CPUs of a local Ray the job starts (`ray.num_cpus` when set): two preprocessing
+    tasks per core — decoding runs beside CPU encoder actors, the OS sharing the cores —
+    on top of what the other stages hold (readers, Ray Data's repartition tasks at 1 CPU each,
+    encoder pools at their minimum, the writer). Ray Data budgets every operator out of the
+    same logical CPUs: with twice the cores in all, a 2-core machine ran one preprocessing
+    task at a time (the first null-encoder run, benchmarks/results/)."""
+    if cfg.ray.num_cpus:
+        return cfg.ray.num_cpus
+    real = [k for k in kinds if k != INVALID]
+    others = required_cpus(cfg, real) - len(real) * cfg.preprocess.num_cpus + len(real)
+    return math.ceil(2 * (os.cpu_count() or 1) * cfg.preprocess.num_cpus + others)
+
+
 # ----------------------------------------------------------------------------- running
 
 
@@ -450,10 +465,7 @@ def _ensure_ray(cfg: JobConfig, kinds: Sequence[str]) -> bool:
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local"
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
     if address == "local":
-        # Twice the cores in logical CPUs: decoding tasks then run beside CPU encoder actors
-        # (the OS shares the cores) instead of waiting for a free logical CPU.
-        need = required_cpus(cfg, kinds)
-        kwargs["num_cpus"] = cfg.ray.num_cpus or max(2 * (os.cpu_count() or 1), int(need + 0.999))
+        kwargs["num_cpus"] = local_num_cpus(cfg, kinds)
     ray.init(address=address, **kwargs)
     return address == "local"
 

@@ -298,9 +298,9 @@ class EncodeBatch:
         null_encoder: bool = False,
         trace_path: str | None = None,
     ) -> None:
-        import torch
+        if torch_threads and not null_encoder:
+            import torch
 
-        if torch_threads:
             torch.set_num_threads(torch_threads)
         self.kind = kind
         self.modality = ibc.model_modality(kind)
