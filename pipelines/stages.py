@@ -332,6 +332,10 @@ class EncodeBatch:
         values = np.zeros((n, self.dim), np.float32)
         done = np.zeros(n, bool)
         groups = batch_arrays(batch, ok, pad=self.kind == "text")
+        if self.runner is not None and groups:
+            # Wait for the model here, outside the per-item fallback below: a load that failed
+            # (a bad checkpoint) fails the job with its reason instead of every item.
+            self.runner.model  # noqa: B018
         try:
             for (idx, _), y in zip(groups, self._encode_groups(groups), strict=True):
                 values[idx] = y

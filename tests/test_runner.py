@@ -48,9 +48,9 @@ def block(kind: str, data: list[bytes], bad: bool = True) -> pa.Table:
         data=[*data, *extra],
         fingerprint=["x"] * n,
     )
-    if kind == "text":  # every text is valid: the corrupt row becomes an ok empty-ish text
+    if kind == "text" and bad:  # any bytes are a text: the "corrupt" row is rejected upstream
         rows["data"][len(data)] = None
-        rows["status"][len(data)] = STATUS_ERROR if bad else STATUS_OK
+        rows["status"][len(data)] = STATUS_ERROR
     return pa.table(rows, schema=ITEM_SCHEMA)
 
 
@@ -163,6 +163,10 @@ def test_runner_loads_in_the_background_and_overlaps_safely():
     )
     with pytest.raises(Exception, match="nonexistent"):
         broken.encode("text", x)
+    # ... and in the job's actor it fails the call (the job), not each item as an error row.
+    actor = EncodeBatch("text", ibc.ModelSpec(preset="tiny", checkpoint="/nonexistent/w.pth"))
+    with pytest.raises(Exception, match="nonexistent"):
+        actor(preprocess_batch(block("text", [b"a dog"], bad=False)))
 
 
 def test_spec_lineage_names_everything_that_changes_a_vector():
