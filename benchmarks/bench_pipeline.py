@@ -26,6 +26,25 @@ across runs or machines, only the ratios printed by one run.
 
     python benchmarks/bench_pipeline.py --preset base --images 96 --texts 512
     python benchmarks/bench_pipeline.py --preset tiny --images 96 --texts 512
+
+`--null-encoder` measures the pipeline's own ceiling instead: the job with encoders that run
+no model (`debug.null_encoder`), fed as a GPU encoder is (its preprocessing and encoder batch
+sizes), against the bare preprocessing in one process on one core (read the file or take the
+manifest's text, `preprocess(..., compact=True)`). Images are JPEG files, texts inline in
+Parquet manifests. Both sides are counted two ways, in rounds of alternating order:
+
+- CPU: items per CPU-second — the job's over every process it runs on (driver, Ray's
+  daemons, workers: utime+stime of the process tree, `CpuSampler`), the bare loop's of its
+  own process.
+  1.0 means Ray and the transport cost nothing; neighbours on a shared machine barely move it;
+- wall: the job's items/s per core of the machine against the bare loop's items/s (one core).
+
+Both count the job's steady state: the difference between the full job and a job on a part
+of the corpus (`--null-part`, a quarter by default), which pays the same fixed costs (worker
+and actor start-up and imports, tokenizer builds, planning, the last commit) but fewer items.
+The last line reads `null-encoder ceiling: vision <ratio>, text <ratio>` (the CPU ratios).
+
+    python benchmarks/bench_pipeline.py --null-encoder --json benchmarks/results/null.json
 """
 
 from __future__ import annotations
@@ -36,6 +55,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -242,6 +262,321 @@ def run_job_once(
     }
 
 
+# ----------------------------------------------------------------------------- null encoder
+
+
+def _tree_cpu_ticks(root_pid: int) -> dict[int, int]:
+    """utime + stime (clock ticks) of `root_pid` and every descendant alive now."""
+    parent: dict[int, int] = {}
+    cpu: dict[int, int] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(d)] = int(fields[1])
+        cpu[int(d)] = int(fields[11]) + int(fields[12])
+    tree, frontier = {root_pid}, [root_pid]
+    while frontier:
+        p = frontier.pop()
+        kids = [c for c, pp in parent.items() if pp == p and c not in tree]
+        tree.update(kids)
+        frontier.extend(kids)
+    return {p: cpu[p] for p in tree if p in cpu}
+
+
+class CpuSampler:
+    """CPU seconds the process tree of this driver (Ray's daemons and workers of a local Ray)
+    spends while the block runs: each process's utime+stime, sampled every `period` s, minus
+    what it had at the start. A process that exits between two samples loses at most one
+    period of its time (workers live for the whole job, so this undercounts little)."""
+
+    def __init__(self, period: float = 0.5) -> None:
+        self.period = period
+        self._start: dict[int, int] = {}
+        self._last: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            for p, t in _tree_cpu_ticks(os.getpid()).items():
+                self._last[p] = t
+            if self._stop.wait(self.period):
+                break
+        for p, t in _tree_cpu_ticks(os.getpid()).items():
+            self._last[p] = t
+
+    @property
+    def seconds(self) -> float:
+        ticks = sum(t - self._start.get(p, 0) for p, t in self._last.items())
+        return ticks / os.sysconf("SC_CLK_TCK")
+
+    def __enter__(self) -> CpuSampler:
+        self._start = _tree_cpu_ticks(os.getpid())
+        self._t.start()
+        return self
+
+    def __exit__(self, *a: object) -> None:
+        self._stop.set()
+        self._t.join()
+
+
+class ObjectStoreSampler:
+    """Peak object-store use and spilled bytes of the local Ray while a job runs (Ray's own
+    memory stats, polled every `period` s)."""
+
+    def __init__(self, period: float = 0.5) -> None:
+        self.period = period
+        self.peak_bytes = 0
+        self.spilled_bytes = 0
+        self.ok = True
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _stats(self):
+        import ray
+        from ray._private.internal_api import get_memory_info_reply
+        from ray._private.state import state
+
+        node = ray.nodes()[0] if not hasattr(self, "_node") else self._node
+        self._node = node
+        reply = get_memory_info_reply(
+            state, node["NodeManagerAddress"], node["NodeManagerPort"], timeout_seconds=5
+        )
+        return reply.store_stats
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                st = self._stats()
+                self.peak_bytes = max(self.peak_bytes, int(st.object_store_bytes_used))
+                self.spilled_bytes = int(st.spilled_bytes_total)
+            except Exception:  # an internal API: report nothing rather than fail the run
+                self.ok = False
+                return
+            self._stop.wait(self.period)
+
+    def __enter__(self) -> ObjectStoreSampler:
+        self._t.start()
+        return self
+
+    def __exit__(self, *a: object) -> None:
+        self._stop.set()
+        self._t.join()
+
+
+def make_text_manifests(root: str, n: int, per_file: int) -> str:
+    """`n` captions as inline-text Parquet manifests of `per_file` rows; returns the folder."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(1)
+    words = [
+        "a",
+        "the",
+        "dog",
+        "cat",
+        "runs",
+        "over",
+        "under",
+        "bright",
+        "dark",
+        "city",
+        "red",
+        "car",
+        "park",
+        "beach",
+    ]
+    os.makedirs(f"{root}/manifests", exist_ok=True)
+    for k, start in enumerate(range(0, n, per_file)):
+        ids = range(start, min(n, start + per_file))
+        texts = [" ".join(rng.choice(words, size=6 + i % 14)) for i in ids]
+        pq.write_table(
+            pa.table(
+                {"id": [f"t{i:07d}" for i in ids], "modality": ["text"] * len(texts), "text": texts}
+            ),
+            f"{root}/manifests/part-{k:04d}.parquet",
+        )
+    return f"{root}/manifests"
+
+
+def bare_preprocess(kind: str, source: str, limit: int) -> tuple[int, float, float]:
+    """One process, one thread: read + `preprocess(compact=True)` of up to `limit` items;
+    (items, CPU s, wall s)."""
+    import pyarrow.parquet as pq
+
+    if kind == "text":
+        texts = []
+        for name in sorted(os.listdir(source)):
+            texts.extend(
+                pq.read_table(os.path.join(source, name), columns=["text"])["text"].to_pylist()
+            )
+            if len(texts) >= limit:
+                break
+        items = texts[:limit]
+        ibc.preprocess("text", items[0])  # tokenizer built: every worker does that once
+        c0, w0 = time.process_time(), time.perf_counter()
+        for t in items:
+            ibc.preprocess("text", t, compact=True)
+    else:
+        files = _files(source)[:limit]
+        with open(files[0], "rb") as f:
+            ibc.preprocess(kind, f.read(), compact=True)
+        c0, w0 = time.process_time(), time.perf_counter()
+        for p in files:
+            with open(p, "rb") as f:
+                ibc.preprocess(kind, f.read(), compact=True)
+    return (
+        len(items if kind == "text" else files),
+        time.process_time() - c0,
+        time.perf_counter() - w0,
+    )
+
+
+def null_config(kind: str, source: str, out: str, fmt: str):
+    """The job's config with null encoders, batched as for a GPU encoder, one actor."""
+    from pipelines.config import (
+        DEFAULT_ENCODER_BATCH_GPU,
+        DEFAULT_PREPROCESS_BATCH_GPU,
+        load_config,
+    )
+
+    return load_config(
+        None,
+        {
+            "input": source,
+            "output": out,
+            "format": fmt,
+            "preset": "tiny",
+            "ray.progress_bars": False,
+            "debug.null_encoder": True,
+            "encoder_defaults.min_actors": 1,
+            "encoder_defaults.max_actors": 1,
+            "encoder_defaults.batch_size": DEFAULT_ENCODER_BATCH_GPU[kind],
+            "preprocess.batch_size": DEFAULT_PREPROCESS_BATCH_GPU[kind],
+        },
+    )
+
+
+def null_job(kind: str, source: str, out: str, fmt: str) -> dict:
+    """The job with null encoders; wall and tree CPU seconds, object store, first batch."""
+    import pipelines.embed as embed
+
+    cfg = null_config(kind, source, out, fmt)
+    with ObjectStoreSampler() as store, CpuSampler() as cpu_s:
+        w0 = time.perf_counter()
+        summary = embed.run_job(cfg)
+        wall = time.perf_counter() - w0
+    cpu = cpu_s.seconds
+    return {
+        "items": summary.ok.get(kind, 0) + summary.errors.get(kind, 0),
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "first_batch_s": summary.first_batch_seconds,
+        "object_store_peak_mb": store.peak_bytes / 2**20 if store.ok else None,
+        "spilled_mb": store.spilled_bytes / 2**20 if store.ok else None,
+    }
+
+
+def run_null_ceiling(args: argparse.Namespace) -> None:
+    import ray
+    import torch
+
+    torch.set_num_threads(1)
+    cores = os.cpu_count() or 1
+    tmp = tempfile.mkdtemp(prefix="bench-null-")
+    try:
+        folders = make_corpus(tmp, args.images, 0)
+        folders["text"] = make_text_manifests(tmp, args.texts, args.texts_per_manifest)
+        fmts = {"vision": "files", "text": "manifest"}
+        bare_items = {"vision": args.bare_images, "text": args.bare_texts}
+        from pipelines.embed import local_num_cpus
+
+        # The logical CPUs the job gives a local Ray it starts itself, for the busiest kind.
+        kinds = args.kinds.split(",")
+        cpus = max(local_num_cpus(null_config(k, "x", "y", fmts[k]), [k]) for k in kinds)
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        results: dict = {
+            "cores": cores,
+            "ray_logical_cpus": cpus,
+            "command": "python " + " ".join(sys.argv),
+        }
+        print(
+            f"null encoder: {cores} cores, Ray {cpus} logical CPUs; images {args.images}, "
+            f"texts {args.texts}",
+            flush=True,
+        )
+        ratios = {}
+        for kind in args.kinds.split(","):
+            part = f"{tmp}/part-{kind}"
+            if kind == "text":
+                part = make_text_manifests(
+                    part, int(args.texts * args.null_part), args.texts_per_manifest
+                )
+            else:
+                os.makedirs(part)
+                for f in _files(folders[kind])[: int(args.images * args.null_part)]:
+                    os.link(f, os.path.join(part, os.path.basename(f)))
+            null_job(kind, part, f"{tmp}/warm-{kind}", fmts[kind])  # Ray Data's first start
+            rounds = []
+            for i in range(args.rounds):
+                order = ["bare", "job"] if i % 2 == 0 else ["job", "bare"]
+                r: dict = {}
+                for side in order:
+                    if side == "bare":
+                        n, c, w = bare_preprocess(kind, folders[kind], bare_items[kind])
+                        r.update(bare_items_per_cpu_s=n / c, bare_items_per_s=n / w)
+                    else:
+                        fixed = null_job(kind, part, f"{tmp}/fixed-{kind}-{i}", fmts[kind])
+                        job = null_job(kind, folders[kind], f"{tmp}/out-{kind}-{i}", fmts[kind])
+                        steady_n = job["items"] - fixed["items"]
+                        r.update(job=job, fixed=fixed)
+                        r["job_items_per_cpu_s"] = steady_n / max(
+                            job["cpu_s"] - fixed["cpu_s"], 1e-9
+                        )
+                        r["job_items_per_s_per_core"] = (
+                            steady_n / max(job["wall_s"] - fixed["wall_s"], 1e-9) / cores
+                        )
+                r["cpu_ratio"] = r["job_items_per_cpu_s"] / r["bare_items_per_cpu_s"]
+                r["wall_ratio"] = r["job_items_per_s_per_core"] / r["bare_items_per_s"]
+                rounds.append(r)
+                print(
+                    f"{kind:6s} round {i + 1}: bare {r['bare_items_per_cpu_s']:8.1f} items/CPU-s "
+                    f"({r['bare_items_per_s']:8.1f}/s) | job {r['job_items_per_cpu_s']:8.1f} "
+                    f"items/CPU-s ({r['job_items_per_s_per_core']:8.1f}/s per core) | CPU ratio "
+                    f"{r['cpu_ratio']:.2f}, wall ratio {r['wall_ratio']:.2f} | first batch "
+                    f"{r['job']['first_batch_s'] or float('nan'):.1f} s | object store peak "
+                    f"{r['job']['object_store_peak_mb'] or float('nan'):.0f} MB, spilled "
+                    f"{r['job']['spilled_mb'] or 0:.0f} MB",
+                    flush=True,
+                )
+            med = sorted(x["cpu_ratio"] for x in rounds)[len(rounds) // 2]
+            wall_med = sorted(x["wall_ratio"] for x in rounds)[len(rounds) // 2]
+            ratios[kind] = med
+            results[kind] = {
+                "items": rounds[0]["job"]["items"],
+                "rounds": rounds,
+                "cpu_ratio_median": med,
+                "wall_ratio_median": wall_med,
+                "object_store_peak_mb": max(
+                    (x["job"]["object_store_peak_mb"] or 0) for x in rounds
+                ),
+                "spilled_mb": max((x["job"]["spilled_mb"] or 0) for x in rounds),
+            }
+            print(f"{kind:6s} median: CPU ratio {med:.2f}, wall ratio {wall_med:.2f}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
+        ray.shutdown()
+        print("null-encoder ceiling: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="base")
@@ -262,7 +597,27 @@ def main() -> None:
     p.add_argument("--preprocess-batch", type=int, help="job: rows per preprocess task")
     p.add_argument("--files-per-shard", type=int, help="job: input files per shard")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument(
+        "--null-encoder",
+        action="store_true",
+        help="the pipeline's ceiling: encoders that run no model, against bare preprocessing "
+        "(defaults then: --images 2048 --texts 100000 --rounds 3)",
+    )
+    p.add_argument("--texts-per-manifest", type=int, default=20000, help="null encoder")
+    p.add_argument(
+        "--null-part", type=float, default=0.25, help="null encoder: the smaller job's share"
+    )
+    p.add_argument("--bare-images", type=int, default=256, help="null encoder: bare loop items")
+    p.add_argument("--bare-texts", type=int, default=20000, help="null encoder: bare loop items")
     args = p.parse_args()
+    if args.null_encoder:
+        given = set(sys.argv)
+        if "--images" not in given:
+            args.images = 2048
+        if "--texts" not in given:
+            args.texts = 100_000
+        run_null_ceiling(args)
+        return
 
     import ray
     import torch
@@ -273,7 +628,13 @@ def main() -> None:
         folders = make_corpus(tmp, args.images, args.texts)
         t0 = time.perf_counter()
         # What the job starts when it starts Ray itself: twice the cores in logical CPUs.
-        ray.init(num_cpus=2 * (os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+        from pipelines.config import load_config
+        from pipelines.embed import local_num_cpus
+
+        # The logical CPUs the job gives a local Ray it starts itself.
+        kinds = args.kinds.split(",")
+        cpus = local_num_cpus(load_config(None, {"input": "x", "output": "y"}), kinds)
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
         ray_init_s = time.perf_counter() - t0
         results = {"preset": args.preset, "batch_size": args.batch_size, "ray_init_s": ray_init_s}
         flags = ("encoder_cpus", "job_threads", "actors", "preprocess_batch", "files_per_shard")

@@ -51,6 +51,13 @@ from imagebind_core.preprocess import (
     infer_kind,
     model_modality,
 )
+from imagebind_core.runner import (
+    LINEAGE_KEYS,
+    EncoderRunner,
+    ModelSpec,
+    lineage_key,
+    merge_lineage,
+)
 
 __version__ = "0.1.0"
 
@@ -99,12 +106,14 @@ __all__ = [
     "ALL_MODALITIES",
     "BASE",
     "HUGE",
+    "LINEAGE_KEYS",
     "PREPROCESS_VERSION",
     "PRESETS",
     "TINY",
     "CheckpointError",
     "Encoder",
     "EncoderConfig",
+    "EncoderRunner",
     "HeadConfig",
     "ImageBindConfig",
     "ImageBindError",
@@ -112,6 +121,7 @@ __all__ = [
     "InvalidInput",
     "Limits",
     "Modality",
+    "ModelSpec",
     "PostConfig",
     "StemConfig",
     "StoreUnavailable",
@@ -122,9 +132,11 @@ __all__ = [
     "fetch_checkpoint",
     "get_config",
     "infer_kind",
+    "lineage_key",
     "load_checkpoint",
     "load_model",
     "map_reference_state_dict",
+    "merge_lineage",
     "model_modality",
     "preprocess",
     "read_bytes",

@@ -124,6 +124,18 @@ DEFAULT_ENCODER_BATCH_GPU: dict[str, int] = {
 }
 
 
+# Fraction of `encoder_defaults.num_gpus` a small encoder's actor asks for when its kind does
+# not set `num_gpus` itself: these towers are 1/4 to 1/20 of vision's work per item (huge,
+# H200, bf16: depth 13.7k/s, thermal 8.5k/s, audio 2.7k/s against vision 1.4k/s;
+# benchmarks/results/gpu-h200.md), so one actor rarely fills a GPU and several share one.
+SMALL_ENCODER_GPU_SHARE: dict[str, float] = {
+    "audio": 0.25,
+    "depth": 0.25,
+    "thermal": 0.25,
+    "imu": 0.25,
+}
+
+
 class PreprocessConfig(_Strict):
     """Decode + preprocess: stateless CPU tasks in front of the encoders."""
 
@@ -169,7 +181,10 @@ class EncoderConfig(_Strict):
     # Items per encoder call; None: DEFAULT_ENCODER_BATCH_CPU, or on a GPU the kind's
     # DEFAULT_ENCODER_BATCH_GPU (resolved by `JobConfig.encoder`).
     batch_size: int | None = Field(None, gt=0)
-    num_gpus: float = Field(0.0, ge=0)  # per actor; > 0 puts the model on CUDA
+    # Per actor; > 0 puts the model on CUDA (see `device`). In `encoder_defaults` it is the
+    # big towers' share (vision, video, text); audio, depth, thermal and IMU actors take
+    # SMALL_ENCODER_GPU_SHARE of it unless their kind sets its own.
+    num_gpus: float = Field(0.0, ge=0)
     num_cpus: float = Field(1.0, ge=0)  # per actor (logical)
     min_actors: int = Field(1, gt=0)
     # "auto": sized from the cluster when the job starts (`embed.pool_size`): one actor per
@@ -178,6 +193,10 @@ class EncoderConfig(_Strict):
     # split between kinds.
     max_actors: Annotated[int, Field(gt=0)] | Literal["auto"] = "auto"
     dtype: DType = "float32"
+    # Where the model runs: "auto" = CUDA when the actor asks for GPUs (num_gpus > 0), else
+    # the CPU. "cpu" keeps it on the CPU even with num_gpus > 0 (the actor still holds its
+    # logical GPU share: tests of pool sizing on machines without GPUs).
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_threads: int | None = Field(None, gt=0)  # default: max(1, round(num_cpus))
     # Batches queued at one actor while it computes; None: 1 on CPU (an idle actor never waits
     # behind a busy one), 2 on GPU (the next batch is already local when one finishes).
@@ -187,6 +206,19 @@ class EncoderConfig(_Strict):
     def threads(self) -> int:
         """Intra-op threads per actor."""
         return self.torch_threads or max(1, round(self.num_cpus))
+
+    @property
+    def model_device(self) -> str:
+        """The device the model runs on ("cpu" or "cuda")."""
+        if self.device != "auto":
+            return self.device
+        return "cuda" if self.num_gpus > 0 else "cpu"
+
+    @property
+    def concurrent_batches(self) -> int:
+        """Calls one actor runs at once: 2 on CUDA (one batch's copy to the device overlaps
+        the previous one's compute; the runner computes one at a time), else 1."""
+        return 2 if self.model_device == "cuda" else 1
 
     @property
     def tasks_in_flight(self) -> int:
@@ -199,8 +231,10 @@ class EncoderConfig(_Strict):
             raise ValueError(
                 f"max_actors ({self.max_actors}) is smaller than min_actors ({self.min_actors})"
             )
-        if self.dtype == "float16" and self.num_gpus == 0:
+        if self.dtype == "float16" and self.model_device != "cuda":
             raise ValueError("dtype float16 needs a GPU (num_gpus > 0); use bfloat16 on CPU")
+        if self.device == "cuda" and self.num_gpus == 0:
+            raise ValueError("device cuda needs num_gpus > 0 (the actor's share of a GPU)")
         return self
 
 
@@ -213,6 +247,7 @@ class EncoderOverride(_Strict):
     min_actors: int | None = Field(None, gt=0)
     max_actors: Annotated[int, Field(gt=0)] | Literal["auto"] | None = None
     dtype: DType | None = None
+    device: Literal["auto", "cpu", "cuda"] | None = None
     torch_threads: int | None = Field(None, gt=0)
     max_tasks_in_flight: int | None = Field(None, gt=0)
 
@@ -232,6 +267,10 @@ class DebugConfig(_Strict):
 
     trace_path: str | None = None  # local file: one line "<pid> <id>" per item preprocessed
     delay_per_item_s: float = Field(0.0, ge=0)  # sleep per item in preprocessing (slow runs)
+    # Encoders that run no model (zero embeddings): the pipeline's own ceiling
+    # (benchmarks/bench_pipeline.py --null-encoder). Never for real output.
+    null_encoder: bool = False
+    actor_trace_path: str | None = None  # local file: one line "<pid> <kind> <GPU ids>" per actor
 
 
 class JobConfig(_Strict):
@@ -283,6 +322,8 @@ class JobConfig(_Strict):
         """The effective encoder settings of `kind`: defaults with its overrides applied."""
         base = self.encoder_defaults.model_dump()
         over = self.encoders.get(kind)  # type: ignore[call-overload]
+        if over is None or over.num_gpus is None:
+            base["num_gpus"] *= SMALL_ENCODER_GPU_SHARE.get(kind, 1.0)
         if over is not None:
             base.update({k: v for k, v in over.model_dump().items() if v is not None})
         gpu = base["num_gpus"] > 0
@@ -291,8 +332,25 @@ class JobConfig(_Strict):
                 DEFAULT_ENCODER_BATCH_GPU[kind] if gpu else DEFAULT_ENCODER_BATCH_CPU
             )
         if base["dtype"] == "auto":
-            base["dtype"] = auto_dtype("cuda" if gpu else "cpu")
+            device = base["device"] if base["device"] != "auto" else ("cuda" if gpu else "cpu")
+            base["dtype"] = auto_dtype(device)
         return EncoderConfig(**base)
+
+    def model_spec(self, kind: str) -> ibc.ModelSpec:
+        """The model `kind` is embedded with: its identity, dtype, device and preprocessing."""
+        enc = self.encoder(kind)
+        return ibc.ModelSpec(
+            preset=self.preset,
+            checkpoint=self.checkpoint,
+            sha256=self.checkpoint_sha256,
+            dtype=enc.dtype,
+            device=enc.model_device,
+            seed=self.seed,
+            normalize=self.normalize,
+            options={k: dict(v) for k, v in self.preprocess.options.items()},
+            limits=dict(self.preprocess.limits),
+            storage_options=self.storage_options() if self.checkpoint else None,
+        )
 
     def preprocess_batch(self, kind: str) -> int:
         """Items per preprocessing task of `kind` (its encoder's device picks the default)."""

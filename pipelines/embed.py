@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 import imagebind_core as ibc
 from imagebind_core.io import canonical_uri, filesystem
@@ -69,8 +71,10 @@ class OutputMismatch(RuntimeError):
 def model_lineage(cfg: JobConfig, kinds: Sequence[str] = ()) -> dict[str, str]:
     """What produces this job's embeddings, as Parquet schema metadata (str -> str).
 
-    The checkpoint's sha256 is `checkpoint_sha256` from the config when given (the actors
-    verify it); otherwise the driver fetches the checkpoint once to hash it.
+    Each kind's `JobConfig.model_spec` lineage, merged (a field that differs between kinds,
+    e.g. the dtype, lists them); the preprocessing settings are those of `kinds`. The
+    checkpoint's sha256 is `checkpoint_sha256` from the config when given (the actors verify
+    it); otherwise the driver fetches the checkpoint once to hash it.
     """
     if cfg.checkpoint is None:
         sha = "random"
@@ -79,27 +83,20 @@ def model_lineage(cfg: JobConfig, kinds: Sequence[str] = ()) -> dict[str, str]:
     else:
         logger.info("hashing checkpoint %s (set checkpoint_sha256 to skip)", cfg.checkpoint)
         _, sha = ibc.fetch_checkpoint(cfg.checkpoint, storage_options=cfg.storage_options())
-    dtypes = {k: cfg.encoder(k).dtype for k in kinds if k != INVALID}
-    uniq = sorted(set(dtypes.values())) or [cfg.encoder_defaults.dtype]
-    dtype = uniq[0] if len(uniq) == 1 else ",".join(f"{k}={v}" for k, v in sorted(dtypes.items()))
-    return {
-        "imagebind.preset": cfg.preset,
-        "imagebind.checkpoint": cfg.checkpoint or "random",
-        "imagebind.checkpoint_sha256": sha,
-        "imagebind.dtype": dtype,
-        "imagebind.embed_dim": str(ibc.get_config(cfg.preset).out_embed_dim),
-        "imagebind.normalize": str(cfg.normalize).lower(),
-        "imagebind.package_version": ibc.__version__,
-        "imagebind.preprocess_version": str(ibc.PREPROCESS_VERSION),
+    real = sorted({k for k in kinds if k != INVALID})
+    per_kind = {
+        k: cfg.model_spec(k).lineage(kinds=real, checkpoint_sha256=sha) for k in real or ["vision"]
     }
+    if not real:  # no kinds (an empty shard's file): the defaults'
+        per_kind["vision"]["dtype"] = cfg.encoder("vision").dtype
+    return {f"imagebind.{k}": v for k, v in ibc.merge_lineage(per_kind).items()}
 
 
 def _record_key(cfg: JobConfig, plan: Plan, lineage: dict[str, str]) -> dict[str, Any]:
-    keep = ("preset", "checkpoint_sha256", "embed_dim", "normalize", "preprocess_version")
     return {
         "input": canonical_uri(cfg.input),
         "format": plan.format,
-        **{k: lineage[f"imagebind.{k}"] for k in keep},
+        **ibc.lineage_key(lineage),
     }
 
 
@@ -169,6 +166,29 @@ def available_memory_bytes() -> int | None:
         return None
 
 
+def gpu_pools(cfg: JobConfig, kinds: Sequence[str], gpus: float) -> dict[str, tuple[int, int]]:
+    """(initial, max) actors of each GPU-encoded kind among `kinds` on `gpus` GPUs.
+
+    Each kind starts with an equal share of the GPUs, in whole actors of its `num_gpus` (one
+    per GPU for the big towers; small encoders pack several actors on one GPU with fractional
+    `num_gpus`); what rounding leaves over goes to the kinds with the largest actors first,
+    so that at the start every GPU is taken. A pool may grow to every GPU (Ray Data's
+    autoscaler adds actors when the other kinds' pools finish and free theirs).
+    """
+    need = {k: cfg.encoder(k).num_gpus for k in kinds if k != INVALID}
+    need = {k: g for k, g in need.items() if g > 0}
+    if not need:
+        return {}
+    share = gpus / len(need)
+    initial = {k: int(share // g + 1e-9) for k, g in need.items()}
+    left = gpus - sum(initial[k] * g for k, g in need.items())
+    for k in sorted(need, key=lambda k: (-need[k], k)):
+        while left + 1e-9 >= need[k]:
+            initial[k] += 1
+            left -= need[k]
+    return {k: (initial[k], int(gpus // g + 1e-9)) for k, g in need.items()}
+
+
 def pool_size(
     cfg: JobConfig,
     kind: str,
@@ -179,8 +199,9 @@ def pool_size(
 ) -> Pool:
     """Resolve `encoders.<kind>.max_actors` ("auto" or a number) against the cluster.
 
-    auto, GPU encoders: one actor per `num_gpus` of the cluster's GPUs now (an autoscaling
-    cluster that starts without GPUs: set `max_actors`). auto, CPU encoders: one actor per
+    auto, GPU encoders: the cluster's GPUs now, shared between the job's GPU-encoded kinds
+    (`gpu_pools`; an autoscaling cluster that starts without GPUs: set `max_actors`). auto,
+    CPU encoders: one actor per
     `torch_threads` cores — on CPU several single-threaded actors are at least as fast as one
     multi-threaded actor (no intra-op synchronisation; text 1.03–1.28x on 2 cores, vision
     within noise: benchmarks/bench_cpu_actors.py) — split between the CPU-encoded kinds of
@@ -195,19 +216,19 @@ def pool_size(
         return Pool(enc.min_actors, enc.min_actors, enc.max_actors)
     res = resources or {}
     if enc.num_gpus > 0:
-        n = int(res.get("GPU", 0) // enc.num_gpus)
-    else:
-        cpu_kinds = [k for k in kinds if k != INVALID and cfg.encoder(k).num_gpus == 0]
-        share = max(1, len(cpu_kinds))
-        cores = (os.cpu_count() or 1) if local else res.get("CPU", 0) / 2
-        n = int(cores // (enc.threads * share))
-        if memory_bytes is None:
-            if local:
-                memory_bytes = available_memory_bytes()
-            else:
-                memory_bytes = res.get("memory", 0) or None
-        if memory_bytes:
-            n = min(n, int(memory_bytes / 2 / share // actor_memory_bytes(cfg, kind)))
+        initial, most = gpu_pools(cfg, kinds, res.get("GPU", 0))[kind]
+        return Pool(enc.min_actors, max(initial, enc.min_actors), max(most, enc.min_actors))
+    cpu_kinds = [k for k in kinds if k != INVALID and cfg.encoder(k).num_gpus == 0]
+    share = max(1, len(cpu_kinds))
+    cores = (os.cpu_count() or 1) if local else res.get("CPU", 0) / 2
+    n = int(cores // (enc.threads * share))
+    if memory_bytes is None:
+        if local:
+            memory_bytes = available_memory_bytes()
+        else:
+            memory_bytes = res.get("memory", 0) or None
+    if memory_bytes:
+        n = min(n, int(memory_bytes / 2 / share // actor_memory_bytes(cfg, kind)))
     n = max(n, enc.min_actors)
     return Pool(enc.min_actors, n, n)
 
@@ -274,6 +295,7 @@ def build_pipeline(
         )
         enc = cfg.encoder(kind)
         pool = pool_size(cfg, kind, plan.kinds, resources, local)
+        concurrent = enc.concurrent_batches
         ds = ds.map_batches(
             EncodeBatch,
             batch_size=enc.batch_size,
@@ -282,22 +304,20 @@ def build_pipeline(
                 min_size=pool.min,
                 max_size=pool.max,
                 initial_size=pool.initial,
-                max_tasks_in_flight_per_actor=enc.tasks_in_flight,
+                max_tasks_in_flight_per_actor=max(enc.tasks_in_flight, concurrent),
+                # CUDA: two calls at once, so one batch is copied to the device while the
+                # previous computes (the runner lets one compute at a time).
+                max_concurrent_calls_per_actor=concurrent,
+                enable_true_multi_threading=concurrent > 1,
             ),
             num_cpus=enc.num_cpus,
             num_gpus=enc.num_gpus,
             fn_constructor_kwargs={
                 "kind": kind,
-                "preset": cfg.preset,
-                "checkpoint": cfg.checkpoint,
-                "sha256": cfg.checkpoint_sha256,
-                "dtype": enc.dtype,
-                "device": "cuda" if enc.num_gpus > 0 else "cpu",
-                "normalize": cfg.normalize,
-                "seed": cfg.seed,
-                "storage_options": so,
+                "spec": cfg.model_spec(kind),
                 "torch_threads": enc.threads,
-                "options": cfg.preprocess.options.get(kind, {}),  # type: ignore[call-overload]
+                "null_encoder": cfg.debug.null_encoder,
+                "trace_path": cfg.debug.actor_trace_path,
             },
         )
         branches.append(ds)
@@ -325,6 +345,20 @@ def required_cpus(cfg: JobConfig, kinds: Sequence[str]) -> float:
     return need
 
 
+def local_num_cpus(cfg: JobConfig, kinds: Sequence[str]) -> int:
+    """Logical CPUs of a local Ray the job starts (`ray.num_cpus` when set): two preprocessing
+    tasks per core — decoding runs beside CPU encoder actors, the OS sharing the cores —
+    on top of what the other stages hold (readers, Ray Data's repartition tasks at 1 CPU each,
+    encoder pools at their minimum, the writer). Ray Data budgets every operator out of the
+    same logical CPUs: with twice the cores in all, a 2-core machine ran one preprocessing
+    task at a time (the first null-encoder run, benchmarks/results/)."""
+    if cfg.ray.num_cpus:
+        return cfg.ray.num_cpus
+    real = [k for k in kinds if k != INVALID]
+    others = required_cpus(cfg, real) - len(real) * cfg.preprocess.num_cpus + len(real)
+    return math.ceil(2 * (os.cpu_count() or 1) * cfg.preprocess.num_cpus + others)
+
+
 # ----------------------------------------------------------------------------- running
 
 
@@ -339,6 +373,9 @@ class JobSummary:
     ok: dict[str, int] = field(default_factory=dict)  # items embedded by this run, per kind
     errors: dict[str, int] = field(default_factory=dict)  # items failed in this run, per kind
     seconds: float = 0.0
+    # From the start of the run to the first encoded batch's rows written (the encoder's first
+    # batch plus one part write): what the job pays before its encoders produce anything.
+    first_batch_seconds: float | None = None
 
     def items_per_s(self, kind: str) -> float:
         n = self.ok.get(kind, 0) + self.errors.get(kind, 0)
@@ -352,6 +389,9 @@ class JobSummary:
             "shards_skipped": self.shards_skipped,
             "shards_committed": self.shards_committed,
             "seconds": round(self.seconds, 3),
+            "first_batch_seconds": (
+                None if self.first_batch_seconds is None else round(self.first_batch_seconds, 3)
+            ),
             "kinds": {
                 k: {
                     "embedded": self.ok.get(k, 0),
@@ -368,6 +408,8 @@ class JobSummary:
             f"  shards: {self.shards_committed} committed by this run, "
             f"{self.shards_skipped} already done, {self.shards_total} in total",
         ]
+        if self.first_batch_seconds is not None:
+            lines.append(f"  first encoded batch written after {self.first_batch_seconds:.1f} s")
         for k in sorted(set(self.ok) | set(self.errors)):
             lines.append(
                 f"  {k:8s} {self.ok.get(k, 0):8d} embedded {self.errors.get(k, 0):6d} errors "
@@ -423,10 +465,7 @@ def _ensure_ray(cfg: JobConfig, kinds: Sequence[str]) -> bool:
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local"
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
     if address == "local":
-        # Twice the cores in logical CPUs: decoding tasks then run beside CPU encoder actors
-        # (the OS shares the cores) instead of waiting for a free logical CPU.
-        need = required_cpus(cfg, kinds)
-        kwargs["num_cpus"] = cfg.ray.num_cpus or max(2 * (os.cpu_count() or 1), int(need + 0.999))
+        kwargs["num_cpus"] = local_num_cpus(cfg, kinds)
     ray.init(address=address, **kwargs)
     return address == "local"
 
@@ -537,6 +576,8 @@ def run_plan(cfg: JobConfig, plan: Plan, *, log_every_s: float = 10.0) -> JobSum
             for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                 if lock.lost.is_set():
                     raise OutputLocked(f"lost the lock on {cfg.output}; stopping")
+                if summary.first_batch_seconds is None and pc.sum(block["n_ok"]).as_py():
+                    summary.first_batch_seconds = time.perf_counter() - t0
                 for shard in tracker.add(block):
                     refs.append(commit.remote(cfg.output, shard, so, dim, lineage))
                 if time.perf_counter() - last_log > log_every_s:

@@ -9,10 +9,10 @@ One run:
    as `imagebind-embed`) and diffs it against the parent by (`id`, `fingerprint`): new and
    changed items are embedded, unchanged rows are carried forward as they are (same bytes, no
    recomputation), deleted items are left out. A different model lineage (preset, checkpoint
-   sha256, dtype, embedding size, normalisation, preprocessing version; the seed for random
-   weights) re-embeds everything. Items that failed in the parent with the same fingerprint
-   are not retried unless `index.retry_failed` is set (a bad file must not make every run
-   publish a new version);
+   sha256, dtype, embedding size, normalisation, preprocessing version, options and limits;
+   the seed for random weights) re-embeds everything. Items that failed in the parent with
+   the same fingerprint are not retried unless `index.retry_failed` is set (a bad file must
+   not make every run publish a new version);
 4. if nothing changed, publishes nothing; otherwise stages a complete version under
    `<root>/versions/<n>-<run>/` — `data/embedded/` (this run's embeddings, written by
    `pipelines.embed.embed_items` with its exactly-once protocol), `data/carried/` (rows copied
@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+import imagebind_core as ibc
 from imagebind_core.index import DATA_DIR, INDEX_DIR, Pointer, VectorIndex, join_uri
 from imagebind_core.io import filesystem
 from pipelines.config import KINDS, ConfigError, JobConfig, load_config
@@ -60,15 +61,9 @@ EMBEDDED_DIR = "embedded"  # this run's embeddings (embed_items output) inside d
 CARRIED_DIR = "carried"  # rows copied from the parent version inside data/
 ERRORS_DIR = "_errors"
 RECORD_FORMAT = 1
-# The lineage fields whose change forces a full re-embed (names of model_lineage's keys).
-LINEAGE_KEYS = (
-    "preset",
-    "checkpoint_sha256",
-    "dtype",
-    "embed_dim",
-    "normalize",
-    "preprocess_version",
-)
+# The lineage fields whose change forces a full re-embed: everything that changes a vector
+# (imagebind_core.runner.LINEAGE_KEYS, plus the seed of random weights).
+LINEAGE_KEYS = ibc.LINEAGE_KEYS
 # Rows per carried-forward Parquet file.
 CARRIED_ROWS_PER_FILE = 1_000_000
 
@@ -159,11 +154,7 @@ def lineage_key(job: JobConfig) -> dict[str, str]:
     """What must stay equal for rows to be carried forward (see LINEAGE_KEYS)."""
     from pipelines.embed import model_lineage
 
-    lin = model_lineage(job, KINDS)
-    key = {k: lin[f"imagebind.{k}"] for k in LINEAGE_KEYS}
-    if key["checkpoint_sha256"] == "random":
-        key["seed"] = str(job.seed)  # random weights: the seed is the model
-    return key
+    return ibc.lineage_key(model_lineage(job, KINDS))
 
 
 def lineage_changes(old: dict[str, str] | None, new: dict[str, str]) -> list[str]:

@@ -2,22 +2,23 @@
 
 - `preprocess_batch`: a stateless CPU function (Ray tasks): fetch each item's bytes (inline,
   or from its URI with a few threads to hide object-store latency), run
-  `imagebind_core.preprocess` (compact: still images as uint8 pixels), and serialise the model
-  input; texts leave sorted by length. A bad item becomes an error row (`InvalidInput`'s
-  reason), never an exception out of the block.
-- `EncodeBatch`: a callable class (one Ray actor per pool member) that loads the model once in
-  `__init__` and in `__call__` only stacks, moves (expanding compact pixels), runs the encoder under
-  `torch.inference_mode()` and returns float32 embeddings. No decoding happens here, so a GPU
-  actor never waits on CPU work.
+  `imagebind_core.preprocess` into the item's smallest exact form (still images as uint8
+  pixels, texts as int32 token ids through their end-of-text token), and hand the block's
+  inputs on as one contiguous buffer (`tensor_columns`); texts leave sorted by length. A bad
+  item becomes an error row (`InvalidInput`'s reason, no tensor), never an exception out of
+  the block.
+- `EncodeBatch`: a callable class (one Ray actor per pool member), a thin wrapper over
+  `imagebind_core.EncoderRunner`: it views a block's inputs as (B, ...) arrays without
+  copying them row by row (`batch_arrays`), and the runner moves, expands and encodes them.
+  No decoding happens here, so a GPU actor never waits on CPU work.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -38,14 +39,99 @@ from pipelines.writers import (
 logger = logging.getLogger(__name__)
 
 
-def _tensor_bytes(t: Any) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, t.numpy(), allow_pickle=False)
-    return buf.getvalue()
+# ----------------------------------------------------------------------------- transport
 
 
-def _tensor_from_bytes(b: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(b), allow_pickle=False)
+def compact_input(kind: str, t: Any) -> np.ndarray:
+    """One item's model input (`preprocess(..., compact=True)`) -> the form it travels in.
+
+    Texts: int32 token ids (the vocabulary has 49 408) without the zero padding after the
+    last token, padded back with zeros to the batch's longest row by `batch_arrays`: the
+    tokenizer's ids, cut where only padding follows (the model drops those columns anyway,
+    `ImageBindModel.encode`). Everything else as preprocessed (still images are uint8 already).
+    """
+    a = t.numpy()
+    if kind == "text":
+        nz = np.flatnonzero(a)
+        return a[: int(nz[-1]) + 1 if nz.size else 0].astype(np.int32)
+    return a
+
+
+def tensor_columns(arrays: Sequence[np.ndarray | None]) -> tuple[pa.Array, pa.Array, pa.Array]:
+    """Per-row arrays (None for rows without one) -> (`tensor`, `tensor_shape`,
+    `tensor_dtype`) columns. `tensor` holds each row's raw C-order bytes, all rows in one
+    contiguous buffer (a null row adds no bytes), so a run of rows is one slice of it."""
+    n = len(arrays)
+    flat = [
+        None if a is None else np.ascontiguousarray(a).reshape(-1).view(np.uint8) for a in arrays
+    ]
+    sizes = np.array([0 if a is None else a.size for a in flat], np.int64)
+    offsets = np.zeros(n + 1, np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    data = np.empty(int(offsets[-1]), np.uint8)
+    for a, o in zip(flat, offsets[:-1].tolist(), strict=True):
+        if a is not None:
+            data[o : o + a.size] = a
+    valid = pa.array([a is not None for a in arrays], pa.bool_())
+    tensor = pa.LargeBinaryArray.from_buffers(
+        pa.large_binary(),
+        n,
+        [valid.buffers()[1], pa.py_buffer(offsets), pa.py_buffer(data)],
+        null_count=n - int(valid.true_count),
+    )
+    shape = pa.array([None if a is None else list(a.shape) for a in arrays], pa.list_(pa.int32()))
+    dtype = pa.array([None if a is None else a.dtype.str for a in arrays], pa.string())
+    return tensor, shape, dtype
+
+
+def batch_arrays(
+    batch: pa.Table, rows: Sequence[int], pad: bool = False
+) -> list[tuple[list[int], np.ndarray]]:
+    """The inputs of `rows` as batches: one (row indices, (n, ...) array) per item shape and
+    dtype, in first-row order. Rows that are neighbours in the buffer (null rows between
+    them add no bytes) are a zero-copy view of the block's buffer; others are gathered into
+    one new array.
+
+    Args:
+        pad: 1-D rows of one dtype form one batch whatever their lengths, zero-padded to the
+            longest (token ids, see `compact_input`).
+    """
+    if not rows:
+        return []
+    chunked = batch.column("tensor")
+    # Blocks merged into one batch: one copy into one buffer; a single block: none.
+    col = chunked.chunk(0) if chunked.num_chunks == 1 else chunked.combine_chunks()
+    offsets = np.frombuffer(col.buffers()[1], np.int64)[col.offset : col.offset + len(col) + 1]
+    data = col.buffers()[2]
+    buf = np.frombuffer(data, np.uint8) if data is not None else np.empty(0, np.uint8)
+    shapes = batch.column("tensor_shape").to_pylist()
+    dtypes = batch.column("tensor_dtype").to_pylist()
+    groups: dict[tuple, list[int]] = {}
+    for i in rows:
+        shape = tuple(shapes[i])
+        key = (len(shape), dtypes[i]) if pad and len(shape) == 1 else (shape, dtypes[i])
+        groups.setdefault(key, []).append(i)
+    out = []
+    for (shape, dt), idx in groups.items():
+        dtype = np.dtype(dt)
+        if isinstance(shape, int):  # padded 1-D rows
+            width = max(int(shapes[i][0]) for i in idx)
+            x = np.zeros((len(idx), width), dtype)
+            for j, i in enumerate(idx):
+                x[j, : shapes[i][0]] = buf[offsets[i] : offsets[i + 1]].view(dtype)
+            out.append((idx, x))
+            continue
+        starts, ends = offsets[idx], offsets[np.array(idx) + 1]
+        if np.array_equal(starts[1:], ends[:-1]):  # one run: a view of the buffer
+            x = buf[starts[0] : ends[-1]].view(dtype).reshape(len(idx), *shape)
+        else:
+            x = np.concatenate([buf[a:b] for a, b in zip(starts, ends, strict=True)])
+            x = x.view(dtype).reshape(len(idx), *shape)
+        out.append((idx, x))
+    return out
+
+
+# ----------------------------------------------------------------------------- preprocessing
 
 
 def _fetch(
@@ -72,7 +158,7 @@ def preprocess_batch(
     trace_path: str | None = None,
     delay_per_item_s: float = 0.0,
 ) -> pa.Table:
-    """Item rows (`data` or `uri`) -> rows with `tensor` (the item's model input as .npy).
+    """Item rows (`data` or `uri`) -> rows with the item's model input (`tensor_columns`).
 
     Rows that are not `ok` pass through. Missing `fingerprint`/`size`/`mtime` (manifest rows)
     are filled from the object's metadata. Failures become `error` rows with the reason.
@@ -89,7 +175,7 @@ def preprocess_batch(
     sizes = batch.column("size").to_pylist()
     mtimes = batch.column("mtime").to_pylist()
     data: list[Any] = batch.column("data").to_pylist()
-    tensors: list[bytes | None] = [None] * n
+    tensors: list[np.ndarray | None] = [None] * n
     lengths = [0] * n  # text rows: tokens through EOT, the text encoder's cost
 
     todo = [i for i in range(n) if status[i] == STATUS_OK]
@@ -119,7 +205,8 @@ def preprocess_batch(
         try:
             # compact: still images travel to the encoders as uint8 pixels, a quarter of the
             # float32 bytes (at an H200's ~1400 huge images/s, 0.2 instead of 0.8 GB/s through
-            # the object store and, on a cluster, the network); EncodeBatch expands them.
+            # the object store and, on a cluster, the network); the encoder expands them on
+            # its device.
             t = ibc.preprocess(
                 kinds[i],
                 data[i],
@@ -128,9 +215,9 @@ def preprocess_batch(
                 compact=True,
                 **opts.get(kinds[i], {}),
             )
-            tensors[i] = _tensor_bytes(t)
+            x = tensors[i] = compact_input(kinds[i], t)
             if kinds[i] == "text":
-                lengths[i] = int(ibc.text_lengths(t))
+                lengths[i] = int(x.argmax()) + 1  # = ibc.text_lengths: through the first EOT
         except ibc.InvalidInput as e:
             status[i], errors[i] = STATUS_ERROR, e.reason
         except Exception as e:  # a bug in a decoder must still not take the block down
@@ -152,9 +239,9 @@ def preprocess_batch(
             "fingerprint": pa.array(fps, pa.string()),
             "size": pa.array(sizes, pa.int64()),
             "mtime": pa.array(mtimes, pa.float64()),
-            "tensor": pa.array(tensors, pa.large_binary()),
         }
     )
+    cols["tensor"], cols["tensor_shape"], cols["tensor_dtype"] = tensor_columns(tensors)
     out = pa.table({f.name: cols[f.name] for f in PREPROCESSED_SCHEMA}, schema=PREPROCESSED_SCHEMA)
     if any(lengths):
         # Texts in order of length: the encoder cuts its batches from this block in order and
@@ -166,14 +253,10 @@ def preprocess_batch(
     return out
 
 
-def _embedding_column(emb: np.ndarray | None, ok: list[int], n: int, dim: int) -> pa.Array:
-    values = np.zeros((n, dim), np.float32)
-    mask = np.ones(n, bool)  # True = null
-    if emb is not None and ok:
-        values[ok] = emb
-        mask[ok] = False
-    flat = pa.array(values.reshape(-1), pa.float32())
-    return pa.FixedSizeListArray.from_arrays(flat, dim, mask=pa.array(mask))
+def _embedding_column(values: np.ndarray, done: np.ndarray, dim: int) -> pa.Array:
+    """(n, dim) float32 and which rows have a vector -> fixed_size_list (null elsewhere)."""
+    flat = pa.array(np.ascontiguousarray(values, np.float32).reshape(-1), pa.float32())
+    return pa.FixedSizeListArray.from_arrays(flat, dim, mask=pa.array(~done))
 
 
 def without_tensors(batch: pa.Table, embed_dim: int) -> pa.Table:
@@ -181,113 +264,122 @@ def without_tensors(batch: pa.Table, embed_dim: int) -> pa.Table:
     n = batch.num_rows
     schema = encoded_schema(embed_dim)
     cols = {name: batch.column(name) for name in schema.names if name in batch.column_names}
-    cols["embedding"] = _embedding_column(None, [], n, embed_dim)
+    cols["embedding"] = _embedding_column(
+        np.zeros((n, embed_dim), np.float32), np.zeros(n, bool), embed_dim
+    )
     return pa.table({name: cols[name] for name in schema.names}, schema=schema)
 
 
 class EncodeBatch:
     """Embeds the `ok` rows of preprocessed batches of one kind (a Ray Data actor class).
 
+    A thin wrapper over `imagebind_core.EncoderRunner`, which loads the model in a thread
+    started here: the actor is ready at once and receives its first blocks while the weights
+    load; the first call waits for them.
+
     Args:
         kind: media kind of this pool ("video" runs the vision encoder).
-        preset, checkpoint, sha256, seed, storage_options: passed to `imagebind_core.load_model`.
-        dtype: compute dtype; embeddings are returned as float32 whatever it is.
-        device: "cpu", "cuda", or None (CUDA when available).
-        normalize: unit-length embeddings (default) or the reference's raw output.
+        spec: the model and preprocessing settings (`imagebind_core.ModelSpec`).
         torch_threads: intra-op threads of this actor.
         model: an already built model (tests, single-process use); skips loading.
-        options: this kind's preprocessing options (`preprocess.options.<kind>`), for
-            expanding compact inputs exactly as they were preprocessed.
+        null_encoder: run everything but the model (embeddings are zeros): measures what the
+            pipeline can deliver to an encoder (benchmarks/bench_pipeline.py --null-encoder).
+        trace_path: a local file that gets one line per actor: pid, kind, logical GPU ids
+            (tests of pool sizing and GPU packing).
     """
 
     def __init__(
         self,
         kind: str,
-        preset: str = "huge",
-        checkpoint: str | None = None,
-        sha256: str | None = None,
-        dtype: str = "float32",
-        device: str | None = None,
-        normalize: bool = True,
-        seed: int = 0,
-        storage_options: StorageOptions | None = None,
+        spec: ibc.ModelSpec | None = None,
+        *,
         torch_threads: int | None = None,
         model: Any = None,
-        options: Mapping[str, Any] | None = None,
+        null_encoder: bool = False,
+        trace_path: str | None = None,
     ) -> None:
-        import warnings
+        if torch_threads and not null_encoder:
+            import torch
 
-        import torch
-
-        if torch_threads:
             torch.set_num_threads(torch_threads)
         self.kind = kind
-        self.options = dict(options or {})
         self.modality = ibc.model_modality(kind)
-        self.normalize = normalize
-        if model is None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # random weights: the driver already warned
-                model = ibc.load_model(
-                    checkpoint,
-                    preset,
-                    modalities=[self.modality],
-                    device=device,
-                    dtype=dtype,
-                    sha256=sha256,
-                    storage_options=storage_options,
-                    seed=seed,
-                )
-        self.model = model
-        self.dim = int(model.embed_dim)
+        if spec is None:
+            spec = ibc.ModelSpec(preset=model.config.name if model is not None else "huge")
+        self.spec = spec
+        self.runner = (
+            None
+            if null_encoder
+            else ibc.EncoderRunner(spec, self.modality, model=model, background=True)
+        )
+        self.dim = spec.embed_dim if model is None else int(model.embed_dim)
         self.schema = encoded_schema(self.dim)
+        self._started = time.perf_counter()
+        self._first_batch_logged = False
+        if trace_path:
+            _trace_actor(trace_path, kind)
 
-    def _forward(self, arrays: list[np.ndarray]) -> np.ndarray:
-        import torch
-
-        x = ibc.collate([torch.from_numpy(a) for a in arrays])  # (B, ...item shape)
-        # compact pixels: expanded on the model's device, so the small form is what moves
-        x = ibc.expand(self.kind, x, self.model.device, **self.options)
-        with torch.inference_mode():
-            y = self.model({self.modality.value: x}, normalize=self.normalize)[self.modality.value]
-        return y.float().cpu().numpy()  # (B, D)
+    def _encode_groups(self, groups: list[tuple[list[int], np.ndarray]]) -> list[np.ndarray]:
+        if self.runner is None:
+            return [np.zeros((len(idx), self.dim), np.float32) for idx, _ in groups]
+        return list(self.runner.encode_all((self.kind, x) for _, x in groups))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
         status = batch.column("status").to_pylist()
         errors = batch.column("error").to_pylist()
         ok = [i for i in range(n) if status[i] == STATUS_OK]
-        emb = None
-        if ok:
-            tensors = batch.column("tensor")
-            arrays = [_tensor_from_bytes(tensors[i].as_py()) for i in ok]
-            try:
-                emb = self._forward(arrays)
-            except Exception as batch_error:
-                # Isolate the item(s) the encoder refuses; the others are embedded.
-                logger.warning(
-                    "encoder failed on a batch of %d (%s); retrying one by one",
-                    len(ok),
-                    batch_error,
-                )
-                rows, good = [], []
-                for i, a in zip(ok, arrays, strict=True):
+        values = np.zeros((n, self.dim), np.float32)
+        done = np.zeros(n, bool)
+        groups = batch_arrays(batch, ok, pad=self.kind == "text")
+        if self.runner is not None and groups:
+            # Wait for the model here, outside the per-item fallback below: a load that failed
+            # (a bad checkpoint) fails the job with its reason instead of every item.
+            self.runner.model  # noqa: B018
+        try:
+            for (idx, _), y in zip(groups, self._encode_groups(groups), strict=True):
+                values[idx] = y
+                done[idx] = True
+        except Exception as batch_error:
+            # Isolate the item(s) the encoder refuses; the others are embedded.
+            logger.warning(
+                "encoder failed on a batch of %d (%s); retrying one by one", len(ok), batch_error
+            )
+            for idx, x in groups:
+                for j, i in enumerate(idx):
+                    if done[i]:
+                        continue
                     try:
-                        rows.append(self._forward([a])[0])
-                        good.append(i)
+                        values[i] = self._encode_groups([([i], x[j : j + 1])])[0][0]
+                        done[i] = True
                     except Exception as e:
-                        status[i], errors[i] = (
-                            STATUS_ERROR,
-                            f"encoder failed: {type(e).__name__}: {e}",
-                        )
-                ok, emb = good, (np.stack(rows) if rows else None)
+                        status[i] = STATUS_ERROR
+                        errors[i] = f"encoder failed: {type(e).__name__}: {e}"
+        if ok and not self._first_batch_logged:
+            self._first_batch_logged = True
+            logger.info(
+                "%s encoder: first batch done %.1f s after the actor started",
+                self.kind,
+                time.perf_counter() - self._started,
+            )
         cols = {
             name: batch.column(name) for name in self.schema.names if name in batch.column_names
         }
         cols["status"] = pa.array(status, pa.string())
         cols["error"] = pa.array(errors, pa.string())
-        cols["embedding"] = _embedding_column(emb, ok, n, self.dim)
+        cols["embedding"] = _embedding_column(values, done, self.dim)
         return pa.table({name: cols[name] for name in self.schema.names}, schema=self.schema)
+
+
+def _trace_actor(path: str, kind: str) -> None:
+    try:
+        import ray
+
+        gpus = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
+    except Exception:  # not in a Ray worker
+        gpus = []
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()} {kind} {','.join(map(str, gpus)) or '-'}\n")
 
 
 __all__ = ["EncodeBatch", "embedding_type", "preprocess_batch", "without_tensors"]

@@ -65,9 +65,15 @@ ITEM_SCHEMA = pa.schema(
         pa.field("data", pa.large_binary()),
     ]
 )
-# After preprocessing: `data` replaced by `tensor` (one item's model input in .npy format).
+# After preprocessing: `data` replaced by the item's model input: raw bytes (one contiguous
+# buffer per block), shape and numpy dtype string (pipelines.stages.tensor_columns).
 PREPROCESSED_SCHEMA = pa.schema(
-    [f for f in ITEM_SCHEMA if f.name != "data"] + [pa.field("tensor", pa.large_binary())]
+    [f for f in ITEM_SCHEMA if f.name != "data"]
+    + [
+        pa.field("tensor", pa.large_binary()),
+        pa.field("tensor_shape", pa.list_(pa.int32())),
+        pa.field("tensor_dtype", pa.string()),
+    ]
 )
 
 SUMMARY_SCHEMA = pa.schema(

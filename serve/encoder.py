@@ -56,11 +56,14 @@ def call_size(call: EncodeCall) -> int:
 class EncoderCore:
     """Runs one modality's encoder over batches of `EncodeCall`s. No Ray needed.
 
+    A thin wrapper over `imagebind_core.EncoderRunner` (the offline job's encoder actors use
+    the same runner): this class only groups calls into batches.
+
     Args:
         modality: the model input this replica serves (`vision` also serves video clips).
         model: an `imagebind_core` model to use instead of loading one (tests inject TINY).
-        preset, checkpoint, sha256, dtype, device, seed, storage_options: as
-            `imagebind_core.load_model`; only `modality`'s weights are loaded.
+        preset, checkpoint, sha256, dtype, device, seed, storage_options: the
+            `imagebind_core.ModelSpec` to load; only `modality`'s weights are loaded.
         torch_threads: `torch.set_num_threads` for this process (None keeps the default).
     """
 
@@ -85,44 +88,39 @@ class EncoderCore:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.modality = str(ibc.Modality(modality))
-        if model is None:
-            model = ibc.load_model(
-                checkpoint,
-                preset=preset,
-                modalities=[self.modality],
-                device=device,
-                dtype=dtype,
-                sha256=sha256,
-                storage_options=storage_options,
-                seed=seed,
-            )
-        self.model = model
+        spec = ibc.ModelSpec(
+            preset=model.config.name if model is not None else preset,
+            checkpoint=checkpoint,
+            sha256=sha256,
+            dtype=dtype or "float32",
+            device=device,
+            seed=seed,
+            storage_options=storage_options,
+        )
+        self.runner = ibc.EncoderRunner(spec, self.modality, model=model)
+
+    @property
+    def model(self) -> Any:
+        return self.runner.model
 
     def encode(self, calls: list[EncodeCall]) -> list[np.ndarray]:
-        """One model call per (input shape, normalize) group; outputs in call order.
+        """One model call per (input shape, dtype, normalize) group; outputs in call order.
 
         Images (3,H,W) and video clips (S,3,T,H,W) reach the same vision encoder but cannot be
         stacked, and `normalize` is a model argument: a mixed batch runs once per group.
         """
-        import torch
-
-        import imagebind_core as ibc
-
         groups: dict[tuple, list[int]] = {}
         for i, c in enumerate(calls):
             groups.setdefault((c.x.shape[1:], c.x.dtype.str, c.normalize), []).append(i)
         out: list[np.ndarray | None] = [None] * len(calls)
-        with torch.inference_mode():
-            for (_, _, normalize), idx in groups.items():
-                x = torch.from_numpy(np.concatenate([calls[i].x for i in idx]))
-                x = ibc.expand(self.modality, x, self.model.device)  # compact image pixels
-                y = self.model.encode(self.modality, x, normalize=normalize)
-                y = y.float().cpu().numpy()  # (N, D) float32
-                start = 0
-                for i in idx:
-                    k = calls[i].x.shape[0]
-                    out[i] = y[start : start + k]
-                    start += k
+        for (_, _, normalize), idx in groups.items():
+            x = np.concatenate([calls[i].x for i in idx])
+            y = self.runner.encode(self.modality, x, normalize=normalize)  # (N, D) float32
+            start = 0
+            for i in idx:
+                k = calls[i].x.shape[0]
+                out[i] = y[start : start + k]
+                start += k
         return out  # type: ignore[return-value]
 
     def info(self) -> dict[str, Any]:
@@ -130,7 +128,7 @@ class EncoderCore:
         return {
             "modality": self.modality,
             "embed_dim": int(self.model.embed_dim),
-            "lineage": dict(self.model.lineage()),
+            "lineage": self.runner.lineage(),
         }
 
 

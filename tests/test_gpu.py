@@ -96,3 +96,30 @@ def test_compact_images_expand_on_cuda_to_the_same_input():
     compact = ibc.preprocess("vision", data, compact=True)
     got = ibc.expand("vision", compact, "cuda")
     assert got.is_cuda and torch.equal(got.cpu(), ibc.preprocess("vision", data))
+
+
+def test_runner_on_cuda_pins_overlaps_and_matches_the_cpu():
+    """The shared runner's CUDA path: pinned copies on a side stream, the next batch's copy in
+    flight while one computes, compact pixels expanded on the device — the CPU's vectors."""
+    import numpy as np
+
+    data = [media.make_image("JPEG", (640, 480), seed=s) for s in range(4)]
+    compact = np.stack([ibc.preprocess("vision", d, compact=True).numpy() for d in data])
+    cpu = ibc.EncoderRunner(ibc.ModelSpec(preset="tiny", device="cpu"), "vision")
+    gpu = ibc.EncoderRunner(ibc.ModelSpec(preset="tiny", device="cuda"), "vision", background=True)
+    staged = gpu.stage("vision", compact)
+    assert staged.x.is_cuda and staged.host.is_pinned() and staged.event is not None
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        want = cpu.encode("vision", compact)
+        got = gpu.finish(staged)
+        assert np.abs(got - want).max() < 1e-4
+        outs = list(gpu.encode_all([("vision", compact[:2]), ("vision", compact[2:])]))
+        assert np.abs(np.concatenate(outs) - want).max() < 1e-4
+        text = ibc.collate([ibc.preprocess("text", t) for t in ["a dog", "a cat"]]).numpy()
+        t_cpu = ibc.EncoderRunner(ibc.ModelSpec(preset="tiny", device="cpu"), "text")
+        t_gpu = ibc.EncoderRunner(ibc.ModelSpec(preset="tiny", device="cuda"), "text")
+        x32 = text.astype("int32")  # the job's transport form
+        assert np.abs(t_gpu.encode("text", x32) - t_cpu.encode("text", text)).max() < 1e-4
+    finally:
+        torch.backends.cudnn.allow_tf32 = True

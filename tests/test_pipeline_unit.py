@@ -419,6 +419,80 @@ def test_rerun_with_the_input_spelled_differently_is_the_same_job(tmp_path):
         _check_record(out, cfg, plan_job(cfg), model_lineage(cfg, ("text",)))
 
 
+def test_gpu_pools_fill_every_gpu_and_pack_small_encoders():
+    from pipelines.embed import Pool, gpu_pools, pool_size
+
+    cfg = load_config(
+        None, {"input": "i", "output": "o", "preset": "tiny", "encoder_defaults.num_gpus": 1}
+    )
+    # big towers: a whole GPU per actor; small encoders: a quarter (several share a GPU)
+    assert [cfg.encoder(k).num_gpus for k in ("vision", "text", "audio", "imu")] == [
+        1,
+        1,
+        0.25,
+        0.25,
+    ]
+    assert cfg.encoder("vision").model_device == "cuda"
+    assert cfg.encoder("vision").concurrent_batches == 2
+    kinds = ["audio", "text", "vision"]
+    pools = gpu_pools(cfg, kinds, 4)
+    # every GPU taken at the start: 1 + 1 + 8 x 0.25; each pool may grow to all four GPUs
+    assert pools == {"vision": (1, 4), "text": (1, 4), "audio": (8, 16)}
+    assert pool_size(cfg, "audio", kinds, {"CPU": 64, "GPU": 4}) == Pool(1, 8, 16)
+    assert sum(i * cfg.encoder(k).num_gpus for k, (i, _) in pools.items()) == 4
+    # one GPU, two big towers: one waits for the other's pool to finish (min_actors 1)
+    assert gpu_pools(cfg, ["text", "vision"], 1) == {"text": (1, 1), "vision": (0, 1)}
+    assert pool_size(cfg, "vision", ["text", "vision"], {"GPU": 1}) == Pool(1, 1, 1)
+    # a kind's own num_gpus wins; device cpu keeps the model off the GPU it holds
+    own = load_config(
+        None,
+        {
+            "input": "i",
+            "output": "o",
+            "preset": "tiny",
+            "encoder_defaults.num_gpus": 1,
+            "encoder_defaults.device": "cpu",
+            "encoders.audio.num_gpus": 0.5,
+        },
+    )
+    assert own.encoder("audio").num_gpus == 0.5 and own.encoder("audio").model_device == "cpu"
+    assert own.model_spec("audio").device == "cpu" and own.encoder("audio").concurrent_batches == 1
+    assert gpu_pools(own, ["audio", "vision"], 2) == {"audio": (2, 4), "vision": (1, 2)}
+    with pytest.raises(ConfigError, match="device cuda needs num_gpus"):
+        load_config(None, {"input": "i", "output": "o", "encoder_defaults.device": "cuda"})
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"encoder_defaults.dtype": "bfloat16"},
+        {"seed": 7},
+        {"normalize": False},
+        {"preprocess.options": {"text": {"context_length": 77}}},
+        {"preprocess.limits": {"max_text_chars": 100}},
+    ],
+    ids=["dtype", "seed", "normalize", "option", "limit"],
+)
+def test_rerun_with_anything_that_changes_a_vector_is_refused(tmp_path, change):
+    """An output holds one model's vectors: a rerun with another dtype, seed (random weights),
+    normalisation or preprocessing option/limit is refused like another preset."""
+    from pipelines.embed import _check_record, model_lineage
+    from pipelines.writers import Output
+
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "a.csv").write_text("id,modality,text\nx1,text,one\n")
+    out = Output(str(tmp_path / "o"))
+    out.makedirs(out.root)
+    base = {"input": str(d), "output": out.root, "preset": "tiny"}
+    cfg = load_config(None, base)
+    _check_record(out, cfg, plan_job(cfg), model_lineage(cfg, ("text",)))
+    _check_record(out, cfg, plan_job(cfg), model_lineage(cfg, ("text",)))  # same job: fine
+    other = load_config(None, {**base, **change})
+    with pytest.raises(OutputMismatch, match="different job"):
+        _check_record(out, other, plan_job(other), model_lineage(other, ("text",)))
+
+
 def test_repeated_rows_over_many_shards():
     rng = np.random.default_rng(0)
     shards = [[f"id{int(i)}" for i in rng.integers(0, 500, size=n)] for n in (300, 0, 200, 400)]
@@ -552,7 +626,7 @@ def test_images_travel_compact_and_embed_as_the_full_input():
     import torch
 
     import imagebind_core as ibc
-    from pipelines.stages import EncodeBatch, _tensor_from_bytes, preprocess_batch
+    from pipelines.stages import EncodeBatch, batch_arrays, preprocess_batch
     from pipelines.writers import ITEM_SCHEMA, STATUS_OK
 
     images = [media.make_image("JPEG", (320 + 16 * i, 240), seed=i) for i in range(3)]
@@ -565,8 +639,8 @@ def test_images_travel_compact_and_embed_as_the_full_input():
         fingerprint=["x"] * 3,
     )
     pre = preprocess_batch(pa.table(rows, schema=ITEM_SCHEMA))
-    arrays = [_tensor_from_bytes(b) for b in pre.column("tensor").to_pylist()]
-    assert all(a.dtype == "uint8" and a.shape == (3, 224, 224) for a in arrays)
+    ((idx, x),) = batch_arrays(pre, range(3))
+    assert idx == [0, 1, 2] and x.dtype == "uint8" and x.shape == (3, 3, 224, 224)
     model = ibc.build_model("tiny", ["vision"])
     got = EncodeBatch("vision", model=model)(pre)
     want = model.encode(
@@ -579,10 +653,9 @@ def test_images_travel_compact_and_embed_as_the_full_input():
 def test_texts_leave_preprocessing_sorted_by_length_and_embed_as_in_file_order():
     """Texts of one block reach the encoder shortest first, so its batches run short (the
     model drops padding after a batch's longest text); each row's embedding is unchanged."""
-    import torch
 
     import imagebind_core as ibc
-    from pipelines.stages import EncodeBatch, _tensor_from_bytes, preprocess_batch
+    from pipelines.stages import EncodeBatch, preprocess_batch
     from pipelines.writers import ITEM_SCHEMA, STATUS_ERROR, STATUS_OK
 
     words = ["a", "dog", "runs", "over", "the", "bright", "city", "under", "a", "dark", "sky"]
@@ -600,10 +673,7 @@ def test_texts_leave_preprocessing_sorted_by_length_and_embed_as_in_file_order()
     pre = preprocess_batch(pa.table(rows, schema=ITEM_SCHEMA))
     assert sorted(pre.column("id").to_pylist()) == rows["id"]  # every row, once
     ok = pre.filter(pa.compute.equal(pre.column("status"), STATUS_OK))
-    lengths = [
-        int(ibc.text_lengths(torch.from_numpy(_tensor_from_bytes(b))))
-        for b in ok.column("tensor").to_pylist()
-    ]
+    lengths = [shape[0] for shape in ok.column("tensor_shape").to_pylist()]
     assert lengths == sorted(lengths) and len(set(lengths)) > 5, lengths
 
     model = ibc.build_model("tiny", ["text"])

@@ -35,6 +35,7 @@ from pipelines.reindex import (
     _read_parquet_tree,
     diff_listing,
     lineage_changes,
+    lineage_key,
     load_reindex_config,
     reindex,
 )
@@ -214,6 +215,14 @@ def test_incremental_reindex_round_trip(ray_session, s3_server, tmp_path):
     assert r4.removed == [name1]
     assert [r["version"] for r in IndexRoot(root, so).history()] == [3, 2]
 
+    # 5. A preprocessing change (a limit no item reaches) re-embeds everything too.
+    n_traced = len(traced(trace))
+    cfg_c = config(s3_server, corpus, root, trace, seed=1, **{"preprocess.limits.max_bytes": 10**7})
+    r5 = reindex(cfg_c)
+    assert r5.status == "published" and "preprocess:" in r5.full_reason
+    assert r5.counts["reembedded"] == 8 and r5.counts["carried"] == 0
+    assert len(traced(trace)) - n_traced == 9
+
 
 def test_diff_and_lineage_rules():
     def table(ids, fps, kinds=None, uris=None, **extra):
@@ -258,6 +267,18 @@ def test_diff_and_lineage_rules():
     assert d.deleted == 5 and d.carried.num_rows == 0 and not d.empty
     key = {"preset": "tiny", "preprocess_version": "1"}
     assert lineage_changes(key, dict(key)) == []
+    # Everything that changes a vector is in the key: preprocessing options and limits too.
+    base = load_reindex_config(None, {"input": "/c", "index.root": "/i", "preset": "tiny"})
+    for change in (
+        {"preprocess.options": {"audio": {"mean_subtraction": "per_clip"}}},
+        {"preprocess.limits": {"max_text_chars": 100}},
+        {"encoder_defaults.dtype": "bfloat16"},
+        {"seed": 3},
+    ):
+        other = load_reindex_config(
+            None, {"input": "/c", "index.root": "/i", "preset": "tiny", **change}
+        )
+        assert lineage_changes(lineage_key(base.job), lineage_key(other.job)), change
     assert lineage_changes(key, {**key, "preprocess_version": "2"}) == [
         "preprocess_version: '1' -> '2'"
     ]

@@ -1,0 +1,362 @@
+"""The one encoder runner: a model's identity (`ModelSpec`) -> loaded model -> batched encode.
+
+The offline job's encoder actors (`pipelines.stages.EncodeBatch`) and the endpoint's encoder
+replicas (`serve.encoder.EncoderCore`) are thin wrappers over `EncoderRunner`; neither runs a
+model any other way. One batch goes through two steps:
+
+- `stage`: host array -> the model's device. On CUDA the batch is copied once into pinned
+  memory and from there to the device on a side stream, so the copy of the next batch runs
+  while the previous one computes; on the CPU it is a zero-copy view.
+- `finish`: wait for the batch's copy, expand compact inputs on the device (uint8 pixels ->
+  normalised floats, `imagebind_core.expand`), encode, return float32 (B, D) on the host.
+
+`encode_all` keeps two batches in flight from one thread (the next batch's copy is issued
+before the current batch's result is awaited); callers that run batches from two threads (a
+Ray actor with two concurrent calls) get the same overlap from `stage` running outside the
+compute lock. On the CPU both degrade to plain synchronous calls.
+
+`ModelSpec` spells once everything that changes a vector: preset, checkpoint and its sha256,
+dtype, seed (random weights), normalisation, preprocessing options and limits, and the
+preprocessing version. `lineage()` is what the job writes into Parquet metadata and its job
+record and what re-indexing compares (`lineage_key`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from imagebind_core.config import Modality, get_config
+from imagebind_core.preprocess.api import check_kind, expand, model_modality
+from imagebind_core.preprocess.common import PREPROCESS_VERSION, Limits
+
+if TYPE_CHECKING:
+    import torch
+
+    from imagebind_core.model import ImageBindModel
+
+logger = logging.getLogger(__name__)
+
+# Lineage fields whose change changes vectors: a job refuses to add to an output written with
+# other values, and re-indexing re-embeds everything when one changes. `seed` counts only for
+# random weights (a checkpoint's vectors do not depend on it). The device is recorded but not
+# compared: the same weights on another device differ by rounding only (tests/test_gpu.py).
+LINEAGE_KEYS: tuple[str, ...] = (
+    "preset",
+    "checkpoint_sha256",
+    "dtype",
+    "embed_dim",
+    "normalize",
+    "preprocess_version",
+    "preprocess",
+)
+
+
+def _canonical_limits(limits: Mapping[str, Any]) -> dict[str, float]:
+    """The overrides of `Limits` that differ from the defaults (validated), sorted."""
+    try:
+        full = dataclasses.asdict(Limits(**dict(limits)))
+    except TypeError as e:
+        raise ValueError(f"unknown limit: {e}") from None
+    default = dataclasses.asdict(Limits())
+    return {k: full[k] for k in sorted(full) if full[k] != default[k]}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything that decides an embedding's numbers, in one place.
+
+    Args:
+        preset: model size ("huge", "base", "tiny").
+        checkpoint: weights URI; None builds seeded random weights.
+        sha256: the checkpoint's expected sha256 (verified while loading), or None.
+        dtype: compute dtype name ("float32", "bfloat16", "float16"); outputs are float32.
+        device: "cpu", "cuda", "cuda:N", or None/"auto" (CUDA when available).
+        seed: the random weights' seed (no checkpoint).
+        normalize: unit-length outputs (the default of `encode`).
+        options: per-kind preprocessing options (`imagebind_core.preprocess(**options)`).
+        limits: overrides of `imagebind_core.Limits` fields.
+        storage_options: fsspec options for reading the checkpoint (not part of the lineage).
+    """
+
+    preset: str = "huge"
+    checkpoint: str | None = None
+    sha256: str | None = None
+    dtype: str = "float32"
+    device: str | None = None
+    seed: int = 0
+    normalize: bool = True
+    options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    limits: Mapping[str, float] = field(default_factory=dict)
+    storage_options: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        get_config(self.preset)  # unknown preset: fail here, with the known names
+        for kind in self.options:
+            check_kind(kind)
+        _canonical_limits(self.limits)
+
+    @property
+    def embed_dim(self) -> int:
+        return get_config(self.preset).out_embed_dim
+
+    def options_for(self, kind: str) -> dict[str, Any]:
+        """This kind's preprocessing options (also what `expand` needs)."""
+        return dict(self.options.get(check_kind(kind), {}))
+
+    def make_limits(self) -> Limits:
+        return Limits(**dict(self.limits))
+
+    def preprocess_key(self, kinds: Iterable[str] | None = None) -> str:
+        """Canonical JSON of the preprocessing settings that change inputs: limits that differ
+        from the defaults and the options of `kinds` (default: every kind with options)."""
+        wanted = set(self.options) if kinds is None else {check_kind(k) for k in kinds}
+        opts = {
+            k: dict(sorted(self.options[k].items())) for k in sorted(wanted) if k in self.options
+        }
+        opts = {k: v for k, v in opts.items() if v}
+        return json.dumps(
+            {"limits": _canonical_limits(self.limits), "options": opts},
+            sort_keys=True,
+            separators=(",", ":"),
+            default=str,
+        )
+
+    def lineage(
+        self, kinds: Iterable[str] | None = None, checkpoint_sha256: str | None = None
+    ) -> dict[str, str]:
+        """What produces this spec's embeddings, as str -> str (Parquet metadata, records).
+
+        `checkpoint_sha256` is the hash actually loaded or computed, when known; otherwise the
+        expected one, or "random" without a checkpoint.
+        """
+        from imagebind_core import __version__
+
+        sha = checkpoint_sha256 or (self.sha256.lower() if self.sha256 else None)
+        if self.checkpoint is None:
+            sha = "random"
+        return {
+            "preset": self.preset,
+            "checkpoint": self.checkpoint or "random",
+            "checkpoint_sha256": sha or "unknown",
+            "dtype": self.dtype,
+            "device": self.device or "auto",
+            "seed": str(self.seed),
+            "embed_dim": str(self.embed_dim),
+            "normalize": str(self.normalize).lower(),
+            "package_version": __version__,
+            "preprocess_version": str(PREPROCESS_VERSION),
+            "preprocess": self.preprocess_key(kinds),
+        }
+
+    def load(self, modalities: Sequence[Modality | str]) -> ImageBindModel:
+        """Load (or build, without a checkpoint) the model for `modalities`."""
+        from imagebind_core.checkpoint import load_model
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # random weights: the caller's entry point warns
+            return load_model(
+                self.checkpoint,
+                self.preset,
+                modalities=list(modalities),
+                device=self.device,
+                dtype=self.dtype,
+                sha256=self.sha256,
+                storage_options=dict(self.storage_options) if self.storage_options else None,
+                seed=self.seed,
+            )
+
+
+def lineage_key(lineage: Mapping[str, str]) -> dict[str, str]:
+    """The fields of a lineage (`ModelSpec.lineage`, optionally with an "imagebind." prefix)
+    that must stay equal for two embeddings to be comparable (LINEAGE_KEYS; plus the seed
+    when the weights are random)."""
+    flat = {k.removeprefix("imagebind."): v for k, v in lineage.items()}
+    key = {k: flat.get(k, "") for k in LINEAGE_KEYS}
+    if key["checkpoint_sha256"] == "random":
+        key["seed"] = flat.get("seed", "")
+    return key
+
+
+def merge_lineage(per_kind: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
+    """One lineage for several kinds: a field equal for all keeps its value; one that differs
+    (e.g. a per-kind dtype) becomes "kind=value,..." in kind order."""
+    kinds = sorted(per_kind)
+    if not kinds:
+        return {}
+    out: dict[str, str] = {}
+    for k in per_kind[kinds[0]]:
+        values = {kind: per_kind[kind][k] for kind in kinds}
+        uniq = set(values.values())
+        out[k] = uniq.pop() if len(uniq) == 1 else ",".join(f"{a}={b}" for a, b in values.items())
+    return out
+
+
+@dataclass
+class Staged:
+    """One batch on its way to the model: the device tensor, and on CUDA the copy's event and
+    the pinned host buffer (kept alive until the copy is done)."""
+
+    kind: str
+    x: torch.Tensor
+    event: Any = None
+    host: Any = None
+
+
+class EncoderRunner:
+    """Runs one modality's encoder over compact batches; the model is loaded once.
+
+    Args:
+        spec: the model's identity and preprocessing settings.
+        modality: the encoder to load ("vision" also runs video).
+        model: an already built model (tests, single process); skips loading.
+        background: start loading in a thread and return at once; the first encode waits for
+            it (a Ray actor is then ready, and receives its first blocks, while it loads).
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        modality: Modality | str,
+        *,
+        model: ImageBindModel | None = None,
+        background: bool = False,
+    ) -> None:
+        self.spec = spec
+        self.modality = Modality(modality)
+        self._model = model
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()  # one batch computes at a time
+        self._copy_stream: Any = None
+        self._thread: threading.Thread | None = None
+        if model is None:
+            if background:
+                self._thread = threading.Thread(
+                    target=self._load, name=f"load-{self.modality}", daemon=True
+                )
+                self._thread.start()
+            else:
+                self._load()
+                self.model  # noqa: B018 - raise a load error here, not on the first batch
+
+    def _load(self) -> None:
+        try:
+            model = self.spec.load([self.modality])
+            if model.device.type == "cuda":
+                import torch
+
+                torch.cuda.init()  # the CUDA context, here rather than in the first batch
+            self._model = model
+        except BaseException as e:  # re-raised by `model` in the caller's thread
+            self._error = e
+
+    @property
+    def model(self) -> ImageBindModel:
+        """The loaded model; waits for a background load, re-raising its error."""
+        if self._thread is not None:
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._model is not None
+        return self._model
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    @property
+    def embed_dim(self) -> int:
+        return self.spec.embed_dim if self._model is None else int(self._model.embed_dim)
+
+    def lineage(self) -> dict[str, str]:
+        """The spec's lineage with what the loaded model reports (sha256, dtype, device)."""
+        m = self.model
+        lin = self.spec.lineage(checkpoint_sha256=m.checkpoint_sha256)
+        lin.update(m.lineage())
+        lin["device"] = str(m.device)
+        return lin
+
+    def stage(self, kind: str, x: np.ndarray | torch.Tensor) -> Staged:
+        """Start moving one batch (B, ...) of `kind` to the model's device (no compute)."""
+        import torch
+
+        check_kind(kind)
+        if model_modality(kind) != self.modality:
+            raise ValueError(f"{kind} batches do not run on the {self.modality} encoder")
+        if isinstance(x, np.ndarray):
+            with warnings.catch_warnings():
+                # A read-only view of a received block: the model never writes its input.
+                warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+                t = torch.from_numpy(np.ascontiguousarray(x))
+        else:
+            t = x
+        dev = self.model.device
+        if dev.type != "cuda" or t.device.type == "cuda":
+            return Staged(kind, t)
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(dev)
+        # One copy into pinned memory, then an asynchronous copy on the side stream: the
+        # compute stream keeps running the previous batch meanwhile.
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t)
+        with torch.cuda.stream(self._copy_stream):
+            xd = host.to(dev, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self._copy_stream)
+        return Staged(kind, xd, event, host)
+
+    def finish(self, staged: Staged, normalize: bool | None = None) -> np.ndarray:
+        """Encode a staged batch: (B, D) float32 on the host."""
+        import torch
+
+        model = self.model
+        norm = self.spec.normalize if normalize is None else normalize
+        with self._lock, torch.inference_mode():
+            x = staged.x
+            if staged.event is not None:
+                stream = torch.cuda.current_stream(x.device)
+                stream.wait_event(staged.event)
+                x.record_stream(stream)  # allocated on the copy stream, used on this one
+            x = expand(staged.kind, x, model.device, **self.spec.options_for(staged.kind))
+            y = model.encode(self.modality, x, normalize=norm)
+            return y.float().cpu().numpy()  # (B, D); waits for the batch
+
+    def encode(
+        self, kind: str, x: np.ndarray | torch.Tensor, normalize: bool | None = None
+    ) -> np.ndarray:
+        """One batch of `kind`, synchronously: (B, ...) -> (B, D) float32."""
+        return self.finish(self.stage(kind, x), normalize)
+
+    def encode_all(
+        self,
+        batches: Iterable[tuple[str, np.ndarray | torch.Tensor]],
+        normalize: bool | None = None,
+    ) -> Iterator[np.ndarray]:
+        """Encode batches in order with the next batch's copy in flight while one computes
+        (on CUDA; on the CPU this is `encode` in a loop). Yields (B, D) float32 per batch."""
+        it = iter(batches)
+        nxt = next(it, None)
+        pending = self.stage(*nxt) if nxt is not None else None
+        while pending is not None:
+            nxt = next(it, None)
+            following = self.stage(*nxt) if nxt is not None else None
+            yield self.finish(pending, normalize)
+            pending = following
+
+
+__all__ = [
+    "LINEAGE_KEYS",
+    "EncoderRunner",
+    "ModelSpec",
+    "Staged",
+    "lineage_key",
+    "merge_lineage",
+]

@@ -1,0 +1,210 @@
+"""The shared encoder runner and the job's batch transport, without Ray.
+
+- The compact transport (one contiguous buffer per block, uint8 pixels, int32 token ids
+  through the end-of-text token) gives the embeddings of the float path, per kind.
+- The job's encoder actor and the endpoint's replica run the same `EncoderRunner` and give
+  the same vectors for the same inputs.
+- `ModelSpec` names everything that changes a vector; the job refuses to add to an output
+  written by another spec, and re-indexing re-embeds when it changes.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import media
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+import imagebind_core as ibc
+from pipelines.stages import EncodeBatch, batch_arrays, preprocess_batch, tensor_columns
+from pipelines.writers import ITEM_SCHEMA, STATUS_ERROR, STATUS_OK
+
+
+def items(kind: str) -> list[bytes]:
+    return {
+        "vision": [media.make_image("JPEG", (320 + 16 * i, 240), seed=i) for i in range(3)],
+        "video": [media.make_video(2, 10, (160, 120))],
+        "text": [b"a dog", b"two dogs playing on a beach at dusk", b"", b"<|endoftext|> x"],
+        "audio": [media.make_flac(2.0, 16000, 1), media.make_wav(1.0, 22050, 2, seed=1)],
+        "depth": [media.make_depth_png((160, 120), seed=i) for i in range(2)],
+        "thermal": [media.make_gray_png((160, 120), seed=i) for i in range(2)],
+        "imu": [media.make_imu_npy(2000, seed=i) for i in range(2)],
+    }[kind]
+
+
+def block(kind: str, data: list[bytes], bad: bool = True) -> pa.Table:
+    """Item rows of `kind`; with `bad`, a corrupt item and a row rejected upstream mixed in."""
+    n = len(data) + (2 if bad else 0)
+    rows = {f.name: [None] * n for f in ITEM_SCHEMA}
+    extra = [media.random_bytes(300, seed=9), None] if bad else []
+    rows.update(
+        id=[f"{kind}{i}" for i in range(n)],
+        modality=[kind] * n,
+        status=[STATUS_OK] * (n - 1) + [STATUS_ERROR if bad else STATUS_OK],
+        error=[None] * (n - 1) + ["rejected while reading" if bad else None],
+        data=[*data, *extra],
+        fingerprint=["x"] * n,
+    )
+    if kind == "text" and bad:  # any bytes are a text: the "corrupt" row is rejected upstream
+        rows["data"][len(data)] = None
+        rows["status"][len(data)] = STATUS_ERROR
+    return pa.table(rows, schema=ITEM_SCHEMA)
+
+
+@pytest.mark.parametrize("kind", ["vision", "video", "text", "audio", "depth", "thermal", "imu"])
+def test_compact_transport_gives_the_float_paths_embeddings(kind):
+    data = items(kind)
+    model = ibc.build_model("tiny", [ibc.model_modality(kind)])
+    pre = preprocess_batch(block(kind, data))
+    got = EncodeBatch(kind, model=model)(pre)
+    by_id = dict(
+        zip(got.column("id").to_pylist(), got.column("embedding").to_pylist(), strict=True)
+    )
+    full = torch.stack([ibc.preprocess(kind, d) for d in data])  # the float path
+    want = model.encode(ibc.model_modality(kind), full, normalize=True).numpy()
+    for i, w in enumerate(want):
+        g = np.asarray(by_id[f"{kind}{i}"], np.float32)
+        assert np.abs(g - w).max() <= 1e-6 * np.linalg.norm(w), kind
+    status = dict(zip(got.column("id").to_pylist(), got.column("status").to_pylist(), strict=True))
+    assert [status[f"{kind}{i}"] for i in range(len(data))] == [STATUS_OK] * len(data)
+    assert by_id[f"{kind}{len(data) + 1}"] is None  # the row rejected upstream: no vector
+    if kind != "text":
+        assert status[f"{kind}{len(data)}"] == STATUS_ERROR  # the corrupt item
+        assert by_id[f"{kind}{len(data)}"] is None
+
+    # Smallest exact forms: uint8 pixels; token ids as int32 without their padding, and the
+    # ids the encoder receives equal the tokenizer's, up to where only padding follows.
+    ok = pre.filter(pa.compute.equal(pre.column("status"), STATUS_OK))
+    dtypes = set(ok.column("tensor_dtype").to_pylist())
+    assert dtypes == {{"vision": "|u1", "text": "<i4"}.get(kind, "<f4")}
+    if kind == "text":
+        ((_idx, x),) = batch_arrays(ok, range(ok.num_rows), pad=True)
+        tok = {i: ibc.preprocess("text", d).numpy() for i, d in enumerate(data)}
+        ids = [int(r.removeprefix("text")) for r in ok.column("id").to_pylist()]
+        want_ids = np.stack([tok[i] for i in ids])
+        assert x.dtype == np.int32 and x.shape[1] < want_ids.shape[1]
+        np.testing.assert_array_equal(x, want_ids[:, : x.shape[1]])
+        assert not want_ids[:, x.shape[1] :].any()  # only padding was left behind
+
+
+def test_batch_arrays_views_runs_and_groups_shapes():
+    a, b, c = (np.arange(6, dtype=np.float32).reshape(2, 3) + k for k in range(3))
+    d = np.ones((4, 3), np.float32)
+    tensor, shape, dtype = tensor_columns([a, None, b, d, c])
+    t = pa.table({"tensor": tensor, "tensor_shape": shape, "tensor_dtype": dtype})
+    assert t.column("tensor").null_count == 1
+    groups = batch_arrays(t, [0, 2, 3, 4])
+    assert [idx for idx, _ in groups] == [[0, 2, 4], [3]]
+    np.testing.assert_array_equal(groups[0][1], np.stack([a, b, c]))  # gathered (3 is between)
+    np.testing.assert_array_equal(groups[1][1], d[None])
+    # Rows 0 and 2 are neighbours in the buffer (the null row adds no bytes): a view of it.
+    ((idx, x),) = batch_arrays(t, [0, 2])
+    buf = np.frombuffer(t.column("tensor").chunk(0).buffers()[2], np.uint8)
+    assert idx == [0, 2] and np.shares_memory(x, buf)
+    np.testing.assert_array_equal(x, np.stack([a, b]))
+    # Token rows of different lengths: one batch, zero-padded to the longest.
+    ids = [np.array([5, 49407], np.int32), np.array([7, 8, 9, 49407], np.int32)]
+    tensor, shape, dtype = tensor_columns(ids)
+    t = pa.table({"tensor": tensor, "tensor_shape": shape, "tensor_dtype": dtype})
+    ((idx, x),) = batch_arrays(t, [0, 1], pad=True)
+    np.testing.assert_array_equal(x, [[5, 49407, 0, 0], [7, 8, 9, 49407]])
+    assert batch_arrays(t, [0, 1]) != []  # unpadded: one group per length
+    assert len(batch_arrays(t, [0, 1])) == 2
+
+
+def test_job_actor_and_endpoint_replica_run_the_same_runner():
+    from serve.encoder import EncodeCall, EncoderCore
+
+    spec = ibc.ModelSpec(preset="tiny", device="cpu")
+    job = EncodeBatch("vision", spec)
+    endpoint = EncoderCore("vision", preset="tiny", device="cpu")
+    assert isinstance(job.runner, ibc.EncoderRunner)
+    assert isinstance(endpoint.runner, ibc.EncoderRunner)
+    data = items("vision")
+    got = job(preprocess_batch(block("vision", data, bad=False)))
+    job_emb = np.array(got.column("embedding").to_pylist(), np.float32)
+    x = np.stack([ibc.preprocess("vision", d, compact=True).numpy() for d in data])
+    (served,) = endpoint.encode([EncodeCall(x, normalize=True)])
+    np.testing.assert_array_equal(job_emb, served)
+    assert (
+        job.runner.lineage()["checkpoint_sha256"] == endpoint.info()["lineage"]["checkpoint_sha256"]
+    )
+
+
+def test_runner_loads_in_the_background_and_overlaps_safely():
+    spec = ibc.ModelSpec(preset="tiny", device="cpu")
+    runner = ibc.EncoderRunner(spec, "text", background=True)
+    x = ibc.collate([ibc.preprocess("text", t) for t in ["a", "a dog", "the red car"]]).numpy()
+    want = ibc.build_model("tiny", ["text"]).encode("text", torch.from_numpy(x), normalize=True)
+    np.testing.assert_allclose(runner.encode("text", x), want.numpy(), atol=1e-6)
+    assert runner.loaded
+    # Two batches in flight from one thread, and two callers at once: the same vectors.
+    batches = [("text", x[:1]), ("text", x[1:]), ("text", x)]
+    outs = list(runner.encode_all(batches))
+    np.testing.assert_allclose(np.concatenate(outs[:2]), outs[2], atol=1e-6)
+    results: dict[int, np.ndarray] = {}
+
+    def call(k: int) -> None:
+        results[k] = runner.encode("text", x)
+
+    threads = [threading.Thread(target=call, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k in range(4):
+        np.testing.assert_array_equal(results[k], results[0])
+    # A load that fails in the background fails the first batch, with the load's error.
+    broken = ibc.EncoderRunner(
+        ibc.ModelSpec(preset="tiny", checkpoint="/nonexistent/w.pth"), "text", background=True
+    )
+    with pytest.raises(Exception, match="nonexistent"):
+        broken.encode("text", x)
+    # ... and in the job's actor it fails the call (the job), not each item as an error row.
+    actor = EncodeBatch("text", ibc.ModelSpec(preset="tiny", checkpoint="/nonexistent/w.pth"))
+    with pytest.raises(Exception, match="nonexistent"):
+        actor(preprocess_batch(block("text", [b"a dog"], bad=False)))
+
+
+def test_spec_lineage_names_everything_that_changes_a_vector():
+    base = ibc.ModelSpec(preset="tiny")
+    key = ibc.lineage_key(base.lineage())
+    assert key["checkpoint_sha256"] == "random" and key["seed"] == "0"
+    changed = {
+        "dtype": ibc.ModelSpec(preset="tiny", dtype="bfloat16"),
+        "seed": ibc.ModelSpec(preset="tiny", seed=7),
+        "normalize": ibc.ModelSpec(preset="tiny", normalize=False),
+        "options": ibc.ModelSpec(preset="tiny", options={"audio": {"mean_subtraction": "x"}}),
+        "limits": ibc.ModelSpec(preset="tiny", limits={"max_text_chars": 100}),
+    }
+    for what, spec in changed.items():
+        assert ibc.lineage_key(spec.lineage()) != key, what
+    # Not a vector's identity: the device, limits spelled at their default values, and the
+    # options of kinds a job does not embed.
+    same = [
+        ibc.ModelSpec(preset="tiny", device="cuda"),
+        ibc.ModelSpec(preset="tiny", limits={"max_text_chars": ibc.Limits().max_text_chars}),
+    ]
+    for spec in same:
+        assert ibc.lineage_key(spec.lineage()) == key
+    audio_opts = changed["options"]
+    assert ibc.lineage_key(audio_opts.lineage(kinds=["text"])) == ibc.lineage_key(
+        base.lineage(kinds=["text"])
+    )
+    # With a checkpoint the seed does not matter.
+    ck = dict(checkpoint="/w.pth", sha256="ab")
+    assert ibc.lineage_key(ibc.ModelSpec(preset="tiny", **ck).lineage()) == ibc.lineage_key(
+        ibc.ModelSpec(preset="tiny", seed=3, **ck).lineage()
+    )
+    merged = ibc.merge_lineage(
+        {
+            "vision": ibc.ModelSpec(preset="tiny", dtype="bfloat16").lineage(),
+            "text": base.lineage(),
+        }
+    )
+    assert merged["dtype"] == "text=float32,vision=bfloat16" and merged["preset"] == "tiny"
+    with pytest.raises(ValueError, match="unknown"):
+        ibc.ModelSpec(preset="tiny", limits={"max_nothing": 1})
