@@ -14,7 +14,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 import imagebind_core as ibc
-from imagebind_core.checkpoint import auto_dtype
 
 Kind = Literal["vision", "video", "text", "audio", "depth", "thermal", "imu"]
 KINDS: tuple[str, ...] = ("vision", "video", "text", "audio", "depth", "thermal", "imu")
@@ -332,6 +331,8 @@ class JobConfig(_Strict):
                 DEFAULT_ENCODER_BATCH_GPU[kind] if gpu else DEFAULT_ENCODER_BATCH_CPU
             )
         if base["dtype"] == "auto":
+            from imagebind_core.checkpoint import auto_dtype  # torch: only when asked for
+
             device = base["device"] if base["device"] != "auto" else ("cuda" if gpu else "cpu")
             base["dtype"] = auto_dtype(device)
         return EncoderConfig(**base)
