@@ -67,7 +67,7 @@ def _encoder_autoscaling(opts: EncoderOptions) -> AutoscalingConfig:
     return _autoscaling(
         opts.min_replicas,
         opts.max_replicas,
-        opts.target_ongoing_requests,
+        opts.target(),
         upscale_delay_s=opts.upscale_delay_s,
         downscale_delay_s=opts.downscale_delay_s,
         downscale_to_zero_delay_s=opts.downscale_to_zero_delay_s,

@@ -176,12 +176,13 @@ class EncoderOptions(BaseModel):
         "after idling waits up to replica_wait_timeout_s for a replica to start, else 503.",
     )
     max_replicas: PositiveInt = 1
-    target_ongoing_requests: float = Field(
-        default=4.0,
+    target_ongoing_requests: float | None = Field(
+        default=None,
         gt=0,
-        description="Chunks (of at most max_batch_size inputs) in flight per replica that "
-        "the autoscaler aims at: more replicas when the average over look_back_period_s is "
-        "above it. About max_batch_size / (inputs per request) requests fill one batch.",
+        description="Chunks in flight per replica (computing or queued in it) that the "
+        "autoscaler aims at, averaged over look_back_period_s: above it replicas are added, "
+        "below it removed. None: max_batch_size, i.e. scale up once replicas run full batches "
+        "(with one-input requests); lower it for latency, raise it to pack GPUs.",
     )
     upscale_delay_s: float = Field(
         default=30.0, ge=0, description="Load must stay above target this long to add replicas."
@@ -229,6 +230,10 @@ class EncoderOptions(BaseModel):
         default=None, description="torch.set_num_threads in the replica; None keeps Ray's."
     )
     health_check_period_s: float = Field(default=5.0, gt=0)
+
+    def target(self) -> float:
+        """`target_ongoing_requests`, or `max_batch_size` when unset."""
+        return self.target_ongoing_requests or float(self.max_batch_size)
 
     @model_validator(mode="after")
     def _check(self) -> EncoderOptions:
