@@ -851,7 +851,7 @@ class EmbeddingService:
         return ModelCard(
             id=self.model_id,
             created=self.created,
-            embed_dim=info.get("embed_dim"),
+            embed_dim=info.get("embed_dim") or self.embed_dim(),
             modalities=self.kinds,
             lineage=info.get("lineage", {}),
         )

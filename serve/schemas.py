@@ -179,7 +179,7 @@ class EncoderOptions(BaseModel):
     target_ongoing_requests: float | None = Field(
         default=None,
         gt=0,
-        description="Chunks in flight per replica (computing or queued in it) that the "
+        description="Chunks in flight per replica (at a replica or waiting for one) that the "
         "autoscaler aims at, averaged over look_back_period_s: above it replicas are added, "
         "below it removed. None: max_batch_size, i.e. scale up once replicas run full batches "
         "(with one-input requests); lower it for latency, raise it to pack GPUs.",
