@@ -5,9 +5,9 @@ One app (TINY, random weights) with three encoders, each showing one behaviour:
 - `encoder-text`: 1 to 3 replicas. A bounded load on loopback makes Serve's controller add
   replicas; every request keeps succeeding while they start; after the load the count falls
   back to 1.
-- `encoder-imu`: `min_replicas: 0` with a wait long enough for a cold start: it goes away when
-  idle, the first request afterwards waits for a new replica and succeeds, and the replica goes
-  away again. `/readyz` neither waits for it nor wakes it.
+- `encoder-imu`: `min_replicas: 0` with a wait (100 s) long enough for a cold start: it goes
+  away when idle, the first request afterwards waits for a new replica and succeeds, and the
+  replica goes away again. `/readyz` neither waits for it nor wakes it.
 - `encoder-depth`: `min_replicas: 0` with a wait shorter than any cold start: the first request
   after idling is a 503 with Retry-After (never a hang), and a client retrying as told is
   served once the replica it triggered is up.
@@ -125,7 +125,12 @@ def scaling_app(ray_session):
         },
         encoders={
             "text": {"min_replicas": 1, "max_replicas": 3},
-            "imu": {"min_replicas": 0, "downscale_to_zero_delay_s": 3.0},
+            # Waits out a cold start even on a loaded machine (23 s seen at load average 36).
+            "imu": {
+                "min_replicas": 0,
+                "downscale_to_zero_delay_s": 3.0,
+                "replica_wait_timeout_s": 100.0,
+            },
             "depth": {
                 "min_replicas": 0,
                 "downscale_to_zero_delay_s": 3.0,
@@ -134,6 +139,7 @@ def scaling_app(ray_session):
         },
         ingress={"num_cpus": 0.1, "max_ongoing_requests": 256},
         retry_after_s=1,
+        request_timeout_s=120,
     )
     serve.run(build_app(args), name=APP, route_prefix=PREFIX, blocking=False)
     url = base + PREFIX
@@ -144,7 +150,7 @@ def scaling_app(ray_session):
     serve.delete(APP)
 
 
-def post(url: str, kind: str, inputs: list[str], timeout: float = 120) -> httpx.Response:
+def post(url: str, kind: str, inputs: list[str], timeout: float = 150) -> httpx.Response:
     return httpx.post(
         url + "/v1/embeddings", json={"input": inputs, "modality": kind}, timeout=timeout
     )
