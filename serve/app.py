@@ -48,12 +48,31 @@ def _actor_options(num_cpus: float, num_gpus: float = 0.0, memory: int | None = 
     return actor
 
 
-def _autoscaling(min_replicas: int, max_replicas: int, target: float) -> AutoscalingConfig:
+def _autoscaling(
+    min_replicas: int, max_replicas: int, target: float, **delays: Any
+) -> AutoscalingConfig:
+    # initial_replicas >= 1: a deployment allowed to scale to zero still starts with one
+    # replica (the app comes up ready and its weights are checked once), then stops it after
+    # downscale_to_zero_delay_s of idling.
     return AutoscalingConfig(
         min_replicas=min_replicas,
         initial_replicas=max(1, min_replicas),
         max_replicas=max_replicas,
         target_ongoing_requests=target,
+        **delays,
+    )
+
+
+def _encoder_autoscaling(opts: EncoderOptions) -> AutoscalingConfig:
+    return _autoscaling(
+        opts.min_replicas,
+        opts.max_replicas,
+        opts.target(),
+        upscale_delay_s=opts.upscale_delay_s,
+        downscale_delay_s=opts.downscale_delay_s,
+        downscale_to_zero_delay_s=opts.downscale_to_zero_delay_s,
+        look_back_period_s=opts.look_back_period_s,
+        **({"metrics_interval_s": opts.metrics_interval_s} if opts.metrics_interval_s else {}),
     )
 
 
@@ -72,9 +91,7 @@ def encoder_app(modality: str, args: AppArgs, opts: EncoderOptions) -> Applicati
     return Encoder.options(
         name=f"encoder-{modality}",
         ray_actor_options=_actor_options(opts.num_cpus, opts.num_gpus, opts.memory_bytes),
-        autoscaling_config=_autoscaling(
-            opts.min_replicas, opts.max_replicas, opts.target_ongoing_requests
-        ),
+        autoscaling_config=_encoder_autoscaling(opts),
         max_ongoing_requests=opts.max_ongoing_requests,
         max_queued_requests=opts.max_queued_requests,
         health_check_period_s=opts.health_check_period_s,

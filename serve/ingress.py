@@ -19,6 +19,7 @@ import hmac
 import logging
 import os
 import re
+import threading
 import time
 import urllib.parse
 from collections.abc import Mapping
@@ -174,6 +175,101 @@ class EmbeddingService:
             boundaries=_TIME_BUCKETS_S,
             tag_keys=("modality",),
         )
+        # Scaling, as an operator watches it (GET /v1/status, Prometheus): chunks this ingress
+        # replica waits to hand to each encoder (no replica free, or none running) and chunks
+        # a replica holds; replicas per deployment and state from Serve's controller.
+        self.app_name: str | None = None  # set by `Ingress`; None: no Serve status (tests)
+        self._waiting = dict.fromkeys(self.encoders, 0)
+        self._ongoing = dict.fromkeys(self.encoders, 0)
+        self._status: dict[str, dict[str, Any]] = {}
+        self._status_at = 0.0
+        self._m_waiting = metrics.Gauge(
+            "imagebind_encoder_waiting_chunks",
+            description="Chunks an ingress replica waits to hand to the encoder (no replica "
+            "free, or none running).",
+            tag_keys=("modality",),
+        )
+        self._m_ongoing = metrics.Gauge(
+            "imagebind_encoder_ongoing_chunks",
+            description="Chunks an ingress replica has handed to encoder replicas, unanswered.",
+            tag_keys=("modality",),
+        )
+        self._m_replicas = metrics.Gauge(
+            "imagebind_deployment_replicas",
+            description="Replicas of each deployment of the app by state, as Serve's "
+            "controller reports them to each ingress replica.",
+            tag_keys=("serve_deployment", "state"),
+        )
+        self._replica_tags: set[tuple[str, str]] = set()
+
+    # --- scaling status ----------------------------------------------------------------------
+    def refresh_status(self) -> dict[str, dict[str, Any]]:
+        """Replica counts per deployment of this app from Serve's status API (blocking: call it
+        from a thread), and the Prometheus gauges set from them and from the chunk counts."""
+        for m in self.encoders:
+            self._m_waiting.set(self._waiting[m], tags={"modality": m})
+            self._m_ongoing.set(self._ongoing[m], tags={"modality": m})
+        if self.app_name is None:
+            return self._status
+        app = serve.status().applications.get(self.app_name)
+        snap: dict[str, dict[str, Any]] = {}
+        for name, d in (app.deployments if app else {}).items():
+            states = {str(k): int(v) for k, v in d.replica_states.items()}
+            snap[name] = {"status": str(getattr(d.status, "value", d.status)), "replicas": states}
+        seen = set()
+        for name, entry in snap.items():
+            for state, n in entry["replicas"].items():
+                seen.add((name, state))
+                self._m_replicas.set(n, tags={"serve_deployment": name, "state": state})
+        for name, state in self._replica_tags - seen:  # a state that emptied reads 0, not stale
+            self._m_replicas.set(0, tags={"serve_deployment": name, "state": state})
+        self._replica_tags |= seen
+        self._status, self._status_at = snap, time.monotonic()
+        return snap
+
+    def running_replicas(self, deployment: str) -> int | None:
+        """RUNNING replicas of `deployment` in the last status snapshot (None: not known)."""
+        entry = self._status.get(deployment)
+        return None if entry is None else entry["replicas"].get("RUNNING", 0)
+
+    async def status(self, request: Request) -> Response:
+        """GET /v1/status: per deployment, replicas by state, the autoscaling range, and the
+        chunks this ingress replica waits to hand over / has handed over."""
+        self.check_auth(request)
+        if time.monotonic() - self._status_at > 1.0:
+            try:
+                await asyncio.to_thread(self.refresh_status)
+            except Exception as e:  # the controller is busy or restarting: say so, no 500
+                raise APIError(
+                    503,
+                    f"Serve's status is unavailable ({type(e).__name__}); retry later",
+                    type="server_error",
+                    code="status_unavailable",
+                    headers={"Retry-After": str(max(1, round(self.args.retry_after_s)))},
+                ) from None
+        out: dict[str, Any] = {}
+        for name, entry in self._status.items():
+            out[name] = {**entry, "running": entry["replicas"].get("RUNNING", 0)}
+        for m in self.encoders:
+            opts = self.args.encoder_options(m)
+            out.setdefault(f"encoder-{m}", {"status": "UNKNOWN", "replicas": {}, "running": 0})
+            out[f"encoder-{m}"].update(
+                min_replicas=opts.min_replicas,
+                max_replicas=opts.max_replicas,
+                target_ongoing_requests=opts.target(),
+                max_batch_size=opts.max_batch_size,
+                waiting_chunks=self._waiting[m],
+                ongoing_chunks=self._ongoing[m],
+            )
+        if "ingress" in out:
+            ing = self.args.ingress
+            out["ingress"].update(
+                min_replicas=ing.min_replicas,
+                max_replicas=ing.max_replicas,
+                target_ongoing_requests=ing.target_ongoing_requests,
+            )
+        body = {"object": "status", "application": self.app_name, "deployments": out}
+        return JSONResponse(body)
 
     # --- request plumbing --------------------------------------------------------------------
     def check_auth(self, request: Request) -> None:
@@ -502,7 +598,13 @@ class EmbeddingService:
         for attempt in range(2):
             call.sent_at = time.time()
             try:
-                return await handle.embed.remote(call)
+                resp = handle.embed.remote(call)
+                await self._wait_for_replica(modality, resp)
+                self._ongoing[modality] += 1
+                try:
+                    return await resp
+                finally:
+                    self._ongoing[modality] -= 1
             except BackPressureError:
                 raise APIError(
                     503,
@@ -533,6 +635,43 @@ class EmbeddingService:
                     headers=retry,
                 ) from None
         raise AssertionError("unreachable")
+
+    async def _wait_for_replica(self, modality: str, resp: Any) -> None:
+        """Wait until Serve hands `resp` to a replica, at most `replica_wait_timeout_s`.
+
+        A deployment scaled to zero queues the call in this replica's router, which asks the
+        controller for a replica at once; a busy one queues it until a replica has a free slot.
+        Either way the wait is bounded: past it the call is withdrawn and the request answered
+        503 with Retry-After (the replica being started keeps starting, so a retry finds it).
+        Errors of the assignment itself (backpressure, deployment gone) propagate.
+        """
+        limit = self.args.encoder_options(modality).replica_wait_timeout_s
+        # The assignment step of `await resp` (Serve's DeploymentResponse), awaited apart so
+        # that only the wait for a replica is bounded, never the model's own time. Anything
+        # else (a stand-in handle in tests) has no such step. If a Ray upgrade renames it,
+        # tests/test_serve_autoscale.py's bounded-wait test fails.
+        fetch = getattr(resp, "_fetch_future_result_async", None)
+        if fetch is None:
+            return
+        assigned = asyncio.ensure_future(fetch())
+        self._waiting[modality] += 1
+        try:
+            await asyncio.wait_for(asyncio.shield(assigned), limit)
+        except TimeoutError:
+            resp.cancel()
+            raise APIError(
+                503,
+                f"no encoder-{modality} replica took the request within {limit:g} s (the "
+                "deployment is starting a replica or all replicas are busy); retry later",
+                type="server_error",
+                code="no_replica",
+                headers={"Retry-After": str(max(1, round(self.args.retry_after_s)))},
+            ) from None
+        except asyncio.CancelledError:
+            resp.cancel()  # the client went away or a sibling chunk failed: withdraw the call
+            raise
+        finally:
+            self._waiting[modality] -= 1
 
     # --- routes ------------------------------------------------------------------------------
     async def embeddings(self, request: Request) -> Response:
@@ -696,7 +835,14 @@ class EmbeddingService:
         info = self._info
         if info is None:
             try:
-                m = next(iter(self.encoders))
+                # Lineage from an encoder that has a replica: asking one scaled to zero would
+                # start it. The first call that finds one caches the answer.
+                m = next(
+                    m
+                    for m in self.encoders
+                    if self.args.encoder_options(m).min_replicas > 0
+                    or self.running_replicas(f"encoder-{m}")
+                )
                 info = self._info = await asyncio.wait_for(
                     self.encoders[m].ready.remote(), timeout=10
                 )
@@ -705,7 +851,7 @@ class EmbeddingService:
         return ModelCard(
             id=self.model_id,
             created=self.created,
-            embed_dim=info.get("embed_dim"),
+            embed_dim=info.get("embed_dim") or self.embed_dim(),
             modalities=self.kinds,
             lineage=info.get("lineage", {}),
         )
@@ -720,16 +866,22 @@ class EmbeddingService:
             except Exception:
                 return name, False
 
-        probes = [probe(f"encoder-{m}", h.ready.remote()) for m, h in self.encoders.items()]
+        # An encoder allowed to scale to zero has no replica to answer while idle: it is never
+        # probed (a probe is a request, and a request starts a replica) and never gates
+        # readiness (that would keep traffic, and so the scale-up, away forever). Its entry
+        # says whether Serve reports a running replica.
+        optional = {m for m in self.encoders if self.args.encoder_options(m).min_replicas == 0}
+        probes = [
+            probe(f"encoder-{m}", h.ready.remote())
+            for m, h in self.encoders.items()
+            if m not in optional
+        ]
         if self.search_index is not None:
             probes.append(probe("search", self.search_index.info.remote()))
         states = dict(await asyncio.gather(*probes))
-        # An encoder allowed to scale to zero has no replica to answer while idle; gating on it
-        # would keep traffic (and so the scale-up) away forever.
-        optional = {
-            f"encoder-{m}" for m in self.encoders if self.args.encoder_options(m).min_replicas == 0
-        }
-        ready = all(ok for name, ok in states.items() if name not in optional)
+        ready = all(states.values())
+        for m in optional:
+            states[f"encoder-{m}"] = bool(self.running_replicas(f"encoder-{m}"))
         body = {"ready": ready, "deployments": states}
         return JSONResponse(body, status_code=200 if ready else 503)
 
@@ -818,6 +970,23 @@ class Ingress:
         search: Any | None = None,
     ) -> None:
         self.service = EmbeddingService(AppArgs.model_validate(args), encoders, search)
+        self.service.app_name = serve.get_replica_context().app_name
+        # Replica counts for /readyz, /v1/status and the gauges, refreshed off the event loop.
+        self._stop = threading.Event()
+        threading.Thread(target=self._poll_status, name="serve-status", daemon=True).start()
+
+    def _poll_status(self) -> None:
+        interval = self.service.args.status_interval_s
+        while True:
+            try:
+                self.service.refresh_status()
+            except Exception as e:  # the controller restarting: keep the last snapshot
+                log.debug("serve status unavailable: %s", e)
+            if self._stop.wait(interval):
+                return
+
+    def __del__(self) -> None:
+        self._stop.set()
 
     @api.post("/v1/embeddings")
     async def embeddings(self, request: Request) -> Response:
@@ -833,6 +1002,11 @@ class Ingress:
     async def models(self, request: Request) -> Response:
         """The served model."""
         return await self.service.models(request)
+
+    @api.get("/v1/status")
+    async def status(self, request: Request) -> Response:
+        """Replicas and queues per deployment: the autoscaling as it happens."""
+        return await self.service.status(request)
 
     @api.get("/v1/models/{model}")
     async def model(self, request: Request, model: str) -> Response:

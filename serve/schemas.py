@@ -150,6 +150,8 @@ class SearchResponse(BaseModel):
 # ---------------------------------------------------------------------------------------------
 
 PositiveInt = Annotated[int, Field(ge=1)]
+# Serve's default interval of autoscaling metric reports (AutoscalingConfig.metrics_interval_s).
+SERVE_METRICS_INTERVAL_S = 10.0
 
 
 class EncoderOptions(BaseModel):
@@ -167,9 +169,53 @@ class EncoderOptions(BaseModel):
     # batcher takes everything that queued while the previous batch computed (the benchmark's
     # batching gain). Where compute is short next to arrival gaps (GPUs), a few ms fill batches.
     batch_wait_timeout_s: float = Field(default=0.0, ge=0.0)
-    min_replicas: int = Field(default=1, ge=0)
+    min_replicas: int = Field(
+        default=1,
+        ge=0,
+        description="0: scale to zero when idle (no replica, no GPU held); the first request "
+        "after idling waits up to replica_wait_timeout_s for a replica to start, else 503.",
+    )
     max_replicas: PositiveInt = 1
-    target_ongoing_requests: float = Field(default=4.0, gt=0)
+    target_ongoing_requests: float | None = Field(
+        default=None,
+        gt=0,
+        description="Chunks in flight per replica (at a replica or waiting for one) that the "
+        "autoscaler aims at, averaged over look_back_period_s: above it replicas are added, "
+        "below it removed. None: max_batch_size, i.e. scale up once replicas run full batches "
+        "(with one-input requests); lower it for latency, raise it to pack GPUs.",
+    )
+    upscale_delay_s: float = Field(
+        default=30.0, ge=0, description="Load must stay above target this long to add replicas."
+    )
+    downscale_delay_s: float = Field(
+        default=600.0,
+        ge=0,
+        description="Load must stay below target this long to remove replicas (not the last).",
+    )
+    downscale_to_zero_delay_s: float | None = Field(
+        default=None,
+        ge=0,
+        description="With min_replicas 0: idle time before the last replica stops; None: "
+        "downscale_delay_s.",
+    )
+    look_back_period_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Window the autoscaler averages the load over; above metrics_interval_s.",
+    )
+    metrics_interval_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="How often callers report this deployment's load to Serve's controller "
+        "(Serve's 10 s when None). Shorter reacts faster, a scale-up can wait this long; Serve "
+        "2.60 marks the field deprecated (a warning) but it is the knob it honours.",
+    )
+    replica_wait_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Longest a chunk waits for a replica to take it (one starting from zero, "
+        "or all busy) before the request is answered 503 with Retry-After.",
+    )
     num_cpus: float = Field(default=0.25, ge=0)
     num_gpus: float = Field(default=0.0, ge=0)
     memory_bytes: int | None = Field(default=None, ge=0, description="Ray memory request.")
@@ -185,8 +231,19 @@ class EncoderOptions(BaseModel):
     )
     health_check_period_s: float = Field(default=5.0, gt=0)
 
+    def target(self) -> float:
+        """`target_ongoing_requests`, or `max_batch_size` when unset."""
+        return self.target_ongoing_requests or float(self.max_batch_size)
+
     @model_validator(mode="after")
     def _check(self) -> EncoderOptions:
+        interval = self.metrics_interval_s or SERVE_METRICS_INTERVAL_S
+        if self.look_back_period_s <= interval:
+            # Serve 2.60 warns and will refuse it: the window would hold under one report.
+            raise ValueError(
+                f"look_back_period_s ({self.look_back_period_s}) must be above "
+                f"metrics_interval_s ({interval})"
+            )
         if self.max_replicas < self.min_replicas:
             raise ValueError(
                 f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})"
@@ -297,6 +354,12 @@ class AppArgs(BaseModel):
         default=60.0, gt=0, description="Deadline of one request inside the ingress, else 504."
     )
     retry_after_s: float = Field(default=1.0, ge=0, description="Retry-After sent with 503.")
+    status_interval_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="How often each ingress replica reads replica counts from Serve's "
+        "controller (for /readyz, the imagebind_deployment_replicas gauge).",
+    )
     # --- object storage ----------------------------------------------------------------------
     s3_allowed_prefixes: list[str] = Field(
         default_factory=list,

@@ -488,7 +488,10 @@ def test_auth(apps, direct):
     bad = {"Authorization": "Bearer wrong"}
     error(httpx.post(url + "/v1/embeddings", json=body, headers=bad), 401)
     error(httpx.get(url + "/v1/models", headers=bad), 401)
+    error(httpx.get(url + "/v1/status", headers=bad), 401)  # replica counts are not public
     good = {"Authorization": f"Bearer {API_KEY}"}
+    status = httpx.get(url + "/v1/status", headers=good, timeout=30).json()["deployments"]
+    assert status["encoder-text"]["running"] == 1 and status["ingress"]["running"] == 1
     r = httpx.post(url + "/v1/embeddings", json=body, headers=good, timeout=60)
     assert_embeddings_close(vectors(r), direct("text", ["a dog"]))
     assert httpx.get(url + "/healthz").status_code == 200  # probes need no key

@@ -45,6 +45,37 @@ def test_config_files_validate_and_build(path):
         assert isinstance(builder(args), Application)
 
 
+def test_autoscaling_settings_reach_serve():
+    """Each encoder's autoscaling fields become its deployment's AutoscalingConfig; a
+    scale-to-zero encoder still starts with one replica."""
+    from serve.app import encoder_app
+    from serve.schemas import AppArgs
+
+    args = AppArgs(
+        modalities=["text", "depth"],
+        encoder={"upscale_delay_s": 3, "downscale_delay_s": 40, "look_back_period_s": 12},
+        encoders={
+            "depth": {"min_replicas": 0, "max_replicas": 2, "downscale_to_zero_delay_s": 900},
+            "text": {
+                "metrics_interval_s": 1,
+                "look_back_period_s": 4,
+                "max_replicas": 3,
+                "target_ongoing_requests": 5,
+            },
+        },
+    )
+    depth = encoder_app("depth", args, args.encoder_options("depth"))
+    cfg = depth._bound_deployment._deployment_config.autoscaling_config
+    assert (cfg.min_replicas, cfg.initial_replicas, cfg.max_replicas) == (0, 1, 2)
+    assert (cfg.upscale_delay_s, cfg.downscale_delay_s) == (3, 40)
+    assert (cfg.downscale_to_zero_delay_s, cfg.look_back_period_s) == (900, 12)
+    assert cfg.target_ongoing_requests == 16  # unset: the encoder's max_batch_size
+    text = encoder_app("text", args, args.encoder_options("text"))
+    cfg = text._bound_deployment._deployment_config.autoscaling_config
+    assert (cfg.min_replicas, cfg.max_replicas, cfg.metrics_interval_s) == (1, 3, 1)
+    assert (cfg.look_back_period_s, cfg.target_ongoing_requests) == (4, 5)
+
+
 def test_rayservice_manifest_args_validate():
     """deploy/rayservice.yaml embeds a serve config: its args must be valid AppArgs too."""
     from serve.schemas import AppArgs
@@ -84,6 +115,11 @@ def test_bad_args_fail_with_a_sentence():
         AppArgs(device="cuda")
     with pytest.raises(ValidationError, match="modalities"):
         AppArgs(modalities="text,smell")
+    # A load window holding under one load report (Serve 2.60 warns; later releases refuse).
+    with pytest.raises(ValidationError, match=r"look_back_period_s \(5.0\) must be above"):
+        AppArgs(encoder={"look_back_period_s": 5})
+    with pytest.raises(ValidationError, match="replica_wait_timeout_s"):
+        AppArgs(encoders={"depth": {"min_replicas": 0, "replica_wait_timeout_s": 0}})
     # Command-line style values (strings) are accepted where they are unambiguous.
     args = AppArgs.model_validate({"modalities": "text,video", "max_inputs": "8"})
     assert args.model_modalities() == ["vision", "text"] and args.max_inputs == 8
