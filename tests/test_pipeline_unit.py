@@ -499,7 +499,12 @@ def test_lock_refuses_a_second_run_and_recovers_stale_locks(tmp_path):
         OutputLock(out, ttl_s=60).acquire()
     assert not os.path.exists(os.path.join(out, LOCK_KEY))
     # A lock left by a process of this host that is gone (kill -9): recovered at once.
-    doc = {"host": socket.gethostname(), "pid": _dead_pid(), "expires_at": time.time() + 600}
+    doc = {
+        "host": socket.gethostname(),
+        "pid": _dead_pid(),
+        "pid_ns": os.readlink("/proc/self/ns/pid"),
+        "expires_at": time.time() + 600,
+    }
     with open(os.path.join(out, LOCK_KEY), "w") as f:
         json.dump(doc, f)
     with OutputLock(out, ttl_s=60) as lock:
