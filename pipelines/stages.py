@@ -63,6 +63,45 @@ def _fetch(
     return ibc.read_bytes(uri, storage_options, max_bytes=max_bytes, modality=kind), info
 
 
+class StoreUnavailable(RuntimeError):
+    """The object store did not answer (connection refused or reset, timeout, 5xx): not a
+    fault of the item. The block fails instead of recording the item as bad; the job stops
+    with this message and a rerun resumes where it stopped."""
+
+
+_TRANSIENT_CODES = {"500", "502", "503", "504", "SlowDown", "ServiceUnavailable", "InternalError"}
+
+
+def transient_store_error(exc: BaseException) -> bool:
+    """True if `exc` (or an exception it was raised from) says the store is unreachable or
+    overloaded rather than that the object is bad."""
+    seen = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (ConnectionError, TimeoutError)):
+            return True
+        name = type(e).__name__
+        if name in (
+            "EndpointConnectionError",
+            "ConnectionClosedError",
+            "ReadTimeoutError",
+            "ConnectTimeoutError",
+            "ClientConnectorError",
+            "ServerDisconnectedError",
+            "ClientOSError",
+        ):
+            return True
+        response = getattr(e, "response", None)
+        if isinstance(response, dict):
+            code = str(response.get("Error", {}).get("Code", ""))
+            status = str(response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+            if code in _TRANSIENT_CODES or status in _TRANSIENT_CODES:
+                return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def preprocess_batch(
     batch: pa.Table,
     storage_options: StorageOptions | None = None,
@@ -71,11 +110,15 @@ def preprocess_batch(
     read_threads: int = 8,
     trace_path: str | None = None,
     delay_per_item_s: float = 0.0,
+    store_retries: int = 4,
 ) -> pa.Table:
     """Item rows (`data` or `uri`) -> rows with `tensor` (the item's model input as .npy).
 
     Rows that are not `ok` pass through. Missing `fingerprint`/`size`/`mtime` (manifest rows)
-    are filled from the object's metadata. Failures become `error` rows with the reason.
+    are filled from the object's metadata. Every failure of an item, whatever it raises,
+    becomes an `error` row with the reason — except an unreachable store: a read that fails
+    with a connection error, timeout or 5xx is retried `store_retries` times with backoff,
+    then the block fails with StoreUnavailable (the item is not bad; a rerun reads it).
     """
     lim = ibc.Limits(**dict(limits or {}))
     opts = {k: dict(v) for k, v in (options or {}).items()}
@@ -97,15 +140,29 @@ def preprocess_batch(
     if fetch:
 
         def get(i: int) -> tuple[int, Any]:
-            try:
-                return i, _fetch(uris[i], kinds[i], storage_options, lim.max_bytes, fps[i] is None)
-            except ibc.InvalidInput as e:
-                return i, e
+            for attempt in range(store_retries + 1):
+                try:
+                    res = _fetch(uris[i], kinds[i], storage_options, lim.max_bytes, fps[i] is None)
+                    return i, res
+                except Exception as e:
+                    if not transient_store_error(e):
+                        # Whatever else a read raises (a bad URI, a refused object): the item
+                        # fails, never the block; the reason names the input.
+                        if isinstance(e, ibc.InvalidInput):
+                            return i, e.reason
+                        return i, f"cannot read {uris[i]}: {type(e).__name__}: {e}"
+                    if attempt == store_retries:
+                        raise StoreUnavailable(
+                            f"object store unavailable reading {uris[i]} after "
+                            f"{store_retries + 1} attempts: {type(e).__name__}: {e}"
+                        ) from e
+                    time.sleep(min(2.0**attempt, 10.0))
+            raise AssertionError("unreachable")
 
         with ThreadPoolExecutor(min(read_threads, len(fetch))) as ex:
             for i, res in ex.map(get, fetch):
-                if isinstance(res, ibc.InvalidInput):
-                    status[i], errors[i] = STATUS_ERROR, res.reason
+                if isinstance(res, str):
+                    status[i], errors[i] = STATUS_ERROR, res
                     continue
                 data[i], info = res
                 if info is not None:
