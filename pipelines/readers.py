@@ -828,12 +828,12 @@ def reconcile(
     # manifests
     everywhere: set[str] = set().union(*ids_of.values()) if ids_of else set()
 
-    def narrow(s: ShardSpec) -> ShardSpec | None:
+    def narrow(s: ShardSpec) -> ShardSpec:
         items = manifest_items(read_manifest(s.uri, storage_options), s.name, s.uri)
         excl = set(s.exclude or ())
         excl |= {it["id"] for it in items if it["id"] in everywhere}
         counts = Counter(it["_kind"] for it in items if it["id"] not in excl)
-        spec = ShardSpec(
+        return ShardSpec(
             s.name,
             s.format,
             s.uri,
@@ -843,13 +843,12 @@ def reconcile(
             exclude=sorted(excl),
             identity=s.identity,
         )
-        return spec
 
     with ThreadPoolExecutor(max(1, min(workers, len(stale) + len(new)))) as ex:
         narrowed_new = list(ex.map(narrow, new))
         narrowed_stale = list(ex.map(narrow, stale))
     for s in narrowed_stale:
-        if s is None or not s.kinds:
+        if not s.kinds:
             output.write_identity(s.name, s.identity or "")
             unchanged.append(s)
         else:
