@@ -45,7 +45,13 @@ from pipelines.readers import (
     reconcile,
     shard_tasks,
 )
-from pipelines.stages import EncodeBatch, preprocess_batch, without_tensors
+from pipelines.stages import (
+    EncodeBatch,
+    StoreUnavailable,
+    preprocess_batch,
+    transient_store_error,
+    without_tensors,
+)
 from pipelines.writers import (
     Output,
     commit_shard,
@@ -578,6 +584,14 @@ def run_plan(cfg: JobConfig, plan: Plan, *, log_every_s: float = 10.0) -> JobSum
                         time.perf_counter() - t0,
                     )
             results = ray.get(refs)
+        except Exception as e:
+            if not transient_store_error(e):
+                raise
+            raise StoreUnavailable(
+                f"the object store stopped answering during the run ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:300] if str(e) else ''}). Committed shards are kept "
+                "and work in progress is in parts: rerun the same command to resume."
+            ) from e
         finally:
             ctx.enable_progress_bars, ctx.issue_detectors_config = prev_bars, prev_detectors
         now = output.committed_shards()
@@ -747,7 +761,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point. Exit status: 0 done (item errors included), 2 bad config or
-    input, 3 output locked or started by another job, 1 anything else."""
+    input, 3 output locked or started by another job, 1 anything else (an unreachable object
+    store included: rerun to resume)."""
     args = build_parser().parse_args(argv)
     try:
         extra: dict[str, Any] = {
@@ -781,6 +796,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OutputLocked, OutputMismatch) as e:
         print(f"imagebind-embed: {e}", file=sys.stderr)
         return 3
+    except StoreUnavailable as e:
+        print(f"imagebind-embed: {e}", file=sys.stderr)
+        return 1
     print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.format())
     return 0
 

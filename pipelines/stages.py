@@ -81,8 +81,10 @@ def transient_store_error(exc: BaseException) -> bool:
         seen.add(id(e))
         if isinstance(e, (ConnectionError, TimeoutError)):
             return True
-        name = type(e).__name__
-        if name in (
+        # by name: botocore and aiohttp are optional; a Ray task error subclasses its cause
+        names = {c.__name__ for c in type(e).__mro__}
+        if names & {
+            "StoreUnavailable",
             "EndpointConnectionError",
             "ConnectionClosedError",
             "ReadTimeoutError",
@@ -90,7 +92,7 @@ def transient_store_error(exc: BaseException) -> bool:
             "ClientConnectorError",
             "ServerDisconnectedError",
             "ClientOSError",
-        ):
+        }:
             return True
         response = getattr(e, "response", None)
         if isinstance(response, dict):
@@ -98,7 +100,8 @@ def transient_store_error(exc: BaseException) -> bool:
             status = str(response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
             if code in _TRANSIENT_CODES or status in _TRANSIENT_CODES:
                 return True
-        e = e.__cause__ or e.__context__
+        cause = getattr(e, "cause", None)  # ray.exceptions.RayTaskError keeps it here
+        e = cause if isinstance(cause, BaseException) else (e.__cause__ or e.__context__)
     return False
 
 

@@ -315,3 +315,20 @@ def test_parts_of_a_shard_that_vanished_are_removed(tmp_path, ray_session):
     assert not (out / "_parts").exists()
     assert not (out / LOCK_KEY).exists()
     assert _ids(str(out)) == (["r1"], [])
+
+
+def test_an_unreachable_store_stops_the_block_instead_of_failing_the_item():
+    # Nothing listens on the port: connection refused. The item is not bad; it must not be
+    # recorded as a failure (a rerun would never embed it).
+    from conftest import free_port
+
+    from imagebind_core.io import s3_storage_options
+    from pipelines.stages import StoreUnavailable
+
+    so = s3_storage_options(f"http://127.0.0.1:{free_port()}", "us-east-1", "testing", "testing")
+    row = {f.name: None for f in ITEM_SCHEMA}
+    row.update(id="x", uri="s3://b/x.png", modality="vision", shard="s", branch="vision")
+    row["status"] = STATUS_OK
+    batch = pa.Table.from_pylist([row], schema=ITEM_SCHEMA)
+    with pytest.raises(StoreUnavailable, match=r"s3://b/x\.png"):
+        preprocess_batch(batch, storage_options=so, store_retries=1)
