@@ -56,6 +56,7 @@ from pipelines.writers import (
     Output,
     commit_shard,
     read_job_record,
+    with_store_retries,
     write_job_record,
     write_parts,
 )
@@ -493,6 +494,12 @@ def _quiet_issue_detectors(config: Any) -> Any:
     )
 
 
+def _commit_task(*args: Any) -> dict[str, Any]:
+    # A commit is idempotent and never rewrites a committed file: safe to retry through a
+    # store outage.
+    return with_store_retries(lambda: commit_shard(*args), f"committing shard {args[1]}")
+
+
 def run_plan(cfg: JobConfig, plan: Plan, *, log_every_s: float = 10.0) -> JobSummary:
     """Execute `plan` into `cfg.output` under the output lock; returns what was done.
 
@@ -564,7 +571,7 @@ def run_plan(cfg: JobConfig, plan: Plan, *, log_every_s: float = 10.0) -> JobSum
             ds = build_pipeline(cfg, plan, pending, ray.cluster_resources(), local)
             tracker = _Tracker(pending)
             identity = {s.name: s.identity for s in pending}
-            commit = ray.remote(num_cpus=0, max_retries=3)(commit_shard)
+            commit = ray.remote(num_cpus=0, max_retries=3)(_commit_task)
             refs = []
             last_log = time.perf_counter()
             for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -587,10 +594,11 @@ def run_plan(cfg: JobConfig, plan: Plan, *, log_every_s: float = 10.0) -> JobSum
         except Exception as e:
             if not transient_store_error(e):
                 raise
+            cause = getattr(e, "cause", None) or e  # a Ray task error: the task's exception
             raise StoreUnavailable(
-                f"the object store stopped answering during the run ({type(e).__name__}: "
-                f"{str(e).splitlines()[0][:300] if str(e) else ''}). Committed shards are kept "
-                "and work in progress is in parts: rerun the same command to resume."
+                f"the object store stopped answering during the run ({type(cause).__name__}: "
+                f"{str(cause)[:300]}). Committed shards are kept and work in progress is in "
+                "parts: rerun the same command to resume."
             ) from e
         finally:
             ctx.enable_progress_bars, ctx.issue_detectors_config = prev_bars, prev_detectors

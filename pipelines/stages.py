@@ -30,9 +30,11 @@ from pipelines.writers import (
     PREPROCESSED_SCHEMA,
     STATUS_ERROR,
     STATUS_OK,
+    StoreUnavailable,
     embedding_type,
     encoded_schema,
     fingerprint_from_info,
+    transient_store_error,
 )
 
 logger = logging.getLogger(__name__)
@@ -61,48 +63,6 @@ def _fetch(
         except Exception as e:
             raise ibc.InvalidInput(kind, f"cannot stat {uri}: {e}") from None
     return ibc.read_bytes(uri, storage_options, max_bytes=max_bytes, modality=kind), info
-
-
-class StoreUnavailable(RuntimeError):
-    """The object store did not answer (connection refused or reset, timeout, 5xx): not a
-    fault of the item. The block fails instead of recording the item as bad; the job stops
-    with this message and a rerun resumes where it stopped."""
-
-
-_TRANSIENT_CODES = {"500", "502", "503", "504", "SlowDown", "ServiceUnavailable", "InternalError"}
-
-
-def transient_store_error(exc: BaseException) -> bool:
-    """True if `exc` (or an exception it was raised from) says the store is unreachable or
-    overloaded rather than that the object is bad."""
-    seen = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, (ConnectionError, TimeoutError)):
-            return True
-        # by name: botocore and aiohttp are optional; a Ray task error subclasses its cause
-        names = {c.__name__ for c in type(e).__mro__}
-        if names & {
-            "StoreUnavailable",
-            "EndpointConnectionError",
-            "ConnectionClosedError",
-            "ReadTimeoutError",
-            "ConnectTimeoutError",
-            "ClientConnectorError",
-            "ServerDisconnectedError",
-            "ClientOSError",
-        }:
-            return True
-        response = getattr(e, "response", None)
-        if isinstance(response, dict):
-            code = str(response.get("Error", {}).get("Code", ""))
-            status = str(response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
-            if code in _TRANSIENT_CODES or status in _TRANSIENT_CODES:
-                return True
-        cause = getattr(e, "cause", None)  # ray.exceptions.RayTaskError keeps it here
-        e = cause if isinstance(cause, BaseException) else (e.__cause__ or e.__context__)
-    return False
 
 
 def preprocess_batch(
@@ -350,4 +310,11 @@ class EncodeBatch:
         return pa.table({name: cols[name] for name in self.schema.names}, schema=self.schema)
 
 
-__all__ = ["EncodeBatch", "embedding_type", "preprocess_batch", "without_tensors"]
+__all__ = [
+    "EncodeBatch",
+    "StoreUnavailable",
+    "embedding_type",
+    "preprocess_batch",
+    "transient_store_error",
+    "without_tensors",
+]

@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import re
+import time
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -146,6 +147,66 @@ def errors_schema(metadata: Mapping[str, str] | None = None) -> pa.Schema:
         pa.field("mtime", pa.float64()),
     ]
     return pa.schema(fields, metadata=dict(metadata or {}))
+
+
+class StoreUnavailable(RuntimeError):
+    """The object store did not answer (connection refused or reset, timeout, 5xx): not a
+    fault of the item. The block fails instead of recording the item as bad; the job stops
+    with this message and a rerun resumes where it stopped."""
+
+
+_TRANSIENT_CODES = {"500", "502", "503", "504", "SlowDown", "ServiceUnavailable", "InternalError"}
+
+
+def transient_store_error(exc: BaseException) -> bool:
+    """True if `exc` (or an exception it was raised from) says the store is unreachable or
+    overloaded rather than that the object is bad."""
+    seen = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (ConnectionError, TimeoutError)):
+            return True
+        # by name: botocore and aiohttp are optional; a Ray task error subclasses its cause
+        names = {c.__name__ for c in type(e).__mro__}
+        if names & {
+            "StoreUnavailable",
+            "EndpointConnectionError",
+            "ConnectionClosedError",
+            "ReadTimeoutError",
+            "ConnectTimeoutError",
+            "ClientConnectorError",
+            "ServerDisconnectedError",
+            "ClientOSError",
+        }:
+            return True
+        response = getattr(e, "response", None)
+        if isinstance(response, dict):
+            code = str(response.get("Error", {}).get("Code", ""))
+            status = str(response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+            if code in _TRANSIENT_CODES or status in _TRANSIENT_CODES:
+                return True
+        cause = getattr(e, "cause", None)  # ray.exceptions.RayTaskError keeps it here
+        e = cause if isinstance(cause, BaseException) else (e.__cause__ or e.__context__)
+    return False
+
+
+def with_store_retries(fn: Any, what: str, retries: int = 4) -> Any:
+    """Call `fn()`; while it fails because the store is unreachable, wait (1, 2, 4, 8 s) and
+    call it again — for idempotent operations only. Then StoreUnavailable naming `what`."""
+    for attempt in range(retries + 1):
+        try:
+            return fn()
+        except Exception as e:
+            if not transient_store_error(e):
+                raise
+            if attempt == retries:
+                raise StoreUnavailable(
+                    f"object store unavailable {what} after {retries + 1} attempts: "
+                    f"{type(e).__name__}: {e}"
+                ) from e
+            time.sleep(min(2.0**attempt, 10.0))
+    raise AssertionError("unreachable")
 
 
 # ------------------------------------------------------------------------- fingerprints
@@ -527,7 +588,10 @@ def write_parts(
             )
             ids = part.column("id").to_pylist()
             path = join(out.parts_dir(shard), _part_name(kind, ids))
-            out.write_table_atomic(path, part)
+            # A part's name derives from its ids: writing it again is harmless.
+            with_store_retries(
+                lambda p=path, t=part: out.write_table_atomic(p, t), f"writing {path}"
+            )
         rows["shard"].append(shard)
         rows["kind"].append(kind)
         rows["ids"].append(ids)
