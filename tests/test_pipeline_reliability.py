@@ -332,3 +332,33 @@ def test_an_unreachable_store_stops_the_block_instead_of_failing_the_item():
     batch = pa.Table.from_pylist([row], schema=ITEM_SCHEMA)
     with pytest.raises(StoreUnavailable, match=r"s3://b/x\.png"):
         preprocess_batch(batch, storage_options=so, store_retries=1)
+
+
+def test_shard_files_are_created_only_if_absent(tmp_path, s3_server):
+    bucket = s3_server.create_bucket(f"cia-{uuid.uuid4().hex[:6]}")
+    for uri, so in ((str(tmp_path / "o"), None), (f"s3://{bucket}/o", s3_server.storage_options)):
+        out = Output(uri, so)
+        path = out.shard_path("s")
+        assert out.create_atomic(path, b"first")
+        assert not out.create_atomic(path, b"second")  # a second committer loses, writes nothing
+        with out.fs.open(path, "rb") as f:
+            assert f.read() == b"first"
+
+
+def test_members_appended_to_a_committed_tar_are_embedded_exactly_once(tmp_path, ray_session):
+    wds, out, trace = tmp_path / "wds", tmp_path / "out", tmp_path / "trace.txt"
+    wds.mkdir()
+    (wds / "00000.tar").write_bytes(_tar({"k0.txt": b"first caption"}))
+    cfg = load_config(
+        None,
+        {**SMALL, "input": str(wds), "output": str(out), "debug.trace_path": str(trace)},
+    )
+    run_job(cfg)
+    committed = (out / "00000.parquet").read_bytes()
+    (wds / "00000.tar").write_bytes(_tar({"k0.txt": b"first caption", "k1.txt": b"second"}))
+    trace.unlink()
+    again = run_job(cfg)
+    assert trace.read_text().split()[1::2] == ["00000#k1.txt"]
+    assert sorted(_ids(str(out))[0]) == ["00000#k0.txt", "00000#k1.txt"]
+    assert (out / "00000.parquet").read_bytes() == committed
+    assert again.shards_extended == 1
