@@ -546,17 +546,19 @@ def run_plan(cfg: JobConfig, plan: Plan, *, log_every_s: float = 10.0) -> JobSum
             ",".join(plan.kinds),
         )
 
-        def count(shard: str) -> None:
-            if shard in extended_names:
-                summary.shards_extended += 1
-            else:
+        def count(shard: str, added: bool) -> None:
+            if shard not in extended_names:
                 summary.shards_committed += 1
+            elif added:
+                summary.shards_extended += 1
+            else:  # its input changed, but every item in it was committed already
+                summary.shards_skipped += 1
 
         # A shard with no items (an empty manifest, or only ids of earlier manifests) gets its
         # empty output file here: no task would ever report it complete.
         for s in [s for s in pending if not s.kinds]:
-            commit_shard(cfg.output, s.name, so, dim, lineage, s.identity)
-            count(s.name)
+            res = commit_shard(cfg.output, s.name, so, dim, lineage, s.identity)
+            count(s.name, res["added"])
         pending = [s for s in pending if s.kinds]
         if not pending:
             summary.seconds = time.perf_counter() - t0
@@ -611,7 +613,7 @@ def run_plan(cfg: JobConfig, plan: Plan, *, log_every_s: float = 10.0) -> JobSum
                 "command to finish them"
             )
         for r in results:
-            count(r["shard"])
+            count(r["shard"], r["added"])
         summary.ok = dict(tracker.ok)
         summary.errors = dict(tracker.err)
         summary.seconds = time.perf_counter() - t0

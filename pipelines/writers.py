@@ -646,8 +646,8 @@ def commit_shard(
     addition `<shard>.add-<hash>.parquet` (+ errors); the others are dropped. Rows are
     deduplicated by id (first part in name order wins) and sorted by id. `identity` (the
     input identity the shard now covers) is recorded for the next run. Returns {"shard",
-    "ok", "errors"}: rows this call committed (for a shard committed before, with
-    nothing new: what its main files hold).
+    "ok", "errors", "added"}: rows this call committed (for a shard committed before, with
+    nothing new: what its main files hold), and whether they went to an addition.
     """
     out = Output(output_uri, storage_options)
     parts = out.ls_files(out.parts_dir(shard))
@@ -668,7 +668,7 @@ def commit_shard(
             main, errors = out.path(f"{shard}{suffix}.parquet"), out.errors_path(shard + suffix)
     else:
         errors = out.errors_path(shard)
-    result: dict[str, Any] = {"shard": shard, "ok": 0, "errors": 0}
+    result: dict[str, Any] = {"shard": shard, "ok": 0, "errors": 0, "added": added}
     if committed and not added:
         result["ok"] = _num_rows(out, main)
         if out.exists(out.errors_path(shard)):

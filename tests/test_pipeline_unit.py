@@ -451,7 +451,7 @@ def test_parts_are_idempotent_and_commit_dedupes(tmp_path):
     assert summary.column("expected").to_pylist() == [4]
     meta = {"imagebind.preset": "tiny"}
     res = commit_shard(out, "s", None, 4, meta)
-    assert res == {"shard": "s", "ok": 3, "errors": 1}
+    assert res == {"shard": "s", "ok": 3, "errors": 1, "added": False}
     emb = pq.read_table(tmp_path / "out" / "s.parquet")
     assert emb.column("id").to_pylist() == ["x0", "x1", "x3"]
     assert emb.schema.metadata[b"imagebind.preset"] == b"tiny"
