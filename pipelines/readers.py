@@ -813,6 +813,10 @@ def reconcile(
         return new, extended, unchanged
     if plan.format == "webdataset":
         for s in stale:  # the tar is read again; members already committed are seeked over
+            have = ids_of[s.name]
+            # ids of outputs written under the earlier rule `<shard>/<member>`: the same members
+            n = len(s.name) + 1
+            have = have | {wds_id(s.name, i[n:]) for i in have if i.startswith(s.name + "/")}
             extended.append(
                 ShardSpec(
                     s.name,
@@ -820,7 +824,7 @@ def reconcile(
                     s.uri,
                     s.fingerprint,
                     s.kinds,
-                    exclude=sorted(ids_of[s.name]),
+                    exclude=sorted(have),
                     identity=s.identity,
                 )
             )

@@ -363,3 +363,27 @@ def test_members_appended_to_a_committed_tar_are_embedded_exactly_once(tmp_path,
     assert sorted(_ids(str(out))[0]) == ["00000#k0.txt", "00000#k1.txt"]
     assert (out / "00000.parquet").read_bytes() == committed
     assert again.shards_extended == 1
+
+
+def test_an_output_with_ids_of_the_old_webdataset_rule_is_not_embedded_again(tmp_path, ray_session):
+    # Outputs written before the id rule was `<shard>#<member>` hold `<shard>/<member>` ids
+    # and no `_inputs/`: a rerun must recognise those members as committed.
+    wds, out, trace = tmp_path / "wds", tmp_path / "out", tmp_path / "trace.txt"
+    wds.mkdir()
+    (wds / "00000.tar").write_bytes(_tar({"k0.txt": b"first caption"}))
+    cfg = load_config(
+        None,
+        {**SMALL, "input": str(wds), "output": str(out), "debug.trace_path": str(trace)},
+    )
+    run_job(cfg)
+    shard_file = out / "00000.parquet"
+    t = pq.read_table(shard_file)
+    old = pa.array([i.replace("#", "/", 1) for i in t.column("id").to_pylist()], pa.string())
+    pq.write_table(t.set_column(0, t.schema.field(0), old), shard_file)
+    for p in (out / "_inputs").iterdir():
+        p.unlink()
+    trace.unlink()
+    again = run_job(cfg)
+    assert not trace.exists(), "members committed under the old ids were embedded again"
+    assert _ids(str(out))[0] == ["00000/k0.txt"]
+    assert again.shards_extended == 0
