@@ -44,13 +44,21 @@ from pipelines.readers import (
     plan_items,
     plan_job,
     read_tasks,
+    reconcile,
     shard_tasks,
 )
-from pipelines.stages import EncodeBatch, preprocess_batch, without_tensors
+from pipelines.stages import (
+    EncodeBatch,
+    StoreUnavailable,
+    preprocess_batch,
+    transient_store_error,
+    without_tensors,
+)
 from pipelines.writers import (
     Output,
     commit_shard,
     read_job_record,
+    with_store_retries,
     write_job_record,
     write_parts,
 )
@@ -368,8 +376,9 @@ class JobSummary:
 
     output: str
     shards_total: int
-    shards_skipped: int  # already committed before this run
+    shards_skipped: int  # already committed before this run, nothing new in them
     shards_committed: int  # committed by this run
+    shards_extended: int = 0  # committed before, with new items: embedded into additions
     ok: dict[str, int] = field(default_factory=dict)  # items embedded by this run, per kind
     errors: dict[str, int] = field(default_factory=dict)  # items failed in this run, per kind
     seconds: float = 0.0
@@ -388,6 +397,7 @@ class JobSummary:
             "shards_total": self.shards_total,
             "shards_skipped": self.shards_skipped,
             "shards_committed": self.shards_committed,
+            "shards_extended": self.shards_extended,
             "seconds": round(self.seconds, 3),
             "first_batch_seconds": (
                 None if self.first_batch_seconds is None else round(self.first_batch_seconds, 3)
@@ -410,13 +420,18 @@ class JobSummary:
         ]
         if self.first_batch_seconds is not None:
             lines.append(f"  first encoded batch written after {self.first_batch_seconds:.1f} s")
+        if self.shards_extended:
+            lines.append(
+                f"  {self.shards_extended} shards committed earlier had new items (files or rows "
+                "added since): embedded into additional files <shard>.add-<hash>.parquet"
+            )
         for k in sorted(set(self.ok) | set(self.errors)):
             lines.append(
                 f"  {k:8s} {self.ok.get(k, 0):8d} embedded {self.errors.get(k, 0):6d} errors "
                 f"{self.items_per_s(k):9.2f} items/s"
             )
         if not self.ok and not self.errors and not self.shards_committed:
-            lines.append("  nothing to do: every shard was already committed")
+            lines.append("  nothing to do: every shard was already committed, nothing new in them")
         if sum(self.errors.values()):
             lines.append(f"  failed items and reasons: {self.output.rstrip('/')}/_errors/")
         return "\n".join(lines)
@@ -518,6 +533,12 @@ def _quiet_issue_detectors(config: Any) -> Any:
     )
 
 
+def _commit_task(*args: Any) -> dict[str, Any]:
+    # A commit is idempotent and never rewrites a committed file: safe to retry through a
+    # store outage.
+    return with_store_retries(lambda: commit_shard(*args), f"committing shard {args[1]}")
+
+
 def run_plan(cfg: JobConfig, plan: Plan, *, log_every_s: float = 10.0) -> JobSummary:
     """Execute `plan` into `cfg.output` under the output lock; returns what was done.
 
@@ -537,26 +558,46 @@ def run_plan(cfg: JobConfig, plan: Plan, *, log_every_s: float = 10.0) -> JobSum
         cfg = cfg.model_copy(update={"checkpoint_sha256": lineage["imagebind.checkpoint_sha256"]})
     with OutputLock(cfg.output, so, ttl_s=cfg.lock_ttl_s) as lock:
         _check_record(output, cfg, plan, lineage)
+        dim = int(lineage["imagebind.embed_dim"])
         committed = output.committed_shards()
         for shard in output.leftover_parts(committed):
-            logger.info("shard %s: removing parts left by a run that died after its commit", shard)
-            output.rm_tree(output.parts_dir(shard))
-        pending = [s for s in plan.shards if s.name not in committed]
-        summary = JobSummary(cfg.output, len(plan.shards), len(plan.shards) - len(pending), 0)
+            # A run that died after this commit (its parts hold committed ids: dropped), or
+            # while embedding additions (ids no committed file holds: committed now).
+            logger.info("shard %s: folding in parts left by an interrupted run", shard)
+            commit_shard(cfg.output, shard, so, dim, lineage)
+        planned = {s.name for s in plan.shards}
+        for shard in sorted(output.parts_shards() - planned - committed):
+            # Work for a shard that is no longer in the input (a manifest deleted mid-run).
+            logger.warning("shard %s: no longer in the input; removing its parts", shard)
+            output.rm_parts(shard)
+        new, extended, unchanged = reconcile(plan, output, committed, so)
+        pending = new + extended
+        extended_names = {s.name for s in extended}
+        summary = JobSummary(cfg.output, len(plan.shards), len(unchanged), 0)
         logger.info(
-            "%s: %d shards, %d already committed, %d to do; kinds %s",
+            "%s: %d shards, %d already committed, %d to do (%d of them committed earlier, with "
+            "new items); kinds %s",
             cfg.input,
             len(plan.shards),
             summary.shards_skipped,
             len(pending),
+            len(extended),
             ",".join(plan.kinds),
         )
-        dim = int(lineage["imagebind.embed_dim"])
+
+        def count(shard: str, added: bool) -> None:
+            if shard not in extended_names:
+                summary.shards_committed += 1
+            elif added:
+                summary.shards_extended += 1
+            else:  # its input changed, but every item in it was committed already
+                summary.shards_skipped += 1
+
         # A shard with no items (an empty manifest, or only ids of earlier manifests) gets its
         # empty output file here: no task would ever report it complete.
         for s in [s for s in pending if not s.kinds]:
-            commit_shard(cfg.output, s.name, so, dim, lineage)
-            summary.shards_committed += 1
+            res = commit_shard(cfg.output, s.name, so, dim, lineage, s.identity)
+            count(s.name, res["added"])
         pending = [s for s in pending if s.kinds]
         if not pending:
             summary.seconds = time.perf_counter() - t0
@@ -570,7 +611,8 @@ def run_plan(cfg: JobConfig, plan: Plan, *, log_every_s: float = 10.0) -> JobSum
         try:
             ds = build_pipeline(cfg, plan, pending, ray.cluster_resources(), local)
             tracker = _Tracker(pending)
-            commit = ray.remote(num_cpus=0, max_retries=3)(commit_shard)
+            identity = {s.name: s.identity for s in pending}
+            commit = ray.remote(num_cpus=0, max_retries=3)(_commit_task)
             refs = []
             last_log = time.perf_counter()
             for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -579,7 +621,7 @@ def run_plan(cfg: JobConfig, plan: Plan, *, log_every_s: float = 10.0) -> JobSum
                 if summary.first_batch_seconds is None and pc.sum(block["n_ok"]).as_py():
                     summary.first_batch_seconds = time.perf_counter() - t0
                 for shard in tracker.add(block):
-                    refs.append(commit.remote(cfg.output, shard, so, dim, lineage))
+                    refs.append(commit.remote(cfg.output, shard, so, dim, lineage, identity[shard]))
                 if time.perf_counter() - last_log > log_every_s:
                     last_log = time.perf_counter()
                     done = len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else 0
@@ -592,15 +634,27 @@ def run_plan(cfg: JobConfig, plan: Plan, *, log_every_s: float = 10.0) -> JobSum
                         time.perf_counter() - t0,
                     )
             results = ray.get(refs)
+        except Exception as e:
+            if not transient_store_error(e):
+                raise
+            cause = getattr(e, "cause", None) or e  # a Ray task error: the task's exception
+            raise StoreUnavailable(
+                f"the object store stopped answering during the run ({type(cause).__name__}: "
+                f"{str(cause)[:300]}). Committed shards are kept and work in progress is in "
+                "parts: rerun the same command to resume."
+            ) from e
         finally:
             ctx.enable_progress_bars, ctx.issue_detectors_config = prev_bars, prev_detectors
-        missing = [s.name for s in pending if s.name not in output.committed_shards()]
+        now = output.committed_shards()
+        missing = [s.name for s in pending if s.name not in now]
+        missing += [s.name for s in extended if s.name in output.parts_shards()]
         if missing:
             raise RuntimeError(
                 f"{len(missing)} shards were not completed (e.g. {missing[:3]}); rerun the same "
                 "command to finish them"
             )
-        summary.shards_committed += len(results)
+        for r in results:
+            count(r["shard"], r["added"])
         summary.ok = dict(tracker.ok)
         summary.errors = dict(tracker.err)
         summary.seconds = time.perf_counter() - t0
@@ -762,7 +816,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point. Exit status: 0 done (item errors included), 2 bad config or
-    input, 3 output locked or started by another job, 1 anything else."""
+    input, 3 output locked or started by another job, 1 anything else (an unreachable object
+    store included: rerun to resume)."""
     args = build_parser().parse_args(argv)
     try:
         extra: dict[str, Any] = {
@@ -796,6 +851,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OutputLocked, OutputMismatch) as e:
         print(f"imagebind-embed: {e}", file=sys.stderr)
         return 3
+    except StoreUnavailable as e:
+        print(f"imagebind-embed: {e}", file=sys.stderr)
+        return 1
     print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.format())
     return 0
 

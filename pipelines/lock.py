@@ -5,8 +5,11 @@ folder — the conditional store of `pipelines.publish`), renewed by a heartbeat
 released on exit. A second run on the same output is refused with a message naming the holder.
 A lock is stale, and is broken with a conditional delete (so two runs recovering it at once
 cannot both win), when its lease expired (the holder stopped renewing: crashed or lost its
-node), or at once when the holder ran on this host and its process is gone (a `kill -9`
-followed by an immediate rerun).
+node), or at once when the holder ran on this host, in this pid namespace, and its process is
+gone (a `kill -9` followed by an immediate rerun). A pid means something only inside its pid
+namespace: the lock records the namespace (`/proc/self/ns/pid`) with the pid, and a holder in
+another namespace — a container sharing the host's network, hence its hostname — or one that
+did not record it is judged by its lease alone.
 """
 
 from __future__ import annotations
@@ -44,6 +47,14 @@ def _proc_start(pid: int) -> str | None:
         return None
 
 
+def _pid_namespace() -> str | None:
+    """This process's pid namespace (`pid:[<inode>]`), or None where it cannot be known."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def _pid_alive(pid: int, start: str | None) -> bool:
     try:
         os.kill(pid, 0)
@@ -75,6 +86,7 @@ class OutputLock:
             "host": socket.gethostname(),
             "pid": pid,
             "pid_start": _proc_start(pid),
+            "pid_ns": _pid_namespace(),
         }
 
     def _doc(self) -> bytes:
@@ -88,7 +100,13 @@ class OutputLock:
             return "its lease expired"
         pid = doc.get("pid")
         same_host = doc.get("host") == socket.gethostname()
-        if same_host and isinstance(pid, int) and not _pid_alive(pid, doc.get("pid_start")):
+        ns = self.doc_base["pid_ns"]
+        # The pid is ours to check only in the same pid namespace, known on both sides.
+        same_ns = ns is not None and doc.get("pid_ns") == ns
+        alive = not (same_host and same_ns and isinstance(pid, int)) or _pid_alive(
+            pid, doc.get("pid_start")
+        )
+        if not alive:
             return f"process {pid} on this host is gone"
         return None
 

@@ -12,8 +12,10 @@ Three input formats, local or on an object store (`s3://...`):
   files are grouped into shards by a stable hash of their relative path.
 
 Ids are stable across reruns and derive from the source key, never from block layout:
-manifest `id` (else its `uri` as written, else `<shard>#<row>` for inline text), `<shard>/<member>`
-for WebDataset, the relative path for files. Paths and names starting with `_` or `.` are
+manifest `id` (else its `uri` as written, else `<shard>#<row>` for inline text), `<shard>#<member>`
+for WebDataset (`wds_id`: the tar's path without its suffix, `%` and `#` in it written `%25` and
+`%23`, so the first `#` always ends the shard and no two members of a corpus share an id), the
+relative path for files. Paths and names starting with `_` or `.` are
 skipped, as Spark/pyarrow do. An id is embedded once per corpus: a manifest row that repeats an
 id of an earlier row — in the same manifest or in a manifest earlier in name order — is
 skipped with a warning (first occurrence wins, the same on every rerun).
@@ -50,6 +52,7 @@ import imagebind_core as ibc
 from imagebind_core.io import StorageOptions, filesystem, protocol_of
 from pipelines.config import KINDS, JobConfig
 from pipelines.writers import (
+    ADDITION_RE,
     ITEM_SCHEMA,
     STATUS_EOS,
     STATUS_ERROR,
@@ -386,6 +389,20 @@ def manifest_items(
 # ----------------------------------------------------------------------------- webdataset
 
 
+def wds_id(shard: str, member: str) -> str:
+    """The id of WebDataset member `member` of tar shard `shard`: `<shard>#<member>`.
+
+    Unique by construction: `#` and `%` in the shard name are escaped, so the first `#` ends
+    the shard (`a.tar` member `b/x.txt` is `a#b/x.txt`, `a/b.tar` member `x.txt` is `a/b#x.txt`).
+    """
+    return f"{shard.replace('%', '%25').replace('#', '%23')}#{member}"
+
+
+def wds_member(id_: str) -> str:
+    """The member name of a `wds_id`."""
+    return id_.split("#", 1)[1]
+
+
 def member_kind(name: str, extensions: Mapping[str, str] = {}) -> str | None:
     """Kind of a WebDataset member from the suffix after its sample key, or None (metadata)."""
     base = name.rsplit("/", 1)[-1]
@@ -463,6 +480,10 @@ class ShardSpec:
     include: dict[str, list[str]] | None = None
     counts: dict[str, int] | None = None
     exclude: list[str] | None = None
+    # What the shard's input is, to tell on a rerun whether a committed shard has new items:
+    # the manifest's or tar's fingerprint (etag, else size and mtime), a digest of the ids of
+    # a files bucket. None (explicit subsets): a committed shard is done.
+    identity: str | None = None
 
 
 @dataclass
@@ -479,13 +500,30 @@ class Plan:
     duplicates: int = 0  # manifest rows skipped: their id is in an earlier row or manifest
 
 
+def shard_name(rel: str, suffixes: Sequence[str]) -> str:
+    """The output name of an input shard: its relative path without the suffix, as it will
+    be written (`//` is one `/`, no leading or trailing `/`: an object store may have keys
+    `in/x.csv` and `in//x.csv`, whose outputs would both be `x.parquet`)."""
+    return "/".join(p for p in _strip_suffix(rel, suffixes).split("/") if p)
+
+
 def _shard_names(sources: Sequence[Source], suffixes: Sequence[str]) -> list[str]:
-    names = [_strip_suffix(s.rel, suffixes) for s in sources]
-    clash = [n for n, c in Counter(names).items() if c > 1]
+    names = [shard_name(s.rel, suffixes) for s in sources]
+    by_name: dict[str, list[str]] = {}
+    for src, n in zip(sources, names, strict=True):
+        by_name.setdefault(n, []).append(src.uri)
+    clash = {n: uris for n, uris in by_name.items() if len(uris) > 1}
     if clash:
+        shown = "; ".join(f"{' and '.join(u)} -> {n!r}" for n, u in list(clash.items())[:3])
         raise PlanError(
-            f"input shards {clash[:3]} differ only by extension; their outputs would share a "
-            "name. Rename them or embed them in separate jobs."
+            f"input shards would write the same output: {shown}. Their names differ only by "
+            "extension or by repeated '/'; rename them or embed them in separate jobs."
+        )
+    bad = [s.uri for s, n in zip(sources, names, strict=True) if ADDITION_RE.search(n) or not n]
+    if bad:
+        raise PlanError(
+            f"input shards {bad[:3]}: a name ending in '.add-<12 hex digits>' (or an empty "
+            "name) is reserved for the output's additions; rename them"
         )
     return names
 
@@ -526,7 +564,13 @@ def plan_job(cfg: JobConfig, files_shards: int | None = None, *, scan_workers: i
             items = manifest_items(read_manifest(src.uri, so), name, src.uri, repeats)
             counts = Counter(it["_kind"] for it in items)
             spec = ShardSpec(
-                name, fmt, src.uri, src.fingerprint, tuple(sorted(counts)), counts=dict(counts)
+                name,
+                fmt,
+                src.uri,
+                src.fingerprint,
+                tuple(sorted(counts)),
+                counts=dict(counts),
+                identity=src.fingerprint,
             )
             return spec, id_digests(it["id"] for it in items), len(repeats)
 
@@ -550,11 +594,22 @@ def plan_job(cfg: JobConfig, files_shards: int | None = None, *, scan_workers: i
             kinds = _peek_kinds(sources, so, cfg.webdataset.extensions)
         kinds_t = tuple(sorted(set(kinds)))
         shards = [
-            ShardSpec(n, fmt, s.uri, s.fingerprint, kinds_t)
+            ShardSpec(n, fmt, s.uri, s.fingerprint, kinds_t, identity=s.fingerprint)
             for s, n in zip(sources, names, strict=True)
         ]
         return Plan(fmt, cfg.input, shards, kinds_t, None)
     raise PlanError(f"unknown format {fmt!r}")
+
+
+def ids_identity(ids: Iterable[str]) -> str:
+    """The identity of a set of ids (order does not matter): `ids:<count>:<sha256>`."""
+    h = hashlib.sha256()
+    n = 0
+    for i in sorted(ids):
+        h.update(i.encode())
+        h.update(b"\0")
+        n += 1
+    return f"ids:{n}:{h.hexdigest()[:32]}"
 
 
 def id_digests(ids: Iterable[str]) -> np.ndarray:
@@ -678,11 +733,131 @@ def _plan_files(cfg: JobConfig, sources: list[Source], files_shards: int | None)
             tuple(sorted(by_kind)),
             items=by_kind,
             counts={k: len(v) for k, v in by_kind.items()},
+            identity=ids_identity(it["id"] for v in by_kind.values() for it in v),
         )
         for name, by_kind in sorted(buckets.items())
     ]
     counts = Counter(k for _, k in kinded)
     return Plan("files", cfg.input, shards, tuple(sorted(counts)), dict(counts), skipped, n)
+
+
+# ----------------------------------------------------------------------------- reruns
+
+
+def reconcile(
+    plan: Plan,
+    output: Output,
+    committed: set[str],
+    storage_options: StorageOptions | None,
+    workers: int = 16,
+) -> tuple[list[ShardSpec], list[ShardSpec], list[ShardSpec]]:
+    """Split the shards of `plan` for a rerun into (new, extended, unchanged).
+
+    new: not committed yet. extended: committed, but the input has items that no committed
+    file of the shard holds (a file added to a files bucket, rows appended to a manifest,
+    members to a tar): their spec embeds only those. unchanged: committed, nothing new (their
+    recorded input identity is the current one, or a comparison of ids found nothing new and
+    recorded it). A committed file is never rewritten; extended shards get additions.
+
+    Manifests: an id is embedded once per corpus, so when anything is new or changed, the ids
+    committed in every shard are excluded from the new and extended shards (this reads the id
+    column of every committed file once). Files and WebDataset ids belong to one shard only.
+    """
+    new = [s for s in plan.shards if s.name not in committed]
+    done = [s for s in plan.shards if s.name in committed]
+    with ThreadPoolExecutor(max(1, min(workers, len(done) or 1))) as ex:
+        recorded = list(
+            ex.map(lambda s: output.read_identity(s.name) if s.identity else None, done)
+        )
+    stale = [s for s, r in zip(done, recorded, strict=True) if s.identity and r != s.identity]
+    stale_names = {s.name for s in stale}
+    unchanged = [s for s in done if s.name not in stale_names]
+    if not stale and not (plan.format == "manifest" and new and done):
+        return new, [], unchanged
+    logger.info(
+        "%d committed shards changed since they were committed: looking for new items", len(stale)
+    )
+    with ThreadPoolExecutor(max(1, min(workers, len(done) or 1))) as ex:
+        ids_of = dict(
+            zip(
+                [s.name for s in done],
+                ex.map(output.committed_ids, [s.name for s in done]),
+                strict=True,
+            )
+        )
+    extended: list[ShardSpec] = []
+    if plan.format == "files":
+        for s in stale:
+            have = ids_of[s.name]
+            items = {
+                k: [it for it in v if it["id"] not in have] for k, v in (s.items or {}).items()
+            }
+            items = {k: v for k, v in items.items() if v}
+            if not items:
+                output.write_identity(s.name, s.identity or "")
+                unchanged.append(s)
+                continue
+            counts = {k: len(v) for k, v in items.items()}
+            extended.append(
+                ShardSpec(
+                    s.name,
+                    s.format,
+                    s.uri,
+                    s.fingerprint,
+                    tuple(sorted(items)),
+                    items=items,
+                    counts=counts,
+                    identity=s.identity,
+                )
+            )
+        return new, extended, unchanged
+    if plan.format == "webdataset":
+        for s in stale:  # the tar is read again; members already committed are seeked over
+            have = ids_of[s.name]
+            # ids of outputs written under the earlier rule `<shard>/<member>`: the same members
+            n = len(s.name) + 1
+            have = have | {wds_id(s.name, i[n:]) for i in have if i.startswith(s.name + "/")}
+            extended.append(
+                ShardSpec(
+                    s.name,
+                    s.format,
+                    s.uri,
+                    s.fingerprint,
+                    s.kinds,
+                    exclude=sorted(have),
+                    identity=s.identity,
+                )
+            )
+        return new, extended, unchanged
+    # manifests
+    everywhere: set[str] = set().union(*ids_of.values()) if ids_of else set()
+
+    def narrow(s: ShardSpec) -> ShardSpec:
+        items = manifest_items(read_manifest(s.uri, storage_options), s.name, s.uri)
+        excl = set(s.exclude or ())
+        excl |= {it["id"] for it in items if it["id"] in everywhere}
+        counts = Counter(it["_kind"] for it in items if it["id"] not in excl)
+        return ShardSpec(
+            s.name,
+            s.format,
+            s.uri,
+            s.fingerprint,
+            tuple(sorted(counts)),
+            counts=dict(counts),
+            exclude=sorted(excl),
+            identity=s.identity,
+        )
+
+    with ThreadPoolExecutor(max(1, min(workers, len(stale) + len(new)))) as ex:
+        narrowed_new = list(ex.map(narrow, new))
+        narrowed_stale = list(ex.map(narrow, stale))
+    for s in narrowed_stale:
+        if not s.kinds:
+            output.write_identity(s.name, s.identity or "")
+            unchanged.append(s)
+        else:
+            extended.append(s)
+    return narrowed_new, extended, unchanged
 
 
 # ----------------------------------------------------------------------------- listing items
@@ -720,7 +895,7 @@ def list_items(cfg: JobConfig, *, stat: bool = True, threads: int = 16) -> pa.Ta
                 for name, kind, _, size, mtime in iter_tar(shard.uri, so, want, read=False):
                     rows.append(
                         {
-                            "id": f"{shard.name}/{name}",
+                            "id": wds_id(shard.name, name),
                             "uri": f"{shard.uri}#{name}",
                             "modality": kind,
                             "shard": shard.name,
@@ -846,7 +1021,9 @@ def _wds_want(kinds: set[str], extensions: Mapping[str, str]) -> Callable[[str],
     return want
 
 
-def _item_rows(task: dict[str, Any], storage_options: StorageOptions | None) -> Iterator[dict]:
+def _item_rows(
+    task: dict[str, Any], storage_options: StorageOptions | None, skip: frozenset[str] = frozenset()
+) -> Iterator[dict]:
     kind = task["kind"]
     fmt = task["format"]
     shard = task["shard"]
@@ -870,11 +1047,15 @@ def _item_rows(task: dict[str, Any], storage_options: StorageOptions | None) -> 
                 yield it
         return
     if fmt == "webdataset":
-        want = _wds_want({kind}, task["wds_extensions"])
+        kind_of = _wds_want({kind}, task["wds_extensions"])
+
+        def want(name: str) -> str | None:  # members already done are seeked over, not read
+            return None if wds_id(shard, name) in skip else kind_of(name)
+
         try:
             for name, k, data, size, mtime in iter_tar(task["uri"], storage_options, want):
                 yield {
-                    "id": f"{shard}/{name}",
+                    "id": wds_id(shard, name),
                     "uri": f"{task['uri']}#{name}",
                     "modality": k,
                     "shard": shard,
@@ -932,7 +1113,7 @@ def read_shard_task(
     buf: list[dict[str, Any]] = []
     nbytes = 0
     broken: str | None = None  # why the shard stopped yielding, if it did
-    for row in _item_rows(task, storage_options):
+    for row in _item_rows(task, storage_options, frozenset(done)):
         row["branch"] = task["kind"]
         id_ = row["id"]
         if include is not None and id_ not in include:
@@ -949,7 +1130,7 @@ def read_shard_task(
             yield _to_table(buf)
             buf, nbytes = [], 0
     for id_ in sorted((include or set()) - seen - done):
-        member = id_.split("/", 1)[1] if task["format"] == "webdataset" and "/" in id_ else None
+        member = wds_member(id_) if task["format"] == "webdataset" and "#" in id_ else None
         buf.append(
             {
                 "id": id_,

@@ -31,9 +31,11 @@ from pipelines.writers import (
     PREPROCESSED_SCHEMA,
     STATUS_ERROR,
     STATUS_OK,
+    StoreUnavailable,
     embedding_type,
     encoded_schema,
     fingerprint_from_info,
+    transient_store_error,
 )
 
 logger = logging.getLogger(__name__)
@@ -157,11 +159,15 @@ def preprocess_batch(
     read_threads: int = 8,
     trace_path: str | None = None,
     delay_per_item_s: float = 0.0,
+    store_retries: int = 4,
 ) -> pa.Table:
     """Item rows (`data` or `uri`) -> rows with the item's model input (`tensor_columns`).
 
     Rows that are not `ok` pass through. Missing `fingerprint`/`size`/`mtime` (manifest rows)
-    are filled from the object's metadata. Failures become `error` rows with the reason.
+    are filled from the object's metadata. Every failure of an item, whatever it raises,
+    becomes an `error` row with the reason — except an unreachable store: a read that fails
+    with a connection error, timeout or 5xx is retried `store_retries` times with backoff,
+    then the block fails with StoreUnavailable (the item is not bad; a rerun reads it).
     """
     lim = ibc.Limits(**dict(limits or {}))
     opts = {k: dict(v) for k, v in (options or {}).items()}
@@ -183,15 +189,29 @@ def preprocess_batch(
     if fetch:
 
         def get(i: int) -> tuple[int, Any]:
-            try:
-                return i, _fetch(uris[i], kinds[i], storage_options, lim.max_bytes, fps[i] is None)
-            except ibc.InvalidInput as e:
-                return i, e
+            for attempt in range(store_retries + 1):
+                try:
+                    res = _fetch(uris[i], kinds[i], storage_options, lim.max_bytes, fps[i] is None)
+                    return i, res
+                except Exception as e:
+                    if not transient_store_error(e):
+                        # Whatever else a read raises (a bad URI, a refused object): the item
+                        # fails, never the block; the reason names the input.
+                        if isinstance(e, ibc.InvalidInput):
+                            return i, e.reason
+                        return i, f"cannot read {uris[i]}: {type(e).__name__}: {e}"
+                    if attempt == store_retries:
+                        raise StoreUnavailable(
+                            f"object store unavailable reading {uris[i]} after "
+                            f"{store_retries + 1} attempts: {type(e).__name__}: {e}"
+                        ) from e
+                    time.sleep(min(2.0**attempt, 10.0))
+            raise AssertionError("unreachable")
 
         with ThreadPoolExecutor(min(read_threads, len(fetch))) as ex:
             for i, res in ex.map(get, fetch):
-                if isinstance(res, ibc.InvalidInput):
-                    status[i], errors[i] = STATUS_ERROR, res.reason
+                if isinstance(res, str):
+                    status[i], errors[i] = STATUS_ERROR, res
                     continue
                 data[i], info = res
                 if info is not None:
@@ -382,4 +402,11 @@ def _trace_actor(path: str, kind: str) -> None:
         f.write(f"{os.getpid()} {kind} {','.join(map(str, gpus)) or '-'}\n")
 
 
-__all__ = ["EncodeBatch", "embedding_type", "preprocess_batch", "without_tensors"]
+__all__ = [
+    "EncodeBatch",
+    "StoreUnavailable",
+    "embedding_type",
+    "preprocess_batch",
+    "transient_store_error",
+    "without_tensors",
+]

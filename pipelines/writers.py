@@ -2,18 +2,24 @@
 
 Layout under the output URI (local folder or `s3://bucket/prefix`):
 
-    <shard>.parquet            committed embeddings of one input shard (the commit marker)
-    _errors/<shard>.parquet    items of that shard that failed, with the reason
-    _parts/<shard>/*.parquet   work in progress: one file per (block, shard, kind)
-    _job.json                  what produced this output (model lineage, input, shard count)
-    _lock                      held by the run writing here (see pipelines.lock)
+    <shard>.parquet                committed embeddings of one input shard (the commit marker)
+    <shard>.add-<hash>.parquet     items found in that shard after it was committed (additions)
+    _errors/<shard>[.add-<hash>].parquet   items of that shard that failed, with the reason
+    _parts/<shard>/*.parquet       work in progress: one file per (block, shard, kind)
+    _inputs/<shard>.json           the input identity the shard's committed files cover
+    _job.json                      what produced this output (model lineage, input, shard count)
+    _lock                          held by the run writing here (see pipelines.lock)
 
 Exactly once: every part file is written atomically (temporary name + rename on a local disk;
 one PUT on S3) under a name derived from the ids it holds, so a retried task overwrites its own
 part instead of adding a copy. When every item of a shard is in its parts, `commit_shard`
 merges them (deduplicating by id as a last safety net), writes `_errors/<shard>.parquet`, then
-`<shard>.parquet` atomically — its existence marks the shard done — and deletes the parts. A
-rerun skips committed shards and, inside uncommitted ones, every id already in a part.
+creates `<shard>.parquet` if it does not exist yet (a create-if-absent write: `If-None-Match: *`
+on S3, a hard link on a local disk) — its existence marks the shard done — and deletes the
+parts. A committed file is never rewritten: a commit that finds `<shard>.parquet` keeps it and
+commits only ids that none of the shard's committed files hold, into an addition
+`<shard>.add-<hash of those ids>.parquet` (created the same way). A rerun skips committed shards
+whose input identity is unchanged and, inside uncommitted ones, every id already in a part.
 Readers of the output (pyarrow, Ray Data, DuckDB) ignore `_`-prefixed folders by default.
 """
 
@@ -25,6 +31,8 @@ import hashlib
 import json
 import logging
 import os
+import re
+import time
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -39,7 +47,11 @@ logger = logging.getLogger(__name__)
 
 PARTS_DIR = "_parts"
 ERRORS_DIR = "_errors"
+INPUTS_DIR = "_inputs"
 JOB_RECORD = "_job.json"
+# `<shard>.add-<12 hex>`: an addition to a committed shard. No shard may be named like this
+# (`readers` refuses such input names).
+ADDITION_RE = re.compile(r"\.add-[0-9a-f]{12}$")
 
 # Row status inside the pipeline: an item to embed, an item that already failed, or the
 # end-of-shard marker a reader emits after the last item of a (shard, kind) task.
@@ -143,6 +155,66 @@ def errors_schema(metadata: Mapping[str, str] | None = None) -> pa.Schema:
     return pa.schema(fields, metadata=dict(metadata or {}))
 
 
+class StoreUnavailable(RuntimeError):
+    """The object store did not answer (connection refused or reset, timeout, 5xx): not a
+    fault of the item. The block fails instead of recording the item as bad; the job stops
+    with this message and a rerun resumes where it stopped."""
+
+
+_TRANSIENT_CODES = {"500", "502", "503", "504", "SlowDown", "ServiceUnavailable", "InternalError"}
+
+
+def transient_store_error(exc: BaseException) -> bool:
+    """True if `exc` (or an exception it was raised from) says the store is unreachable or
+    overloaded rather than that the object is bad."""
+    seen = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (ConnectionError, TimeoutError)):
+            return True
+        # by name: botocore and aiohttp are optional; a Ray task error subclasses its cause
+        names = {c.__name__ for c in type(e).__mro__}
+        if names & {
+            "StoreUnavailable",
+            "EndpointConnectionError",
+            "ConnectionClosedError",
+            "ReadTimeoutError",
+            "ConnectTimeoutError",
+            "ClientConnectorError",
+            "ServerDisconnectedError",
+            "ClientOSError",
+        }:
+            return True
+        response = getattr(e, "response", None)
+        if isinstance(response, dict):
+            code = str(response.get("Error", {}).get("Code", ""))
+            status = str(response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+            if code in _TRANSIENT_CODES or status in _TRANSIENT_CODES:
+                return True
+        cause = getattr(e, "cause", None)  # ray.exceptions.RayTaskError keeps it here
+        e = cause if isinstance(cause, BaseException) else (e.__cause__ or e.__context__)
+    return False
+
+
+def with_store_retries(fn: Any, what: str, retries: int = 4) -> Any:
+    """Call `fn()`; while it fails because the store is unreachable, wait (1, 2, 4, 8 s) and
+    call it again — for idempotent operations only. Then StoreUnavailable naming `what`."""
+    for attempt in range(retries + 1):
+        try:
+            return fn()
+        except Exception as e:
+            if not transient_store_error(e):
+                raise
+            if attempt == retries:
+                raise StoreUnavailable(
+                    f"object store unavailable {what} after {retries + 1} attempts: "
+                    f"{type(e).__name__}: {e}"
+                ) from e
+            time.sleep(min(2.0**attempt, 10.0))
+    raise AssertionError("unreachable")
+
+
 # ------------------------------------------------------------------------- fingerprints
 
 
@@ -219,6 +291,45 @@ class Output:
     def parts_dir(self, shard: str) -> str:
         return self.path(PARTS_DIR, shard)
 
+    def inputs_path(self, shard: str) -> str:
+        return self.path(INPUTS_DIR, f"{shard}.json")
+
+    def _shard_family(self, folder: str, shard: str) -> list[str]:
+        # `<shard>.parquet` and its additions `<shard>.add-<hash>.parquet`, in `folder`.
+        d, _, base = join(folder, shard).rpartition("/")
+        out = []
+        for f in self.ls_files(d):
+            name = f.rsplit("/", 1)[-1][: -len(".parquet")]
+            if name == base or (name.startswith(base) and ADDITION_RE.fullmatch(name[len(base) :])):
+                out.append(f)
+        return out
+
+    def shard_files(self, shard: str) -> list[str]:
+        """The committed embedding files of `shard`: the main file and its additions."""
+        return self._shard_family(self.root, shard)
+
+    def error_files(self, shard: str) -> list[str]:
+        """The committed error files of `shard`."""
+        return self._shard_family(self.path(ERRORS_DIR), shard)
+
+    def committed_ids(self, shard: str) -> set[str]:
+        """Every id the committed files (embeddings and errors) of `shard` hold."""
+        ids: set[str] = set()
+        for p in self.shard_files(shard) + self.error_files(shard):
+            ids.update(self.read_table(p, columns=["id"]).column("id").to_pylist())
+        return ids
+
+    def read_identity(self, shard: str) -> str | None:
+        """The input identity recorded when `shard` was last committed or brought up to date."""
+        doc = self.read_json(self.inputs_path(shard))
+        return doc.get("identity") if isinstance(doc, dict) else None
+
+    def write_identity(self, shard: str, identity: str) -> None:
+        # A cache: when absent or stale the next run compares ids instead (correct, slower).
+        self.write_bytes_atomic(
+            self.inputs_path(shard), json.dumps({"identity": identity}).encode()
+        )
+
     def makedirs(self, path: str) -> None:
         if self.local:
             os.makedirs(path, exist_ok=True)
@@ -258,11 +369,60 @@ class Output:
             with self.fs.open(path, "wb") as f:
                 f.write(data)
 
-    def write_table_atomic(self, path: str, table: pa.Table) -> None:
-        """Write a Parquet file atomically."""
+    def create_atomic(self, path: str, data: bytes) -> bool:
+        """Create `path` with `data` unless it exists; False (nothing written) if it does.
+
+        Atomic against a concurrent creator on a local disk (a hard link fails if the name
+        exists) and on S3 (`If-None-Match: *`). On another store the check and the write are
+        two requests: two writers racing in between can both write (last one wins).
+        """
+        if self.local:
+            d, name = os.path.split(path)
+            os.makedirs(d, exist_ok=True)
+            tmp = os.path.join(d, f".{name}.{uuid.uuid4().hex}.tmp")
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.remove(tmp)
+        if protocol_of(self.uri) in ("s3", "s3a"):
+            from pipelines.publish import PreconditionFailed, open_store
+
+            bucket, _, key = path.partition("/")
+            try:
+                open_store(f"s3://{bucket}", self.storage_options).put(
+                    key, data, if_none_match=True
+                )
+                return True
+            except PreconditionFailed:
+                return False
+            finally:
+                with contextlib.suppress(Exception):
+                    self.fs.invalidate_cache(path)
+        if self.exists(path):
+            return False
+        self.write_bytes_atomic(path, data)
+        return True
+
+    @staticmethod
+    def _parquet_bytes(table: pa.Table) -> bytes:
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd")
-        self.write_bytes_atomic(path, sink.getvalue().to_pybytes())
+        return sink.getvalue().to_pybytes()
+
+    def write_table_atomic(self, path: str, table: pa.Table) -> None:
+        """Write a Parquet file atomically."""
+        self.write_bytes_atomic(path, self._parquet_bytes(table))
+
+    def create_table(self, path: str, table: pa.Table) -> bool:
+        """Create a Parquet file unless it exists (see `create_atomic`)."""
+        return self.create_atomic(path, self._parquet_bytes(table))
 
     def read_table(self, path: str, columns: list[str] | None = None) -> pa.Table:
         with self.fs.open(path, "rb") as f:
@@ -281,6 +441,40 @@ class Output:
         with contextlib.suppress(Exception):
             self.fs.invalidate_cache(path)
 
+    def rm_parts(self, shard: str) -> None:
+        """Delete the part files of `shard` — only its own: `_parts/a/b/` (shard `a/b`) lies
+        inside `_parts/a/` (shard `a`) — then the folders this leaves empty."""
+        d = self.parts_dir(shard)
+        for f in self.ls_files(d):
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(f)
+        if self.local:
+            stop = self.path(PARTS_DIR)
+            while d.startswith(stop):
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    break
+                d = os.path.dirname(d)
+        with contextlib.suppress(Exception):
+            self.fs.invalidate_cache(self.path(PARTS_DIR))
+
+    def parts_shards(self) -> set[str]:
+        """Shards that have part files."""
+        base = self.path(PARTS_DIR)
+        with contextlib.suppress(Exception):
+            self.fs.invalidate_cache(base)
+        try:
+            files = self.fs.find(base)
+        except FileNotFoundError:
+            return set()
+        prefix = base.rstrip("/") + "/"
+        return {
+            f[len(prefix) :].rsplit("/", 1)[0]
+            for f in files
+            if f.startswith(prefix) and f.endswith(".parquet") and "/." not in f[len(prefix) - 1 :]
+        }
+
     def committed_shards(self) -> set[str]:
         """Names of the shards whose `<shard>.parquet` exists."""
         with contextlib.suppress(Exception):
@@ -296,20 +490,16 @@ class Output:
             parts = rel.split("/")
             if any(p.startswith(("_", ".")) for p in parts) or not rel.endswith(".parquet"):
                 continue
-            out.add(rel[: -len(".parquet")])
+            name = rel[: -len(".parquet")]
+            if ADDITION_RE.search(name):  # an addition; its shard has a main file
+                continue
+            out.add(name)
         return out
 
     def leftover_parts(self, committed: set[str]) -> list[str]:
-        """Committed shards that still have a `_parts/<shard>/` folder: a run that died between
-        writing `<shard>.parquet` and deleting the parts. Only disk space; reruns clean it."""
-        base = self.path(PARTS_DIR)
-        try:
-            files = self.fs.find(base)
-        except FileNotFoundError:
-            return []
-        prefix = base.rstrip("/") + "/"
-        shards = {f[len(prefix) :].rsplit("/", 1)[0] for f in files if f.startswith(prefix)}
-        return sorted(s for s in shards if s in committed)
+        """Committed shards that still have part files: a run that died between a commit and
+        deleting the parts, or while embedding additions. Reruns fold them in (`commit_shard`)."""
+        return sorted(s for s in self.parts_shards() if s in committed)
 
     def part_ids(self, shard: str) -> set[str]:
         """Ids already written to parts of an uncommitted shard (resume inside a shard)."""
@@ -404,7 +594,10 @@ def write_parts(
             )
             ids = part.column("id").to_pylist()
             path = join(out.parts_dir(shard), _part_name(kind, ids))
-            out.write_table_atomic(path, part)
+            # A part's name derives from its ids: writing it again is harmless.
+            with_store_retries(
+                lambda p=path, t=part: out.write_table_atomic(p, t), f"writing {path}"
+            )
         rows["shard"].append(shard)
         rows["kind"].append(kind)
         rows["ids"].append(ids)
@@ -417,24 +610,7 @@ def write_parts(
 # ------------------------------------------------------------------------- committing
 
 
-def commit_shard(
-    output_uri: str,
-    shard: str,
-    storage_options: StorageOptions | None,
-    embed_dim: int,
-    metadata: Mapping[str, str],
-) -> dict[str, Any]:
-    """Merge a complete shard's parts into `<shard>.parquet` (+ `_errors/<shard>.parquet`).
-
-    Idempotent: run again after a crash at any point it produces the same files. Rows are
-    deduplicated by id (first part in name order wins) and sorted by id.
-    Returns {"shard", "ok", "errors"}.
-    """
-    out = Output(output_uri, storage_options)
-    parts = out.ls_files(out.parts_dir(shard))
-    pschema = part_schema(embed_dim)
-    tables = [out.read_table(p).cast(pschema) for p in parts]
-    table = pa.concat_tables(tables) if tables else pschema.empty_table()
+def _dedupe(table: pa.Table, shard: str) -> pa.Table:
     seen: set[str] = set()
     keep = []
     for i, id_ in enumerate(table.column("id").to_pylist()):
@@ -444,23 +620,86 @@ def commit_shard(
     if len(keep) != table.num_rows:
         logger.warning("shard %s: %d duplicate rows dropped", shard, table.num_rows - len(keep))
         table = table.take(pa.array(keep, pa.int64()))
-    table = table.sort_by("id")
-    is_err = table.column("error").is_valid()
-    good = table.filter(pc.invert(is_err))
-    bad = table.filter(is_err)
-    meta = dict(metadata)
-    if bad.num_rows:
-        out.write_table_atomic(
-            out.errors_path(shard),
-            bad.select([f.name for f in errors_schema()]).cast(errors_schema(meta)),
+    return table
+
+
+def _ids_name(ids: Iterable[str]) -> str:
+    h = hashlib.sha1()
+    for i in sorted(ids):
+        h.update(i.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:12]
+
+
+def _num_rows(out: Output, path: str) -> int:
+    with out.fs.open(path, "rb") as f:
+        return pq.ParquetFile(f).metadata.num_rows
+
+
+def commit_shard(
+    output_uri: str,
+    shard: str,
+    storage_options: StorageOptions | None,
+    embed_dim: int,
+    metadata: Mapping[str, str],
+    identity: str | None = None,
+) -> dict[str, Any]:
+    """Merge a complete shard's parts into `<shard>.parquet` (+ `_errors/<shard>.parquet`).
+
+    Idempotent, and never rewrites a committed file: run again after a crash at any point, as
+    a retried task or by a second driver, it leaves what is committed as it is. When the shard
+    is committed already, the parts' ids that no committed file of the shard holds go to an
+    addition `<shard>.add-<hash>.parquet` (+ errors); the others are dropped. Rows are
+    deduplicated by id (first part in name order wins) and sorted by id. `identity` (the
+    input identity the shard now covers) is recorded for the next run. Returns {"shard",
+    "ok", "errors", "added"}: rows this call committed (for a shard committed before, with
+    nothing new: what its main files hold), and whether they went to an addition.
+    """
+    out = Output(output_uri, storage_options)
+    parts = out.ls_files(out.parts_dir(shard))
+    pschema = part_schema(embed_dim)
+    tables = [out.read_table(p).cast(pschema) for p in parts]
+    table = pa.concat_tables(tables) if tables else pschema.empty_table()
+    table = _dedupe(table, shard).sort_by("id")
+    main = out.shard_path(shard)
+    committed = out.exists(main)
+    added = False
+    if committed:
+        done = out.committed_ids(shard)
+        new = [i for i, id_ in enumerate(table.column("id").to_pylist()) if id_ not in done]
+        table = table.take(pa.array(new, pa.int64()))
+        if table.num_rows:
+            added = True
+            suffix = ".add-" + _ids_name(table.column("id").to_pylist())
+            main, errors = out.path(f"{shard}{suffix}.parquet"), out.errors_path(shard + suffix)
+    else:
+        errors = out.errors_path(shard)
+    result: dict[str, Any] = {"shard": shard, "ok": 0, "errors": 0, "added": added}
+    if committed and not added:
+        result["ok"] = _num_rows(out, main)
+        if out.exists(out.errors_path(shard)):
+            result["errors"] = _num_rows(out, out.errors_path(shard))
+    else:
+        is_err = table.column("error").is_valid()
+        good = table.filter(pc.invert(is_err))
+        bad = table.filter(is_err)
+        meta = dict(metadata)
+        if bad.num_rows:
+            out.write_table_atomic(
+                errors, bad.select([f.name for f in errors_schema()]).cast(errors_schema(meta))
+            )
+        elif out.exists(errors):
+            out.fs.rm(errors)
+        created = out.create_table(
+            main,
+            good.select([f.name for f in output_schema(embed_dim)]).cast(
+                output_schema(embed_dim, meta)
+            ),
         )
-    elif out.exists(out.errors_path(shard)):
-        out.fs.rm(out.errors_path(shard))
-    out.write_table_atomic(
-        out.shard_path(shard),
-        good.select([f.name for f in output_schema(embed_dim)]).cast(
-            output_schema(embed_dim, meta)
-        ),
-    )
-    out.rm_tree(out.parts_dir(shard))
-    return {"shard": shard, "ok": good.num_rows, "errors": bad.num_rows}
+        if not created:  # another commit of the same rows won the race; it is the same data
+            logger.warning("shard %s: %s was committed concurrently; kept as it is", shard, main)
+        result.update(ok=good.num_rows, errors=bad.num_rows)
+    if identity is not None:
+        out.write_identity(shard, identity)
+    out.rm_parts(shard)
+    return result

@@ -178,13 +178,13 @@ def webdataset_corpus(w: Writer) -> Corpus:
             members += [(f"{key}.{ext}", img), (f"{key}.txt", text.encode())]
             members.append((f"{key}.json", json.dumps({"key": key}).encode()))
             if s == 1 and k == 2:
-                c.bad[f"{s:05d}/{key}.{ext}"] = "vision"
+                c.bad[f"{s:05d}#{key}.{ext}"] = "vision"
             else:
-                c.good[f"{s:05d}/{key}.{ext}"] = ("vision", img)
-            c.good[f"{s:05d}/{key}.txt"] = ("text", text.encode())
+                c.good[f"{s:05d}#{key}.{ext}"] = ("vision", img)
+            c.good[f"{s:05d}#{key}.txt"] = ("text", text.encode())
         if s == 0:
             members.append(("000000099.txt", b"word " * 100))
-            c.bad["00000/000000099.txt"] = "text"
+            c.bad["00000#000000099.txt"] = "text"
         w.put(f"wds/{s:05d}.tar", _tar(members))
     return c
 

@@ -114,7 +114,7 @@ def test_embed_end_to_end(fmt, location, tmp_path, ray_session, s3_server, tiny_
     for id_ in ids:
         fp = fps[id_]
         if fmt == "webdataset":
-            assert "#" in fp and fp.endswith(id_.split("/", 1)[1])
+            assert "#" in fp and fp.endswith(id_.split("#", 1)[1])
         elif fmt == "manifest" and isinstance(corpus.good[id_][1], str):
             assert fp.startswith("sha256:")
         else:

@@ -547,7 +547,7 @@ def test_parts_are_idempotent_and_commit_dedupes(tmp_path):
     assert summary.column("expected").to_pylist() == [4]
     meta = {"imagebind.preset": "tiny"}
     res = commit_shard(out, "s", None, 4, meta)
-    assert res == {"shard": "s", "ok": 3, "errors": 1}
+    assert res == {"shard": "s", "ok": 3, "errors": 1, "added": False}
     emb = pq.read_table(tmp_path / "out" / "s.parquet")
     assert emb.column("id").to_pylist() == ["x0", "x1", "x3"]
     assert emb.schema.metadata[b"imagebind.preset"] == b"tiny"
@@ -595,7 +595,12 @@ def test_lock_refuses_a_second_run_and_recovers_stale_locks(tmp_path):
         OutputLock(out, ttl_s=60).acquire()
     assert not os.path.exists(os.path.join(out, LOCK_KEY))
     # A lock left by a process of this host that is gone (kill -9): recovered at once.
-    doc = {"host": socket.gethostname(), "pid": _dead_pid(), "expires_at": time.time() + 600}
+    doc = {
+        "host": socket.gethostname(),
+        "pid": _dead_pid(),
+        "pid_ns": os.readlink("/proc/self/ns/pid"),
+        "expires_at": time.time() + 600,
+    }
     with open(os.path.join(out, LOCK_KEY), "w") as f:
         json.dump(doc, f)
     with OutputLock(out, ttl_s=60) as lock:

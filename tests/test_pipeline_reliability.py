@@ -1,0 +1,389 @@
+"""Nothing lost, nothing mixed: commits that never rewrite a committed shard, shard names and
+ids that cannot collide, inputs added after a shard was committed, the lock across pid
+namespaces, per-item failures of any kind, and what a run leaves behind."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+import uuid
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest_pipeline import read_output
+
+from pipelines.config import load_config
+from pipelines.embed import main, run_job
+from pipelines.lock import LOCK_KEY, OutputLock, OutputLocked
+from pipelines.readers import list_items, plan_job, read_tasks, shard_tasks
+from pipelines.stages import preprocess_batch
+from pipelines.writers import (
+    ITEM_SCHEMA,
+    STATUS_EOS,
+    STATUS_ERROR,
+    STATUS_OK,
+    Output,
+    commit_shard,
+    embedding_type,
+    encoded_schema,
+    write_parts,
+)
+
+SMALL = {
+    "preset": "tiny",
+    "ray.progress_bars": False,
+    "preprocess.num_cpus": 0.25,
+    "preprocess.read_num_cpus": 0.1,
+    "preprocess.batch_size": 4,
+    "encoder_defaults.num_cpus": 0.25,
+    "encoder_defaults.batch_size": 8,
+}
+
+
+def _encoded(rows: list[dict], dim: int = 4) -> pa.Table:
+    schema = encoded_schema(dim)
+    base = {f.name: [r.get(f.name) for r in rows] for f in schema if f.name != "embedding"}
+    emb = [r.get("embedding") for r in rows]
+    return pa.table({**base, "embedding": pa.array(emb, embedding_type(dim))}, schema=schema)
+
+
+def _row(i: int, status: str = STATUS_OK, shard: str = "s", dim: int = 4) -> dict:
+    return {
+        "id": f"x{i}",
+        "uri": f"u{i}",
+        "modality": "text",
+        "shard": shard,
+        "branch": "text",
+        "status": status,
+        "error": "bad" if status == STATUS_ERROR else None,
+        "embedding": [float(i)] * dim if status == STATUS_OK else None,
+        "fingerprint": f"f{i}",
+    }
+
+
+def _eos(count: int, shard: str = "s") -> dict:
+    return {
+        "id": f"{shard}#eos",
+        "shard": shard,
+        "modality": "text",
+        "branch": "text",
+        "status": STATUS_EOS,
+        "count": count,
+    }
+
+
+# ------------------------------------------------------------------ 1: commits are idempotent
+
+
+def test_a_second_commit_never_rewrites_a_committed_shard(tmp_path):
+    out = str(tmp_path / "out")
+    block = _encoded([_row(0), _row(1), _row(2, STATUS_ERROR), _eos(3)])
+    write_parts(block, out, None, 4)
+    first = {"shard": "s", "ok": 2, "errors": 1, "added": False}
+    assert commit_shard(out, "s", None, 4, {}) == first
+    shard_file, err_file = (
+        tmp_path / "out" / "s.parquet",
+        tmp_path / "out" / "_errors" / "s.parquet",
+    )
+    before = (shard_file.read_bytes(), err_file.read_bytes())
+    # A retried commit task (its worker died after the parts were removed), or a second driver.
+    again = commit_shard(out, "s", None, 4, {})
+    assert (shard_file.read_bytes(), err_file.read_bytes()) == before
+    assert again == first
+    # A retry that finds the parts of a commit that died before removing them: same files.
+    write_parts(block, out, None, 4)
+    commit_shard(out, "s", None, 4, {})
+    assert (shard_file.read_bytes(), err_file.read_bytes()) == before
+    assert not (tmp_path / "out" / "_parts" / "s").exists()
+
+
+def test_committing_a_shard_leaves_the_parts_of_a_nested_shard_alone(tmp_path):
+    # Manifests `a.csv` and `a/b.csv` are shards `a` and `a/b`: `_parts/a/b/` is inside
+    # `_parts/a/`, and committing `a` must not delete the other shard's work.
+    out = str(tmp_path / "out")
+    write_parts(_encoded([_row(0, shard="a"), _eos(1, "a")]), out, None, 4)
+    write_parts(_encoded([_row(1, shard="a/b")]), out, None, 4)
+    commit_shard(out, "a", None, 4, {})
+    assert Output(out).part_ids("a/b") == {"x1"}
+
+
+# ------------------------------------------------------------------ 2: shard names collide
+
+
+def test_shard_names_that_map_to_the_same_output_are_refused(s3_server, capsys):
+    bucket = s3_server.create_bucket(f"clash-{uuid.uuid4().hex[:6]}")
+    client = s3_server.client()
+    body = b"id,modality,text\nt1,text,hello\n"
+    client.put_object(Bucket=bucket, Key="in/x.csv", Body=body)
+    client.put_object(Bucket=bucket, Key="in//x.csv", Body=body.replace(b"t1", b"t2"))
+    rc = main(
+        [
+            "--input",
+            f"s3://{bucket}/in",
+            "--output",
+            f"s3://{bucket}/out",
+            "--s3-endpoint",
+            s3_server.endpoint_url,
+            "--preset",
+            "tiny",
+            "--dry-run",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "in/x.csv" in err and "in//x.csv" in err
+
+
+# ------------------------------------------------------------------ 5: ids are unique
+
+
+def _tar(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_webdataset_ids_are_unique_by_construction(tmp_path):
+    root = tmp_path / "wds"
+    (root / "a").mkdir(parents=True)
+    (root / "a.tar").write_bytes(_tar({"b/x.txt": b"outer"}))
+    (root / "a" / "b.tar").write_bytes(_tar({"x.txt": b"inner"}))
+    (root / "c.tar").write_bytes(_tar({"k.txt": b"plain"}))
+    cfg = load_config(None, {"input": str(root), "output": str(tmp_path / "o"), "preset": "tiny"})
+    ids = list_items(cfg).column("id").to_pylist()
+    assert len(ids) == 3 and len(set(ids)) == 3, ids
+    assert "c#k.txt" in ids  # the documented rule: <shard>#<member>
+    # The rows the job reads carry the same ids as the listing.
+    plan = plan_job(cfg)
+    read = []
+    for rows in shard_tasks(plan, cfg, plan.shards).values():
+        batch = pa.Table.from_pylist(rows)
+        for t in read_tasks(batch, str(tmp_path / "o"), None):
+            read += [r["id"] for r in t.to_pylist() if r["status"] != STATUS_EOS]
+    assert sorted(read) == sorted(ids)
+
+
+# ------------------------------------------------------------------ 6: the lock and pid namespaces
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_lock_of_a_same_named_host_in_another_pid_namespace_is_not_broken(tmp_path):
+    out = str(tmp_path / "out")
+    os.makedirs(out)
+    # A holder in a container with host networking: same hostname, its own pid namespace, a
+    # pid that means nothing here. Its lease is live: a second writer must wait.
+    doc = {
+        "host": socket.gethostname(),
+        "pid": _dead_pid(),
+        "pid_ns": "pid:[1]",
+        "expires_at": time.time() + 600,
+        "renewed_at": time.time(),
+    }
+    with open(os.path.join(out, LOCK_KEY), "w") as f:
+        json.dump(doc, f)
+    with pytest.raises(OutputLocked):
+        OutputLock(out, ttl_s=60).acquire()
+    # A lock that does not say its namespace (an older writer): the pid cannot be judged.
+    del doc["pid_ns"]
+    with open(os.path.join(out, LOCK_KEY), "w") as f:
+        json.dump(doc, f)
+    with pytest.raises(OutputLocked):
+        OutputLock(out, ttl_s=60).acquire()
+    # Our own namespace and a dead pid: recovered at once.
+    doc["pid_ns"] = OutputLock(out).doc_base["pid_ns"]
+    with open(os.path.join(out, LOCK_KEY), "w") as f:
+        json.dump(doc, f)
+    OutputLock(out, ttl_s=60).acquire().release()
+
+
+# ------------------------------------------------------------------ 10: any per-item failure
+
+
+def test_any_exception_of_an_item_read_becomes_an_error_row():
+    rows = [
+        {"id": "weird", "uri": "foo://bar/x.jpg", "modality": "vision", "shard": "s"},
+        {"id": "ok", "uri": None, "modality": "text", "shard": "s", "data": b"hello"},
+    ]
+    for r in rows:
+        r.update(status=STATUS_OK, branch=r["modality"])
+    batch = pa.Table.from_pylist(
+        [{f.name: r.get(f.name) for f in ITEM_SCHEMA} for r in rows], schema=ITEM_SCHEMA
+    )
+    out = {r["id"]: r for r in preprocess_batch(batch).to_pylist()}
+    assert out["weird"]["status"] == STATUS_ERROR
+    assert "foo://bar/x.jpg" in out["weird"]["error"]
+    assert out["ok"]["status"] == STATUS_OK and out["ok"]["tensor"]
+
+
+# ------------------------------------------------------------------ jobs on Ray
+
+
+def _text_files(root, names):
+    root.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        (root / f"{n}.txt").write_text(f"caption {n}")
+
+
+def _ids(output: str) -> tuple[list[str], list[str]]:
+    emb, err, _ = read_output(output)
+    return emb.column("id").to_pylist(), err.column("id").to_pylist()
+
+
+def test_files_and_rows_added_after_a_commit_are_embedded_exactly_once(tmp_path, ray_session):
+    corpus, out, trace = tmp_path / "files", tmp_path / "out", tmp_path / "trace.txt"
+    _text_files(corpus, ["a", "b"])
+    cfg = load_config(
+        None,
+        {
+            **SMALL,
+            "input": str(corpus),
+            "output": str(out),
+            "files.files_per_shard": 100,
+            "debug.trace_path": str(trace),
+        },
+    )
+    first = run_job(cfg)
+    assert first.shards_committed == 1
+    committed = {p: p.read_bytes() for p in out.glob("*.parquet")}
+    _text_files(corpus, ["c"])  # lands in the committed shard (one shard)
+    trace.unlink()
+    second = run_job(cfg)
+    emb, _ = _ids(str(out))
+    assert sorted(emb) == ["a.txt", "b.txt", "c.txt"]
+    assert trace.read_text().split()[1::2] == ["c.txt"], "only the new file is embedded"
+    assert second.ok == {"text": 1} and second.shards_extended == 1
+    assert {p: p.read_bytes() for p in committed} == committed, "committed files rewritten"
+    trace.unlink()
+    third = run_job(cfg)  # nothing new
+    assert not trace.exists() and third.ok == {} and sorted(_ids(str(out))[0]) == sorted(emb)
+    assert not (out / "_parts").exists() and not (out / LOCK_KEY).exists()
+
+    # Rows appended to a committed manifest.
+    man, out2 = tmp_path / "man", tmp_path / "out2"
+    man.mkdir()
+    (man / "m.csv").write_text("id,modality,text\nr1,text,one\n")
+    cfg2 = cfg.model_copy(update={"input": str(man), "output": str(out2)})
+    run_job(cfg2)
+    time.sleep(0.01)
+    (man / "m.csv").write_text("id,modality,text\nr1,text,one\nr2,text,two\nr3,smell,x\n")
+    trace.unlink()
+    again = run_job(cfg2)
+    emb, err = _ids(str(out2))
+    assert sorted(emb) == ["r1", "r2"] and err == ["r3"]
+    assert trace.read_text().split()[1::2] == ["r2"]
+    assert again.ok["text"] == 1 and sum(again.ok.values()) == 1
+    assert again.shards_extended == 1 and "had new items" in again.format()
+
+
+def test_a_bad_uri_fails_its_item_not_the_job(tmp_path, ray_session):
+    man, out = tmp_path / "man", tmp_path / "out"
+    man.mkdir()
+    (man / "m.csv").write_text(
+        "id,uri,modality,text\ngood,,text,fine caption\nweird,foo://bar/x.jpg,vision,\n"
+    )
+    cfg = load_config(None, {**SMALL, "input": str(man), "output": str(out)})
+    run_job(cfg)
+    emb, err = _ids(str(out))
+    assert emb == ["good"] and err == ["weird"]
+    reason = pq.read_table(out / "_errors" / "m.parquet").column("error").to_pylist()[0]
+    assert "foo://bar/x.jpg" in reason
+
+
+def test_parts_of_a_shard_that_vanished_are_removed(tmp_path, ray_session):
+    # A manifest deleted while the job ran: its parts have no shard to go to any more.
+    man, out = tmp_path / "man", tmp_path / "out"
+    man.mkdir()
+    (man / "m.csv").write_text("id,modality,text\nr1,text,one\n")
+    write_parts(_encoded([_row(0, shard="gone", dim=32)], 32), str(out), None, 32)
+    cfg = load_config(None, {**SMALL, "input": str(man), "output": str(out)})
+    run_job(cfg)
+    assert not (out / "_parts").exists()
+    assert not (out / LOCK_KEY).exists()
+    assert _ids(str(out)) == (["r1"], [])
+
+
+def test_an_unreachable_store_stops_the_block_instead_of_failing_the_item():
+    # Nothing listens on the port: connection refused. The item is not bad; it must not be
+    # recorded as a failure (a rerun would never embed it).
+    from conftest import free_port
+
+    from imagebind_core.io import s3_storage_options
+    from pipelines.stages import StoreUnavailable
+
+    so = s3_storage_options(f"http://127.0.0.1:{free_port()}", "us-east-1", "testing", "testing")
+    row = {f.name: None for f in ITEM_SCHEMA}
+    row.update(id="x", uri="s3://b/x.png", modality="vision", shard="s", branch="vision")
+    row["status"] = STATUS_OK
+    batch = pa.Table.from_pylist([row], schema=ITEM_SCHEMA)
+    with pytest.raises(StoreUnavailable, match=r"s3://b/x\.png"):
+        preprocess_batch(batch, storage_options=so, store_retries=1)
+
+
+def test_shard_files_are_created_only_if_absent(tmp_path, s3_server):
+    bucket = s3_server.create_bucket(f"cia-{uuid.uuid4().hex[:6]}")
+    for uri, so in ((str(tmp_path / "o"), None), (f"s3://{bucket}/o", s3_server.storage_options)):
+        out = Output(uri, so)
+        path = out.shard_path("s")
+        assert out.create_atomic(path, b"first")
+        assert not out.create_atomic(path, b"second")  # a second committer loses, writes nothing
+        with out.fs.open(path, "rb") as f:
+            assert f.read() == b"first"
+
+
+def test_members_appended_to_a_committed_tar_are_embedded_exactly_once(tmp_path, ray_session):
+    wds, out, trace = tmp_path / "wds", tmp_path / "out", tmp_path / "trace.txt"
+    wds.mkdir()
+    (wds / "00000.tar").write_bytes(_tar({"k0.txt": b"first caption"}))
+    cfg = load_config(
+        None,
+        {**SMALL, "input": str(wds), "output": str(out), "debug.trace_path": str(trace)},
+    )
+    run_job(cfg)
+    committed = (out / "00000.parquet").read_bytes()
+    (wds / "00000.tar").write_bytes(_tar({"k0.txt": b"first caption", "k1.txt": b"second"}))
+    trace.unlink()
+    again = run_job(cfg)
+    assert trace.read_text().split()[1::2] == ["00000#k1.txt"]
+    assert sorted(_ids(str(out))[0]) == ["00000#k0.txt", "00000#k1.txt"]
+    assert (out / "00000.parquet").read_bytes() == committed
+    assert again.shards_extended == 1
+
+
+def test_an_output_with_ids_of_the_old_webdataset_rule_is_not_embedded_again(tmp_path, ray_session):
+    # Outputs written before the id rule was `<shard>#<member>` hold `<shard>/<member>` ids
+    # and no `_inputs/`: a rerun must recognise those members as committed.
+    wds, out, trace = tmp_path / "wds", tmp_path / "out", tmp_path / "trace.txt"
+    wds.mkdir()
+    (wds / "00000.tar").write_bytes(_tar({"k0.txt": b"first caption"}))
+    cfg = load_config(
+        None,
+        {**SMALL, "input": str(wds), "output": str(out), "debug.trace_path": str(trace)},
+    )
+    run_job(cfg)
+    shard_file = out / "00000.parquet"
+    t = pq.read_table(shard_file)
+    old = pa.array([i.replace("#", "/", 1) for i in t.column("id").to_pylist()], pa.string())
+    pq.write_table(t.set_column(0, t.schema.field(0), old), shard_file)
+    for p in (out / "_inputs").iterdir():
+        p.unlink()
+    trace.unlink()
+    again = run_job(cfg)
+    assert not trace.exists(), "members committed under the old ids were embedded again"
+    assert _ids(str(out))[0] == ["00000/k0.txt"]
+    assert again.shards_extended == 0
