@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from numerics import assert_embeddings_close
 
 import imagebind_core as ibc
 from pipelines.stages import EncodeBatch, batch_arrays, preprocess_batch, tensor_columns
@@ -139,12 +140,12 @@ def test_runner_loads_in_the_background_and_overlaps_safely():
     runner = ibc.EncoderRunner(spec, "text", background=True)
     x = ibc.collate([ibc.preprocess("text", t) for t in ["a", "a dog", "the red car"]]).numpy()
     want = ibc.build_model("tiny", ["text"]).encode("text", torch.from_numpy(x), normalize=True)
-    np.testing.assert_allclose(runner.encode("text", x), want.numpy(), atol=1e-6)
+    assert_embeddings_close(runner.encode("text", x), want.numpy())
     assert runner.loaded
     # Two batches in flight from one thread, and two callers at once: the same vectors.
     batches = [("text", x[:1]), ("text", x[1:]), ("text", x)]
     outs = list(runner.encode_all(batches))
-    np.testing.assert_allclose(np.concatenate(outs[:2]), outs[2], atol=1e-6)
+    assert_embeddings_close(np.concatenate(outs[:2]), outs[2], "batched vs split")
     results: dict[int, np.ndarray] = {}
 
     def call(k: int) -> None:
