@@ -54,6 +54,7 @@ from pipelines.publish import (
     version_name,
 )
 from pipelines.readers import PlanError
+from pipelines.writers import parquet_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -323,9 +324,7 @@ def _read_parquet_tree(uri: str, storage_options: dict, *, errors: bool) -> pa.T
 def _write_table(uri: str, table: pa.Table, storage_options: dict) -> None:
     fs, path = filesystem(uri, storage_options)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
-    fs.pipe_file(path, sink.getvalue().to_pybytes())
+    fs.pipe_file(path, parquet_bytes(table))
 
 
 def _write_chunks(folder: str, table: pa.Table, storage_options: dict) -> list[str]:

@@ -269,6 +269,34 @@ def join(root: str, *parts: str) -> str:
     return out
 
 
+def parquet_bytes(table: pa.Table) -> bytes:
+    """`table` as Parquet file bytes: zstd, dictionary encoding only where it can pay.
+
+    Float vector columns (`embedding`) are written without dictionary encoding: Parquet tries a
+    dictionary by default, and for embeddings, where no two values repeat, it hashes every
+    float, gives up and falls back to plain pages. Measured with random unit 1024-d float32
+    embeddings: `write_parts` ~76-111 -> ~31 us of CPU per row, `commit_shard` ~59-135 -> ~35
+    us per row, the committed file 3.95 -> 3.80 KB per row (the abandoned dictionary attempt
+    also leaves a larger file). Plain + zstd is readable by every Parquet reader.
+    """
+    no_dict = {
+        f.name
+        for f in table.schema
+        if pa.types.is_list(f.type)
+        or pa.types.is_fixed_size_list(f.type)
+        or pa.types.is_large_list(f.type)
+        if pa.types.is_floating(f.type.value_type)
+    }
+    sink = pa.BufferOutputStream()
+    pq.write_table(
+        table,
+        sink,
+        compression="zstd",
+        use_dictionary=[n for n in table.column_names if n not in no_dict] if no_dict else True,
+    )
+    return sink.getvalue().to_pybytes()
+
+
 class Output:
     """The output location: an fsspec filesystem plus the root path inside it."""
 
@@ -412,9 +440,7 @@ class Output:
 
     @staticmethod
     def _parquet_bytes(table: pa.Table) -> bytes:
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression="zstd")
-        return sink.getvalue().to_pybytes()
+        return parquet_bytes(table)
 
     def write_table_atomic(self, path: str, table: pa.Table) -> None:
         """Write a Parquet file atomically."""

@@ -708,3 +708,27 @@ def test_job_drops_only_rays_high_memory_detector():
     assert HighMemoryIssueDetector not in quiet.detectors
     assert set(quiet.detectors) == set(default.detectors) - {HighMemoryIssueDetector}
     assert HighMemoryIssueDetector in default.detectors  # the caller's config is untouched
+
+
+def test_parquet_files_store_embeddings_without_a_dictionary():
+    # Parquet's default dictionary encoding hashes every float of an embedding column and
+    # then falls back to plain pages (no two values repeat): ~4x the CPU of the whole write
+    # and a larger file. Other columns keep the default; the file reads back unchanged.
+    from pipelines.writers import parquet_bytes
+
+    n, dim = 64, 16
+    v = np.random.default_rng(0).standard_normal((n, dim)).astype(np.float32)
+    table = pa.table(
+        {
+            "id": [f"id{i % 8}" for i in range(n)],
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), dim),
+        },
+        schema=pa.schema([("id", pa.string()), ("embedding", pa.list_(pa.float32(), dim))]),
+    )
+    data = parquet_bytes(table)
+    assert pq.read_table(pa.BufferReader(data)).equals(table)
+    meta = pq.ParquetFile(pa.BufferReader(data)).metadata.row_group(0)
+    cols = {meta.column(i).path_in_schema.split(".")[0]: meta.column(i) for i in range(2)}
+    assert not cols["embedding"].has_dictionary_page
+    assert cols["id"].has_dictionary_page
+    assert cols["embedding"].compression == "ZSTD"
