@@ -482,6 +482,12 @@ def null_job(kind: str, source: str, out: str, fmt: str) -> dict:
     }
 
 
+def _median(values) -> float:
+    """Median of the rounds that measured something (nan rounds left out; nan if none)."""
+    vals = sorted(v for v in values if not math.isnan(v))
+    return vals[len(vals) // 2] if vals else math.nan
+
+
 def run_null_ceiling(args: argparse.Namespace) -> None:
     import ray
     import torch
@@ -521,7 +527,12 @@ def run_null_ceiling(args: argparse.Namespace) -> None:
                 os.makedirs(part)
                 for f in _files(folders[kind])[: int(args.images * args.null_part)]:
                     os.link(f, os.path.join(part, os.path.basename(f)))
-            null_job(kind, part, f"{tmp}/warm-{kind}", fmts[kind])  # Ray Data's first start
+            # Ray Data's first start, on the whole corpus: every Ray worker process that the
+            # measured jobs will use has then run each stage once (a worker's first
+            # preprocessing task imports torch and builds the tokenizer, ~1.5-2 CPU-s). A
+            # warm-up on the part only left some workers cold, and the full job, which spreads
+            # over more of them, paid that start-up inside its "steady" difference.
+            null_job(kind, folders[kind], f"{tmp}/warm-{kind}", fmts[kind])
             rounds = []
             for i in range(args.rounds):
                 order = ["bare", "job"] if i % 2 == 0 else ["job", "bare"]
@@ -535,11 +546,13 @@ def run_null_ceiling(args: argparse.Namespace) -> None:
                         job = null_job(kind, folders[kind], f"{tmp}/out-{kind}-{i}", fmts[kind])
                         steady_n = job["items"] - fixed["items"]
                         r.update(job=job, fixed=fixed)
-                        r["job_items_per_cpu_s"] = steady_n / max(
-                            job["cpu_s"] - fixed["cpu_s"], 1e-9
-                        )
+                        # A part job that cost as much as the full one (its fixed costs
+                        # swamped by neighbours' load) leaves no steady state: nan, not 1e13.
+                        d_cpu = job["cpu_s"] - fixed["cpu_s"]
+                        d_wall = job["wall_s"] - fixed["wall_s"]
+                        r["job_items_per_cpu_s"] = steady_n / d_cpu if d_cpu > 0 else math.nan
                         r["job_items_per_s_per_core"] = (
-                            steady_n / max(job["wall_s"] - fixed["wall_s"], 1e-9) / cores
+                            steady_n / d_wall / cores if d_wall > 0 else math.nan
                         )
                 r["cpu_ratio"] = r["job_items_per_cpu_s"] / r["bare_items_per_cpu_s"]
                 r["wall_ratio"] = r["job_items_per_s_per_core"] / r["bare_items_per_s"]
@@ -554,8 +567,7 @@ def run_null_ceiling(args: argparse.Namespace) -> None:
                     f"{r['job']['spilled_mb'] or 0:.0f} MB",
                     flush=True,
                 )
-            med = sorted(x["cpu_ratio"] for x in rounds)[len(rounds) // 2]
-            wall_med = sorted(x["wall_ratio"] for x in rounds)[len(rounds) // 2]
+            med, wall_med = (_median(x[key] for x in rounds) for key in ("cpu_ratio", "wall_ratio"))
             ratios[kind] = med
             results[kind] = {
                 "items": rounds[0]["job"]["items"],
