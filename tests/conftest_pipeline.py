@@ -23,6 +23,19 @@ EMBED_DIM = 32  # the tiny preset
 MAX_TEXT_CHARS = 200  # the tests' preprocess.limits.max_text_chars
 
 
+# Job settings for tests on the session's 4 logical CPUs: fractional resources, so 3 kinds x
+# (encoder + preprocessing) fit, and small batches, so a few items make several blocks.
+SMALL_JOB = {
+    "preset": "tiny",
+    "ray.progress_bars": False,
+    "preprocess.num_cpus": 0.25,
+    "preprocess.read_num_cpus": 0.1,
+    "preprocess.batch_size": 4,
+    "encoder_defaults.num_cpus": 0.25,
+    "encoder_defaults.batch_size": 8,
+}
+
+
 @dataclass
 class Corpus:
     """Where a corpus is, what it contains, and what the job must produce from it."""

@@ -15,6 +15,7 @@ from conftest_pipeline import (
     BUILDERS,
     EMBED_DIM,
     MAX_TEXT_CHARS,
+    SMALL_JOB,
     Writer,
     expected_embeddings,
     read_output,
@@ -26,15 +27,9 @@ from pipelines.config import load_config
 from pipelines.embed import embed_items, run_job
 from pipelines.readers import list_items
 
-# Fractional resources: 3 kinds x (encoder + preprocessing) fit in the session's 4 CPUs.
+# SMALL_JOB (conftest_pipeline) plus this module's shard size and text limit.
 SMALL = {
-    "preset": "tiny",
-    "ray.progress_bars": False,
-    "preprocess.num_cpus": 0.25,
-    "preprocess.read_num_cpus": 0.1,
-    "preprocess.batch_size": 4,
-    "encoder_defaults.num_cpus": 0.25,
-    "encoder_defaults.batch_size": 8,
+    **SMALL_JOB,
     "files.files_per_shard": 4,
     "preprocess.limits": {"max_text_chars": MAX_TEXT_CHARS},
 }

@@ -17,7 +17,7 @@ import uuid
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest_pipeline import read_output
+from conftest_pipeline import SMALL_JOB, read_output
 
 from pipelines.config import load_config
 from pipelines.embed import main, run_job
@@ -36,15 +36,7 @@ from pipelines.writers import (
     write_parts,
 )
 
-SMALL = {
-    "preset": "tiny",
-    "ray.progress_bars": False,
-    "preprocess.num_cpus": 0.25,
-    "preprocess.read_num_cpus": 0.1,
-    "preprocess.batch_size": 4,
-    "encoder_defaults.num_cpus": 0.25,
-    "encoder_defaults.batch_size": 8,
-}
+SMALL = SMALL_JOB
 
 
 def _encoded(rows: list[dict], dim: int = 4) -> pa.Table:

@@ -19,6 +19,7 @@ import media
 import numpy as np
 import pyarrow as pa
 import pytest
+from conftest_pipeline import SMALL_JOB
 
 import imagebind_core as ibc
 from imagebind_core.index import (
@@ -42,13 +43,7 @@ from pipelines.reindex import (
 
 # Fractional resources: two kinds x (encoder + preprocessing) fit in the session's 4 CPUs.
 SMALL = {
-    "preset": "tiny",
-    "ray.progress_bars": False,
-    "preprocess.num_cpus": 0.25,
-    "preprocess.read_num_cpus": 0.1,
-    "preprocess.batch_size": 4,
-    "encoder_defaults.num_cpus": 0.25,
-    "encoder_defaults.batch_size": 8,
+    **SMALL_JOB,
     "files.files_per_shard": 4,
 }
 TEXTS = ["a red square", "two dogs playing", "a quiet street", "rain on a tin roof", "a violin"]
