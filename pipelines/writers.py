@@ -297,6 +297,19 @@ def parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
+def _durable_tmp(path: str, data: bytes) -> str:
+    """`data` written and fsynced to a hidden temporary file beside local `path` (created
+    folders included); the caller renames or links it into place."""
+    d, name = os.path.split(path)
+    os.makedirs(d, exist_ok=True)
+    tmp = os.path.join(d, f".{name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
 class Output:
     """The output location: an fsspec filesystem plus the root path inside it."""
 
@@ -385,13 +398,7 @@ class Output:
     def write_bytes_atomic(self, path: str, data: bytes) -> None:
         """Write `path` so that readers see all of it or nothing."""
         if self.local:
-            d, name = os.path.split(path)
-            os.makedirs(d, exist_ok=True)
-            tmp = os.path.join(d, f".{name}.{uuid.uuid4().hex}.tmp")
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            tmp = _durable_tmp(path, data)
             os.replace(tmp, path)
         else:  # one PUT (or a multipart upload completed on close): atomic on S3
             with self.fs.open(path, "wb") as f:
@@ -405,13 +412,7 @@ class Output:
         two requests: two writers racing in between can both write (last one wins).
         """
         if self.local:
-            d, name = os.path.split(path)
-            os.makedirs(d, exist_ok=True)
-            tmp = os.path.join(d, f".{name}.{uuid.uuid4().hex}.tmp")
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            tmp = _durable_tmp(path, data)
             try:
                 os.link(tmp, path)
                 return True
