@@ -52,6 +52,8 @@ from imagebind_core.preprocess import (
     model_modality,
 )
 from imagebind_core.runner import (
+    DECODERS,
+    DEVICE_DECODE_KINDS,
     LINEAGE_KEYS,
     EncoderRunner,
     ModelSpec,
@@ -105,6 +107,8 @@ preprocess = _preprocess_pkg
 __all__ = [
     "ALL_MODALITIES",
     "BASE",
+    "DECODERS",
+    "DEVICE_DECODE_KINDS",
     "HUGE",
     "LINEAGE_KEYS",
     "PREPROCESS_VERSION",

@@ -28,7 +28,7 @@ import json
 import logging
 import threading
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -42,8 +42,14 @@ if TYPE_CHECKING:
     import torch
 
     from imagebind_core.model import ImageBindModel
+    from imagebind_core.preprocess.jpeg import DecodedBatch
 
 logger = logging.getLogger(__name__)
+
+# Where items are decoded (`ModelSpec.decode`): "cpu", the exact path in preprocessing, or
+# "gpu", on the encoder's device (`imagebind_core.preprocess.jpeg`) for these kinds.
+DECODERS: tuple[str, ...] = ("cpu", "gpu")
+DEVICE_DECODE_KINDS: tuple[str, ...] = ("vision",)
 
 # Lineage fields whose change changes vectors: a job refuses to add to an output written with
 # other values, and re-indexing re-embeds everything when one changes. `seed` counts only for
@@ -84,6 +90,9 @@ class ModelSpec:
         normalize: unit-length outputs (the default of `encode`).
         options: per-kind preprocessing options (`imagebind_core.preprocess(**options)`).
         limits: overrides of `imagebind_core.Limits` fields.
+        decode: per-kind decoder, "cpu" (default: the exact CPU path) or "gpu" (vision only:
+            JPEG files decoded, resized and cropped on the model's device by
+            `EncoderRunner.decode_jpegs`; not bit-exact, see docs/preprocessing.md).
         storage_options: fsspec options for reading the checkpoint (not part of the lineage).
     """
 
@@ -96,6 +105,7 @@ class ModelSpec:
     normalize: bool = True
     options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     limits: Mapping[str, float] = field(default_factory=dict)
+    decode: Mapping[str, str] = field(default_factory=dict)
     storage_options: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -103,6 +113,13 @@ class ModelSpec:
         for kind in self.options:
             check_kind(kind)
         _canonical_limits(self.limits)
+        for kind, where in self.decode.items():
+            if where not in DECODERS:
+                raise ValueError(f"decode.{kind}: {where!r} is not one of {list(DECODERS)}")
+            if where == "gpu" and check_kind(kind) not in DEVICE_DECODE_KINDS:
+                raise ValueError(
+                    f"decode.{kind}: gpu decoding exists for {list(DEVICE_DECODE_KINDS)} only"
+                )
 
     @property
     def embed_dim(self) -> int:
@@ -115,16 +132,30 @@ class ModelSpec:
     def make_limits(self) -> Limits:
         return Limits(**dict(self.limits))
 
+    def decode_for(self, kind: str) -> str:
+        """Where `kind` is decoded: "cpu" or "gpu" (the model's device)."""
+        return self.decode.get(check_kind(kind), "cpu")
+
     def preprocess_key(self, kinds: Iterable[str] | None = None) -> str:
         """Canonical JSON of the preprocessing settings that change inputs: limits that differ
-        from the defaults and the options of `kinds` (default: every kind with options)."""
-        wanted = set(self.options) if kinds is None else {check_kind(k) for k in kinds}
+        from the defaults, the options of `kinds` and their decoders other than "cpu"
+        (default: every kind with options or a decoder)."""
+        wanted = (
+            set(self.options) | set(self.decode)
+            if kinds is None
+            else {check_kind(k) for k in kinds}
+        )
         opts = {
             k: dict(sorted(self.options[k].items())) for k in sorted(wanted) if k in self.options
         }
         opts = {k: v for k, v in opts.items() if v}
+        key: dict[str, Any] = {"limits": _canonical_limits(self.limits), "options": opts}
+        # Only a non-default decoder is named: the key of the exact CPU path stays as it is.
+        on_device = sorted(k for k in wanted if self.decode.get(k, "cpu") != "cpu")
+        if on_device:
+            key["decode"] = {k: self.decode[k] for k in on_device}
         return json.dumps(
-            {"limits": _canonical_limits(self.limits), "options": opts},
+            key,
             sort_keys=True,
             separators=(",", ":"),
             default=str,
@@ -220,6 +251,8 @@ class EncoderRunner:
         model: an already built model (tests, single process); skips loading.
         background: start loading in a thread and return at once; the first encode waits for
             it (a Ray actor is then ready, and receives its first blocks, while it loads).
+        before_load: called in the loading thread before the weights load (a test hook that
+            holds the load back; what it raises is the load's error).
     """
 
     def __init__(
@@ -229,8 +262,10 @@ class EncoderRunner:
         *,
         model: ImageBindModel | None = None,
         background: bool = False,
+        before_load: Callable[[], None] | None = None,
     ) -> None:
         self.spec = spec
+        self._before_load = before_load
         self.modality = Modality(modality)
         self._model = model
         self._error: BaseException | None = None
@@ -249,6 +284,8 @@ class EncoderRunner:
 
     def _load(self) -> None:
         try:
+            if self._before_load is not None:
+                self._before_load()
             model = self.spec.load([self.modality])
             if model.device.type == "cuda":
                 import torch
@@ -275,6 +312,21 @@ class EncoderRunner:
     @property
     def embed_dim(self) -> int:
         return self.spec.embed_dim if self._model is None else int(self._model.embed_dim)
+
+    @property
+    def device(self) -> torch.device:
+        """The model's device (waits for a background load)."""
+        return self.model.device
+
+    def decode_jpegs(self, datas: Sequence[Any]) -> DecodedBatch:
+        """JPEG files -> compact still-image pixels on the model's device, ready for
+        `stage("vision", ...)`; with the spec's limits and vision options. Items the device
+        refuses take the exact CPU path, alone (`imagebind_core.preprocess.jpeg.decode_jpegs`)."""
+        from imagebind_core.preprocess.jpeg import decode_jpegs
+
+        return decode_jpegs(
+            datas, self.device, self.spec.make_limits(), **self.spec.options_for("vision")
+        )
 
     def lineage(self) -> dict[str, str]:
         """The spec's lineage with what the loaded model reports (sha256, dtype, device)."""
@@ -353,6 +405,8 @@ class EncoderRunner:
 
 
 __all__ = [
+    "DECODERS",
+    "DEVICE_DECODE_KINDS",
     "LINEAGE_KEYS",
     "EncoderRunner",
     "ModelSpec",

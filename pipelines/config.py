@@ -153,6 +153,20 @@ class PreprocessConfig(_Strict):
     # Per-kind preprocessing options passed to imagebind_core.preprocess, e.g.
     # {depth: {input: disparity}}.
     options: dict[Kind, dict[str, Any]] = Field(default_factory=dict)
+    # Where each kind is decoded: "cpu" (default) in these tasks, the exact path; "gpu" (vision
+    # only): JPEG files travel as bytes and the encoder actor decodes, resizes and crops them
+    # on its device (nvJPEG on CUDA); other files take the CPU path. See docs/pipelines.md.
+    decode: dict[Kind, Literal["cpu", "gpu"]] = Field(default_factory=dict)
+
+    @field_validator("decode")
+    @classmethod
+    def _check_decode(cls, v: dict[str, str]) -> dict[str, str]:
+        for kind, where in v.items():
+            if where == "gpu" and kind not in ibc.DEVICE_DECODE_KINDS:
+                raise ValueError(
+                    f"decode.{kind}: gpu decoding exists for {list(ibc.DEVICE_DECODE_KINDS)} only"
+                )
+        return v
 
     @field_validator("limits")
     @classmethod
@@ -270,6 +284,9 @@ class DebugConfig(_Strict):
     # (benchmarks/bench_pipeline.py --null-encoder). Never for real output.
     null_encoder: bool = False
     actor_trace_path: str | None = None  # local file: one line "<pid> <kind> <GPU ids>" per actor
+    # Local file: encoder actors start loading the model only once it is not empty, then append
+    # "load <kind>" (with trace_path the same file: proves reads overlap the model load).
+    load_gate_path: str | None = None
 
 
 class JobConfig(_Strict):
@@ -350,6 +367,7 @@ class JobConfig(_Strict):
             normalize=self.normalize,
             options={k: dict(v) for k, v in self.preprocess.options.items()},
             limits=dict(self.preprocess.limits),
+            decode=dict(self.preprocess.decode),
             storage_options=self.storage_options() if self.checkpoint else None,
         )
 

@@ -10,13 +10,18 @@
 - `EncodeBatch`: a callable class (one Ray actor per pool member), a thin wrapper over
   `imagebind_core.EncoderRunner`: it views a block's inputs as (B, ...) arrays without
   copying them row by row (`batch_arrays`), and the runner moves, expands and encodes them.
-  No decoding happens here, so a GPU actor never waits on CPU work.
+  No decoding happens here, so a GPU actor never waits on CPU work — except with the opt-in
+  `preprocess.decode: {vision: gpu}`: JPEG files then travel as they are (`ENCODED_JPEG`
+  rows, only their header checked in preprocessing) and the actor decodes, resizes and crops
+  them in batches on its device (`EncoderRunner.decode_jpegs`); the files the device refuses
+  take the exact CPU path there, one by one.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 import imagebind_core as ibc
 from imagebind_core.io import StorageOptions, filesystem
@@ -43,6 +49,10 @@ logger = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- transport
 
+# `tensor_dtype` of a row whose `tensor` is the item's JPEG file, to be decoded by the encoder
+# on its device (`preprocess.decode: {vision: gpu}`); its `tensor_shape` is [bytes].
+ENCODED_JPEG = "jpeg"
+
 
 def compact_input(kind: str, t: Any) -> np.ndarray:
     """One item's model input (`preprocess(..., compact=True)`) -> the form it travels in.
@@ -59,10 +69,14 @@ def compact_input(kind: str, t: Any) -> np.ndarray:
     return a
 
 
-def tensor_columns(arrays: Sequence[np.ndarray | None]) -> tuple[pa.Array, pa.Array, pa.Array]:
+def tensor_columns(
+    arrays: Sequence[np.ndarray | None], dtypes: Sequence[str | None] | None = None
+) -> tuple[pa.Array, pa.Array, pa.Array]:
     """Per-row arrays (None for rows without one) -> (`tensor`, `tensor_shape`,
     `tensor_dtype`) columns. `tensor` holds each row's raw C-order bytes, all rows in one
-    contiguous buffer (a null row adds no bytes), so a run of rows is one slice of it."""
+    contiguous buffer (a null row adds no bytes), so a run of rows is one slice of it.
+    `dtypes` names a row's `tensor_dtype` where not None (`ENCODED_JPEG`) instead of its
+    array's dtype."""
     n = len(arrays)
     flat = [
         None if a is None else np.ascontiguousarray(a).reshape(-1).view(np.uint8) for a in arrays
@@ -82,8 +96,20 @@ def tensor_columns(arrays: Sequence[np.ndarray | None]) -> tuple[pa.Array, pa.Ar
         null_count=n - int(valid.true_count),
     )
     shape = pa.array([None if a is None else list(a.shape) for a in arrays], pa.list_(pa.int32()))
-    dtype = pa.array([None if a is None else a.dtype.str for a in arrays], pa.string())
+    names = [None if a is None else a.dtype.str for a in arrays]
+    if dtypes is not None:
+        names = [d or n for n, d in zip(names, dtypes, strict=True)]
+    dtype = pa.array(names, pa.string())
     return tensor, shape, dtype
+
+
+def jpeg_rows(batch: pa.Table, rows: Sequence[int]) -> list[int]:
+    """Those of `rows` that carry a JPEG file for the encoder (`ENCODED_JPEG`)."""
+    dtypes = batch.column("tensor_dtype")
+    if not pc.any(pc.equal(dtypes, ENCODED_JPEG)).as_py():
+        return []
+    names = dtypes.to_pylist()
+    return [i for i in rows if names[i] == ENCODED_JPEG]
 
 
 def batch_arrays(
@@ -133,7 +159,29 @@ def batch_arrays(
     return out
 
 
+def encoded_rows(batch: pa.Table, rows: Sequence[int]) -> list[memoryview]:
+    """The `tensor` bytes of `rows` (`ENCODED_JPEG` rows: the files), as zero-copy views."""
+    chunked = batch.column("tensor")
+    col = chunked.chunk(0) if chunked.num_chunks == 1 else chunked.combine_chunks()
+    offsets = np.frombuffer(col.buffers()[1], np.int64)[col.offset : col.offset + len(col) + 1]
+    data = col.buffers()[2]
+    buf = memoryview(data) if data is not None else memoryview(b"")
+    return [buf[int(offsets[i]) : int(offsets[i + 1])] for i in rows]
+
+
 # ----------------------------------------------------------------------------- preprocessing
+
+
+def _device_jpeg(data: Any, decode: str, lim: ibc.Limits) -> np.ndarray | None:
+    """With `decode` "gpu": a JPEG the encoder's device can decode, as its bytes (uint8), else
+    None (the CPU path). Only the header is read; a file over the limits raises InvalidInput."""
+    if decode != "gpu":
+        return None
+    from imagebind_core.preprocess.jpeg import device_decodable
+
+    if not device_decodable(data, lim):
+        return None
+    return np.frombuffer(data, np.uint8)
 
 
 def _fetch(
@@ -160,6 +208,7 @@ def preprocess_batch(
     trace_path: str | None = None,
     delay_per_item_s: float = 0.0,
     store_retries: int = 4,
+    decode: Mapping[str, str] | None = None,
 ) -> pa.Table:
     """Item rows (`data` or `uri`) -> rows with the item's model input (`tensor_columns`).
 
@@ -168,6 +217,10 @@ def preprocess_batch(
     becomes an `error` row with the reason — except an unreachable store: a read that fails
     with a connection error, timeout or 5xx is retried `store_retries` times with backoff,
     then the block fails with StoreUnavailable (the item is not bad; a rerun reads it).
+
+    `decode` ({kind: "cpu" | "gpu"}): with "gpu", JPEG files the encoder's device decodes
+    (`imagebind_core.preprocess.jpeg.device_decodable`: header checked against `limits`) are
+    passed on as `ENCODED_JPEG` rows; other items of the kind take the CPU path.
     """
     lim = ibc.Limits(**dict(limits or {}))
     opts = {k: dict(v) for k, v in (options or {}).items()}
@@ -182,6 +235,8 @@ def preprocess_batch(
     mtimes = batch.column("mtime").to_pylist()
     data: list[Any] = batch.column("data").to_pylist()
     tensors: list[np.ndarray | None] = [None] * n
+    formats: list[str | None] = [None] * n  # ENCODED_JPEG rows
+    decoders = dict(decode or {})
     lengths = [0] * n  # text rows: tokens through EOT, the text encoder's cost
 
     todo = [i for i in range(n) if status[i] == STATUS_OK]
@@ -223,6 +278,10 @@ def preprocess_batch(
         if delay_per_item_s:
             time.sleep(delay_per_item_s)
         try:
+            jpeg = _device_jpeg(data[i], decoders.get(kinds[i], "cpu"), lim)
+            if jpeg is not None:
+                tensors[i], formats[i] = jpeg, ENCODED_JPEG
+                continue
             # compact: still images travel to the encoders as uint8 pixels, a quarter of the
             # float32 bytes (at an H200's ~1400 huge images/s, 0.2 instead of 0.8 GB/s through
             # the object store and, on a cluster, the network); the encoder expands them on
@@ -261,7 +320,9 @@ def preprocess_batch(
             "mtime": pa.array(mtimes, pa.float64()),
         }
     )
-    cols["tensor"], cols["tensor_shape"], cols["tensor_dtype"] = tensor_columns(tensors)
+    cols["tensor"], cols["tensor_shape"], cols["tensor_dtype"] = tensor_columns(
+        tensors, formats if any(formats) else None
+    )
     out = pa.table({f.name: cols[f.name] for f in PREPROCESSED_SCHEMA}, schema=PREPROCESSED_SCHEMA)
     if any(lengths):
         # Texts in order of length: the encoder cuts its batches from this block in order and
@@ -306,6 +367,9 @@ class EncodeBatch:
             pipeline can deliver to an encoder (benchmarks/bench_pipeline.py --null-encoder).
         trace_path: a local file that gets one line per actor: pid, kind, logical GPU ids
             (tests of pool sizing and GPU packing).
+        load_gate_path: a test hook (`debug.load_gate_path`): the model load starts only once
+            this local file exists and is not empty (waiting up to `LOAD_GATE_TIMEOUT_S`),
+            then appends "load <kind>" to it when the weights are in.
     """
 
     def __init__(
@@ -317,6 +381,7 @@ class EncodeBatch:
         model: Any = None,
         null_encoder: bool = False,
         trace_path: str | None = None,
+        load_gate_path: str | None = None,
     ) -> None:
         if torch_threads and not null_encoder:
             import torch
@@ -330,8 +395,18 @@ class EncodeBatch:
         self.runner = (
             None
             if null_encoder
-            else ibc.EncoderRunner(spec, self.modality, model=model, background=True)
+            else ibc.EncoderRunner(
+                spec,
+                self.modality,
+                model=model,
+                background=True,
+                before_load=(lambda: _wait_for_gate(load_gate_path)) if load_gate_path else None,
+            )
         )
+        if load_gate_path and self.runner is not None:
+            threading.Thread(
+                target=_log_load, args=(self.runner, load_gate_path, kind), daemon=True
+            ).start()
         self.dim = spec.embed_dim if model is None else int(model.embed_dim)
         self.schema = encoded_schema(self.dim)
         self._started = time.perf_counter()
@@ -344,6 +419,30 @@ class EncodeBatch:
             return [np.zeros((len(idx), self.dim), np.float32) for idx, _ in groups]
         return list(self.runner.encode_all((self.kind, x) for _, x in groups))
 
+    def _decode_jpegs(
+        self, batch: pa.Table, rows: list[int], status: list[Any], errors: list[Any]
+    ) -> list[tuple[list[int], Any]]:
+        """Decode the block's `ENCODED_JPEG` rows on the model's device: [(rows, pixels)] for
+        the decoded ones; the others become error rows with the CPU path's reason."""
+        files = encoded_rows(batch, rows)
+        if self.runner is not None:
+            res = self.runner.decode_jpegs(files)
+        else:  # null encoder: decode on the CPU, the cost stays in the measurement
+            from imagebind_core.preprocess.jpeg import decode_jpegs
+
+            res = decode_jpegs(
+                files, "cpu", self.spec.make_limits(), **self.spec.options_for("vision")
+            )
+        for j, e in res.errors.items():
+            status[rows[j]], errors[rows[j]] = STATUS_ERROR, e.reason
+        if res.fallbacks:
+            logger.info(
+                "%d of %d JPEG files refused by the device decoder took the CPU path",
+                len(res.fallbacks),
+                len(rows),
+            )
+        return [([rows[j] for j in res.rows], res.pixels)] if res.rows else []
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
         status = batch.column("status").to_pylist()
@@ -351,11 +450,18 @@ class EncodeBatch:
         ok = [i for i in range(n) if status[i] == STATUS_OK]
         values = np.zeros((n, self.dim), np.float32)
         done = np.zeros(n, bool)
+        jpegs = jpeg_rows(batch, ok)
+        if jpegs:
+            on_device = set(jpegs)
+            ok = [i for i in ok if i not in on_device]
         groups = batch_arrays(batch, ok, pad=self.kind == "text")
-        if self.runner is not None and groups:
+        if self.runner is not None and (groups or jpegs):
             # Wait for the model here, outside the per-item fallback below: a load that failed
             # (a bad checkpoint) fails the job with its reason instead of every item.
             self.runner.model  # noqa: B018
+        if jpegs:
+            groups.extend(self._decode_jpegs(batch, jpegs, status, errors))
+            ok = ok + jpegs
         try:
             for (idx, _), y in zip(groups, self._encode_groups(groups), strict=True):
                 values[idx] = y
@@ -391,6 +497,30 @@ class EncodeBatch:
         return pa.table({name: cols[name] for name in self.schema.names}, schema=self.schema)
 
 
+# How long a gated load (`load_gate_path`) waits for its file before failing.
+LOAD_GATE_TIMEOUT_S = 300.0
+
+
+def _wait_for_gate(path: str) -> None:
+    end = time.monotonic() + LOAD_GATE_TIMEOUT_S
+    while not (os.path.exists(path) and os.path.getsize(path) > 0):
+        if time.monotonic() > end:
+            raise RuntimeError(
+                f"load gate {path} stayed empty for {LOAD_GATE_TIMEOUT_S:g} s: nothing was "
+                "preprocessed while the model waited to load"
+            )
+        time.sleep(0.05)
+
+
+def _log_load(runner: ibc.EncoderRunner, path: str, kind: str) -> None:
+    try:
+        runner.model  # noqa: B018 - waits for the load
+    except BaseException:
+        return
+    with open(path, "a") as f:
+        f.write(f"load {kind}\n")
+
+
 def _trace_actor(path: str, kind: str) -> None:
     try:
         import ray
@@ -403,6 +533,7 @@ def _trace_actor(path: str, kind: str) -> None:
 
 
 __all__ = [
+    "ENCODED_JPEG",
     "EncodeBatch",
     "StoreUnavailable",
     "embedding_type",

@@ -1,6 +1,7 @@
 """Generators of test media, shared by every test module: encoded bytes made on the fly.
 
-Nothing here is downloaded or stored; every maker is deterministic for a given seed. Content is
+Nothing here is downloaded or stored; every maker is deterministic for a given seed. Real
+photographs come from the ones scikit-image ships in its wheel (`photo_jpegs`). Content is
 made "interesting" (gradients, edges, noise, motion, a per-frame signature) so that a wrong
 resize, crop, frame choice or channel order changes the numbers a test compares.
 """
@@ -422,12 +423,72 @@ def make_imu_json(n: int = 2000, seed: int = 0, channels_first: bool = False) ->
     return json.dumps([[float(v) for v in row] for row in a]).encode()
 
 
+# Colour photographs shipped inside scikit-image's wheel (`skimage.data`, no download).
+PHOTOS: tuple[str, ...] = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "motorcycle_left",
+    "motorcycle_right",
+)
+
+
+def _jpeg(im: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def photo_jpegs(
+    names: tuple[str, ...] = PHOTOS, long_sides: tuple[int, ...] = ()
+) -> dict[str, bytes]:
+    """name -> JPEG bytes of real photographs from `skimage.data`: the files shipped as JPEG
+    keep their own bytes, the PNGs are encoded at quality 90. For each size in `long_sides`
+    also "name@size": the photo resized (Lanczos) to that long side, as a JPEG."""
+    import os
+
+    import skimage.data as data
+
+    folder = os.path.dirname(data.__file__)
+    out: dict[str, bytes] = {}
+    for name in names:
+        path = os.path.join(folder, f"{name}.jpg")
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                out[name] = f.read()
+        elif name.startswith("motorcycle_"):
+            left, right, _ = data.stereo_motorcycle()
+            out[name] = _jpeg(Image.fromarray(left if name.endswith("left") else right))
+        else:
+            out[name] = _jpeg(Image.fromarray(getattr(data, name)()).convert("RGB"))
+        im = Image.open(io.BytesIO(out[name])).convert("RGB")
+        for long in long_sides:
+            scale = long / max(im.size)
+            size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
+            out[f"{name}@{long}"] = _jpeg(im.resize(size, Image.Resampling.LANCZOS))
+    return out
+
+
 # ----------------------------------------------------------------------------- corrupt input
 
 
 def truncated(data: bytes, keep: float = 0.5) -> bytes:
     """The first `keep` fraction of `data`."""
     return data[: max(1, int(len(data) * keep))]
+
+
+def corrupt_jpeg(seed: int = 0) -> bytes:
+    """A JPEG whose header is sound (Pillow opens it, size and mode readable, end marker in
+    place) but whose first Huffman table is bogus (every code-length count 255): every
+    decoder refuses it when it decodes the pixels."""
+    data = bytearray(make_image("JPEG", seed=seed))
+    at = data.index(b"\xff\xc4")  # DHT: marker, length (2), class/id (1), 16 counts
+    data[at + 5 : at + 21] = b"\xff" * 16
+    return bytes(data)
 
 
 def random_bytes(n: int = 4096, seed: int = 0) -> bytes:

@@ -25,6 +25,19 @@ PREPROC_ATOL — model inputs (pixels, log-mel features) computed two ways, max 
   (normalised log-mel); 1e-5 absolute is >= 30 ulp of the largest of them, several times the
   few roundings each value goes through. Equal code paths give 0 (the audio codec matrix and the
   image parity tests hit 0.0 on this stack).
+
+DEVICE_DECODE_MAX_LEVELS, DEVICE_DECODE_MEAN_LEVELS — compact still-image pixels (uint8) of the
+  device decode (`preprocess.decode: {vision: gpu}`, run on the CPU: the same libjpeg-turbo
+  decode, bit for bit) against the exact CPU path; grey levels, max and mean absolute.
+  Both compute the same bicubic filter (a = -0.5, antialiased on downscale) and the same crop;
+  they differ in rounding and clipping only. Pillow rounds its horizontal pass to uint8: <= 0.5
+  level, times the vertical kernel's sum of |weights| (<= 1.25), plus each path's final
+  rounding: <= 2 levels. Pillow also clips the horizontal pass to [0, 255]: the filter's
+  negative lobe (weight >= -1/16) overshoots a full-range step by <= 255/16 ~ 16 levels, which
+  only Pillow cuts off, so a pixel next to a saturated edge may differ by <= 16 more: max 18.
+  The mean is rounding: two roundings of values <= ~0.6 apart average well under 0.5 level,
+  and the clipped pixels are few. Photos (skimage.data, three sizes) measured max 5, mean 0.13.
+  A one-pixel crop offset or a non-antialiased resize moves the mean by whole levels.
 """
 
 from __future__ import annotations
@@ -34,6 +47,8 @@ import torch
 
 EMBED_REL = 2e-6
 PREPROC_ATOL = 1e-5
+DEVICE_DECODE_MAX_LEVELS = 18
+DEVICE_DECODE_MEAN_LEVELS = 0.5
 
 
 def _as_2d(x) -> np.ndarray:
