@@ -176,6 +176,7 @@ def test_the_page_in_a_browser(page):
     find(By.ID, "login-button").click()
     wait(driver, lambda d: find(By.ID, "app").is_displayed(), "the page after login")
     assert not find(By.ID, "login").is_displayed()
+    assert not find(By.ID, "index-moved").is_displayed()
     wait(driver, lambda d: "Index version 1" in find(By.ID, "index-info").text, "index info")
     info = find(By.ID, "index-info").text
     assert "9 items" in info and "vision 4" in info and "+9 added" in info
@@ -255,3 +256,31 @@ def _publish_copy(root: str) -> None:
     shutil.copytree(ir.version_uri(old.name), ir.version_uri(name))
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
     ir.publish(Pointer(2, name, stamp), etag)
+
+
+def test_the_page_routes_over_http(page):
+    """The routes the page uses, through Serve's proxy and the route prefix."""
+    import httpx
+
+    _, url, _, _ = page
+    key = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.get(url + "/", follow_redirects=False)
+    assert r.status_code == 307 and r.headers["location"] == PREFIX + "/ui/"
+    r = httpx.get(url + "/ui", follow_redirects=False)
+    assert r.status_code == 307 and r.headers["location"] == PREFIX + "/ui/"
+    r = httpx.get(url + "/ui/")  # public: the page holds no data
+    assert r.status_code == 200 and "frame-ancestors 'none'" in r.headers["content-security-policy"]
+    assert httpx.get(url + "/ui/app.js").headers["content-type"].startswith("text/javascript")
+    assert httpx.get(url + "/ui/ingress.py").status_code == 404
+    assert httpx.get(url + "/ui/%2e%2e%2fingress.py").status_code == 404
+    q = {"id": "images/dog.jpg"}
+    for path in ("/v1/index", "/v1/media", "/v1/thumbnail"):
+        assert httpx.get(url + path, params=q).status_code == 401, path
+    r = httpx.get(url + "/v1/thumbnail", params={**q, "size": 64}, headers=key)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+    r = httpx.get(url + "/v1/media", params={"id": "captions/dog.txt"}, headers=key)
+    assert r.status_code == 200 and r.text == "a dog running on the beach"
+    r = httpx.get(url + "/v1/media", params={"id": "../../etc/passwd"}, headers=key)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "item_not_found"
+    r = httpx.get(url + "/v1/thumbnail", params={**q, "size": "big"}, headers=key)
+    assert r.status_code == 400
