@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         write_demo_corpus(corpus)
         reindex(load_reindex_config(None, {"input": corpus, "index.root": root, "preset": "tiny"}))
 
-    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # address="local": always a Ray of its own, never one `ray start` left running
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
     port = 18000 + os.getpid() % 1000
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = AppArgs(
@@ -173,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
 
     lines = [
-        f"search page, tiny preset, demo corpus ({len(os.listdir(corpus))} folders), "
+        f"search page, tiny preset, corpus of {sum(len(f) for _, _, f in os.walk(corpus))} "
+        "files, "
         f"{args.rounds} rounds after a warm-up round; "
         f"{platform.machine()}, {os.cpu_count()} CPUs, load average "
         f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end",
