@@ -44,6 +44,16 @@ def _browser_missing() -> str | None:
     return ", ".join(missing) or None
 
 
+# Checked at collection, before any fixture starts Ray: under CI a missing browser is an error
+# of the run, elsewhere the module is skipped.
+_MISSING = _browser_missing()
+if _MISSING:
+    _WHY = f"no headless browser: {_MISSING} missing (run `make browser-deps`)"
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(_WHY, pytrace=False)
+    pytest.skip(_WHY, allow_module_level=True)
+
+
 def chrome(width: int = 1280, height: int = 900):
     """A headless Chromium from the Debian packages; Selenium Manager is never asked."""
     from selenium import webdriver
@@ -66,12 +76,6 @@ def chrome(width: int = 1280, height: int = 900):
 
 @pytest.fixture(scope="module")
 def page(ray_session, tmp_path_factory):
-    missing = _browser_missing()
-    if missing:
-        msg = f"no headless browser: {missing} missing (run `make browser-deps`)"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(msg)
-        pytest.skip(msg)
     from ray import serve
 
     from pipelines.demo_corpus import write_demo_corpus
