@@ -2,8 +2,8 @@
 `POST /v1/search` by id, the page's static files, and the index's by-id lookups.
 
 The ingress logic (`EmbeddingService`) runs against a `SearchIndexCore` over a small index
-published by `pipelines.publish` into a temporary folder, through a stand-in handle; the
-browser test (test_search_page_browser.py) runs the whole app.
+published by `pipelines.publish` into a temporary folder, through a stand-in handle, with no
+Ray; the browser test (test_search_page_browser.py) runs the whole app.
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ def test_items_and_stored_vectors_by_id_flat_and_ivf():
         assert index.vector_of("nope") is None and index.item("nope") is None
 
 
-def test_search_by_id_is_more_like_this(ray_session, corpus):
+def test_search_by_id_is_more_like_this(corpus):
     svc, core = service(corpus)
 
     def search(body: dict):
@@ -175,7 +175,7 @@ def test_search_by_id_is_more_like_this(ray_session, corpus):
 # --------------------------------------------------------------------------- version
 
 
-def test_index_info_names_the_version_and_its_counts(ray_session, corpus):
+def test_index_info_names_the_version_and_its_counts(corpus):
     svc, _ = service(corpus)
     status, _, body = call(svc.index_info(request("/v1/index")))
     info = json.loads(body)
@@ -187,7 +187,7 @@ def test_index_info_names_the_version_and_its_counts(ray_session, corpus):
 # --------------------------------------------------------------------------- media
 
 
-def test_media_of_published_items_only_with_allow_lists(ray_session, corpus):
+def test_media_of_published_items_only_with_allow_lists(corpus):
     svc, _ = service(corpus)
 
     def media_of(item_id: str):
@@ -220,7 +220,7 @@ def test_media_of_published_items_only_with_allow_lists(ray_session, corpus):
     assert status == 400
 
 
-def test_media_allow_list_rules(ray_session, corpus):
+def test_media_allow_list_rules(corpus):
     svc, _ = service(corpus)
     d = corpus["media"]
     assert svc.media_allowed(f"{d}/pic.png") and svc.media_allowed(f"file://{d}/pic.png")
@@ -239,7 +239,7 @@ def test_media_allow_list_rules(ray_session, corpus):
     assert not svc.media_allowed(f"{d}/pic.png")
 
 
-def test_media_and_thumbnails_ask_for_the_key(ray_session, corpus):
+def test_media_and_thumbnails_ask_for_the_key(corpus):
     svc, _ = service(corpus, api_key="sesame")
     for key in (None, "wrong"):
         assert call(svc.media(request("/v1/media", key), "pic"))[0] == 401
@@ -251,7 +251,7 @@ def test_media_and_thumbnails_ask_for_the_key(ray_session, corpus):
     assert call(svc.thumbnail(request("/v1/thumbnail", "sesame"), "pic", 64))[0] == 200
 
 
-def test_no_index_no_media(ray_session):
+def test_no_index_no_media():
     from serve.ingress import EmbeddingService
     from serve.schemas import AppArgs
 
@@ -264,7 +264,7 @@ def test_no_index_no_media(ray_session):
 # --------------------------------------------------------------------------- thumbnails
 
 
-def test_thumbnails_are_bounded_jpegs_of_images_and_video_frames(ray_session, corpus):
+def test_thumbnails_are_bounded_jpegs_of_images_and_video_frames(corpus):
     svc, _ = service(corpus)
     for item_id, size, want in (
         ("pic", 100, (100, 75)),
@@ -284,7 +284,7 @@ def test_thumbnails_are_bounded_jpegs_of_images_and_video_frames(ray_session, co
     assert call(svc.thumbnail(request(), "outside", 64))[0] == 403
 
 
-def test_bad_or_missing_media_give_the_placeholder(ray_session, corpus):
+def test_bad_or_missing_media_give_the_placeholder(corpus):
     svc, _ = service(corpus)
     from serve.ingress import UI_DIR
 
@@ -303,7 +303,7 @@ def test_bad_or_missing_media_give_the_placeholder(ray_session, corpus):
     assert status == 200 and headers["content-type"] == "image/jpeg"
 
 
-def test_thumbnail_cache_is_used_and_bounded(ray_session, corpus, tmp_path):
+def test_thumbnail_cache_is_used_and_bounded(corpus, tmp_path):
     svc, _ = service(corpus)
     _, _, first = call(svc.thumbnail(request(), "pic", 128))
     os.remove(os.path.join(corpus["media"], "pic.png"))
