@@ -1,6 +1,6 @@
 # One-command setup + run. Everything is installed from nothing into $(VENV).
 #   make demo   - create the venv, install, run the offline embedding job on the bundled demo corpus
-#   make test   - create the venv, install, lint, run the whole test suite
+#   make test   - create the venv, install, lint, install the browser, run the whole test suite
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,7 +10,7 @@ PIP := $(PY) -m pip
 TORCH_PINS := torch==2.9.1 torchvision==0.24.1 torchaudio==2.9.1
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup demo test lint format bench clean browser-deps
 
 setup: $(STAMP)
 
@@ -44,7 +44,22 @@ NUMERIC_TESTS := tests/test_model_parity.py tests/test_checkpoint.py tests/test_
 	tests/test_preprocess_image.py tests/test_preprocess_video.py tests/test_preprocess_api.py
 AVX2_KERNELS := ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2
 
-test: lint
+# Debian's chromium and chromedriver for the search page's browser test
+# (tests/test_search_page_browser.py). apt runs only when one of them is missing; it needs
+# root (CI runs `make test` as root on Debian 12), else sudo.
+BROWSER_PKGS := chromium chromium-driver
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+browser-deps:
+	@if [ "$$(dpkg-query -W -f='$${db:Status-Status}\n' $(BROWSER_PKGS) 2>/dev/null \
+			| grep -cx installed)" = 2 ]; then \
+		echo "browser-deps: $(BROWSER_PKGS) already installed"; \
+	else \
+		$(SUDO) apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $(BROWSER_PKGS); \
+	fi
+
+test: lint browser-deps
 	$(AVX2_KERNELS) RAY_AUTH_MODE=disabled $(VENV)/bin/pytest -q -m "not slow" $(NUMERIC_TESTS)
 	RAY_AUTH_MODE=disabled $(VENV)/bin/pytest -q
 

@@ -153,6 +153,12 @@ class VectorIndex:
         self.parts = parts
         self.dim = dim
         self.nprobe = nprobe
+        self._rows: dict[str, int] | None = None
+        for part in parts.values():
+            if part.kind == "ivf":
+                # An IVF list entry is addressable by id (`vector_of`) only through this map:
+                # one int64 per vector, made once here, never while searches run.
+                part.index.make_direct_map()
 
     @property
     def count(self) -> int:
@@ -283,6 +289,32 @@ class VectorIndex:
             }
             for b, j in zip(best, r[best], strict=True)
         ]
+
+    def row_of(self, item_id: str) -> int | None:
+        """The row of the item `item_id`, or None if the index does not hold it."""
+        rows = self._rows
+        if rows is None:  # built on first use; the index is immutable once built or loaded
+            rows = self._rows = {str(v): i for i, v in enumerate(self.ids.tolist())}
+        return rows.get(str(item_id))
+
+    def item(self, item_id: str) -> dict | None:
+        """`{id, uri, modality}` of the item `item_id`, or None if the index does not hold it."""
+        j = self.row_of(item_id)
+        if j is None:
+            return None
+        return {
+            "id": str(self.ids[j]),
+            "uri": str(self.uris[j]),
+            "modality": str(self.modalities[j]),
+        }
+
+    def vector_of(self, item_id: str) -> np.ndarray | None:
+        """The stored (normalised) vector of `item_id` as float32, or None if not held."""
+        j = self.row_of(item_id)
+        if j is None:
+            return None
+        part = self.parts[str(self.modalities[j])]
+        return part.index.reconstruct(int(j - part.offset))
 
     def save(self, uri: str, storage_options: StorageOptions | None = None) -> None:
         """Write the index under the folder `uri` (local or object store)."""

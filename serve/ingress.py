@@ -26,12 +26,13 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import cachetools
 import numpy as np
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve import metrics
@@ -67,6 +68,40 @@ BODY_READ_MIN_S = 5.0
 # through the object store (see `EmbeddingService._call_encoder`).
 GRPC_MAX_BYTES = 512 * 1024
 CLIENT_CLOSED = 499  # nginx's status for a client that went away: counted, never answered
+# --- search page ---
+UI_DIR = os.path.join(os.path.dirname(__file__), "ui")
+# The page's files, fixed at import: nothing else under any path is ever read for /ui/.
+UI_FILES = {
+    "index.html": "text/html; charset=utf-8",
+    "app.js": "text/javascript; charset=utf-8",
+    "app.css": "text/css; charset=utf-8",
+    "placeholder.svg": "image/svg+xml",
+}
+# The page runs only its own script and style, talks only to this origin, shows media only
+# from blob: URLs it made itself, and cannot be framed.
+UI_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+    "img-src 'self' blob: data:; media-src 'self' blob:; connect-src 'self'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+# Media bytes are data, never a document: no sniffing, and sandboxed if opened directly.
+MEDIA_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "default-src 'none'; sandbox",
+    "Cache-Control": "private, max-age=300",
+}
+MIN_THUMBNAIL_SIDE = 16
+_MEDIA_TYPES = {
+    "vision": "image/",
+    "depth": "image/",
+    "thermal": "image/",
+    "video": "video/",
+    "audio": "audio/",
+    "text": "text/",
+}
 # What each request field must be, for type errors (pydantic's own message names union members).
 _FIELD_HINTS = {
     "input": "must be a string or a list of strings (token-id arrays are not supported)",
@@ -153,6 +188,11 @@ class EmbeddingService:
             max_workers=args.ingress.preprocess_threads, thread_name_prefix="preprocess"
         )
         self._storage_options: dict[str, Any] | None = None
+        # Thumbnails by (index version, id, size), bounded in bytes, least recently used out.
+        # Read and written on the replica's event loop only.
+        self.thumbnails: cachetools.LRUCache = cachetools.LRUCache(
+            maxsize=args.thumbnail_cache_bytes, getsizeof=len
+        )
         self._info: dict[str, Any] | None = None
         self.created = int(time.time())
         self._m_requests = metrics.Counter(
@@ -470,11 +510,7 @@ class EmbeddingService:
                 param=param,
                 code="uri_not_allowed",
             )
-        # Checked on the string, before any request leaves this process. Dot segments are
-        # refused so that no normalisation downstream can step outside a prefix.
-        parts = uri[len("s3://") :].split("/")
-        allowed = any(uri.startswith(p) for p in self.args.s3_allowed_prefixes)
-        if not allowed or any(p in (".", "..") for p in parts):
+        if not self.s3_allowed(uri):
             raise APIError(
                 400,
                 f"{param}: {uri!r} is not under an allowed prefix "
@@ -485,6 +521,27 @@ class EmbeddingService:
         return ibc.read_bytes(
             uri, self.storage_options(), max_bytes=self.args.max_input_bytes, modality=kind
         )
+
+    def s3_allowed(self, uri: str) -> bool:
+        """Whether `uri` is under one of `s3_allowed_prefixes`. Checked on the string, before
+        any request leaves this process; dot segments are refused so that no normalisation
+        downstream can step outside a prefix."""
+        parts = uri[len("s3://") :].split("/")
+        allowed = any(uri.startswith(p) for p in self.args.s3_allowed_prefixes)
+        return allowed and not any(p in (".", "..") for p in parts)
+
+    def media_allowed(self, uri: str) -> bool:
+        """Whether the media endpoints may read `uri`: an s3:// URI under the allowed prefixes,
+        or a local file (a path or file://) inside one of `media_local_dirs`, symlinks
+        resolved. Nothing else (https://, other schemes) is ever read for the page."""
+        m = _URI_SCHEME.match(uri)
+        scheme = m.group(1).lower() if m else "file"
+        if scheme == "s3":
+            return self.s3_allowed(uri)
+        if scheme != "file" or not self.args.media_local_dirs:
+            return False
+        path = os.path.realpath(uri[len("file://") :] if m else uri)
+        return any(os.path.commonpath([path, d]) == d for d in self.args.media_local_dirs)
 
     def prepare(self, kind: str, index: int, value: str) -> tuple[np.ndarray, int]:
         """One input -> (model input array, text tokens). Runs on the preprocessing pool."""
@@ -777,14 +834,22 @@ class EmbeddingService:
                         param="filter_modality",
                         code="unknown_modality",
                     )
-                if req.vector is not None:
-                    kind = "vector"
-                    vector = [float(v) for v in req.vector]
+                if req.id is not None:
+                    kind = "id"
+                    hits = await self._index_call(
+                        "similar", req.id, req.top_k, req.filter_modality, param="id"
+                    )
                 else:
-                    kind = self.check_kind(req.modality)
-                    arrays, _ = await self.prepare_all(kind, [req.input or ""])
-                    vector = (await self.encode(kind, arrays, True))[0].tolist()
-                hits = await self._search(vector, req.top_k, req.filter_modality)
+                    if req.vector is not None:
+                        kind = "vector"
+                        vector = [float(v) for v in req.vector]
+                    else:
+                        kind = self.check_kind(req.modality)
+                        arrays, _ = await self.prepare_all(kind, [req.input or ""])
+                        vector = (await self.encode(kind, arrays, True))[0].tolist()
+                    hits = await self._index_call(
+                        "search", vector, req.top_k, req.filter_modality, param="vector"
+                    )
             resp = SearchResponse(data=[SearchHit(**h) for h in hits], model=self.model_id)
             status = 200
             return JSONResponse(resp.model_dump())
@@ -797,15 +862,28 @@ class EmbeddingService:
         finally:
             self._observe("search", kind, status, t0)
 
-    async def _search(self, vector: list[float], top_k: int, modality: str | None) -> list[dict]:
+    def need_search(self) -> None:
+        """404 when the app was started without an index."""
+        if self.search_index is None:
+            raise APIError(
+                404,
+                "search is not enabled: this app was started without `index_uri`",
+                code="search_disabled",
+            )
+
+    async def _index_call(self, method: str, *args: Any, param: str | None = None) -> Any:
+        """`search_index.<method>.remote(*args)`, its refusals as API errors: no version
+        published yet -> 503, an id the version lacks (KeyError) -> 404, a bad query
+        (ValueError, e.g. imagebind_core.InvalidInput) -> 400 naming `param`."""
         from ray.exceptions import RayTaskError
 
         from serve.search import IndexNotReady
 
         try:
-            return await self.search_index.search.remote(vector, top_k, modality)
-        except RayTaskError as e:
-            cause = getattr(e, "cause", None)
+            return await getattr(self.search_index, method).remote(*args)
+        except Exception as e:
+            # Over Serve the replica's exception arrives as a RayTaskError carrying it.
+            cause = getattr(e, "cause", None) if isinstance(e, RayTaskError) else e
             if isinstance(cause, IndexNotReady):
                 raise APIError(
                     503,
@@ -814,11 +892,138 @@ class EmbeddingService:
                     code="index_not_ready",
                     headers={"Retry-After": str(max(1, round(self.args.retry_after_s)))},
                 ) from None
-            # The index refuses a bad query (wrong vector length, ...) with a ValueError
-            # (imagebind_core.InvalidInput is one).
+            if isinstance(cause, KeyError):
+                raise APIError(
+                    404,
+                    f"{param}: no item {cause.args[0]!r} in the published index version",
+                    param=param,
+                    code="item_not_found",
+                ) from None
             if isinstance(cause, ValueError):
-                raise APIError(400, f"search: {cause}", param="vector") from None
+                raise APIError(400, f"search: {cause}", param=param) from None
             raise
+
+    # --- search page: index version, media and thumbnails of published items ---------------
+    async def index_info(self, request: Request) -> Response:
+        """GET /v1/index: the published version the endpoint serves and its counts."""
+        self.check_auth(request)
+        self.need_search()
+        info = await self._index_call("info")
+        keys = ("version", "name", "published_at", "created_at", "parent", "count", "dim")
+        body = {
+            "object": "index",
+            **{k: info.get(k) for k in keys},
+            "modalities": info.get("modalities", {}),
+            "counts": info.get("counts", {}),
+            "loaded_at": info.get("loaded_at"),
+        }
+        return JSONResponse(body)
+
+    async def published_item(self, request: Request, item_id: str | None) -> dict:
+        """The published item `item_id` whose media may be served: 401 without the key, 404
+        when search is off or the loaded version lacks the id, 403 when its URI is outside
+        the allow-lists."""
+        self.check_auth(request)
+        self.need_search()
+        if not item_id:
+            raise APIError(400, "id: give the item's id (?id=...)", param="id", code="invalid_id")
+        item = await self._index_call("item", item_id, param="id")
+        if item is None:
+            raise APIError(
+                404,
+                f"id: no item {item_id!r} in the published index version",
+                param="id",
+                code="item_not_found",
+            )
+        if not self.media_allowed(item["uri"]):
+            raise APIError(
+                403,
+                f"id: the media of {item_id!r} is not under an allowed prefix or folder "
+                "(s3_allowed_prefixes, media_local_dirs)",
+                param="id",
+                code="uri_not_allowed",
+            )
+        return item
+
+    def read_media(self, item: dict) -> bytes:
+        """The bytes of a published item (at most `max_input_bytes`); InvalidInput when it is
+        missing or too large, StoreUnavailable when the store cannot be reached."""
+        import imagebind_core as ibc
+
+        return ibc.read_bytes(
+            item["uri"],
+            self.storage_options(),
+            max_bytes=self.args.max_input_bytes,
+            modality=item["modality"],
+        )
+
+    async def media(self, request: Request, item_id: str | None) -> Response:
+        """GET /v1/media?id=: the original bytes of a published item (404 if it is gone)."""
+        import imagebind_core as ibc
+
+        item = await self.published_item(request, item_id)
+        loop = asyncio.get_running_loop()
+        try:
+            data = await loop.run_in_executor(self._pool, self.read_media, item)
+        except ibc.InvalidInput as e:
+            raise APIError(
+                404, f"id: media of {item_id!r}: {e.reason}", param="id", code="media_unavailable"
+            ) from None
+        except ibc.StoreUnavailable as e:
+            raise self._store_unavailable(e) from None
+        return Response(data, media_type=media_type(item), headers=MEDIA_HEADERS)
+
+    async def thumbnail(self, request: Request, item_id: str | None, size: int) -> Response:
+        """GET /v1/thumbnail?id=&size=: a JPEG of at most `size` pixels a side of a published
+        image or video, made on first request and cached; unreadable or undecodable media
+        answer the placeholder image (200, header `x-placeholder` saying why)."""
+        import imagebind_core as ibc
+        from imagebind_core.thumbnail import MAX_THUMBNAIL_SIDE, THUMBNAIL_KINDS, make_thumbnail
+
+        if not MIN_THUMBNAIL_SIDE <= size <= MAX_THUMBNAIL_SIDE:
+            raise APIError(
+                400,
+                f"size must be in [{MIN_THUMBNAIL_SIDE}, {MAX_THUMBNAIL_SIDE}], got {size}",
+                param="size",
+                code="invalid_size",
+            )
+        item = await self.published_item(request, item_id)
+        if item["modality"] not in THUMBNAIL_KINDS:
+            raise APIError(
+                400,
+                f"id: {item_id!r} is a {item['modality']} item; thumbnails exist for "
+                f"{list(THUMBNAIL_KINDS)} (GET /v1/media serves the item itself)",
+                param="id",
+                code="no_thumbnail",
+            )
+        key = (item["version"], item["id"], size)
+        jpeg = self.thumbnails.get(key)
+        if jpeg is None:
+
+            def make() -> bytes:
+                return make_thumbnail(self.read_media(item), item["modality"], size)
+
+            try:
+                jpeg = await asyncio.get_running_loop().run_in_executor(self._pool, make)
+            except ibc.InvalidInput as e:
+                # Never cached: a file fixed in place gets its thumbnail on the next request.
+                log.info("thumbnail of %r: %s", item_id, e)
+                return placeholder_response(e.reason)
+            except ibc.StoreUnavailable as e:
+                raise self._store_unavailable(e) from None
+            with contextlib.suppress(ValueError):  # larger than the whole cache: not kept
+                self.thumbnails[key] = jpeg
+        return Response(jpeg, media_type="image/jpeg", headers=MEDIA_HEADERS)
+
+    def _store_unavailable(self, e: Exception) -> APIError:
+        log.warning("media: %s", e)
+        return APIError(
+            503,
+            f"{e}; retry later",
+            type="server_error",
+            code="store_unavailable",
+            headers={"Retry-After": str(max(1, round(self.args.retry_after_s)))},
+        )
 
     async def models(self, request: Request) -> Response:
         """GET /v1/models."""
@@ -891,6 +1096,34 @@ class EmbeddingService:
         self._m_latency.observe(time.perf_counter() - t0, tags=tags)
 
 
+def media_type(item: dict) -> str:
+    """The Content-Type of a published item's bytes: guessed from its URI when that agrees
+    with its modality (`image/png` for a vision item), else a generic one of the modality."""
+    import mimetypes
+
+    kind = item["modality"]
+    if kind == "text":
+        return "text/plain; charset=utf-8"
+    guessed, _ = mimetypes.guess_type(item["uri"])
+    family = _MEDIA_TYPES.get(kind)
+    if guessed and family and guessed.startswith(family) and guessed != "image/svg+xml":
+        return guessed
+    return "application/octet-stream"
+
+
+def placeholder_response(reason: str) -> Response:
+    """The page's placeholder image, for a thumbnail that cannot be made (never cached)."""
+    with open(os.path.join(UI_DIR, "placeholder.svg"), "rb") as f:
+        data = f.read()
+    headers = {
+        **MEDIA_HEADERS,
+        "Cache-Control": "no-store",
+        # Header values are latin-1 and one line: the reason is cut to what is safe to send.
+        "x-placeholder": reason.encode("ascii", "replace").decode()[:200].replace("\n", " "),
+    }
+    return Response(data, media_type="image/svg+xml", headers=headers)
+
+
 def _encode_vector(v: np.ndarray, fmt: str) -> np.ndarray | str:
     """float: a float32 array (a JSON list in `_json_response`); base64: little-endian float32
     bytes, as OpenAI sends them."""
@@ -958,6 +1191,14 @@ async def _routing_error(request: Request, e: StarletteHTTPException) -> Respons
     return err.response()
 
 
+def ui_file(name: str) -> Response:
+    """One of the page's files (`UI_FILES`), else 404."""
+    if name not in UI_FILES:
+        raise APIError(404, f"no file {name!r} in the search page", code="not_found")
+    with open(os.path.join(UI_DIR, name), "rb") as f:
+        return Response(f.read(), media_type=UI_FILES[name], headers=UI_HEADERS)
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.25})
 @serve.ingress(api)
 class Ingress:
@@ -997,6 +1238,41 @@ class Ingress:
     async def search(self, request: Request) -> Response:
         """Nearest neighbours of a query in the configured index."""
         return await self.service.search(request)
+
+    @api.get("/v1/index")
+    async def index(self, request: Request) -> Response:
+        """The published index version this endpoint searches, with its counts."""
+        return await self.service.index_info(request)
+
+    @api.get("/v1/media")
+    async def media(self, request: Request, id: str | None = None) -> Response:
+        """The bytes of an item of the published index (allow-listed URIs only)."""
+        return await self.service.media(request, id)
+
+    @api.get("/v1/thumbnail")
+    async def thumbnail(self, request: Request, id: str | None = None, size: int = 256) -> Response:
+        """A JPEG thumbnail of an image or video item of the published index."""
+        return await self.service.thumbnail(request, id, size)
+
+    @api.get("/", include_in_schema=False)
+    async def root(self, request: Request) -> Response:
+        """The search page."""
+        return RedirectResponse(_under_root(request, "/ui/"), status_code=307)
+
+    @api.get("/ui", include_in_schema=False)
+    async def ui_bare(self, request: Request) -> Response:
+        """The search page (its relative links need the trailing slash)."""
+        return RedirectResponse(_under_root(request, "/ui/"), status_code=307)
+
+    @api.get("/ui/", include_in_schema=False)
+    async def ui_index(self) -> Response:
+        """The search page (no key needed: it holds no data and asks for the key itself)."""
+        return ui_file("index.html")
+
+    @api.get("/ui/{name}", include_in_schema=False)
+    async def ui_asset(self, name: str) -> Response:
+        """The search page's script, style and placeholder image."""
+        return ui_file(name)
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> Response:

@@ -108,12 +108,18 @@ class ModelList(BaseModel):
 
 
 class SearchRequest(BaseModel):
-    """`POST /v1/search`: embed one query (or take a raw vector) and look it up in the index."""
+    """`POST /v1/search`: embed one query (or take a raw vector, or an indexed item's own
+    vector) and look it up in the index."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
     input: str | None = Field(default=None, description="The query, same forms as embeddings.")
     vector: list[float] | None = Field(default=None, description="A raw query vector instead.")
+    id: str | None = Field(
+        default=None,
+        description="The id of an item of the published index: search with its stored vector "
+        '("more like this").',
+    )
     modality: str = Field(default="text", description="Modality of `input`.")
     model: str | None = None
     top_k: int = Field(default=10, ge=1, le=1000)
@@ -123,8 +129,8 @@ class SearchRequest(BaseModel):
 
     @model_validator(mode="after")
     def _one_query(self) -> SearchRequest:
-        if (self.input is None) == (self.vector is None):
-            raise ValueError("give exactly one of `input` or `vector`")
+        if sum(q is not None for q in (self.input, self.vector, self.id)) != 1:
+            raise ValueError("give exactly one of `input`, `vector` or `id`")
         return self
 
 
@@ -371,12 +377,40 @@ class AppArgs(BaseModel):
     s3_anon: bool = False
     # --- search ------------------------------------------------------------------------------
     index_uri: str | None = Field(
-        default=None, description="A published index; enables POST /v1/search."
+        default=None,
+        description="A published index; enables POST /v1/search, the search page and its "
+        "media endpoints.",
+    )
+    # --- search page (GET /ui/) --------------------------------------------------------------
+    media_local_dirs: list[str] = Field(
+        default_factory=list,
+        description="Local folders whose files GET /v1/media and /v1/thumbnail may read, for "
+        "an index of local files (the demo's); s3:// items are read only under "
+        "s3_allowed_prefixes. Empty: no local file is ever served.",
+    )
+    thumbnail_cache_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=0,
+        description="Bytes of thumbnails each ingress replica keeps (least recently used "
+        "dropped first); 0 disables the cache.",
     )
 
-    _split_modalities = field_validator("modalities", "s3_allowed_prefixes", mode="before")(
-        _split_csv
-    )
+    _split_modalities = field_validator(
+        "modalities", "s3_allowed_prefixes", "media_local_dirs", mode="before"
+    )(_split_csv)
+
+    @field_validator("media_local_dirs")
+    @classmethod
+    def _local_dirs(cls, v: list[str]) -> list[str]:
+        import os
+
+        out = []
+        for d in v:
+            if "://" in d and not d.startswith("file://"):
+                raise ValueError(f"media_local_dirs: {d!r} is not a local folder")
+            # Symlinks resolved here and in each request's path: a link inside cannot point out.
+            out.append(os.path.realpath(d.removeprefix("file://")))
+        return out
 
     @field_validator("preset")
     @classmethod

@@ -7,7 +7,8 @@ new one — no restart, never a mix. Retention on the writer side keeps older ve
 a replica that has not swapped yet still serves a complete version.
 
 `SearchIndexCore` holds the logic and can be used without Serve; `SearchIndex` is the thin
-Serve deployment. The ingress calls `search` (vectors already embedded) and `info`.
+Serve deployment. The ingress calls `search` (vectors already embedded), `similar` (an item's
+own vector), `item` (what the media endpoints may serve) and `info`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ from typing import Any
 
 from ray import serve
 
-from imagebind_core.index import INDEX_DIR, Pointer, VectorIndex, join_uri, read_pointer
+from imagebind_core.index import (
+    INDEX_DIR,
+    Pointer,
+    VectorIndex,
+    join_uri,
+    read_pointer,
+    read_version_record,
+)
 from imagebind_core.io import StorageOptions
 
 logger = logging.getLogger(__name__)
@@ -51,7 +59,8 @@ class SearchIndexCore:
         self.index_uri = index_uri.rstrip("/")
         self.storage_options: StorageOptions = dict(storage_options or {})
         self.poll_interval_s = float(poll_interval_s)
-        self._current: tuple[Pointer, VectorIndex] | None = None
+        # (pointer, index, version record): swapped as one reference
+        self._current: tuple[Pointer, VectorIndex, dict] | None = None
         self._started_at = time.time()
         self._loaded_at: float | None = None
         self._last_error: str | None = None
@@ -75,14 +84,14 @@ class SearchIndexCore:
                 current = self._current
                 if pointer is None or (current is not None and current[0] == pointer):
                     return False
-                index = VectorIndex.load(
-                    join_uri(pointer.version_uri(self.index_uri), INDEX_DIR), self.storage_options
-                )
+                version_uri = pointer.version_uri(self.index_uri)
+                index = VectorIndex.load(join_uri(version_uri, INDEX_DIR), self.storage_options)
+                record = read_version_record(version_uri, self.storage_options)
             except Exception as e:
                 self._last_error = f"{type(e).__name__}: {e}"
                 logger.exception("could not load the latest index version of %s", self.index_uri)
                 return False
-            self._current = (pointer, index)  # one assignment: the swap
+            self._current = (pointer, index, record)  # one assignment: the swap
             self._loaded_at = time.time()
             self._last_error = None
             logger.info(
@@ -101,7 +110,7 @@ class SearchIndexCore:
         """Stop the poller."""
         self._stop.set()
 
-    def _loaded(self) -> tuple[Pointer, VectorIndex]:
+    def _loaded(self) -> tuple[Pointer, VectorIndex, dict]:
         current = self._current
         if current is None:
             why = f" (last error: {self._last_error})" if self._last_error else ""
@@ -116,12 +125,29 @@ class SearchIndexCore:
         Raises IndexNotReady before the first publish and `imagebind_core.InvalidInput` for a
         bad vector, top_k or modality filter.
         """
-        _, index = self._loaded()
+        _, index, _ = self._loaded()
         return index.search(vector, top_k, modality)
+
+    def similar_sync(self, item_id: str, top_k: int, modality: str | None = None) -> list[dict]:
+        """Top-k hits for the stored vector of the item `item_id` ("more like this"); the item
+        itself is among them (score 1.0). Raises KeyError if the loaded version lacks it."""
+        _, index, _ = self._loaded()
+        vector = index.vector_of(item_id)
+        if vector is None:
+            raise KeyError(item_id)
+        return index.search(vector, top_k, modality)
+
+    def item_sync(self, item_id: str) -> dict | None:
+        """`{id, uri, modality, version}` of `item_id` in the loaded version, or None if that
+        version does not hold it (what the endpoint serves media for)."""
+        pointer, index, _ = self._loaded()
+        item = index.item(item_id)
+        return None if item is None else {**item, "version": pointer.version}
 
     def info_sync(self) -> dict[str, Any]:
         """The loaded version (name, number, publish time), its size and per-modality counts,
-        when it was loaded and when this replica started (a hot swap changes the former only)."""
+        the change counts, creation time and parent from its version record, when it was loaded
+        and when this replica started (a hot swap changes the former only)."""
         current = self._current
         out: dict[str, Any] = {
             "index_uri": self.index_uri,
@@ -134,9 +160,12 @@ class SearchIndexCore:
             "loaded_at": self._loaded_at,
             "started_at": self._started_at,
             "last_error": self._last_error,
+            "counts": {},
+            "created_at": None,
+            "parent": None,
         }
         if current is not None:
-            pointer, index = current
+            pointer, index, record = current
             out.update(
                 version=pointer.version,
                 name=pointer.name,
@@ -144,6 +173,9 @@ class SearchIndexCore:
                 count=index.count,
                 dim=index.dim,
                 modalities={m: p.count for m, p in index.parts.items()},
+                counts=dict(record.get("counts") or {}),
+                created_at=record.get("created_at"),
+                parent=record.get("parent"),
             )
         return out
 
@@ -164,6 +196,14 @@ class SearchIndex(SearchIndexCore):
     async def search(self, vector: list[float], top_k: int, modality: str | None) -> list[dict]:
         """Top-k hits for `vector`; runs the FAISS search off the replica's event loop."""
         return await asyncio.to_thread(self.search_sync, vector, top_k, modality)
+
+    async def similar(self, item_id: str, top_k: int, modality: str | None) -> list[dict]:
+        """Top-k hits for the stored vector of `item_id` (see `SearchIndexCore.similar_sync`)."""
+        return await asyncio.to_thread(self.similar_sync, item_id, top_k, modality)
+
+    async def item(self, item_id: str) -> dict | None:
+        """The item `item_id` of the loaded version, or None (see `item_sync`)."""
+        return self.item_sync(item_id)
 
     async def info(self) -> dict:
         """Loaded version and count (see `SearchIndexCore.info_sync`)."""
