@@ -70,6 +70,10 @@ BODY_READ_MIN_S = 5.0
 GRPC_MAX_BYTES = 512 * 1024
 # Prometheus' text exposition format, as Ray's metrics agent serves it.
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+# While an encoder has not answered once, a request waits this long for it before the 503
+# `starting`: a fresh ingress replica next to running encoders (a restart, a scale-up) hears
+# from them within milliseconds and must not refuse its first requests.
+STARTUP_GRACE_S = 1.0
 CLIENT_CLOSED = 499  # nginx's status for a client that went away: counted, never answered
 # What each request field must be, for type errors (pydantic's own message names union members).
 _FIELD_HINTS = {
@@ -224,10 +228,10 @@ class EmbeddingService:
             tag_keys=("serve_deployment", "state"),
         )
         self._replica_tags: set[tuple[str, str]] = set()
-        # Start-up: `{model modality: has answered once}` for the encoders a request may not
-        # wait for (see `track_startup`); None: not tracked (an `EmbeddingService` outside
-        # Serve, as tests build it).
-        self._started: dict[str, bool] | None = None
+        # Start-up: `{model modality: set once its encoder has answered}` for the encoders a
+        # request may not wait for (see `track_startup`); None: not tracked (an
+        # `EmbeddingService` outside Serve, as tests build it).
+        self._started: dict[str, asyncio.Event] | None = None
         self._start_watch: asyncio.Task | None = None
         self._metrics_url: str | None = None
 
@@ -307,16 +311,21 @@ class EmbeddingService:
         While an app starts, the ingress is up within seconds and the encoders load their
         weights for much longer; a request handed to an encoder with no replica yet would wait
         for one. Until each encoder with `min_replicas >= 1` has answered its first `ready`
-        call, its requests are answered 503 `code: starting` with `Retry-After` at once. An
+        call, its requests are answered 503 `code: starting` with `Retry-After` (within
+        `STARTUP_GRACE_S`), never held until the model is there. An
         encoder allowed to scale to zero is not tracked: a request is what starts its replica
         (bounded by `replica_wait_timeout_s`)."""
-        self._started = {m: self.args.encoder_options(m).min_replicas == 0 for m in self.encoders}
+        self._started = {}
+        for m in self.encoders:
+            self._started[m] = asyncio.Event()
+            if self.args.encoder_options(m).min_replicas == 0:
+                self._started[m].set()
         self._ensure_start_watch()
 
     def _ensure_start_watch(self) -> None:
         """The task waiting for the encoders' first replicas, started once on the running loop
         (the replica's constructor may run outside it: then the first request starts it)."""
-        if self._started is None or self._start_watch is not None or all(self._started.values()):
+        if self._started is None or self._start_watch is not None or not self.starting():
             return
         try:
             loop = asyncio.get_running_loop()
@@ -336,24 +345,28 @@ class EmbeddingService:
                 if self._info is None and isinstance(info, dict):
                     self._info = info
                 assert self._started is not None
-                self._started[m] = True
+                self._started[m].set()
                 log.info("encoder-%s has a replica; requests for it are served", m)
                 return
 
-        assert self._started is not None
-        await asyncio.gather(*(first_answer(m) for m, ok in self._started.items() if not ok))
+        waiting = [m for m, ev in (self._started or {}).items() if not ev.is_set()]
+        await asyncio.gather(*(first_answer(m) for m in waiting))
 
     def starting(self) -> list[str]:
         """The encoder deployments that have not answered once yet (empty when not tracked)."""
-        return [f"encoder-{m}" for m, ok in (self._started or {}).items() if not ok]
+        return [f"encoder-{m}" for m, ev in (self._started or {}).items() if not ev.is_set()]
 
-    def check_started(self, kind: str) -> None:
-        """503 with Retry-After while the encoder of `kind` has not loaded its model yet."""
-        if self._started is None:
+    async def check_started(self, kind: str) -> None:
+        """503 with Retry-After while the encoder of `kind` has not loaded its model yet
+        (after at most `STARTUP_GRACE_S` of waiting for it)."""
+        started = (self._started or {}).get(encoder_modality(kind))
+        if started is None or started.is_set():
             return
         self._ensure_start_watch()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(started.wait(), STARTUP_GRACE_S)
         m = encoder_modality(kind)
-        if not self._started.get(m, True):
+        if not started.is_set():
             retry = max(1, round(self.args.retry_after_s))
             raise APIError(
                 503,
@@ -777,7 +790,7 @@ class EmbeddingService:
             async with self.json_request(request, EmbeddingRequest) as req:
                 self.check_model(req.model)
                 kind = self.check_kind(req.modality)
-                self.check_started(kind)
+                await self.check_started(kind)
                 dim = self.embed_dim()
                 if req.dimensions is not None and req.dimensions != dim:
                     raise APIError(
@@ -876,7 +889,7 @@ class EmbeddingService:
                     vector = [float(v) for v in req.vector]
                 else:
                     kind = self.check_kind(req.modality)
-                    self.check_started(kind)
+                    await self.check_started(kind)
                     arrays, _ = await self.prepare_all(kind, [req.input or ""])
                     vector = (await self.encode(kind, arrays, True))[0].tolist()
                 hits = await self._search(vector, req.top_k, req.filter_modality)
