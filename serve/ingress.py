@@ -1004,7 +1004,9 @@ class EmbeddingService:
             import ray
 
             node_id = ray.get_runtime_context().get_node_id()
-            node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
+            node = next((n for n in ray.nodes() if n["NodeID"] == node_id), None)
+            if node is None:
+                raise LookupError(f"node {node_id} is not in Ray's node table")
             host, port = node["NodeManagerAddress"], node["MetricsExportPort"]
             self._metrics_url = f"http://{host}:{port}/metrics"
         return self._metrics_url
@@ -1013,13 +1015,14 @@ class EmbeddingService:
         """GET /metrics: the Prometheus text of Ray's metrics agent on the node of the ingress
         replica that answers (the same text as its `--metrics-export-port`)."""
         self.check_auth(request)
-        url = await asyncio.to_thread(self.node_metrics_url)
+        url = "Ray's node table"
         try:
+            url = await asyncio.to_thread(self.node_metrics_url)
             body = await asyncio.to_thread(_http_get, url, 10.0)
-        except OSError as e:
+        except (OSError, LookupError) as e:
             raise APIError(
                 503,
-                f"Ray's metrics endpoint on this node ({url}) did not answer: {e}",
+                f"Ray's metrics endpoint on this node ({url}) did not answer: {e!r}",
                 type="server_error",
                 code="metrics_unavailable",
                 headers={"Retry-After": str(max(1, round(self.args.retry_after_s)))},

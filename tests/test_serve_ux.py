@@ -250,6 +250,24 @@ def test_documented_metrics_are_exported_under_those_names(gated_app):
     assert f'application="{APP}"' in on_app
 
 
+def test_metrics_route_asks_for_the_key_and_says_when_the_agent_is_down(ray_session):
+    """GET /metrics: 401 without the key when auth is on; 503 `metrics_unavailable` naming
+    the endpoint when Ray's metrics agent does not answer."""
+    from serve.ingress import APIError, EmbeddingService
+    from serve.schemas import AppArgs
+
+    guarded = EmbeddingService(AppArgs(preset="tiny", api_key="k"), {})
+    with pytest.raises(APIError) as e:
+        asyncio.run(guarded.metrics(_request({})))
+    assert e.value.status == 401
+    svc = EmbeddingService(AppArgs(preset="tiny", retry_after_s=3), {})
+    svc._metrics_url = f"http://127.0.0.1:{free_port()}/metrics"  # nothing listens there
+    with pytest.raises(APIError) as e:
+        asyncio.run(svc.metrics(_request({})))
+    assert (e.value.status, e.value.code) == (503, "metrics_unavailable")
+    assert svc._metrics_url in e.value.message and e.value.headers["Retry-After"] == "3"
+
+
 def test_metrics_port_is_fixed_in_the_docs_and_cluster_configs():
     """One metrics port (docs/serve.md), given to `ray start` on every node of cluster.yaml,
     exposed and annotated for scraping in deploy/rayservice.yaml."""
