@@ -170,19 +170,17 @@ def test_requests_during_startup_get_503_with_retry_after(gated_app):
         assert time.monotonic() < deadline, "the ingress did not start"
         time.sleep(0.5)
     body = {"input": ["a dog"]}
+    # No timing is asserted: the model cannot load while the gate is closed, so any answer
+    # at all (within the client's timeout) is one not held for the model.
     for _ in range(3):
-        t0 = time.monotonic()
         r = httpx.post(url + "/v1/embeddings", json=body, timeout=60)
-        took = time.monotonic() - t0
         assert r.status_code == 503, r.text
         assert r.headers["retry-after"] == "2"
         err = r.json()["error"]
         assert err["code"] == "starting" and "encoder-text" in err["message"], err
-        assert took < 10, took  # answered, not held for the model (the load is gated)
-        t0 = time.monotonic()
         ready = httpx.get(url + "/readyz", timeout=60)
         assert ready.status_code == 503 and ready.json()["deployments"]["encoder-text"] is False
-        assert time.monotonic() - t0 < 10
+    assert not gate.exists()
     gate.touch()
     wait_ready(url, timeout_s=300)
     r = httpx.post(url + "/v1/embeddings", json=body, timeout=60)
@@ -407,7 +405,7 @@ def test_serve_run_answers_every_documented_curl_example(tmp_path):
     url = f"http://127.0.0.1:{port}"
     try:
         try:
-            wait_ready(url, timeout_s=300)
+            wait_ready(url, timeout_s=600)  # a bound, not a timing: shared CI boxes are slow
         except TimeoutError:
             pytest.fail(f"serve run did not become ready:\n{log_path.read_text()[-3000:]}")
         ran = 0
