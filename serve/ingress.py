@@ -15,6 +15,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import difflib
 import hmac
 import logging
 import os
@@ -22,6 +23,7 @@ import re
 import threading
 import time
 import urllib.parse
+import urllib.request
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -67,6 +69,12 @@ BODY_READ_MIN_S = 5.0
 # Encoder calls up to this many bytes of input go over Serve's gRPC transport, larger ones
 # through the object store (see `EmbeddingService._call_encoder`).
 GRPC_MAX_BYTES = 512 * 1024
+# Prometheus' text exposition format, as Ray's metrics agent serves it.
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+# While an encoder has not answered once, a request waits this long for it before the 503
+# `starting`: a fresh ingress replica next to running encoders (a restart, a scale-up) hears
+# from them within milliseconds and must not refuse its first requests.
+STARTUP_GRACE_S = 1.0
 CLIENT_CLOSED = 499  # nginx's status for a client that went away: counted, never answered
 # --- search page ---
 UI_DIR = os.path.join(os.path.dirname(__file__), "ui")
@@ -142,16 +150,35 @@ class APIError(Exception):
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
-def _validation_message(e: ValidationError) -> tuple[str, str | None]:
-    """First pydantic error as `field: message`, plus the field as `param`."""
-    err = e.errors()[0]
+def _unknown_field_message(name: str, schema: type[BaseModel]) -> str:
+    """`unknown field 'inputs' (did you mean 'input'?)`, or the list of the known fields."""
+    known = list(schema.model_fields)
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    if close:
+        return f"unknown field {name!r} (did you mean {close[0]!r}?)"
+    return f"unknown field {name!r}; the fields of this request are {', '.join(known)}"
+
+
+def _validation_message(
+    e: ValidationError, schema: type[BaseModel] | None = None
+) -> tuple[str, str | None, str]:
+    """The error to report as `field: message`, the field as `param`, and the error code.
+
+    An unknown top-level field comes first, named with the closest known one: `{"inputs":
+    ...}` is a typo of `input`, not a request missing its input."""
+    errors = e.errors()
+    for err in errors:
+        loc = err.get("loc", ())
+        if err.get("type") == "extra_forbidden" and len(loc) == 1 and schema is not None:
+            return _unknown_field_message(str(loc[0]), schema), str(loc[0]), "unknown_field"
+    err = errors[0]
     parts = [str(p) for p in err.get("loc", ())]
     msg = err.get("msg", "invalid value")
     if parts and parts[0] in _FIELD_HINTS:
         # A union's error location carries the member tried (`input.str`): name the field.
-        return f"{parts[0]} {_FIELD_HINTS[parts[0]]}", parts[0]
+        return f"{parts[0]} {_FIELD_HINTS[parts[0]]}", parts[0], "invalid_request"
     loc = ".".join(parts)
-    return (f"{loc}: {msg}" if loc else msg), (loc or None)
+    return (f"{loc}: {msg}" if loc else msg), (loc or None), "invalid_request"
 
 
 class EmbeddingService:
@@ -241,6 +268,12 @@ class EmbeddingService:
             tag_keys=("serve_deployment", "state"),
         )
         self._replica_tags: set[tuple[str, str]] = set()
+        # Start-up: `{model modality: set once its encoder has answered}` for the encoders a
+        # request may not wait for (see `track_startup`); None: not tracked (an
+        # `EmbeddingService` outside Serve, as tests build it).
+        self._started: dict[str, asyncio.Event] | None = None
+        self._start_watch: asyncio.Task | None = None
+        self._metrics_url: str | None = None
 
     # --- scaling status ----------------------------------------------------------------------
     def refresh_status(self) -> dict[str, dict[str, Any]]:
@@ -310,6 +343,79 @@ class EmbeddingService:
             )
         body = {"object": "status", "application": self.app_name, "deployments": out}
         return JSONResponse(body)
+
+    # --- start-up ----------------------------------------------------------------------------
+    def track_startup(self) -> None:
+        """Refuse requests for an encoder until its first replica has loaded its model.
+
+        While an app starts, the ingress is up within seconds and the encoders load their
+        weights for much longer; a request handed to an encoder with no replica yet would wait
+        for one. Until each encoder with `min_replicas >= 1` has answered its first `ready`
+        call, its requests are answered 503 `code: starting` with `Retry-After` (within
+        `STARTUP_GRACE_S`), never held until the model is there. An
+        encoder allowed to scale to zero is not tracked: a request is what starts its replica
+        (bounded by `replica_wait_timeout_s`)."""
+        self._started = {}
+        for m in self.encoders:
+            self._started[m] = asyncio.Event()
+            if self.args.encoder_options(m).min_replicas == 0:
+                self._started[m].set()
+        self._ensure_start_watch()
+
+    def _ensure_start_watch(self) -> None:
+        """The task waiting for the encoders' first replicas, started once on the running loop
+        (the replica's constructor may run outside it: then the first request starts it)."""
+        if self._started is None or self._start_watch is not None or not self.starting():
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._start_watch = loop.create_task(self._await_encoders())
+
+    async def _await_encoders(self) -> None:
+        async def first_answer(m: str) -> None:
+            while True:
+                try:
+                    info = await self.encoders[m].ready.remote()
+                except Exception as e:  # a replica failed while starting: Serve starts another
+                    log.info("encoder-%s not started yet: %s", m, e)
+                    await asyncio.sleep(1.0)
+                    continue
+                if self._info is None and isinstance(info, dict):
+                    self._info = info
+                assert self._started is not None
+                self._started[m].set()
+                log.info("encoder-%s has a replica; requests for it are served", m)
+                return
+
+        waiting = [m for m, ev in (self._started or {}).items() if not ev.is_set()]
+        await asyncio.gather(*(first_answer(m) for m in waiting))
+
+    def starting(self) -> list[str]:
+        """The encoder deployments that have not answered once yet (empty when not tracked)."""
+        return [f"encoder-{m}" for m, ev in (self._started or {}).items() if not ev.is_set()]
+
+    async def check_started(self, kind: str) -> None:
+        """503 with Retry-After while the encoder of `kind` has not loaded its model yet
+        (after at most `STARTUP_GRACE_S` of waiting for it)."""
+        started = (self._started or {}).get(encoder_modality(kind))
+        if started is None or started.is_set():
+            return
+        self._ensure_start_watch()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(started.wait(), STARTUP_GRACE_S)
+        m = encoder_modality(kind)
+        if not started.is_set():
+            retry = max(1, round(self.args.retry_after_s))
+            raise APIError(
+                503,
+                f"the {kind} encoder (encoder-{m}) is still starting (loading its model); "
+                f"retry in {retry} s, or poll GET /readyz until it answers 200",
+                type="server_error",
+                code="starting",
+                headers={"Retry-After": str(retry)},
+            )
 
     # --- request plumbing --------------------------------------------------------------------
     def check_auth(self, request: Request) -> None:
@@ -383,8 +489,8 @@ class EmbeddingService:
                 try:
                     req = schema.model_validate_json(body)
                 except ValidationError as e:
-                    msg, param = _validation_message(e)
-                    raise APIError(400, msg, param=param, code="invalid_request") from None
+                    msg, param, code = _validation_message(e, schema)
+                    raise APIError(400, msg, param=param, code=code) from None
                 yield req
         except TimeoutError:
             raise APIError(
@@ -741,6 +847,7 @@ class EmbeddingService:
             async with self.json_request(request, EmbeddingRequest) as req:
                 self.check_model(req.model)
                 kind = self.check_kind(req.modality)
+                await self.check_started(kind)
                 dim = self.embed_dim()
                 if req.dimensions is not None and req.dimensions != dim:
                     raise APIError(
@@ -845,6 +952,7 @@ class EmbeddingService:
                         vector = [float(v) for v in req.vector]
                     else:
                         kind = self.check_kind(req.modality)
+                        await self.check_started(kind)
                         arrays, _ = await self.prepare_all(kind, [req.input or ""])
                         vector = (await self.encode(kind, arrays, True))[0].tolist()
                     hits = await self._index_call(
@@ -1076,19 +1184,55 @@ class EmbeddingService:
         # readiness (that would keep traffic, and so the scale-up, away forever). Its entry
         # says whether Serve reports a running replica.
         optional = {m for m in self.encoders if self.args.encoder_options(m).min_replicas == 0}
+        # Encoders still loading their model are not ready; a probe would wait its 5 s.
+        self._ensure_start_watch()
+        starting = set(self.starting())
         probes = [
             probe(f"encoder-{m}", h.ready.remote())
             for m, h in self.encoders.items()
-            if m not in optional
+            if m not in optional and f"encoder-{m}" not in starting
         ]
         if self.search_index is not None:
             probes.append(probe("search", self.search_index.info.remote()))
         states = dict(await asyncio.gather(*probes))
+        states.update(dict.fromkeys(starting, False))
         ready = all(states.values())
         for m in optional:
             states[f"encoder-{m}"] = bool(self.running_replicas(f"encoder-{m}"))
         body = {"ready": ready, "deployments": states}
         return JSONResponse(body, status_code=200 if ready else 503)
+
+    def node_metrics_url(self) -> str:
+        """The Prometheus endpoint of Ray's metrics agent on this replica's node (blocking: a
+        call to Ray's GCS the first time, cached)."""
+        if self._metrics_url is None:
+            import ray
+
+            node_id = ray.get_runtime_context().get_node_id()
+            node = next((n for n in ray.nodes() if n["NodeID"] == node_id), None)
+            if node is None:
+                raise LookupError(f"node {node_id} is not in Ray's node table")
+            host, port = node["NodeManagerAddress"], node["MetricsExportPort"]
+            self._metrics_url = f"http://{host}:{port}/metrics"
+        return self._metrics_url
+
+    async def metrics(self, request: Request) -> Response:
+        """GET /metrics: the Prometheus text of Ray's metrics agent on the node of the ingress
+        replica that answers (the same text as its `--metrics-export-port`)."""
+        self.check_auth(request)
+        url = "Ray's node table"
+        try:
+            url = await asyncio.to_thread(self.node_metrics_url)
+            body = await asyncio.to_thread(_http_get, url, 10.0)
+        except (OSError, LookupError) as e:
+            raise APIError(
+                503,
+                f"Ray's metrics endpoint on this node ({url}) did not answer: {e!r}",
+                type="server_error",
+                code="metrics_unavailable",
+                headers={"Retry-After": str(max(1, round(self.args.retry_after_s)))},
+            ) from None
+        return Response(body, media_type=PROMETHEUS_TEXT)
 
     def _observe(self, route: str, kind: str, status: int, t0: float) -> None:
         tags = {"route": route, "modality": kind}
@@ -1122,6 +1266,11 @@ def placeholder_response(reason: str) -> Response:
         "x-placeholder": reason.encode("ascii", "replace").decode()[:200].replace("\n", " "),
     }
     return Response(data, media_type="image/svg+xml", headers=headers)
+
+
+def _http_get(url: str, timeout_s: float) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout_s) as r:
+        return r.read()
 
 
 def _encode_vector(v: np.ndarray, fmt: str) -> np.ndarray | str:
@@ -1212,6 +1361,7 @@ class Ingress:
     ) -> None:
         self.service = EmbeddingService(AppArgs.model_validate(args), encoders, search)
         self.service.app_name = serve.get_replica_context().app_name
+        self.service.track_startup()
         # Replica counts for /readyz, /v1/status and the gauges, refreshed off the event loop.
         self._stop = threading.Event()
         threading.Thread(target=self._poll_status, name="serve-status", daemon=True).start()
@@ -1283,6 +1433,11 @@ class Ingress:
     async def status(self, request: Request) -> Response:
         """Replicas and queues per deployment: the autoscaling as it happens."""
         return await self.service.status(request)
+
+    @api.get("/metrics", include_in_schema=False)
+    async def metrics(self, request: Request) -> Response:
+        """Prometheus metrics of this node (auth like `/v1/*`)."""
+        return await self.service.metrics(request)
 
     @api.get("/v1/models/{model}")
     async def model(self, request: Request, model: str) -> Response:
