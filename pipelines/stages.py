@@ -27,8 +27,10 @@ import pyarrow as pa
 
 import imagebind_core as ibc
 from imagebind_core.io import StorageOptions, filesystem
+from pipelines.progress import report
 from pipelines.writers import (
     PREPROCESSED_SCHEMA,
+    STATUS_EOS,
     STATUS_ERROR,
     STATUS_OK,
     StoreUnavailable,
@@ -160,6 +162,7 @@ def preprocess_batch(
     trace_path: str | None = None,
     delay_per_item_s: float = 0.0,
     store_retries: int = 4,
+    progress: Any = None,
 ) -> pa.Table:
     """Item rows (`data` or `uri`) -> rows with the item's model input (`tensor_columns`).
 
@@ -168,6 +171,7 @@ def preprocess_batch(
     becomes an `error` row with the reason — except an unreachable store: a read that fails
     with a connection error, timeout or 5xx is retried `store_retries` times with backoff,
     then the block fails with StoreUnavailable (the item is not bad; a rerun reads it).
+    `progress` is the job's `pipelines.progress.counter_actor()` (None: not counted).
     """
     lim = ibc.Limits(**dict(limits or {}))
     opts = {k: dict(v) for k, v in (options or {}).items()}
@@ -270,6 +274,7 @@ def preprocess_batch(
         # benchmarks/bench_pipeline.py. Row order carries no meaning downstream (rows keep
         # their ids; shards are committed whole).
         out = out.take(np.argsort(lengths, kind="stable"))
+    report(progress, "preprocess", sum(1 for s in status if s != STATUS_EOS))
     return out
 
 
@@ -306,6 +311,7 @@ class EncodeBatch:
             pipeline can deliver to an encoder (benchmarks/bench_pipeline.py --null-encoder).
         trace_path: a local file that gets one line per actor: pid, kind, logical GPU ids
             (tests of pool sizing and GPU packing).
+        progress: the job's `pipelines.progress.counter_actor()` (None: not counted).
     """
 
     def __init__(
@@ -317,7 +323,9 @@ class EncodeBatch:
         model: Any = None,
         null_encoder: bool = False,
         trace_path: str | None = None,
+        progress: Any = None,
     ) -> None:
+        self.progress = progress
         if torch_threads and not null_encoder:
             import torch
 
@@ -388,6 +396,7 @@ class EncodeBatch:
         cols["status"] = pa.array(status, pa.string())
         cols["error"] = pa.array(errors, pa.string())
         cols["embedding"] = _embedding_column(values, done, self.dim)
+        report(self.progress, "encode", sum(1 for s in status if s != STATUS_EOS))
         return pa.table({name: cols[name] for name in self.schema.names}, schema=self.schema)
 
 
