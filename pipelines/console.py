@@ -12,6 +12,8 @@ on; docs/pipelines.md, "Logs", lists them):
   any actor pool, ours or a one-line probe's. The job keeps Ray Data's restarts (a lost node's
   encoder actors come back). It is printed by Ray's C++ core to file descriptor 2, so the
   CLIs pass their stderr through a line filter (`filtered_stderr`).
+- faiss's INFO lines about the CPU-specific builds it could not load, before the generic one
+  (shown with `--log-level DEBUG`).
 """
 
 from __future__ import annotations
@@ -64,6 +66,10 @@ def configure_logging(level: str) -> None:
         raise SystemExit(f"--log-level {level!r}: {e}") from None
     for name, pattern in QUIET_RECORDS:
         logging.getLogger(name).addFilter(_DropMatching(pattern))
+    if logging.getLogger().level > logging.DEBUG:
+        # faiss logs each CPU-specific build it cannot import (`ModuleNotFoundError ...
+        # swigfaiss_avx512`) at INFO before it loads the generic one: expected, not news.
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 
 @contextlib.contextmanager
