@@ -14,6 +14,7 @@ import threading
 import time
 
 import pytest
+from logcheck import alarming_lines
 
 from pipelines import embed, reindex
 from pipelines.config import ConfigError, load_config
@@ -173,13 +174,6 @@ def _job(corpus: str, out: str) -> list[str]:
     ]  # fmt: skip
 
 
-def _alarming(log: str) -> list[str]:
-    """Lines at WARNING or above (Python's and Ray's C++ `[... E ...]`/`W` formats), except
-    the random-weights notice."""
-    alarm = re.compile(r"\b(WARNING|ERROR|CRITICAL)\b|^\[[^\]]* [WEF] \d+ \d+\]|Traceback")
-    return [line for line in log.splitlines() if alarm.search(line) and "RANDOM" not in line]
-
-
 @pytest.mark.slow
 def test_progress_ctrl_c_resume_and_a_quiet_log(tmp_path):
     corpus, out = tmp_path / "corpus", tmp_path / "emb"
@@ -219,5 +213,5 @@ def test_progress_ctrl_c_resume_and_a_quiet_log(tmp_path):
     assert reused and int(reused.group(1)) >= int(kept.group(1)), text
     embedded = re.search(r"text\s+(\d+) embedded", again.stdout)
     assert embedded and int(embedded.group(1)) + int(reused.group(1)) == 40, text
-    assert _alarming(text) == [], text
+    assert alarming_lines(text) == [], text
     assert sorted(os.listdir(out)) == ["_inputs", "_job.json", "files-00000-of-00001.parquet"]

@@ -20,6 +20,7 @@ import sys
 from dataclasses import dataclass
 
 import pytest
+from logcheck import alarming_lines
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(f"{ROOT}/docs/*.md"))]
@@ -190,3 +191,6 @@ def test_examples_run_as_written(tmp_path):
     assert "imagebind-reindex: published" in outputs[RUN[1]]
     assert "(9, 32)" in outputs[RUN[2]]
     assert outputs[RUN[3]].count("imagebind-reindex: unchanged") == 2
+    # A clean demo run and re-index log nothing at WARNING or above but the random weights.
+    for key in (RUN[0], RUN[1], RUN[3]):
+        assert alarming_lines(outputs[key]) == [], outputs[key]
