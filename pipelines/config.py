@@ -431,9 +431,8 @@ def _user_message(err: Any) -> str:
     return msg.removeprefix("Value error, ")
 
 
-def _field_names(loc: tuple[str, ...]) -> list[str]:
-    """The fields of the config section at `loc` (empty if it is not a section)."""
-    model: Any = JobConfig
+def _field_names(model: Any, loc: tuple[str, ...]) -> list[str]:
+    """The fields of the section at `loc` of the pydantic `model` (empty if not a section)."""
     for part in loc:
         if getattr(model, "__origin__", None) is dict:  # `part` is a key: go to the values
             model = model.__args__[1]
@@ -448,7 +447,9 @@ def _field_names(loc: tuple[str, ...]) -> list[str]:
     return sorted(getattr(model, "model_fields", {}))
 
 
-def _describe_errors(e: ValidationError, prefix: tuple[str, ...] = ()) -> dict[str, list[str]]:
+def _describe_errors(
+    e: ValidationError, prefix: tuple[str, ...] = (), model: Any = None
+) -> dict[str, list[str]]:
     """Field path -> what is wrong with it (union members' messages merged, the value once)."""
     out: dict[str, list[str]] = {}
     given: dict[str, str] = {}
@@ -456,7 +457,7 @@ def _describe_errors(e: ValidationError, prefix: tuple[str, ...] = ()) -> dict[s
         loc = prefix + tuple(str(p) for p in err["loc"] if not _PYDANTIC_TAG.match(str(p)))
         name = ".".join(loc) or "<root>"
         if err["type"] == "extra_forbidden":
-            known = _field_names(loc[len(prefix) : -1]) if not prefix else []
+            known = _field_names(model or JobConfig, loc[len(prefix) : -1])
             close = difflib.get_close_matches(loc[-1], known, n=1)
             msg = "unknown field" + (f"; did you mean {close[0]!r}?" if close else "")
             if known and not close:
@@ -488,11 +489,13 @@ def format_validation_error(
     path: str | None,
     sources: Mapping[str, str] | None = None,
     prefix: tuple[str, ...] = (),
+    model: Any = None,
 ) -> str:
     """A validation error as one line per bad field, each naming where its value came from
-    (`path` or the flag in `sources`, a map of dotted key -> flag)."""
+    (`path` or the flag in `sources`, a map of dotted key -> flag). `model` (default
+    `JobConfig`) validated the section at `prefix`: its fields are suggested for a typo."""
     lines = ["invalid configuration:"]
-    for name, msgs in _describe_errors(e, prefix).items():
+    for name, msgs in _describe_errors(e, prefix, model).items():
         where = _origin(name, path, sources or {})
         lines.append(f"  {name}: {msgs[0]} [from {where}]")
     return "\n".join(lines)

@@ -135,7 +135,8 @@ def load_reindex_config(
     try:
         settings = IndexSettings.model_validate(index)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, path, sources, prefix=("index",))) from None
+        msg = format_validation_error(e, path, sources, prefix=("index",), model=IndexSettings)
+        raise ConfigError(msg) from None
     data.setdefault("output", join_uri(settings.root, "versions", "_unused"))
     return ReindexConfig(build_config(data, job_over, path, sources), settings)
 

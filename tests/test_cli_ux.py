@@ -79,6 +79,11 @@ def test_reindex_config_errors_name_the_source(capsys, tmp_path):
     err = capsys.readouterr().err
     assert rc == 2
     assert "index.keep_versions: must be a number >= 1 (got 0) [from --set" in err
+    rc = reindex.main(["--input", str(tmp_path), "--index-root", str(tmp_path / "idx"),
+                       "--set", "index.nprobes=4"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "index.nprobes: unknown field; did you mean 'nprobe'? [from --set" in err
 
 
 # ----------------------------------------------------------------------------- validation
