@@ -152,6 +152,34 @@ def test_local_store_serialises_updates_and_leaves_no_lock_file(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+# ----------------------------------------------------------------------------- logs
+
+
+def test_stderr_filter_drops_rays_false_alarm_and_keeps_the_rest():
+    ray_line = (
+        "[2026-12-04 17:16:30,497 E 27357 27357] core_worker.cc:2465: Actor with class name: "
+        "'MapWorker(MapBatches(EncodeBatch))' and ID: '8e7c' has constructor arguments in the "
+        "object store and max_restarts > 0. If the arguments in the object store go out of scope"
+    )
+    code = (
+        "import os, sys\n"
+        "from pipelines.console import filtered_stderr\n"
+        "with filtered_stderr():\n"
+        f"    os.write(2, {ray_line!r}.encode() + b'\\n')\n"
+        "    os.write(2, b'[x E 1 1] core_worker.cc:1: something else\\n')\n"
+        "    print('from python', file=sys.stderr)\n"
+        "print('after', file=sys.stderr)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.splitlines() == [
+        "[x E 1 1] core_worker.cc:1: something else",
+        "from python",
+        "after",
+    ]
+
+
 # ----------------------------------------------------------------------------- progress
 
 
