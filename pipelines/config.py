@@ -7,7 +7,11 @@ docs/pipelines.md. A bad field raises `ConfigError` with a message naming the fi
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
+import sys
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -272,7 +276,13 @@ class RayConfig(_Strict):
     # new local instance; "auto" or host:port joins an existing cluster.
     address: str | None = None
     num_cpus: int | None = Field(None, gt=0)  # logical CPUs of a new local instance
-    progress_bars: bool = True  # Ray Data's progress bars on stderr
+    # Ray Data's progress bars; "auto": drawn when stderr is a terminal, off otherwise (the
+    # job's own progress lines, `progress_interval_s`, are logged either way).
+    progress_bars: bool | Literal["auto"] = "auto"
+
+    def bars(self) -> bool:
+        """Whether Ray Data draws its progress bars in this process."""
+        return sys.stderr.isatty() if self.progress_bars == "auto" else self.progress_bars
 
 
 class DebugConfig(_Strict):
@@ -308,6 +318,8 @@ class JobConfig(_Strict):
     encoders: dict[Kind, EncoderOverride] = Field(default_factory=dict)
     ray: RayConfig = Field(default_factory=RayConfig)
     lock_ttl_s: float = Field(300.0, gt=0)  # a lock not renewed for this long is stale
+    # Seconds between the job's progress lines (items read, preprocessed, embedded, committed).
+    progress_interval_s: float = Field(10.0, gt=0)
     debug: DebugConfig = Field(default_factory=DebugConfig)
 
     @field_validator("preset")
@@ -393,51 +405,169 @@ def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
     cur[keys[-1]] = value
 
 
-def _format_validation_error(e: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration ({source}):"]
+# Parts of a pydantic error location that name a union member or a dict key's check rather than
+# a field (`max_actors.constrained-int`, `max_actors.literal['auto']`, `batch_sizes.x.[key]`).
+_PYDANTIC_TAG = re.compile(r"^(\[key\]|constrained-\w+|\w+(-\w+)*\[.*\]|int|float|str|bool|none)$")
+# Ready-to-use settings a message can point at, by the kind of value a field holds.
+_EXAMPLES: dict[str, str] = {
+    "preprocess.batch_sizes": "preprocess.batch_sizes.text=2",
+    "preprocess.limits": "preprocess.limits.max_bytes=50000000",
+    "preprocess.options": "preprocess.options.depth.input=disparity",
+    "files.extensions": "files.extensions.dat=imu",
+    "webdataset.extensions": "webdataset.extensions.caption.txt=text",
+    "encoders": "encoders.vision.batch_size=64",
+}
+
+
+def _user_message(err: Any) -> str:
+    """One pydantic error in a user's terms (no type or validator names)."""
+    kind, ctx = err["type"], err.get("ctx") or {}
+    if kind == "missing":
+        return "required field is missing"
+    if kind == "literal_error":
+        expected = str(ctx.get("expected", ""))
+        if " or " not in expected:
+            return f"must be {expected}"
+        return f"must be one of {expected}".replace(" or ", ", ")
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<"}.get(kind, "<=")
+        bound = next(iter(ctx.values()), "")
+        return f"must be a number {op} {bound}"
+    if kind in ("int_parsing", "int_type", "int_from_float"):
+        return "must be a whole number"
+    if kind in ("float_parsing", "float_type"):
+        return "must be a number"
+    if kind in ("bool_parsing", "bool_type"):
+        return "must be true or false"
+    if kind in ("string_type",):
+        return "must be a string"
+    if kind in ("dict_type", "model_type", "model_attributes_type"):
+        return "must be a section of fields (a mapping)"
+    if kind == "list_type":
+        return "must be a list"
+    msg = str(err["msg"])
+    return msg.removeprefix("Value error, ")
+
+
+def _field_names(model: Any, loc: tuple[str, ...]) -> list[str]:
+    """The fields of the section at `loc` of the pydantic `model` (empty if not a section)."""
+    for part in loc:
+        if getattr(model, "__origin__", None) is dict:  # `part` is a key: go to the values
+            model = model.__args__[1]
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        model = field.annotation
+        members = getattr(model, "__args__", ())
+        if getattr(model, "__origin__", None) is not dict and members:  # X | None
+            model = next((a for a in members if hasattr(a, "model_fields")), model)
+    return sorted(getattr(model, "model_fields", {}))
+
+
+def _describe_errors(
+    e: ValidationError, prefix: tuple[str, ...] = (), model: Any = None
+) -> dict[str, list[str]]:
+    """Field path -> what is wrong with it (union members' messages merged, the value once)."""
+    out: dict[str, list[str]] = {}
+    given: dict[str, str] = {}
     for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
-        msg = err["msg"]
-        if err["type"] == "missing":
-            msg = "required field is missing"
-        elif err["type"] == "extra_forbidden":
-            msg = "unknown field"
-        given = err.get("input")
-        shown = (
-            "" if err["type"] in ("missing",) or isinstance(given, dict) else f" (got {given!r})"
-        )
-        lines.append(f"  {loc}: {msg}{shown}")
+        loc = prefix + tuple(str(p) for p in err["loc"] if not _PYDANTIC_TAG.match(str(p)))
+        name = ".".join(loc) or "<root>"
+        if err["type"] == "extra_forbidden":
+            known = _field_names(model or JobConfig, loc[len(prefix) : -1])
+            close = difflib.get_close_matches(loc[-1], known, n=1)
+            msg = "unknown field" + (f"; did you mean {close[0]!r}?" if close else "")
+            if known and not close:
+                msg += f" (fields: {', '.join(known)})"
+        else:
+            msg = _user_message(err)
+            if err["type"] != "missing" and not isinstance(err.get("input"), dict):
+                given[name] = f" (got {err.get('input')!r})"
+        if err["type"] in ("dict_type", "model_type") or err["loc"][-1:] == ("[key]",):
+            example = next((x for k, x in _EXAMPLES.items() if name.startswith(k)), None)
+            if example:
+                msg += f"; set one key at a time, e.g. --set {example}"
+        msgs = out.setdefault(name, [])
+        if msg not in msgs:
+            msgs.append(msg)
+    return {name: [" or ".join(msgs) + given.get(name, "")] for name, msgs in out.items()}
+
+
+def _origin(name: str, path: str | None, sources: Mapping[str, str]) -> str:
+    """Where the value of field `name` came from: a flag, or the config file."""
+    for key, flag in sources.items():
+        if name == key or name.startswith(key + ".") or key.startswith(name + "."):
+            return flag
+    return path or "the defaults"
+
+
+def format_validation_error(
+    e: ValidationError,
+    path: str | None,
+    sources: Mapping[str, str] | None = None,
+    prefix: tuple[str, ...] = (),
+    model: Any = None,
+) -> str:
+    """A validation error as one line per bad field, each naming where its value came from
+    (`path` or the flag in `sources`, a map of dotted key -> flag). `model` (default
+    `JobConfig`) validated the section at `prefix`: its fields are suggested for a typo."""
+    lines = ["invalid configuration:"]
+    for name, msgs in _describe_errors(e, prefix, model).items():
+        where = _origin(name, path, sources or {})
+        lines.append(f"  {name}: {msgs[0]} [from {where}]")
     return "\n".join(lines)
 
 
-def load_config(
-    path: str | None = None,
-    overrides: dict[str, Any] | None = None,
-) -> JobConfig:
-    """Read a YAML config (optional) and apply dotted-key overrides (`encoders.vision.batch_size`).
+def read_config_file(path: str) -> dict[str, Any]:
+    """The mapping of fields in a YAML config file; ConfigError if it is not one."""
+    if not os.path.exists(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path) as f:
+            loaded = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of fields")
+    return loaded
 
-    Raises:
-        ConfigError: unreadable YAML, or any invalid field (named in the message).
+
+def build_config(
+    data: dict[str, Any],
+    overrides: Mapping[str, Any] | None = None,
+    path: str | None = None,
+    sources: Mapping[str, str] | None = None,
+) -> JobConfig:
+    """`data` (a config file's fields) with dotted-key `overrides` applied, validated.
+
+    `path` and `sources` (dotted key -> the flag that set it) name where a bad value came
+    from in the error. Raises ConfigError.
     """
-    data: dict[str, Any] = {}
-    source = path or "flags"
-    if path is not None:
-        if not os.path.exists(path):
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            with open(path) as f:
-                loaded = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of fields")
-        data = loaded
+    data = dict(data)
     for k, v in (overrides or {}).items():
         if v is not None:
             _set_dotted(data, k, v)
     try:
         return JobConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, source)) from None
+        raise ConfigError(format_validation_error(e, path, sources)) from None
+
+
+def load_config(
+    path: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    sources: Mapping[str, str] | None = None,
+) -> JobConfig:
+    """Read a YAML config (optional) and apply dotted-key overrides (`encoders.vision.batch_size`).
+
+    `sources` maps override keys to the flag that set them, for error messages.
+
+    Raises:
+        ConfigError: unreadable YAML, or any invalid field (named in the message, with where
+            its value came from).
+    """
+    data = read_config_file(path) if path is not None else {}
+    return build_config(data, overrides, path, sources)

@@ -18,6 +18,7 @@ Re-indexing reuses the pieces: `pipelines.readers.list_items` (listing without b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -35,12 +36,21 @@ import pyarrow.compute as pc
 import imagebind_core as ibc
 from imagebind_core.io import canonical_uri, filesystem
 from pipelines.config import ConfigError, JobConfig, load_config
+from pipelines.console import (
+    configure_logging,
+    filtered_stderr,
+    ignore_further_interrupts,
+    resume_command,
+    shutdown_ray,
+)
 from pipelines.lock import OutputLock, OutputLocked
+from pipelines.progress import ProgressReporter, counter_actor
 from pipelines.readers import (
     INVALID,
     Plan,
     PlanError,
     ShardSpec,
+    check_input,
     plan_items,
     plan_job,
     read_tasks,
@@ -108,25 +118,33 @@ def _record_key(cfg: JobConfig, plan: Plan, lineage: dict[str, str]) -> dict[str
     }
 
 
-def _check_record(output: Output, cfg: JobConfig, plan: Plan, lineage: dict[str, str]) -> None:
-    key = _record_key(cfg, plan, lineage)
+def verify_record(output: Output, cfg: JobConfig, plan: Plan, lineage: dict[str, str]) -> bool:
+    """Whether `output` has a job record (`_job.json`); OutputMismatch if it was written by a
+    job with another model, input or format than this one (`lineage`: `model_lineage`)."""
     rec = read_job_record(output)
-    if rec is not None:
-        old = dict(rec.get("key", {}))
-        if isinstance(old.get("input"), str):  # records written before inputs were canonical
-            old["input"] = canonical_uri(old["input"])
-        diff = {k: (old.get(k), v) for k, v in key.items() if old.get(k) != v}
-        if diff:
-            lines = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-            raise OutputMismatch(
-                f"output {cfg.output} was started by a different job ({lines}). Write to a new "
-                "output, or delete this one to start over."
-            )
+    if rec is None:
+        return False
+    key = _record_key(cfg, plan, lineage)
+    old = dict(rec.get("key", {}))
+    if isinstance(old.get("input"), str):  # records written before inputs were canonical
+        old["input"] = canonical_uri(old["input"])
+    diff = {k: (old.get(k), v) for k, v in key.items() if old.get(k) != v}
+    if diff:
+        lines = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+        raise OutputMismatch(
+            f"output {cfg.output} was started by a different job ({lines}). Write to a new "
+            "output, or delete this one to start over."
+        )
+    return True
+
+
+def _check_record(output: Output, cfg: JobConfig, plan: Plan, lineage: dict[str, str]) -> None:
+    if verify_record(output, cfg, plan, lineage):
         return
     write_job_record(
         output,
         {
-            "key": key,
+            "key": _record_key(cfg, plan, lineage),
             "files_shards": plan.files_shards,
             "metadata": lineage,
             "created_at": time.time(),
@@ -247,14 +265,17 @@ def build_pipeline(
     shards: Sequence[ShardSpec] | None = None,
     resources: dict[str, float] | None = None,
     local: bool = True,
+    progress: Any = None,
 ) -> Any:
     """The Ray Data dataset of one run: its rows are the part writer's summaries.
 
     Lazy: nothing runs until it is iterated. `shards` defaults to every shard of `plan`;
-    `resources` (`ray.cluster_resources()`) and `local` size "auto" pools (`pool_size`).
+    `resources` (`ray.cluster_resources()`) and `local` size "auto" pools (`pool_size`);
+    the stages count their items into `progress` (`pipelines.progress.counter_actor()`).
     Returns None when there is nothing to do.
     """
     import ray.data
+    from ray.data import DataContext
 
     so = cfg.storage_options()
     dim = ibc.get_config(cfg.preset).out_embed_dim
@@ -267,7 +288,7 @@ def build_pipeline(
             batch_size=1,
             batch_format="pyarrow",
             num_cpus=cfg.preprocess.read_num_cpus,
-            fn_kwargs={"output_uri": cfg.output, "storage_options": so},
+            fn_kwargs={"output_uri": cfg.output, "storage_options": so, "progress": progress},
         )
         if kind == INVALID:
             ds = ds.map_batches(
@@ -300,20 +321,30 @@ def build_pipeline(
                 "trace_path": cfg.debug.trace_path,
                 "delay_per_item_s": cfg.debug.delay_per_item_s,
                 "decode": {kind: cfg.preprocess.decode.get(kind, "cpu")},  # type: ignore[call-overload]
+                "progress": progress,
             },
         )
         enc = cfg.encoder(kind)
         pool = pool_size(cfg, kind, plan.kinds, resources, local)
         concurrent = enc.concurrent_batches
+        in_flight = max(enc.tasks_in_flight, concurrent)
+        if pool.initial < pool.max:
+            # Ray Data adds an actor only when the pool's tasks in flight per call slot pass
+            # its upscaling threshold (1.75 by default): fewer queued tasks and the pool
+            # could never grow (Ray warns "will not allow it to scale up").
+            up = DataContext.get_current().autoscaling_config.actor_pool_util_upscaling_threshold
+            in_flight = max(in_flight, math.ceil(up * concurrent))
         ds = ds.map_batches(
             EncodeBatch,
             batch_size=enc.batch_size,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(
-                min_size=pool.min,
+                # A pool that starts at its largest size never scales up: fixed in size, Ray
+                # Data keeps it (its actors end with the stage).
+                min_size=pool.max if pool.initial == pool.max else pool.min,
                 max_size=pool.max,
                 initial_size=pool.initial,
-                max_tasks_in_flight_per_actor=max(enc.tasks_in_flight, concurrent),
+                max_tasks_in_flight_per_actor=in_flight,
                 # CUDA: two calls at once, so one batch is copied to the device while the
                 # previous computes (the runner lets one compute at a time).
                 max_concurrent_calls_per_actor=concurrent,
@@ -328,6 +359,7 @@ def build_pipeline(
                 "null_encoder": cfg.debug.null_encoder,
                 "trace_path": cfg.debug.actor_trace_path,
                 "load_gate_path": cfg.debug.load_gate_path,
+                "progress": progress,
             },
         )
         branches.append(ds)
@@ -384,6 +416,8 @@ class JobSummary:
     ok: dict[str, int] = field(default_factory=dict)  # items embedded by this run, per kind
     errors: dict[str, int] = field(default_factory=dict)  # items failed in this run, per kind
     seconds: float = 0.0
+    # Items an interrupted earlier run embedded into parts of uncommitted shards, kept.
+    items_reused: int = 0
     # From the start of the run to the first encoded batch's rows written (the encoder's first
     # batch plus one part write): what the job pays before its encoders produce anything.
     first_batch_seconds: float | None = None
@@ -403,6 +437,7 @@ class JobSummary:
             "shards_skipped": self.shards_skipped,
             "shards_committed": self.shards_committed,
             "shards_extended": self.shards_extended,
+            "items_reused": self.items_reused,
             "seconds": round(self.seconds, 3),
             "first_batch_seconds": (
                 None if self.first_batch_seconds is None else round(self.first_batch_seconds, 3)
@@ -426,6 +461,8 @@ class JobSummary:
             f"  shards: {self.shards_committed} committed by this run, "
             f"{self.shards_skipped} already done, {self.shards_total} in total",
         ]
+        if self.items_reused:
+            lines.append(f"  reused {self.items_reused} items from earlier parts")
         if self.first_batch_seconds is not None:
             ray_up = (
                 f" (Ray up after {self.ray_up_seconds:.1f} s)"
@@ -554,7 +591,14 @@ def _commit_task(*args: Any) -> dict[str, Any]:
     return with_store_retries(lambda: commit_shard(*args), f"committing shard {args[1]}")
 
 
-def run_plan(cfg: JobConfig, plan: Plan, *, log_every_s: float = 10.0) -> JobSummary:
+def _items_to_embed(pending: Sequence[ShardSpec], summary: JobSummary) -> int | None:
+    """Items this run embeds, when every pending shard's count is known (None otherwise)."""
+    if any(s.counts is None for s in pending):
+        return None
+    return sum(sum(s.counts.values()) for s in pending if s.counts) - summary.items_reused
+
+
+def run_plan(cfg: JobConfig, plan: Plan) -> JobSummary:
     """Execute `plan` into `cfg.output` under the output lock; returns what was done.
 
     Raises OutputLocked if another run holds the output, OutputMismatch if the output was
@@ -589,6 +633,9 @@ def run_plan(cfg: JobConfig, plan: Plan, *, log_every_s: float = 10.0) -> JobSum
         pending = new + extended
         extended_names = {s.name for s in extended}
         summary = JobSummary(cfg.output, len(plan.shards), len(unchanged), 0)
+        # Items an interrupted run embedded into parts of shards it did not commit: the
+        # readers skip them, the commit folds them in.
+        summary.items_reused = sum(len(output.part_ids(s.name)) for s in new)
         logger.info(
             "%s: %d shards, %d already committed, %d to do (%d of them committed earlier, with "
             "new items); kinds %s",
@@ -599,6 +646,11 @@ def run_plan(cfg: JobConfig, plan: Plan, *, log_every_s: float = 10.0) -> JobSum
             len(extended),
             ",".join(plan.kinds),
         )
+        if summary.items_reused:
+            logger.info(
+                "reused %d items from earlier parts (embedded by an interrupted run)",
+                summary.items_reused,
+            )
 
         def count(shard: str, added: bool) -> None:
             if shard not in extended_names:
@@ -622,15 +674,23 @@ def run_plan(cfg: JobConfig, plan: Plan, *, log_every_s: float = 10.0) -> JobSum
         _check_resources(cfg, plan.kinds)
         ctx = DataContext.get_current()
         prev_bars, prev_detectors = ctx.enable_progress_bars, ctx.issue_detectors_config
-        ctx.enable_progress_bars = cfg.ray.progress_bars
+        ctx.enable_progress_bars = cfg.ray.bars()
         ctx.issue_detectors_config = _quiet_issue_detectors(prev_detectors)
+        counter = counter_actor()
+        tracker = _Tracker(pending)
+        refs: list[Any] = []
+
+        def shards_done() -> tuple[int, int, int]:
+            done = len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else 0
+            return done, len(pending), sum(tracker.ok.values()) + sum(tracker.err.values())
+
+        reporter = ProgressReporter(
+            counter, cfg.progress_interval_s, _items_to_embed(pending, summary), shards_done
+        ).start()
         try:
-            ds = build_pipeline(cfg, plan, pending, ray.cluster_resources(), local)
-            tracker = _Tracker(pending)
+            ds = build_pipeline(cfg, plan, pending, ray.cluster_resources(), local, counter)
             identity = {s.name: s.identity for s in pending}
             commit = ray.remote(num_cpus=0, max_retries=3)(_commit_task)
-            refs = []
-            last_log = time.perf_counter()
             for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                 if lock.lost.is_set():
                     raise OutputLocked(f"lost the lock on {cfg.output}; stopping")
@@ -638,17 +698,6 @@ def run_plan(cfg: JobConfig, plan: Plan, *, log_every_s: float = 10.0) -> JobSum
                     summary.first_batch_seconds = time.perf_counter() - t0
                 for shard in tracker.add(block):
                     refs.append(commit.remote(cfg.output, shard, so, dim, lineage, identity[shard]))
-                if time.perf_counter() - last_log > log_every_s:
-                    last_log = time.perf_counter()
-                    done = len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else 0
-                    logger.info(
-                        "progress: %d/%d shards committed, embedded %s, errors %s, %.0f s",
-                        done,
-                        len(pending),
-                        dict(tracker.ok),
-                        dict(tracker.err),
-                        time.perf_counter() - t0,
-                    )
             results = ray.get(refs)
         except Exception as e:
             if not transient_store_error(e):
@@ -660,6 +709,8 @@ def run_plan(cfg: JobConfig, plan: Plan, *, log_every_s: float = 10.0) -> JobSum
                 "parts: rerun the same command to resume."
             ) from e
         finally:
+            reporter.stop()
+            ray.kill(counter)
             ctx.enable_progress_bars, ctx.issue_detectors_config = prev_bars, prev_detectors
         now = output.committed_shards()
         missing = [s.name for s in pending if s.name not in now]
@@ -669,6 +720,7 @@ def run_plan(cfg: JobConfig, plan: Plan, *, log_every_s: float = 10.0) -> JobSum
                 f"{len(missing)} shards were not completed (e.g. {missing[:3]}); rerun the same "
                 "command to finish them"
             )
+        output.prune_parts_dir()
         for r in results:
             count(r["shard"], r["added"])
         summary.ok = dict(tracker.ok)
@@ -679,6 +731,7 @@ def run_plan(cfg: JobConfig, plan: Plan, *, log_every_s: float = 10.0) -> JobSum
 
 def run_job(cfg: JobConfig) -> JobSummary:
     """Plan the input of `cfg` and embed every item not yet committed in `cfg.output`."""
+    check_input(cfg.input, cfg.storage_options())
     output = Output(cfg.output, cfg.storage_options())
     rec = read_job_record(output)
     plan = plan_job(cfg, files_shards=(rec or {}).get("files_shards"))
@@ -750,17 +803,37 @@ def _describe_plan(cfg: JobConfig, plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def _parse_set(values: Sequence[str]) -> dict[str, Any]:
+def _colon_without_space(value: Any) -> bool:
+    """True if YAML read `{text:2}` (no space after the colon) as the key 'text:2'."""
+    if isinstance(value, dict):
+        return any(
+            (isinstance(k, str) and ":" in k and v is None) or _colon_without_space(v)
+            for k, v in value.items()
+        )
+    return False
+
+
+def parse_set(values: Sequence[str]) -> dict[str, Any]:
+    """`--set KEY=VALUE` flags as dotted-key overrides; each VALUE is read as YAML."""
     import yaml
 
     out = {}
     for v in values:
         if "=" not in v:
             raise ConfigError(
-                f"--set {v!r}: expected KEY=VALUE, e.g. encoders.vision.batch_size=64"
+                f"--set {v!r}: expected KEY=VALUE, e.g. --set encoders.vision.batch_size=64"
             )
         k, val = v.split("=", 1)
-        out[k.strip()] = yaml.safe_load(val)
+        try:
+            parsed = yaml.safe_load(val)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {v!r}: the value is not valid YAML ({e})") from None
+        if _colon_without_space(parsed):
+            raise ConfigError(
+                f"--set {v!r}: a mapping needs a space after each colon ({{text: 2}}); "
+                f"simpler, set one key at a time: --set {k.strip()}.text=2"
+            )
+        out[k.strip()] = parsed
     return out
 
 
@@ -780,31 +853,53 @@ def add_job_arguments(p: argparse.ArgumentParser, set_example: str) -> None:
         metavar="KEY=VALUE",
         help=f"override any config field, e.g. --set {set_example}",
     )
-    p.add_argument("--no-progress", action="store_true", help="no Ray Data progress bars")
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no Ray Data progress bars (default: drawn when stderr is a terminal)",
+    )
+    p.add_argument(
+        "--progress-interval",
+        type=float,
+        metavar="SECONDS",
+        help="seconds between progress lines in the log (default 10; progress_interval_s)",
+    )
     p.add_argument("--log-level", default="INFO")
 
 
-def job_overrides(args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any]:
+def job_overrides(
+    args: argparse.Namespace, extra: dict[str, tuple[str, Any]]
+) -> tuple[dict[str, Any], dict[str, str]]:
     """Config overrides from the shared flags, then `extra` (command-specific), then `--set`
-    (which wins). Logging is configured here too: both CLIs call this first."""
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    overrides: dict[str, Any] = {
-        "input": args.input,
-        "format": args.format,
-        "preset": args.preset,
-        "checkpoint": args.checkpoint,
-        "checkpoint_sha256": args.checkpoint_sha256,
-        "storage.endpoint_url": args.s3_endpoint,
-        "storage.region": args.s3_region,
-        "ray.address": args.ray_address,
-        **extra,
+    (which wins), and where each came from (dotted key -> flag, for error messages); `extra`
+    maps a dotted key to (flag, value). Logging is configured here too: both CLIs call this
+    first."""
+    configure_logging(args.log_level)
+    flags: dict[str, tuple[str, Any]] = {
+        "input": ("--input", args.input),
+        "format": ("--format", args.format),
+        "preset": ("--preset", args.preset),
+        "checkpoint": ("--checkpoint", args.checkpoint),
+        "checkpoint_sha256": ("--checkpoint-sha256", args.checkpoint_sha256),
+        "storage.endpoint_url": ("--s3-endpoint", args.s3_endpoint),
+        "storage.region": ("--s3-region", args.s3_region),
+        "ray.address": ("--ray-address", args.ray_address),
+        "progress_interval_s": ("--progress-interval", args.progress_interval),
     }
+    overrides = {k: v for k, (_, v) in flags.items()}
+    sources = {k: f for k, (f, v) in flags.items() if v is not None}
+    for k, (flag, v) in extra.items():
+        overrides[k] = v
+        if v is not None:
+            sources[k] = flag
     if args.no_progress:
         overrides["ray.progress_bars"] = False
-    overrides.update(_parse_set(args.set))
-    return overrides
+        sources["ray.progress_bars"] = "--no-progress"
+    for raw in args.set:
+        for k, v in parse_set([raw]).items():
+            overrides[k] = v
+            sources[k] = f"--set {raw}"
+    return overrides, sources
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -830,28 +925,63 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def dry_run(cfg: JobConfig) -> str:
+    """What `--dry-run` prints: the plan, after the checks a run makes before it writes
+    anything (PlanError, OutputMismatch as the run raises them)."""
+    check_output(cfg)
+    output = Output(cfg.output, cfg.storage_options())
+    rec = read_job_record(output)
+    plan = plan_job(cfg, files_shards=(rec or {}).get("files_shards"))
+    if rec is not None:
+        verify_record(output, cfg, plan, model_lineage(cfg, plan.kinds))
+    return _describe_plan(cfg, plan)
+
+
+def interrupted(cfg: JobConfig | None, argv: Sequence[str] | None) -> int:
+    """Ctrl-C: stop Ray, say what the output keeps and how to resume; exit status 130."""
+    ignore_further_interrupts()
+    shutdown_ray()
+    lines = ["imagebind-embed: interrupted."]
+    if cfg is not None:
+        with contextlib.suppress(Exception):
+            output = Output(cfg.output, cfg.storage_options())
+            committed = output.committed_shards()
+            parts = sorted(output.parts_shards() - committed)
+            items = sum(len(output.part_ids(s)) for s in parts)
+            lines.append(
+                f"  kept in {cfg.output}: {len(committed)} committed shards; {items} embedded "
+                f"items in the parts of {len(parts)} unfinished shards (a rerun reuses them)"
+            )
+    lines.append("  resume with the same command:")
+    lines.append(f"    {resume_command('imagebind-embed', argv)}")
+    print("\n".join(lines), file=sys.stderr)
+    return 130
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point. Exit status: 0 done (item errors included), 2 bad config or
-    input, 3 output locked or started by another job, 1 anything else (an unreachable object
-    store included: rerun to resume)."""
+    input, 3 output locked or started by another job, 130 interrupted (Ctrl-C; rerun to
+    resume), 1 anything else (an unreachable object store included: rerun to resume)."""
+    with filtered_stderr():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    cfg = None
     try:
-        extra: dict[str, Any] = {
-            "output": args.output,
-            "encoder_defaults.dtype": args.dtype,
-            "encoder_defaults.batch_size": args.batch_size,
-            "encoder_defaults.num_gpus": args.num_gpus,
+        extra: dict[str, tuple[str, Any]] = {
+            "output": ("--output", args.output),
+            "encoder_defaults.dtype": ("--dtype", args.dtype),
+            "encoder_defaults.batch_size": ("--batch-size", args.batch_size),
+            "encoder_defaults.num_gpus": ("--num-gpus", args.num_gpus),
         }
         if args.raw:
-            extra["normalize"] = False
-        overrides = job_overrides(args, extra)
-        cfg = load_config(args.config, overrides)
+            extra["normalize"] = ("--raw", False)
+        overrides, sources = job_overrides(args, extra)
+        cfg = load_config(args.config, overrides, sources)
         if args.dry_run:
-            check_output(cfg)
-            output = Output(cfg.output, cfg.storage_options())
-            rec = read_job_record(output)
-            plan = plan_job(cfg, files_shards=(rec or {}).get("files_shards"))
-            print(_describe_plan(cfg, plan))
+            print(dry_run(cfg))
             return 0
         if cfg.checkpoint is None:
             logger.warning(
@@ -861,6 +991,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cfg.seed,
             )
         summary = run_job(cfg)
+    except KeyboardInterrupt:
+        return interrupted(cfg, argv)
     except (ConfigError, PlanError) as e:
         print(f"imagebind-embed: {e}", file=sys.stderr)
         return 2

@@ -177,12 +177,30 @@ class _LocalStore(_Store):
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        with open(os.path.join(self.root, ".store.flock"), "a+b") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
+        # The flock file exists only while an operation holds it: created, locked, checked to
+        # still be the file at its path (a holder that finished may have removed it after we
+        # opened it; then we lock the new one), removed by the holder before it unlocks.
+        path = os.path.join(self.root, ".store.flock")
+        while True:
+            f = open(path, "a+b")  # noqa: SIM115 (closed below, after the unlink)
             try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+                fcntl.flock(f, fcntl.LOCK_EX)
+                try:
+                    same = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+                except FileNotFoundError:
+                    same = False
+            except BaseException:
+                f.close()
+                raise
+            if same:
+                break
+            f.close()
+        try:
+            yield
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+            f.close()  # releases the flock
 
     def _read(self, key: str) -> tuple[bytes, str] | None:
         try:

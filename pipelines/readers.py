@@ -51,6 +51,7 @@ import pyarrow.parquet as pq
 import imagebind_core as ibc
 from imagebind_core.io import StorageOptions, filesystem, protocol_of
 from pipelines.config import KINDS, JobConfig
+from pipelines.progress import report
 from pipelines.writers import (
     ADDITION_RE,
     ITEM_SCHEMA,
@@ -120,6 +121,18 @@ def _to_uri(fs: fsspec.AbstractFileSystem, path: str, local: bool) -> str:
 
 def _hidden(rel: str) -> bool:
     return any(p.startswith(("_", ".")) for p in rel.split("/") if p)
+
+
+def check_input(input_uri: str, storage_options: StorageOptions | None = None) -> None:
+    """PlanError if `input_uri` names nothing: no file, folder or prefix there, and no match of
+    a glob. Cheap (one metadata call): the CLIs check before they create anything."""
+    fs, path = filesystem(input_uri, storage_options)
+    if protocol_of(input_uri) == "file":
+        path = os.path.abspath(path)
+    fs.invalidate_cache()
+    if fs.exists(path) or (_has_glob(path) and fs.glob(path)):
+        return
+    raise PlanError(f"input not found: {input_uri}")
 
 
 def list_input(
@@ -1161,8 +1174,14 @@ def read_shard_task(
 
 
 def read_tasks(
-    batch: pa.Table, output_uri: str, storage_options: StorageOptions | None
+    batch: pa.Table,
+    output_uri: str,
+    storage_options: StorageOptions | None,
+    progress: Any = None,
 ) -> Iterator[pa.Table]:
-    """Ray Data `map_batches` function: task rows (`task` JSON) -> item rows."""
+    """Ray Data `map_batches` function: task rows (`task` JSON) -> item rows. `progress`: the
+    job's `pipelines.progress.counter_actor()` (None: not counted)."""
     for t in batch.column("task").to_pylist():
-        yield from read_shard_task(json.loads(t), output_uri, storage_options)
+        for table in read_shard_task(json.loads(t), output_uri, storage_options):
+            report(progress, "read", sum(s != STATUS_EOS for s in table["status"].to_pylist()))
+            yield table

@@ -26,25 +26,31 @@ Library use: `reindex(load_reindex_config("reindex.yaml"))`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
-import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import imagebind_core as ibc
 from imagebind_core.index import DATA_DIR, INDEX_DIR, Pointer, VectorIndex, join_uri
 from imagebind_core.io import filesystem
-from pipelines.config import KINDS, ConfigError, JobConfig, load_config
+from pipelines.config import (
+    KINDS,
+    ConfigError,
+    JobConfig,
+    build_config,
+    format_validation_error,
+    read_config_file,
+)
 from pipelines.lock import OutputLock, OutputLocked
 from pipelines.publish import (
     IndexRoot,
@@ -53,7 +59,7 @@ from pipelines.publish import (
     utc_now,
     version_name,
 )
-from pipelines.readers import PlanError
+from pipelines.readers import PlanError, check_input
 from pipelines.writers import parquet_bytes
 
 logger = logging.getLogger(__name__)
@@ -105,25 +111,18 @@ class ReindexConfig:
 
 
 def load_reindex_config(
-    path: str | None = None, overrides: dict[str, Any] | None = None
+    path: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    sources: Mapping[str, str] | None = None,
 ) -> ReindexConfig:
     """Read a YAML re-index config: `imagebind-embed` fields plus an `index:` section.
 
     `overrides` are dotted keys as for `pipelines.config.load_config`; keys under `index.` go
-    to the index section. `output` may be omitted (each version's folder is the job's output).
-    Raises ConfigError naming the bad field.
+    to the index section; `sources` maps them to the flag that set them (for error messages).
+    `output` may be omitted (each version's folder is the job's output). Raises ConfigError
+    naming the bad field and where its value came from.
     """
-    data: dict[str, Any] = {}
-    if path is not None:
-        if not os.path.exists(path):
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            with open(path) as f:
-                data = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of fields")
+    data = read_config_file(path) if path is not None else {}
     index = dict(data.pop("index", None) or {})
     job_over: dict[str, Any] = {}
     for k, v in (overrides or {}).items():
@@ -136,16 +135,10 @@ def load_reindex_config(
     try:
         settings = IndexSettings.model_validate(index)
     except ValidationError as e:
-        msg = "; ".join(
-            f"index.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()
-        )
-        raise ConfigError(f"invalid configuration ({path or 'flags'}): {msg}") from None
+        msg = format_validation_error(e, path, sources, prefix=("index",), model=IndexSettings)
+        raise ConfigError(msg) from None
     data.setdefault("output", join_uri(settings.root, "versions", "_unused"))
-    try:
-        job = load_config(None, {**data, **job_over})
-    except ConfigError as e:
-        raise ConfigError(str(e).replace("(flags)", f"({path or 'flags'})")) from None
-    return ReindexConfig(job, settings)
+    return ReindexConfig(build_config(data, job_over, path, sources), settings)
 
 
 # ----------------------------------------------------------------------------- lineage
@@ -382,6 +375,7 @@ def reindex(cfg: ReindexConfig) -> ReindexResult:
     t0 = time.perf_counter()
     so = cfg.job.storage_options()
     root = cfg.index.root.rstrip("/")
+    check_input(cfg.job.input, so)  # before the index root, its lock or any folder exists
     ir = IndexRoot(root, so)
     try:
         lock = OutputLock(root, so, ttl_s=cfg.index.lock_ttl_s).acquire()
@@ -610,25 +604,54 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point. Exit status: 0 published or unchanged, 2 bad config or input,
-    3 another run holds the lock or published first (nothing published), 1 anything else."""
+    3 another run holds the lock or published first (nothing published), 130 interrupted
+    (Ctrl-C; nothing published), 1 anything else."""
+    from pipelines.console import filtered_stderr
+
+    with filtered_stderr():
+        return _main(argv)
+
+
+def _interrupted(cfg: ReindexConfig | None, argv: Sequence[str] | None) -> int:
+    """Ctrl-C: stop Ray, say that nothing was published and how to run again; status 130."""
+    from pipelines.console import ignore_further_interrupts, resume_command, shutdown_ray
+
+    ignore_further_interrupts()
+    shutdown_ray()
+    lines = ["imagebind-reindex: interrupted; nothing was published."]
+    if cfg is not None:
+        with contextlib.suppress(Exception):
+            pointer, _ = IndexRoot(cfg.index.root, cfg.job.storage_options()).latest()
+            where = f"version {pointer.name}" if pointer else "no version yet"
+            lines.append(f"  {cfg.index.root}: LATEST still points at {where}")
+    lines.append("  run again with the same command (the embedding of changed items restarts):")
+    lines.append(f"    {resume_command('imagebind-reindex', argv)}")
+    print("\n".join(lines), file=sys.stderr)
+    return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     from pipelines.embed import job_overrides
 
     args = build_parser().parse_args(argv)
+    cfg = None
     try:
-        extra: dict[str, Any] = {
-            "index.root": args.index_root,
-            "index.keep_versions": args.keep_versions,
-            "index.lock_ttl_s": args.lock_ttl_s,
+        extra: dict[str, tuple[str, Any]] = {
+            "index.root": ("--index-root", args.index_root),
+            "index.keep_versions": ("--keep-versions", args.keep_versions),
+            "index.lock_ttl_s": ("--lock-ttl-s", args.lock_ttl_s),
         }
         if args.full:
-            extra["index.full"] = True
+            extra["index.full"] = ("--full", True)
         if args.retry_failed:
-            extra["index.retry_failed"] = True
+            extra["index.retry_failed"] = ("--retry-failed", True)
         if args.allow_empty:
-            extra["index.allow_empty"] = True
-        overrides = job_overrides(args, extra)
-        cfg = load_reindex_config(args.config, overrides)
+            extra["index.allow_empty"] = ("--allow-empty", True)
+        overrides, sources = job_overrides(args, extra)
+        cfg = load_reindex_config(args.config, overrides, sources)
         result = reindex(cfg)
+    except KeyboardInterrupt:
+        return _interrupted(cfg, argv)
     except (ConfigError, PlanError) as e:
         print(f"imagebind-reindex: {e}", file=sys.stderr)
         return 2

@@ -33,8 +33,10 @@ import pyarrow.compute as pc
 
 import imagebind_core as ibc
 from imagebind_core.io import StorageOptions, filesystem
+from pipelines.progress import report
 from pipelines.writers import (
     PREPROCESSED_SCHEMA,
+    STATUS_EOS,
     STATUS_ERROR,
     STATUS_OK,
     StoreUnavailable,
@@ -209,6 +211,7 @@ def preprocess_batch(
     delay_per_item_s: float = 0.0,
     store_retries: int = 4,
     decode: Mapping[str, str] | None = None,
+    progress: Any = None,
 ) -> pa.Table:
     """Item rows (`data` or `uri`) -> rows with the item's model input (`tensor_columns`).
 
@@ -221,6 +224,8 @@ def preprocess_batch(
     `decode` ({kind: "cpu" | "gpu"}): with "gpu", JPEG files the encoder's device decodes
     (`imagebind_core.preprocess.jpeg.device_decodable`: header checked against `limits`) are
     passed on as `ENCODED_JPEG` rows; other items of the kind take the CPU path.
+
+    `progress` is the job's `pipelines.progress.counter_actor()` (None: not counted).
     """
     lim = ibc.Limits(**dict(limits or {}))
     opts = {k: dict(v) for k, v in (options or {}).items()}
@@ -331,6 +336,7 @@ def preprocess_batch(
         # benchmarks/bench_pipeline.py. Row order carries no meaning downstream (rows keep
         # their ids; shards are committed whole).
         out = out.take(np.argsort(lengths, kind="stable"))
+    report(progress, "preprocess", sum(1 for s in status if s != STATUS_EOS))
     return out
 
 
@@ -370,6 +376,7 @@ class EncodeBatch:
         load_gate_path: a test hook (`debug.load_gate_path`): the model load starts only once
             this local file exists and is not empty (waiting up to `LOAD_GATE_TIMEOUT_S`),
             then appends "load <kind>" to it when the weights are in.
+        progress: the job's `pipelines.progress.counter_actor()` (None: not counted).
     """
 
     def __init__(
@@ -382,7 +389,9 @@ class EncodeBatch:
         null_encoder: bool = False,
         trace_path: str | None = None,
         load_gate_path: str | None = None,
+        progress: Any = None,
     ) -> None:
+        self.progress = progress
         if torch_threads and not null_encoder:
             import torch
 
@@ -494,6 +503,7 @@ class EncodeBatch:
         cols["status"] = pa.array(status, pa.string())
         cols["error"] = pa.array(errors, pa.string())
         cols["embedding"] = _embedding_column(values, done, self.dim)
+        report(self.progress, "encode", sum(1 for s in status if s != STATUS_EOS))
         return pa.table({name: cols[name] for name in self.schema.names}, schema=self.schema)
 
 

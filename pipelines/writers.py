@@ -486,6 +486,13 @@ class Output:
         with contextlib.suppress(Exception):
             self.fs.invalidate_cache(self.path(PARTS_DIR))
 
+    def prune_parts_dir(self) -> None:
+        """Remove `_parts/` when it holds nothing (a local folder; object stores have no
+        empty folders)."""
+        if self.local:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.path(PARTS_DIR))
+
     def parts_shards(self) -> set[str]:
         """Shards that have part files."""
         base = self.path(PARTS_DIR)

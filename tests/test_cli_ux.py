@@ -1,0 +1,250 @@
+"""The CLIs as a newcomer meets them (issue 22): config errors in the user's terms, a dry run
+that refuses what the run refuses, nothing created for a missing input, no lock files left
+behind, progress lines on a timer, Ctrl-C that says how to resume, and a log without false
+alarms."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from logcheck import alarming_lines
+
+from pipelines import embed, reindex
+from pipelines.config import ConfigError, load_config
+from pipelines.demo_corpus import write_demo_corpus
+from pipelines.progress import format_progress
+from pipelines.publish import PreconditionFailed, open_store
+from pipelines.readers import plan_job
+from pipelines.writers import Output
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, "configs", "demo.yaml")
+
+
+def run_embed(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = embed.main(list(argv))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+# ----------------------------------------------------------------------------- config errors
+
+
+def test_set_typo_names_the_field_the_flag_and_a_fix(capsys, tmp_path):
+    base = ["--config", DEMO, "--input", str(tmp_path), "--dry-run"]
+    rc, _, err = run_embed(capsys, *base, "--set", "preprocess.batchsize=3")
+    assert rc == 2
+    assert "preprocess.batchsize: unknown field; did you mean 'batch_size'?" in err
+    assert "[from --set preprocess.batchsize=3]" in err
+    assert DEMO not in err  # the value did not come from the file
+
+    rc, _, err = run_embed(capsys, *base, "--set", "encoder_defaults.max_actors=0")
+    assert rc == 2
+    assert "encoder_defaults.max_actors: must be a number > 0 or must be 'auto' (got 0)" in err
+    assert "[from --set encoder_defaults.max_actors=0]" in err
+    assert "constrained-int" not in err and "literal[" not in err
+
+    rc, _, err = run_embed(capsys, *base, "--set", "preprocess.batch_sizes={text:2}")
+    assert rc == 2
+    assert "space after each colon" in err and "--set preprocess.batch_sizes.text=2" in err
+
+    rc, _, err = run_embed(capsys, *base, "--set", "preprocess.batch_sizes=2")
+    assert rc == 2
+    assert "preprocess.batch_sizes: must be a section of fields" in err
+    assert "e.g. --set preprocess.batch_sizes.text=2" in err
+
+
+def test_file_typo_names_the_file(tmp_path):
+    bad = tmp_path / "job.yaml"
+    bad.write_text("input: in\noutput: out\npreset: tiny\nencoder_defaults:\n  dtpye: float32\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(bad), {"preset": "tiny"}, {"preset": "--preset"})
+    msg = str(e.value)
+    assert f"encoder_defaults.dtpye: unknown field; did you mean 'dtype'? [from {bad}]" in msg
+    unknown = r"preset: unknown preset .gigantic.; choose one of .* \[from --preset\]"
+    with pytest.raises(ConfigError, match=unknown):
+        load_config(str(bad), {"preset": "gigantic"}, {"preset": "--preset"})
+
+
+def test_reindex_config_errors_name_the_source(capsys, tmp_path):
+    rc = reindex.main(["--input", str(tmp_path), "--index-root", str(tmp_path / "idx"),
+                       "--set", "index.keep_versions=0"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "index.keep_versions: must be a number >= 1 (got 0) [from --set" in err
+    rc = reindex.main(["--input", str(tmp_path), "--index-root", str(tmp_path / "idx"),
+                       "--set", "index.nprobes=4"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "index.nprobes: unknown field; did you mean 'nprobe'? [from --set" in err
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def test_missing_input_creates_nothing(capsys, tmp_path):
+    missing = str(tmp_path / "no-such-corpus")
+    root, out = tmp_path / "index", tmp_path / "embeddings"
+    rc = reindex.main(["--config", DEMO, "--input", missing, "--index-root", str(root)])
+    assert rc == 2
+    assert f"input not found: {missing}" in capsys.readouterr().err
+    assert not root.exists()
+    rc, _, err = run_embed(capsys, "--config", DEMO, "--input", missing, "--output", str(out))
+    assert rc == 2 and f"input not found: {missing}" in err
+    assert not out.exists()
+
+
+def _started_output(tmp_path) -> tuple[str, str]:
+    """A demo corpus and an output started by the demo config (its job record written)."""
+    corpus, out = str(tmp_path / "corpus"), str(tmp_path / "emb")
+    write_demo_corpus(corpus)
+    cfg = load_config(DEMO, {"input": corpus, "output": out})
+    plan = plan_job(cfg)
+    output = Output(out)
+    output.makedirs(output.root)
+    embed._check_record(output, cfg, plan, embed.model_lineage(cfg, plan.kinds))
+    return corpus, out
+
+
+def test_dry_run_refuses_what_the_run_refuses(capsys, tmp_path):
+    corpus, out = _started_output(tmp_path)
+    argv = ["--config", DEMO, "--input", corpus, "--output", out]
+    rc, plan, _ = run_embed(capsys, *argv, "--dry-run")
+    assert rc == 0 and "shards:  3 (0 already committed, 3 to do)" in plan
+    rc_dry, _, err_dry = run_embed(capsys, *argv, "--preset", "base", "--dry-run")
+    rc_run, _, err_run = run_embed(capsys, *argv, "--preset", "base")
+    assert rc_dry == rc_run == 3
+    assert "was started by a different job" in err_dry
+    assert err_dry.strip().splitlines()[-1] == err_run.strip().splitlines()[-1]
+
+
+# ----------------------------------------------------------------------------- the store
+
+
+def test_local_store_serialises_updates_and_leaves_no_lock_file(tmp_path):
+    store = open_store(str(tmp_path))
+    store.put("n", b"0")
+
+    def bump(times: int) -> None:
+        for _ in range(times):
+            while True:
+                data, etag = store.get("n")
+                try:
+                    store.put("n", str(int(data) + 1).encode(), if_match=etag)
+                    break
+                except PreconditionFailed:
+                    continue
+
+    threads = [threading.Thread(target=bump, args=(25,)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert store.get("n")[0] == b"100"
+    store.delete("n")
+    assert os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- logs
+
+
+def test_stderr_filter_drops_rays_false_alarm_and_keeps_the_rest():
+    ray_line = (
+        "[2026-12-04 17:16:30,497 E 27357 27357] core_worker.cc:2465: Actor with class name: "
+        "'MapWorker(MapBatches(EncodeBatch))' and ID: '8e7c' has constructor arguments in the "
+        "object store and max_restarts > 0. If the arguments in the object store go out of scope"
+    )
+    code = (
+        "import os, sys\n"
+        "from pipelines.console import filtered_stderr\n"
+        "with filtered_stderr():\n"
+        f"    os.write(2, {ray_line!r}.encode() + b'\\n')\n"
+        "    os.write(2, b'[x E 1 1] core_worker.cc:1: something else\\n')\n"
+        "    print('from python', file=sys.stderr)\n"
+        "print('after', file=sys.stderr)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.splitlines() == [
+        "[x E 1 1] core_worker.cc:1: something else",
+        "from python",
+        "after",
+    ]
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+def test_progress_line_has_rate_and_eta_when_the_total_is_known():
+    counts = {"read": 40, "preprocess": 30, "encode": 20}
+    line = format_progress(counts, 10.0, 100, 1, 4, 16)
+    assert line == (
+        "progress 00:10: read 40, preprocessed 30, embedded 20/100 (20%, 2 items/s, "
+        "ETA 00:40), committed 1/4 shards (16 items)"
+    )
+    assert "ETA" not in format_progress(counts, 10.0, None, 0, 4, 0)
+
+
+# ----------------------------------------------------------------------------- a real job
+
+
+def _job(corpus: str, out: str) -> list[str]:
+    return [
+        sys.executable, "-m", "pipelines.embed", "--config", DEMO,
+        "--input", corpus, "--output", out, "--progress-interval", "1",
+        "--set", "files.files_per_shard=1000",
+        "--set", "preprocess.batch_size=4",
+        "--set", "debug.delay_per_item_s=0.4",
+        "--set", "ray.num_cpus=4",
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_progress_ctrl_c_resume_and_a_quiet_log(tmp_path):
+    corpus, out = tmp_path / "corpus", tmp_path / "emb"
+    for i in range(40):
+        (corpus / "txt").mkdir(parents=True, exist_ok=True)
+        (corpus / "txt" / f"cap{i:02d}.txt").write_text(f"caption number {i}")
+    env = {**os.environ, "PYTHONPATH": ROOT, "RAY_AUTH_MODE": "disabled"}
+    cmd = _job(str(corpus), str(out))
+    log = tmp_path / "first.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=f, stderr=subprocess.STDOUT)
+    # Progress lines come on the timer, before any shard is committed; interrupt once the
+    # first parts are written.
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        text = log.read_text()
+        parts = list((out / "_parts").rglob("*.parquet")) if (out / "_parts").exists() else []
+        if parts and re.search(r"progress \d\d:\d\d: read \d+", text):
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, log.read_text()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(120) == 130, log.read_text()
+    first = log.read_text()
+    assert "Traceback" not in first
+    assert "imagebind-embed: interrupted." in first
+    assert "resume with the same command:" in first
+    assert "--set debug.delay_per_item_s=0.4" in first.split("resume with the same command:")[1]
+    kept = re.search(r"(\d+) embedded items in the parts of 1 unfinished shards", first)
+    assert kept and int(kept.group(1)) > 0, first
+    assert not (out / "_lock").exists()
+
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    text = again.stdout + again.stderr
+    assert again.returncode == 0, text
+    reused = re.search(r"reused (\d+) items from earlier parts", again.stderr)
+    assert reused and int(reused.group(1)) >= int(kept.group(1)), text
+    embedded = re.search(r"text\s+(\d+) embedded", again.stdout)
+    assert embedded and int(embedded.group(1)) + int(reused.group(1)) == 40, text
+    assert alarming_lines(text) == [], text
+    assert sorted(os.listdir(out)) == ["_inputs", "_job.json", "files-00000-of-00001.parquet"]
