@@ -103,7 +103,7 @@ DEFAULT_PREPROCESS_BATCH_GPU: dict[str, int] = {
     "thermal": 64,
     "video": 4,
     "audio": 32,
-    "text": 1024,
+    "text": 8192,
     "imu": 1024,
 }
 

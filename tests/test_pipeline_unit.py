@@ -183,7 +183,7 @@ def test_batch_defaults_follow_the_encoder_device():
     assert [cpu.encoder(k).batch_size for k in ("vision", "text")] == [32, 32]
     assert [cpu.preprocess_batch(k) for k in ("vision", "text", "video")] == [16, 128, 2]
     gpu = load_config(None, {"input": "i", "output": "o", "encoders.text.num_gpus": 1})
-    assert gpu.encoder("text").batch_size == 512 and gpu.preprocess_batch("text") == 1024
+    assert gpu.encoder("text").batch_size == 512 and gpu.preprocess_batch("text") == 8192
     assert gpu.encoder("vision").batch_size == 32 and gpu.preprocess_batch("vision") == 16
     every = load_config(None, {"input": "i", "output": "o", "encoder_defaults.num_gpus": 1})
     assert [every.encoder(k).batch_size for k in ("vision", "video", "audio")] == [128, 8, 128]
