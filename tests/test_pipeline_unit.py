@@ -200,7 +200,7 @@ def test_batch_defaults_follow_the_encoder_device():
         },
     )
     assert [given.encoder(k).batch_size for k in ("vision", "text")] == [48, 200]
-    assert given.preprocess_batch("vision") == 8 and given.preprocess_batch("text") == 1024
+    assert given.preprocess_batch("vision") == 8 and given.preprocess_batch("text") == 8192
 
 
 def test_listing_and_writing_modules_do_not_import_torch():
