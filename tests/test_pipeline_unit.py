@@ -518,6 +518,29 @@ def _encoded(rows: list[dict], dim: int = 4) -> pa.Table:
     )
 
 
+def test_part_rows_failed_without_a_reason_say_so(tmp_path):
+    out = str(tmp_path / "out")
+    rows = [
+        {
+            "id": f"x{i}",
+            "shard": "s",
+            "branch": "text",
+            "modality": "text",
+            "status": st,
+            "error": e,
+            "embedding": [1.0] * 4 if st == STATUS_OK else None,
+        }
+        for i, (st, e) in enumerate(
+            [(STATUS_OK, None), (STATUS_ERROR, None), (STATUS_ERROR, ""), (STATUS_ERROR, "bad")]
+        )
+    ]
+    summary = write_parts(_encoded(rows), out, None, 4).to_pylist()[0]
+    assert (summary["n_ok"], summary["n_err"]) == (1, 3)
+    (part,) = os.listdir(tmp_path / "out" / "_parts" / "s")
+    got = pq.read_table(tmp_path / "out" / "_parts" / "s" / part)
+    assert got.column("error").to_pylist() == [None, "unknown error", "unknown error", "bad"]
+
+
 def test_parts_are_idempotent_and_commit_dedupes(tmp_path):
     out = str(tmp_path / "out")
 
