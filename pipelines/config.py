@@ -101,13 +101,16 @@ DEFAULT_PREPROCESS_BATCH: dict[str, int] = {
 # runs huge text at ~10k/s in bf16, so a 128-text task would be 13 ms of GPU work and the
 # driver would have to dispatch ~80 tasks/s per GPU. These give each encoder task ~50-100 ms
 # of H200 work (benchmarks/results/gpu-h200.md) and each preprocessing task 0.1-2 s of CPU.
+# Text gets more: a caption tokenizes in ~60 us while Ray's costs per block (a task in each of
+# preprocess, encode and write, their (de)serialisation, the driver's bookkeeping) do not
+# depend on its rows; 8192 captions spread them thinly (docs/pipelines.md, null encoder).
 DEFAULT_PREPROCESS_BATCH_GPU: dict[str, int] = {
     "vision": 64,
     "depth": 64,
     "thermal": 64,
     "video": 4,
     "audio": 32,
-    "text": 1024,
+    "text": 8192,
     "imu": 1024,
 }
 

@@ -301,9 +301,12 @@ def build_pipeline(
             continue
         pre_batch = cfg.preprocess_batch(kind)
         # A shard is read as one block; cut it into task-sized blocks so that a shard's items
-        # are preprocessed by parallel tasks and reach the encoders as many small bundles (the
-        # actor pool balances bundles, not rows). Streaming: no all-to-all exchange.
-        ds = ds.repartition(target_num_rows_per_block=pre_batch)
+        # are preprocessed by parallel tasks and reach the encoders as many bundles (the actor
+        # pool balances bundles, not rows). Streaming: no all-to-all exchange; fused into the
+        # read tasks (`_fuse_into_read`), so it costs no operator of its own.
+        ds = _fuse_into_read(
+            ds.repartition(target_num_rows_per_block=pre_batch), cfg.preprocess.read_num_cpus
+        )
         ds = ds.map_batches(
             preprocess_batch,
             batch_size=pre_batch,
@@ -373,6 +376,23 @@ def build_pipeline(
         num_cpus=WRITER_NUM_CPUS,
         fn_kwargs={"output_uri": cfg.output, "storage_options": so, "embed_dim": dim},
     )
+
+
+def _fuse_into_read(ds: Any, read_num_cpus: float) -> Any:
+    """`ds` (a streaming repartition right after the read) with the repartition's resource
+    request set to the read's, so that Ray Data fuses the two: each read task then emits its
+    rows as blocks of the target size itself, and no separate operator (a task per block, and
+    its (de)serialisation) cuts them. `repartition` has no parameter for it; on a Ray whose
+    logical plan differs, the operators stay apart (the same rows, one operator more)."""
+    try:
+        from ray.data._internal.logical.operators.map_operator import StreamingRepartition
+
+        op = ds._logical_plan.dag
+        if isinstance(op, StreamingRepartition) and isinstance(op.ray_remote_args, dict):
+            op.ray_remote_args.update(num_cpus=read_num_cpus)
+    except (ImportError, AttributeError):
+        logger.debug("Ray Data internals differ: shard repartition not fused into the read")
+    return ds
 
 
 def required_cpus(cfg: JobConfig, kinds: Sequence[str]) -> float:

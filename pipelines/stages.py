@@ -114,6 +114,37 @@ def jpeg_rows(batch: pa.Table, rows: Sequence[int]) -> list[int]:
     return [i for i in rows if names[i] == ENCODED_JPEG]
 
 
+def token_columns(ids: np.ndarray, present: np.ndarray) -> tuple[pa.Array, pa.Array, pa.Array]:
+    """Texts' token ids, (n, context) int64 (any values in rows where `present` is False) ->
+    the `tensor_columns` of their compact forms (`compact_input`: int32 through the last
+    non-zero id), built with array operations: no Python per row."""
+    n, width = ids.shape
+    nonzero = ids != 0
+    keep = np.where(
+        present & nonzero.any(axis=1), width - np.argmax(nonzero[:, ::-1], axis=1), 0
+    ).astype(np.int64)
+    # Boolean indexing walks the matrix in row-major order: row i's ids, then row i + 1's.
+    data = ids[np.arange(width) < keep[:, None]].astype(np.int32)
+    offsets = np.zeros(n + 1, np.int64)
+    np.cumsum(keep * data.itemsize, out=offsets[1:])
+    valid = pa.array(present, pa.bool_())
+    nulls = n - int(np.count_nonzero(present))
+    tensor = pa.LargeBinaryArray.from_buffers(
+        pa.large_binary(),
+        n,
+        [valid.buffers()[1], pa.py_buffer(offsets), pa.py_buffer(data.view(np.uint8))],
+        null_count=nulls,
+    )
+    list_offsets = np.zeros(n + 1, np.int32)
+    np.cumsum(present, out=list_offsets[1:])
+    mask = pa.array(~present, pa.bool_())
+    shape = pa.ListArray.from_arrays(
+        pa.array(list_offsets), pa.array(keep[present].astype(np.int32)), mask=mask
+    )
+    dtype = pc.if_else(valid, np.dtype(np.int32).str, pa.scalar(None, pa.string()))
+    return tensor, shape, dtype
+
+
 def batch_arrays(
     batch: pa.Table, rows: Sequence[int], pad: bool = False
 ) -> list[tuple[list[int], np.ndarray]]:
@@ -134,6 +165,10 @@ def batch_arrays(
     offsets = np.frombuffer(col.buffers()[1], np.int64)[col.offset : col.offset + len(col) + 1]
     data = col.buffers()[2]
     buf = np.frombuffer(data, np.uint8) if data is not None else np.empty(0, np.uint8)
+    if pad:
+        padded = _padded_run(batch, rows, offsets, buf)
+        if padded is not None:
+            return [padded]
     shapes = batch.column("tensor_shape").to_pylist()
     dtypes = batch.column("tensor_dtype").to_pylist()
     groups: dict[tuple, list[int]] = {}
@@ -169,6 +204,30 @@ def encoded_rows(batch: pa.Table, rows: Sequence[int]) -> list[memoryview]:
     data = col.buffers()[2]
     buf = memoryview(data) if data is not None else memoryview(b"")
     return [buf[int(offsets[i]) : int(offsets[i + 1])] for i in rows]
+
+
+def _padded_run(
+    batch: pa.Table, rows: Sequence[int], offsets: np.ndarray, buf: np.ndarray
+) -> tuple[list[int], np.ndarray] | None:
+    """`batch_arrays(..., pad=True)` with array operations, for the common case of a text
+    block: every row of `rows` 1-D, of one dtype, and the rows one run of the buffer in order
+    (neighbours, null rows between them adding no bytes). None otherwise."""
+    sel = np.asarray(rows, np.int64)
+    starts, ends = offsets[sel], offsets[sel + 1]
+    if not np.array_equal(starts[1:], ends[:-1]):
+        return None
+    dtypes = pc.unique(batch.column("tensor_dtype").take(sel))
+    shapes = batch.column("tensor_shape").take(sel)
+    if len(dtypes) != 1 or dtypes[0].as_py() is None:
+        return None
+    if pc.any(pc.not_equal(pc.list_value_length(shapes), 1)).as_py():
+        return None
+    dtype = np.dtype(dtypes[0].as_py())
+    lens = (ends - starts) // dtype.itemsize
+    x = np.zeros((len(sel), int(lens.max())), dtype)
+    # Row-major boolean assignment fills row 0's leading cells, then row 1's: buffer order.
+    x[np.arange(x.shape[1]) < lens[:, None]] = buf[starts[0] : ends[-1]].view(dtype)
+    return list(rows), x
 
 
 # ----------------------------------------------------------------------------- preprocessing
@@ -239,10 +298,9 @@ def preprocess_batch(
     sizes = batch.column("size").to_pylist()
     mtimes = batch.column("mtime").to_pylist()
     data: list[Any] = batch.column("data").to_pylist()
-    tensors: list[np.ndarray | None] = [None] * n
+    tensors: list[Any] = [None] * n  # each item's `preprocess(..., compact=True)`
     formats: list[str | None] = [None] * n  # ENCODED_JPEG rows
     decoders = dict(decode or {})
-    lengths = [0] * n  # text rows: tokens through EOT, the text encoder's cost
 
     todo = [i for i in range(n) if status[i] == STATUS_OK]
     fetch = [i for i in todo if data[i] is None]
@@ -291,7 +349,7 @@ def preprocess_batch(
             # float32 bytes (at an H200's ~1400 huge images/s, 0.2 instead of 0.8 GB/s through
             # the object store and, on a cluster, the network); the encoder expands them on
             # its device.
-            t = ibc.preprocess(
+            tensors[i] = ibc.preprocess(
                 kinds[i],
                 data[i],
                 item_id=ids[i],
@@ -299,9 +357,6 @@ def preprocess_batch(
                 compact=True,
                 **opts.get(kinds[i], {}),
             )
-            x = tensors[i] = compact_input(kinds[i], t)
-            if kinds[i] == "text":
-                lengths[i] = int(x.argmax()) + 1  # = ibc.text_lengths: through the first EOT
         except ibc.InvalidInput as e:
             status[i], errors[i] = STATUS_ERROR, e.reason
         except Exception as e:  # a bug in a decoder must still not take the block down
@@ -316,20 +371,43 @@ def preprocess_batch(
     cols = {
         f.name: batch.column(f.name) for f in PREPROCESSED_SCHEMA if f.name in batch.column_names
     }
-    cols.update(
-        {
-            "status": pa.array(status, pa.string()),
-            "error": pa.array(errors, pa.string()),
-            "fingerprint": pa.array(fps, pa.string()),
-            "size": pa.array(sizes, pa.int64()),
-            "mtime": pa.array(mtimes, pa.float64()),
-        }
-    )
-    cols["tensor"], cols["tensor_shape"], cols["tensor_dtype"] = tensor_columns(
-        tensors, formats if any(formats) else None
-    )
+    changed = {"status": (status, pa.string()), "error": (errors, pa.string())}
+    if fetch:  # metadata filled in from the objects read
+        changed.update(
+            fingerprint=(fps, pa.string()), size=(sizes, pa.int64()), mtime=(mtimes, pa.float64())
+        )
+    for name, (values, typ) in changed.items():
+        cols[name] = pa.array(values, typ)
+    made = [i for i in range(n) if tensors[i] is not None]
+    lengths = None
+    if made and all(kinds[i] == "text" for i in made):
+        # A block of texts (a text branch's): one (n, context) matrix, compacted at once.
+        import torch
+
+        present = np.zeros(n, bool)
+        present[made] = True
+        tok = np.zeros((n, tensors[made[0]].shape[-1]), np.int64)
+        tok[made] = torch.stack([tensors[i] for i in made]).numpy()
+        cols["tensor"], cols["tensor_shape"], cols["tensor_dtype"] = token_columns(tok, present)
+        # Tokens through the first EOT (the largest id; = ibc.text_lengths): the encoder's cost.
+        lengths = np.where(present, tok.argmax(axis=1) + 1, 0)
+    else:
+        compact = [
+            None if t is None else t if f else compact_input(k, t)
+            for k, t, f in zip(kinds, tensors, formats, strict=True)
+        ]
+        cols["tensor"], cols["tensor_shape"], cols["tensor_dtype"] = tensor_columns(
+            compact, formats if any(formats) else None
+        )
+        if any(k == "text" for k in kinds):
+            lengths = np.array(
+                [
+                    int(x.argmax()) + 1 if x is not None and k == "text" else 0
+                    for k, x in zip(kinds, compact, strict=True)
+                ]
+            )
     out = pa.table({f.name: cols[f.name] for f in PREPROCESSED_SCHEMA}, schema=PREPROCESSED_SCHEMA)
-    if any(lengths):
+    if lengths is not None:
         # Texts in order of length: the encoder cuts its batches from this block in order and
         # runs each one only as long as its longest text (ImageBindModel.encode drops the
         # padding), so similar lengths together cost less than file order — measured in

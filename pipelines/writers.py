@@ -601,18 +601,15 @@ def write_parts(
         n_err = 0
         if idx:
             sub = batch.take(pa.array(idx, pa.int64()))
-            err = pa.array(
-                [
-                    None if s == STATUS_OK else (e or "unknown error")
-                    for s, e in zip(
-                        sub.column("status").to_pylist(),
-                        sub.column("error").to_pylist(),
-                        strict=True,
-                    )
-                ],
-                pa.string(),
-            )
-            n_err = sum(1 for e in err.to_pylist() if e is not None)
+            # null for ok rows; otherwise the reason ("unknown error" where none was given)
+            none = pa.scalar(None, pa.string())
+            given = pc.if_else(pc.equal(sub.column("error"), ""), none, sub.column("error"))
+            err = pc.if_else(
+                pc.fill_null(pc.equal(sub.column("status"), STATUS_OK), False),
+                none,
+                pc.coalesce(given, "unknown error"),
+            ).combine_chunks()
+            n_err = len(err) - err.null_count
             part = pa.table(
                 {
                     "id": sub.column("id"),

@@ -183,7 +183,7 @@ def test_batch_defaults_follow_the_encoder_device():
     assert [cpu.encoder(k).batch_size for k in ("vision", "text")] == [32, 32]
     assert [cpu.preprocess_batch(k) for k in ("vision", "text", "video")] == [16, 128, 2]
     gpu = load_config(None, {"input": "i", "output": "o", "encoders.text.num_gpus": 1})
-    assert gpu.encoder("text").batch_size == 512 and gpu.preprocess_batch("text") == 1024
+    assert gpu.encoder("text").batch_size == 512 and gpu.preprocess_batch("text") == 8192
     assert gpu.encoder("vision").batch_size == 32 and gpu.preprocess_batch("vision") == 16
     every = load_config(None, {"input": "i", "output": "o", "encoder_defaults.num_gpus": 1})
     assert [every.encoder(k).batch_size for k in ("vision", "video", "audio")] == [128, 8, 128]
@@ -200,7 +200,7 @@ def test_batch_defaults_follow_the_encoder_device():
         },
     )
     assert [given.encoder(k).batch_size for k in ("vision", "text")] == [48, 200]
-    assert given.preprocess_batch("vision") == 8 and given.preprocess_batch("text") == 1024
+    assert given.preprocess_batch("vision") == 8 and given.preprocess_batch("text") == 8192
 
 
 def test_listing_and_writing_modules_do_not_import_torch():
@@ -516,6 +516,29 @@ def _encoded(rows: list[dict], dim: int = 4) -> pa.Table:
     return pa.table(
         {**base, "embedding": pa.array(emb, embedding_type(dim))}, schema=encoded_schema(dim)
     )
+
+
+def test_part_rows_failed_without_a_reason_say_so(tmp_path):
+    out = str(tmp_path / "out")
+    rows = [
+        {
+            "id": f"x{i}",
+            "shard": "s",
+            "branch": "text",
+            "modality": "text",
+            "status": st,
+            "error": e,
+            "embedding": [1.0] * 4 if st == STATUS_OK else None,
+        }
+        for i, (st, e) in enumerate(
+            [(STATUS_OK, None), (STATUS_ERROR, None), (STATUS_ERROR, ""), (STATUS_ERROR, "bad")]
+        )
+    ]
+    summary = write_parts(_encoded(rows), out, None, 4).to_pylist()[0]
+    assert (summary["n_ok"], summary["n_err"]) == (1, 3)
+    (part,) = os.listdir(tmp_path / "out" / "_parts" / "s")
+    got = pq.read_table(tmp_path / "out" / "_parts" / "s" / part)
+    assert got.column("error").to_pylist() == [None, "unknown error", "unknown error", "bad"]
 
 
 def test_parts_are_idempotent_and_commit_dedupes(tmp_path):

@@ -20,7 +20,14 @@ import torch
 from numerics import assert_embeddings_close
 
 import imagebind_core as ibc
-from pipelines.stages import EncodeBatch, batch_arrays, preprocess_batch, tensor_columns
+from pipelines.stages import (
+    EncodeBatch,
+    batch_arrays,
+    compact_input,
+    preprocess_batch,
+    tensor_columns,
+    token_columns,
+)
 from pipelines.writers import ITEM_SCHEMA, STATUS_ERROR, STATUS_OK
 
 
@@ -114,6 +121,29 @@ def test_batch_arrays_views_runs_and_groups_shapes():
     np.testing.assert_array_equal(x, [[5, 49407, 0, 0], [7, 8, 9, 49407]])
     assert batch_arrays(t, [0, 1]) != []  # unpadded: one group per length
     assert len(batch_arrays(t, [0, 1])) == 2
+
+
+def test_token_columns_equal_the_per_row_transport():
+    # A text block's columns built at once equal those of its rows one by one (the same
+    # bytes, shapes and dtypes; null rows where no tensor), and so do the encoder's batches.
+    texts = ["a dog", "", "two dogs playing on a beach " * 20, "<|endoftext|> x", "b"]
+    tok = torch.stack([ibc.preprocess("text", t, compact=True) for t in texts]).numpy()
+    present = np.array([True, True, False, True, True])
+    tok[2] = 7  # a row without a tensor: its values are never read
+    got = token_columns(tok, present)
+    want = tensor_columns(
+        [
+            compact_input("text", torch.from_numpy(r)) if p else None
+            for r, p in zip(tok, present, strict=True)
+        ]
+    )
+    for g, w in zip(got, want, strict=True):
+        assert g.type == w.type and g.to_pylist() == w.to_pylist()
+    t = pa.table(dict(zip(["tensor", "tensor_shape", "tensor_dtype"], got, strict=True)))
+    ((idx, x),) = batch_arrays(t, [0, 1, 3, 4], pad=True)
+    assert idx == [0, 1, 3, 4] and x.dtype == np.int32
+    np.testing.assert_array_equal(x, tok[[0, 1, 3, 4], : x.shape[1]])
+    assert not tok[[0, 1, 3, 4], x.shape[1] :].any()
 
 
 def test_job_actor_and_endpoint_replica_run_the_same_runner():

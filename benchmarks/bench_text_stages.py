@@ -1,0 +1,64 @@
+"""CPU time per caption of each text stage function, in one process without Ray.
+
+read_shard_task on a 20 000-caption inline-text manifest, preprocess_batch in blocks of
+BLOCK rows, the null-encoder EncodeBatch in calls of 512, write_parts per block; beside them
+`preprocess("text", ..., compact=True)` per caption (the null-encoder bench's bare loop).
+Prints one JSON line of microseconds of CPU per caption. What Ray adds on top is in
+`bench_pipeline.py --null-encoder`; this isolates the stage code, and CPU time is what a
+loaded machine disturbs least.
+
+    python benchmarks/bench_text_stages.py 8192
+"""
+
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.getcwd())
+sys.path.insert(0, "benchmarks")
+import bench_pipeline as bp
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import imagebind_core as ibc
+from pipelines.readers import read_shard_task
+from pipelines.stages import EncodeBatch, preprocess_batch
+from pipelines.writers import write_parts
+
+B = int(sys.argv[1])
+tmp = tempfile.mkdtemp()
+src = bp.make_text_manifests(tmp, 20000, 20000)
+task = {
+    "kind": "text",
+    "format": "manifest",
+    "shard": "part-0000",
+    "uri": f"{src}/part-0000.parquet",
+    "items": None,
+    "fingerprint": None,
+}
+texts = pq.read_table(f"{src}/part-0000.parquet")["text"].to_pylist()
+ibc.preprocess("text", texts[0])
+enc = EncodeBatch("text", ibc.ModelSpec(preset="tiny"), null_encoder=True)
+c = time.process_time()
+[ibc.preprocess("text", t, compact=True) for t in texts]
+bare = time.process_time() - c
+c = time.process_time()
+blocks = list(read_shard_task(task, tmp + "/out", None))
+read = time.process_time() - c
+tab = pa.concat_tables(blocks[:-1])
+tot = {"pre": 0.0, "enc": 0.0, "write": 0.0}
+for s in range(0, tab.num_rows, B):
+    c = time.process_time()
+    p = preprocess_batch(tab.slice(s, B))
+    tot["pre"] += time.process_time() - c
+    c = time.process_time()
+    e = pa.concat_tables([enc(p.slice(k, 512)) for k in range(0, p.num_rows, 512)])
+    tot["enc"] += time.process_time() - c
+    c = time.process_time()
+    write_parts(e, tmp + "/out", None, 32)
+    tot["write"] += time.process_time() - c
+n = tab.num_rows
+r = {"bare": bare / n * 1e6, "read": read / n * 1e6, **{k: v / n * 1e6 for k, v in tot.items()}}
+print(json.dumps({"block": B, **{k: round(v, 1) for k, v in r.items()}}))
