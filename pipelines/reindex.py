@@ -51,6 +51,7 @@ from pipelines.config import (
     format_validation_error,
     read_config_file,
 )
+from pipelines.diff import carry_on_ray, diff_listing, diff_on_ray
 from pipelines.lock import OutputLock, OutputLocked
 from pipelines.publish import (
     IndexRoot,
@@ -100,6 +101,19 @@ class IndexSettings(BaseModel):
     )
     nlist: int | None = Field(None, ge=1, description="IVF lists (default ~4 sqrt(n)).")
     nprobe: int = Field(32, ge=1, description="IVF lists searched per query.")
+    diff_on_ray_rows: int = Field(
+        1_000_000,
+        ge=0,
+        description="Parents with at least this many rows (failures included) are diffed "
+        "and carried forward on Ray Data, so the driver never holds their rows; smaller ones "
+        "on the driver. 0: always on Ray Data.",
+    )
+    diff_partitions: int | None = Field(
+        None,
+        ge=1,
+        description="Hash partitions of the Ray Data diff (default one per million rows, "
+        "at least 2).",
+    )
 
 
 @dataclass(frozen=True)
@@ -159,142 +173,17 @@ def lineage_changes(old: dict[str, str] | None, new: dict[str, str]) -> list[str
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
-# ----------------------------------------------------------------------------- diff
-
-
-@dataclass
-class Diff:
-    """What a run does with each listed item and each parent row."""
-
-    to_embed: pa.Table  # listing rows to embed (new, changed, retried, or all)
-    carried: pa.Table  # parent rows kept as they are
-    carried_errors: pa.Table  # parent failures kept (same fingerprint, not retried)
-    added: int = 0
-    changed: int = 0
-    deleted: int = 0
-    retried: int = 0
-    reembedded: int = 0  # unchanged items re-embedded by a full run
-    relocated: int = 0  # carried rows whose content is unchanged but whose `uri` moved
-    # Why each row of `to_embed` is embedded: added, changed, retried or reembedded.
-    classes: list[str] = field(default_factory=list)
-
-    @property
-    def empty(self) -> bool:
-        """True if the new version would equal the parent."""
-        return self.to_embed.num_rows == 0 and self.deleted == 0 and self.relocated == 0
-
-
-def diff_listing(
-    listing: pa.Table,
-    parent_rows: pa.Table | None,
-    parent_errors: pa.Table | None,
-    *,
-    full: bool = False,
-    retry_failed: bool = False,
-) -> Diff:
-    """Diff a corpus listing (`id`, `fingerprint`, ...) against the parent version's rows.
-
-    Raises PlanError if the listing repeats an id (two objects would share one row).
-    """
-    ids = listing.column("id").to_pylist()
-    fps = listing.column("fingerprint").to_pylist()
-    if len(set(ids)) != len(ids):
-        seen: set[str] = set()
-        dup = next(i for i in ids if i in seen or seen.add(i))  # type: ignore[func-returns-value]
-        raise PlanError(f"the corpus lists id {dup!r} more than once; ids must be unique")
-    uris = listing.column("uri").to_pylist()
-    kinds = listing.column("modality").to_pylist()
-    prev: dict[str, tuple[str | None, str | None, str | None]] = {}
-    if parent_rows is not None:
-        prev = {
-            r["id"]: (r["fingerprint"], r["uri"], r["modality"])
-            for r in parent_rows.select(["id", "fingerprint", "uri", "modality"]).to_pylist()
-        }
-    prev_err: dict[str, tuple[str | None, str | None]] = {}
-    if parent_errors is not None:
-        prev_err = {
-            r["id"]: (r["fingerprint"], r["uri"])
-            for r in parent_errors.select(["id", "fingerprint", "uri"]).to_pylist()
-        }
-    embed: list[int] = []
-    carry: set[str] = set()
-    carry_err: set[str] = set()
-    moved: dict[str, str] = {}  # id -> its new uri (same content, same modality)
-    d = Diff(listing.slice(0, 0), pa.table({}), pa.table({}))
-    for i, (id_, fp) in enumerate(zip(ids, fps, strict=True)):
-        if id_ in prev:
-            old_fp, old_uri, old_kind = prev[id_]
-            # Same bytes read as another modality (a manifest row relabelled) is a change.
-            if old_fp == fp and fp is not None and old_kind == kinds[i]:
-                if full:
-                    d.reembedded += 1
-                    embed.append(i)
-                    d.classes.append("reembedded")
-                else:
-                    carry.add(id_)
-                    if uris[i] != old_uri:
-                        moved[id_] = uris[i]
-            else:
-                d.changed += 1
-                embed.append(i)
-                d.classes.append("changed")
-        elif id_ in prev_err:
-            if prev_err[id_][0] == fp and not (full or retry_failed):
-                carry_err.add(id_)
-                if uris[i] != prev_err[id_][1]:
-                    moved[id_] = uris[i]
-            else:
-                d.retried += 1
-                embed.append(i)
-                d.classes.append("retried")
-        else:
-            d.added += 1
-            embed.append(i)
-            d.classes.append("added")
-    listed = set(ids)
-    # Failed items count too: a bad file that was deleted must leave the errors table.
-    d.deleted = sum(1 for i in prev if i not in listed) + sum(
-        1 for i in prev_err if i not in listed
-    )
-    d.relocated = len(moved)
-    d.to_embed = listing.take(pa.array(embed, pa.int64()))
-    d.carried = _relocate(_keep_ids(parent_rows, carry), moved)
-    d.carried_errors = _relocate(_keep_ids(parent_errors, carry_err), moved)
-    return d
-
-
-def _relocate(table: pa.Table, moved: dict[str, str]) -> pa.Table:
-    """`table` with the `uri` of the ids in `moved` replaced (a corpus moved or renamed its
-    objects without changing their bytes: carry the vector, point at where it lives now)."""
-    if not moved or not table.num_rows or "uri" not in table.column_names:
-        return table
-    ids = table.column("id").to_pylist()
-    old = table.column("uri").to_pylist()
-    new = pa.array([moved.get(i, u) for i, u in zip(ids, old, strict=True)], pa.string())
-    return table.set_column(table.column_names.index("uri"), table.schema.field("uri"), new)
-
-
-def _keep_ids(table: pa.Table | None, keep: set[str]) -> pa.Table:
-    if table is None:
-        return pa.table({})
-    if not keep:
-        return table.slice(0, 0)
-    mask = pa.array([i in keep for i in table.column("id").to_pylist()], pa.bool_())
-    return table.filter(mask)
-
-
 # ----------------------------------------------------------------------------- version I/O
 
 
-def _read_parquet_tree(uri: str, storage_options: dict, *, errors: bool) -> pa.Table | None:
-    """All Parquet files under `uri`: data files (`errors=False`, `_`/`.` paths skipped) or the
-    files inside `_errors/` folders (`errors=True`). None if there are none."""
+def _parquet_files(uri: str, storage_options: dict, *, errors: bool) -> list[str]:
+    """The Parquet files `_read_parquet_tree` reads, as paths of `filesystem(uri)`."""
     fs, root = filesystem(uri, storage_options)
     try:
         fs.invalidate_cache(root)
         files = sorted(fs.find(root))
     except FileNotFoundError:
-        return None
+        return []
     picked = []
     for f in files:
         if not f.endswith(".parquet"):
@@ -305,13 +194,40 @@ def _read_parquet_tree(uri: str, storage_options: dict, *, errors: bool) -> pa.T
             continue
         if (errors and hidden == [ERRORS_DIR]) or (not errors and not hidden):
             picked.append(f)
+    return picked
+
+
+def _read_parquet_tree(uri: str, storage_options: dict, *, errors: bool) -> pa.Table | None:
+    """All Parquet files under `uri`: data files (`errors=False`, `_`/`.` paths skipped) or the
+    files inside `_errors/` folders (`errors=True`). None if there are none."""
+    picked = _parquet_files(uri, storage_options, errors=errors)
     if not picked:
         return None
+    fs, _ = filesystem(uri, storage_options)
     tables = []
     for f in picked:
         with fs.open(f, "rb") as fh:
             tables.append(pq.read_table(fh))
     return pa.concat_tables(tables, promote_options="default")
+
+
+def _arrow_fs(uri: str, storage_options: dict) -> Any:
+    """A pyarrow filesystem over the fsspec one of `uri` (for Ray Data reads and writes)."""
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    return PyFileSystem(FSSpecHandler(filesystem(uri, storage_options)[0]))
+
+
+def _fs_path(uri: str, storage_options: dict) -> str:
+    return filesystem(uri, storage_options)[1]
+
+
+def _record_rows(record: dict | None) -> int:
+    """Rows plus kept failures of a published version, from its record."""
+    if not record:
+        return 0
+    c = record.get("counts", {})
+    return int(c.get("total", 0)) + int(c.get("failed", 0)) + int(c.get("failed_kept", 0))
 
 
 def _write_table(uri: str, table: pa.Table, storage_options: dict) -> None:
@@ -410,10 +326,19 @@ def _run_locked(cfg: ReindexConfig, ir: IndexRoot, lock: OutputLock) -> ReindexR
     else:
         full_reason = None
     parent_rows = parent_errors = None
+    parent_files: tuple[list[str], list[str]] = ([], [])
+    parent_count = _record_rows(parent_rec)
+    on_ray = pointer is not None and parent_count >= cfg.index.diff_on_ray_rows
     if pointer is not None:
         data_uri = join_uri(pointer.version_uri(ir.root), DATA_DIR)
-        parent_rows = _read_parquet_tree(data_uri, so, errors=False)
-        parent_errors = _read_parquet_tree(data_uri, so, errors=True)
+        if on_ray:
+            parent_files = (
+                _parquet_files(data_uri, so, errors=False),
+                _parquet_files(data_uri, so, errors=True),
+            )
+        else:
+            parent_rows = _read_parquet_tree(data_uri, so, errors=False)
+            parent_errors = _read_parquet_tree(data_uri, so, errors=True)
     timings["read_parent_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -428,17 +353,28 @@ def _run_locked(cfg: ReindexConfig, ir: IndexRoot, lock: OutputLock) -> ReindexR
             )
             raise EmptyInput(f"{e}{hint}") from None
         listing = LISTING_SCHEMA.empty_table()
-    diff = diff_listing(
-        listing,
-        parent_rows,
-        parent_errors,
-        full=full_reason is not None,
-        retry_failed=cfg.index.retry_failed,
-    )
+    if on_ray:
+        diff = diff_on_ray(
+            listing,
+            *parent_files,
+            _arrow_fs(ir.root, so),
+            full=full_reason is not None,
+            retry_failed=cfg.index.retry_failed,
+            parent_count=parent_count,
+            num_partitions=cfg.index.diff_partitions,
+        )
+    else:
+        diff = diff_listing(
+            listing,
+            parent_rows,
+            parent_errors,
+            full=full_reason is not None,
+            retry_failed=cfg.index.retry_failed,
+        )
     timings["list_and_diff_s"] = time.perf_counter() - t
     logger.info(
         "%s: %d listed; %d new, %d changed, %d retried, %d re-embedded, %d deleted, "
-        "%d carried (%d relocated), %d failures kept%s",
+        "%d carried (%d relocated), %d failures kept%s%s",
         cfg.job.input,
         listing.num_rows,
         diff.added,
@@ -446,10 +382,11 @@ def _run_locked(cfg: ReindexConfig, ir: IndexRoot, lock: OutputLock) -> ReindexR
         diff.retried,
         diff.reembedded,
         diff.deleted,
-        diff.carried.num_rows,
+        diff.carried_rows,
         diff.relocated,
-        diff.carried_errors.num_rows,
+        diff.failed_kept,
         f"; full re-embed: {full_reason}" if full_reason else "",
+        " (diff on Ray Data)" if on_ray else "",
     )
     if pointer is not None and full_reason is None and diff.empty:
         return ReindexResult(
@@ -478,11 +415,23 @@ def _run_locked(cfg: ReindexConfig, ir: IndexRoot, lock: OutputLock) -> ReindexR
     new_errors = _read_parquet_tree(embedded_uri, so, errors=True)
     failed = new_errors.num_rows if new_errors is not None else 0
     carried_uri = join_uri(data_uri, CARRIED_DIR)
-    if diff.carried.num_rows:
-        _write_chunks(carried_uri, diff.carried, so)
-    if diff.carried_errors.num_rows:
-        _write_chunks(join_uri(carried_uri, ERRORS_DIR), diff.carried_errors, so)
-    parts = [t_ for t_ in (new_rows, diff.carried) if t_ is not None and t_.num_rows]
+    if on_ray:
+        # Workers copy the surviving parent rows; the driver reads them back for the index.
+        fs = _arrow_fs(ir.root, so)
+        for files, out, n in (
+            (parent_files[0], carried_uri, diff.carried_rows),
+            (parent_files[1], join_uri(carried_uri, ERRORS_DIR), diff.failed_kept),
+        ):
+            if n:
+                carry_on_ray(files, fs, _fs_path(out, so), diff.drop_ids, diff.moved)
+        carried = _read_parquet_tree(carried_uri, so, errors=False)
+    else:
+        carried = diff.carried
+        if diff.carried.num_rows:
+            _write_chunks(carried_uri, diff.carried, so)
+        if diff.carried_errors.num_rows:
+            _write_chunks(join_uri(carried_uri, ERRORS_DIR), diff.carried_errors, so)
+    parts = [t_ for t_ in (new_rows, carried) if t_ is not None and t_.num_rows]
     cols = ["id", "uri", "modality", "embedding"]
     rows = (
         pa.concat_tables([p.select(cols) for p in parts], promote_options="default")
@@ -519,10 +468,10 @@ def _run_locked(cfg: ReindexConfig, ir: IndexRoot, lock: OutputLock) -> ReindexR
         "added": ok["added"],
         "changed": ok["changed"],
         "deleted": diff.deleted,
-        "carried": diff.carried.num_rows,
+        "carried": diff.carried_rows,
         "relocated": diff.relocated,
         "failed": failed,
-        "failed_kept": diff.carried_errors.num_rows,
+        "failed_kept": diff.failed_kept,
         "reembedded": ok["reembedded"],
         "retried": ok["retried"],
         "total": rows.num_rows,
@@ -546,6 +495,7 @@ def _run_locked(cfg: ReindexConfig, ir: IndexRoot, lock: OutputLock) -> ReindexR
             "parts": {m: {"kind": p.kind, "count": p.count} for m, p in index.parts.items()},
             "nprobe": index.nprobe,
         },
+        "diff": "ray" if on_ray else "driver",
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
     }
     ir.write_record(name, record)

@@ -1,0 +1,161 @@
+"""The re-index diff + carry-forward on the driver vs on Ray Data: the driver's peak memory.
+
+    RAY_AUTH_MODE=disabled /work/main/.venv/bin/python benchmarks/bench_reindex_diff.py \
+        [--sizes 50000 200000] [--dim 1024] [--changed 1000] [--workdir /tmp/bench-rdiff] \
+        [--json benchmarks/results/reindex-diff-cpu-2core.json]
+
+For each parent size N (Parquet files of 50k rows: `id`, `uri`, `modality`, `fingerprint`,
+`embedding` float32 x dim) and a listing with `--changed` items changed, `--changed` deleted
+and `--changed` added, a fresh process runs one path and reports its wall time and the growth
+of the process's peak RSS (`VmHWM`, reset after start-up) over the diff and the carry-forward:
+
+- `driver`: what `imagebind-reindex` does below `index.diff_on_ray_rows`: read the parent's rows
+  (`_read_parquet_tree`), `diff_listing`, write the carried rows (`_write_chunks`);
+- `ray`: `diff_on_ray` + `carry_on_ray` on a local Ray (4 logical CPUs); a warm-up diff on 10
+  rows runs first so one-time imports and worker start are not counted.
+
+Both paths' listing (built before the measurement) is on the driver in either case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+FILE_ROWS = 50_000
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def build(root: str, n: int, dim: int) -> None:
+    os.makedirs(f"{root}/parent", exist_ok=True)
+    for k, s in enumerate(range(0, n, FILE_ROWS)):
+        m = min(FILE_ROWS, n - s)
+        rng = np.random.default_rng(s)
+        vec = rng.standard_normal((m, dim), dtype=np.float32)
+        ids = [f"i{i:010d}" for i in range(s, s + m)]
+        pq.write_table(
+            pa.table(
+                {
+                    "id": ids,
+                    "uri": [f"/c/{i}" for i in ids],
+                    "modality": ["vision"] * m,
+                    "fingerprint": ["f"] * m,
+                    "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vec.ravel()), dim),
+                }
+            ),
+            f"{root}/parent/part-{k:05d}.parquet",
+        )
+
+
+def listing(n: int, changed: int) -> pa.Table:
+    step = max(1, n // (2 * changed))
+    touched = list(range(0, n, step))[: 2 * changed]
+    change, delete = set(touched[:changed]), set(touched[changed:])
+    ids = [i for i in range(n) if i not in delete]
+    fps = ["g" if i in change else "f" for i in ids]
+    names = [f"i{i:010d}" for i in ids] + [f"new{k}" for k in range(changed)]
+    return pa.table(
+        {
+            "id": names,
+            "uri": [f"/c/{i}" for i in names],
+            "modality": ["vision"] * len(names),
+            "fingerprint": fps + ["f"] * changed,
+        }
+    )
+
+
+def run(path: str, root: str, n: int, changed: int) -> dict:
+    from pyarrow.fs import LocalFileSystem
+
+    lst = listing(n, changed)
+    files = sorted(f"{root}/parent/{f}" for f in os.listdir(f"{root}/parent"))
+    out = f"{root}/carried"
+    if path == "ray":
+        import ray
+
+        from pipelines.diff import carry_on_ray, diff_on_ray
+
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        diff_on_ray(lst.slice(0, 10), files[:1], [], LocalFileSystem(), num_partitions=2)
+    else:
+        from pipelines.diff import diff_listing
+        from pipelines.reindex import _read_parquet_tree, _write_chunks
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_kb("VmRSS")
+    t0 = time.perf_counter()
+    if path == "ray":
+        d = diff_on_ray(lst, files, [], LocalFileSystem(), parent_count=n)
+        carry_on_ray(files, LocalFileSystem(), out, d.drop_ids, d.moved)
+        carried = d.carried_rows
+    else:
+        parent = _read_parquet_tree(f"{root}/parent", {}, errors=False)
+        d = diff_listing(lst, parent, None)
+        _write_chunks(out, d.carried, {})
+        carried = d.carried.num_rows
+    wall = time.perf_counter() - t0
+    return {
+        "wall_s": round(wall, 2),
+        "driver_peak_growth_mb": round((_status_kb("VmHWM") - base) / 1024, 1),
+        "carried": carried,
+        "to_embed": d.to_embed.num_rows,
+        "deleted": d.deleted,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[50_000, 200_000])
+    p.add_argument("--dim", type=int, default=1024)
+    p.add_argument("--changed", type=int, default=1000)
+    p.add_argument("--paths", nargs="+", default=["driver", "ray"])
+    p.add_argument("--workdir", default="/tmp/bench-rdiff")
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--child", nargs=3, metavar=("PATH", "ROOT", "N"), help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        path, root, n = a.child
+        print(json.dumps(run(path, root, int(n), a.changed)))
+        return
+    results = []
+    for n in a.sizes:
+        root = os.path.join(a.workdir, str(n))
+        shutil.rmtree(root, ignore_errors=True)
+        build(root, n, a.dim)
+        parent_mb = (
+            sum(os.path.getsize(f"{root}/parent/{f}") for f in os.listdir(f"{root}/parent")) / 2**20
+        )
+        for path in a.paths:
+            shutil.rmtree(f"{root}/carried", ignore_errors=True)
+            me = [sys.executable, __file__, "--changed", str(a.changed)]
+            out = subprocess.run(
+                [*me, "--child", path, root, str(n)], check=True, capture_output=True, text=True
+            )
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            r.update(rows=n, dim=a.dim, changed=a.changed, path=path, parent_mb=round(parent_mb))
+            print(json.dumps(r), flush=True)
+            results.append(r)
+        shutil.rmtree(root, ignore_errors=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"command": " ".join(sys.argv), "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,417 @@
+"""The re-index diff: a corpus listing against the parent version, by (`id`, `fingerprint`).
+
+One rule set (`classify`, vectorised over Arrow batches) and two places to run it:
+
+- `diff_listing`: on the driver, with Arrow's hash join — for parents that fit in its memory;
+- `diff_on_ray`: on Ray Data — the listing's keys and the parent's key columns (`id`,
+  `fingerprint`, `uri`, `modality`; never the embeddings) are hash-partitioned by `id` and
+  full-outer-joined (`Dataset.join`), each partition is classified by a worker, and the driver
+  receives only the counts, the rows to embed and the ids that are not carried (all of the size
+  of the change, not of the corpus). `carry_on_ray` then copies the parent's surviving rows
+  into the new version on workers, file by file, without a shuffle: a row is carried unless
+  its id is in the small set of dropped ids.
+
+What happens to each item (`action`):
+
+| listed | parent                        | action                                          |
+|--------|-------------------------------|-------------------------------------------------|
+| yes    | row, same fp and modality     | `carried` (`reembedded` on a full run)          |
+| yes    | row, other fp or modality     | `changed`                                       |
+| yes    | failure, same fp              | `failed_kept` (`retried` with retry_failed/full) |
+| yes    | failure, other fp             | `retried`                                       |
+| yes    | -                             | `added`                                         |
+| no     | row or failure                | `deleted`                                       |
+
+A carried row or kept failure whose listed `uri` differs from the parent's is `relocated`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipelines.readers import PlanError
+
+EMBED_ACTIONS = ("added", "changed", "retried", "reembedded")
+KEEP_ACTIONS = ("carried", "failed_kept")
+ACTIONS = (*EMBED_ACTIONS, *KEEP_ACTIONS, "deleted")
+# Listing rows per block handed to Ray Data, and parent rows per join partition.
+LISTING_BLOCK_ROWS = 200_000
+ROWS_PER_PARTITION = 1_000_000
+
+_LEFT = pa.schema(
+    [
+        ("id", pa.string()),
+        ("l_fp", pa.string()),
+        ("l_uri", pa.string()),
+        ("l_kind", pa.string()),
+        ("l_pos", pa.int64()),
+    ]
+)
+_RIGHT = pa.schema(
+    [
+        ("id", pa.string()),
+        ("p_fp", pa.string()),
+        ("p_uri", pa.string()),
+        ("p_kind", pa.string()),
+        ("p_err", pa.bool_()),
+    ]
+)
+_CLASSIFIED = pa.schema(
+    [
+        ("id", pa.string()),
+        ("l_pos", pa.int64()),
+        ("action", pa.string()),
+        ("new_uri", pa.string()),
+        ("relocated", pa.bool_()),
+        ("in_parent", pa.bool_()),
+    ]
+)
+
+
+def check_unique_ids(listing: pa.Table) -> None:
+    """Raise PlanError if the listing repeats an id (two objects would share one row)."""
+    ids = listing.column("id")
+    if pc.count_distinct(ids, mode="all").as_py() == len(ids):
+        return
+    counts = pc.value_counts(ids)
+    dup = counts.filter(pc.greater(counts.field("counts"), 1))[0]["values"].as_py()
+    raise PlanError(f"the corpus lists id {dup!r} more than once; ids must be unique")
+
+
+def listing_keys(listing: pa.Table) -> pa.Table:
+    """The listing's columns the diff needs, renamed, with each row's position."""
+    n = listing.num_rows
+    return pa.table(
+        [
+            listing.column("id").cast(pa.string()),
+            listing.column("fingerprint").cast(pa.string()),
+            listing.column("uri").cast(pa.string()),
+            listing.column("modality").cast(pa.string()),
+            pa.array(np.arange(n, dtype=np.int64)),
+        ],
+        schema=_LEFT,
+    )
+
+
+def parent_keys(table: pa.Table, *, errors: bool) -> pa.Table:
+    """A parent table's (rows or failures) key columns, renamed, flagged with `p_err`."""
+    n = table.num_rows
+
+    def col(name: str) -> pa.Array | pa.ChunkedArray:
+        if name in table.column_names:
+            return table.column(name).cast(pa.string())
+        return pa.nulls(n, pa.string())
+
+    return pa.table(
+        [col("id"), col("fingerprint"), col("uri"), col("modality"), pa.repeat(errors, n)],
+        schema=_RIGHT,
+    )
+
+
+def _eq(a: Any, b: Any) -> np.ndarray:
+    """Element-wise equality where null equals null (Python's `None == None`)."""
+    same = pc.fill_null(pc.equal(a, b), False)
+    both_null = pc.and_(pc.is_null(a), pc.is_null(b))
+    return pc.or_(same, both_null).to_numpy(zero_copy_only=False)
+
+
+def classify(joined: pa.Table, *, full: bool, retry_failed: bool) -> pa.Table:
+    """Each id of a full outer join of `listing_keys` and `parent_keys` with its `action`
+    (see the module docstring), the uri it is listed at (`new_uri`), whether a carried row or
+    kept failure moved (`relocated`) and whether the parent holds it (`in_parent`)."""
+    n = joined.num_rows
+    if n == 0:
+        return _CLASSIFIED.empty_table()
+    listed = pc.is_valid(joined.column("l_pos")).to_numpy(zero_copy_only=False)
+    in_parent = pc.is_valid(joined.column("p_err")).to_numpy(zero_copy_only=False)
+    is_err = pc.fill_null(joined.column("p_err"), False).to_numpy(zero_copy_only=False)
+    l_fp, p_fp = joined.column("l_fp"), joined.column("p_fp")
+    same_fp = _eq(l_fp, p_fp)
+    row = listed & in_parent & ~is_err
+    err = listed & in_parent & is_err
+    # Same bytes read as another modality (a manifest row relabelled) is a change.
+    same_row = (
+        same_fp
+        & pc.is_valid(l_fp).to_numpy(zero_copy_only=False)
+        & _eq(joined.column("l_kind"), joined.column("p_kind"))
+    )
+    action = np.select(
+        [
+            row & same_row & full,
+            row & same_row,
+            row,
+            err & same_fp & (not (full or retry_failed)),
+            err,
+            listed,
+        ],
+        ["reembedded", "carried", "changed", "failed_kept", "retried", "added"],
+        default="deleted",
+    )
+    keep = np.isin(action, KEEP_ACTIONS)
+    relocated = keep & ~_eq(joined.column("l_uri"), joined.column("p_uri"))
+    return pa.table(
+        [
+            joined.column("id"),
+            joined.column("l_pos"),
+            pa.array(action, pa.string()),
+            joined.column("l_uri"),
+            pa.array(relocated),
+            pa.array(in_parent),
+        ],
+        schema=_CLASSIFIED,
+    )
+
+
+@dataclass
+class Diff:
+    """What a run does with each listed item and each parent row.
+
+    `carried` / `carried_errors` hold the kept parent rows and failures when the diff ran on
+    the driver (`diff_listing`); after `diff_on_ray` they are None and `drop_ids` / `moved`
+    say how `carry_on_ray` derives them from the parent's files.
+    """
+
+    to_embed: pa.Table  # listing rows to embed (new, changed, retried, or all)
+    carried: pa.Table | None = None  # parent rows kept as they are (driver diff)
+    carried_errors: pa.Table | None = None  # parent failures kept (driver diff)
+    added: int = 0
+    changed: int = 0
+    deleted: int = 0
+    retried: int = 0
+    reembedded: int = 0  # unchanged items re-embedded by a full run
+    relocated: int = 0  # carried rows whose content is unchanged but whose `uri` moved
+    carried_rows: int = 0
+    failed_kept: int = 0
+    # Why each row of `to_embed` is embedded: added, changed, retried or reembedded.
+    classes: list[str] = field(default_factory=list)
+    # Parent ids that are not carried (Ray diff), and (id, new_uri) of relocated ones.
+    drop_ids: pa.Array | None = None
+    moved: pa.Table | None = None
+
+    @property
+    def empty(self) -> bool:
+        """True if the new version would equal the parent."""
+        return self.to_embed.num_rows == 0 and self.deleted == 0 and self.relocated == 0
+
+
+def _counts(classified: pa.Table) -> dict[str, int]:
+    out = dict.fromkeys(ACTIONS, 0)
+    if classified.num_rows:
+        for r in pc.value_counts(classified.column("action")).to_pylist():
+            out[r["values"]] = r["counts"]
+    out["relocated"] = int(pc.sum(classified.column("relocated")).as_py() or 0)
+    return out
+
+
+def _embed_rows(listing: pa.Table, small: pa.Table) -> tuple[pa.Table, list[str]]:
+    """The listing rows to embed, in listing order, and why each is embedded."""
+    mask = pc.is_in(small.column("action"), pa.array(EMBED_ACTIONS))
+    picked = small.filter(mask).sort_by("l_pos")
+    return listing.take(picked.column("l_pos")), picked.column("action").to_pylist()
+
+
+def _apply(
+    diff: Diff, counts: dict[str, int], listing: pa.Table, small: pa.Table, *, ray: bool
+) -> Diff:
+    diff.to_embed, diff.classes = _embed_rows(listing, small)
+    diff.added, diff.changed = counts["added"], counts["changed"]
+    diff.retried, diff.reembedded = counts["retried"], counts["reembedded"]
+    diff.deleted, diff.relocated = counts["deleted"], counts["relocated"]
+    diff.carried_rows, diff.failed_kept = counts["carried"], counts["failed_kept"]
+    if ray:
+        gone = small.filter(
+            pc.and_(
+                small.column("in_parent"),
+                pc.invert(pc.is_in(small.column("action"), pa.array(KEEP_ACTIONS))),
+            )
+        )
+        diff.drop_ids = gone.column("id").combine_chunks()
+        diff.moved = _moved(small)
+    return diff
+
+
+def _moved(classified: pa.Table) -> pa.Table:
+    moved = classified.filter(classified.column("relocated"))
+    return pa.table({"id": moved.column("id"), "new_uri": moved.column("new_uri")})
+
+
+def relocate(table: pa.Table, moved: pa.Table) -> pa.Table:
+    """`table` with the `uri` of the ids in `moved` (`id`, `new_uri`) replaced (a corpus moved
+    or renamed its objects without changing their bytes: carry the vector, point at where it
+    lives now)."""
+    if not moved.num_rows or not table.num_rows or "uri" not in table.column_names:
+        return table
+    where = pc.index_in(table.column("id"), value_set=moved.column("id"))
+    new = pc.take(moved.column("new_uri"), where)
+    uri = pc.if_else(pc.is_valid(where), new, table.column("uri").cast(pa.string()))
+    i = table.column_names.index("uri")
+    return table.set_column(i, pa.field("uri", pa.string()), uri)
+
+
+def diff_listing(
+    listing: pa.Table,
+    parent_rows: pa.Table | None,
+    parent_errors: pa.Table | None,
+    *,
+    full: bool = False,
+    retry_failed: bool = False,
+) -> Diff:
+    """Diff a corpus listing (`id`, `fingerprint`, ...) against the parent version's rows, on
+    the driver. Raises PlanError if the listing repeats an id."""
+    check_unique_ids(listing)
+    right = [
+        parent_keys(t, errors=e)
+        for t, e in ((parent_rows, False), (parent_errors, True))
+        if t is not None
+    ]
+    right_t = pa.concat_tables(right) if right else _RIGHT.empty_table()
+    joined = listing_keys(listing).join(right_t, "id", join_type="full outer")
+    classified = classify(joined, full=full, retry_failed=retry_failed)
+    diff = _apply(Diff(listing.slice(0, 0)), _counts(classified), listing, classified, ray=False)
+    moved = _moved(classified)
+
+    def kept(table: pa.Table | None, action: str) -> pa.Table:
+        if table is None:
+            return pa.table({})
+        ids = classified.filter(pc.equal(classified.column("action"), action)).column("id")
+        return relocate(table.filter(pc.is_in(table.column("id"), value_set=ids)), moved)
+
+    diff.carried = kept(parent_rows, "carried")
+    diff.carried_errors = kept(parent_errors, "failed_kept")
+    return diff
+
+
+# ----------------------------------------------------------------------------- on Ray Data
+
+
+def _classify_batch(batch: pa.Table, full: bool, retry_failed: bool) -> pa.Table:
+    """Classify a join partition and keep what the driver needs: every row that is not simply
+    carried (embedded, deleted, dropped, relocated) with `n` = 1, and one summary row (`id`
+    null) per kept action with `n` = how many plain carried rows or kept failures it stands
+    for."""
+    c = classify(batch, full=full, retry_failed=retry_failed)
+    plain = pc.and_(
+        pc.is_in(c.column("action"), pa.array(KEEP_ACTIONS)), pc.invert(c.column("relocated"))
+    )
+    small = c.filter(pc.invert(plain))
+    small = small.append_column("n", pa.repeat(pa.scalar(1, pa.int64()), small.num_rows))
+    kept = c.filter(plain).column("action")
+    summary = [(a, pc.sum(pc.equal(kept, a)).as_py() or 0) for a in KEEP_ACTIONS]
+    rows = pa.table(
+        {
+            "id": pa.nulls(len(summary), pa.string()),
+            "l_pos": pa.nulls(len(summary), pa.int64()),
+            "action": [a for a, _ in summary],
+            "new_uri": pa.nulls(len(summary), pa.string()),
+            "relocated": [False] * len(summary),
+            "in_parent": [True] * len(summary),
+            "n": [k for _, k in summary],
+        },
+        schema=_CLASSIFIED.append(pa.field("n", pa.int64())),
+    )
+    return pa.concat_tables([small, rows])
+
+
+def _parent_keys_batch(batch: pa.Table, errors: bool) -> pa.Table:
+    return parent_keys(batch, errors=errors)
+
+
+def _collect(ds: Any) -> list[pa.Table]:
+    """Bring a (small) dataset's blocks to the driver. The one place the Ray diff moves data
+    to the driver; tests count what passes here."""
+    import ray
+
+    return [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
+
+
+def diff_on_ray(
+    listing: pa.Table,
+    row_files: Sequence[str],
+    error_files: Sequence[str],
+    filesystem: Any,
+    *,
+    full: bool = False,
+    retry_failed: bool = False,
+    parent_count: int = 0,
+    num_partitions: int | None = None,
+) -> Diff:
+    """`diff_listing` as a Ray Data job over the parent's Parquet files (`filesystem`: a
+    pyarrow filesystem for the paths). The embeddings are never read; the driver receives the
+    counts, the rows to embed and the ids not carried. `num_partitions` (default one per
+    ROWS_PER_PARTITION rows of the parent or listing, at least 2) sets the hash partitions of
+    the join."""
+    import ray.data
+
+    check_unique_ids(listing)
+    n = max(parent_count, listing.num_rows)
+    parts = num_partitions or max(2, math.ceil(n / ROWS_PER_PARTITION))
+    left_t = listing_keys(listing)
+    blocks = [
+        left_t.slice(s, LISTING_BLOCK_ROWS) for s in range(0, left_t.num_rows, LISTING_BLOCK_ROWS)
+    ] or [left_t]
+    left = ray.data.from_arrow(blocks)
+    sides = []
+    for files, errors in ((row_files, False), (error_files, True)):
+        if not files:
+            continue
+        cols = ["id", "fingerprint", "uri"] + ([] if errors else ["modality"])
+        sides.append(
+            ray.data.read_parquet(list(files), filesystem=filesystem)
+            .select_columns(cols)
+            .map_batches(_parent_keys_batch, fn_kwargs={"errors": errors}, batch_format="pyarrow")
+        )
+    if sides:
+        right = sides[0] if len(sides) == 1 else sides[0].union(sides[1])
+    else:
+        right = ray.data.from_arrow(_RIGHT.empty_table())
+    parts_out = _collect(
+        left.join(right, join_type="full_outer", num_partitions=parts, on=("id",)).map_batches(
+            _classify_batch,
+            fn_kwargs={"full": full, "retry_failed": retry_failed},
+            batch_format="pyarrow",
+        )
+    )
+    out = (
+        pa.concat_tables(parts_out)
+        if parts_out
+        else _CLASSIFIED.append(pa.field("n", pa.int64())).empty_table()
+    )
+    counts = dict.fromkeys((*ACTIONS, "relocated"), 0)
+    for r in out.group_by("action").aggregate([("n", "sum")]).to_pylist():
+        counts[r["action"]] += r["n_sum"]
+    small = out.filter(pc.is_valid(out.column("id"))).drop_columns(["n"])
+    counts["relocated"] = int(pc.sum(small.column("relocated")).as_py() or 0)
+    return _apply(Diff(listing.slice(0, 0)), counts, listing, small, ray=True)
+
+
+def _carry_batch(batch: pa.Table, drop_ids: pa.Array, moved: pa.Table) -> pa.Table:
+    kept = batch.filter(pc.invert(pc.is_in(batch.column("id"), value_set=drop_ids)))
+    return relocate(kept, moved)
+
+
+def carry_on_ray(
+    files: Sequence[str], filesystem: Any, out_path: str, drop_ids: pa.Array, moved: pa.Table
+) -> None:
+    """Copy the rows of the parent's Parquet `files` whose id is not in `drop_ids` into
+    Parquet files under `out_path` (on `filesystem`), with the `uri` of relocated ids replaced.
+    Workers read, filter and write; the driver only plans."""
+    import ray.data
+
+    if not files:
+        return
+    (
+        ray.data.read_parquet(list(files), filesystem=filesystem)
+        .map_batches(
+            _carry_batch,
+            fn_kwargs={"drop_ids": drop_ids, "moved": moved},
+            batch_format="pyarrow",
+        )
+        .write_parquet(out_path, filesystem=filesystem)
+    )

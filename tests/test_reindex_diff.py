@@ -1,0 +1,198 @@
+"""The re-index diff on Ray Data (`pipelines.diff.diff_on_ray` / `carry_on_ray`): the same
+answer as the driver diff, the driver holding only the change, and a full run on S3 with it."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from pyarrow.fs import LocalFileSystem
+from test_reindex import by_id, config, make_corpus, traced, version_rows
+
+import pipelines.diff as pdiff
+from pipelines.diff import carry_on_ray, diff_listing, diff_on_ray
+from pipelines.reindex import reindex
+
+
+def _rows(ids, fps, dim, seed, kinds=None, uris=None):
+    rng = np.random.default_rng(seed)
+    vec = rng.standard_normal((len(ids), dim), dtype=np.float32)
+    return pa.table(
+        {
+            "id": pa.array(ids, pa.string()),
+            "uri": pa.array(uris or [f"/c/{i}" for i in ids], pa.string()),
+            "modality": pa.array(kinds or ["text"] * len(ids), pa.string()),
+            "fingerprint": pa.array(fps, pa.string()),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vec.reshape(-1)), dim),
+        }
+    )
+
+
+def _write_parent(folder, rows: pa.Table, errors: pa.Table | None, files: int):
+    os.makedirs(folder / "_errors", exist_ok=True)
+    step = -(-rows.num_rows // files)
+    row_files = []
+    for k in range(files):
+        p = str(folder / f"part-{k}.parquet")
+        pq.write_table(rows.slice(k * step, step), p)
+        row_files.append(p)
+    err_files = []
+    if errors is not None:
+        p = str(folder / "_errors" / "e.parquet")
+        pq.write_table(errors, p)
+        err_files.append(p)
+    return row_files, err_files
+
+
+def _read(folder) -> pa.Table | None:
+    files = sorted(str(p) for p in folder.rglob("*.parquet"))
+    if not files:
+        return None
+    return pa.concat_tables(pq.read_table(f) for f in files).sort_by("id")
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_ray_diff_equals_driver_diff(ray_session, tmp_path, full):
+    parent = _rows(["a", "b", "d", "m", "k"], ["1", "2", "4", "6", "7"], 8, seed=0)
+    parent = parent.set_column(2, "modality", pa.array(["text"] * 4 + ["vision"]))
+    errors = pa.table({"id": ["e", "gone", "f"], "uri": ["/c/e", "/c/g", "/c/f"],
+                       "fingerprint": ["5", "9", "8"], "error": ["bad", "bad", "bad"]})  # fmt: skip
+    # a same, b changed, c added, d deleted, m moved, k relabelled, e failed again (kept),
+    # f failed with a new fingerprint (retried), gone deleted.
+    listing = pa.table(
+        {
+            "id": ["a", "b", "c", "m", "k", "e", "f"],
+            "uri": ["/c/a", "/c/b", "/c/c", "/new/m", "/c/k", "/new/e", "/c/f"],
+            "modality": ["text"] * 4 + ["thermal", "text", "text"],
+            "fingerprint": ["1", "2x", "3", "6", "7", "5", "8x"],
+        }
+    )
+    row_files, err_files = _write_parent(tmp_path / "parent", parent, errors, files=2)
+    want = diff_listing(listing, parent, errors, full=full)
+    got = diff_on_ray(listing, row_files, err_files, LocalFileSystem(), full=full, num_partitions=3)
+    for k in ("added", "changed", "deleted", "retried", "reembedded", "relocated"):
+        assert getattr(got, k) == getattr(want, k), k
+    assert got.carried_rows == want.carried.num_rows
+    assert got.failed_kept == want.carried_errors.num_rows
+    assert got.to_embed.equals(want.to_embed) and got.classes == want.classes
+    if not full:
+        assert want.classes == ["changed", "added", "changed", "retried"]
+        assert (want.deleted, want.relocated, got.carried_rows, got.failed_kept) == (2, 2, 2, 1)
+    carry_on_ray(row_files, LocalFileSystem(), str(tmp_path / "out"), got.drop_ids, got.moved)
+    carry_on_ray(err_files, LocalFileSystem(), str(tmp_path / "oute"), got.drop_ids, got.moved)
+    carried, kept = _read(tmp_path / "out"), _read(tmp_path / "oute")
+    if full:
+        # Nothing survives: Ray Data writes no file (or empty ones).
+        assert all(t is None or t.num_rows == 0 for t in (carried, kept))
+        return
+    # Bit-identical rows, relocated uris updated, the kept failure carried with its new uri.
+    assert carried.equals(want.carried.sort_by("id"))
+    assert carried.column("uri").to_pylist() == ["/c/a", "/new/m"]
+    assert kept.equals(want.carried_errors.sort_by("id"))
+    assert kept.column("uri").to_pylist() == ["/new/e"]
+
+
+def _peak_rss_reset() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM, the peak resident set, to the current RSS
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(field)
+
+
+def test_ray_diff_driver_holds_only_the_change(ray_session, tmp_path, monkeypatch):
+    """A parent of 24k rows x 1024 float32 (~100 MB) against a driver budget of a quarter of
+    that: the driver receives only the rows of the change, and its peak RSS grows by less
+    than the budget while the diff and the carry-forward run."""
+    n, dim, files = 24_000, 1024, 8
+    ids = [f"i{k:06d}" for k in range(n)]
+    parent = _rows(ids, ["f"] * n, dim, seed=1)
+    row_files, _ = _write_parent(tmp_path / "parent", parent, None, files=files)
+    parent_bytes = parent.nbytes
+    del parent
+    changed, deleted, added = ids[:100], set(ids[100:150]), [f"new{k}" for k in range(50)]
+    keep = [i for i in ids if i not in deleted]
+    listing = pa.table(
+        {
+            "id": keep + added,
+            "uri": [f"/c/{i}" for i in keep + added],
+            "modality": ["text"] * (len(keep) + len(added)),
+            "fingerprint": ["g" if i in changed[:100] else "f" for i in keep] + ["f"] * 50,
+        }
+    )
+    received: list[pa.Table] = []
+    collect = pdiff._collect
+
+    def spy(ds):
+        out = collect(ds)
+        received.extend(out)
+        return out
+
+    monkeypatch.setattr(pdiff, "_collect", spy)
+    # Warm-up on a small input: Ray Data's, polars' and the join's one-time imports and
+    # worker start are not what this test bounds.
+    diff_on_ray(listing.slice(0, 10), row_files[:1], [], LocalFileSystem(), num_partitions=2)
+    received.clear()
+    _peak_rss_reset()
+    base = _rss_kb("VmRSS")
+    d = diff_on_ray(listing, row_files, [], LocalFileSystem(), num_partitions=4, parent_count=n)
+    carry_on_ray(row_files, LocalFileSystem(), str(tmp_path / "out"), d.drop_ids, d.moved)
+    growth = (_rss_kb("VmHWM") - base) * 1024
+    assert (d.changed, d.deleted, d.added, d.carried_rows) == (100, 50, 50, n - 150)
+    got = sum(t.num_rows for t in received)
+    # Two summary rows a block (carried, failed_kept) plus the 200 rows of the change.
+    assert got <= 200 + 8 * 64, got
+    assert all("embedding" not in t.column_names for t in received)
+    assert d.carried is None and d.to_embed.num_rows == 150
+    assert growth < parent_bytes / 4, (growth, parent_bytes)
+    out = _read(tmp_path / "out")
+    assert out.num_rows == n - 150
+    assert set(out.column("id").to_pylist()) == set(keep) - set(changed)
+
+
+def test_reindex_with_the_diff_on_ray(ray_session, s3_server, tmp_path):
+    """End to end on S3 with `index.diff_on_ray_rows: 0`: counts, nothing unchanged
+    re-embedded, carried rows bit-identical, the kept failure carried, the record says so."""
+    bucket = s3_server.create_bucket(f"rd-{uuid.uuid4().hex[:8]}")
+    corpus = make_corpus(s3_server, bucket)
+    root = f"s3://{bucket}/index"
+    trace = str(tmp_path / "trace.txt")
+    cfg = config(s3_server, corpus, root, trace, **{"index.diff_on_ray_rows": 0})
+    so = s3_server.storage_options
+    r1 = reindex(cfg)
+    assert r1.status == "published" and r1.counts["failed"] == 1
+    _, v1 = version_rows(root, so)
+    v1 = by_id(v1)
+    corpus.put("txt/cap1.txt", b"a changed caption")
+    corpus.rm("txt/cap4.txt")
+    corpus.put("txt/cap9.txt", b"a new caption")
+    before = len(traced(trace))
+    r2 = reindex(cfg)
+    assert r2.status == "published"
+    assert {k: r2.counts[k] for k in ("added", "changed", "deleted", "carried", "failed_kept")} == {
+        "added": 1,
+        "changed": 1,
+        "deleted": 1,
+        "carried": 6,
+        "failed_kept": 1,
+    }
+    assert sorted(traced(trace)[before:]) == ["txt/cap1.txt", "txt/cap9.txt"]
+    name, rows = version_rows(root, so)
+    v2 = by_id(rows)
+    carried = set(v1) - {"txt/cap1.txt", "txt/cap4.txt"}
+    assert set(v2) == carried | {"txt/cap1.txt", "txt/cap9.txt"}
+    for i in carried:
+        assert v2[i] == v1[i], f"{i} not carried bit-identically"
+    from pipelines.publish import IndexRoot
+
+    assert IndexRoot(root, so).read_record(name)["diff"] == "ray"
+    assert reindex(cfg).status == "unchanged"
