@@ -373,6 +373,12 @@ class AppArgs(BaseModel):
     index_uri: str | None = Field(
         default=None, description="A published index; enables POST /v1/search."
     )
+    search_groups: int = Field(
+        default=1,
+        ge=1,
+        description="Search deployments the index shards are spread over (group g serves "
+        "shards s with s % search_groups == g); above 1 a `search` fan-out merges them.",
+    )
 
     _split_modalities = field_validator("modalities", "s3_allowed_prefixes", mode="before")(
         _split_csv
