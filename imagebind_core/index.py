@@ -198,7 +198,7 @@ class IndexOptions:
     nlist: int | None = None
     nprobe: int = 32
     pq_m: int = 64
-    rerank: int = 0
+    rerank: int = 10
     shards: int = 1
     retrain_growth: float = 4.0
     retrain_drift: float = 0.05

@@ -102,7 +102,7 @@ class IndexSettings(BaseModel):
     nprobe: int = Field(32, ge=1, description="IVF lists searched per query.")
     pq_m: int = Field(64, ge=1, description="IVF-PQ code bytes per vector.")
     rerank: int = Field(
-        0,
+        10,
         ge=0,
         description="IVF-PQ: re-score rerank x top_k candidates with stored float vectors "
         "(0: off, no float vectors stored).",

@@ -25,7 +25,7 @@ MODS = ["vision", "text", "audio"]
 # Small thresholds so a few thousand vectors exercise every kind.
 FLAT = {"flat_threshold": 10**9}
 IVF = {"flat_threshold": 100, "pq_threshold": 10**9, "nprobe": 4}
-IVFPQ = {"flat_threshold": 100, "pq_threshold": 200, "pq_m": 16, "nprobe": 4}
+IVFPQ = {"flat_threshold": 100, "pq_threshold": 200, "pq_m": 16, "nprobe": 4, "rerank": 0}
 RERANK = {**IVFPQ, "rerank": 4}
 
 
