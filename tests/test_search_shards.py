@@ -321,6 +321,144 @@ def test_fan_out_pins_one_version(tmp_path):
         asyncio.run(fan_out([a, b_gone], [1.0], 2, None))
 
 
+@pytest.mark.parametrize("opts", [FLAT, IVF, IVFPQ, RERANK], ids=["flat", "ivf", "ivfpq", "rr"])
+def test_items_and_stored_vectors_by_id_in_every_shard(opts, tmp_path):
+    """`item` and `vector_of` find an id in its shard, built or loaded, in every index kind:
+    the exact vector where the index keeps one, the PQ decoding otherwise; a replica holding
+    other shards answers None. The saved files stay updatable (no label map in them)."""
+    ids, emb = corpus(600, seed=21)
+    t = table(ids, emb)
+    mods = t.column("modality").to_pylist()
+    built = VectorIndex.from_table(t, shards=3, **opts)
+    built.save(str(tmp_path / "v1"))
+    loaded = VectorIndex.load(str(tmp_path / "v1"))
+    for index in (built, loaded):
+        for j in (0, 17, 298, 599):
+            assert index.item(ids[j]) == {
+                "id": ids[j],
+                "uri": f"s3://corpus/{ids[j]}",
+                "modality": mods[j],
+            }
+            got = index.vector_of(ids[j])
+            assert got.dtype == np.float32 and got.shape == (DIM,)
+            if opts is IVFPQ:  # PQ codes only: the decoding of the vector's code
+                label = int(labels_of([ids[j]])[0])
+                part = index.shards[label % 3].parts[mods[j]].index
+                want = part.sa_decode(part.sa_encode(emb[j : j + 1]))[0]
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+            else:
+                np.testing.assert_allclose(got, emb[j], rtol=1e-5, atol=1e-6)
+                hits = {h["id"]: h["score"] for h in index.search(got, 10)}
+                assert hits.get(ids[j]) == pytest.approx(1.0, abs=1e-5), (j, hits)
+        assert index.item("nope") is None and index.vector_of("nope") is None
+    one = VectorIndex.load(str(tmp_path / "v1"), shards=[1])
+    for j in range(40):
+        held = int(labels_of([ids[j]])[0]) % 3 == 1
+        assert (one.item(ids[j]) is not None) == held
+        assert (one.vector_of(ids[j]) is not None) == held
+    ids2, emb2 = ids[:5], mixture(5, 23)
+    update_index(
+        str(tmp_path / "v2"),
+        parent_uri=str(tmp_path / "v1"),
+        upserts=table(ids2, emb2, mods[:5]),
+        deletes=ids[5:10],
+        all_rows=lambda: pytest.fail("an update must not rebuild"),
+        options=IndexOptions(shards=3, **opts),
+    )
+    two = VectorIndex.load(str(tmp_path / "v2"))
+    assert two.item(ids[7]) is None and two.count == 595
+    if opts is not IVFPQ:
+        np.testing.assert_allclose(two.vector_of(ids[2]), emb2[2], rtol=1e-5, atol=1e-6)
+
+
+def publish_version(root: str, version: int, t: pa.Table, **opts) -> VectorIndex:
+    """Build `t`'s index, stage it with a version record and publish it at `root`."""
+    import uuid
+
+    from imagebind_core.index import INDEX_DIR, Pointer
+    from pipelines.publish import IndexRoot, version_name
+
+    ir = IndexRoot(root)
+    index = VectorIndex.from_table(t, **opts)
+    _, etag = ir.latest()
+    name = version_name(version, uuid.uuid4().hex[:6])
+    index.save(f"{ir.version_uri(name)}/{INDEX_DIR}")
+    ir.write_record(
+        name,
+        {
+            "version": version,
+            "counts": {"added": t.num_rows},
+            "created_at": "2026-01-01",
+            "parent": None,
+        },
+    )
+    ir.publish(Pointer(version, name, "2026-01-01T00:00:00+00:00"), etag)
+    return index
+
+
+class _Handle:
+    """A stand-in for a Serve handle to a search group: `handle.<method>.remote(...)` runs
+    the group's core method."""
+
+    def __init__(self, core) -> None:
+        self.calls: list[tuple] = []
+        self._methods = {
+            "search_group": core.search_version,
+            "lookup_group": core.lookup,
+            "info": core.info_sync,
+        }
+
+    def __getattr__(self, name: str):
+        fn = self._methods[name]
+
+        async def remote(*args):
+            self.calls.append((name, *args))
+            return fn(*args)
+
+        return type("Method", (), {"remote": staticmethod(remote)})
+
+
+@pytest.mark.parametrize("opts", [IVF, RERANK], ids=["ivf", "rr"])
+def test_similar_and_item_with_two_groups_equal_one(opts, tmp_path):
+    """`similar`, `item` and the version record of `info` answer the same from the fan-out
+    over two groups as from one core holding every shard; the vector comes from the group
+    that holds the id's shard, the search is pinned to its version."""
+    from serve.search import SearchFanout, SearchIndexCore, group_of
+
+    root = str(tmp_path / "root")
+    ids, emb = corpus(600, seed=31)
+    publish_version(root, 1, table(ids, emb), shards=4, **opts)
+    single = SearchIndexCore(root, poll_interval_s=0)
+    cores = [SearchIndexCore(root, poll_interval_s=0, group=g, groups=2) for g in range(2)]
+    handles = [_Handle(c) for c in cores]
+    fanout = SearchFanout.func_or_class(handles)
+    owners = {group_of(i, 4, 2) for i in ids[:20]}
+    assert owners == {0, 1}
+    for i in ids[:20]:
+        for mod in (None, "text"):
+            got = asyncio.run(fanout.similar(i, 10, mod))
+            assert got == single.similar_sync(i, 10, mod)
+        assert asyncio.run(fanout.item(i)) == single.item_sync(i)
+        assert single.item_sync(i)["version"] == 1
+    # the vector was read from the owning group only; every search was pinned to version 1
+    name = single.info_sync()["name"]
+    for g, h in enumerate(handles):
+        looked = [c[1] for c in h.calls if c[0] == "lookup_group" and c[2] is None]
+        pinned = [c[1] for c in h.calls if c[0] == "lookup_group" and c[2] is not None]
+        assert all(group_of(i, 4, 2) == g for i in pinned)
+        assert all(c[4] == name for c in h.calls if c[0] == "search_group")
+        assert looked or pinned
+    with pytest.raises(KeyError):
+        asyncio.run(fanout.similar("nope", 5, None))
+    assert asyncio.run(fanout.item("nope")) is None and single.item_sync("nope") is None
+    with pytest.raises(KeyError):
+        single.similar_sync("nope", 5)
+    info, one = asyncio.run(fanout.info()), single.info_sync()
+    for k in ("version", "name", "count", "dim", "modalities", "counts", "created_at", "parent"):
+        assert info[k] == one[k], k
+    assert one["counts"] == {"added": 600}
+
+
 def test_serve_fan_out_over_two_groups(ray_session, tmp_path):
     """`search_groups: 2` as the app deploys it: the `search` fan-out over two group
     deployments answers as one index, names bad input, and follows a new version."""
@@ -365,6 +503,14 @@ def test_serve_fan_out_over_two_groups(ray_session, tmp_path):
             assert got == one.search(q, 10)
         info = handle.info.remote().result()
         assert info["count"] == 600 and [g["shards"] for g in info["groups"]] == [[0, 2], [1, 3]]
+        for i in ids[:4]:
+            want = one.search(one.vector_of(i), 5)
+            assert handle.similar.remote(i, 5, None).result() == want
+            assert handle.item.remote(i).result() == {**one.item(i), "version": 1}
+        assert handle.item.remote("nope").result() is None
+        with pytest.raises(RayTaskError) as e:
+            handle.similar.remote("nope", 5, None).result()
+        assert isinstance(e.value.cause, KeyError)
         with pytest.raises(RayTaskError) as e:
             handle.search.remote([1.0] * 5, 10, None).result()
         assert isinstance(e.value.cause, InvalidInput) and e.value.cause.modality == "vector"
