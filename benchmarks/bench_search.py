@@ -1,105 +1,292 @@
-"""Search latency of the vector index at 100k vectors of dimension 1024.
+"""Search and update of the vector index on synthetic clustered vectors (D = 1024).
 
-    .venv/bin/python benchmarks/bench_search.py [--n 100000] [--dim 1024] [--queries 500]
+    .venv/bin/python benchmarks/bench_search.py --n 250000 [--nlist 1024] [--queries 200]
 
-Builds, from the same synthetic clustered unit vectors (a mixture of overlapping Gaussians:
-real embeddings cluster; pure noise would be the worst case for any inverted-file index),
-the exact flat index
-(the baseline) and the IVF-Flat index `imagebind_core.index.VectorIndex` builds for large
-modalities, then times single-query searches (what one `/v1/search` request does) and prints
-p50/p99 latency, speed-up against exact search and recall@10 against exact search, plus a
-modality-filtered search. Absolute numbers depend on the machine; compare the ratios.
+Builds, from synthetic clustered unit vectors (a mixture of overlapping Gaussians: real
+embeddings cluster; pure noise would be the worst case for any inverted-file index), the
+IVF-PQ index `imagebind_core.index.VectorIndex` uses for large modalities (with re-ranking
+vectors stored), saves it, and reports:
+
+- build time, and the index files' bytes (PQ codes + ids + quantizer, rows, re-ranking
+  vectors) against the raw float32 vectors (N x D x 4);
+- single-query latency p50/p99 on `--threads` FAISS threads (one core by default) and
+  recall@10 against exact search, per nprobe and re-rank factor;
+- the resident memory of a fresh process that loads the saved index (what one search replica
+  holds; the re-ranking vectors are memory-mapped and counted once touched);
+- an update with `--change` items changed (half re-embedded, half new) and as many deleted:
+  time, bytes written and recall afterwards (tests/test_search_shards.py checks that shards
+  merge to one index's answer and that an update keeps a rebuild's recall).
+
+Queries are fresh points of the same mixture (not stored items), the hard case for IVF.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
 
 import numpy as np
+import pyarrow as pa
 
-from imagebind_core.index import VectorIndex
-
-
-def sample(centres: np.ndarray, n: int, spread: float, rng: np.random.Generator) -> np.ndarray:
-    """n unit vectors from a Gaussian mixture around `centres` (spread 1: noise as large as
-    the centre, so clusters overlap)."""
-    x = centres[rng.integers(0, len(centres), n)]
-    x = x + spread * rng.standard_normal(x.shape, dtype=np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+from imagebind_core.index import IndexOptions, VectorIndex, update_index
 
 
-def time_queries(index: VectorIndex, queries: np.ndarray, top_k: int, modality: str | None):
-    lat, results = [], []
+def sample(centres: np.ndarray, n: int, spread: float, seed: int) -> np.ndarray:
+    """n unit float32 vectors from a Gaussian mixture around `centres` (made in blocks)."""
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, centres.shape[1]), np.float32)
+    for s in range(0, n, 65_536):
+        m = min(65_536, n - s)
+        x = centres[rng.integers(0, len(centres), m)]
+        x = x + spread * rng.standard_normal(x.shape, dtype=np.float32)
+        out[s : s + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+
+def table(ids: list[str], x: np.ndarray) -> pa.Table:
+    return pa.table(
+        {
+            "id": pa.array(ids, pa.string()),
+            "uri": pa.array([f"s3://corpus/{i}" for i in ids], pa.string()),
+            "modality": pa.array(["vision"] * len(ids), pa.string()),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1]),
+        }
+    )
+
+
+def exact_top(x: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int) -> list[set]:
+    out = []
+    for q in queries:
+        s = x @ q
+        top = np.argpartition(-s, k)[:k]
+        out.append(set(ids[top].tolist()))
+    return out
+
+
+def time_queries(index: VectorIndex, queries: np.ndarray, k: int):
+    lat, got = [], []
     for q in queries:
         t = time.perf_counter()
-        hits = index.search(q, top_k, modality)
+        hits = index.search(q, k)
         lat.append(time.perf_counter() - t)
-        results.append([h["id"] for h in hits])
-    return np.array(lat) * 1e3, results
+        got.append({h["id"] for h in hits})
+    return np.array(lat) * 1e3, got
 
 
-def recall(approx: list[list[str]], exact: list[list[str]]) -> float:
-    return float(
-        np.mean([len(set(a) & set(e)) / len(e) for a, e in zip(approx, exact, strict=True)])
+def recall(got: list[set], want: list[set]) -> float:
+    return float(np.mean([len(g & w) / len(w) for g, w in zip(got, want, strict=True)]))
+
+
+def du(path: str) -> dict[str, int]:
+    """Bytes under `path` by kind of file."""
+    out = {"faiss": 0, "rows": 0, "rerank_vectors": 0, "other": 0}
+    for d, _, files in os.walk(path):
+        for f in files:
+            n = os.path.getsize(os.path.join(d, f))
+            key = (
+                "faiss"
+                if f.endswith(".faiss") or f.endswith(".labels.npy")
+                else "rows"
+                if f == "rows.parquet"
+                else "rerank_vectors"
+                if f.endswith(".vectors.npy")
+                else "other"
+            )
+            out[key] += n
+    return out
+
+
+REPLICA = """
+import json, sys, numpy as np, faiss, pyarrow.parquet
+from imagebind_core.index import VectorIndex
+def rss():
+    with open("/proc/self/status") as f:
+        st = dict(line.split(":", 1) for line in f)
+    return {k: int(st[k].split()[0]) for k in ("VmRSS", "RssAnon", "RssFile")}
+before = rss()
+index = VectorIndex.load(sys.argv[1])
+loaded = rss()
+for v in np.load(sys.argv[2]):
+    index.search(v, 10)
+print(json.dumps({"before": before, "loaded": loaded, "queried": rss()}))
+"""
+
+
+def replica_memory(path: str, queries: np.ndarray, rerank: int) -> dict:
+    """Peak RSS of a fresh process that loads the index and runs the queries."""
+    qfile = os.path.join(path, "..", "queries.npy")
+    np.save(qfile, queries)
+    meta = os.path.join(path, "meta.json")
+    with open(meta) as f:
+        doc = json.load(f)
+    doc["options"]["rerank"] = rerank
+    with open(meta, "w") as f:
+        json.dump(doc, f)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run(
+        [sys.executable, "-c", REPLICA, path, qfile], capture_output=True, text=True, env=env
     )
+    if out.returncode:
+        raise RuntimeError(out.stderr)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--n", type=int, default=100_000)
+    p.add_argument("--n", type=int, default=250_000)
     p.add_argument("--dim", type=int, default=1024)
-    p.add_argument("--queries", type=int, default=500)
+    p.add_argument("--queries", type=int, default=200)
     p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--nlist", type=int, default=None, help="IVF lists (default ~4 sqrt(n))")
     p.add_argument("--nprobe", type=int, nargs="+", default=[16, 32, 64])
+    p.add_argument("--rerank", type=int, nargs="+", default=[0, 4, 10])
+    p.add_argument("--pq-m", type=int, default=64)
     p.add_argument("--clusters", type=int, default=1000)
     p.add_argument("--spread", type=float, default=1.0)
-    p.add_argument(
-        "--threads", type=int, default=1, help="FAISS OpenMP threads (a replica's CPU share)"
-    )
+    p.add_argument("--change", type=int, default=1000, help="items changed in the update")
+    p.add_argument("--threads", type=int, default=1, help="FAISS threads while searching")
+    p.add_argument("--dir", default=None, help="scratch folder (default: a temporary one)")
     a = p.parse_args()
     import faiss
 
-    faiss.omp_set_num_threads(a.threads)
+    work = a.dir or tempfile.mkdtemp(prefix="bench-search-")
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((a.clusters, a.dim), dtype=np.float32)
-    x = sample(centres, a.n, a.spread, rng)
-    ids = [f"item-{i}" for i in range(a.n)]
-    mods = ["vision" if i % 4 else "text" for i in range(a.n)]  # 75% vision, 25% text
-    # Queries: fresh points of the same mixture (not stored items), the hard case for IVF.
-    queries = sample(centres, a.queries, a.spread, rng)
-    print(f"n={a.n} dim={a.dim} queries={a.queries} top_k={a.top_k} threads={a.threads}")
-
-    t = time.perf_counter()
-    flat = VectorIndex.build(ids, ids, mods, x, flat_threshold=a.n + 1)
-    print(f"build exact flat: {time.perf_counter() - t:.1f} s")
-    t = time.perf_counter()
-    ivf = VectorIndex.build(ids, ids, mods, x)
+    x = sample(centres, a.n, a.spread, seed=1)
+    ids = np.array([f"item-{i}" for i in range(a.n)], dtype=object)
+    queries = sample(centres, a.queries, a.spread, seed=2)
+    raw = a.n * a.dim * 4
     print(
-        # a modality below the index's flat threshold stays exact (a flat index has no lists)
-        f"build IVF-Flat ({ {m: getattr(p.index, 'nlist', 'flat') for m, p in ivf.parts.items()} }"
-        " lists): "
-        f"{time.perf_counter() - t:.1f} s"
+        f"n={a.n} dim={a.dim} raw={raw / 2**20:.0f} MiB queries={a.queries} "
+        f"threads={a.threads} cpus={os.cpu_count()}"
+    )
+    opts = dict(
+        flat_threshold=1, pq_threshold=1, nlist=a.nlist, pq_m=a.pq_m, rerank=max(a.rerank) or 0
+    )
+    t0 = time.perf_counter()
+    rows = table(ids.tolist(), x)
+    v1 = os.path.join(work, "v1")
+    r = update_index(
+        v1,
+        parent_uri=None,
+        upserts=rows,
+        deletes=[],
+        all_rows=lambda: rows,
+        options=IndexOptions(**opts),
+    )
+    build_s = time.perf_counter() - t0
+    sizes = du(v1)
+    print(
+        f"build (train + add + save): {build_s:.1f} s  "
+        f"kinds={ {m: p.kind for m, p in r.parts.items()} }"
+    )
+    print(
+        "index bytes: "
+        + ", ".join(
+            f"{k} {v / 2**20:.1f} MiB ({100 * v / raw:.1f}% of raw)" for k, v in sizes.items()
+        )
     )
 
-    for filt in (None, "text"):
-        lat0, exact = time_queries(flat, queries, a.top_k, filt)
-        p50_0, p99_0 = np.percentile(lat0, [50, 99])
-        label = f"filter={filt}"
-        print(f"[{label}] exact flat      p50 {p50_0:7.2f} ms  p99 {p99_0:7.2f} ms  (baseline)")
+    index = VectorIndex.load(v1)
+    print(f"training: {json.dumps(index.training)}")
+    exact = exact_top(x, ids, queries, a.top_k)
+    faiss.omp_set_num_threads(a.threads)
+    results = []
+    for rerank in a.rerank:
         for nprobe in a.nprobe:
-            ivf.nprobe = nprobe
-            lat, got = time_queries(ivf, queries, a.top_k, filt)
+            index.options = dataclasses.replace(index.options, nprobe=nprobe, rerank=rerank)
+            lat, got = time_queries(index, queries, a.top_k)
             p50, p99 = np.percentile(lat, [50, 99])
-            print(
-                f"[{label}] IVF nprobe={nprobe:<4d} p50 {p50:7.2f} ms  p99 {p99:7.2f} ms  "
-                f"speed-up p50 x{p50_0 / p50:5.1f}  recall@{a.top_k} {recall(got, exact):.3f}"
+            rec = recall(got, exact)
+            results.append(
+                {"rerank": rerank, "nprobe": nprobe, "p50_ms": p50, "p99_ms": p99, "recall": rec}
             )
-    # Self-retrieval: an item's own vector returns it first (exact at any nprobe).
-    ivf.nprobe = 1
-    own = rng.integers(0, a.n, 200)
-    ok = sum(ivf.search(x[i], 1)[0]["id"] == ids[i] for i in own)
-    print(f"self-retrieval at nprobe=1: {ok}/{len(own)} first")
+            print(
+                f"rerank={rerank:<3d} nprobe={nprobe:<4d} p50 {p50:7.2f} ms  p99 {p99:7.2f} ms"
+                f"  recall@{a.top_k} {rec:.3f}"
+            )
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+
+    for rerank in sorted({0, max(a.rerank)}):
+        mem = replica_memory(v1, queries, rerank)
+        b, q = mem["before"], mem["queried"]
+        anon, file_ = q["RssAnon"] - b["RssAnon"], q["RssFile"] - b["RssFile"]
+        print(
+            f"replica RSS growth (rerank={rerank}, after load + queries): "
+            f"anonymous {anon / 1024:.0f} MiB ({anon * 1024 / raw * 100:.1f}% of raw), "
+            f"file-backed (mapped re-rank vectors) {file_ / 1024:.0f} MiB"
+        )
+
+    # The update: change/2 re-embedded, change/2 new, change deleted.
+    half = a.change // 2
+    upd = np.random.default_rng(3).permutation(a.n)
+    changed, deleted = upd[:half], upd[half : half + a.change]
+    new_x = sample(centres, a.change - half, a.spread, seed=4)
+    ch_x = sample(centres, half, a.spread, seed=5)
+    new_ids = [f"new-{i}" for i in range(a.change - half)]
+    upserts = table(ids[changed].tolist() + new_ids, np.vstack([ch_x, new_x]))
+    x2 = x.copy()
+    x2[changed] = ch_x
+    keep = np.ones(a.n, bool)
+    keep[deleted] = False
+    x2 = np.vstack([x2[keep], new_x])
+    ids2 = np.concatenate([ids[keep], np.array(new_ids, dtype=object)])
+    v2 = os.path.join(work, "v2")
+    t0 = time.perf_counter()
+    r2 = update_index(
+        v2,
+        parent_uri=v1,
+        upserts=upserts,
+        deletes=ids[deleted].tolist(),
+        all_rows=None,
+        options=index.options,
+    )
+    upd_s = time.perf_counter() - t0
+    written = sum(du(v2).values())
+    print(
+        f"update ({a.change} changed: {half} re-embedded, {a.change - half} new; "
+        f"{a.change} deleted): mode={r2.mode} {upd_s:.1f} s, wrote {written / 2**20:.1f} MiB "
+        f"({100 * written / raw:.1f}% of raw)"
+    )
+    exact2 = exact_top(x2, ids2, queries, a.top_k)
+    updated = VectorIndex.load(v2)
+    faiss.omp_set_num_threads(a.threads)
+    for rerank in sorted({0, max(a.rerank)}):
+        updated.options = dataclasses.replace(updated.options, nprobe=32, rerank=rerank)
+        _, got = time_queries(updated, queries, a.top_k)
+        print(
+            f"after update, rerank={rerank} nprobe=32: recall@{a.top_k} {recall(got, exact2):.3f}"
+        )
+    del updated, index
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    print(
+        f"peak RSS of this process: "
+        f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB"
+    )
+    print(
+        "RESULTS "
+        + json.dumps(
+            {
+                "n": a.n,
+                "dim": a.dim,
+                "build_s": build_s,
+                "sizes": sizes,
+                "search": results,
+                "update_s": upd_s,
+                "update_written": written,
+            }
+        )
+    )
+    if not a.dir:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

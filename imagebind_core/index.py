@@ -15,31 +15,47 @@ another, never a mix. Writing (staging, compare-and-swap of the pointer, retenti
 ``pipelines.publish``; this module is the part both the pipelines (build) and the endpoint
 (search) need, so it sits in the core and imports no Ray.
 
-The vector index is FAISS (see docs/reindex.md for the Lance/LanceDB comparison): one index
-per modality value, so a modality filter searches only that modality's vectors and an
-unfiltered search merges the per-modality top-k exactly. Modalities with fewer than
-``flat_threshold`` vectors use an exact inner-product index; larger ones an inverted-file
-index (IVF-Flat) with unquantised vectors. Vectors are L2-normalised, so scores are cosine
-similarities. IVF-Flat has a property the tests rely on: a stored vector is filed under its
-nearest centroid, and the same vector as a query probes that centroid's list first, so an
-item's own embedding always finds itself with score 1.0 (an HNSW graph gives no such
-guarantee).
+The vector index is FAISS (see docs/reindex.md for the Lance/LanceDB comparison), split into
+`shards` shards by a 63-bit hash of the id (`labels_of`; shard = label % shards), each shard
+one FAISS index per modality, so a modality filter searches only that modality's vectors and
+an unfiltered search merges the per-modality top-k exactly. A modality's kind follows its
+size: below `flat_threshold` an exact inner-product index; up to `pq_threshold` an inverted
+file (IVF-Flat) with unquantised vectors; from there IVF-PQ (product-quantised codes, with
+optional exact re-ranking of the candidates from stored float vectors). All shards share one
+trained coarse quantizer and PQ codebooks per modality, so a shard holds exactly the entries
+one unsharded index would hold for its ids, and merging the shards' top-k (by score, then
+id) equals one index's search. Vectors are L2-normalised, so scores are cosine similarities.
+
+A new version's index is the parent's with the change applied (`update_index`: remove the
+labels of deleted and changed ids, add the new vectors with the parent's trained
+quantizer), not a rebuild; it is rebuilt only when a modality changes kind or its size
+leaves the retrain band (`IndexOptions.retrain_growth`).
+
+```
+<version>/index/meta.json                  format, dim, options, training record, shard list
+<version>/index/trained/<modality>.faiss   the empty trained IVF index (quantizer, codebooks)
+<version>/index/shard-NNNNN/rows.parquet   label, id, uri, modality of the shard's rows
+<version>/index/shard-NNNNN/<modality>.faiss         the shard's FAISS index
+<version>/index/shard-NNNNN/<modality>.vectors.npy   IVF-PQ re-ranking vectors (rerank > 0)
+<version>/index/shard-NNNNN/<modality>.labels.npy    their labels (sorted)
+```
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from imagebind_core.errors import InvalidInput
-from imagebind_core.io import StorageOptions, filesystem
+from imagebind_core.io import StorageOptions, filesystem, protocol_of
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +64,9 @@ VERSIONS_DIR = "versions"
 RECORD_NAME = "version.json"
 DATA_DIR = "data"
 INDEX_DIR = "index"
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2
+META_NAME = "meta.json"
+TRAINED_DIR = "trained"
 MAX_TOP_K = 1000
 # The values a row's `modality` column may hold: the six model inputs plus "video" (a clip
 # is encoded by the vision tower but may be stored under its own kind).
@@ -105,14 +123,24 @@ def read_version_record(version_uri: str, storage_options: StorageOptions | None
     return json.loads(fs.cat_file(path))
 
 
+_NORMALIZE_BLOCK = 65_536  # rows normalised at a time (bounds the float64 scratch copy)
+
+
 def _normalize(x: np.ndarray) -> np.ndarray:
     """Row-wise L2 normalisation (zero rows stay zero) -> float32.
 
     Computed in float64 after scaling each row by a power of two that brings its largest
     component near 1: a vector of magnitude ~1e308 (or ~1e-310) overflows (underflows) its own
     norm even in float64, which would turn every cosine score into 0. Scaling by a power of two
-    is exact, so in-range vectors get the same bits as without it.
+    is exact, so in-range vectors get the same bits as without it. Large inputs are processed
+    in blocks, so the float64 scratch space stays small.
     """
+    x = np.asarray(x)
+    if x.ndim == 2 and len(x) > _NORMALIZE_BLOCK:
+        out = np.empty(x.shape, np.float32)
+        for s in range(0, len(x), _NORMALIZE_BLOCK):
+            out[s : s + _NORMALIZE_BLOCK] = _normalize(x[s : s + _NORMALIZE_BLOCK])
+        return out
     x = np.asarray(x, dtype=np.float64)
     peak = np.abs(x).max(axis=1, keepdims=True) if x.size else np.zeros((len(x), 1))
     _, exp = np.frexp(np.where(np.isfinite(peak) & (peak > 0), peak, 1.0))
@@ -121,49 +149,499 @@ def _normalize(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x / np.maximum(norms, 1e-300), dtype=np.float32)
 
 
+def _rows_schema() -> Any:
+    import pyarrow as pa
+
+    return pa.schema([("id", pa.string()), ("uri", pa.string()), ("modality", pa.string())])
+
+
+def labels_of(ids: Sequence[str]) -> np.ndarray:
+    """The FAISS label of each id: the first 63 bits of its BLAKE2b hash, as int64.
+
+    Labels are stable across versions (an update removes and adds by label) and spread ids
+    evenly over shards (`label % shards`)."""
+    return np.fromiter(
+        (
+            int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8).digest(), "little") >> 1
+            for i in ids
+        ),
+        dtype=np.int64,
+        count=len(ids),
+    )
+
+
+@dataclass(frozen=True)
+class IndexOptions:
+    """How a version's vector index is laid out (docs/reindex.md, "The vector index").
+
+    Attributes:
+        flat_threshold: a modality with fewer vectors gets an exact flat index.
+        pq_threshold: a modality with at least `flat_threshold` but fewer than this many
+            vectors gets IVF-Flat (unquantised vectors); from this size on, IVF-PQ.
+        nlist: IVF lists (default about 4 * sqrt(n) at training time).
+        nprobe: IVF lists scanned per query (recall/latency trade-off).
+        pq_m: PQ code bytes per vector (subquantizers of 8 bits); the largest divisor of the
+            dimension not above it is used.
+        rerank: IVF-PQ only: re-score `rerank * top_k` PQ candidates with the exact float
+            vectors (stored next to the codes); 0 = PQ scores only, no float vectors kept.
+        shards: the index is split into this many shards by `label % shards`.
+        retrain_growth: an IVF modality is retrained (the version's index rebuilt) when its
+            size leaves [trained / g, trained * g], trained being its size at training.
+        retrain_drift: ... or when the vectors added since training fit the coarse quantizer
+            worse than the training sample did: their mean cosine to the nearest centroid
+            is lower by more than this (checked once they number at least
+            max(100, 1 % of trained)).
+    """
+
+    flat_threshold: int = 20_000
+    pq_threshold: int = 200_000
+    nlist: int | None = None
+    nprobe: int = 32
+    pq_m: int = 64
+    rerank: int = 10
+    shards: int = 1
+    retrain_growth: float = 4.0
+    retrain_drift: float = 0.05
+
+    def __post_init__(self) -> None:
+        for name in ("flat_threshold", "pq_threshold", "nprobe", "pq_m", "shards"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"index option {name} must be an integer >= 1, got {v!r}")
+        if self.nlist is not None and (not isinstance(self.nlist, int) or self.nlist < 1):
+            raise ValueError(f"index option nlist must be None or >= 1, got {self.nlist!r}")
+        if not isinstance(self.rerank, int) or self.rerank < 0:
+            raise ValueError(f"index option rerank must be an integer >= 0, got {self.rerank!r}")
+        if not self.retrain_drift >= 0:
+            raise ValueError(f"index option retrain_drift must be >= 0, got {self.retrain_drift}")
+        if not self.retrain_growth > 1:
+            raise ValueError(f"index option retrain_growth must be > 1, got {self.retrain_growth}")
+
+    def kind_for(self, n: int) -> str:
+        """The index kind of a modality with `n` vectors."""
+        if n < self.flat_threshold:
+            return "flat"
+        return "ivf" if n < self.pq_threshold else "ivfpq"
+
+    def layout(self) -> dict:
+        """The options an existing index must share for an update (others apply at search)."""
+        return {
+            "flat_threshold": self.flat_threshold,
+            "pq_threshold": self.pq_threshold,
+            "nlist": self.nlist,
+            "pq_m": self.pq_m,
+            "rerank_vectors": self.rerank > 0,
+            "shards": self.shards,
+        }
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _pq_shape(dim: int, pq_m: int, n_train: int) -> tuple[int, int]:
+    """(subquantizers, bits) for IVF-PQ: m the largest divisor of dim <= pq_m, 8 bits unless
+    the training sample is too small for 256 centroids per subquantizer."""
+    m = max(d for d in range(1, min(pq_m, dim) + 1) if dim % d == 0)
+    nbits = 8 if n_train >= 1024 else max(1, int(math.log2(max(2, n_train // 4))))
+    return m, nbits
+
+
+def _train(kind: str, x: np.ndarray, opts: IndexOptions) -> tuple[Any, dict]:
+    """An empty, trained IVF index of `kind` for vectors like `x` (all of a modality's
+    vectors; a seeded sample of them trains) and its training record."""
+    import faiss
+
+    n, dim = x.shape
+    nlist = opts.nlist or max(1, min(int(4 * math.sqrt(n)), n // 39))
+    nlist = min(nlist, n)
+    sample_n = min(n, max(40 * nlist, 16_384), 262_144)
+    sample = x
+    if sample_n < n:
+        pick = np.sort(np.random.default_rng(0).choice(n, sample_n, replace=False))
+        sample = x[pick]
+    quantizer = faiss.IndexFlatIP(dim)
+    info: dict[str, Any] = {"kind": kind, "trained_count": n, "nlist": nlist}
+    if kind == "ivf":
+        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    else:
+        m, nbits = _pq_shape(dim, opts.pq_m, len(sample))
+        index = faiss.IndexIVFPQ(quantizer, dim, nlist, m, nbits, faiss.METRIC_INNER_PRODUCT)
+        info.update(pq_m=m, pq_bits=nbits)
+    index.train(sample)
+    info.update(fit=round(float(_fit(index, sample).mean()), 6), added=0, added_fit=0.0)
+    # Through bytes: the returned index owns its quantizer (no Python reference to keep).
+    return faiss.deserialize_index(faiss.serialize_index(index)), info
+
+
+def _fit(index: Any, x: np.ndarray) -> np.ndarray:
+    """Each vector's cosine to its nearest coarse centroid of the IVF `index` (how well the
+    trained quantizer fits the vectors; the drift rule compares it with training time)."""
+    import faiss
+
+    d, _ = faiss.extract_index_ivf(index).quantizer.search(x, 1)
+    return d[:, 0]
+
+
+def _empty(kind: str, dim: int, template: Any | None) -> Any:
+    """An empty index of `kind`: flat, or a copy of the modality's trained IVF template."""
+    import faiss
+
+    if kind == "flat":
+        return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+    if template is None:
+        raise ValueError(f"an {kind} part needs its trained template")
+    return faiss.clone_index(template)
+
+
 @dataclass
 class _Part:
-    """One modality's FAISS index and the global row offset of its first vector."""
+    """One modality's FAISS index within a shard; `vectors` (rows in `vlabels` order, sorted)
+    are the float vectors kept for re-ranking IVF-PQ candidates."""
 
     index: Any
-    offset: int
-    count: int
     kind: str
+    vectors: np.ndarray | None = None
+    vlabels: np.ndarray | None = None
+
+    @property
+    def count(self) -> int:
+        return int(self.index.ntotal)
+
+    def address_by_label(self) -> None:
+        """Make an IVF index without re-ranking vectors reconstructible by label (`vector`):
+        a hash map label -> list entry, made once when the index is built or loaded, never
+        while searches run. It is left out of the saved index (`serialize`)."""
+        import faiss
+
+        if self.kind != "flat" and self.vectors is None:
+            self.index.set_direct_map_type(faiss.DirectMap.Hashtable)
+
+    def serialize(self) -> bytes:
+        """The FAISS index as bytes, without the label map of `address_by_label` (an update
+        removes labels in bulk, which a hash-mapped IVF index refuses)."""
+        import faiss
+
+        mapped = self.kind != "flat" and self.index.direct_map.type != faiss.DirectMap.NoMap
+        if not mapped:
+            return faiss.serialize_index(self.index).tobytes()
+        copy = faiss.clone_index(self.index)
+        copy.set_direct_map_type(faiss.DirectMap.NoMap)
+        return faiss.serialize_index(copy).tobytes()
+
+    def vector(self, label: int) -> np.ndarray:
+        """The stored vector of `label` (which this part must hold) as float32."""
+        if self.vectors is not None:
+            pos = int(np.searchsorted(self.vlabels, label))
+            return np.array(self.vectors[pos], dtype=np.float32)
+        return np.asarray(self.index.reconstruct(int(label)), dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class PartInfo:
+    """A modality's index kind and vector count (summed over the loaded shards)."""
+
+    kind: str
+    count: int
+
+
+class _Shard:
+    """The vectors whose `label % shards` is this shard's number: rows + per-modality parts."""
+
+    def __init__(self, labels: np.ndarray, rows: Any, parts: dict[str, _Part]) -> None:
+        self.labels = labels  # int64, sorted
+        self.rows = rows  # pyarrow Table (id, uri, modality) in label order
+        self.parts = parts
+
+    @property
+    def count(self) -> int:
+        return len(self.labels)
+
+    def row_of(self, label: int) -> int | None:
+        """The row of `label` in this shard, or None if the shard does not hold it."""
+        j = int(np.searchsorted(self.labels, label))
+        return j if j < len(self.labels) and int(self.labels[j]) == label else None
+
+    @classmethod
+    def build(
+        cls,
+        labels: np.ndarray,
+        rows: Any,
+        vecs: np.ndarray,
+        kinds: dict[str, str],
+        templates: dict[str, Any],
+        opts: IndexOptions,
+    ) -> _Shard:
+        """A shard from its rows (any order) and their normalised vectors."""
+        order = np.argsort(labels, kind="stable")
+        labels, vecs, rows = labels[order], vecs[order], rows.take(order)
+        shard = cls(labels, rows, {})
+        shard._add(
+            labels,
+            rows.column("modality").to_numpy(zero_copy_only=False),
+            vecs,
+            kinds,
+            templates,
+            opts,
+        )
+        return shard
+
+    def _add(self, labels, mods, vecs, kinds, templates, opts) -> None:
+        """Add vectors to the parts (labels/rows are maintained by the caller)."""
+        dim = vecs.shape[1]
+        for m in sorted(set(mods.tolist())):
+            sel = np.flatnonzero(mods == m)
+            part = self.parts.get(m)
+            if part is None:
+                part = _Part(_empty(kinds[m], dim, templates.get(m)), kinds[m])
+                if part.kind == "ivfpq" and opts.rerank:
+                    part.vectors = np.zeros((0, dim), np.float32)
+                    part.vlabels = np.zeros(0, np.int64)
+                self.parts[m] = part
+            x, lab = vecs[sel], labels[sel]
+            part.index.add_with_ids(x, lab)
+            if part.vectors is not None:
+                allv = np.concatenate([np.asarray(part.vectors), x])
+                alll = np.concatenate([part.vlabels, lab])
+                o = np.argsort(alll, kind="stable")
+                part.vectors, part.vlabels = np.ascontiguousarray(allv[o]), alll[o]
+
+    def apply(
+        self,
+        remove: np.ndarray,
+        add_labels: np.ndarray,
+        add_rows: Any,
+        add_vecs: np.ndarray,
+        kinds: dict[str, str],
+        templates: dict[str, Any],
+        opts: IndexOptions,
+    ) -> None:
+        """Remove the labels `remove` (absent ones are ignored), then add new rows."""
+        import faiss
+        import pyarrow as pa
+
+        if len(remove):
+            sel = faiss.IDSelectorBatch(np.ascontiguousarray(remove, dtype=np.int64))
+            for m in list(self.parts):
+                part = self.parts[m]
+                part.index.remove_ids(sel)
+                if part.vectors is not None:
+                    keep = ~np.isin(part.vlabels, remove)
+                    part.vectors = np.ascontiguousarray(np.asarray(part.vectors)[keep])
+                    part.vlabels = part.vlabels[keep]
+                if part.count == 0:
+                    del self.parts[m]
+            keep = ~np.isin(self.labels, remove)
+            self.labels = self.labels[keep]
+            self.rows = self.rows.filter(pa.array(keep))
+        if len(add_labels):
+            mods = add_rows.column("modality").to_numpy(zero_copy_only=False)
+            self._add(add_labels, mods, add_vecs, kinds, templates, opts)
+            labels = np.concatenate([self.labels, add_labels])
+            rows = pa.concat_tables(
+                [self.rows, add_rows.select(_rows_schema().names).cast(_rows_schema())]
+            )
+            order = np.argsort(labels, kind="stable")
+            self.labels, self.rows = labels[order], rows.take(order)
+
+    def search(
+        self, q: np.ndarray, top_k: int, modality: str | None, nprobe: int, rerank: int
+    ) -> list[dict]:
+        """This shard's top-k for the normalised (1, D) query, ordered by (-score, id)."""
+        if modality is None:
+            parts = list(self.parts.values())
+        else:
+            parts = [self.parts[modality]] if modality in self.parts else []
+        scores: list[np.ndarray] = []
+        labels: list[np.ndarray] = []
+        for part in parts:
+            k = top_k
+            if part.kind != "flat":
+                part.index.nprobe = min(nprobe, part.index.nlist)
+                if part.vectors is not None and rerank:
+                    k = top_k * rerank
+            d, i = part.index.search(q, min(k, part.count))
+            keep = i[0] >= 0
+            d, i = d[0][keep], i[0][keep]
+            if part.vectors is not None and rerank and len(i):
+                pos = np.searchsorted(part.vlabels, i)
+                exact = np.asarray(part.vectors[pos], np.float64) @ q[0].astype(np.float64)
+                d = exact.astype(np.float32)
+            scores.append(d)
+            labels.append(i)
+        if not scores:
+            return []
+        s = np.concatenate(scores)
+        pos = np.searchsorted(self.labels, np.concatenate(labels))
+        ids = self.rows.column("id").take(pos).to_pylist()
+        best = sorted(range(len(s)), key=lambda j: (-s[j], ids[j]))[:top_k]
+        picked = self.rows.take(pos[best])
+        return [
+            {"id": i, "uri": u, "modality": m, "score": float(s[j])}
+            for i, u, m, j in zip(
+                picked.column("id").to_pylist(),
+                picked.column("uri").to_pylist(),
+                picked.column("modality").to_pylist(),
+                best,
+                strict=True,
+            )
+        ]
+
+    def save(self, fs: Any, path: str) -> dict:
+        """Write the shard under `path`; returns its entry for the index's meta.json."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        fs.makedirs(path, exist_ok=True)
+        table = pa.table({"label": pa.array(self.labels, pa.int64())}).append_column(
+            "id", self.rows.column("id")
+        )
+        table = table.append_column("uri", self.rows.column("uri")).append_column(
+            "modality", self.rows.column("modality")
+        )
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        fs.pipe_file(f"{path}/rows.parquet", buf.getvalue())
+        parts = {}
+        for m, part in self.parts.items():
+            fs.pipe_file(f"{path}/{m}.faiss", part.serialize())
+            entry: dict[str, Any] = {"kind": part.kind, "count": part.count, "vectors": False}
+            if part.vectors is not None:
+                vbuf = io.BytesIO()
+                np.save(vbuf, np.asarray(part.vectors, np.float32))
+                fs.pipe_file(f"{path}/{m}.vectors.npy", vbuf.getvalue())
+                lbuf = io.BytesIO()
+                np.save(lbuf, part.vlabels)
+                fs.pipe_file(f"{path}/{m}.labels.npy", lbuf.getvalue())
+                entry["vectors"] = True
+            parts[m] = entry
+        return {"count": self.count, "parts": parts}
+
+    @classmethod
+    def load(cls, fs: Any, path: str, entry: dict, local: bool) -> _Shard:
+        """Read a shard written by `save`; re-ranking vectors are memory-mapped when local."""
+        import faiss
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(io.BytesIO(fs.cat_file(f"{path}/rows.parquet")))
+        labels = table.column("label").to_numpy()
+        rows = table.select(_rows_schema().names).cast(_rows_schema())
+        parts = {}
+        for m, p in entry["parts"].items():
+            blob = np.frombuffer(fs.cat_file(f"{path}/{m}.faiss"), dtype=np.uint8)
+            part = _Part(faiss.deserialize_index(blob), p["kind"])
+            if p.get("vectors"):
+                vpath = f"{path}/{m}.vectors.npy"
+                if local:
+                    part.vectors = np.load(vpath, mmap_mode="r")
+                else:
+                    part.vectors = np.load(io.BytesIO(fs.cat_file(vpath)))
+                part.vlabels = np.load(io.BytesIO(fs.cat_file(f"{path}/{m}.labels.npy")))
+            parts[m] = part
+        return cls(labels, rows, parts)
+
+
+def merge_hits(hit_lists: Sequence[list[dict]], top_k: int) -> list[dict]:
+    """The global top-k from per-shard top-k lists: by score, then id (the order every
+    shard uses, so the merge equals one index's search over the union)."""
+    merged = [h for hits in hit_lists for h in hits]
+    merged.sort(key=lambda h: (-h["score"], h["id"]))
+    return merged[:top_k]
+
+
+def check_query(vector: Any, top_k: Any, modality: Any, dim: int | None) -> np.ndarray:
+    """Validate a search request; returns the query as a normalised (1, D) float32 array.
+
+    Bad input (wrong length, non-finite or zero vector, top_k out of range, unknown modality)
+    raises InvalidInput naming the field. `dim` None skips the length check.
+    """
+    try:
+        q = np.asarray(vector, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise InvalidInput("vector", "must be a list of numbers") from None
+    if dim is not None and q.shape[0] != dim:
+        raise InvalidInput(
+            "vector", f"has {q.shape[0]} values; this index holds {dim}-d embeddings"
+        )
+    if not np.all(np.isfinite(q)) or not np.any(q):
+        raise InvalidInput("vector", "must be finite and not all zero")
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= MAX_TOP_K:
+        raise InvalidInput("top_k", f"must be an integer in [1, {MAX_TOP_K}], got {top_k!r}")
+    if modality is not None and str(modality) not in KNOWN_MODALITIES:
+        raise InvalidInput(
+            "modality", f"unknown modality filter {modality!r}; one of {KNOWN_MODALITIES}"
+        )
+    return _normalize(q[None, :])
+
+
+def _rows_table(ids: Any, uris: Any, modalities: Any) -> Any:
+    import pyarrow as pa
+
+    return pa.table(
+        {
+            "id": pa.array([str(i) for i in ids], pa.string()),
+            "uri": pa.array([str(u) for u in uris], pa.string()),
+            "modality": pa.array([str(m) for m in modalities], pa.string()),
+        },
+        schema=_rows_schema(),
+    )
+
+
+def _check_labels(labels: np.ndarray, ids: Any) -> None:
+    """Duplicate ids, or (vanishingly unlikely) two ids with one 63-bit label, are refused."""
+    uniq, counts = np.unique(labels, return_counts=True)
+    if len(uniq) == len(labels):
+        return
+    bad = uniq[counts > 1][0]
+    clash = sorted({str(ids[j]) for j in np.flatnonzero(labels == bad)})
+    if len(clash) == 1:
+        raise ValueError(f"duplicate id {clash[0]!r} in the index rows")
+    raise ValueError(f"ids {clash} hash to the same index label; rename one of them")
 
 
 class VectorIndex:
-    """Cosine-similarity search over (id, uri, modality) rows, one FAISS index per modality.
+    """Cosine-similarity search over (id, uri, modality) rows, split into shards by id hash,
+    one FAISS index per modality in each shard.
 
-    Build with `VectorIndex.build(...)`, persist with `save(uri)`, read with `load(uri)`.
-    Search is thread-safe (FAISS searches do not mutate the index).
+    Build with `VectorIndex.build(...)`, persist with `save(uri)`, read with `load(uri)`
+    (all shards, or the ones a search replica serves), update a saved index with
+    `update_index`. Search is thread-safe (FAISS searches do not mutate the index).
     """
 
     def __init__(
         self,
-        ids: np.ndarray,
-        uris: np.ndarray,
-        modalities: np.ndarray,
-        parts: dict[str, _Part],
+        shards: dict[int, _Shard],
         dim: int,
-        nprobe: int,
+        options: IndexOptions,
+        training: dict[str, dict],
+        templates: dict[str, Any],
     ) -> None:
-        self.ids = ids
-        self.uris = uris
-        self.modalities = modalities
-        self.parts = parts
+        self.shards = shards
         self.dim = dim
-        self.nprobe = nprobe
-        self._rows: dict[str, int] | None = None
-        for part in parts.values():
-            if part.kind == "ivf":
-                # An IVF list entry is addressable by id (`vector_of`) only through this map:
-                # one int64 per vector, made once here, never while searches run.
-                part.index.make_direct_map()
+        self.options = options
+        self.training = training
+        self.templates = templates
+        for shard in shards.values():
+            for part in shard.parts.values():
+                part.address_by_label()
+
+    @property
+    def nprobe(self) -> int:
+        return self.options.nprobe
 
     @property
     def count(self) -> int:
-        """Number of vectors in the index."""
-        return len(self.ids)
+        """Number of vectors in the loaded shards."""
+        return sum(s.count for s in self.shards.values())
+
+    @property
+    def parts(self) -> dict[str, PartInfo]:
+        """Kind and vector count per modality over the loaded shards."""
+        out: dict[str, PartInfo] = {}
+        for s in self.shards.values():
+            for m, p in s.parts.items():
+                prev = out.get(m)
+                out[m] = PartInfo(p.kind, p.count + (prev.count if prev else 0))
+        return dict(sorted(out.items()))
 
     @classmethod
     def build(
@@ -172,21 +650,10 @@ class VectorIndex:
         uris: Sequence[str],
         modalities: Sequence[str],
         embeddings: np.ndarray,
-        *,
-        flat_threshold: int = 20_000,
-        nlist: int | None = None,
-        nprobe: int = 32,
+        **options: Any,
     ) -> VectorIndex:
-        """Build from rows and their (N, D) embeddings.
-
-        Args:
-            flat_threshold: modalities with fewer vectors get an exact flat index.
-            nlist: IVF lists for larger modalities (default about 4 * sqrt(n), which keeps
-                lists a few hundred vectors long at 100k).
-            nprobe: IVF lists scanned per query (recall/latency trade-off, see docs).
-        """
-        import faiss
-
+        """Build from rows and their (N, D) embeddings; `options` are `IndexOptions` fields."""
+        opts = IndexOptions(**options)
         emb = np.asarray(embeddings)
         if emb.ndim != 2 or emb.shape[0] != len(ids):
             raise ValueError(
@@ -195,191 +662,376 @@ class VectorIndex:
         if not (len(ids) == len(uris) == len(modalities)):
             raise ValueError("ids, uris and modalities must have the same length")
         dim = int(emb.shape[1])
-        mods = np.asarray(modalities, dtype=object)
-        # Group rows by modality (stable), so each modality is one contiguous range.
-        order = np.argsort(mods, kind="stable")
-        ids_s = np.asarray(ids, dtype=object)[order]
-        uris_s = np.asarray(uris, dtype=object)[order]
-        mods_s = mods[order]
-        vecs = _normalize(emb[order]) if len(order) else np.zeros((0, dim), np.float32)
-        parts: dict[str, _Part] = {}
-        start = 0
-        for m in sorted(set(mods_s.tolist())):
-            n = int((mods_s == m).sum())
-            x = vecs[start : start + n]
-            if n < flat_threshold:
-                index = faiss.IndexFlatIP(dim)
-                kind = "flat"
+        rows = _rows_table(ids, uris, modalities)
+        labels = labels_of(rows.column("id").to_pylist())
+        _check_labels(labels, rows.column("id").to_pylist())
+        vecs = _normalize(emb) if len(emb) else np.zeros((0, dim), np.float32)
+        mods = rows.column("modality").to_numpy(zero_copy_only=False)
+        kinds: dict[str, str] = {}
+        training: dict[str, dict] = {}
+        templates: dict[str, Any] = {}
+        for m in sorted(set(mods.tolist())):
+            sel = mods == m
+            n = int(sel.sum())
+            kinds[m] = opts.kind_for(n)
+            if kinds[m] == "flat":
+                training[m] = {"kind": "flat", "trained_count": n}
             else:
-                lists = nlist or max(1, min(int(4 * math.sqrt(n)), n // 39))
-                quantizer = faiss.IndexFlatIP(dim)
-                index = faiss.IndexIVFFlat(quantizer, dim, lists, faiss.METRIC_INNER_PRODUCT)
-                index.train(x)
-                kind = "ivf"
-            index.add(x)
-            parts[m] = _Part(index, start, n, kind)
-            start += n
-        return cls(ids_s, uris_s, mods_s, parts, dim, nprobe)
+                templates[m], training[m] = _train(kinds[m], vecs[sel], opts)
+        shard_of = labels % opts.shards
+        shards = {}
+        for s in range(opts.shards):
+            sel = np.flatnonzero(shard_of == s)
+            shards[s] = _Shard.build(labels[sel], rows.take(sel), vecs[sel], kinds, templates, opts)
+        return cls(shards, dim, opts, training, templates)
 
     @classmethod
-    def from_table(cls, table: Any, **build_options: Any) -> VectorIndex:
+    def from_table(cls, table: Any, **options: Any) -> VectorIndex:
         """Build from a pyarrow Table with `id`, `uri`, `modality`, `embedding` columns."""
         missing = {"id", "uri", "modality", "embedding"} - set(table.column_names)
         if missing:
             raise ValueError(f"embedding table lacks columns {sorted(missing)}")
         return cls.build(
-            table.column("id").to_numpy(zero_copy_only=False),
-            table.column("uri").to_numpy(zero_copy_only=False),
-            table.column("modality").to_numpy(zero_copy_only=False),
+            table.column("id").to_pylist(),
+            table.column("uri").to_pylist(),
+            table.column("modality").to_pylist(),
             embeddings_of(table),
-            **build_options,
+            **options,
         )
 
     def search(
         self, vector: Sequence[float], top_k: int, modality: str | None = None
     ) -> list[dict]:
-        """The `top_k` rows most similar to `vector`, best first.
+        """The `top_k` rows most similar to `vector` in the loaded shards, best first.
 
-        Returns dicts with `id`, `uri`, `modality`, `score` (cosine similarity). Bad input
-        (wrong length, non-finite or zero vector, top_k out of range, unknown modality)
-        raises InvalidInput naming the field.
+        Returns dicts with `id`, `uri`, `modality`, `score` (cosine similarity), ordered by
+        score then id. Bad input raises InvalidInput naming the field (`check_query`).
         """
-        try:
-            q = np.asarray(vector, dtype=np.float64).reshape(-1)
-        except (TypeError, ValueError):
-            raise InvalidInput("vector", "must be a list of numbers") from None
-        if q.shape[0] != self.dim:
-            raise InvalidInput(
-                "vector", f"has {q.shape[0]} values; this index holds {self.dim}-d embeddings"
-            )
-        if not np.all(np.isfinite(q)) or not np.any(q):
-            raise InvalidInput("vector", "must be finite and not all zero")
-        if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= MAX_TOP_K:
-            raise InvalidInput("top_k", f"must be an integer in [1, {MAX_TOP_K}], got {top_k!r}")
-        if modality is not None and str(modality) not in KNOWN_MODALITIES:
-            raise InvalidInput(
-                "modality", f"unknown modality filter {modality!r}; one of {KNOWN_MODALITIES}"
-            )
-        q = _normalize(q[None, :])
-        if modality is None:
-            parts = list(self.parts.values())
-        else:
-            parts = [self.parts[str(modality)]] if str(modality) in self.parts else []
-        scores: list[np.ndarray] = []
-        rows: list[np.ndarray] = []
-        for part in parts:
-            k = min(top_k, part.count)
-            if part.kind == "ivf":
-                part.index.nprobe = min(self.nprobe, part.index.nlist)
-            d, i = part.index.search(q, k)
-            keep = i[0] >= 0
-            scores.append(d[0][keep])
-            rows.append(i[0][keep] + part.offset)
-        if not scores:
-            return []
-        s = np.concatenate(scores)
-        r = np.concatenate(rows)
-        best = np.lexsort((r, -s))[:top_k]  # by score, then by row for a stable order
-        return [
-            {
-                "id": str(self.ids[j]),
-                "uri": str(self.uris[j]),
-                "modality": str(self.modalities[j]),
-                "score": float(s[b]),
-            }
-            for b, j in zip(best, r[best], strict=True)
+        q = check_query(vector, top_k, modality, self.dim)
+        mod = None if modality is None else str(modality)
+        per_shard = [
+            s.search(q, top_k, mod, self.options.nprobe, self.options.rerank)
+            for s in self.shards.values()
         ]
+        return merge_hits(per_shard, top_k)
 
-    def row_of(self, item_id: str) -> int | None:
-        """The row of the item `item_id`, or None if the index does not hold it."""
-        rows = self._rows
-        if rows is None:  # built on first use; the index is immutable once built or loaded
-            rows = self._rows = {str(v): i for i, v in enumerate(self.ids.tolist())}
-        return rows.get(str(item_id))
+    def _locate(self, item_id: str) -> tuple[_Shard, int, int] | None:
+        """(shard, row, label) of `item_id` if one of the loaded shards holds it, else None."""
+        label = int(labels_of([str(item_id)])[0])
+        shard = self.shards.get(label % self.options.shards)
+        if shard is None:
+            return None
+        j = shard.row_of(label)
+        if j is None or shard.rows.column("id")[j].as_py() != str(item_id):
+            return None
+        return shard, j, label
+
+    def shard_of(self, item_id: str) -> int:
+        """The number of the shard that holds (or would hold) `item_id`."""
+        return int(labels_of([str(item_id)])[0]) % self.options.shards
 
     def item(self, item_id: str) -> dict | None:
-        """`{id, uri, modality}` of the item `item_id`, or None if the index does not hold it."""
-        j = self.row_of(item_id)
-        if j is None:
+        """`{id, uri, modality}` of the item `item_id`, or None if the loaded shards do not
+        hold it."""
+        found = self._locate(item_id)
+        if found is None:
             return None
-        return {
-            "id": str(self.ids[j]),
-            "uri": str(self.uris[j]),
-            "modality": str(self.modalities[j]),
-        }
+        shard, j, _ = found
+        return {c: shard.rows.column(c)[j].as_py() for c in ("id", "uri", "modality")}
 
     def vector_of(self, item_id: str) -> np.ndarray | None:
-        """The stored (normalised) vector of `item_id` as float32, or None if not held."""
-        j = self.row_of(item_id)
-        if j is None:
+        """The stored (normalised) vector of `item_id` as float32, or None if the loaded
+        shards do not hold it: the exact re-ranking vector when the part keeps one, else the
+        FAISS index's reconstruction (exact for flat and IVF-Flat, the PQ decoding for IVF-PQ
+        without re-ranking vectors)."""
+        found = self._locate(item_id)
+        if found is None:
             return None
-        part = self.parts[str(self.modalities[j])]
-        return part.index.reconstruct(int(j - part.offset))
+        shard, j, label = found
+        return shard.parts[shard.rows.column("modality")[j].as_py()].vector(label)
 
-    def save(self, uri: str, storage_options: StorageOptions | None = None) -> None:
-        """Write the index under the folder `uri` (local or object store)."""
-        import faiss
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        fs, path = filesystem(uri, storage_options)
-        fs.makedirs(path, exist_ok=True)
-        meta = {
+    def meta(self) -> dict:
+        return {
             "format": INDEX_FORMAT,
             "metric": "cosine",
             "dim": self.dim,
             "count": self.count,
-            "nprobe": self.nprobe,
-            "parts": {},
+            "options": self.options.to_json(),
+            "training": self.training,
         }
-        for m, part in self.parts.items():
-            name = f"{m}.faiss"
-            fs.pipe_file(f"{path}/{name}", faiss.serialize_index(part.index).tobytes())
-            meta["parts"][m] = {
-                "file": name,
-                "offset": part.offset,
-                "count": part.count,
-                "kind": part.kind,
-            }
-        rows = pa.table(
-            {
-                "id": pa.array(self.ids.tolist(), pa.string()),
-                "uri": pa.array(self.uris.tolist(), pa.string()),
-                "modality": pa.array(self.modalities.tolist(), pa.string()),
-            }
-        )
-        buf = io.BytesIO()
-        pq.write_table(rows, buf)
-        fs.pipe_file(f"{path}/rows.parquet", buf.getvalue())
+
+    def save(self, uri: str, storage_options: StorageOptions | None = None) -> None:
+        """Write the index (every shard, which must all be loaded) under the folder `uri`."""
+
+        if set(self.shards) != set(range(self.options.shards)):
+            raise ValueError("only an index with all its shards loaded can be saved")
+        fs, path = filesystem(uri, storage_options)
+        fs.makedirs(path, exist_ok=True)
+        _save_templates(fs, path, self.templates)
+        meta = self.meta()
+        meta["shards"] = [
+            self.shards[s].save(fs, f"{path}/{shard_dir(s)}") for s in range(self.options.shards)
+        ]
         # meta.json last: a reader that finds it finds everything it names.
-        fs.pipe_file(f"{path}/meta.json", json.dumps(meta, sort_keys=True).encode())
+        fs.pipe_file(f"{path}/{META_NAME}", json.dumps(meta, sort_keys=True).encode())
 
     @classmethod
-    def load(cls, uri: str, storage_options: StorageOptions | None = None) -> VectorIndex:
-        """Read an index written by `save` from the folder `uri`."""
+    def load(
+        cls,
+        uri: str,
+        storage_options: StorageOptions | None = None,
+        shards: Sequence[int] | None = None,
+        *,
+        templates: bool = False,
+    ) -> VectorIndex:
+        """Read an index written by `save` from the folder `uri`: the shards numbered in
+        `shards` (default all; numbers past the index's shard count are skipped), and with
+        `templates` the trained IVF templates an update needs."""
         import faiss
-        import pyarrow.parquet as pq
 
         fs, path = filesystem(uri, storage_options)
-        try:
-            meta = json.loads(fs.cat_file(f"{path}/meta.json"))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no vector index at {uri} (meta.json missing)") from None
-        if meta.get("format") != INDEX_FORMAT:
-            raise ValueError(f"{uri}: unsupported index format {meta.get('format')!r}")
-        rows = pq.read_table(io.BytesIO(fs.cat_file(f"{path}/rows.parquet")))
-        parts = {}
-        for m, p in meta["parts"].items():
-            blob = np.frombuffer(fs.cat_file(f"{path}/{p['file']}"), dtype=np.uint8)
-            parts[m] = _Part(faiss.deserialize_index(blob), p["offset"], p["count"], p["kind"])
-        return cls(
-            rows.column("id").to_numpy(zero_copy_only=False),
-            rows.column("uri").to_numpy(zero_copy_only=False),
-            rows.column("modality").to_numpy(zero_copy_only=False),
-            parts,
-            int(meta["dim"]),
-            int(meta["nprobe"]),
+        meta = read_index_meta(uri, storage_options)
+        opts = IndexOptions(**meta["options"])
+        wanted = range(opts.shards) if shards is None else [s for s in shards if s < opts.shards]
+        local = protocol_of(uri) == "file"
+        loaded = {
+            s: _Shard.load(fs, f"{path}/{shard_dir(s)}", meta["shards"][s], local) for s in wanted
+        }
+        tmpl = {}
+        if templates:
+            for m, t in meta["training"].items():
+                if t["kind"] != "flat":
+                    blob = np.frombuffer(fs.cat_file(f"{path}/{TRAINED_DIR}/{m}.faiss"), np.uint8)
+                    tmpl[m] = faiss.deserialize_index(blob)
+        return cls(loaded, int(meta["dim"]), opts, meta["training"], tmpl)
+
+
+def _save_templates(fs: Any, path: str, templates: dict[str, Any]) -> None:
+    """Write the trained IVF templates (`trained/<modality>.faiss`) of an index folder."""
+    import faiss
+
+    if templates:
+        fs.makedirs(f"{path}/{TRAINED_DIR}", exist_ok=True)
+    for m, t in templates.items():
+        fs.pipe_file(f"{path}/{TRAINED_DIR}/{m}.faiss", faiss.serialize_index(t).tobytes())
+
+
+def shard_dir(s: int) -> str:
+    """The folder of shard number `s` inside an index folder."""
+    return f"shard-{s:05d}"
+
+
+def read_index_meta(uri: str, storage_options: StorageOptions | None = None) -> dict:
+    """The `meta.json` of the index folder `uri` (format checked)."""
+    fs, path = filesystem(uri, storage_options)
+    try:
+        meta = json.loads(fs.cat_file(f"{path}/{META_NAME}"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no vector index at {uri} ({META_NAME} missing)") from None
+    if meta.get("format") != INDEX_FORMAT:
+        raise ValueError(f"{uri}: unsupported index format {meta.get('format')!r}")
+    return meta
+
+
+@dataclass(frozen=True)
+class IndexUpdate:
+    """What `update_index` did: `mode` "updated" (the parent's index with the change applied)
+    or "built" (from every row), `reason` for a build, and the counts applied."""
+
+    mode: str
+    reason: str | None
+    added: int
+    removed: int
+    parts: dict[str, PartInfo]
+    shards: int
+
+    def record(self) -> dict:
+        """The `index` entry of the version record."""
+        return {
+            "metric": "cosine",
+            "mode": self.mode,
+            "reason": self.reason,
+            "upserted": self.added,
+            "removed": self.removed,
+            "shards": self.shards,
+            "parts": {m: {"kind": p.kind, "count": p.count} for m, p in self.parts.items()},
+        }
+
+
+def update_index(
+    out_uri: str,
+    *,
+    parent_uri: str | None,
+    upserts: Any,
+    deletes: Sequence[str],
+    all_rows: Callable[[], Any],
+    options: IndexOptions,
+    storage_options: StorageOptions | None = None,
+) -> IndexUpdate:
+    """Write the index of a new version at `out_uri`: the parent's index (`parent_uri`, an
+    index folder) with the change applied, shard by shard, or a build from every row when
+    there is no usable parent or the retrain rule says so.
+
+    Args:
+        upserts: pyarrow Table (id, uri, modality, embedding) of the rows that are new or
+            whose vector or uri changed since the parent.
+        deletes: ids present in the parent and gone from the new version.
+        all_rows: returns every row of the new version (same columns); called only to build.
+        options: the layout (must equal the parent's, else a build) and search settings.
+
+    The update never retrains: the parent's coarse quantizer and PQ codebooks are kept and
+    new vectors are encoded with them. A build happens when a modality's kind changes
+    (it crossed `flat_threshold` or `pq_threshold`) or an IVF modality's size left
+    [trained / retrain_growth, trained * retrain_growth].
+    """
+
+    reason, training = _rebuild_reason(parent_uri, upserts, deletes, options, storage_options)
+    if reason is not None:
+        index = VectorIndex.from_table(all_rows(), **options.to_json())
+        index.save(out_uri, storage_options)
+        n = index.count
+        return IndexUpdate("built", reason, n, 0, index.parts, options.shards)
+    assert parent_uri is not None
+    meta = read_index_meta(parent_uri, storage_options)
+    parent = VectorIndex.load(parent_uri, storage_options, shards=[], templates=True)
+    kinds = {m: t["kind"] for m, t in training.items()}
+    ids = upserts.column("id").to_pylist()
+    up_labels = labels_of(ids)
+    _check_labels(up_labels, ids)
+    up_mods = upserts.column("modality").to_pylist()
+    for m in set(up_mods) - set(kinds):
+        kinds[m] = "flat"  # _rebuild_reason allowed a new modality only below flat_threshold
+        training[m] = {"kind": "flat", "trained_count": int(sum(x == m for x in up_mods))}
+    vecs = embeddings_of(upserts)
+    vecs = _normalize(vecs) if len(vecs) else np.zeros((0, int(meta["dim"])), np.float32)
+    del_labels = labels_of(deletes)
+    remove = np.unique(np.concatenate([del_labels, up_labels]))
+    rows = upserts.select(["id", "uri", "modality"])
+    fs, path = filesystem(out_uri, storage_options)
+    fs.makedirs(path, exist_ok=True)
+    _save_templates(fs, path, parent.templates)
+    entries = []
+    parts: dict[str, PartInfo] = {}
+    local = protocol_of(parent_uri) == "file"
+    pfs, ppath = filesystem(parent_uri, storage_options)
+    removed = 0
+    for s in range(options.shards):
+        shard = _Shard.load(pfs, f"{ppath}/{shard_dir(s)}", meta["shards"][s], local)
+        sel = np.flatnonzero(up_labels % options.shards == s)
+        rm = remove[remove % options.shards == s]
+        before = shard.count
+        present = np.isin(shard.labels, up_labels[sel])
+        if present.any():  # an upserted label must belong to the same id (no hash clash)
+            old = dict(
+                zip(
+                    shard.labels[present].tolist(),
+                    shard.rows.filter(present).column("id").to_pylist(),
+                    strict=True,
+                )
+            )
+            for lab, i in zip(up_labels[sel].tolist(), [ids[j] for j in sel], strict=True):
+                if old.get(lab, i) != i:
+                    raise ValueError(f"ids {sorted([old[lab], i])} hash to the same index label")
+        shard.apply(rm, up_labels[sel], rows.take(sel), vecs[sel], kinds, parent.templates, options)
+        removed += before + len(sel) - shard.count
+        entries.append(shard.save(fs, f"{path}/{shard_dir(s)}"))
+        for m, p in shard.parts.items():
+            prev = parts.get(m)
+            parts[m] = PartInfo(p.kind, p.count + (prev.count if prev else 0))
+        del shard
+    new_meta = {
+        "format": INDEX_FORMAT,
+        "metric": "cosine",
+        "dim": int(meta["dim"]),
+        "count": sum(e["count"] for e in entries),
+        "options": options.to_json(),
+        "training": {m: t for m, t in training.items() if m in parts},
+        "shards": entries,
+    }
+    fs.pipe_file(f"{path}/{META_NAME}", json.dumps(new_meta, sort_keys=True).encode())
+    return IndexUpdate(
+        "updated", None, len(ids), removed, dict(sorted(parts.items())), options.shards
+    )
+
+
+def _rebuild_reason(
+    parent_uri: str | None,
+    upserts: Any,
+    deletes: Sequence[str],
+    options: IndexOptions,
+    storage_options: StorageOptions | None,
+) -> tuple[str | None, dict]:
+    """Why the new version's index must be built from every row (None: update), and the
+    training record the updated index carries (drift counters advanced by the upserts)."""
+    import pyarrow.parquet as pq
+
+    if parent_uri is None:
+        return "no parent index", {}
+    try:
+        meta = read_index_meta(parent_uri, storage_options)
+    except (FileNotFoundError, ValueError) as e:
+        return f"parent index unusable ({e})", {}
+    old = IndexOptions(**meta["options"]) if "options" in meta else None
+    if old is None or old.layout() != options.layout():
+        return "index options changed", {}
+    vecs = embeddings_of(upserts)
+    if upserts.num_rows and vecs.shape[1] != meta["dim"]:
+        return f"embedding dimension changed ({meta['dim']} -> {vecs.shape[1]})", {}
+    training = {m: dict(t) for m, t in meta["training"].items()}
+    # New count per modality: parent counts - removed rows (looked up in the shards' row
+    # lists, two columns) + upserts.
+    counts = {m: 0 for m in meta["training"]}
+    for e in meta["shards"]:
+        for m, p in e["parts"].items():
+            counts[m] = counts.get(m, 0) + p["count"]
+    gone = labels_of(list(deletes) + upserts.column("id").to_pylist())
+    fs, path = filesystem(parent_uri, storage_options)
+    for s in range(options.shards):
+        if not len(gone):
+            break
+        t = pq.read_table(
+            io.BytesIO(fs.cat_file(f"{path}/{shard_dir(s)}/rows.parquet")),
+            columns=["label", "modality"],
         )
+        hit = np.isin(t.column("label").to_numpy(), gone)
+        for m in t.column("modality").filter(hit).to_pylist():
+            counts[m] -= 1
+    for m in upserts.column("modality").to_pylist():
+        counts[m] = counts.get(m, 0) + 1
+    up_mods = np.asarray(upserts.column("modality").to_pylist(), dtype=object)
+    templates = VectorIndex.load(parent_uri, storage_options, shards=[], templates=True).templates
+    for m, n in sorted(counts.items()):
+        t = training.get(m)
+        kind = options.kind_for(n)
+        if n == 0:
+            continue
+        if t is None:
+            if kind != "flat":
+                return f"new modality {m} with {n} vectors needs training", {}
+            continue
+        if kind != t["kind"]:
+            return f"{m}: {n} vectors need a {kind} index (was {t['kind']})", {}
+        if kind == "flat":
+            continue
+        g = options.retrain_growth
+        if not t["trained_count"] / g <= n <= t["trained_count"] * g:
+            return f"{m}: {n} vectors, trained at {t['trained_count']} (retrain_growth {g})", {}
+        sel = np.flatnonzero(up_mods == m)
+        if len(sel):
+            t["added"] += len(sel)
+            t["added_fit"] += float(_fit(templates[m], _normalize(vecs[sel])).sum())
+        added_fit = t["added_fit"] / t["added"] if t["added"] else t["fit"]
+        if (
+            t["added"] >= max(100, 0.01 * t["trained_count"])
+            and t["fit"] - added_fit > options.retrain_drift
+        ):
+            return (
+                f"{m}: vectors added since training fit the quantizer worse "
+                f"(mean cosine to nearest centroid {added_fit:.3f} vs {t['fit']:.3f} at "
+                f"training; retrain_drift {options.retrain_drift})",
+                {},
+            )
+    return None, training
 
 
 def embeddings_of(table: Any) -> np.ndarray:

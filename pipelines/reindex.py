@@ -37,11 +37,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import imagebind_core as ibc
-from imagebind_core.index import DATA_DIR, INDEX_DIR, Pointer, VectorIndex, join_uri
+from imagebind_core.index import DATA_DIR, INDEX_DIR, IndexOptions, Pointer, join_uri, update_index
 from imagebind_core.io import filesystem
 from pipelines.config import (
     KINDS,
@@ -99,6 +100,11 @@ class IndexSettings(BaseModel):
     flat_threshold: int = Field(
         20_000, ge=1, description="Modalities with fewer vectors get an exact flat index."
     )
+    pq_threshold: int = Field(
+        200_000,
+        ge=1,
+        description="Modalities with at least this many vectors get IVF-PQ (below: IVF-Flat).",
+    )
     nlist: int | None = Field(None, ge=1, description="IVF lists (default ~4 sqrt(n)).")
     nprobe: int = Field(32, ge=1, description="IVF lists searched per query.")
     diff_on_ray_rows: int = Field(
@@ -114,6 +120,33 @@ class IndexSettings(BaseModel):
         description="Hash partitions of the Ray Data diff (default one per million rows, "
         "at least 2).",
     )
+    pq_m: int = Field(64, ge=1, description="IVF-PQ code bytes per vector.")
+    rerank: int = Field(
+        10,
+        ge=0,
+        description="IVF-PQ: re-score rerank x top_k candidates with stored float vectors "
+        "(0: off, no float vectors stored).",
+    )
+    shards: int = Field(1, ge=1, description="Index shards (by id hash).")
+    retrain_growth: float = Field(
+        4.0,
+        gt=1,
+        description="Rebuild (retrain) an IVF modality when its size leaves "
+        "[trained / g, trained * g].",
+    )
+
+    def index_options(self) -> IndexOptions:
+        """The `imagebind_core.index.IndexOptions` these settings describe."""
+        return IndexOptions(
+            flat_threshold=self.flat_threshold,
+            pq_threshold=self.pq_threshold,
+            nlist=self.nlist,
+            nprobe=self.nprobe,
+            pq_m=self.pq_m,
+            rerank=self.rerank,
+            shards=self.shards,
+            retrain_growth=self.retrain_growth,
+        )
 
 
 @dataclass(frozen=True)
@@ -248,6 +281,59 @@ def _write_chunks(folder: str, table: pa.Table, storage_options: dict) -> list[s
 
 
 # ----------------------------------------------------------------------------- the run
+
+
+def _index_upserts(
+    new_rows: pa.Table | None,
+    carried: pa.Table,
+    parent_rows: pa.Table | None,
+    cols: list[str],
+    schema: pa.Schema,
+) -> pa.Table:
+    """The rows the index must (re)insert: every embedded row, plus carried rows whose uri
+    differs from the parent's (relocated: same content, new location)."""
+    parts = [new_rows.select(cols)] if new_rows is not None and new_rows.num_rows else []
+    if carried.num_rows and parent_rows is not None:
+        at = pc.index_in(carried["id"], value_set=parent_rows["id"])
+        old_uri = parent_rows["uri"].take(at)  # null where the id is not in the parent
+        moved = pc.invert(pc.fill_null(pc.equal(carried["uri"], old_uri), False))
+        parts.append(carried.filter(moved).select(cols))
+    if not parts:
+        return schema.empty_table()
+    return pa.concat_tables([p.cast(schema) for p in parts])
+
+
+def _index_deletes(parent_rows: pa.Table | None, rows: pa.Table) -> list[str]:
+    """Ids in the parent version's rows that the new version no longer has."""
+    if parent_rows is None or not parent_rows.num_rows:
+        return []
+    gone = pc.invert(pc.is_in(parent_rows["id"], value_set=rows["id"]))
+    return parent_rows["id"].filter(gone).to_pylist()
+
+
+def _index_change_on_ray(
+    new_rows: pa.Table | None,
+    carried: pa.Table | None,
+    diff: Any,
+    rows: pa.Table,
+    cols: list[str],
+) -> tuple[pa.Table, list[str]]:
+    """`_index_upserts` and `_index_deletes` after a Ray Data diff: upserts are the embedded
+    rows plus the carried rows the diff relocated (`diff.moved`); deletes are the parent ids
+    the diff did not carry (`diff.drop_ids`) that the new version does not hold."""
+    parts = [new_rows.select(cols)] if new_rows is not None and new_rows.num_rows else []
+    if carried is not None and carried.num_rows and diff.moved is not None and diff.moved.num_rows:
+        moved = pc.is_in(carried["id"], value_set=diff.moved["id"])
+        parts.append(carried.filter(moved).select(cols))
+    upserts = (
+        pa.concat_tables([p.cast(rows.schema) for p in parts])
+        if parts
+        else rows.schema.empty_table()
+    )
+    if diff.drop_ids is None or not len(diff.drop_ids):
+        return upserts, []
+    gone = pc.invert(pc.is_in(diff.drop_ids, value_set=rows["id"]))
+    return upserts, diff.drop_ids.filter(gone).to_pylist()
 
 
 @dataclass
@@ -448,13 +534,26 @@ def _run_locked(cfg: ReindexConfig, ir: IndexRoot, lock: OutputLock) -> ReindexR
                 "embedding": pa.array([], pa.list_(pa.float32(), dim)),
             }
         )
-    index = VectorIndex.from_table(
-        rows,
-        flat_threshold=cfg.index.flat_threshold,
-        nlist=cfg.index.nlist,
-        nprobe=cfg.index.nprobe,
+    # The index: the parent's with this run's change applied (new and re-embedded rows,
+    # relocated rows' new uri, deleted ids), or a build from every row (imagebind_core.index).
+    if on_ray:  # the parent's rows never reached the driver: the diff's ids say what moved
+        upserts, deletes = _index_change_on_ray(new_rows, carried, diff, rows, cols)
+    else:
+        upserts = _index_upserts(new_rows, diff.carried, parent_rows, cols, rows.schema)
+        deletes = _index_deletes(parent_rows, rows)
+    index = update_index(
+        join_uri(vuri, INDEX_DIR),
+        parent_uri=(
+            join_uri(pointer.version_uri(ir.root), INDEX_DIR)
+            if pointer is not None and full_reason is None
+            else None
+        ),
+        upserts=upserts,
+        deletes=deletes,
+        all_rows=lambda: rows,
+        options=cfg.index.index_options(),
+        storage_options=so,
     )
-    index.save(join_uri(vuri, INDEX_DIR), so)
     timings["carry_and_index_s"] = time.perf_counter() - t
 
     # Counts of rows embedded successfully, by why they were embedded.
@@ -490,11 +589,7 @@ def _run_locked(cfg: ReindexConfig, ir: IndexRoot, lock: OutputLock) -> ReindexR
         "lineage": model_lineage(cfg.job, sorted(set(rows.column("modality").to_pylist()))),
         "lineage_key": key,
         "embed_dim": dim,
-        "index": {
-            "metric": "cosine",
-            "parts": {m: {"kind": p.kind, "count": p.count} for m, p in index.parts.items()},
-            "nprobe": index.nprobe,
-        },
+        "index": {**index.record(), "nprobe": cfg.index.nprobe},
         "diff": "ray" if on_ray else "driver",
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
     }

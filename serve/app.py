@@ -6,7 +6,7 @@
 
 One `encoder-{modality}` deployment per model input the served kinds need (video shares
 `encoder-vision`), an `ingress` deployment in front, and a `search` deployment when `index_uri`
-is set.
+is set (with `search_groups` > 1: a `search` fan-out over `search-group-<g>` deployments).
 """
 
 # No `from __future__ import annotations` here: Serve inspects the builder's annotation and
@@ -122,9 +122,23 @@ def build_app(args: AppArgs) -> Application:
 
         if not isinstance(SearchIndex, serve.Deployment):
             SearchIndex = serve.deployment(SearchIndex)
-        search = SearchIndex.options(
-            name="search", ray_actor_options=_actor_options(args.ingress.num_cpus)
-        ).bind(args.index_uri, storage_options=args.storage_options())
+        actor = _actor_options(args.ingress.num_cpus)
+        so = args.storage_options()
+        n = args.search_groups
+        if n == 1:
+            search = SearchIndex.options(name="search", ray_actor_options=actor).bind(
+                args.index_uri, storage_options=so
+            )
+        else:
+            from serve.search import SearchFanout
+
+            groups = [
+                SearchIndex.options(name=f"search-group-{g}", ray_actor_options=actor).bind(
+                    args.index_uri, storage_options=so, group=g, groups=n
+                )
+                for g in range(n)
+            ]
+            search = SearchFanout.options(name="search", ray_actor_options=actor).bind(groups)
     ing = args.ingress
     return Ingress.options(
         name="ingress",

@@ -394,6 +394,12 @@ class AppArgs(BaseModel):
         description="Bytes of thumbnails each ingress replica keeps (least recently used "
         "dropped first); 0 disables the cache.",
     )
+    search_groups: int = Field(
+        default=1,
+        ge=1,
+        description="Search deployments the index shards are spread over (group g serves "
+        "shards s with s % search_groups == g); above 1 a `search` fan-out merges them.",
+    )
 
     _split_modalities = field_validator(
         "modalities", "s3_allowed_prefixes", "media_local_dirs", mode="before"
