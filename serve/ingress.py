@@ -318,7 +318,7 @@ class EmbeddingService:
                     f"Serve's status is unavailable ({type(e).__name__}); retry later",
                     type="server_error",
                     code="status_unavailable",
-                    headers={"Retry-After": str(max(1, round(self.args.retry_after_s)))},
+                    headers=self.retry_after_header,
                 ) from None
         out: dict[str, Any] = {}
         for name, entry in self._status.items():
@@ -418,6 +418,11 @@ class EmbeddingService:
             )
 
     # --- request plumbing --------------------------------------------------------------------
+    @property
+    def retry_after_header(self) -> dict[str, str]:
+        """The `Retry-After` header of a 503 (`retry_after_s`, at least 1 s)."""
+        return {"Retry-After": str(max(1, round(self.args.retry_after_s)))}
+
     def check_auth(self, request: Request) -> None:
         """401 unless auth is off or the bearer token matches (constant-time compare)."""
         if self._api_key is None:
@@ -707,7 +712,7 @@ class EmbeddingService:
                     type="server_error",
                     param=f"input[{i}]",
                     code="store_unavailable",
-                    headers={"Retry-After": str(max(1, round(self.args.retry_after_s)))},
+                    headers=self.retry_after_header,
                 )
             if isinstance(r, BaseException):
                 raise r
@@ -828,7 +833,7 @@ class EmbeddingService:
                 "deployment is starting a replica or all replicas are busy); retry later",
                 type="server_error",
                 code="no_replica",
-                headers={"Retry-After": str(max(1, round(self.args.retry_after_s)))},
+                headers=self.retry_after_header,
             ) from None
         except asyncio.CancelledError:
             resp.cancel()  # the client went away or a sibling chunk failed: withdraw the call
@@ -998,7 +1003,7 @@ class EmbeddingService:
                     f"search: {cause}",
                     type="server_error",
                     code="index_not_ready",
-                    headers={"Retry-After": str(max(1, round(self.args.retry_after_s)))},
+                    headers=self.retry_after_header,
                 ) from None
             if isinstance(cause, KeyError):
                 raise APIError(
@@ -1130,7 +1135,7 @@ class EmbeddingService:
             f"{e}; retry later",
             type="server_error",
             code="store_unavailable",
-            headers={"Retry-After": str(max(1, round(self.args.retry_after_s)))},
+            headers=self.retry_after_header,
         )
 
     async def models(self, request: Request) -> Response:
@@ -1230,7 +1235,7 @@ class EmbeddingService:
                 f"Ray's metrics endpoint on this node ({url}) did not answer: {e!r}",
                 type="server_error",
                 code="metrics_unavailable",
-                headers={"Retry-After": str(max(1, round(self.args.retry_after_s)))},
+                headers=self.retry_after_header,
             ) from None
         return Response(body, media_type=PROMETHEUS_TEXT)
 
