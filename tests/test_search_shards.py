@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import zlib
 
 import numpy as np
 import pyarrow as pa
@@ -30,7 +31,9 @@ RERANK = {**IVFPQ, "rerank": 4}
 
 
 def table(ids: list[str], emb: np.ndarray, mods: list[str] | None = None) -> pa.Table:
-    mods = mods or [MODS[hash(i) % 3] for i in ids]
+    # crc32, not hash(): str hashes change with PYTHONHASHSEED, and so would the per-modality
+    # counts, which decide each modality's index kind (a kind change forces a rebuild).
+    mods = mods or [MODS[zlib.crc32(i.encode()) % 3] for i in ids]
     return pa.table(
         {
             "id": pa.array(ids, pa.string()),
