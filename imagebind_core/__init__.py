@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 from imagebind_core import preprocess as _preprocess_pkg
 from imagebind_core._lazy import lazy_getattr
 from imagebind_core.config import (
-    ALL_MODALITIES,
     BASE,
     HUGE,
     PRESETS,
@@ -30,7 +29,6 @@ from imagebind_core.config import (
     EncoderConfig,
     HeadConfig,
     ImageBindConfig,
-    Modality,
     PostConfig,
     StemConfig,
     TrunkConfig,
@@ -43,13 +41,21 @@ from imagebind_core.errors import (
     StoreUnavailable,
 )
 from imagebind_core.io import read_bytes, s3_storage_options
+from imagebind_core.kinds import (
+    ALL_MODALITIES,
+    KINDS,
+    Kind,
+    Modality,
+    ModelModality,
+    check_kind,
+    model_modality,
+)
 from imagebind_core.preprocess import (
     PREPROCESS_VERSION,
     Limits,
     collate,
     expand,
     infer_kind,
-    model_modality,
 )
 from imagebind_core.runner import (
     DECODERS,
@@ -110,6 +116,7 @@ __all__ = [
     "DECODERS",
     "DEVICE_DECODE_KINDS",
     "HUGE",
+    "KINDS",
     "LINEAGE_KEYS",
     "PREPROCESS_VERSION",
     "PRESETS",
@@ -123,14 +130,17 @@ __all__ = [
     "ImageBindError",
     "ImageBindModel",
     "InvalidInput",
+    "Kind",
     "Limits",
     "Modality",
+    "ModelModality",
     "ModelSpec",
     "PostConfig",
     "StemConfig",
     "StoreUnavailable",
     "TrunkConfig",
     "build_model",
+    "check_kind",
     "collate",
     "expand",
     "fetch_checkpoint",

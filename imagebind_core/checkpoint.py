@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 
-from imagebind_core.config import ImageBindConfig, Modality, get_config
+from imagebind_core.config import ImageBindConfig, get_config
 from imagebind_core.errors import CheckpointError
 from imagebind_core.io import StorageOptions, filesystem, local_cache_dir, protocol_of
+from imagebind_core.kinds import Modality
 from imagebind_core.model import ImageBindModel, build_model
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Model configuration: the `Modality` enum, frozen per-level configs and the named presets.
+"""Model configuration: frozen per-level configs and the named presets.
 
 The configs describe architecture only. Preprocessing constants live beside the decoders in
 `imagebind_core.preprocess` (they belong to the checkpoint's recipe, not to the network).
@@ -8,22 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any, Literal
 
-
-class Modality(StrEnum):
-    """The six model inputs, named as the reference names its dict keys."""
-
-    VISION = "vision"
-    TEXT = "text"
-    AUDIO = "audio"
-    DEPTH = "depth"
-    THERMAL = "thermal"
-    IMU = "imu"
-
-
-ALL_MODALITIES: tuple[Modality, ...] = tuple(Modality)
+from imagebind_core.kinds import Modality
 
 StemKind = Literal["rgbt", "text", "audio", "depth", "thermal", "imu"]
 

@@ -56,6 +56,7 @@ import numpy as np
 
 from imagebind_core.errors import InvalidInput
 from imagebind_core.io import StorageOptions, filesystem, protocol_of
+from imagebind_core.kinds import KINDS
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +69,6 @@ INDEX_FORMAT = 2
 META_NAME = "meta.json"
 TRAINED_DIR = "trained"
 MAX_TOP_K = 1000
-# The values a row's `modality` column may hold: the six model inputs plus "video" (a clip
-# is encoded by the vision tower but may be stored under its own kind).
-KNOWN_MODALITIES = ("vision", "video", "text", "audio", "depth", "thermal", "imu")
 
 
 def join_uri(root: str, *parts: str) -> str:
@@ -566,10 +564,8 @@ def check_query(vector: Any, top_k: Any, modality: Any, dim: int | None) -> np.n
         raise InvalidInput("vector", "must be finite and not all zero")
     if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= MAX_TOP_K:
         raise InvalidInput("top_k", f"must be an integer in [1, {MAX_TOP_K}], got {top_k!r}")
-    if modality is not None and str(modality) not in KNOWN_MODALITIES:
-        raise InvalidInput(
-            "modality", f"unknown modality filter {modality!r}; one of {KNOWN_MODALITIES}"
-        )
+    if modality is not None and str(modality) not in KINDS:
+        raise InvalidInput("modality", f"unknown modality filter {modality!r}; one of {KINDS}")
     return _normalize(q[None, :])
 
 

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imagebind_core.config import EncoderConfig, ImageBindConfig, Modality, get_config
+from imagebind_core.config import EncoderConfig, ImageBindConfig, get_config
+from imagebind_core.kinds import Modality
 from imagebind_core.layers import LN_EPS, Transformer
 from imagebind_core.stems import build_stem
 

@@ -34,8 +34,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from imagebind_core.config import Modality, get_config
-from imagebind_core.preprocess.api import check_kind, expand, model_modality
+from imagebind_core.config import get_config
+from imagebind_core.kinds import Modality, check_kind, model_modality
+from imagebind_core.preprocess.api import expand
 from imagebind_core.preprocess.common import PREPROCESS_VERSION, Limits
 
 if TYPE_CHECKING:

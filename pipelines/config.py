@@ -18,9 +18,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 import imagebind_core as ibc
+from imagebind_core.kinds import Kind
 
-Kind = Literal["vision", "video", "text", "audio", "depth", "thermal", "imu"]
-KINDS: tuple[str, ...] = ("vision", "video", "text", "audio", "depth", "thermal", "imu")
 Format = Literal["auto", "manifest", "webdataset", "files"]
 # "auto": bfloat16 on GPU encoders and on CPUs with AMX / AVX-512 BF16, float32 on other CPUs
 # (`imagebind_core.checkpoint.auto_dtype`), resolved once by the driver (`JobConfig.encoder`)

@@ -50,7 +50,8 @@ import pyarrow.parquet as pq
 
 import imagebind_core as ibc
 from imagebind_core.io import StorageOptions, filesystem, protocol_of
-from pipelines.config import KINDS, JobConfig
+from imagebind_core.kinds import KINDS
+from pipelines.config import JobConfig
 from pipelines.progress import report
 from pipelines.writers import (
     ADDITION_RE,

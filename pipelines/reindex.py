@@ -44,8 +44,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 import imagebind_core as ibc
 from imagebind_core.index import DATA_DIR, INDEX_DIR, IndexOptions, Pointer, join_uri, update_index
 from imagebind_core.io import filesystem
+from imagebind_core.kinds import KINDS
 from pipelines.config import (
-    KINDS,
     ConfigError,
     JobConfig,
     build_config,

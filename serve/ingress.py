@@ -41,6 +41,7 @@ from ray.serve import metrics
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from imagebind_core.kinds import model_modality
 from serve.encoder import EncodeCall
 from serve.schemas import (
     ALL_KINDS,
@@ -52,7 +53,6 @@ from serve.schemas import (
     SearchRequest,
     SearchResponse,
     chunk_bounds,
-    encoder_modality,
 )
 
 log = logging.getLogger(__name__)
@@ -399,13 +399,13 @@ class EmbeddingService:
     async def check_started(self, kind: str) -> None:
         """503 with Retry-After while the encoder of `kind` has not loaded its model yet
         (after at most `STARTUP_GRACE_S` of waiting for it)."""
-        started = (self._started or {}).get(encoder_modality(kind))
+        started = (self._started or {}).get(model_modality(kind).value)
         if started is None or started.is_set():
             return
         self._ensure_start_watch()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(started.wait(), STARTUP_GRACE_S)
-        m = encoder_modality(kind)
+        m = model_modality(kind).value
         if not started.is_set():
             retry = max(1, round(self.args.retry_after_s))
             raise APIError(
@@ -726,7 +726,7 @@ class EmbeddingService:
 
         from imagebind_core.preprocess import collate
 
-        m = encoder_modality(kind)
+        m = model_modality(kind).value
         size = self.args.encoder_options(m).max_batch_size
         calls = [
             EncodeCall(

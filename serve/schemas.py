@@ -11,22 +11,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-# What a request may name in its `modality` field. `video` is encoded by the vision encoder
-# (clips averaged, as in the reference); the other six are the model's own input names.
-Kind = Literal["text", "vision", "video", "audio", "depth", "thermal", "imu"]
-ALL_KINDS: tuple[str, ...] = ("text", "vision", "video", "audio", "depth", "thermal", "imu")
-# The model's inputs, each served by one deployment named `encoder-{modality}`.
-ModelModality = Literal["vision", "text", "audio", "depth", "thermal", "imu"]
-MODEL_MODALITIES: tuple[str, ...] = ("vision", "text", "audio", "depth", "thermal", "imu")
+from imagebind_core.kinds import ALL_MODALITIES, KINDS, Kind, ModelModality, model_modality
 
-
-def encoder_modality(kind: str) -> str:
-    """The encoder deployment (model input) that serves a request kind: video -> vision.
-
-    Mirrors `imagebind_core.model_modality`; kept here so that the ingress and the schemas
-    route without importing the model package.
-    """
-    return "vision" if kind == "video" else kind
+# What a request may name in its `modality` field, text (the OpenAI-compatible kind) first.
+ALL_KINDS: tuple[str, ...] = ("text", *(k for k in KINDS if k != "text"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -464,8 +452,8 @@ class AppArgs(BaseModel):
 
     def model_modalities(self) -> list[str]:
         """The encoder deployments this app needs, in the model's order."""
-        needed = {encoder_modality(k) for k in self.modalities}
-        return [m for m in MODEL_MODALITIES if m in needed]
+        needed = {model_modality(k) for k in self.modalities}
+        return [m.value for m in ALL_MODALITIES if m in needed]
 
     def encoder_options(self, modality: str) -> EncoderOptions:
         """`encoder` with the overrides of `encoders[modality]` applied (validated)."""

@@ -9,13 +9,12 @@ heavy decoders (PyAV, torchaudio) are imported on first use.
 from __future__ import annotations
 
 from imagebind_core._lazy import lazy_getattr
+from imagebind_core.kinds import KINDS, model_modality
 from imagebind_core.preprocess.api import (
     ITEM_SHAPES,
-    KINDS,
     collate,
     expand,
     infer_kind,
-    model_modality,
     preprocess,
 )
 from imagebind_core.preprocess.common import (

@@ -5,20 +5,17 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from imagebind_core.config import Modality
 from imagebind_core.errors import InvalidInput
+from imagebind_core.kinds import Kind, check_kind
 from imagebind_core.preprocess.common import DEFAULT_LIMITS, Limits, PreprocessOptionError
 
 if TYPE_CHECKING:  # torch loads with the first decoder: listing and writing tasks never pay it
     import torch
 
 logger = logging.getLogger(__name__)
-
-Kind = Literal["vision", "video", "text", "audio", "depth", "thermal", "imu"]
-KINDS: tuple[str, ...] = ("vision", "video", "text", "audio", "depth", "thermal", "imu")
 
 # kind -> (module, function taking (data, limits, **options)). Imported on first use so that
 # e.g. a text-only worker never imports PyAV.
@@ -47,14 +44,6 @@ ITEM_SHAPES: dict[str, tuple[int, ...]] = {
 def _handler(kind: str) -> Callable[..., torch.Tensor]:
     mod, fn = _HANDLERS[kind]
     return getattr(importlib.import_module(mod), fn)
-
-
-def check_kind(kind: str) -> str:
-    """`kind` as a plain string, or `InvalidInput` naming the known kinds."""
-    k = str(kind.value if isinstance(kind, Modality) else kind).lower()
-    if k not in _HANDLERS:
-        raise InvalidInput(str(kind), f"unknown modality {kind!r}; expected one of {list(KINDS)}")
-    return k
 
 
 # Kinds whose input has a smaller exact form for transport: kind -> (compact preprocessing,
@@ -126,12 +115,6 @@ def expand(kind: Kind | str, x: torch.Tensor, device: Any = None, **options: Any
     if device is not None:
         x = x.to(device)
     return getattr(importlib.import_module(mod), name)(x, **options)
-
-
-def model_modality(kind: Kind | str) -> Modality:
-    """The model input key for a media kind: "video" -> Modality.VISION, others identical."""
-    k = check_kind(kind)
-    return Modality.VISION if k == "video" else Modality(k)
 
 
 def collate(items: Sequence[torch.Tensor]) -> torch.Tensor:
