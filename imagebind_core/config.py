@@ -6,7 +6,6 @@ The configs describe architecture only. Preprocessing constants live beside the 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -129,29 +128,6 @@ class ImageBindConfig:
 
     def encoder(self, modality: Modality | str) -> EncoderConfig:
         return getattr(self, Modality(modality).value)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ImageBindConfig:
-        def enc(e: dict[str, Any]) -> EncoderConfig:
-            stem = dict(e["stem"])
-            for k in ("image_size", "kernel_size", "stride"):
-                if stem.get(k) is not None:
-                    stem[k] = tuple(stem[k])
-            return EncoderConfig(
-                stem=StemConfig(**stem),
-                trunk=TrunkConfig(**e["trunk"]),
-                head=HeadConfig(**e["head"]),
-                post=PostConfig(**e["post"]),
-            )
-
-        return cls(
-            name=d["name"],
-            out_embed_dim=d["out_embed_dim"],
-            **{m.value: enc(d[m.value]) for m in Modality},
-        )
 
     @classmethod
     def from_reference_kwargs(cls, name: str = "custom", **kw: Any) -> ImageBindConfig:

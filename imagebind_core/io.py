@@ -90,12 +90,6 @@ def canonical_uri(uri: str) -> str:
     return f"{scheme.lower()}://{rest.rstrip('/')}"
 
 
-def open_uri(uri: str, mode: str = "rb", storage_options: StorageOptions | None = None):
-    """Open `uri` for reading or writing."""
-    fs, path = filesystem(uri, storage_options)
-    return fs.open(path, mode)
-
-
 def store_name(uri: str, storage_options: StorageOptions | None = None) -> str:
     """The store behind `uri`, for messages: the configured endpoint URL, else the scheme's
     default (e.g. `s3 (default endpoint)`)."""
