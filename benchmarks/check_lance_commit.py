@@ -35,12 +35,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def race(uri: str, so: dict | None, rows: int, writers: int) -> dict:
+def race(uri: str, storage_options: dict | None, rows: int, writers: int) -> dict:
     import lance
 
     base = pa.table({"id": [f"r{i}" for i in range(rows)], "x": list(range(rows))})
-    lance.write_dataset(base, uri, mode="create", storage_options=so)
-    handles = [lance.dataset(uri, storage_options=so) for _ in range(writers)]
+    lance.write_dataset(base, uri, mode="create", storage_options=storage_options)
+    handles = [lance.dataset(uri, storage_options=storage_options) for _ in range(writers)]
     barrier = threading.Barrier(writers)
     outcome: list[tuple[str, str | None]] = [("", None)] * writers
 
@@ -53,7 +53,7 @@ def race(uri: str, so: dict | None, rows: int, writers: int) -> dict:
                     pa.table({"id": [f"new{k}"], "x": [-k]}),
                     handles[k],
                     mode="append",
-                    storage_options=so,
+                    storage_options=storage_options,
                 )
             else:
                 handles[k].delete(f"id = 'r{k}'")
@@ -66,7 +66,7 @@ def race(uri: str, so: dict | None, rows: int, writers: int) -> dict:
         t.start()
     for t in ts:
         t.join()
-    ds = lance.dataset(uri, storage_options=so)
+    ds = lance.dataset(uri, storage_options=storage_options)
     ok_app = sum(1 for kind, err in outcome if kind == "append" and err is None)
     ok_del = sum(1 for kind, err in outcome if kind == "delete" and err is None)
     expected_rows = rows + ok_app - ok_del
@@ -115,14 +115,14 @@ def main() -> int:
             aws_access_key_id="testing",
             aws_secret_access_key="testing",
         ).create_bucket(Bucket="lance")
-        so = {
+        storage_options = {
             "aws_endpoint": url,
             "aws_region": "us-east-1",
             "aws_access_key_id": "testing",
             "aws_secret_access_key": "testing",
             "allow_http": "true",
         }
-        out["s3_moto"] = race("s3://lance/t.lance", so, a.rows, a.writers)
+        out["s3_moto"] = race("s3://lance/t.lance", storage_options, a.rows, a.writers)
     finally:
         server.terminate()
         server.wait()
