@@ -137,116 +137,130 @@ class ImageBindConfig:
         any size the reference can build can be expressed. `imu_kernel_size` is accepted and,
         like in the reference, ignored (the IMU window of 8 steps is hard-wired there).
         """
-        defaults: dict[str, Any] = dict(
-            video_frames=2,
-            kernel_size=(2, 14, 14),
-            audio_kernel_size=16,
-            audio_stride=10,
-            out_embed_dim=768,
-            vision_embed_dim=1024,
-            vision_num_blocks=24,
-            vision_num_heads=16,
-            audio_embed_dim=768,
-            audio_num_blocks=12,
-            audio_num_heads=12,
-            audio_num_mel_bins=128,
-            audio_target_len=204,
-            audio_drop_path=0.1,
-            text_embed_dim=768,
-            text_num_blocks=12,
-            text_num_heads=12,
-            depth_embed_dim=384,
-            depth_kernel_size=16,
-            depth_num_blocks=12,
-            depth_num_heads=8,
-            depth_drop_path=0.0,
-            thermal_embed_dim=768,
-            thermal_kernel_size=16,
-            thermal_num_blocks=12,
-            thermal_num_heads=12,
-            thermal_drop_path=0.0,
-            imu_embed_dim=512,
-            imu_kernel_size=8,
-            imu_num_blocks=6,
-            imu_num_heads=8,
-            imu_drop_path=0.7,
-        )
-        unknown = set(kw) - set(defaults)
+        unknown = set(kw) - set(REFERENCE_DEFAULTS)
         if unknown:
             raise TypeError(f"unknown reference constructor arguments: {sorted(unknown)}")
-        a = {**defaults, **kw}
-        kt = tuple(a["kernel_size"])
-        vision = EncoderConfig(
-            stem=StemConfig(
-                kind="rgbt", in_channels=3, kernel_size=kt, num_frames=a["video_frames"]
-            ),
-            trunk=TrunkConfig(
-                a["vision_embed_dim"], a["vision_num_blocks"], a["vision_num_heads"], pre_norm=True
-            ),
-        )
-        text = EncoderConfig(
-            stem=StemConfig(kind="text", cls_token=False),
-            trunk=TrunkConfig(
-                a["text_embed_dim"], a["text_num_blocks"], a["text_num_heads"], causal=True
-            ),
-            head=HeadConfig(select="eot"),
-            post=PostConfig(logit_scale=1 / 0.07),
-        )
-        ak, ast = a["audio_kernel_size"], a["audio_stride"]
-        audio = EncoderConfig(
-            stem=StemConfig(
-                kind="audio",
-                in_channels=1,
-                image_size=(a["audio_num_mel_bins"], a["audio_target_len"]),
-                kernel_size=(ak, ak),
-                stride=(ast, ast),
-                stem_norm=True,
-            ),
-            trunk=TrunkConfig(
-                a["audio_embed_dim"],
-                a["audio_num_blocks"],
-                a["audio_num_heads"],
-                bias_kv=True,
-                drop_path=a["audio_drop_path"],
-            ),
-            post=PostConfig(logit_scale=20.0),
-        )
-
-        def image_like(kind: StemKind, prefix: str, scale: float) -> EncoderConfig:
-            k = a[f"{prefix}_kernel_size"]
-            return EncoderConfig(
-                stem=StemConfig(kind=kind, in_channels=1, kernel_size=(k, k), stem_norm=True),
-                trunk=TrunkConfig(
-                    a[f"{prefix}_embed_dim"],
-                    a[f"{prefix}_num_blocks"],
-                    a[f"{prefix}_num_heads"],
-                    bias_kv=True,
-                    drop_path=a[f"{prefix}_drop_path"],
-                ),
-                post=PostConfig(logit_scale=scale),
-            )
-
-        imu = EncoderConfig(
-            stem=StemConfig(kind="imu", in_channels=6, kernel_size=(8,), stem_norm=True),
-            trunk=TrunkConfig(
-                a["imu_embed_dim"],
-                a["imu_num_blocks"],
-                a["imu_num_heads"],
-                bias_kv=True,
-                drop_path=a["imu_drop_path"],
-            ),
-            post=PostConfig(logit_scale=5.0),
-        )
+        a = {**REFERENCE_DEFAULTS, **kw}
         return cls(
             name=name,
             out_embed_dim=a["out_embed_dim"],
-            vision=vision,
-            text=text,
-            audio=audio,
-            depth=image_like("depth", "depth", 5.0),
-            thermal=image_like("thermal", "thermal", 10.0),
-            imu=imu,
+            vision=_vision_from_reference(a),
+            text=_text_from_reference(a),
+            audio=_audio_from_reference(a),
+            depth=_image_like_from_reference(a, "depth", 5.0),
+            thermal=_image_like_from_reference(a, "thermal", 10.0),
+            imu=_imu_from_reference(a),
         )
+
+
+# The reference `ImageBindModel(...)` constructor's arguments and defaults.
+REFERENCE_DEFAULTS: dict[str, Any] = dict(
+    video_frames=2,
+    kernel_size=(2, 14, 14),
+    audio_kernel_size=16,
+    audio_stride=10,
+    out_embed_dim=768,
+    vision_embed_dim=1024,
+    vision_num_blocks=24,
+    vision_num_heads=16,
+    audio_embed_dim=768,
+    audio_num_blocks=12,
+    audio_num_heads=12,
+    audio_num_mel_bins=128,
+    audio_target_len=204,
+    audio_drop_path=0.1,
+    text_embed_dim=768,
+    text_num_blocks=12,
+    text_num_heads=12,
+    depth_embed_dim=384,
+    depth_kernel_size=16,
+    depth_num_blocks=12,
+    depth_num_heads=8,
+    depth_drop_path=0.0,
+    thermal_embed_dim=768,
+    thermal_kernel_size=16,
+    thermal_num_blocks=12,
+    thermal_num_heads=12,
+    thermal_drop_path=0.0,
+    imu_embed_dim=512,
+    imu_kernel_size=8,
+    imu_num_blocks=6,
+    imu_num_heads=8,
+    imu_drop_path=0.7,
+)
+
+
+def _vision_from_reference(a: dict[str, Any]) -> EncoderConfig:
+    kt = tuple(a["kernel_size"])
+    return EncoderConfig(
+        stem=StemConfig(kind="rgbt", in_channels=3, kernel_size=kt, num_frames=a["video_frames"]),
+        trunk=TrunkConfig(
+            a["vision_embed_dim"], a["vision_num_blocks"], a["vision_num_heads"], pre_norm=True
+        ),
+    )
+
+
+def _text_from_reference(a: dict[str, Any]) -> EncoderConfig:
+    return EncoderConfig(
+        stem=StemConfig(kind="text", cls_token=False),
+        trunk=TrunkConfig(
+            a["text_embed_dim"], a["text_num_blocks"], a["text_num_heads"], causal=True
+        ),
+        head=HeadConfig(select="eot"),
+        post=PostConfig(logit_scale=1 / 0.07),
+    )
+
+
+def _audio_from_reference(a: dict[str, Any]) -> EncoderConfig:
+    ak, ast = a["audio_kernel_size"], a["audio_stride"]
+    return EncoderConfig(
+        stem=StemConfig(
+            kind="audio",
+            in_channels=1,
+            image_size=(a["audio_num_mel_bins"], a["audio_target_len"]),
+            kernel_size=(ak, ak),
+            stride=(ast, ast),
+            stem_norm=True,
+        ),
+        trunk=TrunkConfig(
+            a["audio_embed_dim"],
+            a["audio_num_blocks"],
+            a["audio_num_heads"],
+            bias_kv=True,
+            drop_path=a["audio_drop_path"],
+        ),
+        post=PostConfig(logit_scale=20.0),
+    )
+
+
+def _image_like_from_reference(a: dict[str, Any], kind: StemKind, scale: float) -> EncoderConfig:
+    """Depth or thermal: one channel, square patches, `{kind}_*` arguments."""
+    k = a[f"{kind}_kernel_size"]
+    return EncoderConfig(
+        stem=StemConfig(kind=kind, in_channels=1, kernel_size=(k, k), stem_norm=True),
+        trunk=TrunkConfig(
+            a[f"{kind}_embed_dim"],
+            a[f"{kind}_num_blocks"],
+            a[f"{kind}_num_heads"],
+            bias_kv=True,
+            drop_path=a[f"{kind}_drop_path"],
+        ),
+        post=PostConfig(logit_scale=scale),
+    )
+
+
+def _imu_from_reference(a: dict[str, Any]) -> EncoderConfig:
+    return EncoderConfig(
+        stem=StemConfig(kind="imu", in_channels=6, kernel_size=(8,), stem_norm=True),
+        trunk=TrunkConfig(
+            a["imu_embed_dim"],
+            a["imu_num_blocks"],
+            a["imu_num_heads"],
+            bias_kv=True,
+            drop_path=a["imu_drop_path"],
+        ),
+        post=PostConfig(logit_scale=5.0),
+    )
 
 
 # The published imagebind_huge checkpoint (reference `imagebind_huge()`).
