@@ -23,13 +23,13 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from _common import run_child, write_results
 
 FILE_ROWS = 50_000
 
@@ -144,17 +144,12 @@ def main() -> None:
         for path in a.paths:
             shutil.rmtree(f"{root}/carried", ignore_errors=True)
             me = [sys.executable, __file__, "--changed", str(a.changed)]
-            out = subprocess.run(
-                [*me, "--child", path, root, str(n)], check=True, capture_output=True, text=True
-            )
-            r = json.loads(out.stdout.strip().splitlines()[-1])
+            r = run_child([*me, "--child", path, root, str(n)])
             r.update(rows=n, dim=a.dim, changed=a.changed, path=path, parent_mb=round(parent_mb))
             print(json.dumps(r), flush=True)
             results.append(r)
         shutil.rmtree(root, ignore_errors=True)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"command": " ".join(sys.argv), "results": results}, f, indent=2)
+    write_results(a.json, results)
 
 
 if __name__ == "__main__":

@@ -87,7 +87,7 @@ def main() -> None:
     from ray import serve
 
     ray.init(num_cpus=a.ray_cpus, include_dashboard=False, log_to_driver=False)
-    from bench_serve import free_port
+    from _common import free_port
 
     # No HTTP is used; the proxy still binds a port, on loopback.
     serve.start(http_options={"host": "127.0.0.1", "port": free_port()})

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import sys
 import time
 from functools import partial
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+from _common import write_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -130,9 +130,7 @@ def main() -> None:
             f"{r['npy_enc_us_per_item']:15.1f} {r['buffer_enc_us_per_item']:7.1f}",
             flush=True,
         )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"command": " ".join(sys.argv), "kinds": results}, f, indent=2)
+    write_results(args.json, results, key="kinds")
 
 
 if __name__ == "__main__":

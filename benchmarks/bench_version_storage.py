@@ -35,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from _common import run_child, write_results
 
 ROWS_PER_FILE = 1_000_000  # pipelines.reindex.CARRIED_ROWS_PER_FILE
 
@@ -152,14 +153,8 @@ def main() -> None:
             me = [sys.executable, __file__, "--dim", str(a.dim), "--changed", str(a.changed)]
             subprocess.run([*me, "--child", "build", fmt, root, str(n)], check=True)
             before = tree_bytes(root)
-            out = subprocess.run(
-                [*me, "--child", "update", fmt, root, str(n)],
-                check=True,
-                capture_output=True,
-                text=True,
-            )
+            r = run_child([*me, "--child", "update", fmt, root, str(n)])
             after = tree_bytes(root)
-            r = json.loads(out.stdout.strip().splitlines()[-1])
             added = sum(s for f, s in after.items() if before.get(f) != s)
             r.update(
                 rows=n,
@@ -174,9 +169,7 @@ def main() -> None:
             print(json.dumps(r), flush=True)
             results.append(r)
             shutil.rmtree(root, ignore_errors=True)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"command": " ".join(sys.argv), "results": results}, f, indent=2)
+    write_results(a.json, results)
 
 
 if __name__ == "__main__":

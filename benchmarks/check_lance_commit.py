@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,12 +26,7 @@ import time
 import urllib.request
 
 import pyarrow as pa
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from _common import free_port
 
 
 def race(uri: str, storage_options: dict | None, rows: int, writers: int) -> dict:

@@ -1,0 +1,31 @@
+"""Pieces the benchmark scripts share: a free local port, a measurement in a fresh process, and
+the results file (`--json`) that records the command beside its figures."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from typing import Any
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_child(cmd: list[str]) -> dict[str, Any]:
+    """Run `cmd` (one measurement in a fresh process, so its peak memory is its own) and return
+    the JSON object its last line of output holds."""
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def write_results(path: str | None, results: Any, key: str = "results") -> None:
+    """Write `{"command": <this command line>, key: results}` to `path` (nothing when None)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump({"command": " ".join(sys.argv), key: results}, f, indent=2)
