@@ -27,7 +27,6 @@ import base64
 import io
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -35,17 +34,12 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from _common import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_png(seed: int, size: tuple[int, int] = (320, 240)) -> bytes:
@@ -251,8 +245,8 @@ def main() -> None:
         "--threads",
         type=int,
         default=1,
-        # On a shared 2-core box (load ~30) one intra-op thread was 4-10x faster than two
-        # (OpenMP barriers wait for descheduled threads); raise it on a quiet machine.
+        # One intra-op thread: on a loaded shared machine two are slower than one (OpenMP
+        # barriers wait for descheduled threads); raise it on a quiet machine.
         help="torch threads, replica and baseline",
     )
     p.add_argument("--warmup", type=float, default=10.0, help="seconds before each window")
