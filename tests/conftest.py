@@ -6,7 +6,6 @@ Servers bind to 127.0.0.1 only. Nothing here downloads anything.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import urllib.request
 from collections.abc import Iterator
 
 import pytest
+from helpers.net import S3Server, free_port
 
 # Ray: token auth off for local tests; no usage stats; quiet.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -23,54 +23,6 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class S3Server:
-    """A running moto S3 server: endpoint URL plus fsspec/boto3 settings to reach it."""
-
-    def __init__(self, endpoint_url: str) -> None:
-        self.endpoint_url = endpoint_url
-        self.key = "testing"
-        self.secret = "testing"
-        self.region = "us-east-1"
-
-    @property
-    def storage_options(self) -> dict:
-        from imagebind_core.io import s3_storage_options
-
-        return s3_storage_options(self.endpoint_url, self.region, self.key, self.secret)
-
-    def client(self):
-        import boto3
-
-        return boto3.client(
-            "s3",
-            endpoint_url=self.endpoint_url,
-            aws_access_key_id=self.key,
-            aws_secret_access_key=self.secret,
-            region_name=self.region,
-        )
-
-    def filesystem(self):
-        import s3fs
-
-        s3fs.S3FileSystem.clear_instance_cache()
-        return s3fs.S3FileSystem(
-            key=self.key,
-            secret=self.secret,
-            endpoint_url=self.endpoint_url,
-            client_kwargs={"region_name": self.region},
-        )
-
-    def create_bucket(self, name: str) -> str:
-        self.client().create_bucket(Bucket=name)
-        return name
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from conftest_pipeline import SMALL_JOB, read_output
+from helpers.pipeline import SMALL_JOB, read_output
 from numerics import (
     DEVICE_DECODE_MAX_LEVELS,
     DEVICE_DECODE_MEAN_LEVELS,

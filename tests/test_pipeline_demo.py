@@ -9,7 +9,7 @@ import os
 import re
 
 import yaml
-from conftest_pipeline import read_output
+from helpers.pipeline import read_output
 
 from pipelines.demo_corpus import demo_files, write_demo_corpus
 from pipelines.embed import main

@@ -11,11 +11,11 @@ import uuid
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest_pipeline import (
+from helpers.pipeline import (
     BUILDERS,
     EMBED_DIM,
     MAX_TEXT_CHARS,
-    SMALL_JOB,
+    SMALL_FILES_JOB,
     Writer,
     expected_embeddings,
     read_output,
@@ -27,12 +27,8 @@ from pipelines.config import load_config
 from pipelines.embed import embed_items, run_job
 from pipelines.readers import list_items
 
-# SMALL_JOB (conftest_pipeline) plus this module's shard size and text limit.
-SMALL = {
-    **SMALL_JOB,
-    "files.files_per_shard": 4,
-    "preprocess.limits": {"max_text_chars": MAX_TEXT_CHARS},
-}
+# SMALL_FILES_JOB (helpers.pipeline) plus this module's text limit.
+SMALL = {**SMALL_FILES_JOB, "preprocess.limits": {"max_text_chars": MAX_TEXT_CHARS}}
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,8 @@ from collections.abc import Callable
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import S3Server, free_port
-from conftest_pipeline import read_output
+from helpers.net import S3Server, free_port
+from helpers.pipeline import read_output
 
 from pipelines.config import load_config
 from pipelines.embed import run_job

@@ -17,7 +17,8 @@ import uuid
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest_pipeline import SMALL_JOB, read_output
+from helpers.pipeline import SMALL_JOB as SMALL
+from helpers.pipeline import read_output
 
 from pipelines.config import load_config
 from pipelines.embed import main, run_job
@@ -35,8 +36,6 @@ from pipelines.writers import (
     encoded_schema,
     write_parts,
 )
-
-SMALL = SMALL_JOB
 
 
 def _encoded(rows: list[dict], dim: int = 4) -> pa.Table:
@@ -313,7 +312,7 @@ def test_parts_of_a_shard_that_vanished_are_removed(tmp_path, ray_session):
 def test_an_unreachable_store_stops_the_block_instead_of_failing_the_item():
     # Nothing listens on the port: connection refused. The item is not bad; it must not be
     # recorded as a failure (a rerun would never embed it).
-    from conftest import free_port
+    from helpers.net import free_port
 
     from imagebind_core.io import s3_storage_options
     from pipelines.stages import StoreUnavailable

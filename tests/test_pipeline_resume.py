@@ -14,7 +14,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest_pipeline import read_output
+from helpers.pipeline import read_output
 
 from pipelines.embed import main
 

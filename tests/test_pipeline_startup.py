@@ -10,7 +10,7 @@ model waits to load; the file then shows items preprocessed before each "load <k
 from __future__ import annotations
 
 import media
-from conftest_pipeline import SMALL_JOB, read_output
+from helpers.pipeline import SMALL_JOB, read_output
 
 from pipelines.config import load_config
 from pipelines.embed import run_job

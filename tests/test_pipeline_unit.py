@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest_pipeline import Writer, files_corpus, manifest_corpus, webdataset_corpus
+from helpers.pipeline import Writer, files_corpus, manifest_corpus, webdataset_corpus
 from numerics import assert_embeddings_close
 
 from pipelines.config import ConfigError, load_config

@@ -19,7 +19,17 @@ import media
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest_pipeline import SMALL_JOB
+from helpers.pipeline import SMALL_FILES_JOB as SMALL
+from helpers.reindex import (
+    TEXTS,
+    by_id,
+    config,
+    make_corpus,
+    s3_corpus,
+    s3_settings,
+    traced,
+    version_rows,
+)
 
 import imagebind_core as ibc
 from imagebind_core.index import (
@@ -32,7 +42,6 @@ from imagebind_core.index import (
 )
 from pipelines.publish import PAUSE_ENV, IndexRoot
 from pipelines.reindex import (
-    ReindexConfig,
     _read_parquet_tree,
     diff_listing,
     lineage_changes,
@@ -40,74 +49,6 @@ from pipelines.reindex import (
     load_reindex_config,
     reindex,
 )
-
-# Fractional resources: two kinds x (encoder + preprocessing) fit in the session's 4 CPUs.
-SMALL = {
-    **SMALL_JOB,
-    "files.files_per_shard": 4,
-}
-TEXTS = ["a red square", "two dogs playing", "a quiet street", "rain on a tin roof", "a violin"]
-
-
-class Corpus:
-    """A folder of captions and pictures on the S3 server."""
-
-    def __init__(self, s3, bucket: str) -> None:
-        self.fs = s3.filesystem()
-        self.root = f"s3://{bucket}/corpus"
-
-    def put(self, rel: str, data: bytes) -> None:
-        self.fs.pipe(f"{self.root}/{rel}", data)
-
-    def rm(self, rel: str) -> None:
-        self.fs.rm(f"{self.root}/{rel}")
-
-
-def make_corpus(s3, bucket: str) -> Corpus:
-    c = Corpus(s3, bucket)
-    for i, t in enumerate(TEXTS):
-        c.put(f"txt/cap{i}.txt", t.encode())
-    for i in range(3):
-        c.put(f"img/pic{i}.png", media.make_image("PNG", size=(64, 48), seed=i))
-    c.put("img/broken.png", media.random_bytes(512, seed=3))  # fails to decode
-    return c
-
-
-def config(s3, corpus: Corpus, root: str, trace: str, **extra) -> ReindexConfig:
-    over = {
-        **SMALL,
-        "input": corpus.root,
-        "storage.endpoint_url": s3.endpoint_url,
-        "storage.key": s3.key,
-        "storage.secret": s3.secret,
-        "storage.region": s3.region,
-        "debug.trace_path": trace,
-        "index.root": root,
-        "index.keep_versions": 2,
-        **extra,
-    }
-    return load_reindex_config(None, over)
-
-
-def traced(trace: str) -> list[str]:
-    """Ids the preprocessing stage handled so far (each line: `<pid> <id>`)."""
-    if not os.path.exists(trace):
-        return []
-    with open(trace) as f:
-        return [line.split(" ", 1)[1].strip() for line in f if line.strip()]
-
-
-def version_rows(root: str, so: dict) -> tuple[str, pa.Table]:
-    pointer = read_pointer(root, so)
-    rows = _read_parquet_tree(join_uri(pointer.version_uri(root), DATA_DIR), so, errors=False)
-    return pointer.name, rows
-
-
-def by_id(rows: pa.Table) -> dict[str, bytes]:
-    """id -> the raw bytes of its float32 embedding."""
-    emb = np.asarray(rows.column("embedding").combine_chunks().flatten(), np.float32)
-    emb = emb.reshape(rows.num_rows, -1)
-    return {i: emb[k].tobytes() for k, i in enumerate(rows.column("id").to_pylist())}
 
 
 def test_incremental_reindex_round_trip(ray_session, s3_server, tmp_path):
@@ -323,18 +264,11 @@ def published(ray_session, s3_server):
     """A corpus with a published version, shared by the crash and race tests (each adds one
     caption and checks what it publishes relative to the version it found)."""
     bucket = s3_server.create_bucket(f"rc-{uuid.uuid4().hex[:8]}")
-    corpus = Corpus(s3_server, bucket)
+    corpus = s3_corpus(s3_server, bucket)
     for i, t in enumerate(TEXTS[:3]):
         corpus.put(f"txt/cap{i}.txt", t.encode())
     root = f"s3://{bucket}/index"
-    over = {
-        **SMALL,
-        "input": corpus.root,
-        "storage.endpoint_url": s3_server.endpoint_url,
-        "storage.region": s3_server.region,
-        "index.root": root,
-        "index.lock_ttl_s": 60,
-    }
+    over = s3_settings(s3_server, corpus, root, **{"index.lock_ttl_s": 60})
     assert reindex(load_reindex_config(None, over)).status == "published"
     yield over, root, corpus
 
@@ -393,7 +327,7 @@ def test_two_concurrent_runs_exactly_one_publishes(published, ray_session, s3_se
 def test_unreadable_shard_is_kept_as_a_failure_and_an_emptied_corpus_needs_consent(
     ray_session, tmp_path
 ):
-    from conftest_pipeline import Writer, webdataset_corpus
+    from helpers.pipeline import Writer, webdataset_corpus
 
     from pipelines.readers import EmptyInput
 

@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers.reindex import by_id, config, make_corpus, traced, version_rows
 from pyarrow.fs import LocalFileSystem
-from test_reindex import by_id, config, make_corpus, traced, version_rows
 
 import pipelines.diff as pdiff
 from pipelines.diff import carry_on_ray, diff_listing, diff_on_ray

@@ -19,8 +19,8 @@ import shutil
 import time
 
 import pytest
-from conftest_pipeline import SMALL_JOB
-from conftest_serve import serve_base_url, wait_ready
+from helpers.pipeline import SMALL_JOB
+from helpers.serve import serve_base_url, wait_ready
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"

@@ -11,8 +11,8 @@ import uuid
 import httpx
 import media
 import pytest
-from conftest_serve import serve_base_url, wait_ready
-from test_reindex import SMALL, TEXTS, Corpus
+from helpers.reindex import TEXTS, s3_corpus, s3_settings
+from helpers.serve import serve_base_url, wait_ready
 
 from imagebind_core.index import DATA_DIR, join_uri, read_pointer
 from pipelines.reindex import _read_parquet_tree, load_reindex_config, reindex
@@ -33,19 +33,13 @@ def setup(ray_session, s3_server):
     from serve.schemas import AppArgs
 
     bucket = s3_server.create_bucket(f"srch-{uuid.uuid4().hex[:8]}")
-    corpus = Corpus(s3_server, bucket)
+    corpus = s3_corpus(s3_server, bucket)
     for i, t in enumerate(TEXTS):
         corpus.put(f"txt/cap{i}.txt", t.encode())
     for i in range(3):
         corpus.put(f"img/pic{i}.png", _pic(i))
     root = f"s3://{bucket}/index"
-    over = {
-        **SMALL,
-        "input": corpus.root,
-        "storage.endpoint_url": s3_server.endpoint_url,
-        "storage.region": s3_server.region,
-        "index.root": root,
-    }
+    over = s3_settings(s3_server, corpus, root)
     assert reindex(load_reindex_config(None, over)).status == "published"
 
     base = serve_base_url()

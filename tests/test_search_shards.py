@@ -467,7 +467,7 @@ def test_serve_fan_out_over_two_groups(ray_session, tmp_path):
     deployments answers as one index, names bad input, and follows a new version."""
     import uuid
 
-    from conftest_serve import serve_base_url
+    from helpers.serve import serve_base_url
     from ray import serve
     from ray.exceptions import RayTaskError
 

@@ -17,7 +17,7 @@ import httpx
 import media
 import numpy as np
 import pytest
-from conftest_serve import serve_base_url, wait_ready
+from helpers.serve import serve_base_url, wait_ready
 from numerics import assert_embeddings_close
 
 PREFIX_A = "/t5a"

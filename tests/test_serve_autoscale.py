@@ -27,7 +27,7 @@ import time
 import httpx
 import media
 import pytest
-from conftest_serve import serve_base_url, wait_ready
+from helpers.serve import serve_base_url, wait_ready
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +17,8 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from conftest_serve import free_port, wait_ready
+from helpers.net import free_port
+from helpers.serve import start_serve_run, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("serve*.yaml"))
@@ -160,16 +160,8 @@ def test_serve_run_config_yaml(tmp_path, mode):
         env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
         env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(low)
         env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = str(low + 100)
-    serve_cli = Path(sys.executable).with_name("serve")
     log = (tmp_path / "serve-run.log").open("w")
-    proc = subprocess.Popen(
-        [str(serve_cli), "run", "--address", "local", str(path)],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group: torn down as one below
-    )
+    proc = start_serve_run(path, env, log)  # its own process group: torn down as one below
     url = f"http://127.0.0.1:{port}"
     urls = [url]
     try:

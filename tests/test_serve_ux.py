@@ -2,7 +2,7 @@
 metrics where the docs say with the names the docs give, the lineage the job writes, the
 re-index result documented, and the documented curl examples working as written.
 
-The Serve tests share the session's Ray and HTTP proxy (`conftest_serve`); the curl examples
+The Serve tests share the session's Ray and HTTP proxy (`helpers.serve`); the curl examples
 run against `serve run` in a subprocess with its own Ray, as a user starts it.
 """
 
@@ -24,8 +24,9 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest_pipeline import SMALL_JOB
-from conftest_serve import free_port, serve_base_url, wait_ready
+from helpers.net import free_port
+from helpers.pipeline import SMALL_JOB
+from helpers.serve import serve_base_url, start_serve_run, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_DOC = ROOT / "docs" / "serve.md"
@@ -391,17 +392,9 @@ def test_serve_run_answers_every_documented_curl_example(tmp_path):
         env={**env, "PYTHONPATH": str(ROOT)},
         check=True,
     )
-    serve_cli = Path(sys.executable).with_name("serve")
     log_path = tmp_path / "serve-run.log"
     with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            [str(serve_cli), "run", "--address", "local", str(path)],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        proc = start_serve_run(path, env, log)
     url = f"http://127.0.0.1:{port}"
     try:
         try:

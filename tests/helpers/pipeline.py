@@ -34,6 +34,8 @@ SMALL_JOB = {
     "encoder_defaults.num_cpus": 0.25,
     "encoder_defaults.batch_size": 8,
 }
+# SMALL_JOB with four files per shard, so a few files make several shards.
+SMALL_FILES_JOB = {**SMALL_JOB, "files.files_per_shard": 4}
 
 
 @dataclass
@@ -65,6 +67,13 @@ class Writer:
         else:
             self.fs.pipe(uri, data)
         return uri
+
+    def rm(self, rel: str) -> None:
+        uri = self.uri(rel)
+        if self.fs is None:
+            os.remove(uri)
+        else:
+            self.fs.rm(uri)
 
 
 def _img(seed: int, fmt: str = "PNG") -> bytes:

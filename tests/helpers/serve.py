@@ -7,17 +7,15 @@ must go through `serve_base_url` rather than choosing its own port.
 
 from __future__ import annotations
 
-import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
+from typing import IO
 
 import httpx
 
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers.net import free_port
 
 
 def serve_base_url() -> str:
@@ -50,3 +48,16 @@ def wait_ready(url: str, timeout_s: float = 120.0) -> None:
             last = repr(e)
         time.sleep(0.5)
     raise TimeoutError(f"{url} not ready after {timeout_s} s: {last}")
+
+
+def start_serve_run(config: Path, env: dict[str, str], log: IO) -> subprocess.Popen:
+    """`serve run --address local <config>` (the venv's `serve` CLI) from the repository root,
+    its output to `log`, in its own process group so that a test tears it down as one."""
+    return subprocess.Popen(
+        [str(Path(sys.executable).with_name("serve")), "run", "--address", "local", str(config)],
+        cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
