@@ -19,6 +19,7 @@ import warnings
 import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -220,13 +221,7 @@ def fetch_checkpoint(
     """
     cache_dir = cache_dir or local_cache_dir()
     os.makedirs(cache_dir, exist_ok=True)
-    try:
-        fs, path = filesystem(uri, storage_options)
-        info = fs.info(path)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint not found: {uri}") from None
-    except Exception as e:
-        raise CheckpointError(f"cannot reach checkpoint {uri}: {e}") from None
+    fs, path, info = _stat(uri, storage_options)
     size = info.get("size")
     tag = str(info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified"))
     key = hashlib.sha256(f"{uri}\0{size}\0{tag}".encode()).hexdigest()[:24]
@@ -250,29 +245,57 @@ def fetch_checkpoint(
             _check_digest(digest, sha256, uri)
             return local, digest
         log.info("downloading checkpoint %s -> %s", uri, local)
-        h = hashlib.sha256()
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{base}.", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as out, fs.open(path, "rb", block_size=1 << 23) as src:
-                while block := src.read(1 << 23):
-                    h.update(block)
-                    out.write(block)
-            digest = h.hexdigest()
-            if size is not None and os.path.getsize(tmp) != size:
-                raise CheckpointError(
-                    f"download of {uri} is incomplete: {os.path.getsize(tmp)} of {size} bytes"
-                )
-            _check_digest(digest, sha256, uri)
-            os.replace(tmp, local)
-            _record_digest(digest_file, local, digest)
-        except CheckpointError:
-            raise
-        except Exception as e:
-            raise CheckpointError(f"cannot download checkpoint {uri}: {e}") from None
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        digest = _download(fs, path, uri, local, size, sha256, digest_file)
     return local, digest
+
+
+def _stat(uri: str, storage_options: StorageOptions | None) -> tuple[Any, str, dict]:
+    """(filesystem, path, fsspec info) of a checkpoint, or `CheckpointError` saying why not."""
+    try:
+        fs, path = filesystem(uri, storage_options)
+        return fs, path, fs.info(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {uri}") from None
+    except Exception as e:
+        raise CheckpointError(f"cannot reach checkpoint {uri}: {e}") from None
+
+
+def _download(
+    fs: Any,
+    path: str,
+    uri: str,
+    local: str,
+    size: int | None,
+    sha256: str | None,
+    digest_file: str,
+) -> str:
+    """Stream `uri` to `local` while hashing it: written under a temporary name beside `local`
+    and renamed only when complete and (if given) matching `sha256`; the digest is recorded in
+    `digest_file` and returned."""
+    base = os.path.basename(local)
+    h = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(local), prefix=f".{base}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, fs.open(path, "rb", block_size=1 << 23) as src:
+            while block := src.read(1 << 23):
+                h.update(block)
+                out.write(block)
+        digest = h.hexdigest()
+        if size is not None and os.path.getsize(tmp) != size:
+            raise CheckpointError(
+                f"download of {uri} is incomplete: {os.path.getsize(tmp)} of {size} bytes"
+            )
+        _check_digest(digest, sha256, uri)
+        os.replace(tmp, local)
+        _record_digest(digest_file, local, digest)
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"cannot download checkpoint {uri}: {e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return digest
 
 
 def _atomic_write_text(path: str, text: str) -> None:
