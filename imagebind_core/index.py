@@ -888,16 +888,28 @@ def update_index(
         n = index.count
         return IndexUpdate("built", reason, n, 0, index.parts, options.shards)
     assert parent_uri is not None
+    return _update_from_parent(
+        out_uri, parent_uri, upserts, deletes, training, options, storage_options
+    )
+
+
+def _update_from_parent(
+    out_uri: str,
+    parent_uri: str,
+    upserts: Any,
+    deletes: Sequence[str],
+    training: dict,
+    options: IndexOptions,
+    storage_options: StorageOptions | None,
+) -> IndexUpdate:
+    """`update_index` once `_rebuild_reason` allowed an update: the parent's shards, one at a
+    time, with the deletes and upserts applied, then the new `meta.json`."""
     meta = read_index_meta(parent_uri, storage_options)
     parent = VectorIndex.load(parent_uri, storage_options, shards=[], templates=True)
-    kinds = {m: t["kind"] for m, t in training.items()}
     ids = upserts.column("id").to_pylist()
     up_labels = labels_of(ids)
     _check_labels(up_labels, ids)
-    up_mods = upserts.column("modality").to_pylist()
-    for m in set(up_mods) - set(kinds):
-        kinds[m] = "flat"  # _rebuild_reason allowed a new modality only below flat_threshold
-        training[m] = {"kind": "flat", "trained_count": int(sum(x == m for x in up_mods))}
+    kinds = _kinds_with_new_modalities(training, upserts.column("modality").to_pylist())
     vecs = embeddings_of(upserts)
     vecs = _normalize(vecs) if len(vecs) else np.zeros((0, int(meta["dim"])), np.float32)
     del_labels = labels_of(deletes)
@@ -911,23 +923,12 @@ def update_index(
     local = protocol_of(parent_uri) == "file"
     pfs, ppath = filesystem(parent_uri, storage_options)
     removed = 0
-    for s in range(options.shards):
+    for s in range(options.shards):  # one shard in memory at a time
         shard = _Shard.load(pfs, f"{ppath}/{shard_dir(s)}", meta["shards"][s], local)
         sel = np.flatnonzero(up_labels % options.shards == s)
-        rm = remove[remove % options.shards == s]
         before = shard.count
-        present = np.isin(shard.labels, up_labels[sel])
-        if present.any():  # an upserted label must belong to the same id (no hash clash)
-            old = dict(
-                zip(
-                    shard.labels[present].tolist(),
-                    shard.rows.filter(present).column("id").to_pylist(),
-                    strict=True,
-                )
-            )
-            for lab, i in zip(up_labels[sel].tolist(), [ids[j] for j in sel], strict=True):
-                if old.get(lab, i) != i:
-                    raise ValueError(f"ids {sorted([old[lab], i])} hash to the same index label")
+        _check_same_ids(shard, up_labels[sel], [ids[j] for j in sel])
+        rm = remove[remove % options.shards == s]
         shard.apply(rm, up_labels[sel], rows.take(sel), vecs[sel], kinds, parent.templates, options)
         removed += before + len(sel) - shard.count
         entries.append(shard.save(fs, f"{path}/{shard_dir(s)}"))
@@ -935,19 +936,52 @@ def update_index(
             prev = parts.get(m)
             parts[m] = PartInfo(p.kind, p.count + (prev.count if prev else 0))
         del shard
+    _write_meta(fs, path, int(meta["dim"]), options, training, parts, entries)
+    return IndexUpdate(
+        "updated", None, len(ids), removed, dict(sorted(parts.items())), options.shards
+    )
+
+
+def _write_meta(fs, path, dim, options, training, parts, entries) -> None:
+    """The updated index's `meta.json`, written last (after every shard)."""
     new_meta = {
         "format": INDEX_FORMAT,
         "metric": "cosine",
-        "dim": int(meta["dim"]),
+        "dim": dim,
         "count": sum(e["count"] for e in entries),
         "options": options.to_json(),
         "training": {m: t for m, t in training.items() if m in parts},
         "shards": entries,
     }
     fs.pipe_file(f"{path}/{META_NAME}", json.dumps(new_meta, sort_keys=True).encode())
-    return IndexUpdate(
-        "updated", None, len(ids), removed, dict(sorted(parts.items())), options.shards
+
+
+def _check_same_ids(shard: _Shard, labels: np.ndarray, ids: list[str]) -> None:
+    """An upserted label the shard already holds must belong to the same id (no hash clash)."""
+    present = np.isin(shard.labels, labels)
+    if not present.any():
+        return
+    old = dict(
+        zip(
+            shard.labels[present].tolist(),
+            shard.rows.filter(present).column("id").to_pylist(),
+            strict=True,
+        )
     )
+    for lab, i in zip(labels.tolist(), ids, strict=True):
+        if old.get(lab, i) != i:
+            raise ValueError(f"ids {sorted([old[lab], i])} hash to the same index label")
+
+
+def _kinds_with_new_modalities(training: dict, up_mods: list[str]) -> dict[str, str]:
+    """Modality -> index kind of the updated index. A modality the parent lacks gets a flat
+    part (`_rebuild_reason` allows a new modality only below flat_threshold), recorded in
+    `training` too."""
+    kinds = {m: t["kind"] for m, t in training.items()}
+    for m in set(up_mods) - set(kinds):
+        kinds[m] = "flat"
+        training[m] = {"kind": "flat", "trained_count": int(sum(x == m for x in up_mods))}
+    return kinds
 
 
 def _rebuild_reason(
@@ -959,8 +993,6 @@ def _rebuild_reason(
 ) -> tuple[str | None, dict]:
     """Why the new version's index must be built from every row (None: update), and the
     training record the updated index carries (drift counters advanced by the upserts)."""
-    import pyarrow.parquet as pq
-
     if parent_uri is None:
         return "no parent index", {}
     try:
@@ -974,8 +1006,40 @@ def _rebuild_reason(
     if upserts.num_rows and vecs.shape[1] != meta["dim"]:
         return f"embedding dimension changed ({meta['dim']} -> {vecs.shape[1]})", {}
     training = {m: dict(t) for m, t in meta["training"].items()}
-    # New count per modality: parent counts - removed rows (looked up in the shards' row
-    # lists, two columns) + upserts.
+    counts = _counts_after(meta, parent_uri, upserts, deletes, options, storage_options)
+    up_mods = np.asarray(upserts.column("modality").to_pylist(), dtype=object)
+    templates = VectorIndex.load(parent_uri, storage_options, shards=[], templates=True).templates
+    for m, n in sorted(counts.items()):
+        t = training.get(m)
+        kind = options.kind_for(n)
+        if n == 0:
+            continue
+        if t is None:
+            if kind != "flat":
+                return f"new modality {m} with {n} vectors needs training", {}
+            continue
+        if kind != t["kind"]:
+            return f"{m}: {n} vectors need a {kind} index (was {t['kind']})", {}
+        if kind == "flat":
+            continue
+        reason = _retrain_reason(m, n, t, options, templates, vecs[up_mods == m])
+        if reason is not None:
+            return reason, {}
+    return None, training
+
+
+def _counts_after(
+    meta: dict,
+    parent_uri: str,
+    upserts: Any,
+    deletes: Sequence[str],
+    options: IndexOptions,
+    storage_options: StorageOptions | None,
+) -> dict[str, int]:
+    """Vectors per modality in the new version: the parent's counts, less the removed and
+    replaced rows (looked up in the shards' row lists, two columns), plus the upserts."""
+    import pyarrow.parquet as pq
+
     counts = {m: 0 for m in meta["training"]}
     for e in meta["shards"]:
         for m, p in e["parts"].items():
@@ -994,40 +1058,31 @@ def _rebuild_reason(
             counts[m] -= 1
     for m in upserts.column("modality").to_pylist():
         counts[m] = counts.get(m, 0) + 1
-    up_mods = np.asarray(upserts.column("modality").to_pylist(), dtype=object)
-    templates = VectorIndex.load(parent_uri, storage_options, shards=[], templates=True).templates
-    for m, n in sorted(counts.items()):
-        t = training.get(m)
-        kind = options.kind_for(n)
-        if n == 0:
-            continue
-        if t is None:
-            if kind != "flat":
-                return f"new modality {m} with {n} vectors needs training", {}
-            continue
-        if kind != t["kind"]:
-            return f"{m}: {n} vectors need a {kind} index (was {t['kind']})", {}
-        if kind == "flat":
-            continue
-        g = options.retrain_growth
-        if not t["trained_count"] / g <= n <= t["trained_count"] * g:
-            return f"{m}: {n} vectors, trained at {t['trained_count']} (retrain_growth {g})", {}
-        sel = np.flatnonzero(up_mods == m)
-        if len(sel):
-            t["added"] += len(sel)
-            t["added_fit"] += float(_fit(templates[m], _normalize(vecs[sel])).sum())
-        added_fit = t["added_fit"] / t["added"] if t["added"] else t["fit"]
-        if (
-            t["added"] >= max(100, 0.01 * t["trained_count"])
-            and t["fit"] - added_fit > options.retrain_drift
-        ):
-            return (
-                f"{m}: vectors added since training fit the quantizer worse "
-                f"(mean cosine to nearest centroid {added_fit:.3f} vs {t['fit']:.3f} at "
-                f"training; retrain_drift {options.retrain_drift})",
-                {},
-            )
-    return None, training
+    return counts
+
+
+def _retrain_reason(
+    m: str, n: int, t: dict, options: IndexOptions, templates: dict, added: np.ndarray
+) -> str | None:
+    """Why the IVF part of modality `m` (`n` vectors after the change, training record `t`)
+    must be retrained, or None; advances `t`'s drift counters by the `added` vectors."""
+    g = options.retrain_growth
+    if not t["trained_count"] / g <= n <= t["trained_count"] * g:
+        return f"{m}: {n} vectors, trained at {t['trained_count']} (retrain_growth {g})"
+    if len(added):
+        t["added"] += len(added)
+        t["added_fit"] += float(_fit(templates[m], _normalize(added)).sum())
+    added_fit = t["added_fit"] / t["added"] if t["added"] else t["fit"]
+    if (
+        t["added"] >= max(100, 0.01 * t["trained_count"])
+        and t["fit"] - added_fit > options.retrain_drift
+    ):
+        return (
+            f"{m}: vectors added since training fit the quantizer worse "
+            f"(mean cosine to nearest centroid {added_fit:.3f} vs {t['fit']:.3f} at "
+            f"training; retrain_drift {options.retrain_drift})"
+        )
+    return None
 
 
 def embeddings_of(table: Any) -> np.ndarray:
