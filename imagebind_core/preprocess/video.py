@@ -117,6 +117,50 @@ def _fps(st) -> float:
     return float(rate)
 
 
+def _demux(container, st, fps: float, limits: Limits, deadline: Deadline) -> list:
+    """Every packet of stream `st`, demuxed without decoding, within the frame-count and
+    duration limits. Packets are kept: decoding feeds them straight to the decoder, so no
+    container seek (and no re-read) is ever needed."""
+    packets = []
+    for pkt in container.demux(st):
+        if pkt.size == 0:
+            continue  # demuxer flush packet
+        packets.append(pkt)
+        if len(packets) > limits.max_video_frames:
+            raise InvalidInput(
+                KIND, f"more than {limits.max_video_frames} frames (the frame-count limit)"
+            )
+        if len(packets) % 256 == 0:
+            deadline.check()
+    n = len(packets)
+    if n == 0:
+        raise InvalidInput(KIND, "the video stream has no frames")
+    if n / fps > limits.max_video_duration_s:
+        raise InvalidInput(
+            KIND,
+            f"duration {n / fps:.1f} s is over the limit of {limits.max_video_duration_s:g} s",
+        )
+    return packets
+
+
+def _stack_frames(
+    got: dict[int, np.ndarray], needed: list[int], n: int, limits: Limits
+) -> np.ndarray:
+    """The `needed` frames as one (F, H, W, 3) array: all decoded, all one size, within the
+    pixel limit (the decoded size, not only the header's: a stream may change size after it)."""
+    missing = [i for i in needed if i not in got]
+    if missing:
+        raise InvalidInput(
+            KIND, f"frames {missing} of {n} could not be decoded (broken or truncated stream)"
+        )
+    shapes = {got[i].shape for i in needed}
+    if len(shapes) != 1:
+        raise InvalidInput(KIND, f"frame size changes within the stream: {sorted(shapes)}")
+    fh, fw = next(iter(shapes))[:2]
+    check_pixels(KIND, fw, fh, limits)
+    return np.stack([got[i] for i in needed])
+
+
 def decode_video(
     data: bytes, limits: Limits = DEFAULT_LIMITS, cfg: VideoConfig = VIDEO
 ) -> DecodedVideo:
@@ -134,27 +178,8 @@ def decode_video(
     with decoding(KIND, "video"), av.open(io.BytesIO(data), mode="r") as container:
         st = _open_stream(container, limits)
         fps = _fps(st)
-        # 1. Index: demux every packet (no decoding). Packets are kept: decoding below feeds
-        # them straight to the decoder, so no container seek (and no re-read) is ever needed.
-        packets = []
-        for pkt in container.demux(st):
-            if pkt.size == 0:
-                continue  # demuxer flush packet
-            packets.append(pkt)
-            if len(packets) > limits.max_video_frames:
-                raise InvalidInput(
-                    KIND, f"more than {limits.max_video_frames} frames (the frame-count limit)"
-                )
-            if len(packets) % 256 == 0:
-                deadline.check()
+        packets = _demux(container, st, fps, limits, deadline)
         n = len(packets)
-        if n == 0:
-            raise InvalidInput(KIND, "the video stream has no frames")
-        if n / fps > limits.max_video_duration_s:
-            raise InvalidInput(
-                KIND,
-                f"duration {n / fps:.1f} s is over the limit of {limits.max_video_duration_s:g} s",
-            )
         clips = video_frame_indices(n, fps, cfg)
         needed = sorted({i for c in clips for i in c})
         cc = st.codec_context
@@ -167,18 +192,7 @@ def decode_video(
             # Timestamps missing, duplicated or not matching the decoder's output: decode from
             # the first packet and count output frames, which is what decord's index amounts to.
             got = _decode_sequentially(cc, packets, needed, deadline)
-        missing = [i for i in needed if i not in got]
-        if missing:
-            raise InvalidInput(
-                KIND, f"frames {missing} of {n} could not be decoded (broken or truncated stream)"
-            )
-        shapes = {got[i].shape for i in needed}
-        if len(shapes) != 1:
-            raise InvalidInput(KIND, f"frame size changes within the stream: {sorted(shapes)}")
-        # The decoded size, not only the header's: a stream may change size after it.
-        fh, fw = next(iter(shapes))[:2]
-        check_pixels(KIND, fw, fh, limits)
-        frames = np.stack([got[i] for i in needed])
+        frames = _stack_frames(got, needed, n, limits)
     pos = {idx: k for k, idx in enumerate(needed)}
     return DecodedVideo(
         frames=frames,
