@@ -190,16 +190,15 @@ class ImageBindModel(nn.Module):
             # Drop the columns after the batch's last end-of-text token before the trunk runs.
             # Exact, not an approximation: the trunk is causal, so no position attends to a
             # later one, and the head reads only each row's EOT. Captions are far shorter than
-            # 77 tokens (a 10-word caption is 13): 5.4x less base text-encoder time measured
-            # for those, and the job's length-sorted batches (pipelines.stages) save more.
+            # 77 tokens (a 10-word caption is 13), and the job's length-sorted batches
+            # (pipelines.stages) keep a batch's longest caption close to its others.
             keep = int(text_lengths(x).max()) if x.numel() else x.shape[-1]
             x = x[..., :keep]
         dev = self.device
         if dev.type == "cuda" and x.device.type == "cpu":
             # Host batch -> GPU from pinned memory, asynchronously: the host goes on launching
-            # kernels while the copy runs (a plain copy of pageable memory blocks it). Measured
-            # on an H200, huge vision bf16 at batch 1: 92 -> 166 images/s; batches of 64-256
-            # gain ~1 % (benchmarks/results/gpu-h200.md). PyTorch's pinned-block cache keeps
+            # kernels while the copy runs (a plain copy of pageable memory blocks it); the
+            # figures are in benchmarks/results/gpu-h200.md. PyTorch's pinned-block cache keeps
             # the buffer alive until the copy is done.
             x = x.pin_memory().to(dev, non_blocking=True)
         if m == Modality.TEXT:
@@ -269,8 +268,8 @@ def _no_default_init() -> Iterator[None]:
 
     Every model here gets its weights from a checkpoint or `init_random_weights`, so torch's
     default init is wasted work — and on meta tensors it runs Python decompositions that
-    import sympy and torch._dynamo: ~0.4-1.5 s of each encoder actor's and replica's
-    start-up, measured. The patch is process-wide while held, hence the lock; nothing else
+    import sympy and torch._dynamo, a cost paid in every encoder actor's and replica's
+    start-up. The patch is process-wide while held, hence the lock; nothing else
     here initialises modules concurrently.
     """
     with _init_lock:

@@ -97,7 +97,7 @@ class TextStem(nn.Module):
         super().__init__()
         # An explicit, uninitialised weight: nn.Embedding's own normal_ init is wasted (weights
         # come from a checkpoint or `init_random_weights`) and, on the meta device, imports
-        # torch._dynamo: 1.1 s of every encoder actor's start-up.
+        # torch._dynamo, which every encoder actor would pay for at start-up.
         weight = torch.empty(cfg.vocab_size, dim, device=device, dtype=dtype)
         self.token_embedding = nn.Embedding(cfg.vocab_size, dim, _weight=weight)
         self.pos_embed = nn.Parameter(
