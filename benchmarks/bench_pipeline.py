@@ -72,6 +72,13 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # ----------------------------------------------------------------------------- corpus
 
 
+# Caption vocabulary of the synthetic corpora (the caption files draw on the first ten words).
+WORDS = (
+    *("a", "the", "dog", "cat", "runs", "over", "under", "bright", "dark", "city"),
+    *("red", "car", "park", "beach"),
+)
+
+
 def make_corpus(root: str, n_images: int, n_texts: int) -> dict[str, str]:
     """Write `n_images` 640x480 JPEGs and `n_texts` captions; returns {kind: folder}."""
     from PIL import Image
@@ -94,20 +101,8 @@ def make_corpus(root: str, n_images: int, n_texts: int) -> dict[str, str]:
         Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
         with open(f"{root}/images/{i:05d}.jpg", "wb") as f:
             f.write(buf.getvalue())
-    words = [
-        "a",
-        "the",
-        "dog",
-        "cat",
-        "runs",
-        "over",
-        "under",
-        "bright",
-        "dark",
-        "city",
-    ]
     for i in range(n_texts):
-        text = " ".join(rng.choice(words, size=8 + i % 12))
+        text = " ".join(rng.choice(WORDS[:10], size=8 + i % 12))
         with open(f"{root}/texts/{i:05d}.txt", "w") as f:
             f.write(text)
     return {"vision": f"{root}/images", "text": f"{root}/texts"}
@@ -375,26 +370,10 @@ def make_text_manifests(root: str, n: int, per_file: int) -> str:
     import pyarrow.parquet as pq
 
     rng = np.random.default_rng(1)
-    words = [
-        "a",
-        "the",
-        "dog",
-        "cat",
-        "runs",
-        "over",
-        "under",
-        "bright",
-        "dark",
-        "city",
-        "red",
-        "car",
-        "park",
-        "beach",
-    ]
     os.makedirs(f"{root}/manifests", exist_ok=True)
     for k, start in enumerate(range(0, n, per_file)):
         ids = range(start, min(n, start + per_file))
-        texts = [" ".join(rng.choice(words, size=6 + i % 14)) for i in ids]
+        texts = [" ".join(rng.choice(WORDS, size=6 + i % 14)) for i in ids]
         pq.write_table(
             pa.table(
                 {"id": [f"t{i:07d}" for i in ids], "modality": ["text"] * len(texts), "text": texts}
@@ -679,7 +658,7 @@ def main() -> None:
             cold = run_job_once(kind, one, f"{tmp}/out0-{kind}", *common)
             bare_s, _ = run_bare(kind, folder, args.preset, args.batch_size)
             # Rounds of (loop, job) in alternating order, each ratio from neighbours in time:
-            # this VM's speed drifts by ~10 % over minutes, which one pair cannot tell from a
+            # a shared machine's speed drifts over minutes, which one pair cannot tell from a
             # real difference.
             rounds = []
             for i in range(args.rounds):
