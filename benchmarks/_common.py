@@ -3,6 +3,7 @@ the results file (`--json`) that records the command beside its figures."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import socket
 import subprocess
@@ -29,3 +30,13 @@ def write_results(path: str | None, results: Any, key: str = "results") -> None:
     if path:
         with open(path, "w") as f:
             json.dump({"command": " ".join(sys.argv), key: results}, f, indent=2)
+
+
+def add_table_args(p: argparse.ArgumentParser, sizes: list[int], workdir: str) -> None:
+    """The options of the benchmarks over a synthetic embeddings table: `--sizes` (rows),
+    `--dim`, `--changed` (rows changed), `--workdir`, `--json`."""
+    p.add_argument("--sizes", type=int, nargs="+", default=sizes)
+    p.add_argument("--dim", type=int, default=1024)
+    p.add_argument("--changed", type=int, default=1000)
+    p.add_argument("--workdir", default=workdir)
+    p.add_argument("--json", help="also write the results here")

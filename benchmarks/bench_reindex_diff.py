@@ -29,7 +29,7 @@ import time
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from _common import run_child, write_results
+from _common import add_table_args, run_child, write_results
 
 FILE_ROWS = 50_000
 
@@ -121,12 +121,8 @@ def run(path: str, root: str, n: int, changed: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=[50_000, 200_000])
-    p.add_argument("--dim", type=int, default=1024)
-    p.add_argument("--changed", type=int, default=1000)
+    add_table_args(p, sizes=[50_000, 200_000], workdir="/tmp/bench-rdiff")
     p.add_argument("--paths", nargs="+", default=["driver", "ray"])
-    p.add_argument("--workdir", default="/tmp/bench-rdiff")
-    p.add_argument("--json", help="also write the results here")
     p.add_argument("--child", nargs=3, metavar=("PATH", "ROOT", "N"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:

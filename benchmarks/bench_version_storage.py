@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from _common import run_child, write_results
+from _common import add_table_args, run_child, write_results
 
 ROWS_PER_FILE = 1_000_000  # pipelines.reindex.CARRIED_ROWS_PER_FILE
 
@@ -127,12 +127,8 @@ def update(fmt: str, root: str, n: int, dim: int, changed: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 400_000])
-    p.add_argument("--dim", type=int, default=1024)
-    p.add_argument("--changed", type=int, default=1000)
+    add_table_args(p, sizes=[100_000, 400_000], workdir="/tmp/bench-vstore")
     p.add_argument("--formats", nargs="+", default=["parquet-rewrite", "lance-merge-insert"])
-    p.add_argument("--workdir", default="/tmp/bench-vstore")
-    p.add_argument("--json", help="also write the results here")
     p.add_argument(
         "--child", nargs=4, metavar=("STEP", "FORMAT", "ROOT", "N"), help=argparse.SUPPRESS
     )
