@@ -11,7 +11,7 @@ execution. Library use:
     from pipelines.embed import run_job
     summary = run_job(load_config("configs/demo.yaml"))
 
-Re-indexing reuses the pieces: `pipelines.readers.list_items` (listing without bytes) and
+Re-indexing reuses the pieces: `pipelines.plan.list_items` (listing without bytes) and
 `embed_items` (embed a given subset of rows into an output, same commit protocol).
 """
 
@@ -43,35 +43,30 @@ from pipelines.console import (
     resume_command,
     shutdown_ray,
 )
+from pipelines.formats import PlanError
 from pipelines.lock import OutputLock, OutputLocked
-from pipelines.progress import ProgressReporter, counter_actor
-from pipelines.readers import (
-    INVALID,
+from pipelines.plan import (
     Plan,
-    PlanError,
     ShardSpec,
     check_input,
     plan_items,
     plan_job,
-    read_tasks,
     reconcile,
     shard_tasks,
 )
-from pipelines.stages import (
-    EncodeBatch,
-    StoreUnavailable,
-    preprocess_batch,
-    transient_store_error,
-    without_tensors,
-)
-from pipelines.writers import (
+from pipelines.progress import ProgressReporter, counter_actor
+from pipelines.readers import read_tasks
+from pipelines.rows import INVALID
+from pipelines.stages import EncodeBatch, preprocess_batch, without_tensors
+from pipelines.store import (
     Output,
-    commit_shard,
+    StoreUnavailable,
     read_job_record,
+    transient_store_error,
     with_store_retries,
     write_job_record,
-    write_parts,
 )
+from pipelines.writers import commit_shard, write_parts
 
 logger = logging.getLogger(__name__)
 
@@ -759,7 +754,7 @@ def run_job(cfg: JobConfig) -> JobSummary:
 
 
 def embed_items(cfg: JobConfig, items: pa.Table, output: str | None = None) -> JobSummary:
-    """Embed exactly the rows of `items` (a subset of `readers.list_items(cfg)`).
+    """Embed exactly the rows of `items` (a subset of `plan.list_items(cfg)`).
 
     Writes `<output>/<shard>.parquet` for every shard the rows belong to, holding only those
     rows, with the same lock, resume and exactly-once guarantees as a full run. `output`

@@ -34,17 +34,15 @@ import pyarrow.compute as pc
 import imagebind_core as ibc
 from imagebind_core.io import StorageOptions, filesystem
 from pipelines.progress import report
-from pipelines.writers import (
+from pipelines.rows import (
     PREPROCESSED_SCHEMA,
     STATUS_EOS,
     STATUS_ERROR,
     STATUS_OK,
-    StoreUnavailable,
-    embedding_type,
     encoded_schema,
     fingerprint_from_info,
-    transient_store_error,
 )
+from pipelines.store import StoreUnavailable, transient_store_error
 
 logger = logging.getLogger(__name__)
 
@@ -623,9 +621,6 @@ def _trace_actor(path: str, kind: str) -> None:
 __all__ = [
     "ENCODED_JPEG",
     "EncodeBatch",
-    "StoreUnavailable",
-    "embedding_type",
     "preprocess_batch",
-    "transient_store_error",
     "without_tensors",
 ]

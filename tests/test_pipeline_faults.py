@@ -25,7 +25,7 @@ from conftest_pipeline import read_output
 
 from pipelines.config import load_config
 from pipelines.embed import run_job
-from pipelines.stages import StoreUnavailable
+from pipelines.store import StoreUnavailable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)

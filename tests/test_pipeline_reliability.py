@@ -22,19 +22,19 @@ from conftest_pipeline import SMALL_JOB, read_output
 from pipelines.config import load_config
 from pipelines.embed import main, run_job
 from pipelines.lock import LOCK_KEY, OutputLock, OutputLocked
-from pipelines.readers import list_items, plan_job, read_tasks, shard_tasks
-from pipelines.stages import preprocess_batch
-from pipelines.writers import (
+from pipelines.plan import list_items, plan_job, shard_tasks
+from pipelines.readers import read_tasks
+from pipelines.rows import (
     ITEM_SCHEMA,
     STATUS_EOS,
     STATUS_ERROR,
     STATUS_OK,
-    Output,
-    commit_shard,
     embedding_type,
     encoded_schema,
-    write_parts,
 )
+from pipelines.stages import preprocess_batch
+from pipelines.store import Output
+from pipelines.writers import commit_shard, write_parts
 
 SMALL = SMALL_JOB
 
@@ -316,7 +316,7 @@ def test_an_unreachable_store_stops_the_block_instead_of_failing_the_item():
     from conftest import free_port
 
     from imagebind_core.io import s3_storage_options
-    from pipelines.stages import StoreUnavailable
+    from pipelines.store import StoreUnavailable
 
     so = s3_storage_options(f"http://127.0.0.1:{free_port()}", "us-east-1", "testing", "testing")
     row = {f.name: None for f in ITEM_SCHEMA}
