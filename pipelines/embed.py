@@ -34,7 +34,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import imagebind_core as ibc
-from imagebind_core.io import canonical_uri, filesystem
+from imagebind_core.errors import StoreUnavailable
+from imagebind_core.io import canonical_uri, filesystem, store_name
 from pipelines.config import ConfigError, JobConfig, load_config
 from pipelines.console import (
     configure_logging,
@@ -60,7 +61,6 @@ from pipelines.rows import INVALID
 from pipelines.stages import EncodeBatch, preprocess_batch, without_tensors
 from pipelines.store import (
     Output,
-    StoreUnavailable,
     read_job_record,
     transient_store_error,
     with_store_retries,
@@ -603,7 +603,9 @@ def _quiet_issue_detectors(config: Any) -> Any:
 def _commit_task(*args: Any) -> dict[str, Any]:
     # A commit is idempotent and never rewrites a committed file: safe to retry through a
     # store outage.
-    return with_store_retries(lambda: commit_shard(*args), f"committing shard {args[1]}")
+    return with_store_retries(
+        lambda: commit_shard(*args), f"committing shard {args[1]}", args[0], args[2]
+    )
 
 
 def _items_to_embed(pending: Sequence[ShardSpec], summary: JobSummary) -> int | None:
@@ -719,9 +721,10 @@ def run_plan(cfg: JobConfig, plan: Plan) -> JobSummary:
                 raise
             cause = getattr(e, "cause", None) or e  # a Ray task error: the task's exception
             raise StoreUnavailable(
-                f"the object store stopped answering during the run ({type(cause).__name__}: "
+                store_name(cfg.output, so),
+                f"it stopped answering during the run ({type(cause).__name__}: "
                 f"{str(cause)[:300]}). Committed shards are kept and work in progress is in "
-                "parts: rerun the same command to resume."
+                "parts: rerun the same command to resume.",
             ) from e
         finally:
             reporter.stop()

@@ -10,9 +10,9 @@ object store (`s3://...`):
 - `files`: a folder, prefix or glob of media files, kind from the extension (overridable);
   files are grouped into shards by a stable hash of their relative path (`pipelines.plan`).
 
-`FORMATS` maps each name to its `InputFormat`: the suffixes of its shard files and
-`shard_rows`, the item rows of one shard, used alike by the read task and by the listing of
-re-indexing.
+Each format's `*_rows` function yields the item rows of one shard, used alike by the read
+task and by the listing of re-indexing (`pipelines.plan.FORMATS` maps a format's name to it and
+to its planning).
 
 Ids are stable across reruns and derive from the source key, never from block layout:
 manifest `id` (else its `uri` as written, else `<shard>#<row>` for inline text), `<shard>#<member>`
@@ -31,7 +31,6 @@ import logging
 import posixpath
 import tarfile
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -368,9 +367,13 @@ def _wds_want(kinds: Collection[str], extensions: Mapping[str, str]) -> Callable
 
 
 # ----------------------------------------------------------------------------- shard rows
+# `rows(shard, uri, fingerprint, kinds, *, storage_options, extensions, items, read, skip)`:
+# ITEM_SCHEMA rows (`ok`, or `error` with the reason) of the given kinds of one shard. `items`:
+# a files shard's listed items per kind; `read=False` lists without payload bytes; ids in
+# `skip` are not read (tar members are seeked over).
 
 
-def _files_rows(
+def files_rows(
     shard: str,
     uri: str,
     fingerprint: str | None,
@@ -392,7 +395,7 @@ def _files_rows(
             )
 
 
-def _manifest_rows(
+def manifest_rows(
     shard: str,
     uri: str,
     fingerprint: str | None,
@@ -405,7 +408,7 @@ def _manifest_rows(
             yield it
 
 
-def _tar_rows(
+def tar_rows(
     shard: str,
     uri: str,
     fingerprint: str | None,
@@ -432,40 +435,6 @@ def _tar_rows(
         # be enumerated, so the shard itself is recorded as a failed item per kind.
         for kind in sorted(kinds):
             yield unreadable_shard_row(shard, uri, kind, fingerprint, e)
-
-
-@dataclass(frozen=True)
-class InputFormat:
-    """One input format: the suffixes of its shard files (none: any media file) and the item
-    rows of one shard.
-
-    `shard_rows(shard, uri, fingerprint, kinds, *, storage_options, extensions, items, read,
-    skip)` yields ITEM_SCHEMA rows (`ok`, or `error` with the reason) of the given kinds:
-    `items` are a files shard's listed items; `read=False` lists without payload bytes; ids in
-    `skip` are not read (tar members are seeked over).
-    """
-
-    name: str
-    suffixes: tuple[str, ...]
-    noun: str
-    shard_rows: Callable[..., Iterator[dict[str, Any]]]
-
-
-FORMATS: dict[str, InputFormat] = {
-    "manifest": InputFormat(
-        "manifest", MANIFEST_SUFFIXES, "Parquet/CSV/JSONL manifests", _manifest_rows
-    ),
-    "webdataset": InputFormat("webdataset", TAR_SUFFIXES, "tar shards", _tar_rows),
-    "files": InputFormat("files", (), "media files", _files_rows),
-}
-
-
-def input_format(name: str) -> InputFormat:
-    """The `InputFormat` called `name`; PlanError if there is none."""
-    try:
-        return FORMATS[name]
-    except KeyError:
-        raise PlanError(f"unknown format {name!r}; expected one of {sorted(FORMATS)}") from None
 
 
 # ----------------------------------------------------------------------------- ids

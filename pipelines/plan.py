@@ -35,13 +35,15 @@ from pipelines.formats import (
     EmptyInput,
     PlanError,
     file_kind,
+    files_rows,
     id_digests,
     ids_identity,
-    input_format,
     manifest_items,
+    manifest_rows,
     peek_tar_kinds,
     read_manifest,
     repeated_rows,
+    tar_rows,
     wds_id,
 )
 from pipelines.rows import INVALID, LISTING_SCHEMA, fingerprint_from_info, item_row
@@ -228,16 +230,12 @@ def plan_job(cfg: JobConfig, files_shards: int | None = None, *, scan_workers: i
             (files format); None on a first run.
     """
     sources = list_input(cfg.input, cfg.storage_options(), exclude=cfg.output)
-    fmt = detect_format(sources) if cfg.format == "auto" else cfg.format
-    planner = _PLANNERS.get(fmt)
-    if planner is None:
-        raise PlanError(f"unknown format {fmt!r}")
-    if fmt != "files":
-        suffixes = input_format(fmt).suffixes
-        bad = [s.rel for s in sources if not s.rel.lower().endswith(suffixes)]
+    fmt = input_format(detect_format(sources) if cfg.format == "auto" else cfg.format)
+    if fmt.suffixes:
+        bad = [s.rel for s in sources if not s.rel.lower().endswith(fmt.suffixes)]
         if bad:
-            raise PlanError(f"format {fmt}: {bad[:3]} are not {input_format(fmt).noun}")
-    return planner(cfg, sources, files_shards, scan_workers)
+            raise PlanError(f"format {fmt.name}: {bad[:3]} are not {fmt.noun}")
+    return fmt.plan(cfg, sources, files_shards, scan_workers)
 
 
 def _plan_manifests(
@@ -352,7 +350,9 @@ def _peek_kinds(
     )
 
 
-def _plan_files(cfg: JobConfig, sources: list[Source], files_shards: int | None) -> Plan:
+def _plan_files(
+    cfg: JobConfig, sources: list[Source], files_shards: int | None, scan_workers: int = 0
+) -> Plan:
     kinded: list[tuple[Source, str]] = []
     skipped = []
     for s in sources:
@@ -391,13 +391,6 @@ def _plan_files(cfg: JobConfig, sources: list[Source], files_shards: int | None)
     ]
     counts = Counter(k for _, k in kinded)
     return Plan("files", cfg.input, shards, tuple(sorted(counts)), dict(counts), skipped, n)
-
-
-_PLANNERS: dict[str, Callable[[JobConfig, list[Source], int | None, int], Plan]] = {
-    "files": lambda cfg, sources, files_shards, _: _plan_files(cfg, sources, files_shards),
-    "manifest": _plan_manifests,
-    "webdataset": _plan_webdataset,
-}
 
 
 # ----------------------------------------------------------------------------- reruns
@@ -440,7 +433,7 @@ def reconcile(
     with ThreadPoolExecutor(pool) as ex:
         names = [s.name for s in done]
         ids_of = dict(zip(names, ex.map(output.committed_ids, names), strict=True))
-    return _EXTENDERS[plan.format](
+    return input_format(plan.format).extend(
         _Rerun(output, storage_options, workers, ids_of), new, stale, unchanged
     )
 
@@ -520,12 +513,45 @@ def _extend_manifests(
     return narrowed_new, extended, unchanged
 
 
-_Extender = Callable[[_Rerun, list[ShardSpec], list[ShardSpec], list[ShardSpec]], _Split]
-_EXTENDERS: dict[str, _Extender] = {
-    "files": _extend_files,
-    "manifest": _extend_manifests,
-    "webdataset": _extend_webdataset,
+# ----------------------------------------------------------------------------- formats
+
+
+@dataclass(frozen=True)
+class InputFormat:
+    """One input format: the suffixes of its shard files (none: any media file), how a corpus
+    of it is planned, how a committed shard is checked for new items on a rerun, and the item
+    rows of one shard (`pipelines.formats`)."""
+
+    name: str
+    suffixes: tuple[str, ...]
+    noun: str
+    plan: Callable[[JobConfig, list[Source], int | None, int], Plan]
+    extend: Callable[[_Rerun, list[ShardSpec], list[ShardSpec], list[ShardSpec]], _Split]
+    shard_rows: Callable[..., Iterator[dict[str, Any]]]
+
+
+FORMATS: dict[str, InputFormat] = {
+    "manifest": InputFormat(
+        "manifest",
+        MANIFEST_SUFFIXES,
+        "Parquet/CSV/JSONL manifests",
+        _plan_manifests,
+        _extend_manifests,
+        manifest_rows,
+    ),
+    "webdataset": InputFormat(
+        "webdataset", TAR_SUFFIXES, "tar shards", _plan_webdataset, _extend_webdataset, tar_rows
+    ),
+    "files": InputFormat("files", (), "media files", _plan_files, _extend_files, files_rows),
 }
+
+
+def input_format(name: str) -> InputFormat:
+    """The `InputFormat` called `name`; PlanError if there is none."""
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise PlanError(f"unknown format {name!r}") from None
 
 
 # ----------------------------------------------------------------------------- listing items

@@ -14,7 +14,8 @@ from typing import Any
 import pyarrow as pa
 
 from imagebind_core.io import StorageOptions
-from pipelines.formats import input_format, wds_member
+from pipelines.formats import wds_member
+from pipelines.plan import input_format
 from pipelines.progress import report
 from pipelines.rows import (
     INVALID,

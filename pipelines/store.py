@@ -4,7 +4,6 @@ transient-error retries, and the conditional local/S3 store that `pipelines.lock
 
 Layout under the output URI (local folder or `s3://bucket/prefix`):
 
-
     <shard>.parquet                committed embeddings of one input shard (the commit marker)
     <shard>.add-<hash>.parquet     items found in that shard after it was committed (additions)
     _errors/<shard>[.add-<hash>].parquet   items of that shard that failed, with the reason
@@ -23,23 +22,30 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
 import time
-import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import fsspec.asyn
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from imagebind_core.errors import StoreUnavailable
 from imagebind_core.index import join_uri
-from imagebind_core.io import StorageOptions, filesystem, protocol_of
+from imagebind_core.io import (
+    StorageOptions,
+    durable_tmp,
+    file_lock,
+    filesystem,
+    protocol_of,
+    store_name,
+    write_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +62,6 @@ def hidden(rel: str) -> bool:
     """True if a relative path has a part starting with `_` or `.` (skipped, as Spark and
     pyarrow skip them: job state, temporary files)."""
     return any(p.startswith(("_", ".")) for p in rel.split("/") if p)
-
-
-class StoreUnavailable(RuntimeError):
-    """The object store did not answer (connection refused or reset, timeout, 5xx): not a
-    fault of the item. The block fails instead of recording the item as bad; the job stops
-    with this message and a rerun resumes where it stopped."""
 
 
 _TRANSIENT_CODES = {"500", "502", "503", "504", "SlowDown", "ServiceUnavailable", "InternalError"}
@@ -100,9 +100,17 @@ def transient_store_error(exc: BaseException) -> bool:
     return False
 
 
-def with_store_retries(fn: Any, what: str, retries: int = 4) -> Any:
-    """Call `fn()`; while it fails because the store is unreachable, wait (1, 2, 4, 8 s) and
-    call it again — for idempotent operations only. Then StoreUnavailable naming `what`."""
+def with_store_retries(
+    fn: Any,
+    what: str,
+    uri: str,
+    storage_options: StorageOptions | None = None,
+    retries: int = 4,
+) -> Any:
+    """Call `fn()`; while it fails because the store behind `uri` is unreachable
+    (`transient_store_error`), wait (1, 2, 4, 8 s) and call it again — for idempotent
+    operations only. Then `StoreUnavailable` naming the store and `what` (e.g. "reading <uri>"):
+    the item is not at fault, so the block fails and a rerun resumes."""
     for attempt in range(retries + 1):
         try:
             return fn()
@@ -111,8 +119,9 @@ def with_store_retries(fn: Any, what: str, retries: int = 4) -> Any:
                 raise
             if attempt == retries:
                 raise StoreUnavailable(
-                    f"object store unavailable {what} after {retries + 1} attempts: "
-                    f"{type(e).__name__}: {e}"
+                    store_name(uri, storage_options),
+                    f"{what} failed after {retries + 1} attempts: {type(e).__name__}: {e}",
+                    uri,
                 ) from e
             time.sleep(min(2.0**attempt, 10.0))
     raise AssertionError("unreachable")
@@ -126,10 +135,9 @@ def parquet_bytes(table: pa.Table) -> bytes:
 
     Float vector columns (`embedding`) are written without dictionary encoding: Parquet tries a
     dictionary by default, and for embeddings, where no two values repeat, it hashes every
-    float, gives up and falls back to plain pages. Measured with random unit 1024-d float32
-    embeddings: `write_parts` ~76-111 -> ~31 us of CPU per row, `commit_shard` ~59-135 -> ~35
-    us per row, the committed file 3.95 -> 3.80 KB per row (the abandoned dictionary attempt
-    also leaves a larger file). Plain + zstd is readable by every Parquet reader.
+    float, gives up and falls back to plain pages (figures in
+    benchmarks/results/null-encoder-text-profile-2core.txt). Plain + zstd is readable by every
+    Parquet reader.
     """
     no_dict = {
         f.name
@@ -147,25 +155,6 @@ def parquet_bytes(table: pa.Table) -> bytes:
         use_dictionary=[n for n in table.column_names if n not in no_dict] if no_dict else True,
     )
     return sink.getvalue().to_pybytes()
-
-
-def _durable_tmp(path: str, data: bytes) -> str:
-    """`data` written and fsynced to a hidden temporary file beside local `path` (created
-    folders included); the caller renames or links it into place."""
-    d, name = os.path.split(path)
-    os.makedirs(d, exist_ok=True)
-    tmp = os.path.join(d, f".{name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    return tmp
-
-
-def write_atomic_local(path: str, data: bytes) -> None:
-    """Write local `path` so that readers see the old content or the new, never a mix: a
-    durable temporary file renamed into place."""
-    os.replace(_durable_tmp(path, data), path)
 
 
 class Output:
@@ -256,7 +245,7 @@ class Output:
     def write_bytes_atomic(self, path: str, data: bytes) -> None:
         """Write `path` so that readers see all of it or nothing."""
         if self.local:
-            write_atomic_local(path, data)
+            write_atomic(path, data)
         else:  # one PUT (or a multipart upload completed on close): atomic on S3
             with self.fs.open(path, "wb") as f:
                 f.write(data)
@@ -269,7 +258,7 @@ class Output:
         two requests: two writers racing in between can both write (last one wins).
         """
         if self.local:
-            tmp = _durable_tmp(path, data)
+            tmp = durable_tmp(path, data)
             try:
                 os.link(tmp, path)
                 return True
@@ -523,33 +512,7 @@ class _LocalStore(_Store):
     def __init__(self, root: str) -> None:
         self.root = root[len("file://") :] if root.startswith("file://") else root
         os.makedirs(self.root, exist_ok=True)
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        # The flock file exists only while an operation holds it: created, locked, checked to
-        # still be the file at its path (a holder that finished may have removed it after we
-        # opened it; then we lock the new one), removed by the holder before it unlocks.
-        path = os.path.join(self.root, ".store.flock")
-        while True:
-            f = open(path, "a+b")  # noqa: SIM115 (closed below, after the unlink)
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX)
-                try:
-                    same = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
-                except FileNotFoundError:
-                    same = False
-            except BaseException:
-                f.close()
-                raise
-            if same:
-                break
-            f.close()
-        try:
-            yield
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
-            f.close()  # releases the flock
+        self._flock = os.path.join(self.root, ".store.flock")
 
     def _read(self, key: str) -> tuple[bytes, str] | None:
         try:
@@ -566,17 +529,17 @@ class _LocalStore(_Store):
         self, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False
     ) -> str:
         path = os.path.join(self.root, key)
-        with self._locked():
+        with file_lock(self._flock):
             cur = self._read(key)
             if if_none_match and cur is not None:
                 raise PreconditionFailed(key)
             if if_match is not None and (cur is None or cur[1] != if_match):
                 raise PreconditionFailed(key)
-            write_atomic_local(path, data)
+            write_atomic(path, data)
         return hashlib.sha256(data).hexdigest()[:32]
 
     def delete(self, key: str, *, if_match: str | None = None) -> None:
-        with self._locked():
+        with file_lock(self._flock):
             cur = self._read(key)
             if if_match is not None and (cur is None or cur[1] != if_match):
                 raise PreconditionFailed(key)

@@ -41,13 +41,61 @@ logger = logging.getLogger(__name__)
 # ------------------------------------------------------------------------- writing parts
 
 
-def _part_name(kind: str, ids: Iterable[str]) -> str:
-    # Derived from the ids it holds: a task retried by Ray rewrites the same name.
+def _ids_hash(ids: Iterable[str]) -> str:
+    """SHA-1 hex digest of a set of ids (order does not matter): names derived from content."""
     h = hashlib.sha1()
     for i in sorted(ids):
         h.update(i.encode())
         h.update(b"\0")
-    return f"{kind}-{h.hexdigest()[:20]}.parquet"
+    return h.hexdigest()
+
+
+def _part_name(kind: str, ids: Iterable[str]) -> str:
+    # Derived from the ids it holds: a task retried by Ray rewrites the same name.
+    return f"{kind}-{_ids_hash(ids)[:20]}.parquet"
+
+
+def _group_rows(batch: pa.Table) -> tuple[dict[tuple[str, str], list[int]], dict]:
+    """Row indices of a block per (shard, kind), and the expected item count of each (shard,
+    kind) whose end-of-shard marker the block carries."""
+    status = batch.column("status").to_pylist()
+    shards = batch.column("shard").to_pylist()
+    kinds = batch.column("branch").to_pylist()
+    counts = batch.column("count").to_pylist()
+    groups: dict[tuple[str, str], list[int]] = {}
+    expected: dict[tuple[str, str], int] = {}
+    for i, (st, sh, k) in enumerate(zip(status, shards, kinds, strict=True)):
+        if st == STATUS_EOS:
+            expected[(sh, k)] = int(counts[i])
+            groups.setdefault((sh, k), [])
+        else:
+            groups.setdefault((sh, k), []).append(i)
+    return groups, expected
+
+
+def _part_table(sub: pa.Table, embed_dim: int) -> pa.Table:
+    """Rows of one (shard, kind) as a part file: `error` null for ok rows, otherwise the
+    reason ("unknown error" where none was given)."""
+    none = pa.scalar(None, pa.string())
+    given = pc.if_else(pc.equal(sub.column("error"), ""), none, sub.column("error"))
+    err = pc.if_else(
+        pc.fill_null(pc.equal(sub.column("status"), STATUS_OK), False),
+        none,
+        pc.coalesce(given, "unknown error"),
+    ).combine_chunks()
+    return pa.table(
+        {
+            "id": sub.column("id"),
+            "uri": sub.column("uri"),
+            "modality": sub.column("modality"),
+            "embedding": sub.column("embedding").cast(embedding_type(embed_dim)),
+            "fingerprint": sub.column("fingerprint"),
+            "size": sub.column("size"),
+            "mtime": sub.column("mtime"),
+            "error": err,
+        },
+        schema=part_schema(embed_dim),
+    )
 
 
 def write_parts(
@@ -63,52 +111,22 @@ def write_parts(
     `map_batches` function (batch_format="pyarrow") or directly.
     """
     out = Output(output_uri, storage_options)
-    pschema = part_schema(embed_dim)
-    status = batch.column("status").to_pylist()
-    shards = batch.column("shard").to_pylist()
-    kinds = batch.column("branch").to_pylist()
-    counts = batch.column("count").to_pylist()
-    groups: dict[tuple[str, str], list[int]] = {}
-    expected: dict[tuple[str, str], int] = {}
-    for i, (st, sh, k) in enumerate(zip(status, shards, kinds, strict=True)):
-        if st == STATUS_EOS:
-            expected[(sh, k)] = int(counts[i])
-            groups.setdefault((sh, k), [])
-        else:
-            groups.setdefault((sh, k), []).append(i)
+    groups, expected = _group_rows(batch)
     rows: dict[str, list[Any]] = {f.name: [] for f in SUMMARY_SCHEMA}
     for (shard, kind), idx in groups.items():
         ids: list[str] = []
         n_err = 0
         if idx:
-            sub = batch.take(pa.array(idx, pa.int64()))
-            # null for ok rows; otherwise the reason ("unknown error" where none was given)
-            none = pa.scalar(None, pa.string())
-            given = pc.if_else(pc.equal(sub.column("error"), ""), none, sub.column("error"))
-            err = pc.if_else(
-                pc.fill_null(pc.equal(sub.column("status"), STATUS_OK), False),
-                none,
-                pc.coalesce(given, "unknown error"),
-            ).combine_chunks()
-            n_err = len(err) - err.null_count
-            part = pa.table(
-                {
-                    "id": sub.column("id"),
-                    "uri": sub.column("uri"),
-                    "modality": sub.column("modality"),
-                    "embedding": sub.column("embedding").cast(embedding_type(embed_dim)),
-                    "fingerprint": sub.column("fingerprint"),
-                    "size": sub.column("size"),
-                    "mtime": sub.column("mtime"),
-                    "error": err,
-                },
-                schema=pschema,
-            )
+            part = _part_table(batch.take(pa.array(idx, pa.int64())), embed_dim)
+            n_err = part.num_rows - part.column("error").null_count
             ids = part.column("id").to_pylist()
             path = join_uri(out.parts_dir(shard), _part_name(kind, ids))
             # A part's name derives from its ids: writing it again is harmless.
             with_store_retries(
-                lambda p=path, t=part: out.write_table_atomic(p, t), f"writing {path}"
+                lambda p=path, t=part: out.write_table_atomic(p, t),
+                f"writing {path}",
+                output_uri,
+                storage_options,
             )
         rows["shard"].append(shard)
         rows["kind"].append(kind)
@@ -135,17 +153,46 @@ def _dedupe(table: pa.Table, shard: str) -> pa.Table:
     return table
 
 
-def _ids_name(ids: Iterable[str]) -> str:
-    h = hashlib.sha1()
-    for i in sorted(ids):
-        h.update(i.encode())
-        h.update(b"\0")
-    return h.hexdigest()[:12]
-
-
 def _num_rows(out: Output, path: str) -> int:
     with out.fs.open(path, "rb") as f:
         return pq.ParquetFile(f).metadata.num_rows
+
+
+def _merged_parts(out: Output, shard: str, embed_dim: int) -> pa.Table:
+    """Every row of the shard's part files, deduplicated by id (first part in name order
+    wins) and sorted by id."""
+    pschema = part_schema(embed_dim)
+    tables = [out.read_table(p).cast(pschema) for p in out.ls_files(out.parts_dir(shard))]
+    table = pa.concat_tables(tables) if tables else pschema.empty_table()
+    return _dedupe(table, shard).sort_by("id")
+
+
+def _write_commit(
+    out: Output,
+    shard: str,
+    main: str,
+    errors: str,
+    table: pa.Table,
+    embed_dim: int,
+    metadata: Mapping[str, str],
+) -> tuple[int, int]:
+    """Write the failed rows of `table` to `errors` (or remove a stale one), then create
+    `main` with the embedded rows; (embedded, failed) counts."""
+    is_err = table.column("error").is_valid()
+    good = table.filter(pc.invert(is_err))
+    bad = table.filter(is_err)
+    meta = dict(metadata)
+    if bad.num_rows:
+        out.write_table_atomic(
+            errors, bad.select([f.name for f in errors_schema()]).cast(errors_schema(meta))
+        )
+    elif out.exists(errors):
+        out.fs.rm(errors)
+    schema = output_schema(embed_dim, meta)
+    if not out.create_table(main, good.select(schema.names).cast(schema)):
+        # another commit of the same rows won the race; it is the same data
+        logger.warning("shard %s: %s was committed concurrently; kept as it is", shard, main)
+    return good.num_rows, bad.num_rows
 
 
 def commit_shard(
@@ -168,49 +215,26 @@ def commit_shard(
     nothing new: what its main files hold), and whether they went to an addition.
     """
     out = Output(output_uri, storage_options)
-    parts = out.ls_files(out.parts_dir(shard))
-    pschema = part_schema(embed_dim)
-    tables = [out.read_table(p).cast(pschema) for p in parts]
-    table = pa.concat_tables(tables) if tables else pschema.empty_table()
-    table = _dedupe(table, shard).sort_by("id")
-    main = out.shard_path(shard)
+    table = _merged_parts(out, shard, embed_dim)
+    main, errors = out.shard_path(shard), out.errors_path(shard)
     committed = out.exists(main)
-    added = False
+    result: dict[str, Any] = {"shard": shard, "ok": 0, "errors": 0, "added": False}
     if committed:
         done = out.committed_ids(shard)
         new = [i for i, id_ in enumerate(table.column("id").to_pylist()) if id_ not in done]
         table = table.take(pa.array(new, pa.int64()))
-        if table.num_rows:
-            added = True
-            suffix = ".add-" + _ids_name(table.column("id").to_pylist())
-            main, errors = out.path(f"{shard}{suffix}.parquet"), out.errors_path(shard + suffix)
-    else:
-        errors = out.errors_path(shard)
-    result: dict[str, Any] = {"shard": shard, "ok": 0, "errors": 0, "added": added}
-    if committed and not added:
+    if committed and not table.num_rows:
         result["ok"] = _num_rows(out, main)
-        if out.exists(out.errors_path(shard)):
-            result["errors"] = _num_rows(out, out.errors_path(shard))
+        if out.exists(errors):
+            result["errors"] = _num_rows(out, errors)
     else:
-        is_err = table.column("error").is_valid()
-        good = table.filter(pc.invert(is_err))
-        bad = table.filter(is_err)
-        meta = dict(metadata)
-        if bad.num_rows:
-            out.write_table_atomic(
-                errors, bad.select([f.name for f in errors_schema()]).cast(errors_schema(meta))
-            )
-        elif out.exists(errors):
-            out.fs.rm(errors)
-        created = out.create_table(
-            main,
-            good.select([f.name for f in output_schema(embed_dim)]).cast(
-                output_schema(embed_dim, meta)
-            ),
+        if committed:
+            suffix = ".add-" + _ids_hash(table.column("id").to_pylist())[:12]
+            main, errors = out.path(f"{shard}{suffix}.parquet"), out.errors_path(shard + suffix)
+            result["added"] = True
+        result["ok"], result["errors"] = _write_commit(
+            out, shard, main, errors, table, embed_dim, metadata
         )
-        if not created:  # another commit of the same rows won the race; it is the same data
-            logger.warning("shard %s: %s was committed concurrently; kept as it is", shard, main)
-        result.update(ok=good.num_rows, errors=bad.num_rows)
     if identity is not None:
         out.write_identity(shard, identity)
     out.rm_parts(shard)

@@ -23,9 +23,9 @@ import pytest
 from conftest import S3Server, free_port
 from conftest_pipeline import read_output
 
+from imagebind_core.errors import StoreUnavailable
 from pipelines.config import load_config
 from pipelines.embed import run_job
-from pipelines.store import StoreUnavailable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)

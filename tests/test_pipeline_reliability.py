@@ -315,8 +315,8 @@ def test_an_unreachable_store_stops_the_block_instead_of_failing_the_item():
     # recorded as a failure (a rerun would never embed it).
     from conftest import free_port
 
+    from imagebind_core.errors import StoreUnavailable
     from imagebind_core.io import s3_storage_options
-    from pipelines.store import StoreUnavailable
 
     so = s3_storage_options(f"http://127.0.0.1:{free_port()}", "us-east-1", "testing", "testing")
     row = {f.name: None for f in ITEM_SCHEMA}
