@@ -77,63 +77,46 @@ def encoded_schema(dim: int) -> pa.Schema:
     return pa.schema([*base, pa.field("embedding", embedding_type(dim))])
 
 
+def _pick(*names: str, **fields: pa.Field) -> list[pa.Field]:
+    """Fields of ITEM_SCHEMA by name, in order; a name given in `fields` takes that field."""
+    return [fields[n] if n in fields else ITEM_SCHEMA.field(n) for n in names]
+
+
 def part_schema(dim: int) -> pa.Schema:
     """One part file: embedded and failed items of one shard (error null <=> embedded)."""
+    embedding = pa.field("embedding", embedding_type(dim))
     return pa.schema(
-        [
-            pa.field("id", pa.string(), nullable=False),
-            pa.field("uri", pa.string()),
-            pa.field("modality", pa.string()),
-            pa.field("embedding", embedding_type(dim)),
-            pa.field("fingerprint", pa.string()),
-            pa.field("size", pa.int64()),
-            pa.field("mtime", pa.float64()),
-            pa.field("error", pa.string()),
-        ]
-    )
+        _pick(
+            "id", "uri", "modality", "embedding", "fingerprint", "size", "mtime", "error",
+            embedding=embedding,
+        )
+    )  # fmt: skip
 
 
 def output_schema(dim: int, metadata: Mapping[str, str] | None = None) -> pa.Schema:
     """The committed embeddings file `<shard>.parquet`."""
-    fields = [
-        pa.field("id", pa.string(), nullable=False),
-        pa.field("uri", pa.string()),
-        pa.field("modality", pa.string()),
-        pa.field("embedding", embedding_type(dim), nullable=False),
-        pa.field("fingerprint", pa.string()),
-        pa.field("size", pa.int64()),
-        pa.field("mtime", pa.float64()),
-    ]
+    embedding = pa.field("embedding", embedding_type(dim), nullable=False)
+    fields = _pick(
+        "id", "uri", "modality", "embedding", "fingerprint", "size", "mtime", embedding=embedding
+    )
     return pa.schema(fields, metadata=dict(metadata or {}))
 
 
 def errors_schema(metadata: Mapping[str, str] | None = None) -> pa.Schema:
     """`_errors/<shard>.parquet`: items that could not be embedded, with the reason."""
-    fields = [
-        pa.field("id", pa.string(), nullable=False),
-        pa.field("uri", pa.string()),
-        pa.field("modality", pa.string()),
-        pa.field("error", pa.string(), nullable=False),
-        pa.field("fingerprint", pa.string()),
-        pa.field("size", pa.int64()),
-        pa.field("mtime", pa.float64()),
-    ]
+    error = pa.field("error", pa.string(), nullable=False)
+    fields = _pick("id", "uri", "modality", "error", "fingerprint", "size", "mtime", error=error)
     return pa.schema(fields, metadata=dict(metadata or {}))
 
 
+# The corpus listing of re-indexing (`pipelines.plan.list_items`): `source` is the manifest or
+# tar the item is listed in (the file itself for the files format).
 LISTING_SCHEMA = pa.schema(
-    [
-        pa.field("id", pa.string(), nullable=False),
-        pa.field("uri", pa.string()),
-        pa.field("modality", pa.string()),
-        pa.field("shard", pa.string()),
-        pa.field("source", pa.string()),
-        pa.field("fingerprint", pa.string()),
-        pa.field("size", pa.int64()),
-        pa.field("mtime", pa.float64()),
-        pa.field("error", pa.string()),
-    ]
-)
+    _pick(
+        "id", "uri", "modality", "shard", "source", "fingerprint", "size", "mtime", "error",
+        source=pa.field("source", pa.string()),
+    )
+)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- row constructors
