@@ -8,8 +8,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import logging
 import os
@@ -25,7 +23,14 @@ import torch
 
 from imagebind_core.config import ImageBindConfig, get_config
 from imagebind_core.errors import CheckpointError
-from imagebind_core.io import StorageOptions, filesystem, local_cache_dir, protocol_of
+from imagebind_core.io import (
+    StorageOptions,
+    file_lock,
+    filesystem,
+    local_cache_dir,
+    protocol_of,
+    write_atomic,
+)
 from imagebind_core.kinds import Modality
 from imagebind_core.model import ImageBindModel, build_model
 
@@ -173,7 +178,7 @@ def _cached_digest(digest_file: str, local: str) -> str | None:
 
 
 def _record_digest(digest_file: str, local: str, digest: str) -> None:
-    _atomic_write_text(digest_file, f"{digest} {_file_signature(local)}")
+    write_atomic(digest_file, f"{digest} {_file_signature(local)}".encode())
 
 
 def _sha256_file(path: str, chunk: int = 1 << 22) -> str:
@@ -182,17 +187,6 @@ def _sha256_file(path: str, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-@contextlib.contextmanager
-def _file_lock(path: str):
-    # Several actors on one node may fetch the same checkpoint at once: one downloads.
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _check_digest(actual: str, expected: str | None, uri: str) -> None:
@@ -230,7 +224,7 @@ def fetch_checkpoint(
 
     if protocol_of(uri) == "file":
         local = path
-        with _file_lock(digest_file + ".lock"):
+        with file_lock(digest_file + ".lock"):
             digest = _cached_digest(digest_file, local)
             if digest is None:
                 digest = _sha256_file(local)
@@ -239,7 +233,7 @@ def fetch_checkpoint(
         return local, digest
 
     local = os.path.join(cache_dir, f"{key}-{base}")
-    with _file_lock(local + ".lock"):
+    with file_lock(local + ".lock"):
         digest = _cached_digest(digest_file, local) if os.path.exists(local) else None
         if digest is not None:
             _check_digest(digest, sha256, uri)
@@ -296,13 +290,6 @@ def _download(
         if os.path.exists(tmp):
             os.unlink(tmp)
     return digest
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def load_checkpoint(path: str, source: str | None = None) -> Mapping[str, torch.Tensor]:

@@ -5,8 +5,11 @@ loader, the offline job and the endpoint.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
-from collections.abc import Mapping
+import uuid
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import fsspec
@@ -177,3 +180,53 @@ def local_cache_dir() -> str:
     return os.environ.get(
         "IMAGEBIND_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "imagebind-ray")
     )
+
+
+def durable_tmp(path: str, data: bytes) -> str:
+    """`data` written and fsynced to a hidden temporary file beside local `path` (its folder
+    created); the caller renames or links it into place."""
+    d, name = os.path.split(path)
+    os.makedirs(d or ".", exist_ok=True)
+    tmp = os.path.join(d, f".{name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Write local `path` so that readers see the old content or the new, never a mix: a
+    durable temporary file renamed into place."""
+    os.replace(durable_tmp(path, data), path)
+
+
+@contextlib.contextmanager
+def file_lock(path: str) -> Iterator[None]:
+    """Hold an exclusive `flock` on the local file `path` while the block runs (between
+    processes of one host).
+
+    The lock file exists only while someone holds it: created, locked, checked to still be the
+    file at its path (a holder that finished may have removed it after we opened it; then we
+    lock the new one), and removed by the holder before it unlocks.
+    """
+    while True:
+        f = open(path, "a+b")  # noqa: SIM115 (closed below, after the unlink)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                same = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+        except BaseException:
+            f.close()
+            raise
+        if same:
+            break
+        f.close()
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        f.close()  # releases the flock

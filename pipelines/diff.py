@@ -36,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.readers import PlanError
+from pipelines.formats import PlanError
 
 EMBED_ACTIONS = ("added", "changed", "retried", "reembedded")
 KEEP_ACTIONS = ("carried", "failed_kept")

@@ -11,7 +11,7 @@ execution. Library use:
     from pipelines.embed import run_job
     summary = run_job(load_config("configs/demo.yaml"))
 
-Re-indexing reuses the pieces: `pipelines.readers.list_items` (listing without bytes) and
+Re-indexing reuses the pieces: `pipelines.plan.list_items` (listing without bytes) and
 `embed_items` (embed a given subset of rows into an output, same commit protocol).
 """
 
@@ -34,7 +34,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import imagebind_core as ibc
-from imagebind_core.io import canonical_uri, filesystem
+from imagebind_core.errors import StoreUnavailable
+from imagebind_core.io import canonical_uri, filesystem, store_name
 from pipelines.config import ConfigError, JobConfig, load_config
 from pipelines.console import (
     configure_logging,
@@ -43,35 +44,29 @@ from pipelines.console import (
     resume_command,
     shutdown_ray,
 )
+from pipelines.formats import PlanError
 from pipelines.lock import OutputLock, OutputLocked
-from pipelines.progress import ProgressReporter, counter_actor
-from pipelines.readers import (
-    INVALID,
+from pipelines.plan import (
     Plan,
-    PlanError,
     ShardSpec,
     check_input,
     plan_items,
     plan_job,
-    read_tasks,
     reconcile,
     shard_tasks,
 )
-from pipelines.stages import (
-    EncodeBatch,
-    StoreUnavailable,
-    preprocess_batch,
-    transient_store_error,
-    without_tensors,
-)
-from pipelines.writers import (
+from pipelines.progress import ProgressReporter, counter_actor
+from pipelines.readers import read_tasks
+from pipelines.rows import INVALID
+from pipelines.stages import EncodeBatch, preprocess_batch, without_tensors
+from pipelines.store import (
     Output,
-    commit_shard,
     read_job_record,
+    transient_store_error,
     with_store_retries,
     write_job_record,
-    write_parts,
 )
+from pipelines.writers import commit_shard, write_parts
 
 logger = logging.getLogger(__name__)
 
@@ -608,7 +603,9 @@ def _quiet_issue_detectors(config: Any) -> Any:
 def _commit_task(*args: Any) -> dict[str, Any]:
     # A commit is idempotent and never rewrites a committed file: safe to retry through a
     # store outage.
-    return with_store_retries(lambda: commit_shard(*args), f"committing shard {args[1]}")
+    return with_store_retries(
+        lambda: commit_shard(*args), f"committing shard {args[1]}", args[0], args[2]
+    )
 
 
 def _items_to_embed(pending: Sequence[ShardSpec], summary: JobSummary) -> int | None:
@@ -724,9 +721,10 @@ def run_plan(cfg: JobConfig, plan: Plan) -> JobSummary:
                 raise
             cause = getattr(e, "cause", None) or e  # a Ray task error: the task's exception
             raise StoreUnavailable(
-                f"the object store stopped answering during the run ({type(cause).__name__}: "
+                store_name(cfg.output, so),
+                f"it stopped answering during the run ({type(cause).__name__}: "
                 f"{str(cause)[:300]}). Committed shards are kept and work in progress is in "
-                "parts: rerun the same command to resume."
+                "parts: rerun the same command to resume.",
             ) from e
         finally:
             reporter.stop()
@@ -759,7 +757,7 @@ def run_job(cfg: JobConfig) -> JobSummary:
 
 
 def embed_items(cfg: JobConfig, items: pa.Table, output: str | None = None) -> JobSummary:
-    """Embed exactly the rows of `items` (a subset of `readers.list_items(cfg)`).
+    """Embed exactly the rows of `items` (a subset of `plan.list_items(cfg)`).
 
     Writes `<output>/<shard>.parquet` for every shard the rows belong to, holding only those
     rows, with the same lock, resume and exactly-once guarantees as a full run. `output`

@@ -1,7 +1,7 @@
 """One writer per output: a lease lock `<output>/_lock` with stale-lock recovery.
 
 Taken with a create-if-absent write (S3 `If-None-Match: *`; a flock-guarded check on a local
-folder — the conditional store of `pipelines.publish`), renewed by a heartbeat thread, and
+folder — the conditional store of `pipelines.store`), renewed by a heartbeat thread, and
 released on exit. A second run on the same output is refused with a message naming the holder.
 A lock is stale, and is broken with a conditional delete (so two runs recovering it at once
 cannot both win), when its lease expired (the holder stopped renewing: crashed or lost its
@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 from imagebind_core.io import StorageOptions
-from pipelines.publish import PreconditionFailed, open_store
+from pipelines.store import PreconditionFailed, open_store
 
 logger = logging.getLogger(__name__)
 

@@ -13,8 +13,9 @@ compare-and-swap of the small pointer object `<root>/LATEST`:
 
 Besides the compare-and-swap, which alone guarantees correctness, `pipelines.reindex` holds the
 lease lock of `pipelines.lock` on the index root (`<root>/_lock`, created with
-`If-None-Match: *` through the store below, renewed by a heartbeat, broken with a conditional
-DELETE once stale) so a second run does not repeat the same work at the same time.
+`If-None-Match: *` through the conditional store of `pipelines.store`, renewed by a heartbeat,
+broken with a conditional DELETE once stale) so a second run does not repeat the same work at
+the same time.
 
 Retention keeps the last N published versions (following `parent` links from `LATEST`) and
 removes abandoned staging folders of crashed or losing runs.
@@ -24,18 +25,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import errno
-import fcntl
-import hashlib
 import json
 import logging
 import os
 import time
 import uuid
-from collections.abc import Iterator
-from typing import Any
-
-import fsspec.asyn
 
 from imagebind_core.index import (
     POINTER_NAME,
@@ -44,17 +38,14 @@ from imagebind_core.index import (
     Pointer,
     join_uri,
 )
-from imagebind_core.io import StorageOptions, filesystem, protocol_of
+from imagebind_core.io import StorageOptions, filesystem
+from pipelines.store import PreconditionFailed, open_store
 
 logger = logging.getLogger(__name__)
 
 # Fault-injection hook for the crash tests: when set to a path, a run about to swap the pointer
 # creates that file and waits until `<path>.go` exists (a test kills it or lets it go on).
 PAUSE_ENV = "IMAGEBIND_PUBLISH_PAUSE_FILE"
-
-
-class PreconditionFailed(Exception):
-    """A conditional write or delete lost: the object changed (or appeared) since it was read."""
 
 
 class PublishConflict(RuntimeError):
@@ -64,193 +55,6 @@ class PublishConflict(RuntimeError):
 def utc_now() -> str:
     """The current time as an ISO-8601 UTC string (seconds)."""
     return _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat()
-
-
-# --------------------------------------------------------------------------- object stores
-
-
-class _Store:
-    """Small-object operations on keys below an index root, with optional preconditions."""
-
-    def get(self, key: str) -> tuple[bytes, str] | None:
-        """(content, etag) of `key`, or None if absent."""
-        raise NotImplementedError
-
-    def put(
-        self, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False
-    ) -> str:
-        """Write `key`; returns its new etag. Raises PreconditionFailed if a condition fails."""
-        raise NotImplementedError
-
-    def delete(self, key: str, *, if_match: str | None = None) -> None:
-        """Delete `key` (only if its etag is `if_match`, when given)."""
-        raise NotImplementedError
-
-
-def _is_precondition_failure(exc: BaseException) -> bool:
-    """s3fs turns a 412 into FileExistsError (If-None-Match) or OSError(EINVAL) (If-Match)."""
-    if isinstance(exc, FileExistsError):
-        return True
-    cause = exc.__cause__
-    response = getattr(cause, "response", None)
-    if isinstance(response, dict):
-        code = str(response.get("Error", {}).get("Code", ""))
-        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        # ConditionalRequestConflict (409): S3's answer to two conditional writes in flight.
-        return code in ("PreconditionFailed", "412", "ConditionalRequestConflict") or status in (
-            409,
-            412,
-        )
-    return isinstance(exc, OSError) and exc.errno == errno.EINVAL
-
-
-class _S3Store(_Store):
-    """Conditional S3 requests (If-Match / If-None-Match) through s3fs's aiobotocore client."""
-
-    def __init__(self, root: str, storage_options: StorageOptions | None) -> None:
-        self.fs, path = filesystem(root, storage_options)
-        self.bucket, _, self.prefix = path.partition("/")
-        self.prefix = self.prefix.strip("/")
-
-    def _key(self, key: str) -> str:
-        return f"{self.prefix}/{key}" if self.prefix else key
-
-    def _call(self, method: str, **kwargs: Any) -> Any:
-        return fsspec.asyn.sync(self.fs.loop, self.fs._call_s3, method, **kwargs)
-
-    def get(self, key: str) -> tuple[bytes, str] | None:
-        async def _get() -> tuple[bytes, str] | None:
-            try:
-                resp = await self.fs._call_s3("get_object", Bucket=self.bucket, Key=self._key(key))
-            except FileNotFoundError:
-                return None
-            body = resp["Body"]
-            try:
-                data = await body.read()
-            finally:
-                body.close()
-            return data, resp["ETag"]
-
-        return fsspec.asyn.sync(self.fs.loop, _get)
-
-    def put(
-        self, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False
-    ) -> str:
-        cond: dict[str, str] = {}
-        if if_match is not None:
-            cond["IfMatch"] = if_match
-        if if_none_match:
-            cond["IfNoneMatch"] = "*"
-        try:
-            resp = self._call(
-                "put_object", Bucket=self.bucket, Key=self._key(key), Body=data, **cond
-            )
-        except FileNotFoundError as e:  # If-Match on an object that is gone
-            if if_match is not None:
-                raise PreconditionFailed(key) from e
-            raise
-        except OSError as e:
-            if cond and _is_precondition_failure(e):
-                raise PreconditionFailed(key) from e
-            raise
-        return resp["ETag"]
-
-    def delete(self, key: str, *, if_match: str | None = None) -> None:
-        cond = {"IfMatch": if_match} if if_match is not None else {}
-        try:
-            self._call("delete_object", Bucket=self.bucket, Key=self._key(key), **cond)
-        except FileNotFoundError as e:
-            if if_match is not None:
-                raise PreconditionFailed(key) from e
-        except OSError as e:
-            if cond and _is_precondition_failure(e):
-                raise PreconditionFailed(key) from e
-            raise
-
-
-class _LocalStore(_Store):
-    """The same contract on a local folder: check-and-replace under an exclusive flock."""
-
-    def __init__(self, root: str) -> None:
-        self.root = root[len("file://") :] if root.startswith("file://") else root
-        os.makedirs(self.root, exist_ok=True)
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        # The flock file exists only while an operation holds it: created, locked, checked to
-        # still be the file at its path (a holder that finished may have removed it after we
-        # opened it; then we lock the new one), removed by the holder before it unlocks.
-        path = os.path.join(self.root, ".store.flock")
-        while True:
-            f = open(path, "a+b")  # noqa: SIM115 (closed below, after the unlink)
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX)
-                try:
-                    same = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
-                except FileNotFoundError:
-                    same = False
-            except BaseException:
-                f.close()
-                raise
-            if same:
-                break
-            f.close()
-        try:
-            yield
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
-            f.close()  # releases the flock
-
-    def _read(self, key: str) -> tuple[bytes, str] | None:
-        try:
-            with open(os.path.join(self.root, key), "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            return None
-        return data, hashlib.sha256(data).hexdigest()[:32]
-
-    def get(self, key: str) -> tuple[bytes, str] | None:
-        return self._read(key)
-
-    def put(
-        self, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False
-    ) -> str:
-        path = os.path.join(self.root, key)
-        with self._locked():
-            cur = self._read(key)
-            if if_none_match and cur is not None:
-                raise PreconditionFailed(key)
-            if if_match is not None and (cur is None or cur[1] != if_match):
-                raise PreconditionFailed(key)
-            tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)  # atomic: readers see the old or the new content
-        return hashlib.sha256(data).hexdigest()[:32]
-
-    def delete(self, key: str, *, if_match: str | None = None) -> None:
-        with self._locked():
-            cur = self._read(key)
-            if if_match is not None and (cur is None or cur[1] != if_match):
-                raise PreconditionFailed(key)
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(self.root, key))
-
-
-def open_store(root: str, storage_options: StorageOptions | None = None) -> _Store:
-    """The conditional store for `root`: S3 (s3://, s3a://) or a local folder."""
-    proto = protocol_of(root)
-    if proto in ("s3", "s3a"):
-        return _S3Store(root, storage_options)
-    if proto == "file":
-        return _LocalStore(root)
-    raise ValueError(
-        f"index root {root!r}: publishing needs atomic conditional writes, supported on s3:// "
-        f"and local folders, not on {proto}://"
-    )
 
 
 # ------------------------------------------------------------------------- index root

@@ -5,7 +5,7 @@ One run:
 1. takes the re-index lease on the index root (`pipelines.lock.OutputLock` on `<root>/_lock`);
    a second run finds it held and exits without doing anything;
 2. reads the published pointer (`<root>/LATEST`) and the parent version's rows;
-3. lists the corpus without reading payloads (`pipelines.readers.list_items`, the same inputs
+3. lists the corpus without reading payloads (`pipelines.plan.list_items`, the same inputs
    as `imagebind-embed`) and diffs it against the parent by (`id`, `fingerprint`): new and
    changed items are embedded, unchanged rows are carried forward as they are (same bytes, no
    recomputation), deleted items are left out. A different model lineage (preset, checkpoint
@@ -53,7 +53,9 @@ from pipelines.config import (
     read_config_file,
 )
 from pipelines.diff import carry_on_ray, diff_listing, diff_on_ray
+from pipelines.formats import PlanError
 from pipelines.lock import OutputLock, OutputLocked
+from pipelines.plan import check_input
 from pipelines.publish import (
     IndexRoot,
     PublishConflict,
@@ -61,8 +63,7 @@ from pipelines.publish import (
     utc_now,
     version_name,
 )
-from pipelines.readers import PlanError, check_input
-from pipelines.writers import parquet_bytes
+from pipelines.store import parquet_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -394,7 +395,9 @@ def reindex(cfg: ReindexConfig) -> ReindexResult:
 
 def _run_locked(cfg: ReindexConfig, ir: IndexRoot, lock: OutputLock) -> ReindexResult:
     from pipelines.embed import embed_items, model_lineage
-    from pipelines.readers import LISTING_SCHEMA, EmptyInput, list_items
+    from pipelines.formats import EmptyInput
+    from pipelines.plan import list_items
+    from pipelines.rows import LISTING_SCHEMA
 
     so = ir.storage_options
     timings: dict[str, float] = {}

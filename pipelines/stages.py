@@ -34,17 +34,15 @@ import pyarrow.compute as pc
 import imagebind_core as ibc
 from imagebind_core.io import StorageOptions, filesystem
 from pipelines.progress import report
-from pipelines.writers import (
+from pipelines.rows import (
     PREPROCESSED_SCHEMA,
     STATUS_EOS,
     STATUS_ERROR,
     STATUS_OK,
-    StoreUnavailable,
-    embedding_type,
     encoded_schema,
     fingerprint_from_info,
-    transient_store_error,
 )
+from pipelines.store import with_store_retries
 
 logger = logging.getLogger(__name__)
 
@@ -287,56 +285,84 @@ def preprocess_batch(
     `progress` is the job's `pipelines.progress.counter_actor()` (None: not counted).
     """
     lim = ibc.Limits(**dict(limits or {}))
-    opts = {k: dict(v) for k, v in (options or {}).items()}
-    n = batch.num_rows
-    status = batch.column("status").to_pylist()
-    errors = batch.column("error").to_pylist()
-    ids = batch.column("id").to_pylist()
-    uris = batch.column("uri").to_pylist()
-    kinds = batch.column("modality").to_pylist()
-    fps = batch.column("fingerprint").to_pylist()
-    sizes = batch.column("size").to_pylist()
-    mtimes = batch.column("mtime").to_pylist()
-    data: list[Any] = batch.column("data").to_pylist()
-    tensors: list[Any] = [None] * n  # each item's `preprocess(..., compact=True)`
-    formats: list[str | None] = [None] * n  # ENCODED_JPEG rows
-    decoders = dict(decode or {})
-
-    todo = [i for i in range(n) if status[i] == STATUS_OK]
-    fetch = [i for i in todo if data[i] is None]
+    cols = {
+        name: batch.column(name).to_pylist()
+        for name in ("status", "error", "id", "uri", "modality", "fingerprint", "size", "mtime")
+    }
+    cols["data"] = batch.column("data").to_pylist()
+    todo = [i for i in range(batch.num_rows) if cols["status"][i] == STATUS_OK]
+    fetch = [i for i in todo if cols["data"][i] is None]
     if fetch:
+        _fetch_items(cols, fetch, storage_options, lim, read_threads, store_retries)
+    tensors, formats = _preprocess_items(
+        cols, todo, lim, options or {}, dict(decode or {}), delay_per_item_s
+    )
+    if trace_path and todo:
+        # One write per batch, O_APPEND: lines from concurrent workers do not interleave.
+        lines = "".join(f"{os.getpid()} {cols['id'][i]}\n" for i in todo)
+        with open(trace_path, "a") as f:
+            f.write(lines)
+    out = _preprocessed_table(batch, cols, tensors, formats, metadata_filled=bool(fetch))
+    report(progress, "preprocess", sum(1 for s in cols["status"] if s != STATUS_EOS))
+    return out
 
-        def get(i: int) -> tuple[int, Any]:
-            for attempt in range(store_retries + 1):
-                try:
-                    res = _fetch(uris[i], kinds[i], storage_options, lim.max_bytes, fps[i] is None)
-                    return i, res
-                except Exception as e:
-                    if not transient_store_error(e):
-                        # Whatever else a read raises (a bad URI, a refused object): the item
-                        # fails, never the block; the reason names the input.
-                        if isinstance(e, ibc.InvalidInput):
-                            return i, e.reason
-                        return i, f"cannot read {uris[i]}: {type(e).__name__}: {e}"
-                    if attempt == store_retries:
-                        raise StoreUnavailable(
-                            f"object store unavailable reading {uris[i]} after "
-                            f"{store_retries + 1} attempts: {type(e).__name__}: {e}"
-                        ) from e
-                    time.sleep(min(2.0**attempt, 10.0))
-            raise AssertionError("unreachable")
 
-        with ThreadPoolExecutor(min(read_threads, len(fetch))) as ex:
-            for i, res in ex.map(get, fetch):
-                if isinstance(res, str):
-                    status[i], errors[i] = STATUS_ERROR, res
-                    continue
-                data[i], info = res
-                if info is not None:
-                    fps[i], sizes[i], mtimes[i] = info
+def _fetch_items(
+    cols: dict[str, list[Any]],
+    fetch: list[int],
+    storage_options: StorageOptions | None,
+    lim: ibc.Limits,
+    read_threads: int,
+    store_retries: int,
+) -> None:
+    """Read the bytes of rows `fetch` from their URIs into `cols["data"]` (with the object's
+    metadata where the row has none); a row that cannot be read becomes an error row."""
+    uris, kinds, fps = cols["uri"], cols["modality"], cols["fingerprint"]
 
+    def get(i: int) -> tuple[int, Any]:
+        try:
+            return i, with_store_retries(
+                lambda: _fetch(uris[i], kinds[i], storage_options, lim.max_bytes, fps[i] is None),
+                f"reading {uris[i]}",
+                uris[i],
+                storage_options,
+                store_retries,
+            )
+        except ibc.StoreUnavailable:
+            raise
+        except ibc.InvalidInput as e:
+            return i, e.reason
+        except Exception as e:
+            # Whatever else a read raises (a bad URI, a refused object): the item fails,
+            # never the block; the reason names the input.
+            return i, f"cannot read {uris[i]}: {type(e).__name__}: {e}"
+
+    with ThreadPoolExecutor(min(read_threads, len(fetch))) as ex:
+        for i, res in ex.map(get, fetch):
+            if isinstance(res, str):
+                cols["status"][i], cols["error"][i] = STATUS_ERROR, res
+                continue
+            cols["data"][i], info = res
+            if info is not None:
+                cols["fingerprint"][i], cols["size"][i], cols["mtime"][i] = info
+
+
+def _preprocess_items(
+    cols: dict[str, list[Any]],
+    todo: list[int],
+    lim: ibc.Limits,
+    options: Mapping[str, Mapping[str, Any]],
+    decoders: Mapping[str, str],
+    delay_per_item_s: float,
+) -> tuple[list[Any], list[str | None]]:
+    """Each `ok` row's model input (`preprocess(..., compact=True)`), or its JPEG file with
+    format ENCODED_JPEG for the device to decode; a failure makes the row an error row."""
+    n = len(cols["id"])
+    tensors: list[Any] = [None] * n
+    formats: list[str | None] = [None] * n
+    ids, kinds, data = cols["id"], cols["modality"], cols["data"]
     for i in todo:
-        if status[i] != STATUS_OK:
+        if cols["status"][i] != STATUS_OK:
             continue
         if delay_per_item_s:
             time.sleep(delay_per_item_s)
@@ -346,40 +372,62 @@ def preprocess_batch(
                 tensors[i], formats[i] = jpeg, ENCODED_JPEG
                 continue
             # compact: still images travel to the encoders as uint8 pixels, a quarter of the
-            # float32 bytes (at an H200's ~1400 huge images/s, 0.2 instead of 0.8 GB/s through
-            # the object store and, on a cluster, the network); the encoder expands them on
-            # its device.
+            # float32 bytes; the encoder expands them on its device.
             tensors[i] = ibc.preprocess(
                 kinds[i],
                 data[i],
                 item_id=ids[i],
                 limits=lim,
                 compact=True,
-                **opts.get(kinds[i], {}),
+                **dict(options.get(kinds[i], {})),
             )
         except ibc.InvalidInput as e:
-            status[i], errors[i] = STATUS_ERROR, e.reason
+            cols["status"][i], cols["error"][i] = STATUS_ERROR, e.reason
         except Exception as e:  # a bug in a decoder must still not take the block down
             logger.exception("preprocessing %s failed", ids[i])
-            status[i], errors[i] = STATUS_ERROR, f"internal error: {type(e).__name__}: {e}"
-    if trace_path and todo:
-        # One write per batch, O_APPEND: lines from concurrent workers do not interleave.
-        lines = "".join(f"{os.getpid()} {ids[i]}\n" for i in todo)
-        with open(trace_path, "a") as f:
-            f.write(lines)
+            cols["status"][i] = STATUS_ERROR
+            cols["error"][i] = f"internal error: {type(e).__name__}: {e}"
+    return tensors, formats
 
-    cols = {
+
+def _preprocessed_table(
+    batch: pa.Table,
+    cols: dict[str, list[Any]],
+    tensors: list[Any],
+    formats: list[str | None],
+    *,
+    metadata_filled: bool,
+) -> pa.Table:
+    """The block as PREPROCESSED_SCHEMA rows; a block with texts leaves sorted by length."""
+    out_cols = {
         f.name: batch.column(f.name) for f in PREPROCESSED_SCHEMA if f.name in batch.column_names
     }
-    changed = {"status": (status, pa.string()), "error": (errors, pa.string())}
-    if fetch:  # metadata filled in from the objects read
-        changed.update(
-            fingerprint=(fps, pa.string()), size=(sizes, pa.int64()), mtime=(mtimes, pa.float64())
-        )
-    for name, (values, typ) in changed.items():
-        cols[name] = pa.array(values, typ)
+    changed = {"status": pa.string(), "error": pa.string()}
+    if metadata_filled:  # metadata filled in from the objects read
+        changed.update(fingerprint=pa.string(), size=pa.int64(), mtime=pa.float64())
+    for name, typ in changed.items():
+        out_cols[name] = pa.array(cols[name], typ)
+    columns, lengths = _tensor_columns_of(cols["modality"], tensors, formats)
+    out_cols["tensor"], out_cols["tensor_shape"], out_cols["tensor_dtype"] = columns
+    out = pa.table(
+        {f.name: out_cols[f.name] for f in PREPROCESSED_SCHEMA}, schema=PREPROCESSED_SCHEMA
+    )
+    if lengths is not None:
+        # Texts in order of length: the encoder cuts its batches from this block in order and
+        # runs each one only as long as its longest text (ImageBindModel.encode drops the
+        # padding), so similar lengths together cost less than file order. Row order carries
+        # no meaning downstream (rows keep their ids; shards are committed whole).
+        out = out.take(np.argsort(lengths, kind="stable"))
+    return out
+
+
+def _tensor_columns_of(
+    kinds: list[str], tensors: list[Any], formats: list[str | None]
+) -> tuple[tuple[pa.Array, pa.Array, pa.Array], np.ndarray | None]:
+    """The block's inputs as `tensor_columns`, and the token count of each text row (None for
+    a block without texts)."""
+    n = len(kinds)
     made = [i for i in range(n) if tensors[i] is not None]
-    lengths = None
     if made and all(kinds[i] == "text" for i in made):
         # A block of texts (a text branch's): one (n, context) matrix, compacted at once.
         import torch
@@ -388,34 +436,22 @@ def preprocess_batch(
         present[made] = True
         tok = np.zeros((n, tensors[made[0]].shape[-1]), np.int64)
         tok[made] = torch.stack([tensors[i] for i in made]).numpy()
-        cols["tensor"], cols["tensor_shape"], cols["tensor_dtype"] = token_columns(tok, present)
         # Tokens through the first EOT (the largest id; = ibc.text_lengths): the encoder's cost.
-        lengths = np.where(present, tok.argmax(axis=1) + 1, 0)
-    else:
-        compact = [
-            None if t is None else t if f else compact_input(k, t)
-            for k, t, f in zip(kinds, tensors, formats, strict=True)
-        ]
-        cols["tensor"], cols["tensor_shape"], cols["tensor_dtype"] = tensor_columns(
-            compact, formats if any(formats) else None
+        return token_columns(tok, present), np.where(present, tok.argmax(axis=1) + 1, 0)
+    compact = [
+        None if t is None else t if f else compact_input(k, t)
+        for k, t, f in zip(kinds, tensors, formats, strict=True)
+    ]
+    columns = tensor_columns(compact, formats if any(formats) else None)
+    lengths = None
+    if any(k == "text" for k in kinds):
+        lengths = np.array(
+            [
+                int(x.argmax()) + 1 if x is not None and k == "text" else 0
+                for k, x in zip(kinds, compact, strict=True)
+            ]
         )
-        if any(k == "text" for k in kinds):
-            lengths = np.array(
-                [
-                    int(x.argmax()) + 1 if x is not None and k == "text" else 0
-                    for k, x in zip(kinds, compact, strict=True)
-                ]
-            )
-    out = pa.table({f.name: cols[f.name] for f in PREPROCESSED_SCHEMA}, schema=PREPROCESSED_SCHEMA)
-    if lengths is not None:
-        # Texts in order of length: the encoder cuts its batches from this block in order and
-        # runs each one only as long as its longest text (ImageBindModel.encode drops the
-        # padding), so similar lengths together cost less than file order — measured in
-        # benchmarks/bench_pipeline.py. Row order carries no meaning downstream (rows keep
-        # their ids; shards are committed whole).
-        out = out.take(np.argsort(lengths, kind="stable"))
-    report(progress, "preprocess", sum(1 for s in status if s != STATUS_EOS))
-    return out
+    return columns, lengths
 
 
 def _embedding_column(values: np.ndarray, done: np.ndarray, dim: int) -> pa.Array:
@@ -623,9 +659,6 @@ def _trace_actor(path: str, kind: str) -> None:
 __all__ = [
     "ENCODED_JPEG",
     "EncodeBatch",
-    "StoreUnavailable",
-    "embedding_type",
     "preprocess_batch",
-    "transient_store_error",
     "without_tensors",
 ]

@@ -19,10 +19,9 @@ from logcheck import alarming_lines
 from pipelines import embed, reindex
 from pipelines.config import ConfigError, load_config
 from pipelines.demo_corpus import write_demo_corpus
+from pipelines.plan import plan_job
 from pipelines.progress import format_progress
-from pipelines.publish import PreconditionFailed, open_store
-from pipelines.readers import plan_job
-from pipelines.writers import Output
+from pipelines.store import Output, PreconditionFailed, open_store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo.yaml")

@@ -23,8 +23,8 @@ import imagebind_core as ibc
 from imagebind_core.preprocess.jpeg import decode_jpegs, device_decodable
 from pipelines.config import ConfigError, load_config
 from pipelines.embed import run_job
+from pipelines.rows import ITEM_SCHEMA, STATUS_ERROR, STATUS_OK
 from pipelines.stages import ENCODED_JPEG, EncodeBatch, preprocess_batch
-from pipelines.writers import ITEM_SCHEMA, STATUS_ERROR, STATUS_OK
 
 
 def _pixel_diff(items: list[bytes]) -> torch.Tensor:

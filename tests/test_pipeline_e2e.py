@@ -25,7 +25,7 @@ from numerics import assert_embeddings_close
 import imagebind_core as ibc
 from pipelines.config import load_config
 from pipelines.embed import embed_items, run_job
-from pipelines.readers import list_items
+from pipelines.plan import list_items
 
 # SMALL_FILES_JOB (helpers.pipeline) plus this module's text limit.
 SMALL = {**SMALL_FILES_JOB, "preprocess.limits": {"max_text_chars": MAX_TEXT_CHARS}}

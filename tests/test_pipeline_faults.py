@@ -23,9 +23,9 @@ import pytest
 from helpers.net import S3Server, free_port
 from helpers.pipeline import read_output
 
+from imagebind_core.errors import StoreUnavailable
 from pipelines.config import load_config
 from pipelines.embed import run_job
-from pipelines.stages import StoreUnavailable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)

@@ -23,19 +23,19 @@ from helpers.pipeline import read_output
 from pipelines.config import load_config
 from pipelines.embed import main, run_job
 from pipelines.lock import LOCK_KEY, OutputLock, OutputLocked
-from pipelines.readers import list_items, plan_job, read_tasks, shard_tasks
-from pipelines.stages import preprocess_batch
-from pipelines.writers import (
+from pipelines.plan import list_items, plan_job, shard_tasks
+from pipelines.readers import read_tasks
+from pipelines.rows import (
     ITEM_SCHEMA,
     STATUS_EOS,
     STATUS_ERROR,
     STATUS_OK,
-    Output,
-    commit_shard,
     embedding_type,
     encoded_schema,
-    write_parts,
 )
+from pipelines.stages import preprocess_batch
+from pipelines.store import Output
+from pipelines.writers import commit_shard, write_parts
 
 
 def _encoded(rows: list[dict], dim: int = 4) -> pa.Table:
@@ -314,8 +314,8 @@ def test_an_unreachable_store_stops_the_block_instead_of_failing_the_item():
     # recorded as a failure (a rerun would never embed it).
     from helpers.net import free_port
 
+    from imagebind_core.errors import StoreUnavailable
     from imagebind_core.io import s3_storage_options
-    from pipelines.stages import StoreUnavailable
 
     so = s3_storage_options(f"http://127.0.0.1:{free_port()}", "us-east-1", "testing", "testing")
     row = {f.name: None for f in ITEM_SCHEMA}

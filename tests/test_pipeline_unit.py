@@ -21,29 +21,20 @@ from numerics import assert_embeddings_close
 
 from pipelines.config import ConfigError, load_config
 from pipelines.embed import OutputMismatch, main, run_job
+from pipelines.formats import PlanError, id_digests, repeated_rows
 from pipelines.lock import LOCK_KEY, OutputLock, OutputLocked
-from pipelines.readers import (
-    PlanError,
-    detect_format,
-    id_digests,
-    list_input,
-    list_items,
-    plan_job,
-    read_tasks,
-    repeated_rows,
-    shard_tasks,
-)
-from pipelines.writers import (
+from pipelines.plan import detect_format, list_input, list_items, plan_job, shard_tasks
+from pipelines.readers import read_tasks
+from pipelines.rows import (
     ITEM_SCHEMA,
     STATUS_EOS,
     STATUS_ERROR,
     STATUS_OK,
-    Output,
-    commit_shard,
     embedding_type,
     encoded_schema,
-    write_parts,
 )
+from pipelines.store import Output
+from pipelines.writers import commit_shard, write_parts
 
 # ----------------------------------------------------------------------------- config
 
@@ -207,7 +198,8 @@ def test_listing_and_writing_modules_do_not_import_torch():
     # Ray tasks that list shards, write parts and commit import these modules: without torch
     # they start in a fraction of the time (worker start-up is the job's fixed cost).
     code = (
-        "import sys, pipelines.embed, pipelines.readers, pipelines.writers, pipelines.lock; "
+        "import sys, pipelines.embed, pipelines.plan, pipelines.readers, pipelines.writers, "
+        "pipelines.lock; "
         "import imagebind_core as ibc; ibc.infer_kind('a.jpg'); "
         "print('torch' in sys.modules)"
     )
@@ -401,7 +393,7 @@ def test_an_unreadable_first_tar_shard_is_skipped_when_planning(tmp_path):
 
 def test_rerun_with_the_input_spelled_differently_is_the_same_job(tmp_path):
     from pipelines.embed import _check_record, model_lineage
-    from pipelines.writers import Output
+    from pipelines.store import Output
 
     d = tmp_path / "in"
     d.mkdir()
@@ -477,7 +469,7 @@ def test_rerun_with_anything_that_changes_a_vector_is_refused(tmp_path, change):
     """An output holds one model's vectors: a rerun with another dtype, seed (random weights),
     normalisation or preprocessing option/limit is refused like another preset."""
     from pipelines.embed import _check_record, model_lineage
-    from pipelines.writers import Output
+    from pipelines.store import Output
 
     d = tmp_path / "in"
     d.mkdir()
@@ -654,8 +646,8 @@ def test_images_travel_compact_and_embed_as_the_full_input():
     import torch
 
     import imagebind_core as ibc
+    from pipelines.rows import ITEM_SCHEMA, STATUS_OK
     from pipelines.stages import EncodeBatch, batch_arrays, preprocess_batch
-    from pipelines.writers import ITEM_SCHEMA, STATUS_OK
 
     images = [media.make_image("JPEG", (320 + 16 * i, 240), seed=i) for i in range(3)]
     rows = {f.name: [None] * 3 for f in ITEM_SCHEMA}
@@ -683,8 +675,8 @@ def test_texts_leave_preprocessing_sorted_by_length_and_embed_as_in_file_order()
     model drops padding after a batch's longest text); each row's embedding is unchanged."""
 
     import imagebind_core as ibc
+    from pipelines.rows import ITEM_SCHEMA, STATUS_ERROR, STATUS_OK
     from pipelines.stages import EncodeBatch, preprocess_batch
-    from pipelines.writers import ITEM_SCHEMA, STATUS_ERROR, STATUS_OK
 
     words = ["a", "dog", "runs", "over", "the", "bright", "city", "under", "a", "dark", "sky"]
     texts = [" ".join(words[: 1 + (7 * i) % 11]) for i in range(12)]
@@ -737,7 +729,7 @@ def test_parquet_files_store_embeddings_without_a_dictionary():
     # Parquet's default dictionary encoding hashes every float of an embedding column and
     # then falls back to plain pages (no two values repeat): ~4x the CPU of the whole write
     # and a larger file. Other columns keep the default; the file reads back unchanged.
-    from pipelines.writers import parquet_bytes
+    from pipelines.store import parquet_bytes
 
     n, dim = 64, 16
     v = np.random.default_rng(0).standard_normal((n, dim)).astype(np.float32)

@@ -329,7 +329,7 @@ def test_unreadable_shard_is_kept_as_a_failure_and_an_emptied_corpus_needs_conse
 ):
     from helpers.pipeline import Writer, webdataset_corpus
 
-    from pipelines.readers import EmptyInput
+    from pipelines.formats import EmptyInput
 
     corpus = webdataset_corpus(Writer(str(tmp_path)))
     root = str(tmp_path / "index")

@@ -10,13 +10,8 @@ import uuid
 import pytest
 
 from imagebind_core.index import Pointer, read_pointer
-from pipelines.publish import (
-    IndexRoot,
-    PreconditionFailed,
-    PublishConflict,
-    open_store,
-    version_name,
-)
+from pipelines.publish import IndexRoot, PublishConflict, version_name
+from pipelines.store import PreconditionFailed, open_store
 
 
 @pytest.fixture(params=["s3", "local"])
@@ -108,7 +103,7 @@ def test_retention_keeps_last_n_and_removes_abandoned_stages(root):
 
 
 def test_a_store_without_conditional_writes_is_refused_by_name():
-    from pipelines.publish import open_store
+    from pipelines.store import open_store
 
     with pytest.raises(ValueError, match=r"not on gs://"):
         open_store("gs://bucket/index")

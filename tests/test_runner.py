@@ -20,6 +20,7 @@ import torch
 from numerics import assert_embeddings_close
 
 import imagebind_core as ibc
+from pipelines.rows import ITEM_SCHEMA, STATUS_ERROR, STATUS_OK
 from pipelines.stages import (
     EncodeBatch,
     batch_arrays,
@@ -28,7 +29,6 @@ from pipelines.stages import (
     tensor_columns,
     token_columns,
 )
-from pipelines.writers import ITEM_SCHEMA, STATUS_ERROR, STATUS_OK
 
 
 def items(kind: str) -> list[bytes]:

@@ -1,0 +1,478 @@
+"""The three input formats of the embedding job and how each yields item rows, local or on an
+object store (`s3://...`):
+
+- `manifest`: Parquet / CSV / JSONL files (each file one shard) with columns `uri` and
+  `modality`, optionally `id`, inline `text`, and `fingerprint`/`size`/`mtime`. A relative
+  `uri` is resolved against the manifest's folder.
+- `webdataset`: tar shards as img2dataset / video2dataset write them; every member whose
+  suffix names a media kind (`key.jpg`, `key.txt`, `key.wav`, ...) is one item, so one
+  sample yields several rows. `key.json` and unknown suffixes are metadata, not items.
+- `files`: a folder, prefix or glob of media files, kind from the extension (overridable);
+  files are grouped into shards by a stable hash of their relative path (`pipelines.plan`).
+
+Each format's `*_rows` function yields the item rows of one shard, used alike by the read
+task and by the listing of re-indexing (`pipelines.plan.FORMATS` maps a format's name to it and
+to its planning).
+
+Ids are stable across reruns and derive from the source key, never from block layout:
+manifest `id` (else its `uri` as written, else `<shard>#<row>` for inline text), `<shard>#<member>`
+for WebDataset (`wds_id`: the tar's path without its suffix, `%` and `#` in it written `%25` and
+`%23`, so the first `#` always ends the shard and no two members of a corpus share an id), the
+relative path for files. An id is embedded once per corpus: a manifest row that repeats an
+id of an earlier row — in the same manifest or in a manifest earlier in name order — is
+skipped with a warning (first occurrence wins, the same on every rerun; `id_digests`,
+`repeated_rows`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import posixpath
+import tarfile
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+import imagebind_core as ibc
+from imagebind_core.io import StorageOptions, filesystem
+from imagebind_core.kinds import KINDS
+from pipelines.rows import (
+    INVALID,
+    item_row,
+    member_fingerprint,
+    text_fingerprint,
+    unreadable_shard_row,
+)
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_SUFFIXES = (".parquet", ".csv", ".csv.gz", ".jsonl", ".jsonl.gz", ".ndjson", ".json")
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+KIND_ALIASES = {"image": "vision", "img": "vision", "photo": "vision"}
+
+
+class PlanError(ValueError):
+    """The input cannot be planned (nothing found, unreadable manifest, name clash...)."""
+
+
+class EmptyInput(PlanError):
+    """The input exists but holds no items (every file deleted, or none with a media kind)."""
+
+
+def normalise_kind(value: Any) -> str | None:
+    """A manifest `modality` value as a kind ("image" is accepted for "vision"), or None."""
+    if value is None:
+        return None
+    k = str(value).strip().lower()
+    k = KIND_ALIASES.get(k, k)
+    return k if k in KINDS else None
+
+
+def file_kind(
+    name: str, forced: str | None = None, extensions: Mapping[str, str] = {}
+) -> str | None:
+    """Kind of a media file: `forced`, else an `extensions` override, else `infer_kind`."""
+    if forced:
+        return forced
+    low = name.lower()
+    for suffix, kind in sorted(extensions.items(), key=lambda kv: -len(kv[0])):
+        s = suffix.lower()
+        if low.endswith(s if s.startswith(".") else "." + s):
+            return kind
+    return ibc.infer_kind(name)
+
+
+# ----------------------------------------------------------------------------- manifests
+
+
+_MANIFEST_STRINGS = ("id", "uri", "modality", "text", "fingerprint")
+
+
+def read_manifest(uri: str, storage_options: StorageOptions | None = None) -> pa.Table:
+    """Read one manifest file; `id`, `uri`, `modality`, `text`, `fingerprint` become strings,
+    `size` int64 and `mtime` float64 seconds (timestamps and ISO dates are converted).
+
+    A 0-byte file is an empty manifest. Raises PlanError naming the file if it cannot be read,
+    lacks the required columns, or has a `size`/`mtime` column of the wrong kind.
+    """
+    table = _read_manifest_file(uri, storage_options)
+    if "modality" not in table.column_names or (
+        "uri" not in table.column_names and "text" not in table.column_names
+    ):
+        raise PlanError(
+            f"manifest {uri}: needs columns 'uri' (or inline 'text') and 'modality'; "
+            f"it has {table.column_names}"
+        )
+    return _manifest_column_types(table, uri)
+
+
+def _read_manifest_file(uri: str, storage_options: StorageOptions | None) -> pa.Table:
+    low = uri.lower()
+    fs, path = filesystem(uri, storage_options)
+    try:
+        if fs.size(path) == 0:
+            empty = pa.array([], pa.string())
+            return pa.table({"uri": empty, "modality": empty})
+        with fs.open(path, "rb", compression="infer") as f:
+            if low.endswith(".parquet"):
+                return pq.read_table(f)
+            if low.endswith((".csv", ".csv.gz")):
+                return pacsv.read_csv(
+                    f,
+                    convert_options=pacsv.ConvertOptions(
+                        column_types={c: pa.string() for c in _MANIFEST_STRINGS},
+                        strings_can_be_null=True,
+                    ),
+                )
+            return pajson.read_json(f)
+    except Exception as e:
+        hint = ""
+        if low.endswith((".json", ".jsonl", ".jsonl.gz", ".ndjson")) and _starts_with(
+            fs, path, b"["
+        ):
+            hint = " (a JSON manifest is JSON Lines: one object per line, not an array)"
+        raise PlanError(f"manifest {uri}: cannot read it: {e}{hint}") from None
+
+
+def _manifest_column_types(table: pa.Table, uri: str) -> pa.Table:
+    for c in _MANIFEST_STRINGS:
+        if c not in table.column_names:
+            continue
+        col = table.column(c)
+        if c == "id" and pa.types.is_floating(col.type):
+            col = pa.array([_float_id(v) for v in col.to_pylist()], pa.string())
+        elif col.type != pa.string():
+            col = col.cast(pa.string())
+        if c == "text":  # "" is no text, as CSV reads it, whatever the file format
+            col = pc.if_else(pc.equal(col, ""), pa.scalar(None, pa.string()), col)
+        table = table.set_column(table.column_names.index(c), c, col)
+    for c, convert in (("size", _as_int64), ("mtime", _as_seconds)):
+        if c in table.column_names:
+            try:
+                col = convert(table.column(c))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, TypeError) as e:
+                raise PlanError(
+                    f"manifest {uri}: column {c!r} of type {table.column(c).type} cannot be read "
+                    f"as {'bytes (an integer)' if c == 'size' else 'a time'}: {e}"
+                ) from None
+            table = table.set_column(table.column_names.index(c), c, col)
+    return table
+
+
+def _starts_with(fs: fsspec.AbstractFileSystem, path: str, prefix: bytes) -> bool:
+    try:
+        with fs.open(path, "rb", compression="infer") as f:
+            return f.read(256).lstrip().startswith(prefix)
+    except Exception:
+        return False
+
+
+def _float_id(v: float | None) -> str | None:
+    # pandas stores an integer id column with a gap as float64: 7.0 is id "7", NaN is no id.
+    if v is None or v != v:
+        return None
+    return str(int(v)) if float(v).is_integer() else repr(v)
+
+
+def _as_int64(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    return col if col.type == pa.int64() else col.cast(pa.int64())
+
+
+_PER_SECOND = {"s": 1.0, "ms": 1e3, "us": 1e6, "ns": 1e9}
+
+
+def _as_seconds(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    """An mtime column as float64 seconds since the epoch (numbers are taken as seconds)."""
+    t = col.type
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_date(t):
+        col, t = col.cast(pa.timestamp("us")), pa.timestamp("us")
+    if pa.types.is_timestamp(t):  # stored as UTC whatever the zone: the instant
+        return pc.divide(col.cast(pa.int64()).cast(pa.float64()), _PER_SECOND[t.unit])
+    return col.cast(pa.float64())
+
+
+def resolve_uri(base: str, uri: str) -> str:
+    """`uri` as an absolute URI/path: relative ones are resolved against the folder `base`."""
+    if "://" in uri or uri.startswith("/") or not base:
+        return uri
+    scheme, sep, path = base.partition("://")
+    if not sep:
+        return posixpath.normpath(posixpath.join(base, uri))
+    return f"{scheme}://{posixpath.normpath(posixpath.join(path, uri))}"
+
+
+_MANIFEST_COLUMNS = ("modality", "text", "uri", "id", "fingerprint", "size", "mtime")
+
+
+def _manifest_row(
+    col: Mapping[str, list[Any]], i: int, id_: str, uri: str | None, shard: str, manifest_uri: str
+) -> dict[str, Any]:
+    """Row `i` of a manifest (columns `col`) as an item row with its `_kind` (INVALID when
+    rejected: unknown modality, inline text for a non-text modality, neither uri nor text)."""
+    raw_kind, text = col["modality"][i], col["text"][i]
+    kind = normalise_kind(raw_kind)
+    fingerprint, size, data, error = col["fingerprint"][i], col["size"][i], None, None
+    if kind is None:
+        error = f"unknown modality {raw_kind!r}; expected one of {list(KINDS)}"
+    elif text is not None:
+        if kind != "text":
+            error = f"inline text given for modality {kind!r}"
+        else:
+            data = text.encode("utf-8")
+            fingerprint, size = text_fingerprint(text), len(data)
+    elif not uri:
+        error = "row has neither 'uri' nor inline 'text'"
+    base = manifest_uri.rsplit("/", 1)[0] if "/" in manifest_uri else ""
+    item = item_row(
+        id_,
+        (resolve_uri(base, uri) if uri else None) or f"{manifest_uri}#{i}",
+        kind or (str(raw_kind) if raw_kind is not None else None),
+        shard,
+        fingerprint,
+        size,
+        col["mtime"][i],
+        data=data,
+        error=error,
+    )
+    item["_kind"] = INVALID if error is not None else kind
+    return item
+
+
+def manifest_items(
+    table: pa.Table, shard: str, manifest_uri: str, repeats: list[str] | None = None
+) -> list[dict[str, Any]]:
+    """Item rows of one manifest (without payload bytes, except inline text in `data`).
+
+    Rows with an unknown modality, inline text for a non-text modality, or neither `uri` nor
+    `text` get kind INVALID and an error. A repeated id keeps its first row (logged; the ids
+    of the skipped rows are appended to `repeats` if given).
+    """
+    out: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    dups: list[str] = []
+    # Column by column (rows as dicts cost Arrow a dict per row): None for an absent column.
+    n = table.num_rows
+    col = {
+        name: table.column(name).to_pylist() if name in table.column_names else [None] * n
+        for name in _MANIFEST_COLUMNS
+    }
+    for i in range(n):
+        uri = col["uri"][i]
+        uri = uri.strip() if isinstance(uri, str) and uri.strip() else None
+        id_ = col["id"][i] or uri or f"{shard}#{i}"
+        if id_ in seen:
+            dups.append(id_)
+            continue
+        seen.add(id_)
+        out.append(_manifest_row(col, i, id_, uri, shard, manifest_uri))
+    if dups:
+        logger.warning(
+            "manifest %s: %d rows repeat an id of an earlier row and are skipped, e.g. %s",
+            shard,
+            len(dups),
+            sorted(set(dups))[:3],
+        )
+        if repeats is not None:
+            repeats.extend(dups)
+    return out
+
+
+# ----------------------------------------------------------------------------- webdataset
+
+
+def wds_id(shard: str, member: str) -> str:
+    """The id of WebDataset member `member` of tar shard `shard`: `<shard>#<member>`.
+
+    Unique by construction: `#` and `%` in the shard name are escaped, so the first `#` ends
+    the shard (`a.tar` member `b/x.txt` is `a#b/x.txt`, `a/b.tar` member `x.txt` is `a/b#x.txt`).
+    """
+    return f"{shard.replace('%', '%25').replace('#', '%23')}#{member}"
+
+
+def wds_member(id_: str) -> str:
+    """The member name of a `wds_id`."""
+    return id_.split("#", 1)[1]
+
+
+def member_kind(name: str, extensions: Mapping[str, str] = {}) -> str | None:
+    """Kind of a WebDataset member from the suffix after its sample key, or None (metadata)."""
+    base = name.rsplit("/", 1)[-1]
+    if "." not in base:
+        return None
+    suffix = base.split(".", 1)[1].lower()
+    for s, k in extensions.items():
+        if suffix == s.lower().lstrip("."):
+            return k
+    return ibc.infer_kind(base)
+
+
+def iter_tar(
+    uri: str,
+    storage_options: StorageOptions | None,
+    want: Callable[[str], str | None],
+    *,
+    read: bool = True,
+) -> Iterator[tuple[str, str, bytes | None, int, float]]:
+    """(member name, kind, bytes or None, size, mtime) for the members `want` maps to a kind.
+
+    Headers are read one by one and payloads of unwanted members are seeked over, so listing
+    (`read=False`) or a caption-only pass does not download the images.
+    """
+    fs, path = filesystem(uri, storage_options)
+    with (
+        fs.open(path, "rb", block_size=1 << 20) as f,
+        tarfile.open(fileobj=f, mode="r:*") as tf,
+    ):
+        for m in tf:
+            if not m.isfile():
+                continue
+            kind = want(m.name)
+            if kind is None:
+                continue
+            data = None
+            if read:
+                fobj = tf.extractfile(m)
+                data = fobj.read() if fobj is not None else b""
+            yield m.name, kind, data, int(m.size), float(m.mtime)
+
+
+def peek_tar_kinds(
+    uri: str, storage_options: StorageOptions | None, extensions: Mapping[str, str], n: int = 64
+) -> list[str]:
+    """Kinds among the first `n` members of a tar shard (headers only)."""
+    kinds: set[str] = set()
+    for i, (_, kind, _, _, _) in enumerate(
+        iter_tar(uri, storage_options, lambda name: member_kind(name, extensions), read=False)
+    ):
+        kinds.add(kind)
+        if i >= n:
+            break
+    return sorted(kinds)
+
+
+def _wds_want(kinds: Collection[str], extensions: Mapping[str, str]) -> Callable[[str], str | None]:
+    def want(name: str) -> str | None:
+        k = member_kind(name, extensions)
+        return k if k in kinds else None
+
+    return want
+
+
+# ----------------------------------------------------------------------------- shard rows
+# `rows(shard, uri, fingerprint, kinds, *, storage_options, extensions, items, read, skip)`:
+# ITEM_SCHEMA rows (`ok`, or `error` with the reason) of the given kinds of one shard. `items`:
+# a files shard's listed items per kind; `read=False` lists without payload bytes; ids in
+# `skip` are not read (tar members are seeked over).
+
+
+def files_rows(
+    shard: str,
+    uri: str,
+    fingerprint: str | None,
+    kinds: Collection[str],
+    items: Mapping[str, Sequence[Mapping[str, Any]]] | None,
+    **_: Any,
+) -> Iterator[dict[str, Any]]:
+    # The items the planner listed (a files shard has no file of its own).
+    for kind in sorted(kinds):
+        for it in (items or {}).get(kind, ()):
+            yield item_row(
+                it["id"],
+                it["uri"],
+                it["modality"],
+                shard,
+                it.get("fingerprint"),
+                it.get("size"),
+                it.get("mtime"),
+            )
+
+
+def manifest_rows(
+    shard: str,
+    uri: str,
+    fingerprint: str | None,
+    kinds: Collection[str],
+    storage_options: StorageOptions | None,
+    **_: Any,
+) -> Iterator[dict[str, Any]]:
+    for it in manifest_items(read_manifest(uri, storage_options), shard, uri):
+        if it.pop("_kind") in kinds:
+            yield it
+
+
+def tar_rows(
+    shard: str,
+    uri: str,
+    fingerprint: str | None,
+    kinds: Collection[str],
+    storage_options: StorageOptions | None,
+    extensions: Mapping[str, str],
+    read: bool = True,
+    skip: Collection[str] = frozenset(),
+    **_: Any,
+) -> Iterator[dict[str, Any]]:
+    kind_of = _wds_want(kinds, extensions)
+
+    def want(name: str) -> str | None:  # members already done are seeked over, not read
+        return None if wds_id(shard, name) in skip else kind_of(name)
+
+    try:
+        for name, kind, data, size, mtime in iter_tar(uri, storage_options, want, read=read):
+            fp = member_fingerprint(fingerprint or "", name)
+            yield item_row(
+                wds_id(shard, name), f"{uri}#{name}", kind, shard, fp, size, mtime, data=data
+            )
+    except (tarfile.TarError, OSError, EOFError) as e:
+        # A truncated or corrupt shard: its readable members were emitted; the rest cannot
+        # be enumerated, so the shard itself is recorded as a failed item per kind.
+        for kind in sorted(kinds):
+            yield unreadable_shard_row(shard, uri, kind, fingerprint, e)
+
+
+# ----------------------------------------------------------------------------- ids
+
+
+def ids_identity(ids: Iterable[str]) -> str:
+    """The identity of a set of ids (order does not matter): `ids:<count>:<sha256>`."""
+    h = hashlib.sha256()
+    n = 0
+    for i in sorted(ids):
+        h.update(i.encode())
+        h.update(b"\0")
+        n += 1
+    return f"ids:{n}:{h.hexdigest()[:32]}"
+
+
+def id_digests(ids: Iterable[str]) -> np.ndarray:
+    """(n, 2) uint64: a 128-bit BLAKE2b digest per id.
+
+    Corpus-wide duplicate detection keeps 16 bytes per item on the driver instead of the id
+    strings; at 128 bits a collision is out of reach (~1e-20 for a billion ids).
+    """
+    buf = b"".join(hashlib.blake2b(i.encode(), digest_size=16).digest() for i in ids)
+    return np.frombuffer(buf, dtype=np.uint64).reshape(-1, 2)
+
+
+def repeated_rows(digests: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Per shard (in order), the row indices whose id already occurs in an earlier row —
+    an earlier shard, or earlier in the same shard. One sort over all digests."""
+    sizes = [len(d) for d in digests]
+    if not sum(sizes):
+        return [np.empty(0, np.int64) for _ in digests]
+    allv = np.concatenate(digests)
+    pos = np.arange(len(allv))
+    order = np.lexsort((pos, allv[:, 1], allv[:, 0]))  # by digest, then first occurrence
+    srt = allv[order]
+    same = np.all(srt[1:] == srt[:-1], axis=1)
+    later = np.sort(order[1:][same])
+    starts = np.cumsum([0, *sizes])
+    parts = np.split(later, np.searchsorted(later, starts[1:-1]))
+    return [p - a for p, a in zip(parts, starts[:-1], strict=True)]

@@ -1,0 +1,696 @@
+"""Listing and planning of the embedding job: list a corpus into shards (`plan_job`) without
+reading media bytes, split them for a rerun (`reconcile`), list every item for re-indexing
+(`list_items`, `plan_items`), and turn shards into the read tasks (`shard_tasks`).
+
+Planning and listing never read media bytes: manifests are read (small), tar shards are walked
+header by header (seeking over payloads), files are listed. Paths and names starting with `_`
+or `.` are skipped, as Spark/pyarrow do (`pipelines.store.hidden`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import tarfile
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+
+import imagebind_core as ibc
+from imagebind_core.io import StorageOptions, filesystem, protocol_of
+from imagebind_core.kinds import KINDS
+from pipelines.config import JobConfig
+from pipelines.formats import (
+    MANIFEST_SUFFIXES,
+    TAR_SUFFIXES,
+    EmptyInput,
+    PlanError,
+    file_kind,
+    files_rows,
+    id_digests,
+    ids_identity,
+    manifest_items,
+    manifest_rows,
+    peek_tar_kinds,
+    read_manifest,
+    repeated_rows,
+    tar_rows,
+    wds_id,
+)
+from pipelines.rows import INVALID, LISTING_SCHEMA, fingerprint_from_info, item_row
+from pipelines.store import ADDITION_RE, Output, hidden
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- listing
+
+
+@dataclass(frozen=True)
+class Source:
+    """One listed object: its URI, path relative to the input root, and fingerprint."""
+
+    uri: str
+    rel: str
+    fingerprint: str
+    size: int | None
+    mtime: float | None
+
+
+def _has_glob(path: str) -> bool:
+    return any(c in path for c in "*?[")
+
+
+def _to_uri(fs: fsspec.AbstractFileSystem, path: str, local: bool) -> str:
+    return path if local else fs.unstrip_protocol(path)
+
+
+def check_input(input_uri: str, storage_options: StorageOptions | None = None) -> None:
+    """PlanError if `input_uri` names nothing: no file, folder or prefix there, and no match of
+    a glob. Cheap (one metadata call): the CLIs check before they create anything."""
+    fs, path = filesystem(input_uri, storage_options)
+    if protocol_of(input_uri) == "file":
+        path = os.path.abspath(path)
+    fs.invalidate_cache()
+    if fs.exists(path) or (_has_glob(path) and fs.glob(path)):
+        return
+    raise PlanError(f"input not found: {input_uri}")
+
+
+def list_input(
+    input_uri: str, storage_options: StorageOptions | None = None, exclude: str | None = None
+) -> list[Source]:
+    """List the objects of an input: one file, a folder/prefix (recursively) or a glob.
+
+    `exclude` (an output URI) is skipped if it lies inside the input. Raises PlanError if
+    nothing is found.
+    """
+    fs, path = filesystem(input_uri, storage_options)
+    local = protocol_of(input_uri) == "file"
+    if local:
+        path = os.path.abspath(path)
+    fs.invalidate_cache()
+    # An existing folder or file is taken literally even if its name has glob characters
+    # (`photos [2024]/`); only a path that does not exist is a pattern.
+    if fs.isdir(path):
+        root = path.rstrip("/")
+        found = fs.find(path, detail=True)
+    elif fs.exists(path):
+        root = path.rsplit("/", 1)[0]
+        found = {path: fs.info(path)}
+    elif _has_glob(path):
+        root = path[: min(path.index(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
+        found = fs.glob(path, detail=True)
+    else:
+        raise PlanError(f"input not found: {input_uri}")
+    skip = None
+    if exclude is not None and protocol_of(exclude) == protocol_of(input_uri):
+        _, skip = filesystem(exclude, storage_options)
+        skip = (os.path.abspath(skip) if local else skip).rstrip("/") + "/"
+    out = []
+    for p, info in sorted(found.items()):
+        if info.get("type") != "file":
+            continue
+        rel = p[len(root) + 1 :] if p.startswith(root + "/") else p.rsplit("/", 1)[-1]
+        if hidden(rel) or (skip is not None and p.startswith(skip)):
+            continue
+        fp, size, mtime = fingerprint_from_info(info)
+        out.append(Source(_to_uri(fs, p, local), rel, fp, size, mtime))
+    if not out:
+        raise EmptyInput(f"no input files found at {input_uri}")
+    return out
+
+
+def _strip_suffix(rel: str, suffixes: Sequence[str]) -> str:
+    low = rel.lower()
+    for s in sorted(suffixes, key=len, reverse=True):
+        if low.endswith(s):
+            return rel[: -len(s)]
+    return rel
+
+
+def detect_format(sources: Sequence[Source]) -> str:
+    """`webdataset` if every file is a tar, `manifest` if every file is a manifest, else `files`."""
+    names = [s.rel.lower() for s in sources]
+    if all(n.endswith(TAR_SUFFIXES) for n in names):
+        return "webdataset"
+    # `walk.imu.csv` / `walk.imu.json` are IMU recordings, not manifests.
+    if all(n.endswith(MANIFEST_SUFFIXES) and ibc.infer_kind(n) is None for n in names):
+        return "manifest"
+    return "files"
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+@dataclass
+class ShardSpec:
+    """One input shard and what the job must do with it.
+
+    `items` (files format, or an explicit item list) holds the rows per kind; `include` (manifest
+    and webdataset subsets) restricts a shard to some ids; None means every item. `exclude`
+    (manifests) lists ids this shard repeats from an earlier shard: they are not its items.
+    """
+
+    name: str
+    format: str
+    uri: str
+    fingerprint: str | None
+    kinds: tuple[str, ...]
+    items: dict[str, list[dict[str, Any]]] | None = None
+    include: dict[str, list[str]] | None = None
+    counts: dict[str, int] | None = None
+    exclude: list[str] | None = None
+    # What the shard's input is, to tell on a rerun whether a committed shard has new items:
+    # the manifest's or tar's fingerprint (etag, else size and mtime), a digest of the ids of
+    # a files bucket. None (explicit subsets): a committed shard is done.
+    identity: str | None = None
+
+
+@dataclass
+class Plan:
+    """What a run will read: the format, its shards, the kinds present."""
+
+    format: str
+    input: str
+    shards: list[ShardSpec]
+    kinds: tuple[str, ...]
+    counts: dict[str, int] | None  # items per kind, when cheap to know
+    skipped: list[str] = field(default_factory=list)  # files with no known media kind
+    files_shards: int | None = None
+    duplicates: int = 0  # manifest rows skipped: their id is in an earlier row or manifest
+
+
+def shard_name(rel: str, suffixes: Sequence[str]) -> str:
+    """The output name of an input shard: its relative path without the suffix, as it will
+    be written (`//` is one `/`, no leading or trailing `/`: an object store may have keys
+    `in/x.csv` and `in//x.csv`, whose outputs would both be `x.parquet`)."""
+    return "/".join(p for p in _strip_suffix(rel, suffixes).split("/") if p)
+
+
+def _shard_names(sources: Sequence[Source], suffixes: Sequence[str]) -> list[str]:
+    names = [shard_name(s.rel, suffixes) for s in sources]
+    by_name: dict[str, list[str]] = {}
+    for src, n in zip(sources, names, strict=True):
+        by_name.setdefault(n, []).append(src.uri)
+    clash = {n: uris for n, uris in by_name.items() if len(uris) > 1}
+    if clash:
+        shown = "; ".join(f"{' and '.join(u)} -> {n!r}" for n, u in list(clash.items())[:3])
+        raise PlanError(
+            f"input shards would write the same output: {shown}. Their names differ only by "
+            "extension or by repeated '/'; rename them or embed them in separate jobs."
+        )
+    bad = [s.uri for s, n in zip(sources, names, strict=True) if ADDITION_RE.search(n) or not n]
+    if bad:
+        raise PlanError(
+            f"input shards {bad[:3]}: a name ending in '.add-<12 hex digits>' (or an empty "
+            "name) is reserved for the output's additions; rename them"
+        )
+    return names
+
+
+def _files_item(src: Source, kind: str, shard: str) -> dict[str, Any]:
+    return item_row(src.rel, src.uri, kind, shard, src.fingerprint, src.size, src.mtime)
+
+
+def plan_job(cfg: JobConfig, files_shards: int | None = None, *, scan_workers: int = 8) -> Plan:
+    """List the input of `cfg` into shards without reading media bytes.
+
+    Args:
+        files_shards: the shard count recorded by an earlier run on the same output
+            (files format); None on a first run.
+    """
+    sources = list_input(cfg.input, cfg.storage_options(), exclude=cfg.output)
+    fmt = input_format(detect_format(sources) if cfg.format == "auto" else cfg.format)
+    if fmt.suffixes:
+        bad = [s.rel for s in sources if not s.rel.lower().endswith(fmt.suffixes)]
+        if bad:
+            raise PlanError(f"format {fmt.name}: {bad[:3]} are not {fmt.noun}")
+    return fmt.plan(cfg, sources, files_shards, scan_workers)
+
+
+def _plan_manifests(
+    cfg: JobConfig, sources: list[Source], files_shards: int | None, scan_workers: int
+) -> Plan:
+    storage_options = cfg.storage_options()
+    names = _shard_names(sources, MANIFEST_SUFFIXES)
+
+    def scan(args: tuple[Source, str]) -> tuple[ShardSpec, np.ndarray, int]:
+        src, name = args
+        repeats: list[str] = []
+        items = manifest_items(read_manifest(src.uri, storage_options), name, src.uri, repeats)
+        counts = Counter(it["_kind"] for it in items)
+        spec = ShardSpec(
+            name,
+            "manifest",
+            src.uri,
+            src.fingerprint,
+            tuple(sorted(counts)),
+            counts=dict(counts),
+            identity=src.fingerprint,
+        )
+        return spec, id_digests(it["id"] for it in items), len(repeats)
+
+    with ThreadPoolExecutor(scan_workers) as ex:
+        scanned = list(ex.map(scan, zip(sources, names, strict=True)))
+    shards = [spec for spec, _, _ in scanned]
+    duplicates = sum(n for _, _, n in scanned)
+    duplicates += _exclude_repeated_ids(
+        shards, [d for _, d, _ in scanned], storage_options, scan_workers
+    )
+    total: Counter[str] = Counter()
+    for s in shards:
+        total.update(s.counts or {})
+    kinds = tuple(sorted(k for k, n in total.items() if n))
+    return Plan("manifest", cfg.input, shards, kinds, dict(total), duplicates=duplicates)
+
+
+def _plan_webdataset(
+    cfg: JobConfig, sources: list[Source], files_shards: int | None, scan_workers: int
+) -> Plan:
+    names = _shard_names(sources, TAR_SUFFIXES)
+    kinds = cfg.webdataset.kinds
+    if kinds is None:
+        kinds = _peek_kinds(sources, cfg.storage_options(), cfg.webdataset.extensions)
+    kinds_t = tuple(sorted(set(kinds)))
+    shards = [
+        ShardSpec(n, "webdataset", s.uri, s.fingerprint, kinds_t, identity=s.fingerprint)
+        for s, n in zip(sources, names, strict=True)
+    ]
+    return Plan("webdataset", cfg.input, shards, kinds_t, None)
+
+
+def _exclude_repeated_ids(
+    shards: list[ShardSpec],
+    digests: Sequence[np.ndarray],
+    storage_options: StorageOptions | None,
+    workers: int,
+) -> int:
+    """Set `exclude` (and fix `counts`/`kinds`) on manifest shards that repeat ids of earlier
+    shards; returns how many rows were excluded. Shards with repeats are read again to name
+    the ids: a second read only when the corpus has duplicates."""
+    rows = repeated_rows(digests)
+    todo = [(s, r) for s, r in zip(shards, rows, strict=True) if len(r)]
+
+    def fix(args: tuple[ShardSpec, np.ndarray]) -> int:
+        spec, idx = args
+        items = manifest_items(read_manifest(spec.uri, storage_options), spec.name, spec.uri)
+        dup = [items[i] for i in idx.tolist()]
+        spec.exclude = sorted({it["id"] for it in dup})
+        counts = Counter(spec.counts or {})
+        counts.subtract(it["_kind"] for it in dup)
+        spec.counts = {k: n for k, n in counts.items() if n > 0}
+        spec.kinds = tuple(sorted(spec.counts))
+        logger.warning(
+            "manifest %s: %d rows repeat ids of an earlier manifest and are skipped (first "
+            "occurrence wins), e.g. %s",
+            spec.name,
+            len(dup),
+            spec.exclude[:3],
+        )
+        return len(dup)
+
+    with ThreadPoolExecutor(max(1, min(workers, len(todo)))) as ex:
+        return sum(ex.map(fix, todo))
+
+
+def _peek_kinds(
+    sources: Sequence[Source],
+    storage_options: StorageOptions | None,
+    extensions: Mapping[str, str],
+    tries: int = 8,
+) -> list[str]:
+    """Kinds of a WebDataset corpus from its first readable shard (an empty or corrupt one is
+    skipped here; reading it later records it in `_errors`)."""
+    failures = []
+    for src in sources[:tries]:
+        try:
+            kinds = peek_tar_kinds(src.uri, storage_options, extensions)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            failures.append(f"{src.uri}: {type(e).__name__}: {e}")
+            continue
+        if not kinds:
+            raise PlanError(
+                f"{src.uri}: no member with a known media suffix; set webdataset.kinds / "
+                "webdataset.extensions"
+            )
+        return kinds
+    raise PlanError(
+        f"cannot read the first {len(failures)} tar shard(s) to find the kinds (set "
+        f"webdataset.kinds to skip this): {'; '.join(failures[:3])}"
+    )
+
+
+def _plan_files(
+    cfg: JobConfig, sources: list[Source], files_shards: int | None, scan_workers: int = 0
+) -> Plan:
+    kinded: list[tuple[Source, str]] = []
+    skipped = []
+    for s in sources:
+        k = file_kind(s.rel, cfg.files.kind, cfg.files.extensions)
+        if k is None:
+            skipped.append(s.rel)
+        else:
+            kinded.append((s, k))
+    if skipped:
+        logger.warning(
+            "%d files have no known media extension and are not items (e.g. %s); map them "
+            "with files.extensions or files.kind",
+            len(skipped),
+            skipped[:3],
+        )
+    if not kinded:
+        raise EmptyInput(f"no media files (known extensions) at {cfg.input}")
+    n = files_shards or max(1, math.ceil(len(kinded) / cfg.files.files_per_shard))
+    buckets: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for s, k in kinded:
+        b = zlib.crc32(s.rel.encode()) % n
+        name = f"files-{b:05d}-of-{n:05d}"
+        buckets.setdefault(name, {}).setdefault(k, []).append(_files_item(s, k, name))
+    shards = [
+        ShardSpec(
+            name,
+            "files",
+            "",
+            None,
+            tuple(sorted(by_kind)),
+            items=by_kind,
+            counts={k: len(v) for k, v in by_kind.items()},
+            identity=ids_identity(it["id"] for v in by_kind.values() for it in v),
+        )
+        for name, by_kind in sorted(buckets.items())
+    ]
+    counts = Counter(k for _, k in kinded)
+    return Plan("files", cfg.input, shards, tuple(sorted(counts)), dict(counts), skipped, n)
+
+
+# ----------------------------------------------------------------------------- reruns
+
+
+def reconcile(
+    plan: Plan,
+    output: Output,
+    committed: set[str],
+    storage_options: StorageOptions | None,
+    workers: int = 16,
+) -> tuple[list[ShardSpec], list[ShardSpec], list[ShardSpec]]:
+    """Split the shards of `plan` for a rerun into (new, extended, unchanged).
+
+    new: not committed yet. extended: committed, but the input has items that no committed
+    file of the shard holds (a file added to a files bucket, rows appended to a manifest,
+    members to a tar): their spec embeds only those. unchanged: committed, nothing new (their
+    recorded input identity is the current one, or a comparison of ids found nothing new and
+    recorded it). A committed file is never rewritten; extended shards get additions.
+
+    Manifests: an id is embedded once per corpus, so when anything is new or changed, the ids
+    committed in every shard are excluded from the new and extended shards (this reads the id
+    column of every committed file once). Files and WebDataset ids belong to one shard only.
+    """
+    new = [s for s in plan.shards if s.name not in committed]
+    done = [s for s in plan.shards if s.name in committed]
+    pool = max(1, min(workers, len(done) or 1))
+    with ThreadPoolExecutor(pool) as ex:
+        recorded = list(
+            ex.map(lambda s: output.read_identity(s.name) if s.identity else None, done)
+        )
+    stale = [s for s, r in zip(done, recorded, strict=True) if s.identity and r != s.identity]
+    stale_names = {s.name for s in stale}
+    unchanged = [s for s in done if s.name not in stale_names]
+    if not stale and not (plan.format == "manifest" and new and done):
+        return new, [], unchanged
+    logger.info(
+        "%d committed shards changed since they were committed: looking for new items", len(stale)
+    )
+    with ThreadPoolExecutor(pool) as ex:
+        names = [s.name for s in done]
+        ids_of = dict(zip(names, ex.map(output.committed_ids, names), strict=True))
+    return input_format(plan.format).extend(
+        _Rerun(output, storage_options, workers, ids_of), new, stale, unchanged
+    )
+
+
+@dataclass
+class _Rerun:
+    """What the per-format halves of `reconcile` share."""
+
+    output: Output
+    storage_options: StorageOptions | None
+    workers: int
+    ids_of: dict[str, set[str]]  # committed ids per committed shard
+
+    def up_to_date(self, s: ShardSpec) -> ShardSpec:
+        """`s` has nothing new: record its current input identity (the next run skips it)."""
+        self.output.write_identity(s.name, s.identity or "")
+        return s
+
+
+_Split = tuple[list[ShardSpec], list[ShardSpec], list[ShardSpec]]
+
+
+def _extend_files(
+    run: _Rerun, new: list[ShardSpec], stale: list[ShardSpec], unchanged: list[ShardSpec]
+) -> _Split:
+    extended = []
+    for s in stale:
+        have = run.ids_of[s.name]
+        items = {k: [it for it in v if it["id"] not in have] for k, v in (s.items or {}).items()}
+        items = {k: v for k, v in items.items() if v}
+        if not items:
+            unchanged.append(run.up_to_date(s))
+            continue
+        counts = {k: len(v) for k, v in items.items()}
+        extended.append(
+            dataclasses.replace(s, kinds=tuple(sorted(items)), items=items, counts=counts)
+        )
+    return new, extended, unchanged
+
+
+def _extend_webdataset(
+    run: _Rerun, new: list[ShardSpec], stale: list[ShardSpec], unchanged: list[ShardSpec]
+) -> _Split:
+    extended = []
+    for s in stale:  # the tar is read again; members already committed are seeked over
+        have = run.ids_of[s.name]
+        # ids of outputs written under the earlier rule `<shard>/<member>`: the same members
+        n = len(s.name) + 1
+        have = have | {wds_id(s.name, i[n:]) for i in have if i.startswith(s.name + "/")}
+        extended.append(dataclasses.replace(s, exclude=sorted(have)))
+    return new, extended, unchanged
+
+
+def _extend_manifests(
+    run: _Rerun, new: list[ShardSpec], stale: list[ShardSpec], unchanged: list[ShardSpec]
+) -> _Split:
+    everywhere: set[str] = set().union(*run.ids_of.values()) if run.ids_of else set()
+
+    def narrow(s: ShardSpec) -> ShardSpec:
+        items = manifest_items(read_manifest(s.uri, run.storage_options), s.name, s.uri)
+        excl = set(s.exclude or ())
+        excl |= {it["id"] for it in items if it["id"] in everywhere}
+        counts = Counter(it["_kind"] for it in items if it["id"] not in excl)
+        return dataclasses.replace(
+            s, kinds=tuple(sorted(counts)), counts=dict(counts), exclude=sorted(excl)
+        )
+
+    with ThreadPoolExecutor(max(1, min(run.workers, len(stale) + len(new)))) as ex:
+        narrowed_new = list(ex.map(narrow, new))
+        narrowed_stale = list(ex.map(narrow, stale))
+    extended = []
+    for s in narrowed_stale:
+        if s.kinds:
+            extended.append(s)
+        else:
+            unchanged.append(run.up_to_date(s))
+    return narrowed_new, extended, unchanged
+
+
+# ----------------------------------------------------------------------------- formats
+
+
+@dataclass(frozen=True)
+class InputFormat:
+    """One input format: the suffixes of its shard files (none: any media file), how a corpus
+    of it is planned, how a committed shard is checked for new items on a rerun, and the item
+    rows of one shard (`pipelines.formats`)."""
+
+    name: str
+    suffixes: tuple[str, ...]
+    noun: str
+    plan: Callable[[JobConfig, list[Source], int | None, int], Plan]
+    extend: Callable[[_Rerun, list[ShardSpec], list[ShardSpec], list[ShardSpec]], _Split]
+    shard_rows: Callable[..., Iterator[dict[str, Any]]]
+
+
+FORMATS: dict[str, InputFormat] = {
+    "manifest": InputFormat(
+        "manifest",
+        MANIFEST_SUFFIXES,
+        "Parquet/CSV/JSONL manifests",
+        _plan_manifests,
+        _extend_manifests,
+        manifest_rows,
+    ),
+    "webdataset": InputFormat(
+        "webdataset", TAR_SUFFIXES, "tar shards", _plan_webdataset, _extend_webdataset, tar_rows
+    ),
+    "files": InputFormat("files", (), "media files", _plan_files, _extend_files, files_rows),
+}
+
+
+def input_format(name: str) -> InputFormat:
+    """The `InputFormat` called `name`; PlanError if there is none."""
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise PlanError(f"unknown format {name!r}") from None
+
+
+# ----------------------------------------------------------------------------- listing items
+
+
+def list_items(cfg: JobConfig, *, stat: bool = True, threads: int = 16) -> pa.Table:
+    """Every item of the corpus as rows (LISTING_SCHEMA) without reading payload bytes.
+
+    Columns: id, uri, modality (kind; "invalid" for rejected manifest rows), shard, source
+    (the manifest/tar URI, or the file), fingerprint, size, mtime, error. For manifest rows
+    that reference objects and carry no fingerprint, `stat=True` asks the store for each
+    object's metadata (a HEAD request, no body). This is what re-indexing diffs against the
+    `fingerprint` column of a previous output.
+    """
+    storage_options = cfg.storage_options()
+    plan = plan_job(cfg)
+    rows = [r for shard in plan.shards for r in _listed_rows(shard, cfg, storage_options)]
+    if stat:
+        _stat_rows(
+            [r for r in rows if r["fingerprint"] is None and r["error"] is None],
+            storage_options,
+            threads,
+        )
+    return pa.Table.from_pylist(
+        [{k: r.get(k) for k in LISTING_SCHEMA.names} for r in rows], schema=LISTING_SCHEMA
+    )
+
+
+def _listed_rows(
+    shard: ShardSpec, cfg: JobConfig, storage_options: StorageOptions | None
+) -> Iterator[dict[str, Any]]:
+    """The listing rows of one shard: its items without payload bytes. An unreadable tar is
+    listed as the rows the job records for it (`pipelines.rows.unreadable_shard_row`)."""
+    skip = set(shard.exclude or ())
+    rows = input_format(shard.format).shard_rows(
+        shard.name,
+        shard.uri,
+        shard.fingerprint,
+        shard.kinds,
+        storage_options=storage_options,
+        extensions=cfg.webdataset.extensions,
+        items=shard.items,
+        read=False,
+    )
+    for it in rows:
+        if it["id"] in skip:
+            continue
+        if it["error"] is not None and it["modality"] not in KINDS:
+            it["modality"] = INVALID
+        yield {**it, "source": it["uri"] if shard.format == "files" else shard.uri}
+
+
+def _stat_rows(
+    rows: list[dict[str, Any]], storage_options: StorageOptions | None, threads: int
+) -> None:
+    """Fill `fingerprint`, `size`, `mtime` of `rows` from each object's metadata (or set
+    `error` when the object is missing or cannot be asked)."""
+
+    def fill(r: dict[str, Any]) -> None:
+        try:
+            fs, p = filesystem(r["uri"], storage_options)
+            r["fingerprint"], r["size"], r["mtime"] = fingerprint_from_info(fs.info(p))
+        except FileNotFoundError:
+            r["error"] = f"object not found: {r['uri']}"
+        except Exception as e:
+            r["error"] = f"cannot stat {r['uri']}: {e}"
+
+    with ThreadPoolExecutor(threads) as ex:
+        list(ex.map(fill, rows))
+
+
+def plan_items(cfg: JobConfig, items: pa.Table) -> Plan:
+    """A plan that embeds exactly `items` (rows of `list_items`, e.g. the new and changed ones).
+
+    Rows keep their shard: the output has one file per touched shard, named as a full run
+    would name it.
+    """
+    fmt = cfg.format
+    if fmt == "auto":
+        fmt = detect_format(
+            [
+                Source(u, u.rsplit("/", 1)[-1], "", None, None)
+                for u in set(items.column("source").to_pylist())
+            ]
+        )
+    by_shard: dict[str, list[dict[str, Any]]] = {}
+    for r in items.to_pylist():
+        by_shard.setdefault(r["shard"], []).append(r)
+    shards = []
+    counts: Counter[str] = Counter()
+    for name, rs in sorted(by_shard.items()):
+        by_kind: dict[str, list[dict[str, Any]]] = {}
+        for r in rs:
+            kind = r["modality"] if r["modality"] in KINDS and not r.get("error") else INVALID
+            by_kind.setdefault(kind, []).append(r)
+            counts[kind] += 1
+        if fmt == "files":
+            shards.append(ShardSpec(name, fmt, "", None, tuple(sorted(by_kind)), items=by_kind))
+        else:
+            src = rs[0]["source"]
+            fp = None
+            if fmt == "webdataset":
+                fp = rs[0]["fingerprint"].rsplit("#", 1)[0] if rs[0]["fingerprint"] else None
+            # Rows the listing already failed (e.g. an unreadable tar's `#unreadable-<kind>`)
+            # travel as explicit rows: no reading task would produce them again.
+            invalid = by_kind.get(INVALID)
+            shards.append(
+                ShardSpec(
+                    name,
+                    fmt,
+                    src,
+                    fp,
+                    tuple(sorted(by_kind)),
+                    items={INVALID: invalid} if invalid else None,
+                    include={k: [r["id"] for r in v] for k, v in by_kind.items() if k != INVALID},
+                )
+            )
+    return Plan(fmt, cfg.input, shards, tuple(sorted(counts)), dict(counts))
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+def shard_tasks(plan: Plan, cfg: JobConfig, shards: Sequence[ShardSpec]) -> dict[str, list[dict]]:
+    """One task per (shard, kind), grouped by kind: the rows of the reading stage's input."""
+    by_kind: dict[str, list[dict]] = {}
+    for s in shards:
+        for kind in s.kinds:
+            task = {
+                "shard": s.name,
+                "kind": kind,
+                "format": s.format,
+                "uri": s.uri,
+                "fingerprint": s.fingerprint,
+                "items": (s.items or {}).get(kind) if s.items is not None else None,
+                "include": (s.include or {}).get(kind) if s.include is not None else None,
+                "exclude": s.exclude,
+                "wds_extensions": dict(cfg.webdataset.extensions),
+            }
+            by_kind.setdefault(kind, []).append({"task": json.dumps(task)})
+    return by_kind

@@ -1,0 +1,221 @@
+"""The row vocabulary of the embedding job: schemas, statuses, error kinds, fingerprints, and
+the constructors of the rows that flow from the readers through the stages to the writers.
+
+A row's `status` says what it is: an item to embed (`ok`), an item that already failed
+(`error`, with the reason in `error`), or the end-of-shard marker (`eos`) a reader emits after
+the last item of a (shard, kind) task, whose `count` is the number of items the task emitted.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+import pyarrow as pa
+
+# Row status inside the pipeline: an item to embed, an item that already failed, or the
+# end-of-shard marker a reader emits after the last item of a (shard, kind) task.
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+STATUS_EOS = "eos"
+
+# Pseudo-kind of rows rejected while reading (unknown modality, no uri/text): they skip
+# preprocessing and encoding and go straight to the errors table.
+INVALID = "invalid"
+
+# The rows flowing from the readers into preprocessing (`data`: inline bytes or UTF-8 text;
+# null means "read `uri`").
+ITEM_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("uri", pa.string()),
+        pa.field("modality", pa.string()),
+        pa.field("shard", pa.string()),
+        pa.field("branch", pa.string()),  # the kind of the task (pipeline branch) it came from
+        pa.field("fingerprint", pa.string()),
+        pa.field("size", pa.int64()),
+        pa.field("mtime", pa.float64()),
+        pa.field("status", pa.string()),
+        pa.field("error", pa.string()),
+        pa.field("count", pa.int64()),
+        pa.field("data", pa.large_binary()),
+    ]
+)
+# After preprocessing: `data` replaced by the item's model input: raw bytes (one contiguous
+# buffer per block), shape and numpy dtype string (pipelines.stages.tensor_columns).
+PREPROCESSED_SCHEMA = pa.schema(
+    [f for f in ITEM_SCHEMA if f.name != "data"]
+    + [
+        pa.field("tensor", pa.large_binary()),
+        pa.field("tensor_shape", pa.list_(pa.int32())),
+        pa.field("tensor_dtype", pa.string()),
+    ]
+)
+
+SUMMARY_SCHEMA = pa.schema(
+    [
+        pa.field("shard", pa.string()),
+        pa.field("kind", pa.string()),
+        pa.field("ids", pa.list_(pa.string())),
+        pa.field("expected", pa.int64()),
+        pa.field("n_ok", pa.int64()),
+        pa.field("n_err", pa.int64()),
+    ]
+)
+
+
+def embedding_type(dim: int) -> pa.DataType:
+    """`fixed_size_list<float32>[dim]`."""
+    return pa.list_(pa.float32(), dim)
+
+
+def encoded_schema(dim: int) -> pa.Schema:
+    """Rows leaving the encoders: `tensor` replaced by `embedding` (null for non-ok rows)."""
+    base = [f for f in ITEM_SCHEMA if f.name != "data"]
+    return pa.schema([*base, pa.field("embedding", embedding_type(dim))])
+
+
+def _pick(*names: str, **fields: pa.Field) -> list[pa.Field]:
+    """Fields of ITEM_SCHEMA by name, in order; a name given in `fields` takes that field."""
+    return [fields[n] if n in fields else ITEM_SCHEMA.field(n) for n in names]
+
+
+def part_schema(dim: int) -> pa.Schema:
+    """One part file: embedded and failed items of one shard (error null <=> embedded)."""
+    embedding = pa.field("embedding", embedding_type(dim))
+    return pa.schema(
+        _pick(
+            "id", "uri", "modality", "embedding", "fingerprint", "size", "mtime", "error",
+            embedding=embedding,
+        )
+    )  # fmt: skip
+
+
+def output_schema(dim: int, metadata: Mapping[str, str] | None = None) -> pa.Schema:
+    """The committed embeddings file `<shard>.parquet`."""
+    embedding = pa.field("embedding", embedding_type(dim), nullable=False)
+    fields = _pick(
+        "id", "uri", "modality", "embedding", "fingerprint", "size", "mtime", embedding=embedding
+    )
+    return pa.schema(fields, metadata=dict(metadata or {}))
+
+
+def errors_schema(metadata: Mapping[str, str] | None = None) -> pa.Schema:
+    """`_errors/<shard>.parquet`: items that could not be embedded, with the reason."""
+    error = pa.field("error", pa.string(), nullable=False)
+    fields = _pick("id", "uri", "modality", "error", "fingerprint", "size", "mtime", error=error)
+    return pa.schema(fields, metadata=dict(metadata or {}))
+
+
+# The corpus listing of re-indexing (`pipelines.plan.list_items`): `source` is the manifest or
+# tar the item is listed in (the file itself for the files format).
+LISTING_SCHEMA = pa.schema(
+    _pick(
+        "id", "uri", "modality", "shard", "source", "fingerprint", "size", "mtime", "error",
+        source=pa.field("source", pa.string()),
+    )
+)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- row constructors
+
+# The item columns a listing and a reader share (ITEM_SCHEMA adds branch, status, count, data).
+ITEM_KEYS = ("id", "uri", "modality", "shard", "fingerprint", "size", "mtime")
+
+
+def item_row(
+    id_: str,
+    uri: str | None,
+    kind: str | None,
+    shard: str,
+    fingerprint: str | None = None,
+    size: int | None = None,
+    mtime: float | None = None,
+    *,
+    data: bytes | None = None,
+    error: str | None = None,
+) -> dict[str, Any]:
+    """One item row (ITEM_SCHEMA, without `branch`): `ok`, or `error` when `error` is given."""
+    return {
+        "id": id_,
+        "uri": uri,
+        "modality": kind,
+        "shard": shard,
+        "fingerprint": fingerprint,
+        "size": size,
+        "mtime": mtime,
+        "status": STATUS_OK if error is None else STATUS_ERROR,
+        "error": error,
+        "data": data,
+    }
+
+
+def unreadable_shard_row(
+    shard: str, uri: str, kind: str, fingerprint: str | None, exc: BaseException
+) -> dict[str, Any]:
+    """The error row that stands for the unenumerable rest of a truncated or corrupt tar shard
+    (id `<shard>#unreadable-<kind>`)."""
+    return item_row(
+        f"{shard}#unreadable-{kind}",
+        uri,
+        kind,
+        shard,
+        fingerprint,
+        error=f"cannot read tar shard: {type(exc).__name__}: {exc}",
+    )
+
+
+def eos_row(shard: str, kind: str, count: int) -> dict[str, Any]:
+    """The end-of-shard marker of a (shard, kind) task that emitted `count` items."""
+    return {
+        "id": f"{shard}#eos-{kind}",
+        "shard": shard,
+        "modality": kind,
+        "branch": kind,
+        "status": STATUS_EOS,
+        "count": count,
+    }
+
+
+# ------------------------------------------------------------------------- fingerprints
+
+
+def _epoch(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, _dt.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=_dt.UTC)
+        return value.timestamp()
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def fingerprint_from_info(info: Mapping[str, Any]) -> tuple[str, int | None, float | None]:
+    """(fingerprint, size, mtime) of an object from its listing entry alone (no bytes read).
+
+    The fingerprint is `etag:<ETag>` when the store reports one (S3 and compatibles), else
+    `stat:<size>:<mtime>` (local files; mtime in seconds with microseconds). Re-indexing
+    compares these strings to decide what changed.
+    """
+    size = info.get("size")
+    size = int(size) if size is not None else None
+    mtime = _epoch(info.get("mtime", info.get("LastModified", info.get("last_modified"))))
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        return f"etag:{str(etag).strip(chr(34))}", size, mtime
+    return f"stat:{size}:{mtime:.6f}" if mtime is not None else f"stat:{size}:", size, mtime
+
+
+def text_fingerprint(text: str) -> str:
+    """Fingerprint of an inline text item: a hash of its UTF-8 bytes."""
+    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def member_fingerprint(tar_fingerprint: str, member: str) -> str:
+    """Fingerprint of a WebDataset member: the tar shard's fingerprint plus the member name."""
+    return f"{tar_fingerprint}#{member}"

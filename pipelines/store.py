@@ -1,0 +1,560 @@
+"""Where the embedding job's output lives: the `Output` folder, the job record, atomic writes,
+transient-error retries, and the conditional local/S3 store that `pipelines.lock` and
+`pipelines.publish` build on.
+
+Layout under the output URI (local folder or `s3://bucket/prefix`):
+
+    <shard>.parquet                committed embeddings of one input shard (the commit marker)
+    <shard>.add-<hash>.parquet     items found in that shard after it was committed (additions)
+    _errors/<shard>[.add-<hash>].parquet   items of that shard that failed, with the reason
+    _parts/<shard>/*.parquet       work in progress: one file per (block, shard, kind)
+    _inputs/<shard>.json           the input identity the shard's committed files cover
+    _job.json                      what produced this output (model lineage, input, shard count)
+    _lock                          held by the run writing here (see pipelines.lock)
+
+Every file is written atomically (temporary name + rename on a local disk; one PUT on S3).
+`Output.create_atomic` creates a file only if it does not exist (a hard link on a local disk,
+`If-None-Match: *` on S3): the commit marker of a shard. Readers of the output (pyarrow, Ray
+Data, DuckDB) ignore `_`-prefixed folders by default (`hidden`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import fsspec.asyn
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from imagebind_core.errors import StoreUnavailable
+from imagebind_core.index import join_uri
+from imagebind_core.io import (
+    StorageOptions,
+    durable_tmp,
+    file_lock,
+    filesystem,
+    protocol_of,
+    store_name,
+    write_atomic,
+)
+
+logger = logging.getLogger(__name__)
+
+PARTS_DIR = "_parts"
+ERRORS_DIR = "_errors"
+INPUTS_DIR = "_inputs"
+JOB_RECORD = "_job.json"
+# `<shard>.add-<12 hex>`: an addition to a committed shard. No shard may be named like this
+# (`pipelines.plan` refuses such input names).
+ADDITION_RE = re.compile(r"\.add-[0-9a-f]{12}$")
+
+
+def hidden(rel: str) -> bool:
+    """True if a relative path has a part starting with `_` or `.` (skipped, as Spark and
+    pyarrow skip them: job state, temporary files)."""
+    return any(p.startswith(("_", ".")) for p in rel.split("/") if p)
+
+
+_TRANSIENT_CODES = {"500", "502", "503", "504", "SlowDown", "ServiceUnavailable", "InternalError"}
+
+
+def transient_store_error(exc: BaseException) -> bool:
+    """True if `exc` (or an exception it was raised from) says the store is unreachable or
+    overloaded rather than that the object is bad."""
+    seen = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (ConnectionError, TimeoutError)):
+            return True
+        # by name: botocore and aiohttp are optional; a Ray task error subclasses its cause
+        names = {c.__name__ for c in type(e).__mro__}
+        if names & {
+            "StoreUnavailable",
+            "EndpointConnectionError",
+            "ConnectionClosedError",
+            "ReadTimeoutError",
+            "ConnectTimeoutError",
+            "ClientConnectorError",
+            "ServerDisconnectedError",
+            "ClientOSError",
+        }:
+            return True
+        response = getattr(e, "response", None)
+        if isinstance(response, dict):
+            code = str(response.get("Error", {}).get("Code", ""))
+            status = str(response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+            if code in _TRANSIENT_CODES or status in _TRANSIENT_CODES:
+                return True
+        cause = getattr(e, "cause", None)  # ray.exceptions.RayTaskError keeps it here
+        e = cause if isinstance(cause, BaseException) else (e.__cause__ or e.__context__)
+    return False
+
+
+def with_store_retries(
+    fn: Any,
+    what: str,
+    uri: str,
+    storage_options: StorageOptions | None = None,
+    retries: int = 4,
+) -> Any:
+    """Call `fn()`; while it fails because the store behind `uri` is unreachable
+    (`transient_store_error`), wait (1, 2, 4, 8 s) and call it again — for idempotent
+    operations only. Then `StoreUnavailable` naming the store and `what` (e.g. "reading <uri>"):
+    the item is not at fault, so the block fails and a rerun resumes."""
+    for attempt in range(retries + 1):
+        try:
+            return fn()
+        except Exception as e:
+            if not transient_store_error(e):
+                raise
+            if attempt == retries:
+                raise StoreUnavailable(
+                    store_name(uri, storage_options),
+                    f"{what} failed after {retries + 1} attempts: {type(e).__name__}: {e}",
+                    uri,
+                ) from e
+            time.sleep(min(2.0**attempt, 10.0))
+    raise AssertionError("unreachable")
+
+
+# --------------------------------------------------------------------------- file helpers
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    """`table` as Parquet file bytes: zstd, dictionary encoding only where it can pay.
+
+    Float vector columns (`embedding`) are written without dictionary encoding: Parquet tries a
+    dictionary by default, and for embeddings, where no two values repeat, it hashes every
+    float, gives up and falls back to plain pages (figures in
+    benchmarks/results/null-encoder-text-profile-2core.txt). Plain + zstd is readable by every
+    Parquet reader.
+    """
+    no_dict = {
+        f.name
+        for f in table.schema
+        if pa.types.is_list(f.type)
+        or pa.types.is_fixed_size_list(f.type)
+        or pa.types.is_large_list(f.type)
+        if pa.types.is_floating(f.type.value_type)
+    }
+    sink = pa.BufferOutputStream()
+    pq.write_table(
+        table,
+        sink,
+        compression="zstd",
+        use_dictionary=[n for n in table.column_names if n not in no_dict] if no_dict else True,
+    )
+    return sink.getvalue().to_pybytes()
+
+
+class Output:
+    """The output location: an fsspec filesystem plus the root path inside it."""
+
+    def __init__(self, uri: str, storage_options: StorageOptions | None = None) -> None:
+        self.uri = uri
+        self.storage_options = dict(storage_options or {})
+        self.fs, root = filesystem(uri, storage_options)
+        self.root = root.rstrip("/") or root
+        self.local = protocol_of(uri) == "file"
+
+    def path(self, *parts: str) -> str:
+        return join_uri(self.root, *parts)
+
+    def shard_path(self, shard: str) -> str:
+        return self.path(f"{shard}.parquet")
+
+    def errors_path(self, shard: str) -> str:
+        return self.path(ERRORS_DIR, f"{shard}.parquet")
+
+    def parts_dir(self, shard: str) -> str:
+        return self.path(PARTS_DIR, shard)
+
+    def inputs_path(self, shard: str) -> str:
+        return self.path(INPUTS_DIR, f"{shard}.json")
+
+    def _shard_family(self, folder: str, shard: str) -> list[str]:
+        # `<shard>.parquet` and its additions `<shard>.add-<hash>.parquet`, in `folder`.
+        d, _, base = join_uri(folder, shard).rpartition("/")
+        out = []
+        for f in self.ls_files(d):
+            name = f.rsplit("/", 1)[-1][: -len(".parquet")]
+            if name == base or (name.startswith(base) and ADDITION_RE.fullmatch(name[len(base) :])):
+                out.append(f)
+        return out
+
+    def shard_files(self, shard: str) -> list[str]:
+        """The committed embedding files of `shard`: the main file and its additions."""
+        return self._shard_family(self.root, shard)
+
+    def error_files(self, shard: str) -> list[str]:
+        """The committed error files of `shard`."""
+        return self._shard_family(self.path(ERRORS_DIR), shard)
+
+    def committed_ids(self, shard: str) -> set[str]:
+        """Every id the committed files (embeddings and errors) of `shard` hold."""
+        ids: set[str] = set()
+        for p in self.shard_files(shard) + self.error_files(shard):
+            ids.update(self.read_table(p, columns=["id"]).column("id").to_pylist())
+        return ids
+
+    def read_identity(self, shard: str) -> str | None:
+        """The input identity recorded when `shard` was last committed or brought up to date."""
+        doc = self.read_json(self.inputs_path(shard))
+        return doc.get("identity") if isinstance(doc, dict) else None
+
+    def write_identity(self, shard: str, identity: str) -> None:
+        # A cache: when absent or stale the next run compares ids instead (correct, slower).
+        self.write_bytes_atomic(
+            self.inputs_path(shard), json.dumps({"identity": identity}).encode()
+        )
+
+    def makedirs(self, path: str) -> None:
+        if self.local:
+            os.makedirs(path, exist_ok=True)
+
+    def exists(self, path: str) -> bool:
+        with contextlib.suppress(Exception):
+            self.fs.invalidate_cache(path)
+        return self.fs.exists(path)
+
+    def ls_files(self, path: str) -> list[str]:
+        """Files directly under `path` (none if it does not exist); hidden/temporary excluded."""
+        with contextlib.suppress(Exception):
+            self.fs.invalidate_cache(path)
+        try:
+            entries = self.fs.ls(path, detail=True)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        out = []
+        for e in entries:
+            name = e["name"].rstrip("/").rsplit("/", 1)[-1]
+            if e.get("type") == "file" and not name.startswith(".") and name.endswith(".parquet"):
+                out.append(e["name"])
+        return sorted(out)
+
+    def write_bytes_atomic(self, path: str, data: bytes) -> None:
+        """Write `path` so that readers see all of it or nothing."""
+        if self.local:
+            write_atomic(path, data)
+        else:  # one PUT (or a multipart upload completed on close): atomic on S3
+            with self.fs.open(path, "wb") as f:
+                f.write(data)
+
+    def create_atomic(self, path: str, data: bytes) -> bool:
+        """Create `path` with `data` unless it exists; False (nothing written) if it does.
+
+        Atomic against a concurrent creator on a local disk (a hard link fails if the name
+        exists) and on S3 (`If-None-Match: *`). On another store the check and the write are
+        two requests: two writers racing in between can both write (last one wins).
+        """
+        if self.local:
+            tmp = durable_tmp(path, data)
+            try:
+                os.link(tmp, path)
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.remove(tmp)
+        if protocol_of(self.uri) in ("s3", "s3a"):
+            bucket, _, key = path.partition("/")
+            try:
+                open_store(f"s3://{bucket}", self.storage_options).put(
+                    key, data, if_none_match=True
+                )
+                return True
+            except PreconditionFailed:
+                return False
+            finally:
+                with contextlib.suppress(Exception):
+                    self.fs.invalidate_cache(path)
+        if self.exists(path):
+            return False
+        self.write_bytes_atomic(path, data)
+        return True
+
+    @staticmethod
+    def _parquet_bytes(table: pa.Table) -> bytes:
+        return parquet_bytes(table)
+
+    def write_table_atomic(self, path: str, table: pa.Table) -> None:
+        """Write a Parquet file atomically."""
+        self.write_bytes_atomic(path, self._parquet_bytes(table))
+
+    def create_table(self, path: str, table: pa.Table) -> bool:
+        """Create a Parquet file unless it exists (see `create_atomic`)."""
+        return self.create_atomic(path, self._parquet_bytes(table))
+
+    def read_table(self, path: str, columns: list[str] | None = None) -> pa.Table:
+        with self.fs.open(path, "rb") as f:
+            return pq.read_table(f, columns=columns)
+
+    def read_json(self, path: str) -> dict | None:
+        try:
+            with self.fs.open(path, "rb") as f:
+                return json.loads(f.read())
+        except FileNotFoundError:
+            return None
+
+    def rm_tree(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(path, recursive=True)
+        with contextlib.suppress(Exception):
+            self.fs.invalidate_cache(path)
+
+    def rm_parts(self, shard: str) -> None:
+        """Delete the part files of `shard` — only its own: `_parts/a/b/` (shard `a/b`) lies
+        inside `_parts/a/` (shard `a`) — then the folders this leaves empty."""
+        d = self.parts_dir(shard)
+        for f in self.ls_files(d):
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(f)
+        if self.local:
+            stop = self.path(PARTS_DIR)
+            while d.startswith(stop):
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    break
+                d = os.path.dirname(d)
+        with contextlib.suppress(Exception):
+            self.fs.invalidate_cache(self.path(PARTS_DIR))
+
+    def prune_parts_dir(self) -> None:
+        """Remove `_parts/` when it holds nothing (a local folder; object stores have no
+        empty folders)."""
+        if self.local:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.path(PARTS_DIR))
+
+    def parts_shards(self) -> set[str]:
+        """Shards that have part files."""
+        base = self.path(PARTS_DIR)
+        with contextlib.suppress(Exception):
+            self.fs.invalidate_cache(base)
+        try:
+            files = self.fs.find(base)
+        except FileNotFoundError:
+            return set()
+        prefix = base.rstrip("/") + "/"
+        return {
+            f[len(prefix) :].rsplit("/", 1)[0]
+            for f in files
+            if f.startswith(prefix) and f.endswith(".parquet") and "/." not in f[len(prefix) - 1 :]
+        }
+
+    def committed_shards(self) -> set[str]:
+        """Names of the shards whose `<shard>.parquet` exists."""
+        with contextlib.suppress(Exception):
+            self.fs.invalidate_cache(self.root)
+        try:
+            files = self.fs.find(self.root)
+        except FileNotFoundError:
+            return set()
+        out = set()
+        prefix = self.root.rstrip("/") + "/"
+        for f in files:
+            rel = f[len(prefix) :] if f.startswith(prefix) else f
+            if hidden(rel) or not rel.endswith(".parquet"):
+                continue
+            name = rel[: -len(".parquet")]
+            if ADDITION_RE.search(name):  # an addition; its shard has a main file
+                continue
+            out.add(name)
+        return out
+
+    def leftover_parts(self, committed: set[str]) -> list[str]:
+        """Committed shards that still have part files: a run that died between a commit and
+        deleting the parts, or while embedding additions. Reruns fold them in (`commit_shard`)."""
+        return sorted(s for s in self.parts_shards() if s in committed)
+
+    def part_ids(self, shard: str) -> set[str]:
+        """Ids already written to parts of an uncommitted shard (resume inside a shard)."""
+        ids: set[str] = set()
+        for p in self.ls_files(self.parts_dir(shard)):
+            ids.update(self.read_table(p, columns=["id"]).column("id").to_pylist())
+        return ids
+
+
+# ------------------------------------------------------------------------- the job record
+
+
+def read_job_record(output: Output) -> dict | None:
+    """`<output>/_job.json`, or None on a fresh output."""
+    return output.read_json(output.path(JOB_RECORD))
+
+
+def write_job_record(output: Output, record: Mapping[str, Any]) -> None:
+    output.write_bytes_atomic(
+        output.path(JOB_RECORD), json.dumps(dict(record), indent=2, sort_keys=True).encode()
+    )
+
+
+# --------------------------------------------------------------------------- conditional store
+
+
+class PreconditionFailed(Exception):
+    """A conditional write or delete lost: the object changed (or appeared) since it was read."""
+
+
+class _Store:
+    """Small-object operations on keys below an index root, with optional preconditions."""
+
+    def get(self, key: str) -> tuple[bytes, str] | None:
+        """(content, etag) of `key`, or None if absent."""
+        raise NotImplementedError
+
+    def put(
+        self, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False
+    ) -> str:
+        """Write `key`; returns its new etag. Raises PreconditionFailed if a condition fails."""
+        raise NotImplementedError
+
+    def delete(self, key: str, *, if_match: str | None = None) -> None:
+        """Delete `key` (only if its etag is `if_match`, when given)."""
+        raise NotImplementedError
+
+
+def _is_precondition_failure(exc: BaseException) -> bool:
+    """s3fs turns a 412 into FileExistsError (If-None-Match) or OSError(EINVAL) (If-Match)."""
+    if isinstance(exc, FileExistsError):
+        return True
+    cause = exc.__cause__
+    response = getattr(cause, "response", None)
+    if isinstance(response, dict):
+        code = str(response.get("Error", {}).get("Code", ""))
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        # ConditionalRequestConflict (409): S3's answer to two conditional writes in flight.
+        return code in ("PreconditionFailed", "412", "ConditionalRequestConflict") or status in (
+            409,
+            412,
+        )
+    return isinstance(exc, OSError) and exc.errno == errno.EINVAL
+
+
+class _S3Store(_Store):
+    """Conditional S3 requests (If-Match / If-None-Match) through s3fs's aiobotocore client."""
+
+    def __init__(self, root: str, storage_options: StorageOptions | None) -> None:
+        self.fs, path = filesystem(root, storage_options)
+        self.bucket, _, self.prefix = path.partition("/")
+        self.prefix = self.prefix.strip("/")
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _call(self, method: str, **kwargs: Any) -> Any:
+        return fsspec.asyn.sync(self.fs.loop, self.fs._call_s3, method, **kwargs)
+
+    def get(self, key: str) -> tuple[bytes, str] | None:
+        async def _get() -> tuple[bytes, str] | None:
+            try:
+                resp = await self.fs._call_s3("get_object", Bucket=self.bucket, Key=self._key(key))
+            except FileNotFoundError:
+                return None
+            body = resp["Body"]
+            try:
+                data = await body.read()
+            finally:
+                body.close()
+            return data, resp["ETag"]
+
+        return fsspec.asyn.sync(self.fs.loop, _get)
+
+    def put(
+        self, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False
+    ) -> str:
+        cond: dict[str, str] = {}
+        if if_match is not None:
+            cond["IfMatch"] = if_match
+        if if_none_match:
+            cond["IfNoneMatch"] = "*"
+        try:
+            resp = self._call(
+                "put_object", Bucket=self.bucket, Key=self._key(key), Body=data, **cond
+            )
+        except FileNotFoundError as e:  # If-Match on an object that is gone
+            if if_match is not None:
+                raise PreconditionFailed(key) from e
+            raise
+        except OSError as e:
+            if cond and _is_precondition_failure(e):
+                raise PreconditionFailed(key) from e
+            raise
+        return resp["ETag"]
+
+    def delete(self, key: str, *, if_match: str | None = None) -> None:
+        cond = {"IfMatch": if_match} if if_match is not None else {}
+        try:
+            self._call("delete_object", Bucket=self.bucket, Key=self._key(key), **cond)
+        except FileNotFoundError as e:
+            if if_match is not None:
+                raise PreconditionFailed(key) from e
+        except OSError as e:
+            if cond and _is_precondition_failure(e):
+                raise PreconditionFailed(key) from e
+            raise
+
+
+class _LocalStore(_Store):
+    """The same contract on a local folder: check-and-replace under an exclusive flock."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root[len("file://") :] if root.startswith("file://") else root
+        os.makedirs(self.root, exist_ok=True)
+        self._flock = os.path.join(self.root, ".store.flock")
+
+    def _read(self, key: str) -> tuple[bytes, str] | None:
+        try:
+            with open(os.path.join(self.root, key), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        return data, hashlib.sha256(data).hexdigest()[:32]
+
+    def get(self, key: str) -> tuple[bytes, str] | None:
+        return self._read(key)
+
+    def put(
+        self, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False
+    ) -> str:
+        path = os.path.join(self.root, key)
+        with file_lock(self._flock):
+            cur = self._read(key)
+            if if_none_match and cur is not None:
+                raise PreconditionFailed(key)
+            if if_match is not None and (cur is None or cur[1] != if_match):
+                raise PreconditionFailed(key)
+            write_atomic(path, data)
+        return hashlib.sha256(data).hexdigest()[:32]
+
+    def delete(self, key: str, *, if_match: str | None = None) -> None:
+        with file_lock(self._flock):
+            cur = self._read(key)
+            if if_match is not None and (cur is None or cur[1] != if_match):
+                raise PreconditionFailed(key)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(self.root, key))
+
+
+def open_store(root: str, storage_options: StorageOptions | None = None) -> _Store:
+    """The conditional store for `root`: S3 (s3://, s3a://) or a local folder."""
+    proto = protocol_of(root)
+    if proto in ("s3", "s3a"):
+        return _S3Store(root, storage_options)
+    if proto == "file":
+        return _LocalStore(root)
+    raise ValueError(
+        f"index root {root!r}: publishing needs atomic conditional writes, supported on s3:// "
+        f"and local folders, not on {proto}://"
+    )
