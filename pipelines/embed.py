@@ -17,9 +17,6 @@ Re-indexing reuses the pieces: `pipelines.readers.list_items` (listing without b
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import json
 import logging
 import math
 import os
@@ -35,14 +32,8 @@ import pyarrow.compute as pc
 
 import imagebind_core as ibc
 from imagebind_core.io import canonical_uri, filesystem
-from pipelines.config import ConfigError, JobConfig, load_config
-from pipelines.console import (
-    configure_logging,
-    filtered_stderr,
-    ignore_further_interrupts,
-    resume_command,
-    shutdown_ray,
-)
+from pipelines.config import JobConfig
+from pipelines.lineage import model_lineage
 from pipelines.lock import OutputLock, OutputLocked
 from pipelines.progress import ProgressReporter, counter_actor
 from pipelines.readers import (
@@ -56,6 +47,12 @@ from pipelines.readers import (
     read_tasks,
     reconcile,
     shard_tasks,
+)
+from pipelines.resources import (
+    WRITER_NUM_CPUS,
+    check_resources,
+    local_num_cpus,
+    pool_size,
 )
 from pipelines.stages import (
     EncodeBatch,
@@ -75,39 +72,12 @@ from pipelines.writers import (
 
 logger = logging.getLogger(__name__)
 
-# Logical CPUs of the part writer tasks: small I/O-bound work that must never wait long for a slot.
-WRITER_NUM_CPUS = 0.1
-
 
 class OutputMismatch(RuntimeError):
     """The output was started by a run with another model, input or format."""
 
 
-# ----------------------------------------------------------------------------- lineage
-
-
-def model_lineage(cfg: JobConfig, kinds: Sequence[str] = ()) -> dict[str, str]:
-    """What produces this job's embeddings, as Parquet schema metadata (str -> str).
-
-    Each kind's `JobConfig.model_spec` lineage, merged (a field that differs between kinds,
-    e.g. the dtype, lists them); the preprocessing settings are those of `kinds`. The
-    checkpoint's sha256 is `checkpoint_sha256` from the config when given (the actors verify
-    it); otherwise the driver fetches the checkpoint once to hash it.
-    """
-    if cfg.checkpoint is None:
-        sha = "random"
-    elif cfg.checkpoint_sha256:
-        sha = cfg.checkpoint_sha256.lower()
-    else:
-        logger.info("hashing checkpoint %s (set checkpoint_sha256 to skip)", cfg.checkpoint)
-        _, sha = ibc.fetch_checkpoint(cfg.checkpoint, storage_options=cfg.storage_options())
-    real = sorted({k for k in kinds if k != INVALID})
-    per_kind = {
-        k: cfg.model_spec(k).lineage(kinds=real, checkpoint_sha256=sha) for k in real or ["vision"]
-    }
-    if not real:  # no kinds (an empty shard's file): the defaults'
-        per_kind["vision"]["dtype"] = cfg.encoder("vision").dtype
-    return {f"imagebind.{k}": v for k, v in ibc.merge_lineage(per_kind).items()}
+# ----------------------------------------------------------------------------- job record
 
 
 def _record_key(cfg: JobConfig, plan: Plan, lineage: dict[str, str]) -> dict[str, Any]:
@@ -153,110 +123,6 @@ def _check_record(output: Output, cfg: JobConfig, plan: Plan, lineage: dict[str,
 
 
 # ----------------------------------------------------------------------------- the pipeline
-
-
-@dataclass(frozen=True)
-class Pool:
-    """An encoder actor pool's size: it starts at `initial` and autoscales in [min, max]."""
-
-    min: int
-    initial: int
-    max: int
-
-
-def actor_memory_bytes(cfg: JobConfig, kind: str) -> int:
-    """What one CPU encoder actor of `kind` holds: the weights in its dtype, half as much again
-    for activations and the allocator, and ~0.6 GB of process (torch, Ray worker)."""
-    # From the config, not a built model (the driver does not import torch): the transformer
-    # trunk is most of an encoder — per block 4 d^2 attention + 2 r d^2 MLP weights — and the
-    # stem, head and norms add up to ~15 % more (text's token table; images ~1 %): erring high.
-    trunk = ibc.get_config(cfg.preset).encoder(ibc.model_modality(kind)).trunk
-    d = trunk.embed_dim
-    n = 1.15 * trunk.num_blocks * (4 + 2 * trunk.mlp_ratio) * d * d
-    width = 2 if cfg.encoder(kind).dtype in ("bfloat16", "float16") else 4
-    return int(1.5 * n * width) + 600 * 2**20
-
-
-def available_memory_bytes() -> int | None:
-    """This machine's available memory (Linux MemAvailable; else free pages), or None."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def gpu_pools(cfg: JobConfig, kinds: Sequence[str], gpus: float) -> dict[str, tuple[int, int]]:
-    """(initial, max) actors of each GPU-encoded kind among `kinds` on `gpus` GPUs.
-
-    Each kind starts with an equal share of the GPUs, in whole actors of its `num_gpus` (one
-    per GPU for the big towers; small encoders pack several actors on one GPU with fractional
-    `num_gpus`); what rounding leaves over goes to the kinds with the largest actors first,
-    so that at the start every GPU is taken. A pool may grow to every GPU (Ray Data's
-    autoscaler adds actors when the other kinds' pools finish and free theirs).
-    """
-    need = {k: cfg.encoder(k).num_gpus for k in kinds if k != INVALID}
-    need = {k: g for k, g in need.items() if g > 0}
-    if not need:
-        return {}
-    share = gpus / len(need)
-    initial = {k: int(share // g + 1e-9) for k, g in need.items()}
-    left = gpus - sum(initial[k] * g for k, g in need.items())
-    for k in sorted(need, key=lambda k: (-need[k], k)):
-        while left + 1e-9 >= need[k]:
-            initial[k] += 1
-            left -= need[k]
-    return {k: (initial[k], int(gpus // g + 1e-9)) for k, g in need.items()}
-
-
-def pool_size(
-    cfg: JobConfig,
-    kind: str,
-    kinds: Sequence[str],
-    resources: dict[str, float] | None = None,
-    local: bool = True,
-    memory_bytes: float | None = None,
-) -> Pool:
-    """Resolve `encoders.<kind>.max_actors` ("auto" or a number) against the cluster.
-
-    auto, GPU encoders: the cluster's GPUs now, shared between the job's GPU-encoded kinds
-    (`gpu_pools`; an autoscaling cluster that starts without GPUs: set `max_actors`). auto,
-    CPU encoders: one actor per
-    `torch_threads` cores — on CPU several single-threaded actors are at least as fast as one
-    multi-threaded actor (no intra-op synchronisation; text 1.03–1.28x on 2 cores, vision
-    within noise: benchmarks/bench_cpu_actors.py) — split between the CPU-encoded kinds of
-    the job; the cores are this machine's for a local Ray, half the cluster's logical CPUs
-    otherwise (the other half decodes), and never more actors than fit in half of
-    `memory_bytes` (default: this machine's available memory for a local Ray, the cluster's
-    `memory` resource otherwise; per actor `actor_memory_bytes`). An auto pool starts at its
-    full size: the model load is paid once, up front, not during a ramp-up.
-    """
-    enc = cfg.encoder(kind)
-    if enc.max_actors != "auto":
-        return Pool(enc.min_actors, enc.min_actors, enc.max_actors)
-    res = resources or {}
-    if enc.num_gpus > 0:
-        initial, most = gpu_pools(cfg, kinds, res.get("GPU", 0))[kind]
-        return Pool(enc.min_actors, max(initial, enc.min_actors), max(most, enc.min_actors))
-    cpu_kinds = [k for k in kinds if k != INVALID and cfg.encoder(k).num_gpus == 0]
-    share = max(1, len(cpu_kinds))
-    cores = (os.cpu_count() or 1) if local else res.get("CPU", 0) / 2
-    n = int(cores // (enc.threads * share))
-    if memory_bytes is None:
-        if local:
-            memory_bytes = available_memory_bytes()
-        else:
-            memory_bytes = res.get("memory", 0) or None
-    if memory_bytes:
-        n = min(n, int(memory_bytes / 2 / share // actor_memory_bytes(cfg, kind)))
-    n = max(n, enc.min_actors)
-    return Pool(enc.min_actors, n, n)
 
 
 def build_pipeline(
@@ -395,32 +261,6 @@ def _fuse_into_read(ds: Any, read_num_cpus: float) -> Any:
     return ds
 
 
-def required_cpus(cfg: JobConfig, kinds: Sequence[str]) -> float:
-    """Logical CPUs the pipeline needs to make progress: every pool at its minimum size plus
-    one reader, one preprocessing task per kind and a writer."""
-    need = cfg.preprocess.read_num_cpus + WRITER_NUM_CPUS
-    for k in kinds:
-        if k == INVALID:
-            continue
-        enc = cfg.encoder(k)
-        need += enc.min_actors * enc.num_cpus + cfg.preprocess.num_cpus
-    return need
-
-
-def local_num_cpus(cfg: JobConfig, kinds: Sequence[str]) -> int:
-    """Logical CPUs of a local Ray the job starts (`ray.num_cpus` when set): two preprocessing
-    tasks per core — decoding runs beside CPU encoder actors, the OS sharing the cores —
-    on top of what the other stages hold (readers, Ray Data's repartition tasks at 1 CPU each,
-    encoder pools at their minimum, the writer). Ray Data budgets every operator out of the
-    same logical CPUs: with twice the cores in all, a 2-core machine ran one preprocessing
-    task at a time (the first null-encoder run, benchmarks/results/)."""
-    if cfg.ray.num_cpus:
-        return cfg.ray.num_cpus
-    real = [k for k in kinds if k != INVALID]
-    others = required_cpus(cfg, real) - len(real) * cfg.preprocess.num_cpus + len(real)
-    return math.ceil(2 * (os.cpu_count() or 1) * cfg.preprocess.num_cpus + others)
-
-
 # ----------------------------------------------------------------------------- running
 
 
@@ -444,6 +284,11 @@ class JobSummary:
     # From the start of the run to Ray being up (started or joined): first_batch_seconds minus
     # this is what the pipeline itself takes to its first batch.
     ray_up_seconds: float | None = None
+
+    @property
+    def exit_status(self) -> int:
+        """The command line's exit status after this run: 0 (item errors included)."""
+        return 0
 
     def items_per_s(self, kind: str) -> float:
         n = self.ok.get(kind, 0) + self.errors.get(kind, 0)
@@ -555,27 +400,6 @@ def _ensure_ray(cfg: JobConfig, kinds: Sequence[str]) -> bool:
         kwargs["num_cpus"] = local_num_cpus(cfg, kinds)
     ray.init(address=address, **kwargs)
     return address == "local"
-
-
-def _check_resources(cfg: JobConfig, kinds: Sequence[str]) -> None:
-    import ray
-
-    have = ray.cluster_resources()
-    need = required_cpus(cfg, kinds)
-    if have.get("CPU", 0) + 1e-9 < need:
-        raise PlanError(
-            f"the job needs at least {need:g} logical CPUs (encoders.*.num_cpus x min_actors + "
-            f"preprocess.num_cpus per kind + readers) but Ray has {have.get('CPU', 0):g}: lower "
-            "those settings or start Ray with more CPUs (ray.num_cpus)"
-        )
-    gpus = sum(cfg.encoder(k).num_gpus * cfg.encoder(k).min_actors for k in kinds if k != INVALID)
-    if gpus > have.get("GPU", 0):
-        logger.warning(
-            "encoders ask for %g GPUs at minimum pool size, the cluster has %g now (fine if it "
-            "autoscales)",
-            gpus,
-            have.get("GPU", 0),
-        )
 
 
 def check_output(cfg: JobConfig) -> None:
@@ -691,7 +515,7 @@ def run_plan(cfg: JobConfig, plan: Plan) -> JobSummary:
             return summary
         local = _ensure_ray(cfg, plan.kinds)
         summary.ray_up_seconds = time.perf_counter() - t0
-        _check_resources(cfg, plan.kinds)
+        check_resources(cfg, plan.kinds)
         ctx = DataContext.get_current()
         prev_bars, prev_detectors = ctx.enable_progress_bars, ctx.issue_detectors_config
         ctx.enable_progress_bars = cfg.ray.bars()
@@ -770,261 +594,7 @@ def embed_items(cfg: JobConfig, items: pa.Table, output: str | None = None) -> J
     return run_plan(cfg, plan_items(cfg, items))
 
 
-# ----------------------------------------------------------------------------- CLI
+if __name__ == "__main__":  # `python -m pipelines.embed`: the command line
+    from pipelines.cli import embed_main
 
-
-def _describe_plan(cfg: JobConfig, plan: Plan) -> str:
-    output = Output(cfg.output, cfg.storage_options())
-    committed = output.committed_shards()
-    pending = [s for s in plan.shards if s.name not in committed]
-    lines = [
-        f"input:   {cfg.input} (format {plan.format})",
-        f"output:  {cfg.output}",
-        f"model:   preset {cfg.preset}, checkpoint {cfg.checkpoint or 'none (random weights)'}, "
-        f"normalize {cfg.normalize}",
-        f"shards:  {len(plan.shards)} ({len(plan.shards) - len(pending)} already committed, "
-        f"{len(pending)} to do)",
-    ]
-    for s in pending[:5]:
-        lines.append(f"  - {s.name}  kinds {','.join(s.kinds) or '(none: no items)'}")
-    if len(pending) > 5:
-        lines.append(f"  ... and {len(pending) - 5} more")
-    if plan.counts is not None:
-        lines.append("items:   " + ", ".join(f"{k} {n}" for k, n in sorted(plan.counts.items())))
-    else:
-        lines.append("items:   counted while reading (tar shards are not opened for a plan)")
-    if plan.skipped:
-        lines.append(f"skipped: {len(plan.skipped)} files without a media extension")
-    if plan.duplicates:
-        lines.append(
-            f"skipped: {plan.duplicates} manifest rows whose id is in an earlier row or manifest"
-        )
-    p = cfg.preprocess
-    lines.append(
-        f"preprocess: {p.num_cpus:g} CPU per task, {p.read_threads} read threads; "
-        f"readers {p.read_num_cpus:g} CPU per shard"
-    )
-    for k in plan.kinds:
-        if k == INVALID:
-            lines.append(f"  {k}: rows rejected while reading go straight to _errors")
-            continue
-        e = cfg.encoder(k)
-        actors = (
-            f"{e.min_actors}-{e.max_actors}"
-            if e.max_actors != "auto"
-            else "auto (sized from the cluster at start)"
-        )
-        lines.append(
-            f"encoder {k}: {actors} actors x ({e.num_gpus:g} GPU, {e.num_cpus:g} CPU, "
-            f"{e.threads} threads), batch {e.batch_size}, {e.dtype}; "
-            f"preprocess {cfg.preprocess_batch(k)} items per task"
-        )
-    lines.append(f"needs at least {required_cpus(cfg, plan.kinds):g} logical CPUs")
-    return "\n".join(lines)
-
-
-def _colon_without_space(value: Any) -> bool:
-    """True if YAML read `{text:2}` (no space after the colon) as the key 'text:2'."""
-    if isinstance(value, dict):
-        return any(
-            (isinstance(k, str) and ":" in k and v is None) or _colon_without_space(v)
-            for k, v in value.items()
-        )
-    return False
-
-
-def parse_set(values: Sequence[str]) -> dict[str, Any]:
-    """`--set KEY=VALUE` flags as dotted-key overrides; each VALUE is read as YAML."""
-    import yaml
-
-    out = {}
-    for v in values:
-        if "=" not in v:
-            raise ConfigError(
-                f"--set {v!r}: expected KEY=VALUE, e.g. --set encoders.vision.batch_size=64"
-            )
-        k, val = v.split("=", 1)
-        try:
-            parsed = yaml.safe_load(val)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--set {v!r}: the value is not valid YAML ({e})") from None
-        if _colon_without_space(parsed):
-            raise ConfigError(
-                f"--set {v!r}: a mapping needs a space after each colon ({{text: 2}}); "
-                f"simpler, set one key at a time: --set {k.strip()}.text=2"
-            )
-        out[k.strip()] = parsed
-    return out
-
-
-def add_job_arguments(p: argparse.ArgumentParser, set_example: str) -> None:
-    """Flags shared by `imagebind-embed` and `imagebind-reindex` (model, storage, Ray)."""
-    p.add_argument("--format", choices=["auto", "manifest", "webdataset", "files"])
-    p.add_argument("--preset", help="model preset: huge, base, tiny")
-    p.add_argument("--checkpoint", help="checkpoint path or URI (default: random weights)")
-    p.add_argument("--checkpoint-sha256", help="expected sha256 of the checkpoint")
-    p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (MinIO, moto, ...)")
-    p.add_argument("--s3-region", help="S3 region")
-    p.add_argument("--ray-address", help="Ray address: local (default), auto, host:port")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help=f"override any config field, e.g. --set {set_example}",
-    )
-    p.add_argument(
-        "--no-progress",
-        action="store_true",
-        help="no Ray Data progress bars (default: drawn when stderr is a terminal)",
-    )
-    p.add_argument(
-        "--progress-interval",
-        type=float,
-        metavar="SECONDS",
-        help="seconds between progress lines in the log (default 10; progress_interval_s)",
-    )
-    p.add_argument("--log-level", default="INFO")
-
-
-def job_overrides(
-    args: argparse.Namespace, extra: dict[str, tuple[str, Any]]
-) -> tuple[dict[str, Any], dict[str, str]]:
-    """Config overrides from the shared flags, then `extra` (command-specific), then `--set`
-    (which wins), and where each came from (dotted key -> flag, for error messages); `extra`
-    maps a dotted key to (flag, value). Logging is configured here too: both CLIs call this
-    first."""
-    configure_logging(args.log_level)
-    flags: dict[str, tuple[str, Any]] = {
-        "input": ("--input", args.input),
-        "format": ("--format", args.format),
-        "preset": ("--preset", args.preset),
-        "checkpoint": ("--checkpoint", args.checkpoint),
-        "checkpoint_sha256": ("--checkpoint-sha256", args.checkpoint_sha256),
-        "storage.endpoint_url": ("--s3-endpoint", args.s3_endpoint),
-        "storage.region": ("--s3-region", args.s3_region),
-        "ray.address": ("--ray-address", args.ray_address),
-        "progress_interval_s": ("--progress-interval", args.progress_interval),
-    }
-    overrides = {k: v for k, (_, v) in flags.items()}
-    sources = {k: f for k, (f, v) in flags.items() if v is not None}
-    for k, (flag, v) in extra.items():
-        overrides[k] = v
-        if v is not None:
-            sources[k] = flag
-    if args.no_progress:
-        overrides["ray.progress_bars"] = False
-        sources["ray.progress_bars"] = "--no-progress"
-    for raw in args.set:
-        for k, v in parse_set([raw]).items():
-            overrides[k] = v
-            sources[k] = f"--set {raw}"
-    return overrides, sources
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="imagebind-embed",
-        description="Embed a corpus (manifest, WebDataset shards or media files; local or S3) "
-        "with ImageBind on Ray Data into Parquet, exactly once and resumable.",
-    )
-    p.add_argument("--config", help="YAML job config; flags override its fields")
-    p.add_argument("--input", help="input URI: folder, prefix, glob, manifest or tar shard(s)")
-    p.add_argument("--output", help="output URI (local folder or s3://bucket/prefix)")
-    add_job_arguments(p, "encoders.vision.max_actors=4")
-    p.add_argument(
-        "--dtype",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="encoder dtype (auto: bfloat16 on GPUs and AMX/AVX-512-BF16 CPUs, else float32)",
-    )
-    p.add_argument("--batch-size", type=int, help="encoder batch size (every kind)")
-    p.add_argument("--num-gpus", type=float, help="GPUs per encoder actor (every kind)")
-    p.add_argument("--raw", action="store_true", help="store raw (unnormalised) embeddings")
-    p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
-    p.add_argument("--json", action="store_true", help="print the final summary as JSON")
-    return p
-
-
-def dry_run(cfg: JobConfig) -> str:
-    """What `--dry-run` prints: the plan, after the checks a run makes before it writes
-    anything (PlanError, OutputMismatch as the run raises them)."""
-    check_output(cfg)
-    output = Output(cfg.output, cfg.storage_options())
-    rec = read_job_record(output)
-    plan = plan_job(cfg, files_shards=(rec or {}).get("files_shards"))
-    if rec is not None:
-        verify_record(output, cfg, plan, model_lineage(cfg, plan.kinds))
-    return _describe_plan(cfg, plan)
-
-
-def interrupted(cfg: JobConfig | None, argv: Sequence[str] | None) -> int:
-    """Ctrl-C: stop Ray, say what the output keeps and how to resume; exit status 130."""
-    ignore_further_interrupts()
-    shutdown_ray()
-    lines = ["imagebind-embed: interrupted."]
-    if cfg is not None:
-        with contextlib.suppress(Exception):
-            output = Output(cfg.output, cfg.storage_options())
-            committed = output.committed_shards()
-            parts = sorted(output.parts_shards() - committed)
-            items = sum(len(output.part_ids(s)) for s in parts)
-            lines.append(
-                f"  kept in {cfg.output}: {len(committed)} committed shards; {items} embedded "
-                f"items in the parts of {len(parts)} unfinished shards (a rerun reuses them)"
-            )
-    lines.append("  resume with the same command:")
-    lines.append(f"    {resume_command('imagebind-embed', argv)}")
-    print("\n".join(lines), file=sys.stderr)
-    return 130
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point. Exit status: 0 done (item errors included), 2 bad config or
-    input, 3 output locked or started by another job, 130 interrupted (Ctrl-C; rerun to
-    resume), 1 anything else (an unreachable object store included: rerun to resume)."""
-    with filtered_stderr():
-        return _main(argv)
-
-
-def _main(argv: Sequence[str] | None) -> int:
-    args = build_parser().parse_args(argv)
-    cfg = None
-    try:
-        extra: dict[str, tuple[str, Any]] = {
-            "output": ("--output", args.output),
-            "encoder_defaults.dtype": ("--dtype", args.dtype),
-            "encoder_defaults.batch_size": ("--batch-size", args.batch_size),
-            "encoder_defaults.num_gpus": ("--num-gpus", args.num_gpus),
-        }
-        if args.raw:
-            extra["normalize"] = ("--raw", False)
-        overrides, sources = job_overrides(args, extra)
-        cfg = load_config(args.config, overrides, sources)
-        if args.dry_run:
-            print(dry_run(cfg))
-            return 0
-        if cfg.checkpoint is None:
-            logger.warning(
-                "no checkpoint: embedding with RANDOM %s weights (seed %d) — fine for a demo or "
-                "a test, meaningless otherwise",
-                cfg.preset,
-                cfg.seed,
-            )
-        summary = run_job(cfg)
-    except KeyboardInterrupt:
-        return interrupted(cfg, argv)
-    except (ConfigError, PlanError) as e:
-        print(f"imagebind-embed: {e}", file=sys.stderr)
-        return 2
-    except (OutputLocked, OutputMismatch) as e:
-        print(f"imagebind-embed: {e}", file=sys.stderr)
-        return 3
-    except StoreUnavailable as e:
-        print(f"imagebind-embed: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.format())
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(embed_main())

@@ -20,39 +20,28 @@ One run:
    record) — and publishes it with one compare-and-swap of `LATEST` (`pipelines.publish`);
 5. applies retention (the last `index.keep_versions` versions stay).
 
-Library use: `reindex(load_reindex_config("reindex.yaml"))`.
+Library use: `reindex(pipelines.config.load_reindex_config("reindex.yaml"))`; the command
+line is `pipelines.cli.reindex_main`.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import json
 import logging
 import sys
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-import imagebind_core as ibc
-from imagebind_core.index import DATA_DIR, INDEX_DIR, IndexOptions, Pointer, join_uri, update_index
+from imagebind_core.index import DATA_DIR, INDEX_DIR, Pointer, join_uri, update_index
 from imagebind_core.io import filesystem
-from pipelines.config import (
-    KINDS,
-    ConfigError,
-    JobConfig,
-    build_config,
-    format_validation_error,
-    read_config_file,
-)
+from pipelines.config import ReindexConfig
 from pipelines.diff import carry_on_ray, diff_listing, diff_on_ray
+from pipelines.lineage import lineage_changes, lineage_key, model_lineage
 from pipelines.lock import OutputLock, OutputLocked
 from pipelines.publish import (
     IndexRoot,
@@ -61,7 +50,7 @@ from pipelines.publish import (
     utc_now,
     version_name,
 )
-from pipelines.readers import PlanError, check_input
+from pipelines.readers import check_input
 from pipelines.writers import parquet_bytes
 
 logger = logging.getLogger(__name__)
@@ -70,140 +59,11 @@ EMBEDDED_DIR = "embedded"  # this run's embeddings (embed_items output) inside d
 CARRIED_DIR = "carried"  # rows copied from the parent version inside data/
 ERRORS_DIR = "_errors"
 RECORD_FORMAT = 1
-# The lineage fields whose change forces a full re-embed: everything that changes a vector
-# (imagebind_core.runner.LINEAGE_KEYS, plus the seed of random weights).
-LINEAGE_KEYS = ibc.LINEAGE_KEYS
 # Rows per carried-forward Parquet file.
 CARRIED_ROWS_PER_FILE = 1_000_000
 
 
-class IndexSettings(BaseModel):
-    """The `index:` section of a re-index config (the rest is an `imagebind-embed` config)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    root: str = Field(description="Index root URI: a local folder or s3://bucket/prefix.")
-    keep_versions: int = Field(3, ge=1, description="Published versions retention keeps.")
-    lock_ttl_s: float = Field(
-        600.0, gt=0, description="Lease of the re-index lock; renewed every third of it."
-    )
-    retry_failed: bool = Field(
-        False, description="Retry items that failed in the parent although unchanged."
-    )
-    full: bool = Field(False, description="Re-embed everything this run.")
-    allow_empty: bool = Field(
-        False,
-        description="Publish an empty version when the input exists but holds no items "
-        "(every item deleted). Off by default: an emptied folder or prefix is more often a "
-        "mistake than a corpus, and publishing it would empty the index.",
-    )
-    flat_threshold: int = Field(
-        20_000, ge=1, description="Modalities with fewer vectors get an exact flat index."
-    )
-    pq_threshold: int = Field(
-        200_000,
-        ge=1,
-        description="Modalities with at least this many vectors get IVF-PQ (below: IVF-Flat).",
-    )
-    nlist: int | None = Field(None, ge=1, description="IVF lists (default ~4 sqrt(n)).")
-    nprobe: int = Field(32, ge=1, description="IVF lists searched per query.")
-    diff_on_ray_rows: int = Field(
-        1_000_000,
-        ge=0,
-        description="Parents with at least this many rows (failures included) are diffed "
-        "and carried forward on Ray Data, so the driver never holds their rows; smaller ones "
-        "on the driver. 0: always on Ray Data.",
-    )
-    diff_partitions: int | None = Field(
-        None,
-        ge=1,
-        description="Hash partitions of the Ray Data diff (default one per million rows, "
-        "at least 2).",
-    )
-    pq_m: int = Field(64, ge=1, description="IVF-PQ code bytes per vector.")
-    rerank: int = Field(
-        10,
-        ge=0,
-        description="IVF-PQ: re-score rerank x top_k candidates with stored float vectors "
-        "(0: off, no float vectors stored).",
-    )
-    shards: int = Field(1, ge=1, description="Index shards (by id hash).")
-    retrain_growth: float = Field(
-        4.0,
-        gt=1,
-        description="Rebuild (retrain) an IVF modality when its size leaves "
-        "[trained / g, trained * g].",
-    )
-
-    def index_options(self) -> IndexOptions:
-        """The `imagebind_core.index.IndexOptions` these settings describe."""
-        return IndexOptions(
-            flat_threshold=self.flat_threshold,
-            pq_threshold=self.pq_threshold,
-            nlist=self.nlist,
-            nprobe=self.nprobe,
-            pq_m=self.pq_m,
-            rerank=self.rerank,
-            shards=self.shards,
-            retrain_growth=self.retrain_growth,
-        )
-
-
-@dataclass(frozen=True)
-class ReindexConfig:
-    """The embedding job's settings (`JobConfig`; its `output` is set per version) + `index`."""
-
-    job: JobConfig
-    index: IndexSettings
-
-
-def load_reindex_config(
-    path: str | None = None,
-    overrides: dict[str, Any] | None = None,
-    sources: Mapping[str, str] | None = None,
-) -> ReindexConfig:
-    """Read a YAML re-index config: `imagebind-embed` fields plus an `index:` section.
-
-    `overrides` are dotted keys as for `pipelines.config.load_config`; keys under `index.` go
-    to the index section; `sources` maps them to the flag that set them (for error messages).
-    `output` may be omitted (each version's folder is the job's output). Raises ConfigError
-    naming the bad field and where its value came from.
-    """
-    data = read_config_file(path) if path is not None else {}
-    index = dict(data.pop("index", None) or {})
-    job_over: dict[str, Any] = {}
-    for k, v in (overrides or {}).items():
-        if v is None:
-            continue
-        if k.startswith("index."):
-            index[k[len("index.") :]] = v
-        else:
-            job_over[k] = v
-    try:
-        settings = IndexSettings.model_validate(index)
-    except ValidationError as e:
-        msg = format_validation_error(e, path, sources, prefix=("index",), model=IndexSettings)
-        raise ConfigError(msg) from None
-    data.setdefault("output", join_uri(settings.root, "versions", "_unused"))
-    return ReindexConfig(build_config(data, job_over, path, sources), settings)
-
-
 # ----------------------------------------------------------------------------- lineage
-
-
-def lineage_key(job: JobConfig) -> dict[str, str]:
-    """What must stay equal for rows to be carried forward (see LINEAGE_KEYS)."""
-    from pipelines.embed import model_lineage
-
-    return ibc.lineage_key(model_lineage(job, KINDS))
-
-
-def lineage_changes(old: dict[str, str] | None, new: dict[str, str]) -> list[str]:
-    """Human-readable differences (`field: old -> new`); empty if the lineage is unchanged."""
-    if old is None:
-        return []
-    keys = sorted(set(old) | set(new))
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
 # ----------------------------------------------------------------------------- version I/O
@@ -351,6 +211,12 @@ class ReindexResult:
     seconds: float = 0.0
     message: str = ""
 
+    @property
+    def exit_status(self) -> int:
+        """The command line's exit status: 3 when another run held the lock or published
+        first (nothing published), else 0."""
+        return 3 if self.status in ("locked", "conflict") else 0
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""
         return asdict(self)
@@ -393,7 +259,7 @@ def reindex(cfg: ReindexConfig) -> ReindexResult:
 
 
 def _run_locked(cfg: ReindexConfig, ir: IndexRoot, lock: OutputLock) -> ReindexResult:
-    from pipelines.embed import embed_items, model_lineage
+    from pipelines.embed import embed_items
     from pipelines.readers import LISTING_SCHEMA, EmptyInput, list_items
 
     so = ir.storage_options
@@ -616,96 +482,7 @@ def _run_locked(cfg: ReindexConfig, ir: IndexRoot, lock: OutputLock) -> ReindexR
     )
 
 
-# ----------------------------------------------------------------------------- CLI
+if __name__ == "__main__":  # `python -m pipelines.reindex`: the command line
+    from pipelines.cli import reindex_main
 
-
-def build_parser() -> argparse.ArgumentParser:
-    """The `imagebind-reindex` command line."""
-    p = argparse.ArgumentParser(
-        prog="imagebind-reindex",
-        description="Incrementally re-index a corpus into a versioned, atomically published "
-        "embedding index (embed new and changed items, carry the rest, drop deleted ones).",
-    )
-    p.add_argument("--config", help="YAML: imagebind-embed fields plus an `index:` section")
-    p.add_argument("--input", help="corpus URI (as for imagebind-embed)")
-    p.add_argument("--index-root", help="index root URI (local folder or s3://bucket/prefix)")
-    from pipelines.embed import add_job_arguments
-
-    add_job_arguments(p, "index.nprobe=64")
-    p.add_argument("--keep-versions", type=int, help="published versions to keep (default 3)")
-    p.add_argument("--lock-ttl-s", type=float, help="lease of the re-index lock in seconds")
-    p.add_argument("--full", action="store_true", help="re-embed everything this run")
-    p.add_argument(
-        "--retry-failed", action="store_true", help="retry items that failed before, unchanged"
-    )
-    p.add_argument(
-        "--allow-empty",
-        action="store_true",
-        help="publish an empty version if the input holds no items any more",
-    )
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point. Exit status: 0 published or unchanged, 2 bad config or input,
-    3 another run holds the lock or published first (nothing published), 130 interrupted
-    (Ctrl-C; nothing published), 1 anything else."""
-    from pipelines.console import filtered_stderr
-
-    with filtered_stderr():
-        return _main(argv)
-
-
-def _interrupted(cfg: ReindexConfig | None, argv: Sequence[str] | None) -> int:
-    """Ctrl-C: stop Ray, say that nothing was published and how to run again; status 130."""
-    from pipelines.console import ignore_further_interrupts, resume_command, shutdown_ray
-
-    ignore_further_interrupts()
-    shutdown_ray()
-    lines = ["imagebind-reindex: interrupted; nothing was published."]
-    if cfg is not None:
-        with contextlib.suppress(Exception):
-            pointer, _ = IndexRoot(cfg.index.root, cfg.job.storage_options()).latest()
-            where = f"version {pointer.name}" if pointer else "no version yet"
-            lines.append(f"  {cfg.index.root}: LATEST still points at {where}")
-    lines.append("  run again with the same command (the embedding of changed items restarts):")
-    lines.append(f"    {resume_command('imagebind-reindex', argv)}")
-    print("\n".join(lines), file=sys.stderr)
-    return 130
-
-
-def _main(argv: Sequence[str] | None) -> int:
-    from pipelines.embed import job_overrides
-
-    args = build_parser().parse_args(argv)
-    cfg = None
-    try:
-        extra: dict[str, tuple[str, Any]] = {
-            "index.root": ("--index-root", args.index_root),
-            "index.keep_versions": ("--keep-versions", args.keep_versions),
-            "index.lock_ttl_s": ("--lock-ttl-s", args.lock_ttl_s),
-        }
-        if args.full:
-            extra["index.full"] = ("--full", True)
-        if args.retry_failed:
-            extra["index.retry_failed"] = ("--retry-failed", True)
-        if args.allow_empty:
-            extra["index.allow_empty"] = ("--allow-empty", True)
-        overrides, sources = job_overrides(args, extra)
-        cfg = load_reindex_config(args.config, overrides, sources)
-        result = reindex(cfg)
-    except KeyboardInterrupt:
-        return _interrupted(cfg, argv)
-    except (ConfigError, PlanError) as e:
-        print(f"imagebind-reindex: {e}", file=sys.stderr)
-        return 2
-    except OutputLocked as e:
-        print(f"imagebind-reindex: {e}", file=sys.stderr)
-        return 3
-    print(json.dumps(result.to_dict(), indent=2) if args.json else result.format())
-    return 3 if result.status in ("locked", "conflict") else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(reindex_main())

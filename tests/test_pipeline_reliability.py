@@ -19,8 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest_pipeline import SMALL_JOB, read_output
 
+from pipelines.cli import embed_main as main
 from pipelines.config import load_config
-from pipelines.embed import main, run_job
+from pipelines.embed import run_job
 from pipelines.lock import LOCK_KEY, OutputLock, OutputLocked
 from pipelines.readers import list_items, plan_job, read_tasks, shard_tasks
 from pipelines.stages import preprocess_batch

@@ -30,16 +30,11 @@ from imagebind_core.index import (
     load_latest,
     read_pointer,
 )
+from pipelines.config import ReindexConfig, load_reindex_config
+from pipelines.diff import diff_listing
+from pipelines.lineage import lineage_changes, lineage_key
 from pipelines.publish import PAUSE_ENV, IndexRoot
-from pipelines.reindex import (
-    ReindexConfig,
-    _read_parquet_tree,
-    diff_listing,
-    lineage_changes,
-    lineage_key,
-    load_reindex_config,
-    reindex,
-)
+from pipelines.reindex import _read_parquet_tree, reindex
 
 # Fractional resources: two kinds x (encoder + preprocessing) fit in the session's 4 CPUs.
 SMALL = {
@@ -280,8 +275,8 @@ def test_diff_and_lineage_rules():
 
 
 def test_bad_config_names_the_field(capsys):
+    from pipelines.cli import reindex_main as main
     from pipelines.config import ConfigError
-    from pipelines.reindex import main
 
     assert main(["--index-root", "/tmp/nowhere"]) == 2  # no input
     assert "input" in capsys.readouterr().err

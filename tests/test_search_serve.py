@@ -15,7 +15,8 @@ from conftest_serve import serve_base_url, wait_ready
 from test_reindex import SMALL, TEXTS, Corpus
 
 from imagebind_core.index import DATA_DIR, join_uri, read_pointer
-from pipelines.reindex import _read_parquet_tree, load_reindex_config, reindex
+from pipelines.config import load_reindex_config
+from pipelines.reindex import _read_parquet_tree, reindex
 
 APP = "search-t"
 PREFIX = "/search-t"
