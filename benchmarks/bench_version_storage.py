@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-ROWS_PER_FILE = 1_000_000  # pipelines.reindex.CARRIED_ROWS_PER_FILE
+ROWS_PER_FILE = 1_000_000  # pipelines.publish.CARRIED_ROWS_PER_FILE
 
 
 def make_rows(start: int, n: int, dim: int, seed: int, tag: str = "v1") -> pa.Table:

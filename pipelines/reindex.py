@@ -26,121 +26,42 @@ line is `pipelines.cli.reindex_main`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from imagebind_core.index import DATA_DIR, INDEX_DIR, Pointer, join_uri, update_index
-from imagebind_core.io import filesystem
 from pipelines.config import ReindexConfig
 from pipelines.diff import carry_on_ray, diff_listing, diff_on_ray
 from pipelines.lineage import lineage_changes, lineage_key, model_lineage
 from pipelines.lock import OutputLock, OutputLocked
 from pipelines.publish import (
+    RECORD_FORMAT,
     IndexRoot,
     PublishConflict,
-    new_run_id,
+    StagedVersion,
+    arrow_fs,
+    parquet_files,
+    read_parquet_tree,
+    record_rows,
     utc_now,
-    version_name,
 )
 from pipelines.readers import check_input
-from pipelines.writers import parquet_bytes
 
 logger = logging.getLogger(__name__)
 
-EMBEDDED_DIR = "embedded"  # this run's embeddings (embed_items output) inside data/
-CARRIED_DIR = "carried"  # rows copied from the parent version inside data/
-ERRORS_DIR = "_errors"
-RECORD_FORMAT = 1
-# Rows per carried-forward Parquet file.
-CARRIED_ROWS_PER_FILE = 1_000_000
+# The columns of a version's rows that its index holds.
+INDEX_COLUMNS = ["id", "uri", "modality", "embedding"]
 
-
-# ----------------------------------------------------------------------------- lineage
-
-
-# ----------------------------------------------------------------------------- version I/O
-
-
-def _parquet_files(uri: str, storage_options: dict, *, errors: bool) -> list[str]:
-    """The Parquet files `_read_parquet_tree` reads, as paths of `filesystem(uri)`."""
-    fs, root = filesystem(uri, storage_options)
-    try:
-        fs.invalidate_cache(root)
-        files = sorted(fs.find(root))
-    except FileNotFoundError:
-        return []
-    picked = []
-    for f in files:
-        if not f.endswith(".parquet"):
-            continue
-        rel = f[len(root.rstrip("/")) + 1 :].split("/")
-        hidden = [p for p in rel[:-1] if p.startswith(("_", "."))]
-        if rel[-1].startswith(("_", ".")):
-            continue
-        if (errors and hidden == [ERRORS_DIR]) or (not errors and not hidden):
-            picked.append(f)
-    return picked
-
-
-def _read_parquet_tree(uri: str, storage_options: dict, *, errors: bool) -> pa.Table | None:
-    """All Parquet files under `uri`: data files (`errors=False`, `_`/`.` paths skipped) or the
-    files inside `_errors/` folders (`errors=True`). None if there are none."""
-    picked = _parquet_files(uri, storage_options, errors=errors)
-    if not picked:
-        return None
-    fs, _ = filesystem(uri, storage_options)
-    tables = []
-    for f in picked:
-        with fs.open(f, "rb") as fh:
-            tables.append(pq.read_table(fh))
-    return pa.concat_tables(tables, promote_options="default")
-
-
-def _arrow_fs(uri: str, storage_options: dict) -> Any:
-    """A pyarrow filesystem over the fsspec one of `uri` (for Ray Data reads and writes)."""
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    return PyFileSystem(FSSpecHandler(filesystem(uri, storage_options)[0]))
-
-
-def _fs_path(uri: str, storage_options: dict) -> str:
-    return filesystem(uri, storage_options)[1]
-
-
-def _record_rows(record: dict | None) -> int:
-    """Rows plus kept failures of a published version, from its record."""
-    if not record:
-        return 0
-    c = record.get("counts", {})
-    return int(c.get("total", 0)) + int(c.get("failed", 0)) + int(c.get("failed_kept", 0))
-
-
-def _write_table(uri: str, table: pa.Table, storage_options: dict) -> None:
-    fs, path = filesystem(uri, storage_options)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    fs.pipe_file(path, parquet_bytes(table))
-
-
-def _write_chunks(folder: str, table: pa.Table, storage_options: dict) -> list[str]:
-    names = []
-    for k, start in enumerate(range(0, table.num_rows, CARRIED_ROWS_PER_FILE)):
-        name = f"part-{k:05d}.parquet"
-        _write_table(
-            join_uri(folder, name), table.slice(start, CARRIED_ROWS_PER_FILE), storage_options
-        )
-        names.append(name)
-    return names
-
-
-# ----------------------------------------------------------------------------- the run
+# ----------------------------------------------------------------------------- the index change
 
 
 def _index_upserts(
@@ -196,6 +117,9 @@ def _index_change_on_ray(
     return upserts, diff.drop_ids.filter(gone).to_pylist()
 
 
+# ----------------------------------------------------------------------------- the run
+
+
 @dataclass
 class ReindexResult:
     """What a run did: `status` is published, unchanged, locked or conflict."""
@@ -241,12 +165,13 @@ class ReindexResult:
 def reindex(cfg: ReindexConfig) -> ReindexResult:
     """Run one incremental re-index of `cfg.job.input` into the index at `cfg.index.root`."""
     t0 = time.perf_counter()
-    so = cfg.job.storage_options()
+    storage_options = cfg.job.storage_options()
     root = cfg.index.root.rstrip("/")
-    check_input(cfg.job.input, so)  # before the index root, its lock or any folder exists
-    ir = IndexRoot(root, so)
+    # Before the index root, its lock or any folder exists.
+    check_input(cfg.job.input, storage_options)
+    ir = IndexRoot(root, storage_options)
     try:
-        lock = OutputLock(root, so, ttl_s=cfg.index.lock_ttl_s).acquire()
+        lock = OutputLock(root, storage_options, ttl_s=cfg.index.lock_ttl_s).acquire()
     except OutputLocked as e:
         logger.warning("%s", e)
         return ReindexResult("locked", root, message=str(e), seconds=time.perf_counter() - t0)
@@ -259,71 +184,154 @@ def reindex(cfg: ReindexConfig) -> ReindexResult:
 
 
 def _run_locked(cfg: ReindexConfig, ir: IndexRoot, lock: OutputLock) -> ReindexResult:
-    from pipelines.embed import embed_items
-    from pipelines.readers import LISTING_SCHEMA, EmptyInput, list_items
-
-    so = ir.storage_options
+    """The run under the lock: diff the corpus against the parent, stage, publish."""
     timings: dict[str, float] = {}
-    t = time.perf_counter()
-    pointer, etag = ir.latest()
-    parent_rec = ir.read_record(pointer.name) if pointer else None
-    key = lineage_key(cfg.job)
-    changes = lineage_changes(parent_rec.get("lineage_key") if parent_rec else None, key)
-    if pointer is None:
-        full_reason = "first version"
-    elif changes:
-        full_reason = "model changed (" + "; ".join(changes) + ")"
-    elif cfg.index.full:
-        full_reason = "requested (index.full)"
-    else:
-        full_reason = None
-    parent_rows = parent_errors = None
-    parent_files: tuple[list[str], list[str]] = ([], [])
-    parent_count = _record_rows(parent_rec)
-    on_ray = pointer is not None and parent_count >= cfg.index.diff_on_ray_rows
-    if pointer is not None:
-        data_uri = join_uri(pointer.version_uri(ir.root), DATA_DIR)
-        if on_ray:
-            parent_files = (
-                _parquet_files(data_uri, so, errors=False),
-                _parquet_files(data_uri, so, errors=True),
-            )
-        else:
-            parent_rows = _read_parquet_tree(data_uri, so, errors=False)
-            parent_errors = _read_parquet_tree(data_uri, so, errors=True)
-    timings["read_parent_s"] = time.perf_counter() - t
+    with _timed(timings, "read_parent_s"):
+        key = lineage_key(cfg.job)
+        parent = _read_parent(cfg, ir, key)
+    with _timed(timings, "list_and_diff_s"):
+        listing = _list_corpus(cfg, parent)
+        diff = _diff(cfg, ir, listing, parent)
+    _log_diff(cfg, listing, diff, parent)
+    if parent.pointer is not None and parent.full_reason is None and diff.empty:
+        return ReindexResult(
+            "unchanged",
+            ir.root,
+            parent.pointer.version,
+            parent.pointer.name,
+            message="the corpus matches the published version; nothing published",
+        )
+    stage = ir.stage(parent.version + 1)
+    logger.info("staging version %s", stage.name)
+    with _timed(timings, "embed_s"):
+        _embed_changes(cfg, stage, diff)
+    if lock.lost.is_set():
+        raise OutputLocked(f"lost the re-index lock on {ir.root} while embedding; not publishing")
+    with _timed(timings, "carry_and_index_s"):
+        new_rows, new_errors = stage.read_embedded()
+        carried = _carry_forward(stage, diff, parent)
+        rows = _version_rows(new_rows, carried, int(key["embed_dim"]))
+        index = _write_index(cfg, stage, parent, diff, new_rows, carried, rows)
+    counts = _counts(diff, new_rows, new_errors, rows)
+    stage.write_record(_version_record(cfg, stage, parent, key, counts, rows, index, timings))
+    return _publish(cfg, ir, stage, parent, counts, lock)
 
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    """Add the seconds the block takes to `timings[name]` (the record's `timings_s`)."""
     t = time.perf_counter()
     try:
-        listing = list_items(cfg.job)
+        yield
+    finally:
+        timings[name] = time.perf_counter() - t
+
+
+@dataclass
+class _Parent:
+    """The published version a run starts from (no pointer before the first version): its
+    rows on the driver, or their files when the diff runs on Ray Data (`on_ray`)."""
+
+    pointer: Pointer | None
+    etag: str | None
+    record: dict | None
+    full_reason: str | None  # why this run re-embeds everything; None: it does not
+    on_ray: bool = False
+    rows: pa.Table | None = None
+    errors: pa.Table | None = None
+    files: tuple[list[str], list[str]] = ([], [])  # (data files, _errors files)
+
+    @property
+    def version(self) -> int:
+        return self.pointer.version if self.pointer else 0
+
+    @property
+    def name(self) -> str | None:
+        return self.pointer.name if self.pointer else None
+
+    def index_uri(self, root: str) -> str | None:
+        """The parent's index, which this run's index updates; None when it is built anew."""
+        if self.pointer is None or self.full_reason is not None:
+            return None
+        return join_uri(self.pointer.version_uri(root), INDEX_DIR)
+
+
+def _full_reason(
+    cfg: ReindexConfig, pointer: Pointer | None, record: dict | None, key: dict
+) -> str | None:
+    """Why this run re-embeds everything (first version, another model, `index.full`)."""
+    changes = lineage_changes(record.get("lineage_key") if record else None, key)
+    if pointer is None:
+        return "first version"
+    if changes:
+        return "model changed (" + "; ".join(changes) + ")"
+    if cfg.index.full:
+        return "requested (index.full)"
+    return None
+
+
+def _read_parent(cfg: ReindexConfig, ir: IndexRoot, key: dict[str, str]) -> _Parent:
+    """The published pointer and its version: rows and failures on the driver, or only the
+    list of their files when the parent holds at least `index.diff_on_ray_rows` rows."""
+    pointer, etag = ir.latest()
+    record = ir.read_record(pointer.name) if pointer else None
+    parent = _Parent(pointer, etag, record, _full_reason(cfg, pointer, record, key))
+    if pointer is None:
+        return parent
+    storage_options = ir.storage_options
+    data_uri = join_uri(pointer.version_uri(ir.root), DATA_DIR)
+    parent.on_ray = record_rows(record) >= cfg.index.diff_on_ray_rows
+    if parent.on_ray:
+        parent.files = (
+            parquet_files(data_uri, storage_options, errors=False),
+            parquet_files(data_uri, storage_options, errors=True),
+        )
+    else:
+        parent.rows = read_parquet_tree(data_uri, storage_options, errors=False)
+        parent.errors = read_parquet_tree(data_uri, storage_options, errors=True)
+    return parent
+
+
+def _list_corpus(cfg: ReindexConfig, parent: _Parent) -> pa.Table:
+    """The corpus listing (no payloads read). An input without items is an error unless a
+    version exists and `index.allow_empty` is set (then every item is deleted)."""
+    from pipelines.readers import LISTING_SCHEMA, EmptyInput, list_items
+
+    try:
+        return list_items(cfg.job)
     except EmptyInput as e:
-        if pointer is None or not cfg.index.allow_empty:
+        if parent.pointer is None or not cfg.index.allow_empty:
             hint = (
                 "; pass --allow-empty (index.allow_empty) to publish an empty version"
-                if pointer is not None
+                if parent.pointer is not None
                 else ""
             )
             raise EmptyInput(f"{e}{hint}") from None
-        listing = LISTING_SCHEMA.empty_table()
-    if on_ray:
-        diff = diff_on_ray(
+        return LISTING_SCHEMA.empty_table()
+
+
+def _diff(cfg: ReindexConfig, ir: IndexRoot, listing: pa.Table, parent: _Parent) -> Any:
+    """The listing against the parent (`pipelines.diff`): on Ray Data or on the driver."""
+    if parent.on_ray:
+        return diff_on_ray(
             listing,
-            *parent_files,
-            _arrow_fs(ir.root, so),
-            full=full_reason is not None,
+            *parent.files,
+            arrow_fs(ir.root, ir.storage_options),
+            full=parent.full_reason is not None,
             retry_failed=cfg.index.retry_failed,
-            parent_count=parent_count,
+            parent_count=record_rows(parent.record),
             num_partitions=cfg.index.diff_partitions,
         )
-    else:
-        diff = diff_listing(
-            listing,
-            parent_rows,
-            parent_errors,
-            full=full_reason is not None,
-            retry_failed=cfg.index.retry_failed,
-        )
-    timings["list_and_diff_s"] = time.perf_counter() - t
+    return diff_listing(
+        listing,
+        parent.rows,
+        parent.errors,
+        full=parent.full_reason is not None,
+        retry_failed=cfg.index.retry_failed,
+    )
+
+
+def _log_diff(cfg: ReindexConfig, listing: pa.Table, diff: Any, parent: _Parent) -> None:
     logger.info(
         "%s: %d listed; %d new, %d changed, %d retried, %d re-embedded, %d deleted, "
         "%d carried (%d relocated), %d failures kept%s%s",
@@ -337,147 +345,163 @@ def _run_locked(cfg: ReindexConfig, ir: IndexRoot, lock: OutputLock) -> ReindexR
         diff.carried_rows,
         diff.relocated,
         diff.failed_kept,
-        f"; full re-embed: {full_reason}" if full_reason else "",
-        " (diff on Ray Data)" if on_ray else "",
+        f"; full re-embed: {parent.full_reason}" if parent.full_reason else "",
+        " (diff on Ray Data)" if parent.on_ray else "",
     )
-    if pointer is not None and full_reason is None and diff.empty:
-        return ReindexResult(
-            "unchanged",
-            ir.root,
-            pointer.version,
-            pointer.name,
-            message="the corpus matches the published version; nothing published",
-        )
 
-    version = (pointer.version if pointer else 0) + 1
-    name = version_name(version, new_run_id())
-    vuri = ir.version_uri(name)
-    data_uri = join_uri(vuri, DATA_DIR)
-    logger.info("staging version %s", name)
-    t = time.perf_counter()
+
+def _embed_changes(cfg: ReindexConfig, stage: StagedVersion, diff: Any) -> None:
+    """Embed the new, changed and retried items into the version's `data/embedded/`
+    (`pipelines.embed.embed_items`: the embedding job's exactly-once protocol)."""
+    from pipelines.embed import embed_items
+
     if diff.to_embed.num_rows:
-        embed_items(cfg.job, diff.to_embed, output=join_uri(data_uri, EMBEDDED_DIR))
-    timings["embed_s"] = time.perf_counter() - t
-    if lock.lost.is_set():
-        raise OutputLocked(f"lost the re-index lock on {ir.root} while embedding; not publishing")
+        embed_items(cfg.job, diff.to_embed, output=stage.embedded_uri)
 
-    t = time.perf_counter()
-    embedded_uri = join_uri(data_uri, EMBEDDED_DIR)
-    new_rows = _read_parquet_tree(embedded_uri, so, errors=False)
-    new_errors = _read_parquet_tree(embedded_uri, so, errors=True)
-    failed = new_errors.num_rows if new_errors is not None else 0
-    carried_uri = join_uri(data_uri, CARRIED_DIR)
-    if on_ray:
-        # Workers copy the surviving parent rows; the driver reads them back for the index.
-        fs = _arrow_fs(ir.root, so)
-        for files, out, n in (
-            (parent_files[0], carried_uri, diff.carried_rows),
-            (parent_files[1], join_uri(carried_uri, ERRORS_DIR), diff.failed_kept),
-        ):
-            if n:
-                carry_on_ray(files, fs, _fs_path(out, so), diff.drop_ids, diff.moved)
-        carried = _read_parquet_tree(carried_uri, so, errors=False)
-    else:
-        carried = diff.carried
-        if diff.carried.num_rows:
-            _write_chunks(carried_uri, diff.carried, so)
-        if diff.carried_errors.num_rows:
-            _write_chunks(join_uri(carried_uri, ERRORS_DIR), diff.carried_errors, so)
-    parts = [t_ for t_ in (new_rows, carried) if t_ is not None and t_.num_rows]
-    cols = ["id", "uri", "modality", "embedding"]
-    rows = (
-        pa.concat_tables([p.select(cols) for p in parts], promote_options="default")
-        if parts
-        else None
+
+def _carry_forward(stage: StagedVersion, diff: Any, parent: _Parent) -> pa.Table | None:
+    """Copy the parent's surviving rows and kept failures into `data/carried/`; returns the
+    carried rows (on Ray Data workers copy them and the driver reads them back)."""
+    if not parent.on_ray:
+        stage.write_carried(diff.carried, diff.carried_errors)
+        return diff.carried
+    fs = arrow_fs(stage.uri, stage.root.storage_options)
+    for files, out, n in (
+        (parent.files[0], stage.carried_uri, diff.carried_rows),
+        (parent.files[1], stage.carried_errors_uri, diff.failed_kept),
+    ):
+        if n:
+            carry_on_ray(files, fs, stage.fs_path(out), diff.drop_ids, diff.moved)
+    return stage.read_carried()
+
+
+def _version_rows(new_rows: pa.Table | None, carried: pa.Table | None, dim: int) -> pa.Table:
+    """The version's rows as the index sees them (id, uri, modality, embedding)."""
+    parts = [t for t in (new_rows, carried) if t is not None and t.num_rows]
+    if parts:
+        return pa.concat_tables([p.select(INDEX_COLUMNS) for p in parts], promote_options="default")
+    return pa.table(
+        {
+            "id": pa.array([], pa.string()),
+            "uri": pa.array([], pa.string()),
+            "modality": pa.array([], pa.string()),
+            "embedding": pa.array([], pa.list_(pa.float32(), dim)),
+        }
     )
-    dim = int(key["embed_dim"])
-    if rows is None:
-        rows = pa.table(
-            {
-                "id": pa.array([], pa.string()),
-                "uri": pa.array([], pa.string()),
-                "modality": pa.array([], pa.string()),
-                "embedding": pa.array([], pa.list_(pa.float32(), dim)),
-            }
-        )
-    # The index: the parent's with this run's change applied (new and re-embedded rows,
-    # relocated rows' new uri, deleted ids), or a build from every row (imagebind_core.index).
-    if on_ray:  # the parent's rows never reached the driver: the diff's ids say what moved
+
+
+def _write_index(
+    cfg: ReindexConfig,
+    stage: StagedVersion,
+    parent: _Parent,
+    diff: Any,
+    new_rows: pa.Table | None,
+    carried: pa.Table | None,
+    rows: pa.Table,
+) -> Any:
+    """The version's index: the parent's with this run's change applied (new and re-embedded
+    rows, relocated rows' new uri, deleted ids), or a build from every row
+    (`imagebind_core.index.update_index`)."""
+    cols = INDEX_COLUMNS
+    if parent.on_ray:  # the parent's rows never reached the driver: the diff's ids say what moved
         upserts, deletes = _index_change_on_ray(new_rows, carried, diff, rows, cols)
     else:
-        upserts = _index_upserts(new_rows, diff.carried, parent_rows, cols, rows.schema)
-        deletes = _index_deletes(parent_rows, rows)
-    index = update_index(
-        join_uri(vuri, INDEX_DIR),
-        parent_uri=(
-            join_uri(pointer.version_uri(ir.root), INDEX_DIR)
-            if pointer is not None and full_reason is None
-            else None
-        ),
+        upserts = _index_upserts(new_rows, diff.carried, parent.rows, cols, rows.schema)
+        deletes = _index_deletes(parent.rows, rows)
+    return update_index(
+        stage.index_uri,
+        parent_uri=parent.index_uri(stage.root.root),
         upserts=upserts,
         deletes=deletes,
         all_rows=lambda: rows,
         options=cfg.index.index_options(),
-        storage_options=so,
+        storage_options=stage.root.storage_options,
     )
-    timings["carry_and_index_s"] = time.perf_counter() - t
 
-    # Counts of rows embedded successfully, by why they were embedded.
+
+def _counts(
+    diff: Any, new_rows: pa.Table | None, new_errors: pa.Table | None, rows: pa.Table
+) -> dict[str, int]:
+    """The record's counts; added/changed/reembedded/retried count rows embedded successfully."""
     new_ids = set(new_rows.column("id").to_pylist()) if new_rows is not None else set()
     ok = Counter(
         c
         for i, c in zip(diff.to_embed.column("id").to_pylist(), diff.classes, strict=True)
         if i in new_ids
     )
-    counts = {
+    return {
         "added": ok["added"],
         "changed": ok["changed"],
         "deleted": diff.deleted,
         "carried": diff.carried_rows,
         "relocated": diff.relocated,
-        "failed": failed,
+        "failed": new_errors.num_rows if new_errors is not None else 0,
         "failed_kept": diff.failed_kept,
         "reembedded": ok["reembedded"],
         "retried": ok["retried"],
         "total": rows.num_rows,
     }
-    record = {
+
+
+def _version_record(
+    cfg: ReindexConfig,
+    stage: StagedVersion,
+    parent: _Parent,
+    key: dict[str, str],
+    counts: dict[str, int],
+    rows: pa.Table,
+    index: Any,
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """`version.json` (docs/reindex.md lists its fields)."""
+    return {
         "format": RECORD_FORMAT,
-        "version": version,
-        "name": name,
-        "parent": pointer.version if pointer else None,
-        "parent_name": pointer.name if pointer else None,
+        "version": stage.version,
+        "name": stage.name,
+        "parent": parent.pointer.version if parent.pointer else None,
+        "parent_name": parent.name,
         "created_at": utc_now(),
         "input": cfg.job.input,
         "counts": counts,
-        "full_reembed": full_reason is not None,
-        "full_reason": full_reason,
+        "full_reembed": parent.full_reason is not None,
+        "full_reason": parent.full_reason,
         "lineage": model_lineage(cfg.job, sorted(set(rows.column("modality").to_pylist()))),
         "lineage_key": key,
-        "embed_dim": dim,
+        "embed_dim": int(key["embed_dim"]),
         "index": {**index.record(), "nprobe": cfg.index.nprobe},
-        "diff": "ray" if on_ray else "driver",
+        "diff": "ray" if parent.on_ray else "driver",
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
     }
-    ir.write_record(name, record)
+
+
+def _publish(
+    cfg: ReindexConfig,
+    ir: IndexRoot,
+    stage: StagedVersion,
+    parent: _Parent,
+    counts: dict[str, int],
+    lock: OutputLock,
+) -> ReindexResult:
+    """Swap `LATEST` to the staged version unless the lock was lost or another run published
+    first (then the stage is removed), and apply retention."""
     if lock.lost.is_set():
-        ir.discard(name)
-        raise OutputLocked(f"lost the re-index lock on {ir.root}; not publishing {name}")
+        stage.discard()
+        raise OutputLocked(f"lost the re-index lock on {ir.root}; not publishing {stage.name}")
     try:
-        ir.publish(Pointer(version, name, utc_now()), etag)
+        ir.publish(stage.pointer(), parent.etag)
     except PublishConflict as e:
         logger.error("%s", e)
-        ir.discard(name)
-        return ReindexResult("conflict", ir.root, version, name, message=str(e))
+        stage.discard()
+        return ReindexResult("conflict", ir.root, stage.version, stage.name, message=str(e))
     removed = ir.apply_retention(cfg.index.keep_versions)
     return ReindexResult(
         "published",
         ir.root,
-        version,
-        name,
-        pointer.name if pointer else None,
+        stage.version,
+        stage.name,
+        parent.name,
         counts,
-        full_reason,
+        parent.full_reason,
         removed,
     )
 

@@ -33,8 +33,8 @@ from imagebind_core.index import (
 from pipelines.config import ReindexConfig, load_reindex_config
 from pipelines.diff import diff_listing
 from pipelines.lineage import lineage_changes, lineage_key
-from pipelines.publish import PAUSE_ENV, IndexRoot
-from pipelines.reindex import _read_parquet_tree, reindex
+from pipelines.publish import PAUSE_ENV, IndexRoot, read_parquet_tree
+from pipelines.reindex import reindex
 
 # Fractional resources: two kinds x (encoder + preprocessing) fit in the session's 4 CPUs.
 SMALL = {
@@ -94,7 +94,7 @@ def traced(trace: str) -> list[str]:
 
 def version_rows(root: str, so: dict) -> tuple[str, pa.Table]:
     pointer = read_pointer(root, so)
-    rows = _read_parquet_tree(join_uri(pointer.version_uri(root), DATA_DIR), so, errors=False)
+    rows = read_parquet_tree(join_uri(pointer.version_uri(root), DATA_DIR), so, errors=False)
     return pointer.name, rows
 
 
@@ -402,7 +402,7 @@ def test_unreadable_shard_is_kept_as_a_failure_and_an_emptied_corpus_needs_conse
         f.truncate(1200)
     second = reindex(cfg)
     assert second.status == "published" and second.counts["failed"] >= 1
-    errors = _read_parquet_tree(
+    errors = read_parquet_tree(
         join_uri(read_pointer(root, {}).version_uri(root), DATA_DIR), {}, errors=True
     )
     assert any(i.startswith("00000#unreadable-") for i in errors.column("id").to_pylist())
