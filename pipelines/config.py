@@ -85,9 +85,10 @@ class WebDatasetConfig(_Strict):
 
 
 # Items per preprocessing task by kind when `preprocess.batch_size` is unset: enough work per
-# task that Ray's per-task cost (~10 ms here) is small next to it — a caption tokenizes in
-# ~0.1 ms, an image in ~12 ms, a 10 s clip in ~0.4 s — and small enough that a shard splits
-# into many tasks (parallel decoding, and encoder actors fed evenly).
+# task that Ray's fixed cost per task is small next to it (a caption tokenizes far faster than
+# an image decodes, and a clip is slower still), and small enough that a shard splits into
+# many tasks (parallel decoding, and encoder actors fed evenly). Per-item preprocessing times:
+# benchmarks/bench_preprocess.py, benchmarks/results/preprocess-cpu-2core.txt.
 DEFAULT_PREPROCESS_BATCH: dict[str, int] = {
     "vision": 16,
     "depth": 16,
@@ -98,13 +99,13 @@ DEFAULT_PREPROCESS_BATCH: dict[str, int] = {
     "imu": 128,
 }
 
-# The same for kinds whose encoder runs on a GPU, which consumes items 10-100x faster: an H200
-# runs huge text at ~10k/s in bf16, so a 128-text task would be 13 ms of GPU work and the
-# driver would have to dispatch ~80 tasks/s per GPU. These give each encoder task ~50-100 ms
-# of H200 work (benchmarks/results/gpu-h200.md) and each preprocessing task 0.1-2 s of CPU.
-# Text gets more: a caption tokenizes in ~60 us while Ray's costs per block (a task in each of
-# preprocess, encode and write, their (de)serialisation, the driver's bookkeeping) do not
-# depend on its rows; 8192 captions spread them thinly (docs/pipelines.md, null encoder).
+# The same for kinds whose encoder runs on a GPU, which consumes items far faster than a CPU
+# one: small tasks would leave each GPU task milliseconds of work and the driver dispatching
+# tasks faster than it can. These give each encoder task tens of milliseconds of GPU work and
+# each preprocessing task about a second of CPU (GPU rates: benchmarks/results/gpu-h200.md).
+# Text gets more: a caption tokenizes in microseconds while Ray's costs per block (a task in
+# each of preprocess, encode and write, their (de)serialisation, the driver's bookkeeping) do
+# not depend on its rows; thousands of captions per block spread them thinly.
 DEFAULT_PREPROCESS_BATCH_GPU: dict[str, int] = {
     "vision": 64,
     "depth": 64,
@@ -116,9 +117,8 @@ DEFAULT_PREPROCESS_BATCH_GPU: dict[str, int] = {
 }
 
 # Items per encoder call when `batch_size` is unset. CPU: 32. GPU: at or past the knee of the
-# H200's items/s-vs-batch curve in bf16 (vision 64 -> 1371/s, 256 -> 1357/s; text 256 ->
-# 9918/s, 1024 -> 10027/s; benchmarks/results/gpu-h200.md), with activations of a few GB at
-# most for huge in float32.
+# items/s-vs-batch curve of an H200 in bf16 (benchmarks/results/gpu-h200.md), with
+# activations of a few GB at most for huge in float32.
 DEFAULT_ENCODER_BATCH_CPU = 32
 DEFAULT_ENCODER_BATCH_GPU: dict[str, int] = {
     "vision": 128,
@@ -132,9 +132,8 @@ DEFAULT_ENCODER_BATCH_GPU: dict[str, int] = {
 
 
 # Fraction of `encoder_defaults.num_gpus` a small encoder's actor asks for when its kind does
-# not set `num_gpus` itself: these towers are 1/4 to 1/20 of vision's work per item (huge,
-# H200, bf16: depth 13.7k/s, thermal 8.5k/s, audio 2.7k/s against vision 1.4k/s;
-# benchmarks/results/gpu-h200.md), so one actor rarely fills a GPU and several share one.
+# not set `num_gpus` itself: these towers do a fraction of vision's work per item
+# (benchmarks/results/gpu-h200.md), so one actor rarely fills a GPU and several share one.
 SMALL_ENCODER_GPU_SHARE: dict[str, float] = {
     "audio": 0.25,
     "depth": 0.25,

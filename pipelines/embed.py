@@ -50,6 +50,7 @@ from pipelines.readers import (
 )
 from pipelines.resources import (
     WRITER_NUM_CPUS,
+    Pool,
     check_resources,
     local_num_cpus,
     pool_size,
@@ -96,7 +97,7 @@ def verify_record(output: Output, cfg: JobConfig, plan: Plan, lineage: dict[str,
         return False
     key = _record_key(cfg, plan, lineage)
     old = dict(rec.get("key", {}))
-    if isinstance(old.get("input"), str):  # records written before inputs were canonical
+    if isinstance(old.get("input"), str):  # a record may hold the input as the user spelled it
         old["input"] = canonical_uri(old["input"])
     diff = {k: (old.get(k), v) for k, v in key.items() if old.get(k) != v}
     if diff:
@@ -140,97 +141,22 @@ def build_pipeline(
     the stages count their items into `progress` (`pipelines.progress.counter_actor()`).
     Returns None when there is nothing to do.
     """
-    import ray.data
-    from ray.data import DataContext
-
-    so = cfg.storage_options()
     dim = ibc.get_config(cfg.preset).out_embed_dim
     tasks = shard_tasks(plan, cfg, plan.shards if shards is None else shards)
     branches = []
     for kind, rows in sorted(tasks.items()):
-        ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-        ds = ds.map_batches(
-            read_tasks,
-            batch_size=1,
-            batch_format="pyarrow",
-            num_cpus=cfg.preprocess.read_num_cpus,
-            fn_kwargs={"output_uri": cfg.output, "storage_options": so, "progress": progress},
-        )
-        if kind == INVALID:
+        ds = _read_stage(cfg, rows, progress)
+        if kind == INVALID:  # rows rejected while reading: straight to the writer
             ds = ds.map_batches(
                 without_tensors,
                 batch_format="pyarrow",
                 num_cpus=cfg.preprocess.read_num_cpus,
                 fn_kwargs={"embed_dim": dim},
             )
-            branches.append(ds)
-            continue
-        pre_batch = cfg.preprocess_batch(kind)
-        # A shard is read as one block; cut it into task-sized blocks so that a shard's items
-        # are preprocessed by parallel tasks and reach the encoders as many bundles (the actor
-        # pool balances bundles, not rows). Streaming: no all-to-all exchange; fused into the
-        # read tasks (`_fuse_into_read`), so it costs no operator of its own.
-        ds = _fuse_into_read(
-            ds.repartition(target_num_rows_per_block=pre_batch), cfg.preprocess.read_num_cpus
-        )
-        ds = ds.map_batches(
-            preprocess_batch,
-            batch_size=pre_batch,
-            batch_format="pyarrow",
-            num_cpus=cfg.preprocess.num_cpus,
-            # A memory reservation the encoder does not have: Ray Data fuses neighbouring
-            # stages whose resource requests are equal, which would move preprocessing into
-            # the encoder actor. CPU work stays out of it.
-            memory=cfg.preprocess.memory_mb * 2**20,
-            fn_kwargs={
-                "storage_options": so,
-                "limits": dict(cfg.preprocess.limits),
-                "options": {kind: cfg.preprocess.options.get(kind, {})},  # type: ignore[call-overload]
-                "read_threads": cfg.preprocess.read_threads,
-                "trace_path": cfg.debug.trace_path,
-                "delay_per_item_s": cfg.debug.delay_per_item_s,
-                "decode": {kind: cfg.preprocess.decode.get(kind, "cpu")},  # type: ignore[call-overload]
-                "progress": progress,
-            },
-        )
-        enc = cfg.encoder(kind)
-        pool = pool_size(cfg, kind, plan.kinds, resources, local)
-        concurrent = enc.concurrent_batches
-        in_flight = max(enc.tasks_in_flight, concurrent)
-        if pool.initial < pool.max:
-            # Ray Data adds an actor only when the pool's tasks in flight per call slot pass
-            # its upscaling threshold (1.75 by default): fewer queued tasks and the pool
-            # could never grow (Ray warns "will not allow it to scale up").
-            up = DataContext.get_current().autoscaling_config.actor_pool_util_upscaling_threshold
-            in_flight = max(in_flight, math.ceil(up * concurrent))
-        ds = ds.map_batches(
-            EncodeBatch,
-            batch_size=enc.batch_size,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(
-                # A pool that starts at its largest size never scales up: fixed in size, Ray
-                # Data keeps it (its actors end with the stage).
-                min_size=pool.max if pool.initial == pool.max else pool.min,
-                max_size=pool.max,
-                initial_size=pool.initial,
-                max_tasks_in_flight_per_actor=in_flight,
-                # CUDA: two calls at once, so one batch is copied to the device while the
-                # previous computes (the runner lets one compute at a time).
-                max_concurrent_calls_per_actor=concurrent,
-                enable_true_multi_threading=concurrent > 1,
-            ),
-            num_cpus=enc.num_cpus,
-            num_gpus=enc.num_gpus,
-            fn_constructor_kwargs={
-                "kind": kind,
-                "spec": cfg.model_spec(kind),
-                "torch_threads": enc.threads,
-                "null_encoder": cfg.debug.null_encoder,
-                "trace_path": cfg.debug.actor_trace_path,
-                "load_gate_path": cfg.debug.load_gate_path,
-                "progress": progress,
-            },
-        )
+        else:
+            ds = _preprocess_stage(cfg, ds, kind, progress)
+            pool = pool_size(cfg, kind, plan.kinds, resources, local)
+            ds = _encode_stage(cfg, ds, kind, pool, progress)
         branches.append(ds)
     if not branches:
         return None
@@ -240,7 +166,105 @@ def build_pipeline(
         batch_size=None,
         batch_format="pyarrow",
         num_cpus=WRITER_NUM_CPUS,
-        fn_kwargs={"output_uri": cfg.output, "storage_options": so, "embed_dim": dim},
+        fn_kwargs={
+            "output_uri": cfg.output,
+            "storage_options": cfg.storage_options(),
+            "embed_dim": dim,
+        },
+    )
+
+
+def _read_stage(cfg: JobConfig, rows: list[dict[str, Any]], progress: Any) -> Any:
+    """One kind's read tasks (one per shard): the shard's rows, without bytes."""
+    import ray.data
+
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    return ds.map_batches(
+        read_tasks,
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=cfg.preprocess.read_num_cpus,
+        fn_kwargs={
+            "output_uri": cfg.output,
+            "storage_options": cfg.storage_options(),
+            "progress": progress,
+        },
+    )
+
+
+def _preprocess_stage(cfg: JobConfig, ds: Any, kind: str, progress: Any) -> Any:
+    """`kind`'s preprocessing tasks: read bytes, decode, preprocess (CPU)."""
+    pre_batch = cfg.preprocess_batch(kind)
+    # A shard is read as one block; cut it into task-sized blocks so that a shard's items
+    # are preprocessed by parallel tasks and reach the encoders as many bundles (the actor
+    # pool balances bundles, not rows). Streaming: no all-to-all exchange; fused into the
+    # read tasks (`_fuse_into_read`), so it costs no operator of its own.
+    ds = _fuse_into_read(
+        ds.repartition(target_num_rows_per_block=pre_batch), cfg.preprocess.read_num_cpus
+    )
+    return ds.map_batches(
+        preprocess_batch,
+        batch_size=pre_batch,
+        batch_format="pyarrow",
+        num_cpus=cfg.preprocess.num_cpus,
+        # A memory reservation the encoder does not have: Ray Data fuses neighbouring
+        # stages whose resource requests are equal, which would move preprocessing into
+        # the encoder actor. CPU work stays out of it.
+        memory=cfg.preprocess.memory_mb * 2**20,
+        fn_kwargs={
+            "storage_options": cfg.storage_options(),
+            "limits": dict(cfg.preprocess.limits),
+            "options": {kind: cfg.preprocess.options.get(kind, {})},  # type: ignore[call-overload]
+            "read_threads": cfg.preprocess.read_threads,
+            "trace_path": cfg.debug.trace_path,
+            "delay_per_item_s": cfg.debug.delay_per_item_s,
+            "decode": {kind: cfg.preprocess.decode.get(kind, "cpu")},  # type: ignore[call-overload]
+            "progress": progress,
+        },
+    )
+
+
+def _encode_stage(cfg: JobConfig, ds: Any, kind: str, pool: Pool, progress: Any) -> Any:
+    """`kind`'s encoder actor pool (`stages.EncodeBatch`), sized by `pool`."""
+    import ray.data
+    from ray.data import DataContext
+
+    enc = cfg.encoder(kind)
+    concurrent = enc.concurrent_batches
+    in_flight = max(enc.tasks_in_flight, concurrent)
+    if pool.initial < pool.max:
+        # Ray Data adds an actor only when the pool's tasks in flight per call slot pass
+        # its upscaling threshold (1.75 by default): fewer queued tasks and the pool
+        # could never grow (Ray warns "will not allow it to scale up").
+        up = DataContext.get_current().autoscaling_config.actor_pool_util_upscaling_threshold
+        in_flight = max(in_flight, math.ceil(up * concurrent))
+    return ds.map_batches(
+        EncodeBatch,
+        batch_size=enc.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(
+            # A pool that starts at its largest size never scales up: fixed in size, Ray
+            # Data keeps it (its actors end with the stage).
+            min_size=pool.max if pool.initial == pool.max else pool.min,
+            max_size=pool.max,
+            initial_size=pool.initial,
+            max_tasks_in_flight_per_actor=in_flight,
+            # CUDA: two calls at once, so one batch is copied to the device while the
+            # other computes (the runner lets one compute at a time).
+            max_concurrent_calls_per_actor=concurrent,
+            enable_true_multi_threading=concurrent > 1,
+        ),
+        num_cpus=enc.num_cpus,
+        num_gpus=enc.num_gpus,
+        fn_constructor_kwargs={
+            "kind": kind,
+            "spec": cfg.model_spec(kind),
+            "torch_threads": enc.threads,
+            "null_encoder": cfg.debug.null_encoder,
+            "trace_path": cfg.debug.actor_trace_path,
+            "load_gate_path": cfg.debug.load_gate_path,
+            "progress": progress,
+        },
     )
 
 
@@ -416,7 +440,7 @@ def _quiet_issue_detectors(config: Any) -> Any:
 
     It compares each operator's worker RSS with the memory the operator requests, every 30 s
     for the whole run. Ray reuses worker processes across operators, so a writer task that
-    runs in a worker which earlier preprocessed (and imported torch) reports ~400 MB and the
+    runs in a worker which earlier preprocessed (and imported torch) reports hundreds of MB and the
     detector tells users to reserve that for the writer: a false alarm, repeated. The job
     reserves memory where it is used (`preprocess.memory_mb`); the other detectors stay.
     """
@@ -448,73 +472,108 @@ def run_plan(cfg: JobConfig, plan: Plan) -> JobSummary:
     Raises OutputLocked if another run holds the output, OutputMismatch if the output was
     started by a different model/input.
     """
-    import ray
-    from ray.data import DataContext
-
     t0 = time.perf_counter()
     check_output(cfg)
-    so = cfg.storage_options()
-    output = Output(cfg.output, so)
+    output = Output(cfg.output, cfg.storage_options())
     output.makedirs(output.root)
     lineage = model_lineage(cfg, plan.kinds)
     if cfg.checkpoint is not None:  # every actor verifies the checkpoint the metadata names
         cfg = cfg.model_copy(update={"checkpoint_sha256": lineage["imagebind.checkpoint_sha256"]})
-    with OutputLock(cfg.output, so, ttl_s=cfg.lock_ttl_s) as lock:
+    with OutputLock(cfg.output, cfg.storage_options(), ttl_s=cfg.lock_ttl_s) as lock:
         _check_record(output, cfg, plan, lineage)
-        dim = int(lineage["imagebind.embed_dim"])
-        committed = output.committed_shards()
-        for shard in output.leftover_parts(committed):
+        run = _Run(cfg, plan, output, lineage, t0)
+        run.tidy_output()
+        pending = run.reconcile()
+        if pending:
+            run.execute(pending, lock)
+        run.summary.seconds = time.perf_counter() - t0
+        return run.summary
+
+
+class _Run:
+    """One run of `run_plan` under the output lock: its output, lineage and summary."""
+
+    def __init__(
+        self, cfg: JobConfig, plan: Plan, output: Output, lineage: dict[str, str], t0: float
+    ) -> None:
+        self.cfg, self.plan, self.output, self.lineage, self.t0 = cfg, plan, output, lineage, t0
+        self.storage_options = cfg.storage_options()
+        self.dim = int(lineage["imagebind.embed_dim"])
+        self.summary = JobSummary(cfg.output, len(plan.shards), 0, 0)
+        self.extended: list[ShardSpec] = []
+
+    def commit(self, shard: str, identity: str | None = None) -> dict[str, Any]:
+        """Commit `shard` from the driver (`writers.commit_shard`)."""
+        return commit_shard(
+            self.cfg.output, shard, self.storage_options, self.dim, self.lineage, identity
+        )
+
+    def tidy_output(self) -> None:
+        """Fold in the parts an interrupted run left; drop those of shards gone from the input."""
+        committed = self.output.committed_shards()
+        for shard in self.output.leftover_parts(committed):
             # A run that died after this commit (its parts hold committed ids: dropped), or
             # while embedding additions (ids no committed file holds: committed now).
             logger.info("shard %s: folding in parts left by an interrupted run", shard)
-            commit_shard(cfg.output, shard, so, dim, lineage)
-        planned = {s.name for s in plan.shards}
-        for shard in sorted(output.parts_shards() - planned - committed):
-            # Work for a shard that is no longer in the input (a manifest deleted mid-run).
+            self.commit(shard)
+        planned = {s.name for s in self.plan.shards}
+        for shard in sorted(self.output.parts_shards() - planned - committed):
+            # Work for a shard that is not in the input (a manifest deleted mid-run).
             logger.warning("shard %s: no longer in the input; removing its parts", shard)
-            output.rm_parts(shard)
-        new, extended, unchanged = reconcile(plan, output, committed, so)
-        pending = new + extended
-        extended_names = {s.name for s in extended}
-        summary = JobSummary(cfg.output, len(plan.shards), len(unchanged), 0)
+            self.output.rm_parts(shard)
+
+    def reconcile(self) -> list[ShardSpec]:
+        """The shards to embed (new ones and committed ones with new items), after committing
+        those without items; the summary's counts of what is already done."""
+        committed = self.output.committed_shards()
+        new, self.extended, unchanged = reconcile(
+            self.plan, self.output, committed, self.storage_options
+        )
+        pending = new + self.extended
+        summary = self.summary
+        summary.shards_skipped = len(unchanged)
         # Items an interrupted run embedded into parts of shards it did not commit: the
         # readers skip them, the commit folds them in.
-        summary.items_reused = sum(len(output.part_ids(s.name)) for s in new)
+        summary.items_reused = sum(len(self.output.part_ids(s.name)) for s in new)
         logger.info(
             "%s: %d shards, %d already committed, %d to do (%d of them committed earlier, with "
             "new items); kinds %s",
-            cfg.input,
-            len(plan.shards),
+            self.cfg.input,
+            len(self.plan.shards),
             summary.shards_skipped,
             len(pending),
-            len(extended),
-            ",".join(plan.kinds),
+            len(self.extended),
+            ",".join(self.plan.kinds),
         )
         if summary.items_reused:
             logger.info(
                 "reused %d items from earlier parts (embedded by an interrupted run)",
                 summary.items_reused,
             )
-
-        def count(shard: str, added: bool) -> None:
-            if shard not in extended_names:
-                summary.shards_committed += 1
-            elif added:
-                summary.shards_extended += 1
-            else:  # its input changed, but every item in it was committed already
-                summary.shards_skipped += 1
-
         # A shard with no items (an empty manifest, or only ids of earlier manifests) gets its
         # empty output file here: no task would ever report it complete.
         for s in [s for s in pending if not s.kinds]:
-            res = commit_shard(cfg.output, s.name, so, dim, lineage, s.identity)
-            count(s.name, res["added"])
-        pending = [s for s in pending if s.kinds]
-        if not pending:
-            summary.seconds = time.perf_counter() - t0
-            return summary
+            self.count(s.name, self.commit(s.name, s.identity)["added"])
+        return [s for s in pending if s.kinds]
+
+    def count(self, shard: str, added: bool) -> None:
+        """Count a committed shard in the summary."""
+        if shard not in {s.name for s in self.extended}:
+            self.summary.shards_committed += 1
+        elif added:
+            self.summary.shards_extended += 1
+        else:  # its input changed, but every item in it was committed already
+            self.summary.shards_skipped += 1
+
+    def execute(self, pending: list[ShardSpec], lock: OutputLock) -> None:
+        """Start or join Ray, run the pipeline over `pending`, commit each shard as it
+        completes, and check that every one was committed."""
+        import ray
+        from ray.data import DataContext
+
+        cfg, plan = self.cfg, self.plan
         local = _ensure_ray(cfg, plan.kinds)
-        summary.ray_up_seconds = time.perf_counter() - t0
+        self.summary.ray_up_seconds = time.perf_counter() - self.t0
         check_resources(cfg, plan.kinds)
         ctx = DataContext.get_current()
         prev_bars, prev_detectors = ctx.enable_progress_bars, ctx.issue_detectors_config
@@ -528,20 +587,12 @@ def run_plan(cfg: JobConfig, plan: Plan) -> JobSummary:
             done = len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else 0
             return done, len(pending), sum(tracker.ok.values()) + sum(tracker.err.values())
 
-        reporter = ProgressReporter(
-            counter, cfg.progress_interval_s, _items_to_embed(pending, summary), shards_done
-        ).start()
+        to_embed = _items_to_embed(pending, self.summary)
+        reporter = ProgressReporter(counter, cfg.progress_interval_s, to_embed, shards_done)
+        reporter.start()
         try:
             ds = build_pipeline(cfg, plan, pending, ray.cluster_resources(), local, counter)
-            identity = {s.name: s.identity for s in pending}
-            commit = ray.remote(num_cpus=0, max_retries=3)(_commit_task)
-            for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                if lock.lost.is_set():
-                    raise OutputLocked(f"lost the lock on {cfg.output}; stopping")
-                if summary.first_batch_seconds is None and pc.sum(block["n_ok"]).as_py():
-                    summary.first_batch_seconds = time.perf_counter() - t0
-                for shard in tracker.add(block):
-                    refs.append(commit.remote(cfg.output, shard, so, dim, lineage, identity[shard]))
+            self._stream(ds, pending, tracker, refs, lock)
             results = ray.get(refs)
         except Exception as e:
             if not transient_store_error(e):
@@ -556,21 +607,46 @@ def run_plan(cfg: JobConfig, plan: Plan) -> JobSummary:
             reporter.stop()
             ray.kill(counter)
             ctx.enable_progress_bars, ctx.issue_detectors_config = prev_bars, prev_detectors
-        now = output.committed_shards()
+        self._check_complete(pending)
+        for r in results:
+            self.count(r["shard"], r["added"])
+        self.summary.ok = dict(tracker.ok)
+        self.summary.errors = dict(tracker.err)
+
+    def _stream(
+        self,
+        ds: Any,
+        pending: list[ShardSpec],
+        tracker: _Tracker,
+        refs: list[Any],
+        lock: OutputLock,
+    ) -> None:
+        """Iterate the pipeline's write summaries; a commit task for each completed shard
+        (its ref appended to `refs`)."""
+        import ray
+
+        identity = {s.name: s.identity for s in pending}
+        commit = ray.remote(num_cpus=0, max_retries=3)(_commit_task)
+        for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            if lock.lost.is_set():
+                raise OutputLocked(f"lost the lock on {self.cfg.output}; stopping")
+            if self.summary.first_batch_seconds is None and pc.sum(block["n_ok"]).as_py():
+                self.summary.first_batch_seconds = time.perf_counter() - self.t0
+            for shard in tracker.add(block):
+                args = (self.storage_options, self.dim, self.lineage, identity[shard])
+                refs.append(commit.remote(self.cfg.output, shard, *args))
+
+    def _check_complete(self, pending: list[ShardSpec]) -> None:
+        """RuntimeError unless every pending shard is committed and its parts folded in."""
+        now = self.output.committed_shards()
         missing = [s.name for s in pending if s.name not in now]
-        missing += [s.name for s in extended if s.name in output.parts_shards()]
+        missing += [s.name for s in self.extended if s.name in self.output.parts_shards()]
         if missing:
             raise RuntimeError(
                 f"{len(missing)} shards were not completed (e.g. {missing[:3]}); rerun the same "
                 "command to finish them"
             )
-        output.prune_parts_dir()
-        for r in results:
-            count(r["shard"], r["added"])
-        summary.ok = dict(tracker.ok)
-        summary.errors = dict(tracker.err)
-        summary.seconds = time.perf_counter() - t0
-        return summary
+        self.output.prune_parts_dir()
 
 
 def run_job(cfg: JobConfig) -> JobSummary:

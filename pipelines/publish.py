@@ -482,10 +482,10 @@ class StagedVersion:
 
     def read_embedded(self) -> tuple[pa.Table | None, pa.Table | None]:
         """This run's embedded rows and its failures (None where there are none)."""
-        so = self.root.storage_options
+        storage_options = self.root.storage_options
         return (
-            read_parquet_tree(self.embedded_uri, so, errors=False),
-            read_parquet_tree(self.embedded_uri, so, errors=True),
+            read_parquet_tree(self.embedded_uri, storage_options, errors=False),
+            read_parquet_tree(self.embedded_uri, storage_options, errors=True),
         )
 
     def write_carried(self, rows: pa.Table, errors: pa.Table) -> None:
