@@ -58,6 +58,36 @@ REINDEX_STATUSES: tuple[tuple[tuple[type[BaseException], ...], int], ...] = (
 )
 
 
+# The flags that set one config field, dotted key -> flag (the value is the flag's argument),
+# and the switches, dotted key -> (flag, the value it sets): both commands' (a command's own
+# flags are on its parser only, `job_overrides` takes the ones it has).
+FLAGS: dict[str, str] = {
+    "input": "--input",
+    "format": "--format",
+    "preset": "--preset",
+    "checkpoint": "--checkpoint",
+    "checkpoint_sha256": "--checkpoint-sha256",
+    "storage.endpoint_url": "--s3-endpoint",
+    "storage.region": "--s3-region",
+    "ray.address": "--ray-address",
+    "progress_interval_s": "--progress-interval",
+    "output": "--output",  # imagebind-embed
+    "encoder_defaults.dtype": "--dtype",
+    "encoder_defaults.batch_size": "--batch-size",
+    "encoder_defaults.num_gpus": "--num-gpus",
+    "index.root": "--index-root",  # imagebind-reindex
+    "index.keep_versions": "--keep-versions",
+    "index.lock_ttl_s": "--lock-ttl-s",
+}
+SWITCHES: dict[str, tuple[str, Any]] = {
+    "ray.progress_bars": ("--no-progress", False),
+    "normalize": ("--raw", False),  # imagebind-embed
+    "index.full": ("--full", True),  # imagebind-reindex
+    "index.retry_failed": ("--retry-failed", True),
+    "index.allow_empty": ("--allow-empty", True),
+}
+
+
 # ----------------------------------------------------------------------------- shared flags
 
 
@@ -95,6 +125,14 @@ def parse_set(values: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def _parser(prog: str, description: str, *, config: str, input: str) -> argparse.ArgumentParser:
+    """A command line with its `--config` and `--input` flags (help texts given)."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--config", help=config)
+    p.add_argument("--input", help=input)
+    return p
+
+
 def add_job_arguments(p: argparse.ArgumentParser, set_example: str) -> None:
     """Flags shared by `imagebind-embed` and `imagebind-reindex` (model, storage, Ray)."""
     p.add_argument("--format", choices=["auto", "manifest", "webdataset", "files"])
@@ -125,39 +163,30 @@ def add_job_arguments(p: argparse.ArgumentParser, set_example: str) -> None:
     p.add_argument("--log-level", default="INFO")
 
 
-def job_overrides(
-    args: argparse.Namespace, extra: dict[str, tuple[str, Any]]
-) -> tuple[dict[str, Any], dict[str, str]]:
-    """Config overrides from the shared flags, then `extra` (command-specific), then `--set`
-    (which wins), and where each came from (dotted key -> flag, for error messages); `extra`
-    maps a dotted key to (flag, value). Logging is configured here too: both CLIs call this
-    first."""
+def job_overrides(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str]]:
+    """Config overrides from the flags and switches `args` has (FLAGS, SWITCHES), then from
+    `--set` (which wins), and where each came from (dotted key -> flag, for error messages).
+    Logging is configured here too: both CLIs call this first."""
     configure_logging(args.log_level)
-    flags: dict[str, tuple[str, Any]] = {
-        "input": ("--input", args.input),
-        "format": ("--format", args.format),
-        "preset": ("--preset", args.preset),
-        "checkpoint": ("--checkpoint", args.checkpoint),
-        "checkpoint_sha256": ("--checkpoint-sha256", args.checkpoint_sha256),
-        "storage.endpoint_url": ("--s3-endpoint", args.s3_endpoint),
-        "storage.region": ("--s3-region", args.s3_region),
-        "ray.address": ("--ray-address", args.ray_address),
-        "progress_interval_s": ("--progress-interval", args.progress_interval),
-    }
-    overrides = {k: v for k, (_, v) in flags.items()}
-    sources = {k: f for k, (f, v) in flags.items() if v is not None}
-    for k, (flag, v) in extra.items():
-        overrides[k] = v
-        if v is not None:
-            sources[k] = flag
-    if args.no_progress:
-        overrides["ray.progress_bars"] = False
-        sources["ray.progress_bars"] = "--no-progress"
+    overrides: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for key, flag in FLAGS.items():
+        if hasattr(args, _dest(flag)):
+            overrides[key] = value = getattr(args, _dest(flag))
+            if value is not None:
+                sources[key] = flag
+    for key, (flag, value) in SWITCHES.items():
+        if getattr(args, _dest(flag), False):
+            overrides[key], sources[key] = value, flag
     for raw in args.set:
-        for k, v in parse_set([raw]).items():
-            overrides[k] = v
-            sources[k] = f"--set {raw}"
+        for key, value in parse_set([raw]).items():
+            overrides[key], sources[key] = value, f"--set {raw}"
     return overrides, sources
+
+
+def _dest(flag: str) -> str:
+    """The attribute argparse stores `flag` under."""
+    return flag.removeprefix("--").replace("-", "_")
 
 
 # ----------------------------------------------------------------------------- the frame
@@ -167,14 +196,14 @@ def _run_command(
     prog: str,
     argv: Sequence[str] | None,
     parser: argparse.ArgumentParser,
-    extra_flags: Callable[[argparse.Namespace], dict[str, tuple[str, Any]]],
     load: Callable[..., Any],
     execute: Callable[[argparse.Namespace, Any], Any],
     interrupted: Callable[[Any, Sequence[str] | None], int],
     statuses: Sequence[tuple[tuple[type[BaseException], ...], int]],
 ) -> int:
     """One command line's run: parse `argv`, load the config (`load(path, overrides,
-    sources)`), `execute(args, cfg)`, print what it returns and exit with its status.
+    sources)`, the overrides from `job_overrides`), `execute(args, cfg)`, print what it
+    returns and exit with its status.
 
     `execute` returns a str (printed as is, status 0) or a result with `to_dict()`,
     `format()` and an `exit_status` (printed as JSON with `--json`). An error listed in
@@ -185,7 +214,7 @@ def _run_command(
         args = parser.parse_args(argv)
         cfg = None
         try:
-            overrides, sources = job_overrides(args, extra_flags(args))
+            overrides, sources = job_overrides(args)
             cfg = load(args.config, overrides, sources)
             result = execute(args, cfg)
         except KeyboardInterrupt:
@@ -205,13 +234,13 @@ def _run_command(
 
 def build_embed_parser() -> argparse.ArgumentParser:
     """The `imagebind-embed` command line."""
-    p = argparse.ArgumentParser(
-        prog=EMBED,
-        description="Embed a corpus (manifest, WebDataset shards or media files; local or S3) "
-        "with ImageBind on Ray Data into Parquet, exactly once and resumable.",
+    p = _parser(
+        EMBED,
+        "Embed a corpus (manifest, WebDataset shards or media files; local or S3) with "
+        "ImageBind on Ray Data into Parquet, exactly once and resumable.",
+        config="YAML job config; flags override its fields",
+        input="input URI: folder, prefix, glob, manifest or tar shard(s)",
     )
-    p.add_argument("--config", help="YAML job config; flags override its fields")
-    p.add_argument("--input", help="input URI: folder, prefix, glob, manifest or tar shard(s)")
     p.add_argument("--output", help="output URI (local folder or s3://bucket/prefix)")
     add_job_arguments(p, "encoders.vision.max_actors=4")
     p.add_argument(
@@ -225,18 +254,6 @@ def build_embed_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     p.add_argument("--json", action="store_true", help="print the final summary as JSON")
     return p
-
-
-def _embed_flags(args: argparse.Namespace) -> dict[str, tuple[str, Any]]:
-    extra: dict[str, tuple[str, Any]] = {
-        "output": ("--output", args.output),
-        "encoder_defaults.dtype": ("--dtype", args.dtype),
-        "encoder_defaults.batch_size": ("--batch-size", args.batch_size),
-        "encoder_defaults.num_gpus": ("--num-gpus", args.num_gpus),
-    }
-    if args.raw:
-        extra["normalize"] = ("--raw", False)
-    return extra
 
 
 def _embed(args: argparse.Namespace, cfg: JobConfig) -> Any:
@@ -260,7 +277,6 @@ def embed_main(argv: Sequence[str] | None = None) -> int:
         EMBED,
         argv,
         build_embed_parser(),
-        _embed_flags,
         load_config,
         _embed,
         embed_interrupted,
@@ -356,13 +372,13 @@ def _describe_plan(cfg: JobConfig, plan: Plan) -> str:
 
 def build_reindex_parser() -> argparse.ArgumentParser:
     """The `imagebind-reindex` command line."""
-    p = argparse.ArgumentParser(
-        prog=REINDEX,
-        description="Incrementally re-index a corpus into a versioned, atomically published "
-        "embedding index (embed new and changed items, carry the rest, drop deleted ones).",
+    p = _parser(
+        REINDEX,
+        "Incrementally re-index a corpus into a versioned, atomically published embedding "
+        "index (embed new and changed items, carry the rest, drop deleted ones).",
+        config="YAML: imagebind-embed fields plus an `index:` section",
+        input="corpus URI (as for imagebind-embed)",
     )
-    p.add_argument("--config", help="YAML: imagebind-embed fields plus an `index:` section")
-    p.add_argument("--input", help="corpus URI (as for imagebind-embed)")
     p.add_argument("--index-root", help="index root URI (local folder or s3://bucket/prefix)")
     add_job_arguments(p, "index.nprobe=64")
     p.add_argument("--keep-versions", type=int, help="published versions to keep (default 3)")
@@ -380,22 +396,6 @@ def build_reindex_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _reindex_flags(args: argparse.Namespace) -> dict[str, tuple[str, Any]]:
-    extra: dict[str, tuple[str, Any]] = {
-        "index.root": ("--index-root", args.index_root),
-        "index.keep_versions": ("--keep-versions", args.keep_versions),
-        "index.lock_ttl_s": ("--lock-ttl-s", args.lock_ttl_s),
-    }
-    for flag, field in (
-        ("--full", "full"),
-        ("--retry-failed", "retry_failed"),
-        ("--allow-empty", "allow_empty"),
-    ):
-        if getattr(args, field):
-            extra[f"index.{field}"] = (flag, True)
-    return extra
-
-
 def reindex_main(argv: Sequence[str] | None = None) -> int:
     """`imagebind-reindex`. Exit status: 0 published or unchanged, 2 bad config or input,
     3 another run holds the lock or published first (nothing published), 130 interrupted
@@ -404,7 +404,6 @@ def reindex_main(argv: Sequence[str] | None = None) -> int:
         REINDEX,
         argv,
         build_reindex_parser(),
-        _reindex_flags,
         load_reindex_config,
         lambda _args, cfg: reindex(cfg),
         reindex_interrupted,

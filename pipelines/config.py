@@ -582,60 +582,45 @@ def load_config(
 class IndexSettings(BaseModel):
     """The `index:` section of a re-index config (the rest is an `imagebind-embed` config)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
-    root: str = Field(description="Index root URI: a local folder or s3://bucket/prefix.")
-    keep_versions: int = Field(3, ge=1, description="Published versions retention keeps.")
-    lock_ttl_s: float = Field(
-        600.0, gt=0, description="Lease of the re-index lock; renewed every third of it."
-    )
-    retry_failed: bool = Field(
-        False, description="Retry items that failed in the parent although unchanged."
-    )
-    full: bool = Field(False, description="Re-embed everything this run.")
-    allow_empty: bool = Field(
-        False,
-        description="Publish an empty version when the input exists but holds no items "
-        "(every item deleted). Off by default: an emptied folder or prefix is more often a "
-        "mistake than a corpus, and publishing it would empty the index.",
-    )
-    flat_threshold: int = Field(
-        20_000, ge=1, description="Modalities with fewer vectors get an exact flat index."
-    )
-    pq_threshold: int = Field(
-        200_000,
-        ge=1,
-        description="Modalities with at least this many vectors get IVF-PQ (below: IVF-Flat).",
-    )
-    nlist: int | None = Field(None, ge=1, description="IVF lists (default ~4 sqrt(n)).")
-    nprobe: int = Field(32, ge=1, description="IVF lists searched per query.")
-    diff_on_ray_rows: int = Field(
-        1_000_000,
-        ge=0,
-        description="Parents with at least this many rows (failures included) are diffed "
-        "and carried forward on Ray Data, so the driver never holds their rows; smaller ones "
-        "on the driver. 0: always on Ray Data.",
-    )
-    diff_partitions: int | None = Field(
-        None,
-        ge=1,
-        description="Hash partitions of the Ray Data diff (default one per million rows, "
-        "at least 2).",
-    )
-    pq_m: int = Field(64, ge=1, description="IVF-PQ code bytes per vector.")
-    rerank: int = Field(
-        10,
-        ge=0,
-        description="IVF-PQ: re-score rerank x top_k candidates with stored float vectors "
-        "(0: off, no float vectors stored).",
-    )
-    shards: int = Field(1, ge=1, description="Index shards (by id hash).")
-    retrain_growth: float = Field(
-        4.0,
-        gt=1,
-        description="Rebuild (retrain) an IVF modality when its size leaves "
-        "[trained / g, trained * g].",
-    )
+    root: str
+    """Index root URI: a local folder or s3://bucket/prefix."""
+    keep_versions: int = Field(3, ge=1)
+    """Published versions retention keeps."""
+    lock_ttl_s: float = Field(600.0, gt=0)
+    """Lease of the re-index lock; renewed every third of it."""
+    retry_failed: bool = False
+    """Retry items that failed in the parent although unchanged."""
+    full: bool = False
+    """Re-embed everything this run."""
+    allow_empty: bool = False
+    """Publish an empty version when the input exists but holds no items (every item deleted).
+    Off by default: an emptied folder or prefix is more often a mistake than a corpus, and
+    publishing it would empty the index."""
+    flat_threshold: int = Field(20_000, ge=1)
+    """Modalities with fewer vectors get an exact flat index."""
+    pq_threshold: int = Field(200_000, ge=1)
+    """Modalities with at least this many vectors get IVF-PQ (below: IVF-Flat)."""
+    nlist: int | None = Field(None, ge=1)
+    """IVF lists (default ~4 sqrt(n))."""
+    nprobe: int = Field(32, ge=1)
+    """IVF lists searched per query."""
+    diff_on_ray_rows: int = Field(1_000_000, ge=0)
+    """Parents with at least this many rows (failures included) are diffed and carried
+    forward on Ray Data, so the driver never holds their rows; smaller ones on the driver.
+    0: always on Ray Data."""
+    diff_partitions: int | None = Field(None, ge=1)
+    """Hash partitions of the Ray Data diff (default one per million rows, at least 2)."""
+    pq_m: int = Field(64, ge=1)
+    """IVF-PQ code bytes per vector."""
+    rerank: int = Field(10, ge=0)
+    """IVF-PQ: re-score rerank x top_k candidates with stored float vectors (0: off, no float
+    vectors stored)."""
+    shards: int = Field(1, ge=1)
+    """Index shards (by id hash)."""
+    retrain_growth: float = Field(4.0, gt=1)
+    """Rebuild (retrain) an IVF modality when its size leaves [trained / g, trained * g]."""
 
     def index_options(self) -> IndexOptions:
         """The `imagebind_core.index.IndexOptions` these settings describe (the fields of both
