@@ -13,12 +13,15 @@ One run:
    the seed for random weights) re-embeds everything. Items that failed in the parent with
    the same fingerprint are not retried unless `index.retry_failed` is set (a bad file must
    not make every run publish a new version);
-4. if nothing changed, publishes nothing; otherwise stages a complete version under
-   `<root>/versions/<n>-<run>/` — `data/embedded/` (this run's embeddings, written by
-   `pipelines.embed.embed_items` with its exactly-once protocol), `data/carried/` (rows copied
-   from the parent), `index/` (the FAISS index, `imagebind_core.index`), `version.json` (the
-   record) — and publishes it with one compare-and-swap of `LATEST` (`pipelines.publish`);
+4. if nothing changed, publishes nothing; otherwise stages a complete version
+   (`pipelines.publish.StagedVersion`) under `<root>/versions/<n>-<run>/` — `data/embedded/`
+   (this run's embeddings, written by `pipelines.embed.embed_items` with its exactly-once
+   protocol), `data/carried/` (rows copied from the parent), `index/` (the FAISS index,
+   `imagebind_core.index`), `version.json` (the record) — and publishes it with one
+   compare-and-swap of `LATEST` (`pipelines.publish`);
 5. applies retention (the last `index.keep_versions` versions stay).
+
+`_run_locked` reads as these steps, one function each.
 
 Library use: `reindex(pipelines.config.load_reindex_config("reindex.yaml"))`; the command
 line is `pipelines.cli.reindex_main`.
