@@ -18,6 +18,11 @@ DELETE once stale) so a second run does not repeat the same work at the same tim
 
 Retention keeps the last N published versions (following `parent` links from `LATEST`) and
 removes abandoned staging folders of crashed or losing runs.
+
+Staging (`IndexRoot.stage` -> `StagedVersion`) places a version's files: `data/embedded/`
+(this run's embeddings), `data/carried/` (rows copied from the parent, CARRIED_ROWS_PER_FILE
+per file; failures under `_errors/`), `index/` and the record `version.json`, written last.
+`read_parquet_tree` reads a version's data back.
 """
 
 from __future__ import annotations
