@@ -375,7 +375,7 @@ class JobConfig(_Strict):
         return ibc.ModelSpec(
             preset=self.preset,
             checkpoint=self.checkpoint,
-            sha256=self.checkpoint_sha256,
+            checkpoint_sha256=self.checkpoint_sha256,
             dtype=enc.dtype,
             device=enc.model_device,
             seed=self.seed,
