@@ -479,7 +479,7 @@ def run_null_ceiling(args: argparse.Namespace) -> None:
         folders["text"] = make_text_manifests(tmp, args.texts, args.texts_per_manifest)
         fmts = {"vision": "files", "text": "manifest"}
         bare_items = {"vision": args.bare_images, "text": args.bare_texts}
-        from pipelines.embed import local_num_cpus
+        from pipelines.resources import local_num_cpus
 
         # The logical CPUs the job gives a local Ray it starts itself, for the busiest kind.
         kinds = args.kinds.split(",")
@@ -620,7 +620,7 @@ def main() -> None:
         t0 = time.perf_counter()
         # What the job starts when it starts Ray itself: twice the cores in logical CPUs.
         from pipelines.config import load_config
-        from pipelines.embed import local_num_cpus
+        from pipelines.resources import local_num_cpus
 
         # The logical CPUs the job gives a local Ray it starts itself.
         kinds = args.kinds.split(",")

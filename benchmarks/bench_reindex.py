@@ -27,8 +27,9 @@ import os
 import shutil
 import time
 
+from pipelines.config import load_reindex_config
 from pipelines.publish import IndexRoot
-from pipelines.reindex import load_reindex_config, reindex
+from pipelines.reindex import reindex
 
 WORDS = [
     "red",

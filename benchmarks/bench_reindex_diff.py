@@ -10,7 +10,7 @@ and `--changed` added, a fresh process runs one path and reports its wall time a
 of the process's peak RSS (`VmHWM`, reset after start-up) over the diff and the carry-forward:
 
 - `driver`: what `imagebind-reindex` does below `index.diff_on_ray_rows`: read the parent's rows
-  (`_read_parquet_tree`), `diff_listing`, write the carried rows (`_write_chunks`);
+  (`read_parquet_tree`), `diff_listing`, write the carried rows (`write_chunks`);
 - `ray`: `diff_on_ray` + `carry_on_ray` on a local Ray (4 logical CPUs); a warm-up diff on 10
   rows runs first so one-time imports and worker start are not counted.
 
@@ -95,7 +95,7 @@ def run(path: str, root: str, n: int, changed: int) -> dict:
         diff_on_ray(lst.slice(0, 10), files[:1], [], LocalFileSystem(), num_partitions=2)
     else:
         from pipelines.diff import diff_listing
-        from pipelines.reindex import _read_parquet_tree, _write_chunks
+        from pipelines.publish import read_parquet_tree, write_chunks
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     base = _status_kb("VmRSS")
@@ -105,9 +105,9 @@ def run(path: str, root: str, n: int, changed: int) -> dict:
         carry_on_ray(files, LocalFileSystem(), out, d.drop_ids, d.moved)
         carried = d.carried_rows
     else:
-        parent = _read_parquet_tree(f"{root}/parent", {}, errors=False)
+        parent = read_parquet_tree(f"{root}/parent", {}, errors=False)
         d = diff_listing(lst, parent, None)
-        _write_chunks(out, d.carried, {})
+        write_chunks(out, d.carried, {})
         carried = d.carried.num_rows
     wall = time.perf_counter() - t0
     return {

@@ -117,8 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
+    from pipelines.config import load_reindex_config
     from pipelines.demo_corpus import write_demo_corpus
-    from pipelines.reindex import load_reindex_config, reindex
+    from pipelines.reindex import reindex
     from serve.app import build_app
     from serve.schemas import AppArgs
 

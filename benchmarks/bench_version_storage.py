@@ -37,7 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from _common import add_table_args, run_child, write_results
 
-ROWS_PER_FILE = 1_000_000  # pipelines.reindex.CARRIED_ROWS_PER_FILE
+ROWS_PER_FILE = 1_000_000  # pipelines.publish.CARRIED_ROWS_PER_FILE
 
 
 def make_rows(start: int, n: int, dim: int, seed: int, tag: str = "v1") -> pa.Table:

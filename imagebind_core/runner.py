@@ -84,7 +84,7 @@ class ModelSpec:
     Args:
         preset: model size ("huge", "base", "tiny").
         checkpoint: weights URI; None builds seeded random weights.
-        sha256: the checkpoint's expected sha256 (verified while loading), or None.
+        checkpoint_sha256: the checkpoint's expected sha256 (verified while loading), or None.
         dtype: compute dtype name ("float32", "bfloat16", "float16"); outputs are float32.
         device: "cpu", "cuda", "cuda:N", or None/"auto" (CUDA when available).
         seed: the random weights' seed (no checkpoint).
@@ -99,7 +99,7 @@ class ModelSpec:
 
     preset: str = "huge"
     checkpoint: str | None = None
-    sha256: str | None = None
+    checkpoint_sha256: str | None = None
     dtype: str = "float32"
     device: str | None = None
     seed: int = 0
@@ -172,7 +172,8 @@ class ModelSpec:
         """
         from imagebind_core import __version__
 
-        sha = checkpoint_sha256 or (self.sha256.lower() if self.sha256 else None)
+        expected = self.checkpoint_sha256
+        sha = checkpoint_sha256 or (expected.lower() if expected else None)
         if self.checkpoint is None:
             sha = "random"
         return {
@@ -201,7 +202,7 @@ class ModelSpec:
                 modalities=list(modalities),
                 device=self.device,
                 dtype=self.dtype,
-                sha256=self.sha256,
+                sha256=self.checkpoint_sha256,
                 storage_options=dict(self.storage_options) if self.storage_options else None,
                 seed=self.seed,
             )

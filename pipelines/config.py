@@ -1,23 +1,30 @@
-"""The embedding job's configuration: one pydantic model, loaded from YAML, overridable by flags.
+"""Both jobs' configuration: pydantic models, loaded from YAML, overridable by flags.
 
-The same file runs on a laptop (local Ray, local folders) and on a cluster (`ray job submit`,
-S3): only `input`/`output` URIs and resources change. Every field is documented in
-docs/pipelines.md. A bad field raises `ConfigError` with a message naming the field.
+`JobConfig` is everything `imagebind-embed` needs (`load_config`); a re-index config is the
+same fields plus an `index:` section (`IndexSettings`, `load_reindex_config`). Both are read
+by one loader (`read_config_file`, then `build_config` with the dotted-key overrides of the
+flags). The same file runs on a laptop (local Ray, local folders) and on a cluster (`ray job
+submit`, S3): only `input`/`output` URIs and resources change. Every field is documented in
+docs/pipelines.md and docs/reindex.md. A bad field raises `ConfigError` with a message naming
+the field and where its value came from.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import re
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 import imagebind_core as ibc
+from imagebind_core.index import IndexOptions, join_uri
 from imagebind_core.kinds import Kind
 
 Format = Literal["auto", "manifest", "webdataset", "files"]
@@ -51,13 +58,7 @@ class StorageConfig(_Strict):
 
     def options(self) -> dict[str, Any]:
         """fsspec/s3fs storage options for these settings."""
-        return ibc.s3_storage_options(
-            endpoint_url=self.endpoint_url,
-            region=self.region,
-            key=self.key,
-            secret=self.secret,
-            anon=self.anon,
-        )
+        return ibc.s3_storage_options(**self.model_dump())
 
 
 class FilesConfig(_Strict):
@@ -83,9 +84,10 @@ class WebDatasetConfig(_Strict):
 
 
 # Items per preprocessing task by kind when `preprocess.batch_size` is unset: enough work per
-# task that Ray's per-task cost (~10 ms here) is small next to it — a caption tokenizes in
-# ~0.1 ms, an image in ~12 ms, a 10 s clip in ~0.4 s — and small enough that a shard splits
-# into many tasks (parallel decoding, and encoder actors fed evenly).
+# task that Ray's fixed cost per task is small next to it (a caption tokenizes far faster than
+# an image decodes, and a clip is slower still), and small enough that a shard splits into
+# many tasks (parallel decoding, and encoder actors fed evenly). Per-item preprocessing times:
+# benchmarks/bench_preprocess.py, benchmarks/results/preprocess-cpu-2core.txt.
 DEFAULT_PREPROCESS_BATCH: dict[str, int] = {
     "vision": 16,
     "depth": 16,
@@ -96,13 +98,13 @@ DEFAULT_PREPROCESS_BATCH: dict[str, int] = {
     "imu": 128,
 }
 
-# The same for kinds whose encoder runs on a GPU, which consumes items 10-100x faster: an H200
-# runs huge text at ~10k/s in bf16, so a 128-text task would be 13 ms of GPU work and the
-# driver would have to dispatch ~80 tasks/s per GPU. These give each encoder task ~50-100 ms
-# of H200 work (benchmarks/results/gpu-h200.md) and each preprocessing task 0.1-2 s of CPU.
-# Text gets more: a caption tokenizes in ~60 us while Ray's costs per block (a task in each of
-# preprocess, encode and write, their (de)serialisation, the driver's bookkeeping) do not
-# depend on its rows; 8192 captions spread them thinly (docs/pipelines.md, null encoder).
+# The same for kinds whose encoder runs on a GPU, which consumes items far faster than a CPU
+# one: small tasks would leave each GPU task milliseconds of work and the driver dispatching
+# tasks faster than it can. These give each encoder task tens of milliseconds of GPU work and
+# each preprocessing task about a second of CPU (GPU rates: benchmarks/results/gpu-h200.md).
+# Text gets more: a caption tokenizes in microseconds while Ray's costs per block (a task in
+# each of preprocess, encode and write, their (de)serialisation, the driver's bookkeeping) do
+# not depend on its rows; thousands of captions per block spread them thinly.
 DEFAULT_PREPROCESS_BATCH_GPU: dict[str, int] = {
     "vision": 64,
     "depth": 64,
@@ -114,9 +116,8 @@ DEFAULT_PREPROCESS_BATCH_GPU: dict[str, int] = {
 }
 
 # Items per encoder call when `batch_size` is unset. CPU: 32. GPU: at or past the knee of the
-# H200's items/s-vs-batch curve in bf16 (vision 64 -> 1371/s, 256 -> 1357/s; text 256 ->
-# 9918/s, 1024 -> 10027/s; benchmarks/results/gpu-h200.md), with activations of a few GB at
-# most for huge in float32.
+# items/s-vs-batch curve of an H200 in bf16 (benchmarks/results/gpu-h200.md), with
+# activations of a few GB at most for huge in float32.
 DEFAULT_ENCODER_BATCH_CPU = 32
 DEFAULT_ENCODER_BATCH_GPU: dict[str, int] = {
     "vision": 128,
@@ -130,9 +131,8 @@ DEFAULT_ENCODER_BATCH_GPU: dict[str, int] = {
 
 
 # Fraction of `encoder_defaults.num_gpus` a small encoder's actor asks for when its kind does
-# not set `num_gpus` itself: these towers are 1/4 to 1/20 of vision's work per item (huge,
-# H200, bf16: depth 13.7k/s, thermal 8.5k/s, audio 2.7k/s against vision 1.4k/s;
-# benchmarks/results/gpu-h200.md), so one actor rarely fills a GPU and several share one.
+# not set `num_gpus` itself: these towers do a fraction of vision's work per item
+# (benchmarks/results/gpu-h200.md), so one actor rarely fills a GPU and several share one.
 SMALL_ENCODER_GPU_SHARE: dict[str, float] = {
     "audio": 0.25,
     "depth": 0.25,
@@ -206,7 +206,7 @@ class EncoderConfig(_Strict):
     num_gpus: float = Field(0.0, ge=0)
     num_cpus: float = Field(1.0, ge=0)  # per actor (logical)
     min_actors: int = Field(1, gt=0)
-    # "auto": sized from the cluster when the job starts (`embed.pool_size`): one actor per
+    # "auto": sized from the cluster when the job starts (`resources.pool_size`): one actor per
     # `num_gpus` of the cluster's GPUs; for CPU encoders one single-threaded actor per core
     # (on CPU, several 1-thread actors are at least as fast as one multi-threaded one),
     # split between kinds.
@@ -374,7 +374,7 @@ class JobConfig(_Strict):
         return ibc.ModelSpec(
             preset=self.preset,
             checkpoint=self.checkpoint,
-            sha256=self.checkpoint_sha256,
+            checkpoint_sha256=self.checkpoint_sha256,
             dtype=enc.dtype,
             device=enc.model_device,
             seed=self.seed,
@@ -573,3 +573,97 @@ def load_config(
     """
     data = read_config_file(path) if path is not None else {}
     return build_config(data, overrides, path, sources)
+
+
+# ----------------------------------------------------------------------------- re-index
+
+
+class IndexSettings(BaseModel):
+    """The `index:` section of a re-index config (the rest is an `imagebind-embed` config)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    root: str
+    """Index root URI: a local folder or s3://bucket/prefix."""
+    keep_versions: int = Field(3, ge=1)
+    """Published versions retention keeps."""
+    lock_ttl_s: float = Field(600.0, gt=0)
+    """Lease of the re-index lock; renewed every third of it."""
+    retry_failed: bool = False
+    """Retry items that failed in the parent although unchanged."""
+    full: bool = False
+    """Re-embed everything this run."""
+    allow_empty: bool = False
+    """Publish an empty version when the input exists but holds no items (every item deleted).
+    Off by default: an emptied folder or prefix is more often a mistake than a corpus, and
+    publishing it would empty the index."""
+    flat_threshold: int = Field(20_000, ge=1)
+    """Modalities with fewer vectors get an exact flat index."""
+    pq_threshold: int = Field(200_000, ge=1)
+    """Modalities with at least this many vectors get IVF-PQ (below: IVF-Flat)."""
+    nlist: int | None = Field(None, ge=1)
+    """IVF lists (default ~4 sqrt(n))."""
+    nprobe: int = Field(32, ge=1)
+    """IVF lists searched per query."""
+    diff_on_ray_rows: int = Field(1_000_000, ge=0)
+    """Parents with at least this many rows (failures included) are diffed and carried
+    forward on Ray Data, so the driver never holds their rows; smaller ones on the driver.
+    0: always on Ray Data."""
+    diff_partitions: int | None = Field(None, ge=1)
+    """Hash partitions of the Ray Data diff (default one per million rows, at least 2)."""
+    pq_m: int = Field(64, ge=1)
+    """IVF-PQ code bytes per vector."""
+    rerank: int = Field(10, ge=0)
+    """IVF-PQ: re-score rerank x top_k candidates with stored float vectors (0: off, no float
+    vectors stored)."""
+    shards: int = Field(1, ge=1)
+    """Index shards (by id hash)."""
+    retrain_growth: float = Field(4.0, gt=1)
+    """Rebuild (retrain) an IVF modality when its size leaves [trained / g, trained * g]."""
+
+    def index_options(self) -> IndexOptions:
+        """The `imagebind_core.index.IndexOptions` these settings describe (the fields of both
+        with the same name; IndexOptions' others keep their defaults)."""
+        names = [
+            f.name for f in dataclasses.fields(IndexOptions) if f.name in type(self).model_fields
+        ]
+        return IndexOptions(**{n: getattr(self, n) for n in names})
+
+
+@dataclass(frozen=True)
+class ReindexConfig:
+    """The embedding job's settings (`JobConfig`; its `output` is set per version) + `index`."""
+
+    job: JobConfig
+    index: IndexSettings
+
+
+def load_reindex_config(
+    path: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    sources: Mapping[str, str] | None = None,
+) -> ReindexConfig:
+    """Read a YAML re-index config: `imagebind-embed` fields plus an `index:` section.
+
+    `overrides` are dotted keys as for `pipelines.config.load_config`; keys under `index.` go
+    to the index section; `sources` maps them to the flag that set them (for error messages).
+    `output` may be omitted (each version's folder is the job's output). Raises ConfigError
+    naming the bad field and where its value came from.
+    """
+    data = read_config_file(path) if path is not None else {}
+    index = dict(data.pop("index", None) or {})
+    job_over: dict[str, Any] = {}
+    for k, v in (overrides or {}).items():
+        if v is None:
+            continue
+        if k.startswith("index."):
+            index[k[len("index.") :]] = v
+        else:
+            job_over[k] = v
+    try:
+        settings = IndexSettings.model_validate(index)
+    except ValidationError as e:
+        msg = format_validation_error(e, path, sources, prefix=("index",), model=IndexSettings)
+        raise ConfigError(msg) from None
+    data.setdefault("output", join_uri(settings.root, "versions", "_unused"))
+    return ReindexConfig(build_config(data, job_over, path, sources), settings)

@@ -19,6 +19,11 @@ the same time.
 
 Retention keeps the last N published versions (following `parent` links from `LATEST`) and
 removes abandoned staging folders of crashed or losing runs.
+
+Staging (`IndexRoot.stage` -> `StagedVersion`) places a version's files: `data/embedded/`
+(this run's embeddings), `data/carried/` (rows copied from the parent, CARRIED_ROWS_PER_FILE
+per file; failures under `_errors/`), `index/` and the record `version.json`, written last.
+`read_parquet_tree` reads a version's data back.
 """
 
 from __future__ import annotations
@@ -30,8 +35,14 @@ import logging
 import os
 import time
 import uuid
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from imagebind_core.index import (
+    DATA_DIR,
+    INDEX_DIR,
     POINTER_NAME,
     RECORD_NAME,
     VERSIONS_DIR,
@@ -39,7 +50,7 @@ from imagebind_core.index import (
     join_uri,
 )
 from imagebind_core.io import StorageOptions, filesystem
-from pipelines.store import PreconditionFailed, open_store
+from pipelines.store import PreconditionFailed, open_store, parquet_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +98,10 @@ class IndexRoot:
     def version_uri(self, name: str) -> str:
         """URI of the version folder `name`."""
         return join_uri(self.root, VERSIONS_DIR, name)
+
+    def stage(self, version: int) -> StagedVersion:
+        """A new, empty staging folder for `version` (named with a fresh run id)."""
+        return StagedVersion(self, version, version_name(version, new_run_id()))
 
     def latest(self) -> tuple[Pointer | None, str | None]:
         """The published pointer and its etag (both None before the first publish)."""
@@ -183,6 +198,132 @@ class IndexRoot:
         if removed:
             logger.info("retention removed versions %s", removed)
         return removed
+
+
+# ------------------------------------------------------------------------- version staging
+
+# Inside a version's data/ folder: this run's embeddings (`pipelines.embed.embed_items` output)
+# and the rows copied from the parent version; failed items sit in `_errors/` below each.
+EMBEDDED_DIR = "embedded"
+CARRIED_DIR = "carried"
+ERRORS_DIR = "_errors"
+RECORD_FORMAT = 1  # `format` of version.json
+CARRIED_ROWS_PER_FILE = 1_000_000  # rows per carried-forward Parquet file
+
+
+def parquet_files(uri: str, storage_options: StorageOptions, *, errors: bool) -> list[str]:
+    """The Parquet files `read_parquet_tree` reads, as paths of `filesystem(uri)`."""
+    fs, root = filesystem(uri, storage_options)
+    try:
+        fs.invalidate_cache(root)
+        files = sorted(fs.find(root))
+    except FileNotFoundError:
+        return []
+    picked = []
+    for f in files:
+        if not f.endswith(".parquet"):
+            continue
+        rel = f[len(root.rstrip("/")) + 1 :].split("/")
+        hidden = [p for p in rel[:-1] if p.startswith(("_", "."))]
+        if rel[-1].startswith(("_", ".")):
+            continue
+        if (errors and hidden == [ERRORS_DIR]) or (not errors and not hidden):
+            picked.append(f)
+    return picked
+
+
+def read_parquet_tree(
+    uri: str, storage_options: StorageOptions, *, errors: bool
+) -> pa.Table | None:
+    """All Parquet files under `uri`: data files (`errors=False`, `_`/`.` paths skipped) or the
+    files inside `_errors/` folders (`errors=True`). None if there are none."""
+    picked = parquet_files(uri, storage_options, errors=errors)
+    if not picked:
+        return None
+    fs, _ = filesystem(uri, storage_options)
+    tables = []
+    for f in picked:
+        with fs.open(f, "rb") as fh:
+            tables.append(pq.read_table(fh))
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def arrow_fs(uri: str, storage_options: StorageOptions) -> Any:
+    """A pyarrow filesystem over the fsspec one of `uri` (for Ray Data reads and writes)."""
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    return PyFileSystem(FSSpecHandler(filesystem(uri, storage_options)[0]))
+
+
+def record_rows(record: dict | None) -> int:
+    """Rows plus kept failures of a published version, from its record."""
+    if not record:
+        return 0
+    c = record.get("counts", {})
+    return int(c.get("total", 0)) + int(c.get("failed", 0)) + int(c.get("failed_kept", 0))
+
+
+def write_chunks(folder: str, table: pa.Table, storage_options: StorageOptions) -> list[str]:
+    """`table` as `part-00000.parquet`, ... under `folder`, CARRIED_ROWS_PER_FILE rows each."""
+    fs, path = filesystem(folder, storage_options)
+    fs.makedirs(path, exist_ok=True)
+    names = []
+    for k, start in enumerate(range(0, table.num_rows, CARRIED_ROWS_PER_FILE)):
+        name = f"part-{k:05d}.parquet"
+        fs.pipe_file(f"{path}/{name}", parquet_bytes(table.slice(start, CARRIED_ROWS_PER_FILE)))
+        names.append(name)
+    return names
+
+
+class StagedVersion:
+    """A version folder being written, that nobody reads until `IndexRoot.publish` points
+    `LATEST` at it: `data/embedded/`, `data/carried/`, `index/` and `version.json`."""
+
+    def __init__(self, root: IndexRoot, version: int, name: str) -> None:
+        self.root = root
+        self.version = version
+        self.name = name
+        self.uri = root.version_uri(name)
+        self.data_uri = join_uri(self.uri, DATA_DIR)
+        self.embedded_uri = join_uri(self.data_uri, EMBEDDED_DIR)
+        self.carried_uri = join_uri(self.data_uri, CARRIED_DIR)
+        self.carried_errors_uri = join_uri(self.carried_uri, ERRORS_DIR)
+        self.index_uri = join_uri(self.uri, INDEX_DIR)
+
+    def read_embedded(self) -> tuple[pa.Table | None, pa.Table | None]:
+        """This run's embedded rows and its failures (None where there are none)."""
+        storage_options = self.root.storage_options
+        return (
+            read_parquet_tree(self.embedded_uri, storage_options, errors=False),
+            read_parquet_tree(self.embedded_uri, storage_options, errors=True),
+        )
+
+    def write_carried(self, rows: pa.Table, errors: pa.Table) -> None:
+        """Rows (and kept failures) carried from the parent, written by the driver."""
+        if rows.num_rows:
+            write_chunks(self.carried_uri, rows, self.root.storage_options)
+        if errors.num_rows:
+            write_chunks(self.carried_errors_uri, errors, self.root.storage_options)
+
+    def read_carried(self) -> pa.Table | None:
+        """The carried rows as written (by `write_carried` or by Ray Data workers)."""
+        return read_parquet_tree(self.carried_uri, self.root.storage_options, errors=False)
+
+    def fs_path(self, uri: str) -> str:
+        """`uri` (below this version) as a path of `arrow_fs`'s filesystem."""
+        return filesystem(uri, self.root.storage_options)[1]
+
+    def write_record(self, record: dict) -> None:
+        """Write `version.json` (last: a folder without it was never finished)."""
+        self.root.write_record(self.name, record)
+
+    def discard(self) -> None:
+        """Remove the folder (lost lock, lost publish)."""
+        self.root.discard(self.name)
+
+    def pointer(self) -> Pointer:
+        """The `LATEST` pointer that publishes this version."""
+        return Pointer(self.version, self.name, utc_now())
 
 
 def _pause_point() -> None:

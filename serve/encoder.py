@@ -91,7 +91,7 @@ class EncoderCore:
         spec = ibc.ModelSpec(
             preset=model.config.name if model is not None else preset,
             checkpoint=checkpoint,
-            sha256=sha256,
+            checkpoint_sha256=sha256,
             dtype=dtype or "float32",
             device=device,
             seed=seed,

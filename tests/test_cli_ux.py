@@ -16,9 +16,10 @@ import time
 import pytest
 from logcheck import alarming_lines
 
-from pipelines import embed, reindex
+from pipelines import cli, embed
 from pipelines.config import ConfigError, load_config
 from pipelines.demo_corpus import write_demo_corpus
+from pipelines.lineage import model_lineage
 from pipelines.plan import plan_job
 from pipelines.progress import format_progress
 from pipelines.store import Output, PreconditionFailed, open_store
@@ -28,7 +29,7 @@ DEMO = os.path.join(ROOT, "configs", "demo.yaml")
 
 
 def run_embed(capsys, *argv: str) -> tuple[int, str, str]:
-    rc = embed.main(list(argv))
+    rc = cli.embed_main(list(argv))
     out = capsys.readouterr()
     return rc, out.out, out.err
 
@@ -73,12 +74,12 @@ def test_file_typo_names_the_file(tmp_path):
 
 
 def test_reindex_config_errors_name_the_source(capsys, tmp_path):
-    rc = reindex.main(["--input", str(tmp_path), "--index-root", str(tmp_path / "idx"),
+    rc = cli.reindex_main(["--input", str(tmp_path), "--index-root", str(tmp_path / "idx"),
                        "--set", "index.keep_versions=0"])  # fmt: skip
     err = capsys.readouterr().err
     assert rc == 2
     assert "index.keep_versions: must be a number >= 1 (got 0) [from --set" in err
-    rc = reindex.main(["--input", str(tmp_path), "--index-root", str(tmp_path / "idx"),
+    rc = cli.reindex_main(["--input", str(tmp_path), "--index-root", str(tmp_path / "idx"),
                        "--set", "index.nprobes=4"])  # fmt: skip
     err = capsys.readouterr().err
     assert rc == 2
@@ -91,7 +92,7 @@ def test_reindex_config_errors_name_the_source(capsys, tmp_path):
 def test_missing_input_creates_nothing(capsys, tmp_path):
     missing = str(tmp_path / "no-such-corpus")
     root, out = tmp_path / "index", tmp_path / "embeddings"
-    rc = reindex.main(["--config", DEMO, "--input", missing, "--index-root", str(root)])
+    rc = cli.reindex_main(["--config", DEMO, "--input", missing, "--index-root", str(root)])
     assert rc == 2
     assert f"input not found: {missing}" in capsys.readouterr().err
     assert not root.exists()
@@ -108,7 +109,7 @@ def _started_output(tmp_path) -> tuple[str, str]:
     plan = plan_job(cfg)
     output = Output(out)
     output.makedirs(output.root)
-    embed._check_record(output, cfg, plan, embed.model_lineage(cfg, plan.kinds))
+    embed._check_record(output, cfg, plan, model_lineage(cfg, plan.kinds))
     return corpus, out
 
 

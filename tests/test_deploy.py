@@ -342,8 +342,8 @@ def mounted_file(job: dict, items: list[dict], path: str) -> str:
 
 
 def test_rayjob_runs_the_embedding_job_with_a_valid_config(tmp_path):
+    from pipelines.cli import build_embed_parser as build_parser
     from pipelines.config import load_config
-    from pipelines.embed import build_parser
 
     items = docs("rayjob-embed.yaml")
     job = one(items, "RayJob")
@@ -360,7 +360,8 @@ def test_rayjob_runs_the_embedding_job_with_a_valid_config(tmp_path):
 
 
 def test_cronjob_creates_a_rayjob_running_reindex(tmp_path):
-    from pipelines.reindex import build_parser, load_reindex_config
+    from pipelines.cli import build_reindex_parser as build_parser
+    from pipelines.config import load_reindex_config
 
     items = docs("cronjob-reindex.yaml")
     cron, template = one(items, "CronJob"), reindex_rayjob()
@@ -406,7 +407,7 @@ def rayservice() -> tuple[dict, dict]:
 
 
 def test_rayservice_serves_the_app_over_the_reindexed_index(tmp_path):
-    from pipelines.reindex import load_reindex_config
+    from pipelines.config import load_reindex_config
     from serve.schemas import AppArgs
 
     _, serve_cfg = rayservice()

@@ -11,8 +11,8 @@ import re
 import yaml
 from helpers.pipeline import read_output
 
+from pipelines.cli import embed_main as main
 from pipelines.demo_corpus import demo_files, write_demo_corpus
-from pipelines.embed import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "demo.yaml")

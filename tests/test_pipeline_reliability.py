@@ -20,8 +20,9 @@ import pytest
 from helpers.pipeline import SMALL_JOB as SMALL
 from helpers.pipeline import read_output
 
+from pipelines.cli import embed_main as main
 from pipelines.config import load_config
-from pipelines.embed import main, run_job
+from pipelines.embed import run_job
 from pipelines.lock import LOCK_KEY, OutputLock, OutputLocked
 from pipelines.plan import list_items, plan_job, shard_tasks
 from pipelines.readers import read_tasks

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from helpers.pipeline import read_output
 
-from pipelines.embed import main
+from pipelines.cli import embed_main as main
 
 N_SHARDS = 10
 PER_SHARD = 3

@@ -19,8 +19,9 @@ import pytest
 from helpers.pipeline import Writer, files_corpus, manifest_corpus, webdataset_corpus
 from numerics import assert_embeddings_close
 
+from pipelines.cli import embed_main as main
 from pipelines.config import ConfigError, load_config
-from pipelines.embed import OutputMismatch, main, run_job
+from pipelines.embed import OutputMismatch, run_job
 from pipelines.formats import PlanError, id_digests, repeated_rows
 from pipelines.lock import LOCK_KEY, OutputLock, OutputLocked
 from pipelines.plan import detect_format, list_input, list_items, plan_job, shard_tasks
@@ -87,7 +88,7 @@ def test_encoder_overrides_merge_with_defaults():
 
 
 def test_pool_sizes_and_preprocess_batches_resolve_per_kind(monkeypatch):
-    from pipelines.embed import Pool, actor_memory_bytes, pool_size
+    from pipelines.resources import Pool, actor_memory_bytes, pool_size
 
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
     cfg = load_config(None, {"input": "i", "output": "o", "preset": "tiny"})
@@ -392,7 +393,8 @@ def test_an_unreadable_first_tar_shard_is_skipped_when_planning(tmp_path):
 
 
 def test_rerun_with_the_input_spelled_differently_is_the_same_job(tmp_path):
-    from pipelines.embed import _check_record, model_lineage
+    from pipelines.embed import _check_record
+    from pipelines.lineage import model_lineage
     from pipelines.store import Output
 
     d = tmp_path / "in"
@@ -412,7 +414,7 @@ def test_rerun_with_the_input_spelled_differently_is_the_same_job(tmp_path):
 
 
 def test_gpu_pools_fill_every_gpu_and_pack_small_encoders():
-    from pipelines.embed import Pool, gpu_pools, pool_size
+    from pipelines.resources import Pool, gpu_pools, pool_size
 
     cfg = load_config(
         None, {"input": "i", "output": "o", "preset": "tiny", "encoder_defaults.num_gpus": 1}
@@ -468,7 +470,8 @@ def test_gpu_pools_fill_every_gpu_and_pack_small_encoders():
 def test_rerun_with_anything_that_changes_a_vector_is_refused(tmp_path, change):
     """An output holds one model's vectors: a rerun with another dtype, seed (random weights),
     normalisation or preprocessing option/limit is refused like another preset."""
-    from pipelines.embed import _check_record, model_lineage
+    from pipelines.embed import _check_record
+    from pipelines.lineage import model_lineage
     from pipelines.store import Output
 
     d = tmp_path / "in"

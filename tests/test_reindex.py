@@ -40,15 +40,11 @@ from imagebind_core.index import (
     load_latest,
     read_pointer,
 )
-from pipelines.publish import PAUSE_ENV, IndexRoot
-from pipelines.reindex import (
-    _read_parquet_tree,
-    diff_listing,
-    lineage_changes,
-    lineage_key,
-    load_reindex_config,
-    reindex,
-)
+from pipelines.config import load_reindex_config
+from pipelines.diff import diff_listing
+from pipelines.lineage import lineage_changes, lineage_key
+from pipelines.publish import PAUSE_ENV, IndexRoot, read_parquet_tree
+from pipelines.reindex import reindex
 
 
 def test_incremental_reindex_round_trip(ray_session, s3_server, tmp_path):
@@ -221,8 +217,8 @@ def test_diff_and_lineage_rules():
 
 
 def test_bad_config_names_the_field(capsys):
+    from pipelines.cli import reindex_main as main
     from pipelines.config import ConfigError
-    from pipelines.reindex import main
 
     assert main(["--index-root", "/tmp/nowhere"]) == 2  # no input
     assert "input" in capsys.readouterr().err
@@ -341,7 +337,7 @@ def test_unreadable_shard_is_kept_as_a_failure_and_an_emptied_corpus_needs_conse
         f.truncate(1200)
     second = reindex(cfg)
     assert second.status == "published" and second.counts["failed"] >= 1
-    errors = _read_parquet_tree(
+    errors = read_parquet_tree(
         join_uri(read_pointer(root, {}).version_uri(root), DATA_DIR), {}, errors=True
     )
     assert any(i.startswith("00000#unreadable-") for i in errors.column("id").to_pylist())

@@ -226,7 +226,7 @@ def test_spec_lineage_names_everything_that_changes_a_vector():
         base.lineage(kinds=["text"])
     )
     # With a checkpoint the seed does not matter.
-    ck = dict(checkpoint="/w.pth", sha256="ab")
+    ck = dict(checkpoint="/w.pth", checkpoint_sha256="ab")
     assert ibc.lineage_key(ibc.ModelSpec(preset="tiny", **ck).lineage()) == ibc.lineage_key(
         ibc.ModelSpec(preset="tiny", seed=3, **ck).lineage()
     )

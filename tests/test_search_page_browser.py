@@ -78,8 +78,9 @@ def chrome(width: int = 1280, height: int = 900):
 def page(ray_session, tmp_path_factory):
     from ray import serve
 
+    from pipelines.config import load_reindex_config
     from pipelines.demo_corpus import write_demo_corpus
-    from pipelines.reindex import load_reindex_config, reindex
+    from pipelines.reindex import reindex
     from serve.app import build_app
     from serve.schemas import AppArgs
 

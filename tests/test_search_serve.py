@@ -15,7 +15,9 @@ from helpers.reindex import TEXTS, s3_corpus, s3_settings
 from helpers.serve import serve_base_url, wait_ready
 
 from imagebind_core.index import DATA_DIR, join_uri, read_pointer
-from pipelines.reindex import _read_parquet_tree, load_reindex_config, reindex
+from pipelines.config import load_reindex_config
+from pipelines.publish import read_parquet_tree
+from pipelines.reindex import reindex
 
 APP = "search-t"
 PREFIX = "/search-t"
@@ -88,7 +90,7 @@ def test_modality_filter_and_raw_vector(setup, s3_server):
     assert len(hits) == 8 and {h["modality"] for h in hits} == {"vision", "text"}
     so = s3_server.storage_options
     pointer = read_pointer(root, so)
-    rows = _read_parquet_tree(join_uri(pointer.version_uri(root), DATA_DIR), so, errors=False)
+    rows = read_parquet_tree(join_uri(pointer.version_uri(root), DATA_DIR), so, errors=False)
     k = rows.column("id").to_pylist().index("img/pic1.png")
     vec = rows.column("embedding")[k].as_py()
     assert search(client, vector=vec, top_k=1)[0]["id"] == "img/pic1.png"

@@ -295,7 +295,7 @@ def test_metrics_port_is_fixed_in_the_docs_and_cluster_configs():
 @pytest.fixture(scope="module")
 def reindexed(ray_session, tmp_path_factory):
     """`imagebind-reindex --json` on three captions (tiny, seed 0): (printed dict, root)."""
-    from pipelines.reindex import main
+    from pipelines.cli import reindex_main as main
 
     base = tmp_path_factory.mktemp("reindex")
     corpus = base / "corpus"

@@ -12,7 +12,8 @@ import pyarrow as pa
 from helpers.net import S3Server
 from helpers.pipeline import SMALL_FILES_JOB, Writer
 from imagebind_core.index import DATA_DIR, join_uri, read_pointer
-from pipelines.reindex import ReindexConfig, _read_parquet_tree, load_reindex_config
+from pipelines.config import ReindexConfig, load_reindex_config
+from pipelines.publish import read_parquet_tree
 
 TEXTS = ["a red square", "two dogs playing", "a quiet street", "rain on a tin roof", "a violin"]
 
@@ -74,7 +75,7 @@ def version_rows(root: str, storage_options: dict) -> tuple[str, pa.Table]:
     """The published version's name and its rows."""
     pointer = read_pointer(root, storage_options)
     data = join_uri(pointer.version_uri(root), DATA_DIR)
-    rows = _read_parquet_tree(data, storage_options, errors=False)
+    rows = read_parquet_tree(data, storage_options, errors=False)
     return pointer.name, rows
 
 
