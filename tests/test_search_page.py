@@ -88,7 +88,7 @@ def corpus(tmp_path):
 
 def service(corpus, **args):
     from serve.ingress import EmbeddingService
-    from serve.schemas import AppArgs
+    from serve.options import AppArgs
     from serve.search import SearchIndexCore
 
     core = SearchIndexCore(corpus["root"], poll_interval_s=0)
@@ -119,7 +119,7 @@ def request(path: str = "/", key: str | None = None, body: bytes = b""):
 
 def call(coro):
     """Run a service coroutine: (status, headers, body) of its response or its APIError."""
-    from serve.ingress import APIError
+    from serve.http import APIError
 
     try:
         r = asyncio.run(coro)
@@ -223,8 +223,10 @@ def test_media_of_published_items_only_with_allow_lists(corpus):
 def test_media_allow_list_rules(corpus):
     svc, _ = service(corpus)
     d = corpus["media"]
-    assert svc.media_allowed(f"{d}/pic.png") and svc.media_allowed(f"file://{d}/pic.png")
-    assert svc.media_allowed("s3://bucket/allowed/a/b.png")
+    assert svc.inputs.media_allowed(f"{d}/pic.png") and svc.inputs.media_allowed(
+        f"file://{d}/pic.png"
+    )
+    assert svc.inputs.media_allowed("s3://bucket/allowed/a/b.png")
     for uri in (
         f"{d}/../secret.png",  # resolved before the check
         f"{d}-sibling/pic.png",  # a folder is not a string prefix
@@ -233,10 +235,10 @@ def test_media_allow_list_rules(corpus):
         "https://example.com/x.png",
         "/etc/passwd",
     ):
-        assert not svc.media_allowed(uri), uri
+        assert not svc.inputs.media_allowed(uri), uri
     # no folder configured: no local file at all
     svc, _ = service(corpus, media_local_dirs=[])
-    assert not svc.media_allowed(f"{d}/pic.png")
+    assert not svc.inputs.media_allowed(f"{d}/pic.png")
 
 
 def test_media_and_thumbnails_ask_for_the_key(corpus):
@@ -253,7 +255,7 @@ def test_media_and_thumbnails_ask_for_the_key(corpus):
 
 def test_no_index_no_media():
     from serve.ingress import EmbeddingService
-    from serve.schemas import AppArgs
+    from serve.options import AppArgs
 
     svc = EmbeddingService(AppArgs(preset="tiny"), {})
     status, _, msg = call(svc.media(request("/v1/media"), "pic"))
@@ -286,7 +288,7 @@ def test_thumbnails_are_bounded_jpegs_of_images_and_video_frames(corpus):
 
 def test_bad_or_missing_media_give_the_placeholder(corpus):
     svc, _ = service(corpus)
-    from serve.ingress import UI_DIR
+    from serve.media import UI_DIR
 
     with open(os.path.join(UI_DIR, "placeholder.svg"), "rb") as f:
         placeholder = f.read()
@@ -352,7 +354,8 @@ def test_make_thumbnail_refuses_what_it_cannot_show():
 
 
 def test_page_files_and_nothing_else():
-    from serve.ingress import APIError, ui_file
+    from serve.http import APIError
+    from serve.media import ui_file
 
     page = ui_file("index.html")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
@@ -376,7 +379,7 @@ def test_page_files_are_package_data():
         data = tomllib.load(f)["tool"]["setuptools"]["package-data"]["serve"]
     import fnmatch
 
-    from serve.ingress import UI_DIR, UI_FILES
+    from serve.media import UI_DIR, UI_FILES
 
     for name in UI_FILES:
         assert os.path.isfile(os.path.join(UI_DIR, name))
