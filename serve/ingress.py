@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import cachetools
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -41,13 +40,7 @@ from serve.http import (
     retry_after,
 )
 from serve.inputs import Inputs
-from serve.media import (
-    MIN_THUMBNAIL_SIDE,
-    media_response,
-    media_type,
-    placeholder_response,
-    ui_file,
-)
+from serve.media import SearchPage, ui_file
 from serve.options import AppArgs
 from serve.schemas import (
     ALL_KINDS,
@@ -120,11 +113,66 @@ class RequestMetrics:
             self.latency.observe(time.perf_counter() - seen.t0, tags=tags)
 
 
+class IndexClient:
+    """Calls to the `search` deployment, its refusals as API errors.
+
+    Args:
+        handle: the deployment's handle, or None when the app has no index (every call 404).
+        retry_after_header: the `Retry-After` header of a 503.
+    """
+
+    def __init__(self, handle: Any | None, retry_after_header: dict[str, str]) -> None:
+        self.handle = handle
+        self.retry_after_header = retry_after_header
+
+    def need(self) -> None:
+        """404 when the app was started without an index."""
+        if self.handle is None:
+            raise APIError(
+                404,
+                "search is not enabled: this app was started without `index_uri`",
+                code="search_disabled",
+            )
+
+    async def call(self, method: str, *args: Any, param: str | None = None) -> Any:
+        """`handle.<method>.remote(*args)`, its refusals as API errors: no version
+        published yet -> 503, an id the version lacks (KeyError) -> 404, a bad query
+        (ValueError, e.g. imagebind_core.InvalidInput) -> 400 naming `param`."""
+        from ray.exceptions import RayTaskError
+
+        from serve.search import IndexNotReady
+
+        try:
+            return await getattr(self.handle, method).remote(*args)
+        except Exception as e:
+            # Over Serve the replica's exception arrives as a RayTaskError carrying it.
+            cause = getattr(e, "cause", None) if isinstance(e, RayTaskError) else e
+            if isinstance(cause, IndexNotReady):
+                raise APIError(
+                    503,
+                    f"search: {cause}",
+                    type="server_error",
+                    code="index_not_ready",
+                    headers=self.retry_after_header,
+                ) from None
+            if isinstance(cause, KeyError):
+                raise APIError(
+                    404,
+                    f"{param}: no item {cause.args[0]!r} in the published index version",
+                    param=param,
+                    code="item_not_found",
+                ) from None
+            if isinstance(cause, ValueError):
+                raise APIError(400, f"search: {cause}", param=param) from None
+            raise
+
+
 class EmbeddingService:
     """The request logic of the ingress, independent of FastAPI routing and Serve.
 
     Holds the request policy (`policy`: auth, body, deadline), the input decoder (`inputs`),
-    what it knows of the deployments (`scaling`, `startup`) and the handles it calls.
+    what it knows of the deployments (`scaling`, `startup`), the handles it calls (`encoders`,
+    `index`) and the search page's media routes (`page`).
 
     Args:
         args: the application's arguments.
@@ -150,14 +198,11 @@ class EmbeddingService:
         # Serve's gRPC transport for small calls: see `_call_encoder`.
         self._encoders_grpc = {m: h.options(_by_reference=False) for m, h in self.encoders.items()}
         self.search_index = search
+        self.index = IndexClient(search, self.retry_after_header)
+        self.page = SearchPage(args, self.policy, self.inputs, self.index)
         self.scaling = ScalingStatus(args, list(self.encoders))
         self.startup = Startup(args, self.encoders, self._remember_info)
         self.request_metrics = RequestMetrics()
-        # Thumbnails by (index version, id, size), bounded in bytes, least recently used out.
-        # Read and written on the replica's event loop only.
-        self.thumbnails: cachetools.LRUCache = cachetools.LRUCache(
-            maxsize=args.thumbnail_cache_bytes, getsizeof=len
-        )
         self._info: dict[str, Any] | None = None
         self._metrics_url: str | None = None
 
@@ -327,38 +372,6 @@ class EmbeddingService:
         finally:
             self.scaling.waiting[modality] -= 1
 
-    async def _index_call(self, method: str, *args: Any, param: str | None = None) -> Any:
-        """`search_index.<method>.remote(*args)`, its refusals as API errors: no version
-        published yet -> 503, an id the version lacks (KeyError) -> 404, a bad query
-        (ValueError, e.g. imagebind_core.InvalidInput) -> 400 naming `param`."""
-        from ray.exceptions import RayTaskError
-
-        from serve.search import IndexNotReady
-
-        try:
-            return await getattr(self.search_index, method).remote(*args)
-        except Exception as e:
-            # Over Serve the replica's exception arrives as a RayTaskError carrying it.
-            cause = getattr(e, "cause", None) if isinstance(e, RayTaskError) else e
-            if isinstance(cause, IndexNotReady):
-                raise APIError(
-                    503,
-                    f"search: {cause}",
-                    type="server_error",
-                    code="index_not_ready",
-                    headers=self.retry_after_header,
-                ) from None
-            if isinstance(cause, KeyError):
-                raise APIError(
-                    404,
-                    f"{param}: no item {cause.args[0]!r} in the published index version",
-                    param=param,
-                    code="item_not_found",
-                ) from None
-            if isinstance(cause, ValueError):
-                raise APIError(400, f"search: {cause}", param=param) from None
-            raise
-
     # --- routes: embeddings and search -------------------------------------------------------
     async def embeddings(self, request: Request) -> Response:
         """POST /v1/embeddings."""
@@ -408,7 +421,7 @@ class EmbeddingService:
         """POST /v1/search: embed the query (or take a vector) and ask the index."""
         async with self.request_metrics.observed("search") as seen:
             self.policy.check_auth(request)
-            self.need_search()
+            self.index.need()
             async with self.policy.json_request(request, SearchRequest) as req:
                 self.check_model(req.model)
                 if req.filter_modality is not None and req.filter_modality not in ALL_KINDS:
@@ -420,7 +433,7 @@ class EmbeddingService:
                     )
                 if req.id is not None:
                     seen.kind = "id"
-                    hits = await self._index_call(
+                    hits = await self.index.call(
                         "similar", req.id, req.top_k, req.filter_modality, param="id"
                     )
                 else:
@@ -430,7 +443,7 @@ class EmbeddingService:
                     else:
                         seen.kind = self.check_kind(req.modality)
                         vector = await self._query_vector(seen.kind, req.input or "")
-                    hits = await self._index_call(
+                    hits = await self.index.call(
                         "search", vector, req.top_k, req.filter_modality, param="vector"
                     )
             resp = SearchResponse(data=[SearchHit(**h) for h in hits], model=self.model_id)
@@ -442,122 +455,6 @@ class EmbeddingService:
         await self.startup.check_started(kind)
         arrays, _ = await self.inputs.prepare_all(kind, [query])
         return (await self.encode(kind, arrays, True))[0].tolist()
-
-    def need_search(self) -> None:
-        """404 when the app was started without an index."""
-        if self.search_index is None:
-            raise APIError(
-                404,
-                "search is not enabled: this app was started without `index_uri`",
-                code="search_disabled",
-            )
-
-    # --- routes: the search page's index, media and thumbnails -------------------------------
-    async def index_info(self, request: Request) -> Response:
-        """GET /v1/index: the published version the endpoint serves and its counts."""
-        self.policy.check_auth(request)
-        self.need_search()
-        info = await self._index_call("info")
-        keys = ("version", "name", "published_at", "created_at", "parent", "count", "dim")
-        body = {
-            "object": "index",
-            **{k: info.get(k) for k in keys},
-            "modalities": info.get("modalities", {}),
-            "counts": info.get("counts", {}),
-            "loaded_at": info.get("loaded_at"),
-        }
-        return JSONResponse(body)
-
-    async def published_item(self, request: Request, item_id: str | None) -> dict:
-        """The published item `item_id` whose media may be served: 401 without the key, 404
-        when search is off or the loaded version lacks the id, 403 when its URI is outside
-        the allow-lists."""
-        self.policy.check_auth(request)
-        self.need_search()
-        if not item_id:
-            raise APIError(400, "id: give the item's id (?id=...)", param="id", code="invalid_id")
-        item = await self._index_call("item", item_id, param="id")
-        if item is None:
-            raise APIError(
-                404,
-                f"id: no item {item_id!r} in the published index version",
-                param="id",
-                code="item_not_found",
-            )
-        if not self.inputs.media_allowed(item["uri"]):
-            raise APIError(
-                403,
-                f"id: the media of {item_id!r} is not under an allowed prefix or folder "
-                "(s3_allowed_prefixes, media_local_dirs)",
-                param="id",
-                code="uri_not_allowed",
-            )
-        return item
-
-    async def media(self, request: Request, item_id: str | None) -> Response:
-        """GET /v1/media?id=: the original bytes of a published item (404 if it is gone)."""
-        item = await self.published_item(request, item_id)
-        loop = asyncio.get_running_loop()
-        try:
-            data = await loop.run_in_executor(self.inputs.pool, self.inputs.read_media, item)
-        except ibc.InvalidInput as e:
-            raise APIError(
-                404, f"id: media of {item_id!r}: {e.reason}", param="id", code="media_unavailable"
-            ) from None
-        except ibc.StoreUnavailable as e:
-            raise self._store_unavailable(e) from None
-        return media_response(data, media_type(item))
-
-    async def thumbnail(self, request: Request, item_id: str | None, size: int) -> Response:
-        """GET /v1/thumbnail?id=&size=: a JPEG of at most `size` pixels a side of a published
-        image or video, made on first request and cached; unreadable or undecodable media
-        answer the placeholder image (200, header `x-placeholder` saying why)."""
-        from imagebind_core.thumbnail import MAX_THUMBNAIL_SIDE, THUMBNAIL_KINDS, make_thumbnail
-
-        if not MIN_THUMBNAIL_SIDE <= size <= MAX_THUMBNAIL_SIDE:
-            raise APIError(
-                400,
-                f"size must be in [{MIN_THUMBNAIL_SIDE}, {MAX_THUMBNAIL_SIDE}], got {size}",
-                param="size",
-                code="invalid_size",
-            )
-        item = await self.published_item(request, item_id)
-        if item["modality"] not in THUMBNAIL_KINDS:
-            raise APIError(
-                400,
-                f"id: {item_id!r} is a {item['modality']} item; thumbnails exist for "
-                f"{list(THUMBNAIL_KINDS)} (GET /v1/media serves the item itself)",
-                param="id",
-                code="no_thumbnail",
-            )
-        key = (item["version"], item["id"], size)
-        jpeg = self.thumbnails.get(key)
-        if jpeg is None:
-
-            def make() -> bytes:
-                return make_thumbnail(self.inputs.read_media(item), item["modality"], size)
-
-            try:
-                jpeg = await asyncio.get_running_loop().run_in_executor(self.inputs.pool, make)
-            except ibc.InvalidInput as e:
-                # Never cached: a file fixed in place gets its thumbnail on the next request.
-                log.info("thumbnail of %r: %s", item_id, e)
-                return placeholder_response(e.reason)
-            except ibc.StoreUnavailable as e:
-                raise self._store_unavailable(e) from None
-            with contextlib.suppress(ValueError):  # larger than the whole cache: not kept
-                self.thumbnails[key] = jpeg
-        return media_response(jpeg, "image/jpeg")
-
-    def _store_unavailable(self, e: Exception) -> APIError:
-        log.warning("media: %s", e)
-        return APIError(
-            503,
-            f"{e}; retry later",
-            type="server_error",
-            code="store_unavailable",
-            headers=self.retry_after_header,
-        )
 
     # --- routes: models, status, readiness, metrics ------------------------------------------
     async def models(self, request: Request) -> Response:
@@ -779,17 +676,17 @@ class Ingress:
     @api.get("/v1/index")
     async def index(self, request: Request) -> Response:
         """The published index version this endpoint searches, with its counts."""
-        return await self.service.index_info(request)
+        return await self.service.page.index_info(request)
 
     @api.get("/v1/media")
     async def media(self, request: Request, id: str | None = None) -> Response:
         """The bytes of an item of the published index (allow-listed URIs only)."""
-        return await self.service.media(request, id)
+        return await self.service.page.media(request, id)
 
     @api.get("/v1/thumbnail")
     async def thumbnail(self, request: Request, id: str | None = None, size: int = 256) -> Response:
         """A JPEG thumbnail of an image or video item of the published index."""
-        return await self.service.thumbnail(request, id, size)
+        return await self.service.page.thumbnail(request, id, size)
 
     @api.get("/", include_in_schema=False)
     @api.get("/ui", include_in_schema=False)
