@@ -298,10 +298,6 @@ class EmbeddingService:
 
         small = call.x.nbytes <= GRPC_MAX_BYTES
         handle = (self._encoders_grpc if small else self.encoders)[modality]
-        refused = {
-            BackPressureError: ("overloaded", "is overloaded"),
-            DeploymentUnavailableError: ("unavailable", "is unavailable"),
-        }
         for attempt in range(2):
             call.sent_at = time.time()
             try:
@@ -312,9 +308,10 @@ class EmbeddingService:
                     return await resp
                 finally:
                     self.scaling.ongoing[modality] -= 1
-            except (BackPressureError, DeploymentUnavailableError) as e:
-                code, what = refused[type(e)]
-                raise self._encoder_refused(modality, what, code) from None
+            except BackPressureError:
+                raise self._encoder_refused(modality, "is overloaded", "overloaded") from None
+            except DeploymentUnavailableError:
+                raise self._encoder_refused(modality, "is unavailable", "unavailable") from None
             except (ActorDiedError, ActorUnavailableError, RayActorError, AioRpcError) as e:
                 # AioRpcError: the gRPC channel to a replica that died (Serve maps only
                 # UNAVAILABLE to ActorUnavailableError)
