@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.demo_corpus import write_demo_corpus
     from pipelines.reindex import reindex
     from serve.app import build_app
-    from serve.schemas import AppArgs
+    from serve.options import AppArgs
 
     work = tempfile.mkdtemp(prefix="bench-page-")
     corpus = args.corpus or os.path.join(work, "corpus")

@@ -277,7 +277,7 @@ def main() -> None:
     from ray import serve
 
     from serve.app import build_app
-    from serve.schemas import AppArgs
+    from serve.options import AppArgs
 
     ray.init(num_cpus=a.ray_cpus, include_dashboard=False, log_to_driver=False)
     port = free_port()

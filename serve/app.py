@@ -15,22 +15,19 @@ is set (with `search_groups` > 1: a `search` fan-out over `search-group-<g>` dep
 import logging
 from typing import Any
 
-from ray import serve
 from ray.serve import Application
 from ray.serve.config import AutoscalingConfig, BackpressureConfig
 
-from serve.encoder import Encoder
+from serve.encoder import EncoderDeployment
 from serve.ingress import Ingress
-from serve.schemas import AppArgs, EncoderOptions
+from serve.options import AppArgs, EncoderOptions
 
 log = logging.getLogger(__name__)
 
 # Serve runs replica user code on an event loop in a second thread, and the handle router on a
 # third, by default. Our replicas never block their loop (models and decoders run on worker
 # threads), so both go back onto the replica's main loop: one thread hop less each way and less
-# GIL traffic next to the model thread. Measured on the 2-core box with the base text tower:
-# concurrency-1 overhead over a direct call 21.3 -> 15.4 ms, saturation 0.80x -> 0.83x of the
-# in-process encoder (benchmarks/bench_serve.py, docs/serve.md).
+# GIL traffic next to the model thread (measured by benchmarks/bench_serve.py: docs/serve.md).
 REPLICA_ENV = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
@@ -88,7 +85,7 @@ def _dtype(args: AppArgs, opts: EncoderOptions) -> str | None:
 
 def encoder_app(modality: str, args: AppArgs, opts: EncoderOptions) -> Application:
     """The bound `encoder-{modality}` deployment."""
-    return Encoder.options(
+    return EncoderDeployment.options(
         name=f"encoder-{modality}",
         ray_actor_options=_actor_options(opts.num_cpus, opts.num_gpus, opts.memory_bytes),
         autoscaling_config=_encoder_autoscaling(opts),
@@ -120,21 +117,19 @@ def build_app(args: AppArgs) -> Application:
         # Imported only here: the search deployment (and faiss) is optional.
         from serve.search import SearchIndex
 
-        if not isinstance(SearchIndex, serve.Deployment):
-            SearchIndex = serve.deployment(SearchIndex)
         actor = _actor_options(args.ingress.num_cpus)
-        so = args.storage_options()
+        storage_options = args.storage_options()
         n = args.search_groups
         if n == 1:
             search = SearchIndex.options(name="search", ray_actor_options=actor).bind(
-                args.index_uri, storage_options=so
+                args.index_uri, storage_options=storage_options
             )
         else:
             from serve.search import SearchFanout
 
             groups = [
                 SearchIndex.options(name=f"search-group-{g}", ray_actor_options=actor).bind(
-                    args.index_uri, storage_options=so, group=g, groups=n
+                    args.index_uri, storage_options=storage_options, group=g, groups=n
                 )
                 for g in range(n)
             ]

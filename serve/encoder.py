@@ -7,8 +7,8 @@ arrays of concurrent requests into one model call, taking a batch whenever the m
 (why not `@serve.batch`: see that module); the batch limits come from the deployment's
 `user_config` via `reconfigure`, so they can change without restarting a replica.
 
-`EncoderCore` is the logic, usable without Ray (tests inject a model); `Encoder` is the thin
-Serve deployment around it.
+`EncoderCore` is the logic, usable without Ray (tests inject a model); `EncoderDeployment` is
+the thin Serve deployment holding one.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 # Histogram buckets: batch sizes and seconds (queue waits are ms-scale, compute up to seconds).
 _BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
-_TIME_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+TIME_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
 
 
 @dataclass
@@ -132,36 +132,45 @@ class EncoderCore:
         }
 
 
+def seconds_histogram(name: str, description: str, tag_keys: tuple[str, ...]) -> Any:
+    """A Prometheus histogram of durations in seconds (`TIME_BUCKETS_S`)."""
+    return metrics.Histogram(
+        name, description=description, boundaries=TIME_BUCKETS_S, tag_keys=tag_keys
+    )
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.25})
-class Encoder(EncoderCore):
-    """Serve deployment `encoder-{modality}`: dynamic batching around `EncoderCore`."""
+class EncoderDeployment:
+    """Serve deployment `encoder-{modality}`: dynamic batching around an `EncoderCore`.
+
+    Args:
+        modality, **kwargs: the `EncoderCore` to hold.
+    """
 
     def __init__(self, modality: str, **kwargs: Any) -> None:
-        super().__init__(modality, **kwargs)
+        self.core = EncoderCore(modality, **kwargs)
+        self.modality = self.core.modality
         # The model runs on one worker thread: the replica's event loop stays free to accept
         # and queue the next requests while a batch computes.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"encode-{modality}")
         self._batcher = ContinuousBatcher(self._run_batch, 16, 0.0, size=call_size)
+        tags = ("modality",)
         self._m_items = metrics.Counter(
-            "imagebind_encoder_items", description="Inputs encoded.", tag_keys=("modality",)
+            "imagebind_encoder_items", description="Inputs encoded.", tag_keys=tags
         )
         self._m_batch = metrics.Histogram(
             "imagebind_encoder_batch_size",
             description="Inputs per model call.",
             boundaries=_BATCH_BUCKETS,
-            tag_keys=("modality",),
+            tag_keys=tags,
         )
-        self._m_queue = metrics.Histogram(
+        self._m_queue = seconds_histogram(
             "imagebind_encoder_queue_seconds",
-            description="From the ingress sending a chunk to its batch starting to compute.",
-            boundaries=_TIME_BUCKETS_S,
-            tag_keys=("modality",),
+            "From the ingress sending a chunk to its batch starting to compute.",
+            tags,
         )
-        self._m_compute = metrics.Histogram(
-            "imagebind_encoder_compute_seconds",
-            description="Model time of one batch.",
-            boundaries=_TIME_BUCKETS_S,
-            tag_keys=("modality",),
+        self._m_compute = seconds_histogram(
+            "imagebind_encoder_compute_seconds", "Model time of one batch.", tags
         )
         for m in (self._m_items, self._m_batch, self._m_queue, self._m_compute):
             # A fresh dict each time: Serve adds its own tags to the one it is given.
@@ -183,7 +192,7 @@ class Encoder(EncoderCore):
         for c in calls:
             self._m_queue.observe(max(0.0, start - c.sent_at))
         loop = asyncio.get_running_loop()
-        out = await loop.run_in_executor(self._pool, self.encode, calls)
+        out = await loop.run_in_executor(self._pool, self.core.encode, calls)
         n = sum(map(call_size, calls))
         self._m_compute.observe(time.time() - start)
         self._m_batch.observe(n)
@@ -192,4 +201,4 @@ class Encoder(EncoderCore):
 
     def ready(self) -> dict[str, Any]:
         """Readiness probe for the ingress: a replica exists only after its model loaded."""
-        return self.info()
+        return self.core.info()

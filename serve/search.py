@@ -253,26 +253,10 @@ class SearchIndexCore:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
 class SearchIndex(SearchIndexCore):
-    """Serve deployment: `search` and `info` over (this group's shards of) the latest version."""
+    """Serve deployment: `search` and `info` over (this group's shards of) the latest version.
 
-    def __init__(
-        self,
-        index_uri: str,
-        storage_options: dict | None = None,
-        *,
-        poll_interval_s: float = 5.0,
-        group: int = 0,
-        groups: int = 1,
-        keep_previous_s: float = 30.0,
-    ) -> None:
-        super().__init__(
-            index_uri,
-            storage_options,
-            poll_interval_s=poll_interval_s,
-            group=group,
-            groups=groups,
-            keep_previous_s=keep_previous_s,
-        )
+    Takes `SearchIndexCore`'s arguments; its methods are the core's, run off the event loop.
+    """
 
     async def search(self, vector: list[float], top_k: int, modality: str | None) -> list[dict]:
         """Top-k hits for `vector`; runs the FAISS search off the replica's event loop."""

@@ -408,7 +408,7 @@ def rayservice() -> tuple[dict, dict]:
 
 def test_rayservice_serves_the_app_over_the_reindexed_index(tmp_path):
     from pipelines.config import load_reindex_config
-    from serve.schemas import AppArgs
+    from serve.options import AppArgs
 
     _, serve_cfg = rayservice()
     (app,) = serve_cfg["applications"]

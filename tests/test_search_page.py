@@ -88,7 +88,7 @@ def corpus(tmp_path):
 
 def service(corpus, **args):
     from serve.ingress import EmbeddingService
-    from serve.schemas import AppArgs
+    from serve.options import AppArgs
     from serve.search import SearchIndexCore
 
     core = SearchIndexCore(corpus["root"], poll_interval_s=0)
@@ -119,7 +119,7 @@ def request(path: str = "/", key: str | None = None, body: bytes = b""):
 
 def call(coro):
     """Run a service coroutine: (status, headers, body) of its response or its APIError."""
-    from serve.ingress import APIError
+    from serve.http import APIError
 
     try:
         r = asyncio.run(coro)
@@ -177,7 +177,7 @@ def test_search_by_id_is_more_like_this(corpus):
 
 def test_index_info_names_the_version_and_its_counts(corpus):
     svc, _ = service(corpus)
-    status, _, body = call(svc.index_info(request("/v1/index")))
+    status, _, body = call(svc.page.index_info(request("/v1/index")))
     info = json.loads(body)
     assert status == 200 and info["version"] == 1 and info["name"] == "00000001-test"
     assert info["count"] == 9 and info["modalities"]["vision"] == 6
@@ -191,7 +191,7 @@ def test_media_of_published_items_only_with_allow_lists(corpus):
     svc, _ = service(corpus)
 
     def media_of(item_id: str):
-        return call(svc.media(request("/v1/media"), item_id))
+        return call(svc.page.media(request("/v1/media"), item_id))
 
     status, headers, body = media_of("pic")
     assert status == 200 and headers["content-type"] == "image/png"
@@ -223,8 +223,10 @@ def test_media_of_published_items_only_with_allow_lists(corpus):
 def test_media_allow_list_rules(corpus):
     svc, _ = service(corpus)
     d = corpus["media"]
-    assert svc.media_allowed(f"{d}/pic.png") and svc.media_allowed(f"file://{d}/pic.png")
-    assert svc.media_allowed("s3://bucket/allowed/a/b.png")
+    assert svc.inputs.media_allowed(f"{d}/pic.png") and svc.inputs.media_allowed(
+        f"file://{d}/pic.png"
+    )
+    assert svc.inputs.media_allowed("s3://bucket/allowed/a/b.png")
     for uri in (
         f"{d}/../secret.png",  # resolved before the check
         f"{d}-sibling/pic.png",  # a folder is not a string prefix
@@ -233,32 +235,32 @@ def test_media_allow_list_rules(corpus):
         "https://example.com/x.png",
         "/etc/passwd",
     ):
-        assert not svc.media_allowed(uri), uri
+        assert not svc.inputs.media_allowed(uri), uri
     # no folder configured: no local file at all
     svc, _ = service(corpus, media_local_dirs=[])
-    assert not svc.media_allowed(f"{d}/pic.png")
+    assert not svc.inputs.media_allowed(f"{d}/pic.png")
 
 
 def test_media_and_thumbnails_ask_for_the_key(corpus):
     svc, _ = service(corpus, api_key="sesame")
     for key in (None, "wrong"):
-        assert call(svc.media(request("/v1/media", key), "pic"))[0] == 401
-        assert call(svc.thumbnail(request("/v1/thumbnail", key), "pic", 64))[0] == 401
-        assert call(svc.index_info(request("/v1/index", key)))[0] == 401
+        assert call(svc.page.media(request("/v1/media", key), "pic"))[0] == 401
+        assert call(svc.page.thumbnail(request("/v1/thumbnail", key), "pic", 64))[0] == 401
+        assert call(svc.page.index_info(request("/v1/index", key)))[0] == 401
         # 401 before anything else: an unknown id does not tell what the index holds
-        assert call(svc.media(request("/v1/media", key), "nope"))[0] == 401
-    assert call(svc.media(request("/v1/media", "sesame"), "pic"))[0] == 200
-    assert call(svc.thumbnail(request("/v1/thumbnail", "sesame"), "pic", 64))[0] == 200
+        assert call(svc.page.media(request("/v1/media", key), "nope"))[0] == 401
+    assert call(svc.page.media(request("/v1/media", "sesame"), "pic"))[0] == 200
+    assert call(svc.page.thumbnail(request("/v1/thumbnail", "sesame"), "pic", 64))[0] == 200
 
 
 def test_no_index_no_media():
     from serve.ingress import EmbeddingService
-    from serve.schemas import AppArgs
+    from serve.options import AppArgs
 
     svc = EmbeddingService(AppArgs(preset="tiny"), {})
-    status, _, msg = call(svc.media(request("/v1/media"), "pic"))
+    status, _, msg = call(svc.page.media(request("/v1/media"), "pic"))
     assert status == 404 and "index_uri" in msg
-    assert call(svc.index_info(request("/v1/index")))[0] == 404
+    assert call(svc.page.index_info(request("/v1/index")))[0] == 404
 
 
 # --------------------------------------------------------------------------- thumbnails
@@ -271,43 +273,43 @@ def test_thumbnails_are_bounded_jpegs_of_images_and_video_frames(corpus):
         ("clip", 64, (64, 48)),
         ("pic", 512, (320, 240)),
     ):
-        status, headers, body = call(svc.thumbnail(request(), item_id, size))
+        status, headers, body = call(svc.page.thumbnail(request(), item_id, size))
         assert status == 200 and headers["content-type"] == "image/jpeg", (item_id, body[:200])
         im = Image.open(io.BytesIO(body))
         assert im.format == "JPEG" and im.size == want  # aspect kept, never enlarged
     for size in (0, 15, 1025):
-        status, _, msg = call(svc.thumbnail(request(), "pic", size))
+        status, _, msg = call(svc.page.thumbnail(request(), "pic", size))
         assert status == 400 and "size" in msg
-    status, _, msg = call(svc.thumbnail(request(), "cap", 64))
+    status, _, msg = call(svc.page.thumbnail(request(), "cap", 64))
     assert status == 400 and "text item" in msg
-    assert call(svc.thumbnail(request(), "nope", 64))[0] == 404
-    assert call(svc.thumbnail(request(), "outside", 64))[0] == 403
+    assert call(svc.page.thumbnail(request(), "nope", 64))[0] == 404
+    assert call(svc.page.thumbnail(request(), "outside", 64))[0] == 403
 
 
 def test_bad_or_missing_media_give_the_placeholder(corpus):
     svc, _ = service(corpus)
-    from serve.ingress import UI_DIR
+    from serve.media import UI_DIR
 
     with open(os.path.join(UI_DIR, "placeholder.svg"), "rb") as f:
         placeholder = f.read()
     for item_id, reason in (("broken", "cannot decode"), ("gone", "not found")):
-        status, headers, body = call(svc.thumbnail(request(), item_id, 64))
+        status, headers, body = call(svc.page.thumbnail(request(), item_id, 64))
         assert status == 200 and headers["content-type"] == "image/svg+xml"
         assert body == placeholder and reason in headers["x-placeholder"]
         assert headers["cache-control"] == "no-store"
-    assert len(svc.thumbnails) == 0  # placeholders are never cached
+    assert len(svc.page.thumbnails) == 0  # placeholders are never cached
     # fixed in place: the next request makes the real thumbnail
     with open(os.path.join(corpus["media"], "gone.png"), "wb") as f:
         f.write(media.make_image("PNG", size=(64, 64)))
-    status, headers, _ = call(svc.thumbnail(request(), "gone", 64))
+    status, headers, _ = call(svc.page.thumbnail(request(), "gone", 64))
     assert status == 200 and headers["content-type"] == "image/jpeg"
 
 
 def test_thumbnail_cache_is_used_and_bounded(corpus, tmp_path):
     svc, _ = service(corpus)
-    _, _, first = call(svc.thumbnail(request(), "pic", 128))
+    _, _, first = call(svc.page.thumbnail(request(), "pic", 128))
     os.remove(os.path.join(corpus["media"], "pic.png"))
-    status, headers, again = call(svc.thumbnail(request(), "pic", 128))
+    status, headers, again = call(svc.page.thumbnail(request(), "pic", 128))
     assert status == 200 and again == first  # from the cache: the file is gone
     assert headers["content-type"] == "image/jpeg"
 
@@ -320,20 +322,22 @@ def test_thumbnail_cache_is_used_and_bounded(corpus, tmp_path):
         items.append((f"p{k}", str(d / f"{k}.png"), "vision"))
     small = {"root": str(tmp_path / "idx2"), "media": str(d)}
     publish(small["root"], items)
-    one = len(call(service(small)[0].thumbnail(request(), "p0", 200))[2])
+    one = len(call(service(small)[0].page.thumbnail(request(), "p0", 200))[2])
     bound = int(3.5 * one)
     svc, _ = service(small, thumbnail_cache_bytes=bound)
     sizes = []
     for k in range(8):
-        status, _, body = call(svc.thumbnail(request(), f"p{k}", 200))
+        status, _, body = call(svc.page.thumbnail(request(), f"p{k}", 200))
         assert status == 200
         sizes.append(len(body))
-        assert svc.thumbnails.currsize <= bound
-    assert 1 <= len(svc.thumbnails) < 8
-    assert (1, "p7", 200) in svc.thumbnails and (1, "p0", 200) not in svc.thumbnails
+        assert svc.page.thumbnails.currsize <= bound
+    assert 1 <= len(svc.page.thumbnails) < 8
+    assert (1, "p7", 200) in svc.page.thumbnails and (1, "p0", 200) not in svc.page.thumbnails
     # 0 turns the cache off
     svc, _ = service(small, thumbnail_cache_bytes=0)
-    assert call(svc.thumbnail(request(), "p1", 200))[0] == 200 and len(svc.thumbnails) == 0
+    assert (
+        call(svc.page.thumbnail(request(), "p1", 200))[0] == 200 and len(svc.page.thumbnails) == 0
+    )
 
 
 def test_make_thumbnail_refuses_what_it_cannot_show():
@@ -352,7 +356,8 @@ def test_make_thumbnail_refuses_what_it_cannot_show():
 
 
 def test_page_files_and_nothing_else():
-    from serve.ingress import APIError, ui_file
+    from serve.http import APIError
+    from serve.media import ui_file
 
     page = ui_file("index.html")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
@@ -376,7 +381,7 @@ def test_page_files_are_package_data():
         data = tomllib.load(f)["tool"]["setuptools"]["package-data"]["serve"]
     import fnmatch
 
-    from serve.ingress import UI_DIR, UI_FILES
+    from serve.media import UI_DIR, UI_FILES
 
     for name in UI_FILES:
         assert os.path.isfile(os.path.join(UI_DIR, name))

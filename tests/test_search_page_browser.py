@@ -82,7 +82,7 @@ def page(ray_session, tmp_path_factory):
     from pipelines.demo_corpus import write_demo_corpus
     from pipelines.reindex import reindex
     from serve.app import build_app
-    from serve.schemas import AppArgs
+    from serve.options import AppArgs
 
     work = tmp_path_factory.mktemp("page")
     corpus, root = str(work / "corpus"), str(work / "index")

@@ -32,7 +32,7 @@ def setup(ray_session, s3_server):
     from ray import serve
 
     from serve.app import build_app
-    from serve.schemas import AppArgs
+    from serve.options import AppArgs
 
     bucket = s3_server.create_bucket(f"srch-{uuid.uuid4().hex[:8]}")
     corpus = s3_corpus(s3_server, bucket)

@@ -76,7 +76,7 @@ def apps(ray_session, s3_server):
     from ray import serve
 
     from serve.app import build_app
-    from serve.schemas import AppArgs
+    from serve.options import AppArgs
 
     s3_server.create_bucket(BUCKET)
     base = serve_base_url()
@@ -327,8 +327,9 @@ def test_s3_keys_with_double_colons_are_keys_not_url_chains(client, s3_server, d
 def test_unreachable_object_store_is_503_naming_it(ray_session):
     from listener import closed_port
 
-    from serve.ingress import APIError, EmbeddingService
-    from serve.schemas import AppArgs
+    from serve.http import APIError
+    from serve.ingress import EmbeddingService
+    from serve.options import AppArgs
 
     dead = f"http://127.0.0.1:{closed_port()}"
     args = AppArgs(
@@ -339,7 +340,7 @@ def test_unreachable_object_store_is_503_naming_it(ray_session):
     )
     svc = EmbeddingService(args, {})
     with pytest.raises(APIError) as e:
-        asyncio.run(svc.prepare_all("vision", ["s3://photos/ok/cat.png"]))
+        asyncio.run(svc.inputs.prepare_all("vision", ["s3://photos/ok/cat.png"]))
     err = e.value
     assert err.status == 503 and err.code == "store_unavailable" and err.param == "input[0]"
     assert dead in err.message and err.headers["Retry-After"] == "4"
@@ -637,8 +638,9 @@ def test_encoder_calls_pick_their_transport_and_survive_a_grpc_failure(ray_sessi
     from grpc.aio import AioRpcError
 
     from serve.encoder import EncodeCall
-    from serve.ingress import GRPC_MAX_BYTES, APIError, EmbeddingService
-    from serve.schemas import AppArgs
+    from serve.http import APIError
+    from serve.ingress import GRPC_MAX_BYTES, EmbeddingService
+    from serve.options import AppArgs
 
     class Handle:
         def __init__(self, by_reference: bool = True, fail: int = 0) -> None:
@@ -684,8 +686,9 @@ def test_encoder_calls_pick_their_transport_and_survive_a_grpc_failure(ray_sessi
 def test_non_finite_embeddings_are_a_500_not_json_nulls(ray_session):
     from starlette.requests import Request
 
-    from serve.ingress import APIError, EmbeddingService
-    from serve.schemas import AppArgs
+    from serve.http import APIError
+    from serve.ingress import EmbeddingService
+    from serve.options import AppArgs
 
     class NaNEncoder:
         def __init__(self) -> None:
@@ -723,8 +726,9 @@ def test_non_finite_embeddings_are_a_500_not_json_nulls(ray_session):
 def test_api_key_from_the_environment(ray_session, monkeypatch):
     from starlette.requests import Request
 
-    from serve.ingress import APIError, EmbeddingService
-    from serve.schemas import AppArgs
+    from serve.http import APIError
+    from serve.ingress import EmbeddingService
+    from serve.options import AppArgs
 
     def request(auth: str | None) -> Request:
         headers = [(b"authorization", auth.encode())] if auth else []
@@ -732,16 +736,16 @@ def test_api_key_from_the_environment(ray_session, monkeypatch):
 
     monkeypatch.setenv("IMAGEBIND_TEST_KEY", "from-env")
     svc = EmbeddingService(AppArgs(preset="tiny", api_key_env="IMAGEBIND_TEST_KEY"), {})
-    svc.check_auth(request("Bearer from-env"))
+    svc.policy.check_auth(request("Bearer from-env"))
     for bad in (None, "Bearer wrong", "Basic from-env"):
         with pytest.raises(APIError) as e:
-            svc.check_auth(request(bad))
+            svc.policy.check_auth(request(bad))
         assert e.value.status == 401
     # An explicit api_key wins over the environment.
     svc = EmbeddingService(
         AppArgs(preset="tiny", api_key="k", api_key_env="IMAGEBIND_TEST_KEY"), {}
     )
-    svc.check_auth(request("Bearer k"))
+    svc.policy.check_auth(request("Bearer k"))
     # Naming a variable that is unset fails closed instead of serving without auth.
     monkeypatch.delenv("IMAGEBIND_TEST_KEY")
     with pytest.raises(RuntimeError, match="IMAGEBIND_TEST_KEY"):

@@ -105,7 +105,7 @@ def scaling_app(ray_session):
     from ray import serve
 
     from serve.app import build_app
-    from serve.schemas import AppArgs
+    from serve.options import AppArgs
 
     base = serve_base_url()
     args = AppArgs(

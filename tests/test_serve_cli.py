@@ -35,7 +35,7 @@ def test_config_files_validate_and_build(path):
     from ray.serve import Application
 
     from serve.app import app as builder
-    from serve.schemas import AppArgs
+    from serve.options import AppArgs
 
     apps = serve_apps(yaml.safe_load(path.read_text()))
     assert apps
@@ -49,7 +49,7 @@ def test_autoscaling_settings_reach_serve():
     """Each encoder's autoscaling fields become its deployment's AutoscalingConfig; a
     scale-to-zero encoder still starts with one replica."""
     from serve.app import encoder_app
-    from serve.schemas import AppArgs
+    from serve.options import AppArgs
 
     args = AppArgs(
         modalities=["text", "depth"],
@@ -78,7 +78,7 @@ def test_autoscaling_settings_reach_serve():
 
 def test_rayservice_manifest_args_validate():
     """deploy/rayservice.yaml embeds a serve config: its args must be valid AppArgs too."""
-    from serve.schemas import AppArgs
+    from serve.options import AppArgs
 
     manifest = yaml.safe_load((ROOT / "deploy" / "rayservice.yaml").read_text())
     for a in serve_apps(yaml.safe_load(manifest["spec"]["serveConfigV2"])):
@@ -103,7 +103,7 @@ def test_command_line_args_build_the_app():
 def test_bad_args_fail_with_a_sentence():
     from pydantic import ValidationError
 
-    from serve.schemas import AppArgs
+    from serve.options import AppArgs
 
     with pytest.raises(ValidationError, match="max_ongoing_requests"):
         AppArgs(encoder={"max_batch_size": 64, "max_ongoing_requests": 8})
@@ -215,7 +215,7 @@ def test_serve_run_config_yaml(tmp_path, mode):
 def test_dtype_auto_is_resolved_per_encoder_when_the_app_is_built(monkeypatch):
     import imagebind_core.checkpoint as C
     from serve.app import _dtype
-    from serve.schemas import AppArgs
+    from serve.options import AppArgs
 
     monkeypatch.setattr(C, "cpu_has_fast_bf16", lambda: False)
     args = AppArgs(dtype="auto", encoders={"vision": {"num_gpus": 1}})

@@ -67,7 +67,7 @@ def _request(body: dict):
 
 
 def _answer(route, body: dict):
-    from serve.ingress import APIError
+    from serve.http import APIError
 
     with pytest.raises(APIError) as e:
         asyncio.run(route(_request(body)))
@@ -80,9 +80,10 @@ def test_unknown_fields_are_named_with_the_field_meant(ray_session, schema_name)
     every request schema; a name close to none lists the fields."""
     import serve.schemas as S
     from serve.ingress import EmbeddingService
+    from serve.options import AppArgs
 
     schema = getattr(S, schema_name)
-    svc = EmbeddingService(S.AppArgs(preset="tiny"), {}, search=object())
+    svc = EmbeddingService(AppArgs(preset="tiny"), {}, search=object())
     route = svc.embeddings if schema is S.EmbeddingRequest else svc.search
     valid = {"input": "a dog"}
     assert set(schema.model_fields) >= {"input", "model", "modality"}
@@ -106,9 +107,9 @@ def test_unknown_fields_are_named_with_the_field_meant(ray_session, schema_name)
 def _slow_encoder(gate: Path):
     """The real encoder deployment, whose replicas load their model only once `gate` exists:
     a model load as slow as the test needs (pickled by value: a class local to a function)."""
-    from serve.encoder import Encoder
+    from serve.encoder import EncoderDeployment
 
-    base = Encoder.func_or_class
+    base = EncoderDeployment.func_or_class
 
     class GatedEncoder(base):
         def __init__(self, modality: str, **kwargs) -> None:
@@ -129,7 +130,7 @@ def gated_app(ray_session, tmp_path_factory):
 
     from serve.app import REPLICA_ENV
     from serve.ingress import Ingress
-    from serve.schemas import AppArgs
+    from serve.options import AppArgs
 
     gate = tmp_path_factory.mktemp("gate") / "load-now"
     base = serve_base_url()
@@ -252,8 +253,9 @@ def test_documented_metrics_are_exported_under_those_names(gated_app):
 def test_metrics_route_asks_for_the_key_and_says_when_the_agent_is_down(ray_session):
     """GET /metrics: 401 without the key when auth is on; 503 `metrics_unavailable` naming
     the endpoint when Ray's metrics agent does not answer."""
-    from serve.ingress import APIError, EmbeddingService
-    from serve.schemas import AppArgs
+    from serve.http import APIError
+    from serve.ingress import EmbeddingService
+    from serve.options import AppArgs
 
     guarded = EmbeddingService(AppArgs(preset="tiny", api_key="k"), {})
     with pytest.raises(APIError) as e:

@@ -1,0 +1,246 @@
+"""HTTP plumbing of the ingress: errors in OpenAI's shape, auth, the body and its deadline, JSON.
+
+Every client fault is an `APIError` (a 4xx in the shape `{"error": {"message", "type",
+"param", "code"}}`); a 500 means a bug. `RequestPolicy` holds what the application's arguments
+say about a request before its content is looked at: the API key, the body limit, the deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import difflib
+import hmac
+import os
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
+import orjson
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
+
+if TYPE_CHECKING:
+    from serve.options import AppArgs
+
+TIMEOUT_HEADER = "x-request-timeout"
+# A body still arriving after max(request deadline, this) is a 408: a client that stalls
+# mid-upload must not hold an ingress slot forever. The floor keeps a tiny X-Request-Timeout
+# from turning the proxy's own body hand-off into a "client too slow".
+BODY_READ_MIN_S = 5.0
+CLIENT_CLOSED = 499  # nginx's status for a client that went away: counted, never answered
+# What each request field must be, for type errors (pydantic's own message names union members).
+_FIELD_HINTS = {
+    "input": "must be a string or a list of strings (token-id arrays are not supported)",
+}
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class APIError(Exception):
+    """A request that cannot be served, as an HTTP status plus OpenAI-style error body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = dict(headers or {})
+
+    def response(self) -> JSONResponse:
+        """The JSON response for this error."""
+        body = {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+def unknown_field_message(name: str, schema: type[BaseModel]) -> str:
+    """`unknown field 'inputs' (did you mean 'input'?)`, or the list of the known fields."""
+    known = list(schema.model_fields)
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    if close:
+        return f"unknown field {name!r} (did you mean {close[0]!r}?)"
+    return f"unknown field {name!r}; the fields of this request are {', '.join(known)}"
+
+
+def validation_message(
+    e: ValidationError, schema: type[BaseModel] | None = None
+) -> tuple[str, str | None, str]:
+    """The error to report as `field: message`, the field as `param`, and the error code.
+
+    An unknown top-level field comes first, named with the closest known one: `{"inputs":
+    ...}` is a typo of `input`, not a request missing its input."""
+    errors = e.errors()
+    for err in errors:
+        loc = err.get("loc", ())
+        if err.get("type") == "extra_forbidden" and len(loc) == 1 and schema is not None:
+            return unknown_field_message(str(loc[0]), schema), str(loc[0]), "unknown_field"
+    err = errors[0]
+    parts = [str(p) for p in err.get("loc", ())]
+    msg = err.get("msg", "invalid value")
+    if parts and parts[0] in _FIELD_HINTS:
+        # A union's error location carries the member tried (`input.str`): name the field.
+        return f"{parts[0]} {_FIELD_HINTS[parts[0]]}", parts[0], "invalid_request"
+    loc = ".".join(parts)
+    return (f"{loc}: {msg}" if loc else msg), (loc or None), "invalid_request"
+
+
+def retry_after(seconds: float, floor: int = 1) -> dict[str, str]:
+    """The `Retry-After` header of a 503: `seconds` rounded, at least `floor`."""
+    return {"Retry-After": str(max(floor, round(seconds)))}
+
+
+def api_key(args: AppArgs) -> bytes | None:
+    """The bearer token clients must send: `api_key`, else the variable named by `api_key_env`
+    (an empty one is an error: an operator who named a secret expects auth to be on)."""
+    key = args.api_key
+    if key is None and args.api_key_env:
+        key = os.environ.get(args.api_key_env) or None
+        if key is None:
+            raise RuntimeError(
+                f"api_key_env={args.api_key_env!r} is set but that environment variable "
+                "is empty in the ingress replica"
+            )
+    return key.encode() if key else None
+
+
+class RequestPolicy:
+    """Auth, body limit and deadline of every request, from the application's arguments."""
+
+    def __init__(self, args: AppArgs) -> None:
+        self.max_body_bytes = args.max_body_bytes
+        self.request_timeout_s = args.request_timeout_s
+        self.retry_after_header = retry_after(args.retry_after_s)
+        self._api_key = api_key(args)
+
+    def check_auth(self, request: Request) -> None:
+        """401 unless auth is off or the bearer token matches (constant-time compare)."""
+        if self._api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), self._api_key
+        ):
+            raise APIError(
+                401,
+                "missing or invalid API key: send `Authorization: Bearer <key>`",
+                type="authentication_error",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    async def read_body(self, request: Request) -> bytes:
+        """The request body, refusing (413) one over `max_body_bytes` before buffering it and
+        (415) a compressed one."""
+        encoding = request.headers.get("content-encoding", "").strip().lower()
+        if encoding not in ("", "identity"):
+            raise APIError(
+                415,
+                f"Content-Encoding {encoding!r} is not supported: send the JSON body uncompressed",
+                code="unsupported_encoding",
+            )
+        limit = self.max_body_bytes
+        too_big = APIError(
+            413,
+            f"request body is over the limit of {limit} bytes",
+            code="request_too_large",
+        )
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            try:
+                if int(declared) > limit:
+                    raise too_big
+            except ValueError:
+                raise APIError(400, "Content-Length is not a number") from None
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > limit:
+                raise too_big
+        return bytes(body)
+
+    async def read_body_in_time(self, request: Request, deadline_s: float) -> bytes:
+        """`read_body`, or 408 when the body has not fully arrived in time."""
+        wait = max(deadline_s, BODY_READ_MIN_S)
+        try:
+            async with asyncio.timeout(wait):
+                return await self.read_body(request)
+        except TimeoutError:
+            raise APIError(
+                408, f"request body not received within {wait:g} s", code="request_timeout"
+            ) from None
+
+    def deadline_s(self, request: Request) -> float:
+        """The server's request timeout, shortened by an `X-Request-Timeout` header (seconds)."""
+        limit = self.request_timeout_s
+        raw = request.headers.get(TIMEOUT_HEADER)
+        if raw is None:
+            return limit
+        try:
+            asked = float(raw)
+        except ValueError:
+            raise APIError(400, f"{TIMEOUT_HEADER} must be a number of seconds") from None
+        if not asked > 0:
+            raise APIError(400, f"{TIMEOUT_HEADER} must be positive")
+        return min(limit, asked)
+
+    @contextlib.asynccontextmanager
+    async def json_request(self, request: Request, schema: type[M]) -> AsyncIterator[M]:
+        """Read the body (408 if it does not arrive in time) and validate it into `schema`
+        (400 naming the field), then run the block under what is left of the request's
+        deadline (504 when it runs out)."""
+        deadline = self.deadline_s(request)
+        started = time.monotonic()
+        body = await self.read_body_in_time(request, deadline)
+        try:
+            async with asyncio.timeout(max(0.0, deadline - (time.monotonic() - started))):
+                try:
+                    req = schema.model_validate_json(body)
+                except ValidationError as e:
+                    msg, param, code = validation_message(e, schema)
+                    raise APIError(400, msg, param=param, code=code) from None
+                yield req
+        except TimeoutError:
+            raise APIError(
+                504,
+                f"request timed out after {deadline:g} s",
+                type="server_error",
+                code="timeout",
+            ) from None
+
+
+def encode_vector(v: np.ndarray, fmt: str) -> np.ndarray | str:
+    """float: a float32 array (a JSON list in `json_response`); base64: little-endian float32
+    bytes, as OpenAI sends them."""
+    if fmt == "base64":
+        return base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode("ascii")
+    return np.ascontiguousarray(v, dtype=np.float32)
+
+
+def json_response(content: Any, status_code: int = 200, headers: dict | None = None) -> Response:
+    """JSON with numpy arrays written by orjson: float32 values in their shortest exact form
+    (~11 characters instead of the ~19 of `json.dumps` on Python floats), 0.02 ms instead of
+    0.5 ms for one 1024-d vector; a client parsing them back to float32 gets the same bits."""
+    body = orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+    return Response(body, status_code=status_code, headers=headers, media_type="application/json")

@@ -1,0 +1,234 @@
+"""Request inputs -> model input arrays: base64, `data:` URIs, allow-listed `s3://` URIs,
+preprocessing on a thread pool.
+
+What the ingress may read is decided here, on the URI string, before anything is fetched:
+`s3_allowed` for request inputs, `media_allowed` for the search page's media endpoints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import os
+import re
+import time
+import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+import imagebind_core as ibc
+from serve.encoder import seconds_histogram
+from serve.http import APIError, retry_after
+
+if TYPE_CHECKING:
+    from serve.options import AppArgs
+
+log = logging.getLogger(__name__)
+
+URI_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_INLINE_TEXT_CHARS = 2048
+_WHITESPACE = {ord(c): None for c in " \t\r\n\v\f"}
+
+
+class Inputs:
+    """Decodes and preprocesses the inputs of requests under the application's limits.
+
+    Args:
+        args: the application's arguments (limits, allow-lists, object-store options).
+        pool: the threads that decode and preprocess (also used to read media).
+    """
+
+    def __init__(self, args: AppArgs, pool: ThreadPoolExecutor) -> None:
+        self.args = args
+        self.pool = pool
+        self._storage_options: dict[str, Any] | None = None
+        self._m_preprocess = seconds_histogram(
+            "imagebind_preprocess_seconds", "Decode + preprocess time of one input.", ("modality",)
+        )
+
+    def storage_options(self) -> dict[str, Any]:
+        """fsspec options for s3:// inputs (made once)."""
+        if self._storage_options is None:
+            self._storage_options = self.args.storage_options()
+        return self._storage_options
+
+    # --- bytes -------------------------------------------------------------------------------
+    def load_bytes(self, kind: str, index: int, value: str) -> bytes:
+        """A media input's bytes from base64, a `data:` URI or an allow-listed `s3://` URI."""
+        param = f"input[{index}]"
+        if value[:5].lower() == "data:":  # RFC 2397; the media type is not trusted
+            header, sep, payload = value.partition(",")
+            if not sep:
+                raise APIError(
+                    400,
+                    f"{param}: malformed data: URI (no comma)",
+                    param=param,
+                    code="invalid_input",
+                )
+            if not header.lower().endswith(";base64"):
+                return self._check_size(param, urllib.parse.unquote_to_bytes(payload))
+            value = payload
+        else:
+            m = URI_SCHEME.match(value)
+            if m:
+                return self._read_uri(kind, index, value, m.group(1).lower())
+        # base64: refuse by length before decoding (4 characters carry 3 bytes).
+        if len(value) // 4 * 3 > self.args.max_input_bytes + 3:
+            self._check_size(param, None)
+        data = _b64decode(kind, param, value)
+        if not data:
+            raise ibc.InvalidInput(kind, "empty input", param)
+        return data
+
+    def _check_size(self, param: str, data: bytes | None) -> bytes:
+        """`data`, or 400 when it is over `max_input_bytes` (None: known to be over)."""
+        limit = self.args.max_input_bytes
+        if data is None or len(data) > limit:
+            raise APIError(
+                400, f"{param}: over the limit of {limit} bytes", param=param, code="too_large"
+            )
+        return data
+
+    def _read_uri(self, kind: str, index: int, uri: str, scheme: str) -> bytes:
+        param = f"input[{index}]"
+        if scheme != "s3":
+            raise APIError(
+                400,
+                f"{param}: {scheme}:// URIs are not accepted; only s3:// under the allowed "
+                "prefixes",
+                param=param,
+                code="uri_not_allowed",
+            )
+        if not self.s3_allowed(uri):
+            raise APIError(
+                400,
+                f"{param}: {uri!r} is not under an allowed prefix "
+                f"({self.args.s3_allowed_prefixes or 'none configured'})",
+                param=param,
+                code="uri_not_allowed",
+            )
+        return ibc.read_bytes(
+            uri, self.storage_options(), max_bytes=self.args.max_input_bytes, modality=kind
+        )
+
+    def read_media(self, item: dict) -> bytes:
+        """The bytes of a published index item (at most `max_input_bytes`); InvalidInput when
+        it is missing or too large, StoreUnavailable when the store cannot be reached."""
+        return ibc.read_bytes(
+            item["uri"],
+            self.storage_options(),
+            max_bytes=self.args.max_input_bytes,
+            modality=item["modality"],
+        )
+
+    # --- allow-lists -------------------------------------------------------------------------
+    def s3_allowed(self, uri: str) -> bool:
+        """Whether `uri` is under one of `s3_allowed_prefixes`. Checked on the string, before
+        any request leaves this process; dot segments are refused so that no normalisation
+        downstream can step outside a prefix."""
+        parts = uri[len("s3://") :].split("/")
+        allowed = any(uri.startswith(p) for p in self.args.s3_allowed_prefixes)
+        return allowed and not any(p in (".", "..") for p in parts)
+
+    def media_allowed(self, uri: str) -> bool:
+        """Whether the media endpoints may read `uri`: an s3:// URI under the allowed prefixes,
+        or a local file (a path or file://) inside one of `media_local_dirs`, symlinks
+        resolved. Nothing else (https://, other schemes) is ever read for the page."""
+        m = URI_SCHEME.match(uri)
+        scheme = m.group(1).lower() if m else "file"
+        if scheme == "s3":
+            return self.s3_allowed(uri)
+        if scheme != "file" or not self.args.media_local_dirs:
+            return False
+        path = os.path.realpath(uri[len("file://") :] if m else uri)
+        return any(os.path.commonpath([path, d]) == d for d in self.args.media_local_dirs)
+
+    # --- preprocessing -----------------------------------------------------------------------
+    def prepare(self, kind: str, index: int, value: str) -> tuple[np.ndarray, int]:
+        """One input -> (model input array, text tokens). Runs on the preprocessing pool."""
+        # The submodule, not `ibc.preprocess`: the package attribute of that name is lazy.
+        from imagebind_core.preprocess import preprocess
+
+        t0 = time.perf_counter()
+        item_id = f"input[{index}]"
+        if kind == "text":
+            x = preprocess("text", value, item_id=item_id).numpy()
+            tokens = int(np.count_nonzero(x))  # padding is token id 0
+        else:
+            # compact: images go to the encoder replica as uint8 pixels, a quarter of the
+            # bytes of the float input; the replica expands them (imagebind_core.expand)
+            data = self.load_bytes(kind, index, value)
+            x = preprocess(kind, data, item_id=item_id, compact=True).numpy()
+            tokens = 0
+        self._m_preprocess.observe(time.perf_counter() - t0, tags={"modality": kind})
+        return x, tokens
+
+    async def prepare_all(self, kind: str, inputs: list[str]) -> tuple[list[np.ndarray], int]:
+        """Preprocess every input on the pool; the lowest-index bad input -> 400."""
+        if kind == "text" and sum(map(len, inputs)) <= _INLINE_TEXT_CHARS:
+            # Tokenising a few short texts takes microseconds: cheaper on the event loop than
+            # two thread hand-offs, which cost milliseconds on a busy machine.
+            results: list[Any] = []
+            for i, v in enumerate(inputs):
+                try:
+                    results.append(self.prepare(kind, i, v))
+                except Exception as e:
+                    results.append(e)
+        else:
+            loop = asyncio.get_running_loop()
+            futs = [
+                loop.run_in_executor(self.pool, self.prepare, kind, i, v)
+                for i, v in enumerate(inputs)
+            ]
+            results = await asyncio.gather(*futs, return_exceptions=True)
+        arrays, tokens = [], 0
+        for i, r in enumerate(results):
+            if isinstance(r, BaseException):
+                raise self._refusal(kind, i, r)
+            arrays.append(r[0])
+            tokens += r[1]
+        return arrays, tokens
+
+    def _refusal(self, kind: str, index: int, e: BaseException) -> BaseException:
+        """What input `index` failing with `e` answers: 400 for a bad input, 503 when the store
+        cannot be reached (the store or this endpoint's credentials, not the request), else
+        `e` itself."""
+        param = f"input[{index}]"
+        if isinstance(e, ibc.InvalidInput):
+            return APIError(
+                400, f"{param}: invalid {kind} input: {e.reason}", param=param, code="invalid_input"
+            )
+        if isinstance(e, ibc.StoreUnavailable):
+            log.warning("%s: %s", param, e)
+            return APIError(
+                503,
+                f"{param}: {e}; retry later",
+                type="server_error",
+                param=param,
+                code="store_unavailable",
+                headers=retry_after(self.args.retry_after_s),
+            )
+        return e
+
+
+def _b64decode(kind: str, param: str, value: str) -> bytes:
+    """What clients send: line-wrapped (MIME, `base64` without -w0), the URL-safe alphabet,
+    padding dropped. All are unambiguous; anything else is a 400."""
+    compact = value.translate(_WHITESPACE)
+    if "-" in compact or "_" in compact:
+        compact = compact.replace("-", "+").replace("_", "/")
+    compact += "=" * (-len(compact) % 4)
+    try:
+        return base64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise APIError(
+            400,
+            f"{param}: not valid base64 ({e}); send {kind} inputs as base64 (standard or "
+            "URL-safe alphabet), a data: URI or an allowed s3:// URI",
+            param=param,
+            code="invalid_input",
+        ) from None
