@@ -183,10 +183,6 @@ class PreprocessConfig(_Strict):
             raise ValueError(f"unknown limit: {e}") from None
         return v
 
-    def make_limits(self) -> Any:
-        """The `imagebind_core.Limits` these settings describe."""
-        return ibc.Limits(**self.limits)
-
     def batch_size_for(self, kind: str, gpu: bool = False) -> int:
         """Items per preprocessing task for `kind`: `batch_sizes`, else `batch_size`, else
         the kind's default for an encoder on CPU or (`gpu`) on a GPU."""

@@ -50,7 +50,7 @@ from imagebind_core.index import (
     join_uri,
 )
 from imagebind_core.io import StorageOptions, filesystem
-from pipelines.store import PreconditionFailed, open_store, parquet_bytes
+from pipelines.store import PreconditionFailed, hidden, open_store, parquet_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -224,10 +224,10 @@ def parquet_files(uri: str, storage_options: StorageOptions, *, errors: bool) ->
         if not f.endswith(".parquet"):
             continue
         rel = f[len(root.rstrip("/")) + 1 :].split("/")
-        hidden = [p for p in rel[:-1] if p.startswith(("_", "."))]
-        if rel[-1].startswith(("_", ".")):
+        hidden_dirs = [p for p in rel[:-1] if hidden(p)]
+        if hidden(rel[-1]):
             continue
-        if (errors and hidden == [ERRORS_DIR]) or (not errors and not hidden):
+        if (errors and hidden_dirs == [ERRORS_DIR]) or (not errors and not hidden_dirs):
             picked.append(f)
     return picked
 

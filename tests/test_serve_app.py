@@ -773,9 +773,14 @@ def test_replica_killed_mid_traffic_recovers(apps, direct):
     log: list[tuple[float, float, int]] = []  # (sent, answered, status)
     killed: list[float] = []
 
-    async def traffic(stop_at: float) -> None:
+    def served_after_kill() -> bool:
+        return bool(killed) and any(s > killed[0] and c == 200 for s, _, c in log)
+
+    async def traffic(stop_at: float, give_up_at: float) -> None:
+        # At least 6 s of traffic, and on until a request sent after the kill is answered: on
+        # a loaded machine the replacement replica can take longer than that to start.
         async with httpx.AsyncClient(base_url=url, timeout=60) as ac:
-            while time.time() < stop_at:
+            while time.time() < stop_at or (not served_after_kill() and time.time() < give_up_at):
                 sent = time.monotonic()
                 r = await ac.post("/v1/embeddings", json={"input": texts})
                 log.append((sent, time.monotonic(), r.status_code))
@@ -784,8 +789,8 @@ def test_replica_killed_mid_traffic_recovers(apps, direct):
                     assert_embeddings_close(vectors(r), expected)
 
     async def run() -> None:
-        stop_at = time.time() + 6
-        workers = [asyncio.create_task(traffic(stop_at)) for _ in range(3)]
+        stop_at, give_up_at = time.time() + 6, time.time() + 90
+        workers = [asyncio.create_task(traffic(stop_at, give_up_at)) for _ in range(3)]
         await asyncio.sleep(1.0)
         n_before = len(statuses)
         killed.append(time.monotonic())
