@@ -190,7 +190,7 @@ class PreprocessConfig(_Strict):
         return self.batch_sizes.get(kind) or self.batch_size or default  # type: ignore[call-overload]
 
 
-class EncoderConfig(_Strict):
+class EncoderPoolConfig(_Strict):
     """One encoder actor pool (one per kind present in the job)."""
 
     # Items per encoder call; None: DEFAULT_ENCODER_BATCH_CPU, or on a GPU the kind's
@@ -241,7 +241,7 @@ class EncoderConfig(_Strict):
         return self.max_tasks_in_flight or (2 if self.num_gpus > 0 else 1)
 
     @model_validator(mode="after")
-    def _check_pool(self) -> EncoderConfig:
+    def _check_pool(self) -> EncoderPoolConfig:
         if self.max_actors != "auto" and self.max_actors < self.min_actors:
             raise ValueError(
                 f"max_actors ({self.max_actors}) is smaller than min_actors ({self.min_actors})"
@@ -312,7 +312,7 @@ class JobConfig(_Strict):
     files: FilesConfig = Field(default_factory=FilesConfig)
     webdataset: WebDatasetConfig = Field(default_factory=WebDatasetConfig)
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
-    encoder_defaults: EncoderConfig = Field(default_factory=EncoderConfig)
+    encoder_defaults: EncoderPoolConfig = Field(default_factory=EncoderPoolConfig)
     encoders: dict[Kind, EncoderOverride] = Field(default_factory=dict)
     ray: RayConfig = Field(default_factory=RayConfig)
     lock_ttl_s: float = Field(300.0, gt=0)  # a lock not renewed for this long is stale
@@ -344,7 +344,7 @@ class JobConfig(_Strict):
                 raise ValueError(f"encoders.{kind}: {msg}") from None
         return self
 
-    def encoder(self, kind: str) -> EncoderConfig:
+    def encoder(self, kind: str) -> EncoderPoolConfig:
         """The effective encoder settings of `kind`: defaults with its overrides applied."""
         base = self.encoder_defaults.model_dump()
         over = self.encoders.get(kind)  # type: ignore[call-overload]
@@ -362,7 +362,7 @@ class JobConfig(_Strict):
 
             device = base["device"] if base["device"] != "auto" else ("cuda" if gpu else "cpu")
             base["dtype"] = auto_dtype(device)
-        return EncoderConfig(**base)
+        return EncoderPoolConfig(**base)
 
     def model_spec(self, kind: str) -> ibc.ModelSpec:
         """The model `kind` is embedded with: its identity, dtype, device and preprocessing."""
