@@ -318,19 +318,24 @@ def test_an_unreachable_store_stops_the_block_instead_of_failing_the_item():
     from imagebind_core.errors import StoreUnavailable
     from imagebind_core.io import s3_storage_options
 
-    so = s3_storage_options(f"http://127.0.0.1:{free_port()}", "us-east-1", "testing", "testing")
+    storage_options = s3_storage_options(
+        f"http://127.0.0.1:{free_port()}", "us-east-1", "testing", "testing"
+    )
     row = {f.name: None for f in ITEM_SCHEMA}
     row.update(id="x", uri="s3://b/x.png", modality="vision", shard="s", branch="vision")
     row["status"] = STATUS_OK
     batch = pa.Table.from_pylist([row], schema=ITEM_SCHEMA)
     with pytest.raises(StoreUnavailable, match=r"s3://b/x\.png"):
-        preprocess_batch(batch, storage_options=so, store_retries=1)
+        preprocess_batch(batch, storage_options=storage_options, store_retries=1)
 
 
 def test_shard_files_are_created_only_if_absent(tmp_path, s3_server):
     bucket = s3_server.create_bucket(f"cia-{uuid.uuid4().hex[:6]}")
-    for uri, so in ((str(tmp_path / "o"), None), (f"s3://{bucket}/o", s3_server.storage_options)):
-        out = Output(uri, so)
+    for uri, storage_options in (
+        (str(tmp_path / "o"), None),
+        (f"s3://{bucket}/o", s3_server.storage_options),
+    ):
+        out = Output(uri, storage_options)
         path = out.shard_path("s")
         assert out.create_atomic(path, b"first")
         assert not out.create_atomic(path, b"second")  # a second committer loses, writes nothing

@@ -49,7 +49,7 @@ from pipelines.reindex import reindex
 
 def test_incremental_reindex_round_trip(ray_session, s3_server, tmp_path):
     bucket = s3_server.create_bucket(f"ri-{uuid.uuid4().hex[:8]}")
-    so = s3_server.storage_options
+    storage_options = s3_server.storage_options
     corpus = make_corpus(s3_server, bucket)
     root = f"s3://{bucket}/index"
     trace = str(tmp_path / "trace.txt")
@@ -76,14 +76,14 @@ def test_incremental_reindex_round_trip(ray_session, s3_server, tmp_path):
         + [f"img/pic{i}.png" for i in range(3)]
         + ["img/broken.png"]
     )
-    name1, rows1 = version_rows(root, so)
+    name1, rows1 = version_rows(root, storage_options)
     v1 = by_id(rows1)
-    rec1 = IndexRoot(root, so).read_record(name1)
+    rec1 = IndexRoot(root, storage_options).read_record(name1)
     assert rec1["parent"] is None and rec1["lineage_key"]["preset"] == "tiny"
     assert rec1["lineage_key"]["preprocess_version"] == str(ibc.PREPROCESS_VERSION)
 
     # The published vector index: an item's own embedding finds it first; filter works.
-    index = VectorIndex.load(join_uri(root, "versions", name1, INDEX_DIR), so)
+    index = VectorIndex.load(join_uri(root, "versions", name1, INDEX_DIR), storage_options)
     for id_, raw in v1.items():
         assert index.search(np.frombuffer(raw, np.float32), 1)[0]["id"] == id_
     q = np.frombuffer(v1["txt/cap0.txt"], np.float32)
@@ -94,7 +94,7 @@ def test_incremental_reindex_round_trip(ray_session, s3_server, tmp_path):
     r2 = reindex(cfg)
     assert r2.status == "unchanged" and r2.name == name1
     assert len(traced(trace)) == n_traced
-    assert read_pointer(root, so).name == name1
+    assert read_pointer(root, storage_options).name == name1
 
     # 3. Modify one caption, add a picture, delete a caption.
     corpus.put("txt/cap1.txt", b"three dogs sleeping")
@@ -117,7 +117,7 @@ def test_incremental_reindex_round_trip(ray_session, s3_server, tmp_path):
     }
     # Exactly the changed items went through the encoder again.
     assert sorted(traced(trace)[n_traced:]) == ["img/pic9.png", "txt/cap1.txt"]
-    name2, rows2 = version_rows(root, so)
+    name2, rows2 = version_rows(root, storage_options)
     v2 = by_id(rows2)
     assert "txt/cap4.txt" not in v2  # deleted
     carried = set(v1) - {"txt/cap1.txt", "txt/cap4.txt"}
@@ -125,9 +125,9 @@ def test_incremental_reindex_round_trip(ray_session, s3_server, tmp_path):
     for id_ in carried:
         assert v2[id_] == v1[id_], f"{id_} not carried bit-identically"
     assert v2["txt/cap1.txt"] != v1["txt/cap1.txt"]
-    rec2 = IndexRoot(root, so).read_record(name2)
+    rec2 = IndexRoot(root, storage_options).read_record(name2)
     assert rec2["parent_name"] == name1 and rec2["counts"] == r3.counts
-    index2 = VectorIndex.load(join_uri(root, "versions", name2, INDEX_DIR), so)
+    index2 = VectorIndex.load(join_uri(root, "versions", name2, INDEX_DIR), storage_options)
     assert index2.count == 8
     assert "txt/cap4.txt" not in {h["id"] for h in index2.search(q, 100)}
 
@@ -140,12 +140,12 @@ def test_incremental_reindex_round_trip(ray_session, s3_server, tmp_path):
     assert r4.counts["reembedded"] == 8 and r4.counts["carried"] == 0
     assert r4.counts["total"] == 8 and r4.counts["failed"] == 1  # the broken file again
     assert len(traced(trace)) - n_traced == 9
-    _, rows4 = version_rows(root, so)
+    _, rows4 = version_rows(root, storage_options)
     v4 = by_id(rows4)
     assert all(v4[i] != v2[i] for i in v2)
     # Retention (keep 2): version 1 is gone, 2 and 3 remain.
     assert r4.removed == [name1]
-    assert [r["version"] for r in IndexRoot(root, so).history()] == [3, 2]
+    assert [r["version"] for r in IndexRoot(root, storage_options).history()] == [3, 2]
 
     # 5. A preprocessing change (a limit no item reaches) re-embeds everything too.
     n_traced = len(traced(trace))
@@ -271,8 +271,8 @@ def published(ray_session, s3_server):
 
 def test_crash_during_publish_keeps_previous_version(published, ray_session, s3_server, tmp_path):
     over, root, corpus = published
-    so = s3_server.storage_options
-    before = read_pointer(root, so)
+    storage_options = s3_server.storage_options
+    before = read_pointer(root, storage_options)
     corpus.put("txt/new.txt", b"a new caption")
     pause = str(tmp_path / "pause")
     proc = _cli(over, ray_session.get_runtime_context().gcs_address, pause)
@@ -284,21 +284,21 @@ def test_crash_during_publish_keeps_previous_version(published, ray_session, s3_
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert read_pointer(root, so) == before  # readers still get the previous version
-    _, rows = version_rows(root, so)
+    assert read_pointer(root, storage_options) == before  # readers still get the previous version
+    _, rows = version_rows(root, storage_options)
     assert "txt/new.txt" not in rows.column("id").to_pylist()
     # The rerun recovers the dead run's lock and completes; its orphan stage is cleaned up.
     r = reindex(load_reindex_config(None, over))
     assert r.status == "published" and r.version == before.version + 1, r
     assert r.counts["added"] == 1 and r.counts["carried"] == 3
-    names = IndexRoot(root, so)._list_version_names()
+    names = IndexRoot(root, storage_options)._list_version_names()
     assert names == [before.name, r.name]
 
 
 def test_two_concurrent_runs_exactly_one_publishes(published, ray_session, s3_server, tmp_path):
     over, root, corpus = published
-    so = s3_server.storage_options
-    before = read_pointer(root, so)
+    storage_options = s3_server.storage_options
+    before = read_pointer(root, storage_options)
     corpus.put("txt/other.txt", b"another caption")
     pause = str(tmp_path / "pause")
     proc = _cli(over, ray_session.get_runtime_context().gcs_address, pause)
@@ -307,7 +307,7 @@ def test_two_concurrent_runs_exactly_one_publishes(published, ray_session, s3_se
         # Run B starts while A holds the lease: it must not publish.
         rb = reindex(load_reindex_config(None, over))
         assert rb.status == "locked"
-        assert read_pointer(root, so) == before
+        assert read_pointer(root, storage_options) == before
         with open(pause + ".go", "w"):
             pass
         out, _ = proc.communicate(timeout=120)
@@ -315,9 +315,9 @@ def test_two_concurrent_runs_exactly_one_publishes(published, ray_session, s3_se
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, out
-    after = read_pointer(root, so)
+    after = read_pointer(root, storage_options)
     assert after.version == before.version + 1
-    assert IndexRoot(root, so).read_record(after.name)["counts"]["added"] == 1
+    assert IndexRoot(root, storage_options).read_record(after.name)["counts"]["added"] == 1
 
 
 def test_unreadable_shard_is_kept_as_a_failure_and_an_emptied_corpus_needs_consent(

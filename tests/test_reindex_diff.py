@@ -167,10 +167,10 @@ def test_reindex_with_the_diff_on_ray(ray_session, s3_server, tmp_path):
     root = f"s3://{bucket}/index"
     trace = str(tmp_path / "trace.txt")
     cfg = config(s3_server, corpus, root, trace, **{"index.diff_on_ray_rows": 0})
-    so = s3_server.storage_options
+    storage_options = s3_server.storage_options
     r1 = reindex(cfg)
     assert r1.status == "published" and r1.counts["failed"] == 1
-    _, v1 = version_rows(root, so)
+    _, v1 = version_rows(root, storage_options)
     v1 = by_id(v1)
     corpus.put("txt/cap1.txt", b"a changed caption")
     corpus.rm("txt/cap4.txt")
@@ -186,7 +186,7 @@ def test_reindex_with_the_diff_on_ray(ray_session, s3_server, tmp_path):
         "failed_kept": 1,
     }
     assert sorted(traced(trace)[before:]) == ["txt/cap1.txt", "txt/cap9.txt"]
-    name, rows = version_rows(root, so)
+    name, rows = version_rows(root, storage_options)
     v2 = by_id(rows)
     carried = set(v1) - {"txt/cap1.txt", "txt/cap4.txt"}
     assert set(v2) == carried | {"txt/cap1.txt", "txt/cap9.txt"}
@@ -194,5 +194,5 @@ def test_reindex_with_the_diff_on_ray(ray_session, s3_server, tmp_path):
         assert v2[i] == v1[i], f"{i} not carried bit-identically"
     from pipelines.publish import IndexRoot
 
-    assert IndexRoot(root, so).read_record(name)["diff"] == "ray"
+    assert IndexRoot(root, storage_options).read_record(name)["diff"] == "ray"
     assert reindex(cfg).status == "unchanged"

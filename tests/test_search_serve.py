@@ -88,9 +88,11 @@ def test_modality_filter_and_raw_vector(setup, s3_server):
     assert len(hits) == 3 and {h["modality"] for h in hits} == {"vision"}
     hits = search(client, input=TEXTS[0], modality="text", top_k=8)
     assert len(hits) == 8 and {h["modality"] for h in hits} == {"vision", "text"}
-    so = s3_server.storage_options
-    pointer = read_pointer(root, so)
-    rows = read_parquet_tree(join_uri(pointer.version_uri(root), DATA_DIR), so, errors=False)
+    storage_options = s3_server.storage_options
+    pointer = read_pointer(root, storage_options)
+    rows = read_parquet_tree(
+        join_uri(pointer.version_uri(root), DATA_DIR), storage_options, errors=False
+    )
     k = rows.column("id").to_pylist().index("img/pic1.png")
     vec = rows.column("embedding")[k].as_py()
     assert search(client, vector=vec, top_k=1)[0]["id"] == "img/pic1.png"
