@@ -29,8 +29,9 @@ across runs or machines, only the ratios printed by one run.
 
 `--null-encoder` measures the pipeline's own ceiling instead: the job with encoders that run
 no model (`debug.null_encoder`), fed as a GPU encoder is (its preprocessing and encoder batch
-sizes), against the bare preprocessing in one process on one core (read the file or take the
-manifest's text, `preprocess(..., compact=True)`). Images are JPEG files, texts inline in
+sizes), against the bare preprocessing in one process on one core, done as the job's stage does
+it (read the file and `preprocess(..., compact=True)` it; texts: take the manifest's text and
+tokenize a block at a time with `preprocess_texts`). Images are JPEG files, texts inline in
 Parquet manifests. Both sides are counted two ways, in rounds of alternating order:
 
 - CPU: items per CPU-second — the job's over every process it runs on (driver, Ray's
@@ -383,9 +384,12 @@ def make_text_manifests(root: str, n: int, per_file: int) -> str:
     return f"{root}/manifests"
 
 
-def bare_preprocess(kind: str, source: str, limit: int) -> tuple[int, float, float]:
-    """One process, one thread: read + `preprocess(compact=True)` of up to `limit` items;
-    (items, CPU s, wall s)."""
+def bare_preprocess(
+    kind: str, source: str, limit: int, block: int = 8192
+) -> tuple[int, float, float]:
+    """One process, one thread: read + preprocess up to `limit` items as the job's stage does
+    (images: `preprocess(compact=True)` each; texts: `preprocess_texts` on `block` texts at
+    a time, the stage's one call per block); (items, CPU s, wall s)."""
     import pyarrow.parquet as pq
 
     if kind == "text":
@@ -399,8 +403,8 @@ def bare_preprocess(kind: str, source: str, limit: int) -> tuple[int, float, flo
         items = texts[:limit]
         ibc.preprocess("text", items[0])  # tokenizer built: every worker does that once
         c0, w0 = time.process_time(), time.perf_counter()
-        for t in items:
-            ibc.preprocess("text", t, compact=True)
+        for start in range(0, len(items), block):
+            ibc.preprocess.preprocess_texts(items[start : start + block])
     else:
         files = _files(source)[:limit]
         with open(files[0], "rb") as f:
@@ -518,7 +522,12 @@ def run_null_ceiling(args: argparse.Namespace) -> None:
                 r: dict = {}
                 for side in order:
                     if side == "bare":
-                        n, c, w = bare_preprocess(kind, folders[kind], bare_items[kind])
+                        n, c, w = bare_preprocess(
+                            kind,
+                            folders[kind],
+                            bare_items[kind],
+                            null_config(kind, "x", "y", fmts[kind]).preprocess_batch(kind),
+                        )
                         r.update(bare_items_per_cpu_s=n / c, bare_items_per_s=n / w)
                     else:
                         fixed = null_job(kind, part, f"{tmp}/fixed-{kind}-{i}", fmts[kind])

@@ -125,6 +125,10 @@ def _check_record(output: Output, cfg: JobConfig, plan: Plan, lineage: dict[str,
 
 # ----------------------------------------------------------------------------- the pipeline
 
+# Rows per table of the read tasks of rows rejected while listing (no preprocessing block
+# size to match: they go straight to the writer).
+INVALID_ROWS_PER_TABLE = 1024
+
 
 def build_pipeline(
     cfg: JobConfig,
@@ -145,7 +149,7 @@ def build_pipeline(
     tasks = shard_tasks(plan, cfg, plan.shards if shards is None else shards)
     branches = []
     for kind, rows in sorted(tasks.items()):
-        ds = _read_stage(cfg, rows, progress)
+        ds = _read_stage(cfg, rows, progress, kind)
         if kind == INVALID:  # rows rejected while reading: straight to the writer
             ds = ds.map_batches(
                 without_tensors,
@@ -174,11 +178,14 @@ def build_pipeline(
     )
 
 
-def _read_stage(cfg: JobConfig, rows: list[dict[str, Any]], progress: Any) -> Any:
-    """One kind's read tasks (one per shard): the shard's rows, without bytes."""
+def _read_stage(cfg: JobConfig, rows: list[dict[str, Any]], progress: Any, kind: str) -> Any:
+    """One kind's read tasks (one per shard): the shard's rows, without bytes, emitted in
+    tables of the kind's preprocessing block size (each one block, and one progress report:
+    Ray Data's and the counter's costs are per table, not per row)."""
     import ray.data
 
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    chunk = cfg.preprocess_batch(kind) if kind != INVALID else INVALID_ROWS_PER_TABLE
     return ds.map_batches(
         read_tasks,
         batch_size=1,
@@ -188,6 +195,7 @@ def _read_stage(cfg: JobConfig, rows: list[dict[str, Any]], progress: Any) -> An
             "output_uri": cfg.output,
             "storage_options": cfg.storage_options(),
             "progress": progress,
+            "chunk_rows": chunk,
         },
     )
 
@@ -240,7 +248,11 @@ def _encode_stage(cfg: JobConfig, ds: Any, kind: str, pool: Pool, progress: Any)
         in_flight = max(in_flight, math.ceil(up * concurrent))
     return ds.map_batches(
         EncodeBatch,
-        batch_size=enc.batch_size,
+        # One call per preprocessed block where a block holds at least a model batch (texts:
+        # 8,192 rows per block, 512 per batch on a GPU): the actor cuts it into model batches
+        # itself, so Ray Data's costs per call and per output block, and the writer's per
+        # part file, are paid once per block. Smaller blocks are bundled up to a model batch.
+        batch_size=max(enc.batch_size, cfg.preprocess_batch(kind)),
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(
             # A pool that starts at its largest size never scales up: fixed in size, Ray
@@ -259,6 +271,7 @@ def _encode_stage(cfg: JobConfig, ds: Any, kind: str, pool: Pool, progress: Any)
         fn_constructor_kwargs={
             "kind": kind,
             "spec": cfg.model_spec(kind),
+            "batch_size": enc.batch_size,
             "torch_threads": enc.threads,
             "null_encoder": cfg.debug.null_encoder,
             "trace_path": cfg.debug.actor_trace_path,

@@ -46,9 +46,10 @@ from imagebind_core.io import StorageOptions, filesystem
 from imagebind_core.kinds import KINDS
 from pipelines.rows import (
     INVALID,
+    STATUS_ERROR,
+    STATUS_OK,
     item_row,
     member_fingerprint,
-    text_fingerprint,
     unreadable_shard_row,
 )
 
@@ -210,70 +211,101 @@ def resolve_uri(base: str, uri: str) -> str:
 
 
 _MANIFEST_COLUMNS = ("modality", "text", "uri", "id", "fingerprint", "size", "mtime")
+_KIND = "_kind"
 
 
-def _manifest_row(
-    col: Mapping[str, list[Any]], i: int, id_: str, uri: str | None, shard: str, manifest_uri: str
-) -> dict[str, Any]:
-    """Row `i` of a manifest (columns `col`) as an item row with its `_kind` (INVALID when
-    rejected: unknown modality, inline text for a non-text modality, neither uri nor text)."""
-    raw_kind, text = col["modality"][i], col["text"][i]
-    kind = normalise_kind(raw_kind)
-    fingerprint, size, data, error = col["fingerprint"][i], col["size"][i], None, None
-    if kind is None:
-        error = f"unknown modality {raw_kind!r}; expected one of {list(KINDS)}"
-    elif text is not None:
-        if kind != "text":
-            error = f"inline text given for modality {kind!r}"
-        else:
-            data = text.encode("utf-8")
-            fingerprint, size = text_fingerprint(text), len(data)
-    elif not uri:
-        error = "row has neither 'uri' nor inline 'text'"
-    base = manifest_uri.rsplit("/", 1)[0] if "/" in manifest_uri else ""
-    item = item_row(
-        id_,
-        (resolve_uri(base, uri) if uri else None) or f"{manifest_uri}#{i}",
-        kind or (str(raw_kind) if raw_kind is not None else None),
-        shard,
-        fingerprint,
-        size,
-        col["mtime"][i],
-        data=data,
-        error=error,
+def _null_if_blank(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Strings with whitespace stripped; "" -> null."""
+    col = pc.utf8_trim_whitespace(col)
+    return pc.if_else(pc.equal(col, ""), pa.scalar(None, pa.string()), col)
+
+
+def _row_refs(prefix: str, rows: np.ndarray) -> pa.Array:
+    """`<prefix><row>` for each row index."""
+    return pc.binary_join_element_wise(
+        pa.scalar(prefix, pa.string()), pa.array(rows).cast(pa.string()), ""
     )
-    item["_kind"] = INVALID if error is not None else kind
-    return item
 
 
-def manifest_items(
+def _manifest_kinds(raw: pa.ChunkedArray) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
+    """(kind or null, the modality column as rows will carry it) of a manifest's `modality`
+    values (`normalise_kind`, column at a time)."""
+    low = pc.utf8_lower(pc.utf8_trim_whitespace(raw))
+    for alias, kind in KIND_ALIASES.items():
+        low = pc.if_else(pc.equal(low, alias), kind, low)
+    valid = pc.fill_null(pc.is_in(low, pa.array(list(KINDS))), False)
+    kind = pc.if_else(valid, low, pa.scalar(None, pa.string()))
+    return kind, pc.coalesce(kind, raw)
+
+
+def _manifest_errors(
+    raw: pa.ChunkedArray, kind: pa.ChunkedArray, text: pa.ChunkedArray, uri: pa.ChunkedArray
+) -> pa.Array:
+    """The reason each rejected row is rejected (null for the others): an unknown modality,
+    inline text for a non-text modality, neither uri nor text."""
+    unknown = pc.is_null(kind).to_numpy(zero_copy_only=False)
+    has_text = pc.is_valid(text).to_numpy(zero_copy_only=False)
+    is_text = pc.fill_null(pc.equal(kind, "text"), False).to_numpy(zero_copy_only=False)
+    no_uri = pc.is_null(uri).to_numpy(zero_copy_only=False)
+    errors: list[str | None] = [None] * len(kind)
+    if not (unknown | (has_text & ~is_text) | (~has_text & no_uri)).any():
+        return pa.nulls(len(kind), pa.string())
+    # Rejected rows are few: their messages are written one by one (with the value's repr).
+    raws, kinds = raw.to_pylist(), kind.to_pylist()
+    for i in np.flatnonzero(unknown):
+        errors[i] = f"unknown modality {raws[i]!r}; expected one of {list(KINDS)}"
+    for i in np.flatnonzero(~unknown & has_text & ~is_text):
+        errors[i] = f"inline text given for modality {kinds[i]!r}"
+    for i in np.flatnonzero(~unknown & ~has_text & no_uri):
+        errors[i] = "row has neither 'uri' nor inline 'text'"
+    return pa.array(errors, pa.string())
+
+
+def _resolved_uris(uri: pa.ChunkedArray, manifest_uri: str) -> pa.ChunkedArray:
+    """`resolve_uri` of each row's uri against the manifest's folder (null stays null)."""
+    base = manifest_uri.rsplit("/", 1)[0] if "/" in manifest_uri else ""
+    if not base:
+        return uri
+    absolute = pc.fill_null(pc.or_(pc.match_substring(uri, "://"), pc.starts_with(uri, "/")), True)
+    relative = np.flatnonzero(~absolute.to_numpy(zero_copy_only=False))
+    if not len(relative):
+        return uri
+    values = uri.to_pylist()  # relative uris are joined and normalised one by one
+    for i in relative.tolist():
+        values[i] = resolve_uri(base, values[i])
+    return pa.chunked_array([pa.array(values, pa.string())])
+
+
+def manifest_table(
     table: pa.Table, shard: str, manifest_uri: str, repeats: list[str] | None = None
-) -> list[dict[str, Any]]:
-    """Item rows of one manifest (without payload bytes, except inline text in `data`).
+) -> pa.Table:
+    """Item rows of one manifest as a table (ITEM_SCHEMA without `branch` and `count`, plus
+    `_kind`: the row's kind, INVALID when rejected), built column by column: no Python per
+    row but for the fingerprints of inline texts and the messages of rejected rows.
 
     Rows with an unknown modality, inline text for a non-text modality, or neither `uri` nor
-    `text` get kind INVALID and an error. A repeated id keeps its first row (logged; the ids
-    of the skipped rows are appended to `repeats` if given).
+    `text` get kind INVALID and an error. Ids: the `id` column, else the `uri` as written, else
+    `<shard>#<row>`. A repeated id keeps its first row (logged; the ids of the skipped rows are
+    appended to `repeats` if given).
     """
-    out: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    dups: list[str] = []
-    # Column by column (rows as dicts cost Arrow a dict per row): None for an absent column.
     n = table.num_rows
-    col = {
-        name: table.column(name).to_pylist() if name in table.column_names else [None] * n
-        for name in _MANIFEST_COLUMNS
-    }
-    for i in range(n):
-        uri = col["uri"][i]
-        uri = uri.strip() if isinstance(uri, str) and uri.strip() else None
-        id_ = col["id"][i] or uri or f"{shard}#{i}"
-        if id_ in seen:
-            dups.append(id_)
-            continue
-        seen.add(id_)
-        out.append(_manifest_row(col, i, id_, uri, shard, manifest_uri))
-    if dups:
+
+    def column(name: str, typ: pa.DataType = pa.string()) -> pa.ChunkedArray:
+        if name in table.column_names:
+            return table.column(name)
+        return pa.chunked_array([pa.nulls(n, typ)], typ)
+
+    uri = _null_if_blank(column("uri"))
+    ids = column("id")
+    ids = pc.if_else(pc.equal(ids, ""), pa.scalar(None, pa.string()), ids)
+    ids = pc.coalesce(ids, uri)
+    if ids.null_count:
+        ids = pc.coalesce(ids, _row_refs(f"{shard}#", np.arange(n)))
+    keep = _first_occurrences(ids)
+    if len(keep) != n:
+        dup_mask = np.ones(n, bool)
+        dup_mask[keep] = False
+        dups = pc.filter(ids, pa.array(dup_mask)).to_pylist()
         logger.warning(
             "manifest %s: %d rows repeat an id of an earlier row and are skipped, e.g. %s",
             shard,
@@ -282,7 +314,63 @@ def manifest_items(
         )
         if repeats is not None:
             repeats.extend(dups)
-    return out
+    rows = pa.array(keep)
+    raw, text, uri, ids = (c.take(rows) for c in (column("modality"), column("text"), uri, ids))
+    kind, modality = _manifest_kinds(raw)
+    error = _manifest_errors(raw, kind, text, uri)
+    inline = pc.and_(pc.is_valid(text), pc.is_null(error))
+    data = pc.if_else(inline, text, pa.scalar(None, pa.string())).cast(pa.large_binary())
+    fingerprint = column("fingerprint").take(rows)
+    size = column("size", pa.int64()).take(rows)
+    if pc.any(inline).as_py():
+        # = text_fingerprint(text), from the UTF-8 bytes already made
+        fingerprint = pa.array(
+            [
+                f if t is None else "sha256:" + hashlib.sha256(t).hexdigest()
+                for t, f in zip(data.to_pylist(), fingerprint.to_pylist(), strict=True)
+            ],
+            pa.string(),
+        )
+        size = pc.if_else(inline, pc.binary_length(data).cast(pa.int64()), size)
+    uri = pc.coalesce(_resolved_uris(uri, manifest_uri), _row_refs(f"{manifest_uri}#", keep))
+    status = pc.if_else(pc.is_null(error), STATUS_OK, STATUS_ERROR)
+    return pa.table(
+        {
+            "id": ids,
+            "uri": uri,
+            "modality": modality,
+            "shard": pa.array([shard], pa.string()).take(np.zeros(len(keep), np.int64)),
+            "fingerprint": fingerprint,
+            "size": size,
+            "mtime": column("mtime", pa.float64()).take(rows),
+            "status": status,
+            "error": error,
+            "data": data,
+            _KIND: pc.if_else(pc.is_null(error), kind, INVALID),
+        }
+    )
+
+
+def _first_occurrences(ids: pa.ChunkedArray) -> np.ndarray:
+    """Indices of the first row of each id, in row order."""
+    n = len(ids)
+    if n == 0:
+        return np.empty(0, np.int64)
+    firsts = (
+        pa.table({"id": ids, "i": pa.array(np.arange(n))})
+        .group_by("id", use_threads=False)
+        .aggregate([("i", "min")])
+        .column("i_min")
+        .to_numpy()
+    )
+    return np.sort(firsts) if len(firsts) != n else np.arange(n)
+
+
+def manifest_items(
+    table: pa.Table, shard: str, manifest_uri: str, repeats: list[str] | None = None
+) -> list[dict[str, Any]]:
+    """`manifest_table` as row dicts (with `_kind`)."""
+    return manifest_table(table, shard, manifest_uri, repeats).to_pylist()
 
 
 # ----------------------------------------------------------------------------- webdataset
@@ -403,9 +491,21 @@ def manifest_rows(
     storage_options: StorageOptions | None,
     **_: Any,
 ) -> Iterator[dict[str, Any]]:
-    for it in manifest_items(read_manifest(uri, storage_options), shard, uri):
-        if it.pop("_kind") in kinds:
-            yield it
+    yield from manifest_shard_table(shard, uri, fingerprint, kinds, storage_options).to_pylist()
+
+
+def manifest_shard_table(
+    shard: str,
+    uri: str,
+    fingerprint: str | None,
+    kinds: Collection[str],
+    storage_options: StorageOptions | None,
+    **_: Any,
+) -> pa.Table:
+    """`manifest_rows` as one table (the read task's path for manifests: no dict per row)."""
+    table = manifest_table(read_manifest(uri, storage_options), shard, uri)
+    mask = pc.is_in(table.column(_KIND), pa.array(sorted(kinds), pa.string()))
+    return table.filter(mask).drop_columns([_KIND])
 
 
 def tar_rows(

@@ -11,7 +11,9 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from imagebind_core.io import StorageOptions
 from pipelines.formats import wds_member
@@ -81,6 +83,12 @@ def read_shard_task(
     done = Output(output_uri, storage_options).part_ids(task["shard"])
     done.update(task.get("exclude") or ())
     include = set(task["include"]) if task.get("include") is not None else None
+    fmt = input_format(task["format"])
+    if fmt.shard_table is not None and task["items"] is None:
+        yield from _read_table_task(
+            task, fmt, storage_options, done, include, chunk_rows, chunk_bytes
+        )
+        return
     seen: set[str] = set()
     buf: list[dict[str, Any]] = []
     nbytes = 0
@@ -104,6 +112,55 @@ def read_shard_task(
     buf.extend(missing)
     buf.append(eos_row(task["shard"], task["kind"], len(seen) + len(missing)))
     yield _to_table(buf)
+
+
+def _read_table_task(
+    task: dict[str, Any],
+    fmt: Any,
+    storage_options: StorageOptions | None,
+    done: set[str],
+    include: set[str] | None,
+    chunk_rows: int,
+    chunk_bytes: int,
+) -> Iterator[pa.Table]:
+    """`read_shard_task` for a format that reads a shard as one table (`shard_table`): the
+    same rows and marker, filtered and cut into tables of `chunk_rows` column by column."""
+    kind = task["kind"]
+    table = fmt.shard_table(
+        task["shard"], task["uri"], task["fingerprint"], {kind}, storage_options=storage_options
+    )
+    ids = table.column("id")
+    if done:
+        table = table.filter(pc.invert(pc.is_in(ids, pa.array(sorted(done), pa.string()))))
+    if include is not None:
+        table = table.filter(pc.is_in(table.column("id"), pa.array(sorted(include), pa.string())))
+    n = table.num_rows
+    table = _with_task_columns(table, kind)
+    sizes = pc.fill_null(pc.binary_length(table.column("data")), 0).to_numpy()
+    ends = np.zeros(n + 1, np.int64)
+    np.cumsum(sizes, out=ends[1:])
+    start = 0
+    while start < n:  # at most chunk_rows rows, and chunk_bytes of inline data unless one row
+        stop = min(start + chunk_rows, n)
+        stop = max(
+            start + 1, min(stop, int(np.searchsorted(ends, ends[start] + chunk_bytes, "right")) - 1)
+        )
+        yield table.slice(start, stop - start)
+        start = stop
+    seen = set(table.column("id").to_pylist()) if include is not None else set()
+    missing = _missing_rows(task, sorted((include or set()) - seen - done), None)
+    yield _to_table([*missing, eos_row(task["shard"], kind, n + len(missing))])
+
+
+def _with_task_columns(table: pa.Table, kind: str) -> pa.Table:
+    """Shard rows (ITEM_SCHEMA but `branch` and `count`) with those columns, in schema order."""
+    n = table.num_rows
+    extra = {
+        "branch": pa.array([kind], pa.string()).take(np.zeros(n, np.int64)),
+        "count": pa.nulls(n, pa.int64()),
+    }
+    cols = [table.column(f.name) if f.name not in extra else extra[f.name] for f in ITEM_SCHEMA]
+    return pa.Table.from_arrays(cols, schema=ITEM_SCHEMA)
 
 
 def _missing_rows(task: dict[str, Any], ids: list[str], broken: str | None) -> list[dict]:
@@ -130,10 +187,14 @@ def read_tasks(
     output_uri: str,
     storage_options: StorageOptions | None,
     progress: Any = None,
+    chunk_rows: int = 64,
 ) -> Iterator[pa.Table]:
-    """Ray Data `map_batches` function: task rows (`task` JSON) -> item rows. `progress`: the
-    job's `pipelines.progress.counter_actor()` (None: not counted)."""
+    """Ray Data `map_batches` function: task rows (`task` JSON) -> item rows, in tables of up
+    to `chunk_rows` rows (the job passes its preprocessing block size, so each table is one
+    block). `progress`: the job's `pipelines.progress.counter_actor()` (None: not counted)."""
     for t in batch.column("task").to_pylist():
-        for table in read_shard_task(json.loads(t), output_uri, storage_options):
+        for table in read_shard_task(
+            json.loads(t), output_uri, storage_options, chunk_rows=chunk_rows
+        ):
             report(progress, "read", sum(s != STATUS_EOS for s in table["status"].to_pylist()))
             yield table

@@ -62,7 +62,7 @@ def compact_input(kind: str, t: Any) -> np.ndarray:
     tokenizer's ids, cut where only padding follows (the model drops those columns anyway,
     `ImageBindModel.encode`). Everything else as preprocessed (still images are uint8 already).
     """
-    a = t.numpy()
+    a = t if isinstance(t, np.ndarray) else t.numpy()
     if kind == "text":
         nz = np.flatnonzero(a)
         return a[: int(nz[-1]) + 1 if nz.size else 0].astype(np.int32)
@@ -194,6 +194,25 @@ def batch_arrays(
     return out
 
 
+def model_batches(
+    groups: list[tuple[list[int], np.ndarray]], batch_size: int | None
+) -> list[tuple[list[int], np.ndarray]]:
+    """`batch_arrays`' groups cut into batches of at most `batch_size` rows (None: as they
+    are), each a view of its group. A 2-D integer group (token ids, zero-padded) loses the
+    columns past its batch's last non-zero id: the model ignores them, the copy need not."""
+    if not batch_size:
+        return groups
+    out = []
+    for idx, x in groups:
+        for s in range(0, len(idx), batch_size):
+            part = x[s : s + batch_size]
+            if part.ndim == 2 and part.dtype.kind in "iu" and len(idx) > batch_size:
+                used = part.any(axis=0)
+                part = part[:, : len(used) - int(np.argmax(used[::-1])) if used.any() else 0]
+            out.append((idx[s : s + batch_size], part))
+    return out
+
+
 def encoded_rows(batch: pa.Table, rows: Sequence[int]) -> list[memoryview]:
     """The `tensor` bytes of `rows` (`ENCODED_JPEG` rows: the files), as zero-copy views."""
     chunked = batch.column("tensor")
@@ -294,7 +313,7 @@ def preprocess_batch(
     fetch = [i for i in todo if cols["data"][i] is None]
     if fetch:
         _fetch_items(cols, fetch, storage_options, lim, read_threads, store_retries)
-    tensors, formats = _preprocess_items(
+    tensors, formats, tokens = _preprocess_items(
         cols, todo, lim, options or {}, dict(decode or {}), delay_per_item_s
     )
     if trace_path and todo:
@@ -302,7 +321,7 @@ def preprocess_batch(
         lines = "".join(f"{os.getpid()} {cols['id'][i]}\n" for i in todo)
         with open(trace_path, "a") as f:
             f.write(lines)
-    out = _preprocessed_table(batch, cols, tensors, formats, metadata_filled=bool(fetch))
+    out = _preprocessed_table(batch, cols, tensors, formats, tokens, metadata_filled=bool(fetch))
     report(progress, "preprocess", sum(1 for s in cols["status"] if s != STATUS_EOS))
     return out
 
@@ -354,13 +373,19 @@ def _preprocess_items(
     options: Mapping[str, Mapping[str, Any]],
     decoders: Mapping[str, str],
     delay_per_item_s: float,
-) -> tuple[list[Any], list[str | None]]:
+) -> tuple[list[Any], list[str | None], tuple[list[int], np.ndarray] | None]:
     """Each `ok` row's model input (`preprocess(..., compact=True)`), or its JPEG file with
-    format ENCODED_JPEG for the device to decode; a failure makes the row an error row."""
+    format ENCODED_JPEG for the device to decode; a failure makes the row an error row. Texts
+    are tokenized together (`preprocess_texts`): returned as (rows, (k, context) token ids)
+    instead of one tensor each."""
     n = len(cols["id"])
     tensors: list[Any] = [None] * n
     formats: list[str | None] = [None] * n
     ids, kinds, data = cols["id"], cols["modality"], cols["data"]
+    texts = [i for i in todo if cols["status"][i] == STATUS_OK and kinds[i] == "text"]
+    tokens = _tokenize_rows(cols, texts, lim, options.get("text", {}), delay_per_item_s)
+    if tokens is not None:
+        todo = [i for i in todo if kinds[i] != "text"]
     for i in todo:
         if cols["status"][i] != STATUS_OK:
             continue
@@ -387,7 +412,37 @@ def _preprocess_items(
             logger.exception("preprocessing %s failed", ids[i])
             cols["status"][i] = STATUS_ERROR
             cols["error"][i] = f"internal error: {type(e).__name__}: {e}"
-    return tensors, formats
+    return tensors, formats, tokens
+
+
+def _tokenize_rows(
+    cols: dict[str, list[Any]],
+    rows: list[int],
+    lim: ibc.Limits,
+    options: Mapping[str, Any],
+    delay_per_item_s: float,
+) -> tuple[list[int], np.ndarray] | None:
+    """The text rows `rows` tokenized in one call: (rows still ok, their token ids); bad texts
+    become error rows. None when there are none, or when the call fails other than on a bad
+    text (the rows then take the per-item path, which isolates the item at fault)."""
+    if not rows:
+        return None
+    if delay_per_item_s:
+        time.sleep(delay_per_item_s * len(rows))
+    try:
+        matrix, errors = ibc.preprocess.preprocess_texts(
+            [cols["data"][i] for i in rows],
+            limits=lim,
+            item_ids=[cols["id"][i] for i in rows],
+            **dict(options),
+        )
+    except Exception:
+        logger.debug("batch tokenization failed; texts one by one", exc_info=True)
+        return None
+    for j, e in errors.items():
+        cols["status"][rows[j]], cols["error"][rows[j]] = STATUS_ERROR, e.reason
+    keep = [j for j in range(len(rows)) if j not in errors]
+    return [rows[j] for j in keep], matrix[keep]
 
 
 def _preprocessed_table(
@@ -395,6 +450,7 @@ def _preprocessed_table(
     cols: dict[str, list[Any]],
     tensors: list[Any],
     formats: list[str | None],
+    tokens: tuple[list[int], np.ndarray] | None,
     *,
     metadata_filled: bool,
 ) -> pa.Table:
@@ -407,7 +463,7 @@ def _preprocessed_table(
         changed.update(fingerprint=pa.string(), size=pa.int64(), mtime=pa.float64())
     for name, typ in changed.items():
         out_cols[name] = pa.array(cols[name], typ)
-    columns, lengths = _tensor_columns_of(cols["modality"], tensors, formats)
+    columns, lengths = _tensor_columns_of(cols["modality"], tensors, formats, tokens)
     out_cols["tensor"], out_cols["tensor_shape"], out_cols["tensor_dtype"] = columns
     out = pa.table(
         {f.name: out_cols[f.name] for f in PREPROCESSED_SCHEMA}, schema=PREPROCESSED_SCHEMA
@@ -422,22 +478,26 @@ def _preprocessed_table(
 
 
 def _tensor_columns_of(
-    kinds: list[str], tensors: list[Any], formats: list[str | None]
+    kinds: list[str],
+    tensors: list[Any],
+    formats: list[str | None],
+    tokens: tuple[list[int], np.ndarray] | None,
 ) -> tuple[tuple[pa.Array, pa.Array, pa.Array], np.ndarray | None]:
     """The block's inputs as `tensor_columns`, and the token count of each text row (None for
-    a block without texts)."""
+    a block without texts). `tokens`: (rows, token ids) of the texts tokenized together."""
     n = len(kinds)
-    made = [i for i in range(n) if tensors[i] is not None]
-    if made and all(kinds[i] == "text" for i in made):
+    if tokens is not None and all(t is None for t in tensors):
         # A block of texts (a text branch's): one (n, context) matrix, compacted at once.
-        import torch
-
+        rows, matrix = tokens
         present = np.zeros(n, bool)
-        present[made] = True
-        tok = np.zeros((n, tensors[made[0]].shape[-1]), np.int64)
-        tok[made] = torch.stack([tensors[i] for i in made]).numpy()
+        present[rows] = True
+        tok = np.zeros((n, matrix.shape[1]), np.int64)
+        tok[rows] = matrix
         # Tokens through the first EOT (the largest id; = ibc.text_lengths): the encoder's cost.
         return token_columns(tok, present), np.where(present, tok.argmax(axis=1) + 1, 0)
+    if tokens is not None:  # texts mixed with other kinds (direct calls): one array per row
+        for i, row in zip(tokens[0], tokens[1], strict=True):
+            tensors[i] = row
     compact = [
         None if t is None else t if f else compact_input(k, t)
         for k, t, f in zip(kinds, tensors, formats, strict=True)
@@ -481,6 +541,8 @@ class EncodeBatch:
     Args:
         kind: media kind of this pool ("video" runs the vision encoder).
         spec: the model and preprocessing settings (`imagebind_core.ModelSpec`).
+        batch_size: items per model call; a larger block is cut into such batches, in its
+            row order (texts arrive sorted by length: each batch is as wide as its longest).
         torch_threads: intra-op threads of this actor.
         model: an already built model (tests, single-process use); skips loading.
         null_encoder: run everything but the model (embeddings are zeros): measures what the
@@ -498,6 +560,7 @@ class EncodeBatch:
         kind: str,
         spec: ibc.ModelSpec | None = None,
         *,
+        batch_size: int | None = None,
         torch_threads: int | None = None,
         model: Any = None,
         null_encoder: bool = False,
@@ -511,6 +574,7 @@ class EncodeBatch:
 
             torch.set_num_threads(torch_threads)
         self.kind = kind
+        self.batch_size = batch_size
         self.modality = ibc.model_modality(kind)
         if spec is None:
             spec = ibc.ModelSpec(preset=model.config.name if model is not None else "huge")
@@ -577,7 +641,7 @@ class EncodeBatch:
         if jpegs:
             on_device = set(jpegs)
             ok = [i for i in ok if i not in on_device]
-        groups = batch_arrays(batch, ok, pad=self.kind == "text")
+        groups = model_batches(batch_arrays(batch, ok, pad=self.kind == "text"), self.batch_size)
         if self.runner is not None and (groups or jpegs):
             # Wait for the model here, outside the per-item fallback below: a load that failed
             # (a bad checkpoint) fails the job with its reason instead of every item.

@@ -303,6 +303,75 @@ def test_ids_repeated_across_manifests_keep_their_first_occurrence(tmp_path):
     assert [r["id"] for r in rows if r["status"] == "ok"] == ["x3"]
 
 
+def test_manifest_rows_every_rule(tmp_path):
+    """A manifest's item rows (built column by column) follow each documented rule: kinds and
+    their aliases, id fallbacks (`id`, else the uri as written, else `<shard>#<row>`), the
+    first of repeated ids, relative uris resolved, inline texts with their fingerprint and
+    size, and rejected rows with the reason; the read task cuts them by rows and by bytes."""
+    import hashlib
+
+    from pipelines.formats import manifest_table, read_manifest
+    from pipelines.readers import read_shard_task
+    from pipelines.rows import INVALID
+
+    d = tmp_path / "in"
+    d.mkdir()
+    man = d / "m.jsonl"
+    rows = [
+        {"id": "a", "uri": "img/a.jpg", "modality": " Image "},
+        {"uri": "  ", "text": "hello", "modality": "text"},
+        {"id": "", "uri": "s3://b/x.wav", "modality": "AUDIO"},
+        {"id": "a", "uri": "img/other.jpg", "modality": "vision"},
+        {"id": "d", "modality": "vision"},
+        {"id": "e", "text": "hi", "modality": "vision", "fingerprint": "fp-e", "size": 9},
+        {"id": "f", "uri": "/abs/f.png", "modality": "hologram"},
+        {"id": "g", "uri": "../up/g.jpg", "modality": "photo"},
+        {"id": "h", "uri": "v/h.mp4", "modality": "video", "fingerprint": "etag", "size": 7,
+         "mtime": 1.5},
+    ]  # fmt: skip
+    man.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    repeats: list[str] = []
+    got = manifest_table(read_manifest(str(man), None), "m", str(man), repeats).to_pylist()
+    assert repeats == ["a"]
+    by = {r["id"]: r for r in got}
+    assert [r["id"] for r in got] == ["a", "m#1", "s3://b/x.wav", "d", "e", "f", "g", "h"]
+    assert by["a"]["uri"] == f"{d}/img/a.jpg" and by["a"]["modality"] == "vision"
+    assert by["g"]["uri"] == f"{tmp_path}/up/g.jpg" and by["g"]["_kind"] == "vision"
+    assert by["s3://b/x.wav"]["uri"] == "s3://b/x.wav" and by["s3://b/x.wav"]["_kind"] == "audio"
+    text = by["m#1"]
+    assert text["uri"] == f"{man}#1" and text["data"] == b"hello" and text["size"] == 5
+    assert text["fingerprint"] == "sha256:" + hashlib.sha256(b"hello").hexdigest()
+    assert text["status"] == "ok" and text["_kind"] == "text"
+    assert by["h"]["fingerprint"] == "etag" and by["h"]["size"] == 7 and by["h"]["mtime"] == 1.5
+    assert by["d"]["error"] == "row has neither 'uri' nor inline 'text'"
+    assert by["e"]["error"] == "inline text given for modality 'vision'"
+    assert by["e"]["data"] is None and by["e"]["fingerprint"] == "fp-e"
+    assert by["f"]["error"].startswith("unknown modality 'hologram'; expected one of")
+    assert by["f"]["modality"] == "hologram"
+    for i in ("d", "e", "f"):
+        assert by[i]["status"] == "error" and by[i]["_kind"] == INVALID
+    for i in ("a", "m#1", "g", "h"):
+        assert by[i]["error"] is None and by[i]["shard"] == "m"
+    # The read task: one kind's rows, minus those already written, in row- and byte-bounded
+    # tables, then the end-of-shard marker with the count.
+    big = d / "t.jsonl"
+    big.write_text("".join(json.dumps({"id": f"t{i}", "text": "x" * (10 + i), "modality": "text"})
+                           + "\n" for i in range(10)))  # fmt: skip
+    task = {
+        "shard": "t", "kind": "text", "format": "manifest", "uri": str(big), "fingerprint": None,
+        "items": None, "include": None, "exclude": ["t3"], "wds_extensions": {},
+    }  # fmt: skip
+    tables = list(read_shard_task(task, str(tmp_path / "o"), None, chunk_rows=4, chunk_bytes=35))
+    sizes = [t.num_rows for t in tables]
+    emitted = [r for t in tables for r in t.to_pylist()]
+    ids = [r["id"] for r in emitted if r["status"] == "ok"]
+    assert ids == [f"t{i}" for i in range(10) if i != 3]
+    assert all(sum(len(r["data"] or b"") for r in t.to_pylist()) <= 35 or t.num_rows == 1
+               for t in tables)  # fmt: skip
+    assert max(sizes) <= 4 and emitted[-1]["status"] == "eos" and emitted[-1]["count"] == 9
+    assert {r["branch"] for r in emitted} == {"text"}
+
+
 def test_manifest_columns_of_other_types_are_normalised(tmp_path):
     import datetime
 
@@ -710,6 +779,54 @@ def test_texts_leave_preprocessing_sorted_by_length_and_embed_as_in_file_order()
     for i, w in enumerate(want.numpy()):
         assert_embeddings_close(by_id[f"t{i:02d}"], w)
     assert by_id[f"t{n - 1:02d}"] is None  # the error row passed through
+
+
+def test_a_block_larger_than_the_model_batch_is_encoded_in_model_batches():
+    """The encoder actor takes a whole preprocessed block and cuts it into model batches of
+    `batch_size` rows (in the block's order: texts sorted by length), each only as wide as its
+    longest text; the embeddings equal one batch over the whole block."""
+    import imagebind_core as ibc
+    from pipelines.rows import ITEM_SCHEMA, STATUS_OK
+    from pipelines.stages import EncodeBatch, model_batches, preprocess_batch
+
+    words = ["a", "dog", "runs", "over", "the", "bright", "city", "under", "a", "dark", "sky"]
+    texts = [" ".join(words[: 1 + (5 * i) % 11] * (1 + i % 3)) for i in range(11)]
+    n = len(texts)
+    rows = {f.name: [None] * n for f in ITEM_SCHEMA}
+    rows.update(
+        id=[f"t{i:02d}" for i in range(n)],
+        modality=["text"] * n,
+        status=[STATUS_OK] * n,
+        data=[t.encode() for t in texts],
+        fingerprint=["x"] * n,
+    )
+    pre = preprocess_batch(pa.table(rows, schema=ITEM_SCHEMA))
+    model = ibc.build_model("tiny", ["text"])
+    calls: list[tuple[int, int]] = []
+    encode = model.encode
+
+    def spy(modality, x, **kw):
+        calls.append(tuple(x.shape))
+        return encode(modality, x, **kw)
+
+    model.encode = spy
+    got = EncodeBatch("text", model=model, batch_size=4)(pre)
+    assert [b for b, _ in calls] == [4, 4, 3], calls
+    widths = [w for _, w in calls]
+    assert widths == sorted(widths) and widths[0] < widths[-1], widths  # each batch trimmed
+    model.encode = encode
+    whole = EncodeBatch("text", model=model)(pre)
+    assert got.column("id").to_pylist() == whole.column("id").to_pylist()
+    for a, b in zip(
+        got.column("embedding").to_pylist(), whole.column("embedding").to_pylist(), strict=True
+    ):
+        assert_embeddings_close(a, b)
+    # The cut itself: views in order, no row lost, non-integer inputs never trimmed.
+    x = np.zeros((5, 3, 2, 2), np.float32)
+    parts = model_batches([([0, 1, 2, 3, 4], x)], 2)
+    assert [idx for idx, _ in parts] == [[0, 1], [2, 3], [4]]
+    assert all(p.shape[1:] == (3, 2, 2) for _, p in parts)
+    assert model_batches([([0], x[:1])], None)[0][1] is not None
 
 
 def test_job_drops_only_rays_high_memory_detector():

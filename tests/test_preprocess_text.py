@@ -58,3 +58,58 @@ def test_bytes_input_and_limits() -> None:
         P.preprocess("text", "a" * 101, limits=P.Limits(max_text_chars=100))
     with pytest.raises(InvalidInput, match="expected str"):
         P.preprocess("text", 12345)  # type: ignore[arg-type]
+
+
+def test_cleaning_skips_ftfy_only_where_ftfy_changes_nothing() -> None:
+    """Cleaning leaves out ftfy for text in which no ftfy fix can apply (printable ASCII, tab,
+    newline, no "&"): on random strings over all of ASCII and the characters ftfy fixes, the
+    cleaned text equals the cleaning with ftfy always applied, and the shortcut is taken."""
+    import html
+    import random
+
+    import ftfy
+
+    from imagebind_core.preprocess.text import _WHITESPACE, Tokenizer
+
+    def with_ftfy(text: str) -> str:
+        text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+        return _WHITESPACE.sub(" ", text).strip().lower()
+
+    rng = random.Random(7)
+    ascii_chars = [chr(c) for c in range(128)]
+    fixable = ["\u2019", "\ufb01", "Ã©", "\x85", "\u2028", "\uff21", "&amp;", "&lt;", "\x1b[31m"]
+    printable = [chr(c) for c in range(0x20, 0x7F)] + ["\t", "\n"]
+    shortcut = 0
+    for i in range(20000):
+        pool = (printable, ascii_chars, ascii_chars + fixable)[i % 3]
+        s = "".join(rng.choice(pool) for _ in range(rng.randint(0, 30)))
+        assert Tokenizer.clean(s) == with_ftfy(s), repr(s)
+        shortcut += s.isprintable() and "&" not in s
+    assert shortcut > 5000  # the shortcut was exercised, not only the ftfy path
+    for s in TEXTS:
+        assert Tokenizer.clean(s) == with_ftfy(s), repr(s)
+
+
+def test_many_texts_at_once_equal_one_at_a_time() -> None:
+    """`preprocess_texts` (the job's blocks) gives each text the ids `preprocess` gives it,
+    and reports a bad text by index, with its id, leaving the others untouched."""
+    import numpy as np
+
+    from imagebind_core.preprocess.common import Limits
+
+    limits = Limits(max_text_chars=100)
+    texts: list = [*TEXTS[:14], b"\xff\xfe not utf-8", "y" * 101, None, "ok"]
+    ids = [f"t{i}" for i in range(len(texts))]
+    matrix, errors = P.preprocess_texts(texts, limits=limits, item_ids=ids)
+    assert matrix.dtype == np.int64 and matrix.shape == (len(texts), 77)
+    assert sorted(errors) == [14, 15]
+    assert "t14" in str(errors[14]) and "UTF-8" in errors[14].reason
+    assert "over the limit" in errors[15].reason
+    for i, t in enumerate(texts):
+        if i in errors or t is None:
+            assert not matrix[i].any()
+            continue
+        want = P.preprocess("text", t, limits=limits).numpy()
+        np.testing.assert_array_equal(matrix[i], want)
+    short, _ = P.preprocess_texts(["a dog"], context_length=8)
+    assert short.shape == (1, 8)

@@ -32,6 +32,7 @@ _LAZY: dict[str, str] = {
     # text
     "tokenize": "text",
     "preprocess_text": "text",
+    "preprocess_texts": "text",
     "get_tokenizer": "text",
     "Tokenizer": "text",
     "TextConfig": "text",

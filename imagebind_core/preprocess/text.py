@@ -19,12 +19,14 @@ import importlib.util
 import itertools
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import ftfy
+import numpy as np
 import regex
 import torch
 
@@ -51,6 +53,13 @@ _PRETOKEN = regex.compile(
     regex.IGNORECASE,
 )
 _WHITESPACE = regex.compile(r"\s+")
+# A character outside printable ASCII, tab and newline, or an "&": text without one is text
+# ftfy.fix_text returns unchanged, so cleaning skips it (ftfy is most of the cost of cleaning a
+# short caption). Every fix ftfy makes needs such a character: mojibake, C1 controls,
+# ligatures, full-width forms and curly quotes are not ASCII; terminal escapes start with ESC;
+# line-break fixes need CR, U+2028 or U+2029; the control characters it drops are other C0
+# codes; HTML entities start with "&". tests/test_preprocess_text.py checks it against ftfy.
+_FTFY_MAY_CHANGE = re.compile(r"[^\t\n\x20-\x7e]|&")
 # Longest vocabulary entry, in byte symbols (checked when the vocabulary is built).
 MAX_TOKEN_SYMBOLS = 32
 # Pre-tokens longer than this (in byte symbols) are neither memoised nor, when only the first
@@ -221,7 +230,9 @@ class Tokenizer:
     @staticmethod
     def clean(text: str) -> str:
         """The reference's cleaning: ftfy, HTML-unescape twice, collapse whitespace, lower."""
-        text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+        if _FTFY_MAY_CHANGE.search(text) is not None:
+            text = ftfy.fix_text(text)
+        text = html.unescape(html.unescape(text)).strip()
         return _WHITESPACE.sub(" ", text).strip().lower()
 
     def encode(self, text: str, max_tokens: int | None = None) -> list[int]:
@@ -287,14 +298,47 @@ def tokenize(
     """
     if isinstance(texts, str | bytes):
         texts = [texts]
+    return torch.from_numpy(_token_matrix([check_text(t, limits) for t in texts], cfg))
+
+
+def _token_matrix(texts: Sequence[str], cfg: TextConfig) -> np.ndarray:
     tok = get_tokenizer()
-    out = torch.zeros(len(texts), cfg.context_length, dtype=torch.long)
+    out = np.zeros((len(texts), cfg.context_length), np.int64)
     for i, t in enumerate(texts):
         # SOT + at most context_length - 2 ids + EOT: no id after those can reach the model.
-        ids = tok.encode(check_text(t, limits), max(0, cfg.context_length - 2))
-        ids = tok.frame(ids, cfg.context_length)
-        out[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        ids = tok.frame(tok.encode(t, max(0, cfg.context_length - 2)), cfg.context_length)
+        out[i, : len(ids)] = ids
     return out
+
+
+def preprocess_texts(
+    texts: Sequence[str | bytes | None],
+    *,
+    limits: Limits = DEFAULT_LIMITS,
+    item_ids: Sequence[str | None] | None = None,
+    **options: object,
+) -> tuple[np.ndarray, dict[int, InvalidInput]]:
+    """Many texts at once (the offline job's blocks): (n, context_length) int64 token ids,
+    row i equal to `preprocess("text", texts[i], **options)`, and {i: InvalidInput} for the
+    texts that fail (their rows stay zero; a None text is skipped the same way, without an
+    entry). One numpy matrix instead of a tensor per text: a caption costs the tokenizer,
+    little more."""
+    cfg = replace_config(TEXT, options, "text")
+    errors: dict[int, InvalidInput] = {}
+    good: list[int] = []
+    checked: list[str] = []
+    for i, t in enumerate(texts):
+        if t is None:
+            continue
+        try:
+            checked.append(check_text(t, limits))
+            good.append(i)
+        except InvalidInput as e:
+            errors[i] = e.with_id(item_ids[i] if item_ids is not None else None)
+    out = np.zeros((len(texts), cfg.context_length), np.int64)
+    if good:
+        out[good] = _token_matrix(checked, cfg)
+    return out, errors
 
 
 def preprocess_text(
