@@ -479,14 +479,15 @@ def run_null_ceiling(args: argparse.Namespace) -> None:
     cores = os.cpu_count() or 1
     tmp = tempfile.mkdtemp(prefix="bench-null-")
     try:
-        folders = make_corpus(tmp, args.images, 0)
-        folders["text"] = make_text_manifests(tmp, args.texts, args.texts_per_manifest)
+        kinds = args.kinds.split(",")
+        folders = make_corpus(tmp, args.images if "vision" in kinds else 0, 0)
+        if "text" in kinds:
+            folders["text"] = make_text_manifests(tmp, args.texts, args.texts_per_manifest)
         fmts = {"vision": "files", "text": "manifest"}
         bare_items = {"vision": args.bare_images, "text": args.bare_texts}
         from pipelines.resources import local_num_cpus
 
         # The logical CPUs the job gives a local Ray it starts itself, for the busiest kind.
-        kinds = args.kinds.split(",")
         cpus = max(local_num_cpus(null_config(k, "x", "y", fmts[k]), [k]) for k in kinds)
         ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
         results: dict = {

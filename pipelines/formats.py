@@ -48,6 +48,7 @@ from pipelines.rows import (
     INVALID,
     STATUS_ERROR,
     STATUS_OK,
+    first_occurrences,
     item_row,
     member_fingerprint,
     unreadable_shard_row,
@@ -301,7 +302,7 @@ def manifest_table(
     ids = pc.coalesce(ids, uri)
     if ids.null_count:
         ids = pc.coalesce(ids, _row_refs(f"{shard}#", np.arange(n)))
-    keep = _first_occurrences(ids)
+    keep = first_occurrences(ids)
     if len(keep) != n:
         dup_mask = np.ones(n, bool)
         dup_mask[keep] = False
@@ -349,21 +350,6 @@ def manifest_table(
             _KIND: pc.if_else(pc.is_null(error), kind, INVALID),
         }
     )
-
-
-def _first_occurrences(ids: pa.ChunkedArray) -> np.ndarray:
-    """Indices of the first row of each id, in row order."""
-    n = len(ids)
-    if n == 0:
-        return np.empty(0, np.int64)
-    firsts = (
-        pa.table({"id": ids, "i": pa.array(np.arange(n))})
-        .group_by("id", use_threads=False)
-        .aggregate([("i", "min")])
-        .column("i_min")
-        .to_numpy()
-    )
-    return np.sort(firsts) if len(firsts) != n else np.arange(n)
 
 
 def manifest_items(

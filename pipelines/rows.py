@@ -13,7 +13,9 @@ import hashlib
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 # Row status inside the pipeline: an item to embed, an item that already failed, or the
 # end-of-shard marker a reader emits after the last item of a (shard, kind) task.
@@ -165,6 +167,22 @@ def unreadable_shard_row(
         fingerprint,
         error=f"cannot read tar shard: {type(exc).__name__}: {exc}",
     )
+
+
+def first_occurrences(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Row indices of the first row of each distinct id, in row order (all rows when the ids
+    are unique: the common case costs one hash pass in Arrow, no Python per row)."""
+    n = len(ids)
+    if n == 0 or pc.count_distinct(ids).as_py() == n:
+        return np.arange(n)
+    firsts = (
+        pa.table({"id": ids, "i": pa.array(np.arange(n))})
+        .group_by("id", use_threads=False)
+        .aggregate([("i", "min")])
+        .column("i_min")
+        .to_numpy()
+    )
+    return np.sort(firsts)
 
 
 def eos_row(shard: str, kind: str, count: int) -> dict[str, Any]:

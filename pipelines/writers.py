@@ -30,6 +30,7 @@ from pipelines.rows import (
     SUMMARY_SCHEMA,
     embedding_type,
     errors_schema,
+    first_occurrences,
     output_schema,
     part_schema,
 )
@@ -141,12 +142,7 @@ def write_parts(
 
 
 def _dedupe(table: pa.Table, shard: str) -> pa.Table:
-    seen: set[str] = set()
-    keep = []
-    for i, id_ in enumerate(table.column("id").to_pylist()):
-        if id_ not in seen:
-            seen.add(id_)
-            keep.append(i)
+    keep = first_occurrences(table.column("id"))
     if len(keep) != table.num_rows:
         logger.warning("shard %s: %d duplicate rows dropped", shard, table.num_rows - len(keep))
         table = table.take(pa.array(keep, pa.int64()))
