@@ -164,8 +164,10 @@ class PreprocessConfig(_Strict):
     # on its device (nvJPEG on CUDA); other files take the CPU path. See docs/pipelines.md.
     decode: dict[Kind, Literal["cpu", "gpu"]] = Field(default_factory=dict)
     # Import the decoders (and build the tokenizer) in the worker processes that will
-    # preprocess, as soon as Ray is up, without waiting for it (`pipelines.warmup`).
-    warm_workers: bool = True
+    # preprocess, as soon as Ray is up, without waiting for it (`pipelines.warmup`). Off by
+    # default: on 2 cores it cost CPU without a shorter start-up
+    # (benchmarks/results/warmup-cpu-2core.txt); not measured on a GPU node yet.
+    warm_workers: bool = False
 
     @field_validator("decode")
     @classmethod

@@ -488,7 +488,7 @@ class _Run:
         local = _ensure_ray(cfg, plan.kinds)
         self.summary.ray_up_seconds = time.perf_counter() - self.t0
         check_resources(cfg, plan.kinds)
-        warmup = start_warmup(cfg, plan.kinds, local)  # fire and forget: nothing waits for it
+        warmup = start_warmup(cfg, plan.kinds, pending, local)  # fire and forget: never awaited
         ctx = DataContext.get_current()
         prev_bars, prev_detectors = ctx.enable_progress_bars, ctx.issue_detectors_config
         ctx.enable_progress_bars = cfg.ray.bars()

@@ -3,28 +3,31 @@
 A Ray worker process pays its imports in its first preprocessing task: torch, the kind's
 decoders (Pillow, PyAV, soundfile, ...) and, for texts, the tokenizer — ~1.6-2.0 CPU-s per
 process (benchmarks/results/null-encoder-text-profile-2core.txt, "Cold workers"), paid by
-every worker at once when a job starts. `start_warmup` submits, as soon as Ray is up, one small
-task per preprocessing task slot (`preprocess.num_cpus` each, the preprocessing tasks'
-own request), less one per kind; each does those imports in the worker process Ray gives it.
-Ray keeps a finished task's worker process and hands it to a later task of the same job and
+every worker at once when a job starts. With `preprocess.warm_workers` (off by default),
+`start_warmup` submits, as soon as Ray is up, one small task per preprocessing task slot
+(`preprocess.num_cpus` each, the preprocessing tasks' own request), no more than the run's
+preprocessing tasks, less one per kind; each does those imports in the worker process Ray
+gives it. Ray keeps a finished task's worker process for later tasks of the same job and
 runtime environment (Ray Data's map tasks run in the job's runtime environment, like these
-tasks), so the preprocessing tasks that take those slots next find the modules loaded.
+tasks), so a preprocessing task that Ray hands such a process finds the modules loaded.
 
-Holding the slots is what makes the reuse happen: tasks that asked for no CPU would run beside
-the pipeline's first tasks, and Ray would start new, cold processes for those (measured: 1 of
-4 warmed processes reused without the slots, 3 of 3 with them; see docs/pipelines.md). The
-slots are ones the preprocessing would have filled with processes paying the same imports,
-and one per kind stays free, so every kind's first preprocessing task starts at once. Nothing
-else waits: the driver never blocks on the tasks (`Warmup.finish` only counts the ones already
-done; the others run to their end, never interrupted: an import cut short could leave a process
-unable to import torch again), and a failure is logged at DEBUG and changes nothing: a process
-not warmed pays the imports in its first preprocessing task, as without warm-up.
+Which idle process Ray hands a task is Ray's choice: tasks that asked for no CPU ran beside
+the pipeline's first tasks and Ray started new, cold processes for those; holding the slots
+makes a preprocessing task wait for a warmed process's slot, but Ray may still give it another
+idle process (benchmarks/results/warmup-cpu-2core.txt counts both). The slots are ones the
+preprocessing would fill with processes paying the same imports, and one per kind stays free,
+so every kind's first preprocessing task starts at once. Nothing else waits: the driver never
+blocks on the tasks (`Warmup.finish` only counts the ones already done; the others run to
+their end, never interrupted: an import cut short could leave a process unable to import
+torch again), and a failure is logged at DEBUG and changes nothing: a process not warmed pays
+the imports in its first preprocessing task, as without warm-up.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import sys
 import time
@@ -33,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines.config import JobConfig
+from pipelines.plan import ShardSpec
 from pipelines.resources import WRITER_NUM_CPUS, pool_size
 from pipelines.rows import INVALID
 
@@ -85,17 +89,38 @@ def _wait_for(path: str) -> None:
         time.sleep(0.1)
 
 
+def preprocess_tasks(cfg: JobConfig, shards: Sequence[ShardSpec]) -> int | None:
+    """Preprocessing tasks a run over `shards` makes: each shard's items of a kind are cut
+    into blocks of `preprocess_batch(kind)` rows, one task each. None when a shard's item
+    counts are not known before reading (tar shards)."""
+    if any(s.counts is None for s in shards):
+        return None
+    return sum(
+        math.ceil(n / cfg.preprocess_batch(k))
+        for s in shards
+        for k, n in (s.counts or {}).items()
+        if k != INVALID
+    )
+
+
 def warm_task_count(
-    cfg: JobConfig, kinds: Sequence[str], pools: dict[str, int], cpus: float
+    cfg: JobConfig,
+    kinds: Sequence[str],
+    pools: dict[str, int],
+    cpus: float,
+    tasks: int | None = None,
 ) -> int:
     """Warm-up tasks for a cluster of `cpus` logical CPUs: the preprocessing tasks that fit
     beside the other stages (a reader per kind, the writer, the encoder pools at their
-    starting sizes `pools`), less one per kind, so that every kind's first preprocessing
-    task starts at once, whatever the warm-up is doing."""
+    starting sizes `pools`), or the run's `tasks` (`preprocess_tasks`) if fewer — a process
+    no preprocessing task will use is not worth warming — less one per kind, so that every
+    kind's first preprocessing task starts at once, whatever the warm-up is doing."""
     others = WRITER_NUM_CPUS + sum(
         cfg.preprocess.read_num_cpus + cfg.encoder(k).num_cpus * pools.get(k, 0) for k in kinds
     )
     slots = int((cpus - others) // cfg.preprocess.num_cpus + 1e-9)
+    if tasks is not None:
+        slots = min(slots, tasks)
     return max(0, slots - len(kinds))
 
 
@@ -129,15 +154,18 @@ class Warmup:
         return len(warmed), len(self.refs)
 
 
-def start_warmup(cfg: JobConfig, kinds: Sequence[str], local: bool = True) -> Warmup:
-    """Submit the warm-up tasks of a run over `kinds` (Ray is up); returns at once.
+def start_warmup(
+    cfg: JobConfig, kinds: Sequence[str], shards: Sequence[ShardSpec], local: bool = True
+) -> Warmup:
+    """Submit the warm-up tasks of a run over `shards` of a plan with `kinds` (Ray is up);
+    returns at once.
 
     `warm_task_count` tasks (pools sized as `build_pipeline` sizes them, `local` as there),
     shared between the alive nodes in proportion to their logical CPUs, each pinned to its
     node (soft affinity: a node that goes away leaves its tasks to run elsewhere). Nothing
     when `preprocess.warm_workers` is false or no kind is preprocessed.
     """
-    real = sorted(k for k in kinds if k != INVALID)
+    real = sorted({k for s in shards for k in s.kinds} - {INVALID})
     if not cfg.preprocess.warm_workers or not real:
         return Warmup()
     try:
@@ -147,7 +175,7 @@ def start_warmup(cfg: JobConfig, kinds: Sequence[str], local: bool = True) -> Wa
         resources = ray.cluster_resources()
         pools = {k: pool_size(cfg, k, kinds, resources, local).initial for k in real}
         cpus = resources.get("CPU", 0)
-        total = warm_task_count(cfg, real, pools, cpus)
+        total = warm_task_count(cfg, real, pools, cpus, preprocess_tasks(cfg, shards))
         task = ray.remote(num_cpus=cfg.preprocess.num_cpus, max_retries=0)(warm_worker)
         refs = []
         for node in ray.nodes():

@@ -28,7 +28,8 @@ from helpers.pipeline import SMALL_JOB, read_output
 
 from pipelines.config import load_config
 from pipelines.embed import run_job
-from pipelines.warmup import warm_task_count
+from pipelines.plan import ShardSpec
+from pipelines.warmup import preprocess_tasks, warm_task_count
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -101,6 +102,15 @@ def test_warm_task_count_leaves_one_slot_per_kind():
     assert warm_task_count(cfg, ["text", "vision"], {"text": 1, "vision": 1}, 4) == 1
     assert warm_task_count(cfg, ["text"], {"text": 2}, 33) == 31
     assert warm_task_count(cfg, ["text"], {"text": 2}, 1.5) == 0  # never below zero
+    # No more processes warmed than the run has preprocessing tasks (less the free slot).
+    assert warm_task_count(cfg, ["text"], {"text": 2}, 33, tasks=3) == 2
+    shards = [
+        ShardSpec("a", "files", "a", None, ("text", "vision"), counts={"text": 9, "vision": 4}),
+        ShardSpec("b", "files", "b", None, ("text",), counts={"text": 4}),
+    ]
+    cfg = cfg.model_copy(update={"preprocess": cfg.preprocess.model_copy(update={"batch_size": 4})})
+    assert preprocess_tasks(cfg, shards) == 3 + 1 + 1
+    assert preprocess_tasks(cfg, [*shards, ShardSpec("c", "webdataset", "c", None, ())]) is None
 
 
 @pytest.mark.slow

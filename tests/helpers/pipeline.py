@@ -33,7 +33,6 @@ SMALL_JOB = {
     "preprocess.batch_size": 4,
     "encoder_defaults.num_cpus": 0.25,
     "encoder_defaults.batch_size": 8,
-    "preprocess.warm_workers": False,  # tests/test_pipeline_startup.py turns it on
 }
 # SMALL_JOB with four files per shard, so a few files make several shards.
 SMALL_FILES_JOB = {**SMALL_JOB, "files.files_per_shard": 4}
