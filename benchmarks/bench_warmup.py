@@ -17,7 +17,9 @@ the pipeline's own. Per kind, runs with the warm-up on and off alternate in `--r
   warm-up's `warm <pid> cold` lines) how many processes preprocessed and how many of those
   the warm-up had imported into before their first item (`reused`).
 
-    python benchmarks/bench_warmup.py --rounds 2 --json benchmarks/results/warmup-cpu-2core.json
+    python benchmarks/bench_warmup.py --rounds 2 --images 256 --texts 20000
+
+(figures: benchmarks/results/warmup-cpu-2core.txt; `--json PATH` also writes them as JSON)
 """
 
 from __future__ import annotations
