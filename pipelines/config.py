@@ -163,6 +163,11 @@ class PreprocessConfig(_Strict):
     # only): JPEG files travel as bytes and the encoder actor decodes, resizes and crops them
     # on its device (nvJPEG on CUDA); other files take the CPU path. See docs/pipelines.md.
     decode: dict[Kind, Literal["cpu", "gpu"]] = Field(default_factory=dict)
+    # Import the decoders (and build the tokenizer) in the worker processes that will
+    # preprocess, as soon as Ray is up, without waiting for it (`pipelines.warmup`). Off by
+    # default: on 2 cores it cost CPU without a shorter start-up
+    # (benchmarks/results/warmup-cpu-2core.txt); not measured on a GPU node yet.
+    warm_workers: bool = False
 
     @field_validator("decode")
     @classmethod
@@ -295,6 +300,9 @@ class DebugConfig(_Strict):
     # Local file: encoder actors start loading the model only once it is not empty, then append
     # "load <kind>" (with trace_path the same file: proves reads overlap the model load).
     load_gate_path: str | None = None
+    # Local file: worker warm-up tasks start only once it is not empty (up to 300 s), so a
+    # test can prove that the job never waits for them.
+    warm_gate_path: str | None = None
 
 
 class JobConfig(_Strict):

@@ -69,6 +69,7 @@ from pipelines.store import (
     write_job_record,
 )
 from pipelines.summary import JobSummary
+from pipelines.warmup import start_warmup
 from pipelines.writers import commit_shard, write_parts
 
 logger = logging.getLogger(__name__)
@@ -500,6 +501,7 @@ class _Run:
         local = _ensure_ray(cfg, plan.kinds)
         self.summary.ray_up_seconds = time.perf_counter() - self.t0
         check_resources(cfg, plan.kinds)
+        warmup = start_warmup(cfg, plan.kinds, pending, local)  # fire and forget: never awaited
         ctx = DataContext.get_current()
         prev_bars, prev_detectors = ctx.enable_progress_bars, ctx.issue_detectors_config
         ctx.enable_progress_bars = cfg.ray.bars()
@@ -532,6 +534,7 @@ class _Run:
         finally:
             reporter.stop()
             ray.kill(counter)
+            self.summary.workers_warmed, self.summary.warmup_tasks = warmup.finish()
             ctx.enable_progress_bars, ctx.issue_detectors_config = prev_bars, prev_detectors
         self._check_complete(pending)
         for r in results:

@@ -27,6 +27,10 @@ class JobSummary:
     # From the start of the run to Ray being up (started or joined): first_batch_seconds minus
     # this is what the pipeline itself takes to its first batch.
     ray_up_seconds: float | None = None
+    # Worker warm-up (`pipelines.warmup`): its tasks submitted, and the worker processes they
+    # had imported the decoders into by the end of the run (0, 0: warm-up off or no Ray run).
+    workers_warmed: int = 0
+    warmup_tasks: int = 0
 
     @property
     def exit_status(self) -> int:
@@ -53,6 +57,8 @@ class JobSummary:
             "ray_up_seconds": (
                 None if self.ray_up_seconds is None else round(self.ray_up_seconds, 3)
             ),
+            "workers_warmed": self.workers_warmed,
+            "warmup_tasks": self.warmup_tasks,
             "kinds": {
                 k: {
                     "embedded": self.ok.get(k, 0),
@@ -79,6 +85,11 @@ class JobSummary:
             )
             lines.append(
                 f"  first encoded batch written after {self.first_batch_seconds:.1f} s{ray_up}"
+            )
+        if self.warmup_tasks:
+            lines.append(
+                f"  worker warm-up: decoders imported into {self.workers_warmed} worker "
+                f"processes ({self.warmup_tasks} warm-up tasks)"
             )
         if self.shards_extended:
             lines.append(
