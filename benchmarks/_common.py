@@ -40,3 +40,19 @@ def add_table_args(p: argparse.ArgumentParser, sizes: list[int], workdir: str) -
     p.add_argument("--changed", type=int, default=1000)
     p.add_argument("--workdir", default=workdir)
     p.add_argument("--json", help="also write the results here")
+
+
+def null_encoder_settings(kind: str) -> dict[str, Any]:
+    """`--set` overrides of a job whose `kind` encoders run no model, batched as on a GPU
+    (one actor): the pipeline's own ceiling (bench_pipeline --null-encoder, bench_warmup)."""
+    from pipelines.config import DEFAULT_ENCODER_BATCH_GPU, DEFAULT_PREPROCESS_BATCH_GPU
+
+    return {
+        "preset": "tiny",
+        "ray.progress_bars": False,
+        "debug.null_encoder": True,
+        "encoder_defaults.min_actors": 1,
+        "encoder_defaults.max_actors": 1,
+        "encoder_defaults.batch_size": DEFAULT_ENCODER_BATCH_GPU[kind],
+        "preprocess.batch_size": DEFAULT_PREPROCESS_BATCH_GPU[kind],
+    }

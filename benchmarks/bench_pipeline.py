@@ -63,6 +63,7 @@ import time
 import warnings
 
 import numpy as np
+from _common import null_encoder_settings
 
 import imagebind_core as ibc
 
@@ -422,26 +423,10 @@ def bare_preprocess(
 
 def null_config(kind: str, source: str, out: str, fmt: str):
     """The job's config with null encoders, batched as for a GPU encoder, one actor."""
-    from pipelines.config import (
-        DEFAULT_ENCODER_BATCH_GPU,
-        DEFAULT_PREPROCESS_BATCH_GPU,
-        load_config,
-    )
+    from pipelines.config import load_config
 
     return load_config(
-        None,
-        {
-            "input": source,
-            "output": out,
-            "format": fmt,
-            "preset": "tiny",
-            "ray.progress_bars": False,
-            "debug.null_encoder": True,
-            "encoder_defaults.min_actors": 1,
-            "encoder_defaults.max_actors": 1,
-            "encoder_defaults.batch_size": DEFAULT_ENCODER_BATCH_GPU[kind],
-            "preprocess.batch_size": DEFAULT_PREPROCESS_BATCH_GPU[kind],
-        },
+        None, {"input": source, "output": out, "format": fmt, **null_encoder_settings(kind)}
     )
 
 

@@ -33,10 +33,8 @@ import sys
 import tempfile
 import time
 
-from _common import write_results
+from _common import null_encoder_settings, write_results
 from bench_pipeline import CpuSampler, make_corpus, make_text_manifests
-
-from pipelines.config import DEFAULT_ENCODER_BATCH_GPU, DEFAULT_PREPROCESS_BATCH_GPU
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,13 +59,7 @@ def run_once(kind: str, source: str, fmt: str, out: str, warm: bool) -> dict:
     trace = out + ".trace"
     sets = {
         "format": fmt,
-        "preset": "tiny",
-        "ray.progress_bars": False,
-        "debug.null_encoder": True,
-        "encoder_defaults.min_actors": 1,
-        "encoder_defaults.max_actors": 1,
-        "encoder_defaults.batch_size": DEFAULT_ENCODER_BATCH_GPU[kind],
-        "preprocess.batch_size": DEFAULT_PREPROCESS_BATCH_GPU[kind],
+        **null_encoder_settings(kind),
         "preprocess.warm_workers": warm,
         "debug.trace_path": trace,
     }
