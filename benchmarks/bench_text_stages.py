@@ -1,8 +1,10 @@
 """CPU time per caption of each text stage function, in one process without Ray.
 
-read_shard_task on a 20 000-caption inline-text manifest, preprocess_batch in blocks of
-BLOCK rows, the null-encoder EncodeBatch in calls of 512, write_parts per block; beside them
-`preprocess("text", ..., compact=True)` per caption (the null-encoder bench's bare loop).
+read_shard_task on a 20 000-caption inline-text manifest (tables of BLOCK rows),
+preprocess_batch on each block, the null-encoder EncodeBatch on each block (model batches of
+512, as on a GPU), write_parts per block; beside them the bare tokenizing:
+`preprocess_texts` per block (the null-encoder bench's bare loop, what the stage calls) and
+`preprocess("text", ..., compact=True)` per caption.
 Prints one JSON line of microseconds of CPU per caption. What Ray adds on top is in
 `bench_pipeline.py --null-encoder`; this isolates the stage code, and CPU time is what a
 loaded machine disturbs least.
@@ -40,12 +42,16 @@ task = {
 }
 texts = pq.read_table(f"{src}/part-0000.parquet")["text"].to_pylist()
 ibc.preprocess("text", texts[0])
-enc = EncodeBatch("text", ibc.ModelSpec(preset="tiny"), null_encoder=True)
+enc = EncodeBatch("text", ibc.ModelSpec(preset="tiny"), null_encoder=True, batch_size=512)
 c = time.process_time()
 [ibc.preprocess("text", t, compact=True) for t in texts]
+per_caption = time.process_time() - c
+c = time.process_time()
+for s in range(0, len(texts), B):
+    ibc.preprocess.preprocess_texts(texts[s : s + B])
 bare = time.process_time() - c
 c = time.process_time()
-blocks = list(read_shard_task(task, tmp + "/out", None))
+blocks = list(read_shard_task(task, tmp + "/out", None, chunk_rows=B))
 read = time.process_time() - c
 tab = pa.concat_tables(blocks[:-1])
 tot = {"pre": 0.0, "enc": 0.0, "write": 0.0}
@@ -54,11 +60,12 @@ for s in range(0, tab.num_rows, B):
     p = preprocess_batch(tab.slice(s, B))
     tot["pre"] += time.process_time() - c
     c = time.process_time()
-    e = pa.concat_tables([enc(p.slice(k, 512)) for k in range(0, p.num_rows, 512)])
+    e = enc(p)
     tot["enc"] += time.process_time() - c
     c = time.process_time()
     write_parts(e, tmp + "/out", None, 32)
     tot["write"] += time.process_time() - c
 n = tab.num_rows
-r = {"bare": bare / n * 1e6, "read": read / n * 1e6, **{k: v / n * 1e6 for k, v in tot.items()}}
+tot.update(bare=bare, per_caption=per_caption, read=read)
+r = {k: v / n * 1e6 for k, v in tot.items()}
 print(json.dumps({"block": B, **{k: round(v, 1) for k, v in r.items()}}))
