@@ -33,7 +33,6 @@ from helpers.reindex import (
 
 import imagebind_core as ibc
 from imagebind_core.index import (
-    DATA_DIR,
     INDEX_DIR,
     VectorIndex,
     join_uri,
@@ -43,7 +42,7 @@ from imagebind_core.index import (
 from pipelines.config import load_reindex_config
 from pipelines.diff import diff_listing
 from pipelines.lineage import lineage_changes, lineage_key
-from pipelines.publish import PAUSE_ENV, IndexRoot, read_parquet_tree
+from pipelines.publish import PAUSE_ENV, IndexRoot
 from pipelines.reindex import reindex
 
 
@@ -337,9 +336,7 @@ def test_unreadable_shard_is_kept_as_a_failure_and_an_emptied_corpus_needs_conse
         f.truncate(1200)
     second = reindex(cfg)
     assert second.status == "published" and second.counts["failed"] >= 1
-    errors = read_parquet_tree(
-        join_uri(read_pointer(root, {}).version_uri(root), DATA_DIR), {}, errors=True
-    )
+    _, errors = version_rows(root, {}, errors=True)
     assert any(i.startswith("00000#unreadable-") for i in errors.column("id").to_pylist())
     # Nothing changed since: nothing is published (the failure is kept, not retried).
     third = reindex(cfg)
