@@ -176,7 +176,7 @@ def _run_locked(cfg: ReindexConfig, ir: IndexRoot, lock: OutputLock) -> ReindexR
     dim = int(key["embed_dim"])
     with _timed(timings, "commit_rows_s"):
         new_rows, new_errors = stage.read_embedded()
-        data = _commit_rows(stage, diff, parent)
+        data = _commit_rows(stage, diff, parent, new_rows)
     with _timed(timings, "index_s"):
         index = _write_index(cfg, stage, parent, data, dim)
     counts = _counts(diff, new_rows, new_errors, count_pin(data.rows, ir.storage_options))
@@ -349,12 +349,15 @@ class _Committed:
     drop_ids: pa.Array
 
 
-def _commit_rows(stage: StagedVersion, diff: Any, parent: _Parent) -> _Committed:
+def _commit_rows(
+    stage: StagedVersion, diff: Any, parent: _Parent, new_rows: pa.Table | None
+) -> _Committed:
     """Commit the version's rows and failures to the root's Lance datasets, tagged with the
     stage's name: the parent's pinned versions minus the ids not carried (deleted, changed,
     re-embedded, retried, relocated) plus this run's embedded rows (streamed from
     `data/embedded/`) and the relocated rows with their new uri. A parent published as
-    Parquet is copied once (streamed, carried rows only) into a fresh Lance version."""
+    Parquet is copied once (streamed, carried rows only) into a fresh Lance version.
+    `new_rows`: this run's embedded rows, which the index upserts with the relocated ones."""
     so = stage.root.storage_options
     moved_ids = diff.moved.column("id").combine_chunks().cast(pa.string())
     drop = pa.concat_arrays([diff.drop_ids.cast(pa.string()), moved_ids])
@@ -384,7 +387,6 @@ def _commit_rows(stage: StagedVersion, diff: Any, parent: _Parent) -> _Committed
         )
         if not errors:
             appended = moved.table() if isinstance(moved, _Later) else moved
-    new_rows = read_parquet_tree(stage.embedded_uri, so, errors=False)
     parts = [t.select(INDEX_COLUMNS) for t in (new_rows, appended) if t is not None and t.num_rows]
     return _Committed(
         out[0],
