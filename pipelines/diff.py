@@ -42,6 +42,8 @@ import pyarrow.compute as pc
 from pipelines.formats import PlanError
 from pipelines.tables import Pin, lance_options
 
+# The columns of a parent's rows the diff reads (failures: all but `modality`).
+KEY_COLUMNS = ("id", "fingerprint", "uri", "modality")
 EMBED_ACTIONS = ("added", "changed", "retried", "reembedded")
 KEEP_ACTIONS = ("carried", "failed_kept")
 ACTIONS = (*EMBED_ACTIONS, *KEEP_ACTIONS, "deleted")
@@ -378,7 +380,7 @@ def diff_on_ray(
     for source, is_err in ((rows, False), (errors, True)):
         if not source:
             continue
-        cols = ["id", "fingerprint", "uri"] + ([] if is_err else ["modality"])
+        cols = list(KEY_COLUMNS[:3] if is_err else KEY_COLUMNS)
         sides.append(
             _read_parent(source, cols, filesystem, storage_options).map_batches(
                 _parent_keys_batch, fn_kwargs={"errors": is_err}, batch_format="pyarrow"

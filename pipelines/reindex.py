@@ -47,7 +47,7 @@ import pyarrow.compute as pc
 
 from imagebind_core.index import DATA_DIR, INDEX_DIR, Pointer, join_uri, update_index
 from pipelines.config import ReindexConfig
-from pipelines.diff import diff_listing, diff_on_ray, relocate
+from pipelines.diff import KEY_COLUMNS, diff_listing, diff_on_ray, relocate
 from pipelines.lineage import lineage_changes, lineage_key, model_lineage
 from pipelines.lock import OutputLock, OutputLocked
 from pipelines.plan import check_input
@@ -198,8 +198,8 @@ def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
 class _Parent:
     """The published version a run starts from (no pointer before the first version): the
     Lance versions its record pins (`pins`; None for a version published as Parquet, whose
-    `files` are listed instead), and its rows on the driver unless the diff runs on Ray Data
-    (`on_ray`)."""
+    `files` are listed instead), and its rows' `KEY_COLUMNS` on the driver (all columns for a
+    Parquet version) unless the diff runs on Ray Data (`on_ray`)."""
 
     pointer: Pointer | None
     etag: str | None
@@ -263,8 +263,8 @@ def _read_parent(cfg: ReindexConfig, ir: IndexRoot, key: dict[str, str]) -> _Par
     if parent.pins is None:
         parent.rows = read_parquet_tree(parent.data_uri, storage_options, errors=False)
         parent.errors = read_parquet_tree(parent.data_uri, storage_options, errors=True)
-    else:
-        parent.rows = read_pin(parent.pins[0], storage_options)
+    else:  # the diff's columns only: the embeddings stay in Lance
+        parent.rows = read_pin(parent.pins[0], storage_options, columns=list(KEY_COLUMNS))
         parent.errors = read_pin(parent.pins[1], storage_options)
     return parent
 
