@@ -49,8 +49,7 @@ def build(root: str, n: int, dim: int) -> None:
     from pipelines.tables import ROWS_TABLE, VersionTable
 
     table = VersionTable(root, ROWS_TABLE, None)
-    parts = _parts(n, dim)
-    schema = next(parts).schema
+    schema = next(_parts(min(n, 1), dim)).schema
     table.commit(None, None, (b for t in _parts(n, dim) for b in t.to_batches()), schema, "parent")
 
 
