@@ -5,8 +5,11 @@ An index root (a local folder or an object-store prefix such as ``s3://bucket/in
 ```
 <root>/LATEST                            small JSON pointer: {"version", "name", "published_at"}
 <root>/versions/<name>/version.json      the version record (parent, counts, lineage, time)
-<root>/versions/<name>/data/*.parquet    the embedding rows (id, uri, modality, embedding, ...)
-<root>/versions/<name>/index/            the vector index built from those rows (this module)
+<root>/versions/<name>/data/embedded/    the rows that version's run embedded (Parquet)
+<root>/versions/<name>/index/            the vector index of the version's rows (this module)
+<root>/rows.lance, <root>/failures.lance every version's rows (id, uri, modality, embedding, ...)
+                                         and failures: Lance datasets, of which each version
+                                         record pins one Lance version (`pipelines.tables`)
 ```
 
 ``<name>`` is ``<version:08d>-<run id>``. Readers follow ``LATEST`` only, and a version is

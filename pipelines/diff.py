@@ -4,12 +4,15 @@ One rule set (`classify`, vectorised over Arrow batches) and two places to run i
 
 - `diff_listing`: on the driver, with Arrow's hash join — for parents that fit in its memory;
 - `diff_on_ray`: on Ray Data — the listing's keys and the parent's key columns (`id`,
-  `fingerprint`, `uri`, `modality`; never the embeddings) are hash-partitioned by `id` and
-  full-outer-joined (`Dataset.join`), each partition is classified by a worker, and the driver
-  receives only the counts, the rows to embed and the ids that are not carried (all of the size
-  of the change, not of the corpus). `carry_on_ray` then copies the parent's surviving rows
-  into the new version on workers, file by file, without a shuffle: a row is carried unless
-  its id is in the small set of dropped ids.
+  `fingerprint`, `uri`, `modality`; never the embeddings; read from the parent's pinned Lance
+  versions with `ray.data.read_lance`, or from its Parquet files) are hash-partitioned by `id`
+  and full-outer-joined (`Dataset.join`), each partition is classified by a worker, and the
+  driver receives only the counts, the rows to embed and the ids that are not carried (all of
+  the size of the change, not of the corpus).
+
+Both give `drop_ids` (parent ids not carried) and `moved` (relocated ids and their new uri):
+the new version is the parent's rows without `drop_ids` (and the moved ids, re-added with their
+new uri) plus the embedded rows (`pipelines.reindex`).
 
 What happens to each item (`action`):
 
@@ -37,7 +40,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.formats import PlanError
+from pipelines.tables import Pin, lance_options
 
+# The columns of a parent's rows the diff reads (failures: all but `modality`).
+KEY_COLUMNS = ("id", "fingerprint", "uri", "modality")
 EMBED_ACTIONS = ("added", "changed", "retried", "reembedded")
 KEEP_ACTIONS = ("carried", "failed_kept")
 ACTIONS = (*EMBED_ACTIONS, *KEEP_ACTIONS, "deleted")
@@ -174,8 +180,8 @@ class Diff:
     """What a run does with each listed item and each parent row.
 
     `carried` / `carried_errors` hold the kept parent rows and failures when the diff ran on
-    the driver (`diff_listing`); after `diff_on_ray` they are None and `drop_ids` / `moved`
-    say how `carry_on_ray` derives them from the parent's files.
+    the driver (`diff_listing`); after `diff_on_ray` they are None. Both set `drop_ids` and
+    `moved`, which say how the parent's rows become the new version's.
     """
 
     to_embed: pa.Table  # listing rows to embed (new, changed, retried, or all)
@@ -191,7 +197,7 @@ class Diff:
     failed_kept: int = 0
     # Why each row of `to_embed` is embedded: added, changed, retried or reembedded.
     classes: list[str] = field(default_factory=list)
-    # Parent ids that are not carried (Ray diff), and (id, new_uri) of relocated ones.
+    # Parent ids that are not carried, and (id, new_uri) of relocated ones.
     drop_ids: pa.Array | None = None
     moved: pa.Table | None = None
 
@@ -217,23 +223,20 @@ def _embed_rows(listing: pa.Table, small: pa.Table) -> tuple[pa.Table, list[str]
     return listing.take(picked.column("l_pos")), picked.column("action").to_pylist()
 
 
-def _apply(
-    diff: Diff, counts: dict[str, int], listing: pa.Table, small: pa.Table, *, ray: bool
-) -> Diff:
+def _apply(diff: Diff, counts: dict[str, int], listing: pa.Table, small: pa.Table) -> Diff:
     diff.to_embed, diff.classes = _embed_rows(listing, small)
     diff.added, diff.changed = counts["added"], counts["changed"]
     diff.retried, diff.reembedded = counts["retried"], counts["reembedded"]
     diff.deleted, diff.relocated = counts["deleted"], counts["relocated"]
     diff.carried_rows, diff.failed_kept = counts["carried"], counts["failed_kept"]
-    if ray:
-        gone = small.filter(
-            pc.and_(
-                small.column("in_parent"),
-                pc.invert(pc.is_in(small.column("action"), pa.array(KEEP_ACTIONS))),
-            )
+    gone = small.filter(
+        pc.and_(
+            small.column("in_parent"),
+            pc.invert(pc.is_in(small.column("action"), pa.array(KEEP_ACTIONS))),
         )
-        diff.drop_ids = gone.column("id").combine_chunks()
-        diff.moved = _moved(small)
+    )
+    diff.drop_ids = gone.column("id").combine_chunks().cast(pa.string())
+    diff.moved = _moved(small)
     return diff
 
 
@@ -274,8 +277,8 @@ def diff_listing(
     right_t = pa.concat_tables(right) if right else _RIGHT.empty_table()
     joined = listing_keys(listing).join(right_t, "id", join_type="full outer")
     classified = classify(joined, full=full, retry_failed=retry_failed)
-    diff = _apply(Diff(listing.slice(0, 0)), _counts(classified), listing, classified, ray=False)
-    moved = _moved(classified)
+    diff = _apply(Diff(listing.slice(0, 0)), _counts(classified), listing, classified)
+    moved = diff.moved
 
     def kept(table: pa.Table | None, action: str) -> pa.Table:
         if table is None:
@@ -331,22 +334,38 @@ def _collect(ds: Any) -> list[pa.Table]:
     return [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
 
 
+def _read_parent(source: Sequence[str] | Pin | None, cols: list[str], fs: Any, so: Any) -> Any:
+    """A Ray dataset of `cols` of a parent's rows: a pinned Lance version or Parquet files."""
+    import ray.data
+
+    if isinstance(source, Pin):
+        return ray.data.read_lance(
+            source.uri,
+            version=source.version,
+            columns=cols,
+            storage_options=lance_options(source.uri, so),
+        )
+    return ray.data.read_parquet(list(source or []), filesystem=fs).select_columns(cols)
+
+
 def diff_on_ray(
     listing: pa.Table,
-    row_files: Sequence[str],
-    error_files: Sequence[str],
+    rows: Sequence[str] | Pin | None,
+    errors: Sequence[str] | Pin | None,
     filesystem: Any,
     *,
     full: bool = False,
     retry_failed: bool = False,
     parent_count: int = 0,
     num_partitions: int | None = None,
+    storage_options: Any = None,
 ) -> Diff:
-    """`diff_listing` as a Ray Data job over the parent's Parquet files (`filesystem`: a
-    pyarrow filesystem for the paths). The embeddings are never read; the driver receives the
-    counts, the rows to embed and the ids not carried. `num_partitions` (default one per
-    ROWS_PER_PARTITION rows of the parent or listing, at least 2) sets the hash partitions of
-    the join."""
+    """`diff_listing` as a Ray Data job over the parent's rows and failures: pinned Lance
+    versions (`pipelines.tables.Pin`, opened with `storage_options`) or Parquet files
+    (`filesystem`: a pyarrow filesystem for the paths); None or [] when it has none. The
+    embeddings are never read; the driver receives the counts, the rows to embed and the ids
+    not carried. `num_partitions` (default one per ROWS_PER_PARTITION rows of the parent or
+    listing, at least 2) sets the hash partitions of the join."""
     import ray.data
 
     check_unique_ids(listing)
@@ -358,14 +377,14 @@ def diff_on_ray(
     ] or [left_t]
     left = ray.data.from_arrow(blocks)
     sides = []
-    for files, errors in ((row_files, False), (error_files, True)):
-        if not files:
+    for source, is_err in ((rows, False), (errors, True)):
+        if not source:
             continue
-        cols = ["id", "fingerprint", "uri"] + ([] if errors else ["modality"])
+        cols = list(KEY_COLUMNS[:3] if is_err else KEY_COLUMNS)
         sides.append(
-            ray.data.read_parquet(list(files), filesystem=filesystem)
-            .select_columns(cols)
-            .map_batches(_parent_keys_batch, fn_kwargs={"errors": errors}, batch_format="pyarrow")
+            _read_parent(source, cols, filesystem, storage_options).map_batches(
+                _parent_keys_batch, fn_kwargs={"errors": is_err}, batch_format="pyarrow"
+            )
         )
     if sides:
         right = sides[0] if len(sides) == 1 else sides[0].union(sides[1])
@@ -388,30 +407,4 @@ def diff_on_ray(
         counts[r["action"]] += r["n_sum"]
     small = out.filter(pc.is_valid(out.column("id"))).drop_columns(["n"])
     counts["relocated"] = int(pc.sum(small.column("relocated")).as_py() or 0)
-    return _apply(Diff(listing.slice(0, 0)), counts, listing, small, ray=True)
-
-
-def _carry_batch(batch: pa.Table, drop_ids: pa.Array, moved: pa.Table) -> pa.Table:
-    kept = batch.filter(pc.invert(pc.is_in(batch.column("id"), value_set=drop_ids)))
-    return relocate(kept, moved)
-
-
-def carry_on_ray(
-    files: Sequence[str], filesystem: Any, out_path: str, drop_ids: pa.Array, moved: pa.Table
-) -> None:
-    """Copy the rows of the parent's Parquet `files` whose id is not in `drop_ids` into
-    Parquet files under `out_path` (on `filesystem`), with the `uri` of relocated ids replaced.
-    Workers read, filter and write; the driver only plans."""
-    import ray.data
-
-    if not files:
-        return
-    (
-        ray.data.read_parquet(list(files), filesystem=filesystem)
-        .map_batches(
-            _carry_batch,
-            fn_kwargs={"drop_ids": drop_ids, "moved": moved},
-            batch_format="pyarrow",
-        )
-        .write_parquet(out_path, filesystem=filesystem)
-    )
+    return _apply(Diff(listing.slice(0, 0)), counts, listing, small)

@@ -21,9 +21,12 @@ Retention keeps the last N published versions (following `parent` links from `LA
 removes abandoned staging folders of crashed or losing runs.
 
 Staging (`IndexRoot.stage` -> `StagedVersion`) places a version's files: `data/embedded/`
-(this run's embeddings), `data/carried/` (rows copied from the parent, CARRIED_ROWS_PER_FILE
-per file; failures under `_errors/`), `index/` and the record `version.json`, written last.
-`read_parquet_tree` reads a version's data back.
+(this run's embeddings, Parquet), `index/` and the record `version.json`, written last. The
+version's rows live in the root's Lance datasets (`pipelines.tables`): the record's `data`
+pins the Lance version of each, tagged with the version's name; retention drops the tags of
+removed versions so Lance can delete what only they used. `IndexRoot.read_rows` reads a
+version's rows back, also of versions published before the Lance layout (Parquet under
+`data/embedded/` and `data/carried/`, read with `read_parquet_tree`).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -50,7 +54,8 @@ from imagebind_core.index import (
     join_uri,
 )
 from imagebind_core.io import StorageOptions, filesystem
-from pipelines.store import PreconditionFailed, hidden, open_store, parquet_bytes
+from pipelines.store import PreconditionFailed, hidden, open_store
+from pipelines.tables import FAILURES_TABLE, ROWS_TABLE, Pin, VersionTable, read_pin
 
 logger = logging.getLogger(__name__)
 
@@ -162,11 +167,33 @@ class IndexRoot:
             name = rec.get("parent_name")
         return out
 
+    def tables(self) -> tuple[VersionTable, VersionTable]:
+        """The root's Lance datasets: rows and failures."""
+        return (
+            VersionTable(self.root, ROWS_TABLE, self.storage_options),
+            VersionTable(self.root, FAILURES_TABLE, self.storage_options),
+        )
+
+    def read_rows(
+        self, name: str, record: dict | None = None, *, errors: bool = False
+    ) -> pa.Table | None:
+        """The rows (`errors=False`) or failures of the version `name` (its record is read
+        unless given); None if it has none. Versions recorded before the Lance layout are read
+        from their Parquet folders."""
+        record = record if record is not None else self.read_record(name)
+        pins = data_pins(record)
+        if pins is None:
+            data_uri = join_uri(self.version_uri(name), DATA_DIR)
+            return read_parquet_tree(data_uri, self.storage_options, errors=errors)
+        return read_pin(pins[1] if errors else pins[0], self.storage_options)
+
     def discard(self, name: str) -> None:
-        """Remove a staged (never published) or retired version folder."""
+        """Remove a staged (never published) or retired version folder and its Lance tags."""
         fs, path = filesystem(self.version_uri(name), self.storage_options)
         with contextlib.suppress(FileNotFoundError):
             fs.rm(path, recursive=True)
+        for table in self.tables():
+            table.untag(name)
 
     def apply_retention(self, keep: int) -> list[str]:
         """Keep the newest `keep` published versions; remove older ones and abandoned stages.
@@ -197,18 +224,46 @@ class IndexRoot:
             removed.append(n)
         if removed:
             logger.info("retention removed versions %s", removed)
+
+        def keep_tag(tag: str) -> bool:  # tags of stages above the pointer may be in use
+            num = parse_version_name(tag)
+            return tag in kept or num is None or num > pointer.version
+
+        for table in self.tables():
+            freed = table.release(keep_tag)
+            if freed:
+                logger.info("retention freed %d bytes of %s", freed, table.uri)
         return removed
 
 
 # ------------------------------------------------------------------------- version staging
 
-# Inside a version's data/ folder: this run's embeddings (`pipelines.embed.embed_items` output)
-# and the rows copied from the parent version; failed items sit in `_errors/` below each.
+# Inside a version's data/ folder: this run's embeddings (`pipelines.embed.embed_items` output;
+# failed items in `_errors/`). Versions published before the Lance layout also hold `carried/`.
 EMBEDDED_DIR = "embedded"
-CARRIED_DIR = "carried"
 ERRORS_DIR = "_errors"
 RECORD_FORMAT = 1  # `format` of version.json
-CARRIED_ROWS_PER_FILE = 1_000_000  # rows per carried-forward Parquet file
+DATA_FORMAT = "lance"  # `data.format` of version.json
+
+
+def data_pins(record: dict | None) -> tuple[Pin | None, Pin | None] | None:
+    """The Lance versions (rows, failures) a version record pins; None for a version
+    published before the Lance layout (its rows are Parquet files in its folder)."""
+    data = (record or {}).get("data")
+    if not data:
+        return None
+    if data.get("format") != DATA_FORMAT:
+        raise ValueError(f"version record: unknown data format {data.get('format')!r}")
+    return Pin.from_json(data.get("rows")), Pin.from_json(data.get("failures"))
+
+
+def data_record(rows: Pin | None, failures: Pin | None) -> dict[str, Any]:
+    """The record's `data` field for these pins."""
+    return {
+        "format": DATA_FORMAT,
+        "rows": rows.to_json() if rows else None,
+        "failures": failures.to_json() if failures else None,
+    }
 
 
 def parquet_files(uri: str, storage_options: StorageOptions, *, errors: bool) -> list[str]:
@@ -248,6 +303,17 @@ def read_parquet_tree(
     return pa.concat_tables(tables, promote_options="default")
 
 
+def iter_parquet(
+    uri: str, files: list[str], storage_options: StorageOptions, batch_rows: int = 65_536
+) -> Iterator[pa.RecordBatch]:
+    """Stream the record batches of `files` (paths of `filesystem(uri)`, as `parquet_files`
+    gives them), `batch_rows` at a time: memory does not grow with the files."""
+    fs, _ = filesystem(uri, storage_options)
+    for f in files:
+        with fs.open(f, "rb") as fh:
+            yield from pq.ParquetFile(fh).iter_batches(batch_size=batch_rows)
+
+
 def arrow_fs(uri: str, storage_options: StorageOptions) -> Any:
     """A pyarrow filesystem over the fsspec one of `uri` (for Ray Data reads and writes)."""
     from pyarrow.fs import FSSpecHandler, PyFileSystem
@@ -263,21 +329,10 @@ def record_rows(record: dict | None) -> int:
     return int(c.get("total", 0)) + int(c.get("failed", 0)) + int(c.get("failed_kept", 0))
 
 
-def write_chunks(folder: str, table: pa.Table, storage_options: StorageOptions) -> list[str]:
-    """`table` as `part-00000.parquet`, ... under `folder`, CARRIED_ROWS_PER_FILE rows each."""
-    fs, path = filesystem(folder, storage_options)
-    fs.makedirs(path, exist_ok=True)
-    names = []
-    for k, start in enumerate(range(0, table.num_rows, CARRIED_ROWS_PER_FILE)):
-        name = f"part-{k:05d}.parquet"
-        fs.pipe_file(f"{path}/{name}", parquet_bytes(table.slice(start, CARRIED_ROWS_PER_FILE)))
-        names.append(name)
-    return names
-
-
 class StagedVersion:
     """A version folder being written, that nobody reads until `IndexRoot.publish` points
-    `LATEST` at it: `data/embedded/`, `data/carried/`, `index/` and `version.json`."""
+    `LATEST` at it: `data/embedded/`, `index/` and `version.json` (its rows: Lance versions
+    tagged with its name)."""
 
     def __init__(self, root: IndexRoot, version: int, name: str) -> None:
         self.root = root
@@ -286,8 +341,6 @@ class StagedVersion:
         self.uri = root.version_uri(name)
         self.data_uri = join_uri(self.uri, DATA_DIR)
         self.embedded_uri = join_uri(self.data_uri, EMBEDDED_DIR)
-        self.carried_uri = join_uri(self.data_uri, CARRIED_DIR)
-        self.carried_errors_uri = join_uri(self.carried_uri, ERRORS_DIR)
         self.index_uri = join_uri(self.uri, INDEX_DIR)
 
     def read_embedded(self) -> tuple[pa.Table | None, pa.Table | None]:
@@ -298,20 +351,9 @@ class StagedVersion:
             read_parquet_tree(self.embedded_uri, storage_options, errors=True),
         )
 
-    def write_carried(self, rows: pa.Table, errors: pa.Table) -> None:
-        """Rows (and kept failures) carried from the parent, written by the driver."""
-        if rows.num_rows:
-            write_chunks(self.carried_uri, rows, self.root.storage_options)
-        if errors.num_rows:
-            write_chunks(self.carried_errors_uri, errors, self.root.storage_options)
-
-    def read_carried(self) -> pa.Table | None:
-        """The carried rows as written (by `write_carried` or by Ray Data workers)."""
-        return read_parquet_tree(self.carried_uri, self.root.storage_options, errors=False)
-
-    def fs_path(self, uri: str) -> str:
-        """`uri` (below this version) as a path of `arrow_fs`'s filesystem."""
-        return filesystem(uri, self.root.storage_options)[1]
+    def embedded_files(self, *, errors: bool) -> list[str]:
+        """This run's embedded Parquet files (or its failures'), as paths of `arrow_fs`."""
+        return parquet_files(self.embedded_uri, self.root.storage_options, errors=errors)
 
     def write_record(self, record: dict) -> None:
         """Write `version.json` (last: a folder without it was never finished)."""

@@ -4,7 +4,8 @@ One run:
 
 1. takes the re-index lease on the index root (`pipelines.lock.OutputLock` on `<root>/_lock`);
    a second run finds it held and exits without doing anything;
-2. reads the published pointer (`<root>/LATEST`) and the parent version's rows;
+2. reads the published pointer (`<root>/LATEST`) and the parent version's rows (the Lance
+   versions its record pins, `pipelines.tables`; Parquet for versions published before);
 3. lists the corpus without reading payloads (`pipelines.plan.list_items`, the same inputs
    as `imagebind-embed`) and diffs it against the parent by (`id`, `fingerprint`): new and
    changed items are embedded, unchanged rows are carried forward as they are (same bytes, no
@@ -16,10 +17,13 @@ One run:
 4. if nothing changed, publishes nothing; otherwise stages a complete version
    (`pipelines.publish.StagedVersion`) under `<root>/versions/<n>-<run>/` — `data/embedded/`
    (this run's embeddings, written by `pipelines.embed.embed_items` with its exactly-once
-   protocol), `data/carried/` (rows copied from the parent), `index/` (the FAISS index,
-   `imagebind_core.index`), `version.json` (the record) — and publishes it with one
-   compare-and-swap of `LATEST` (`pipelines.publish`);
-5. applies retention (the last `index.keep_versions` versions stay).
+   protocol), the version's rows as new Lance versions of `<root>/rows.lance` and
+   `<root>/failures.lance` (the parent's pinned version, minus the ids not carried, plus this
+   run's rows: carried rows are not rewritten), `index/` (the FAISS index,
+   `imagebind_core.index`), `version.json` (the record, pinning the Lance versions) — and
+   publishes it with one compare-and-swap of `LATEST` (`pipelines.publish`);
+5. applies retention (the last `index.keep_versions` versions stay; Lance frees what only
+   removed versions used).
 
 `_run_locked` reads as these steps, one function each.
 
@@ -43,7 +47,7 @@ import pyarrow.compute as pc
 
 from imagebind_core.index import DATA_DIR, INDEX_DIR, Pointer, join_uri, update_index
 from pipelines.config import ReindexConfig
-from pipelines.diff import carry_on_ray, diff_listing, diff_on_ray
+from pipelines.diff import KEY_COLUMNS, diff_listing, diff_on_ray, relocate
 from pipelines.lineage import lineage_changes, lineage_key, model_lineage
 from pipelines.lock import OutputLock, OutputLocked
 from pipelines.plan import check_input
@@ -53,11 +57,15 @@ from pipelines.publish import (
     PublishConflict,
     StagedVersion,
     arrow_fs,
+    data_pins,
+    data_record,
+    iter_parquet,
     parquet_files,
     read_parquet_tree,
     record_rows,
     utc_now,
 )
+from pipelines.tables import Pin, count_pin, read_pin, scan_pin
 
 logger = logging.getLogger(__name__)
 
@@ -67,57 +75,12 @@ INDEX_COLUMNS = ["id", "uri", "modality", "embedding"]
 # ----------------------------------------------------------------------------- the index change
 
 
-def _index_upserts(
-    new_rows: pa.Table | None,
-    carried: pa.Table,
-    parent_rows: pa.Table | None,
-    cols: list[str],
-    schema: pa.Schema,
-) -> pa.Table:
-    """The rows the index must (re)insert: every embedded row, plus carried rows whose uri
-    differs from the parent's (relocated: same content, new location)."""
-    parts = [new_rows.select(cols)] if new_rows is not None and new_rows.num_rows else []
-    if carried.num_rows and parent_rows is not None:
-        at = pc.index_in(carried["id"], value_set=parent_rows["id"])
-        old_uri = parent_rows["uri"].take(at)  # null where the id is not in the parent
-        moved = pc.invert(pc.fill_null(pc.equal(carried["uri"], old_uri), False))
-        parts.append(carried.filter(moved).select(cols))
-    if not parts:
-        return schema.empty_table()
-    return pa.concat_tables([p.cast(schema) for p in parts])
-
-
-def _index_deletes(parent_rows: pa.Table | None, rows: pa.Table) -> list[str]:
-    """Ids in the parent version's rows that the new version no longer has."""
-    if parent_rows is None or not parent_rows.num_rows:
-        return []
-    gone = pc.invert(pc.is_in(parent_rows["id"], value_set=rows["id"]))
-    return parent_rows["id"].filter(gone).to_pylist()
-
-
-def _index_change_on_ray(
-    new_rows: pa.Table | None,
-    carried: pa.Table | None,
-    diff: Any,
-    rows: pa.Table,
-    cols: list[str],
-) -> tuple[pa.Table, list[str]]:
-    """`_index_upserts` and `_index_deletes` after a Ray Data diff: upserts are the embedded
-    rows plus the carried rows the diff relocated (`diff.moved`); deletes are the parent ids
-    the diff did not carry (`diff.drop_ids`) that the new version does not hold."""
-    parts = [new_rows.select(cols)] if new_rows is not None and new_rows.num_rows else []
-    if carried is not None and carried.num_rows and diff.moved is not None and diff.moved.num_rows:
-        moved = pc.is_in(carried["id"], value_set=diff.moved["id"])
-        parts.append(carried.filter(moved).select(cols))
-    upserts = (
-        pa.concat_tables([p.cast(rows.schema) for p in parts])
-        if parts
-        else rows.schema.empty_table()
-    )
-    if diff.drop_ids is None or not len(diff.drop_ids):
-        return upserts, []
-    gone = pc.invert(pc.is_in(diff.drop_ids, value_set=rows["id"]))
-    return upserts, diff.drop_ids.filter(gone).to_pylist()
+def _index_change(appended: pa.Table, drop_ids: pa.Array, dim: int) -> tuple[pa.Table, list[str]]:
+    """What the index must apply: upsert every row this run appended (embedded, relocated),
+    delete the parent ids the version no longer holds."""
+    upserts = appended.select(INDEX_COLUMNS) if appended.num_rows else _empty_rows(dim)
+    gone = pc.invert(pc.is_in(drop_ids, value_set=upserts["id"]))
+    return upserts, drop_ids.filter(gone).to_pylist()
 
 
 # ----------------------------------------------------------------------------- the run
@@ -210,13 +173,14 @@ def _run_locked(cfg: ReindexConfig, ir: IndexRoot, lock: OutputLock) -> ReindexR
         _embed_changes(cfg, stage, diff)
     if lock.lost.is_set():
         raise OutputLocked(f"lost the re-index lock on {ir.root} while embedding; not publishing")
-    with _timed(timings, "carry_and_index_s"):
+    dim = int(key["embed_dim"])
+    with _timed(timings, "commit_rows_s"):
         new_rows, new_errors = stage.read_embedded()
-        carried = _carry_forward(stage, diff, parent)
-        rows = _version_rows(new_rows, carried, int(key["embed_dim"]))
-        index = _write_index(cfg, stage, parent, diff, new_rows, carried, rows)
-    counts = _counts(diff, new_rows, new_errors, rows)
-    stage.write_record(_version_record(cfg, stage, parent, key, counts, rows, index, timings))
+        data = _commit_rows(stage, diff, parent, new_rows)
+    with _timed(timings, "index_s"):
+        index = _write_index(cfg, stage, parent, data, dim)
+    counts = _counts(diff, new_rows, new_errors, count_pin(data.rows, ir.storage_options))
+    stage.write_record(_version_record(cfg, stage, parent, key, counts, data, index, timings))
     return _publish(cfg, ir, stage, parent, counts, lock)
 
 
@@ -232,8 +196,10 @@ def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
 
 @dataclass
 class _Parent:
-    """The published version a run starts from (no pointer before the first version): its
-    rows on the driver, or their files when the diff runs on Ray Data (`on_ray`)."""
+    """The published version a run starts from (no pointer before the first version): the
+    Lance versions its record pins (`pins`; None for a version published as Parquet, whose
+    `files` are listed instead), and its rows' `KEY_COLUMNS` on the driver (all columns for a
+    Parquet version) unless the diff runs on Ray Data (`on_ray`)."""
 
     pointer: Pointer | None
     etag: str | None
@@ -242,7 +208,9 @@ class _Parent:
     on_ray: bool = False
     rows: pa.Table | None = None
     errors: pa.Table | None = None
-    files: tuple[list[str], list[str]] = ([], [])  # (data files, _errors files)
+    pins: tuple[Pin | None, Pin | None] | None = None  # (rows, failures)
+    files: tuple[list[str], list[str]] = ([], [])  # (data files, _errors files) of Parquet
+    data_uri: str = ""  # the Parquet version's data/ folder
 
     @property
     def version(self) -> int:
@@ -282,16 +250,22 @@ def _read_parent(cfg: ReindexConfig, ir: IndexRoot, key: dict[str, str]) -> _Par
     if pointer is None:
         return parent
     storage_options = ir.storage_options
-    data_uri = join_uri(pointer.version_uri(ir.root), DATA_DIR)
     parent.on_ray = record_rows(record) >= cfg.index.diff_on_ray_rows
-    if parent.on_ray:
+    parent.pins = data_pins(record)
+    if parent.pins is None:  # published before the Lance layout: Parquet files, read once
+        parent.data_uri = join_uri(pointer.version_uri(ir.root), DATA_DIR)
         parent.files = (
-            parquet_files(data_uri, storage_options, errors=False),
-            parquet_files(data_uri, storage_options, errors=True),
+            parquet_files(parent.data_uri, storage_options, errors=False),
+            parquet_files(parent.data_uri, storage_options, errors=True),
         )
-    else:
-        parent.rows = read_parquet_tree(data_uri, storage_options, errors=False)
-        parent.errors = read_parquet_tree(data_uri, storage_options, errors=True)
+    if parent.on_ray:
+        return parent
+    if parent.pins is None:
+        parent.rows = read_parquet_tree(parent.data_uri, storage_options, errors=False)
+        parent.errors = read_parquet_tree(parent.data_uri, storage_options, errors=True)
+    else:  # the diff's columns only: the embeddings stay in Lance
+        parent.rows = read_pin(parent.pins[0], storage_options, columns=list(KEY_COLUMNS))
+        parent.errors = read_pin(parent.pins[1], storage_options)
     return parent
 
 
@@ -320,12 +294,13 @@ def _diff(cfg: ReindexConfig, ir: IndexRoot, listing: pa.Table, parent: _Parent)
     if parent.on_ray:
         return diff_on_ray(
             listing,
-            *parent.files,
+            *(parent.pins or parent.files),
             arrow_fs(ir.root, ir.storage_options),
             full=parent.full_reason is not None,
             retry_failed=cfg.index.retry_failed,
             parent_count=record_rows(parent.record),
             num_partitions=cfg.index.diff_partitions,
+            storage_options=ir.storage_options,
         )
     return diff_listing(
         listing,
@@ -364,27 +339,116 @@ def _embed_changes(cfg: ReindexConfig, stage: StagedVersion, diff: Any) -> None:
         embed_items(cfg.job, diff.to_embed, output=stage.embedded_uri)
 
 
-def _carry_forward(stage: StagedVersion, diff: Any, parent: _Parent) -> pa.Table | None:
-    """Copy the parent's surviving rows and kept failures into `data/carried/`; returns the
-    carried rows (on Ray Data workers copy them and the driver reads them back)."""
-    if not parent.on_ray:
-        stage.write_carried(diff.carried, diff.carried_errors)
-        return diff.carried
-    fs = arrow_fs(stage.uri, stage.root.storage_options)
-    for files, out, n in (
-        (parent.files[0], stage.carried_uri, diff.carried_rows),
-        (parent.files[1], stage.carried_errors_uri, diff.failed_kept),
-    ):
-        if n:
-            carry_on_ray(files, fs, stage.fs_path(out), diff.drop_ids, diff.moved)
-    return stage.read_carried()
+@dataclass
+class _Committed:
+    """The version's Lance pins and the rows this run appended to the rows dataset."""
+
+    rows: Pin | None
+    failures: Pin | None
+    appended: pa.Table
+    drop_ids: pa.Array
 
 
-def _version_rows(new_rows: pa.Table | None, carried: pa.Table | None, dim: int) -> pa.Table:
-    """The version's rows as the index sees them (id, uri, modality, embedding)."""
-    parts = [t for t in (new_rows, carried) if t is not None and t.num_rows]
-    if parts:
-        return pa.concat_tables([p.select(INDEX_COLUMNS) for p in parts], promote_options="default")
+def _commit_rows(
+    stage: StagedVersion, diff: Any, parent: _Parent, new_rows: pa.Table | None
+) -> _Committed:
+    """Commit the version's rows and failures to the root's Lance datasets, tagged with the
+    stage's name: the parent's pinned versions minus the ids not carried (deleted, changed,
+    re-embedded, retried, relocated) plus this run's embedded rows (streamed from
+    `data/embedded/`) and the relocated rows with their new uri. A parent published as
+    Parquet is copied once (streamed, carried rows only) into a fresh Lance version.
+    `new_rows`: this run's embedded rows, which the index upserts with the relocated ones."""
+    so = stage.root.storage_options
+    moved_ids = diff.moved.column("id").combine_chunks().cast(pa.string())
+    drop = pa.concat_arrays([diff.drop_ids.cast(pa.string()), moved_ids])
+    full = parent.full_reason is not None
+    pins = parent.pins or (None, None)
+    out: list[Pin | None] = []
+    appended = pa.table({})
+    for k, table in enumerate(stage.root.tables()):
+        errors = k == 1
+        new_files = stage.embedded_files(errors=errors)
+        batches: list[Any] = [iter_parquet(stage.embedded_uri, new_files, so)]
+        schemas = [_schema(stage.embedded_uri, new_files, so)]
+        base = None if full else pins[k]
+        moved = pa.table({})
+        if not full and parent.pins is not None and base is not None and len(moved_ids):
+            moved = relocate(read_pin(base, so, ids=moved_ids), diff.moved)
+            batches.append(moved.to_batches())
+        elif not full and parent.pins is None:  # Parquet parent: every carried row, once
+            files, hits = parent.files[k], []
+            batches.append(_carried(parent.data_uri, files, so, diff.drop_ids, diff.moved, hits))
+            schemas.append(_schema(parent.data_uri, files, so))
+            moved = _Later(hits)
+        known = [x for x in schemas if x is not None]
+        schema = pa.unify_schemas(known, promote_options="default") if known else None
+        out.append(
+            table.commit(base, drop, (b for it in batches for b in it), _plain(schema), stage.name)
+        )
+        if not errors:
+            appended = moved.table() if isinstance(moved, _Later) else moved
+    parts = [t.select(INDEX_COLUMNS) for t in (new_rows, appended) if t is not None and t.num_rows]
+    return _Committed(
+        out[0],
+        out[1],
+        pa.concat_tables(parts, promote_options="default") if parts else pa.table({}),
+        drop,
+    )
+
+
+def _plain(schema: pa.Schema | None) -> pa.Schema | None:
+    return schema.remove_metadata() if schema is not None else None
+
+
+def _schema(uri: str, files: list[str], storage_options: Any) -> pa.Schema | None:
+    """The Arrow schema of the first of `files` (None if there are none)."""
+    if not files:
+        return None
+    import pyarrow.parquet as pq
+
+    from imagebind_core.io import filesystem
+
+    fs, _ = filesystem(uri, storage_options)
+    with fs.open(files[0], "rb") as fh:
+        return pq.read_schema(fh)
+
+
+def _carried(
+    uri: str,
+    files: list[str],
+    storage_options: Any,
+    drop_ids: pa.Array,
+    moved: pa.Table,
+    relocated: list[pa.Table],
+) -> Any:
+    """The rows of a Parquet parent's `files` that are carried, relocated, batch by batch;
+    the relocated ones are also added to `relocated` (the index updates their uri)."""
+    for batch in iter_parquet(uri, files, storage_options):
+        kept = batch.filter(pc.invert(pc.is_in(batch.column("id"), value_set=drop_ids)))
+        if not kept.num_rows:
+            continue
+        t = relocate(pa.Table.from_batches([kept]), moved)
+        if moved.num_rows:
+            hit = t.filter(pc.is_in(t.column("id"), value_set=moved.column("id")))
+            if hit.num_rows:
+                relocated.append(hit)
+        yield from t.to_batches()
+
+
+@dataclass
+class _Later:
+    """Tables a generator collects while Lance consumes it."""
+
+    parts: list[pa.Table]
+
+    def table(self) -> pa.Table:
+        if not self.parts:
+            return pa.table({})
+        return pa.concat_tables(self.parts, promote_options="default")
+
+
+def _empty_rows(dim: int) -> pa.Table:
+    """No rows, with the columns the index reads."""
     return pa.table(
         {
             "id": pa.array([], pa.string()),
@@ -396,36 +460,41 @@ def _version_rows(new_rows: pa.Table | None, carried: pa.Table | None, dim: int)
 
 
 def _write_index(
-    cfg: ReindexConfig,
-    stage: StagedVersion,
-    parent: _Parent,
-    diff: Any,
-    new_rows: pa.Table | None,
-    carried: pa.Table | None,
-    rows: pa.Table,
+    cfg: ReindexConfig, stage: StagedVersion, parent: _Parent, data: _Committed, dim: int
 ) -> Any:
     """The version's index: the parent's with this run's change applied (new and re-embedded
-    rows, relocated rows' new uri, deleted ids), or a build from every row
-    (`imagebind_core.index.update_index`)."""
-    cols = INDEX_COLUMNS
-    if parent.on_ray:  # the parent's rows never reached the driver: the diff's ids say what moved
-        upserts, deletes = _index_change_on_ray(new_rows, carried, diff, rows, cols)
-    else:
-        upserts = _index_upserts(new_rows, diff.carried, parent.rows, cols, rows.schema)
-        deletes = _index_deletes(parent.rows, rows)
+    rows, relocated rows' new uri, deleted ids), or a build from every row of the version's
+    pinned Lance version (`imagebind_core.index.update_index`)."""
+    so = stage.root.storage_options
+    upserts, deletes = _index_change(data.appended, data.drop_ids, dim)
+
+    def all_rows() -> pa.Table:
+        rows = read_pin(data.rows, so, columns=INDEX_COLUMNS)
+        return rows if rows is not None else _empty_rows(dim)
+
     return update_index(
         stage.index_uri,
         parent_uri=parent.index_uri(stage.root.root),
         upserts=upserts,
         deletes=deletes,
-        all_rows=lambda: rows,
+        all_rows=all_rows,
         options=cfg.index.index_options(),
-        storage_options=stage.root.storage_options,
+        storage_options=so,
     )
 
 
+def _modalities(pin: Pin | None, storage_options: Any) -> list[str]:
+    """The modalities of a pinned version's rows (one column scanned, batch by batch)."""
+    if pin is None:
+        return []
+    seen: set[str] = set()
+    for batch in scan_pin(pin, storage_options, columns=["modality"]):
+        seen.update(v for v in pc.unique(batch.column("modality")).to_pylist() if v is not None)
+    return sorted(seen)
+
+
 def _counts(
-    diff: Any, new_rows: pa.Table | None, new_errors: pa.Table | None, rows: pa.Table
+    diff: Any, new_rows: pa.Table | None, new_errors: pa.Table | None, total: int
 ) -> dict[str, int]:
     """The record's counts; added/changed/reembedded/retried count rows embedded successfully."""
     new_ids = set(new_rows.column("id").to_pylist()) if new_rows is not None else set()
@@ -444,7 +513,7 @@ def _counts(
         "failed_kept": diff.failed_kept,
         "reembedded": ok["reembedded"],
         "retried": ok["retried"],
-        "total": rows.num_rows,
+        "total": total,
     }
 
 
@@ -454,7 +523,7 @@ def _version_record(
     parent: _Parent,
     key: dict[str, str],
     counts: dict[str, int],
-    rows: pa.Table,
+    data: _Committed,
     index: Any,
     timings: dict[str, float],
 ) -> dict[str, Any]:
@@ -470,10 +539,11 @@ def _version_record(
         "counts": counts,
         "full_reembed": parent.full_reason is not None,
         "full_reason": parent.full_reason,
-        "lineage": model_lineage(cfg.job, sorted(set(rows.column("modality").to_pylist()))),
+        "lineage": model_lineage(cfg.job, _modalities(data.rows, stage.root.storage_options)),
         "lineage_key": key,
         "embed_dim": int(key["embed_dim"]),
         "index": {**index.record(), "nprobe": cfg.index.nprobe},
+        "data": data_record(data.rows, data.failures),
         "diff": "ray" if parent.on_ray else "driver",
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
     }

@@ -33,7 +33,6 @@ from helpers.reindex import (
 
 import imagebind_core as ibc
 from imagebind_core.index import (
-    DATA_DIR,
     INDEX_DIR,
     VectorIndex,
     join_uri,
@@ -43,7 +42,7 @@ from imagebind_core.index import (
 from pipelines.config import load_reindex_config
 from pipelines.diff import diff_listing
 from pipelines.lineage import lineage_changes, lineage_key
-from pipelines.publish import PAUSE_ENV, IndexRoot, read_parquet_tree
+from pipelines.publish import PAUSE_ENV, IndexRoot, data_pins
 from pipelines.reindex import reindex
 
 
@@ -287,12 +286,24 @@ def test_crash_during_publish_keeps_previous_version(published, ray_session, s3_
     assert read_pointer(root, storage_options) == before  # readers still get the previous version
     _, rows = version_rows(root, storage_options)
     assert "txt/new.txt" not in rows.column("id").to_pylist()
-    # The rerun recovers the dead run's lock and completes; its orphan stage is cleaned up.
+    # The dead run had committed its rows to Lance: they exist after the published pin, and
+    # nobody reads them.
+    ir = IndexRoot(root, storage_options)
+    pin = data_pins(ir.read_record(before.name))[0]
+    assert pin.uri == f"{root}/rows.lance"
+    rows_table = ir.tables()[0]
+    assert rows_table.open().latest_version > pin.version
+    assert "txt/new.txt" in rows_table.open().to_table(columns=["id"])["id"].to_pylist()
+    # The rerun recovers the dead run's lock and completes from the published pin (not on top
+    # of the dead run's commits: no row twice); its orphan stage is cleaned up.
     r = reindex(load_reindex_config(None, over))
     assert r.status == "published" and r.version == before.version + 1, r
     assert r.counts["added"] == 1 and r.counts["carried"] == 3
-    names = IndexRoot(root, storage_options)._list_version_names()
+    _, rows = version_rows(root, storage_options)
+    assert len(set(rows.column("id").to_pylist())) == rows.num_rows == r.counts["total"] == 4
+    names = ir._list_version_names()
     assert names == [before.name, r.name]
+    assert set(rows_table.open().tags.list()) == {before.name, r.name}
 
 
 def test_two_concurrent_runs_exactly_one_publishes(published, ray_session, s3_server, tmp_path):
@@ -337,9 +348,7 @@ def test_unreadable_shard_is_kept_as_a_failure_and_an_emptied_corpus_needs_conse
         f.truncate(1200)
     second = reindex(cfg)
     assert second.status == "published" and second.counts["failed"] >= 1
-    errors = read_parquet_tree(
-        join_uri(read_pointer(root, {}).version_uri(root), DATA_DIR), {}, errors=True
-    )
+    _, errors = version_rows(root, {}, errors=True)
     assert any(i.startswith("00000#unreadable-") for i in errors.column("id").to_pylist())
     # Nothing changed since: nothing is published (the failure is kept, not retried).
     third = reindex(cfg)

@@ -1,5 +1,6 @@
-"""The re-index diff on Ray Data (`pipelines.diff.diff_on_ray` / `carry_on_ray`): the same
-answer as the driver diff, the driver holding only the change, and a full run on S3 with it."""
+"""The re-index diff on Ray Data (`pipelines.diff.diff_on_ray`, over Parquet files or a pinned
+Lance version): the same answer as the driver diff, the driver holding only the change while
+the diff and the Lance commit run, and a full run on S3 with it."""
 
 from __future__ import annotations
 
@@ -8,14 +9,16 @@ import uuid
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from helpers.reindex import by_id, config, make_corpus, traced, version_rows
 from pyarrow.fs import LocalFileSystem
 
 import pipelines.diff as pdiff
-from pipelines.diff import carry_on_ray, diff_listing, diff_on_ray
+from pipelines.diff import diff_listing, diff_on_ray, relocate
 from pipelines.reindex import reindex
+from pipelines.tables import Pin, VersionTable, read_pin
 
 
 def _rows(ids, fps, dim, seed, kinds=None, uris=None):
@@ -48,15 +51,22 @@ def _write_parent(folder, rows: pa.Table, errors: pa.Table | None, files: int):
     return row_files, err_files
 
 
-def _read(folder) -> pa.Table | None:
-    files = sorted(str(p) for p in folder.rglob("*.parquet"))
-    if not files:
-        return None
-    return pa.concat_tables(pq.read_table(f) for f in files).sort_by("id")
+def _to_lance(folder, name: str, table: pa.Table) -> Pin:
+    import lance
+
+    uri = str(folder / name)
+    return Pin(uri, lance.write_dataset(table, uri).version)
 
 
-@pytest.mark.parametrize("full", [False, True])
-def test_ray_diff_equals_driver_diff(ray_session, tmp_path, full):
+def _carry(table: pa.Table, drop_ids: pa.Array, moved: pa.Table) -> pa.Table:
+    """The parent rows a diff keeps: not dropped, relocated ones with their new uri."""
+    return relocate(table.filter(pc.invert(pc.is_in(table["id"], value_set=drop_ids))), moved)
+
+
+@pytest.mark.parametrize(
+    ("full", "source"), [(False, "parquet"), (True, "parquet"), (False, "lance")]
+)
+def test_ray_diff_equals_driver_diff(ray_session, tmp_path, full, source):
     parent = _rows(["a", "b", "d", "m", "k"], ["1", "2", "4", "6", "7"], 8, seed=0)
     parent = parent.set_column(2, "modality", pa.array(["text"] * 4 + ["vision"]))
     errors = pa.table({"id": ["e", "gone", "f"], "uri": ["/c/e", "/c/g", "/c/f"],
@@ -72,6 +82,9 @@ def test_ray_diff_equals_driver_diff(ray_session, tmp_path, full):
         }
     )
     row_files, err_files = _write_parent(tmp_path / "parent", parent, errors, files=2)
+    if source == "lance":
+        row_files = _to_lance(tmp_path, "rows.lance", parent)
+        err_files = _to_lance(tmp_path, "failures.lance", errors)
     want = diff_listing(listing, parent, errors, full=full)
     got = diff_on_ray(listing, row_files, err_files, LocalFileSystem(), full=full, num_partitions=3)
     for k in ("added", "changed", "deleted", "retried", "reembedded", "relocated"):
@@ -82,12 +95,13 @@ def test_ray_diff_equals_driver_diff(ray_session, tmp_path, full):
     if not full:
         assert want.classes == ["changed", "added", "changed", "retried"]
         assert (want.deleted, want.relocated, got.carried_rows, got.failed_kept) == (2, 2, 2, 1)
-    carry_on_ray(row_files, LocalFileSystem(), str(tmp_path / "out"), got.drop_ids, got.moved)
-    carry_on_ray(err_files, LocalFileSystem(), str(tmp_path / "oute"), got.drop_ids, got.moved)
-    carried, kept = _read(tmp_path / "out"), _read(tmp_path / "oute")
+    # The driver diff's ids to drop and relocations are the Ray diff's.
+    assert got.drop_ids.sort().equals(want.drop_ids.sort())
+    assert got.moved.sort_by("id").equals(want.moved.sort_by("id"))
+    carried = _carry(parent, got.drop_ids, got.moved).sort_by("id")
+    kept = _carry(errors, got.drop_ids, got.moved).sort_by("id")
     if full:
-        # Nothing survives: Ray Data writes no file (or empty ones).
-        assert all(t is None or t.num_rows == 0 for t in (carried, kept))
+        assert carried.num_rows == 0 and kept.num_rows == 0  # nothing survives
         return
     # Bit-identical rows, relocated uris updated, the kept failure carried with its new uri.
     assert carried.equals(want.carried.sort_by("id"))
@@ -112,11 +126,13 @@ def _rss_kb(field: str) -> int:
 def test_ray_diff_driver_holds_only_the_change(ray_session, tmp_path, monkeypatch):
     """A parent of 24k rows x 1024 float32 (~100 MB) against a driver budget of a quarter of
     that: the driver receives only the rows of the change, and its peak RSS grows by less
-    than the budget while the diff and the carry-forward run."""
+    than the budget while the diff runs over the parent's Lance version and the new version
+    (the parent minus the dropped ids) is committed."""
     n, dim, files = 24_000, 1024, 8
     ids = [f"i{k:06d}" for k in range(n)]
     parent = _rows(ids, ["f"] * n, dim, seed=1)
-    row_files, _ = _write_parent(tmp_path / "parent", parent, None, files=files)
+    table = VersionTable(str(tmp_path), "rows.lance", None)
+    pin = table.commit(None, None, parent.to_batches(max_chunksize=n // files), parent.schema, "v1")
     parent_bytes = parent.nbytes
     del parent
     changed, deleted, added = ids[:100], set(ids[100:150]), [f"new{k}" for k in range(50)]
@@ -140,12 +156,22 @@ def test_ray_diff_driver_holds_only_the_change(ray_session, tmp_path, monkeypatc
     monkeypatch.setattr(pdiff, "_collect", spy)
     # Warm-up on a small input: Ray Data's, polars' and the join's one-time imports and
     # worker start are not what this test bounds.
-    diff_on_ray(listing.slice(0, 10), row_files[:1], [], LocalFileSystem(), num_partitions=2)
+    # Lance's first open, delete and commit likewise (on a throwaway dataset).
+    diff_on_ray(listing.slice(0, 10), pin, None, LocalFileSystem(), num_partitions=2)
+    scratch = VersionTable(str(tmp_path), "scratch.lance", None)
+    small = _rows(ids[:100], ["f"] * 100, dim, seed=2)
+    scratch.commit(
+        scratch.commit(None, None, small.to_batches(), small.schema, "a"),
+        pa.array(ids[:5]),
+        [],
+        None,
+        "b",
+    )
     received.clear()
     _peak_rss_reset()
     base = _rss_kb("VmRSS")
-    d = diff_on_ray(listing, row_files, [], LocalFileSystem(), num_partitions=4, parent_count=n)
-    carry_on_ray(row_files, LocalFileSystem(), str(tmp_path / "out"), d.drop_ids, d.moved)
+    d = diff_on_ray(listing, pin, None, LocalFileSystem(), num_partitions=4, parent_count=n)
+    new = table.commit(pin, d.drop_ids, [], None, "v2")
     growth = (_rss_kb("VmHWM") - base) * 1024
     assert (d.changed, d.deleted, d.added, d.carried_rows) == (100, 50, 50, n - 150)
     got = sum(t.num_rows for t in received)
@@ -154,8 +180,8 @@ def test_ray_diff_driver_holds_only_the_change(ray_session, tmp_path, monkeypatc
     assert all("embedding" not in t.column_names for t in received)
     assert d.carried is None and d.to_embed.num_rows == 150
     assert growth < parent_bytes / 4, (growth, parent_bytes)
-    out = _read(tmp_path / "out")
-    assert out.num_rows == n - 150
+    out = read_pin(new, None, columns=["id"])
+    assert out.num_rows == n - 150 and read_pin(pin, None, columns=["id"]).num_rows == n
     assert set(out.column("id").to_pylist()) == set(keep) - set(changed)
 
 

@@ -14,9 +14,9 @@ import pytest
 from helpers.reindex import TEXTS, s3_corpus, s3_settings
 from helpers.serve import serve_base_url, wait_ready
 
-from imagebind_core.index import DATA_DIR, join_uri, read_pointer
+from imagebind_core.index import read_pointer
 from pipelines.config import load_reindex_config
-from pipelines.publish import read_parquet_tree
+from pipelines.publish import IndexRoot
 from pipelines.reindex import reindex
 
 APP = "search-t"
@@ -90,9 +90,7 @@ def test_modality_filter_and_raw_vector(setup, s3_server):
     assert len(hits) == 8 and {h["modality"] for h in hits} == {"vision", "text"}
     storage_options = s3_server.storage_options
     pointer = read_pointer(root, storage_options)
-    rows = read_parquet_tree(
-        join_uri(pointer.version_uri(root), DATA_DIR), storage_options, errors=False
-    )
+    rows = IndexRoot(root, storage_options).read_rows(pointer.name)
     k = rows.column("id").to_pylist().index("img/pic1.png")
     vec = rows.column("embedding")[k].as_py()
     assert search(client, vector=vec, top_k=1)[0]["id"] == "img/pic1.png"

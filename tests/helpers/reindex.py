@@ -11,9 +11,9 @@ import pyarrow as pa
 
 from helpers.net import S3Server
 from helpers.pipeline import SMALL_FILES_JOB, Writer
-from imagebind_core.index import DATA_DIR, join_uri, read_pointer
+from imagebind_core.index import read_pointer
 from pipelines.config import ReindexConfig, load_reindex_config
-from pipelines.publish import read_parquet_tree
+from pipelines.publish import IndexRoot
 
 TEXTS = ["a red square", "two dogs playing", "a quiet street", "rain on a tin roof", "a violin"]
 
@@ -71,11 +71,10 @@ def traced(trace: str) -> list[str]:
         return [line.split(" ", 1)[1].strip() for line in f if line.strip()]
 
 
-def version_rows(root: str, storage_options: dict) -> tuple[str, pa.Table]:
-    """The published version's name and its rows."""
+def version_rows(root: str, storage_options: dict, *, errors: bool = False) -> tuple[str, pa.Table]:
+    """The published version's name and its rows (or its failures), as its record pins them."""
     pointer = read_pointer(root, storage_options)
-    data = join_uri(pointer.version_uri(root), DATA_DIR)
-    rows = read_parquet_tree(data, storage_options, errors=False)
+    rows = IndexRoot(root, storage_options).read_rows(pointer.name, errors=errors)
     return pointer.name, rows
 
 

@@ -1,0 +1,185 @@
+"""A re-index with a fixed number of rows changed on a large parent: bytes written, wall time
+and driver peak RSS of the run, split into version rows, index and the rest.
+
+    RAY_AUTH_MODE=disabled /work/main/.venv/bin/python benchmarks/bench_reindex_storage.py \
+        [--sizes 100000 400000] [--dim 1024] [--changed 1000] \
+        [--workdir /tmp/bench-rstore] [--json benchmarks/results/reindex-storage-cpu-2core.json]
+
+`pipelines.reindex.reindex` runs as it is (lease, parent read, diff, version rows, index
+update, record, compare-and-swap publish, retention) on a local index root, with two steps
+replaced so that no model runs and no corpus of N files is needed: the corpus listing is a
+synthetic table (`id`, `uri`, `modality`, `fingerprint`, ...) and the embedding step writes
+random float32 vectors of `--dim` for the rows to embed into the stage's `data/embedded/`
+(Parquet, as the embedding job does). The first run builds the parent (N rows, not measured);
+the second, in a fresh process, changes the fingerprint of `--changed` rows and is measured.
+The embedding job's cost (the same on any layout) is therefore left out: what is measured is
+what the version layout and the index cost.
+
+Bytes written: the sizes of the files under the index root that are new or changed after the
+run, by area: `rows` (the version's rows: `rows.lance`/`failures.lance`, or a version's
+`data/carried/`), `embedded` (`data/embedded/`), `index` (the version's `index/`), `other`.
+The same script runs against any commit whose `pipelines.reindex` has `_list_corpus` and
+`_embed_changes` (e.g. `git worktree add /tmp/main main` and `PYTHONPATH=/tmp/main`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from _common import add_table_args, run_child, write_results
+
+FILE_ROWS = 50_000
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _listing(n: int, changed: int) -> pa.Table:
+    from pipelines.rows import LISTING_SCHEMA
+
+    ids = [f"i{i:010d}" for i in range(n)]
+    step = max(1, n // max(changed, 1))
+    touched = set(range(0, n, step)[:changed]) if changed else set()
+    cols = {
+        "id": ids,
+        "uri": [f"/corpus/{i}.jpg" for i in ids],
+        "modality": ["vision"] * n,
+        "fingerprint": ["g" if k in touched else "f" for k in range(n)],
+    }
+    return pa.table(
+        {f.name: cols.get(f.name, pa.nulls(n, f.type)) for f in LISTING_SCHEMA},
+        schema=LISTING_SCHEMA,
+    )
+
+
+def _patch(n: int, changed: int, dim: int) -> None:
+    import pipelines.reindex as ri
+    from imagebind_core.index import join_uri
+    from imagebind_core.io import filesystem
+
+    def list_corpus(cfg, parent):
+        return _listing(n, changed)
+
+    def embed_changes(cfg, stage, diff):
+        todo = diff.to_embed
+        fs, folder = filesystem(stage.embedded_uri, {})
+        fs.makedirs(folder, exist_ok=True)
+        for k, s in enumerate(range(0, todo.num_rows, FILE_ROWS)):
+            part = todo.slice(s, FILE_ROWS)
+            vec = np.random.default_rng(s).standard_normal((part.num_rows, dim), np.float32)
+            vec /= np.linalg.norm(vec, axis=1, keepdims=True)
+            table = pa.table(
+                {
+                    "id": part["id"],
+                    "uri": part["uri"],
+                    "modality": part["modality"],
+                    "fingerprint": part["fingerprint"],
+                    "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vec.ravel()), dim),
+                }
+            )
+            pq.write_table(table, join_uri(stage.embedded_uri, f"part-{k:05d}.parquet"))
+
+    ri._list_corpus = list_corpus
+    ri._embed_changes = embed_changes
+
+
+def _files(root: str) -> dict[str, tuple[int, float]]:
+    out = {}
+    for d, _, names in os.walk(root):
+        for f in names:
+            p = os.path.join(d, f)
+            st = os.stat(p)
+            out[os.path.relpath(p, root)] = (st.st_size, st.st_mtime)
+    return out
+
+
+def _area(rel: str) -> str:
+    if rel.startswith(("rows.lance", "failures.lance")) or "/data/carried/" in rel:
+        return "rows"
+    if "/data/embedded/" in rel:
+        return "embedded"
+    if "/index/" in rel:
+        return "index"
+    return "other"
+
+
+def child(step: str, root: str, n: int, changed: int, dim: int) -> dict:
+    from pipelines.config import load_reindex_config
+    from pipelines.reindex import reindex
+
+    os.makedirs(f"{root}/corpus", exist_ok=True)
+    open(f"{root}/corpus/placeholder", "w").close()  # the input must exist
+    _patch(n, changed if step == "run" else 0, dim)
+    cfg = load_reindex_config(
+        None,
+        {
+            "input": f"{root}/corpus",
+            "preset": "huge",  # D = 1024; no model is built (embedding replaced)
+            "index.root": f"{root}/index",
+            "index.keep_versions": 2,
+        },
+    )
+    before = _files(f"{root}/index") if os.path.exists(f"{root}/index") else {}
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_kb("VmRSS")
+    t0 = time.perf_counter()
+    r = reindex(cfg)
+    wall = time.perf_counter() - t0
+    peak = (_status_kb("VmHWM") - base) / 1024
+    after = _files(f"{root}/index")
+    written: dict[str, int] = {"rows": 0, "embedded": 0, "index": 0, "other": 0}
+    for rel, (size, mtime) in after.items():
+        if before.get(rel) != (size, mtime):
+            written[_area(rel)] += size
+    return {
+        "status": r.status,
+        "counts": r.counts,
+        "wall_s": round(wall, 2),
+        "driver_peak_growth_mb": round(peak, 1),
+        "written_mb": {k: round(v / 2**20, 2) for k, v in written.items()},
+        "written_total_mb": round(sum(written.values()) / 2**20, 2),
+        "root_mb": round(sum(s for s, _ in after.values()) / 2**20, 1),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_table_args(p, sizes=[100_000, 400_000], workdir="/tmp/bench-rstore")
+    p.add_argument("--child", nargs=3, metavar=("STEP", "ROOT", "N"), help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.dim != 1024:
+        p.error("--dim must be 1024: the run's lineage is the `huge` preset's (D = 1024)")
+    if a.child:
+        step, root, n = a.child
+        print(json.dumps(child(step, root, int(n), a.changed, a.dim)))
+        return
+    results = []
+    for n in a.sizes:
+        root = os.path.join(a.workdir, str(n))
+        shutil.rmtree(root, ignore_errors=True)
+        me = [sys.executable, __file__, "--changed", str(a.changed), "--dim", str(a.dim)]
+        built = run_child([*me, "--child", "build", root, str(n)])
+        r = run_child([*me, "--child", "run", root, str(n)])
+        r.update(rows=n, dim=a.dim, changed=a.changed, parent_build_s=built["wall_s"])
+        print(json.dumps(r), flush=True)
+        results.append(r)
+        shutil.rmtree(root, ignore_errors=True)
+    write_results(a.json, results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""Re-index versions as Lance versions (`pipelines.tables`), on a local index root, tiny preset.
+
+A new version keeps the parent's data files and writes only its change; retention frees the
+files only removed versions used while the kept ones stay readable; a parent published in the
+Parquet layout (`data/carried/`) is read the old way once and its child is written to Lance;
+a commit that another writer's commit slipped into is refused and leaves the pin as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import media
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+from helpers.pipeline import SMALL_FILES_JOB as SMALL
+from helpers.pipeline import Writer
+from helpers.reindex import by_id, version_rows
+
+from pipelines.config import load_reindex_config
+from pipelines.publish import IndexRoot, data_pins
+from pipelines.reindex import reindex
+from pipelines.tables import FAILURES_TABLE, ROWS_TABLE, ForeignCommit, VersionTable, read_pin
+
+CAPTIONS = [f"caption number {i} about {w}" for i, w in enumerate("abcdefghijkl")]
+
+
+def _corpus(folder) -> Writer:
+    c = Writer(str(folder))
+    for i, t in enumerate(CAPTIONS):
+        c.put(f"txt/cap{i:02d}.txt", t.encode())
+    c.put("img/broken.png", media.random_bytes(512, seed=3))  # fails to decode
+    return c
+
+
+def _cfg(corpus: Writer, root: str, **extra):
+    over = {**SMALL, "input": corpus.root, "index.root": root, "index.keep_versions": 2, **extra}
+    return load_reindex_config(None, over)
+
+
+def _data_files(root: str) -> dict[str, int]:
+    """The rows dataset's data files: name -> bytes."""
+    folder = os.path.join(root, ROWS_TABLE, "data")
+    return {f: os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)}
+
+
+def _fragments(root: str, version: int) -> dict[str, int]:
+    """The data files of a Lance version of the rows dataset -> rows written in them."""
+    ds = VersionTable(root, ROWS_TABLE, None).open(version)
+    out = {}
+    for frag in ds.get_fragments():
+        meta = frag.metadata
+        for f in meta.files:
+            out[os.path.basename(f.path)] = meta.physical_rows
+    return out
+
+
+def _pins(root: str, name: str):
+    return data_pins(IndexRoot(root).read_record(name))
+
+
+def test_versions_share_unchanged_files_and_retention_frees_removed_ones(ray_session, tmp_path):
+    corpus = _corpus(tmp_path / "corpus")
+    root = str(tmp_path / "index")
+    r1 = reindex(_cfg(corpus, root))
+    assert r1.status == "published" and r1.counts["total"] == 12 and r1.counts["failed"] == 1
+    rows_pin, fail_pin = _pins(root, r1.name)
+    assert rows_pin.uri == os.path.join(root, ROWS_TABLE)
+    assert fail_pin.uri == os.path.join(root, FAILURES_TABLE)
+    files1 = _data_files(root)
+    v1 = by_id(version_rows(root, {})[1])
+
+    # One caption changed, one added, one deleted: the new Lance version holds the parent's
+    # data files unchanged and writes exactly the 2 embedded rows in new ones.
+    corpus.put("txt/cap03.txt", b"a different caption")
+    corpus.put("txt/cap99.txt", b"a new caption")
+    corpus.rm("txt/cap07.txt")
+    r2 = reindex(_cfg(corpus, root))
+    assert r2.status == "published" and r2.parent_name == r1.name
+    assert (r2.counts["carried"], r2.counts["failed_kept"], r2.counts["total"]) == (10, 1, 12)
+    files2 = _data_files(root)
+    assert {f: files2[f] for f in files1} == files1  # the parent's files: same names, same bytes
+    pin2 = _pins(root, r2.name)[0]
+    frags = _fragments(root, pin2.version)
+    assert set(files1) <= set(frags)  # still referenced by the new version (not rewritten)
+    new = {f: n for f, n in frags.items() if f not in files1}
+    assert sum(new.values()) == 2, new
+    # (12 tiny rows: the files' fixed overhead dominates; the row counts above are the proof.)
+    written = sum(files2[f] for f in new)
+    assert written < sum(files1.values()), (written, files1)
+    # A deletion file for the fragment that lost rows (changed and deleted ids).
+    ds = VersionTable(root, ROWS_TABLE, None).open(pin2.version)
+    assert any(f.metadata.deletion_file is not None for f in ds.get_fragments())
+    name2, rows2 = version_rows(root, {})
+    v2 = by_id(rows2)
+    assert name2 == r2.name and len(v2) == rows2.num_rows == 12
+    carried = set(v1) - {"txt/cap03.txt", "txt/cap07.txt"}
+    assert set(v2) == carried | {"txt/cap03.txt", "txt/cap99.txt"}
+    for i in carried:
+        assert v2[i] == v1[i], f"{i} not carried bit-identically"
+    # The parent's pinned version is still what it was.
+    assert by_id(IndexRoot(root).read_rows(r1.name)) == v1
+    assert IndexRoot(root).read_rows(r2.name, errors=True).column("id").to_pylist() == [
+        "img/broken.png"
+    ]
+
+    # A full re-embed writes a fresh Lance version; one more change; keep_versions = 2 drops
+    # versions 1 and 2: their tags and Lance versions go, and the files only they used.
+    r3 = reindex(_cfg(corpus, root, **{"index.full": True}))
+    assert r3.status == "published" and r3.counts["reembedded"] == 12
+    assert r3.removed == [r1.name]  # version 2 still uses the files version 1 wrote
+    assert set(files1) <= set(_data_files(root))
+    corpus.put("txt/cap00.txt", b"yet another caption")
+    r4 = reindex(_cfg(corpus, root))
+    assert r4.status == "published" and r4.counts["changed"] == 1
+    assert r4.removed == [r2.name]
+    table = VersionTable(root, ROWS_TABLE, None)
+    tags = set(table.open().tags.list())
+    assert tags == {r3.name, r4.name}
+    live = {v["version"] for v in table.open().versions()}
+    assert rows_pin.version not in live and pin2.version not in live
+    left = _data_files(root)
+    assert not set(files1) & set(left), "files only removed versions used were not freed"
+    assert set(left) == set(_fragments(root, _pins(root, r3.name)[0].version)) | set(
+        _fragments(root, _pins(root, r4.name)[0].version)
+    )
+    # The kept versions are readable at their pins.
+    assert IndexRoot(root).read_rows(r3.name).num_rows == 12
+    rows4 = IndexRoot(root).read_rows(r4.name)
+    assert rows4.num_rows == 12 and pc.count_distinct(rows4["id"]).as_py() == 12
+
+
+def test_a_parquet_parent_is_read_once_and_its_child_written_to_lance(ray_session, tmp_path):
+    corpus = _corpus(tmp_path / "corpus")
+    root = str(tmp_path / "index")
+    r1 = reindex(_cfg(corpus, root))
+    assert r1.status == "published"
+    v1 = by_id(version_rows(root, {})[1])
+    # Make version 1 a version of the Parquet layout: its rows are the Parquet files of its
+    # data/ folder (all under data/embedded/, a first version), its record pins nothing.
+    ir = IndexRoot(root)
+    rec = ir.read_record(r1.name)
+    del rec["data"]
+    ir.write_record(r1.name, rec)
+    for name in (ROWS_TABLE, FAILURES_TABLE):
+        shutil.rmtree(os.path.join(root, name))
+    assert by_id(ir.read_rows(r1.name)) == v1
+
+    corpus.put("txt/cap05.txt", b"changed once more")
+    corpus.put("txt/cap42.txt", b"added once more")
+    r2 = reindex(_cfg(corpus, root))
+    assert r2.status == "published"
+    assert {k: r2.counts[k] for k in ("added", "changed", "carried", "failed_kept", "total")} == {
+        "added": 1,
+        "changed": 1,
+        "carried": 11,
+        "failed_kept": 1,
+        "total": 13,
+    }
+    rec2 = ir.read_record(r2.name)
+    assert rec2["data"]["format"] == "lance"
+    assert json.dumps(rec2["data"]["rows"]["uri"]).endswith(f'{ROWS_TABLE}"')
+    v2 = by_id(version_rows(root, {})[1])
+    for i in set(v1) - {"txt/cap05.txt"}:
+        assert v2[i] == v1[i], f"{i} not carried bit-identically"
+    assert ir.read_rows(r2.name, errors=True).column("id").to_pylist() == ["img/broken.png"]
+    # The next run starts from the Lance version: nothing changed, nothing published.
+    assert reindex(_cfg(corpus, root)).status == "unchanged"
+
+
+def test_a_foreign_commit_between_base_and_result_aborts_and_the_pin_stays(tmp_path, monkeypatch):
+    import lance
+
+    table = VersionTable(str(tmp_path), ROWS_TABLE, None)
+    rows = pa.table({"id": ["a", "b"], "x": [1, 2]})
+    pin = table.commit(None, None, rows.to_batches(), rows.schema, "v1")
+    real = lance.write_dataset
+
+    def another_writer_first(data, uri, *args, **kwargs):
+        real(pa.table({"id": ["z"], "x": [9]}), table.uri, mode="append")
+        return real(data, uri, *args, **kwargs)
+
+    monkeypatch.setattr(lance, "write_dataset", another_writer_first)
+    new = pa.table({"id": ["c"], "x": [3]})
+    with pytest.raises(ForeignCommit, match="another writer committed"):
+        table.commit(pin, pa.array(["a"]), new.to_batches(), None, "v2")
+    monkeypatch.undo()
+    assert "v2" not in table.open().tags.list()
+    assert read_pin(pin, None)["id"].to_pylist() == ["a", "b"]
+    # The next commit from the pin restores it first: neither the foreign row nor the failed
+    # run's rows are in it.
+    pin3 = table.commit(pin, pa.array(["a"]), new.to_batches(), None, "v3")
+    assert sorted(read_pin(pin3, None)["id"].to_pylist()) == ["b", "c"]
