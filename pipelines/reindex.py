@@ -34,7 +34,7 @@ import logging
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -61,8 +61,9 @@ from pipelines.publish import (
 
 logger = logging.getLogger(__name__)
 
-# The columns of a version's rows that its index holds.
+# The columns of a version's rows that its index holds; the Milvus sink's.
 INDEX_COLUMNS = ["id", "uri", "modality", "embedding"]
+SINK_COLUMNS = [*INDEX_COLUMNS, "fingerprint"]
 
 # ----------------------------------------------------------------------------- the index change
 
@@ -137,12 +138,15 @@ class ReindexResult:
     removed: list[str] = field(default_factory=list)
     seconds: float = 0.0
     message: str = ""
+    milvus: dict[str, Any] | None = None  # the Milvus sink's MilvusSyncResult; None: no sink
 
     @property
     def exit_status(self) -> int:
         """The command line's exit status: 3 when another run held the lock or published
-        first (nothing published), else 0."""
-        return 3 if self.status in ("locked", "conflict") else 0
+        first (nothing published), 4 when the Milvus sink failed (the version stands), else 0."""
+        if self.status in ("locked", "conflict"):
+            return 3
+        return 4 if self.milvus is not None and self.milvus["status"] == "failed" else 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""
@@ -162,6 +166,13 @@ class ReindexResult:
             lines.append("  " + ", ".join(f"{k} {v}" for k, v in self.counts.items()))
         if self.removed:
             lines.append(f"  retention removed {len(self.removed)} old version(s)")
+        if self.milvus is not None:
+            m = self.milvus
+            lines.append(
+                f"  milvus {m['uri']} {m['collection']}: {m['status']}"
+                + (f" ({m['message']})" if m["message"] else "")
+                + f", {m['upserted']} upserted, {m['deleted']} deleted"
+            )
         return "\n".join(lines)
 
 
@@ -197,13 +208,14 @@ def _run_locked(cfg: ReindexConfig, ir: IndexRoot, lock: OutputLock) -> ReindexR
         diff = _diff(cfg, ir, listing, parent)
     _log_diff(cfg, listing, diff, parent)
     if parent.pointer is not None and parent.full_reason is None and diff.empty:
-        return ReindexResult(
+        result = ReindexResult(
             "unchanged",
             ir.root,
             parent.pointer.version,
             parent.pointer.name,
             message="the corpus matches the published version; nothing published",
         )
+        return _sync_milvus(cfg, result, parent.name, lambda: _published_rows(ir, parent))
     stage = ir.stage(parent.version + 1)
     logger.info("staging version %s", stage.name)
     with _timed(timings, "embed_s"):
@@ -214,10 +226,13 @@ def _run_locked(cfg: ReindexConfig, ir: IndexRoot, lock: OutputLock) -> ReindexR
         new_rows, new_errors = stage.read_embedded()
         carried = _carry_forward(stage, diff, parent)
         rows = _version_rows(new_rows, carried, int(key["embed_dim"]))
-        index = _write_index(cfg, stage, parent, diff, new_rows, carried, rows)
+        upserts, deletes = _index_change(parent, diff, new_rows, carried, rows)
+        index = _write_index(cfg, stage, parent, upserts, deletes, rows)
     counts = _counts(diff, new_rows, new_errors, rows)
     stage.write_record(_version_record(cfg, stage, parent, key, counts, rows, index, timings))
-    return _publish(cfg, ir, stage, parent, counts, lock)
+    result = _publish(cfg, ir, stage, parent, counts, lock)
+    sink_rows = lambda: _version_rows(new_rows, carried, int(key["embed_dim"]), SINK_COLUMNS)  # noqa: E731
+    return _sync_milvus(cfg, result, parent.name, sink_rows, (upserts["id"], deletes))
 
 
 @contextlib.contextmanager
@@ -380,39 +395,79 @@ def _carry_forward(stage: StagedVersion, diff: Any, parent: _Parent) -> pa.Table
     return stage.read_carried()
 
 
-def _version_rows(new_rows: pa.Table | None, carried: pa.Table | None, dim: int) -> pa.Table:
-    """The version's rows as the index sees them (id, uri, modality, embedding)."""
+def _version_rows(
+    new_rows: pa.Table | None, carried: pa.Table | None, dim: int, cols: list[str] = INDEX_COLUMNS
+) -> pa.Table:
+    """The version's rows as the index sees them (`cols`: id, uri, modality, embedding)."""
     parts = [t for t in (new_rows, carried) if t is not None and t.num_rows]
     if parts:
-        return pa.concat_tables([p.select(INDEX_COLUMNS) for p in parts], promote_options="default")
-    return pa.table(
-        {
-            "id": pa.array([], pa.string()),
-            "uri": pa.array([], pa.string()),
-            "modality": pa.array([], pa.string()),
-            "embedding": pa.array([], pa.list_(pa.float32(), dim)),
-        }
+        return pa.concat_tables([p.select(cols) for p in parts], promote_options="default")
+    types = {"embedding": pa.list_(pa.float32(), dim)}
+    return pa.table({c: pa.array([], types.get(c, pa.string())) for c in cols})
+
+
+def _published_rows(ir: IndexRoot, parent: _Parent) -> pa.Table:
+    """The published version's rows (a run that publishes nothing: for the Milvus sink)."""
+    if parent.rows is not None:
+        return parent.rows
+    data_uri = join_uri(parent.pointer.version_uri(ir.root), DATA_DIR)
+    return read_parquet_tree(data_uri, ir.storage_options, errors=False)
+
+
+def _sync_milvus(
+    cfg: ReindexConfig,
+    result: ReindexResult,
+    parent: str | None,
+    rows: Callable[[], pa.Table],
+    change: tuple[pa.Array, list[str]] | None = None,
+) -> ReindexResult:
+    """Bring the Milvus collection (`index.milvus`, `pipelines.milvus_sink`) to the version
+    `result` published or found current; its failure is reported in `result.milvus`."""
+    if cfg.index.milvus is None or result.status not in ("published", "unchanged"):
+        return result
+    from pipelines.milvus_sink import sync_version
+
+    upsert_ids, delete_ids = change if change is not None else (None, None)
+    dim = int(lineage_key(cfg.job)["embed_dim"])
+    synced = sync_version(
+        cfg.index.milvus,
+        version=result.name,
+        parent=parent if result.status == "published" else None,
+        rows=rows,
+        upsert_ids=upsert_ids,
+        delete_ids=delete_ids,
+        dim=dim,
     )
+    result.milvus = synced.to_dict()
+    return result
+
+
+def _index_change(
+    parent: _Parent,
+    diff: Any,
+    new_rows: pa.Table | None,
+    carried: pa.Table | None,
+    rows: pa.Table,
+) -> tuple[pa.Table, list[str]]:
+    """This run's change to the index: the rows to (re)insert (new and re-embedded rows,
+    relocated rows with their new uri) and the ids deleted."""
+    cols = INDEX_COLUMNS
+    if parent.on_ray:  # the parent's rows never reached the driver: the diff's ids say what moved
+        return _index_change_on_ray(new_rows, carried, diff, rows, cols)
+    upserts = _index_upserts(new_rows, diff.carried, parent.rows, cols, rows.schema)
+    return upserts, _index_deletes(parent.rows, rows)
 
 
 def _write_index(
     cfg: ReindexConfig,
     stage: StagedVersion,
     parent: _Parent,
-    diff: Any,
-    new_rows: pa.Table | None,
-    carried: pa.Table | None,
+    upserts: pa.Table,
+    deletes: list[str],
     rows: pa.Table,
 ) -> Any:
-    """The version's index: the parent's with this run's change applied (new and re-embedded
-    rows, relocated rows' new uri, deleted ids), or a build from every row
-    (`imagebind_core.index.update_index`)."""
-    cols = INDEX_COLUMNS
-    if parent.on_ray:  # the parent's rows never reached the driver: the diff's ids say what moved
-        upserts, deletes = _index_change_on_ray(new_rows, carried, diff, rows, cols)
-    else:
-        upserts = _index_upserts(new_rows, diff.carried, parent.rows, cols, rows.schema)
-        deletes = _index_deletes(parent.rows, rows)
+    """The version's index: the parent's with this run's change applied, or a build from
+    every row (`imagebind_core.index.update_index`)."""
     return update_index(
         stage.index_uri,
         parent_uri=parent.index_uri(stage.root.root),
