@@ -19,7 +19,9 @@ One run:
    protocol), `data/carried/` (rows copied from the parent), `index/` (the FAISS index,
    `imagebind_core.index`), `version.json` (the record) — and publishes it with one
    compare-and-swap of `LATEST` (`pipelines.publish`);
-5. applies retention (the last `index.keep_versions` versions stay).
+5. applies retention (the last `index.keep_versions` versions stay);
+6. with `index.milvus`, brings that Milvus collection to the version published or found
+   current (`pipelines.milvus_sink`; a failure is reported, the version stands).
 
 `_run_locked` reads as these steps, one function each.
 
@@ -215,7 +217,8 @@ def _run_locked(cfg: ReindexConfig, ir: IndexRoot, lock: OutputLock) -> ReindexR
             parent.pointer.name,
             message="the corpus matches the published version; nothing published",
         )
-        return _sync_milvus(cfg, result, parent.name, lambda: _published_rows(ir, parent))
+        rows = lambda: _published_rows(ir, parent)  # noqa: E731
+        return _sync_milvus(cfg, result, parent.name, rows, int(key["embed_dim"]))
     stage = ir.stage(parent.version + 1)
     logger.info("staging version %s", stage.name)
     with _timed(timings, "embed_s"):
@@ -231,8 +234,9 @@ def _run_locked(cfg: ReindexConfig, ir: IndexRoot, lock: OutputLock) -> ReindexR
     counts = _counts(diff, new_rows, new_errors, rows)
     stage.write_record(_version_record(cfg, stage, parent, key, counts, rows, index, timings))
     result = _publish(cfg, ir, stage, parent, counts, lock)
-    sink_rows = lambda: _version_rows(new_rows, carried, int(key["embed_dim"]), SINK_COLUMNS)  # noqa: E731
-    return _sync_milvus(cfg, result, parent.name, sink_rows, (upserts["id"], deletes))
+    dim = int(key["embed_dim"])
+    sink_rows = lambda: _version_rows(new_rows, carried, dim, SINK_COLUMNS)  # noqa: E731
+    return _sync_milvus(cfg, result, parent.name, sink_rows, dim, (upserts["id"], deletes))
 
 
 @contextlib.contextmanager
@@ -419,7 +423,8 @@ def _sync_milvus(
     result: ReindexResult,
     parent: str | None,
     rows: Callable[[], pa.Table],
-    change: tuple[pa.Array, list[str]] | None = None,
+    dim: int,
+    change: tuple[pa.ChunkedArray, list[str]] | None = None,
 ) -> ReindexResult:
     """Bring the Milvus collection (`index.milvus`, `pipelines.milvus_sink`) to the version
     `result` published or found current; its failure is reported in `result.milvus`."""
@@ -428,7 +433,6 @@ def _sync_milvus(
     from pipelines.milvus_sink import sync_version
 
     upsert_ids, delete_ids = change if change is not None else (None, None)
-    dim = int(lineage_key(cfg.job)["embed_dim"])
     synced = sync_version(
         cfg.index.milvus,
         version=result.name,
