@@ -18,7 +18,7 @@ $(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q $(TORCH_PINS)
-	$(PIP) install -q -e '.[data,serve,index,test,reference]' $(TORCH_PINS)
+	$(PIP) install -q -e '.[data,serve,index,test,reference,milvus]' $(TORCH_PINS)
 	# The reference implementation, for the parity tests only (its declared deps pull
 	# pytorchvideo/decord, which do not install on current torchvision; see tests/reference_shim.py).
 	$(PIP) install -q --no-deps imagebind-unofficial==0.1.1

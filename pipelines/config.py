@@ -582,6 +582,24 @@ def load_config(
 # ----------------------------------------------------------------------------- re-index
 
 
+class MilvusSettings(BaseModel):
+    """`index.milvus`: the optional Milvus sink (`pipelines.milvus_sink`); absent = off."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    uri: str = Field(min_length=1)
+    """Milvus server URI: `http://host:19530`, `https://…` (Zilliz Cloud), `unix:/path.sock`."""
+    collection: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,200}$")
+    """Collection the sink owns (letters, digits, `_`; not starting with a digit); created
+    on the first run, with a side collection `<collection>_imagebind_state`."""
+    token: str | None = Field(None, repr=False)
+    """`user:password` or an API key; null: no authentication."""
+    batch_size: int = Field(1000, ge=1, le=100_000)
+    """Rows per upsert request."""
+    index_type: str = Field("AUTOINDEX", pattern=r"^[A-Z_]+$")
+    """The vector index the sink creates (`AUTOINDEX`: the server's choice; `FLAT`: exact)."""
+
+
 class IndexSettings(BaseModel):
     """The `index:` section of a re-index config (the rest is an `imagebind-embed` config)."""
 
@@ -624,6 +642,8 @@ class IndexSettings(BaseModel):
     """Index shards (by id hash)."""
     retrain_growth: float = Field(4.0, gt=1)
     """Rebuild (retrain) an IVF modality when its size leaves [trained / g, trained * g]."""
+    milvus: MilvusSettings | None = None
+    """Apply each version's change to a Milvus collection after the publish; null: off."""
 
     def index_options(self) -> IndexOptions:
         """The `imagebind_core.index.IndexOptions` these settings describe (the fields of both

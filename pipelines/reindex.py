@@ -23,7 +23,9 @@ One run:
    `imagebind_core.index`), `version.json` (the record, pinning the Lance versions) — and
    publishes it with one compare-and-swap of `LATEST` (`pipelines.publish`);
 5. applies retention (the last `index.keep_versions` versions stay; Lance frees what only
-   removed versions used).
+   removed versions used);
+6. with `index.milvus`, brings that Milvus collection to the version published or found
+   current (`pipelines.milvus_sink`; a failure is reported, the version stands).
 
 `_run_locked` reads as these steps, one function each.
 
@@ -38,7 +40,7 @@ import logging
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -69,8 +71,9 @@ from pipelines.tables import Pin, count_pin, read_pin, scan_pin
 
 logger = logging.getLogger(__name__)
 
-# The columns of a version's rows that its index holds.
+# The columns of a version's rows that its index holds; the Milvus sink's.
 INDEX_COLUMNS = ["id", "uri", "modality", "embedding"]
+SINK_COLUMNS = [*INDEX_COLUMNS, "fingerprint"]
 
 # ----------------------------------------------------------------------------- the index change
 
@@ -100,12 +103,15 @@ class ReindexResult:
     removed: list[str] = field(default_factory=list)
     seconds: float = 0.0
     message: str = ""
+    milvus: dict[str, Any] | None = None  # the Milvus sink's MilvusSyncResult; None: no sink
 
     @property
     def exit_status(self) -> int:
         """The command line's exit status: 3 when another run held the lock or published
-        first (nothing published), else 0."""
-        return 3 if self.status in ("locked", "conflict") else 0
+        first (nothing published), 4 when the Milvus sink failed (the version stands), else 0."""
+        if self.status in ("locked", "conflict"):
+            return 3
+        return 4 if self.milvus is not None and self.milvus["status"] == "failed" else 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""
@@ -125,6 +131,13 @@ class ReindexResult:
             lines.append("  " + ", ".join(f"{k} {v}" for k, v in self.counts.items()))
         if self.removed:
             lines.append(f"  retention removed {len(self.removed)} old version(s)")
+        if self.milvus is not None:
+            m = self.milvus
+            lines.append(
+                f"  milvus {m['uri']} {m['collection']}: {m['status']}"
+                + (f" ({m['message']})" if m["message"] else "")
+                + f", {m['upserted']} upserted, {m['deleted']} deleted"
+            )
         return "\n".join(lines)
 
 
@@ -159,21 +172,23 @@ def _run_locked(cfg: ReindexConfig, ir: IndexRoot, lock: OutputLock) -> ReindexR
         listing = _list_corpus(cfg, parent)
         diff = _diff(cfg, ir, listing, parent)
     _log_diff(cfg, listing, diff, parent)
+    dim = int(key["embed_dim"])
     if parent.pointer is not None and parent.full_reason is None and diff.empty:
-        return ReindexResult(
+        result = ReindexResult(
             "unchanged",
             ir.root,
             parent.pointer.version,
             parent.pointer.name,
             message="the corpus matches the published version; nothing published",
         )
+        rows = lambda: _published_rows(ir, parent, dim)  # noqa: E731
+        return _sync_milvus(cfg, result, parent.name, rows, dim)
     stage = ir.stage(parent.version + 1)
     logger.info("staging version %s", stage.name)
     with _timed(timings, "embed_s"):
         _embed_changes(cfg, stage, diff)
     if lock.lost.is_set():
         raise OutputLocked(f"lost the re-index lock on {ir.root} while embedding; not publishing")
-    dim = int(key["embed_dim"])
     with _timed(timings, "commit_rows_s"):
         new_rows, new_errors = stage.read_embedded()
         data = _commit_rows(stage, diff, parent, new_rows)
@@ -181,7 +196,10 @@ def _run_locked(cfg: ReindexConfig, ir: IndexRoot, lock: OutputLock) -> ReindexR
         index = _write_index(cfg, stage, parent, data, dim)
     counts = _counts(diff, new_rows, new_errors, count_pin(data.rows, ir.storage_options))
     stage.write_record(_version_record(cfg, stage, parent, key, counts, data, index, timings))
-    return _publish(cfg, ir, stage, parent, counts, lock)
+    result = _publish(cfg, ir, stage, parent, counts, lock)
+    upserts, deletes = _index_change(data.appended, data.drop_ids, dim)
+    sink_rows = lambda: _pinned_rows(data.rows, ir.storage_options, dim)  # noqa: E731
+    return _sync_milvus(cfg, result, parent.name, sink_rows, dim, (upserts["id"], deletes))
 
 
 @contextlib.contextmanager
@@ -447,16 +465,10 @@ class _Later:
         return pa.concat_tables(self.parts, promote_options="default")
 
 
-def _empty_rows(dim: int) -> pa.Table:
-    """No rows, with the columns the index reads."""
-    return pa.table(
-        {
-            "id": pa.array([], pa.string()),
-            "uri": pa.array([], pa.string()),
-            "modality": pa.array([], pa.string()),
-            "embedding": pa.array([], pa.list_(pa.float32(), dim)),
-        }
-    )
+def _empty_rows(dim: int, cols: list[str] = INDEX_COLUMNS) -> pa.Table:
+    """No rows, with the columns `cols` (default: those the index reads)."""
+    types = {"embedding": pa.list_(pa.float32(), dim)}
+    return pa.table({c: pa.array([], types.get(c, pa.string())) for c in cols})
 
 
 def _write_index(
@@ -481,6 +493,48 @@ def _write_index(
         options=cfg.index.index_options(),
         storage_options=so,
     )
+
+
+def _pinned_rows(pin: Pin | None, storage_options: Any, dim: int) -> pa.Table:
+    """The sink's columns of a pinned version's rows (empty when it has none)."""
+    rows = read_pin(pin, storage_options, columns=SINK_COLUMNS)
+    return rows if rows is not None else _empty_rows(dim, SINK_COLUMNS)
+
+
+def _published_rows(ir: IndexRoot, parent: _Parent, dim: int) -> pa.Table:
+    """The published version's rows, for the Milvus sink of a run that publishes nothing."""
+    if parent.pins is not None:
+        return _pinned_rows(parent.pins[0], ir.storage_options, dim)
+    rows = ir.read_rows(parent.pointer.name)  # a version published as Parquet
+    return rows.select(SINK_COLUMNS) if rows is not None else _empty_rows(dim, SINK_COLUMNS)
+
+
+def _sync_milvus(
+    cfg: ReindexConfig,
+    result: ReindexResult,
+    parent: str | None,
+    rows: Callable[[], pa.Table],
+    dim: int,
+    change: tuple[pa.ChunkedArray, list[str]] | None = None,
+) -> ReindexResult:
+    """Bring the Milvus collection (`index.milvus`, `pipelines.milvus_sink`) to the version
+    `result` published or found current; its failure is reported in `result.milvus`."""
+    if cfg.index.milvus is None or result.status not in ("published", "unchanged"):
+        return result
+    from pipelines.milvus_sink import sync_version
+
+    upsert_ids, delete_ids = change if change is not None else (None, None)
+    synced = sync_version(
+        cfg.index.milvus,
+        version=result.name,
+        parent=parent if result.status == "published" else None,
+        rows=rows,
+        upsert_ids=upsert_ids,
+        delete_ids=delete_ids,
+        dim=dim,
+    )
+    result.milvus = synced.to_dict()
+    return result
 
 
 def _modalities(pin: Pin | None, storage_options: Any) -> list[str]:
