@@ -628,8 +628,8 @@ class IndexSettings(BaseModel):
     nprobe: int = Field(32, ge=1)
     """IVF lists searched per query."""
     diff_on_ray_rows: int = Field(1_000_000, ge=0)
-    """Parents with at least this many rows (failures included) are diffed and carried
-    forward on Ray Data, so the driver never holds their rows; smaller ones on the driver.
+    """Parents with at least this many rows (failures included) are diffed on Ray
+    Data, so the driver never holds their rows; smaller ones on the driver.
     0: always on Ray Data."""
     diff_partitions: int | None = Field(None, ge=1)
     """Hash partitions of the Ray Data diff (default one per million rows, at least 2)."""
