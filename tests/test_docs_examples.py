@@ -32,6 +32,7 @@ RUN: list[tuple[str, str]] = [
     ("README.md", "# offline job (local folder or s3:// in"),
     ("README.md", 'ds.dataset("demo-output/embeddings"'),
     ("docs/reindex.md", "# laptop: local Ray, local folders, tiny random weights"),
+    ("docs/reindex.md", 'root = "demo-output/index"'),
 ]
 
 # Blocks not run: (file, a string the block contains) -> why.
@@ -203,3 +204,5 @@ def test_examples_run_as_written(tmp_path):
     assert "imagebind-reindex: published" in outputs[RUN[1]]
     assert "(9, 32)" in outputs[RUN[2]]
     assert outputs[RUN[3]].count("imagebind-reindex: unchanged") == 2
+    read = re.search(r"version \S+: (\d+) rows, (\d+) in its record", outputs[RUN[4]])
+    assert read and read.group(1) == read.group(2) != "0", outputs[RUN[4]]
