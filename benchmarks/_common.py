@@ -56,3 +56,12 @@ def null_encoder_settings(kind: str) -> dict[str, Any]:
         "encoder_defaults.batch_size": DEFAULT_ENCODER_BATCH_GPU[kind],
         "preprocess.batch_size": DEFAULT_PREPROCESS_BATCH_GPU[kind],
     }
+
+
+def status_kb(field: str) -> int:
+    """A field of this process's /proc/self/status in KiB (e.g. "VmRSS", "VmHWM")."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)

@@ -32,17 +32,9 @@ import time
 
 import numpy as np
 import pyarrow as pa
-from _common import add_table_args, run_child, write_results
+from _common import add_table_args, run_child, status_kb, write_results
 
 FILE_ROWS = 50_000
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
 
 
 def build(root: str, n: int, dim: int) -> None:
@@ -106,7 +98,7 @@ def run(path: str, root: str, n: int, changed: int) -> dict:
         from pipelines.diff import diff_listing
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    base = _status_kb("VmRSS")
+    base = status_kb("VmRSS")
     t0 = time.perf_counter()
     if path == "ray":
         d = diff_on_ray(lst, pin, None, LocalFileSystem(), parent_count=n)
@@ -117,7 +109,7 @@ def run(path: str, root: str, n: int, changed: int) -> dict:
     wall = time.perf_counter() - t0
     return {
         "wall_s": round(wall, 2),
-        "driver_peak_growth_mb": round((_status_kb("VmHWM") - base) / 1024, 1),
+        "driver_peak_growth_mb": round((status_kb("VmHWM") - base) / 1024, 1),
         "carried": carried,
         "to_embed": d.to_embed.num_rows,
         "deleted": d.deleted,

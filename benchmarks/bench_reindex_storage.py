@@ -34,17 +34,9 @@ import time
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from _common import add_table_args, run_child, write_results
+from _common import add_table_args, run_child, status_kb, write_results
 
 FILE_ROWS = 50_000
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
 
 
 def _listing(n: int, changed: int) -> pa.Table:
@@ -135,11 +127,11 @@ def child(step: str, root: str, n: int, changed: int, dim: int) -> dict:
     before = _files(f"{root}/index") if os.path.exists(f"{root}/index") else {}
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    base = _status_kb("VmRSS")
+    base = status_kb("VmRSS")
     t0 = time.perf_counter()
     r = reindex(cfg)
     wall = time.perf_counter() - t0
-    peak = (_status_kb("VmHWM") - base) / 1024
+    peak = (status_kb("VmHWM") - base) / 1024
     after = _files(f"{root}/index")
     written: dict[str, int] = {"rows": 0, "embedded": 0, "index": 0, "other": 0}
     for rel, (size, mtime) in after.items():
