@@ -51,6 +51,7 @@ import io
 import json
 import logging
 import math
+import posixpath
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -68,7 +69,8 @@ VERSIONS_DIR = "versions"
 RECORD_NAME = "version.json"
 DATA_DIR = "data"
 INDEX_DIR = "index"
-INDEX_FORMAT = 2
+INDEX_FORMAT = 3
+READABLE_FORMATS = (2, 3)  # 2: one segment per shard, in the shard's folder
 META_NAME = "meta.json"
 TRAINED_DIR = "trained"
 MAX_TOP_K = 1000
@@ -192,6 +194,9 @@ class IndexOptions:
             worse than the training sample did: their mean cosine to the nearest centroid
             is lower by more than this (checked once they number at least
             max(100, 1 % of trained)).
+        max_segments: an update compacts a shard into one segment when it would hold more
+            segments than this (each update adds one to the shards it adds rows to).
+        compact_deleted: ... or when more than this fraction of its stored rows are deleted.
     """
 
     flat_threshold: int = 20_000
@@ -203,9 +208,11 @@ class IndexOptions:
     shards: int = 1
     retrain_growth: float = 4.0
     retrain_drift: float = 0.05
+    max_segments: int = 8
+    compact_deleted: float = 0.25
 
     def __post_init__(self) -> None:
-        for name in ("flat_threshold", "pq_threshold", "nprobe", "pq_m", "shards"):
+        for name in ("flat_threshold", "pq_threshold", "nprobe", "pq_m", "shards", "max_segments"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"index option {name} must be an integer >= 1, got {v!r}")
@@ -215,6 +222,10 @@ class IndexOptions:
             raise ValueError(f"index option rerank must be an integer >= 0, got {self.rerank!r}")
         if not self.retrain_drift >= 0:
             raise ValueError(f"index option retrain_drift must be >= 0, got {self.retrain_drift}")
+        if not 0 <= self.compact_deleted <= 1:
+            raise ValueError(
+                f"index option compact_deleted must be in [0, 1], got {self.compact_deleted}"
+            )
         if not self.retrain_growth > 1:
             raise ValueError(f"index option retrain_growth must be > 1, got {self.retrain_growth}")
 
@@ -345,22 +356,52 @@ class PartInfo:
     count: int
 
 
-class _Shard:
-    """The vectors whose `label % shards` is this shard's number: rows + per-modality parts."""
+class _Segment:
+    """An immutable set of a shard's vectors written together (by a build, an update's
+    additions or a compaction): rows + per-modality parts, and the labels later versions
+    deleted from it (`deleted`, sorted; their entries stay in the files and are skipped)."""
 
-    def __init__(self, labels: np.ndarray, rows: Any, parts: dict[str, _Part]) -> None:
+    def __init__(
+        self,
+        labels: np.ndarray,
+        rows: Any,
+        parts: dict[str, _Part],
+        deleted: np.ndarray | None = None,
+    ) -> None:
         self.labels = labels  # int64, sorted
         self.rows = rows  # pyarrow Table (id, uri, modality) in label order
         self.parts = parts
+        self.deleted = np.zeros(0, np.int64) if deleted is None else np.unique(deleted)
+        self._selector: Any = None
+        self._live_counts: dict[str, int] | None = None
+
+    @property
+    def stored(self) -> int:
+        return len(self.labels)
 
     @property
     def count(self) -> int:
-        return len(self.labels)
+        return len(self.labels) - len(self.deleted)
+
+    def live(self) -> np.ndarray:
+        """Boolean mask of the rows not deleted."""
+        return ~np.isin(self.labels, self.deleted)
+
+    def live_counts(self) -> dict[str, int]:
+        """Live vectors per modality (computed once: a segment does not change)."""
+        if self._live_counts is None:
+            mods = self.rows.column("modality").to_numpy(zero_copy_only=False)[self.live()]
+            names, counts = np.unique(mods.astype(str), return_counts=True)
+            self._live_counts = dict(zip(names.tolist(), counts.tolist(), strict=True))
+        return self._live_counts
 
     def row_of(self, label: int) -> int | None:
-        """The row of `label` in this shard, or None if the shard does not hold it."""
+        """The row of `label` if this segment holds it live, else None."""
         j = int(np.searchsorted(self.labels, label))
-        return j if j < len(self.labels) and int(self.labels[j]) == label else None
+        if j == len(self.labels) or int(self.labels[j]) != label:
+            return None
+        k = int(np.searchsorted(self.deleted, label))
+        return None if k < len(self.deleted) and int(self.deleted[k]) == label else j
 
     @classmethod
     def build(
@@ -371,83 +412,84 @@ class _Shard:
         kinds: dict[str, str],
         templates: dict[str, Any],
         opts: IndexOptions,
-    ) -> _Shard:
-        """A shard from its rows (any order) and their normalised vectors."""
+    ) -> _Segment:
+        """A segment from its rows (any order) and their normalised vectors."""
         order = np.argsort(labels, kind="stable")
         labels, vecs, rows = labels[order], vecs[order], rows.take(order)
-        shard = cls(labels, rows, {})
-        shard._add(
-            labels,
-            rows.column("modality").to_numpy(zero_copy_only=False),
-            vecs,
-            kinds,
-            templates,
-            opts,
-        )
-        return shard
-
-    def _add(self, labels, mods, vecs, kinds, templates, opts) -> None:
-        """Add vectors to the parts (labels/rows are maintained by the caller)."""
+        seg = cls(labels, rows, {})
+        mods = rows.column("modality").to_numpy(zero_copy_only=False)
         dim = vecs.shape[1]
         for m in sorted(set(mods.tolist())):
             sel = np.flatnonzero(mods == m)
-            part = self.parts.get(m)
-            if part is None:
-                part = _Part(_empty(kinds[m], dim, templates.get(m)), kinds[m])
-                if part.kind == "ivfpq" and opts.rerank:
-                    part.vectors = np.zeros((0, dim), np.float32)
-                    part.vlabels = np.zeros(0, np.int64)
-                self.parts[m] = part
-            x, lab = vecs[sel], labels[sel]
-            part.index.add_with_ids(x, lab)
-            if part.vectors is not None:
-                allv = np.concatenate([np.asarray(part.vectors), x])
-                alll = np.concatenate([part.vlabels, lab])
-                o = np.argsort(alll, kind="stable")
-                part.vectors, part.vlabels = np.ascontiguousarray(allv[o]), alll[o]
+            part = _Part(_empty(kinds[m], dim, templates.get(m)), kinds[m])
+            part.index.add_with_ids(vecs[sel], labels[sel])
+            if part.kind == "ivfpq" and opts.rerank:
+                part.vectors, part.vlabels = np.ascontiguousarray(vecs[sel]), labels[sel]
+            seg.parts[m] = part
+        return seg
 
-    def apply(
-        self,
-        remove: np.ndarray,
-        add_labels: np.ndarray,
-        add_rows: Any,
-        add_vecs: np.ndarray,
-        kinds: dict[str, str],
-        templates: dict[str, Any],
-        opts: IndexOptions,
-    ) -> None:
-        """Remove the labels `remove` (absent ones are ignored), then add new rows."""
+    @classmethod
+    def merge(cls, segments: Sequence[_Segment]) -> _Segment:
+        """One segment with the live rows of `segments` (compaction): FAISS entries are moved
+        (`merge_from`: codes are copied, never re-encoded), deleted ones dropped."""
         import faiss
         import pyarrow as pa
 
-        if len(remove):
-            sel = faiss.IDSelectorBatch(np.ascontiguousarray(remove, dtype=np.int64))
-            for m in list(self.parts):
-                part = self.parts[m]
-                part.index.remove_ids(sel)
+        parts: dict[str, _Part] = {}
+        for m in sorted({m for s in segments for m in s.parts}):
+            merged: Any = None
+            vecs, vlabs = [], []
+            kind = next(s.parts[m].kind for s in segments if m in s.parts)
+            for s in segments:
+                part = s.parts.get(m)
+                if part is None:
+                    continue
+                idx = faiss.clone_index(part.index)
+                if kind != "flat":
+                    idx.set_direct_map_type(faiss.DirectMap.NoMap)
+                if len(s.deleted):
+                    idx.remove_ids(faiss.IDSelectorBatch(s.deleted))
+                if merged is None:
+                    merged = idx
+                else:
+                    merged.merge_from(idx, 0)
                 if part.vectors is not None:
-                    keep = ~np.isin(part.vlabels, remove)
-                    part.vectors = np.ascontiguousarray(np.asarray(part.vectors)[keep])
-                    part.vlabels = part.vlabels[keep]
-                if part.count == 0:
-                    del self.parts[m]
-            keep = ~np.isin(self.labels, remove)
-            self.labels = self.labels[keep]
-            self.rows = self.rows.filter(pa.array(keep))
-        if len(add_labels):
-            mods = add_rows.column("modality").to_numpy(zero_copy_only=False)
-            self._add(add_labels, mods, add_vecs, kinds, templates, opts)
-            labels = np.concatenate([self.labels, add_labels])
-            rows = pa.concat_tables(
-                [self.rows, add_rows.select(_rows_schema().names).cast(_rows_schema())]
-            )
-            order = np.argsort(labels, kind="stable")
-            self.labels, self.rows = labels[order], rows.take(order)
+                    keep = ~np.isin(part.vlabels, s.deleted)
+                    vecs.append(np.asarray(part.vectors)[keep])
+                    vlabs.append(part.vlabels[keep])
+            if merged is None or merged.ntotal == 0:
+                continue
+            parts[m] = _Part(merged, kind)
+            if vlabs:
+                lab = np.concatenate(vlabs)
+                o = np.argsort(lab, kind="stable")
+                parts[m].vectors = np.ascontiguousarray(np.concatenate(vecs)[o])
+                parts[m].vlabels = lab[o]
+        masks = [s.live() for s in segments]
+        labels = np.concatenate([s.labels[k] for s, k in zip(segments, masks, strict=True)])
+        rows = pa.concat_tables(
+            [s.rows.filter(pa.array(k)) for s, k in zip(segments, masks, strict=True)]
+        )
+        order = np.argsort(labels, kind="stable")
+        return cls(labels[order], rows.take(order), parts)
+
+    def _params(self, part: _Part, nprobe: int) -> Any:
+        """FAISS search parameters: nprobe, and a selector that skips the deleted labels
+        (made once per segment; FAISS only reads it, so concurrent searches may share it)."""
+        import faiss
+
+        if len(self.deleted) and self._selector is None:
+            batch = faiss.IDSelectorBatch(self.deleted)
+            self._selector = (faiss.IDSelectorNot(batch), batch)  # keep `batch` alive
+        sel = self._selector[0] if len(self.deleted) else None
+        if part.kind == "flat":
+            return faiss.SearchParameters(sel=sel) if sel is not None else None
+        return faiss.SearchParametersIVF(sel=sel, nprobe=min(nprobe, part.index.nlist))
 
     def search(
         self, q: np.ndarray, top_k: int, modality: str | None, nprobe: int, rerank: int
     ) -> list[dict]:
-        """This shard's top-k for the normalised (1, D) query, ordered by (-score, id)."""
+        """This segment's top-k for the normalised (1, D) query, ordered by (-score, id)."""
         if modality is None:
             parts = list(self.parts.values())
         else:
@@ -456,11 +498,9 @@ class _Shard:
         labels: list[np.ndarray] = []
         for part in parts:
             k = top_k
-            if part.kind != "flat":
-                part.index.nprobe = min(nprobe, part.index.nlist)
-                if part.vectors is not None and rerank:
-                    k = top_k * rerank
-            d, i = part.index.search(q, min(k, part.count))
+            if part.kind != "flat" and part.vectors is not None and rerank:
+                k = top_k * rerank
+            d, i = part.index.search(q, min(k, part.count), params=self._params(part, nprobe))
             keep = i[0] >= 0
             d, i = d[0][keep], i[0][keep]
             if part.vectors is not None and rerank and len(i):
@@ -488,17 +528,14 @@ class _Shard:
         ]
 
     def save(self, fs: Any, path: str) -> dict:
-        """Write the shard under `path`; returns its entry for the index's meta.json."""
+        """Write the segment's files (not its deletions) under `path`; returns their entry."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         fs.makedirs(path, exist_ok=True)
-        table = pa.table({"label": pa.array(self.labels, pa.int64())}).append_column(
-            "id", self.rows.column("id")
-        )
-        table = table.append_column("uri", self.rows.column("uri")).append_column(
-            "modality", self.rows.column("modality")
-        )
+        table = pa.table({"label": pa.array(self.labels, pa.int64())})
+        for c in ("id", "uri", "modality"):
+            table = table.append_column(c, self.rows.column(c))
         buf = io.BytesIO()
         pq.write_table(table, buf)
         fs.pipe_file(f"{path}/rows.parquet", buf.getvalue())
@@ -507,22 +544,22 @@ class _Shard:
             fs.pipe_file(f"{path}/{m}.faiss", part.serialize())
             entry: dict[str, Any] = {"kind": part.kind, "count": part.count, "vectors": False}
             if part.vectors is not None:
-                vbuf = io.BytesIO()
-                np.save(vbuf, np.asarray(part.vectors, np.float32))
-                fs.pipe_file(f"{path}/{m}.vectors.npy", vbuf.getvalue())
-                lbuf = io.BytesIO()
-                np.save(lbuf, part.vlabels)
-                fs.pipe_file(f"{path}/{m}.labels.npy", lbuf.getvalue())
+                fs.pipe_file(f"{path}/{m}.vectors.npy", _npy(np.asarray(part.vectors, np.float32)))
+                fs.pipe_file(f"{path}/{m}.labels.npy", _npy(part.vlabels))
                 entry["vectors"] = True
             parts[m] = entry
-        return {"count": self.count, "parts": parts}
+        return {"rows": self.stored, "parts": parts}
 
     @classmethod
-    def load(cls, fs: Any, path: str, entry: dict, local: bool) -> _Shard:
-        """Read a shard written by `save`; re-ranking vectors are memory-mapped when local."""
+    def load(
+        cls, fs: Any, base: str, entry: dict, local: bool, deleted: np.ndarray | None = None
+    ) -> _Segment:
+        """Read the segment of `entry` (paths relative to the index folder `base`); re-ranking
+        vectors are memory-mapped when local. `deleted` overrides the entry's deletions."""
         import faiss
         import pyarrow.parquet as pq
 
+        path = _resolve(base, entry["path"])
         table = pq.read_table(io.BytesIO(fs.cat_file(f"{path}/rows.parquet")))
         labels = table.column("label").to_numpy()
         rows = table.select(_rows_schema().names).cast(_rows_schema())
@@ -538,7 +575,86 @@ class _Shard:
                     part.vectors = np.load(io.BytesIO(fs.cat_file(vpath)))
                 part.vlabels = np.load(io.BytesIO(fs.cat_file(f"{path}/{m}.labels.npy")))
             parts[m] = part
-        return cls(labels, rows, parts)
+        if deleted is None:
+            deleted = _read_deleted(fs, base, entry)
+        return cls(labels, rows, parts, deleted)
+
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def _resolve(base: str, rel: str) -> str:
+    """The filesystem path of `rel` (relative to the index folder `base`; segments written
+    by an ancestor version are referenced as ``../../<version>/index/...``)."""
+    return posixpath.normpath(posixpath.join(base, rel))
+
+
+def _relative(path: str, base: str) -> str:
+    """`path` relative to the index folder `base` (both filesystem paths of one store)."""
+    return posixpath.relpath(path, base)
+
+
+def _read_deleted(fs: Any, base: str, entry: dict) -> np.ndarray:
+    if not entry.get("deleted"):
+        return np.zeros(0, np.int64)
+    return np.load(io.BytesIO(fs.cat_file(_resolve(base, entry["deleted"]))))
+
+
+def _segment_entries(meta: dict) -> list[list[dict]]:
+    """Each shard's segment entries from an index's meta.json (format 2, written before
+    segments existed, is one segment per shard in the shard's folder)."""
+    out = []
+    for s, e in enumerate(meta["shards"]):
+        if "segments" in e:
+            out.append(e["segments"])
+        else:
+            parts = {m: {**p, "live": p["count"]} for m, p in e["parts"].items()}
+            out.append(
+                [
+                    {
+                        "path": shard_dir(s),
+                        "rows": e["count"],
+                        "count": e["count"],
+                        "parts": parts,
+                        "deleted": None,
+                    }
+                ]
+            )
+    return out
+
+
+class _Shard:
+    """The vectors whose `label % shards` is this shard's number: its segments, oldest
+    first (an id is live in at most one of them)."""
+
+    def __init__(self, segments: list[_Segment]) -> None:
+        self.segments = segments
+
+    @property
+    def count(self) -> int:
+        return sum(s.count for s in self.segments)
+
+    def locate(self, label: int) -> tuple[_Segment, int] | None:
+        """(segment, row) holding `label` live, or None."""
+        for seg in reversed(self.segments):
+            j = seg.row_of(label)
+            if j is not None:
+                return seg, j
+        return None
+
+    def search(
+        self, q: np.ndarray, top_k: int, modality: str | None, nprobe: int, rerank: int
+    ) -> list[dict]:
+        """This shard's top-k, ordered by (-score, id) like every level of the merge."""
+        hits = [s.search(q, top_k, modality, nprobe, rerank) for s in self.segments]
+        return hits[0] if len(hits) == 1 else merge_hits(hits, top_k)
+
+    @classmethod
+    def load(cls, fs: Any, base: str, entries: list[dict], local: bool) -> _Shard:
+        return cls([_Segment.load(fs, base, e, local) for e in entries])
 
 
 def merge_hits(hit_lists: Sequence[list[dict]], top_k: int) -> list[dict]:
@@ -620,8 +736,9 @@ class VectorIndex:
         self.training = training
         self.templates = templates
         for shard in shards.values():
-            for part in shard.parts.values():
-                part.address_by_label()
+            for seg in shard.segments:
+                for part in seg.parts.values():
+                    part.address_by_label()
 
     @property
     def nprobe(self) -> int:
@@ -637,10 +754,12 @@ class VectorIndex:
         """Kind and vector count per modality over the loaded shards."""
         out: dict[str, PartInfo] = {}
         for s in self.shards.values():
-            for m, p in s.parts.items():
-                prev = out.get(m)
-                out[m] = PartInfo(p.kind, p.count + (prev.count if prev else 0))
-        return dict(sorted(out.items()))
+            for seg in s.segments:
+                live = seg.live_counts()
+                for m, p in seg.parts.items():
+                    prev = out.get(m)
+                    out[m] = PartInfo(p.kind, live.get(m, 0) + (prev.count if prev else 0))
+        return {m: p for m, p in sorted(out.items()) if p.count}
 
     @classmethod
     def build(
@@ -681,7 +800,8 @@ class VectorIndex:
         shards = {}
         for s in range(opts.shards):
             sel = np.flatnonzero(shard_of == s)
-            shards[s] = _Shard.build(labels[sel], rows.take(sel), vecs[sel], kinds, templates, opts)
+            seg = _Segment.build(labels[sel], rows.take(sel), vecs[sel], kinds, templates, opts)
+            shards[s] = _Shard([seg])
         return cls(shards, dim, opts, training, templates)
 
     @classmethod
@@ -714,16 +834,14 @@ class VectorIndex:
         ]
         return merge_hits(per_shard, top_k)
 
-    def _locate(self, item_id: str) -> tuple[_Shard, int, int] | None:
-        """(shard, row, label) of `item_id` if one of the loaded shards holds it, else None."""
+    def _locate(self, item_id: str) -> tuple[_Segment, int, int] | None:
+        """(segment, row, label) of `item_id` if one of the loaded shards holds it, else None."""
         label = int(labels_of([str(item_id)])[0])
         shard = self.shards.get(label % self.options.shards)
-        if shard is None:
+        found = shard.locate(label) if shard is not None else None
+        if found is None or found[0].rows.column("id")[found[1]].as_py() != str(item_id):
             return None
-        j = shard.row_of(label)
-        if j is None or shard.rows.column("id")[j].as_py() != str(item_id):
-            return None
-        return shard, j, label
+        return found[0], found[1], label
 
     def shard_of(self, item_id: str) -> int:
         """The number of the shard that holds (or would hold) `item_id`."""
@@ -735,8 +853,8 @@ class VectorIndex:
         found = self._locate(item_id)
         if found is None:
             return None
-        shard, j, _ = found
-        return {c: shard.rows.column(c)[j].as_py() for c in ("id", "uri", "modality")}
+        seg, j, _ = found
+        return {c: seg.rows.column(c)[j].as_py() for c in ("id", "uri", "modality")}
 
     def vector_of(self, item_id: str) -> np.ndarray | None:
         """The stored (normalised) vector of `item_id` as float32, or None if the loaded
@@ -746,8 +864,8 @@ class VectorIndex:
         found = self._locate(item_id)
         if found is None:
             return None
-        shard, j, label = found
-        return shard.parts[shard.rows.column("modality")[j].as_py()].vector(label)
+        seg, j, label = found
+        return seg.parts[seg.rows.column("modality")[j].as_py()].vector(label)
 
     def meta(self) -> dict:
         return {
@@ -768,9 +886,14 @@ class VectorIndex:
         fs.makedirs(path, exist_ok=True)
         _save_templates(fs, path, self.templates)
         meta = self.meta()
-        meta["shards"] = [
-            self.shards[s].save(fs, f"{path}/{shard_dir(s)}") for s in range(self.options.shards)
-        ]
+        meta["shards"] = []
+        for s in range(self.options.shards):
+            segs = self.shards[s].segments
+            one = segs[0] if len(segs) == 1 and not len(segs[0].deleted) else _Segment.merge(segs)
+            entries = (
+                [_segment_entry(one, fs, f"{path}/{shard_dir(s)}", path)] if one.stored else []
+            )
+            meta["shards"].append({"count": one.stored, "segments": entries})
         # meta.json last: a reader that finds it finds everything it names.
         fs.pipe_file(f"{path}/{META_NAME}", json.dumps(meta, sort_keys=True).encode())
 
@@ -793,9 +916,8 @@ class VectorIndex:
         opts = IndexOptions(**meta["options"])
         wanted = range(opts.shards) if shards is None else [s for s in shards if s < opts.shards]
         local = protocol_of(uri) == "file"
-        loaded = {
-            s: _Shard.load(fs, f"{path}/{shard_dir(s)}", meta["shards"][s], local) for s in wanted
-        }
+        entries = _segment_entries(meta)
+        loaded = {s: _Shard.load(fs, path, entries[s], local) for s in wanted}
         tmpl = {}
         if templates:
             for m, t in meta["training"].items():
@@ -820,6 +942,23 @@ def shard_dir(s: int) -> str:
     return f"shard-{s:05d}"
 
 
+def index_files(uri: str, storage_options: StorageOptions | None = None) -> list[str]:
+    """The filesystem paths of the segment folders and deletion files the index at `uri`
+    uses, its own and those of ancestor versions it shares (retention must keep them);
+    empty if there is no index there."""
+    _, path = filesystem(uri, storage_options)
+    try:
+        meta = read_index_meta(uri, storage_options)
+    except FileNotFoundError:
+        return []
+    out = []
+    for e in (e for segs in _segment_entries(meta) for e in segs):
+        out.append(_resolve(path, e["path"]))
+        if e.get("deleted"):
+            out.append(_resolve(path, e["deleted"]))
+    return out
+
+
 def read_index_meta(uri: str, storage_options: StorageOptions | None = None) -> dict:
     """The `meta.json` of the index folder `uri` (format checked)."""
     fs, path = filesystem(uri, storage_options)
@@ -827,7 +966,7 @@ def read_index_meta(uri: str, storage_options: StorageOptions | None = None) -> 
         meta = json.loads(fs.cat_file(f"{path}/{META_NAME}"))
     except FileNotFoundError:
         raise FileNotFoundError(f"no vector index at {uri} ({META_NAME} missing)") from None
-    if meta.get("format") != INDEX_FORMAT:
+    if meta.get("format") not in READABLE_FORMATS:
         raise ValueError(f"{uri}: unsupported index format {meta.get('format')!r}")
     return meta
 
@@ -843,6 +982,7 @@ class IndexUpdate:
     removed: int
     parts: dict[str, PartInfo]
     shards: int
+    compacted: int = 0
 
     def record(self) -> dict:
         """The `index` entry of the version record."""
@@ -853,6 +993,7 @@ class IndexUpdate:
             "upserted": self.added,
             "removed": self.removed,
             "shards": self.shards,
+            "compacted_shards": self.compacted,
             "parts": {m: {"kind": p.kind, "count": p.count} for m, p in self.parts.items()},
         }
 
@@ -905,8 +1046,11 @@ def _update_from_parent(
     options: IndexOptions,
     storage_options: StorageOptions | None,
 ) -> IndexUpdate:
-    """`update_index` once `_rebuild_reason` allowed an update: the parent's shards, one at a
-    time, with the deletes and upserts applied, then the new `meta.json`."""
+    """`update_index` once `_rebuild_reason` allowed an update, shard by shard: the parent's
+    segments are referenced, not copied; a segment that loses rows gets a new deletion file;
+    the upserts become one new segment. A shard is compacted into one segment (its live rows
+    only) when it would hold more than `max_segments` segments or its deleted rows exceed
+    `compact_deleted` of its stored rows; only then are its vectors read."""
     meta = read_index_meta(parent_uri, storage_options)
     parent = VectorIndex.load(parent_uri, storage_options, shards=[], templates=True)
     ids = upserts.column("id").to_pylist()
@@ -915,34 +1059,132 @@ def _update_from_parent(
     kinds = _kinds_with_new_modalities(training, upserts.column("modality").to_pylist())
     vecs = embeddings_of(upserts)
     vecs = _normalize(vecs) if len(vecs) else np.zeros((0, int(meta["dim"])), np.float32)
-    del_labels = labels_of(deletes)
-    remove = np.unique(np.concatenate([del_labels, up_labels]))
+    remove = np.unique(np.concatenate([labels_of(deletes), up_labels]))
     rows = upserts.select(["id", "uri", "modality"])
     fs, path = filesystem(out_uri, storage_options)
     fs.makedirs(path, exist_ok=True)
     _save_templates(fs, path, parent.templates)
-    entries = []
-    parts: dict[str, PartInfo] = {}
-    local = protocol_of(parent_uri) == "file"
     pfs, ppath = filesystem(parent_uri, storage_options)
-    removed = 0
-    for s in range(options.shards):  # one shard in memory at a time
-        shard = _Shard.load(pfs, f"{ppath}/{shard_dir(s)}", meta["shards"][s], local)
+    local = protocol_of(parent_uri) == "file"
+    shards, removed, compacted = [], 0, 0
+    for s, seg_entries in enumerate(_segment_entries(meta)):  # one shard at a time
         sel = np.flatnonzero(up_labels % options.shards == s)
-        before = shard.count
-        _check_same_ids(shard, up_labels[sel], [ids[j] for j in sel])
         rm = remove[remove % options.shards == s]
-        shard.apply(rm, up_labels[sel], rows.take(sel), vecs[sel], kinds, parent.templates, options)
-        removed += before + len(sel) - shard.count
-        entries.append(shard.save(fs, f"{path}/{shard_dir(s)}"))
-        for m, p in shard.parts.items():
-            prev = parts.get(m)
-            parts[m] = PartInfo(p.kind, p.count + (prev.count if prev else 0))
-        del shard
-    _write_meta(fs, path, int(meta["dim"]), options, training, parts, entries)
+        new = None
+        if len(sel):
+            new = _Segment.build(
+                up_labels[sel], rows.take(sel), vecs[sel], kinds, parent.templates, options
+            )
+        entries, dels, gone = _delete_in_segments(
+            pfs, ppath, seg_entries, rm, up_labels[sel], [ids[j] for j in sel]
+        )
+        removed += gone
+        segs = entries + ([new] if new is not None else [])
+        stored = sum(e["rows"] for e in entries) + (new.stored if new else 0)
+        deleted = sum(len(d) for d in dels if d is not None) + sum(
+            e["rows"] - e["count"] for e, d in zip(entries, dels, strict=True) if d is None
+        )
+        sdir = f"{path}/{shard_dir(s)}"
+        if len(segs) > options.max_segments or deleted > options.compact_deleted * stored:
+            loaded = [
+                _Segment.load(pfs, ppath, e, local, d) for e, d in zip(entries, dels, strict=True)
+            ]
+            merged = _Segment.merge(loaded + ([new] if new is not None else []))
+            compacted += 1
+            shards.append({"count": merged.count, "segments": []})
+            if merged.stored:
+                shards[-1]["segments"].append(_segment_entry(merged, fs, sdir, path))
+            continue
+        out = []
+        for k, (e, d) in enumerate(zip(entries, dels, strict=True)):
+            if e["count"] == 0:
+                continue  # every row deleted: the segment is no longer referenced
+            e = dict(e, path=_relative(_resolve(ppath, e["path"]), path))
+            if d is not None:
+                name = f"{sdir}/deleted-{k:04d}.npy"
+                fs.makedirs(sdir, exist_ok=True)
+                fs.pipe_file(name, _npy(d))
+                e["deleted"] = _relative(name, path)
+            elif e.get("deleted"):
+                e["deleted"] = _relative(_resolve(ppath, e["deleted"]), path)
+            out.append(e)
+        if new is not None:
+            out.append(_segment_entry(new, fs, sdir, path))
+        shards.append({"count": sum(e["count"] for e in out), "segments": out})
+    parts: dict[str, PartInfo] = {}
+    for sh in shards:
+        for e in sh["segments"]:
+            for m, p in e["parts"].items():
+                prev = parts.get(m)
+                parts[m] = PartInfo(p["kind"], p["live"] + (prev.count if prev else 0))
+    parts = {m: p for m, p in parts.items() if p.count}
+    _write_meta(fs, path, int(meta["dim"]), options, training, parts, shards)
     return IndexUpdate(
-        "updated", None, len(ids), removed, dict(sorted(parts.items())), options.shards
+        "updated",
+        None,
+        len(ids),
+        removed,
+        dict(sorted(parts.items())),
+        options.shards,
+        compacted,
     )
+
+
+def _segment_entry(seg: _Segment, fs: Any, seg_path: str, index_path: str) -> dict:
+    """Save a new segment (no deletions) at `seg_path`; its meta.json entry."""
+    e = seg.save(fs, seg_path)
+    for p in e["parts"].values():
+        p["live"] = p["count"]
+    return dict(e, path=_relative(seg_path, index_path), count=seg.stored, deleted=None)
+
+
+def _delete_in_segments(
+    fs: Any,
+    base: str,
+    entries: list[dict],
+    remove: np.ndarray,
+    up_labels: np.ndarray,
+    up_ids: list[str],
+) -> tuple[list[dict], list[np.ndarray | None], int]:
+    """Apply the removals `remove` to a shard's segments, reading only their label, id and
+    modality columns. Returns the entries with new live counts, each segment's new deletion
+    array (None: unchanged) and the number of live rows removed. An upserted label a segment
+    holds live must belong to the same id (no hash clash)."""
+    out, dels, gone = [], [], 0
+    for e in entries:
+        labels, mods, id_col = _segment_keys(fs, base, e)
+        old = _read_deleted(fs, base, e)
+        live = ~np.isin(labels, old)
+        hit = np.isin(labels, remove) & live
+        up = np.isin(labels, up_labels) & live
+        if up.any():
+            mine = dict(zip(labels[up].tolist(), id_col.filter(up).to_pylist(), strict=True))
+            for lab, i in zip(up_labels.tolist(), up_ids, strict=True):
+                if mine.get(lab, i) != i:
+                    raise ValueError(f"ids {sorted([mine[lab], i])} hash to the same index label")
+        if not hit.any():
+            out.append(e)
+            dels.append(None)
+            continue
+        gone += int(hit.sum())
+        names, counts = np.unique(mods[hit], return_counts=True)
+        lost = dict(zip(names.tolist(), counts.tolist(), strict=True))
+        parts = {m: dict(p, live=p["live"] - lost.get(m, 0)) for m, p in e["parts"].items()}
+        out.append(dict(e, count=e["count"] - int(hit.sum()), parts=parts))
+        dels.append(np.union1d(old, labels[hit]))
+    return out, dels, gone
+
+
+def _segment_keys(fs: Any, base: str, entry: dict) -> tuple[np.ndarray, np.ndarray, Any]:
+    """(labels, modalities as str array, id column) of a segment, from its rows file."""
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(
+        io.BytesIO(fs.cat_file(f"{_resolve(base, entry['path'])}/rows.parquet")),
+        columns=["label", "id", "modality"],
+    )
+    mods = t.column("modality").to_numpy(zero_copy_only=False).astype(str)
+    return t.column("label").to_numpy(), mods, t.column("id")
 
 
 def _write_meta(fs, path, dim, options, training, parts, entries) -> None:
@@ -957,23 +1199,6 @@ def _write_meta(fs, path, dim, options, training, parts, entries) -> None:
         "shards": entries,
     }
     fs.pipe_file(f"{path}/{META_NAME}", json.dumps(new_meta, sort_keys=True).encode())
-
-
-def _check_same_ids(shard: _Shard, labels: np.ndarray, ids: list[str]) -> None:
-    """An upserted label the shard already holds must belong to the same id (no hash clash)."""
-    present = np.isin(shard.labels, labels)
-    if not present.any():
-        return
-    old = dict(
-        zip(
-            shard.labels[present].tolist(),
-            shard.rows.filter(present).column("id").to_pylist(),
-            strict=True,
-        )
-    )
-    for lab, i in zip(labels.tolist(), ids, strict=True):
-        if old.get(lab, i) != i:
-            raise ValueError(f"ids {sorted([old[lab], i])} hash to the same index label")
 
 
 def _kinds_with_new_modalities(training: dict, up_mods: list[str]) -> dict[str, str]:
@@ -1041,23 +1266,17 @@ def _counts_after(
 ) -> dict[str, int]:
     """Vectors per modality in the new version: the parent's counts, less the removed and
     replaced rows (looked up in the shards' row lists, two columns), plus the upserts."""
-    import pyarrow.parquet as pq
-
     counts = {m: 0 for m in meta["training"]}
-    for e in meta["shards"]:
+    shards = _segment_entries(meta)
+    for e in (e for segs in shards for e in segs):
         for m, p in e["parts"].items():
-            counts[m] = counts.get(m, 0) + p["count"]
+            counts[m] = counts.get(m, 0) + p["live"]
     gone = labels_of(list(deletes) + upserts.column("id").to_pylist())
     fs, path = filesystem(parent_uri, storage_options)
-    for s in range(options.shards):
-        if not len(gone):
-            break
-        t = pq.read_table(
-            io.BytesIO(fs.cat_file(f"{path}/{shard_dir(s)}/rows.parquet")),
-            columns=["label", "modality"],
-        )
-        hit = np.isin(t.column("label").to_numpy(), gone)
-        for m in t.column("modality").filter(hit).to_pylist():
+    for e in (e for segs in shards for e in segs) if len(gone) else ():
+        labels, mods, _ = _segment_keys(fs, path, e)
+        hit = np.isin(labels, gone) & ~np.isin(labels, _read_deleted(fs, path, e))
+        for m in mods[hit].tolist():
             counts[m] -= 1
     for m in upserts.column("modality").to_pylist():
         counts[m] = counts.get(m, 0) + 1

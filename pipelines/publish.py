@@ -51,6 +51,7 @@ from imagebind_core.index import (
     RECORD_NAME,
     VERSIONS_DIR,
     Pointer,
+    index_files,
     join_uri,
 )
 from imagebind_core.io import StorageOptions, filesystem
@@ -195,6 +196,32 @@ class IndexRoot:
         for table in self.tables():
             table.untag(name)
 
+    def _discard_except(self, name: str, in_use: set[str]) -> bool:
+        """Discard the version folder `name` except the paths of `in_use` inside it: the
+        record goes, so the version is gone, and the index files a kept version shares stay
+        (a later retention removes them once no kept version uses them). Returns whether a
+        version or a stage went (False: only left-over shared index files were cleaned)."""
+        fs, path = filesystem(self.version_uri(name), self.storage_options)
+        path = path.rstrip("/")
+        try:
+            files = fs.find(path)
+        except FileNotFoundError:
+            files = []
+        spared = [p for p in in_use if p.startswith(path + "/")]
+        doomed = [f for f in files if not any(f == p or f.startswith(p + "/") for p in spared)]
+        index_prefix = f"{path}/{INDEX_DIR}/"
+        was_version = not files or any(not f.startswith(index_prefix) for f in doomed)
+        if not spared:
+            self.discard(name)
+            return was_version
+        for f in doomed:
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm_file(f)
+        if doomed:
+            for table in self.tables():
+                table.untag(name)
+        return was_version and bool(doomed)
+
     def apply_retention(self, keep: int) -> list[str]:
         """Keep the newest `keep` published versions; remove older ones and abandoned stages.
 
@@ -215,13 +242,20 @@ class IndexRoot:
                 name = self.read_record(name).get("parent_name")
             except FileNotFoundError:
                 break
+        # A kept version's index may use segments an older version wrote (`index_files`):
+        # those files stay when that version goes.
+        in_use = {
+            p
+            for n in kept
+            for p in index_files(join_uri(self.version_uri(n), INDEX_DIR), self.storage_options)
+        }
         removed = []
         for n in self._list_version_names():
             num = parse_version_name(n)
             if n in kept or num is None or num > pointer.version:
                 continue
-            self.discard(n)
-            removed.append(n)
+            if self._discard_except(n, in_use):
+                removed.append(n)
         if removed:
             logger.info("retention removed versions %s", removed)
 

@@ -20,6 +20,7 @@ from helpers.pipeline import SMALL_FILES_JOB as SMALL
 from helpers.pipeline import Writer
 from helpers.reindex import by_id, version_rows
 
+from imagebind_core.index import INDEX_DIR, VectorIndex, index_files
 from pipelines.config import load_reindex_config
 from pipelines.publish import IndexRoot, data_pins
 from pipelines.reindex import reindex
@@ -109,14 +110,28 @@ def test_versions_share_unchanged_files_and_retention_frees_removed_ones(ray_ses
 
     # A full re-embed writes a fresh Lance version; one more change; keep_versions = 2 drops
     # versions 1 and 2: their tags and Lance versions go, and the files only they used.
+    # Version 2's vector index references version 1's index segment rather than copying it.
+    ir = IndexRoot(root)
+    index1 = os.path.join(ir.version_uri(r1.name), INDEX_DIR)
+    index2 = os.path.join(ir.version_uri(r2.name), INDEX_DIR)
+    shared = [p for p in index_files(index2) if p.startswith(index1 + os.sep)]
+    assert shared and all(os.path.isdir(p) or os.path.isfile(p) for p in shared)
     r3 = reindex(_cfg(corpus, root, **{"index.full": True}))
     assert r3.status == "published" and r3.counts["reembedded"] == 12
     assert r3.removed == [r1.name]  # version 2 still uses the files version 1 wrote
     assert set(files1) <= set(_data_files(root))
+    # Version 1 is gone (record and everything else) but the index files version 2 uses.
+    left1 = {os.path.join(d, f) for d, _, fs in os.walk(ir.version_uri(r1.name)) for f in fs}
+    assert left1 and all(any(f.startswith(p) for p in shared) for f in left1)
+    index_v2 = VectorIndex.load(index2)
+    assert index_v2.count == ir.read_rows(r2.name).num_rows
+    for row in ir.read_rows(r2.name).to_pylist()[:4]:
+        assert index_v2.search(row["embedding"], 1)[0]["id"] == row["id"]
     corpus.put("txt/cap00.txt", b"yet another caption")
     r4 = reindex(_cfg(corpus, root))
     assert r4.status == "published" and r4.counts["changed"] == 1
     assert r4.removed == [r2.name]
+    assert not os.path.exists(ir.version_uri(r1.name))  # nothing kept uses version 1 now
     table = VersionTable(root, ROWS_TABLE, None)
     tags = set(table.open().tags.list())
     assert tags == {r3.name, r4.name}

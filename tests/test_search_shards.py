@@ -5,6 +5,7 @@ rule, and the search groups' version pinning (serve.search). No Ray needed here.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import zlib
 
@@ -15,6 +16,7 @@ import pytest
 from imagebind_core.index import (
     IndexOptions,
     VectorIndex,
+    index_files,
     labels_of,
     merge_hits,
     read_index_meta,
@@ -164,6 +166,109 @@ def test_update_of_the_exact_index_equals_a_rebuild(shards, tmp_path):
         assert updated.search(emb_up[j], 1)[0]["id"] == upserts["id"][j].as_py()
 
 
+def _files(folder) -> dict[str, int]:
+    return {
+        os.path.relpath(os.path.join(d, f), folder): os.path.getsize(os.path.join(d, f))
+        for d, _, fs in os.walk(folder)
+        for f in fs
+    }
+
+
+@pytest.mark.parametrize("opts", [FLAT, IVF, RERANK], ids=["flat", "ivf", "pq+rerank"])
+def test_an_update_writes_the_change_and_compaction_keeps_the_answers(opts, tmp_path):
+    """An update references the parent's segments (nothing of theirs is written again: one
+    new segment and deletion files); compacting the same update gives the same answers."""
+    v1, v2, upserts, deleted = change(2400, seed=11, mods=["text"])
+    base = {**opts, "shards": 2}
+    p1 = str(tmp_path / "v1")
+    update_index(
+        p1, parent_uri=None, upserts=v1, deletes=[], all_rows=lambda: v1,
+        options=IndexOptions(**base),
+    )  # fmt: skip
+    before = _files(p1)
+    kept, packed = str(tmp_path / "kept"), str(tmp_path / "packed")
+    r = update_index(
+        kept, parent_uri=p1, upserts=upserts, deletes=deleted, all_rows=None,
+        options=IndexOptions(**base, compact_deleted=1.0),
+    )  # fmt: skip
+    assert (r.mode, r.compacted) == ("updated", 0)
+    assert _files(p1) == before  # the parent is never written
+    written = _files(kept)
+    seg_bytes = sum(n for f, n in before.items() if f.startswith("shard-"))
+    new_rows = [f for f in written if f.endswith("rows.parquet")]
+    assert sorted(new_rows) == ["shard-00000/rows.parquet", "shard-00001/rows.parquet"]
+    assert sum(n for f, n in written.items() if f.startswith("shard-")) < 0.3 * seg_bytes
+    assert any("deleted-" in f for f in written)
+    meta = read_index_meta(kept)
+    for s, shard in enumerate(meta["shards"]):
+        paths = [e["path"] for e in shard["segments"]]
+        assert paths == [f"../v1/shard-{s:05d}", f"shard-{s:05d}"]
+    assert set(index_files(kept)) >= {
+        os.path.join(p1, "shard-00000"),
+        os.path.join(kept, "shard-00001"),
+    }
+    r2 = update_index(
+        packed, parent_uri=p1, upserts=upserts, deletes=deleted, all_rows=None,
+        options=IndexOptions(**base, compact_deleted=0.0),
+    )  # fmt: skip
+    assert (r2.mode, r2.compacted, r2.removed, r2.parts) == ("updated", 2, r.removed, r.parts)
+    assert all(p.startswith(packed) for p in index_files(packed))  # no longer shares
+    a, b = VectorIndex.load(kept), VectorIndex.load(packed)
+    assert [len(sh.segments) for sh in a.shards.values()] == [2, 2]
+    assert [len(sh.segments) for sh in b.shards.values()] == [1, 1]
+    assert all(not len(sh.segments[0].deleted) for sh in b.shards.values())
+    assert a.count == b.count == v2.num_rows and a.parts == b.parts
+    queries = mixture(40, 12)
+    if opts is RERANK:  # each segment re-ranks its own candidates: a superset, rank by rank
+        for got, want in zip(hits_of(a, queries, 10), hits_of(b, queries, 10), strict=True):
+            assert all(g[1] >= w[1] - 1e-6 for g, w in zip(got, want, strict=True))
+    else:
+        assert hits_of(a, queries, 10) == hits_of(b, queries, 10)
+    for i in deleted[:5]:
+        assert a.item(i) is None and b.item(i) is None
+    emb_up = np.asarray(upserts.column("embedding").combine_chunks().flatten()).reshape(-1, DIM)
+    for j in range(0, upserts.num_rows, 37):
+        for idx in (a, b):
+            want = emb_up[j] / np.linalg.norm(emb_up[j])
+            got = idx.vector_of(upserts["id"][j].as_py())
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_chain_of_updates_equals_a_rebuild_and_stays_bounded(tmp_path):
+    """Ten exact-index updates with at most 3 segments a shard: each version answers like a
+    rebuild of its rows, and no shard ever holds more than 3 segments."""
+    ids, emb = corpus(600, seed=13)
+    rows = table(ids, emb)
+    opts = IndexOptions(shards=2, flat_threshold=10**9, max_segments=3, compact_deleted=0.5)
+    prev = str(tmp_path / "v0")
+    update_index(
+        prev, parent_uri=None, upserts=rows, deletes=[], all_rows=lambda: rows, options=opts
+    )
+    rng = np.random.default_rng(14)
+    compacted = 0
+    for v in range(1, 11):
+        cur = rows.column("id").to_pylist()
+        gone = sorted(rng.choice(cur, 15, replace=False).tolist())
+        new_ids, new_emb = corpus(20, seed=100 + v, prefix=f"v{v}")
+        up = table(new_ids, new_emb)
+        keep = pa.array([i not in set(gone) for i in cur])
+        rows = pa.concat_tables([rows.filter(keep), up])
+        out = str(tmp_path / f"v{v}")
+        r = update_index(
+            out, parent_uri=prev, upserts=up, deletes=gone, all_rows=None, options=opts
+        )
+        assert r.mode == "updated" and r.removed == 15
+        compacted += r.compacted
+        got = VectorIndex.load(out)
+        assert max(len(sh.segments) for sh in got.shards.values()) <= 3
+        want = VectorIndex.from_table(rows, **opts.to_json())
+        assert got.count == want.count == rows.num_rows and got.parts == want.parts
+        queries = mixture(10, 200 + v)
+        assert hits_of(got, queries, 10) == hits_of(want, queries, 10)
+        prev = out
+    assert compacted > 0
+
+
 def recall(index: VectorIndex, t: pa.Table, queries: np.ndarray, k: int = 10) -> float:
     got = [{h["id"] for h in index.search(q, k)} for q in queries]
     want = [set(exact_top(t, q, k)) for q in queries]
@@ -198,10 +303,13 @@ def test_ivfpq_update_keeps_the_recall_of_a_rebuild(opts, tmp_path):
         for j in range(0, v2.num_rows, 97):
             top = updated.search(emb[j], 1)[0]
             assert top["id"] == v2["id"][j].as_py() and top["score"] == pytest.approx(1, 1e-5)
-        shard = updated.shards[0].parts["text"]
-        assert isinstance(shard.vectors, np.memmap)  # local index: re-ranking vectors mapped
+        # local index: re-ranking vectors mapped, in the parent's segment and the new one
+        segs = updated.shards[0].segments
+        assert len(segs) == 2
+        assert all(isinstance(s.parts["text"].vectors, np.memmap) for s in segs)
     else:
-        assert all(p.vectors is None for s in updated.shards.values() for p in s.parts.values())
+        parts = [p for s in updated.shards.values() for g in s.segments for p in g.parts.values()]
+        assert parts and all(p.vectors is None for p in parts)
 
 
 def test_retrain_and_kind_rules_rebuild(tmp_path):
@@ -346,7 +454,8 @@ def test_items_and_stored_vectors_by_id_in_every_shard(opts, tmp_path):
             assert got.dtype == np.float32 and got.shape == (DIM,)
             if opts is IVFPQ:  # PQ codes only: the decoding of the vector's code
                 label = int(labels_of([ids[j]])[0])
-                part = index.shards[label % 3].parts[mods[j]].index
+                seg, _ = index.shards[label % 3].locate(label)
+                part = seg.parts[mods[j]].index
                 want = part.sa_decode(part.sa_encode(emb[j : j + 1]))[0]
                 np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
             else:
