@@ -29,18 +29,26 @@ trained coarse quantizer and PQ codebooks per modality, so a shard holds exactly
 one unsharded index would hold for its ids, and merging the shards' top-k (by score, then
 id) equals one index's search. Vectors are L2-normalised, so scores are cosine similarities.
 
-A new version's index is the parent's with the change applied (`update_index`: remove the
-labels of deleted and changed ids, add the new vectors with the parent's trained
-quantizer), not a rebuild; it is rebuilt only when a modality changes kind or its size
-leaves the retrain band (`IndexOptions.retrain_growth`).
+A shard is a list of immutable segments (what one build, update or compaction wrote). A new
+version's index is the parent's with the change applied (`update_index`), not a rebuild: it
+references the parent's segments, writes a deletion file (the labels of deleted and changed
+ids) for each segment that lost rows and one new segment with the new vectors, encoded with
+the parent's trained quantizer; a shard is compacted into one segment (FAISS `merge_from`, no
+re-encoding) when it collects more than `IndexOptions.max_segments` segments or
+`compact_deleted` of it is deleted. It is rebuilt only when a modality changes kind or its
+size leaves the retrain band (`IndexOptions.retrain_growth`).
 
 ```
-<version>/index/meta.json                  format, dim, options, training record, shard list
+<version>/index/meta.json                  format, dim, options, training record, per shard
+                                           its segments (path relative to this folder,
+                                           counts, parts, deletion file)
 <version>/index/trained/<modality>.faiss   the empty trained IVF index (quantizer, codebooks)
-<version>/index/shard-NNNNN/rows.parquet   label, id, uri, modality of the shard's rows
-<version>/index/shard-NNNNN/<modality>.faiss         the shard's FAISS index
+<version>/index/shard-NNNNN/rows.parquet   label, id, uri, modality of the segment's rows
+<version>/index/shard-NNNNN/<modality>.faiss         the segment's FAISS index
 <version>/index/shard-NNNNN/<modality>.vectors.npy   IVF-PQ re-ranking vectors (rerank > 0)
 <version>/index/shard-NNNNN/<modality>.labels.npy    their labels (sorted)
+<version>/index/shard-NNNNN/deleted-KKKK.npy         labels deleted from segment KKKK of the
+                                                     shard (which an older version wrote)
 ```
 """
 
@@ -415,6 +423,7 @@ class _Segment:
     ) -> _Segment:
         """A segment from its rows (any order) and their normalised vectors."""
         order = np.argsort(labels, kind="stable")
+        rows = rows.select(_rows_schema().names).cast(_rows_schema())
         labels, vecs, rows = labels[order], vecs[order], rows.take(order)
         seg = cls(labels, rows, {})
         mods = rows.column("modality").to_numpy(zero_copy_only=False)
