@@ -59,8 +59,10 @@ import io
 import json
 import logging
 import math
+import os
 import posixpath
-from collections.abc import Callable, Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -266,18 +268,20 @@ def _pq_shape(dim: int, pq_m: int, n_train: int) -> tuple[int, int]:
     return m, nbits
 
 
-def _train(kind: str, x: np.ndarray, opts: IndexOptions) -> tuple[Any, dict]:
-    """An empty, trained IVF index of `kind` for vectors like `x` (all of a modality's
-    vectors; a seeded sample of them trains) and its training record."""
+def _train(kind: str, x: np.ndarray, opts: IndexOptions, n: int | None = None) -> tuple[Any, dict]:
+    """An empty, trained IVF index of `kind` for a modality of `n` vectors (default len(x))
+    and its training record; `x` holds them all or a uniform sample of them, of which a
+    seeded sample trains."""
     import faiss
 
-    n, dim = x.shape
+    dim = x.shape[1]
+    n = len(x) if n is None else n
     nlist = opts.nlist or max(1, min(int(4 * math.sqrt(n)), n // 39))
     nlist = min(nlist, n)
-    sample_n = min(n, max(40 * nlist, 16_384), 262_144)
+    sample_n = min(len(x), max(40 * nlist, 16_384), _MAX_TRAIN)
     sample = x
-    if sample_n < n:
-        pick = np.sort(np.random.default_rng(0).choice(n, sample_n, replace=False))
+    if sample_n < len(x):
+        pick = np.sort(np.random.default_rng(0).choice(len(x), sample_n, replace=False))
         sample = x[pick]
     quantizer = faiss.IndexFlatIP(dim)
     info: dict[str, Any] = {"kind": kind, "trained_count": n, "nlist": nlist}
@@ -337,16 +341,39 @@ class _Part:
             self.index.set_direct_map_type(faiss.DirectMap.Hashtable)
 
     def serialize(self) -> bytes:
-        """The FAISS index as bytes, without the label map of `address_by_label` (an update
-        removes labels in bulk, which a hash-mapped IVF index refuses)."""
+        """A flat part: the FAISS index as bytes. An IVF part: its inverted lists only (codes
+        and labels, `faiss.write_InvertedLists`); the coarse quantizer and PQ codebooks are
+        the modality's trained template, stored once per index root rather than once per
+        segment (at nlist = 4 sqrt(N), D = 1024 the quantizer alone is 16 MB at 1M vectors
+        and 0.5 GB at 10^9). No label map of `address_by_label` is stored either way."""
         import faiss
 
-        mapped = self.kind != "flat" and self.index.direct_map.type != faiss.DirectMap.NoMap
-        if not mapped:
+        if self.kind == "flat":
             return faiss.serialize_index(self.index).tobytes()
-        copy = faiss.clone_index(self.index)
-        copy.set_direct_map_type(faiss.DirectMap.NoMap)
-        return faiss.serialize_index(copy).tobytes()
+        w = faiss.VectorIOWriter()
+        faiss.write_InvertedLists(faiss.extract_index_ivf(self.index).invlists, w)
+        return faiss.vector_to_array(w.data).tobytes()
+
+    @classmethod
+    def deserialize(cls, blob: np.ndarray, entry: dict, template: Any | None) -> _Part:
+        """The part stored by `serialize` (`entry`: its meta.json entry); IVF parts are
+        rebuilt on a copy of the modality's trained `template`. Parts of format-2 indexes
+        (`codes` absent) are whole FAISS indexes."""
+        import faiss
+
+        if entry.get("codes") != "invlists":
+            return cls(faiss.deserialize_index(blob), entry["kind"])
+        if template is None:
+            raise ValueError(f"an {entry['kind']} part needs its trained template")
+        r = faiss.VectorIOReader()
+        faiss.copy_array_to_vector(blob, r.data)
+        lists = faiss.read_InvertedLists(r)
+        index = faiss.clone_index(template)
+        ivf = faiss.extract_index_ivf(index)
+        ivf.replace_invlists(lists, True)
+        lists.this.disown()  # the index owns and frees the lists now
+        ivf.ntotal = index.ntotal = int(entry["count"])
+        return cls(index, entry["kind"])
 
     def vector(self, label: int) -> np.ndarray:
         """The stored vector of `label` (which this part must hold) as float32."""
@@ -552,8 +579,11 @@ class _Segment:
         for m, part in self.parts.items():
             fs.pipe_file(f"{path}/{m}.faiss", part.serialize())
             entry: dict[str, Any] = {"kind": part.kind, "count": part.count, "vectors": False}
+            if part.kind != "flat":
+                entry["codes"] = "invlists"
             if part.vectors is not None:
-                fs.pipe_file(f"{path}/{m}.vectors.npy", _npy(np.asarray(part.vectors, np.float32)))
+                with fs.open(f"{path}/{m}.vectors.npy", "wb") as f:  # streamed, from a memmap too
+                    np.save(f, part.vectors)
                 fs.pipe_file(f"{path}/{m}.labels.npy", _npy(part.vlabels))
                 entry["vectors"] = True
             parts[m] = entry
@@ -561,11 +591,17 @@ class _Segment:
 
     @classmethod
     def load(
-        cls, fs: Any, base: str, entry: dict, local: bool, deleted: np.ndarray | None = None
+        cls,
+        fs: Any,
+        base: str,
+        entry: dict,
+        local: bool,
+        templates: dict[str, Any],
+        deleted: np.ndarray | None = None,
     ) -> _Segment:
-        """Read the segment of `entry` (paths relative to the index folder `base`); re-ranking
-        vectors are memory-mapped when local. `deleted` overrides the entry's deletions."""
-        import faiss
+        """Read the segment of `entry` (paths relative to the index folder `base`; IVF parts
+        on their modality's trained template); re-ranking vectors are memory-mapped when
+        local. `deleted` overrides the entry's deletions."""
         import pyarrow.parquet as pq
 
         path = _resolve(base, entry["path"])
@@ -575,7 +611,7 @@ class _Segment:
         parts = {}
         for m, p in entry["parts"].items():
             blob = np.frombuffer(fs.cat_file(f"{path}/{m}.faiss"), dtype=np.uint8)
-            part = _Part(faiss.deserialize_index(blob), p["kind"])
+            part = _Part.deserialize(blob, p, templates.get(m))
             if p.get("vectors"):
                 vpath = f"{path}/{m}.vectors.npy"
                 if local:
@@ -662,8 +698,10 @@ class _Shard:
         return hits[0] if len(hits) == 1 else merge_hits(hits, top_k)
 
     @classmethod
-    def load(cls, fs: Any, base: str, entries: list[dict], local: bool) -> _Shard:
-        return cls([_Segment.load(fs, base, e, local) for e in entries])
+    def load(
+        cls, fs: Any, base: str, entries: list[dict], local: bool, templates: dict[str, Any]
+    ) -> _Shard:
+        return cls([_Segment.load(fs, base, e, local, templates) for e in entries])
 
 
 def merge_hits(hit_lists: Sequence[list[dict]], top_k: int) -> list[dict]:
@@ -895,6 +933,7 @@ class VectorIndex:
         fs.makedirs(path, exist_ok=True)
         _save_templates(fs, path, self.templates)
         meta = self.meta()
+        meta["trained"] = TRAINED_DIR
         meta["shards"] = []
         for s in range(self.options.shards):
             segs = self.shards[s].segments
@@ -912,12 +951,10 @@ class VectorIndex:
         uri: str,
         storage_options: StorageOptions | None = None,
         shards: Sequence[int] | None = None,
-        *,
-        templates: bool = False,
     ) -> VectorIndex:
-        """Read an index written by `save` from the folder `uri`: the shards numbered in
-        `shards` (default all; numbers past the index's shard count are skipped), and with
-        `templates` the trained IVF templates an update needs."""
+        """Read an index written by `save` (or `update_index`) from the folder `uri`: the
+        trained IVF templates, and the shards numbered in `shards` (default all; numbers past
+        the index's shard count are skipped)."""
         import faiss
 
         fs, path = filesystem(uri, storage_options)
@@ -925,14 +962,14 @@ class VectorIndex:
         opts = IndexOptions(**meta["options"])
         wanted = range(opts.shards) if shards is None else [s for s in shards if s < opts.shards]
         local = protocol_of(uri) == "file"
-        entries = _segment_entries(meta)
-        loaded = {s: _Shard.load(fs, path, entries[s], local) for s in wanted}
+        trained = _resolve(path, meta.get("trained", TRAINED_DIR))
         tmpl = {}
-        if templates:
-            for m, t in meta["training"].items():
-                if t["kind"] != "flat":
-                    blob = np.frombuffer(fs.cat_file(f"{path}/{TRAINED_DIR}/{m}.faiss"), np.uint8)
-                    tmpl[m] = faiss.deserialize_index(blob)
+        for m, t in meta["training"].items():
+            if t["kind"] != "flat":
+                blob = np.frombuffer(fs.cat_file(f"{trained}/{m}.faiss"), np.uint8)
+                tmpl[m] = faiss.deserialize_index(blob)
+        entries = _segment_entries(meta)
+        loaded = {s: _Shard.load(fs, path, entries[s], local, tmpl) for s in wanted}
         return cls(loaded, int(meta["dim"]), opts, meta["training"], tmpl)
 
 
@@ -960,7 +997,7 @@ def index_files(uri: str, storage_options: StorageOptions | None = None) -> list
         meta = read_index_meta(uri, storage_options)
     except FileNotFoundError:
         return []
-    out = []
+    out = [_resolve(path, meta.get("trained", TRAINED_DIR))]
     for e in (e for segs in _segment_entries(meta) for e in segs):
         out.append(_resolve(path, e["path"]))
         if e.get("deleted"):
@@ -1025,7 +1062,9 @@ def update_index(
         upserts: pyarrow Table (id, uri, modality, embedding) of the rows that are new or
             whose vector or uri changed since the parent.
         deletes: ids present in the parent and gone from the new version.
-        all_rows: returns every row of the new version (same columns); called only to build.
+        all_rows: returns every row of the new version (same columns): a Table or an
+            iterable of record batches; called only to build, twice (two streamed passes:
+            counts and training samples, then the vectors; `_build_streaming`).
         options: the layout (must equal the parent's, else a build) and search settings.
 
     The update never retrains: the parent's coarse quantizer and PQ codebooks are kept and
@@ -1036,14 +1075,190 @@ def update_index(
 
     reason, training = _rebuild_reason(parent_uri, upserts, deletes, options, storage_options)
     if reason is not None:
-        index = VectorIndex.from_table(all_rows(), **options.to_json())
-        index.save(out_uri, storage_options)
-        n = index.count
-        return IndexUpdate("built", reason, n, 0, index.parts, options.shards)
+        n, parts = _build_streaming(out_uri, all_rows, options, storage_options)
+        return IndexUpdate("built", reason, n, 0, parts, options.shards)
     assert parent_uri is not None
     return _update_from_parent(
         out_uri, parent_uri, upserts, deletes, training, options, storage_options
     )
+
+
+# Rows per chunk when a build copies re-ranking vectors into label order (64 MiB at D = 1024).
+_SORT_CHUNK = 16_384
+# Vectors kept per modality to train on: `_train` never uses more.
+_MAX_TRAIN = 262_144
+
+
+def _batches_of(all_rows: Callable[[], Any]) -> Iterator[Any]:
+    """One pass over `all_rows()`: a pyarrow Table (cut into batches) or an iterable of
+    record batches / tables."""
+    import pyarrow as pa
+
+    rows = all_rows()
+    if isinstance(rows, pa.Table):
+        rows = rows.to_batches(max_chunksize=65_536)
+    for b in rows:
+        yield pa.Table.from_batches([b]) if isinstance(b, pa.RecordBatch) else b
+
+
+class _Reservoir:
+    """A uniform sample of at most `cap` vectors of one modality, kept while streaming
+    (algorithm R, seeded), and the modality's count."""
+
+    def __init__(self, cap: int, seed: int) -> None:
+        self.cap, self.seen = cap, 0
+        self.rng = np.random.default_rng(seed)
+        self.x: np.ndarray | None = None
+
+    def add(self, v: np.ndarray) -> None:
+        if self.x is None:
+            self.x = np.empty((self.cap, v.shape[1]), np.float32)
+        fill = max(0, min(len(v), self.cap - self.seen))
+        self.x[self.seen : self.seen + fill] = v[:fill]
+        rest = v[fill:]
+        if len(rest):  # row number t replaces a random slot with probability cap / (t + 1)
+            t = self.seen + fill + np.arange(len(rest))
+            slot = (self.rng.random(len(rest)) * (t + 1)).astype(np.int64)
+            hit = slot < self.cap
+            self.x[slot[hit]] = rest[hit]
+        self.seen += len(v)
+
+    def sample(self) -> np.ndarray:
+        assert self.x is not None
+        return self.x[: min(self.seen, self.cap)]
+
+
+class _ShardBuilder:
+    """One shard of a streamed build: FAISS parts filled batch by batch, rows kept (no
+    vectors), IVF-PQ re-ranking vectors appended to a local scratch file per modality and
+    put into label order at the end, so no vector stays in memory beyond the FAISS codes."""
+
+    def __init__(self, s: int, dim: int, kinds, templates, opts: IndexOptions, scratch: str):
+        self.s, self.dim, self.kinds, self.templates, self.opts = s, dim, kinds, templates, opts
+        self.scratch = scratch
+        self.labels: list[np.ndarray] = []
+        self.rows: list[Any] = []
+        self.parts: dict[str, _Part] = {}
+        self.vlabels: dict[str, list[np.ndarray]] = {}
+        self.vfiles: dict[str, Any] = {}
+
+    def add(self, labels: np.ndarray, rows: Any, vecs: np.ndarray, mods: np.ndarray) -> None:
+        self.labels.append(labels)
+        self.rows.append(rows)
+        for m in np.unique(mods).tolist():
+            sel = mods == m
+            part = self.parts.get(m)
+            if part is None:
+                kind = self.kinds[m]
+                part = self.parts[m] = _Part(_empty(kind, self.dim, self.templates.get(m)), kind)
+                if kind == "ivfpq" and self.opts.rerank:
+                    self.vfiles[m] = open(f"{self.scratch}/{self.s}-{m}.f32", "wb")  # noqa: SIM115
+                    self.vlabels[m] = []
+            part.index.add_with_ids(vecs[sel], labels[sel])
+            if m in self.vfiles:
+                self.vfiles[m].write(np.ascontiguousarray(vecs[sel]).tobytes())
+                self.vlabels[m].append(labels[sel])
+
+    def finish(self) -> _Segment:
+        import pyarrow as pa
+
+        labels = np.concatenate(self.labels) if self.labels else np.zeros(0, np.int64)
+        order = np.argsort(labels, kind="stable")
+        rows = pa.concat_tables(self.rows) if self.rows else _rows_table([], [], [])
+        labels, rows = labels[order], rows.take(order)
+        _check_labels(labels, rows.column("id"))  # an id seen in two batches
+        seg = _Segment(labels, rows, self.parts)
+        for m, f in self.vfiles.items():
+            f.close()
+            vl = np.concatenate(self.vlabels[m])
+            o = np.argsort(vl, kind="stable")
+            src = np.memmap(f.name, np.float32, "r", shape=(len(vl), self.dim))
+            dst = np.lib.format.open_memmap(
+                f"{self.scratch}/{self.s}-{m}.npy", "w+", np.float32, (len(vl), self.dim)
+            )
+            for i in range(0, len(o), _SORT_CHUNK):
+                dst[i : i + _SORT_CHUNK] = src[o[i : i + _SORT_CHUNK]]
+            dst.flush()
+            del src
+            os.remove(f.name)
+            self.parts[m].vectors, self.parts[m].vlabels = dst, vl[o]
+        return seg
+
+
+def _build_streaming(
+    out_uri: str,
+    all_rows: Callable[[], Any],
+    options: IndexOptions,
+    storage_options: StorageOptions | None,
+) -> tuple[int, dict[str, PartInfo]]:
+    """Build and write the index of every row in two passes over `all_rows()` (id, uri,
+    modality, embedding; a Table or an iterable of batches), holding no more vectors than
+    the training samples (`_MAX_TRAIN` per modality) and the FAISS codes: pass 1 counts each
+    modality and keeps a uniform sample of its vectors, which train the IVF templates; pass
+    2 adds every vector to its shard. Returns (count, parts)."""
+    reservoirs: dict[str, _Reservoir] = {}
+    dim = None
+    for batch in _batches_of(all_rows):
+        if not batch.num_rows:
+            dim = dim or embeddings_of(batch).shape[1]
+            continue
+        vecs = _normalize(embeddings_of(batch))
+        dim = vecs.shape[1]
+        mods = batch.column("modality").to_numpy(zero_copy_only=False).astype(str)
+        for m in np.unique(mods).tolist():
+            seed = int(labels_of([m])[0] % 2**32)
+            reservoirs.setdefault(m, _Reservoir(_MAX_TRAIN, seed)).add(vecs[mods == m])
+    kinds: dict[str, str] = {}
+    training: dict[str, dict] = {}
+    templates: dict[str, Any] = {}
+    for m, r in sorted(reservoirs.items()):
+        kinds[m] = options.kind_for(r.seen)
+        if kinds[m] == "flat":
+            training[m] = {"kind": "flat", "trained_count": r.seen}
+        else:
+            templates[m], training[m] = _train(kinds[m], r.sample(), options, n=r.seen)
+    del reservoirs
+    fs, path = filesystem(out_uri, storage_options)
+    fs.makedirs(path, exist_ok=True)
+    _save_templates(fs, path, templates)
+    entries = []
+    with tempfile.TemporaryDirectory(prefix="ib-index-build-") as scratch:
+        builders = [
+            _ShardBuilder(s, dim or 0, kinds, templates, options, scratch)
+            for s in range(options.shards)
+        ]
+        for batch in _batches_of(all_rows):
+            if not batch.num_rows:
+                continue
+            rows = _rows_of(batch)
+            labels = labels_of(rows.column("id").to_pylist())
+            vecs = _normalize(embeddings_of(batch))
+            mods = rows.column("modality").to_numpy(zero_copy_only=False).astype(str)
+            shard = labels % options.shards
+            for s in np.unique(shard).tolist():
+                sel = np.flatnonzero(shard == s)
+                builders[s].add(labels[sel], rows.take(sel), vecs[sel], mods[sel])
+        parts: dict[str, PartInfo] = {}
+        for s, b in enumerate(builders):  # each shard written, then dropped
+            seg = b.finish()
+            segs = [_segment_entry(seg, fs, f"{path}/{shard_dir(s)}", path)] if seg.stored else []
+            entries.append({"count": seg.stored, "segments": segs})
+            for m, p in seg.parts.items():
+                prev = parts.get(m)
+                parts[m] = PartInfo(p.kind, p.count + (prev.count if prev else 0))
+            builders[s] = None  # type: ignore[call-overload]
+            del seg, b
+    parts = dict(sorted(parts.items()))
+    _write_meta(fs, path, dim or 0, options, training, parts, entries, TRAINED_DIR)
+    return sum(e["count"] for e in entries), parts
+
+
+def _rows_of(batch: Any) -> Any:
+    """The (id, uri, modality) columns of a batch as an index rows table (cast, no copy)."""
+    import pyarrow as pa
+
+    names = _rows_schema().names
+    return pa.table([batch.column(c) for c in names], names=names).cast(_rows_schema())
 
 
 def _update_from_parent(
@@ -1061,7 +1276,7 @@ def _update_from_parent(
     only) when it would hold more than `max_segments` segments or its deleted rows exceed
     `compact_deleted` of its stored rows; only then are its vectors read."""
     meta = read_index_meta(parent_uri, storage_options)
-    parent = VectorIndex.load(parent_uri, storage_options, shards=[], templates=True)
+    parent = VectorIndex.load(parent_uri, storage_options, shards=[])
     ids = upserts.column("id").to_pylist()
     up_labels = labels_of(ids)
     _check_labels(up_labels, ids)
@@ -1072,8 +1287,8 @@ def _update_from_parent(
     rows = upserts.select(["id", "uri", "modality"])
     fs, path = filesystem(out_uri, storage_options)
     fs.makedirs(path, exist_ok=True)
-    _save_templates(fs, path, parent.templates)
     pfs, ppath = filesystem(parent_uri, storage_options)
+    trained = _relative(_resolve(ppath, meta.get("trained", TRAINED_DIR)), path)
     local = protocol_of(parent_uri) == "file"
     shards, removed, compacted = [], 0, 0
     for s, seg_entries in enumerate(_segment_entries(meta)):  # one shard at a time
@@ -1096,7 +1311,8 @@ def _update_from_parent(
         sdir = f"{path}/{shard_dir(s)}"
         if len(segs) > options.max_segments or deleted > options.compact_deleted * stored:
             loaded = [
-                _Segment.load(pfs, ppath, e, local, d) for e, d in zip(entries, dels, strict=True)
+                _Segment.load(pfs, ppath, e, local, parent.templates, d)
+                for e, d in zip(entries, dels, strict=True)
             ]
             merged = _Segment.merge(loaded + ([new] if new is not None else []))
             compacted += 1
@@ -1127,7 +1343,7 @@ def _update_from_parent(
                 prev = parts.get(m)
                 parts[m] = PartInfo(p["kind"], p["live"] + (prev.count if prev else 0))
     parts = {m: p for m, p in parts.items() if p.count}
-    _write_meta(fs, path, int(meta["dim"]), options, training, parts, shards)
+    _write_meta(fs, path, int(meta["dim"]), options, training, parts, shards, trained)
     return IndexUpdate(
         "updated",
         None,
@@ -1205,9 +1421,11 @@ def _segment_ids(fs: Any, base: str, entry: dict) -> Any:
     return pq.read_table(io.BytesIO(fs.cat_file(path)), columns=["id"]).column("id")
 
 
-def _write_meta(fs, path, dim, options, training, parts, entries) -> None:
-    """The updated index's `meta.json`, written last (after every shard)."""
+def _write_meta(fs, path, dim, options, training, parts, entries, trained) -> None:
+    """The updated index's `meta.json`, written last (after every shard); `trained`: the
+    folder of the trained templates, relative to `path` (the first version's, shared)."""
     new_meta = {
+        "trained": trained,
         "format": INDEX_FORMAT,
         "metric": "cosine",
         "dim": dim,
@@ -1254,7 +1472,7 @@ def _rebuild_reason(
     training = {m: dict(t) for m, t in meta["training"].items()}
     counts = _counts_after(meta, parent_uri, upserts, deletes, options, storage_options)
     up_mods = np.asarray(upserts.column("modality").to_pylist(), dtype=object)
-    templates = VectorIndex.load(parent_uri, storage_options, shards=[], templates=True).templates
+    templates = VectorIndex.load(parent_uri, storage_options, shards=[]).templates
     for m, n in sorted(counts.items()):
         t = training.get(m)
         kind = options.kind_for(n)

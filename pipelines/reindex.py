@@ -480,9 +480,10 @@ def _write_index(
     so = stage.root.storage_options
     upserts, deletes = _index_change(data.appended, data.drop_ids, dim)
 
-    def all_rows() -> pa.Table:
-        rows = read_pin(data.rows, so, columns=INDEX_COLUMNS)
-        return rows if rows is not None else _empty_rows(dim)
+    def all_rows() -> Any:  # streamed: a build reads the version twice, in batches
+        if data.rows is None:
+            return _empty_rows(dim)
+        return scan_pin(data.rows, so, columns=INDEX_COLUMNS)
 
     return update_index(
         stage.index_uri,

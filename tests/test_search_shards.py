@@ -199,6 +199,7 @@ def test_an_update_writes_the_change_and_compaction_keeps_the_answers(opts, tmp_
     assert sorted(new_rows) == ["shard-00000/rows.parquet", "shard-00001/rows.parquet"]
     assert sum(n for f, n in written.items() if f.startswith("shard-")) < 0.3 * seg_bytes
     assert any("deleted-" in f for f in written)
+    assert not any(f.startswith("trained") for f in written)  # the parent's are referenced
     meta = read_index_meta(kept)
     for s, shard in enumerate(meta["shards"]):
         paths = [e["path"] for e in shard["segments"]]
@@ -214,7 +215,9 @@ def test_an_update_writes_the_change_and_compaction_keeps_the_answers(opts, tmp_
         options=IndexOptions(**base, compact_deleted=0.0),
     )  # fmt: skip
     assert (r2.mode, r2.compacted, r2.removed, r2.parts) == ("updated", 2, r.removed, r.parts)
-    assert all(p.startswith(packed) for p in index_files(packed))  # no longer shares
+    # Compacted: it shares only the trained templates (quantizer, codebooks) of the first.
+    shared = {p for p in index_files(packed) if not p.startswith(packed + os.sep)}
+    assert shared == {os.path.join(p1, "trained")}
     a, b = VectorIndex.load(kept), VectorIndex.load(packed)
     assert [len(sh.segments) for sh in a.shards.values()] == [2, 2]
     assert [len(sh.segments) for sh in b.shards.values()] == [1, 1]
@@ -269,6 +272,46 @@ def test_a_chain_of_updates_equals_a_rebuild_and_stays_bounded(tmp_path):
         assert hits_of(got, queries, 10) == hits_of(want, queries, 10)
         prev = out
     assert compacted > 0
+
+
+@pytest.mark.parametrize("opts", [FLAT, RERANK], ids=["flat", "pq+rerank"])
+def test_a_build_streams_batches_in_two_passes(opts, tmp_path):
+    """`update_index` builds from batches (as the job streams a Lance version): read twice,
+    never all at once; the index equals (exact) or matches (IVF-PQ) an in-memory build, and
+    its re-ranking vectors are every row's, in label order. An id in two batches is refused."""
+    ids, emb = corpus(2400, seed=21)
+    t = table(ids, emb, ["text"] * 2400)
+    o = IndexOptions(shards=2, **opts)
+    passes = []
+
+    def batches():
+        passes.append(1)
+        return iter(t.to_batches(max_chunksize=300))
+
+    out = str(tmp_path / "streamed")
+    r = update_index(out, parent_uri=None, upserts=t, deletes=[], all_rows=batches, options=o)
+    assert (r.mode, len(passes)) == ("built", 2)
+    got = VectorIndex.load(out)
+    want = VectorIndex.from_table(t, **o.to_json())
+    assert got.count == want.count == 2400 and got.parts == want.parts
+    queries = mixture(100, 22)
+    if opts is FLAT:
+        assert hits_of(got, queries, 10) == hits_of(want, queries, 10)
+    else:
+        assert recall(got, t, queries) >= recall(want, t, queries) - 0.05
+        for sh in got.shards.values():
+            part = sh.segments[0].parts["text"]
+            assert np.all(np.diff(part.vlabels) > 0) and len(part.vlabels) == sh.count
+            by_label = dict(zip(labels_of(ids).tolist(), range(len(ids)), strict=True))
+            rows = [by_label[x] for x in part.vlabels[:50].tolist()]
+            unit = emb[rows] / np.linalg.norm(emb[rows], axis=1, keepdims=True)
+            np.testing.assert_allclose(part.vectors[:50], unit, rtol=1e-6, atol=1e-6)
+    twice = pa.concat_tables([t, t.slice(7, 1)])
+    with pytest.raises(ValueError, match=r"duplicate id 'item-00007'"):
+        update_index(
+            str(tmp_path / "dup"), parent_uri=None, upserts=twice, deletes=[],
+            all_rows=lambda: iter(twice.to_batches(max_chunksize=500)), options=o,
+        )  # fmt: skip
 
 
 def recall(index: VectorIndex, t: pa.Table, queries: np.ndarray, k: int = 10) -> float:
