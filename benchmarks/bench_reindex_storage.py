@@ -2,7 +2,7 @@
 and driver peak RSS of the run, split into version rows, index and the rest.
 
     RAY_AUTH_MODE=disabled /work/main/.venv/bin/python benchmarks/bench_reindex_storage.py \
-        [--sizes 100000 400000] [--dim 1024] [--changed 1000] \
+        [--sizes 250000 1000000] [--diff-on-ray-rows N] [--dim 1024] [--changed 1000] \
         [--workdir /tmp/bench-rstore] [--json benchmarks/results/reindex-storage-cpu-2core.json]
 
 `pipelines.reindex.reindex` runs as it is (lease, parent read, diff, version rows, index
@@ -108,7 +108,7 @@ def _area(rel: str) -> str:
     return "other"
 
 
-def child(step: str, root: str, n: int, changed: int, dim: int) -> dict:
+def child(step: str, root: str, n: int, changed: int, dim: int, ray_rows: int | None) -> dict:
     from pipelines.config import load_reindex_config
     from pipelines.reindex import reindex
 
@@ -122,6 +122,7 @@ def child(step: str, root: str, n: int, changed: int, dim: int) -> dict:
             "preset": "huge",  # D = 1024; no model is built (embedding replaced)
             "index.root": f"{root}/index",
             "index.keep_versions": 2,
+            **({} if ray_rows is None else {"index.diff_on_ray_rows": ray_rows}),
         },
     )
     before = _files(f"{root}/index") if os.path.exists(f"{root}/index") else {}
@@ -150,23 +151,34 @@ def child(step: str, root: str, n: int, changed: int, dim: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_table_args(p, sizes=[100_000, 400_000], workdir="/tmp/bench-rstore")
+    add_table_args(p, sizes=[250_000, 1_000_000], workdir="/tmp/bench-rstore")
+    p.add_argument(
+        "--diff-on-ray-rows",
+        type=int,
+        default=None,
+        help="index.diff_on_ray_rows for both runs (default: the config's, 1,000,000; "
+        "0 diffs every size on Ray Data, so sizes compare on one path)",
+    )
     p.add_argument("--child", nargs=3, metavar=("STEP", "ROOT", "N"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.dim != 1024:
         p.error("--dim must be 1024: the run's lineage is the `huge` preset's (D = 1024)")
     if a.child:
         step, root, n = a.child
-        print(json.dumps(child(step, root, int(n), a.changed, a.dim)))
+        print(json.dumps(child(step, root, int(n), a.changed, a.dim, a.diff_on_ray_rows)))
         return
     results = []
     for n in a.sizes:
         root = os.path.join(a.workdir, str(n))
         shutil.rmtree(root, ignore_errors=True)
         me = [sys.executable, __file__, "--changed", str(a.changed), "--dim", str(a.dim)]
+        if a.diff_on_ray_rows is not None:
+            me += ["--diff-on-ray-rows", str(a.diff_on_ray_rows)]
         built = run_child([*me, "--child", "build", root, str(n)])
         r = run_child([*me, "--child", "run", root, str(n)])
         r.update(rows=n, dim=a.dim, changed=a.changed, parent_build_s=built["wall_s"])
+        r.update(parent_build_peak_growth_mb=built["driver_peak_growth_mb"])
+        r.update(diff_on_ray_rows=a.diff_on_ray_rows)
         print(json.dumps(r), flush=True)
         results.append(r)
         shutil.rmtree(root, ignore_errors=True)

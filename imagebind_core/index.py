@@ -326,6 +326,7 @@ class _Part:
     kind: str
     vectors: np.ndarray | None = None
     vlabels: np.ndarray | None = None
+    template: Any = None  # the trained template whose quantizer `index` uses, kept alive
 
     @property
     def count(self) -> int:
@@ -368,12 +369,11 @@ class _Part:
         r = faiss.VectorIOReader()
         faiss.copy_array_to_vector(blob, r.data)
         lists = faiss.read_InvertedLists(r)
-        index = faiss.clone_index(template)
-        ivf = faiss.extract_index_ivf(index)
-        ivf.replace_invlists(lists, True)
+        index = _on_template(template)
+        index.replace_invlists(lists, True)
         lists.this.disown()  # the index owns and frees the lists now
-        ivf.ntotal = index.ntotal = int(entry["count"])
-        return cls(index, entry["kind"])
+        index.ntotal = int(entry["count"])
+        return cls(index, entry["kind"], template=template)
 
     def vector(self, label: int) -> np.ndarray:
         """The stored vector of `label` (which this part must hold) as float32."""
@@ -381,6 +381,32 @@ class _Part:
             pos = int(np.searchsorted(self.vlabels, label))
             return np.array(self.vectors[pos], dtype=np.float32)
         return np.asarray(self.index.reconstruct(int(label)), dtype=np.float32)
+
+
+def _on_template(template: Any) -> Any:
+    """An empty IVF index that uses the trained `template`'s coarse quantizer (shared, not
+    copied: every segment of a modality searches with one quantizer in memory) and a copy of
+    its PQ codebooks. The caller keeps `template` alive as long as the index."""
+    import faiss
+
+    if isinstance(template, faiss.IndexIVFPQ):
+        index = faiss.IndexIVFPQ(
+            template.quantizer,
+            template.d,
+            template.nlist,
+            template.pq.M,
+            template.pq.nbits,
+            template.metric_type,
+        )
+        index.pq = template.pq
+        index.by_residual = template.by_residual
+        index.is_trained = True
+        return index
+    if isinstance(template, faiss.IndexIVFFlat):
+        return faiss.IndexIVFFlat(
+            template.quantizer, template.d, template.nlist, template.metric_type
+        )
+    raise ValueError(f"unsupported trained template {type(template).__name__}")
 
 
 @dataclass(frozen=True)

@@ -222,6 +222,13 @@ def test_an_update_writes_the_change_and_compaction_keeps_the_answers(opts, tmp_
     assert [len(sh.segments) for sh in a.shards.values()] == [2, 2]
     assert [len(sh.segments) for sh in b.shards.values()] == [1, 1]
     assert all(not len(sh.segments[0].deleted) for sh in b.shards.values())
+    if opts is not FLAT:  # every loaded segment searches with the one trained quantizer
+        quantizers = {
+            int(g.parts["text"].index.quantizer.this)
+            for sh in a.shards.values()
+            for g in sh.segments
+        }
+        assert len(quantizers) == 1
     assert a.count == b.count == v2.num_rows and a.parts == b.parts
     queries = mixture(40, 12)
     if opts is RERANK:  # each segment re-ranks its own candidates: a superset, rank by rank
