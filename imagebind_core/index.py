@@ -33,10 +33,10 @@ A shard is a list of immutable segments (what one build, update or compaction wr
 version's index is the parent's with the change applied (`update_index`), not a rebuild: it
 references the parent's segments, writes a deletion file (the labels of deleted and changed
 ids) for each segment that lost rows and one new segment with the new vectors, encoded with
-the parent's trained quantizer; a shard is compacted into one segment (FAISS `merge_from`, no
-re-encoding) when it collects more than `IndexOptions.max_segments` segments or
-`compact_deleted` of it is deleted. It is rebuilt only when a modality changes kind or its
-size leaves the retrain band (`IndexOptions.retrain_growth`).
+the parent's trained quantizer. When a shard collects more than `IndexOptions.max_segments`
+segments its newest ones are merged (FAISS `merge_from`, no re-encoding); when more than
+`compact_deleted` of it is deleted, all of it. It is rebuilt only when a modality changes
+kind or its size leaves the retrain band (`IndexOptions.retrain_growth`).
 
 ```
 <version>/index/meta.json                  format, dim, options, training record, per shard
@@ -204,9 +204,11 @@ class IndexOptions:
             worse than the training sample did: their mean cosine to the nearest centroid
             is lower by more than this (checked once they number at least
             max(100, 1 % of trained)).
-        max_segments: an update compacts a shard into one segment when it would hold more
-            segments than this (each update adds one to the shards it adds rows to).
-        compact_deleted: ... or when more than this fraction of its stored rows are deleted.
+        max_segments: an update merges a shard's newest segments (back to the first older
+            one larger than them all, at least two) when it would hold more segments than
+            this (each update adds one to the shards it adds rows to).
+        compact_deleted: an update merges all of a shard's segments into one when more than
+            this fraction of its stored rows are deleted.
     """
 
     flat_threshold: int = 20_000
@@ -1298,9 +1300,9 @@ def _update_from_parent(
 ) -> IndexUpdate:
     """`update_index` once `_rebuild_reason` allowed an update, shard by shard: the parent's
     segments are referenced, not copied; a segment that loses rows gets a new deletion file;
-    the upserts become one new segment. A shard is compacted into one segment (its live rows
-    only) when it would hold more than `max_segments` segments or its deleted rows exceed
-    `compact_deleted` of its stored rows; only then are its vectors read."""
+    the upserts become one new segment. Past `max_segments` the newest segments are merged
+    into one (`_merge_start`), past `compact_deleted` all of them (their live rows only); only
+    merged segments' vectors are read."""
     meta = read_index_meta(parent_uri, storage_options)
     parent = VectorIndex.load(parent_uri, storage_options, shards=[])
     ids = upserts.column("id").to_pylist()
@@ -1335,17 +1337,19 @@ def _update_from_parent(
             e["rows"] - e["count"] for e, d in zip(entries, dels, strict=True) if d is None
         )
         sdir = f"{path}/{shard_dir(s)}"
-        if len(segs) > options.max_segments or deleted > options.compact_deleted * stored:
+        start = None  # entries[start:] and the new segment are merged into one
+        if deleted > options.compact_deleted * stored:
+            start = 0
+        elif len(segs) > options.max_segments:
+            start = _merge_start([e["rows"] for e in entries] + ([new.stored] if new else []))
+        if start is not None:
             loaded = [
                 _Segment.load(pfs, ppath, e, local, parent.templates, d)
-                for e, d in zip(entries, dels, strict=True)
+                for e, d in zip(entries[start:], dels[start:], strict=True)
             ]
-            merged = _Segment.merge(loaded + ([new] if new is not None else []))
+            new = _Segment.merge(loaded + ([new] if new is not None else []))
+            entries, dels = entries[:start], dels[:start]
             compacted += 1
-            shards.append({"count": merged.count, "segments": []})
-            if merged.stored:
-                shards[-1]["segments"].append(_segment_entry(merged, fs, sdir, path))
-            continue
         out = []
         for k, (e, d) in enumerate(zip(entries, dels, strict=True)):
             if e["count"] == 0:
@@ -1359,7 +1363,7 @@ def _update_from_parent(
             elif e.get("deleted"):
                 e["deleted"] = _relative(_resolve(ppath, e["deleted"]), path)
             out.append(e)
-        if new is not None:
+        if new is not None and new.stored:
             out.append(_segment_entry(new, fs, sdir, path))
         shards.append({"count": sum(e["count"] for e in out), "segments": out})
     parts: dict[str, PartInfo] = {}
@@ -1379,6 +1383,19 @@ def _update_from_parent(
         options.shards,
         compacted,
     )
+
+
+def _merge_start(sizes: list[int]) -> int:
+    """Which of a shard's segments (stored rows, oldest first) a merge takes: the newest ones,
+    back to the first older segment larger than all of them together, at least two. Like a
+    binary counter, each vector is rewritten about log2(N / change) times, and the large old
+    segments (the base) are left alone until deletions call for a full compaction."""
+    j = len(sizes) - 1
+    total = sizes[j]
+    while j > 0 and sizes[j - 1] <= total:
+        j -= 1
+        total += sizes[j]
+    return min(j, len(sizes) - 2)
 
 
 def _segment_entry(seg: _Segment, fs: Any, seg_path: str, index_path: str) -> dict:

@@ -643,9 +643,9 @@ class IndexSettings(BaseModel):
     retrain_growth: float = Field(4.0, gt=1)
     """Rebuild (retrain) an IVF modality when its size leaves [trained / g, trained * g]."""
     max_segments: int = Field(8, ge=1)
-    """Compact an index shard into one segment when an update would leave it more segments."""
+    """Merge an index shard's newest segments when an update would leave it more segments."""
     compact_deleted: float = Field(0.25, ge=0, le=1)
-    """... or when more than this fraction of its stored vectors are deleted."""
+    """Merge all of a shard's segments when more than this fraction of it is deleted."""
     milvus: MilvusSettings | None = None
     """Apply each version's change to a Milvus collection after the publish; null: off."""
 

@@ -246,12 +246,16 @@ def test_an_update_writes_the_change_and_compaction_keeps_the_answers(opts, tmp_
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_a_chain_of_updates_equals_a_rebuild_and_stays_bounded(tmp_path):
+@pytest.mark.parametrize("compact_deleted", [0.05, 1.0], ids=["full", "newest"])
+def test_a_chain_of_updates_equals_a_rebuild_and_stays_bounded(compact_deleted, tmp_path):
     """Ten exact-index updates with at most 3 segments a shard: each version answers like a
-    rebuild of its rows, and no shard ever holds more than 3 segments."""
+    rebuild of its rows, no shard ever holds more than 3 segments, and merges of the newest
+    segments leave the first version's large segment in place (referenced, not rewritten)."""
     ids, emb = corpus(600, seed=13)
     rows = table(ids, emb)
-    opts = IndexOptions(shards=2, flat_threshold=10**9, max_segments=3, compact_deleted=0.5)
+    opts = IndexOptions(
+        shards=2, flat_threshold=10**9, max_segments=3, compact_deleted=compact_deleted
+    )
     prev = str(tmp_path / "v0")
     update_index(
         prev, parent_uri=None, upserts=rows, deletes=[], all_rows=lambda: rows, options=opts
@@ -277,8 +281,13 @@ def test_a_chain_of_updates_equals_a_rebuild_and_stays_bounded(tmp_path):
         assert got.count == want.count == rows.num_rows and got.parts == want.parts
         queries = mixture(10, 200 + v)
         assert hits_of(got, queries, 10) == hits_of(want, queries, 10)
+        base = {os.path.join(str(tmp_path / "v0"), f"shard-{s:05d}") for s in (0, 1)}
+        if compact_deleted == 1.0:  # never all deleted: the base stays
+            assert base <= set(index_files(out))
         prev = out
     assert compacted > 0
+    if compact_deleted < 1.0:  # 15 of ~300 deleted per shard per run: full merges happened
+        assert not base & set(index_files(prev))
 
 
 @pytest.mark.parametrize("opts", [FLAT, RERANK], ids=["flat", "pq+rerank"])
