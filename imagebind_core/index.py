@@ -435,7 +435,13 @@ class _Segment:
         self.rows = rows  # pyarrow Table (id, uri, modality) in label order
         self.parts = parts
         self.deleted = np.zeros(0, np.int64) if deleted is None else np.unique(deleted)
+        # Made once, here: searches on several threads share it (FAISS only reads it).
         self._selector: Any = None
+        if len(self.deleted):
+            import faiss
+
+            batch = faiss.IDSelectorBatch(self.deleted)
+            self._selector = (faiss.IDSelectorNot(batch), batch)  # keep `batch` alive
         self._live_counts: dict[str, int] | None = None
 
     @property
@@ -538,14 +544,10 @@ class _Segment:
         return cls(labels[order], rows.take(order), parts)
 
     def _params(self, part: _Part, nprobe: int) -> Any:
-        """FAISS search parameters: nprobe, and a selector that skips the deleted labels
-        (made once per segment; FAISS only reads it, so concurrent searches may share it)."""
+        """FAISS search parameters: nprobe, and the selector that skips the deleted labels."""
         import faiss
 
-        if len(self.deleted) and self._selector is None:
-            batch = faiss.IDSelectorBatch(self.deleted)
-            self._selector = (faiss.IDSelectorNot(batch), batch)  # keep `batch` alive
-        sel = self._selector[0] if len(self.deleted) else None
+        sel = self._selector[0] if self._selector is not None else None
         if part.kind == "flat":
             return faiss.SearchParameters(sel=sel) if sel is not None else None
         return faiss.SearchParametersIVF(sel=sel, nprobe=min(nprobe, part.index.nlist))
