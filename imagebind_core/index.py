@@ -645,7 +645,7 @@ class _Segment:
             if p.get("vectors"):
                 vpath = f"{path}/{m}.vectors.npy"
                 if local:
-                    part.vectors = np.load(vpath, mmap_mode="r")
+                    part.vectors = _map_random(vpath)
                 else:
                     part.vectors = np.load(io.BytesIO(fs.cat_file(vpath)))
                 part.vlabels = np.load(io.BytesIO(fs.cat_file(f"{path}/{m}.labels.npy")))
@@ -653,6 +653,19 @@ class _Segment:
         if deleted is None:
             deleted = _read_deleted(fs, base, entry)
         return cls(labels, rows, parts, deleted)
+
+
+def _map_random(path: str) -> np.ndarray:
+    """The .npy file at `path` memory-mapped for random reads: a search reads a few scattered
+    vectors, and the kernel's default read-ahead would pull ~32 neighbours into the page
+    cache with each one (measured: 200 queries touched nearly the whole file)."""
+    import mmap
+
+    arr = np.load(path, mmap_mode="r")
+    m = getattr(arr, "_mmap", None)
+    if m is not None and hasattr(mmap, "MADV_RANDOM"):
+        m.madvise(mmap.MADV_RANDOM)
+    return arr
 
 
 def _npy(a: np.ndarray) -> bytes:

@@ -148,50 +148,53 @@ class Inputs:
         return any(os.path.commonpath([path, d]) == d for d in self.args.media_local_dirs)
 
     # --- preprocessing -----------------------------------------------------------------------
-    def prepare(self, kind: str, index: int, value: str) -> tuple[np.ndarray, int]:
-        """One input -> (model input array, text tokens). Runs on the preprocessing pool."""
+    def prepare(self, kind: str, index: int, value: str) -> np.ndarray:
+        """One media input -> its model input array. Runs on the preprocessing pool."""
         # The submodule, not `ibc.preprocess`: the package attribute of that name is lazy.
         from imagebind_core.preprocess import preprocess
 
         t0 = time.perf_counter()
-        item_id = f"input[{index}]"
-        if kind == "text":
-            x = preprocess("text", value, item_id=item_id).numpy()
-            tokens = int(np.count_nonzero(x))  # padding is token id 0
-        else:
-            # compact: images go to the encoder replica as uint8 pixels, a quarter of the
-            # bytes of the float input; the replica expands them (imagebind_core.expand)
-            data = self.load_bytes(kind, index, value)
-            x = preprocess(kind, data, item_id=item_id, compact=True).numpy()
-            tokens = 0
+        # compact: images go to the encoder replica as uint8 pixels, a quarter of the bytes of
+        # the float input; the replica expands them (imagebind_core.expand)
+        data = self.load_bytes(kind, index, value)
+        x = preprocess(kind, data, item_id=f"input[{index}]", compact=True).numpy()
         self._m_preprocess.observe(time.perf_counter() - t0, tags={"modality": kind})
-        return x, tokens
+        return x
+
+    def prepare_texts(self, texts: list[str]) -> tuple[list[np.ndarray], int]:
+        """Tokenise a request's texts in one call (`preprocess_texts`: one tokenizer pass for
+        the batch, as the offline job does); the lowest-index bad text -> 400."""
+        from imagebind_core.preprocess import preprocess_texts
+
+        t0 = time.perf_counter()
+        ids = [f"input[{i}]" for i in range(len(texts))]
+        tokens, bad = preprocess_texts(texts, item_ids=ids)
+        if bad:
+            first = min(bad)
+            raise self._refusal("text", first, bad[first])
+        per_input = (time.perf_counter() - t0) / max(1, len(texts))
+        for _ in texts:
+            self._m_preprocess.observe(per_input, tags={"modality": "text"})
+        return list(tokens), int(np.count_nonzero(tokens))  # padding is token id 0
 
     async def prepare_all(self, kind: str, inputs: list[str]) -> tuple[list[np.ndarray], int]:
         """Preprocess every input on the pool; the lowest-index bad input -> 400."""
-        if kind == "text" and sum(map(len, inputs)) <= _INLINE_TEXT_CHARS:
-            # Tokenising a few short texts takes microseconds: cheaper on the event loop than
-            # two thread hand-offs, which cost milliseconds on a busy machine.
-            results: list[Any] = []
-            for i, v in enumerate(inputs):
-                try:
-                    results.append(self.prepare(kind, i, v))
-                except Exception as e:
-                    results.append(e)
-        else:
+        if kind == "text":
+            if sum(map(len, inputs)) <= _INLINE_TEXT_CHARS:
+                # Tokenising a few short texts takes microseconds: cheaper on the event loop
+                # than a thread hand-off, which costs milliseconds on a busy machine.
+                return self.prepare_texts(inputs)
             loop = asyncio.get_running_loop()
-            futs = [
-                loop.run_in_executor(self.pool, self.prepare, kind, i, v)
-                for i, v in enumerate(inputs)
-            ]
-            results = await asyncio.gather(*futs, return_exceptions=True)
-        arrays, tokens = [], 0
+            return await loop.run_in_executor(self.pool, self.prepare_texts, inputs)
+        loop = asyncio.get_running_loop()
+        futs = [
+            loop.run_in_executor(self.pool, self.prepare, kind, i, v) for i, v in enumerate(inputs)
+        ]
+        results = await asyncio.gather(*futs, return_exceptions=True)
         for i, r in enumerate(results):
             if isinstance(r, BaseException):
                 raise self._refusal(kind, i, r)
-            arrays.append(r[0])
-            tokens += r[1]
-        return arrays, tokens
+        return results, 0  # tokens count texts only
 
     def _refusal(self, kind: str, index: int, e: BaseException) -> BaseException:
         """What input `index` failing with `e` answers: 400 for a bad input, 503 when the store

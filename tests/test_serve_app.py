@@ -20,6 +20,8 @@ import pytest
 from helpers.serve import serve_base_url, wait_ready
 from numerics import assert_embeddings_close
 
+from imagebind_core.preprocess.common import DEFAULT_LIMITS
+
 PREFIX_A = "/t5a"
 PREFIX_B = "/t5b"
 PREFIX_C = "/t5c"
@@ -358,6 +360,11 @@ def test_bad_inputs_are_400_naming_the_input(client):
     assert err["param"] == "input[2]" and err["message"].startswith("input[2]: invalid vision")
     err = error(embed(client, [wire(make_input("vision"))], "audio"), 400)  # a PNG as audio
     assert err["param"] == "input[0]"
+    # Texts are tokenised as one batch; the first bad one is named.
+    long = "x" * (DEFAULT_LIMITS.max_text_chars + 1)
+    err = error(embed(client, ["fine", long, long], "text"), 400)
+    assert err["param"] == "input[1]" and err["message"].startswith("input[1]: invalid text")
+    assert "over the limit" in err["message"]
 
 
 @pytest.mark.parametrize(
