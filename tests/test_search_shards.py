@@ -330,6 +330,39 @@ def test_a_build_streams_batches_in_two_passes(opts, tmp_path):
         )  # fmt: skip
 
 
+def test_a_format_2_index_is_read_and_updated(tmp_path):
+    """An index written before segments (format 2: one whole-FAISS part set per shard folder,
+    no `trained` or `segments` in meta.json) loads, and its child references it."""
+    import json
+
+    v1, v2, upserts, deleted = change(600, seed=31)
+    opts = IndexOptions(shards=2, flat_threshold=10**9)
+    p1 = str(tmp_path / "v1")
+    update_index(p1, parent_uri=None, upserts=v1, deletes=[], all_rows=lambda: v1, options=opts)
+    with open(os.path.join(p1, "meta.json")) as f:
+        meta = json.load(f)
+    old = [
+        {"count": sh["count"], "parts": {m: {k: p[k] for k in ("kind", "count", "vectors")}
+                                         for m, p in sh["segments"][0]["parts"].items()}}
+        for sh in meta["shards"]
+    ]  # fmt: skip
+    meta.update(format=2, shards=old)
+    del meta["trained"]
+    with open(os.path.join(p1, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    queries = mixture(10, 32)
+    want1 = VectorIndex.from_table(v1, **opts.to_json())
+    assert hits_of(VectorIndex.load(p1), queries, 10) == hits_of(want1, queries, 10)
+    p2 = str(tmp_path / "v2")
+    r = update_index(
+        p2, parent_uri=p1, upserts=upserts, deletes=deleted, all_rows=None, options=opts
+    )
+    assert r.mode == "updated" and read_index_meta(p2)["format"] == 3
+    assert os.path.join(p1, "shard-00000") in index_files(p2)
+    want2 = VectorIndex.from_table(v2, **opts.to_json())
+    assert hits_of(VectorIndex.load(p2), queries, 10) == hits_of(want2, queries, 10)
+
+
 def recall(index: VectorIndex, t: pa.Table, queries: np.ndarray, k: int = 10) -> float:
     got = [{h["id"] for h in index.search(q, k)} for q in queries]
     want = [set(exact_top(t, q, k)) for q in queries]
