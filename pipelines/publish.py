@@ -322,10 +322,11 @@ def parquet_files(uri: str, storage_options: StorageOptions, *, errors: bool) ->
 
 
 def read_parquet_tree(
-    uri: str, storage_options: StorageOptions, *, errors: bool
+    uri: str, storage_options: StorageOptions, *, errors: bool, columns: list[str] | None = None
 ) -> pa.Table | None:
     """All Parquet files under `uri`: data files (`errors=False`, `_`/`.` paths skipped) or the
-    files inside `_errors/` folders (`errors=True`). None if there are none."""
+    files inside `_errors/` folders (`errors=True`), only `columns` when given. None if there
+    are none."""
     picked = parquet_files(uri, storage_options, errors=errors)
     if not picked:
         return None
@@ -333,7 +334,7 @@ def read_parquet_tree(
     tables = []
     for f in picked:
         with fs.open(f, "rb") as fh:
-            tables.append(pq.read_table(fh))
+            tables.append(pq.read_table(fh, columns=columns))
     return pa.concat_tables(tables, promote_options="default")
 
 
@@ -377,11 +378,14 @@ class StagedVersion:
         self.embedded_uri = join_uri(self.data_uri, EMBEDDED_DIR)
         self.index_uri = join_uri(self.uri, INDEX_DIR)
 
-    def read_embedded(self) -> tuple[pa.Table | None, pa.Table | None]:
-        """This run's embedded rows and its failures (None where there are none)."""
+    def read_embedded(self, *, vectors: bool = True) -> tuple[pa.Table | None, pa.Table | None]:
+        """This run's embedded rows and its failures (None where there are none); without
+        `vectors`, the rows' id, uri and modality only (what a run whose index is built from
+        the Lance version needs: it never holds the vectors it embedded)."""
         storage_options = self.root.storage_options
+        columns = None if vectors else ["id", "uri", "modality"]
         return (
-            read_parquet_tree(self.embedded_uri, storage_options, errors=False),
+            read_parquet_tree(self.embedded_uri, storage_options, errors=False, columns=columns),
             read_parquet_tree(self.embedded_uri, storage_options, errors=True),
         )
 

@@ -81,9 +81,14 @@ SINK_COLUMNS = [*INDEX_COLUMNS, "fingerprint"]
 def _index_change(appended: pa.Table, drop_ids: pa.Array, dim: int) -> tuple[pa.Table, list[str]]:
     """What the index must apply: upsert every row this run appended (embedded, relocated),
     delete the parent ids the version no longer holds."""
-    upserts = appended.select(INDEX_COLUMNS) if appended.num_rows else _empty_rows(dim)
+    upserts = _index_columns(appended) if appended.num_rows else _empty_rows(dim)
     gone = pc.invert(pc.is_in(drop_ids, value_set=upserts["id"]))
     return upserts, drop_ids.filter(gone).to_pylist()
+
+
+def _index_columns(table: pa.Table) -> pa.Table:
+    """The index's columns of `table` (without `embedding` when it was read without vectors)."""
+    return table.select([c for c in INDEX_COLUMNS if c in table.column_names])
 
 
 # ----------------------------------------------------------------------------- the run
@@ -190,7 +195,10 @@ def _run_locked(cfg: ReindexConfig, ir: IndexRoot, lock: OutputLock) -> ReindexR
     if lock.lost.is_set():
         raise OutputLocked(f"lost the re-index lock on {ir.root} while embedding; not publishing")
     with _timed(timings, "commit_rows_s"):
-        new_rows, new_errors = stage.read_embedded()
+        # A version without a parent index (the first, a full re-embed) builds its index from
+        # the Lance version, streamed: the vectors this run embedded are not read here.
+        building = parent.index_uri(ir.root) is None
+        new_rows, new_errors = stage.read_embedded(vectors=not building)
         data = _commit_rows(stage, diff, parent, new_rows)
     with _timed(timings, "index_s"):
         index = _write_index(cfg, stage, parent, data, dim)
@@ -405,7 +413,7 @@ def _commit_rows(
         )
         if not errors:
             appended = moved.table() if isinstance(moved, _Later) else moved
-    parts = [t.select(INDEX_COLUMNS) for t in (new_rows, appended) if t is not None and t.num_rows]
+    parts = [_index_columns(t) for t in (new_rows, appended) if t is not None and t.num_rows]
     return _Committed(
         out[0],
         out[1],
