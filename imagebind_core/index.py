@@ -299,6 +299,24 @@ def _train(kind: str, x: np.ndarray, opts: IndexOptions, n: int | None = None) -
     return faiss.deserialize_index(faiss.serialize_index(index)), info
 
 
+def _train_modalities(
+    modalities: dict[str, tuple[int, Callable[[], np.ndarray]]], opts: IndexOptions
+) -> tuple[dict[str, str], dict[str, dict], dict[str, Any]]:
+    """Each modality's index kind, training record and (IVF kinds) trained template, from
+    its vector count and a function giving its vectors or a uniform sample of them (called
+    only for the IVF kinds)."""
+    kinds: dict[str, str] = {}
+    training: dict[str, dict] = {}
+    templates: dict[str, Any] = {}
+    for m, (n, vectors) in sorted(modalities.items()):
+        kinds[m] = opts.kind_for(n)
+        if kinds[m] == "flat":
+            training[m] = {"kind": "flat", "trained_count": n}
+        else:
+            templates[m], training[m] = _train(kinds[m], vectors(), opts, n=n)
+    return kinds, training, templates
+
+
 def _fit(index: Any, x: np.ndarray) -> np.ndarray:
     """Each vector's cosine to its nearest coarse centroid of the IVF `index` (how well the
     trained quantizer fits the vectors; the drift rule compares it with training time)."""
@@ -875,17 +893,10 @@ class VectorIndex:
         _check_labels(labels, rows.column("id").to_pylist())
         vecs = _normalize(emb) if len(emb) else np.zeros((0, dim), np.float32)
         mods = rows.column("modality").to_numpy(zero_copy_only=False)
-        kinds: dict[str, str] = {}
-        training: dict[str, dict] = {}
-        templates: dict[str, Any] = {}
-        for m in sorted(set(mods.tolist())):
-            sel = mods == m
-            n = int(sel.sum())
-            kinds[m] = opts.kind_for(n)
-            if kinds[m] == "flat":
-                training[m] = {"kind": "flat", "trained_count": n}
-            else:
-                templates[m], training[m] = _train(kinds[m], vecs[sel], opts)
+        kinds, training, templates = _train_modalities(
+            {m: (int((mods == m).sum()), lambda m=m: vecs[mods == m]) for m in set(mods.tolist())},
+            opts,
+        )
         shard_of = labels % opts.shards
         shards = {}
         for s in range(opts.shards):
@@ -1116,14 +1127,12 @@ def update_index(
     [trained / retrain_growth, trained * retrain_growth].
     """
 
-    reason, training = _rebuild_reason(parent_uri, upserts, deletes, options, storage_options)
+    reason, training, scan = _rebuild_reason(parent_uri, upserts, deletes, options, storage_options)
     if reason is not None:
         n, parts = _build_streaming(out_uri, all_rows, options, storage_options)
         return IndexUpdate("built", reason, n, 0, parts, options.shards)
-    assert parent_uri is not None
-    return _update_from_parent(
-        out_uri, parent_uri, upserts, deletes, training, options, storage_options
-    )
+    assert scan is not None
+    return _update_from_parent(out_uri, scan, upserts, training, options, storage_options)
 
 
 # Rows per chunk when a build copies re-ranking vectors into label order (64 MiB at D = 1024).
@@ -1251,15 +1260,9 @@ def _build_streaming(
         for m in np.unique(mods).tolist():
             seed = int(labels_of([m])[0] % 2**32)
             reservoirs.setdefault(m, _Reservoir(_MAX_TRAIN, seed)).add(vecs[mods == m])
-    kinds: dict[str, str] = {}
-    training: dict[str, dict] = {}
-    templates: dict[str, Any] = {}
-    for m, r in sorted(reservoirs.items()):
-        kinds[m] = options.kind_for(r.seen)
-        if kinds[m] == "flat":
-            training[m] = {"kind": "flat", "trained_count": r.seen}
-        else:
-            templates[m], training[m] = _train(kinds[m], r.sample(), options, n=r.seen)
+    kinds, training, templates = _train_modalities(
+        {m: (r.seen, r.sample) for m, r in reservoirs.items()}, options
+    )
     del reservoirs
     fs, path = filesystem(out_uri, storage_options)
     fs.makedirs(path, exist_ok=True)
@@ -1306,9 +1309,8 @@ def _rows_of(batch: Any) -> Any:
 
 def _update_from_parent(
     out_uri: str,
-    parent_uri: str,
+    scan: _ParentScan,
     upserts: Any,
-    deletes: Sequence[str],
     training: dict,
     options: IndexOptions,
     storage_options: StorageOptions | None,
@@ -1318,39 +1320,32 @@ def _update_from_parent(
     the upserts become one new segment. Past `max_segments` the newest segments are merged
     into one (`_merge_start`), past `compact_deleted` all of them (their live rows only); only
     merged segments' vectors are read."""
-    meta = read_index_meta(parent_uri, storage_options)
-    parent = VectorIndex.load(parent_uri, storage_options, shards=[])
-    ids = upserts.column("id").to_pylist()
-    up_labels = labels_of(ids)
-    _check_labels(up_labels, ids)
+    up_labels = scan.up_labels
     kinds = _kinds_with_new_modalities(training, upserts.column("modality").to_pylist())
     vecs = embeddings_of(upserts)
-    vecs = _normalize(vecs) if len(vecs) else np.zeros((0, int(meta["dim"])), np.float32)
-    remove = np.unique(np.concatenate([labels_of(deletes), up_labels]))
+    vecs = _normalize(vecs) if len(vecs) else np.zeros((0, int(scan.meta["dim"])), np.float32)
     rows = upserts.select(["id", "uri", "modality"])
     fs, path = filesystem(out_uri, storage_options)
     fs.makedirs(path, exist_ok=True)
-    pfs, ppath = filesystem(parent_uri, storage_options)
-    trained = _relative(_resolve(ppath, meta.get("trained", TRAINED_DIR)), path)
-    local = protocol_of(parent_uri) == "file"
-    shards, removed, compacted = [], 0, 0
-    for s, seg_entries in enumerate(_segment_entries(meta)):  # one shard at a time
+    pfs, ppath, templates = scan.fs, scan.path, scan.templates
+    trained = _relative(_resolve(ppath, scan.meta.get("trained", TRAINED_DIR)), path)
+    local = protocol_of(scan.uri) == "file"
+    shards, compacted = [], 0
+    for s, (entries, hits) in enumerate(scan.shards):  # one shard at a time
         sel = np.flatnonzero(up_labels % options.shards == s)
-        rm = remove[remove % options.shards == s]
         new = None
         if len(sel):
             new = _Segment.build(
-                up_labels[sel], rows.take(sel), vecs[sel], kinds, parent.templates, options
+                up_labels[sel], rows.take(sel), vecs[sel], kinds, templates, options
             )
-        entries, dels, gone = _delete_in_segments(
-            pfs, ppath, seg_entries, rm, up_labels[sel], [ids[j] for j in sel]
-        )
-        removed += gone
+        # A segment's deletions: its earlier ones and this change's (None: unchanged).
+        dels = [
+            None if h is None else np.union1d(_read_deleted(pfs, ppath, e), h)
+            for e, h in zip(entries, hits, strict=True)
+        ]
         segs = entries + ([new] if new is not None else [])
         stored = sum(e["rows"] for e in entries) + (new.stored if new else 0)
-        deleted = sum(len(d) for d in dels if d is not None) + sum(
-            e["rows"] - e["count"] for e, d in zip(entries, dels, strict=True) if d is None
-        )
+        deleted = sum(e["rows"] - e["count"] for e in entries)
         sdir = f"{path}/{shard_dir(s)}"
         start = None  # entries[start:] and the new segment are merged into one
         if deleted > options.compact_deleted * stored:
@@ -1359,7 +1354,7 @@ def _update_from_parent(
             start = _merge_start([e["rows"] for e in entries] + ([new.stored] if new else []))
         if start is not None:
             loaded = [
-                _Segment.load(pfs, ppath, e, local, parent.templates, d)
+                _Segment.load(pfs, ppath, e, local, templates, d)
                 for e, d in zip(entries[start:], dels[start:], strict=True)
             ]
             new = _Segment.merge(loaded + ([new] if new is not None else []))
@@ -1388,12 +1383,12 @@ def _update_from_parent(
                 prev = parts.get(m)
                 parts[m] = PartInfo(p["kind"], p["live"] + (prev.count if prev else 0))
     parts = {m: p for m, p in parts.items() if p.count}
-    _write_meta(fs, path, int(meta["dim"]), options, training, parts, shards, trained)
+    _write_meta(fs, path, int(scan.meta["dim"]), options, training, parts, shards, trained)
     return IndexUpdate(
         "updated",
         None,
-        len(ids),
-        removed,
+        len(up_labels),
+        scan.removed,
         dict(sorted(parts.items())),
         options.shards,
         compacted,
@@ -1429,10 +1424,11 @@ def _delete_in_segments(
     up_labels: np.ndarray,
     up_ids: list[str],
 ) -> tuple[list[dict], list[np.ndarray | None], int]:
-    """Apply the removals `remove` to a shard's segments, reading only their label, id and
-    modality columns. Returns the entries with new live counts, each segment's new deletion
-    array (None: unchanged) and the number of live rows removed. An upserted label a segment
-    holds live must belong to the same id (no hash clash)."""
+    """Find the removals `remove` in a shard's segments, reading their label and modality
+    columns (and ids where an upserted label is live). Returns the entries with their new
+    live counts, the labels each segment loses (None: none) and the number of live rows
+    removed. An upserted label a segment holds live must belong to the same id (no hash
+    clash)."""
     out, dels, gone = [], [], 0
     for e in entries:
         labels, mods = _segment_keys(fs, base, e)
@@ -1455,7 +1451,7 @@ def _delete_in_segments(
         lost = dict(zip(names.tolist(), counts.tolist(), strict=True))
         parts = {m: dict(p, live=p["live"] - lost.get(m, 0)) for m, p in e["parts"].items()}
         out.append(dict(e, count=e["count"] - int(hit.sum()), parts=parts))
-        dels.append(np.union1d(old, labels[hit]))
+        dels.append(labels[hit])
     return out, dels, gone
 
 
@@ -1506,75 +1502,107 @@ def _kinds_with_new_modalities(training: dict, up_mods: list[str]) -> dict[str, 
     return kinds
 
 
+@dataclass
+class _ParentScan:
+    """The parent index as an update needs it, from one read of its segments' keys: its
+    meta.json and trained templates, and per shard the segment entries with their live counts
+    after the change and the labels each segment loses (`_delete_in_segments`)."""
+
+    uri: str
+    fs: Any
+    path: str
+    meta: dict
+    templates: dict[str, Any]
+    up_labels: np.ndarray
+    shards: list[tuple[list[dict], list[np.ndarray | None]]]
+    removed: int
+
+    @classmethod
+    def read(
+        cls,
+        uri: str,
+        meta: dict,
+        upserts: Any,
+        deletes: Sequence[str],
+        options: IndexOptions,
+        storage_options: StorageOptions | None,
+    ) -> _ParentScan:
+        fs, path = filesystem(uri, storage_options)
+        ids = upserts.column("id").to_pylist()
+        up_labels = labels_of(ids)
+        _check_labels(up_labels, ids)
+        remove = np.unique(np.concatenate([labels_of(deletes), up_labels]))
+        shards, removed = [], 0
+        for s, seg_entries in enumerate(_segment_entries(meta)):
+            sel = np.flatnonzero(up_labels % options.shards == s)
+            entries, hits, gone = _delete_in_segments(
+                fs,
+                path,
+                seg_entries,
+                remove[remove % options.shards == s],
+                up_labels[sel],
+                [ids[j] for j in sel],
+            )
+            shards.append((entries, hits))
+            removed += gone
+        templates = VectorIndex.load(uri, storage_options, shards=[]).templates
+        return cls(uri, fs, path, meta, templates, up_labels, shards, removed)
+
+    def counts_after(self, upserts: Any) -> dict[str, int]:
+        """Vectors per modality in the new version: the parent's live ones after the
+        removals, plus the upserts."""
+        counts = {m: 0 for m in self.meta["training"]}
+        for entries, _ in self.shards:
+            for e in entries:
+                for m, p in e["parts"].items():
+                    counts[m] = counts.get(m, 0) + p["live"]
+        for m in upserts.column("modality").to_pylist():
+            counts[m] = counts.get(m, 0) + 1
+        return counts
+
+
 def _rebuild_reason(
     parent_uri: str | None,
     upserts: Any,
     deletes: Sequence[str],
     options: IndexOptions,
     storage_options: StorageOptions | None,
-) -> tuple[str | None, dict]:
-    """Why the new version's index must be built from every row (None: update), and the
-    training record the updated index carries (drift counters advanced by the upserts)."""
+) -> tuple[str | None, dict, _ParentScan | None]:
+    """Why the new version's index must be built from every row (None: update), the
+    training record the updated index carries (drift counters advanced by the upserts), and
+    the parent's scan the update uses."""
     if parent_uri is None:
-        return "no parent index", {}
+        return "no parent index", {}, None
     try:
         meta = read_index_meta(parent_uri, storage_options)
     except (FileNotFoundError, ValueError) as e:
-        return f"parent index unusable ({e})", {}
+        return f"parent index unusable ({e})", {}, None
     old = IndexOptions(**meta["options"]) if "options" in meta else None
     if old is None or old.layout() != options.layout():
-        return "index options changed", {}
+        return "index options changed", {}, None
     vecs = embeddings_of(upserts)
     if upserts.num_rows and vecs.shape[1] != meta["dim"]:
-        return f"embedding dimension changed ({meta['dim']} -> {vecs.shape[1]})", {}
+        return f"embedding dimension changed ({meta['dim']} -> {vecs.shape[1]})", {}, None
     training = {m: dict(t) for m, t in meta["training"].items()}
-    counts = _counts_after(meta, parent_uri, upserts, deletes, options, storage_options)
+    scan = _ParentScan.read(parent_uri, meta, upserts, deletes, options, storage_options)
     up_mods = np.asarray(upserts.column("modality").to_pylist(), dtype=object)
-    templates = VectorIndex.load(parent_uri, storage_options, shards=[]).templates
-    for m, n in sorted(counts.items()):
+    for m, n in sorted(scan.counts_after(upserts).items()):
         t = training.get(m)
         kind = options.kind_for(n)
         if n == 0:
             continue
         if t is None:
             if kind != "flat":
-                return f"new modality {m} with {n} vectors needs training", {}
+                return f"new modality {m} with {n} vectors needs training", {}, None
             continue
         if kind != t["kind"]:
-            return f"{m}: {n} vectors need a {kind} index (was {t['kind']})", {}
+            return f"{m}: {n} vectors need a {kind} index (was {t['kind']})", {}, None
         if kind == "flat":
             continue
-        reason = _retrain_reason(m, n, t, options, templates, vecs[up_mods == m])
+        reason = _retrain_reason(m, n, t, options, scan.templates, vecs[up_mods == m])
         if reason is not None:
-            return reason, {}
-    return None, training
-
-
-def _counts_after(
-    meta: dict,
-    parent_uri: str,
-    upserts: Any,
-    deletes: Sequence[str],
-    options: IndexOptions,
-    storage_options: StorageOptions | None,
-) -> dict[str, int]:
-    """Vectors per modality in the new version: the parent's counts, less the removed and
-    replaced rows (looked up in the shards' row lists, two columns), plus the upserts."""
-    counts = {m: 0 for m in meta["training"]}
-    shards = _segment_entries(meta)
-    for e in (e for segs in shards for e in segs):
-        for m, p in e["parts"].items():
-            counts[m] = counts.get(m, 0) + p["live"]
-    gone = labels_of(list(deletes) + upserts.column("id").to_pylist())
-    fs, path = filesystem(parent_uri, storage_options)
-    for e in (e for segs in shards for e in segs) if len(gone) else ():
-        labels, mods = _segment_keys(fs, path, e)
-        hit = np.isin(labels, gone) & ~np.isin(labels, _read_deleted(fs, path, e))
-        for m in mods[hit].tolist():
-            counts[m] -= 1
-    for m in upserts.column("modality").to_pylist():
-        counts[m] = counts.get(m, 0) + 1
-    return counts
+            return reason, {}, None
+    return None, training, scan
 
 
 def _retrain_reason(
