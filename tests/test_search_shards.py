@@ -490,6 +490,8 @@ def test_bad_rows_and_options_are_named():
         ({"retrain_growth": 1.0}, "retrain_growth"),
         ({"nlist": 0}, "nlist"),
         ({"retrain_drift": -1}, "retrain_drift"),
+        ({"max_segments": 0}, "max_segments"),
+        ({"compact_deleted": 1.5}, "compact_deleted"),
     ]:
         with pytest.raises(ValueError, match=field):
             IndexOptions(**bad)
