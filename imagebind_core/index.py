@@ -47,6 +47,10 @@ kind or its size leaves the retrain band (`IndexOptions.retrain_growth`).
 <version>/index/shard-NNNNN/<modality>.faiss         the segment's FAISS index
 <version>/index/shard-NNNNN/<modality>.vectors.npy   IVF-PQ re-ranking vectors (rerank > 0)
 <version>/index/shard-NNNNN/<modality>.labels.npy    their labels (sorted)
+<version>/index/shard-NNNNN/<modality>.order.npy     the row of `vectors.npy` of each of
+                                                     those labels, when the rows are not in
+                                                     label order (a streamed build writes
+                                                     them in arrival order)
 <version>/index/shard-NNNNN/deleted-KKKK.npy         labels deleted from segment KKKK of the
                                                      shard (which an older version wrote)
 ```
@@ -59,9 +63,7 @@ import io
 import json
 import logging
 import math
-import os
 import posixpath
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -79,8 +81,10 @@ VERSIONS_DIR = "versions"
 RECORD_NAME = "version.json"
 DATA_DIR = "data"
 INDEX_DIR = "index"
-INDEX_FORMAT = 3
-READABLE_FORMATS = (2, 3)  # 2: one segment per shard, in the shard's folder
+INDEX_FORMAT = 4
+# 2: one segment per shard, in the shard's folder; 3: re-ranking vectors always in label order
+# (4 adds `<modality>.order.npy`; readers of 3 would take its rows as label-ordered)
+READABLE_FORMATS = (2, 3, 4)
 META_NAME = "meta.json"
 TRAINED_DIR = "trained"
 MAX_TOP_K = 1000
@@ -339,18 +343,26 @@ def _empty(kind: str, dim: int, template: Any | None) -> Any:
 
 @dataclass
 class _Part:
-    """One modality's FAISS index within a shard; `vectors` (rows in `vlabels` order, sorted)
-    are the float vectors kept for re-ranking IVF-PQ candidates."""
+    """One modality's FAISS index within a shard; `vectors` are the float vectors kept for
+    re-ranking IVF-PQ candidates, `vlabels` their labels (sorted) and `vorder` the row of
+    `vectors` of each of them (None: the rows are in `vlabels` order)."""
 
     index: Any
     kind: str
     vectors: np.ndarray | None = None
     vlabels: np.ndarray | None = None
+    vorder: np.ndarray | None = None
     template: Any = None  # the trained template whose quantizer `index` uses, kept alive
 
     @property
     def count(self) -> int:
         return int(self.index.ntotal)
+
+    def vrows(self, labels: np.ndarray) -> np.ndarray:
+        """The rows of `vectors` holding `labels` (which this part must hold)."""
+        assert self.vlabels is not None
+        pos = np.searchsorted(self.vlabels, labels)
+        return pos if self.vorder is None else self.vorder[pos]
 
     def address_by_label(self) -> None:
         """Make an IVF index without re-ranking vectors reconstructible by label (`vector`):
@@ -398,8 +410,8 @@ class _Part:
     def vector(self, label: int) -> np.ndarray:
         """The stored vector of `label` (which this part must hold) as float32."""
         if self.vectors is not None:
-            pos = int(np.searchsorted(self.vlabels, label))
-            return np.array(self.vectors[pos], dtype=np.float32)
+            row = int(self.vrows(np.array([label], np.int64))[0])
+            return np.array(self.vectors[row], dtype=np.float32)
         return np.asarray(self.index.reconstruct(int(label)), dtype=np.float32)
 
 
@@ -542,9 +554,9 @@ class _Segment:
                 else:
                     merged.merge_from(idx, 0)
                 if part.vectors is not None:
-                    keep = ~np.isin(part.vlabels, s.deleted)
-                    vecs.append(np.asarray(part.vectors)[keep])
-                    vlabs.append(part.vlabels[keep])
+                    kept = part.vlabels[~np.isin(part.vlabels, s.deleted)]
+                    vecs.append(np.asarray(part.vectors[part.vrows(kept)]))  # label order
+                    vlabs.append(kept)
             if merged is None or merged.ntotal == 0:
                 continue
             parts[m] = _Part(merged, kind)
@@ -588,8 +600,9 @@ class _Segment:
             keep = i[0] >= 0
             d, i = d[0][keep], i[0][keep]
             if part.vectors is not None and rerank and len(i):
-                pos = np.searchsorted(part.vlabels, i)
-                exact = np.asarray(part.vectors[pos], np.float64) @ q[0].astype(np.float64)
+                exact = np.asarray(part.vectors[part.vrows(i)], np.float64) @ q[0].astype(
+                    np.float64
+                )
                 d = exact.astype(np.float32)
             scores.append(d)
             labels.append(i)
@@ -611,8 +624,10 @@ class _Segment:
             )
         ]
 
-    def save(self, fs: Any, path: str) -> dict:
-        """Write the segment's files (not its deletions) under `path`; returns their entry."""
+    def save(self, fs: Any, path: str, written: Sequence[str] = ()) -> dict:
+        """Write the segment's files (not its deletions) under `path`; returns their entry.
+        `written`: the modalities whose re-ranking vectors a streamed build already wrote
+        there (their parts hold `vlabels` and `vorder`, no `vectors`)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -629,10 +644,14 @@ class _Segment:
             entry: dict[str, Any] = {"kind": part.kind, "count": part.count, "vectors": False}
             if part.kind != "flat":
                 entry["codes"] = "invlists"
-            if part.vectors is not None:
-                with fs.open(f"{path}/{m}.vectors.npy", "wb") as f:  # streamed, from a memmap too
-                    np.save(f, part.vectors)
+            if part.vlabels is not None:
+                if m not in written:
+                    with fs.open(f"{path}/{m}.vectors.npy", "wb") as f:  # streamed
+                        np.save(f, part.vectors)
                 fs.pipe_file(f"{path}/{m}.labels.npy", _npy(part.vlabels))
+                if part.vorder is not None:
+                    fs.pipe_file(f"{path}/{m}.order.npy", _npy(part.vorder))
+                    entry["order"] = True
                 entry["vectors"] = True
             parts[m] = entry
         return {"rows": self.stored, "parts": parts}
@@ -667,6 +686,8 @@ class _Segment:
                 else:
                     part.vectors = np.load(io.BytesIO(fs.cat_file(vpath)))
                 part.vlabels = np.load(io.BytesIO(fs.cat_file(f"{path}/{m}.labels.npy")))
+                if p.get("order"):
+                    part.vorder = np.load(io.BytesIO(fs.cat_file(f"{path}/{m}.order.npy")))
             parts[m] = part
         if deleted is None:
             deleted = _read_deleted(fs, base, entry)
@@ -1135,22 +1156,27 @@ def update_index(
     return _update_from_parent(out_uri, scan, upserts, training, options, storage_options)
 
 
-# Rows per chunk when a build copies re-ranking vectors into label order (64 MiB at D = 1024).
-_SORT_CHUNK = 16_384
 # Vectors kept per modality to train on: `_train` never uses more.
 _MAX_TRAIN = 262_144
+# Rows a build handles at a time: its transient copies of one batch's vectors (normalised,
+# selected per shard and modality) stay ~64 MiB each at D = 1024, whatever the caller's batches.
+BUILD_BATCH_ROWS = 16_384
 
 
 def _batches_of(all_rows: Callable[[], Any]) -> Iterator[Any]:
-    """One pass over `all_rows()`: a pyarrow Table (cut into batches) or an iterable of
-    record batches / tables."""
+    """One pass over `all_rows()` (a pyarrow Table, or an iterable of record batches or
+    tables) as tables of at most `BUILD_BATCH_ROWS` rows (slices: no copy)."""
     import pyarrow as pa
 
     rows = all_rows()
     if isinstance(rows, pa.Table):
-        rows = rows.to_batches(max_chunksize=65_536)
+        rows = rows.to_batches(max_chunksize=BUILD_BATCH_ROWS)
     for b in rows:
-        yield pa.Table.from_batches([b]) if isinstance(b, pa.RecordBatch) else b
+        t = pa.Table.from_batches([b]) if isinstance(b, pa.RecordBatch) else b
+        for s in range(0, t.num_rows, BUILD_BATCH_ROWS):
+            yield t.slice(s, BUILD_BATCH_ROWS)
+        if not t.num_rows:
+            yield t
 
 
 class _Reservoir:
@@ -1180,36 +1206,60 @@ class _Reservoir:
         return self.x[: min(self.seen, self.cap)]
 
 
-class _ShardBuilder:
-    """One shard of a streamed build: FAISS parts filled batch by batch, rows kept (no
-    vectors), IVF-PQ re-ranking vectors appended to a local scratch file per modality and
-    put into label order at the end, so no vector stays in memory beyond the FAISS codes."""
+def _pick(a: Any, sel: np.ndarray) -> Any:
+    """`a[sel]` (`a.take(sel)` for a table) for the positions `sel`, without a copy when
+    they are all of `a`'s rows in order (one shard, one modality: the usual case)."""
+    n = a.num_rows if hasattr(a, "num_rows") else len(a)
+    if len(sel) == n and (n == 0 or (sel[0] == 0 and sel[-1] == n - 1)):
+        return a
+    return a.take(sel) if hasattr(a, "take") and not isinstance(a, np.ndarray) else a[sel]
 
-    def __init__(self, s: int, dim: int, kinds, templates, opts: IndexOptions, scratch: str):
-        self.s, self.dim, self.kinds, self.templates, self.opts = s, dim, kinds, templates, opts
-        self.scratch = scratch
+
+class _ShardBuilder:
+    """One shard of a streamed build, written under `path`: FAISS parts filled batch by
+    batch, rows kept (no vectors), and IVF-PQ re-ranking vectors streamed straight into
+    their `.vectors.npy` in arrival order (`counts`, from the first pass, sizes its header),
+    with `vorder` giving each label's row. No vector stays in memory beyond the FAISS codes
+    and no scratch copy is written."""
+
+    def __init__(self, dim, kinds, templates, opts: IndexOptions, fs, path, counts) -> None:
+        self.dim, self.kinds, self.templates, self.opts = dim, kinds, templates, opts
+        self.fs, self.path, self.counts = fs, path, counts
         self.labels: list[np.ndarray] = []
         self.rows: list[Any] = []
         self.parts: dict[str, _Part] = {}
         self.vlabels: dict[str, list[np.ndarray]] = {}
         self.vfiles: dict[str, Any] = {}
 
+    def _open_vectors(self, m: str) -> None:
+        self.fs.makedirs(self.path, exist_ok=True)
+        f = self.vfiles[m] = self.fs.open(f"{self.path}/{m}.vectors.npy", "wb")
+        header = {"descr": "<f4", "fortran_order": False, "shape": (self.counts[m], self.dim)}
+        np.lib.format.write_array_header_1_0(f, header)
+        self.vlabels[m] = []
+
     def add(self, labels: np.ndarray, rows: Any, vecs: np.ndarray, mods: np.ndarray) -> None:
         self.labels.append(labels)
         self.rows.append(rows)
         for m in np.unique(mods).tolist():
-            sel = mods == m
+            sel = np.flatnonzero(mods == m)
+            v, lab = _pick(vecs, sel), _pick(labels, sel)
             part = self.parts.get(m)
             if part is None:
                 kind = self.kinds[m]
                 part = self.parts[m] = _Part(_empty(kind, self.dim, self.templates.get(m)), kind)
                 if kind == "ivfpq" and self.opts.rerank:
-                    self.vfiles[m] = open(f"{self.scratch}/{self.s}-{m}.f32", "wb")  # noqa: SIM115
-                    self.vlabels[m] = []
-            part.index.add_with_ids(vecs[sel], labels[sel])
+                    self._open_vectors(m)
+            part.index.add_with_ids(v, lab)
             if m in self.vfiles:
-                self.vfiles[m].write(np.ascontiguousarray(vecs[sel]).tobytes())
-                self.vlabels[m].append(labels[sel])
+                self.vfiles[m].write(memoryview(np.ascontiguousarray(v, "<f4")).cast("B"))
+                self.vlabels[m].append(lab)
+
+    def discard(self) -> None:
+        """Close the vector files of a failed build without completing them (an object
+        store's multipart upload is abandoned)."""
+        for f in self.vfiles.values():
+            getattr(f, "discard", f.close)()
 
     def finish(self) -> _Segment:
         import pyarrow as pa
@@ -1223,18 +1273,31 @@ class _ShardBuilder:
         for m, f in self.vfiles.items():
             f.close()
             vl = np.concatenate(self.vlabels[m])
+            if len(vl) != self.counts[m]:
+                raise RuntimeError(
+                    f"{m}: the build's two passes read {self.counts[m]} and {len(vl)} vectors"
+                    " (the rows changed while the index was built)"
+                )
             o = np.argsort(vl, kind="stable")
-            src = np.memmap(f.name, np.float32, "r", shape=(len(vl), self.dim))
-            dst = np.lib.format.open_memmap(
-                f"{self.scratch}/{self.s}-{m}.npy", "w+", np.float32, (len(vl), self.dim)
-            )
-            for i in range(0, len(o), _SORT_CHUNK):
-                dst[i : i + _SORT_CHUNK] = src[o[i : i + _SORT_CHUNK]]
-            dst.flush()
-            del src
-            os.remove(f.name)
-            self.parts[m].vectors, self.parts[m].vlabels = dst, vl[o]
+            in_order = bool(np.all(o == np.arange(len(o))))
+            self.parts[m].vlabels, self.parts[m].vorder = vl[o], None if in_order else o
         return seg
+
+
+def _fill(builders: list[_ShardBuilder], all_rows: Callable[[], Any], shards: int) -> None:
+    """The build's second pass: every row to its shard's builder."""
+    for batch in _batches_of(all_rows):
+        if not batch.num_rows:
+            continue
+        rows = _rows_of(batch)
+        labels = labels_of(rows.column("id").to_pylist())
+        vecs = _normalize(embeddings_of(batch))
+        mods = rows.column("modality").to_numpy(zero_copy_only=False).astype(str)
+        shard = labels % shards
+        for s in np.unique(shard).tolist():
+            sel = np.flatnonzero(shard == s)
+            builders[s].add(_pick(labels, sel), _pick(rows, sel), _pick(vecs, sel), mods[sel])
+        del vecs
 
 
 def _build_streaming(
@@ -1245,10 +1308,12 @@ def _build_streaming(
 ) -> tuple[int, dict[str, PartInfo]]:
     """Build and write the index of every row in two passes over `all_rows()` (id, uri,
     modality, embedding; a Table or an iterable of batches), holding no more vectors than
-    the training samples (`_MAX_TRAIN` per modality) and the FAISS codes: pass 1 counts each
-    modality and keeps a uniform sample of its vectors, which train the IVF templates; pass
-    2 adds every vector to its shard. Returns (count, parts)."""
+    the training samples (`_MAX_TRAIN` per modality), one batch and the FAISS codes: pass 1
+    counts each modality (per shard) and keeps a uniform sample of its vectors, which train
+    the IVF templates; pass 2 adds every vector to its shard and streams the re-ranking
+    vectors to their files. Returns (count, parts)."""
     reservoirs: dict[str, _Reservoir] = {}
+    counts: dict[str, np.ndarray] = {}  # modality -> rows per shard
     dim = None
     for batch in _batches_of(all_rows):
         if not batch.num_rows:
@@ -1257,9 +1322,18 @@ def _build_streaming(
         vecs = _normalize(embeddings_of(batch))
         dim = vecs.shape[1]
         mods = batch.column("modality").to_numpy(zero_copy_only=False).astype(str)
+        shard = (
+            labels_of(batch.column("id").to_pylist()) % options.shards
+            if options.shards > 1
+            else np.zeros(len(mods), np.int64)
+        )
         for m in np.unique(mods).tolist():
+            sel = np.flatnonzero(mods == m)
             seed = int(labels_of([m])[0] % 2**32)
-            reservoirs.setdefault(m, _Reservoir(_MAX_TRAIN, seed)).add(vecs[mods == m])
+            reservoirs.setdefault(m, _Reservoir(_MAX_TRAIN, seed)).add(_pick(vecs, sel))
+            per_shard = np.bincount(shard[sel], minlength=options.shards)
+            counts[m] = counts[m] + per_shard if m in counts else per_shard
+        del vecs
     kinds, training, templates = _train_modalities(
         {m: (r.seen, r.sample) for m, r in reservoirs.items()}, options
     )
@@ -1267,44 +1341,58 @@ def _build_streaming(
     fs, path = filesystem(out_uri, storage_options)
     fs.makedirs(path, exist_ok=True)
     _save_templates(fs, path, templates)
+    builders = [
+        _ShardBuilder(
+            dim or 0,
+            kinds,
+            templates,
+            options,
+            fs,
+            f"{path}/{shard_dir(s)}",
+            {m: int(c[s]) for m, c in counts.items()},
+        )
+        for s in range(options.shards)
+    ]
+    try:
+        _fill(builders, all_rows, options.shards)
+    except BaseException:
+        for b in builders:
+            b.discard()
+        raise
     entries = []
-    with tempfile.TemporaryDirectory(prefix="ib-index-build-") as scratch:
-        builders = [
-            _ShardBuilder(s, dim or 0, kinds, templates, options, scratch)
-            for s in range(options.shards)
-        ]
-        for batch in _batches_of(all_rows):
-            if not batch.num_rows:
-                continue
-            rows = _rows_of(batch)
-            labels = labels_of(rows.column("id").to_pylist())
-            vecs = _normalize(embeddings_of(batch))
-            mods = rows.column("modality").to_numpy(zero_copy_only=False).astype(str)
-            shard = labels % options.shards
-            for s in np.unique(shard).tolist():
-                sel = np.flatnonzero(shard == s)
-                builders[s].add(labels[sel], rows.take(sel), vecs[sel], mods[sel])
-        parts: dict[str, PartInfo] = {}
-        for s, b in enumerate(builders):  # each shard written, then dropped
-            seg = b.finish()
-            segs = [_segment_entry(seg, fs, f"{path}/{shard_dir(s)}", path)] if seg.stored else []
-            entries.append({"count": seg.stored, "segments": segs})
-            for m, p in seg.parts.items():
-                prev = parts.get(m)
-                parts[m] = PartInfo(p.kind, p.count + (prev.count if prev else 0))
-            builders[s] = None  # type: ignore[call-overload]
-            del seg, b
+    parts: dict[str, PartInfo] = {}
+    for s, b in enumerate(builders):  # each shard written, then dropped
+        seg = b.finish()
+        seg_path = f"{path}/{shard_dir(s)}"
+        segs = (
+            [_segment_entry(seg, fs, seg_path, path, written=list(b.vfiles))] if seg.stored else []
+        )
+        entries.append({"count": seg.stored, "segments": segs})
+        for m, p in seg.parts.items():
+            prev = parts.get(m)
+            parts[m] = PartInfo(p.kind, p.count + (prev.count if prev else 0))
+        builders[s] = None  # type: ignore[call-overload]
+        del seg, b
     parts = dict(sorted(parts.items()))
     _write_meta(fs, path, dim or 0, options, training, parts, entries, TRAINED_DIR)
     return sum(e["count"] for e in entries), parts
 
 
 def _rows_of(batch: Any) -> Any:
-    """The (id, uri, modality) columns of a batch as an index rows table (cast, no copy)."""
+    """The (id, uri, modality) columns of a batch as an index rows table of their own.
+
+    Copied, because a build keeps them after the batch is gone: the columns of a batch
+    imported over the Arrow C interface (a Lance scan's) share one release, so a zero-copy
+    view of its strings kept the whole batch, vectors included, alive (measured: ~5 KB a row,
+    the build's memory growing with the table)."""
     import pyarrow as pa
 
-    names = _rows_schema().names
-    return pa.table([batch.column(c) for c in names], names=names).cast(_rows_schema())
+    schema = _rows_schema()
+    cols = []
+    for f in schema:
+        col = batch.column(f.name).cast(f.type)
+        cols.append(pa.concat_arrays(col.chunks) if col.num_chunks else pa.array([], f.type))
+    return pa.table(cols, schema=schema)
 
 
 def _update_from_parent(
@@ -1408,9 +1496,12 @@ def _merge_start(sizes: list[int]) -> int:
     return min(j, len(sizes) - 2)
 
 
-def _segment_entry(seg: _Segment, fs: Any, seg_path: str, index_path: str) -> dict:
-    """Save a new segment (no deletions) at `seg_path`; its meta.json entry."""
-    e = seg.save(fs, seg_path)
+def _segment_entry(
+    seg: _Segment, fs: Any, seg_path: str, index_path: str, written: Sequence[str] = ()
+) -> dict:
+    """Save a new segment (no deletions) at `seg_path`; its meta.json entry (`written`: as
+    in `_Segment.save`)."""
+    e = seg.save(fs, seg_path, written)
     for p in e["parts"].values():
         p["live"] = p["count"]
     return dict(e, path=_relative(seg_path, index_path), count=seg.stored, deleted=None)

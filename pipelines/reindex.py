@@ -47,7 +47,14 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from imagebind_core.index import DATA_DIR, INDEX_DIR, Pointer, join_uri, update_index
+from imagebind_core.index import (
+    BUILD_BATCH_ROWS,
+    DATA_DIR,
+    INDEX_DIR,
+    Pointer,
+    join_uri,
+    update_index,
+)
 from pipelines.config import ReindexConfig
 from pipelines.diff import KEY_COLUMNS, diff_listing, diff_on_ray, relocate
 from pipelines.lineage import lineage_changes, lineage_key, model_lineage
@@ -491,7 +498,8 @@ def _write_index(
     def all_rows() -> Any:  # streamed: a build reads the version twice, in batches
         if data.rows is None:
             return _empty_rows(dim)
-        return scan_pin(data.rows, so, columns=INDEX_COLUMNS)
+        # vectors in batches of the build's own size: Lance reads ahead several batches
+        return scan_pin(data.rows, so, columns=INDEX_COLUMNS, batch_rows=BUILD_BATCH_ROWS)
 
     return update_index(
         stage.index_uri,

@@ -267,15 +267,19 @@ def read_pin(
 
 
 def scan_pin(
-    pin: Pin, storage_options: StorageOptions | None, *, columns: list[str] | None = None
+    pin: Pin,
+    storage_options: StorageOptions | None,
+    *,
+    columns: list[str] | None = None,
+    batch_rows: int = SCAN_BATCH_ROWS,
 ) -> Iterator[pa.RecordBatch]:
-    """Stream a pinned version's rows (`SCAN_BATCH_ROWS` at a time)."""
+    """Stream a pinned version's rows (`batch_rows` at a time)."""
     import lance
 
     ds = lance.dataset(
         pin.uri, version=pin.version, storage_options=lance_options(pin.uri, storage_options)
     )
-    yield from ds.to_batches(columns=columns, batch_size=SCAN_BATCH_ROWS)
+    yield from ds.to_batches(columns=columns, batch_size=batch_rows)
 
 
 def count_pin(pin: Pin | None, storage_options: StorageOptions | None) -> int:

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pytest
 
 from imagebind_core.index import (
+    INDEX_FORMAT,
     IndexOptions,
     VectorIndex,
     index_files,
@@ -294,7 +295,7 @@ def test_a_chain_of_updates_equals_a_rebuild_and_stays_bounded(compact_deleted, 
 def test_a_build_streams_batches_in_two_passes(opts, tmp_path):
     """`update_index` builds from batches (as the job streams a Lance version): read twice,
     never all at once; the index equals (exact) or matches (IVF-PQ) an in-memory build, and
-    its re-ranking vectors are every row's, in label order. An id in two batches is refused."""
+    its re-ranking vectors are every row's, found by label. An id in two batches is refused."""
     ids, emb = corpus(2400, seed=21)
     t = table(ids, emb, ["text"] * 2400)
     o = IndexOptions(shards=2, **opts)
@@ -321,7 +322,9 @@ def test_a_build_streams_batches_in_two_passes(opts, tmp_path):
             by_label = dict(zip(labels_of(ids).tolist(), range(len(ids)), strict=True))
             rows = [by_label[x] for x in part.vlabels[:50].tolist()]
             unit = emb[rows] / np.linalg.norm(emb[rows], axis=1, keepdims=True)
-            np.testing.assert_allclose(part.vectors[:50], unit, rtol=1e-6, atol=1e-6)
+            got_rows = part.vectors[part.vrows(part.vlabels[:50])]
+            np.testing.assert_allclose(got_rows, unit, rtol=1e-6, atol=1e-6)
+            assert part.vorder is not None  # written as they came, not re-sorted on disk
     twice = pa.concat_tables([t, t.slice(7, 1)])
     with pytest.raises(ValueError, match=r"duplicate id 'item-00007'"):
         update_index(
@@ -357,7 +360,7 @@ def test_a_format_2_index_is_read_and_updated(tmp_path):
     r = update_index(
         p2, parent_uri=p1, upserts=upserts, deletes=deleted, all_rows=None, options=opts
     )
-    assert r.mode == "updated" and read_index_meta(p2)["format"] == 3
+    assert r.mode == "updated" and read_index_meta(p2)["format"] == INDEX_FORMAT
     assert os.path.join(p1, "shard-00000") in index_files(p2)
     want2 = VectorIndex.from_table(v2, **opts.to_json())
     assert hits_of(VectorIndex.load(p2), queries, 10) == hits_of(want2, queries, 10)
