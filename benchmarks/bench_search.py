@@ -18,6 +18,9 @@ vectors stored), saves it, and reports:
   merge to one index's answer and that an update keeps a rebuild's recall).
 
 Queries are fresh points of the same mixture (not stored items), the hard case for IVF.
+The vectors are never all in memory: they are made in seeded blocks of 65,536 whenever they
+are read (the build's two passes, exact search before and after the update), so sizes past
+this machine's RAM run (4M x 1024 float32 is 16 GB).
 """
 
 from __future__ import annotations
@@ -38,8 +41,10 @@ import pyarrow as pa
 
 from imagebind_core.index import IndexOptions, VectorIndex, update_index
 
+BLOCK = 65_536
 
-def sample(centres: np.ndarray, n: int, spread: float, seed: int) -> np.ndarray:
+
+def sample(centres: np.ndarray, n: int, spread: float, seed: int | list[int]) -> np.ndarray:
     """n unit float32 vectors from a Gaussian mixture around `centres` (made in blocks)."""
     rng = np.random.default_rng(seed)
     out = np.empty((n, centres.shape[1]), np.float32)
@@ -62,13 +67,39 @@ def table(ids: list[str], x: np.ndarray) -> pa.Table:
     )
 
 
-def exact_top(x: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int) -> list[set]:
-    out = []
-    for q in queries:
-        s = x @ q
-        top = np.argpartition(-s, k)[:k]
-        out.append(set(ids[top].tolist()))
-    return out
+class Corpus:
+    """The N stored vectors, made block by block (block b from seed [1, b]) on each read."""
+
+    def __init__(self, centres: np.ndarray, n: int, spread: float) -> None:
+        self.centres, self.n, self.spread = centres, n, spread
+
+    def ids(self, pos: np.ndarray) -> np.ndarray:
+        return np.array([f"item-{i}" for i in pos.tolist()], dtype=object)
+
+    def blocks(self):
+        """(positions, ids, vectors) per block."""
+        for b, s in enumerate(range(0, self.n, BLOCK)):
+            pos = np.arange(s, min(s + BLOCK, self.n))
+            yield pos, self.ids(pos), sample(self.centres, len(pos), self.spread, seed=[1, b])
+
+    def tables(self):
+        for _, ids, x in self.blocks():
+            yield table(ids.tolist(), x)
+
+
+def exact_top(blocks, queries: np.ndarray, k: int) -> list[set]:
+    """The ids of each query's exact top-k over (ids, vectors) blocks, kept as they stream."""
+    best_s = np.full((len(queries), 0), -np.inf, np.float32)
+    best_i = np.empty((len(queries), 0), dtype=object)
+    for ids, x in blocks:
+        s = queries @ x.T
+        kk = min(k, s.shape[1])
+        top = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
+        cand_s = np.concatenate([best_s, np.take_along_axis(s, top, 1)], 1)
+        cand_i = np.concatenate([best_i, ids[top]], 1)
+        keep = np.argsort(-cand_s, axis=1, kind="stable")[:, :k]
+        best_s, best_i = np.take_along_axis(cand_s, keep, 1), np.take_along_axis(cand_i, keep, 1)
+    return [set(r.tolist()) for r in best_i]
 
 
 def time_queries(index: VectorIndex, queries: np.ndarray, k: int):
@@ -93,7 +124,7 @@ def du(path: str) -> dict[str, int]:
             n = os.path.getsize(os.path.join(d, f))
             key = (
                 "faiss"
-                if f.endswith(".faiss") or f.endswith(".labels.npy")
+                if f.endswith((".faiss", ".labels.npy", ".order.npy"))
                 else "rows"
                 if f == "rows.parquet"
                 else "rerank_vectors"
@@ -160,8 +191,7 @@ def main() -> None:
     work = a.dir or tempfile.mkdtemp(prefix="bench-search-")
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((a.clusters, a.dim), dtype=np.float32)
-    x = sample(centres, a.n, a.spread, seed=1)
-    ids = np.array([f"item-{i}" for i in range(a.n)], dtype=object)
+    corpus = Corpus(centres, a.n, a.spread)
     queries = sample(centres, a.queries, a.spread, seed=2)
     raw = a.n * a.dim * 4
     print(
@@ -172,14 +202,13 @@ def main() -> None:
         flat_threshold=1, pq_threshold=1, nlist=a.nlist, pq_m=a.pq_m, rerank=max(a.rerank) or 0
     )
     t0 = time.perf_counter()
-    rows = table(ids.tolist(), x)
     v1 = os.path.join(work, "v1")
     r = update_index(
         v1,
         parent_uri=None,
-        upserts=rows,
+        upserts=table([], np.zeros((0, a.dim), np.float32)),
         deletes=[],
-        all_rows=lambda: rows,
+        all_rows=corpus.tables,
         options=IndexOptions(**opts),
     )
     build_s = time.perf_counter() - t0
@@ -197,7 +226,7 @@ def main() -> None:
 
     index = VectorIndex.load(v1)
     print(f"training: {json.dumps(index.training)}")
-    exact = exact_top(x, ids, queries, a.top_k)
+    exact = exact_top(((i, x) for _, i, x in corpus.blocks()), queries, a.top_k)
     faiss.omp_set_num_threads(a.threads)
     results = []
     for rerank in a.rerank:
@@ -232,20 +261,27 @@ def main() -> None:
     new_x = sample(centres, a.change - half, a.spread, seed=4)
     ch_x = sample(centres, half, a.spread, seed=5)
     new_ids = [f"new-{i}" for i in range(a.change - half)]
-    upserts = table(ids[changed].tolist() + new_ids, np.vstack([ch_x, new_x]))
-    x2 = x.copy()
-    x2[changed] = ch_x
-    keep = np.ones(a.n, bool)
-    keep[deleted] = False
-    x2 = np.vstack([x2[keep], new_x])
-    ids2 = np.concatenate([ids[keep], np.array(new_ids, dtype=object)])
+    upserts = table(corpus.ids(changed).tolist() + new_ids, np.vstack([ch_x, new_x]))
+    replaced = dict(zip(changed.tolist(), range(half), strict=True))
+    gone = np.zeros(a.n, bool)
+    gone[deleted] = True
+
+    def after_update():
+        """The corpus after the update, as (ids, vectors) blocks."""
+        for pos, bids, bx in corpus.blocks():
+            for j, p_ in enumerate(pos.tolist()):
+                if p_ in replaced:
+                    bx[j] = ch_x[replaced[p_]]
+            yield bids[~gone[pos]], bx[~gone[pos]]
+        yield np.array(new_ids, dtype=object), new_x
+
     v2 = os.path.join(work, "v2")
     t0 = time.perf_counter()
     r2 = update_index(
         v2,
         parent_uri=v1,
         upserts=upserts,
-        deletes=ids[deleted].tolist(),
+        deletes=corpus.ids(deleted).tolist(),
         all_rows=None,
         options=index.options,
     )
@@ -256,7 +292,7 @@ def main() -> None:
         f"{a.change} deleted): mode={r2.mode} {upd_s:.1f} s, wrote {written / 2**20:.1f} MiB "
         f"({100 * written / raw:.1f}% of raw)"
     )
-    exact2 = exact_top(x2, ids2, queries, a.top_k)
+    exact2 = exact_top(after_update(), queries, a.top_k)
     updated = VectorIndex.load(v2)
     faiss.omp_set_num_threads(a.threads)
     for rerank in sorted({0, max(a.rerank)}):
