@@ -529,16 +529,18 @@ class _Segment:
         return seg
 
     @classmethod
-    def merge(cls, segments: Sequence[_Segment]) -> _Segment:
+    def merge(cls, segments: Sequence[_Segment], fs: Any = None, path: str = "") -> _Segment:
         """One segment with the live rows of `segments` (compaction): FAISS entries are moved
-        (`merge_from`: codes are copied, never re-encoded), deleted ones dropped."""
+        (`merge_from`: codes are copied, never re-encoded), deleted ones dropped. Re-ranking
+        vectors are streamed into `{path}/<modality>.vectors.npy` on `fs` when given (a
+        shard's vectors need not fit in memory; `save` to `path` then keeps that file), else
+        gathered in memory."""
         import faiss
         import pyarrow as pa
 
         parts: dict[str, _Part] = {}
         for m in sorted({m for s in segments for m in s.parts}):
             merged: Any = None
-            vecs, vlabs = [], []
             kind = next(s.parts[m].kind for s in segments if m in s.parts)
             for s in segments:
                 part = s.parts.get(m)
@@ -553,18 +555,16 @@ class _Segment:
                     merged = idx
                 else:
                     merged.merge_from(idx, 0)
-                if part.vectors is not None:
-                    kept = part.vlabels[~np.isin(part.vlabels, s.deleted)]
-                    vecs.append(np.asarray(part.vectors[part.vrows(kept)]))  # label order
-                    vlabs.append(kept)
             if merged is None or merged.ntotal == 0:
                 continue
             parts[m] = _Part(merged, kind)
-            if vlabs:
-                lab = np.concatenate(vlabs)
-                o = np.argsort(lab, kind="stable")
-                parts[m].vectors = np.ascontiguousarray(np.concatenate(vecs)[o])
-                parts[m].vlabels = lab[o]
+            kept = [
+                (s.parts[m], s.parts[m].vlabels[~np.isin(s.parts[m].vlabels, s.deleted)])
+                for s in segments
+                if m in s.parts and s.parts[m].vectors is not None
+            ]
+            if kept:
+                _merge_vectors(parts[m], kept, fs, f"{path}/{m}.vectors.npy")
         masks = [s.live() for s in segments]
         labels = np.concatenate([s.labels[k] for s, k in zip(segments, masks, strict=True)])
         rows = pa.concat_tables(
@@ -624,10 +624,10 @@ class _Segment:
             )
         ]
 
-    def save(self, fs: Any, path: str, written: Sequence[str] = ()) -> dict:
+    def save(self, fs: Any, path: str) -> dict:
         """Write the segment's files (not its deletions) under `path`; returns their entry.
-        `written`: the modalities whose re-ranking vectors a streamed build already wrote
-        there (their parts hold `vlabels` and `vorder`, no `vectors`)."""
+        A part with `vlabels` but no `vectors` had its re-ranking vectors streamed to `path`
+        already (`_ShardBuilder`, `merge`)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -645,7 +645,7 @@ class _Segment:
             if part.kind != "flat":
                 entry["codes"] = "invlists"
             if part.vlabels is not None:
-                if m not in written:
+                if part.vectors is not None:
                     with fs.open(f"{path}/{m}.vectors.npy", "wb") as f:  # streamed
                         np.save(f, part.vectors)
                 fs.pipe_file(f"{path}/{m}.labels.npy", _npy(part.vlabels))
@@ -705,6 +705,51 @@ def _map_random(path: str) -> np.ndarray:
     if m is not None and hasattr(mmap, "MADV_RANDOM"):
         m.madvise(mmap.MADV_RANDOM)
     return arr
+
+
+def _open_vectors(fs: Any, file: str, n: int, dim: int) -> Any:
+    """`file` on `fs` opened for writing an (n, dim) float32 .npy, its header written: the
+    rows are then streamed in (`_write_rows`)."""
+    fs.makedirs(posixpath.dirname(file), exist_ok=True)
+    f = fs.open(file, "wb")
+    np.lib.format.write_array_header_1_0(
+        f, {"descr": "<f4", "fortran_order": False, "shape": (n, dim)}
+    )
+    return f
+
+
+def _write_rows(f: Any, v: np.ndarray) -> None:
+    f.write(memoryview(np.ascontiguousarray(v, "<f4")).cast("B"))
+
+
+def _label_order(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """(`labels` sorted, the row of each: None when they already were in order)."""
+    order = np.argsort(labels, kind="stable")
+    return labels[order], None if bool(np.all(order == np.arange(len(order)))) else order
+
+
+def _merge_vectors(part: _Part, kept: list[tuple[_Part, np.ndarray]], fs: Any, file: str) -> None:
+    """Give the merged `part` the re-ranking vectors of the `kept` labels of each source part:
+    in memory (label order) when `fs` is None, else streamed into `file` on `fs`: each
+    source's rows in file order (sequential reads), in chunks of `BUILD_BATCH_ROWS`, with
+    `vorder` mapping labels to rows."""
+    if fs is None:
+        labels = np.concatenate([k for _, k in kept])
+        vecs = np.concatenate([np.asarray(p.vectors[p.vrows(k)]) for p, k in kept])
+        order = np.argsort(labels, kind="stable")
+        part.vlabels, part.vectors = labels[order], np.ascontiguousarray(vecs[order])
+        return
+    dim = next(p.vectors.shape[1] for p, _ in kept)
+    written = []
+    with _open_vectors(fs, file, sum(len(k) for _, k in kept), dim) as f:
+        for p, k in kept:
+            rows = p.vrows(k)
+            o = np.argsort(rows, kind="stable")
+            rows = rows[o]
+            written.append(k[o])
+            for i in range(0, len(rows), BUILD_BATCH_ROWS):
+                _write_rows(f, p.vectors[rows[i : i + BUILD_BATCH_ROWS]])
+    part.vlabels, part.vorder = _label_order(np.concatenate(written))
 
 
 def _npy(a: np.ndarray) -> bytes:
@@ -1012,10 +1057,11 @@ class VectorIndex:
         meta["shards"] = []
         for s in range(self.options.shards):
             segs = self.shards[s].segments
-            one = segs[0] if len(segs) == 1 and not len(segs[0].deleted) else _Segment.merge(segs)
-            entries = (
-                [_segment_entry(one, fs, f"{path}/{shard_dir(s)}", path)] if one.stored else []
-            )
+            sdir = f"{path}/{shard_dir(s)}"
+            one = segs[0]
+            if len(segs) > 1 or len(one.deleted):
+                one = _Segment.merge(segs, fs, sdir)
+            entries = [_segment_entry(one, fs, sdir, path)] if one.stored else []
             meta["shards"].append({"count": one.stored, "segments": entries})
         # meta.json last: a reader that finds it finds everything it names.
         fs.pipe_file(f"{path}/{META_NAME}", json.dumps(meta, sort_keys=True).encode())
@@ -1231,13 +1277,6 @@ class _ShardBuilder:
         self.vlabels: dict[str, list[np.ndarray]] = {}
         self.vfiles: dict[str, Any] = {}
 
-    def _open_vectors(self, m: str) -> None:
-        self.fs.makedirs(self.path, exist_ok=True)
-        f = self.vfiles[m] = self.fs.open(f"{self.path}/{m}.vectors.npy", "wb")
-        header = {"descr": "<f4", "fortran_order": False, "shape": (self.counts[m], self.dim)}
-        np.lib.format.write_array_header_1_0(f, header)
-        self.vlabels[m] = []
-
     def add(self, labels: np.ndarray, rows: Any, vecs: np.ndarray, mods: np.ndarray) -> None:
         self.labels.append(labels)
         self.rows.append(rows)
@@ -1249,10 +1288,12 @@ class _ShardBuilder:
                 kind = self.kinds[m]
                 part = self.parts[m] = _Part(_empty(kind, self.dim, self.templates.get(m)), kind)
                 if kind == "ivfpq" and self.opts.rerank:
-                    self._open_vectors(m)
+                    file = f"{self.path}/{m}.vectors.npy"
+                    self.vfiles[m] = _open_vectors(self.fs, file, self.counts[m], self.dim)
+                    self.vlabels[m] = []
             part.index.add_with_ids(v, lab)
             if m in self.vfiles:
-                self.vfiles[m].write(memoryview(np.ascontiguousarray(v, "<f4")).cast("B"))
+                _write_rows(self.vfiles[m], v)
                 self.vlabels[m].append(lab)
 
     def discard(self) -> None:
@@ -1278,9 +1319,7 @@ class _ShardBuilder:
                     f"{m}: the build's two passes read {self.counts[m]} and {len(vl)} vectors"
                     " (the rows changed while the index was built)"
                 )
-            o = np.argsort(vl, kind="stable")
-            in_order = bool(np.all(o == np.arange(len(o))))
-            self.parts[m].vlabels, self.parts[m].vorder = vl[o], None if in_order else o
+            self.parts[m].vlabels, self.parts[m].vorder = _label_order(vl)
         return seg
 
 
@@ -1364,9 +1403,7 @@ def _build_streaming(
     for s, b in enumerate(builders):  # each shard written, then dropped
         seg = b.finish()
         seg_path = f"{path}/{shard_dir(s)}"
-        segs = (
-            [_segment_entry(seg, fs, seg_path, path, written=list(b.vfiles))] if seg.stored else []
-        )
+        segs = [_segment_entry(seg, fs, seg_path, path)] if seg.stored else []
         entries.append({"count": seg.stored, "segments": segs})
         for m, p in seg.parts.items():
             prev = parts.get(m)
@@ -1445,7 +1482,7 @@ def _update_from_parent(
                 _Segment.load(pfs, ppath, e, local, templates, d)
                 for e, d in zip(entries[start:], dels[start:], strict=True)
             ]
-            new = _Segment.merge(loaded + ([new] if new is not None else []))
+            new = _Segment.merge(loaded + ([new] if new is not None else []), fs, sdir)
             entries, dels = entries[:start], dels[:start]
             compacted += 1
         out = []
@@ -1496,12 +1533,9 @@ def _merge_start(sizes: list[int]) -> int:
     return min(j, len(sizes) - 2)
 
 
-def _segment_entry(
-    seg: _Segment, fs: Any, seg_path: str, index_path: str, written: Sequence[str] = ()
-) -> dict:
-    """Save a new segment (no deletions) at `seg_path`; its meta.json entry (`written`: as
-    in `_Segment.save`)."""
-    e = seg.save(fs, seg_path, written)
+def _segment_entry(seg: _Segment, fs: Any, seg_path: str, index_path: str) -> dict:
+    """Save a new segment (no deletions) at `seg_path`; its meta.json entry."""
+    e = seg.save(fs, seg_path)
     for p in e["parts"].values():
         p["live"] = p["count"]
     return dict(e, path=_relative(seg_path, index_path), count=seg.stored, deleted=None)

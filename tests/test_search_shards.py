@@ -245,6 +245,17 @@ def test_an_update_writes_the_change_and_compaction_keeps_the_answers(opts, tmp_
             want = emb_up[j] / np.linalg.norm(emb_up[j])
             got = idx.vector_of(upserts["id"][j].as_py())
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # Every live row's vector survives the merge (the compacted file holds the live rows only).
+    emb2 = np.asarray(v2.column("embedding").combine_chunks().flatten()).reshape(-1, DIM)
+    for j in range(0, v2.num_rows, 53):
+        want = emb2[j] / np.linalg.norm(emb2[j])
+        for idx in (a, b):
+            got = idx.vector_of(v2["id"][j].as_py())
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    if opts is RERANK:
+        for sh in b.shards.values():
+            part = sh.segments[0].parts["text"]
+            assert len(part.vectors) == len(part.vlabels) == sh.count
 
 
 @pytest.mark.parametrize("compact_deleted", [0.05, 1.0], ids=["full", "newest"])
