@@ -39,7 +39,13 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from imagebind_core.index import IndexOptions, VectorIndex, update_index
+from imagebind_core.index import (
+    IndexOptions,
+    VectorIndex,
+    check_query,
+    merge_hits,
+    update_index,
+)
 
 BLOCK = 65_536
 
@@ -110,6 +116,39 @@ def time_queries(index: VectorIndex, queries: np.ndarray, k: int):
         lat.append(time.perf_counter() - t)
         got.append({h["id"] for h in hits})
     return np.array(lat) * 1e3, got
+
+
+def search_per_segment(index: VectorIndex, q: np.ndarray, k: int) -> list[dict]:
+    """`index.search` with each segment computing its own coarse assignment (the baseline of
+    the shared one)."""
+    x, o = check_query(q, k, None, index.dim), index.options
+    return merge_hits(
+        [
+            merge_hits([g.search(x, k, None, o.nprobe, o.rerank, None) for g in sh.segments], k)
+            for sh in index.shards.values()
+        ],
+        k,
+    )
+
+
+def shared_vs_per_segment(index: VectorIndex, queries: np.ndarray, k: int) -> dict:
+    """p50/p99 of searches sharing one coarse assignment and of per-segment ones,
+    alternated query by query (same warm state); the answers must agree."""
+    lat: dict[str, list[float]] = {"shared": [], "per_segment": []}
+    for q in queries:
+        t = time.perf_counter()
+        a = index.search(q, k)
+        lat["shared"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        b = search_per_segment(index, q, k)
+        lat["per_segment"].append(time.perf_counter() - t)
+        assert [h["id"] for h in a] == [h["id"] for h in b]
+    return {
+        name: dict(
+            zip(("p50_ms", "p99_ms"), np.percentile(np.array(v) * 1e3, [50, 99]), strict=True)
+        )
+        for name, v in lat.items()
+    }
 
 
 def recall(got: list[set], want: list[set]) -> float:
@@ -301,6 +340,16 @@ def main() -> None:
         print(
             f"after update, rerank={rerank} nprobe=32: recall@{a.top_k} {recall(got, exact2):.3f}"
         )
+    updated.options = dataclasses.replace(updated.options, nprobe=32, rerank=max(a.rerank))
+    segs = sum(len(sh.segments) for sh in updated.shards.values())
+    cmp = shared_vs_per_segment(updated, queries, a.top_k)
+    sh, ps = cmp["shared"], cmp["per_segment"]
+    print(
+        f"after update ({segs} segments), nprobe=32 rerank={max(a.rerank)}: one coarse "
+        f"assignment p50 {sh['p50_ms']:.2f} ms p99 {sh['p99_ms']:.2f} ms; per segment p50 "
+        f"{ps['p50_ms']:.2f} ms p99 {ps['p99_ms']:.2f} ms; p50 ratio "
+        f"{ps['p50_ms'] / sh['p50_ms']:.2f}x"
+    )
     del updated, index
     faiss.omp_set_num_threads(os.cpu_count() or 1)
     print(
@@ -318,6 +367,7 @@ def main() -> None:
                 "search": results,
                 "update_s": upd_s,
                 "update_written": written,
+                "after_update_search": cmp,
             }
         )
     )

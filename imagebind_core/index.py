@@ -415,6 +415,41 @@ class _Part:
         return np.asarray(self.index.reconstruct(int(label)), dtype=np.float32)
 
 
+def _probe(part: _Part, q: np.ndarray, k: int, params: Any, coarse: dict | None) -> Any:
+    """FAISS search of one part. An IVF part's coarse assignment (the `nprobe` nearest
+    centroids) is computed once per query and quantizer and kept in `coarse`: every segment
+    and shard of a modality is on its trained template's one quantizer, so a query pays for it
+    once, not once per segment (at nlist ~ 4 sqrt(N) it is the largest fixed cost of a probe:
+    126k centroids x 1024 at 10^9). FAISS's own `search` does the same two steps."""
+    import faiss
+
+    index = part.index
+    if coarse is None or not isinstance(index, faiss.IndexIVF):
+        return index.search(q, k, params=params)
+    nprobe = params.nprobe
+    key = (int(index.quantizer.this), nprobe)
+    if key not in coarse:
+        coarse[key] = index.quantizer.search(q, nprobe)
+    dq, iq = coarse[key]
+    # The C++ call: FAISS's Python wrapper of it takes no search parameters (the selector of
+    # deleted labels); its assignment's width is params.nprobe, as computed above.
+    x = np.ascontiguousarray(q, np.float32)  # held: FAISS reads it through a raw pointer
+    d = np.empty((len(x), k), np.float32)
+    i = np.empty((len(x), k), np.int64)
+    index.search_preassigned_c(
+        len(x),
+        faiss.swig_ptr(x),
+        k,
+        faiss.swig_ptr(iq),
+        faiss.swig_ptr(dq),
+        faiss.swig_ptr(d),
+        faiss.swig_ptr(i),
+        False,
+        params,
+    )
+    return d, i
+
+
 def _on_template(template: Any) -> Any:
     """An empty IVF index that uses the trained `template`'s coarse quantizer (shared, not
     copied: every segment of a modality searches with one quantizer in memory) and a copy of
@@ -583,9 +618,16 @@ class _Segment:
         return faiss.SearchParametersIVF(sel=sel, nprobe=min(nprobe, part.index.nlist))
 
     def search(
-        self, q: np.ndarray, top_k: int, modality: str | None, nprobe: int, rerank: int
+        self,
+        q: np.ndarray,
+        top_k: int,
+        modality: str | None,
+        nprobe: int,
+        rerank: int,
+        coarse: dict | None = None,
     ) -> list[dict]:
-        """This segment's top-k for the normalised (1, D) query, ordered by (-score, id)."""
+        """This segment's top-k for the normalised (1, D) query, ordered by (-score, id).
+        `coarse` caches the query's coarse assignment per IVF quantizer (`_probe`)."""
         if modality is None:
             parts = list(self.parts.values())
         else:
@@ -596,7 +638,7 @@ class _Segment:
             k = top_k
             if part.kind != "flat" and part.vectors is not None and rerank:
                 k = top_k * rerank
-            d, i = part.index.search(q, min(k, part.count), params=self._params(part, nprobe))
+            d, i = _probe(part, q, min(k, part.count), self._params(part, nprobe), coarse)
             keep = i[0] >= 0
             d, i = d[0][keep], i[0][keep]
             if part.vectors is not None and rerank and len(i):
@@ -821,7 +863,19 @@ class _Shard:
         self, q: np.ndarray, top_k: int, modality: str | None, nprobe: int, rerank: int
     ) -> list[dict]:
         """This shard's top-k, ordered by (-score, id) like every level of the merge."""
-        hits = [s.search(q, top_k, modality, nprobe, rerank) for s in self.segments]
+        return self.search_coarse(q, top_k, modality, nprobe, rerank, {})
+
+    def search_coarse(
+        self,
+        q: np.ndarray,
+        top_k: int,
+        modality: str | None,
+        nprobe: int,
+        rerank: int,
+        coarse: dict,
+    ) -> list[dict]:
+        """`search`, sharing the coarse assignments in `coarse` with other shards."""
+        hits = [s.search(q, top_k, modality, nprobe, rerank, coarse) for s in self.segments]
         return hits[0] if len(hits) == 1 else merge_hits(hits, top_k)
 
     @classmethod
@@ -995,8 +1049,9 @@ class VectorIndex:
         """
         q = check_query(vector, top_k, modality, self.dim)
         mod = None if modality is None else str(modality)
+        coarse: dict = {}  # every shard and segment of a modality shares one quantizer
         per_shard = [
-            s.search(q, top_k, mod, self.options.nprobe, self.options.rerank)
+            s.search_coarse(q, top_k, mod, self.options.nprobe, self.options.rerank, coarse)
             for s in self.shards.values()
         ]
         return merge_hits(per_shard, top_k)

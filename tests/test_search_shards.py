@@ -747,3 +747,34 @@ def test_serve_fan_out_over_two_groups(ray_session, tmp_path):
         )
     finally:
         serve.delete("fanout-t")
+
+
+@pytest.mark.parametrize("opts", [IVF, RERANK], ids=["ivf", "pq+rerank"])
+def test_segments_and_shards_share_one_coarse_assignment(opts, tmp_path):
+    """A query's coarse assignment is computed once for all shards and segments of a
+    modality (one trained quantizer) and answers exactly as each segment's own search."""
+    from imagebind_core.index import merge_hits
+
+    v1, _, upserts, deleted = change(2400, seed=41, mods=["text"])
+    o = IndexOptions(**opts, shards=2)
+    p1, p2 = str(tmp_path / "v1"), str(tmp_path / "v2")
+    update_index(p1, parent_uri=None, upserts=v1, deletes=[], all_rows=lambda: v1, options=o)
+    update_index(p2, parent_uri=p1, upserts=upserts, deletes=deleted, all_rows=None, options=o)
+    index = VectorIndex.load(p2)
+    assert [len(sh.segments) for sh in index.shards.values()] == [2, 2]
+    nprobe, rerank = index.options.nprobe, index.options.rerank
+    for q in mixture(20, 42):
+        q = (q / np.linalg.norm(q)).astype(np.float32)[None]
+        coarse: dict = {}
+        shared = [
+            sh.search_coarse(q, 10, None, nprobe, rerank, coarse) for sh in index.shards.values()
+        ]
+        assert len(coarse) == 1  # one quantizer, one assignment, four segments searched
+        alone = [
+            merge_hits([g.search(q, 10, None, nprobe, rerank, None) for g in sh.segments], 10)
+            for sh in index.shards.values()
+        ]
+        assert [[(h["id"], h["score"]) for h in s] for s in shared] == [
+            [(h["id"], h["score"]) for h in s] for s in alone
+        ]
+        assert not {h["id"] for s in shared for h in s} & set(deleted)
