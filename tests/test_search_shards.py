@@ -342,6 +342,18 @@ def test_a_build_streams_batches_in_two_passes(opts, tmp_path):
             str(tmp_path / "dup"), parent_uri=None, upserts=twice, deletes=[],
             all_rows=lambda: iter(twice.to_batches(max_chunksize=500)), options=o,
         )  # fmt: skip
+    if opts is RERANK:  # rows that change between the two passes: refused, not a torn file
+        calls = []
+
+        def shifting():
+            calls.append(1)
+            return iter((t if len(calls) == 1 else t.slice(0, 2000)).to_batches(300))
+
+        with pytest.raises(RuntimeError, match=r"two passes read \d+ and \d+ vectors"):
+            update_index(
+                str(tmp_path / "moved"), parent_uri=None, upserts=t, deletes=[],
+                all_rows=shifting, options=o,
+            )  # fmt: skip
 
 
 def test_a_format_2_index_is_read_and_updated(tmp_path):
