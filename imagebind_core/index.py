@@ -860,21 +860,17 @@ class _Shard:
         return None
 
     def search(
-        self, q: np.ndarray, top_k: int, modality: str | None, nprobe: int, rerank: int
-    ) -> list[dict]:
-        """This shard's top-k, ordered by (-score, id) like every level of the merge."""
-        return self.search_coarse(q, top_k, modality, nprobe, rerank, {})
-
-    def search_coarse(
         self,
         q: np.ndarray,
         top_k: int,
         modality: str | None,
         nprobe: int,
         rerank: int,
-        coarse: dict,
+        coarse: dict | None = None,
     ) -> list[dict]:
-        """`search`, sharing the coarse assignments in `coarse` with other shards."""
+        """This shard's top-k, ordered by (-score, id) like every level of the merge; its
+        segments share the query's coarse assignments (`coarse`: also with other shards)."""
+        coarse = {} if coarse is None else coarse
         hits = [s.search(q, top_k, modality, nprobe, rerank, coarse) for s in self.segments]
         return hits[0] if len(hits) == 1 else merge_hits(hits, top_k)
 
@@ -1051,7 +1047,7 @@ class VectorIndex:
         mod = None if modality is None else str(modality)
         coarse: dict = {}  # every shard and segment of a modality shares one quantizer
         per_shard = [
-            s.search_coarse(q, top_k, mod, self.options.nprobe, self.options.rerank, coarse)
+            s.search(q, top_k, mod, self.options.nprobe, self.options.rerank, coarse)
             for s in self.shards.values()
         ]
         return merge_hits(per_shard, top_k)

@@ -778,9 +778,7 @@ def test_segments_and_shards_share_one_coarse_assignment(opts, tmp_path):
     for q in mixture(20, 42):
         q = (q / np.linalg.norm(q)).astype(np.float32)[None]
         coarse: dict = {}
-        shared = [
-            sh.search_coarse(q, 10, None, nprobe, rerank, coarse) for sh in index.shards.values()
-        ]
+        shared = [sh.search(q, 10, None, nprobe, rerank, coarse) for sh in index.shards.values()]
         assert len(coarse) == 1  # one quantizer, one assignment, four segments searched
         alone = [
             merge_hits([g.search(q, 10, None, nprobe, rerank, None) for g in sh.segments], 10)
