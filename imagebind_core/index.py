@@ -1304,12 +1304,11 @@ class _Reservoir:
 
 
 def _pick(a: Any, sel: np.ndarray) -> Any:
-    """`a[sel]` (`a.take(sel)` for a table) for the positions `sel`, without a copy when
-    they are all of `a`'s rows in order (one shard, one modality: the usual case)."""
-    n = a.num_rows if hasattr(a, "num_rows") else len(a)
-    if len(sel) == n and (n == 0 or (sel[0] == 0 and sel[-1] == n - 1)):
+    """`a[sel]` (`a.take(sel)` for a table) for `sel`, increasing positions (`flatnonzero`),
+    without a copy when they are all of `a`'s rows (one shard, one modality: the usual case)."""
+    if len(sel) == len(a):
         return a
-    return a.take(sel) if hasattr(a, "take") and not isinstance(a, np.ndarray) else a[sel]
+    return a[sel] if isinstance(a, np.ndarray) else a.take(sel)
 
 
 class _ShardBuilder:
