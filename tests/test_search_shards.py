@@ -788,3 +788,25 @@ def test_segments_and_shards_share_one_coarse_assignment(opts, tmp_path):
             [(h["id"], h["score"]) for h in s] for s in alone
         ]
         assert not {h["id"] for s in shared for h in s} & set(deleted)
+
+
+def test_rows_stored_in_many_row_groups_load_as_one_chunk(tmp_path):
+    """A segment's rows.parquet holds several row groups past ~1M rows; loaded, each column is
+    one chunk (a search's takes by position then cost O(k), not a concatenation of the
+    column), and answers are unchanged."""
+    import pyarrow.parquet as pq
+
+    ids, emb = corpus(900, seed=51)
+    t = table(ids, emb)
+    o = IndexOptions(flat_threshold=10**9)
+    out = str(tmp_path / "v1")
+    update_index(out, parent_uri=None, upserts=t, deletes=[], all_rows=lambda: t, options=o)
+    queries = mixture(10, 52)
+    want = hits_of(VectorIndex.load(out), queries, 10)
+    path = os.path.join(out, "shard-00000", "rows.parquet")
+    pq.write_table(pq.read_table(path), path, row_group_size=100)
+    assert pq.ParquetFile(path).metadata.num_row_groups == 9
+    got = VectorIndex.load(out)
+    rows = got.shards[0].segments[0].rows
+    assert [rows.column(c).num_chunks for c in ("id", "uri", "modality")] == [1, 1, 1]
+    assert hits_of(got, queries, 10) == want
