@@ -224,6 +224,13 @@ def main() -> None:
     p.add_argument("--change", type=int, default=1000, help="items changed in the update")
     p.add_argument("--threads", type=int, default=1, help="FAISS threads while searching")
     p.add_argument("--dir", default=None, help="scratch folder (default: a temporary one)")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="search the v1 index an earlier run with the same --n --dim --clusters --spread "
+        "--nlist --pq-m left in --dir instead of building it (the vectors are re-made from "
+        "their seeds for the exact answers)",
+    )
     a = p.parse_args()
     import faiss
 
@@ -242,20 +249,28 @@ def main() -> None:
     )
     t0 = time.perf_counter()
     v1 = os.path.join(work, "v1")
-    r = update_index(
-        v1,
-        parent_uri=None,
-        upserts=table([], np.zeros((0, a.dim), np.float32)),
-        deletes=[],
-        all_rows=corpus.tables,
-        options=IndexOptions(**opts),
-    )
-    build_s = time.perf_counter() - t0
+    if a.reuse:
+        if not a.dir or not os.path.exists(os.path.join(v1, "meta.json")):
+            p.error("--reuse needs --dir with the v1 index of an earlier run")
+        build_s = None
+        kinds = {m: part.kind for m, part in VectorIndex.load(v1).parts.items()}
+        shutil.rmtree(os.path.join(work, "v2"), ignore_errors=True)
+        print(f"build: reused {v1}  kinds={kinds}")
+    else:
+        r = update_index(
+            v1,
+            parent_uri=None,
+            upserts=table([], np.zeros((0, a.dim), np.float32)),
+            deletes=[],
+            all_rows=corpus.tables,
+            options=IndexOptions(**opts),
+        )
+        build_s = time.perf_counter() - t0
+        print(
+            f"build (train + add + save): {build_s:.1f} s  "
+            f"kinds={ {m: p.kind for m, p in r.parts.items()} }"
+        )
     sizes = du(v1)
-    print(
-        f"build (train + add + save): {build_s:.1f} s  "
-        f"kinds={ {m: p.kind for m, p in r.parts.items()} }"
-    )
     print(
         "index bytes: "
         + ", ".join(
