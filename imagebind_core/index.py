@@ -666,6 +666,9 @@ class _Segment:
             return []
         s = np.concatenate(scores)
         pos = np.searchsorted(self.labels, np.concatenate(labels))
+        if len(s) > top_k:  # re-ranked candidates: only the top_k and their ties are ordered
+            keep = np.flatnonzero(s >= np.partition(s, len(s) - top_k)[len(s) - top_k])
+            s, pos = s[keep], pos[keep]
         ids = self.rows.column("id").take(pos).to_pylist()
         best = sorted(range(len(s)), key=lambda j: (-s[j], ids[j]))[:top_k]
         picked = self.rows.take(pos[best])
