@@ -47,8 +47,11 @@ KEY_COLUMNS = ("id", "fingerprint", "uri", "modality")
 EMBED_ACTIONS = ("added", "changed", "retried", "reembedded")
 KEEP_ACTIONS = ("carried", "failed_kept")
 ACTIONS = (*EMBED_ACTIONS, *KEEP_ACTIONS, "deleted")
-# Listing rows per block handed to Ray Data, and parent rows per join partition.
+# Listing rows per block handed to Ray Data, parent rows per read task (Ray Data's default,
+# at least 200 read tasks split into small blocks, made one map task per few thousand rows:
+# that overhead, not the join, set the diff's time), and parent rows per join partition.
 LISTING_BLOCK_ROWS = 200_000
+READ_TASK_ROWS = 1_000_000
 ROWS_PER_PARTITION = 1_000_000
 
 _LEFT = pa.schema(
@@ -334,18 +337,26 @@ def _collect(ds: Any) -> list[pa.Table]:
     return [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
 
 
-def _read_parent(source: Sequence[str] | Pin | None, cols: list[str], fs: Any, so: Any) -> Any:
-    """A Ray dataset of `cols` of a parent's rows: a pinned Lance version or Parquet files."""
+def _read_parent(
+    source: Sequence[str] | Pin | None, cols: list[str], fs: Any, so: Any, rows: int
+) -> Any:
+    """A Ray dataset of `cols` of a parent's rows (about `rows` of them): a pinned Lance
+    version or Parquet files, read in tasks of about READ_TASK_ROWS rows."""
     import ray.data
 
+    tasks = max(1, math.ceil(rows / READ_TASK_ROWS))
     if isinstance(source, Pin):
         return ray.data.read_lance(
             source.uri,
             version=source.version,
             columns=cols,
             storage_options=lance_options(source.uri, so),
+            override_num_blocks=tasks,
         )
-    return ray.data.read_parquet(list(source or []), filesystem=fs).select_columns(cols)
+    files = list(source or [])
+    return ray.data.read_parquet(
+        files, filesystem=fs, override_num_blocks=max(1, min(tasks, len(files)))
+    ).select_columns(cols)
 
 
 def diff_on_ray(
@@ -382,8 +393,11 @@ def diff_on_ray(
             continue
         cols = list(KEY_COLUMNS[:3] if is_err else KEY_COLUMNS)
         sides.append(
-            _read_parent(source, cols, filesystem, storage_options).map_batches(
-                _parent_keys_batch, fn_kwargs={"errors": is_err}, batch_format="pyarrow"
+            _read_parent(source, cols, filesystem, storage_options, n).map_batches(
+                _parent_keys_batch,
+                fn_kwargs={"errors": is_err},
+                batch_format="pyarrow",
+                batch_size=None,  # a read block as it comes
             )
         )
     if sides:
