@@ -1629,7 +1629,7 @@ def _delete_in_segments(
         hit = np.isin(labels, remove) & live
         up = np.isin(labels, up_labels) & live
         if up.any():  # re-embedded ids: read the id column to rule out a label clash
-            ids = _segment_ids(fs, base, e).filter(up).to_pylist()
+            ids = _segment_columns(fs, base, e, ["id"]).column("id").filter(up).to_pylist()
             mine = dict(zip(labels[up].tolist(), ids, strict=True))
             for lab, i in zip(up_labels.tolist(), up_ids, strict=True):
                 if mine.get(lab, i) != i:
@@ -1639,32 +1639,33 @@ def _delete_in_segments(
             dels.append(None)
             continue
         gone += int(hit.sum())
-        names, counts = np.unique(mods[hit], return_counts=True)
-        lost = dict(zip(names.tolist(), counts.tolist(), strict=True))
+        import pyarrow.compute as pc
+
+        lost = {
+            r["values"]: r["counts"]
+            for r in pc.value_counts(mods.take(np.flatnonzero(hit))).to_pylist()
+        }
         parts = {m: dict(p, live=p["live"] - lost.get(m, 0)) for m, p in e["parts"].items()}
         out.append(dict(e, count=e["count"] - int(hit.sum()), parts=parts))
         dels.append(labels[hit])
     return out, dels, gone
 
 
-def _segment_keys(fs: Any, base: str, entry: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, modalities as a str array) of a segment: two columns of its rows file (about
-    8 bytes a row), all an update reads of a segment that it does not compact."""
+def _segment_columns(fs: Any, base: str, entry: dict, columns: list[str]) -> Any:
+    """`columns` of a segment's rows file, in label order; only their column chunks are read
+    (ranged reads), not the file: an update must not read a segment's ids and uris."""
     import pyarrow.parquet as pq
 
-    t = pq.read_table(
-        io.BytesIO(fs.cat_file(f"{_resolve(base, entry['path'])}/rows.parquet")),
-        columns=["label", "modality"],
-    )
-    return t.column("label").to_numpy(), t.column("modality").to_numpy(False).astype(str)
+    with fs.open(f"{_resolve(base, entry['path'])}/rows.parquet", "rb") as f:
+        return pq.read_table(f, columns=columns)
 
 
-def _segment_ids(fs: Any, base: str, entry: dict) -> Any:
-    """The id column of a segment, in label order."""
-    import pyarrow.parquet as pq
-
-    path = f"{_resolve(base, entry['path'])}/rows.parquet"
-    return pq.read_table(io.BytesIO(fs.cat_file(path)), columns=["id"]).column("id")
+def _segment_keys(fs: Any, base: str, entry: dict) -> tuple[np.ndarray, Any]:
+    """(labels, modalities as an Arrow column) of a segment: all an update reads of a
+    segment that it does not compact (about 8 bytes a row: the modality column is
+    dictionary-encoded on disk)."""
+    t = _segment_columns(fs, base, entry, ["label", "modality"])
+    return t.column("label").to_numpy(), t.column("modality")
 
 
 def _write_meta(fs, path, dim, options, training, parts, entries, trained) -> None:
