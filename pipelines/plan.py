@@ -568,6 +568,11 @@ def input_format(name: str) -> InputFormat:
 # ----------------------------------------------------------------------------- listing items
 
 
+# Listing rows held as Python dicts at a time; each chunk becomes Arrow (~100 bytes a row, the
+# dicts ~1 KB) before the next is listed.
+LIST_CHUNK_ROWS = 65_536
+
+
 def list_items(cfg: JobConfig, *, stat: bool = True, threads: int = 16) -> pa.Table:
     """Every item of the corpus as rows (LISTING_SCHEMA) without reading payload bytes.
 
@@ -579,16 +584,29 @@ def list_items(cfg: JobConfig, *, stat: bool = True, threads: int = 16) -> pa.Ta
     """
     storage_options = cfg.storage_options()
     plan = plan_job(cfg)
-    rows = [r for shard in plan.shards for r in _listed_rows(shard, cfg, storage_options)]
-    if stat:
-        _stat_rows(
-            [r for r in rows if r["fingerprint"] is None and r["error"] is None],
-            storage_options,
-            threads,
+    chunks: list[pa.Table] = []
+    rows: list[dict[str, Any]] = []
+
+    def flush() -> None:
+        if stat:
+            todo = [r for r in rows if r["fingerprint"] is None and r["error"] is None]
+            if todo:
+                _stat_rows(todo, storage_options, threads)
+        chunks.append(
+            pa.Table.from_pylist(
+                [{k: r.get(k) for k in LISTING_SCHEMA.names} for r in rows], schema=LISTING_SCHEMA
+            )
         )
-    return pa.Table.from_pylist(
-        [{k: r.get(k) for k in LISTING_SCHEMA.names} for r in rows], schema=LISTING_SCHEMA
-    )
+        rows.clear()
+
+    for shard in plan.shards:
+        for r in _listed_rows(shard, cfg, storage_options):
+            rows.append(r)
+            if len(rows) >= LIST_CHUNK_ROWS:
+                flush()
+    if rows or not chunks:
+        flush()
+    return pa.concat_tables(chunks)
 
 
 def _listed_rows(
