@@ -18,10 +18,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_child(cmd: list[str]) -> dict[str, Any]:
-    """Run `cmd` (one measurement in a fresh process, so its peak memory is its own) and return
-    the JSON object its last line of output holds."""
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+def run_child(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run `cmd` (one measurement in a fresh process, so its peak memory is its own; `env`:
+    its environment, default this one's) and return the JSON object its last line of output
+    holds."""
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -3,7 +3,8 @@ and driver peak RSS of the run, split into version rows, index and the rest.
 
     RAY_AUTH_MODE=disabled /work/main/.venv/bin/python benchmarks/bench_reindex_storage.py \
         [--sizes 250000 1000000] [--diff-on-ray-rows N] [--dim 1024] [--changed 1000] \
-        [--workdir /tmp/bench-rstore] [--json benchmarks/results/reindex-storage-cpu-2core.json]
+        [--workdir /tmp/bench-rstore] [--json benchmarks/results/reindex-storage-cpu-2core.json] \
+        [--runs 1] [--keep] [--baseline /path/to/other/checkout]
 
 `pipelines.reindex.reindex` runs as it is (lease, parent read, diff, version rows, index
 update, record, compare-and-swap publish, retention) on a local index root, with two steps
@@ -11,7 +12,8 @@ replaced so that no model runs and no corpus of N files is needed: the corpus li
 synthetic table (`id`, `uri`, `modality`, `fingerprint`, ...) and the embedding step writes
 random float32 vectors of `--dim` for the rows to embed into the stage's `data/embedded/`
 (Parquet, as the embedding job does). The first run builds the parent (N rows, not measured);
-the second, in a fresh process, changes the fingerprint of `--changed` rows and is measured.
+each measured run (`--runs`, each in a fresh process, on the version the previous one
+published) changes the fingerprint of `--changed` rows no earlier run changed.
 The embedding job's cost (the same on any layout) is therefore left out: what is measured is
 what the version layout and the index cost. The synthetic listing is made before the measured
 window (`listing_made_s`; the run then holds its `listing_mb`, as it holds a real listing);
@@ -22,6 +24,11 @@ run, by area: `rows` (the version's rows: `rows.lance`/`failures.lance`, or a ve
 `data/carried/`), `embedded` (`data/embedded/`), `index` (the version's `index/`), `other`.
 The same script runs against any commit whose `pipelines.reindex` has `_list_corpus` and
 `_embed_changes` (e.g. `git worktree add /tmp/main main` and `PYTHONPATH=/tmp/main`).
+`--baseline DIR` compares in one run: the measured runs alternate between the checkout at DIR
+(`"code": "baseline"`, its packages first on `PYTHONPATH`) and this one (`"code": "this"`),
+on the same parent, and the summary prints each size's medians and their ratio.
+`--keep` leaves each size's index root in `--workdir`; a later call with `--keep` reuses a
+root that holds a published version (no build) and goes on changing new rows.
 """
 
 from __future__ import annotations
@@ -41,17 +48,22 @@ from _common import add_table_args, run_child, status_kb, write_results
 FILE_ROWS = 50_000
 
 
-def _listing(n: int, changed: int) -> pa.Table:
+def _listing(n: int, changed: int, run: int) -> pa.Table:
+    """The corpus as measured run `run` (0: the parent's build) lists it: runs 1..run have each
+    changed the fingerprint of their own `changed` rows (row i belongs to run i % step + 1)."""
     from pipelines.rows import LISTING_SCHEMA
 
     ids = [f"i{i:010d}" for i in range(n)]
     step = max(1, n // max(changed, 1))
-    touched = set(range(0, n, step)[:changed]) if changed else set()
+    if run >= step:
+        raise SystemExit(f"--changed {changed} on {n} rows allows {step - 1} measured runs")
+    i = np.arange(n)
+    touched = (i % step < run) & (i // step < changed)
     cols = {
         "id": ids,
         "uri": [f"/corpus/{i}.jpg" for i in ids],
         "modality": ["vision"] * n,
-        "fingerprint": ["g" if k in touched else "f" for k in range(n)],
+        "fingerprint": np.where(touched, "g", "f").tolist(),
     }
     return pa.table(
         {f.name: cols.get(f.name, pa.nulls(n, f.type)) for f in LISTING_SCHEMA},
@@ -111,15 +123,19 @@ def _area(rel: str) -> str:
 
 
 def child(step: str, root: str, n: int, changed: int, dim: int, ray_rows: int | None) -> dict:
+    import pipelines
     from pipelines.config import load_reindex_config
+    from pipelines.publish import IndexRoot
     from pipelines.reindex import reindex
 
     os.makedirs(f"{root}/corpus", exist_ok=True)
     open(f"{root}/corpus/placeholder", "w").close()  # the input must exist
     # The synthetic listing is made before the measured window (its Python strings are this
     # script's, not the product's); the run holds it, as it holds a real listing.
+    pointer = IndexRoot(f"{root}/index", {}).latest()[0] if step == "run" else None
+    run = pointer.version if pointer is not None else 0  # the parent is version 1
     t0 = time.perf_counter()
-    listing = _listing(n, changed if step == "run" else 0)
+    listing = _listing(n, changed, run)
     listing_s = time.perf_counter() - t0
     _patch(listing, dim)
     cfg = load_reindex_config(
@@ -141,8 +157,6 @@ def child(step: str, root: str, n: int, changed: int, dim: int, ray_rows: int | 
     wall = time.perf_counter() - t0
     peak = (status_kb("VmHWM") - base) / 1024
     after = _files(f"{root}/index")
-    from pipelines.publish import IndexRoot
-
     timings = IndexRoot(f"{root}/index", {}).read_record(r.name).get("timings_s", {})
     written: dict[str, int] = {"rows": 0, "embedded": 0, "index": 0, "other": 0}
     for rel, (size, mtime) in after.items():
@@ -159,7 +173,21 @@ def child(step: str, root: str, n: int, changed: int, dim: int, ray_rows: int | 
         "timings_s": timings,
         "listing_made_s": round(listing_s, 2),
         "listing_mb": round(listing.nbytes / 2**20, 1),
+        "run": run,
+        "code_path": os.path.dirname(os.path.dirname(os.path.abspath(pipelines.__file__))),
     }
+
+
+def _has_version(root: str) -> bool:
+    from pipelines.publish import IndexRoot
+
+    return (
+        os.path.exists(f"{root}/index") and IndexRoot(f"{root}/index", {}).latest()[0] is not None
+    )
+
+
+def _median(xs: list[float]) -> float:
+    return float(np.median(xs)) if xs else float("nan")
 
 
 def main() -> None:
@@ -172,6 +200,9 @@ def main() -> None:
         help="index.diff_on_ray_rows for both runs (default: the config's, 1,000,000; "
         "0 diffs every size on Ray Data, so sizes compare on one path)",
     )
+    p.add_argument("--runs", type=int, default=1, help="measured runs per size (default 1)")
+    p.add_argument("--keep", action="store_true", help="keep (and reuse) each size's root")
+    p.add_argument("--baseline", help="a checkout to alternate with this one, run for run")
     p.add_argument("--child", nargs=3, metavar=("STEP", "ROOT", "N"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.dim != 1024:
@@ -180,21 +211,63 @@ def main() -> None:
         step, root, n = a.child
         print(json.dumps(child(step, root, int(n), a.changed, a.dim, a.diff_on_ray_rows)))
         return
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    codes = [("this", here)]
+    if a.baseline:
+        codes = [("baseline", os.path.abspath(a.baseline)), ("this", here)]
     results = []
     for n in a.sizes:
         root = os.path.join(a.workdir, str(n))
-        shutil.rmtree(root, ignore_errors=True)
         me = [sys.executable, __file__, "--changed", str(a.changed), "--dim", str(a.dim)]
         if a.diff_on_ray_rows is not None:
             me += ["--diff-on-ray-rows", str(a.diff_on_ray_rows)]
-        built = run_child([*me, "--child", "build", root, str(n)])
-        r = run_child([*me, "--child", "run", root, str(n)])
-        r.update(rows=n, dim=a.dim, changed=a.changed, parent_build_s=built["wall_s"])
-        r.update(parent_build_peak_growth_mb=built["driver_peak_growth_mb"])
-        r.update(diff_on_ray_rows=a.diff_on_ray_rows)
-        print(json.dumps(r), flush=True)
-        results.append(r)
-        shutil.rmtree(root, ignore_errors=True)
+        built = None
+        if not (a.keep and _has_version(root)):
+            shutil.rmtree(root, ignore_errors=True)
+            built = run_child([*me, "--child", "build", root, str(n)])
+        for k in range(a.runs * len(codes)):
+            label, code = codes[k % len(codes)]
+            env = dict(
+                os.environ, PYTHONPATH=os.pathsep.join([code, os.environ.get("PYTHONPATH", "")])
+            )
+            r = run_child([*me, "--child", "run", root, str(n)], env=env)
+            r.update(
+                rows=n,
+                dim=a.dim,
+                changed=a.changed,
+                code=label,
+                diff_on_ray_rows=a.diff_on_ray_rows,
+            )
+            if built is not None:
+                r.update(parent_build_s=built["wall_s"])
+                r.update(parent_build_peak_growth_mb=built["driver_peak_growth_mb"])
+            print(json.dumps(r), flush=True)
+            results.append(r)
+        if not a.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    for n in a.sizes:
+        line = [f"{n:>10,} rows:"]
+        for label, _ in codes:
+            rs = [r for r in results if r["rows"] == n and r["code"] == label]
+            line.append(
+                f"{label} median wall {_median([r['wall_s'] for r in rs]):.2f} s, "
+                f"peak {_median([r['driver_peak_growth_mb'] for r in rs]):.0f} MB"
+            )
+        print("  ".join(line), flush=True)
+    for label, _ in codes:
+        for key in ("wall_s", "driver_peak_growth_mb"):
+            by = {
+                n: _median([r[key] for r in results if r["rows"] == n and r["code"] == label])
+                for n in a.sizes
+            }
+            first, last = a.sizes[0], a.sizes[-1]
+            if len(a.sizes) > 1:
+                print(f"{label}: {key} {last:,} / {first:,} rows = {by[last] / by[first]:.2f}x")
+        if a.baseline and label == "this":
+            for n in a.sizes:
+                b = [r["wall_s"] for r in results if r["rows"] == n and r["code"] == "baseline"]
+                t = [r["wall_s"] for r in results if r["rows"] == n and r["code"] == "this"]
+                print(f"{n:,} rows: wall baseline / this = {_median(b) / _median(t):.2f}x")
     write_results(a.json, results)
 
 
