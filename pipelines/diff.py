@@ -84,14 +84,23 @@ _CLASSIFIED = pa.schema(
 )
 
 
+def repeated_id(ids: pa.Array | pa.ChunkedArray) -> str | None:
+    """An id that `ids` holds more than once, or None."""
+    if pc.count_distinct(ids, mode="all").as_py() == len(ids):
+        return None
+    counts = pc.value_counts(ids)
+    return counts.filter(pc.greater(counts.field("counts"), 1))[0]["values"].as_py()
+
+
+def _repeated(dup: str) -> PlanError:
+    return PlanError(f"the corpus lists id {dup!r} more than once; ids must be unique")
+
+
 def check_unique_ids(listing: pa.Table) -> None:
     """Raise PlanError if the listing repeats an id (two objects would share one row)."""
-    ids = listing.column("id")
-    if pc.count_distinct(ids, mode="all").as_py() == len(ids):
-        return
-    counts = pc.value_counts(ids)
-    dup = counts.filter(pc.greater(counts.field("counts"), 1))[0]["values"].as_py()
-    raise PlanError(f"the corpus lists id {dup!r} more than once; ids must be unique")
+    dup = repeated_id(listing.column("id"))
+    if dup is not None:
+        raise _repeated(dup)
 
 
 def listing_keys(listing: pa.Table) -> pa.Table:
@@ -301,7 +310,15 @@ def _classify_batch(batch: pa.Table, full: bool, retry_failed: bool) -> pa.Table
     """Classify a join partition and keep what the driver needs: every row that is not simply
     carried (embedded, deleted, dropped, relocated) with `n` = 1, and one summary row (`id`
     null) per kept action with `n` = how many plain carried rows or kept failures it stands
-    for."""
+    for. A listing id the partition holds twice (all rows of an id share a partition) comes
+    back alone, as action `repeated`: the driver refuses the listing."""
+    dup = repeated_id(batch.filter(pc.is_valid(batch.column("l_pos"))).column("id"))
+    if dup is not None:
+        return pa.table(
+            {"id": [dup], "l_pos": [None], "action": ["repeated"], "new_uri": [None],
+             "relocated": [False], "in_parent": [False], "n": [1]},
+            schema=_CLASSIFIED.append(pa.field("n", pa.int64())),
+        )  # fmt: skip
     c = classify(batch, full=full, retry_failed=retry_failed)
     plain = pc.and_(
         pc.is_in(c.column("action"), pa.array(KEEP_ACTIONS)), pc.invert(c.column("relocated"))
@@ -375,11 +392,11 @@ def diff_on_ray(
     versions (`pipelines.tables.Pin`, opened with `storage_options`) or Parquet files
     (`filesystem`: a pyarrow filesystem for the paths); None or [] when it has none. The
     embeddings are never read; the driver receives the counts, the rows to embed and the ids
-    not carried. `num_partitions` (default one per ROWS_PER_PARTITION rows of the parent or
-    listing, at least 2) sets the hash partitions of the join."""
+    not carried (the listing's ids are checked for repeats by the workers, partition by
+    partition, not on the driver). `num_partitions` (default one per ROWS_PER_PARTITION rows
+    of the parent or listing, at least 2) sets the hash partitions of the join."""
     import ray.data
 
-    check_unique_ids(listing)
     n = max(parent_count, listing.num_rows)
     parts = num_partitions or max(2, math.ceil(n / ROWS_PER_PARTITION))
     left_t = listing_keys(listing)
@@ -416,6 +433,9 @@ def diff_on_ray(
         if parts_out
         else _CLASSIFIED.append(pa.field("n", pa.int64())).empty_table()
     )
+    repeats = out.filter(pc.equal(out.column("action"), "repeated"))
+    if repeats.num_rows:
+        raise _repeated(repeats.column("id")[0].as_py())
     counts = dict.fromkeys((*ACTIONS, "relocated"), 0)
     for r in out.group_by("action").aggregate([("n", "sum")]).to_pylist():
         counts[r["action"]] += r["n_sum"]

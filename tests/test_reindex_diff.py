@@ -17,6 +17,7 @@ from pyarrow.fs import LocalFileSystem
 
 import pipelines.diff as pdiff
 from pipelines.diff import diff_listing, diff_on_ray, relocate
+from pipelines.formats import PlanError
 from pipelines.reindex import reindex
 from pipelines.tables import Pin, VersionTable, read_pin
 
@@ -108,6 +109,26 @@ def test_ray_diff_equals_driver_diff(ray_session, tmp_path, full, source):
     assert carried.column("uri").to_pylist() == ["/c/a", "/new/m"]
     assert kept.equals(want.carried_errors.sort_by("id"))
     assert kept.column("uri").to_pylist() == ["/new/e"]
+
+
+def test_ray_diff_refuses_a_repeated_id(ray_session, tmp_path):
+    # The workers check the listing's ids for repeats (a repeat shares its partition), so the
+    # driver never hashes the whole listing; the error names the id as the driver diff does.
+    parent = _rows(["a", "b"], ["1", "2"], 8, seed=0)
+    row_files = _to_lance(tmp_path, "rows.lance", parent)
+    listing = pa.table(
+        {
+            "id": ["a", "b", "c", "b", "d"],
+            "uri": ["/c/a", "/c/b", "/c/c", "/c/b2", "/c/d"],
+            "modality": ["text"] * 5,
+            "fingerprint": ["1", "2", "3", "2x", "4"],
+        }
+    )
+    for parts in (1, 3):
+        with pytest.raises(PlanError, match="'b' more than once"):
+            diff_on_ray(listing, row_files, None, LocalFileSystem(), num_partitions=parts)
+    got = diff_on_ray(listing.slice(0, 3), row_files, None, LocalFileSystem(), num_partitions=3)
+    assert (got.added, got.carried_rows) == (1, 2)
 
 
 def _peak_rss_reset() -> None:
