@@ -40,6 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.formats import PlanError
+from pipelines.rows import LISTING_SCHEMA
 from pipelines.tables import Pin, lance_options
 
 # The columns of a parent's rows the diff reads (failures: all but `modality`).
@@ -228,14 +229,25 @@ def _counts(classified: pa.Table) -> dict[str, int]:
     return out
 
 
-def _embed_rows(listing: pa.Table, small: pa.Table) -> tuple[pa.Table, list[str]]:
-    """The listing rows to embed, in listing order, and why each is embedded."""
+def _embed_rows(listing: pa.Table | None, small: pa.Table) -> tuple[pa.Table, list[str]]:
+    """The listing rows to embed and why each is embedded: in listing order from the driver's
+    `listing`, or (None: the listing was on Ray) rebuilt from the columns that came back with
+    them (`_EXTRA`), in (shard, id) order."""
     mask = pc.is_in(small.column("action"), pa.array(EMBED_ACTIONS))
-    picked = small.filter(mask).sort_by("l_pos")
-    return listing.take(picked.column("l_pos")), picked.column("action").to_pylist()
+    if listing is not None:
+        picked = small.filter(mask).sort_by("l_pos")
+        return listing.take(picked.column("l_pos")), picked.column("action").to_pylist()
+    picked = small.filter(mask).sort_by([("x_shard", "ascending"), ("id", "ascending")])
+    cols = {"uri": "new_uri", "modality": "l_kind", "fingerprint": "l_fp"}
+    cols |= {c: "x_" + c for c in _CARRIED}
+    rows = pa.table(
+        [picked.column(cols.get(f.name, f.name)).cast(f.type) for f in LISTING_SCHEMA],
+        schema=LISTING_SCHEMA,
+    )
+    return rows, picked.column("action").to_pylist()
 
 
-def _apply(diff: Diff, counts: dict[str, int], listing: pa.Table, small: pa.Table) -> Diff:
+def _apply(diff: Diff, counts: dict[str, int], listing: pa.Table | None, small: pa.Table) -> Diff:
     diff.to_embed, diff.classes = _embed_rows(listing, small)
     diff.added, diff.changed = counts["added"], counts["changed"]
     diff.retried, diff.reembedded = counts["retried"], counts["reembedded"]
@@ -306,40 +318,62 @@ def diff_listing(
 # ----------------------------------------------------------------------------- on Ray Data
 
 
+# A listing on Ray (a Dataset) has no driver copy to take the rows to embed from: its other
+# columns travel through the join with the keys, and come back for the rows to embed only.
+_CARRIED = ("shard", "source", "size", "mtime", "error")
+_EXTRA = pa.schema([pa.field("l_fp", pa.string()), pa.field("l_kind", pa.string())] + [
+    pa.field("x_" + c, LISTING_SCHEMA.field(c).type) for c in _CARRIED
+])  # fmt: skip
+
+
+def _out_schema(extra: bool) -> pa.Schema:
+    fields = [*_CLASSIFIED, *(_EXTRA if extra else []), pa.field("n", pa.int64())]
+    return pa.schema(fields)
+
+
+def _listing_keys_batch(batch: pa.Table) -> pa.Table:
+    """`listing_keys` of a block of a listing on Ray, with its other columns (`_EXTRA`)."""
+    keys = listing_keys(batch)
+    for c in _CARRIED:
+        f = LISTING_SCHEMA.field(c)
+        keys = keys.append_column(pa.field("x_" + c, f.type), batch.column(c).cast(f.type))
+    return keys
+
+
+def _summary(values: dict[str, Any], k: int, schema: pa.Schema) -> pa.Table:
+    """`k` rows of `schema`: the given columns, nulls elsewhere."""
+    return pa.table(
+        {f.name: values.get(f.name, pa.nulls(k, f.type)) for f in schema}, schema=schema
+    )
+
+
 def _classify_batch(batch: pa.Table, full: bool, retry_failed: bool) -> pa.Table:
     """Classify a join partition and keep what the driver needs: every row that is not simply
     carried (embedded, deleted, dropped, relocated) with `n` = 1, and one summary row (`id`
     null) per kept action with `n` = how many plain carried rows or kept failures it stands
     for. A listing id the partition holds twice (all rows of an id share a partition) comes
-    back alone, as action `repeated`: the driver refuses the listing."""
+    back alone, as action `repeated`: the driver refuses the listing. A listing on Ray's
+    other columns (`_EXTRA`) come back with the rows that are not plainly carried."""
+    extra = "x_shard" in batch.column_names
+    schema = _out_schema(extra)
     dup = repeated_id(batch.filter(pc.is_valid(batch.column("l_pos"))).column("id"))
     if dup is not None:
-        return pa.table(
-            {"id": [dup], "l_pos": [None], "action": ["repeated"], "new_uri": [None],
-             "relocated": [False], "in_parent": [False], "n": [1]},
-            schema=_CLASSIFIED.append(pa.field("n", pa.int64())),
-        )  # fmt: skip
+        values = {"id": [dup], "action": ["repeated"], "relocated": [False], "n": [1]}
+        return _summary(values, 1, schema)
     c = classify(batch, full=full, retry_failed=retry_failed)
+    if extra:
+        for f in _EXTRA:
+            c = c.append_column(f, batch.column(f.name).cast(f.type))
     plain = pc.and_(
         pc.is_in(c.column("action"), pa.array(KEEP_ACTIONS)), pc.invert(c.column("relocated"))
     )
     small = c.filter(pc.invert(plain))
     small = small.append_column("n", pa.repeat(pa.scalar(1, pa.int64()), small.num_rows))
     kept = c.filter(plain).column("action")
-    summary = [(a, pc.sum(pc.equal(kept, a)).as_py() or 0) for a in KEEP_ACTIONS]
-    rows = pa.table(
-        {
-            "id": pa.nulls(len(summary), pa.string()),
-            "l_pos": pa.nulls(len(summary), pa.int64()),
-            "action": [a for a, _ in summary],
-            "new_uri": pa.nulls(len(summary), pa.string()),
-            "relocated": [False] * len(summary),
-            "in_parent": [True] * len(summary),
-            "n": [k for _, k in summary],
-        },
-        schema=_CLASSIFIED.append(pa.field("n", pa.int64())),
-    )
-    return pa.concat_tables([small, rows])
+    counts = [pc.sum(pc.equal(kept, a)).as_py() or 0 for a in KEEP_ACTIONS]
+    k = len(KEEP_ACTIONS)
+    values = {"action": list(KEEP_ACTIONS), "relocated": [False] * k, "in_parent": [True] * k}
+    return pa.concat_tables([small, _summary({**values, "n": counts}, k, schema)])
 
 
 def _parent_keys_batch(batch: pa.Table, errors: bool) -> pa.Table:
@@ -377,7 +411,7 @@ def _read_parent(
 
 
 def diff_on_ray(
-    listing: pa.Table,
+    listing: Any,
     rows: Sequence[str] | Pin | None,
     errors: Sequence[str] | Pin | None,
     filesystem: Any,
@@ -393,17 +427,24 @@ def diff_on_ray(
     (`filesystem`: a pyarrow filesystem for the paths); None or [] when it has none. The
     embeddings are never read; the driver receives the counts, the rows to embed and the ids
     not carried (the listing's ids are checked for repeats by the workers, partition by
-    partition, not on the driver). `num_partitions` (default one per ROWS_PER_PARTITION rows
-    of the parent or listing, at least 2) sets the hash partitions of the join."""
+    partition, not on the driver). `listing`: a pyarrow Table on the driver, or a Ray dataset
+    of LISTING_SCHEMA rows (`pipelines.plan.list_items_on_ray`: the listing never reaches the
+    driver). `num_partitions` (default one per ROWS_PER_PARTITION rows of the parent, or of a
+    table listing, at least 2) sets the hash partitions of the join."""
     import ray.data
 
-    n = max(parent_count, listing.num_rows)
+    on_ray = not isinstance(listing, pa.Table)
+    n = max(parent_count, 0 if on_ray else listing.num_rows)
     parts = num_partitions or max(2, math.ceil(n / ROWS_PER_PARTITION))
-    left_t = listing_keys(listing)
-    blocks = [
-        left_t.slice(s, LISTING_BLOCK_ROWS) for s in range(0, left_t.num_rows, LISTING_BLOCK_ROWS)
-    ] or [left_t]
-    left = ray.data.from_arrow(blocks)
+    if on_ray:
+        left = listing.map_batches(_listing_keys_batch, batch_format="pyarrow", batch_size=None)
+    else:
+        left_t = listing_keys(listing)
+        blocks = [
+            left_t.slice(s, LISTING_BLOCK_ROWS)
+            for s in range(0, left_t.num_rows, LISTING_BLOCK_ROWS)
+        ] or [left_t]
+        left = ray.data.from_arrow(blocks)
     sides = []
     for source, is_err in ((rows, False), (errors, True)):
         if not source:
@@ -428,11 +469,7 @@ def diff_on_ray(
             batch_format="pyarrow",
         )
     )
-    out = (
-        pa.concat_tables(parts_out)
-        if parts_out
-        else _CLASSIFIED.append(pa.field("n", pa.int64())).empty_table()
-    )
+    out = pa.concat_tables(parts_out) if parts_out else _out_schema(on_ray).empty_table()
     repeats = out.filter(pc.equal(out.column("action"), "repeated"))
     if repeats.num_rows:
         raise _repeated(repeats.column("id")[0].as_py())
@@ -441,4 +478,5 @@ def diff_on_ray(
         counts[r["action"]] += r["n_sum"]
     small = out.filter(pc.is_valid(out.column("id"))).drop_columns(["n"])
     counts["relocated"] = int(pc.sum(small.column("relocated")).as_py() or 0)
-    return _apply(Diff(listing.slice(0, 0)), counts, listing, small)
+    table = None if on_ray else listing
+    return _apply(Diff(LISTING_SCHEMA.empty_table()), counts, table, small)

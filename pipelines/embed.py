@@ -336,7 +336,7 @@ class _Tracker:
         return done
 
 
-def _ensure_ray(cfg: JobConfig, kinds: Sequence[str]) -> bool:
+def ensure_ray(cfg: JobConfig, kinds: Sequence[str]) -> bool:
     """Start or join Ray; True when it runs on this machine only (one node)."""
     import ray
 
@@ -498,7 +498,7 @@ class _Run:
         from ray.data import DataContext
 
         cfg, plan = self.cfg, self.plan
-        local = _ensure_ray(cfg, plan.kinds)
+        local = ensure_ray(cfg, plan.kinds)
         self.summary.ray_up_seconds = time.perf_counter() - self.t0
         check_resources(cfg, plan.kinds)
         warmup = start_warmup(cfg, plan.kinds, pending, local)  # fire and forget: never awaited

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import tarfile
 import zlib
 from collections import Counter
@@ -582,31 +583,62 @@ def list_items(cfg: JobConfig, *, stat: bool = True, threads: int = 16) -> pa.Ta
     object's metadata (a HEAD request, no body). This is what re-indexing diffs against the
     `fingerprint` column of a previous output.
     """
+    chunks = list(_listing_chunks(plan_job(cfg).shards, cfg, stat, threads))
+    return pa.concat_tables(chunks) if chunks else LISTING_SCHEMA.empty_table()
+
+
+def list_items_on_ray(cfg: JobConfig, *, stat: bool = True, threads: int = 16) -> Any:
+    """`list_items` as a Ray dataset: the driver plans (for manifests and WebDataset, one
+    spec a manifest or tar), Ray tasks list the shards (read manifests and tar headers, ask
+    the store for fingerprints), and the rows never reach the driver. Raises EmptyInput, like
+    `list_items`, when the input holds nothing to list."""
+    import ray.data
+
+    shards = plan_job(cfg).shards
+    if not shards:
+        return ray.data.from_arrow(LISTING_SCHEMA.empty_table())
+    specs = ray.data.from_items(
+        [{"spec": pickle.dumps(s)} for s in shards], override_num_blocks=len(shards)
+    )
+    return specs.map_batches(
+        _list_specs,
+        fn_kwargs={"cfg": cfg, "stat": stat, "threads": threads},
+        batch_size=1,  # one shard a task: a shard is up to a manifest's or a tar's rows
+        batch_format="pyarrow",
+    )
+
+
+def _list_specs(batch: pa.Table, cfg: JobConfig, stat: bool, threads: int) -> pa.Table:
+    shards = [pickle.loads(b) for b in batch.column("spec").to_pylist()]
+    chunks = list(_listing_chunks(shards, cfg, stat, threads))
+    return pa.concat_tables(chunks) if chunks else LISTING_SCHEMA.empty_table()
+
+
+def _listing_chunks(
+    shards: Sequence[ShardSpec], cfg: JobConfig, stat: bool, threads: int
+) -> Iterator[pa.Table]:
+    """The listing rows of `shards` as tables of at most LIST_CHUNK_ROWS rows."""
     storage_options = cfg.storage_options()
-    plan = plan_job(cfg)
-    chunks: list[pa.Table] = []
     rows: list[dict[str, Any]] = []
 
-    def flush() -> None:
+    def chunk() -> pa.Table:
         if stat:
             todo = [r for r in rows if r["fingerprint"] is None and r["error"] is None]
             if todo:
                 _stat_rows(todo, storage_options, threads)
-        chunks.append(
-            pa.Table.from_pylist(
-                [{k: r.get(k) for k in LISTING_SCHEMA.names} for r in rows], schema=LISTING_SCHEMA
-            )
+        t = pa.Table.from_pylist(
+            [{k: r.get(k) for k in LISTING_SCHEMA.names} for r in rows], schema=LISTING_SCHEMA
         )
         rows.clear()
+        return t
 
-    for shard in plan.shards:
+    for shard in shards:
         for r in _listed_rows(shard, cfg, storage_options):
             rows.append(r)
             if len(rows) >= LIST_CHUNK_ROWS:
-                flush()
-    if rows or not chunks:
-        flush()
-    return pa.concat_tables(chunks)
+                yield chunk()
+    if rows:
+        yield chunk()
 
 
 def _listed_rows(

@@ -183,7 +183,7 @@ def _run_locked(cfg: ReindexConfig, ir: IndexRoot, lock: OutputLock) -> ReindexR
     with _timed(timings, "list_and_diff_s"):
         listing = _list_corpus(cfg, parent)
         diff = _diff(cfg, ir, listing, parent)
-    _log_diff(cfg, listing, diff, parent)
+    _log_diff(cfg, diff, parent)
     dim = int(key["embed_dim"])
     if parent.pointer is not None and parent.full_reason is None and diff.empty:
         result = ReindexResult(
@@ -302,14 +302,22 @@ def _read_parent(cfg: ReindexConfig, ir: IndexRoot, key: dict[str, str]) -> _Par
     return parent
 
 
-def _list_corpus(cfg: ReindexConfig, parent: _Parent) -> pa.Table:
-    """The corpus listing (no payloads read). An input without items is an error unless a
-    version exists and `index.allow_empty` is set (then every item is deleted)."""
+def _list_corpus(cfg: ReindexConfig, parent: _Parent) -> Any:
+    """The corpus listing (no payloads read): a table on the driver, or, when the diff runs
+    on Ray Data, a Ray dataset listed by Ray tasks (`pipelines.plan.list_items_on_ray`). An
+    input without items is an error unless a version exists and `index.allow_empty` is set
+    (then every item is deleted)."""
+    from imagebind_core.kinds import KINDS
+    from pipelines.embed import ensure_ray
     from pipelines.formats import EmptyInput
-    from pipelines.plan import list_items
+    from pipelines.plan import list_items, list_items_on_ray
     from pipelines.rows import LISTING_SCHEMA
 
     try:
+        if parent.on_ray:
+            # Ray as the job starts it (`ray.address`, logical CPUs), not Ray Data's default.
+            ensure_ray(cfg.job, KINDS)
+            return list_items_on_ray(cfg.job)
         return list_items(cfg.job)
     except EmptyInput as e:
         if parent.pointer is None or not cfg.index.allow_empty:
@@ -344,12 +352,16 @@ def _diff(cfg: ReindexConfig, ir: IndexRoot, listing: pa.Table, parent: _Parent)
     )
 
 
-def _log_diff(cfg: ReindexConfig, listing: pa.Table, diff: Any, parent: _Parent) -> None:
+def _log_diff(cfg: ReindexConfig, diff: Any, parent: _Parent) -> None:
+    listed = sum(
+        getattr(diff, k)
+        for k in ("added", "changed", "retried", "reembedded", "carried_rows", "failed_kept")
+    )
     logger.info(
         "%s: %d listed; %d new, %d changed, %d retried, %d re-embedded, %d deleted, "
         "%d carried (%d relocated), %d failures kept%s%s",
         cfg.job.input,
-        listing.num_rows,
+        listed,
         diff.added,
         diff.changed,
         diff.retried,

@@ -12,13 +12,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+import ray.data
+from helpers.pipeline import Writer, files_corpus, manifest_corpus, webdataset_corpus
 from helpers.reindex import by_id, config, make_corpus, traced, version_rows
 from pyarrow.fs import LocalFileSystem
 
 import pipelines.diff as pdiff
+from pipelines.config import load_config
 from pipelines.diff import diff_listing, diff_on_ray, relocate
 from pipelines.formats import PlanError
+from pipelines.plan import list_items, list_items_on_ray
 from pipelines.reindex import reindex
+from pipelines.rows import LISTING_SCHEMA
 from pipelines.tables import Pin, VersionTable, read_pin
 
 
@@ -99,6 +104,24 @@ def test_ray_diff_equals_driver_diff(ray_session, tmp_path, full, source):
     # The driver diff's ids to drop and relocations are the Ray diff's.
     assert got.drop_ids.sort().equals(want.drop_ids.sort())
     assert got.moved.sort_by("id").equals(want.moved.sort_by("id"))
+    # The same listing as a Ray dataset (never on the driver): the same diff; the rows to
+    # embed come back whole, through the join, in (shard, id) order.
+    listed = _as_listing(listing)
+    on_ray = diff_on_ray(
+        ray.data.from_arrow([listed.slice(0, 3), listed.slice(3)]), row_files, err_files,
+        LocalFileSystem(), full=full, num_partitions=3,
+    )  # fmt: skip
+    for k in ("added", "changed", "deleted", "retried", "reembedded", "relocated"):
+        assert getattr(on_ray, k) == getattr(want, k), k
+    assert (on_ray.carried_rows, on_ray.failed_kept) == (got.carried_rows, got.failed_kept)
+    assert on_ray.to_embed.schema.equals(LISTING_SCHEMA)
+    expect = listed.filter(pc.is_in(listed["id"], want.to_embed["id"]))
+    expect = expect.sort_by([("shard", "ascending"), ("id", "ascending")])
+    assert on_ray.to_embed.equals(expect)
+    why = dict(zip(want.to_embed["id"].to_pylist(), want.classes, strict=True))
+    assert on_ray.classes == [why[i] for i in expect["id"].to_pylist()]
+    assert on_ray.drop_ids.sort().equals(want.drop_ids.sort())
+    assert on_ray.moved.sort_by("id").equals(want.moved.sort_by("id"))
     carried = _carry(parent, got.drop_ids, got.moved).sort_by("id")
     kept = _carry(errors, got.drop_ids, got.moved).sort_by("id")
     if full:
@@ -109,6 +132,31 @@ def test_ray_diff_equals_driver_diff(ray_session, tmp_path, full, source):
     assert carried.column("uri").to_pylist() == ["/c/a", "/new/m"]
     assert kept.equals(want.carried_errors.sort_by("id"))
     assert kept.column("uri").to_pylist() == ["/new/e"]
+
+
+def _as_listing(t: pa.Table) -> pa.Table:
+    """`t` with LISTING_SCHEMA's columns (nulls where `t` has none, a few set)."""
+    n = t.num_rows
+    extra = {
+        "shard": pa.array(["s1", "s0"] * (n // 2) + ["s0"] * (n % 2)),
+        "size": pa.array(range(n)),
+    }
+    return pa.table(
+        [t[f.name] if f.name in t.column_names else extra.get(f.name, pa.nulls(n, f.type))
+         for f in LISTING_SCHEMA],
+        schema=LISTING_SCHEMA,
+    )  # fmt: skip
+
+
+def test_listing_on_ray_equals_the_driver_listing(ray_session, tmp_path):
+    # Ray tasks list the shards (manifests read, objects stat'ed, tar headers read): the rows
+    # are the driver's, none missing, none repeated, bad rows listed with their error.
+    w = Writer(str(tmp_path))
+    for corpus in (manifest_corpus(w), webdataset_corpus(w), files_corpus(w)):
+        cfg = load_config(None, {"input": corpus.input, "output": str(tmp_path / "o")})
+        want = list_items(cfg).sort_by("id")
+        got = pa.concat_tables(pdiff._collect(list_items_on_ray(cfg))).sort_by("id")
+        assert want.num_rows > 2 and got.equals(want)
 
 
 def test_ray_diff_refuses_a_repeated_id(ray_session, tmp_path):
@@ -127,6 +175,9 @@ def test_ray_diff_refuses_a_repeated_id(ray_session, tmp_path):
     for parts in (1, 3):
         with pytest.raises(PlanError, match="'b' more than once"):
             diff_on_ray(listing, row_files, None, LocalFileSystem(), num_partitions=parts)
+    on_ray = ray.data.from_arrow([_as_listing(listing.slice(0, 2)), _as_listing(listing.slice(2))])
+    with pytest.raises(PlanError, match="'b' more than once"):
+        diff_on_ray(on_ray, row_files, None, LocalFileSystem(), num_partitions=2)
     got = diff_on_ray(listing.slice(0, 3), row_files, None, LocalFileSystem(), num_partitions=3)
     assert (got.added, got.carried_rows) == (1, 2)
 
