@@ -4,7 +4,7 @@ and driver peak RSS of the run, split into version rows, index and the rest.
     RAY_AUTH_MODE=disabled /work/main/.venv/bin/python benchmarks/bench_reindex_storage.py \
         [--sizes 250000 1000000] [--diff-on-ray-rows N] [--dim 1024] [--changed 1000] \
         [--workdir /tmp/bench-rstore] [--json benchmarks/results/reindex-storage-cpu-2core.json] \
-        [--runs 1] [--keep] [--baseline /path/to/other/checkout]
+        [--runs 1] [--keep] [--baseline /path/to/other/checkout] [--manifest-rows 100000]
 
 `pipelines.reindex.reindex` runs as it is (lease, parent read, diff, version rows, index
 update, record, compare-and-swap publish, retention) on a local index root, with two steps
@@ -17,7 +17,10 @@ published) changes the fingerprint of `--changed` rows no earlier run changed.
 The embedding job's cost (the same on any layout) is therefore left out: what is measured is
 what the version layout and the index cost. The synthetic listing is made before the measured
 window (`listing_made_s`; the run then holds its `listing_mb`, as it holds a real listing);
-`timings_s` is the run's own phase breakdown from its version record.
+`timings_s` is the run's own phase breakdown from its version record. With
+`--manifest-rows R` the listing is not replaced: the same rows are written, before each
+measured run, as Parquet manifests of R rows (`id`, `uri`, `modality`, `fingerprint`) that the
+run lists itself (`pipelines.plan`), so the listing's cost is measured too.
 
 Bytes written: the sizes of the files under the index root that are new or changed after the
 run, by area: `rows` (the version's rows: `rows.lance`/`failures.lance`, or a version's
@@ -71,7 +74,7 @@ def _listing(n: int, changed: int, run: int) -> pa.Table:
     )
 
 
-def _patch(listing: pa.Table, dim: int) -> None:
+def _patch(listing: pa.Table | None, dim: int) -> None:
     import pipelines.reindex as ri
     from imagebind_core.index import join_uri
     from imagebind_core.io import filesystem
@@ -98,7 +101,8 @@ def _patch(listing: pa.Table, dim: int) -> None:
             )
             pq.write_table(table, join_uri(stage.embedded_uri, f"part-{k:05d}.parquet"))
 
-    ri._list_corpus = list_corpus
+    if listing is not None:  # else the run lists the corpus's manifests itself
+        ri._list_corpus = list_corpus
     ri._embed_changes = embed_changes
 
 
@@ -122,20 +126,41 @@ def _area(rel: str) -> str:
     return "other"
 
 
-def child(step: str, root: str, n: int, changed: int, dim: int, ray_rows: int | None) -> dict:
+def _run_number(step: str, root: str) -> int:
+    """The measured run about to start (0: the parent's build; the parent is version 1)."""
+    from pipelines.publish import IndexRoot
+
+    pointer = IndexRoot(f"{root}/index", {}).latest()[0] if step == "run" else None
+    return pointer.version if pointer is not None else 0
+
+
+def write_manifests(root: str, n: int, changed: int, run: int, rows: int) -> None:
+    """The corpus of run `run` as Parquet manifests of `rows` rows under `<root>/corpus`."""
+    folder = f"{root}/corpus"
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
+    listing = _listing(n, changed, run).select(["id", "uri", "modality", "fingerprint"])
+    for k, s in enumerate(range(0, n, rows)):
+        pq.write_table(listing.slice(s, rows), f"{folder}/m{k:05d}.parquet")
+
+
+def child(
+    step: str, root: str, n: int, changed: int, dim: int, ray_rows: int | None, manifests: bool
+) -> dict:
     import pipelines
     from pipelines.config import load_reindex_config
     from pipelines.publish import IndexRoot
     from pipelines.reindex import reindex
 
-    os.makedirs(f"{root}/corpus", exist_ok=True)
-    open(f"{root}/corpus/placeholder", "w").close()  # the input must exist
-    # The synthetic listing is made before the measured window (its Python strings are this
-    # script's, not the product's); the run holds it, as it holds a real listing.
-    pointer = IndexRoot(f"{root}/index", {}).latest()[0] if step == "run" else None
-    run = pointer.version if pointer is not None else 0  # the parent is version 1
+    run = _run_number(step, root)
+    listing = None
     t0 = time.perf_counter()
-    listing = _listing(n, changed, run)
+    if not manifests:
+        os.makedirs(f"{root}/corpus", exist_ok=True)
+        open(f"{root}/corpus/placeholder", "w").close()  # the input must exist
+        # The synthetic listing is made before the measured window (its Python strings are
+        # this script's, not the product's); the run holds it, as it holds a real listing.
+        listing = _listing(n, changed, run)
     listing_s = time.perf_counter() - t0
     _patch(listing, dim)
     cfg = load_reindex_config(
@@ -171,8 +196,9 @@ def child(step: str, root: str, n: int, changed: int, dim: int, ray_rows: int | 
         "written_total_mb": round(sum(written.values()) / 2**20, 2),
         "root_mb": round(sum(s for s, _ in after.values()) / 2**20, 1),
         "timings_s": timings,
-        "listing_made_s": round(listing_s, 2),
-        "listing_mb": round(listing.nbytes / 2**20, 1),
+        "listing_made_s": round(listing_s, 2) if listing is not None else None,
+        "listing_mb": round(listing.nbytes / 2**20, 1) if listing is not None else None,
+        "listing": "synthetic table" if listing is not None else "manifests",
         "run": run,
         "code_path": os.path.dirname(os.path.dirname(os.path.abspath(pipelines.__file__))),
     }
@@ -203,13 +229,21 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=1, help="measured runs per size (default 1)")
     p.add_argument("--keep", action="store_true", help="keep (and reuse) each size's root")
     p.add_argument("--baseline", help="a checkout to alternate with this one, run for run")
+    p.add_argument(
+        "--manifest-rows",
+        type=int,
+        default=0,
+        help="write the corpus as Parquet manifests of this many rows, listed by the run itself "
+        "(default 0: a synthetic listing table replaces the listing)",
+    )
     p.add_argument("--child", nargs=3, metavar=("STEP", "ROOT", "N"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.dim != 1024:
         p.error("--dim must be 1024: the run's lineage is the `huge` preset's (D = 1024)")
     if a.child:
         step, root, n = a.child
-        print(json.dumps(child(step, root, int(n), a.changed, a.dim, a.diff_on_ray_rows)))
+        ray_rows, manifests = a.diff_on_ray_rows, a.manifest_rows > 0
+        print(json.dumps(child(step, root, int(n), a.changed, a.dim, ray_rows, manifests)))
         return
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     codes = [("this", here)]
@@ -221,12 +255,18 @@ def main() -> None:
         me = [sys.executable, __file__, "--changed", str(a.changed), "--dim", str(a.dim)]
         if a.diff_on_ray_rows is not None:
             me += ["--diff-on-ray-rows", str(a.diff_on_ray_rows)]
+        if a.manifest_rows:
+            me += ["--manifest-rows", str(a.manifest_rows)]
         built = None
         if not (a.keep and _has_version(root)):
             shutil.rmtree(root, ignore_errors=True)
+            if a.manifest_rows:
+                write_manifests(root, n, a.changed, 0, a.manifest_rows)
             built = run_child([*me, "--child", "build", root, str(n)])
         for k in range(a.runs * len(codes)):
             label, code = codes[k % len(codes)]
+            if a.manifest_rows:  # written here: not part of the measured process
+                write_manifests(root, n, a.changed, _run_number("run", root), a.manifest_rows)
             env = dict(
                 os.environ, PYTHONPATH=os.pathsep.join([code, os.environ.get("PYTHONPATH", "")])
             )

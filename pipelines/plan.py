@@ -1,6 +1,7 @@
 """Listing and planning of the embedding job: list a corpus into shards (`plan_job`) without
 reading media bytes, split them for a rerun (`reconcile`), list every item for re-indexing
-(`list_items`, `plan_items`), and turn shards into the read tasks (`shard_tasks`).
+(`list_items` on the driver, `list_items_on_ray` in Ray tasks, `plan_items`), and turn shards
+into the read tasks (`shard_tasks`).
 
 Planning and listing never read media bytes: manifests are read (small), tar shards are walked
 header by header (seeking over payloads), files are listed. Paths and names starting with `_`

@@ -7,7 +7,8 @@ One run:
 2. reads the published pointer (`<root>/LATEST`) and the parent version's rows (the Lance
    versions its record pins, `pipelines.tables`; Parquet for versions published before);
 3. lists the corpus without reading payloads (`pipelines.plan.list_items`, the same inputs
-   as `imagebind-embed`) and diffs it against the parent by (`id`, `fingerprint`): new and
+   as `imagebind-embed`; in Ray tasks for a parent of `index.diff_on_ray_rows` rows or more,
+   `list_items_on_ray`) and diffs it against the parent by (`id`, `fingerprint`): new and
    changed items are embedded, unchanged rows are carried forward as they are (same bytes, no
    recomputation), deleted items are left out. A different model lineage (preset, checkpoint
    sha256, dtype, embedding size, normalisation, preprocessing version, options and limits;
