@@ -28,6 +28,7 @@ from pipelines.plan import detect_format, list_input, list_items, plan_job, shar
 from pipelines.readers import read_tasks
 from pipelines.rows import (
     ITEM_SCHEMA,
+    LISTING_SCHEMA,
     STATUS_EOS,
     STATUS_ERROR,
     STATUS_OK,
@@ -274,6 +275,31 @@ def test_listing_in_small_chunks_equals_listing_at_once(tmp_path, monkeypatch):
         monkeypatch.undo()
         assert whole.num_rows > 2
         assert chunked.equals(whole)
+
+
+def test_manifest_listing_column_by_column_equals_row_by_row(tmp_path):
+    # Manifests are listed column by column (no dict per row); the rows must be those of the
+    # row-by-row path every other format takes: ids, invalid rows, stat'ed objects, inline
+    # texts, ids excluded as repeats of an earlier manifest, missing objects' errors.
+    from pipelines.plan import _listed_rows, _stat_rows
+
+    w = Writer(str(tmp_path))
+    man = manifest_corpus(w)
+    (tmp_path / "in2").mkdir()
+    (tmp_path / "in2" / "a.csv").write_text("id,modality,text\nx1,text,one\nx2,sound,two\n")
+    (tmp_path / "in2" / "b.csv").write_text(f"id,modality,uri\nx1,vision,{man.input}/nope.png\n"
+                                            f"x3,vision,{man.input}/gone.png\nx4,,\n")  # fmt: skip
+    for folder in (man.input, str(tmp_path / "in2")):
+        cfg = load_config(None, {"input": folder, "output": str(tmp_path / "o")})
+        so = cfg.storage_options()
+        rows = [r for shard in plan_job(cfg).shards for r in _listed_rows(shard, cfg, so)]
+        _stat_rows([r for r in rows if r["fingerprint"] is None and r["error"] is None], so, 4)
+        want = pa.Table.from_pylist(
+            [{k: r.get(k) for k in LISTING_SCHEMA.names} for r in rows], schema=LISTING_SCHEMA
+        )
+        got = list_items(cfg)
+        assert want.num_rows >= 3 and got.equals(want), (got.to_pylist(), want.to_pylist())
+        assert "invalid" in got.column("modality").to_pylist()
 
 
 def test_files_shards_are_stable_across_runs(tmp_path):
