@@ -219,8 +219,8 @@ class IndexOptions:
         retrain_growth: an IVF modality is retrained (the version's index rebuilt) when its
             size leaves [trained / g, trained * g], trained being its size at training.
         retrain_drift: ... or when the vectors added since training fit the coarse quantizer
-            worse than the training sample did: their mean cosine to the nearest centroid
-            is lower by more than this (checked once they number at least
+            worse than vectors held out of its training did: their mean cosine to the
+            nearest centroid is lower by more than this (checked once they number at least
             max(100, 1 % of trained)).
         max_segments: an update merges a shard's newest segments (back to the first older
             one larger than them all, at least two) when it would hold more segments than
@@ -298,11 +298,16 @@ def _train(kind: str, x: np.ndarray, opts: IndexOptions, n: int | None = None) -
     n = len(x) if n is None else n
     nlist = opts.nlist or max(1, min(int(4 * math.sqrt(n)), n // 39))
     nlist = min(nlist, n)
-    sample_n = min(len(x), max(40 * nlist, 16_384), _MAX_TRAIN)
-    sample = x
-    if sample_n < len(x):
-        pick = np.sort(np.random.default_rng(0).choice(len(x), sample_n, replace=False))
-        sample = x[pick]
+    # The drift rule's baseline is the fit of vectors k-means did not see: in-sample fit is
+    # optimistic (each point pulled its centroid), so new vectors from the same distribution
+    # would look drifted and force needless rebuilds.
+    order = np.random.default_rng(0).permutation(len(x))
+    held_n = min(_HELD_OUT, len(x) // 10)
+    held_n = held_n if held_n >= 100 else 0
+    rest = order[held_n:]
+    sample_n = min(len(rest), max(40 * nlist, 16_384), _MAX_TRAIN)
+    sample = x if sample_n == len(x) else x[np.sort(rest[:sample_n])]
+    held = x[np.sort(order[:held_n])] if held_n else sample
     quantizer = faiss.IndexFlatIP(dim)
     info: dict[str, Any] = {"kind": kind, "trained_count": n, "nlist": nlist}
     if kind == "ivf":
@@ -312,7 +317,7 @@ def _train(kind: str, x: np.ndarray, opts: IndexOptions, n: int | None = None) -
         index = faiss.IndexIVFPQ(quantizer, dim, nlist, m, nbits, faiss.METRIC_INNER_PRODUCT)
         info.update(pq_m=m, pq_bits=nbits)
     index.train(sample)
-    info.update(fit=round(float(_fit(index, sample).mean()), 6), added=0, added_fit=0.0)
+    info.update(fit=round(float(_fit(index, held).mean()), 6), added=0, added_fit=0.0)
     # Through bytes: the returned index owns its quantizer (no Python reference to keep).
     return faiss.deserialize_index(faiss.serialize_index(index)), info
 
@@ -1272,6 +1277,9 @@ def update_index(
 
 # Vectors kept per modality to train on: `_train` never uses more.
 _MAX_TRAIN = 262_144
+# Vectors `_train` holds out of k-means to measure the trained quantizer's fit (a tenth of
+# what it is given, at most this many; none below 100).
+_HELD_OUT = 16_384
 # Rows a build handles at a time: its transient copies of one batch's vectors (normalised,
 # selected per shard and modality) stay ~64 MiB each at D = 1024, whatever the caller's batches.
 BUILD_BATCH_ROWS = 16_384

@@ -561,9 +561,14 @@ def repeated_rows(digests: Sequence[np.ndarray]) -> list[np.ndarray]:
     if not sum(sizes):
         return [np.empty(0, np.int64) for _ in digests]
     allv = np.concatenate(digests)
-    pos = np.arange(len(allv))
-    order = np.lexsort((pos, allv[:, 1], allv[:, 0]))  # by digest, then first occurrence
+    # By the digest's first half, then first occurrence (a stable sort of one key: ~3x faster
+    # than sorting by three); exact unless two different ids share a first half (~n^2 / 2^65),
+    # then by the whole digest.
+    order = np.argsort(allv[:, 0], kind="stable")
     srt = allv[order]
+    if np.any((srt[1:, 0] == srt[:-1, 0]) & (srt[1:, 1] != srt[:-1, 1])):
+        order = np.lexsort((np.arange(len(allv)), allv[:, 1], allv[:, 0]))
+        srt = allv[order]
     same = np.all(srt[1:] == srt[:-1], axis=1)
     later = np.sort(order[1:][same])
     starts = np.cumsum([0, *sizes])

@@ -611,6 +611,12 @@ def test_repeated_rows_over_many_shards():
                 want.append(j)
             seen.add(i)
         assert rows.tolist() == want
+    # Different ids whose digests share a first half (forced here), around a real repeat.
+    d = np.array
+    got = repeated_rows([d([[1, 5], [1, 6], [2, 0]], np.uint64), d([[1, 6], [1, 5]], np.uint64)])
+    assert [g.tolist() for g in got] == [[], [0, 1]]
+    got = repeated_rows([d([[1, 6], [1, 5], [1, 6]], np.uint64)])
+    assert [g.tolist() for g in got] == [[2]]
 
 
 # ----------------------------------------------------------------------------- parts + commit

@@ -504,6 +504,29 @@ def test_drifted_additions_retrain(tmp_path):
     assert "fit the quantizer worse" in r.reason
 
 
+def test_new_vectors_like_the_trained_ones_do_not_retrain(tmp_path):
+    """Vectors with no cluster structure (a quantizer fit to them overfits: each training
+    vector pulled its own centroid) and new ones from the same distribution: the drift rule's
+    baseline is the fit of vectors held out of training, so they are an update, not a
+    rebuild (`test_drifted_additions_retrain`: vectors from elsewhere still retrain)."""
+    rng = np.random.default_rng(20)
+    x = rng.standard_normal((3000, DIM)).astype(np.float32)
+    v1 = table([f"i-{i}" for i in range(3000)], x, ["text"] * 3000)
+    o = IndexOptions(flat_threshold=100, pq_threshold=10**9)
+    p1 = str(tmp_path / "v1")
+    update_index(p1, parent_uri=None, upserts=v1, deletes=[], all_rows=lambda: v1, options=o)
+    up = table([f"new-{i}" for i in range(150)], rng.standard_normal((150, DIM)), ["text"] * 150)
+    r = update_index(
+        str(tmp_path / "v2"),
+        parent_uri=p1,
+        upserts=up,
+        deletes=[],
+        all_rows=lambda: pa.concat_tables([v1, up]),
+        options=o,
+    )
+    assert r.mode == "updated", r.reason
+
+
 def test_bad_rows_and_options_are_named():
     ids, emb = corpus(4, seed=9)
     with pytest.raises(ValueError, match="duplicate id 'item-00001'"):
