@@ -22,8 +22,12 @@ def run_child(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, An
     """Run `cmd` (one measurement in a fresh process, so its peak memory is its own; `env`:
     its environment, default this one's) and return the JSON object its last line of output
     holds."""
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    for line in reversed(out.stdout.strip().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    sys.stderr.write(out.stderr[-4000:])
+    raise RuntimeError(f"{' '.join(cmd)} exited {out.returncode} without a JSON line")
 
 
 def write_results(path: str | None, results: Any, key: str = "results") -> None:
