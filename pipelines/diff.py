@@ -352,8 +352,8 @@ def _classify_batch(batch: pa.Table, full: bool, retry_failed: bool) -> pa.Table
     carried (embedded, deleted, dropped, relocated) with `n` = 1, and one summary row (`id`
     null) per kept action with `n` = how many plain carried rows or kept failures it stands
     for. A listing id the partition holds twice (all rows of an id share a partition) comes
-    back alone, as action `repeated`: the driver refuses the listing. A listing on Ray's
-    other columns (`_EXTRA`) come back with the rows that are not plainly carried."""
+    back alone, as action `repeated`: the driver refuses the listing. When the listing is on
+    Ray, its other columns (`_EXTRA`) come back with the rows that are not plainly carried."""
     extra = "x_shard" in batch.column_names
     schema = _out_schema(extra)
     dup = repeated_id(batch.filter(pc.is_valid(batch.column("l_pos"))).column("id"))
