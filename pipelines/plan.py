@@ -588,14 +588,25 @@ def list_items(cfg: JobConfig, *, stat: bool = True, threads: int = 16) -> pa.Ta
     return pa.concat_tables(chunks) if chunks else LISTING_SCHEMA.empty_table()
 
 
-def list_items_on_ray(cfg: JobConfig, *, stat: bool = True, threads: int = 16) -> Any:
+def list_items_on_ray(
+    cfg: JobConfig,
+    *,
+    stat: bool = True,
+    threads: int = 16,
+    start_ray: Callable[[Sequence[str]], Any] | None = None,
+) -> Any:
     """`list_items` as a Ray dataset: the driver plans (for manifests and WebDataset, one
     spec a manifest or tar), Ray tasks list the shards (read manifests and tar headers, ask
-    the store for fingerprints), and the rows never reach the driver. Raises EmptyInput, like
-    `list_items`, when the input holds nothing to list."""
+    the store for fingerprints), and the rows never reach the driver. `start_ray(kinds)` is
+    called once the plan knows the corpus's kinds, before any Ray call (the caller starts Ray
+    as its job would). Raises EmptyInput, like `list_items`, when the input holds nothing to
+    list."""
     import ray.data
 
-    shards = plan_job(cfg).shards
+    plan = plan_job(cfg)
+    if start_ray is not None:
+        start_ray(plan.kinds)
+    shards = plan.shards
     if not shards:
         return ray.data.from_arrow(LISTING_SCHEMA.empty_table())
     specs = ray.data.from_items(

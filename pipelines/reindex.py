@@ -308,7 +308,6 @@ def _list_corpus(cfg: ReindexConfig, parent: _Parent) -> Any:
     on Ray Data, a Ray dataset listed by Ray tasks (`pipelines.plan.list_items_on_ray`). An
     input without items is an error unless a version exists and `index.allow_empty` is set
     (then every item is deleted)."""
-    from imagebind_core.kinds import KINDS
     from pipelines.embed import ensure_ray
     from pipelines.formats import EmptyInput
     from pipelines.plan import list_items, list_items_on_ray
@@ -316,9 +315,9 @@ def _list_corpus(cfg: ReindexConfig, parent: _Parent) -> Any:
 
     try:
         if parent.on_ray:
-            # Ray as the job starts it (`ray.address`, logical CPUs), not Ray Data's default.
-            ensure_ray(cfg.job, KINDS)
-            return list_items_on_ray(cfg.job)
+            # Ray as the embedding job starts it for the corpus's kinds (`ray.address`,
+            # logical CPUs), not Ray Data's default.
+            return list_items_on_ray(cfg.job, start_ray=lambda kinds: ensure_ray(cfg.job, kinds))
         return list_items(cfg.job)
     except EmptyInput as e:
         if parent.pointer is None or not cfg.index.allow_empty:
