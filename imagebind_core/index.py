@@ -1629,6 +1629,8 @@ def _delete_in_segments(
     live counts, the labels each segment loses (None: none) and the number of live rows
     removed. An upserted label a segment holds live must belong to the same id (no hash
     clash)."""
+    import pyarrow.compute as pc
+
     out, dels, gone = [], [], 0
     for e in entries:
         labels, mods = _segment_keys(fs, base, e)
@@ -1647,8 +1649,6 @@ def _delete_in_segments(
             dels.append(None)
             continue
         gone += int(hit.sum())
-        import pyarrow.compute as pc
-
         lost = {
             r["values"]: r["counts"]
             for r in pc.value_counts(mods.take(np.flatnonzero(hit))).to_pylist()

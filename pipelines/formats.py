@@ -469,11 +469,6 @@ def files_rows(
             )
 
 
-# Manifest rows turned into Python dicts at a time (a dict is ~1 KB; a manifest may hold
-# millions of rows).
-ROWS_PER_DICT_BATCH = 8_192
-
-
 def manifest_rows(
     shard: str,
     uri: str,
@@ -482,9 +477,7 @@ def manifest_rows(
     storage_options: StorageOptions | None,
     **_: Any,
 ) -> Iterator[dict[str, Any]]:
-    table = manifest_shard_table(shard, uri, fingerprint, kinds, storage_options)
-    for batch in table.to_batches(max_chunksize=ROWS_PER_DICT_BATCH):  # a few dicts at a time
-        yield from batch.to_pylist()
+    yield from manifest_shard_table(shard, uri, fingerprint, kinds, storage_options).to_pylist()
 
 
 def manifest_shard_table(

@@ -633,25 +633,23 @@ def _listing_chunks(
     storage_options = cfg.storage_options()
     rows: list[dict[str, Any]] = []
 
+    def stated(t: pa.Table) -> pa.Table:
+        return _stat_table(t, storage_options, threads) if stat else t
+
     def chunk() -> pa.Table:
-        if stat:
-            todo = [r for r in rows if r["fingerprint"] is None and r["error"] is None]
-            if todo:
-                _stat_rows(todo, storage_options, threads)
         t = pa.Table.from_pylist(
             [{k: r.get(k) for k in LISTING_SCHEMA.names} for r in rows], schema=LISTING_SCHEMA
         )
         rows.clear()
-        return t
+        return stated(t)
 
     for shard in shards:
-        if shard.format == "manifest":  # column by column: manifests hold millions of rows
+        if input_format(shard.format).shard_table is not None:  # column by column
             if rows:
                 yield chunk()
-            table = _manifest_listing(shard, storage_options)
+            table = _table_listing(shard, storage_options)
             for s in range(0, table.num_rows, LIST_CHUNK_ROWS):
-                part = table.slice(s, LIST_CHUNK_ROWS)
-                yield _stat_table(part, storage_options, threads) if stat else part
+                yield stated(table.slice(s, LIST_CHUNK_ROWS))
             continue
         for r in _listed_rows(shard, cfg, storage_options):
             rows.append(r)
@@ -661,10 +659,12 @@ def _listing_chunks(
         yield chunk()
 
 
-def _manifest_listing(shard: ShardSpec, storage_options: StorageOptions | None) -> pa.Table:
-    """`_listed_rows` of a manifest shard as one table, built column by column (the same rows:
-    tested against the row-by-row path)."""
-    t = manifest_shard_table(shard.name, shard.uri, shard.fingerprint, shard.kinds, storage_options)
+def _table_listing(shard: ShardSpec, storage_options: StorageOptions | None) -> pa.Table:
+    """`_listed_rows` of a shard whose format reads it as one table (`shard_table`: manifests),
+    built column by column (the same rows: tested against the row-by-row path)."""
+    t = input_format(shard.format).shard_table(
+        shard.name, shard.uri, shard.fingerprint, shard.kinds, storage_options=storage_options
+    )
     if shard.exclude:
         skip = pa.array(sorted(shard.exclude), pa.string())
         t = t.filter(pc.invert(pc.is_in(t.column("id"), value_set=skip)))

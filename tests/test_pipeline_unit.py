@@ -262,15 +262,14 @@ def test_listing_reads_no_payload_and_ids_are_stable(tmp_path, monkeypatch):
 
 
 def test_listing_in_small_chunks_equals_listing_at_once(tmp_path, monkeypatch):
-    # list_items turns rows into Arrow a chunk at a time (and a manifest into dicts a batch at
-    # a time) so that a corpus of millions is not held as Python dicts: chunk edges must not
+    # list_items turns rows into Arrow a chunk at a time (a manifest's table is cut into
+    # chunks) so that a corpus of millions is not held as Python dicts: chunk edges must not
     # change a row, drop one or skip the stat of rows without a fingerprint.
     w = Writer(str(tmp_path))
     for corpus in (manifest_corpus(w), webdataset_corpus(w)):
         cfg = load_config(None, {"input": corpus.input, "output": str(tmp_path / "o")})
         whole = list_items(cfg)
         monkeypatch.setattr("pipelines.plan.LIST_CHUNK_ROWS", 2)
-        monkeypatch.setattr("pipelines.formats.ROWS_PER_DICT_BATCH", 1)
         chunked = list_items(cfg)
         monkeypatch.undo()
         assert whole.num_rows > 2
