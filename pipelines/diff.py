@@ -40,6 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.formats import PlanError
+from pipelines.plan import REPEAT
 from pipelines.rows import LISTING_SCHEMA
 from pipelines.tables import Pin, lance_options
 
@@ -337,6 +338,8 @@ def _listing_keys_batch(batch: pa.Table) -> pa.Table:
     for c in _CARRIED:
         f = LISTING_SCHEMA.field(c)
         keys = keys.append_column(pa.field("x_" + c, f.type), batch.column(c).cast(f.type))
+    if REPEAT in batch.column_names:
+        keys = keys.append_column("x_repeat", batch.column(REPEAT).cast(pa.bool_()))
     return keys
 
 
@@ -351,12 +354,19 @@ def _classify_batch(batch: pa.Table, full: bool, retry_failed: bool) -> pa.Table
     """Classify a join partition and keep what the driver needs: every row that is not simply
     carried (embedded, deleted, dropped, relocated) with `n` = 1, and one summary row (`id`
     null) per kept action with `n` = how many plain carried rows or kept failures it stands
-    for. A listing id the partition holds twice (all rows of an id share a partition) comes
-    back alone, as action `repeated`: the driver refuses the listing. When the listing is on
-    Ray, its other columns (`_EXTRA`) come back with the rows that are not plainly carried."""
+    for. A repeated listing id comes back alone, as action `repeated`: the driver refuses
+    the listing. It is one flagged by its listing task (`x_repeat`, from `list_items_on_ray`:
+    exact); without flags, one this batch holds twice — a partition can reach the worker as
+    several blocks (Ray's join streams its output), so this check alone can miss a repeat.
+    When the listing is on Ray, its other columns (`_EXTRA`) come back with the rows that
+    are not plainly carried."""
     extra = "x_shard" in batch.column_names
     schema = _out_schema(extra)
-    dup = repeated_id(batch.filter(pc.is_valid(batch.column("l_pos"))).column("id"))
+    if "x_repeat" in batch.column_names:
+        flagged = batch.filter(pc.fill_null(batch.column("x_repeat"), False))
+        dup = flagged.column("id")[0].as_py() if flagged.num_rows else None
+    else:
+        dup = repeated_id(batch.filter(pc.is_valid(batch.column("l_pos"))).column("id"))
     if dup is not None:
         values = {"id": [dup], "action": ["repeated"], "relocated": [False], "n": [1]}
         return _summary(values, 1, schema)
@@ -426,8 +436,10 @@ def diff_on_ray(
     versions (`pipelines.tables.Pin`, opened with `storage_options`) or Parquet files
     (`filesystem`: a pyarrow filesystem for the paths); None or [] when it has none. The
     embeddings are never read; the driver receives the counts, the rows to embed and the ids
-    not carried (the listing's ids are checked for repeats by the workers, partition by
-    partition, not on the driver). `listing`: a pyarrow Table on the driver, or a Ray dataset
+    not carried. A repeated listing id raises PlanError: a table listing is checked on the
+    driver; a Ray listing by the flags its listing tasks set (`pipelines.plan.REPEAT`; a
+    dataset without them is checked block by block only, which can miss a repeat).
+    `listing`: a pyarrow Table on the driver, or a Ray dataset
     of LISTING_SCHEMA rows (`pipelines.plan.list_items_on_ray`: the listing never reaches the
     driver). `num_partitions` (default one per ROWS_PER_PARTITION rows of the parent, or of a
     table listing, at least 2) sets the hash partitions of the join."""
@@ -439,6 +451,7 @@ def diff_on_ray(
     if on_ray:
         left = listing.map_batches(_listing_keys_batch, batch_format="pyarrow", batch_size=None)
     else:
+        check_unique_ids(listing)  # the driver holds this listing: checked whole, here
         left_t = listing_keys(listing)
         blocks = [
             left_t.slice(s, LISTING_BLOCK_ROWS)

@@ -52,7 +52,13 @@ from pipelines.formats import (
     tar_rows,
     wds_id,
 )
-from pipelines.rows import INVALID, LISTING_SCHEMA, fingerprint_from_info, item_row
+from pipelines.rows import (
+    INVALID,
+    LISTING_SCHEMA,
+    fingerprint_from_info,
+    first_occurrences,
+    item_row,
+)
 from pipelines.store import ADDITION_RE, Output, hidden
 
 logger = logging.getLogger(__name__)
@@ -600,7 +606,14 @@ def list_items_on_ray(
     the store for fingerprints), and the rows never reach the driver. `start_ray(kinds)` is
     called once the plan knows the corpus's kinds, before any Ray call (the caller starts Ray
     as its job would). Raises EmptyInput, like `list_items`, when the input holds nothing to
-    list."""
+    list.
+
+    The rows are LISTING_SCHEMA's plus REPEAT (bool): True on a row whose id an earlier row of
+    the same shard lists (a tar holding two members of one name; repeats across manifests are
+    excluded by the plan). Whoever reads the dataset refuses such a listing, as
+    `check_unique_ids` refuses the driver's (`pipelines.diff.diff_on_ray` does): the flag is
+    set where the whole shard is in one place, so it does not depend on how blocks are split
+    or shuffled later."""
     import ray.data
 
     plan = plan_job(cfg)
@@ -608,7 +621,7 @@ def list_items_on_ray(
         start_ray(plan.kinds)
     shards = plan.shards
     if not shards:
-        return ray.data.from_arrow(LISTING_SCHEMA.empty_table())
+        return ray.data.from_arrow(_flag_repeats(LISTING_SCHEMA.empty_table()))
     specs = ray.data.from_items(
         [{"spec": pickle.dumps(s)} for s in shards], override_num_blocks=len(shards)
     )
@@ -620,10 +633,25 @@ def list_items_on_ray(
     )
 
 
+# The column `list_items_on_ray` adds to LISTING_SCHEMA.
+REPEAT = "_repeat"
+
+
+def _flag_repeats(t: pa.Table) -> pa.Table:
+    """`t` (one shard's rows) with REPEAT: True where an earlier row has the same id."""
+    repeat = np.ones(t.num_rows, bool)
+    repeat[first_occurrences(t.column("id"))] = False
+    return t.append_column(pa.field(REPEAT, pa.bool_()), pa.array(repeat))
+
+
 def _list_specs(batch: pa.Table, cfg: JobConfig, stat: bool, threads: int) -> pa.Table:
-    shards = [pickle.loads(b) for b in batch.column("spec").to_pylist()]
-    chunks = list(_listing_chunks(shards, cfg, stat, threads))
-    return pa.concat_tables(chunks) if chunks else LISTING_SCHEMA.empty_table()
+    out = []
+    for spec in batch.column("spec").to_pylist():
+        chunks = list(_listing_chunks([pickle.loads(spec)], cfg, stat, threads))
+        out.append(
+            _flag_repeats(pa.concat_tables(chunks) if chunks else LISTING_SCHEMA.empty_table())
+        )
+    return pa.concat_tables(out) if out else _flag_repeats(LISTING_SCHEMA.empty_table())
 
 
 def _listing_chunks(

@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import ray.data
-from helpers.pipeline import Writer, files_corpus, manifest_corpus, webdataset_corpus
+from helpers.pipeline import Writer, _tar, files_corpus, manifest_corpus, webdataset_corpus
 from helpers.reindex import by_id, config, make_corpus, traced, version_rows
 from pyarrow.fs import LocalFileSystem
 
@@ -21,7 +21,7 @@ import pipelines.diff as pdiff
 from pipelines.config import load_config
 from pipelines.diff import diff_listing, diff_on_ray, relocate
 from pipelines.formats import PlanError
-from pipelines.plan import list_items, list_items_on_ray, plan_job
+from pipelines.plan import REPEAT, list_items, list_items_on_ray, plan_job
 from pipelines.reindex import reindex
 from pipelines.rows import LISTING_SCHEMA
 from pipelines.tables import Pin, VersionTable, read_pin
@@ -157,8 +157,37 @@ def test_listing_on_ray_equals_the_driver_listing(ray_session, tmp_path):
         want = list_items(cfg).sort_by("id")
         started: list = []  # the caller starts Ray for the plan's kinds (here: already up)
         got = pa.concat_tables(pdiff._collect(list_items_on_ray(cfg, start_ray=started.append)))
-        assert want.num_rows > 2 and got.sort_by("id").equals(want)
+        assert not pc.any(got[REPEAT]).as_py()  # no id repeats inside a shard here
+        assert want.num_rows > 2 and got.drop_columns([REPEAT]).sort_by("id").equals(want)
         assert started == [plan_job(cfg).kinds] and started[0]
+
+
+def test_a_repeat_inside_a_shard_is_refused_however_the_join_splits_it(ray_session, tmp_path):
+    # A tar holding two members of one name lists one id twice. Its listing task flags the
+    # second row, where the whole shard is at hand: the worker that classifies it refuses the
+    # listing even when the two rows reach it in different blocks (Ray's join streams a
+    # partition as several blocks), which a check of each block's own ids would miss.
+    w = Writer(str(tmp_path))
+    w.put("wds/00000.tar", _tar([("k1.txt", b"one"), ("k2.txt", b"two"), ("k1.txt", b"again")]))
+    cfg = load_config(None, {"input": w.uri("wds"), "output": str(tmp_path / "o")})
+    with pytest.raises(PlanError, match=r"'00000#k1\.txt' more than once"):
+        diff_listing(list_items(cfg), None, None)
+    listed = list_items_on_ray(cfg, start_ray=lambda kinds: None)
+    rows = pa.concat_tables(pdiff._collect(listed))
+    assert rows[REPEAT].to_pylist() == [False, False, True]
+    with pytest.raises(PlanError, match=r"'00000#k1\.txt' more than once"):
+        diff_on_ray(listed, None, None, LocalFileSystem(), num_partitions=2)
+    # The two rows of the id in different blocks of one partition, as the join may hand them:
+    keys = pdiff._listing_keys_batch(rows)
+    joined = keys.join(pdiff._RIGHT.empty_table(), "id", join_type="full outer")
+    joined = joined.sort_by([("x_repeat", "ascending")])
+    blocks = [joined.slice(0, 2), joined.slice(2)]  # k1 (first row) | k1 (flagged)
+    assert [b["id"].to_pylist().count("00000#k1.txt") for b in blocks] == [1, 1]
+    out = [pdiff._classify_batch(b, full=False, retry_failed=False) for b in blocks]
+    assert [o.filter(pc.equal(o["action"], "repeated"))["id"].to_pylist() for o in out] == [
+        [],
+        ["00000#k1.txt"],
+    ]
 
 
 def test_ray_diff_refuses_a_repeated_id(ray_session, tmp_path):
