@@ -191,8 +191,9 @@ def test_a_repeat_inside_a_shard_is_refused_however_the_join_splits_it(ray_sessi
 
 
 def test_ray_diff_refuses_a_repeated_id(ray_session, tmp_path):
-    # The workers check the listing's ids for repeats (a repeat shares its partition), so the
-    # driver never hashes the whole listing; the error names the id as the driver diff does.
+    # A table listing is checked on the driver; a Ray dataset without listing-task flags
+    # (`REPEAT`) block by block (here each partition is one block); the error names the id as
+    # the driver diff does.
     parent = _rows(["a", "b"], ["1", "2"], 8, seed=0)
     row_files = _to_lance(tmp_path, "rows.lance", parent)
     listing = pa.table(
