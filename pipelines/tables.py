@@ -9,10 +9,12 @@ crashed before swapping `LATEST` stays invisible.
 A new version is the parent's pinned Lance version (restored on top when a crashed run's
 commits came after it) plus a delete of the ids it does not carry plus an append of this run's
 rows: Lance keeps the parent's data files and adds a deletion file per touched fragment, so a
-run writes bytes in proportion to its change. `commit` checks that every Lance version it
-created directly follows its base (no foreign commit in between) and tags the result with the
-staged version's name; retention (`release`) drops the tags of removed versions and lets
-Lance delete what no retained tag pins.
+run writes bytes in proportion to its change. It then compacts where a tiered policy says
+it is due (`compact`: small fragments merged by size tier, mostly-deleted fragments
+rewritten). `commit` checks that every Lance version it created directly follows its base
+(no foreign commit in between; a compaction's own versions are checked by their operations)
+and tags the result with the staged version's name; retention (`release`) drops the tags of
+removed versions and lets Lance delete what no retained tag pins.
 """
 
 from __future__ import annotations
@@ -35,6 +37,18 @@ ROWS_TABLE = "rows.lance"
 FAILURES_TABLE = "failures.lance"
 # Rows per batch when streaming rows out of a Lance version.
 SCAN_BATCH_ROWS = 65_536
+# Compaction after a run's commit (`compact`). Each run appends one small fragment and adds
+# deletion files to the fragments its change touched; left alone, a root that is re-indexed
+# daily holds hundreds of fragments after a year and every scan pays for them. Merges are
+# tiered: fragments below COMPACT_TARGET_ROWS live rows are grouped by size (powers of
+# COMPACT_FAN_IN) and a tier is merged once it holds COMPACT_FAN_IN fragments, so a row is
+# rewritten about log_FAN_IN(target / rows a run adds) times in its life, not on every run.
+# A fragment with COMPACT_DELETED or more of its rows deleted is rewritten without them: the
+# deleted rows take at most as much space as the live ones, and each costs at most one
+# rewritten row. The target bounds one merge's output (512 MB of float32 vectors at D = 1024).
+COMPACT_TARGET_ROWS = 1 << 17
+COMPACT_FAN_IN = 8
+COMPACT_DELETED = 0.5
 
 
 class ForeignCommit(RuntimeError):
@@ -167,8 +181,32 @@ class VersionTable:
                     _chain(first, reader, schema), ds, mode="append", storage_options=self.options
                 )
                 _check_next(self.uri, before, ds.version)
+            ds = self.compact(ds)
         ds.tags.create(tag, ds.version)
         return Pin(self.uri, ds.version)
+
+    def compact(self, ds: Any) -> Any:
+        """`ds` (this run's latest commit) after the compaction the policy above asks for:
+        the same rows, fewer fragments or deletion files; `ds` itself when none is due.
+        Raises ForeignCommit if a Lance version that is not this compaction's appears."""
+        for excluded, deletions in _compactions(ds):
+            before = ds.version
+            m = ds.optimize.compact_files(
+                target_rows_per_fragment=COMPACT_TARGET_ROWS,
+                materialize_deletions=deletions,
+                materialize_deletions_threshold=COMPACT_DELETED,
+                excluded_fragment_ids=excluded,
+            )
+            ds = self.open()
+            _check_compaction(self.uri, ds, before)
+            logger.info(
+                "%s: compacted %d fragments into %d (%s)",
+                self.uri,
+                m.fragments_removed,
+                m.fragments_added,
+                "deleted rows dropped" if deletions else "small fragments merged",
+            )
+        return ds
 
     def untag(self, tag: str) -> None:
         """Drop `tag` (a discarded stage's) if it exists."""
@@ -191,6 +229,61 @@ class VersionTable:
             older_than=_dt.timedelta(0), error_if_tagged_old_versions=False
         )
         return int(stats.bytes_removed)
+
+
+def _compactions(ds: Any) -> Iterator[tuple[list[int], bool]]:
+    """The compactions due on `ds`, as (fragment ids to leave out, materialise deletions):
+    the fragments with COMPACT_DELETED or more of their rows deleted, then the smallest
+    size tier that holds COMPACT_FAN_IN fragments (computed on `ds`; a tier merged after the
+    deletions were rewritten is merged the next run)."""
+    frags = [
+        (f.fragment_id, f.metadata.physical_rows, f.metadata.deletion_file)
+        for f in ds.get_fragments()
+    ]
+    ids = [i for i, _, _ in frags]
+    gone = {
+        i
+        for i, rows, d in frags
+        if d is not None and rows and d.num_deleted_rows / rows >= COMPACT_DELETED
+    }
+    if gone:
+        yield [i for i in ids if i not in gone], True
+    tiers: dict[int, list[int]] = {}
+    for i, rows, d in frags:
+        live = rows - (d.num_deleted_rows if d is not None else 0)
+        if i not in gone and 0 < live < COMPACT_TARGET_ROWS:
+            tiers.setdefault(_tier(live), []).append(i)
+    for tier in sorted(tiers):
+        if len(tiers[tier]) >= COMPACT_FAN_IN:
+            keep = set(tiers[tier])
+            yield [i for i in ids if i not in keep], False
+            return
+
+
+def _tier(rows: int) -> int:
+    """floor(log_FAN_IN(rows)), in integers."""
+    t = 0
+    while rows >= COMPACT_FAN_IN:
+        rows //= COMPACT_FAN_IN
+        t += 1
+    return t
+
+
+# The operations of one `compact_files` call: it reserves fragment ids, then rewrites.
+_COMPACTION_OPS = {"Rewrite", "ReserveFragments", "BaseOperation"}
+
+
+def _check_compaction(uri: str, ds: Any, before: int) -> None:
+    """ForeignCommit unless every Lance version after `before` is this compaction's."""
+    n = ds.version - before
+    if n <= 0:
+        return
+    ops = [type(t.operation).__name__ for t in ds.get_transactions(n)]
+    if len(ops) != n or not set(ops) <= _COMPACTION_OPS:
+        raise ForeignCommit(
+            f"{uri}: another writer committed while this run compacted after Lance version "
+            f"{before} (operations {ops}); not publishing"
+        )
 
 
 def _check_next(uri: str, before: int, after: int) -> None:

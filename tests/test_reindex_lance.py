@@ -21,6 +21,7 @@ from helpers.pipeline import Writer
 from helpers.reindex import by_id, version_rows
 
 from imagebind_core.index import INDEX_DIR, VectorIndex, index_files
+from pipelines import tables
 from pipelines.config import load_reindex_config
 from pipelines.publish import IndexRoot, data_pins
 from pipelines.reindex import reindex
@@ -210,3 +211,77 @@ def test_a_foreign_commit_between_base_and_result_aborts_and_the_pin_stays(tmp_p
     # run's rows are in it.
     pin3 = table.commit(pin, pa.array(["a"]), new.to_batches(), None, "v3")
     assert sorted(read_pin(pin3, None)["id"].to_pylist()) == ["b", "c"]
+
+
+def _tiers(ds) -> dict[int, int]:
+    """Fragments below the compaction target per size tier."""
+    out: dict[int, int] = {}
+    for f in ds.get_fragments():
+        live = f.count_rows()
+        if 0 < live < tables.COMPACT_TARGET_ROWS:
+            out[tables._tier(live)] = out.get(tables._tier(live), 0) + 1
+    return out
+
+
+def test_commits_compact_small_fragments_in_tiers_and_keep_every_pin(tmp_path, monkeypatch):
+    # Each run appends a small fragment. Without compaction 30 runs leave 31 fragments; the
+    # tiered merges keep fewer than FAN_IN + 1 per size tier, each row rewritten a few times,
+    # and every version reads exactly the rows it was committed with.
+    monkeypatch.setattr(tables, "COMPACT_FAN_IN", 4)
+    monkeypatch.setattr(tables, "COMPACT_TARGET_ROWS", 256)
+    table = VersionTable(str(tmp_path), ROWS_TABLE, None)
+    first = pa.table({"id": [f"base{i}" for i in range(300)], "x": list(range(300))})
+    pins = [(table.commit(None, None, first.to_batches(), first.schema, "v0"), first)]
+    want = first
+    for run in range(1, 31):
+        new = pa.table({"id": [f"r{run}-{i}" for i in range(3)], "x": [run] * 3})
+        pin = table.commit(pins[-1][0], None, new.to_batches(), None, f"v{run}")
+        want = pa.concat_tables([want, new])
+        pins.append((pin, want))
+        ds = table.open(pin.version)
+        assert all(n <= 4 for n in _tiers(ds).values()), (run, _tiers(ds))
+    assert len(table.open().get_fragments()) < 12  # 31 without compaction
+    for pin, rows in pins:  # every version, merged or not, reads its own rows
+        assert read_pin(pin, None).sort_by("id").equals(rows.sort_by("id"))
+
+
+def test_a_fragment_mostly_deleted_is_rewritten_without_its_deleted_rows(tmp_path):
+    table = VersionTable(str(tmp_path), ROWS_TABLE, None)
+    rows = pa.table({"id": [f"a{i}" for i in range(100)], "x": list(range(100))})
+    pin = table.commit(None, None, rows.to_batches(), rows.schema, "v1")
+    few = pa.array([f"a{i}" for i in range(10)])  # 10 %: a deletion file stays
+    pin2 = table.commit(pin, few, iter(()), None, "v2")
+    (frag,) = table.open(pin2.version).get_fragments()
+    assert frag.metadata.deletion_file.num_deleted_rows == 10
+    more = pa.array([f"a{i}" for i in range(10, 40)])  # 40 %: still a deletion file
+    pin3 = table.commit(pin2, more, iter(()), None, "v3")
+    (frag,) = table.open(pin3.version).get_fragments()
+    assert frag.metadata.deletion_file.num_deleted_rows == 40
+    many = pa.array([f"a{i}" for i in range(40, 55)])  # 55 % deleted: rewritten
+    pin4 = table.commit(pin3, many, iter(()), None, "v4")
+    (frag,) = table.open(pin4.version).get_fragments()
+    assert frag.metadata.deletion_file is None and frag.metadata.physical_rows == 45
+    assert read_pin(pin4, None).equals(rows.slice(55))
+    assert read_pin(pin3, None).equals(rows.slice(40))
+    assert read_pin(pin2, None).equals(rows.slice(10))  # the older version is unchanged
+
+
+def test_a_foreign_commit_during_compaction_aborts(tmp_path, monkeypatch):
+    import lance
+    from lance.dataset import DatasetOptimizer
+
+    monkeypatch.setattr(tables, "COMPACT_FAN_IN", 2)
+    table = VersionTable(str(tmp_path), ROWS_TABLE, None)
+    rows = pa.table({"id": ["a", "b"], "x": [1, 2]})
+    pin = table.commit(None, None, rows.to_batches(), rows.schema, "v1")
+    real = DatasetOptimizer.compact_files
+
+    def another_writer_first(self, **kwargs):
+        lance.write_dataset(pa.table({"id": ["z"], "x": [9]}), table.uri, mode="append")
+        return real(self, **kwargs)
+
+    monkeypatch.setattr(DatasetOptimizer, "compact_files", another_writer_first)
+    new = pa.table({"id": ["c", "d"], "x": [3, 4]})  # two fragments of 2 rows: a merge is due
+    with pytest.raises(ForeignCommit, match="while this run compacted"):
+        table.commit(pin, None, new.to_batches(), None, "v2")
+    assert "v2" not in table.open().tags.list()
