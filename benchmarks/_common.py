@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -28,6 +29,16 @@ def run_child(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, An
             return json.loads(line)
     sys.stderr.write(out.stderr[-4000:])
     raise RuntimeError(f"{' '.join(cmd)} exited {out.returncode} without a JSON line")
+
+
+def tree_bytes(root: str) -> dict[str, int]:
+    """The files under `root` (paths) and their sizes in bytes."""
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(d, f)
+            out[p] = os.path.getsize(p)
+    return out
 
 
 def write_results(path: str | None, results: Any, key: str = "results") -> None:

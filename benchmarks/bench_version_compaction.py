@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 import pyarrow as pa
-from _common import write_results
+from _common import tree_bytes, write_results
 
 from pipelines import tables
 
@@ -37,15 +37,6 @@ def _rows(ids: list[str], dim: int, seed: int) -> pa.Table:
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vec.ravel()), dim),
         }
     )
-
-
-def _size(folder: str) -> dict[str, int]:
-    out = {}
-    for d, _, names in os.walk(folder):
-        for f in names:
-            p = os.path.join(d, f)
-            out[p] = os.path.getsize(p)
-    return out
 
 
 def run(variant: str, a: argparse.Namespace) -> dict:
@@ -65,10 +56,10 @@ def run(variant: str, a: argparse.Namespace) -> dict:
         new = [f"r{r}-{k}" for k in range(a.change)]
         for i, n in zip(sorted(pick), new, strict=True):
             live[i] = n
-        before = _size(table.uri)
+        before = tree_bytes(table.uri)
         rows = _rows(new, a.dim, r)
         pin = table.commit(pin, pa.array(drop), rows.to_batches(), None, f"v{r}")
-        after = _size(table.uri)
+        after = tree_bytes(table.uri)
         written.append(sum(s for p, s in after.items() if before.get(p) != s))
     ds = table.open(pin.version)
     frags = ds.get_fragments()

@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from _common import add_table_args, run_child, write_results
+from _common import add_table_args, run_child, tree_bytes, write_results
 
 ROWS_PER_FILE = 1_000_000  # pipelines.publish.CARRIED_ROWS_PER_FILE
 
@@ -62,15 +62,6 @@ def changed_rows(n: int, changed: int, dim: int) -> pa.Table:
     picks = list(range(0, n, step))[:changed]
     tables = [make_rows(i, 1, dim, seed=10_000_000 + i, tag="v2") for i in picks]
     return pa.concat_tables(tables)
-
-
-def tree_bytes(root: str) -> dict[str, int]:
-    out = {}
-    for d, _, files in os.walk(root):
-        for f in files:
-            p = os.path.join(d, f)
-            out[p] = os.path.getsize(p)
-    return out
 
 
 # ----------------------------------------------------------------------------- children
