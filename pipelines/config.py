@@ -646,6 +646,10 @@ class IndexSettings(BaseModel):
     """Merge an index shard's newest segments when an update would leave it more segments."""
     compact_deleted: float = Field(0.25, ge=0, le=1)
     """Merge all of a shard's segments when more than this fraction of it is deleted."""
+    compact_rows: bool = True
+    """Compact the root's rows and failures Lance datasets after each run's commit, where
+    due (small fragments merged by size tier, half-deleted fragments rewritten); false:
+    leave them as appended (e.g. when you compact them yourself)."""
     milvus: MilvusSettings | None = None
     """Apply each version's change to a Milvus collection after the publish; null: off."""
 

@@ -207,7 +207,7 @@ def _run_locked(cfg: ReindexConfig, ir: IndexRoot, lock: OutputLock) -> ReindexR
         # the Lance version, streamed: the vectors this run embedded are not read here.
         building = parent.index_uri(ir.root) is None
         new_rows, new_errors = stage.read_embedded(vectors=not building)
-        data = _commit_rows(stage, diff, parent, new_rows)
+        data = _commit_rows(stage, diff, parent, new_rows, compact=cfg.index.compact_rows)
     with _timed(timings, "index_s"):
         index = _write_index(cfg, stage, parent, data, dim)
     counts = _counts(diff, new_rows, new_errors, count_pin(data.rows, ir.storage_options))
@@ -395,14 +395,20 @@ class _Committed:
 
 
 def _commit_rows(
-    stage: StagedVersion, diff: Any, parent: _Parent, new_rows: pa.Table | None
+    stage: StagedVersion,
+    diff: Any,
+    parent: _Parent,
+    new_rows: pa.Table | None,
+    *,
+    compact: bool = True,
 ) -> _Committed:
     """Commit the version's rows and failures to the root's Lance datasets, tagged with the
     stage's name: the parent's pinned versions minus the ids not carried (deleted, changed,
     re-embedded, retried, relocated) plus this run's embedded rows (streamed from
     `data/embedded/`) and the relocated rows with their new uri. A parent published as
     Parquet is copied once (streamed, carried rows only) into a fresh Lance version.
-    `new_rows`: this run's embedded rows, which the index upserts with the relocated ones."""
+    `new_rows`: this run's embedded rows, which the index upserts with the relocated ones.
+    `compact`: compact the datasets where due (`pipelines.tables.VersionTable.compact`)."""
     so = stage.root.storage_options
     moved_ids = diff.moved.column("id").combine_chunks().cast(pa.string())
     drop = pa.concat_arrays([diff.drop_ids.cast(pa.string()), moved_ids])
@@ -428,7 +434,14 @@ def _commit_rows(
         known = [x for x in schemas if x is not None]
         schema = pa.unify_schemas(known, promote_options="default") if known else None
         out.append(
-            table.commit(base, drop, (b for it in batches for b in it), _plain(schema), stage.name)
+            table.commit(
+                base,
+                drop,
+                (b for it in batches for b in it),
+                _plain(schema),
+                stage.name,
+                compact=compact,
+            )
         )
         if not errors:
             appended = moved.table() if isinstance(moved, _Later) else moved

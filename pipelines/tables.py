@@ -127,10 +127,13 @@ class VersionTable:
         batches: Iterable[pa.RecordBatch],
         schema: pa.Schema | None,
         tag: str,
+        *,
+        compact: bool = True,
     ) -> Pin | None:
         """A new Lance version: `base` (None: start empty) without `drop_ids`, plus `batches`
-        (conformed to the base's schema, or to `schema` when starting empty). Returns its pin,
-        tagged `tag`, or None when there is no base and nothing to write.
+        (conformed to the base's schema, or to `schema` when starting empty), then compacted
+        where due (`compact`; False: left as appended). Returns its pin, tagged `tag`, or None
+        when there is no base and nothing to write.
 
         Raises ForeignCommit if a Lance version this run did not write appears between its
         base and its result (the re-index lease makes that a lost lease or a stray writer).
@@ -181,7 +184,8 @@ class VersionTable:
                     _chain(first, reader, schema), ds, mode="append", storage_options=self.options
                 )
                 _check_next(self.uri, before, ds.version)
-            ds = self.compact(ds)
+            if compact:
+                ds = self.compact(ds)
         ds.tags.create(tag, ds.version)
         return Pin(self.uri, ds.version)
 

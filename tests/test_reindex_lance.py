@@ -285,3 +285,22 @@ def test_a_foreign_commit_during_compaction_aborts(tmp_path, monkeypatch):
     with pytest.raises(ForeignCommit, match="while this run compacted"):
         table.commit(pin, None, new.to_batches(), None, "v2")
     assert "v2" not in table.open().tags.list()
+
+
+@pytest.mark.parametrize("compact", [True, False])
+def test_a_run_compacts_its_rows_unless_told_not_to(ray_session, tmp_path, monkeypatch, compact):
+    # With every small fragment in one tier and a fan-in of 2, the second run's append makes a
+    # merge due (the first version's fragment and its own); `index.compact_rows: false` leaves
+    # them as appended. The rows are the same either way.
+    monkeypatch.setattr(tables, "COMPACT_FAN_IN", 2)
+    monkeypatch.setattr(tables, "_tier", lambda rows: 0)
+    corpus = _corpus(tmp_path / "corpus")
+    root = str(tmp_path / "index")
+    cfg = _cfg(corpus, root, **{"index.compact_rows": compact})
+    assert reindex(cfg).status == "published"
+    corpus.put("txt/cap99.txt", b"a new caption")
+    r2 = reindex(cfg)
+    assert r2.status == "published" and r2.counts["added"] == 1
+    ds = VersionTable(root, ROWS_TABLE, None).open(_pins(root, r2.name)[0].version)
+    assert len(ds.get_fragments()) == (1 if compact else 2)
+    assert ds.count_rows() == r2.counts["total"] == 13  # 12 captions + the new one
