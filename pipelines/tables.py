@@ -238,8 +238,9 @@ class VersionTable:
 def _compactions(ds: Any) -> Iterator[tuple[list[int], bool]]:
     """The compactions due on `ds`, as (fragment ids to leave out, materialise deletions):
     the fragments with COMPACT_DELETED or more of their rows deleted, then the smallest
-    size tier that holds COMPACT_FAN_IN fragments (computed on `ds`; a tier merged after the
-    deletions were rewritten is merged the next run)."""
+    size tier that holds COMPACT_FAN_IN fragments. Both come from `ds` as passed in: the
+    fragments a deletion rewrite creates are in neither list, so the tier merge that follows
+    may take them in too (rows are never changed by a merge, only where they are stored)."""
     frags = [
         (f.fragment_id, f.metadata.physical_rows, f.metadata.deletion_file)
         for f in ds.get_fragments()
