@@ -36,13 +36,20 @@ Parquet manifests. Both sides are counted two ways, in rounds of alternating ord
 
 - CPU: items per CPU-second — the job's over every process it runs on (driver, Ray's
   daemons, workers: utime+stime of the process tree, `CpuSampler`), the bare loop's of its
-  own process.
+  own process. The bench's own sampling threads in the driver are measured and left out.
   1.0 means Ray and the transport cost nothing; neighbours on a shared machine barely move it;
 - wall: the job's items/s per core of the machine against the bare loop's items/s (one core).
 
 Both count the job's steady state: the difference between the full job and a job on a part
 of the corpus (`--null-part`, a quarter by default), which pays the same fixed costs (worker
 and actor start-up and imports, tokenizer builds, planning, the last commit) but fewer items.
+Each round also splits the steady state's CPU per item by the role of the process that
+spent it (`process_role`): task workers (read, preprocess, write, commit tasks), encoder
+actors, the driver (Ray Data's executor, the job's loop), and Ray (raylet, GCS, agents, log
+monitor, Ray Data's and the job's small actors), beside the bare loop's; and how many task
+workers each job started, with their CPU (start-up included). Ray ends idle workers above
+its soft limit between jobs, so a full job can start workers the part job did not: their
+start-up (~1-3 CPU-s each) then lands in that round's steady state.
 The last line reads `null-encoder ceiling: vision <ratio>, text <ratio>` (the CPU ratios).
 
     python benchmarks/bench_pipeline.py --null-encoder --json benchmarks/results/null.json
@@ -61,6 +68,7 @@ import tempfile
 import threading
 import time
 import warnings
+from typing import Any
 
 import numpy as np
 from _common import null_encoder_settings
@@ -285,32 +293,122 @@ def _tree_cpu_ticks(root_pid: int) -> dict[int, int]:
     return {p: cpu[p] for p in tree if p in cpu}
 
 
+# Where a job's CPU goes, by the role of each process (`process_role`).
+ROLES = ("task workers", "encoder actors", "driver", "Ray")
+# How sure a title makes a worker's role: a later title of a higher rank wins. A worker
+# process starts as "default_worker.py", then shows the task or actor it runs ("ray::<name>")
+# and, a task worker between tasks, "ray::IDLE"; an actor keeps its class's name.
+_RANK = {"starting": 0, "ray actor or task": 1, "task workers": 2, "encoder actors": 3}
+
+
+def process_role(pid: int, root_pid: int) -> str | None:
+    """What a process of a local Ray started by `root_pid` shows itself as now (None: gone):
+    "driver"; "encoder actors" (Ray Data's actor pool: `ray::MapWorker(...)`); "task
+    workers" (`ray::IDLE`, `ray::MapBatches(...)`); "ray actor or task" (another
+    `ray::<name>`: Ray Data's and the job's small actors, or a task such as a shard commit);
+    "starting" (a worker not yet titled); "Ray" (raylet, GCS, agents, log monitor)."""
+    if pid == root_pid:
+        return "driver"
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().split(b"\0")[0].decode(errors="replace")
+    except OSError:
+        return None
+    if cmd.startswith("ray::MapWorker("):
+        return "encoder actors"
+    if cmd.startswith(("ray::IDLE", "ray::MapBatches")):
+        return "task workers"
+    if cmd.startswith("ray::"):
+        return "ray actor or task"
+    return "starting" if "default_worker" in cmd else "Ray"
+
+
+def _merge_role(seen: str | None, now: str) -> str:
+    """A process's role over its samples: the title of the highest `_RANK` wins."""
+    if seen is None or now not in _RANK or seen not in _RANK or _RANK[now] >= _RANK[seen]:
+        return now
+    return seen
+
+
+def _final_role(role: str) -> str:
+    """`process_role`'s answers folded into `ROLES`: a task worker seen only while it ran a
+    task, or before its title, counts as one; a worker seen only as another `ray::<name>` is
+    one of Ray's or the job's small actors."""
+    return {"starting": "task workers", "ray actor or task": "Ray"}.get(role, role)
+
+
 class CpuSampler:
     """CPU seconds the process tree of this driver (Ray's daemons and workers of a local Ray)
     spends while the block runs: each process's utime+stime, sampled every `period` s, minus
     what it had at the start. A process that exits between two samples loses at most one
-    period of its time (workers live for the whole job, so this undercounts little)."""
+    period of its time (workers live for the whole job, so this undercounts little).
 
-    def __init__(self, period: float = 0.5) -> None:
+    `by_role` splits the seconds by the role of each process (`process_role` at each sample,
+    `_merge_role` over them). The sampler's own thread and the `exclude` threads of this
+    process (other instruments, e.g. `ObjectStoreSampler`) are measured (`thread_time`) and
+    left out of the driver's seconds: they are not the job.
+    """
+
+    def __init__(self, period: float = 0.5, exclude: tuple[Any, ...] = ()) -> None:
         self.period = period
+        self.exclude = exclude
+        self.own_seconds = 0.0
         self._start: dict[int, int] = {}
         self._last: dict[int, int] = {}
+        self._roles: dict[int, str] = {}
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
+    def _sample(self) -> None:
+        root = os.getpid()
+        for p, t in _tree_cpu_ticks(root).items():
+            self._last[p] = t
+            role = process_role(p, root)
+            if role is not None:
+                self._roles[p] = _merge_role(self._roles.get(p), role)
+
     def _run(self) -> None:
+        c0 = time.thread_time()
         while True:
-            for p, t in _tree_cpu_ticks(os.getpid()).items():
-                self._last[p] = t
+            self._sample()
             if self._stop.wait(self.period):
                 break
-        for p, t in _tree_cpu_ticks(os.getpid()).items():
-            self._last[p] = t
+        self._sample()
+        self.own_seconds = time.thread_time() - c0
+
+    def _instrument_seconds(self) -> float:
+        return self.own_seconds + sum(getattr(x, "own_seconds", 0.0) for x in self.exclude)
+
+    def _role_seconds(self) -> dict[str, float]:
+        hz = os.sysconf("SC_CLK_TCK")
+        out = dict.fromkeys(ROLES, 0.0)
+        for p, t in self._last.items():
+            role = _final_role(self._roles.get(p, "Ray"))
+            out[role] += (t - self._start.get(p, 0)) / hz
+        return out
+
+    @property
+    def by_role(self) -> dict[str, float]:
+        out = self._role_seconds()
+        out["driver"] = max(0.0, out["driver"] - self._instrument_seconds())
+        return out
+
+    @property
+    def started(self) -> dict[str, list[float]]:
+        """Processes started while the block ran, by role: [how many, their CPU seconds]
+        (their start-up included: importing Ray, pyarrow, torch in a new worker)."""
+        hz = os.sysconf("SC_CLK_TCK")
+        out: dict[str, list[float]] = {role: [0, 0.0] for role in ROLES}
+        for p, t in self._last.items():
+            if p not in self._start:
+                role = _final_role(self._roles.get(p, "Ray"))
+                out[role][0] += 1
+                out[role][1] += t / hz
+        return out
 
     @property
     def seconds(self) -> float:
-        ticks = sum(t - self._start.get(p, 0) for p, t in self._last.items())
-        return ticks / os.sysconf("SC_CLK_TCK")
+        return sum(self.by_role.values())
 
     def __enter__(self) -> CpuSampler:
         self._start = _tree_cpu_ticks(os.getpid())
@@ -330,6 +428,7 @@ class ObjectStoreSampler:
         self.period = period
         self.peak_bytes = 0
         self.spilled_bytes = 0
+        self.own_seconds = 0.0  # this sampler's thread (CpuSampler leaves it out)
         self.ok = True
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
@@ -347,15 +446,19 @@ class ObjectStoreSampler:
         return reply.store_stats
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                st = self._stats()
-                self.peak_bytes = max(self.peak_bytes, int(st.object_store_bytes_used))
-                self.spilled_bytes = int(st.spilled_bytes_total)
-            except Exception:  # an internal API: report nothing rather than fail the run
-                self.ok = False
-                return
-            self._stop.wait(self.period)
+        c0 = time.thread_time()
+        try:
+            while not self._stop.is_set():
+                try:
+                    st = self._stats()
+                    self.peak_bytes = max(self.peak_bytes, int(st.object_store_bytes_used))
+                    self.spilled_bytes = int(st.spilled_bytes_total)
+                except Exception:  # an internal API: report nothing rather than fail the run
+                    self.ok = False
+                    return
+                self._stop.wait(self.period)
+        finally:
+            self.own_seconds = time.thread_time() - c0
 
     def __enter__(self) -> ObjectStoreSampler:
         self._t.start()
@@ -435,15 +538,18 @@ def null_job(kind: str, source: str, out: str, fmt: str) -> dict:
     import pipelines.embed as embed
 
     cfg = null_config(kind, source, out, fmt)
-    with ObjectStoreSampler() as store, CpuSampler() as cpu_s:
+    store = ObjectStoreSampler()
+    with store, CpuSampler(exclude=(store,)) as cpu_s:
         w0 = time.perf_counter()
         summary = embed.run_job(cfg)
         wall = time.perf_counter() - w0
-    cpu = cpu_s.seconds
     return {
         "items": summary.ok.get(kind, 0) + summary.errors.get(kind, 0),
         "wall_s": wall,
-        "cpu_s": cpu,
+        "cpu_s": cpu_s.seconds,
+        "cpu_s_by_role": cpu_s.by_role,
+        "started_processes": cpu_s.started,
+        "instruments_cpu_s": cpu_s.own_seconds + store.own_seconds,
         "first_batch_s": summary.first_batch_seconds,
         "object_store_peak_mb": store.peak_bytes / 2**20 if store.ok else None,
         "spilled_mb": store.spilled_bytes / 2**20 if store.ok else None,
@@ -528,6 +634,13 @@ def run_null_ceiling(args: argparse.Namespace) -> None:
                         r["job_items_per_s_per_core"] = (
                             steady_n / d_wall / cores if d_wall > 0 else math.nan
                         )
+                        # The steady state's CPU per item, by role: where Ray's share goes.
+                        r["steady_us_per_item"] = {
+                            role: (job["cpu_s_by_role"][role] - fixed["cpu_s_by_role"][role])
+                            / steady_n
+                            * 1e6
+                            for role in ROLES
+                        }
                 r["cpu_ratio"] = r["job_items_per_cpu_s"] / r["bare_items_per_cpu_s"]
                 r["wall_ratio"] = r["job_items_per_s_per_core"] / r["bare_items_per_s"]
                 rounds.append(r)
@@ -541,6 +654,20 @@ def run_null_ceiling(args: argparse.Namespace) -> None:
                     f"{r['job']['spilled_mb'] or 0:.0f} MB",
                     flush=True,
                 )
+                split = r["steady_us_per_item"]
+                started = {
+                    name: r[name]["started_processes"]["task workers"] for name in ("job", "fixed")
+                }
+                print(
+                    "         steady state, us of CPU per item: "
+                    + ", ".join(f"{role} {split[role]:.1f}" for role in ROLES)
+                    + f" | bare {1e6 / r['bare_items_per_cpu_s']:.1f} | task workers started: "
+                    + ", ".join(
+                        f"{name} job {n:.0f} ({cpu:.1f} CPU-s)"
+                        for name, (n, cpu) in zip(("full", "part"), started.values(), strict=True)
+                    ),
+                    flush=True,
+                )
             med, wall_med = (_median(x[key] for x in rounds) for key in ("cpu_ratio", "wall_ratio"))
             ratios[kind] = med
             results[kind] = {
@@ -552,8 +679,18 @@ def run_null_ceiling(args: argparse.Namespace) -> None:
                     (x["job"]["object_store_peak_mb"] or 0) for x in rounds
                 ),
                 "spilled_mb": max((x["job"]["spilled_mb"] or 0) for x in rounds),
+                "steady_us_per_item_median": {
+                    role: _median(x["steady_us_per_item"][role] for x in rounds) for role in ROLES
+                },
+                "bare_us_per_item_median": _median(1e6 / x["bare_items_per_cpu_s"] for x in rounds),
             }
             print(f"{kind:6s} median: CPU ratio {med:.2f}, wall ratio {wall_med:.2f}")
+            split = results[kind]["steady_us_per_item_median"]
+            print(
+                f"{kind:6s} median us of CPU per item: "
+                + ", ".join(f"{role} {split[role]:.1f}" for role in ROLES)
+                + f" | bare {results[kind]['bare_us_per_item_median']:.1f}"
+            )
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=2)
