@@ -9,9 +9,10 @@ frames, then (x + 4.268) / 9.138.
 Decoding: WAV/FLAC/Ogg/AIFF/MP3 through libsndfile (soundfile) — the same float values
 torchaudio gives for PCM; M4A/AAC and anything else (or anything libsndfile rejects) through
 PyAV (FFmpeg, what current torchaudio decodes with). Only PCM (WAV/AIFF/...) and FLAC are read
-by sample ranges (their seeks are sample-accurate); Vorbis, Opus and MP3 are decoded whole from
-the start, as the reference loader does, because libsndfile's seeks in them land near, not on,
-the requested sample.
+by sample ranges (their seeks are sample-accurate), unless they must be resampled and last at
+most `WHOLE_RESAMPLE_MAX_S` (then resampled whole, as the reference does);
+Vorbis, Opus and MP3 are decoded whole from the start, as the reference loader does, because
+libsndfile's seeks in them land near, not on, the requested sample.
 """
 
 from __future__ import annotations
@@ -129,9 +130,10 @@ def _check_stream(sr: int, channels: int, declared_frames: int | None, limits: L
 class _SndfileSource:
     """An opened, validated libsndfile stream that reads sample ranges on demand.
 
-    Long PCM and FLAC files are never decoded whole: only the sample ranges the three clips
-    need (plus the resampler's margin) are read. Other codecs are `seekable = False` and are
-    read whole (`read_all`).
+    PCM and FLAC files are not decoded whole (unless they must be resampled and last at most
+    `WHOLE_RESAMPLE_MAX_S`): only the sample ranges the three clips need (plus the
+    resampler's margin) are read. Other codecs are `seekable = False` and are read whole
+    (`read_all`).
     """
 
     def __init__(self, data: bytes, limits: Limits) -> None:
@@ -369,6 +371,11 @@ def _resampled_range(
     return y[:, a - off : b - off]
 
 
+# Sources up to this long (seconds) are resampled whole, as the reference does; longer ones
+# only around their clips (`_resampled_range`).
+WHOLE_RESAMPLE_MAX_S = 120.0
+
+
 def _clip_features(
     n_in: int, sr: int, read: Callable[[int, int], np.ndarray | torch.Tensor], cfg: AudioConfig
 ) -> torch.Tensor:
@@ -394,7 +401,17 @@ def _clip_features(
             groups[-1][1] = max(groups[-1][1], b)
         else:
             groups.append([a, b])
-    buffers = [(ga, _resampled_range(read, n_in, sr, new_sr, ga, gb)) for ga, gb in groups]
+    if sr != new_sr and n_in <= WHOLE_RESAMPLE_MAX_S * sr:
+        # The reference's own arithmetic: the whole waveform resampled once, then sliced. The
+        # range path below equals it only up to float summation order, and on AVX2 CPUs that
+        # order moved the log-mel of bins above an 8 kHz source's Nyquist (rounding noise,
+        # amplified by the log) by up to 5e-4; a file this short costs little whole.
+        whole = torchaudio.functional.resample(
+            torch.as_tensor(read(0, n_in), dtype=torch.float32), orig_freq=sr, new_freq=new_sr
+        )
+        buffers = [(ga, whole[:, ga:gb]) for ga, gb in groups]
+    else:
+        buffers = [(ga, _resampled_range(read, n_in, sr, new_sr, ga, gb)) for ga, gb in groups]
     mean = torch.tensor(cfg.mean, dtype=torch.float32)
     std = torch.tensor(cfg.std, dtype=torch.float32)
     out = []
