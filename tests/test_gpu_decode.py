@@ -149,7 +149,10 @@ def test_encoder_decodes_jpegs_and_every_other_item_takes_the_cpu_path():
         assert error[i] == cpu_err[i] and error[i], (i, error[i], cpu_err[i])
     for i in ("png", "cmyk", "grey", "png16"):  # the exact CPU path
         assert status[i] == STATUS_OK
-        np.testing.assert_array_equal(np.asarray(emb[i]), np.asarray(cpu_emb[i]))
+        # Same pixels (asserted above by dtype and path), but encoded in a batch of 4 here and
+        # of 6 in the default run: the matmuls' blocking differs with the batch, so the
+        # vectors agree to float32 rounding (exactly on AVX-512 machines, not on AVX2 ones).
+        assert_embeddings_close(np.asarray(emb[i])[None], np.asarray(cpu_emb[i])[None], i)
     # Decoded on the device: the model's embedding of the device-decoded pixels.
     res = decode_jpegs([datas["jpeg"], datas["photo"]], "cpu")
     want = model.encode("vision", ibc.expand("vision", res.pixels), normalize=True)
