@@ -123,12 +123,21 @@ def resize_center_crop(im: Image.Image, size: int) -> Image.Image:
     no resize when the size already matches; crop offsets round half to even (Python `round`).
     Works for any Pillow mode that supports bicubic (L, RGB, F, I).
     """
+    im = _resized(im, size)
+    top, left = _crop_offsets(im, size)
+    return im.crop((left, top, left + size, top + size))
+
+
+def _resized(im: Image.Image, size: int) -> Image.Image:
     w, h = resized_size(im.width, im.height, size)
     if (w, h) != (im.width, im.height):
         im = im.resize((w, h), Image.Resampling.BICUBIC)
-    top = round((h - size) / 2.0)
-    left = round((w - size) / 2.0)
-    return im.crop((left, top, left + size, top + size))
+    return im
+
+
+def _crop_offsets(im: Image.Image, size: int) -> tuple[int, int]:
+    """(top, left) of torchvision's `CenterCrop(size)` (offsets round half to even)."""
+    return round((im.height - size) / 2.0), round((im.width - size) / 2.0)
 
 
 def preprocess_image(image: np.ndarray, cfg: ImageConfig = IMAGE) -> torch.Tensor:
@@ -143,9 +152,17 @@ def preprocess_image(image: np.ndarray, cfg: ImageConfig = IMAGE) -> torch.Tenso
 
 
 def _pixels(im: Image.Image, cfg: ImageConfig) -> torch.Tensor:
-    """Resize + centre crop: (3, size, size) uint8, the last exact integer stage."""
-    im = resize_center_crop(im, cfg.size)
-    return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+    """Resize + centre crop: (3, size, size) uint8, the last exact integer stage.
+
+    The crop is a slice of the resized pixels, copied once into channel-first order: the same
+    bytes as `resize_center_crop` + a (3, H, W) copy, without Pillow's crop and the two further
+    copies that `np.array(im)` and `.contiguous()` made.
+    """
+    im = _resized(im, cfg.size)
+    top, left = _crop_offsets(im, cfg.size)
+    hwc = np.asarray(im)  # a read-only view of one copy of the resized pixels
+    crop = hwc[top : top + cfg.size, left : left + cfg.size].transpose(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(crop, dtype=np.uint8))
 
 
 def normalize_pixels(x: torch.Tensor, cfg: ImageConfig = IMAGE) -> torch.Tensor:
