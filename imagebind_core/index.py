@@ -661,9 +661,9 @@ class _Segment:
             keep = i[0] >= 0
             d, i = d[0][keep], i[0][keep]
             if part.vectors is not None and rerank and len(i):
-                exact = np.asarray(part.vectors[part.vrows(i)], np.float64) @ q[0].astype(
-                    np.float64
-                )
+                rows = part.vrows(i)
+                will_need(part.vectors, rows)
+                exact = np.asarray(part.vectors[rows], np.float64) @ q[0].astype(np.float64)
                 d = exact.astype(np.float32)
             scores.append(d)
             labels.append(i)
@@ -769,6 +769,29 @@ def _map_random(path: str) -> np.ndarray:
     if m is not None and hasattr(mmap, "MADV_RANDOM"):
         m.madvise(mmap.MADV_RANDOM)
     return arr
+
+
+def will_need(arr: np.ndarray, rows: np.ndarray) -> None:
+    """Ask the kernel to start reading the pages of `rows` of the memory-mapped `arr` now,
+    all of them at once (madvise WILLNEED), before they are touched; a no-op for an array in
+    memory. A re-rank then waits on reads in flight together instead of taking one page fault
+    after another, each a synchronous read of the disk when the page is not cached (the file
+    is mapped MADV_RANDOM, `_map_random`). The cost when the pages are cached is one system
+    call per row (about a microsecond); the gain when they are not is the disk's queue depth:
+    `benchmarks/bench_search.py --cold`."""
+    import mmap
+
+    m = getattr(arr, "_mmap", None)
+    if m is None or len(rows) < 2 or not hasattr(mmap, "MADV_WILLNEED"):
+        return
+    # Where the array's data starts in the mapping: np.memmap maps from an offset aligned to
+    # the allocation granularity, so the .npy header's end is not the mapping's start.
+    data = arr.ctypes.data - np.frombuffer(m, np.uint8).ctypes.data
+    row_bytes = arr.strides[0]
+    start = data + np.asarray(rows, np.int64) * row_bytes
+    page = start - start % mmap.PAGESIZE
+    for a, n in zip(page.tolist(), (start + row_bytes - page).tolist(), strict=True):
+        m.madvise(mmap.MADV_WILLNEED, a, n)
 
 
 def _open_vectors(fs: Any, file: str, n: int, dim: int) -> Any:

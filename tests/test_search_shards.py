@@ -833,3 +833,48 @@ def test_rows_stored_in_many_row_groups_load_as_one_chunk(tmp_path):
     rows = got.shards[0].segments[0].rows
     assert [rows.column(c).num_chunks for c in ("id", "uri", "modality")] == [1, 1, 1]
     assert hits_of(got, queries, 10) == want
+
+
+def _resident_pages(path: str) -> np.ndarray:
+    """Which pages of the file at `path` are in the page cache (Linux mincore)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        n = (len(m) + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        vec = (ctypes.c_ubyte * n)()
+        view = np.frombuffer(m, np.uint8)
+        rc = libc.mincore(ctypes.c_void_p(view.ctypes.data), ctypes.c_size_t(len(m)), vec)
+        assert rc == 0, os.strerror(ctypes.get_errno())
+        del view
+        return np.frombuffer(vec, np.uint8) & 1 == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="page cache control is Linux's")
+def test_rerank_reads_ask_the_kernel_for_their_pages_at_once(tmp_path):
+    """`will_need` on memory-mapped re-ranking vectors starts reading exactly the pages of
+    the rows asked for (a row of 4 KiB after the .npy header spans two pages), not the
+    others; arrays in memory are left alone."""
+    from imagebind_core.index import _map_random, will_need
+
+    path = str(tmp_path / "vision.vectors.npy")
+    np.save(path, np.arange(64 * 1024, dtype=np.float32).reshape(64, 1024))
+    arr = _map_random(path)  # reads the header: evict the pages after it
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    if _resident_pages(path).any():
+        pytest.skip("this filesystem keeps the file's pages cached (tmpfs?)")
+    header = arr.offset
+    assert 0 < header < 4096  # so row r spans pages r and r + 1
+    will_need(arr, np.array([40, 3, 17]))
+    want = np.zeros(65, bool)
+    want[[3, 4, 17, 18, 40, 41]] = True
+    deadline = time.monotonic() + 10
+    while not (got := _resident_pages(path))[want].all() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert got[want].all(), np.flatnonzero(got)
+    assert not got[~want].any(), np.flatnonzero(got)  # nothing read around them
+    np.testing.assert_array_equal(arr[[40, 3, 17]][:, 0], [40 * 1024, 3 * 1024, 17 * 1024])
+    will_need(np.zeros((4, 8), np.float32), np.array([0, 2]))  # in memory: nothing to do
