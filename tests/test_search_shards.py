@@ -15,6 +15,7 @@ import pytest
 
 from imagebind_core.index import (
     INDEX_FORMAT,
+    VECTORS_HEADER_BYTES,
     IndexOptions,
     VectorIndex,
     index_files,
@@ -336,6 +337,15 @@ def test_a_build_streams_batches_in_two_passes(opts, tmp_path):
             got_rows = part.vectors[part.vrows(part.vlabels[:50])]
             np.testing.assert_allclose(got_rows, unit, rtol=1e-6, atol=1e-6)
             assert part.vorder is not None  # written as they came, not re-sorted on disk
+            assert part.vectors.offset == VECTORS_HEADER_BYTES  # each row a page of the file
+        # An index built in memory and saved writes the same layout.
+        want.save(str(tmp_path / "saved"))
+        saved = VectorIndex.load(str(tmp_path / "saved"))
+        for s, sh in saved.shards.items():
+            a, b = sh.segments[0].parts["text"], want.shards[s].segments[0].parts["text"]
+            assert a.vectors.offset == VECTORS_HEADER_BYTES
+            np.testing.assert_array_equal(a.vectors, b.vectors)
+        assert hits_of(saved, queries, 10) == hits_of(want, queries, 10)
     twice = pa.concat_tables([t, t.slice(7, 1)])
     with pytest.raises(ValueError, match=r"duplicate id 'item-00007'"):
         update_index(
@@ -852,29 +862,42 @@ def _resident_pages(path: str) -> np.ndarray:
 
 
 @pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="page cache control is Linux's")
-def test_rerank_reads_ask_the_kernel_for_their_pages_at_once(tmp_path):
+@pytest.mark.parametrize("layout", ["index", "numpy"])
+def test_rerank_reads_ask_the_kernel_for_their_pages_at_once(layout, tmp_path):
     """`will_need` on memory-mapped re-ranking vectors starts reading exactly the pages of
-    the rows asked for (a row of 4 KiB after the .npy header spans two pages), not the
-    others; arrays in memory are left alone."""
-    from imagebind_core.index import _map_random, will_need
+    the rows asked for, not the others: one page a row of 4 KiB in the index's files (rows
+    start on a page), two in a file numpy wrote (its header ends mid-page, as in indexes
+    written before). Arrays in memory are left alone."""
+    import fsspec
+
+    from imagebind_core.index import _map_random, _open_vectors, _write_rows, will_need
 
     path = str(tmp_path / "vision.vectors.npy")
-    np.save(path, np.arange(64 * 1024, dtype=np.float32).reshape(64, 1024))
+    x = np.arange(64 * 1024, dtype=np.float32).reshape(64, 1024)
+    if layout == "numpy":
+        np.save(path, x)
+    else:
+        with _open_vectors(fsspec.filesystem("file"), path, 64, 1024) as f:
+            _write_rows(f, x)
     arr = _map_random(path)  # reads the header: evict the pages after it
     with open(path, "rb") as f:
         os.fsync(f.fileno())
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     if _resident_pages(path).any():
         pytest.skip("this filesystem keeps the file's pages cached (tmpfs?)")
-    header = arr.offset
-    assert 0 < header < 4096  # so row r spans pages r and r + 1
-    will_need(arr, np.array([40, 3, 17]))
+    rows = [40, 3, 17]
     want = np.zeros(65, bool)
-    want[[3, 4, 17, 18, 40, 41]] = True
+    if layout == "numpy":
+        assert 0 < arr.offset < 4096  # row r spans pages r and r + 1
+        want[[3, 4, 17, 18, 40, 41]] = True
+    else:
+        assert arr.offset == 4096  # row r is page r + 1
+        want[[4, 18, 41]] = True
+    will_need(arr, np.array(rows))
     deadline = time.monotonic() + 10
     while not (got := _resident_pages(path))[want].all() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert got[want].all(), np.flatnonzero(got)
     assert not got[~want].any(), np.flatnonzero(got)  # nothing read around them
-    np.testing.assert_array_equal(arr[[40, 3, 17]][:, 0], [40 * 1024, 3 * 1024, 17 * 1024])
+    np.testing.assert_array_equal(arr[rows], x[rows])
     will_need(np.zeros((4, 8), np.float32), np.array([0, 2]))  # in memory: nothing to do
