@@ -118,6 +118,53 @@ def time_queries(index: VectorIndex, queries: np.ndarray, k: int):
     return np.array(lat) * 1e3, got
 
 
+def evict(index: VectorIndex) -> None:
+    """Drop the re-ranking vectors' pages from this process's mappings (MADV_DONTNEED) and
+    from the page cache (POSIX_FADV_DONTNEED): the next reads of them go to the disk."""
+    import mmap
+
+    for sh in index.shards.values():
+        for g in sh.segments:
+            for part in g.parts.values():
+                m = getattr(part.vectors, "_mmap", None)
+                if m is None:
+                    continue
+                m.madvise(mmap.MADV_DONTNEED)
+                with open(part.vectors.filename, "rb") as f:
+                    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def prefetch_ab(index: VectorIndex, queries: np.ndarray, k: int, cold: bool) -> dict:
+    """p50/p99 of searches with `will_need` (the product) and without it (a no-op in its
+    place), alternated query by query, in the same order for both; `cold`: every search
+    starts with the re-ranking vectors evicted (`evict`), else after one untimed pass."""
+    import imagebind_core.index as core
+
+    real = core.will_need
+    sides = {"with": real, "without": lambda arr, rows: None}
+    lat: dict[str, list[float]] = {name: [] for name in sides}
+    got: dict[str, list[list]] = {name: [] for name in sides}
+    try:
+        if not cold:
+            time_queries(index, queries, k)
+        for j, q in enumerate(queries):
+            for name in sorted(sides, reverse=bool(j % 2)):
+                core.will_need = sides[name]
+                if cold:
+                    evict(index)
+                t = time.perf_counter()
+                hits = index.search(q, k)
+                lat[name].append((time.perf_counter() - t) * 1e3)
+                got[name].append([(h["id"], h["score"]) for h in hits])
+    finally:
+        core.will_need = real
+    assert got["with"] == got["without"], "prefetching changed an answer"
+    return {
+        name: dict(zip(("p50_ms", "p99_ms"), np.percentile(v, [50, 99]).tolist(), strict=True))
+        for name, v in lat.items()
+    }
+
+
 def search_per_segment(index: VectorIndex, q: np.ndarray, k: int) -> list[dict]:
     """`index.search` with each segment computing its own coarse assignment (the baseline of
     the shared one)."""
@@ -232,6 +279,13 @@ def main() -> None:
         "without it, each setting's first touch of its candidates' pages is timed",
     )
     p.add_argument(
+        "--prefetch-ab",
+        action="store_true",
+        help="after the search table, time each re-ranking setting with and without "
+        "`will_need` (the candidates' pages asked of the kernel at once), alternated query by "
+        "query, cold (the vectors' pages evicted before every search) and warm; then stop",
+    )
+    p.add_argument(
         "--reuse",
         action="store_true",
         help="search the v1 index an earlier run with the same --n --dim --clusters --spread "
@@ -305,6 +359,22 @@ def main() -> None:
                 f"rerank={rerank:<3d} nprobe={nprobe:<4d} p50 {p50:7.2f} ms  p99 {p99:7.2f} ms"
                 f"  recall@{a.top_k} {rec:.3f}"
             )
+    if a.prefetch_ab:
+        ab = []
+        for rerank in (r for r in a.rerank if r):
+            index.options = dataclasses.replace(index.options, nprobe=a.nprobe[0], rerank=rerank)
+            for cold in (True, False):
+                r = prefetch_ab(index, queries, a.top_k, cold)
+                w, wo = r["with"], r["without"]
+                ab.append({"rerank": rerank, "nprobe": a.nprobe[0], "cold": cold, **r})
+                print(
+                    f"rerank={rerank:<3d} nprobe={a.nprobe[0]:<4d} {'cold' if cold else 'warm'}: "
+                    f"p50/p99 with will_need {w['p50_ms']:7.2f} / {w['p99_ms']:7.2f} ms, without "
+                    f"{wo['p50_ms']:7.2f} / {wo['p99_ms']:7.2f} ms; with/without p50 "
+                    f"{w['p50_ms'] / wo['p50_ms']:.2f}x p99 {w['p99_ms'] / wo['p99_ms']:.2f}x"
+                )
+        print("RESULTS " + json.dumps({"n": a.n, "dim": a.dim, "prefetch_ab": ab}))
+        return
     faiss.omp_set_num_threads(os.cpu_count() or 1)
 
     for rerank in sorted({0, max(a.rerank)}):
