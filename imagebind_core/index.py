@@ -63,9 +63,11 @@ import io
 import json
 import logging
 import math
+import os
 import posixpath
 import struct
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -733,10 +735,12 @@ class _Segment:
         local: bool,
         templates: dict[str, Any],
         deleted: np.ndarray | None = None,
+        vectors_cache: str | None = None,
     ) -> _Segment:
         """Read the segment of `entry` (paths relative to the index folder `base`; IVF parts
         on their modality's trained template); re-ranking vectors are memory-mapped when
-        local. `deleted` overrides the entry's deletions."""
+        local, or from their copy in the local folder `vectors_cache` (`cached_vectors`).
+        `deleted` overrides the entry's deletions."""
         import pyarrow.parquet as pq
 
         path = _resolve(base, entry["path"])
@@ -751,6 +755,8 @@ class _Segment:
                 vpath = f"{path}/{m}.vectors.npy"
                 if local:
                     part.vectors = _map_random(vpath)
+                elif vectors_cache:
+                    part.vectors = cached_vectors(fs, vpath, vectors_cache)
                 else:
                     part.vectors = np.load(io.BytesIO(fs.cat_file(vpath)))
                 part.vlabels = np.load(io.BytesIO(fs.cat_file(f"{path}/{m}.labels.npy")))
@@ -773,6 +779,72 @@ def _map_random(path: str) -> np.ndarray:
     if m is not None and hasattr(mmap, "MADV_RANDOM"):
         m.madvise(mmap.MADV_RANDOM)
     return arr
+
+
+CACHED_SUFFIX = ".vectors.npy"
+
+
+def cached_vectors(fs: Any, path: str, cache_dir: str) -> np.ndarray:
+    """The re-ranking vectors file `path` on the object store `fs`, memory-mapped from its copy
+    in the local folder `cache_dir`, downloaded unless a copy of the same object is there.
+
+    A search replica then holds only the pages its queries read (page cache, evictable), not
+    N x D x 4 bytes of memory; the cost is the same bytes of local disk. Copies are named by
+    the object's URI, size and ETag (or mtime), so one written again under the same name is
+    fetched again; a segment an update shares with its parent is fetched once for both
+    versions. A copy lands under a temporary name and is renamed into place whole, so
+    processes sharing the folder never map a partial file."""
+    import threading
+
+    info = fs.info(path)
+    size = int(info["size"])
+    tag = info.get("ETag") or info.get("etag") or info.get("mtime") or ""
+    name = f"{fs.unstrip_protocol(path)}\0{size}\0{tag}"
+    key = hashlib.sha256(name.encode()).hexdigest()[:32]
+    local = os.path.join(cache_dir, key + CACHED_SUFFIX)
+    if not (os.path.exists(local) and os.path.getsize(local) == size):
+        os.makedirs(cache_dir, exist_ok=True)
+        part = f"{local}.{os.getpid()}-{threading.get_ident()}.part"
+        try:
+            fs.get_file(path, part)
+            if os.path.getsize(part) != size:
+                raise OSError(f"copying {path} to {part}: {os.path.getsize(part)} of {size} bytes")
+            os.replace(part, local)
+        finally:
+            if os.path.exists(part):
+                os.remove(part)
+    return _map_random(local)
+
+
+def prune_vectors_cache(cache_dir: str, keep: Iterable[VectorIndex]) -> list[str]:
+    """Delete the copies in `cache_dir` (`cached_vectors`) that none of the indexes in `keep`
+    maps, and partial downloads untouched for an hour (a crashed copy); returns the paths
+    deleted. A replica calls it after loading a new version, keeping the versions it still
+    serves: copies of segments the new version shares with the old stay. (A deleted file
+    another process still maps stays readable to it until unmapped.)"""
+    used = {
+        os.path.realpath(p.vectors.filename)
+        for index in keep
+        for sh in index.shards.values()
+        for seg in sh.segments
+        for p in seg.parts.values()
+        if isinstance(p.vectors, np.memmap) and p.vectors.filename
+    }
+    gone = []
+    try:
+        names = os.listdir(cache_dir)
+    except FileNotFoundError:
+        return gone
+    for name in names:
+        path = os.path.join(cache_dir, name)
+        try:
+            stale = name.endswith(".part") and time.time() - os.path.getmtime(path) > 3600
+            if stale or (name.endswith(CACHED_SUFFIX) and os.path.realpath(path) not in used):
+                os.remove(path)
+                gone.append(path)
+        except FileNotFoundError:  # another process's rename or prune
+            continue
+    return gone
 
 
 def will_need(arr: np.ndarray, rows: np.ndarray) -> None:
@@ -935,9 +1007,20 @@ class _Shard:
 
     @classmethod
     def load(
-        cls, fs: Any, base: str, entries: list[dict], local: bool, templates: dict[str, Any]
+        cls,
+        fs: Any,
+        base: str,
+        entries: list[dict],
+        local: bool,
+        templates: dict[str, Any],
+        vectors_cache: str | None = None,
     ) -> _Shard:
-        return cls([_Segment.load(fs, base, e, local, templates) for e in entries])
+        return cls(
+            [
+                _Segment.load(fs, base, e, local, templates, vectors_cache=vectors_cache)
+                for e in entries
+            ]
+        )
 
 
 def merge_hits(hit_lists: Sequence[list[dict]], top_k: int) -> list[dict]:
@@ -1182,10 +1265,14 @@ class VectorIndex:
         uri: str,
         storage_options: StorageOptions | None = None,
         shards: Sequence[int] | None = None,
+        vectors_cache: str | None = None,
     ) -> VectorIndex:
         """Read an index written by `save` (or `update_index`) from the folder `uri`: the
         trained IVF templates, and the shards numbered in `shards` (default all; numbers past
-        the index's shard count are skipped)."""
+        the index's shard count are skipped). Re-ranking vectors are memory-mapped from a
+        local `uri`; from an object store they are read into memory, or, with
+        `vectors_cache` (a local folder), copied there once and memory-mapped from the copy
+        (`cached_vectors`, `prune_vectors_cache`)."""
         import faiss
 
         fs, path = filesystem(uri, storage_options)
@@ -1200,7 +1287,8 @@ class VectorIndex:
                 blob = np.frombuffer(fs.cat_file(f"{trained}/{m}.faiss"), np.uint8)
                 tmpl[m] = faiss.deserialize_index(blob)
         entries = _segment_entries(meta)
-        loaded = {s: _Shard.load(fs, path, entries[s], local, tmpl) for s in wanted}
+        cache = None if local else vectors_cache
+        loaded = {s: _Shard.load(fs, path, entries[s], local, tmpl, cache) for s in wanted}
         return cls(loaded, int(meta["dim"]), opts, meta["training"], tmpl)
 
 

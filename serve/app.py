@@ -13,6 +13,7 @@ is set (with `search_groups` > 1: a `search` fan-out over `search-group-<g>` dep
 # must see the AppArgs class itself (not a string) to validate the arguments into it.
 
 import logging
+import os
 from typing import Any
 
 from ray.serve import Application
@@ -120,16 +121,25 @@ def build_app(args: AppArgs) -> Application:
         actor = _actor_options(args.ingress.num_cpus)
         storage_options = args.storage_options()
         n = args.search_groups
+        cache = args.search_vectors_cache
+
+        def group_cache(g: int) -> str | None:
+            return os.path.join(cache, f"group-{g}") if cache else None
+
         if n == 1:
             search = SearchIndex.options(name="search", ray_actor_options=actor).bind(
-                args.index_uri, storage_options=storage_options
+                args.index_uri, storage_options=storage_options, vectors_cache=group_cache(0)
             )
         else:
             from serve.search import SearchFanout
 
             groups = [
                 SearchIndex.options(name=f"search-group-{g}", ray_actor_options=actor).bind(
-                    args.index_uri, storage_options=storage_options, group=g, groups=n
+                    args.index_uri,
+                    storage_options=storage_options,
+                    group=g,
+                    groups=n,
+                    vectors_cache=group_cache(g),
                 )
                 for g in range(n)
             ]

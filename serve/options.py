@@ -241,6 +241,14 @@ class AppArgs(BaseModel):
         description="A published index; enables POST /v1/search, the search page and its "
         "media endpoints.",
     )
+    search_vectors_cache: str | None = Field(
+        default=None,
+        description="Local folder where search replicas keep the re-ranking vectors of an "
+        "index on object storage (a subfolder per search group), memory-mapped "
+        "from there: a replica then holds the pages its queries read instead of every "
+        "vector in memory, at the cost of the same bytes of local disk. Empty: in memory. "
+        "A local index_uri is always memory-mapped where it is.",
+    )
     # --- search page (GET /ui/) --------------------------------------------------------------
     media_local_dirs: list[str] = Field(
         default_factory=list,

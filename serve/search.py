@@ -39,6 +39,7 @@ from imagebind_core.index import (
     join_uri,
     labels_of,
     merge_hits,
+    prune_vectors_cache,
     read_index_meta,
     read_pointer,
     read_version_record,
@@ -66,6 +67,10 @@ class SearchIndexCore:
         poll_interval_s: how often to check the pointer; 0 disables the poller (call `refresh`).
         group, groups: this core serves the shards s with s % groups == group.
         keep_previous_s: how long the version before a swap stays loaded for pinned queries.
+        vectors_cache: a local folder for the re-ranking vectors of an object-store index
+            (`imagebind_core.index.cached_vectors`): copied there and memory-mapped instead of
+            held in memory; copies no loaded version uses are deleted after each swap.
+            None: in memory. Ignored for a local index (mapped where it is).
     """
 
     def __init__(
@@ -77,6 +82,7 @@ class SearchIndexCore:
         group: int = 0,
         groups: int = 1,
         keep_previous_s: float = 30.0,
+        vectors_cache: str | None = None,
     ) -> None:
         if not index_uri:
             raise ValueError("index_uri must name an index root")
@@ -87,6 +93,7 @@ class SearchIndexCore:
         self.poll_interval_s = float(poll_interval_s)
         self.group, self.groups = int(group), int(groups)
         self.keep_previous_s = float(keep_previous_s)
+        self.vectors_cache = vectors_cache or None
         # (pointer, index, version record): swapped as one reference
         self._current: tuple[Pointer, VectorIndex, dict] | None = None
         # the version before the last swap, kept for pinned queries: (.., drop after)
@@ -112,6 +119,7 @@ class SearchIndexCore:
             previous = self._previous
             if previous is not None and time.monotonic() > previous[3]:
                 self._previous = None  # grace over: free the old version
+                self._prune_cache()
             try:
                 pointer = read_pointer(self.index_uri, self.storage_options)
                 current = self._current
@@ -121,7 +129,9 @@ class SearchIndexCore:
                 uri = join_uri(version_uri, INDEX_DIR)
                 shards = read_index_meta(uri, self.storage_options)["options"]["shards"]
                 mine = [s for s in range(shards) if s % self.groups == self.group]
-                index = VectorIndex.load(uri, self.storage_options, shards=mine)
+                index = VectorIndex.load(
+                    uri, self.storage_options, shards=mine, vectors_cache=self.vectors_cache
+                )
                 record = read_version_record(version_uri, self.storage_options)
             except Exception as e:
                 self._last_error = f"{type(e).__name__}: {e}"
@@ -132,6 +142,7 @@ class SearchIndexCore:
             self._current = (pointer, index, record)  # one assignment: the swap
             self._loaded_at = time.time()
             self._last_error = None
+            self._prune_cache()
             logger.info(
                 "serving index version %s (%d vectors, shards %s) from %s",
                 pointer.name,
@@ -140,6 +151,20 @@ class SearchIndexCore:
                 self.index_uri,
             )
             return True
+
+    def _prune_cache(self) -> None:
+        """Delete the cached vector copies no loaded version maps (after a swap, and once the
+        previous version's grace is over)."""
+        if self.vectors_cache is None:
+            return
+        kept = [v[1] for v in (self._current, self._previous) if v is not None]
+        try:
+            gone = prune_vectors_cache(self.vectors_cache, kept)
+        except OSError:
+            logger.exception("could not prune the vectors cache %s", self.vectors_cache)
+            return
+        if gone:
+            logger.info("vectors cache %s: %d copies deleted", self.vectors_cache, len(gone))
 
     def _poll(self) -> None:
         while not self._stop.wait(self.poll_interval_s):

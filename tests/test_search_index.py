@@ -154,3 +154,116 @@ def _wait(cond, timeout: float = 20.0) -> None:
     while not cond():
         assert time.time() < deadline, "timed out"
         time.sleep(0.05)
+
+
+def _rerank_table(ids: list[str], emb: np.ndarray):
+    import pyarrow as pa
+
+    return pa.table(
+        {
+            "id": pa.array(ids, pa.string()),
+            "uri": pa.array([f"s3://corpus/{i}" for i in ids], pa.string()),
+            "modality": pa.array(["vision"] * len(ids), pa.string()),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1]),
+        }
+    )
+
+
+def _hits(index: VectorIndex, queries: np.ndarray) -> list:
+    return [[(h["id"], h["score"]) for h in index.search(q.tolist(), 10)] for q in queries]
+
+
+def test_object_store_vectors_are_copied_once_mapped_and_pruned(s3_server, tmp_path):
+    """With `vectors_cache`, an index on S3 maps its re-ranking vectors from local copies: the
+    same answers as holding them in memory; a version that shares a segment with its parent
+    reuses that copy; a truncated copy is fetched again; pruning keeps what a loaded version
+    maps and deletes the rest (and stale partial downloads). The search core prunes after a
+    swap."""
+    import os
+    import time
+
+    from imagebind_core.index import IndexOptions, prune_vectors_cache, update_index
+
+    bucket = s3_server.create_bucket(f"vc-{uuid.uuid4().hex[:8]}")
+    so = s3_server.storage_options
+    opts = IndexOptions(flat_threshold=100, pq_threshold=200, pq_m=8, nprobe=4, rerank=4)
+    n, dim = 1200, 16
+    emb = clustered(n + 100, dim, clusters=8, seed=11)
+    ids = [f"item-{i:05d}" for i in range(n + 100)]
+    t1 = _rerank_table(ids[:n], emb[:n])
+    ir = IndexRoot(f"s3://{bucket}/root", so)
+    names = [version_name(v, uuid.uuid4().hex[:6]) for v in (1, 2)]
+    v1, v2 = (f"{ir.version_uri(name)}/{INDEX_DIR}" for name in names)
+    update_index(v1, parent_uri=None, upserts=t1, deletes=[], all_rows=lambda: t1,
+                 options=opts, storage_options=so)  # fmt: skip
+    new = _rerank_table(ids[n:], emb[n:])
+    r = update_index(v2, parent_uri=v1, upserts=new, deletes=ids[:50], all_rows=None,
+                     options=opts, storage_options=so)  # fmt: skip
+    assert r.mode == "updated"
+    queries = clustered(20, dim, clusters=8, seed=12)
+    cache = str(tmp_path / "cache")
+
+    def copies() -> dict[str, int]:
+        return {f: os.stat(os.path.join(cache, f)).st_ino for f in sorted(os.listdir(cache))}
+
+    def mapped(index: VectorIndex) -> list[str]:
+        return [
+            p.vectors.filename
+            for sh in index.shards.values()
+            for seg in sh.segments
+            for p in seg.parts.values()
+        ]
+
+    one = VectorIndex.load(v1, so, vectors_cache=cache)
+    assert all(isinstance(f, str) and f.startswith(cache) for f in mapped(one))
+    assert _hits(one, queries) == _hits(VectorIndex.load(v1, so), queries)
+    first = copies()
+    assert len(first) == len(mapped(one)) == 1
+
+    two = VectorIndex.load(v2, so, vectors_cache=cache)
+    assert _hits(two, queries) == _hits(VectorIndex.load(v2, so), queries)
+    second = copies()
+    assert len(second) == 2 and all(second[f] == ino for f, ino in first.items())  # reused
+
+    shared = os.path.join(cache, next(iter(first)))
+    # A torn copy in its place (a copy by other means that crashed): a new file, not the one
+    # `one` and `two` map (truncating a mapped file would fault their reads).
+    with open(shared, "rb") as f:
+        head = f.read(1000)
+    with open(shared + ".torn", "wb") as f:
+        f.write(head)
+    os.replace(shared + ".torn", shared)
+    again = VectorIndex.load(v2, so, vectors_cache=cache)
+    assert os.path.getsize(shared) > 1000
+    assert _hits(again, queries) == _hits(two, queries)
+
+    stray = os.path.join(cache, "0" * 32 + ".vectors.npy")
+    old_part, new_part = f"{stray}.1-2.part", f"{stray}.3-4.part"
+    for p in (stray, old_part, new_part):
+        open(p, "wb").close()
+    os.utime(old_part, (time.time() - 7200, time.time() - 7200))
+    gone = prune_vectors_cache(cache, [again])
+    assert sorted(gone) == sorted([stray, old_part])
+    assert set(os.listdir(cache)) == set(second) | {os.path.basename(new_part)}
+    assert _hits(again, queries) == _hits(two, queries)
+
+    # The search core: a root on S3 served from the cache, pruned after each swap.
+    from serve.search import SearchIndexCore
+
+    def publish(version: int) -> None:
+        pointer, etag = ir.latest()
+        name = names[version - 1]
+        ir.write_record(name, {"version": version, "parent_name": pointer and pointer.name})
+        ir.publish(Pointer(version, name, "2026-01-01T00:00:00+00:00"), etag)
+
+    publish(1)
+    core_cache = str(tmp_path / "core")
+    core = SearchIndexCore(ir.root, so, poll_interval_s=0, keep_previous_s=0,
+                           vectors_cache=core_cache)  # fmt: skip
+    assert len(os.listdir(core_cache)) == 1
+    publish(2)
+    assert core.refresh()
+    assert len(os.listdir(core_cache)) == 2  # the new segment's copy; the previous kept
+    assert core.search_sync(queries[0].tolist(), 10) == two.search(queries[0].tolist(), 10)
+    core.refresh()  # the previous version's grace is over
+    assert len(os.listdir(core_cache)) == 2  # both still used by the loaded version
