@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -220,15 +221,33 @@ def _run_command(
             cfg = load(args.config, overrides, sources)
             result = execute(args, cfg)
         except KeyboardInterrupt:
-            return interrupted(cfg, argv)
+            status = interrupted(cfg, argv)
         except tuple(t for types, _ in statuses for t in types) as e:
             print(f"{prog}: {e}", file=sys.stderr)
             return next(status for types, status in statuses if isinstance(e, types))
-        if isinstance(result, str):
-            print(result)
-            return 0
-        print(json.dumps(result.to_dict(), indent=2) if args.json else result.format())
-        return result.exit_status
+        else:
+            if isinstance(result, str):
+                print(result)
+                return 0
+            print(json.dumps(result.to_dict(), indent=2) if args.json else result.format())
+            return result.exit_status
+    if argv is None:  # the command line itself, not a caller in this process
+        _exit_now(status)
+    return status
+
+
+def _exit_now(status: int) -> None:
+    """End an interrupted command line without the interpreter's finalization. Ctrl-C can
+    abandon native work in flight (pyarrow cancels a scan on SIGINT while its I/O threads
+    still hold tasks that call back into Python); such a thread taking the GIL during
+    finalization aborts the process (SIGABRT, a C++ stack trace) instead of exiting with
+    `status`. Ray is already shut down and the output lock released by then; the log and
+    the standard streams are flushed here."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)
 
 
 # ----------------------------------------------------------------------------- imagebind-embed
