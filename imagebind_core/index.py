@@ -854,7 +854,7 @@ def will_need(arr: np.ndarray, rows: np.ndarray) -> None:
     after another, each a synchronous read of the disk when the page is not cached (the file
     is mapped MADV_RANDOM, `_map_random`). The cost when the pages are cached is one system
     call per row (about a microsecond); the gain when they are not is the disk's queue depth:
-    `benchmarks/bench_search.py --cold`."""
+    `benchmarks/bench_rerank_io.py`, `benchmarks/bench_search.py --prefetch-ab`."""
     import mmap
 
     m = getattr(arr, "_mmap", None)
