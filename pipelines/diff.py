@@ -49,12 +49,19 @@ KEY_COLUMNS = ("id", "fingerprint", "uri", "modality")
 EMBED_ACTIONS = ("added", "changed", "retried", "reembedded")
 KEEP_ACTIONS = ("carried", "failed_kept")
 ACTIONS = (*EMBED_ACTIONS, *KEEP_ACTIONS, "deleted")
+_CODE = {a: i for i, a in enumerate(ACTIONS)}
+_ACTION_NAMES = np.array(ACTIONS, dtype=object)
 # Listing rows per block handed to Ray Data, parent rows per read task (Ray Data's default,
 # at least 200 read tasks split into small blocks, made one map task per few thousand rows:
 # that overhead, not the join, set the diff's time), and parent rows per join partition.
+# Each partition up to the cluster's CPUs is an aggregator actor Ray Data starts for the
+# join, which holds its share of both sides (about 200 B a row in Arrow: the listing's keys
+# and columns ~135 B, the parent's keys ~60 B) and Polars' join of them: ~1 GB at 2M rows.
+# Fewer, larger partitions start fewer actors; a 4M-row diff on 2 cores took 29-30 s with
+# 2 partitions against 34 s with 4 (`index.diff_partitions` overrides this).
 LISTING_BLOCK_ROWS = 200_000
 READ_TASK_ROWS = 1_000_000
-ROWS_PER_PARTITION = 1_000_000
+ROWS_PER_PARTITION = 2_000_000
 
 _LEFT = pa.schema(
     [
@@ -142,13 +149,10 @@ def _eq(a: Any, b: Any) -> np.ndarray:
     return pc.or_(same, both_null).to_numpy(zero_copy_only=False)
 
 
-def classify(joined: pa.Table, *, full: bool, retry_failed: bool) -> pa.Table:
-    """Each id of a full outer join of `listing_keys` and `parent_keys` with its `action`
-    (see the module docstring), the uri it is listed at (`new_uri`), whether a carried row or
-    kept failure moved (`relocated`) and whether the parent holds it (`in_parent`)."""
-    n = joined.num_rows
-    if n == 0:
-        return _CLASSIFIED.empty_table()
+def _codes(joined: pa.Table, *, full: bool, retry_failed: bool) -> tuple[np.ndarray, ...]:
+    """Per row of a joined table: its action as an index into ACTIONS (int8), whether it is
+    `relocated` and whether the parent holds it. Numeric throughout: a partition's rows are
+    mostly carried, and strings are made only for the rows that are not (`_classified`)."""
     listed = pc.is_valid(joined.column("l_pos")).to_numpy(zero_copy_only=False)
     in_parent = pc.is_valid(joined.column("p_err")).to_numpy(zero_copy_only=False)
     is_err = pc.fill_null(joined.column("p_err"), False).to_numpy(zero_copy_only=False)
@@ -162,7 +166,7 @@ def classify(joined: pa.Table, *, full: bool, retry_failed: bool) -> pa.Table:
         & pc.is_valid(l_fp).to_numpy(zero_copy_only=False)
         & _eq(joined.column("l_kind"), joined.column("p_kind"))
     )
-    action = np.select(
+    code = np.select(
         [
             row & same_row & full,
             row & same_row,
@@ -171,22 +175,37 @@ def classify(joined: pa.Table, *, full: bool, retry_failed: bool) -> pa.Table:
             err,
             listed,
         ],
-        ["reembedded", "carried", "changed", "failed_kept", "retried", "added"],
-        default="deleted",
-    )
-    keep = np.isin(action, KEEP_ACTIONS)
+        [_CODE[a] for a in ("reembedded", "carried", "changed", "failed_kept", "retried", "added")],
+        default=_CODE["deleted"],
+    ).astype(np.int8)
+    keep = (code == _CODE["carried"]) | (code == _CODE["failed_kept"])
     relocated = keep & ~_eq(joined.column("l_uri"), joined.column("p_uri"))
+    return code, relocated, in_parent
+
+
+def _classified(
+    joined: pa.Table, code: np.ndarray, relocated: np.ndarray, in_parent: np.ndarray
+) -> pa.Table:
     return pa.table(
         [
             joined.column("id"),
             joined.column("l_pos"),
-            pa.array(action, pa.string()),
+            pa.array(_ACTION_NAMES[code.astype(np.intp)], pa.string()),
             joined.column("l_uri"),
             pa.array(relocated),
             pa.array(in_parent),
         ],
         schema=_CLASSIFIED,
     )
+
+
+def classify(joined: pa.Table, *, full: bool, retry_failed: bool) -> pa.Table:
+    """Each id of a full outer join of `listing_keys` and `parent_keys` with its `action`
+    (see the module docstring), the uri it is listed at (`new_uri`), whether a carried row or
+    kept failure moved (`relocated`) and whether the parent holds it (`in_parent`)."""
+    if joined.num_rows == 0:
+        return _CLASSIFIED.empty_table()
+    return _classified(joined, *_codes(joined, full=full, retry_failed=retry_failed))
 
 
 @dataclass
@@ -370,20 +389,27 @@ def _classify_batch(batch: pa.Table, full: bool, retry_failed: bool) -> pa.Table
     if dup is not None:
         values = {"id": [dup], "action": ["repeated"], "relocated": [False], "n": [1]}
         return _summary(values, 1, schema)
-    c = classify(batch, full=full, retry_failed=retry_failed)
+    if batch.num_rows == 0:
+        return schema.empty_table()
+    code, relocated, in_parent = _codes(batch, full=full, retry_failed=retry_failed)
+    plain = ~relocated & ((code == _CODE["carried"]) | (code == _CODE["failed_kept"]))
+    counts = np.bincount(code[plain], minlength=len(ACTIONS))
+    keep = pa.array(~plain)
+    sub = batch.filter(keep)
+    idx = np.flatnonzero(~plain)
+    c = _classified(sub, code[idx], relocated[idx], in_parent[idx])
     if extra:
         for f in _EXTRA:
-            c = c.append_column(f, batch.column(f.name).cast(f.type))
-    plain = pc.and_(
-        pc.is_in(c.column("action"), pa.array(KEEP_ACTIONS)), pc.invert(c.column("relocated"))
-    )
-    small = c.filter(pc.invert(plain))
-    small = small.append_column("n", pa.repeat(pa.scalar(1, pa.int64()), small.num_rows))
-    kept = c.filter(plain).column("action")
-    counts = [pc.sum(pc.equal(kept, a)).as_py() or 0 for a in KEEP_ACTIONS]
+            c = c.append_column(f, sub.column(f.name).cast(f.type))
+    small = c.append_column("n", pa.repeat(pa.scalar(1, pa.int64()), c.num_rows))
     k = len(KEEP_ACTIONS)
-    values = {"action": list(KEEP_ACTIONS), "relocated": [False] * k, "in_parent": [True] * k}
-    return pa.concat_tables([small, _summary({**values, "n": counts}, k, schema)])
+    values = {
+        "action": list(KEEP_ACTIONS),
+        "relocated": [False] * k,
+        "in_parent": [True] * k,
+        "n": [int(counts[_CODE[a]]) for a in KEEP_ACTIONS],
+    }
+    return pa.concat_tables([small, _summary(values, k, schema)])
 
 
 def _parent_keys_batch(batch: pa.Table, errors: bool) -> pa.Table:
