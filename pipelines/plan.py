@@ -272,7 +272,7 @@ def _plan_manifests(
             counts=dict(counts),
             identity=src.fingerprint,
         )
-        return spec, id_digests(table.column("id").to_pylist()), len(repeats)
+        return spec, id_digests(table.column("id")), len(repeats)
 
     with ThreadPoolExecutor(scan_workers) as ex:
         scanned = list(ex.map(scan, zip(sources, names, strict=True)))
@@ -310,15 +310,27 @@ def _exclude_repeated_ids(
     workers: int,
 ) -> int:
     """Set `exclude` (and fix `counts`/`kinds`) on manifest shards that repeat ids of earlier
-    shards; returns how many rows were excluded. Shards with repeats are read again to name
-    the ids: a second read only when the corpus has duplicates."""
-    rows = repeated_rows(digests)
-    todo = [(s, r) for s, r in zip(shards, rows, strict=True) if len(r)]
+    shards; returns how many rows were excluded. Shards whose rows share a digest with another
+    row are read again to compare the ids and name them: a second read only when the corpus
+    has duplicates (or, rarely, a digest collision)."""
+    tables: dict[int, pa.Table] = {}
 
-    def fix(args: tuple[ShardSpec, np.ndarray]) -> int:
-        spec, idx = args
-        items = manifest_items(read_manifest(spec.uri, storage_options), spec.name, spec.uri)
-        dup = [items[i] for i in idx.tolist()]
+    def read(k: int) -> pa.Table:
+        s = shards[k]
+        return manifest_table(read_manifest(s.uri, storage_options), s.name, s.uri)
+
+    def read_ids(ks: list[int]) -> list[pa.ChunkedArray]:
+        with ThreadPoolExecutor(max(1, min(workers, len(ks)))) as ex:
+            tables.update(zip(ks, ex.map(read, ks), strict=True))
+        return [tables[k].column("id") for k in ks]
+
+    rows = repeated_rows(digests, read_ids)
+    todo = [(k, r) for k, r in enumerate(rows) if len(r)]
+
+    def fix(args: tuple[int, np.ndarray]) -> int:
+        k, idx = args
+        spec = shards[k]
+        dup = tables[k].select(["id", "_kind"]).take(pa.array(idx)).to_pylist()
         spec.exclude = sorted({it["id"] for it in dup})
         counts = Counter(spec.counts or {})
         counts.subtract(it["_kind"] for it in dup)
@@ -333,8 +345,7 @@ def _exclude_repeated_ids(
         )
         return len(dup)
 
-    with ThreadPoolExecutor(max(1, min(workers, len(todo)))) as ex:
-        return sum(ex.map(fix, todo))
+    return sum(map(fix, todo))
 
 
 def _peek_kinds(
@@ -544,7 +555,9 @@ class InputFormat:
     shard_rows: Callable[..., Iterator[dict[str, Any]]]
     # The shard's rows as one table (same arguments and rows as `shard_rows`), for formats
     # whose shards are read whole anyway: the read task then filters and cuts them column by
-    # column instead of row by row. None: `shard_rows` only.
+    # column instead of row by row. None: `shard_rows` only. Its rows' ids are unique
+    # (`manifest_table` keeps an id's first row): the Ray listing does not count them
+    # again (`_flag_repeats`).
     shard_table: Callable[..., pa.Table] | None = None
 
 
@@ -637,19 +650,28 @@ def list_items_on_ray(
 REPEAT = "_repeat"
 
 
-def _flag_repeats(t: pa.Table) -> pa.Table:
-    """`t` (one shard's rows) with REPEAT: True where an earlier row has the same id."""
+def _flag_repeats(t: pa.Table, unique: bool = False) -> pa.Table:
+    """`t` (one shard's rows) with REPEAT: True where an earlier row has the same id.
+    `unique`: the rows are known to be unique (a manifest's, deduplicated by
+    `manifest_table`): all False, without counting them again."""
     repeat = np.ones(t.num_rows, bool)
-    repeat[first_occurrences(t.column("id"))] = False
+    if unique:
+        repeat[:] = False
+    else:
+        repeat[first_occurrences(t.column("id"))] = False
     return t.append_column(pa.field(REPEAT, pa.bool_()), pa.array(repeat))
 
 
 def _list_specs(batch: pa.Table, cfg: JobConfig, stat: bool, threads: int) -> pa.Table:
     out = []
     for spec in batch.column("spec").to_pylist():
-        chunks = list(_listing_chunks([pickle.loads(spec)], cfg, stat, threads))
+        shard = pickle.loads(spec)
+        chunks = list(_listing_chunks([shard], cfg, stat, threads))
         out.append(
-            _flag_repeats(pa.concat_tables(chunks) if chunks else LISTING_SCHEMA.empty_table())
+            _flag_repeats(
+                pa.concat_tables(chunks) if chunks else LISTING_SCHEMA.empty_table(),
+                unique=input_format(shard.format).shard_table is not None,
+            )
         )
     return pa.concat_tables(out) if out else _flag_repeats(LISTING_SCHEMA.empty_table())
 

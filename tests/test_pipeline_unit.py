@@ -618,6 +618,45 @@ def test_repeated_rows_over_many_shards():
     assert [g.tolist() for g in got] == [[2]]
 
 
+
+def test_a_digest_collision_is_never_taken_for_a_repeat():
+    # Every row's digest forced equal: only the ids read back decide what repeats.
+    shards = [["a", "b", "a"], [], ["c", "b", "d", "c"]]
+    same = [np.zeros((len(s), 2), np.uint64) for s in shards]
+    asked: list[list[int]] = []
+
+    def read_ids(ks):
+        asked.append(ks)
+        return [pa.array(shards[k]) for k in ks]
+
+    got = repeated_rows(same, read_ids)
+    assert [g.tolist() for g in got] == [[2], [], [1, 3]]
+    assert asked == [[0, 2]]  # once, with the shards that hold candidates
+    # Without the ids, equal digests are taken for equal ids (what read_ids guards against).
+    assert [g.tolist() for g in repeated_rows(same)] == [[1, 2], [], [0, 1, 2, 3]]
+    # Real digests: distinct ids never reach read_ids.
+    got = repeated_rows([id_digests(s) for s in (["x", "y"], ["z"])], read_ids)
+    assert [g.tolist() for g in got] == [[], []] and len(asked) == 1
+
+
+def test_planning_compares_ids_when_digests_collide(tmp_path, monkeypatch):
+    import pipelines.plan as plan_mod
+
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "a.csv").write_text("id,modality,text\nx1,text,one\nx2,text,two\n")
+    (d / "b.csv").write_text("id,modality,text\nx3,text,three\nx1,text,ONE\nx4,text,four\n")
+    # All ids share one digest: a planner that trusted digests would keep only x1.
+    monkeypatch.setattr(plan_mod, "id_digests", lambda ids: np.zeros((len(ids), 2), np.uint64))
+    cfg = load_config(None, {"input": str(d), "output": str(tmp_path / "o"), "preset": "tiny"})
+    plan = plan_job(cfg)
+    by = {s.name: s for s in plan.shards}
+    assert plan.duplicates == 1 and by["a"].exclude is None
+    assert by["b"].exclude == ["x1"] and by["b"].counts == {"text": 2}
+    listed = list_items(cfg, stat=False)
+    assert sorted(listed.column("id").to_pylist()) == ["x1", "x2", "x3", "x4"]
+
+
 # ----------------------------------------------------------------------------- parts + commit
 
 
