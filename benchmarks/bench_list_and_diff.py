@@ -14,8 +14,8 @@ width changes nothing here). Each measurement is a fresh process that starts Ray
 re-index does (`pipelines.embed.ensure_ray`), plans and lists the corpus on Ray and diffs it
 (`plan_s`: planning, with Ray's start, also given apart as `ray_start_s`; `diff_s`: the
 Ray Data job). With `--baseline DIR`, the checkout at DIR and this one alternate, run for
-run, on the same data; medians and ratios are printed. What follows the diff in a re-index (the Lance commit, the index update) is flat in N
-and measured by `bench_reindex_storage.py`.
+run, on the same data; medians and ratios are printed. What follows the diff in a re-index
+(the Lance commit, the index update) is flat in N and measured by `bench_reindex_storage.py`.
 """
 
 from __future__ import annotations

@@ -618,7 +618,6 @@ def test_repeated_rows_over_many_shards():
     assert [g.tolist() for g in got] == [[2]]
 
 
-
 def test_a_digest_collision_is_never_taken_for_a_repeat():
     # Every row's digest forced equal: only the ids read back decide what repeats.
     shards = [["a", "b", "a"], [], ["c", "b", "d", "c"]]
