@@ -607,9 +607,9 @@ def _true_repeats(
     rows = order[member]
     group = np.cumsum(~np.concatenate([[False], same]))[member]  # a group number per row
     shard = np.searchsorted(starts, rows, side="right") - 1
-    ids = np.empty(len(rows), object)
     if not len(rows):
         return rows.astype(np.int64)
+    ids = np.empty(len(rows), object)
     ks = np.unique(shard).tolist()
     for k, shard_ids in zip(ks, read_ids(ks), strict=True):
         at = shard == k

@@ -324,17 +324,16 @@ def _exclude_repeated_ids(
             tables.update(zip(ks, ex.map(read, ks), strict=True))
         return [tables[k].column("id") for k in ks]
 
-    rows = repeated_rows(digests, read_ids)
-    todo = [(k, r) for k, r in enumerate(rows) if len(r)]
-
-    def fix(args: tuple[int, np.ndarray]) -> int:
-        k, idx = args
+    excluded = 0
+    for k, idx in enumerate(repeated_rows(digests, read_ids)):
+        if not len(idx):
+            continue
         spec = shards[k]
         dup = tables[k].select(["id", "_kind"]).take(pa.array(idx)).to_pylist()
         spec.exclude = sorted({it["id"] for it in dup})
         counts = Counter(spec.counts or {})
         counts.subtract(it["_kind"] for it in dup)
-        spec.counts = {k: n for k, n in counts.items() if n > 0}
+        spec.counts = {kind: n for kind, n in counts.items() if n > 0}
         spec.kinds = tuple(sorted(spec.counts))
         logger.warning(
             "manifest %s: %d rows repeat ids of an earlier manifest and are skipped (first "
@@ -343,9 +342,8 @@ def _exclude_repeated_ids(
             len(dup),
             spec.exclude[:3],
         )
-        return len(dup)
-
-    return sum(map(fix, todo))
+        excluded += len(dup)
+    return excluded
 
 
 def _peek_kinds(
@@ -654,10 +652,9 @@ def _flag_repeats(t: pa.Table, unique: bool = False) -> pa.Table:
     """`t` (one shard's rows) with REPEAT: True where an earlier row has the same id.
     `unique`: the rows are known to be unique (a manifest's, deduplicated by
     `manifest_table`): all False, without counting them again."""
-    repeat = np.ones(t.num_rows, bool)
-    if unique:
-        repeat[:] = False
-    else:
+    repeat = np.zeros(t.num_rows, bool)
+    if not unique:
+        repeat[:] = True
         repeat[first_occurrences(t.column("id"))] = False
     return t.append_column(pa.field(REPEAT, pa.bool_()), pa.array(repeat))
 
