@@ -507,6 +507,24 @@ class PartInfo:
     count: int
 
 
+def _in_sorted(labels: np.ndarray, values: Any) -> np.ndarray:
+    """`np.isin(labels, values)` for sorted, unique `labels` (a segment's): one binary search
+    per value. An update looks a change's few labels up in segments of N rows; np.isin sorts
+    both arrays on every call (O(N log N): about 0.3 s at 4M rows, three calls a segment),
+    this costs O(len(values) log N) and the mask. Labels out of order (not a file this module
+    wrote) fall back to np.isin."""
+    mask = np.zeros(len(labels), bool)
+    values = np.asarray(values, labels.dtype)
+    if len(labels) > 1 and not np.all(labels[1:] > labels[:-1]):
+        return np.isin(labels, values)
+    if len(labels) and len(values):
+        at = np.searchsorted(labels, values)
+        ok = at < len(labels)
+        at = at[ok]
+        mask[at[labels[at] == values[ok]]] = True
+    return mask
+
+
 class _Segment:
     """An immutable set of a shard's vectors written together (by a build, an update's
     additions or a compaction): rows + per-modality parts, and the labels later versions
@@ -542,7 +560,7 @@ class _Segment:
 
     def live(self) -> np.ndarray:
         """Boolean mask of the rows not deleted."""
-        return ~np.isin(self.labels, self.deleted)
+        return ~_in_sorted(self.labels, self.deleted)
 
     def live_counts(self) -> dict[str, int]:
         """Live vectors per modality (computed once: a segment does not change)."""
@@ -1760,9 +1778,9 @@ def _delete_in_segments(
     for e in entries:
         labels, mods = _segment_keys(fs, base, e)
         old = _read_deleted(fs, base, e)
-        live = ~np.isin(labels, old)
-        hit = np.isin(labels, remove) & live
-        up = np.isin(labels, up_labels) & live
+        live = ~_in_sorted(labels, old)
+        hit = _in_sorted(labels, remove) & live
+        up = _in_sorted(labels, up_labels) & live
         if up.any():  # re-embedded ids: read the id column to rule out a label clash
             ids = _segment_columns(fs, base, e, ["id"]).column("id").filter(up).to_pylist()
             mine = dict(zip(labels[up].tolist(), ids, strict=True))

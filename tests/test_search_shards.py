@@ -303,6 +303,21 @@ def test_a_chain_of_updates_equals_a_rebuild_and_stays_bounded(compact_deleted, 
         assert not base & set(index_files(prev))
 
 
+def test_label_lookups_equal_isin():
+    # An update's lookups of a change's labels in a segment (sorted, unique labels) by binary
+    # search: the same mask as np.isin, for hits, misses past both ends, repeats and empties;
+    # labels out of order take np.isin itself.
+    from imagebind_core.index import _in_sorted
+
+    rng = np.random.default_rng(7)
+    for n, m in [(0, 3), (5, 0), (1, 1), (1000, 50), (1000, 5000)]:
+        labels = np.unique(rng.integers(-50_000, 50_000, n)).astype(np.int64)
+        hits = rng.choice(labels, min(m, len(labels))) if len(labels) else labels
+        values = np.concatenate([hits, rng.integers(-60_000, 60_000, m)])
+        for lab in (labels, labels[::-1].copy()):
+            assert np.array_equal(_in_sorted(lab, values), np.isin(lab, values))
+
+
 @pytest.mark.parametrize("opts", [FLAT, RERANK], ids=["flat", "pq+rerank"])
 def test_a_build_streams_batches_in_two_passes(opts, tmp_path):
     """`update_index` builds from batches (as the job streams a Lance version): read twice,
