@@ -351,6 +351,15 @@ def _out_schema(extra: bool) -> pa.Schema:
     return pa.schema(fields)
 
 
+# Columns of a listing block that hold one value or a few: a listing task lists one shard, so
+# its name and its manifest's or tar's URI repeat on every row, and most shards hold one kind.
+# They cross the join dictionary-encoded, a few bytes a row instead of the strings (the
+# manifest's URI alone is as long as an id and its uri; the three were about a third of the
+# bytes a manifest listing shuffles). Polars joins them as categoricals; `_classify_batch`
+# casts them back to strings.
+_ENCODED = ("l_kind", "x_shard", "x_source")
+
+
 def _listing_keys_batch(batch: pa.Table) -> pa.Table:
     """`listing_keys` of a block of a listing on Ray, with its other columns (`_EXTRA`)."""
     keys = listing_keys(batch)
@@ -359,6 +368,9 @@ def _listing_keys_batch(batch: pa.Table) -> pa.Table:
         keys = keys.append_column(pa.field("x_" + c, f.type), batch.column(c).cast(f.type))
     if REPEAT in batch.column_names:
         keys = keys.append_column("x_repeat", batch.column(REPEAT).cast(pa.bool_()))
+    for c in _ENCODED:
+        i = keys.schema.get_field_index(c)
+        keys = keys.set_column(i, c, keys.column(c).combine_chunks().dictionary_encode())
     return keys
 
 

@@ -139,6 +139,7 @@ def _as_listing(t: pa.Table) -> pa.Table:
     n = t.num_rows
     extra = {
         "shard": pa.array(["s1", "s0"] * (n // 2) + ["s0"] * (n % 2)),
+        "source": pa.array([f"/m/{i % 3}.parquet" for i in range(n)]),
         "size": pa.array(range(n)),
     }
     return pa.table(
