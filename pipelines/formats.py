@@ -230,13 +230,20 @@ def _row_refs(prefix: str, rows: np.ndarray) -> pa.Array:
 
 def _manifest_kinds(raw: pa.ChunkedArray) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
     """(kind or null, the modality column as rows will carry it) of a manifest's `modality`
-    values (`normalise_kind`, column at a time)."""
-    low = pc.utf8_lower(pc.utf8_trim_whitespace(raw))
+    values (`normalise_kind`, column at a time). A manifest holds a few distinct values: they
+    are normalised once each and taken back to the rows (a null value stays null)."""
+    enc = raw.combine_chunks().dictionary_encode()
+    values = enc.dictionary
+    low = pc.utf8_lower(pc.utf8_trim_whitespace(values))
     for alias, kind in KIND_ALIASES.items():
         low = pc.if_else(pc.equal(low, alias), kind, low)
     valid = pc.fill_null(pc.is_in(low, pa.array(list(KINDS))), False)
     kind = pc.if_else(valid, low, pa.scalar(None, pa.string()))
-    return kind, pc.coalesce(kind, raw)
+    modality = pc.coalesce(kind, values)
+    return (
+        pa.chunked_array([kind.take(enc.indices)], pa.string()),
+        pa.chunked_array([modality.take(enc.indices)], pa.string()),
+    )
 
 
 def _manifest_errors(
@@ -333,7 +340,9 @@ def manifest_table(
             pa.string(),
         )
         size = pc.if_else(inline, pc.binary_length(data).cast(pa.int64()), size)
-    uri = pc.coalesce(_resolved_uris(uri, manifest_uri), _row_refs(f"{manifest_uri}#", keep))
+    uri = _resolved_uris(uri, manifest_uri)
+    if uri.null_count:  # inline texts: `<manifest>#<row>`
+        uri = pc.coalesce(uri, _row_refs(f"{manifest_uri}#", keep))
     status = pc.if_else(pc.is_null(error), STATUS_OK, STATUS_ERROR)
     return pa.table(
         {
