@@ -55,8 +55,8 @@ _ACTION_NAMES = np.array(ACTIONS, dtype=object)
 # at least 200 read tasks split into small blocks, made one map task per few thousand rows:
 # that overhead, not the join, set the diff's time), and parent rows per join partition.
 # Each partition up to the cluster's CPUs is an aggregator actor Ray Data starts for the
-# join, which holds its share of both sides (about 200 B a row in Arrow: the listing's keys
-# and columns ~135 B, the parent's keys ~60 B) and Polars' join of them: ~1 GB at 2M rows.
+# join, which holds its share of both sides (about 150 B a row in Arrow: a manifest listing's
+# keys and columns ~90 B, the parent's keys ~60 B) and Polars' join of them: ~1 GB at 2M rows.
 # Fewer, larger partitions start fewer actors; a 4M-row diff on 2 cores took 29-30 s with
 # 2 partitions against 34 s with 4 (`index.diff_partitions` overrides this).
 LISTING_BLOCK_ROWS = 200_000
