@@ -510,13 +510,13 @@ class PartInfo:
 def _in_sorted(labels: np.ndarray, values: Any) -> np.ndarray:
     """`np.isin(labels, values)` for sorted, unique `labels` (a segment's): one binary search
     per value. An update looks a change's few labels up in segments of N rows; np.isin sorts
-    both arrays on every call (O(N log N): about 0.3 s at 4M rows, three calls a segment),
-    this costs O(len(values) log N) and the mask. Labels out of order (not a file this module
-    wrote) fall back to np.isin."""
-    mask = np.zeros(len(labels), bool)
+    both arrays on every call (O(N log N), three calls a segment), this costs
+    O(len(values) log N) and the mask. Labels out of order (not a file this module wrote) fall
+    back to np.isin."""
     values = np.asarray(values, labels.dtype)
     if len(labels) > 1 and not np.all(labels[1:] > labels[:-1]):
         return np.isin(labels, values)
+    mask = np.zeros(len(labels), bool)
     if len(labels) and len(values):
         at = np.searchsorted(labels, values)
         ok = at < len(labels)
