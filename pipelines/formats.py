@@ -546,25 +546,26 @@ def ids_identity(ids: Iterable[str]) -> str:
     return f"ids:{n}:{h.hexdigest()[:32]}"
 
 
-# Two seeds of Polars' 64-bit string hash make an id's 128-bit digest.
-_DIGEST_SEEDS = (0x5EED_1D5, 0x9E37_79B9_7F4A_7C15)
+# The seed of Polars' 64-bit string hash that makes an id's digest.
+_DIGEST_SEED = 0x5EED_1D5
 
 
 def id_digests(ids: pa.Array | pa.ChunkedArray | Iterable[str]) -> np.ndarray:
-    """(n, 2) uint64: a 128-bit digest per id (Polars' string hash under two seeds).
+    """(n,) uint64: a 64-bit digest per id (Polars' string hash).
 
-    Corpus-wide duplicate detection keeps 16 bytes per item on the driver instead of the id
+    Corpus-wide duplicate detection keeps 8 bytes per item on the driver instead of the id
     strings. The hash is vectorised (about 15x faster than a Python loop over BLAKE2b, which
     was most of planning a manifest corpus) but not cryptographic and only stable within one
     Polars version: digests only ever find candidates, and `repeated_rows` compares the ids
-    of candidates before it calls a row a repeat, so a collision never drops an item.
+    of candidates before it calls a row a repeat, so a collision never drops an item. At
+    64 bits collisions are rare (about n^2 / 2^65 pairs: 0.03 for 10^9 ids), and each one
+    costs only a second read of the manifests that hold it.
     """
     import polars as pl
 
     if not isinstance(ids, pa.Array | pa.ChunkedArray):
         ids = pa.array(list(ids), pa.string())
-    s = pl.Series(ids.cast(pa.large_string()))
-    return np.stack([s.hash(seed=k).to_numpy() for k in _DIGEST_SEEDS], axis=1)
+    return pl.Series(ids.cast(pa.large_string())).hash(seed=_DIGEST_SEED).to_numpy()
 
 
 def repeated_rows(
@@ -572,7 +573,8 @@ def repeated_rows(
     read_ids: Callable[[list[int]], Sequence[pa.Array | pa.ChunkedArray]] | None = None,
 ) -> list[np.ndarray]:
     """Per shard (in order), the row indices whose id already occurs in an earlier row —
-    an earlier shard, or earlier in the same shard. One sort over all digests.
+    an earlier shard, or earlier in the same shard. One sort over all digests (`id_digests`:
+    one uint64 per row).
 
     `read_ids(ks)`: the ids of each shard k in `ks` (the rows `digests[k]` was made from).
     When given, the ids of rows that share a digest are compared, so different ids whose
@@ -583,16 +585,17 @@ def repeated_rows(
     if not sum(sizes):
         return [np.empty(0, np.int64) for _ in digests]
     allv = np.concatenate(digests)
-    # Only rows whose digest's first half occurs twice can repeat. One unstable sort of that
-    # half finds them (numpy's SIMD quicksort, several times faster than a stable argsort);
-    # the sort by (digest, position) then runs on those rows alone.
-    first = np.sort(allv[:, 0])
-    shared = first[1:][first[1:] == first[:-1]]
-    cand = np.flatnonzero(np.isin(allv[:, 0], shared)) if len(shared) else np.empty(0, np.int64)
+    # Only rows whose digest occurs twice can repeat. One unstable sort finds those digests
+    # (numpy's SIMD quicksort, several times faster than a stable argsort); the sort by
+    # (digest, position) then runs on their rows alone.
+    srt_all = np.sort(allv)
+    shared = srt_all[1:][srt_all[1:] == srt_all[:-1]]
+    del srt_all
+    cand = _rows_in(allv, shared)
     sub = allv[cand]
-    at = np.lexsort((cand, sub[:, 1], sub[:, 0]))
+    at = np.lexsort((cand, sub))
     order, srt = cand[at], sub[at]
-    same = np.all(srt[1:] == srt[:-1], axis=1)
+    same = srt[1:] == srt[:-1]
     starts = np.cumsum([0, *sizes])
     if read_ids is None:
         later = np.sort(order[1:][same])
@@ -600,6 +603,18 @@ def repeated_rows(
         later = _true_repeats(order, same, starts, read_ids)
     parts = np.split(later, np.searchsorted(later, starts[1:-1]))
     return [p - a for p, a in zip(parts, starts[:-1], strict=True)]
+
+
+def _rows_in(values: np.ndarray, subset: np.ndarray) -> np.ndarray:
+    """The positions of `values` that `subset` holds, ascending. Polars' hash lookup: np.isin
+    would sort `values` and `subset` together once `subset` holds more than a few dozen
+    values (a second copy of every digest, and seconds at 10^6 rows)."""
+    import polars as pl
+
+    if not len(subset):
+        return np.empty(0, np.int64)
+    hit = pl.Series(values).is_in(pl.Series(subset).implode()).to_numpy()
+    return np.flatnonzero(hit)
 
 
 def _true_repeats(
