@@ -31,7 +31,7 @@ import logging
 import posixpath
 import tarfile
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import fsspec
 import numpy as np
@@ -284,27 +284,31 @@ def _resolved_uris(uri: pa.ChunkedArray, manifest_uri: str) -> pa.ChunkedArray:
     return pa.chunked_array([pa.array(values, pa.string())])
 
 
-def manifest_table(
-    table: pa.Table, shard: str, manifest_uri: str, repeats: list[str] | None = None
-) -> pa.Table:
-    """Item rows of one manifest as a table (ITEM_SCHEMA without `branch` and `count`, plus
-    `_kind`: the row's kind, INVALID when rejected), built column by column: no Python per
-    row but for the fingerprints of inline texts and the messages of rejected rows.
+class _ManifestKeys(NamedTuple):
+    keep: np.ndarray  # the rows kept (an id's first row), in order
+    ids: pa.ChunkedArray
+    kind: pa.ChunkedArray  # the kind, or null when the modality is unknown
+    modality: pa.ChunkedArray  # the modality as rows carry it
+    text: pa.ChunkedArray
+    uri: pa.ChunkedArray  # as written, blanks null
+    error: pa.Array  # why a row is rejected, or null
 
-    Rows with an unknown modality, inline text for a non-text modality, or neither `uri` nor
-    `text` get kind INVALID and an error. Ids: the `id` column, else the `uri` as written, else
-    `<shard>#<row>`. A repeated id keeps its first row (logged; the ids of the skipped rows are
-    appended to `repeats` if given).
-    """
+    def kinds(self) -> pa.ChunkedArray:
+        """Each kept row's kind, INVALID when rejected (`_kind`)."""
+        return pc.if_else(pc.is_null(self.error), self.kind, INVALID)
+
+
+def _column(table: pa.Table, name: str, typ: pa.DataType = pa.string()) -> pa.ChunkedArray:
+    if name in table.column_names:
+        return table.column(name)
+    return pa.chunked_array([pa.nulls(table.num_rows, typ)], typ)
+
+
+def _manifest_keys(table: pa.Table, shard: str, repeats: list[str] | None) -> _ManifestKeys:
+    """The ids, kinds and rejections of a manifest's rows (see `manifest_table`)."""
     n = table.num_rows
-
-    def column(name: str, typ: pa.DataType = pa.string()) -> pa.ChunkedArray:
-        if name in table.column_names:
-            return table.column(name)
-        return pa.chunked_array([pa.nulls(n, typ)], typ)
-
-    uri = _null_if_blank(column("uri"))
-    ids = column("id")
+    uri = _null_if_blank(_column(table, "uri"))
+    ids = _column(table, "id")
     ids = pc.if_else(pc.equal(ids, ""), pa.scalar(None, pa.string()), ids)
     ids = pc.coalesce(ids, uri)
     if ids.null_count:
@@ -323,13 +327,39 @@ def manifest_table(
         if repeats is not None:
             repeats.extend(dups)
     rows = pa.array(keep)
-    raw, text, uri, ids = (c.take(rows) for c in (column("modality"), column("text"), uri, ids))
+    raw, text, uri, ids = (
+        c.take(rows) for c in (_column(table, "modality"), _column(table, "text"), uri, ids)
+    )
     kind, modality = _manifest_kinds(raw)
     error = _manifest_errors(raw, kind, text, uri)
-    inline = pc.and_(pc.is_valid(text), pc.is_null(error))
-    data = pc.if_else(inline, text, pa.scalar(None, pa.string())).cast(pa.large_binary())
-    fingerprint = column("fingerprint").take(rows)
-    size = column("size", pa.int64()).take(rows)
+    return _ManifestKeys(keep, ids, kind, modality, text, uri, error)
+
+
+def manifest_keys(table: pa.Table, shard: str, repeats: list[str] | None = None) -> pa.Table:
+    """`id` and `_kind` of `manifest_table(table, shard, ...)`, without its other columns (no
+    uri resolution, no fingerprints of inline texts): what planning needs of a manifest."""
+    k = _manifest_keys(table, shard, repeats)
+    return pa.table({"id": k.ids, _KIND: k.kinds()})
+
+
+def manifest_table(
+    table: pa.Table, shard: str, manifest_uri: str, repeats: list[str] | None = None
+) -> pa.Table:
+    """Item rows of one manifest as a table (ITEM_SCHEMA without `branch` and `count`, plus
+    `_kind`: the row's kind, INVALID when rejected), built column by column: no Python per
+    row but for the fingerprints of inline texts and the messages of rejected rows.
+
+    Rows with an unknown modality, inline text for a non-text modality, or neither `uri` nor
+    `text` get kind INVALID and an error. Ids: the `id` column, else the `uri` as written, else
+    `<shard>#<row>`. A repeated id keeps its first row (logged; the ids of the skipped rows are
+    appended to `repeats` if given).
+    """
+    k = _manifest_keys(table, shard, repeats)
+    rows = pa.array(k.keep)
+    inline = pc.and_(pc.is_valid(k.text), pc.is_null(k.error))
+    data = pc.if_else(inline, k.text, pa.scalar(None, pa.string())).cast(pa.large_binary())
+    fingerprint = _column(table, "fingerprint").take(rows)
+    size = _column(table, "size", pa.int64()).take(rows)
     if pc.any(inline).as_py():
         # = text_fingerprint(text), from the UTF-8 bytes already made
         fingerprint = pa.array(
@@ -340,23 +370,23 @@ def manifest_table(
             pa.string(),
         )
         size = pc.if_else(inline, pc.binary_length(data).cast(pa.int64()), size)
-    uri = _resolved_uris(uri, manifest_uri)
+    uri = _resolved_uris(k.uri, manifest_uri)
     if uri.null_count:  # inline texts: `<manifest>#<row>`
-        uri = pc.coalesce(uri, _row_refs(f"{manifest_uri}#", keep))
-    status = pc.if_else(pc.is_null(error), STATUS_OK, STATUS_ERROR)
+        uri = pc.coalesce(uri, _row_refs(f"{manifest_uri}#", k.keep))
+    status = pc.if_else(pc.is_null(k.error), STATUS_OK, STATUS_ERROR)
     return pa.table(
         {
-            "id": ids,
+            "id": k.ids,
             "uri": uri,
-            "modality": modality,
-            "shard": pa.array([shard], pa.string()).take(np.zeros(len(keep), np.int64)),
+            "modality": k.modality,
+            "shard": pa.array([shard], pa.string()).take(np.zeros(len(k.keep), np.int64)),
             "fingerprint": fingerprint,
             "size": size,
-            "mtime": column("mtime", pa.float64()).take(rows),
+            "mtime": _column(table, "mtime", pa.float64()).take(rows),
             "status": status,
-            "error": error,
+            "error": k.error,
             "data": data,
-            _KIND: pc.if_else(pc.is_null(error), kind, INVALID),
+            _KIND: k.kinds(),
         }
     )
 

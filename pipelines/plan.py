@@ -43,9 +43,9 @@ from pipelines.formats import (
     id_digests,
     ids_identity,
     manifest_items,
+    manifest_keys,
     manifest_rows,
     manifest_shard_table,
-    manifest_table,
     peek_tar_kinds,
     read_manifest,
     repeated_rows,
@@ -259,7 +259,7 @@ def _plan_manifests(
     def scan(args: tuple[Source, str]) -> tuple[ShardSpec, np.ndarray, int]:
         src, name = args
         repeats: list[str] = []
-        table = manifest_table(read_manifest(src.uri, storage_options), name, src.uri, repeats)
+        table = manifest_keys(read_manifest(src.uri, storage_options), name, repeats)
         counts = Counter(
             {r["values"]: r["counts"] for r in pc.value_counts(table.column("_kind")).to_pylist()}
         )
@@ -317,7 +317,7 @@ def _exclude_repeated_ids(
 
     def read(k: int) -> pa.Table:
         s = shards[k]
-        return manifest_table(read_manifest(s.uri, storage_options), s.name, s.uri)
+        return manifest_keys(read_manifest(s.uri, storage_options), s.name)
 
     def read_ids(ks: list[int]) -> list[pa.ChunkedArray]:
         with ThreadPoolExecutor(max(1, min(workers, len(ks)))) as ex:

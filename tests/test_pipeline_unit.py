@@ -351,7 +351,7 @@ def test_manifest_rows_every_rule(tmp_path):
     size, and rejected rows with the reason; the read task cuts them by rows and by bytes."""
     import hashlib
 
-    from pipelines.formats import manifest_table, read_manifest
+    from pipelines.formats import manifest_keys, manifest_table, read_manifest
     from pipelines.readers import read_shard_task
     from pipelines.rows import INVALID
 
@@ -374,6 +374,9 @@ def test_manifest_rows_every_rule(tmp_path):
     repeats: list[str] = []
     got = manifest_table(read_manifest(str(man), None), "m", str(man), repeats).to_pylist()
     assert repeats == ["a"]
+    # What planning reads of a manifest: the same ids and kinds, without the other columns.
+    keys = manifest_keys(read_manifest(str(man), None), "m").to_pylist()
+    assert keys == [{"id": r["id"], "_kind": r["_kind"]} for r in got]
     by = {r["id"]: r for r in got}
     assert [r["id"] for r in got] == ["a", "m#1", "s3://b/x.wav", "d", "e", "f", "g", "h"]
     assert by["a"]["uri"] == f"{d}/img/a.jpg" and by["a"]["modality"] == "vision"
