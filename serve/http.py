@@ -32,10 +32,6 @@ TIMEOUT_HEADER = "x-request-timeout"
 # from turning the proxy's own body hand-off into a "client too slow".
 BODY_READ_MIN_S = 5.0
 CLIENT_CLOSED = 499  # nginx's status for a client that went away: counted, never answered
-# What each request field must be, for type errors (pydantic's own message names union members).
-_FIELD_HINTS = {
-    "input": "must be a string or a list of strings (token-id arrays are not supported)",
-}
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -98,9 +94,11 @@ def validation_message(
     err = errors[0]
     parts = [str(p) for p in err.get("loc", ())]
     msg = err.get("msg", "invalid value")
-    if parts and parts[0] in _FIELD_HINTS:
-        # A union's error location carries the member tried (`input.str`): name the field.
-        return f"{parts[0]} {_FIELD_HINTS[parts[0]]}", parts[0], "invalid_request"
+    # What a field of this schema must be (`field_hints`), for a value of the wrong type:
+    # pydantic's own message for a union names each member tried (`input.str`).
+    hints = getattr(schema, "field_hints", {})
+    if parts and parts[0] in hints and err.get("type") != "missing":
+        return f"{parts[0]} {hints[parts[0]]}", parts[0], "invalid_request"
     loc = ".".join(parts)
     return (f"{loc}: {msg}" if loc else msg), (loc or None), "invalid_request"
 

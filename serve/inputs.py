@@ -76,13 +76,15 @@ class Inputs:
             m = URI_SCHEME.match(value)
             if m:
                 return self._read_uri(kind, index, value, m.group(1).lower())
-        # base64: refuse by length before decoding (4 characters carry 3 bytes).
-        if len(value) // 4 * 3 > self.args.max_input_bytes + 3:
+        # base64: refuse by length before decoding (4 characters carry 3 bytes, line breaks
+        # none: they are counted out only when the length alone is over), then by the bytes.
+        over = self.args.max_input_bytes + 3
+        if _b64_size_bound(value) > over and _b64_size_bound(value.translate(_WHITESPACE)) > over:
             self._check_size(param, None)
         data = _b64decode(kind, param, value)
         if not data:
             raise ibc.InvalidInput(kind, "empty input", param)
-        return data
+        return self._check_size(param, data)
 
     def _check_size(self, param: str, data: bytes | None) -> bytes:
         """`data`, or 400 when it is over `max_input_bytes` (None: known to be over)."""
@@ -216,6 +218,11 @@ class Inputs:
                 headers=retry_after(self.args.retry_after_s),
             )
         return e
+
+
+def _b64_size_bound(value: str) -> int:
+    """At least the bytes `value` decodes to, give or take its padding (<= 2)."""
+    return len(value) // 4 * 3
 
 
 def _b64decode(kind: str, param: str, value: str) -> bytes:

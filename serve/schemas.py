@@ -5,7 +5,7 @@ The application's arguments (`AppArgs`) are in `serve.options`.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -30,6 +30,10 @@ class EmbeddingRequest(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", strict=True)
+    # What a field must be, said for a value of the wrong type (`serve.http.validation_message`).
+    field_hints: ClassVar[dict[str, str]] = {
+        "input": "must be a string or a list of strings (token-id arrays are not supported)",
+    }
 
     input: str | list[str] = Field(
         description="One input or a list. Text: the string itself. Other modalities: base64, "
@@ -101,6 +105,9 @@ class SearchRequest(BaseModel):
     vector) and look it up in the index."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
+    field_hints: ClassVar[dict[str, str]] = {
+        "input": "must be one string: the query (search takes one query per request)",
+    }
 
     input: str | None = Field(default=None, description="The query, same forms as embeddings.")
     vector: list[float] | None = Field(default=None, description="A raw query vector instead.")

@@ -326,6 +326,36 @@ def test_s3_keys_with_double_colons_are_keys_not_url_chains(client, s3_server, d
         other.close()
 
 
+def test_input_size_limit_is_on_the_decoded_bytes(ray_session):
+    """`max_input_bytes` limits the bytes an input decodes to: line-wrapped base64 (MIME)
+    under the limit is taken even when its characters with the line breaks are over, and an
+    input one byte over is refused whatever its encoding."""
+    from serve.http import APIError
+    from serve.ingress import EmbeddingService
+    from serve.options import AppArgs
+
+    limit = 3000
+    svc = EmbeddingService(AppArgs(preset="tiny", max_input_bytes=limit), {})
+    load = svc.inputs.load_bytes
+    for size in (limit - 1, limit):
+        data = media.random_bytes(size)
+        wrapped = base64.encodebytes(data).decode()  # 76-character lines
+        assert len(wrapped) // 4 * 3 > limit + 3  # over by its characters alone
+        assert load("vision", 0, wrapped) == data
+        assert load("vision", 0, base64.b64encode(data).decode()) == data
+    for size in (limit + 1, limit + 2, limit + 3, 2 * limit):
+        data = media.random_bytes(size)
+        for value in (
+            base64.b64encode(data).decode(),
+            base64.encodebytes(data).decode(),
+            "data:image/png;base64," + base64.b64encode(data).decode(),
+        ):
+            with pytest.raises(APIError) as e:
+                load("vision", 2, value)
+            assert e.value.status == 400 and e.value.code == "too_large", size
+            assert e.value.param == "input[2]" and f"limit of {limit} bytes" in e.value.message
+
+
 def test_unreachable_object_store_is_503_naming_it(ray_session):
     from listener import closed_port
 

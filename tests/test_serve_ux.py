@@ -96,9 +96,16 @@ def test_unknown_fields_are_named_with_the_field_meant(ray_session, schema_name)
         assert (err.param, err.code) == (typo, "unknown_field")
     err = _answer(route, {**valid, "zzz": 1})
     assert err.message.startswith("unknown field 'zzz'; the fields of this request are input")
-    # A known field with a wrong value is still reported as before.
-    err = _answer(route, {"input": 3})
-    assert err.status == 400 and err.param == "input" and err.code == "invalid_request"
+    # A known field with a wrong value says what this request's field must be.
+    for bad in (3, ["a dog"] if schema is S.SearchRequest else [1, 2]):
+        err = _answer(route, {"input": bad})
+        assert err.status == 400 and err.param == "input" and err.code == "invalid_request"
+        assert err.message == f"input {schema.field_hints['input']}", err.message
+    assert "one string" in S.SearchRequest.field_hints["input"]
+    assert "list of strings" in S.EmbeddingRequest.field_hints["input"]
+    if schema is S.EmbeddingRequest:  # a missing input is said to be missing
+        err = _answer(route, {"model": "x"})
+        assert err.param == "input" and err.message == "input: Field required", err.message
 
 
 # ----------------------------------------------------------------------------- start-up
