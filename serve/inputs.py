@@ -189,10 +189,18 @@ class Inputs:
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self.pool, self.prepare_texts, inputs)
         loop = asyncio.get_running_loop()
-        futs = [
-            loop.run_in_executor(self.pool, self.prepare, kind, i, v) for i, v in enumerate(inputs)
-        ]
-        results = await asyncio.gather(*futs, return_exceptions=True)
+        # The pool is shared and first-in first-out: a request queues at most one pool's worth
+        # of its inputs at a time, so requests' inputs interleave. Queued all at once, 64 heavy
+        # images of one request held every later request's media for their whole decode.
+        slots = asyncio.Semaphore(self.args.ingress.preprocess_threads)
+
+        async def one(i: int, v: str) -> Any:
+            async with slots:
+                return await loop.run_in_executor(self.pool, self.prepare, kind, i, v)
+
+        results = await asyncio.gather(
+            *(one(i, v) for i, v in enumerate(inputs)), return_exceptions=True
+        )
         for i, r in enumerate(results):
             if isinstance(r, BaseException):
                 raise self._refusal(kind, i, r)

@@ -326,6 +326,43 @@ def test_s3_keys_with_double_colons_are_keys_not_url_chains(client, s3_server, d
         other.close()
 
 
+def test_a_request_of_many_inputs_does_not_hold_later_requests_behind_all_of_them():
+    """The preprocessing pool is shared: a request queues at most `preprocess_threads` of its
+    inputs at a time, so a later request's input starts after a few of the earlier request's,
+    not after all of them."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serve.inputs import Inputs
+    from serve.options import AppArgs
+
+    threads = 2
+    args = AppArgs(preset="tiny", ingress={"preprocess_threads": threads})
+    started: list[str] = []
+    lock = threading.Lock()
+
+    def prepare(kind, index, value):
+        with lock:
+            started.append(value)
+        time.sleep(0.05)
+        return np.zeros(1)
+
+    with ThreadPoolExecutor(threads) as pool:
+        inputs = Inputs(args, pool)
+        inputs.prepare = prepare
+
+        async def main():
+            big = asyncio.create_task(inputs.prepare_all("vision", [f"a{i}" for i in range(20)]))
+            await asyncio.sleep(0.01)  # the big request's first inputs are running
+            small = await inputs.prepare_all("vision", ["b0"])
+            return await big, small
+
+        (big, _), (small, _) = asyncio.run(main())
+    assert len(big) == 20 and len(small) == 1
+    assert sorted(started) == sorted([f"a{i}" for i in range(20)] + ["b0"])
+    assert started.index("b0") <= 2 * threads, started
+
+
 def test_input_size_limit_is_on_the_decoded_bytes(ray_session):
     """`max_input_bytes` limits the bytes an input decodes to: line-wrapped base64 (MIME)
     under the limit is taken even when its characters with the line breaks are over, and an
