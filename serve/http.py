@@ -211,14 +211,26 @@ class RequestPolicy:
         deadline = self.deadline_s(request)
         started = time.monotonic()
         body = await self.read_body_in_time(request, deadline)
+        async with self._until(deadline, deadline - (time.monotonic() - started)):
+            try:
+                req = schema.model_validate_json(body)
+            except ValidationError as e:
+                msg, param, code = validation_message(e, schema)
+                raise APIError(400, msg, param=param, code=code) from None
+            yield req
+
+    def deadline(self, request: Request) -> contextlib.AbstractAsyncContextManager[None]:
+        """Run the block of a request without a body (a GET) under its deadline (504 when it
+        runs out)."""
+        deadline = self.deadline_s(request)
+        return self._until(deadline, deadline)
+
+    @staticmethod
+    @contextlib.asynccontextmanager
+    async def _until(deadline: float, left: float) -> AsyncIterator[None]:
         try:
-            async with asyncio.timeout(max(0.0, deadline - (time.monotonic() - started))):
-                try:
-                    req = schema.model_validate_json(body)
-                except ValidationError as e:
-                    msg, param, code = validation_message(e, schema)
-                    raise APIError(400, msg, param=param, code=code) from None
-                yield req
+            async with asyncio.timeout(max(0.0, left)):
+                yield
         except TimeoutError:
             raise APIError(
                 504,

@@ -163,7 +163,12 @@ class SearchPage:
         return item
 
     async def media(self, request: Request, item_id: str | None) -> Response:
-        """GET /v1/media?id=: the original bytes of a published item (404 if it is gone)."""
+        """GET /v1/media?id=: the original bytes of a published item (404 if it is gone;
+        504 past the request's deadline)."""
+        async with self.policy.deadline(request):
+            return await self._media(request, item_id)
+
+    async def _media(self, request: Request, item_id: str | None) -> Response:
         item = await self.published_item(request, item_id)
         loop = asyncio.get_running_loop()
         try:
@@ -179,7 +184,12 @@ class SearchPage:
     async def thumbnail(self, request: Request, item_id: str | None, size: int) -> Response:
         """GET /v1/thumbnail?id=&size=: a JPEG of at most `size` pixels a side of a published
         image or video, made on first request and cached; unreadable or undecodable media
-        answer the placeholder image (200, header `x-placeholder` saying why)."""
+        answer the placeholder image (200, header `x-placeholder` saying why); 504 past the
+        request's deadline."""
+        async with self.policy.deadline(request):
+            return await self._thumbnail(request, item_id, size)
+
+    async def _thumbnail(self, request: Request, item_id: str | None, size: int) -> Response:
         from imagebind_core.thumbnail import MAX_THUMBNAIL_SIDE, THUMBNAIL_KINDS, make_thumbnail
 
         if not MIN_THUMBNAIL_SIDE <= size <= MAX_THUMBNAIL_SIDE:

@@ -138,7 +138,8 @@ class IngressOptions(BaseModel):
     preprocess_threads: PositiveInt = Field(
         default=4,
         description="Threads decoding and preprocessing inputs in each ingress replica; they "
-        "overlap with encoding, so a model replica never waits on a decoder.",
+        "overlap with encoding, so a model replica never waits on a decoder. A request queues "
+        "at most this many of its inputs at a time, so concurrent requests' inputs interleave.",
     )
 
     @model_validator(mode="after")

@@ -220,6 +220,31 @@ def test_media_of_published_items_only_with_allow_lists(corpus):
     assert status == 400
 
 
+def test_media_and_thumbnails_answer_504_past_the_deadline(corpus):
+    """A media read that does not finish (a stuck store, a FIFO) answers 504 within the
+    request's deadline, as the API's routes do."""
+    import threading
+
+    svc, _ = service(corpus, request_timeout_s=0.3)
+    release = threading.Event()
+
+    def stuck(item):
+        release.wait(30)
+        raise AssertionError("released")
+
+    svc.inputs.read_media = stuck
+    try:
+        for route in (svc.page.media(request("/v1/media"), "pic"),
+                      svc.page.thumbnail(request("/v1/thumbnail"), "pic", 64)):  # fmt: skip
+            status, _, msg = call(route)
+            assert status == 504 and "timed out after 0.3 s" in msg, (status, msg)
+    finally:
+        release.set()
+    del svc.inputs.read_media  # the store answers again: so does the route
+    status, _, _ = call(svc.page.media(request("/v1/media"), "pic"))
+    assert status == 200
+
+
 def test_media_allow_list_rules(corpus):
     svc, _ = service(corpus)
     d = corpus["media"]
