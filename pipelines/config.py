@@ -534,6 +534,8 @@ def read_config_file(path: str) -> dict[str, Any]:
             loaded = yaml.safe_load(f)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except (IsADirectoryError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not a YAML config file: {e}") from None
     if loaded is None:
         loaded = {}
     if not isinstance(loaded, dict):

@@ -36,14 +36,14 @@ import pyarrow.compute as pc
 
 import imagebind_core as ibc
 from imagebind_core.errors import StoreUnavailable
-from imagebind_core.io import canonical_uri, filesystem, store_name
+from imagebind_core.io import canonical_uri, store_name
 from pipelines.config import JobConfig
-from pipelines.formats import PlanError
 from pipelines.lineage import model_lineage
 from pipelines.lock import OutputLock, OutputLocked
 from pipelines.plan import (
     Plan,
     ShardSpec,
+    check_folder,
     check_input,
     plan_items,
     plan_job,
@@ -351,12 +351,9 @@ def ensure_ray(cfg: JobConfig, kinds: Sequence[str]) -> bool:
 
 
 def check_output(cfg: JobConfig) -> None:
-    """PlanError if the output names an existing file (it must be a folder or prefix)."""
-    fs, path = filesystem(cfg.output, cfg.storage_options())
-    if fs.isfile(path):
-        raise PlanError(
-            f"output {cfg.output} is an existing file; give a folder (or an object-store prefix)"
-        )
+    """PlanError if the output names an existing file or lies under one (it must be a folder
+    or prefix)."""
+    check_folder(cfg.output, "output", cfg.storage_options())
 
 
 def _quiet_issue_detectors(config: Any) -> Any:

@@ -18,7 +18,7 @@ import os
 import pickle
 import tarfile
 import zlib
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -98,13 +98,36 @@ def check_input(input_uri: str, storage_options: StorageOptions | None = None) -
     raise PlanError(f"input not found: {input_uri}")
 
 
+def check_folder(uri: str, what: str, storage_options: StorageOptions | None = None) -> None:
+    """PlanError if `uri`, where a run writes a folder (`what`: "output", "index root"), is an
+    existing file, or (local) lies under one: it must be a folder or an object-store prefix."""
+    fs, path = filesystem(uri, storage_options)
+    if protocol_of(uri) != "file":
+        if fs.isfile(path):
+            raise PlanError(f"{what} {uri} is an existing file; give a folder or a prefix")
+        return
+    at = os.path.abspath(path)
+    while not os.path.isdir(at):
+        if os.path.lexists(at):
+            raise PlanError(
+                f"{what} {uri}: {at} is a file, not a folder; give a folder"
+                if at != os.path.abspath(path)
+                else f"{what} {uri} is an existing file; give a folder"
+            )
+        at = os.path.dirname(at)
+
+
 def list_input(
     input_uri: str, storage_options: StorageOptions | None = None, exclude: str | None = None
 ) -> list[Source]:
     """List the objects of an input: one file, a folder/prefix (recursively) or a glob.
 
-    `exclude` (an output URI) is skipped if it lies inside the input. Raises PlanError if
-    nothing is found.
+    `exclude` (an output URI) is skipped if it lies inside the input; an input that is the
+    output is a PlanError. In a local folder a symbolic link that leads outside it is followed
+    (to a file, or a folder and its files; each folder once), one that leads inside it is
+    skipped (its target is listed under its own name), and links that lead nowhere and files
+    whose names are not UTF-8 (ids and URIs are UTF-8 strings) are skipped with a warning
+    naming them. Raises EmptyInput if nothing is found.
     """
     fs, path = filesystem(input_uri, storage_options)
     local = protocol_of(input_uri) == "file"
@@ -127,7 +150,14 @@ def list_input(
     skip = None
     if exclude is not None and protocol_of(exclude) == protocol_of(input_uri):
         _, skip = filesystem(exclude, storage_options)
-        skip = (os.path.abspath(skip) if local else skip).rstrip("/") + "/"
+        skip = (os.path.abspath(skip) if local else skip).rstrip("/")
+        if skip in (path.rstrip("/"), root):
+            raise PlanError(f"the output {exclude} is the input {input_uri}; give another folder")
+        # Only an output inside the input is skipped; an input inside the output is listed.
+        skip = skip + "/" if skip.startswith(root + "/") else None
+    skipped: list[str] = []
+    if local:
+        found = _through_links(fs, found, root, skipped)
     out = []
     for p, info in sorted(found.items()):
         if info.get("type") != "file":
@@ -135,10 +165,73 @@ def list_input(
         rel = p[len(root) + 1 :] if p.startswith(root + "/") else p.rsplit("/", 1)[-1]
         if hidden(rel) or (skip is not None and p.startswith(skip)):
             continue
+        if not _utf8(p):
+            skipped.append(f"{_printable(p)} (its name is not UTF-8)")
+            continue
         fp, size, mtime = fingerprint_from_info(info)
         out.append(Source(_to_uri(fs, p, local), rel, fp, size, mtime))
+    if skipped:
+        logger.warning(
+            "input %s: %d entries skipped, e.g. %s", input_uri, len(skipped), skipped[:5]
+        )
     if not out:
         raise EmptyInput(f"no input files found at {input_uri}")
+    return out
+
+
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes of a local name (surrogate escapes)
+        return False
+    return True
+
+
+def _printable(name: str) -> str:
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _through_links(
+    fs: fsspec.AbstractFileSystem, found: dict[str, Any], root: str, skipped: list[str]
+) -> dict[str, Any]:
+    """`found` (a local listing under `root`) with its symbolic links followed: a link to a
+    file outside `root` is that file (under the link's name), a link to a folder outside it
+    adds the folder's files (each real folder once, so loops end); a link that leads inside
+    a listed folder is dropped (its target is listed already) and one that leads nowhere is
+    named in `skipped`."""
+    walked = [os.path.realpath(root)]
+    files: set[str] = set()  # real paths of the files reached through links
+
+    def inside_walked(real: str) -> bool:
+        return any(real == w or real.startswith(w.rstrip("/") + "/") for w in walked)
+
+    out: dict[str, Any] = {}
+    # Breadth first, in name order: a file reached twice keeps its shortest, first name.
+    todo = deque((p, info, False) for p, info in sorted(found.items()))
+    while todo:
+        p, info, via_link = todo.popleft()
+        if not info.get("islink") or info.get("type") in ("file", "directory"):
+            if via_link and info.get("type") == "file":
+                real = os.path.realpath(p)  # reached twice (two links, or a link and a loop)
+                if real.startswith(walked[0].rstrip("/") + "/") or real in files:
+                    continue
+                files.add(real)
+            out[p] = info
+            continue
+        real = os.path.realpath(p)
+        if inside_walked(real):
+            continue
+        try:
+            target = fs.info(p)  # follows the link
+        except OSError:
+            skipped.append(f"{_printable(p)} (a link to nothing: {_printable(real)})")
+            continue
+        if target.get("type") == "directory":
+            walked.append(real)
+            todo.extend((q, i, True) for q, i in sorted(fs.find(p, detail=True).items()))
+        elif real not in files:
+            files.add(real)
+            out[p] = {**target, "name": p}
     return out
 
 

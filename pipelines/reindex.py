@@ -60,7 +60,7 @@ from pipelines.config import ReindexConfig
 from pipelines.diff import KEY_COLUMNS, diff_listing, diff_on_ray, relocate
 from pipelines.lineage import lineage_changes, lineage_key, model_lineage
 from pipelines.lock import OutputLock, OutputLocked
-from pipelines.plan import check_input
+from pipelines.plan import check_folder, check_input
 from pipelines.publish import (
     RECORD_FORMAT,
     IndexRoot,
@@ -161,6 +161,7 @@ def reindex(cfg: ReindexConfig) -> ReindexResult:
     root = cfg.index.root.rstrip("/")
     # Before the index root, its lock or any folder exists.
     check_input(cfg.job.input, storage_options)
+    check_folder(root, "index root", storage_options)
     ir = IndexRoot(root, storage_options)
     try:
         lock = OutputLock(root, storage_options, ttl_s=cfg.index.lock_ttl_s).acquire()

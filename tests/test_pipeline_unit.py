@@ -968,3 +968,67 @@ def test_parquet_files_store_embeddings_without_a_dictionary():
     assert not cols["embedding"].has_dictionary_page
     assert cols["id"].has_dictionary_page
     assert cols["embedding"].compression == "ZSTD"
+
+
+# ----------------------------------------------------------------------------- input paths
+
+
+def test_list_input_follows_links_out_of_the_folder_and_names_what_it_skips(tmp_path, caplog):
+    """Links to files and folders outside the input are listed under the link's name (each
+    real folder once: a loop ends); a link into the input is not listed twice; a link to
+    nothing and a name that is not UTF-8 are skipped with a warning naming them."""
+    outside = tmp_path / "elsewhere"
+    (outside / "sub").mkdir(parents=True)
+    (outside / "pic.jpg").write_bytes(b"a")
+    (outside / "sub" / "cap.txt").write_text("a dog")
+    (outside / "sub" / "back").symlink_to(outside)  # a loop
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "own.txt").write_text("mine")
+    (d / "file-link.jpg").symlink_to(outside / "pic.jpg")
+    (d / "folder-link").symlink_to(outside / "sub")
+    (d / "inner-link.txt").symlink_to(d / "own.txt")  # its target is listed as own.txt
+    (d / "nowhere.txt").symlink_to(tmp_path / "missing.txt")
+    os.close(os.open(os.path.join(os.fsencode(d), b"caf\xe9.txt"), os.O_CREAT | os.O_WRONLY))
+    with caplog.at_level("WARNING", logger="pipelines.plan"):
+        got = list_input(str(d))
+    # pic.jpg is reached again through the loop (folder-link/back/pic.jpg): listed once
+    assert [s.rel for s in got] == ["file-link.jpg", "folder-link/cap.txt", "own.txt"]
+    by = {s.rel: s for s in got}
+    assert by["file-link.jpg"].size == 1 and by["folder-link/cap.txt"].size == 5
+    assert by["file-link.jpg"].uri == str(d / "file-link.jpg")
+    warned = caplog.text
+    assert "2 entries skipped" in warned and "nowhere.txt (a link to nothing" in warned
+    assert "caf\\\\xe9.txt (its name is not UTF-8)" in warned
+    # A folder of links only is listed, not "no input files found".
+    only = tmp_path / "links"
+    only.mkdir()
+    (only / "a.jpg").symlink_to(outside / "pic.jpg")
+    assert [s.rel for s in list_input(str(only))] == ["a.jpg"]
+
+
+def test_input_and_output_paths_that_nest_or_collide(tmp_path):
+    from pipelines.config import read_config_file
+    from pipelines.plan import check_folder
+
+    proj = tmp_path / "proj"
+    (proj / "raw").mkdir(parents=True)
+    (proj / "raw" / "a.txt").write_text("a")
+    (proj / "b.txt").write_text("b")
+    # an input inside the output is listed; an output inside the input is skipped
+    assert [s.rel for s in list_input(str(proj / "raw"), exclude=str(proj))] == ["a.txt"]
+    (proj / "raw" / "out").mkdir()
+    (proj / "raw" / "out" / "c.txt").write_text("c")
+    got = list_input(str(proj / "raw"), exclude=str(proj / "raw" / "out"))
+    assert [s.rel for s in got] == ["a.txt"]
+    with pytest.raises(PlanError, match="is the input"):
+        list_input(str(proj), exclude=str(proj) + "/")
+    # where a run writes must be a folder, or not exist yet
+    check_folder(str(proj / "new" / "deeper"), "output")
+    check_folder(str(proj), "index root")
+    with pytest.raises(PlanError, match=r"^output .*b\.txt is an existing file"):
+        check_folder(str(proj / "b.txt"), "output")
+    with pytest.raises(PlanError, match=r"^index root .*/sub: .*b\.txt is a file, not a folder"):
+        check_folder(str(proj / "b.txt" / "sub"), "index root")
+    with pytest.raises(ConfigError, match="not a YAML config file"):
+        read_config_file(str(proj))
