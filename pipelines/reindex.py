@@ -136,8 +136,11 @@ class ReindexResult:
         lines = [head]
         if self.message:
             lines.append(f"  {self.message}")
-        if self.name:
-            lines.append(f"  version {self.name} (parent {self.parent_name})")
+        if self.name and self.status == "unchanged":
+            lines.append(f"  version {self.name} stays the published one")
+        elif self.name:
+            parent = f"parent {self.parent_name}" if self.parent_name else "the first version"
+            lines.append(f"  version {self.name} ({parent})")
         if self.full_reason:
             lines.append(f"  full re-embed: {self.full_reason}")
         if self.counts:

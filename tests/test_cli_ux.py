@@ -248,3 +248,13 @@ def test_progress_ctrl_c_resume_and_a_quiet_log(tmp_path):
     assert embedded and int(embedded.group(1)) + int(reused.group(1)) == 40, text
     assert alarming_lines(text) == [], text
     assert sorted(os.listdir(out)) == ["_inputs", "_job.json", "files-00000-of-00001.parquet"]
+
+
+def test_reindex_summary_names_the_parent_only_when_there_is_one():
+    from pipelines.reindex import ReindexResult
+
+    out = ReindexResult("unchanged", "/idx", 6, "v6").format()
+    assert "version v6 stays the published one" in out and "parent" not in out
+    out = ReindexResult("published", "/idx", 1, "v1").format()
+    assert "version v1 (the first version)" in out
+    assert "version v7 (parent v6)" in ReindexResult("published", "/i", 7, "v7", "v6").format()
