@@ -2,13 +2,17 @@
 the process's peak RSS for a manifest corpus of N inline-text rows.
 
     /work/main/.venv/bin/python benchmarks/bench_listing.py [--sizes 1000000] [--manifests 4] \
-        [--workdir /tmp/bench-listing] [--baseline /path/to/other/checkout] [--json FILE]
+        [--workdir /tmp/bench-listing] [--baseline /path/to/other/checkout] [--json FILE] \
+        [--plan-only]
 
 The corpus (`--manifests` Parquet manifests of `id`, `text`, `modality` under `--workdir`) is
 made once per size. Each measurement runs in a fresh process (its peak is its own); with
 `--baseline DIR` the checkout at DIR (its packages first on `PYTHONPATH`) is measured first,
 then this one, and the ratios are printed. Inline texts need no store request, so what is
 measured is the listing's own cost (manifest reads, rows, Arrow), not a store's latency.
+`--plan-only` measures the planning alone (`pipelines.plan.plan_job`: each manifest read for
+its ids and kinds, the corpus-wide repeat check), as the re-index's Ray listing runs it on the
+driver.
 """
 
 from __future__ import annotations
@@ -38,16 +42,24 @@ def make_corpus(folder: str, n: int, manifests: int) -> None:
     open(f"{folder}/.done", "w").close()
 
 
-def child(folder: str) -> dict:
+def child(folder: str, plan_only: bool = False) -> dict:
     import pipelines
     from pipelines.config import load_config
-    from pipelines.plan import list_items
+    from pipelines.plan import list_items, plan_job
 
     cfg = load_config(None, {"input": folder, "output": f"{folder}-out", "preset": "tiny"})
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak to the current RSS
     base = status_kb("VmRSS")
     t0 = time.perf_counter()
+    if plan_only:
+        plan = plan_job(cfg)
+        return {
+            "rows": sum(sum((s.counts or {}).values()) for s in plan.shards),
+            "plan_s": round(time.perf_counter() - t0, 2),
+            "peak_growth_mb": round((status_kb("VmHWM") - base) / 1024, 1),
+            "code_path": os.path.dirname(os.path.dirname(os.path.abspath(pipelines.__file__))),
+        }
     listing = list_items(cfg)
     return {
         "rows": listing.num_rows,
@@ -65,10 +77,11 @@ def main() -> None:
     p.add_argument("--workdir", default="/tmp/bench-listing")
     p.add_argument("--baseline", help="a checkout to measure first, for the ratio")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--plan-only", action="store_true", help="measure the planning alone")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
-        print(json.dumps(child(a.child)))
+        print(json.dumps(child(a.child, a.plan_only)))
         return
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     codes = ([("baseline", os.path.abspath(a.baseline))] if a.baseline else []) + [("this", here)]
@@ -80,7 +93,8 @@ def main() -> None:
         for label, code in codes:
             path = os.pathsep.join([code, os.environ.get("PYTHONPATH", "")])
             r = run_child(
-                [sys.executable, __file__, "--child", folder],
+                [sys.executable, __file__, "--child", folder]
+                + (["--plan-only"] if a.plan_only else []),
                 env=dict(os.environ, PYTHONPATH=path),
             )
             r.update(size=n, manifests=a.manifests, code=label)
@@ -89,10 +103,11 @@ def main() -> None:
             by[label] = r
         if a.baseline:
             b, t = by["baseline"], by["this"]
+            wall = "plan_s" if a.plan_only else "wall_s"
             print(
                 f"{n:,} rows: peak growth baseline / this = "
                 f"{b['peak_growth_mb'] / t['peak_growth_mb']:.2f}x, "
-                f"wall baseline / this = {b['wall_s'] / t['wall_s']:.2f}x",
+                f"{wall} baseline / this = {b[wall] / t[wall]:.2f}x",
                 flush=True,
             )
     write_results(a.json, results)
