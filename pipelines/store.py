@@ -320,6 +320,13 @@ class Output:
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm(f)
         if self.local:
+            # A writer killed mid-write (an interrupted run) leaves its hidden temporary file
+            # (`durable_tmp`) beside the parts: it would keep the folders from being removed.
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                for name in os.listdir(d):
+                    if name.startswith(".") and name.endswith(".tmp"):
+                        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                            os.remove(os.path.join(d, name))
             stop = self.path(PARTS_DIR)
             while d.startswith(stop):
                 try:

@@ -1032,3 +1032,20 @@ def test_input_and_output_paths_that_nest_or_collide(tmp_path):
         check_folder(str(proj / "b.txt" / "sub"), "index root")
     with pytest.raises(ConfigError, match="not a YAML config file"):
         read_config_file(str(proj))
+
+
+def test_removing_a_shards_parts_also_removes_a_killed_writers_temporary(tmp_path):
+    """A writer killed mid-write (an interrupted run) leaves its hidden temporary file beside
+    the parts; once the shard is committed its parts folder and `_parts/` still go."""
+    out = Output(str(tmp_path / "o"))
+    shard_dir = tmp_path / "o" / "_parts" / "s"
+    nested = tmp_path / "o" / "_parts" / "s" / "t"  # shard "s/t": not shard "s"'s to remove
+    nested.mkdir(parents=True)
+    (shard_dir / "p0.parquet").write_bytes(b"x")
+    (shard_dir / ".p1.parquet.0a1b.tmp").write_bytes(b"half")
+    (nested / "q.parquet").write_bytes(b"y")
+    out.rm_parts("s")
+    assert sorted(os.listdir(shard_dir)) == ["t"] and os.listdir(nested) == ["q.parquet"]
+    out.rm_parts("s/t")
+    out.prune_parts_dir()
+    assert not (tmp_path / "o" / "_parts").exists()
