@@ -195,6 +195,12 @@ def durable_tmp(path: str, data: bytes) -> str:
     return tmp
 
 
+def is_durable_tmp(name: str) -> bool:
+    """Whether a file name is one of `durable_tmp`'s (a writer that died before its rename or
+    link left it behind)."""
+    return name.startswith(".") and name.endswith(".tmp")
+
+
 def write_atomic(path: str, data: bytes) -> None:
     """Write local `path` so that readers see the old content or the new, never a mix: a
     durable temporary file renamed into place."""

@@ -42,6 +42,7 @@ from imagebind_core.io import (
     durable_tmp,
     file_lock,
     filesystem,
+    is_durable_tmp,
     protocol_of,
     store_name,
     write_atomic,
@@ -324,7 +325,7 @@ class Output:
             # (`durable_tmp`) beside the parts: it would keep the folders from being removed.
             with contextlib.suppress(FileNotFoundError, NotADirectoryError):
                 for name in os.listdir(d):
-                    if name.startswith(".") and name.endswith(".tmp"):
+                    if is_durable_tmp(name):
                         with contextlib.suppress(FileNotFoundError, IsADirectoryError):
                             os.remove(os.path.join(d, name))
             stop = self.path(PARTS_DIR)
