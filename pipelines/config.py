@@ -634,7 +634,7 @@ class IndexSettings(BaseModel):
     Data, so the driver never holds their rows; smaller ones on the driver.
     0: always on Ray Data."""
     diff_partitions: int | None = Field(None, ge=1)
-    """Hash partitions of the Ray Data diff (default one per million rows, at least 2)."""
+    """Hash partitions of the Ray Data diff (default one per 2 million rows, at least 2)."""
     pq_m: int = Field(64, ge=1)
     """IVF-PQ code bytes per vector."""
     rerank: int = Field(10, ge=0)
@@ -644,6 +644,9 @@ class IndexSettings(BaseModel):
     """Index shards (by id hash)."""
     retrain_growth: float = Field(4.0, gt=1)
     """Rebuild (retrain) an IVF modality when its size leaves [trained / g, trained * g]."""
+    retrain_drift: float = Field(0.05, ge=0)
+    """Rebuild an IVF modality when the vectors added since training fit its coarse quantizer
+    worse, by more than this mean cosine, than vectors held out of its training did."""
     max_segments: int = Field(8, ge=1)
     """Merge an index shard's newest segments when an update would leave it more segments."""
     compact_deleted: float = Field(0.25, ge=0, le=1)

@@ -206,3 +206,37 @@ def test_examples_run_as_written(tmp_path):
     assert outputs[RUN[3]].count("imagebind-reindex: unchanged") == 2
     read = re.search(r"version \S+: (\d+) rows, (\d+) in its record", outputs[RUN[4]])
     assert read and read.group(1) == read.group(2) != "0", outputs[RUN[4]]
+
+
+def _doc_table(rel: str, header: str) -> dict[str, str]:
+    """{first cell's `name`: second cell} of the markdown table under `header` in `rel`."""
+    with open(os.path.join(ROOT, rel)) as f:
+        lines = f.read().split("\n")
+    start = lines.index(header) + 2  # past the header and its |---| line
+    rows = {}
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0].strip("`")] = cells[1]
+    return rows
+
+
+def test_the_index_settings_table_is_the_config_model():
+    """docs/reindex.md's `index.` table names every field `IndexSettings` accepts, no other,
+    and its numeric and boolean defaults are the model's."""
+    from pipelines.config import IndexSettings
+
+    table = _doc_table("docs/reindex.md", "| `index.` field | default | meaning |")
+    assert set(table) == set(IndexSettings.model_fields)
+    checked = 0
+    for name, default in table.items():
+        want = IndexSettings.model_fields[name].default
+        if default in ("true", "false"):
+            assert want is (default == "true"), name
+        elif re.fullmatch(r"[0-9.]+", default):
+            assert isinstance(want, int | float) and float(default) == want, name
+        else:
+            continue
+        checked += 1
+    assert checked >= 15  # most defaults are plain numbers or booleans
