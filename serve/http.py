@@ -94,6 +94,8 @@ def validation_message(
     err = errors[0]
     parts = [str(p) for p in err.get("loc", ())]
     msg = err.get("msg", "invalid value")
+    if err.get("type") == "value_error" and "error" in err.get("ctx", {}):
+        msg = str(err["ctx"]["error"])  # a validator's own sentence, without "Value error, "
     # What a field of this schema must be (`field_hints`), for a value of the wrong type:
     # pydantic's own message for a union names each member tried (`input.str`).
     hints = getattr(schema, "field_hints", {})
