@@ -11,6 +11,7 @@ image. What Ray adds on top is in `bench_pipeline.py --null-encoder`; the text c
     python benchmarks/bench_image_stages.py [images]
 """
 
+import argparse
 import json
 import os
 import shutil
@@ -31,7 +32,9 @@ from pipelines.stages import EncodeBatch, preprocess_batch
 from pipelines.writers import write_parts
 
 torch.set_num_threads(1)  # as in a Ray worker with one logical CPU
-N = int(sys.argv[1]) if len(sys.argv) > 1 else 1024
+_p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+_p.add_argument("images", type=int, nargs="?", default=1024, help="JPEGs in the corpus")
+N = _p.parse_args().images
 tmp = tempfile.mkdtemp()
 try:
     folder = bp.make_corpus(tmp, N, 0)["vision"]

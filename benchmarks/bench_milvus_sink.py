@@ -93,7 +93,7 @@ def main() -> None:
     x = sample(centres, a.n, a.spread, seed=1)
     ids = [f"item-{i}" for i in range(a.n)]
     queries = sample(centres, a.queries, a.spread, seed=2)
-    want = exact_top(x, np.array(ids, dtype=object), queries, a.top_k)
+    want = exact_top([(np.array(ids, dtype=object), x)], queries, a.top_k)
     v1 = rows_table(ids, x)
 
     # The next version: half of the change re-embedded, half new, change/2 deleted.

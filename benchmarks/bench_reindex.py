@@ -114,9 +114,9 @@ def main() -> None:
         print(f"{label:34s} {dt:7.1f} s {r.status:9s} {json.dumps(counts)}  [{phases}]", flush=True)
         return dt
 
-    print(f"corpus: {a.n} captions, preset {a.preset}, {a.changed:.1%} changed")
-    run("1. first build (warm-up)")
     k = max(1, round(a.n * a.changed))
+    print(f"corpus: {a.n} captions, preset {a.preset}, {k} changed ({k / a.n:.1%})")
+    run("1. first build (warm-up)")
     for i in range(k):
         with open(os.path.join(corpus, f"cap{i * (a.n // k):06d}.txt"), "w") as f:
             f.write(caption(i, salt=1))

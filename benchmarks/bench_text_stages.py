@@ -9,9 +9,10 @@ Prints one JSON line of microseconds of CPU per caption. What Ray adds on top is
 `bench_pipeline.py --null-encoder`; this isolates the stage code, and CPU time is what a
 loaded machine disturbs least.
 
-    python benchmarks/bench_text_stages.py 8192
+    python benchmarks/bench_text_stages.py [block rows, default 8192]
 """
 
+import argparse
 import json
 import os
 import sys
@@ -29,7 +30,9 @@ from pipelines.readers import read_shard_task
 from pipelines.stages import EncodeBatch, preprocess_batch
 from pipelines.writers import write_parts
 
-B = int(sys.argv[1])
+_p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+_p.add_argument("block", type=int, nargs="?", default=8192, help="rows per text block")
+B = _p.parse_args().block
 tmp = tempfile.mkdtemp()
 src = bp.make_text_manifests(tmp, 20000, 20000)
 task = {
