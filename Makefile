@@ -10,7 +10,7 @@ PIP := $(PY) -m pip
 TORCH_PINS := torch==2.9.1 torchvision==0.24.1 torchaudio==2.9.1
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
 
-.PHONY: setup demo test lint format bench clean browser-deps
+.PHONY: setup demo test lint format clean browser-deps
 
 setup: $(STAMP)
 

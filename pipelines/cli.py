@@ -144,7 +144,10 @@ def add_job_arguments(p: argparse.ArgumentParser, set_example: str) -> None:
     p.add_argument("--checkpoint-sha256", help="expected sha256 of the checkpoint")
     p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (MinIO, moto, ...)")
     p.add_argument("--s3-region", help="S3 region")
-    p.add_argument("--ray-address", help="Ray address: local (default), auto, host:port")
+    p.add_argument(
+        "--ray-address",
+        help="Ray to join: auto or host:port (default: RAY_ADDRESS if set, else a new local Ray)",
+    )
     p.add_argument(
         "--set",
         action="append",
