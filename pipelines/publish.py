@@ -54,7 +54,7 @@ from imagebind_core.index import (
     index_files,
     join_uri,
 )
-from imagebind_core.io import StorageOptions, filesystem
+from imagebind_core.io import StorageOptions, canonical_uri, filesystem
 from pipelines.store import PreconditionFailed, hidden, open_store
 from pipelines.tables import FAILURES_TABLE, ROWS_TABLE, Pin, VersionTable, read_pin
 
@@ -97,7 +97,9 @@ class IndexRoot:
     """Publishing operations on one index root URI (local folder or s3:// prefix)."""
 
     def __init__(self, root: str, storage_options: StorageOptions | None = None) -> None:
-        self.root = root.rstrip("/")
+        # A local root is made absolute: the URIs a version records (its Lance pins) then
+        # name the same place from any working directory.
+        self.root = canonical_uri(root)
         self.storage_options = dict(storage_options or {})
         self.store = open_store(self.root, self.storage_options)
 
@@ -182,7 +184,7 @@ class IndexRoot:
         unless given); None if it has none. Versions recorded before the Lance layout are read
         from their Parquet folders."""
         record = record if record is not None else self.read_record(name)
-        pins = data_pins(record)
+        pins = data_pins(record, self.root)
         if pins is None:
             data_uri = join_uri(self.version_uri(name), DATA_DIR)
             return read_parquet_tree(data_uri, self.storage_options, errors=errors)
@@ -280,15 +282,24 @@ RECORD_FORMAT = 1  # `format` of version.json
 DATA_FORMAT = "lance"  # `data.format` of version.json
 
 
-def data_pins(record: dict | None) -> tuple[Pin | None, Pin | None] | None:
-    """The Lance versions (rows, failures) a version record pins; None for a version
-    published before the Lance layout (its rows are Parquet files in its folder)."""
+def data_pins(record: dict | None, root: str) -> tuple[Pin | None, Pin | None] | None:
+    """The Lance versions (rows, failures) a version record of index root `root` pins; None
+    for a version published before the Lance layout (its rows are Parquet files in its folder).
+
+    Each pin is read from `root` as the reader names it, whatever URI the record holds: the
+    tables always live directly under the root, so a root reached by another path (a relative
+    `--index-root` given from another folder, a moved folder, a copy on S3) still works."""
     data = (record or {}).get("data")
     if not data:
         return None
     if data.get("format") != DATA_FORMAT:
         raise ValueError(f"version record: unknown data format {data.get('format')!r}")
-    return Pin.from_json(data.get("rows")), Pin.from_json(data.get("failures"))
+    rows, failures = Pin.from_json(data.get("rows")), Pin.from_json(data.get("failures"))
+    return _at(root, rows, ROWS_TABLE), _at(root, failures, FAILURES_TABLE)
+
+
+def _at(root: str, pin: Pin | None, table: str) -> Pin | None:
+    return None if pin is None else Pin(join_uri(root, table), pin.version)
 
 
 def data_record(rows: Pin | None, failures: Pin | None) -> dict[str, Any]:

@@ -289,7 +289,7 @@ def _read_parent(cfg: ReindexConfig, ir: IndexRoot, key: dict[str, str]) -> _Par
         return parent
     storage_options = ir.storage_options
     parent.on_ray = record_rows(record) >= cfg.index.diff_on_ray_rows
-    parent.pins = data_pins(record)
+    parent.pins = data_pins(record, ir.root)
     if parent.pins is None:  # published before the Lance layout: Parquet files, read once
         parent.data_uri = join_uri(pointer.version_uri(ir.root), DATA_DIR)
         parent.files = (

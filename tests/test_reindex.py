@@ -289,7 +289,7 @@ def test_crash_during_publish_keeps_previous_version(published, ray_session, s3_
     # The dead run had committed its rows to Lance: they exist after the published pin, and
     # nobody reads them.
     ir = IndexRoot(root, storage_options)
-    pin = data_pins(ir.read_record(before.name))[0]
+    pin = data_pins(ir.read_record(before.name), ir.root)[0]
     assert pin.uri == f"{root}/rows.lance"
     rows_table = ir.tables()[0]
     assert rows_table.open().latest_version > pin.version

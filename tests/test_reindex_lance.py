@@ -61,7 +61,7 @@ def _fragments(root: str, version: int) -> dict[str, int]:
 
 
 def _pins(root: str, name: str):
-    return data_pins(IndexRoot(root).read_record(name))
+    return data_pins(IndexRoot(root).read_record(name), root)
 
 
 def test_versions_share_unchanged_files_and_retention_frees_removed_ones(ray_session, tmp_path):
@@ -186,6 +186,36 @@ def test_a_parquet_parent_is_read_once_and_its_child_written_to_lance(ray_sessio
     assert ir.read_rows(r2.name, errors=True).column("id").to_pylist() == ["img/broken.png"]
     # The next run starts from the Lance version: nothing changed, nothing published.
     assert reindex(_cfg(corpus, root)).status == "unchanged"
+
+
+def test_an_index_root_works_from_any_folder_and_after_a_move(ray_session, tmp_path, monkeypatch):
+    """A relative `--index-root` records absolute pins, and readers find the tables under the
+    root they were given, whatever the record says: a later run from another folder, and a
+    root moved elsewhere, read their parent."""
+    corpus = _corpus(tmp_path / "corpus")
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    r1 = reindex(_cfg(corpus, "index"))
+    assert r1.status == "published"
+    root = str(tmp_path / "cwd" / "index")
+    pin = IndexRoot(root).read_record(r1.name)["data"]["rows"]
+    assert pin["uri"] == f"{root}/{ROWS_TABLE}"  # absolute
+    v1 = by_id(IndexRoot(root).read_rows(r1.name))
+
+    monkeypatch.chdir(tmp_path)
+    corpus.put("txt/cap03.txt", b"changed from elsewhere")
+    r2 = reindex(_cfg(corpus, "cwd/index"))
+    assert r2.status == "published" and r2.counts["changed"] == 1
+
+    moved = str(tmp_path / "moved")
+    shutil.move(root, moved)
+    # the records still name the old place; the moved root is read where it is now
+    assert not os.path.exists(IndexRoot(moved).read_record(r2.name)["data"]["rows"]["uri"])
+    v2 = by_id(IndexRoot(moved).read_rows(r2.name))
+    assert {i: v2[i] for i in v1 if i != "txt/cap03.txt"} == {
+        i: v1[i] for i in v1 if i != "txt/cap03.txt"
+    }
+    assert reindex(_cfg(corpus, moved)).status == "unchanged"
 
 
 def test_a_foreign_commit_between_base_and_result_aborts_and_the_pin_stays(tmp_path, monkeypatch):
