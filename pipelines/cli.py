@@ -42,7 +42,7 @@ from pipelines.publish import IndexRoot
 from pipelines.reindex import reindex
 from pipelines.resources import required_cpus
 from pipelines.rows import INVALID
-from pipelines.store import Output, read_job_record
+from pipelines.store import Output, OutputUnwritable, read_job_record
 
 logger = logging.getLogger(__name__)
 
@@ -53,11 +53,12 @@ REINDEX = "imagebind-reindex"
 EMBED_STATUSES: tuple[tuple[tuple[type[BaseException], ...], int], ...] = (
     ((ConfigError, PlanError), 2),
     ((OutputLocked, OutputMismatch), 3),
-    ((StoreUnavailable,), 1),
+    ((StoreUnavailable, OutputUnwritable), 1),
 )
 REINDEX_STATUSES: tuple[tuple[tuple[type[BaseException], ...], int], ...] = (
     ((ConfigError, PlanError), 2),
     ((OutputLocked,), 3),
+    ((StoreUnavailable, OutputUnwritable), 1),
 )
 
 

@@ -63,8 +63,10 @@ from pipelines.rows import INVALID
 from pipelines.stages import EncodeBatch, preprocess_batch, without_tensors
 from pipelines.store import (
     Output,
+    OutputUnwritable,
     read_job_record,
     transient_store_error,
+    unwritable_error,
     with_store_retries,
     write_job_record,
 )
@@ -519,6 +521,14 @@ class _Run:
             self._stream(ds, pending, tracker, refs, lock)
             results = ray.get(refs)
         except Exception as e:
+            refused = unwritable_error(e, cfg.output)
+            if refused is not None:
+                raise OutputUnwritable(
+                    f"cannot write to the output {cfg.output}: {refused.strerror or refused}"
+                    f"{f' ({refused.filename})' if refused.filename else ''}. Committed shards "
+                    "are kept and work in progress is in parts: make the output writable "
+                    "(space, permissions) and rerun the same command to resume."
+                ) from e
             if not transient_store_error(e):
                 raise
             cause = getattr(e, "cause", None) or e  # a Ray task error: the task's exception

@@ -14,7 +14,6 @@ did not record it is judged by its lease alone.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -163,8 +162,19 @@ class OutputLock:
         if self._thread is not None:
             self._thread.join(timeout=5)
         if self.etag is not None and not self.lost.is_set():
-            with contextlib.suppress(PreconditionFailed, FileNotFoundError):
+            try:
                 self.store.delete(LOCK_KEY, if_match=self.etag)
+            except (PreconditionFailed, FileNotFoundError):
+                pass
+            except Exception as e:  # never raised over the error that ends a run
+                logger.warning(
+                    "could not remove the lock of %s (%s: %s); the next run takes it over "
+                    "once it sees this process gone or the lease of %.0f s expired",
+                    self.output_uri,
+                    type(e).__name__,
+                    e,
+                    self.ttl_s,
+                )
         self.etag = None
 
     def __enter__(self) -> OutputLock:

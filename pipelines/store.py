@@ -39,6 +39,7 @@ from imagebind_core.errors import StoreUnavailable
 from imagebind_core.index import join_uri
 from imagebind_core.io import (
     StorageOptions,
+    canonical_uri,
     durable_tmp,
     file_lock,
     filesystem,
@@ -99,6 +100,34 @@ def transient_store_error(exc: BaseException) -> bool:
         cause = getattr(e, "cause", None)  # ray.exceptions.RayTaskError keeps it here
         e = cause if isinstance(cause, BaseException) else (e.__cause__ or e.__context__)
     return False
+
+
+class OutputUnwritable(RuntimeError):
+    """The output cannot be written (read-only, full, no permission): the operator's to fix;
+    a rerun then resumes."""
+
+
+# The errnos that mean the output itself refuses writes, whatever the item.
+_UNWRITABLE = {errno.EROFS, errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EDQUOT}
+
+
+def unwritable_error(exc: BaseException, under: str) -> OSError | None:
+    """The write refused by the file system (read-only, full, no permission) on a path under
+    `under` (a local folder or object-store URI) that `exc` is, or was raised from (a Ray
+    task's cause included); None if there is none."""
+    prefix = canonical_uri(under).split("://", 1)[-1].rstrip("/") + "/"
+    seen = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _UNWRITABLE:
+            name = str(e.filename or "")
+            path = canonical_uri(name).split("://", 1)[-1] if name else ""
+            if not name or (path + "/").startswith(prefix):
+                return e
+        cause = getattr(e, "cause", None)  # ray.exceptions.RayTaskError keeps it here
+        e = cause if isinstance(cause, BaseException) else (e.__cause__ or e.__context__)
+    return None
 
 
 def with_store_retries(

@@ -297,6 +297,47 @@ def test_a_bad_uri_fails_its_item_not_the_job(tmp_path, ray_session):
     assert "foo://bar/x.jpg" in reason
 
 
+def test_an_output_that_refuses_writes_is_named_in_one_sentence(
+    tmp_path, ray_session, monkeypatch, capsys, caplog
+):
+    """A write the output refuses (read-only, full) inside a Ray task ends the run with one
+    sentence naming the output and the reason, exit status 1; a lock that cannot be removed
+    then is a warning, not a second error raised over the first."""
+    import errno
+
+    from pipelines import embed, store
+
+    man, out = tmp_path / "man", tmp_path / "out"
+    man.mkdir()
+    (man / "m.csv").write_text("id,modality,text\nr1,text,one\n")
+    part = f"{out}/_parts/m/.text-0.parquet.1a2b.tmp"
+
+    class TaskError(RuntimeError):  # what Ray raises for a failed task: the cause kept
+        cause = OSError(errno.EROFS, "Read-only file system", part)
+
+    def refused(*_a, **_k):
+        raise TaskError("ray::MapBatches(write_parts) failed")
+
+    def no_delete(self, key, *, if_match=None):
+        raise OSError(errno.EROFS, "Read-only file system", f"{out}/.store.flock")
+
+    monkeypatch.setattr(embed, "build_pipeline", refused)
+    monkeypatch.setattr(store._LocalStore, "delete", no_delete)
+    flags = [f"--set={k}={v}".replace("False", "false") for k, v in SMALL.items()]
+    status = main(["--input", str(man), "--output", str(out), *flags])
+    err = capsys.readouterr().err
+    assert status == 1, err
+    assert (
+        f"imagebind-embed: cannot write to the output {out}: Read-only file system ({part})" in err
+    )
+    assert "Traceback" not in err
+    assert any("could not remove the lock" in r.getMessage() for r in caplog.records)
+    # A refusal elsewhere (an input file) is not said to be the output's.
+    elsewhere = OSError(errno.EACCES, "Permission denied", str(man / "m.csv"))
+    assert store.unwritable_error(elsewhere, str(out)) is None
+    assert store.unwritable_error(TaskError(), str(out)) is TaskError.cause
+
+
 def test_parts_of_a_shard_that_vanished_are_removed(tmp_path, ray_session):
     # A manifest deleted while the job ran: its parts have no shard to go to any more.
     man, out = tmp_path / "man", tmp_path / "out"
