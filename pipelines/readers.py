@@ -8,6 +8,7 @@ what an earlier run already wrote, and ends with the task's end-of-shard marker.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,6 +30,9 @@ from pipelines.rows import (
     member_fingerprint,
 )
 from pipelines.store import Output
+from pipelines.writers import drop_part_rows, part_fingerprints
+
+logger = logging.getLogger(__name__)
 
 
 def _item_rows(
@@ -75,20 +79,26 @@ def read_shard_task(
 ) -> Iterator[pa.Table]:
     """Item rows of one (shard, kind) task in chunks, then its end-of-shard marker.
 
-    Ids already in the shard's part files (an interrupted earlier run), ids outside `include`
-    and ids in `exclude` (repeats of an earlier shard) are skipped; the marker's `count` is the
+    Items already in the task's part files (an interrupted earlier run) are skipped, if the
+    shard still holds them with the same fingerprint; the parts' other rows (items changed or
+    gone since) are removed from the parts (`_reusable`). Ids outside `include` and ids in
+    `exclude` (repeats of an earlier shard) are skipped too; the marker's `count` is the
     number of items emitted. An `include`d id the shard does not yield (the object changed
     since it was listed, or the tar breaks before it) becomes an error row: it must not vanish.
     """
-    done = Output(output_uri, storage_options).part_ids(task["shard"])
-    done.update(task.get("exclude") or ())
+    out = Output(output_uri, storage_options)
+    parts = part_fingerprints(out, task["shard"], task["kind"])
     include = set(task["include"]) if task.get("include") is not None else None
     fmt = input_format(task["format"])
     if fmt.shard_table is not None and task["items"] is None:
         yield from _read_table_task(
-            task, fmt, storage_options, done, include, chunk_rows, chunk_bytes
+            task, fmt, storage_options, out, parts, include, chunk_rows, chunk_bytes
         )
         return
+    current = None
+    if task["items"] is not None:
+        current = {it["id"]: it.get("fingerprint") for it in task["items"]}
+    done = _reusable(out, task, parts, current, include)
     seen: set[str] = set()
     buf: list[dict[str, Any]] = []
     nbytes = 0
@@ -118,7 +128,8 @@ def _read_table_task(
     task: dict[str, Any],
     fmt: Any,
     storage_options: StorageOptions | None,
-    done: set[str],
+    out: Output,
+    parts: dict[str, str | None],
     include: set[str] | None,
     chunk_rows: int,
     chunk_bytes: int,
@@ -130,6 +141,11 @@ def _read_table_task(
         task["shard"], task["uri"], task["fingerprint"], {kind}, storage_options=storage_options
     )
     ids = table.column("id")
+    current = None
+    if parts:
+        fps = table.column("fingerprint").to_pylist()
+        current = dict(zip(ids.to_pylist(), fps, strict=True))
+    done = _reusable(out, task, parts, current, include)
     if done:
         table = table.filter(pc.invert(pc.is_in(ids, pa.array(sorted(done), pa.string()))))
     if include is not None:
@@ -150,6 +166,50 @@ def _read_table_task(
     seen = set(table.column("id").to_pylist()) if include is not None else set()
     missing = _missing_rows(task, sorted((include or set()) - seen - done), None)
     yield _to_table([*missing, eos_row(task["shard"], kind, n + len(missing))])
+
+
+def _reusable(
+    out: Output,
+    task: dict[str, Any],
+    parts: dict[str, str | None],
+    current: dict[str, str | None] | None,
+    include: set[str] | None,
+) -> set[str]:
+    """The ids the task skips: its part rows (`parts`, id -> fingerprint) whose item the shard
+    still holds unchanged, and `exclude`. The other part rows (the item changed, left the
+    shard, or is no longer wanted) are removed from the parts, so that the commit holds what a
+    clean run of the input as it is now would, and the items are read again if still there.
+
+    `current`: id -> fingerprint of the shard's items now (a fingerprint of None, as for a
+    manifest row without one, cannot tell a change: the part row is kept); None for a tar,
+    whose members' fingerprints derive from the tar's own (an unchanged tar has the same
+    members)."""
+    exclude = set(task.get("exclude") or ())
+    if not parts:
+        return exclude
+
+    def still(id_: str, fp: str | None) -> bool:
+        if id_ in exclude or (include is not None and id_ not in include):
+            return False
+        if current is not None:
+            return id_ in current and current[id_] in (None, fp)
+        if "#" not in id_:  # not a member id (`wds_id`)
+            return False
+        if id_.endswith(f"#unreadable-{task['kind']}"):  # unreadable_shard_row's fingerprint
+            return fp == task["fingerprint"]
+        return fp == member_fingerprint(task["fingerprint"] or "", wds_member(id_))
+
+    stale = {i for i, fp in parts.items() if not still(i, fp)}
+    if stale:
+        logger.warning(
+            "shard %s: %d %s items embedded by an interrupted run changed or went away since; "
+            "their rows are dropped (changed items are embedded again)",
+            task["shard"],
+            len(stale),
+            task["kind"],
+        )
+        drop_part_rows(out, task["shard"], task["kind"], stale)
+    return (set(parts) - stale) | exclude
 
 
 def _with_task_columns(table: pa.Table, kind: str) -> pa.Table:

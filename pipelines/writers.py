@@ -13,6 +13,7 @@ whose input identity is unchanged and, inside uncommitted ones, every id already
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from collections.abc import Iterable, Mapping
@@ -54,6 +55,42 @@ def _ids_hash(ids: Iterable[str]) -> str:
 def _part_name(kind: str, ids: Iterable[str]) -> str:
     # Derived from the ids it holds: a task retried by Ray rewrites the same name.
     return f"{kind}-{_ids_hash(ids)[:20]}.parquet"
+
+
+def _kind_parts(out: Output, shard: str, kind: str) -> list[str]:
+    """The part files of one (shard, kind) (`_part_name`)."""
+    parts = out.ls_files(out.parts_dir(shard))
+    return [p for p in parts if p.rsplit("/", 1)[-1].startswith(f"{kind}-")]
+
+
+def part_fingerprints(out: Output, shard: str, kind: str) -> dict[str, str | None]:
+    """id -> fingerprint of the rows already in the parts of one (shard, kind): what an
+    interrupted earlier run embedded."""
+    keys: dict[str, str | None] = {}
+    for p in _kind_parts(out, shard, kind):
+        t = out.read_table(p, columns=["id", "fingerprint"])
+        ids, fps = t.column("id").to_pylist(), t.column("fingerprint").to_pylist()
+        keys.update(zip(ids, fps, strict=True))
+    return keys
+
+
+def drop_part_rows(out: Output, shard: str, kind: str, ids: Iterable[str]) -> None:
+    """Remove the rows of `ids` from the parts of one (shard, kind): items an interrupted run
+    embedded that changed or went away since. A part that keeps rows is written again under
+    the name of the ids it keeps before the old one goes (a crash in between leaves two copies
+    of the same rows, which the commit de-duplicates)."""
+    drop = pa.array(sorted(ids), pa.string())
+    for p in _kind_parts(out, shard, kind):
+        t = out.read_table(p)
+        kept = t.filter(pc.invert(pc.is_in(t.column("id"), drop)))
+        if kept.num_rows == t.num_rows:
+            continue
+        name = _part_name(kind, kept.column("id").to_pylist()) if kept.num_rows else None
+        if name is not None:
+            out.write_table_atomic(join_uri(out.parts_dir(shard), name), kept)
+        if name != p.rsplit("/", 1)[-1]:
+            with contextlib.suppress(FileNotFoundError):
+                out.fs.rm(p)
 
 
 def _group_rows(batch: pa.Table) -> tuple[dict[tuple[str, str], list[int]], dict]:

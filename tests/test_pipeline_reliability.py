@@ -338,6 +338,51 @@ def test_an_output_that_refuses_writes_is_named_in_one_sentence(
     assert store.unwritable_error(TaskError(), str(out)) is TaskError.cause
 
 
+@pytest.mark.parametrize("fmt", ["files", "manifest", "webdataset"])
+def test_a_resume_drops_parts_of_items_changed_or_gone_since(tmp_path, ray_session, fmt):
+    """Parts an interrupted run wrote are reused only for items the input still holds
+    unchanged: an item changed since is embedded again, one gone is not committed, so the
+    output equals a clean run's of the input as it is now."""
+    corpus, out = tmp_path / "in", tmp_path / "out"
+    if fmt == "files":
+        _text_files(corpus, ["a", "b", "c"])
+    elif fmt == "webdataset":
+        corpus.mkdir()
+        with tarfile.open(corpus / "s.tar", "w") as tar:
+            for key, text in (("a", b"one"), ("b", b"two"), ("c", b"three")):
+                info = tarfile.TarInfo(f"{key}.txt")
+                info.size = len(text)
+                tar.addfile(info, io.BytesIO(text))
+    else:
+        corpus.mkdir()
+        (corpus / "m.csv").write_text(
+            "id,modality,text,fingerprint\na,text,one,fa\nb,text,two,fb\nc,text,three,fc\n"
+        )
+    cfg = load_config(None, {**SMALL, "input": str(corpus), "output": str(out)})
+    listed = {r["id"]: r for r in list_items(cfg).to_pylist()}
+    a, b = sorted(listed)[:2]
+    shard = listed[a]["shard"]
+
+    def part_row(id_: str, fingerprint: str) -> dict:
+        return {**_row(0, shard=shard, dim=32), "id": id_, "fingerprint": fingerprint}
+
+    # What an interrupted run left: `a` as it still is, `b` before it changed, and an item
+    # that has gone since; each with an embedding no encoder makes.
+    rows = [part_row(a, listed[a]["fingerprint"]), part_row(b, "old"), part_row("gone", "g")]
+    write_parts(_encoded(rows, 32), str(out), None, 32)
+    run_job(cfg)
+    emb, err, _ = read_output(str(out))
+    assert err.num_rows == 0
+    got = {r["id"]: r for r in emb.to_pylist()}
+    assert sorted(got) == sorted(listed)  # `gone` is not committed
+    assert got[a]["embedding"] == [0.0] * 32  # reused
+    assert got[b]["embedding"] != [0.0] * 32  # embedded again
+    assert {i: got[i]["fingerprint"] for i in got} == {
+        i: r["fingerprint"] for i, r in listed.items()
+    }
+    assert not (out / "_parts").exists()
+
+
 def test_parts_of_a_shard_that_vanished_are_removed(tmp_path, ray_session):
     # A manifest deleted while the job ran: its parts have no shard to go to any more.
     man, out = tmp_path / "man", tmp_path / "out"
