@@ -503,6 +503,10 @@ class _Run:
         warmup = start_warmup(cfg, plan.kinds, pending, local)  # fire and forget: never awaited
         ctx = DataContext.get_current()
         prev_bars, prev_detectors = ctx.enable_progress_bars, ctx.issue_detectors_config
+        prev_raise = ctx.raise_original_map_exception
+        # A stage's own exception (StoreUnavailable, a refused write) reaches this driver as
+        # the Ray task error's cause, not as a UserCodeException that lost it in pickling.
+        ctx.raise_original_map_exception = True
         ctx.enable_progress_bars = cfg.ray.bars()
         ctx.issue_detectors_config = _quiet_issue_detectors(prev_detectors)
         counter = counter_actor()
@@ -532,17 +536,23 @@ class _Run:
             if not transient_store_error(e):
                 raise
             cause = getattr(e, "cause", None) or e  # a Ray task error: the task's exception
+            resume = (
+                "Committed shards are kept and work in progress is in parts: rerun the same "
+                "command to resume."
+            )
+            if isinstance(cause, StoreUnavailable):  # a stage's retries ran out
+                raise StoreUnavailable(cause.store, f"{cause.reason}. {resume}", cause.uri) from e
             raise StoreUnavailable(
                 store_name(cfg.output, cfg.storage_options()),
                 f"it stopped answering during the run ({type(cause).__name__}: "
-                f"{str(cause)[:300]}). Committed shards are kept and work in progress is in "
-                "parts: rerun the same command to resume.",
+                f"{str(cause)[:300]}). {resume}",
             ) from e
         finally:
             reporter.stop()
             ray.kill(counter)
             self.summary.workers_warmed, self.summary.warmup_tasks = warmup.finish()
             ctx.enable_progress_bars, ctx.issue_detectors_config = prev_bars, prev_detectors
+            ctx.raise_original_map_exception = prev_raise
         self._check_complete(pending)
         for r in results:
             self.count(r["shard"], r["added"])

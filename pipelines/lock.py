@@ -153,8 +153,14 @@ class OutputLock:
                 logger.error("lock on %s was taken over by another run", self.output_uri)
                 self.lost.set()
                 return
-            except Exception:  # a transient store error: try again at the next beat
-                logger.exception("lock renewal failed")
+            except Exception as e:  # a transient store error: try again at the next beat
+                logger.warning(
+                    "renewing the lock on %s failed (%s: %s); trying again in %.0f s",
+                    self.output_uri,
+                    type(e).__name__,
+                    str(e)[:300],
+                    self.ttl_s / 3,
+                )
 
     def release(self) -> None:
         """Stop renewing and delete the lock if it is still ours."""

@@ -328,6 +328,60 @@ def test_object_store_restarted_mid_job(tmp_path, ray_session):
                 p.wait(10)
 
 
+@pytest.mark.slow
+def test_object_store_gone_for_good_ends_the_run_with_one_sentence(tmp_path, ray_session):
+    # The store goes away mid-run and stays away past every retry: the run ends with the
+    # store's error (the stage's own, not Ray Data's UDF wrapper), saying to rerun; the rerun
+    # once the store is back completes, every item once.
+    front = free_port()
+    moto = _moto(free_port(), str(tmp_path / "recording.jsonl"))
+    proxy = _Proxy(front, int(moto.args[-1]))
+    s3 = S3Server(f"http://127.0.0.1:{front}")
+    try:
+        bucket = s3.create_bucket("gone")
+        client = s3.client()
+        all_ids = _manifests(
+            lambda n, b: client.put_object(Bucket=bucket, Key=f"in/{n}", Body=b), shards=4, per=3
+        )
+        cfg = load_config(
+            None,
+            {
+                **SLOW,
+                "input": f"s3://{bucket}/in",
+                "output": f"s3://{bucket}/out",
+                "storage.endpoint_url": s3.endpoint_url,
+                # The lock the run could not remove with the store gone is this process's:
+                # the rerun takes it over once its lease ends, as one from another would.
+                "lock_ttl_s": 10,
+            },
+        )
+
+        def parts() -> int:
+            listing = client.list_objects_v2(Bucket=bucket, Prefix="out/_parts/")
+            return listing.get("KeyCount", 0)
+
+        job = _Job(cfg)
+        job.start()
+        _wait(lambda: parts() >= 1, 240, "a part is written", job.is_alive)
+        proxy.stop()
+        job.join(400)
+        assert not job.is_alive(), "the job hung with the store gone"
+        assert isinstance(job.error, StoreUnavailable), repr(job.error)
+        message = str(job.error)
+        assert message.startswith(f"object store {s3.endpoint_url} is unavailable: "), message
+        assert "rerun the same command to resume" in message
+        assert "UDF" not in message and "Traceback" not in message, message
+        proxy = _Proxy(front, int(moto.args[-1]))
+        run_job(cfg)
+        emb, err, _ = read_output(f"{bucket}/out", s3.filesystem())
+        assert sorted(emb.column("id").to_pylist()) == sorted(all_ids)
+        assert err.num_rows == 0
+    finally:
+        proxy.stop()
+        moto.kill()
+        moto.wait(10)
+
+
 # --------------------------------------------------------------------- node loss
 
 
