@@ -50,7 +50,8 @@ class StorageConfig(_Strict):
     workers inside task arguments.
     """
 
-    endpoint_url: str | None = None  # MinIO, moto, Ceph, R2 ...: http(s)://host:port
+    endpoint_url: str | None = Field(None, pattern=r"^https?://[^/\s]+")
+    """MinIO, moto, Ceph, R2 ...: http(s)://host:port."""
     region: str | None = None
     key: str | None = None
     secret: str | None = None

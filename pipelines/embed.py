@@ -49,6 +49,7 @@ from pipelines.plan import (
     plan_job,
     reconcile,
     shard_tasks,
+    store_errors,
 )
 from pipelines.progress import ProgressReporter, counter_actor
 from pipelines.readers import read_tasks
@@ -404,7 +405,10 @@ def run_plan(cfg: JobConfig, plan: Plan) -> JobSummary:
     lineage = model_lineage(cfg, plan.kinds)
     if cfg.checkpoint is not None:  # every actor verifies the checkpoint the metadata names
         cfg = cfg.model_copy(update={"checkpoint_sha256": lineage["imagebind.checkpoint_sha256"]})
-    with OutputLock(cfg.output, cfg.storage_options(), ttl_s=cfg.lock_ttl_s) as lock:
+    lock = OutputLock(cfg.output, cfg.storage_options(), ttl_s=cfg.lock_ttl_s)
+    with store_errors(cfg.output, "output", cfg.storage_options()):
+        lock.acquire()  # the output's first write: a missing bucket is said here
+    with lock:
         _check_record(output, cfg, plan, lineage)
         run = _Run(cfg, plan, output, lineage, t0)
         run.tidy_output()

@@ -184,7 +184,7 @@ class OutputLock:
         self.etag = None
 
     def __enter__(self) -> OutputLock:
-        return self.acquire()
+        return self if self.etag is not None else self.acquire()  # acquired already: as is
 
     def __exit__(self, *exc: object) -> None:
         self.release()

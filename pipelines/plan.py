@@ -10,6 +10,7 @@ or `.` are skipped, as Spark/pyarrow do (`pipelines.store.hidden`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -30,7 +31,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import imagebind_core as ibc
-from imagebind_core.io import StorageOptions, filesystem, protocol_of
+from imagebind_core.errors import StoreUnavailable
+from imagebind_core.io import StorageOptions, filesystem, protocol_of, store_name
 from imagebind_core.kinds import KINDS
 from pipelines.config import JobConfig
 from pipelines.formats import (
@@ -59,7 +61,7 @@ from pipelines.rows import (
     first_occurrences,
     item_row,
 )
-from pipelines.store import ADDITION_RE, Output, hidden
+from pipelines.store import ADDITION_RE, Output, hidden, transient_store_error
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +88,29 @@ def _to_uri(fs: fsspec.AbstractFileSystem, path: str, local: bool) -> str:
     return path if local else fs.unstrip_protocol(path)
 
 
+@contextlib.contextmanager
+def store_errors(uri: str, what: str, storage_options: StorageOptions | None) -> Iterator[None]:
+    """Name `what` (`input`, `output`, `index root`) at `uri` in the store's errors of a call
+    the CLIs make before a run: an unreachable store is StoreUnavailable (exit 1), refused
+    credentials and a missing bucket are PlanError (exit 2), not tracebacks."""
+    try:
+        yield
+    except (PlanError, StoreUnavailable):
+        raise
+    except Exception as e:
+        store = store_name(uri, storage_options)
+        if transient_store_error(e):
+            raise StoreUnavailable(store, f"{what} {uri}: {type(e).__name__}: {e}", uri) from e
+        if isinstance(e, PermissionError):
+            raise PlanError(
+                f"{what} {uri}: access denied by {store} ({e}); check the credentials and the "
+                "bucket's policy"
+            ) from e
+        if isinstance(e, FileNotFoundError) and protocol_of(uri) != "file":
+            raise PlanError(f"{what} {uri}: {e}") from e
+        raise
+
+
 def check_input(input_uri: str, storage_options: StorageOptions | None = None) -> None:
     """PlanError if `input_uri` names nothing: no file, folder or prefix there, and no match of
     a glob. Cheap (one metadata call): the CLIs check before they create anything."""
@@ -93,8 +118,9 @@ def check_input(input_uri: str, storage_options: StorageOptions | None = None) -
     if protocol_of(input_uri) == "file":
         path = os.path.abspath(path)
     fs.invalidate_cache()
-    if fs.exists(path) or (_has_glob(path) and fs.glob(path)):
-        return
+    with store_errors(input_uri, "input", storage_options):
+        if fs.exists(path) or (_has_glob(path) and fs.glob(path)):
+            return
     raise PlanError(f"input not found: {input_uri}")
 
 
@@ -103,8 +129,9 @@ def check_folder(uri: str, what: str, storage_options: StorageOptions | None = N
     existing file, or (local) lies under one: it must be a folder or an object-store prefix."""
     fs, path = filesystem(uri, storage_options)
     if protocol_of(uri) != "file":
-        if fs.isfile(path):
-            raise PlanError(f"{what} {uri} is an existing file; give a folder or a prefix")
+        with store_errors(uri, what, storage_options):
+            if fs.isfile(path):
+                raise PlanError(f"{what} {uri} is an existing file; give a folder or a prefix")
         return
     at = os.path.abspath(path)
     while not os.path.isdir(at):
@@ -145,6 +172,8 @@ def list_input(
     elif _has_glob(path):
         root = path[: min(path.index(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
         found = fs.glob(path, detail=True)
+    elif not local:  # a prefix whose objects were all deleted does not exist either
+        raise EmptyInput(f"input not found: {input_uri}")
     else:
         raise PlanError(f"input not found: {input_uri}")
     skip = None
@@ -163,6 +192,8 @@ def list_input(
         if info.get("type") != "file":
             continue
         rel = p[len(root) + 1 :] if p.startswith(root + "/") else p.rsplit("/", 1)[-1]
+        if not rel or rel.endswith("/"):  # an object store's folder marker (`key/`)
+            continue
         if hidden(rel) or (skip is not None and p.startswith(skip)):
             continue
         if not _utf8(p):

@@ -56,11 +56,13 @@ from imagebind_core.index import (
     join_uri,
     update_index,
 )
+from imagebind_core.io import protocol_of
 from pipelines.config import ReindexConfig
 from pipelines.diff import KEY_COLUMNS, diff_listing, diff_on_ray, relocate
+from pipelines.formats import PlanError
 from pipelines.lineage import lineage_changes, lineage_key, model_lineage
 from pipelines.lock import OutputLock, OutputLocked
-from pipelines.plan import check_folder, check_input
+from pipelines.plan import check_folder, check_input, store_errors
 from pipelines.publish import (
     RECORD_FORMAT,
     IndexRoot,
@@ -163,11 +165,21 @@ def reindex(cfg: ReindexConfig) -> ReindexResult:
     storage_options = cfg.job.storage_options()
     root = cfg.index.root.rstrip("/")
     # Before the index root, its lock or any folder exists.
-    check_input(cfg.job.input, storage_options)
+    if not cfg.index.allow_empty:  # an emptied S3 prefix does not exist: the listing says so
+        try:
+            check_input(cfg.job.input, storage_options)
+        except PlanError as e:
+            if protocol_of(cfg.job.input) == "file":
+                raise
+            raise PlanError(
+                f"{e} (a prefix whose objects were all deleted is not found either: pass "
+                "--allow-empty (index.allow_empty) to publish an empty version)"
+            ) from None
     check_folder(root, "index root", storage_options)
     ir = IndexRoot(root, storage_options)
     try:
-        lock = OutputLock(root, storage_options, ttl_s=cfg.index.lock_ttl_s).acquire()
+        with store_errors(root, "index root", storage_options):
+            lock = OutputLock(root, storage_options, ttl_s=cfg.index.lock_ttl_s).acquire()
     except OutputLocked as e:
         logger.warning("%s", e)
         return ReindexResult("locked", root, message=str(e), seconds=time.perf_counter() - t0)

@@ -367,3 +367,51 @@ def test_unreadable_shard_is_kept_as_a_failure_and_an_emptied_corpus_needs_conse
     assert emptied.counts["deleted"] > 0
     _, index = load_latest(root, {})
     assert index.search([1.0] * 32, 5) == []
+
+
+def test_store_trouble_is_one_sentence_and_an_emptied_prefix_can_be_published(
+    ray_session, s3_server, tmp_path, capsys
+):
+    """Before a run: a missing output bucket and an unreachable endpoint are named in one
+    sentence (exit 2 and 1), an endpoint without a scheme is a config error; and an S3 prefix
+    whose objects were all deleted (a prefix without objects does not exist) still publishes
+    an empty version with --allow-empty."""
+    from helpers.net import free_port
+    from helpers.pipeline import Writer
+
+    from pipelines.cli import embed_main, reindex_main
+
+    bucket = s3_server.create_bucket(f"em-{uuid.uuid4().hex[:8]}")
+    corpus = Writer(f"s3://{bucket}/in", s3_server.filesystem())
+    corpus.put("a.txt", b"one caption")
+    corpus.put("b.txt", b"another caption")
+    store = [
+        f"--s3-endpoint={s3_server.endpoint_url}",
+        *[f"--set={k}={v}".replace("False", "false") for k, v in SMALL.items()],
+    ]
+    code = embed_main(["--input", corpus.root, "--output", "s3://no-such-bucket/x", *store])
+    err = capsys.readouterr().err
+    assert code == 2 and "output s3://no-such-bucket/x: " in err and "Traceback" not in err, err
+    gone = f"http://127.0.0.1:{free_port()}"
+    code = reindex_main(
+        ["--input", corpus.root, "--index-root", str(tmp_path / "ix"), "--s3-endpoint", gone]
+    )
+    err = capsys.readouterr().err
+    assert code == 1 and f"object store {gone} is unavailable: input {corpus.root}" in err, err
+    assert "Traceback" not in err
+    code = embed_main(["--input", corpus.root, "--output", "x", "--s3-endpoint", "127.0.0.1:9"])
+    err = capsys.readouterr().err
+    assert code == 2 and "endpoint_url" in err and "Traceback" not in err, err
+
+    root = f"s3://{bucket}/index"
+    cfg = config(s3_server, corpus, root, str(tmp_path / "trace"))
+    assert reindex(cfg).status == "published"
+    s3_server.filesystem().rm(f"{bucket}/in", recursive=True)
+    code = reindex_main(["--input", corpus.root, "--index-root", root, *store])
+    err = capsys.readouterr().err
+    assert code == 2 and "allow-empty" in err, err
+    emptied = reindex(
+        config(s3_server, corpus, root, str(tmp_path / "t2"), **{"index.allow_empty": True})
+    )
+    assert emptied.status == "published" and emptied.counts["deleted"] == 2
+    assert emptied.counts["total"] == 0
