@@ -96,7 +96,7 @@ def read_shard_task(
         )
         return
     current = None
-    if task["items"] is not None:
+    if parts and task["items"] is not None:  # only a resume compares
         current = {it["id"]: it.get("fingerprint") for it in task["items"]}
     done = _reusable(out, task, parts, current, include)
     seen: set[str] = set()

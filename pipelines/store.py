@@ -28,7 +28,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import fsspec.asyn
@@ -69,13 +69,22 @@ def hidden(rel: str) -> bool:
 _TRANSIENT_CODES = {"500", "502", "503", "504", "SlowDown", "ServiceUnavailable", "InternalError"}
 
 
-def transient_store_error(exc: BaseException) -> bool:
-    """True if `exc` (or an exception it was raised from) says the store is unreachable or
-    overloaded rather than that the object is bad."""
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """`exc`, then each exception it was raised from (a Ray task error's `cause` included),
+    each once."""
     seen = set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
+        yield e
+        cause = getattr(e, "cause", None)  # ray.exceptions.RayTaskError keeps it here
+        e = cause if isinstance(cause, BaseException) else (e.__cause__ or e.__context__)
+
+
+def transient_store_error(exc: BaseException) -> bool:
+    """True if `exc` (or an exception it was raised from) says the store is unreachable or
+    overloaded rather than that the object is bad."""
+    for e in _causes(exc):
         if isinstance(e, (ConnectionError, TimeoutError)):
             return True
         # by name: botocore and aiohttp are optional; a Ray task error subclasses its cause
@@ -97,8 +106,6 @@ def transient_store_error(exc: BaseException) -> bool:
             status = str(response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
             if code in _TRANSIENT_CODES or status in _TRANSIENT_CODES:
                 return True
-        cause = getattr(e, "cause", None)  # ray.exceptions.RayTaskError keeps it here
-        e = cause if isinstance(cause, BaseException) else (e.__cause__ or e.__context__)
     return False
 
 
@@ -116,17 +123,12 @@ def unwritable_error(exc: BaseException, under: str) -> OSError | None:
     `under` (a local folder or object-store URI) that `exc` is, or was raised from (a Ray
     task's cause included); None if there is none."""
     prefix = canonical_uri(under).split("://", 1)[-1].rstrip("/") + "/"
-    seen = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
+    for e in _causes(exc):
         if isinstance(e, OSError) and e.errno in _UNWRITABLE:
             name = str(e.filename or "")
             path = canonical_uri(name).split("://", 1)[-1] if name else ""
             if not name or (path + "/").startswith(prefix):
                 return e
-        cause = getattr(e, "cause", None)  # ray.exceptions.RayTaskError keeps it here
-        e = cause if isinstance(cause, BaseException) else (e.__cause__ or e.__context__)
     return None
 
 
