@@ -68,12 +68,18 @@ def _pid_alive(pid: int, start: str | None) -> bool:
 
 
 class OutputLock:
-    """The exclusive lease on an output URI. Use as a context manager."""
+    """The exclusive lease on an output URI. Use as a context manager. `what` names the URI
+    in messages: "output" (the embedding job's) or "index root" (a re-index's)."""
 
     def __init__(
-        self, output_uri: str, storage_options: StorageOptions | None = None, ttl_s: float = 300.0
+        self,
+        output_uri: str,
+        storage_options: StorageOptions | None = None,
+        ttl_s: float = 300.0,
+        what: str = "output",
     ) -> None:
         self.output_uri = output_uri
+        self.what = what
         self.store = open_store(output_uri, storage_options)
         self.ttl_s = ttl_s
         self.etag: str | None = None
@@ -127,20 +133,22 @@ class OutputLock:
             reason = self._stale_reason(doc)
             if reason is None:
                 raise OutputLocked(
-                    f"output {self.output_uri} is being written by another run "
+                    f"{self.what} {self.output_uri} is being written by another run "
                     f"(host {doc.get('host')}, pid {doc.get('pid')}; lock {LOCK_KEY} renewed "
                     f"{time.time() - float(doc.get('renewed_at', 0)):.0f} s ago). Wait for it "
-                    "to finish, or write to another output."
+                    f"to finish, or write to another {self.what}."
                 )
             try:
                 self.store.delete(LOCK_KEY, if_match=cur[1])
             except PreconditionFailed:
                 raise OutputLocked(
-                    f"output {self.output_uri}: another run recovered the stale lock first"
+                    f"{self.what} {self.output_uri}: another run recovered the stale lock first"
                 ) from None
             logger.warning("recovered a stale lock on %s (%s)", self.output_uri, reason)
         else:
-            raise OutputLocked(f"output {self.output_uri}: could not take the lock (contended)")
+            raise OutputLocked(
+                f"{self.what} {self.output_uri}: could not take the lock (contended)"
+            )
         self._thread = threading.Thread(target=self._beat, name="embed-lock", daemon=True)
         self._thread.start()
         return self

@@ -179,7 +179,9 @@ def reindex(cfg: ReindexConfig) -> ReindexResult:
     ir = IndexRoot(root, storage_options)
     try:
         with store_errors(root, "index root", storage_options):
-            lock = OutputLock(root, storage_options, ttl_s=cfg.index.lock_ttl_s).acquire()
+            lock = OutputLock(
+                root, storage_options, ttl_s=cfg.index.lock_ttl_s, what="index root"
+            ).acquire()
     except OutputLocked as e:
         logger.warning("%s", e)
         return ReindexResult("locked", root, message=str(e), seconds=time.perf_counter() - t0)

@@ -318,6 +318,7 @@ def test_two_concurrent_runs_exactly_one_publishes(published, ray_session, s3_se
         # Run B starts while A holds the lease: it must not publish.
         rb = reindex(load_reindex_config(None, over))
         assert rb.status == "locked"
+        assert rb.message.startswith(f"index root {root} is being written by another run")
         assert read_pointer(root, storage_options) == before
         with open(pause + ".go", "w"):
             pass
