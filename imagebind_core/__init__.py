@@ -39,6 +39,7 @@ from imagebind_core.errors import (
     ImageBindError,
     InvalidInput,
     StoreUnavailable,
+    WorkerBroken,
 )
 from imagebind_core.io import read_bytes, s3_storage_options
 from imagebind_core.kinds import (
@@ -139,6 +140,7 @@ __all__ = [
     "StemConfig",
     "StoreUnavailable",
     "TrunkConfig",
+    "WorkerBroken",
     "build_model",
     "check_kind",
     "collate",

@@ -50,3 +50,21 @@ class StoreUnavailable(ImageBindError):
 
     def __reduce__(self):  # picklable across Ray workers
         return (StoreUnavailable, (self.store, self.reason, self.uri))
+
+
+class WorkerBroken(ImageBindError):
+    """This process can no longer load a module it needs: an earlier import in it was
+    interrupted part way (`imagebind_core._lazy.load_module`). Not any input's fault, and not
+    curable in the process: a job's worker exits so that Ray runs its task again on a fresh
+    one; an endpoint replica fails its health check so that Serve replaces it."""
+
+    def __init__(self, module: str, reason: str, cause: str) -> None:
+        self.module = module
+        self.reason = reason
+        self.cause = cause
+        super().__init__(
+            f"this process cannot load {module} ({reason}) since {cause}; it must be restarted"
+        )
+
+    def __reduce__(self):  # picklable across Ray workers
+        return (WorkerBroken, (self.module, self.reason, self.cause))

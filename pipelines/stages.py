@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import pyarrow as pa
@@ -313,9 +313,12 @@ def preprocess_batch(
     fetch = [i for i in todo if cols["data"][i] is None]
     if fetch:
         _fetch_items(cols, fetch, storage_options, lim, read_threads, store_retries)
-    tensors, formats, tokens = _preprocess_items(
-        cols, todo, lim, options or {}, dict(decode or {}), delay_per_item_s
-    )
+    try:
+        tensors, formats, tokens = _preprocess_items(
+            cols, todo, lim, options or {}, dict(decode or {}), delay_per_item_s
+        )
+    except ibc.WorkerBroken as e:
+        _exit_broken_worker(e)
     if trace_path and todo:
         # One write per batch, O_APPEND: lines from concurrent workers do not interleave.
         lines = "".join(f"{os.getpid()} {cols['id'][i]}\n" for i in todo)
@@ -324,6 +327,21 @@ def preprocess_batch(
     out = _preprocessed_table(batch, cols, tensors, formats, tokens, metadata_filled=bool(fetch))
     report(progress, "preprocess", sum(1 for s in cols["status"] if s != STATUS_EOS))
     return out
+
+
+def _exit_broken_worker(e: ibc.WorkerBroken) -> NoReturn:
+    """End a Ray worker that can no longer preprocess (an earlier task's import of a decoder
+    was interrupted when that task was cancelled): its items are not bad, and every later task
+    it ran would fail them all. A worker that dies is a system failure to Ray, which runs the
+    task again on a fresh worker; an exception would fail the job instead. Outside Ray
+    (nothing would run the task again) the error is raised."""
+    import ray
+
+    if not ray.is_initialized() or ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
+        raise e
+    logger.error("%s: this worker exits, and Ray runs its task again on another", e)
+    logging.shutdown()  # flush the line above before the process ends
+    os._exit(70)  # EX_SOFTWARE
 
 
 def _fetch_items(
@@ -408,6 +426,8 @@ def _preprocess_items(
             )
         except ibc.InvalidInput as e:
             cols["status"][i], cols["error"][i] = STATUS_ERROR, e.reason
+        except ibc.WorkerBroken:
+            raise  # the process's, not the item's: `preprocess_batch` replaces the worker
         except Exception as e:  # a bug in a decoder must still not take the block down
             logger.exception("preprocessing %s failed", ids[i])
             cols["status"][i] = STATUS_ERROR
@@ -436,6 +456,8 @@ def _tokenize_rows(
             item_ids=[cols["id"][i] for i in rows],
             **dict(options),
         )
+    except ibc.WorkerBroken:
+        raise
     except Exception:
         logger.debug("batch tokenization failed; texts one by one", exc_info=True)
         return None

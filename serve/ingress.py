@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 import imagebind_core as ibc
+from imagebind_core._lazy import broken
 from serve.encoder import EncodeCall, seconds_histogram
 from serve.http import (
     CLIENT_CLOSED,
@@ -659,6 +660,13 @@ class Ingress:
 
     def __del__(self) -> None:
         self._stop.set()
+
+    def check_health(self) -> None:
+        """Serve's periodic health check: a replica that can no longer preprocess (an import
+        interrupted part way, `imagebind_core.WorkerBroken`) fails it and is replaced."""
+        reason = broken()
+        if reason is not None:
+            raise RuntimeError(reason)
 
     @api.post("/v1/embeddings")
     async def embeddings(self, request: Request) -> Response:

@@ -208,8 +208,9 @@ class Inputs:
 
     def _refusal(self, kind: str, index: int, e: BaseException) -> BaseException:
         """What input `index` failing with `e` answers: 400 for a bad input, 503 when the store
-        cannot be reached (the store or this endpoint's credentials, not the request), else
-        `e` itself."""
+        cannot be reached (the store or this endpoint's credentials, not the request) or this
+        replica can no longer preprocess (WorkerBroken: its health check fails and Serve
+        replaces it), else `e` itself."""
         param = f"input[{index}]"
         if isinstance(e, ibc.InvalidInput):
             return APIError(
@@ -223,6 +224,17 @@ class Inputs:
                 type="server_error",
                 param=param,
                 code="store_unavailable",
+                headers=retry_after(self.args.retry_after_s),
+            )
+        if isinstance(e, ibc.WorkerBroken):
+            log.error("%s: %s", param, e)
+            return APIError(
+                503,
+                f"{param}: this replica cannot preprocess {kind} inputs any more and is being "
+                "replaced; retry later",
+                type="server_error",
+                param=param,
+                code="replica_broken",
                 headers=retry_after(self.args.retry_after_s),
             )
         return e

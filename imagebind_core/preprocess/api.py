@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from imagebind_core._lazy import load_module
 from imagebind_core.errors import InvalidInput
 from imagebind_core.kinds import Kind, check_kind
 from imagebind_core.preprocess.common import DEFAULT_LIMITS, Limits, PreprocessOptionError
@@ -43,7 +43,7 @@ ITEM_SHAPES: dict[str, tuple[int, ...]] = {
 
 def _handler(kind: str) -> Callable[..., torch.Tensor]:
     mod, fn = _HANDLERS[kind]
-    return getattr(importlib.import_module(mod), fn)
+    return getattr(load_module(mod), fn)
 
 
 # Kinds whose input has a smaller exact form for transport: kind -> (compact preprocessing,
@@ -88,7 +88,7 @@ def preprocess(
     k = check_kind(kind)
     if compact and k in _COMPACT:
         mod, name, _ = _COMPACT[k]
-        fn = getattr(importlib.import_module(mod), name)
+        fn = getattr(load_module(mod), name)
     else:
         fn = _handler(k)
     try:
@@ -114,7 +114,7 @@ def expand(kind: Kind | str, x: torch.Tensor, device: Any = None, **options: Any
     mod, _, name = _COMPACT[k]
     if device is not None:
         x = x.to(device)
-    return getattr(importlib.import_module(mod), name)(x, **options)
+    return getattr(load_module(mod), name)(x, **options)
 
 
 def collate(items: Sequence[torch.Tensor]) -> torch.Tensor:
