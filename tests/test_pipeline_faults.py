@@ -244,34 +244,85 @@ def _moto(port: int, recording: str) -> subprocess.Popen:
             time.sleep(0.2)
 
 
+class _FrontedStore:
+    """A recording moto server behind a `_Proxy` at a fixed endpoint, with a bucket of
+    manifests (`ids`): a store the tests can stop (`stop`) and bring back, the same objects
+    at the same endpoint (`start`). `close` kills every server it started."""
+
+    def __init__(self, tmp_path, bucket: str, shards: int) -> None:
+        self.front = free_port()
+        self.recordings = [str(tmp_path / "recording.jsonl")]
+        self.servers = [_moto(free_port(), self.recordings[0])]
+        self.proxy: _Proxy | None = _Proxy(self.front, self._port())
+        self.s3 = S3Server(f"http://127.0.0.1:{self.front}")
+        try:
+            self.bucket = self.s3.create_bucket(bucket)
+            self.client = self.s3.client()
+            self.ids = _manifests(
+                lambda n, b: self.client.put_object(Bucket=self.bucket, Key=f"in/{n}", Body=b),
+                shards=shards,
+                per=3,
+            )
+        except BaseException:
+            self.close()
+            raise
+
+    def _port(self) -> int:
+        return int(self.servers[-1].args[-1])
+
+    def config(self, **extra: object):
+        return load_config(
+            None,
+            {
+                **SLOW,
+                "input": f"s3://{self.bucket}/in",
+                "output": f"s3://{self.bucket}/out",
+                "storage.endpoint_url": self.s3.endpoint_url,
+                **extra,
+            },
+        )
+
+    def stop(self) -> None:
+        """Clients see resets, then connection refused; the server keeps its objects."""
+        if self.proxy is not None:
+            self.proxy.stop()
+            self.proxy = None
+
+    def start(self) -> None:
+        self.proxy = _Proxy(self.front, self._port())
+
+    def restart_server(self) -> None:
+        """Kill the server and start a new one that replays the recording (the same objects,
+        as a restarted persistent store has); reachable once `start` is called."""
+        self.servers[-1].kill()
+        self.servers[-1].wait(10)
+        rec = f"{self.recordings[0]}.{len(self.servers)}"
+        shutil.copy(self.recordings[-1], rec)
+        self.recordings.append(rec)
+        self.servers.append(_moto(free_port(), rec))
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self._port()}/moto-api/recorder/replay-recording", method="POST"
+        )
+        urllib.request.urlopen(req, timeout=120)
+
+    def close(self) -> None:
+        self.stop()
+        for p in self.servers:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+
+
 @pytest.mark.slow
 def test_object_store_restarted_mid_job(tmp_path, ray_session):
     # The store is a moto server that records every request; "restarting" it is a new server
     # that replays the recording — the same objects, as a restarted persistent store has —
     # before it becomes reachable again at the same endpoint (a forwarder in front of it).
-    front = free_port()
-    rec = str(tmp_path / "recording.jsonl")
-    moto1 = _moto(free_port(), rec)
-    proxy = _Proxy(front, int(moto1.args[-1]))
-    moto2 = None
-    s3 = S3Server(f"http://127.0.0.1:{front}")
+    store = _FrontedStore(tmp_path, "restart", shards=6)
     try:
-        bucket = s3.create_bucket("restart")
-        client = s3.client()
-        all_ids = _manifests(
-            lambda n, b: client.put_object(Bucket=bucket, Key=f"in/{n}", Body=b), shards=6, per=3
-        )
+        bucket, client = store.bucket, store.client
         trace = tmp_path / "trace.txt"
-        cfg = load_config(
-            None,
-            {
-                **SLOW,
-                "input": f"s3://{bucket}/in",
-                "output": f"s3://{bucket}/out",
-                "storage.endpoint_url": s3.endpoint_url,
-                "debug.trace_path": str(trace),
-            },
-        )
+        cfg = store.config(**{"debug.trace_path": str(trace)})
 
         def committed() -> dict[str, bytes]:
             try:
@@ -293,17 +344,10 @@ def test_object_store_restarted_mid_job(tmp_path, ray_session):
         # Stop the store: the forwarder goes away (connections reset, then refused) and the
         # server is killed; ~8 s later a new server with the same objects takes its place.
         stopped = time.time()
-        proxy.stop()
-        moto1.kill()
-        moto1.wait(10)
-        shutil.copy(rec, rec + ".2")
-        moto2 = _moto(free_port(), rec + ".2")
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{moto2.args[-1]}/moto-api/recorder/replay-recording", method="POST"
-        )
-        urllib.request.urlopen(req, timeout=120)
+        store.stop()
+        store.restart_server()
         time.sleep(max(0.0, stopped + 8.0 - time.time()))
-        proxy = _Proxy(front, int(moto2.args[-1]))
+        store.start()
         job.join(400)
         assert not job.is_alive(), "the job hung after the store came back"
         outcome = "completed"
@@ -312,20 +356,16 @@ def test_object_store_restarted_mid_job(tmp_path, ray_session):
             assert isinstance(job.error, StoreUnavailable), job.error
             assert "rerun the same command" in str(job.error)
             run_job(cfg)
-        emb, err, _ = read_output(f"{bucket}/out", s3.filesystem())
+        emb, err, _ = read_output(f"{bucket}/out", store.s3.filesystem())
         ids = emb.column("id").to_pylist()
-        assert sorted(ids) == sorted(all_ids), f"({outcome}) an item missing or present twice"
+        assert sorted(ids) == sorted(store.ids), f"({outcome}) an item missing or present twice"
         assert err.num_rows == 0, f"({outcome}) items recorded as failed: {err.to_pylist()}"
         after = committed()
         assert {k: after[k] for k in before} == before, "a committed file was rewritten"
         assert not (_ids_of(before) & set(_trace(str(trace), mark))), "committed work recomputed"
         print(f"object store restart: the job {outcome}")
     finally:
-        proxy.stop()
-        for p in (moto1, moto2):
-            if p is not None and p.poll() is None:
-                p.kill()
-                p.wait(10)
+        store.close()
 
 
 @pytest.mark.slow
@@ -333,53 +373,34 @@ def test_object_store_gone_for_good_ends_the_run_with_one_sentence(tmp_path, ray
     # The store goes away mid-run and stays away past every retry: the run ends with the
     # store's error (the stage's own, not Ray Data's UDF wrapper), saying to rerun; the rerun
     # once the store is back completes, every item once.
-    front = free_port()
-    moto = _moto(free_port(), str(tmp_path / "recording.jsonl"))
-    proxy = _Proxy(front, int(moto.args[-1]))
-    s3 = S3Server(f"http://127.0.0.1:{front}")
+    store = _FrontedStore(tmp_path, "gone", shards=4)
     try:
-        bucket = s3.create_bucket("gone")
-        client = s3.client()
-        all_ids = _manifests(
-            lambda n, b: client.put_object(Bucket=bucket, Key=f"in/{n}", Body=b), shards=4, per=3
-        )
-        cfg = load_config(
-            None,
-            {
-                **SLOW,
-                "input": f"s3://{bucket}/in",
-                "output": f"s3://{bucket}/out",
-                "storage.endpoint_url": s3.endpoint_url,
-                # The lock the run could not remove with the store gone is this process's:
-                # the rerun takes it over once its lease ends, as one from another would.
-                "lock_ttl_s": 10,
-            },
-        )
+        # The lock the run could not remove with the store gone is this process's: the rerun
+        # takes it over once its lease ends, as one from another would.
+        cfg = store.config(lock_ttl_s=10)
 
         def parts() -> int:
-            listing = client.list_objects_v2(Bucket=bucket, Prefix="out/_parts/")
+            listing = store.client.list_objects_v2(Bucket=store.bucket, Prefix="out/_parts/")
             return listing.get("KeyCount", 0)
 
         job = _Job(cfg)
         job.start()
         _wait(lambda: parts() >= 1, 240, "a part is written", job.is_alive)
-        proxy.stop()
+        store.stop()
         job.join(400)
         assert not job.is_alive(), "the job hung with the store gone"
         assert isinstance(job.error, StoreUnavailable), repr(job.error)
         message = str(job.error)
-        assert message.startswith(f"object store {s3.endpoint_url} is unavailable: "), message
+        assert message.startswith(f"object store {store.s3.endpoint_url} is unavailable: "), message
         assert "rerun the same command to resume" in message
         assert "UDF" not in message and "Traceback" not in message, message
-        proxy = _Proxy(front, int(moto.args[-1]))
+        store.start()
         run_job(cfg)
-        emb, err, _ = read_output(f"{bucket}/out", s3.filesystem())
-        assert sorted(emb.column("id").to_pylist()) == sorted(all_ids)
+        emb, err, _ = read_output(f"{store.bucket}/out", store.s3.filesystem())
+        assert sorted(emb.column("id").to_pylist()) == sorted(store.ids)
         assert err.num_rows == 0
     finally:
-        proxy.stop()
-        moto.kill()
-        moto.wait(10)
+        store.close()
 
 
 # --------------------------------------------------------------------- node loss
