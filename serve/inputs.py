@@ -182,12 +182,15 @@ class Inputs:
     async def prepare_all(self, kind: str, inputs: list[str]) -> tuple[list[np.ndarray], int]:
         """Preprocess every input on the pool; the lowest-index bad input -> 400."""
         if kind == "text":
-            if sum(map(len, inputs)) <= _INLINE_TEXT_CHARS:
-                # Tokenising a few short texts takes microseconds: cheaper on the event loop
-                # than a thread hand-off, which costs milliseconds on a busy machine.
-                return self.prepare_texts(inputs)
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self.pool, self.prepare_texts, inputs)
+            try:
+                if sum(map(len, inputs)) <= _INLINE_TEXT_CHARS:
+                    # Tokenising a few short texts takes microseconds: cheaper on the event
+                    # loop than a thread hand-off, which costs milliseconds on a busy machine.
+                    return self.prepare_texts(inputs)
+                loop = asyncio.get_running_loop()
+                return await loop.run_in_executor(self.pool, self.prepare_texts, inputs)
+            except ibc.WorkerBroken as e:
+                raise self._refusal(kind, 0, e) from e
         loop = asyncio.get_running_loop()
         # The pool is shared and first-in first-out: a request queues at most one pool's worth
         # of its inputs at a time, so requests' inputs interleave. Queued all at once, 64 heavy

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from helpers.pipeline import SMALL_JOB as SMALL
-from helpers.pipeline import read_output
+from helpers.pipeline import break_imports, imports_restored, read_output
 
 from pipelines.cli import embed_main as main
 from pipelines.config import load_config
@@ -475,26 +475,6 @@ def test_an_output_with_ids_of_the_old_webdataset_rule_is_not_embedded_again(tmp
 # ------------------------------------------------- a worker whose imports were interrupted
 
 
-def _break_imports(module: str) -> None:
-    """Make this process one whose import of `module` was interrupted part way and fails
-    when tried again, as torch's second import does ("duplicate registrations for aten...")."""
-    import imagebind_core._lazy as lazy
-    import imagebind_core.preprocess as pkg
-
-    class FailingImport:
-        def find_spec(self, fullname, path=None, target=None):
-            if fullname == module:
-                raise RuntimeError("duplicate registrations for aten.linspace.Tensor_Tensor")
-            return None
-
-    sys.modules.pop(module, None)
-    short = module.rsplit(".", 1)[1]
-    for name in [n for n, m in pkg._LAZY.items() if m == short]:
-        pkg.__dict__.pop(name, None)  # names the package cached from the module
-    sys.meta_path.insert(0, FailingImport())
-    lazy._interrupted = f"importing {module} was interrupted (KeyboardInterrupt)"
-
-
 def _text_batch(ids: list[str]) -> pa.Table:
     rows = []
     for i in ids:
@@ -505,7 +485,7 @@ def _text_batch(ids: list[str]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=ITEM_SCHEMA)
 
 
-def test_an_interrupted_import_is_the_processs_fault_not_the_items(monkeypatch):
+def test_an_interrupted_import_is_the_processs_fault_not_the_items():
     # What a stopped job leaves on a cluster that outlives it: Ray cancels a preprocessing
     # task with KeyboardInterrupt, here in the middle of importing the text decoder (and
     # torch); every later import of it in that worker fails. Before, each item the worker was
@@ -513,40 +493,32 @@ def test_an_interrupted_import_is_the_processs_fault_not_the_items(monkeypatch):
     # registrations ..." and never embedded. Now: WorkerBroken (outside Ray, raised; in a Ray
     # worker, the worker exits: the next test).
     import imagebind_core._lazy as lazy
-    import imagebind_core.preprocess as pkg
     from imagebind_core.errors import WorkerBroken
 
     module = "imagebind_core.preprocess.text"
-    monkeypatch.setattr(lazy, "_interrupted", None)
-    monkeypatch.setattr(lazy, "_broken", None)
-    monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))
-    saved = {n: pkg.__dict__[n] for n, m in pkg._LAZY.items() if n in pkg.__dict__}
-    had = sys.modules.get(module)
-    try:
 
-        class Interrupting:
-            def find_spec(self, fullname, path=None, target=None):
-                if fullname == module:
-                    raise KeyboardInterrupt
-                return None
+    class Interrupting:
+        def find_spec(self, fullname, path=None, target=None):
+            if fullname == module:
+                raise KeyboardInterrupt
+            return None
 
+    with imports_restored(module):
+        lazy._interrupted = lazy._broken = None
         sys.modules.pop(module, None)
         sys.meta_path.insert(0, Interrupting())
         with pytest.raises(KeyboardInterrupt):
             lazy.load_module(module)
+        assert lazy._interrupted == f"importing {module} was interrupted (KeyboardInterrupt)"
         assert lazy.broken() is None  # an interrupted import alone is not yet a failure
         sys.meta_path.pop(0)
-        _break_imports(module)
+        break_imports(module)
         with pytest.raises(WorkerBroken) as e:
             preprocess_batch(_text_batch(["a", "b"]))
         msg = str(e.value)
         assert msg.startswith(f"this process cannot load {module} (RuntimeError: dup"), msg
         assert f"since importing {module} was interrupted" in msg, msg
         assert lazy.broken() == msg  # what a Serve replica's health check reports
-    finally:
-        if had is not None:
-            sys.modules[module] = had
-        pkg.__dict__.update(saved)
 
 
 def test_a_worker_that_cannot_import_its_decoders_is_replaced(tmp_path, ray_session):
@@ -562,17 +534,19 @@ def test_a_worker_that_cannot_import_its_decoders_is_replaced(tmp_path, ray_sess
         if not os.path.exists(marker):
             with open(marker, "w") as f:
                 f.write(str(os.getpid()))
-            _break_imports("imagebind_core.preprocess.text")
+            break_imports("imagebind_core.preprocess.text")
         out = preprocess_batch(batch)
         return os.getpid(), out.select(["id", "status", "error"]).to_pylist()
 
-    # Workers cannot import this test module: its functions travel by value.
-    this = sys.modules[__name__]
-    ray.cloudpickle.register_pickle_by_value(this)
+    # Workers cannot import the test modules: their functions travel by value.
+    here = [sys.modules[__name__], sys.modules[break_imports.__module__]]
+    for m in here:
+        ray.cloudpickle.register_pickle_by_value(m)
     try:
         pid, rows = ray.get(attempt.remote(_text_batch(["a", "b", "c"])), timeout=180)
     finally:
-        ray.cloudpickle.unregister_pickle_by_value(this)
+        for m in here:
+            ray.cloudpickle.unregister_pickle_by_value(m)
     with open(marker) as f:
         assert int(f.read()) != pid, "the task was not run again in another worker"
     assert [(r["id"], r["status"], r["error"]) for r in rows] == [

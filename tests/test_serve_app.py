@@ -415,6 +415,36 @@ def test_unreachable_object_store_is_503_naming_it(ray_session):
     assert dead in err.message and err.headers["Retry-After"] == "4"
 
 
+def test_a_replica_that_cannot_import_its_decoders_is_503_and_unhealthy(ray_session):
+    # An ingress replica whose decoder import was interrupted part way cannot preprocess any
+    # more (imagebind_core.WorkerBroken): not the request's fault (503, retry), and its health
+    # check fails so that Serve replaces it.
+    from helpers.pipeline import break_imports, imports_restored
+
+    from serve.http import APIError
+    from serve.ingress import EmbeddingService, Ingress
+    from serve.options import AppArgs
+
+    svc = EmbeddingService(AppArgs(preset="tiny", retry_after_s=4), {})
+    png = base64.b64encode(media.make_image()).decode()
+    health = Ingress.func_or_class.check_health
+    health(None)  # healthy
+    for kind, module, value in (
+        ("text", "imagebind_core.preprocess.text", "a caption"),
+        ("vision", "imagebind_core.preprocess.image", png),
+    ):
+        with imports_restored(module):
+            break_imports(module)
+            with pytest.raises(APIError) as e:
+                asyncio.run(svc.inputs.prepare_all(kind, [value]))
+            err = e.value
+            assert err.status == 503 and err.code == "replica_broken", (kind, err.message)
+            assert err.param == "input[0]" and err.headers["Retry-After"] == "4"
+            with pytest.raises(RuntimeError, match=f"cannot load {module}"):
+                health(None)
+    health(None)
+
+
 # --------------------------------------------------------------------------- errors
 
 

@@ -4,11 +4,13 @@ directly on the same items."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import sys
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -248,3 +250,44 @@ def read_output(output: str, fs: Any = None) -> tuple[pa.Table, pa.Table, list[s
     except (FileNotFoundError, OSError):
         err = pa.table({"id": pa.array([], pa.string())})
     return emb, err, list(ds.files)
+
+
+def break_imports(module: str) -> None:
+    """Make this process one whose import of `module` was interrupted part way and fails
+    when tried again, as torch's second import does ("duplicate registrations for aten...")."""
+    import imagebind_core._lazy as lazy
+    import imagebind_core.preprocess as pkg
+
+    class FailingImport:
+        def find_spec(self, fullname, path=None, target=None):
+            if fullname == module:
+                raise RuntimeError("duplicate registrations for aten.linspace.Tensor_Tensor")
+            return None
+
+    sys.modules.pop(module, None)
+    short = module.rsplit(".", 1)[1]
+    for name in [n for n, m in pkg._LAZY.items() if m == short]:
+        pkg.__dict__.pop(name, None)  # names the package cached from the module
+    sys.meta_path.insert(0, FailingImport())
+    lazy._interrupted = f"importing {module} was interrupted (KeyboardInterrupt)"
+
+
+@contextlib.contextmanager
+def imports_restored(module: str) -> Iterator[None]:
+    """Undo on exit what `break_imports(module)` (or a test's own import hooks) did to this
+    process: the import hooks, the module, the package's cached names, `_lazy`'s memory."""
+    import imagebind_core._lazy as lazy
+    import imagebind_core.preprocess as pkg
+
+    hooks, mod, names = list(sys.meta_path), sys.modules.get(module), dict(pkg.__dict__)
+    state = (lazy._interrupted, lazy._broken)
+    try:
+        yield
+    finally:
+        sys.meta_path[:] = hooks
+        if mod is None:
+            sys.modules.pop(module, None)
+        else:
+            sys.modules[module] = mod
+        pkg.__dict__.update(names)
+        lazy._interrupted, lazy._broken = state
