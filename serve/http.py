@@ -27,9 +27,11 @@ if TYPE_CHECKING:
     from serve.options import AppArgs
 
 TIMEOUT_HEADER = "x-request-timeout"
-# A body still arriving after max(request deadline, this) is a 408: a client that stalls
-# mid-upload must not hold an ingress slot forever. The floor keeps a tiny X-Request-Timeout
-# from turning the proxy's own body hand-off into a "client too slow".
+# A body gets this long to start, plus the time its bytes take at `body_min_rate` (AppArgs), and
+# at most max(request deadline, this): else 408. A client stalled mid-upload holds one of the
+# ingress's slots (`max_ongoing_requests`), which every request, health checks included, waits
+# for; ~130 stalled uploads held them all for the whole deadline. The floor also keeps a tiny
+# X-Request-Timeout from turning the proxy's own body hand-off into a "client too slow".
 BODY_READ_MIN_S = 5.0
 CLIENT_CLOSED = 499  # nginx's status for a client that went away: counted, never answered
 
@@ -129,6 +131,7 @@ class RequestPolicy:
 
     def __init__(self, args: AppArgs) -> None:
         self.max_body_bytes = args.max_body_bytes
+        self.body_min_rate = args.body_min_rate
         self.request_timeout_s = args.request_timeout_s
         self.retry_after_header = retry_after(args.retry_after_s)
         self._api_key = api_key(args)
@@ -150,9 +153,11 @@ class RequestPolicy:
                 headers={"WWW-Authenticate": "Bearer"},
             )
 
-    async def read_body(self, request: Request) -> bytes:
-        """The request body, refusing (413) one over `max_body_bytes` before buffering it and
-        (415) a compressed one."""
+    async def read_body(
+        self, request: Request, stream: AsyncIterator[bytes] | None = None
+    ) -> bytes:
+        """The request body (from `stream`, default the request's), refusing (413) one over
+        `max_body_bytes` before buffering it and (415) a compressed one."""
         encoding = request.headers.get("content-encoding", "").strip().lower()
         if encoding not in ("", "identity"):
             raise APIError(
@@ -174,22 +179,45 @@ class RequestPolicy:
             except ValueError:
                 raise APIError(400, "Content-Length is not a number") from None
         body = bytearray()
-        async for part in request.stream():
+        async for part in stream if stream is not None else request.stream():
             body += part
             if len(body) > limit:
                 raise too_big
         return bytes(body)
 
     async def read_body_in_time(self, request: Request, deadline_s: float) -> bytes:
-        """`read_body`, or 408 when the body has not fully arrived in time."""
-        wait = max(deadline_s, BODY_READ_MIN_S)
+        """`read_body`, or 408 when the body arrives too slowly: by BODY_READ_MIN_S plus the
+        time its bytes so far take at `body_min_rate`, and within max(deadline, that floor)."""
+        cap = max(deadline_s, BODY_READ_MIN_S)
+        rate = self.body_min_rate
+        start = time.monotonic()
+        got = 0
+
+        async def paced() -> AsyncIterator[bytes]:
+            nonlocal got
+            parts = request.stream().__aiter__()
+            while True:
+                allowed = min(cap, BODY_READ_MIN_S + got / rate)
+                async with asyncio.timeout(allowed - (time.monotonic() - start)):
+                    try:
+                        part = await parts.__anext__()
+                    except StopAsyncIteration:
+                        return
+                got += len(part)
+                yield part
+
         try:
-            async with asyncio.timeout(wait):
-                return await self.read_body(request)
+            return await self.read_body(request, paced())
         except TimeoutError:
-            raise APIError(
-                408, f"request body not received within {wait:g} s", code="request_timeout"
-            ) from None
+            took = time.monotonic() - start
+            if took < cap - 0.5:
+                why = (
+                    f"request body too slow: {got} bytes in {took:.0f} s (it must start "
+                    f"within {BODY_READ_MIN_S:g} s and then arrive at {rate} bytes/s or more)"
+                )
+            else:
+                why = f"request body not received within {cap:g} s"
+            raise APIError(408, why, code="request_timeout") from None
 
     def deadline_s(self, request: Request) -> float:
         """The server's request timeout, shortened by an `X-Request-Timeout` header (seconds)."""

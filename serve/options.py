@@ -213,6 +213,11 @@ class AppArgs(BaseModel):
         "bearer token; keeps the secret out of config files. Used when api_key is None.",
     )
     max_body_bytes: PositiveInt = Field(default=32 * 1024 * 1024, description="Else 413.")
+    body_min_rate: PositiveInt = Field(
+        default=32 * 1024,
+        description="Bytes/s a request body must keep up after its first 5 s, else 408: a "
+        "stalled upload holds an ingress slot that other requests wait for.",
+    )
     max_inputs: PositiveInt = Field(default=64, description="Inputs per request, else 400.")
     max_input_bytes: PositiveInt = Field(
         default=16 * 1024 * 1024, description="Decoded bytes of one media input, else 400."

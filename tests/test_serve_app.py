@@ -536,6 +536,43 @@ def test_a_stalled_upload_is_408_not_a_hang(apps):
     assert b"request_timeout" in reply and time.monotonic() - t0 < 30
 
 
+def test_a_body_must_keep_a_minimum_rate_not_the_whole_deadline(apps):
+    # The request deadline is 60 s, but a stalled body holds an ingress slot (the slots are
+    # what every request, /healthz included, waits for): it gets 5 s to start plus the time
+    # its bytes take at `body_min_rate`. A slow but steady upload is not cut.
+    url = httpx.URL(apps["a"])
+
+    def post(parts: list[bytes], declared: int, pause_s: float) -> tuple[bytes, float]:
+        head = (
+            f"POST {url.path}/v1/embeddings HTTP/1.1\r\nHost: {url.host}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {declared}\r\n\r\n"
+        ).encode()
+        t0 = time.monotonic()
+        with socket.create_connection((url.host, url.port), timeout=90) as sock:
+            sock.sendall(head)
+            for p in parts:
+                sock.sendall(p)
+                time.sleep(pause_s)
+            reply = b""
+            while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                reply += chunk
+        return reply, time.monotonic() - t0
+
+    reply, took = post([b'{"input":'], 1000, 0)  # 991 bytes never sent
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:300]
+    assert b"request body too slow: 9 bytes in" in reply, reply[-300:]
+    assert took < 20, took  # not the 60 s deadline
+    # ~64 KiB/s for 6 s, past the first 5 s: twice the minimum rate.
+    pad = [b" " * 65536 for _ in range(6)]
+    body = [b'{"input": "a dog"', *pad, b"}"]
+    reply, took = post(body, sum(map(len, body)), 1.0)
+    assert reply.startswith(b"HTTP/1.1 200"), reply[:300]
+    assert took > 5.5, took
+
+
 def test_malformed_json_and_size_limits(client):
     r = client.post(
         "/v1/embeddings", content=b"{not json", headers={"content-type": "application/json"}
