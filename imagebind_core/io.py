@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import stat
 import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -144,6 +145,8 @@ def read_bytes(
     """
     try:
         fs, path = filesystem(uri, storage_options)
+        if _is_local(fs):
+            _check_regular(path, uri, modality)
         if max_bytes is not None:
             try:
                 size = fs.size(path)
@@ -173,6 +176,19 @@ def read_bytes(
     if max_bytes is not None and len(data) > max_bytes:
         raise InvalidInput(modality, f"object is over the limit of {max_bytes} bytes", uri)
     return data
+
+
+def _is_local(fs: Any) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def _check_regular(path: str, uri: str, modality: str) -> None:
+    """InvalidInput unless local `path` (links followed) is a regular file: opening a FIFO
+    waits for a writer forever, and a device (/dev/zero) never ends."""
+    st = os.stat(path)  # FileNotFoundError: "object not found", as for any store
+    if not stat.S_ISREG(st.st_mode):
+        what = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise InvalidInput(modality, f"cannot read {uri}: {what}", uri)
 
 
 def local_cache_dir() -> str:

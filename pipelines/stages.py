@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import imagebind_core as ibc
-from imagebind_core.io import StorageOptions, filesystem
+from imagebind_core.io import StorageOptions, filesystem, protocol_of
 from pipelines.progress import report
 from pipelines.rows import (
     PREPROCESSED_SCHEMA,
@@ -42,7 +42,7 @@ from pipelines.rows import (
     encoded_schema,
     fingerprint_from_info,
 )
-from pipelines.store import with_store_retries
+from pipelines.store import transient_store_error, with_store_retries
 
 logger = logging.getLogger(__name__)
 
@@ -270,9 +270,11 @@ def _fetch(
         fs, path = filesystem(uri, storage_options)
         try:
             info = fingerprint_from_info(fs.info(path))
-        except FileNotFoundError:
-            raise ibc.InvalidInput(kind, f"object not found: {uri}") from None
         except Exception as e:
+            if transient_store_error(e):  # s3fs says "not found" for an endpoint it cannot reach
+                raise
+            if isinstance(e, FileNotFoundError):
+                raise ibc.InvalidInput(kind, f"object not found: {uri}") from None
             raise ibc.InvalidInput(kind, f"cannot stat {uri}: {e}") from None
     return ibc.read_bytes(uri, storage_options, max_bytes=max_bytes, modality=kind), info
 
@@ -365,7 +367,11 @@ def _fetch_items(
                 storage_options,
                 store_retries,
             )
-        except ibc.StoreUnavailable:
+        except ibc.StoreUnavailable as e:
+            if protocol_of(uris[i]) in ("http", "https"):
+                # A web host is not the job's store: one still down after the retries fails
+                # its items (dead links are common in web corpora), not the whole job.
+                return i, f"cannot read {uris[i]}: {e.reason}"
             raise
         except ibc.InvalidInput as e:
             return i, e.reason

@@ -71,14 +71,20 @@ _TRANSIENT_CODES = {"500", "502", "503", "504", "SlowDown", "ServiceUnavailable"
 
 def _causes(exc: BaseException) -> Iterator[BaseException]:
     """`exc`, then each exception it was raised from (a Ray task error's `cause` included),
-    each once."""
+    each once: the chain a traceback shows, so `raise ... from None` ends it (an "object not
+    found" raised from None is not the connection error fsspec's HTTP store caught first)."""
     seen = set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         yield e
         cause = getattr(e, "cause", None)  # ray.exceptions.RayTaskError keeps it here
-        e = cause if isinstance(cause, BaseException) else (e.__cause__ or e.__context__)
+        if isinstance(cause, BaseException):
+            e = cause
+        elif e.__cause__ is not None or e.__suppress_context__:
+            e = e.__cause__
+        else:
+            e = e.__context__
 
 
 def transient_store_error(exc: BaseException) -> bool:

@@ -284,17 +284,32 @@ def test_files_and_rows_added_after_a_commit_are_embedded_exactly_once(tmp_path,
 
 
 def test_a_bad_uri_fails_its_item_not_the_job(tmp_path, ray_session):
+    # An unknown scheme, a FIFO (opening it waited for a writer: the job hung), a folder, a
+    # device that never ends, and a web host that is down (it stopped the whole job as an
+    # unavailable store): each fails its own item, named, and the job completes.
+    from helpers.net import free_port
+
     man, out = tmp_path / "man", tmp_path / "out"
     man.mkdir()
-    (man / "m.csv").write_text(
-        "id,uri,modality,text\ngood,,text,fine caption\nweird,foo://bar/x.jpg,vision,\n"
-    )
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    dead = f"http://127.0.0.1:{free_port()}/a.png"
+    bad = {
+        "weird": "foo://bar/x.jpg",
+        "fifo": str(fifo),
+        "folder": str(man),
+        "device": "/dev/zero",
+        "dead": dead,
+    }
+    rows = "".join(f"{k},{u},vision,\n" for k, u in bad.items())
+    (man / "m.csv").write_text(f"id,uri,modality,text\ngood,,text,fine caption\n{rows}")
     cfg = load_config(None, {**SMALL, "input": str(man), "output": str(out)})
     run_job(cfg)
     emb, err = _ids(str(out))
-    assert emb == ["good"] and err == ["weird"]
-    reason = pq.read_table(out / "_errors" / "m.parquet").column("error").to_pylist()[0]
-    assert "foo://bar/x.jpg" in reason
+    assert emb == ["good"] and sorted(err) == sorted(bad)
+    errors = pq.read_table(out / "_errors" / "m.parquet").to_pylist()
+    for r in errors:
+        assert bad[r["id"]] in r["error"], r
 
 
 def test_an_output_that_refuses_writes_is_named_in_one_sentence(
