@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 import imagebind_core as ibc
 from imagebind_core.index import IndexOptions, join_uri
 from imagebind_core.kinds import Kind
+from imagebind_core.preprocess import PreprocessOptionError
 
 Format = Literal["auto", "manifest", "webdataset", "files"]
 # "auto": bfloat16 on GPU encoders and on CPUs with AMX / AVX-512 BF16, float32 on other CPUs
@@ -178,6 +179,18 @@ class PreprocessConfig(_Strict):
                 raise ValueError(
                     f"decode.{kind}: gpu decoding exists for {list(ibc.DEVICE_DECODE_KINDS)} only"
                 )
+        return v
+
+    @field_validator("options")
+    @classmethod
+    def _check_options(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        # Here, not per item: a bad option would fail every item of its kind into _errors/
+        # and the job would still exit 0 (its output then refuses the corrected config).
+        for kind, opts in v.items():
+            try:
+                ibc.preprocess.check_options(kind, opts)
+            except PreprocessOptionError as e:
+                raise ValueError(str(e)) from None
         return v
 
     @field_validator("limits")

@@ -53,12 +53,27 @@ from pipelines.writers import commit_shard, write_parts
         ({"encoders.smell.batch_size": 3}, "encoders.smell"),
         ({"encoder_defaults.max_actors": "many"}, "encoder_defaults.max_actors"),
         ({"preprocess.batch_sizes": {"text": 0}}, "preprocess.batch_sizes.text"),
+        # Checked before the job starts: per item, every item of the kind failed, exit 0.
+        (
+            {"preprocess.options": {"vision": {"bogus": 1}}},
+            "preprocess.options: unknown vision preprocessing option(s) ['bogus']",
+        ),
+        (
+            {"preprocess.options": {"depth": {"input": "sideways"}}},
+            "preprocess.options: invalid depth preprocessing option: DepthConfig.input must be",
+        ),
     ],
 )
 def test_bad_config_names_the_field(overrides, named):
     with pytest.raises(ConfigError) as e:
         load_config(None, {"input": "in", "output": "out", **overrides})
     assert named in str(e.value)
+
+
+def test_valid_preprocessing_options_are_accepted():
+    opts = {"depth": {"input": "disparity"}, "audio": {"mean_subtraction": "per_clip"}}
+    cfg = load_config(None, {"input": "in", "output": "out", "preprocess.options": opts})
+    assert cfg.preprocess.options == opts
 
 
 def test_missing_field_and_yaml_errors(tmp_path):

@@ -12,6 +12,7 @@ from imagebind_core._lazy import lazy_getattr
 from imagebind_core.kinds import KINDS, model_modality
 from imagebind_core.preprocess.api import (
     ITEM_SHAPES,
+    check_options,
     collate,
     expand,
     infer_kind,
@@ -67,6 +68,7 @@ __all__ = [
     "PREPROCESS_VERSION",
     "Limits",
     "PreprocessOptionError",
+    "check_options",
     "collate",
     "expand",
     "infer_kind",

@@ -10,7 +10,12 @@ from urllib.parse import urlsplit
 from imagebind_core._lazy import load_module
 from imagebind_core.errors import InvalidInput
 from imagebind_core.kinds import Kind, check_kind
-from imagebind_core.preprocess.common import DEFAULT_LIMITS, Limits, PreprocessOptionError
+from imagebind_core.preprocess.common import (
+    DEFAULT_LIMITS,
+    Limits,
+    PreprocessOptionError,
+    replace_config,
+)
 
 if TYPE_CHECKING:  # torch loads with the first decoder: listing and writing tasks never pay it
     import torch
@@ -27,6 +32,17 @@ _HANDLERS: dict[str, tuple[str, str]] = {
     "depth": ("imagebind_core.preprocess.depth", "depth_from_bytes"),
     "thermal": ("imagebind_core.preprocess.depth", "thermal_from_bytes"),
     "imu": ("imagebind_core.preprocess.imu", "imu_from_bytes"),
+}
+
+# kind -> (module, its default config): what `check_options` applies options to.
+_DEFAULT_CONFIGS: dict[str, tuple[str, str]] = {
+    "vision": ("imagebind_core.preprocess.image", "IMAGE"),
+    "video": ("imagebind_core.preprocess.video", "VIDEO"),
+    "text": ("imagebind_core.preprocess.text", "TEXT"),
+    "audio": ("imagebind_core.preprocess.audio", "AUDIO"),
+    "depth": ("imagebind_core.preprocess.depth", "DEPTH"),
+    "thermal": ("imagebind_core.preprocess.depth", "THERMAL"),
+    "imu": ("imagebind_core.preprocess.imu", "IMU"),
 }
 
 # Shape of one preprocessed item, without the batch axis.
@@ -100,6 +116,15 @@ def preprocess(
     except (Exception, MemoryError) as e:
         logger.exception("unexpected error preprocessing %s item %r", k, item_id)
         raise InvalidInput(k, f"{type(e).__name__}: {e}", item_id) from e
+
+
+def check_options(kind: Kind | str, options: dict[str, Any]) -> None:
+    """Raise `PreprocessOptionError` if `preprocess(kind, ..., **options)` would, whatever the
+    item (an unknown name, an invalid value): a job checks its configuration with this before
+    it reads anything, rather than failing every item of the kind."""
+    k = check_kind(kind)
+    mod, name = _DEFAULT_CONFIGS[k]
+    replace_config(getattr(load_module(mod), name), dict(options), k)
 
 
 def expand(kind: Kind | str, x: torch.Tensor, device: Any = None, **options: Any) -> torch.Tensor:
