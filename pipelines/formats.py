@@ -152,7 +152,13 @@ def _manifest_column_types(table: pa.Table, uri: str) -> pa.Table:
         if c == "id" and pa.types.is_floating(col.type):
             col = pa.array([_float_id(v) for v in col.to_pylist()], pa.string())
         elif col.type != pa.string():
-            col = col.cast(pa.string())
+            try:
+                col = col.cast(pa.string())
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+                raise PlanError(
+                    f"manifest {uri}: column {c!r} of type {col.type} cannot be read as "
+                    f"strings: {e}"
+                ) from None
         if c == "text":  # "" is no text, as CSV reads it, whatever the file format
             col = pc.if_else(pc.equal(col, ""), pa.scalar(None, pa.string()), col)
         table = table.set_column(table.column_names.index(c), c, col)

@@ -472,6 +472,19 @@ def test_manifest_columns_of_other_types_are_normalised(tmp_path):
     (d / "bad.csv").rename(d / "bad.json")
     with pytest.raises(PlanError, match="JSON Lines"):
         plan_job(cfg)
+    # A list where a string belongs, and bytes that are not UTF-8: one sentence, not a
+    # traceback from Arrow's cast.
+    (d / "bad.json").unlink()
+    (d / "bad.jsonl").write_text('{"uri": "b.png", "modality": "text", "text": ["x"]}\n')
+    with pytest.raises(PlanError, match=r"bad.jsonl: column 'text' of type list<.*strings"):
+        plan_job(cfg)
+    (d / "bad.jsonl").unlink()
+    bad_id = pa.array([b"\xff"], pa.binary())
+    pq.write_table(
+        pa.table({"id": bad_id, "uri": ["b.png"], "modality": ["vision"]}), d / "bad.parquet"
+    )
+    with pytest.raises(PlanError, match=r"bad.parquet: column 'id' of type binary .*UTF8"):
+        plan_job(cfg)
 
 
 def test_listing_edge_cases_of_paths_and_formats(tmp_path):
