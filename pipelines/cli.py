@@ -33,16 +33,16 @@ from pipelines.console import (
     resume_command,
     shutdown_ray,
 )
-from pipelines.embed import OutputMismatch, check_output, run_job, verify_record
+from pipelines.embed import OutputMismatch, check_output, job_record, run_job, verify_record
 from pipelines.formats import PlanError
 from pipelines.lineage import model_lineage
 from pipelines.lock import OutputLocked
-from pipelines.plan import Plan, plan_job
+from pipelines.plan import Plan, check_input, plan_job
 from pipelines.publish import IndexRoot
 from pipelines.reindex import reindex
 from pipelines.resources import required_cpus
 from pipelines.rows import INVALID
-from pipelines.store import Output, OutputUnwritable, read_job_record
+from pipelines.store import Output, OutputUnwritable
 
 logger = logging.getLogger(__name__)
 
@@ -312,9 +312,10 @@ def embed_main(argv: Sequence[str] | None = None) -> int:
 def dry_run(cfg: JobConfig) -> str:
     """What `--dry-run` prints: the plan, after the checks a run makes before it writes
     anything (PlanError, OutputMismatch as the run raises them)."""
+    check_input(cfg.input, cfg.storage_options())
     check_output(cfg)
     output = Output(cfg.output, cfg.storage_options())
-    rec = read_job_record(output)
+    rec = job_record(cfg, output)
     plan = plan_job(cfg, files_shards=(rec or {}).get("files_shards"))
     if rec is not None:
         verify_record(output, cfg, plan, model_lineage(cfg, plan.kinds))

@@ -603,9 +603,16 @@ def run_job(cfg: JobConfig) -> JobSummary:
     """Plan the input of `cfg` and embed every item not yet committed in `cfg.output`."""
     check_input(cfg.input, cfg.storage_options())
     output = Output(cfg.output, cfg.storage_options())
-    rec = read_job_record(output)
+    rec = job_record(cfg, output)
     plan = plan_job(cfg, files_shards=(rec or {}).get("files_shards"))
     return run_plan(cfg, plan)
+
+
+def job_record(cfg: JobConfig, output: Output) -> dict | None:
+    """`read_job_record(output)`, the store's trouble said naming the output (`store_errors`):
+    often the first read of an output on an object store."""
+    with store_errors(cfg.output, "output", cfg.storage_options()):
+        return read_job_record(output)
 
 
 def embed_items(cfg: JobConfig, items: pa.Table, output: str | None = None) -> JobSummary:

@@ -106,15 +106,28 @@ def store_errors(uri: str, what: str, storage_options: StorageOptions | None) ->
                 f"{what} {uri}: access denied by {store} ({e}); check the credentials and the "
                 "bucket's policy"
             ) from e
+        if any(c.__name__ == "NoCredentialsError" for c in type(e).__mro__):  # botocore's
+            raise PlanError(
+                f"{what} {uri}: no credentials for {store}: set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or storage.anon for a public bucket"
+            ) from e
         if isinstance(e, FileNotFoundError) and protocol_of(uri) != "file":
             raise PlanError(f"{what} {uri}: {e}") from e
         raise
 
 
+def _filesystem(uri: str, what: str, storage_options: StorageOptions | None) -> tuple[Any, str]:
+    """`filesystem(uri)`, an unknown scheme a PlanError naming `what`."""
+    try:
+        return filesystem(uri, storage_options)
+    except ValueError as e:
+        raise PlanError(f"{what} {uri}: {e}") from None
+
+
 def check_input(input_uri: str, storage_options: StorageOptions | None = None) -> None:
     """PlanError if `input_uri` names nothing: no file, folder or prefix there, and no match of
     a glob. Cheap (one metadata call): the CLIs check before they create anything."""
-    fs, path = filesystem(input_uri, storage_options)
+    fs, path = _filesystem(input_uri, "input", storage_options)
     if protocol_of(input_uri) == "file":
         path = os.path.abspath(path)
     fs.invalidate_cache()
@@ -127,7 +140,7 @@ def check_input(input_uri: str, storage_options: StorageOptions | None = None) -
 def check_folder(uri: str, what: str, storage_options: StorageOptions | None = None) -> None:
     """PlanError if `uri`, where a run writes a folder (`what`: "output", "index root"), is an
     existing file, or (local) lies under one: it must be a folder or an object-store prefix."""
-    fs, path = filesystem(uri, storage_options)
+    fs, path = _filesystem(uri, what, storage_options)
     if protocol_of(uri) != "file":
         with store_errors(uri, what, storage_options):
             if fs.isfile(path):

@@ -101,6 +101,30 @@ def test_missing_input_creates_nothing(capsys, tmp_path):
     assert not out.exists()
 
 
+def test_no_credentials_and_unknown_schemes_are_one_sentence(capsys, tmp_path, monkeypatch):
+    # Before: botocore's NoCredentialsError and "unsupported URI scheme" ValueError tracebacks,
+    # exit 1. Nothing is contacted: botocore finds no credentials before any request.
+    corpus = str(tmp_path / "corpus")
+    write_demo_corpus(corpus)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    base = ["--config", DEMO, "--input", corpus, "--s3-endpoint", "http://127.0.0.1:9"]
+    for extra in ([], ["--dry-run"]):
+        rc, _, err = run_embed(capsys, *base, "--output", "s3://bucket/x", *extra)
+        assert rc == 2, err
+        assert "output s3://bucket/x: no credentials for http://127.0.0.1:9" in err, err
+        assert "Traceback" not in err
+    for flag in ("--output", "--input"):
+        argv = [*base, "--output", str(tmp_path / "o")]
+        argv[argv.index(flag) + 1] = "ftpx://b/x"
+        rc, _, err = run_embed(capsys, *argv, "--dry-run")
+        what = flag.removeprefix("--")
+        assert rc == 2 and f"{what} ftpx://b/x: unsupported URI scheme 'ftpx'" in err, err
+
+
 def _started_output(tmp_path) -> tuple[str, str]:
     """A demo corpus and an output started by the demo config (its job record written)."""
     corpus, out = str(tmp_path / "corpus"), str(tmp_path / "emb")
