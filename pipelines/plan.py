@@ -263,12 +263,12 @@ def _through_links(
             out[p] = info
             continue
         real = os.path.realpath(p)
-        if inside_walked(real):
-            continue
         try:
             target = fs.info(p)  # follows the link
         except OSError:
             skipped.append(f"{_printable(p)} (a link to nothing: {_printable(real)})")
+            continue
+        if inside_walked(real):
             continue
         if target.get("type") == "directory":
             walked.append(real)

@@ -1017,6 +1017,7 @@ def test_list_input_follows_links_out_of_the_folder_and_names_what_it_skips(tmp_
     (d / "folder-link").symlink_to(outside / "sub")
     (d / "inner-link.txt").symlink_to(d / "own.txt")  # its target is listed as own.txt
     (d / "nowhere.txt").symlink_to(tmp_path / "missing.txt")
+    (d / "nowhere-inside.txt").symlink_to(d / "missing.txt")  # was dropped without a word
     os.close(os.open(os.path.join(os.fsencode(d), b"caf\xe9.txt"), os.O_CREAT | os.O_WRONLY))
     with caplog.at_level("WARNING", logger="pipelines.plan"):
         got = list_input(str(d))
@@ -1026,7 +1027,8 @@ def test_list_input_follows_links_out_of_the_folder_and_names_what_it_skips(tmp_
     assert by["file-link.jpg"].size == 1 and by["folder-link/cap.txt"].size == 5
     assert by["file-link.jpg"].uri == str(d / "file-link.jpg")
     warned = caplog.text
-    assert "2 entries skipped" in warned and "nowhere.txt (a link to nothing" in warned
+    assert "3 entries skipped" in warned and "nowhere.txt (a link to nothing" in warned
+    assert "nowhere-inside.txt (a link to nothing" in warned
     assert "caf\\\\xe9.txt (its name is not UTF-8)" in warned
     # A folder of links only is listed, not "no input files found".
     only = tmp_path / "links"
