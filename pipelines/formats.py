@@ -450,12 +450,19 @@ def iter_tar(
         fs.open(path, "rb", block_size=1 << 20) as f,
         tarfile.open(fileobj=f, mode="r:*") as tf,
     ):
+        # Seeking over a payload does not read it: a member cut short by a truncated file would
+        # be listed although reading it fails (the job then records the shard unreadable from
+        # that member on, and a re-index would list the member as new on every run). In an
+        # uncompressed tar the payload's end must lie within the file.
+        end = fs.size(path) if not read and tf.fileobj is f else None
         for m in tf:
             if not m.isfile():
                 continue
             kind = want(m.name)
             if kind is None:
                 continue
+            if end is not None and m.offset_data + m.size > end:
+                raise tarfile.ReadError(f"member {m.name!r} is cut short: the file ends first")
             data = None
             if read:
                 fobj = tf.extractfile(m)

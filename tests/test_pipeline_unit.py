@@ -1079,3 +1079,26 @@ def test_removing_a_shards_parts_also_removes_a_killed_writers_temporary(tmp_pat
     out.rm_parts("s/t")
     out.prune_parts_dir()
     assert not (tmp_path / "o" / "_parts").exists()
+
+
+def test_a_tar_cut_short_in_a_payload_lists_what_the_job_reads(tmp_path):
+    # Listing seeks over payloads; the job reads them. A member whose payload the file cuts
+    # short was listed, but the job could not read it (the shard is unreadable from there on):
+    # a re-index saw it as new on every run. Both now stop before it.
+    import io
+
+    from pipelines.formats import tar_rows
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name in ("a.jpg", "b.jpg", "c.jpg"):
+            info = tarfile.TarInfo(name)
+            info.size = 5000
+            tf.addfile(info, io.BytesIO(bytes(5000)))
+    path = tmp_path / "t.tar"
+    path.write_bytes(buf.getvalue()[: 512 + 5120 + 512 + 2000])  # inside b.jpg's payload
+    got = {}
+    for read in (False, True):
+        rows = tar_rows("t", str(path), "fp", ["vision"], None, {}, read=read)
+        got[read] = [(r["id"], r["status"]) for r in rows]
+    assert got[False] == got[True] == [("t#a.jpg", "ok"), ("t#unreadable-vision", "error")]
