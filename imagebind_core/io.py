@@ -145,7 +145,7 @@ def read_bytes(
     """
     try:
         fs, path = filesystem(uri, storage_options)
-        if _is_local(fs):
+        if protocol_of(uri) == "file":
             _check_regular(path, uri, modality)
         if max_bytes is not None:
             try:
@@ -176,10 +176,6 @@ def read_bytes(
     if max_bytes is not None and len(data) > max_bytes:
         raise InvalidInput(modality, f"object is over the limit of {max_bytes} bytes", uri)
     return data
-
-
-def _is_local(fs: Any) -> bool:
-    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
 def _check_regular(path: str, uri: str, modality: str) -> None:

@@ -22,27 +22,16 @@ if TYPE_CHECKING:  # torch loads with the first decoder: listing and writing tas
 
 logger = logging.getLogger(__name__)
 
-# kind -> (module, function taking (data, limits, **options)). Imported on first use so that
-# e.g. a text-only worker never imports PyAV.
-_HANDLERS: dict[str, tuple[str, str]] = {
-    "vision": ("imagebind_core.preprocess.image", "image_from_bytes"),
-    "video": ("imagebind_core.preprocess.video", "video_from_bytes"),
-    "text": ("imagebind_core.preprocess.text", "text_from_data"),
-    "audio": ("imagebind_core.preprocess.audio", "audio_from_bytes"),
-    "depth": ("imagebind_core.preprocess.depth", "depth_from_bytes"),
-    "thermal": ("imagebind_core.preprocess.depth", "thermal_from_bytes"),
-    "imu": ("imagebind_core.preprocess.imu", "imu_from_bytes"),
-}
-
-# kind -> (module, its default config): what `check_options` applies options to.
-_DEFAULT_CONFIGS: dict[str, tuple[str, str]] = {
-    "vision": ("imagebind_core.preprocess.image", "IMAGE"),
-    "video": ("imagebind_core.preprocess.video", "VIDEO"),
-    "text": ("imagebind_core.preprocess.text", "TEXT"),
-    "audio": ("imagebind_core.preprocess.audio", "AUDIO"),
-    "depth": ("imagebind_core.preprocess.depth", "DEPTH"),
-    "thermal": ("imagebind_core.preprocess.depth", "THERMAL"),
-    "imu": ("imagebind_core.preprocess.imu", "IMU"),
+# kind -> (module, function taking (data, limits, **options), the kind's default config that
+# options override). Imported on first use so that e.g. a text-only worker never imports PyAV.
+_HANDLERS: dict[str, tuple[str, str, str]] = {
+    "vision": ("imagebind_core.preprocess.image", "image_from_bytes", "IMAGE"),
+    "video": ("imagebind_core.preprocess.video", "video_from_bytes", "VIDEO"),
+    "text": ("imagebind_core.preprocess.text", "text_from_data", "TEXT"),
+    "audio": ("imagebind_core.preprocess.audio", "audio_from_bytes", "AUDIO"),
+    "depth": ("imagebind_core.preprocess.depth", "depth_from_bytes", "DEPTH"),
+    "thermal": ("imagebind_core.preprocess.depth", "thermal_from_bytes", "THERMAL"),
+    "imu": ("imagebind_core.preprocess.imu", "imu_from_bytes", "IMU"),
 }
 
 # Shape of one preprocessed item, without the batch axis.
@@ -58,7 +47,7 @@ ITEM_SHAPES: dict[str, tuple[int, ...]] = {
 
 
 def _handler(kind: str) -> Callable[..., torch.Tensor]:
-    mod, fn = _HANDLERS[kind]
+    mod, fn, _ = _HANDLERS[kind]
     return getattr(load_module(mod), fn)
 
 
@@ -123,8 +112,8 @@ def check_options(kind: Kind | str, options: dict[str, Any]) -> None:
     item (an unknown name, an invalid value): a job checks its configuration with this before
     it reads anything, rather than failing every item of the kind."""
     k = check_kind(kind)
-    mod, name = _DEFAULT_CONFIGS[k]
-    replace_config(getattr(load_module(mod), name), dict(options), k)
+    mod, _, config = _HANDLERS[k]
+    replace_config(getattr(load_module(mod), config), dict(options), k)
 
 
 def expand(kind: Kind | str, x: torch.Tensor, device: Any = None, **options: Any) -> torch.Tensor:
