@@ -177,7 +177,12 @@ class RequestPolicy:
                 if int(declared) > limit:
                     raise too_big
             except ValueError:
-                raise APIError(400, "Content-Length is not a number") from None
+                raise APIError(
+                    400,
+                    f"Content-Length is not a number: {declared!r}",
+                    param="Content-Length",
+                    code="invalid_header",
+                ) from None
         body = bytearray()
         async for part in stream if stream is not None else request.stream():
             body += part
@@ -228,9 +233,19 @@ class RequestPolicy:
         try:
             asked = float(raw)
         except ValueError:
-            raise APIError(400, f"{TIMEOUT_HEADER} must be a number of seconds") from None
+            raise APIError(
+                400,
+                f"{TIMEOUT_HEADER} must be a number of seconds, got {raw!r}",
+                param=TIMEOUT_HEADER,
+                code="invalid_header",
+            ) from None
         if not asked > 0:
-            raise APIError(400, f"{TIMEOUT_HEADER} must be positive")
+            raise APIError(
+                400,
+                f"{TIMEOUT_HEADER} must be positive, got {raw!r}",
+                param=TIMEOUT_HEADER,
+                code="invalid_header",
+            )
         return min(limit, asked)
 
     @contextlib.asynccontextmanager

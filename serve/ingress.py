@@ -135,10 +135,12 @@ class IndexClient:
                 code="search_disabled",
             )
 
-    async def call(self, method: str, *args: Any, param: str | None = None) -> Any:
+    async def call(
+        self, method: str, *args: Any, param: str | None = None, code: str = "invalid_request"
+    ) -> Any:
         """`handle.<method>.remote(*args)`, its refusals as API errors: no version
         published yet -> 503, an id the version lacks (KeyError) -> 404, a bad query
-        (ValueError, e.g. imagebind_core.InvalidInput) -> 400 naming `param`."""
+        (ValueError, e.g. imagebind_core.InvalidInput) -> 400 naming `param`, with `code`."""
         from ray.exceptions import RayTaskError
 
         from serve.search import IndexNotReady
@@ -164,7 +166,7 @@ class IndexClient:
                     code="item_not_found",
                 ) from None
             if isinstance(cause, ValueError):
-                raise APIError(400, f"search: {cause}", param=param) from None
+                raise APIError(400, f"search: {cause}", param=param, code=code) from None
             raise
 
 
@@ -442,7 +444,12 @@ class EmbeddingService:
                         seen.kind = self.check_kind(req.modality)
                         vector = await self._query_vector(seen.kind, req.input or "")
                     hits = await self.index.call(
-                        "search", vector, req.top_k, req.filter_modality, param="vector"
+                        "search",
+                        vector,
+                        req.top_k,
+                        req.filter_modality,
+                        param="vector",
+                        code="invalid_vector",
                     )
             resp = SearchResponse(data=[SearchHit(**h) for h in hits], model=self.model_id)
             seen.status = 200
@@ -599,12 +606,24 @@ async def _api_error(_: Request, e: APIError) -> Response:
     return e.response()
 
 
+_PARAMETER_PLACES = ("query", "path", "header", "cookie")
+
+
 @api.exception_handler(RequestValidationError)
 async def _request_invalid(_: Request, e: RequestValidationError) -> Response:
+    # A query, path or header parameter FastAPI could not parse (`?size=abc`): `param` names
+    # the parameter itself, and the message says where it was and what was sent.
     err = e.errors()[0] if e.errors() else {}
-    loc = ".".join(str(p) for p in err.get("loc", ()))
+    loc = [str(p) for p in err.get("loc", ())]
+    where = loc.pop(0) if len(loc) > 1 and loc[0] in _PARAMETER_PLACES else None
+    param = ".".join(loc) or None
+    msg = err.get("msg", "invalid request")
+    if where is not None and err.get("type") == "missing":
+        msg = f"{msg} ({where} parameter)"
+    elif where is not None:
+        msg = f"{msg} ({where} parameter, got {err.get('input')!r})"
     return APIError(
-        400, f"{loc}: {err.get('msg', 'invalid request')}", code="invalid_request"
+        400, f"{param}: {msg}" if param else msg, param=param, code="invalid_request"
     ).response()
 
 

@@ -96,6 +96,7 @@ def test_modality_filter_and_raw_vector(setup, s3_server):
     assert search(client, vector=vec, top_k=1)[0]["id"] == "img/pic1.png"
     r = client.post("/v1/search", json={"vector": vec[:5], "top_k": 1})
     assert r.status_code == 400 and "32" in r.text
+    assert (r.json()["error"]["param"], r.json()["error"]["code"]) == ("vector", "invalid_vector")
 
 
 def test_query_by_s3_uri_whose_key_has_double_colons(setup, s3_server):

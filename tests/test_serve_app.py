@@ -513,6 +513,13 @@ def test_routing_and_protocol_errors_use_the_error_shape(client):
         headers={"content-encoding": "gzip", "content-type": "application/json"},
     )
     assert error(r, 415)["code"] == "unsupported_encoding"
+    # A query parameter or header that does not parse names itself and what was sent.
+    err = error(client.get("/v1/thumbnail", params={"id": "x", "size": "abc"}), 400)
+    assert (err["param"], err["code"]) == ("size", "invalid_request")
+    assert err["message"].startswith("size: ") and "'abc'" in err["message"], err
+    r = client.post("/v1/embeddings", json={"input": "x"}, headers={"X-Request-Timeout": "soon"})
+    err = error(r, 400)
+    assert (err["param"].lower(), err["code"]) == ("x-request-timeout", "invalid_header"), err
 
 
 def test_a_stalled_upload_is_408_not_a_hang(apps):
