@@ -267,6 +267,15 @@ def wav_with_declared_length(
     return bytes(body)
 
 
+def wav_declaring_format(channels: int, sr: int = 16000) -> bytes:
+    """A one-second mono PCM_16 WAV whose `fmt ` chunk is rewritten to declare `channels`
+    channels at `sr` Hz (the samples stay as written)."""
+    body = bytearray(make_wav(1.0, 16000, 1))
+    at = body.index(b"fmt ") + 8
+    body[at + 2 : at + 8] = struct.pack("<HI", channels, sr)
+    return bytes(body)
+
+
 # ----------------------------------------------------------------------------- video
 
 

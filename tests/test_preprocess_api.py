@@ -136,6 +136,17 @@ def test_lying_wav_header_message_names_both_lengths() -> None:
         P.preprocess("audio", media.wav_with_declared_length(16000 * 3600 * 5))
 
 
+def test_a_wav_header_out_of_limits_is_named_as_declared() -> None:
+    """libsndfile refuses these headers and FFmpeg, tried next, reports 0 channels: the error
+    must say what the file declares."""
+    with pytest.raises(InvalidInput, match=r"65535 channels outside 1\.\.64"):
+        P.preprocess("audio", media.wav_declaring_format(65535))
+    with pytest.raises(InvalidInput, match=r"sample rate 0 Hz outside"):
+        P.preprocess("audio", media.wav_declaring_format(1, sr=0))
+    with pytest.raises(InvalidInput, match=r"3 channels outside 1\.\.2"):
+        P.preprocess("audio", media.wav_declaring_format(3), limits=P.Limits(max_channels=2))
+
+
 def test_audio_duration_limit_while_decoding() -> None:
     with pytest.raises(InvalidInput, match=r"(over|exceeds) the limit of 2 s"):
         P.preprocess("audio", media.make_mp3(3.0), limits=P.Limits(max_audio_duration_s=2))

@@ -21,7 +21,7 @@ import io
 import logging
 import math
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -90,27 +90,44 @@ def _looks_like_mp3(data: bytes) -> bool:
     return data[:3] == b"ID3" or (len(data) > 1 and data[0] == 0xFF and data[1] & 0xE0 == 0xE0)
 
 
+def _riff_chunks(data: bytes) -> Iterator[tuple[bytes, int, int]]:
+    """(tag, payload offset, declared size) of each chunk of a RIFF/RF64 WAVE file, in order,
+    as far as the bytes present go; nothing for other data."""
+    if len(data) < 12 or data[8:12] != b"WAVE" or data[:4] not in (b"RIFF", b"RF64"):
+        return
+    pos = 12
+    while pos + 8 <= len(data):
+        (size,) = struct.unpack("<I", data[pos + 4 : pos + 8])
+        yield data[pos : pos + 4], pos + 8, size
+        pos += 8 + size + (size & 1)
+
+
 def _wav_declared_vs_present(data: bytes) -> tuple[int, int] | None:
     """(declared, present) byte sizes of a RIFF/WAVE file's `data` chunk, or None when the
     header does not say (not WAV, streaming placeholder sizes 0 / 0xFFFFFFFF, RF64 without
     ds64). libsndfile silently clamps a lying size to the bytes present, so we read the header
     ourselves to refuse truncated files and headers that claim hours of audio."""
-    if len(data) < 12 or data[8:12] != b"WAVE" or data[:4] not in (b"RIFF", b"RF64"):
-        return None
-    pos = 12
     ds64_data: int | None = None
-    while pos + 8 <= len(data):
-        tag = data[pos : pos + 4]
-        (size,) = struct.unpack("<I", data[pos + 4 : pos + 8])
-        if tag == b"ds64" and pos + 8 + 24 <= len(data):
-            (ds64_data,) = struct.unpack("<Q", data[pos + 8 + 8 : pos + 8 + 16])
+    for tag, at, size in _riff_chunks(data):
+        if tag == b"ds64" and at + 24 <= len(data):
+            (ds64_data,) = struct.unpack("<Q", data[at + 8 : at + 16])
         if tag == b"data":
             if size == 0xFFFFFFFF and ds64_data is not None:
                 size = ds64_data
             if size in (0, 0xFFFFFFFF):
                 return None
-            return size, len(data) - (pos + 8)
-        pos += 8 + size + (size & 1)
+            return size, len(data) - at
+    return None
+
+
+def _wav_channels_and_rate(data: bytes) -> tuple[int, int] | None:
+    """(channels, sample rate) from a WAVE file's `fmt ` chunk, or None. Read here because a
+    decoder that refuses the header (libsndfile: 65535 channels) hands the file on to one
+    that reports 0 channels, and the error must name what the file declares."""
+    for tag, at, _ in _riff_chunks(data):
+        if tag == b"fmt " and at + 8 <= len(data):
+            channels, rate = struct.unpack("<HI", data[at + 2 : at + 8])
+            return channels, rate
     return None
 
 
@@ -289,6 +306,9 @@ def decode_audio(data: bytes, limits: Limits = DEFAULT_LIMITS) -> tuple[np.ndarr
 def _open_source(data: bytes, limits: Limits) -> _SndfileSource | tuple[np.ndarray, int]:
     """A lazily read libsndfile source, or a whole (waveform, rate) decoded by PyAV."""
     data = as_bytes(KIND, data, limits)
+    declared = _wav_channels_and_rate(data)
+    if declared is not None:
+        _check_stream(declared[1], declared[0], None, limits)
     if data[:4] in _SNDFILE_MAGIC or _looks_like_mp3(data):
         try:
             src = _SndfileSource(data, limits)
