@@ -165,9 +165,9 @@ def list_input(
     `exclude` (an output URI) is skipped if it lies inside the input; an input that is the
     output is a PlanError. In a local folder a symbolic link that leads outside it is followed
     (to a file, or a folder and its files; each folder once), one that leads inside it is
-    skipped (its target is listed under its own name), and links that lead nowhere and files
-    whose names are not UTF-8 (ids and URIs are UTF-8 strings) are skipped with a warning
-    naming them. Raises EmptyInput if nothing is found.
+    skipped (its target is listed under its own name), and links that lead nowhere, FIFOs,
+    sockets and devices, and files whose names are not UTF-8 (ids and URIs are UTF-8 strings)
+    are skipped with a warning naming them. Raises EmptyInput if nothing is found.
     """
     fs, path = filesystem(input_uri, storage_options)
     local = protocol_of(input_uri) == "file"
@@ -202,12 +202,16 @@ def list_input(
         found = _through_links(fs, found, root, skipped)
     out = []
     for p, info in sorted(found.items()):
-        if info.get("type") != "file":
+        kind = info.get("type")
+        if kind not in ("file", "other"):
             continue
         rel = p[len(root) + 1 :] if p.startswith(root + "/") else p.rsplit("/", 1)[-1]
         if not rel or rel.endswith("/"):  # an object store's folder marker (`key/`)
             continue
         if hidden(rel) or (skip is not None and p.startswith(skip)):
+            continue
+        if kind == "other":  # a local FIFO, socket or device: reading it could block forever
+            skipped.append(f"{_printable(p)} (not a regular file)")
             continue
         if not _utf8(p):
             skipped.append(f"{_printable(p)} (its name is not UTF-8)")

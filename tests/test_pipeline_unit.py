@@ -1019,6 +1019,8 @@ def test_list_input_follows_links_out_of_the_folder_and_names_what_it_skips(tmp_
     (d / "nowhere.txt").symlink_to(tmp_path / "missing.txt")
     (d / "nowhere-inside.txt").symlink_to(d / "missing.txt")  # was dropped without a word
     os.close(os.open(os.path.join(os.fsencode(d), b"caf\xe9.txt"), os.O_CREAT | os.O_WRONLY))
+    os.mkfifo(d / "pipe.txt")  # opening it would wait for a writer
+    (d / "device.txt").symlink_to("/dev/zero")
     with caplog.at_level("WARNING", logger="pipelines.plan"):
         got = list_input(str(d))
     # pic.jpg is reached again through the loop (folder-link/back/pic.jpg): listed once
@@ -1027,7 +1029,9 @@ def test_list_input_follows_links_out_of_the_folder_and_names_what_it_skips(tmp_
     assert by["file-link.jpg"].size == 1 and by["folder-link/cap.txt"].size == 5
     assert by["file-link.jpg"].uri == str(d / "file-link.jpg")
     warned = caplog.text
-    assert "3 entries skipped" in warned and "nowhere.txt (a link to nothing" in warned
+    assert "5 entries skipped" in warned and "nowhere.txt (a link to nothing" in warned
+    assert "pipe.txt (not a regular file)" in warned
+    assert "device.txt (not a regular file)" in warned
     assert "nowhere-inside.txt (a link to nothing" in warned
     assert "caf\\\\xe9.txt (its name is not UTF-8)" in warned
     # A folder of links only is listed, not "no input files found".
