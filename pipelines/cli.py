@@ -13,7 +13,6 @@ import argparse
 import contextlib
 import json
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -27,9 +26,10 @@ from pipelines.config import (
     load_reindex_config,
 )
 from pipelines.console import (
+    bounded_interrupts,
     configure_logging,
+    exit_now,
     filtered_stderr,
-    ignore_further_interrupts,
     resume_command,
     shutdown_ray,
 )
@@ -217,7 +217,9 @@ def _run_command(
     `statuses` prints `prog: message` and exits with its status; Ctrl-C calls
     `interrupted(cfg or None, argv)`. Runs with Ray's known-harmless stderr lines filtered.
     """
-    with filtered_stderr():
+    # A second Ctrl-C, or a cleanup past its grace, ends the command line at once.
+    interrupts = bounded_interrupts(prog, argv) if argv is None else contextlib.nullcontext()
+    with filtered_stderr(), interrupts:
         args = parser.parse_args(argv)
         cfg = None
         try:
@@ -236,22 +238,8 @@ def _run_command(
             print(json.dumps(result.to_dict(), indent=2) if args.json else result.format())
             return result.exit_status
     if argv is None:  # the command line itself, not a caller in this process
-        _exit_now(status)
+        exit_now(status)
     return status
-
-
-def _exit_now(status: int) -> None:
-    """End an interrupted command line without the interpreter's finalization. Ctrl-C can
-    abandon native work in flight (pyarrow cancels a scan on SIGINT while its I/O threads
-    still hold tasks that call back into Python); such a thread taking the GIL during
-    finalization aborts the process (SIGABRT, a C++ stack trace) instead of exiting with
-    `status`. Ray is already shut down and the output lock released by then; the log and
-    the standard streams are flushed here."""
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    os._exit(status)
 
 
 # ----------------------------------------------------------------------------- imagebind-embed
@@ -324,7 +312,6 @@ def dry_run(cfg: JobConfig) -> str:
 
 def embed_interrupted(cfg: JobConfig | None, argv: Sequence[str] | None) -> int:
     """Ctrl-C: stop Ray, say what the output keeps and how to resume; exit status 130."""
-    ignore_further_interrupts()
     shutdown_ray()
     lines = [f"{EMBED}: interrupted."]
     if cfg is not None:
@@ -440,7 +427,6 @@ def reindex_main(argv: Sequence[str] | None = None) -> int:
 
 def reindex_interrupted(cfg: ReindexConfig | None, argv: Sequence[str] | None) -> int:
     """Ctrl-C: stop Ray, say that nothing was published and how to run again; status 130."""
-    ignore_further_interrupts()
     shutdown_ray()
     lines = [f"{REINDEX}: interrupted; nothing was published."]
     if cfg is not None:

@@ -26,7 +26,9 @@ import shlex
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 # (logger name, message pattern) of Ray log records the CLIs drop.
 QUIET_RECORDS: tuple[tuple[str, re.Pattern[str]], ...] = (
@@ -111,10 +113,70 @@ def filtered_stderr() -> Iterator[None]:
         thread.join(timeout=1)
 
 
-def ignore_further_interrupts() -> None:
-    """Ctrl-C again while an interrupted run shuts down: ignored (the shutdown is short)."""
-    with contextlib.suppress(ValueError):  # not the main thread
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+# How long an interrupted command line may take to clean up (stop Ray, release its lock, read
+# what the output keeps) before it exits anyway: the store it talks to may be what stopped
+# answering.
+INTERRUPT_GRACE_S = 30.0
+
+
+@contextlib.contextmanager
+def bounded_interrupts(
+    prog: str, argv: Sequence[str] | None, grace_s: float = INTERRUPT_GRACE_S
+) -> Iterator[None]:
+    """Ctrl-C on a command line. The first raises KeyboardInterrupt where the run is, as
+    Python's default does, so the run stops and cleans up; the cleanup gets `grace_s`
+    seconds, and a second Ctrl-C ends the process at once. Either way the status is 130 and
+    stderr says how to resume. A lock left behind is taken over at once by a rerun on this
+    host (its holder's process is gone), elsewhere when its lease ends. Only for the command
+    line's own process: the handler is process-wide."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    timer: threading.Timer | None = None
+
+    def give_up(why: str) -> None:
+        with contextlib.suppress(Exception):
+            print(
+                f"{prog}: {why}: exiting now, without finishing the cleanup (a lock this run "
+                "held is taken over at once by a rerun on this host, elsewhere when its lease "
+                f"ends).\n  resume with the same command:\n    {resume_command(prog, argv)}",
+                file=sys.stderr,
+                flush=True,
+            )
+            time.sleep(0.3)  # for `filtered_stderr`'s pump to pass the lines on
+        exit_now(130)
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        nonlocal timer
+        if timer is not None:
+            give_up("interrupted again")
+        timer = threading.Timer(
+            grace_s, give_up, (f"the cleanup did not finish within {grace_s:g} s",)
+        )
+        timer.daemon = True
+        timer.start()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if timer is not None:
+            timer.cancel()
+
+
+def exit_now(status: int) -> None:
+    """End an interrupted command line without the interpreter's finalization. Ctrl-C can
+    abandon native work in flight (pyarrow cancels a scan on SIGINT while its I/O threads
+    still hold tasks that call back into Python); such a thread taking the GIL during
+    finalization aborts the process (SIGABRT, a C++ stack trace) instead of exiting with
+    `status`. The log and the standard streams are flushed here."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)
 
 
 def shutdown_ray() -> None:

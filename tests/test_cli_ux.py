@@ -274,6 +274,49 @@ def test_progress_ctrl_c_resume_and_a_quiet_log(tmp_path):
     assert sorted(os.listdir(out)) == ["_inputs", "_job.json", "files-00000-of-00001.parquet"]
 
 
+# A command line whose cleanup after Ctrl-C hangs (its store stopped answering): the run
+# stops, then the cleanup blocks forever.
+_HANGING_CLEANUP = """
+import os, threading, time
+from pipelines.console import bounded_interrupts
+with bounded_interrupts("imagebind-embed", None, grace_s=float(os.environ["GRACE"])):
+    try:
+        print("running", flush=True)
+        time.sleep(600)
+    except KeyboardInterrupt:
+        print("cleaning up", flush=True)
+        threading.Event().wait()
+"""
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_ends_a_command_line_whose_cleanup_hangs(presses):
+    """One Ctrl-C: the cleanup gets its grace, then the process exits 130 saying how to
+    resume; a second Ctrl-C exits at once."""
+    grace = 2.0 if presses == 1 else 300.0
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HANGING_CLEANUP, "--some-flag"],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": ROOT, "GRACE": str(grace)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline() == "running\n"
+    proc.send_signal(signal.SIGINT)
+    assert proc.stdout.readline() == "cleaning up\n"
+    started = time.monotonic()
+    if presses == 2:
+        proc.send_signal(signal.SIGINT)
+    assert proc.wait(60) == 130
+    took = time.monotonic() - started
+    err = proc.stderr.read()
+    why = "the cleanup did not finish within 2 s" if presses == 1 else "interrupted again"
+    assert f"imagebind-embed: {why}: exiting now" in err, err
+    assert "resume with the same command:\n    imagebind-embed --some-flag" in err, err
+    assert took < 30, took  # with two presses, long before the 300 s grace
+
+
 def test_reindex_summary_names_the_parent_only_when_there_is_one():
     from pipelines.reindex import ReindexResult
 

@@ -175,12 +175,15 @@ def test_encoder_actor_killed_mid_job(tmp_path, ray_session):
 
 class _Proxy:
     """A TCP forwarder 127.0.0.1:port -> 127.0.0.1:target. Stopping it closes the listening
-    socket and every open connection: clients see resets, then connection refused."""
+    socket and every open connection: clients see resets, then connection refused. Pausing
+    it (`paused.set()`) is a store that stops answering: connections are accepted and kept,
+    and nothing comes back until `paused.clear()`."""
 
     def __init__(self, port: int, target: int) -> None:
         self.port, self.target = port, target
         self.conns: list[socket.socket] = []
         self.lock = threading.Lock()
+        self.paused = threading.Event()  # set: connections open, no bytes pass either way
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", port))
@@ -203,10 +206,11 @@ class _Proxy:
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
+                while self.paused.is_set():  # held, not dropped: the peer waits
+                    time.sleep(0.05)
                 dst.sendall(data)
         except OSError:
             pass
@@ -396,6 +400,58 @@ def test_object_store_gone_for_good_ends_the_run_with_one_sentence(tmp_path, ray
         assert "UDF" not in message and "Traceback" not in message, message
         store.start()
         run_job(cfg)
+        emb, err, _ = read_output(f"{store.bucket}/out", store.s3.filesystem())
+        assert sorted(emb.column("id").to_pylist()) == sorted(store.ids)
+        assert err.num_rows == 0
+    finally:
+        store.close()
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_the_store_hangs_ends_the_command_and_the_rerun_takes_over(tmp_path):
+    # The output's store stops answering mid-run (connections accepted, nothing back) and the
+    # user presses Ctrl-C: the cleanup (releasing the lock, reading what the output keeps)
+    # hangs on that store. A second Ctrl-C ends the command at once with how to resume; once
+    # the store answers again, the rerun takes the dead process's lock over and completes.
+    store = _FrontedStore(tmp_path, "hang", shards=4)
+    try:
+        sets = {**SLOW, "storage.endpoint_url": store.s3.endpoint_url, "ray.num_cpus": 4}
+        cmd = [
+            sys.executable, "-m", "pipelines.embed", "--progress-interval", "1",
+            "--input", f"s3://{store.bucket}/in", "--output", f"s3://{store.bucket}/out",
+            *(a for k, v in sets.items() for a in ("--set", f"{k}={v}")),
+        ]  # fmt: skip
+        env = {
+            **os.environ,
+            "PYTHONPATH": REPO,
+            "RAY_AUTH_MODE": "disabled",
+            "AWS_ACCESS_KEY_ID": store.s3.key,
+            "AWS_SECRET_ACCESS_KEY": store.s3.secret,
+            "AWS_DEFAULT_REGION": store.s3.region,
+        }
+        log = tmp_path / "run.log"
+        with open(log, "w") as f:
+            proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            running = lambda: proc.poll() is None  # noqa: E731
+            _wait(lambda: "progress 00:0" in log.read_text(), 240, "the run to start", running)
+            assert store.proxy is not None
+            store.proxy.paused.set()
+            time.sleep(2)
+            proc.send_signal(signal.SIGINT)
+            time.sleep(5)  # the cleanup is now waiting on the store
+            assert proc.poll() is None, log.read_text()
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(30) == 130, log.read_text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        text = log.read_text()
+        assert "imagebind-embed: interrupted again: exiting now" in text, text
+        assert "resume with the same command:" in text and "Traceback" not in text, text
+        store.proxy.paused.clear()
+        again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0, again.stdout + again.stderr
         emb, err, _ = read_output(f"{store.bucket}/out", store.s3.filesystem())
         assert sorted(emb.column("id").to_pylist()) == sorted(store.ids)
         assert err.num_rows == 0
