@@ -98,14 +98,22 @@ def format_progress(
     return f"progress {_clock(elapsed_s)}: " + ", ".join(parts)
 
 
+# A run in which no item finishes any stage and no shard commits for this long gets a warning
+# (then one more each time as long again passes): a line that keeps repeating the same counts
+# is easy to miss in a log.
+STALL_WARNING_S = 300.0
+
+
 class ProgressReporter:
-    """Logs a progress line every `interval_s` from a daemon thread, until `stop()`.
+    """Logs a progress line every `interval_s` from a daemon thread, until `stop()`, and a
+    warning when nothing has moved for `stall_warning_s`.
 
     Args:
         counter: the `counter_actor()` the stages report to.
         interval_s: seconds between lines.
         total: items this run embeds, when known.
         shards: a callable returning (shards committed, shards in the run, items committed).
+        stall_warning_s: seconds without any progress before the warning.
     """
 
     def __init__(
@@ -114,13 +122,16 @@ class ProgressReporter:
         interval_s: float,
         total: int | None,
         shards: Callable[[], tuple[int, int, int]],
+        stall_warning_s: float = STALL_WARNING_S,
     ) -> None:
         self.counter = counter
         self.interval_s = interval_s
         self.total = total
         self.shards = shards
+        self.stall_warning_s = stall_warning_s
         self._stop = threading.Event()
         self._t0 = time.perf_counter()
+        self._last: tuple[Any, float, int] | None = None  # (state, since, warnings given)
         self._thread = threading.Thread(target=self._run, name="embed-progress", daemon=True)
 
     def start(self) -> ProgressReporter:
@@ -133,9 +144,29 @@ class ProgressReporter:
 
         counts = ray.get(self.counter.snapshot.remote(), timeout=10)
         done, in_run, items = self.shards()
-        return format_progress(
-            counts, time.perf_counter() - self._t0, self.total, done, in_run, items
+        now = time.perf_counter()
+        self.watch((sorted(counts.items()), done, items), now)
+        return format_progress(counts, now - self._t0, self.total, done, in_run, items)
+
+    def watch(self, state: Any, now: float) -> str | None:
+        """Note the run's `state` (its counts) at time `now`; the warning logged (and returned)
+        when it has not changed for another `stall_warning_s`, else None."""
+        if self._last is None or self._last[0] != state:
+            self._last = (state, now, 0)
+            return None
+        _, since, warned = self._last
+        still = now - since
+        if still < self.stall_warning_s * (warned + 1):
+            return None
+        self._last = (state, since, warned + 1)
+        msg = (
+            f"no progress for {_clock(still)}: no item finished reading, preprocessing or "
+            "embedding and no shard committed. Something is waiting: a store that does not "
+            "answer, a stuck worker, an encoder still loading a large checkpoint. The run goes "
+            "on; Ctrl-C stops it, and the same command resumes it"
         )
+        logger.warning("%s", msg)
+        return msg
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):

@@ -21,7 +21,7 @@ from pipelines.config import ConfigError, load_config
 from pipelines.demo_corpus import write_demo_corpus
 from pipelines.lineage import model_lineage
 from pipelines.plan import plan_job
-from pipelines.progress import format_progress
+from pipelines.progress import ProgressReporter, format_progress
 from pipelines.store import Output, PreconditionFailed, open_store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -215,6 +215,23 @@ def test_progress_line_has_rate_and_eta_when_the_total_is_known():
         "ETA 00:40), committed 1/4 shards (16 items)"
     )
     assert "ETA" not in format_progress(counts, 10.0, None, 0, 4, 0)
+
+
+def test_a_run_that_stops_moving_is_warned_about_and_again_while_it_stays_stuck(caplog):
+    reporter = ProgressReporter(None, 10.0, 100, lambda: (0, 4, 0), stall_warning_s=300)
+    busy, stuck = ({"read": 1}, 0, 0), ({"read": 2}, 0, 0)
+    with caplog.at_level("WARNING", logger="pipelines.progress"):
+        assert reporter.watch(busy, 0.0) is None
+        assert reporter.watch(stuck, 10.0) is None  # it moved
+        assert reporter.watch(stuck, 309.0) is None  # still for 299 s
+        first = reporter.watch(stuck, 310.0)
+        assert first and first.startswith("no progress for 05:00: ") and "Ctrl-C" in first
+        assert reporter.watch(stuck, 400.0) is None  # warned once per period, not per line
+        assert reporter.watch(stuck, 610.0).startswith("no progress for 10:00: ")
+        assert reporter.watch(busy, 620.0) is None  # it moves again: the clock restarts
+        assert reporter.watch(busy, 900.0) is None
+        assert reporter.watch(busy, 920.0).startswith("no progress for 05:00: ")
+    assert [r.levelname for r in caplog.records] == ["WARNING"] * 3
 
 
 # ----------------------------------------------------------------------------- a real job
