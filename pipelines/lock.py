@@ -30,6 +30,23 @@ logger = logging.getLogger(__name__)
 LOCK_KEY = "_lock"
 
 
+def _lock_doc(raw: bytes) -> dict[str, Any] | None:
+    """A lock file's document; None when it is not a JSON object (damaged, or not ours)."""
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _number(doc: dict[str, Any], key: str) -> float:
+    """`doc[key]` as a number; 0 when absent or not a number (an expired lease)."""
+    try:
+        return float(doc.get(key, 0))
+    except (TypeError, ValueError):
+        return 0.0
+
+
 class OutputLocked(RuntimeError):
     """Another run is writing to this output."""
 
@@ -100,8 +117,10 @@ class OutputLock:
             {**self.doc_base, "renewed_at": now, "expires_at": now + self.ttl_s}
         ).encode()
 
-    def _stale_reason(self, doc: dict[str, Any]) -> str | None:
-        if float(doc.get("expires_at", 0)) < time.time():
+    def _stale_reason(self, doc: dict[str, Any] | None) -> str | None:
+        if doc is None:
+            return "it is not a lock this program wrote (unreadable)"
+        if _number(doc, "expires_at") < time.time():
             return "its lease expired"
         pid = doc.get("pid")
         same_host = doc.get("host") == socket.gethostname()
@@ -126,16 +145,14 @@ class OutputLock:
             cur = self.store.get(LOCK_KEY)
             if cur is None:
                 continue
-            try:
-                doc = json.loads(cur[0])
-            except ValueError:
-                doc = {}
+            doc = _lock_doc(cur[0])
             reason = self._stale_reason(doc)
             if reason is None:
+                assert doc is not None
                 raise OutputLocked(
                     f"{self.what} {self.output_uri} is being written by another run "
                     f"(host {doc.get('host')}, pid {doc.get('pid')}; lock {LOCK_KEY} renewed "
-                    f"{time.time() - float(doc.get('renewed_at', 0)):.0f} s ago). Wait for it "
+                    f"{time.time() - _number(doc, 'renewed_at'):.0f} s ago). Wait for it "
                     f"to finish, or write to another {self.what}."
                 )
             try:

@@ -830,6 +830,12 @@ def test_lock_refuses_a_second_run_and_recovers_stale_locks(tmp_path):
         else:
             with pytest.raises(OutputLocked):
                 OutputLock(out, ttl_s=60).acquire()
+    # A lock file that is not a lock document (damaged, or JSON of another shape): recovered,
+    # with a warning saying why, never a traceback on every rerun.
+    for junk in (b"", b"}{", b"null", b"[1]", b'{"host": "elsewhere", "expires_at": "soon"}'):
+        with open(os.path.join(out, LOCK_KEY), "wb") as f:
+            f.write(junk)
+        OutputLock(out, ttl_s=60).acquire().release()
 
 
 def test_lock_on_s3(s3_server):
