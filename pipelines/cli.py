@@ -42,7 +42,7 @@ from pipelines.publish import IndexRoot
 from pipelines.reindex import reindex
 from pipelines.resources import required_cpus
 from pipelines.rows import INVALID
-from pipelines.store import Output, OutputUnwritable
+from pipelines.store import Output, OutputDamaged, OutputUnwritable
 
 logger = logging.getLogger(__name__)
 
@@ -52,12 +52,12 @@ REINDEX = "imagebind-reindex"
 # Exit statuses by error, first match wins; 0 is success, 130 an interrupt, 1 anything else.
 EMBED_STATUSES: tuple[tuple[tuple[type[BaseException], ...], int], ...] = (
     ((ConfigError, PlanError), 2),
-    ((OutputLocked, OutputMismatch), 3),
+    ((OutputLocked, OutputMismatch, OutputDamaged), 3),
     ((StoreUnavailable, OutputUnwritable), 1),
 )
 REINDEX_STATUSES: tuple[tuple[tuple[type[BaseException], ...], int], ...] = (
     ((ConfigError, PlanError), 2),
-    ((OutputLocked,), 3),
+    ((OutputLocked, OutputDamaged), 3),
     ((StoreUnavailable, OutputUnwritable), 1),
 )
 
@@ -284,7 +284,8 @@ def _embed(args: argparse.Namespace, cfg: JobConfig) -> Any:
 
 def embed_main(argv: Sequence[str] | None = None) -> int:
     """`imagebind-embed`. Exit status: 0 done (item errors included), 2 bad config or
-    input, 3 output locked or started by another job, 130 interrupted (Ctrl-C; rerun to
+    input, 3 output locked, started by another job or damaged (a file it must read is
+    not what a run wrote; the message names it), 130 interrupted (Ctrl-C; rerun to
     resume), 1 anything else (an unreachable object store included: rerun to resume)."""
     return _run_command(
         EMBED,

@@ -195,6 +195,11 @@ def parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
+class OutputDamaged(RuntimeError):
+    """A file of the output that a run must read is not what a run wrote there (emptied,
+    truncated, edited): the message names it and what to do."""
+
+
 class Output:
     """The output location: an fsspec filesystem plus the root path inside it."""
 
@@ -207,6 +212,13 @@ class Output:
 
     def path(self, *parts: str) -> str:
         return join_uri(self.root, *parts)
+
+    def uri_of(self, path: str) -> str:
+        """`path` (of this output's filesystem) as the URI a user would type."""
+        return path if self.local else f"{protocol_of(self.uri)}://{path}"
+
+    def _ids(self, path: str) -> list[str]:
+        return self.read_table(path, columns=["id"]).column("id").to_pylist()
 
     def shard_path(self, shard: str) -> str:
         return self.path(f"{shard}.parquet")
@@ -242,12 +254,23 @@ class Output:
         """Every id the committed files (embeddings and errors) of `shard` hold."""
         ids: set[str] = set()
         for p in self.shard_files(shard) + self.error_files(shard):
-            ids.update(self.read_table(p, columns=["id"]).column("id").to_pylist())
+            try:
+                ids.update(self._ids(p))
+            except pa.ArrowInvalid as e:  # a format error; the store's own are OSErrors
+                raise OutputDamaged(
+                    f"committed file {self.uri_of(p)} is not readable ({e}). Delete it and "
+                    "rerun: the items of its shard that it held are embedded again."
+                ) from None
         return ids
 
     def read_identity(self, shard: str) -> str | None:
         """The input identity recorded when `shard` was last committed or brought up to date."""
-        doc = self.read_json(self.inputs_path(shard))
+        path = self.inputs_path(shard)
+        try:
+            doc = self.read_json(path)
+        except ValueError as e:  # damaged: a cache, so the run compares ids instead
+            logger.warning("%s is not readable (%s): ignored", self.uri_of(path), e)
+            return None
         return doc.get("identity") if isinstance(doc, dict) else None
 
     def write_identity(self, shard: str, identity: str) -> None:
@@ -427,7 +450,16 @@ class Output:
         """Ids already written to parts of an uncommitted shard (resume inside a shard)."""
         ids: set[str] = set()
         for p in self.ls_files(self.parts_dir(shard)):
-            ids.update(self.read_table(p, columns=["id"]).column("id").to_pylist())
+            try:
+                ids.update(self._ids(p))
+            except pa.ArrowInvalid as e:  # work in progress: its items are simply redone
+                logger.warning(
+                    "part file %s is not readable (%s): deleted; its items are embedded again",
+                    self.uri_of(p),
+                    e,
+                )
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm(p)
         return ids
 
 
@@ -435,8 +467,22 @@ class Output:
 
 
 def read_job_record(output: Output) -> dict | None:
-    """`<output>/_job.json`, or None on a fresh output."""
-    return output.read_json(output.path(JOB_RECORD))
+    """`<output>/_job.json`, or None on a fresh output. OutputDamaged if it is not a job
+    record (emptied or edited): it says which job the output's files belong to, and a run
+    neither guesses that nor overwrites it."""
+    path = output.path(JOB_RECORD)
+    try:
+        rec = output.read_json(path)
+    except ValueError as e:
+        rec, why = None, f"not JSON: {e}"
+    else:
+        if rec is None or (isinstance(rec, dict) and isinstance(rec.get("key"), dict)):
+            return rec
+        why = "no job key in it"
+    raise OutputDamaged(
+        f"{output.uri_of(path)} is not a job record ({why}); it records which job (model, "
+        f"input, format) wrote the output. Restore it, or delete {output.uri} to start over."
+    )
 
 
 def write_job_record(output: Output, record: Mapping[str, Any]) -> None:

@@ -22,7 +22,7 @@ from pipelines.demo_corpus import write_demo_corpus
 from pipelines.lineage import model_lineage
 from pipelines.plan import plan_job
 from pipelines.progress import ProgressReporter, format_progress
-from pipelines.store import Output, PreconditionFailed, open_store
+from pipelines.store import Output, OutputDamaged, PreconditionFailed, open_store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo.yaml")
@@ -147,6 +147,52 @@ def test_dry_run_refuses_what_the_run_refuses(capsys, tmp_path):
     assert rc_dry == rc_run == 3
     assert "was started by a different job" in err_dry
     assert err_dry.strip().splitlines()[-1] == err_run.strip().splitlines()[-1]
+
+
+def test_a_damaged_job_record_is_named_not_a_traceback(capsys, tmp_path):
+    corpus, out = _started_output(tmp_path)
+    argv = ["--config", DEMO, "--input", corpus, "--output", out]
+    record = os.path.join(out, "_job.json")
+    for junk in (b"", b"}{", b"[]", b"{}"):
+        with open(record, "wb") as f:
+            f.write(junk)
+        for extra in (["--dry-run"], []):
+            rc, _, err = run_embed(capsys, *argv, *extra)
+            assert rc == 3, err
+            assert f"{record} is not a job record" in err and "Traceback" not in err, err
+            assert f"delete {out} to start over" in err
+
+
+def test_damaged_parts_inputs_and_committed_files(tmp_path, caplog):
+    """A part file that is not readable is work in progress: deleted, its items redone. An
+    unreadable `_inputs` entry is a cache: ignored. An unreadable committed file is named."""
+    import pyarrow as pa
+
+    output = Output(str(tmp_path / "o"))
+    output.makedirs(output.parts_dir("s"))
+    output.write_table_atomic(f"{output.parts_dir('s')}/a.parquet", pa.table({"id": ["x", "y"]}))
+    bad = f"{output.parts_dir('s')}/b.parquet"
+    with open(bad, "wb") as f:
+        f.write(b"PAR1 cut short")
+    with open(_mkparent(output.inputs_path("s")), "wb") as f:
+        f.write(b"")  # emptied
+    with caplog.at_level("WARNING", logger="pipelines.store"):
+        assert output.part_ids("s") == {"x", "y"}
+        assert output.read_identity("s") is None
+    assert not os.path.exists(bad)
+    assert f"part file {bad} is not readable" in caplog.text
+    assert f"{output.inputs_path('s')} is not readable" in caplog.text
+    output.write_table_atomic(output.shard_path("s"), pa.table({"id": ["x"]}))
+    assert output.committed_ids("s") == {"x"}
+    with open(output.shard_path("s"), "r+b") as f:
+        f.truncate(10)
+    with pytest.raises(OutputDamaged, match=r"committed file .*/s\.parquet is not readable"):
+        output.committed_ids("s")
+
+
+def _mkparent(path: str) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return path
 
 
 # ----------------------------------------------------------------------------- the store
