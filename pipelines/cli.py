@@ -412,7 +412,8 @@ def build_reindex_parser() -> argparse.ArgumentParser:
 
 def reindex_main(argv: Sequence[str] | None = None) -> int:
     """`imagebind-reindex`. Exit status: 0 published or unchanged, 2 bad config or input,
-    3 another run holds the lock or published first (nothing published), 4 the Milvus sink
+    3 another run holds the lock or published first (nothing published) or the published
+    version cannot be read (changed outside a run), 4 the Milvus sink
     failed (`index.milvus`; the version stands), 130 interrupted
     (Ctrl-C; nothing published), 1 anything else."""
     return _run_command(

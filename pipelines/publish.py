@@ -120,8 +120,16 @@ class IndexRoot:
 
     def read_record(self, name: str) -> dict:
         """The version record of version folder `name`."""
-        fs, path = filesystem(join_uri(self.version_uri(name), RECORD_NAME), self.storage_options)
-        return json.loads(fs.cat_file(path))
+        uri = join_uri(self.version_uri(name), RECORD_NAME)
+        fs, path = filesystem(uri, self.storage_options)
+        data = fs.cat_file(path)
+        try:
+            record = json.loads(data)
+        except ValueError as e:
+            raise ValueError(f"{uri} is not a version record: {e}") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{uri} is not a version record: {type(record).__name__}")
+        return record
 
     def write_record(self, name: str, record: dict) -> None:
         """Write the version record into the staged folder `name` (before publishing)."""

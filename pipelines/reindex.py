@@ -77,6 +77,7 @@ from pipelines.publish import (
     record_rows,
     utc_now,
 )
+from pipelines.store import OutputDamaged, transient_store_error
 from pipelines.tables import Pin, count_pin, read_pin, scan_pin
 
 logger = logging.getLogger(__name__)
@@ -198,7 +199,8 @@ def _run_locked(cfg: ReindexConfig, ir: IndexRoot, lock: OutputLock) -> ReindexR
     timings: dict[str, float] = {}
     with _timed(timings, "read_parent_s"):
         key = lineage_key(cfg.job)
-        parent = _read_parent(cfg, ir, key)
+        with _damage_named(ir):
+            parent = _read_parent(cfg, ir, key)
     with _timed(timings, "list_and_diff_s"):
         listing = _list_corpus(cfg, parent)
         diff = _diff(cfg, ir, listing, parent)
@@ -291,6 +293,24 @@ def _full_reason(
     if cfg.index.full:
         return "requested (index.full)"
     return None
+
+
+@contextlib.contextmanager
+def _damage_named(ir: IndexRoot) -> Iterator[None]:
+    """The published version unreadable for a reason other than its store's (LATEST, a version
+    record or a table file emptied, cut short or deleted outside a run): OutputDamaged naming
+    what could not be read, instead of the reader's traceback on every run."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as e:
+        if transient_store_error(e):
+            raise
+        raise OutputDamaged(
+            f"index root {ir.root}: the published version cannot be read "
+            f"({type(e).__name__}: {str(e)[:400]}). It was changed outside a run: restore "
+            "what the message names (from a backup, or the store's object versions), or "
+            "re-index into a new index root."
+        ) from None
 
 
 def _read_parent(cfg: ReindexConfig, ir: IndexRoot, key: dict[str, str]) -> _Parent:

@@ -334,3 +334,49 @@ def test_a_run_compacts_its_rows_unless_told_not_to(ray_session, tmp_path, monke
     ds = VersionTable(root, ROWS_TABLE, None).open(_pins(root, r2.name)[0].version)
     assert len(ds.get_fragments()) == (1 if compact else 2)
     assert ds.count_rows() == r2.counts["total"] == 13  # 12 captions + the new one
+
+
+def test_a_damaged_published_version_is_named_not_a_traceback(ray_session, tmp_path):
+    """LATEST, a version record or a table file emptied or deleted outside a run: every later
+    run stops with one sentence naming what it could not read (it gave the reader's traceback,
+    a different one for each)."""
+    from pipelines.store import OutputDamaged
+
+    corpus = _corpus(tmp_path / "corpus")
+    good = str(tmp_path / "good")
+    r1 = reindex(_cfg(corpus, good))
+    assert r1.status == "published"
+
+    def emptied(rel: str):
+        def damage(root: str) -> None:
+            with open(os.path.join(root, rel), "w"):
+                pass
+
+        return damage
+
+    def latest_names_nothing(root: str) -> None:
+        path = os.path.join(root, "LATEST")
+        with open(path) as f:
+            doc = json.load(f)
+        with open(path, "w") as f:
+            json.dump({**doc, "name": "00000009-deadbeefdead"}, f)
+
+    def rows_data_deleted(root: str) -> None:
+        for name in os.listdir(os.path.join(root, ROWS_TABLE, "data")):
+            os.remove(os.path.join(root, ROWS_TABLE, "data", name))
+
+    damages = {
+        "LATEST": emptied("LATEST"),
+        "00000009-deadbeefdead": latest_names_nothing,
+        "version.json": emptied(os.path.join("versions", r1.name, "version.json")),
+        ".lance": rows_data_deleted,
+    }
+    for k, (named, damage) in enumerate(damages.items()):
+        root = str(tmp_path / f"damaged{k}")
+        shutil.copytree(good, root)
+        damage(root)
+        with pytest.raises(OutputDamaged) as e:
+            reindex(_cfg(corpus, root))
+        msg = str(e.value)
+        assert msg.startswith(f"index root {root}: the published version cannot be read"), msg
+        assert named in msg and "restore" in msg, msg
