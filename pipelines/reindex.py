@@ -42,7 +42,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import pyarrow as pa
@@ -52,11 +52,12 @@ from imagebind_core.index import (
     BUILD_BATCH_ROWS,
     DATA_DIR,
     INDEX_DIR,
+    IndexUpdate,
     Pointer,
     join_uri,
     update_index,
 )
-from imagebind_core.io import protocol_of
+from imagebind_core.io import filesystem, protocol_of
 from pipelines.config import ReindexConfig
 from pipelines.diff import KEY_COLUMNS, diff_listing, diff_on_ray, relocate
 from pipelines.formats import PlanError
@@ -554,7 +555,8 @@ def _write_index(
 ) -> Any:
     """The version's index: the parent's with this run's change applied (new and re-embedded
     rows, relocated rows' new uri, deleted ids), or a build from every row of the version's
-    pinned Lance version (`imagebind_core.index.update_index`)."""
+    pinned Lance version (`imagebind_core.index.update_index`) — also, with a warning, when
+    the parent's index files this update must read are damaged."""
     so = stage.root.storage_options
     upserts, deletes = _index_change(data.appended, data.drop_ids, dim)
 
@@ -564,15 +566,36 @@ def _write_index(
         # vectors in batches of the build's own size: Lance reads ahead several batches
         return scan_pin(data.rows, so, columns=INDEX_COLUMNS, batch_rows=BUILD_BATCH_ROWS)
 
-    return update_index(
-        stage.index_uri,
-        parent_uri=parent.index_uri(stage.root.root),
-        upserts=upserts,
-        deletes=deletes,
-        all_rows=all_rows,
-        options=cfg.index.index_options(),
-        storage_options=so,
+    def update(parent_uri: str | None) -> IndexUpdate:
+        return update_index(
+            stage.index_uri,
+            parent_uri=parent_uri,
+            upserts=upserts,
+            deletes=deletes,
+            all_rows=all_rows,
+            options=cfg.index.index_options(),
+            storage_options=so,
+        )
+
+    parent_uri = parent.index_uri(stage.root.root)
+    try:
+        return update(parent_uri)
+    except Exception as e:
+        # The parent's index files changed outside a run (emptied, cut short, deleted): the
+        # rows are intact, so this version's index is built from them, as `--full` would.
+        if parent_uri is None or transient_store_error(e):
+            raise
+        why = f"{type(e).__name__}: {str(e)[:300]}"
+    logger.warning(
+        "the parent version's index at %s could not be read or updated (%s); building this "
+        "version's index from its rows instead",
+        parent_uri,
+        why,
     )
+    fs, path = filesystem(stage.index_uri, so)
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm(path, recursive=True)  # what the failed update wrote
+    return replace(update(None), reason=f"the parent's index could not be read ({why})")
 
 
 def _pinned_rows(pin: Pin | None, storage_options: Any, dim: int) -> pa.Table:

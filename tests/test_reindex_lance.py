@@ -380,3 +380,36 @@ def test_a_damaged_published_version_is_named_not_a_traceback(ray_session, tmp_p
         msg = str(e.value)
         assert msg.startswith(f"index root {root}: the published version cannot be read"), msg
         assert named in msg and "restore" in msg, msg
+
+
+def test_a_damaged_parent_index_is_rebuilt_from_the_rows(ray_session, tmp_path, caplog):
+    """The parent's index files cut short outside a run (the rows intact): when the next run
+    must read them (here: a deletion compacts the shard's segments), that version's index is
+    built from its rows, with a warning, instead of failing after the embedding."""
+    corpus = _corpus(tmp_path / "corpus")
+    root = str(tmp_path / "index")
+    r1 = reindex(_cfg(corpus, root))
+    index1 = os.path.join(IndexRoot(root).version_uri(r1.name), INDEX_DIR)
+    damaged = [os.path.join(d, f) for d, _, fs in os.walk(index1) for f in fs if ".faiss" in f]
+    assert damaged
+    for p in damaged:
+        with open(p, "r+b") as f:
+            f.truncate(5)
+    corpus.put("txt/cap05.txt", b"a caption changed after the damage")
+    with caplog.at_level("WARNING", logger="pipelines.reindex"):
+        r2 = reindex(_cfg(corpus, root, **{"index.compact_deleted": 0}))
+    assert r2.status == "published" and r2.counts["changed"] == 1
+    warned = [r.getMessage() for r in caplog.records if r.name == "pipelines.reindex"]
+    record = IndexRoot(root).read_record(r2.name)
+    assert any(f"the parent version's index at {index1} could not be read" in w for w in warned), (
+        warned,
+        record["index"],
+    )
+    assert "the parent's index could not be read" in json.dumps(record["index"])
+    path2 = os.path.join(IndexRoot(root).version_uri(r2.name), INDEX_DIR)
+    index2 = VectorIndex.load(path2)
+    rows = IndexRoot(root).read_rows(r2.name)
+    assert index2.count == rows.num_rows
+    assert not [p for p in index_files(path2) if p.startswith(index1 + os.sep)]
+    for row in rows.to_pylist():
+        assert index2.search(row["embedding"], 1)[0]["id"] == row["id"]
