@@ -580,7 +580,7 @@ def _write_index(
     parent_uri = parent.index_uri(stage.root.root)
     try:
         return update(parent_uri)
-    except Exception as e:
+    except (RuntimeError, ValueError, OSError, EOFError) as e:  # faiss, numpy, JSON, files
         # The parent's index files changed outside a run (emptied, cut short, deleted): the
         # rows are intact, so this version's index is built from them, as `--full` would.
         if parent_uri is None or transient_store_error(e):

@@ -474,7 +474,7 @@ def read_job_record(output: Output) -> dict | None:
     try:
         rec = output.read_json(path)
     except ValueError as e:
-        rec, why = None, f"not JSON: {e}"
+        why = f"not JSON: {e}"
     else:
         if rec is None or (isinstance(rec, dict) and isinstance(rec.get("key"), dict)):
             return rec
