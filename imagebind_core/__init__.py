@@ -41,7 +41,13 @@ from imagebind_core.errors import (
     StoreUnavailable,
     WorkerBroken,
 )
-from imagebind_core.io import read_bytes, s3_storage_options
+from imagebind_core.io import (
+    S3_CONNECT_TIMEOUT_S,
+    S3_MAX_ATTEMPTS,
+    S3_READ_TIMEOUT_S,
+    read_bytes,
+    s3_storage_options,
+)
 from imagebind_core.kinds import (
     ALL_MODALITIES,
     KINDS,
@@ -121,6 +127,9 @@ __all__ = [
     "LINEAGE_KEYS",
     "PREPROCESS_VERSION",
     "PRESETS",
+    "S3_CONNECT_TIMEOUT_S",
+    "S3_MAX_ATTEMPTS",
+    "S3_READ_TIMEOUT_S",
     "TINY",
     "CheckpointError",
     "Encoder",

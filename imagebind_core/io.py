@@ -20,16 +20,33 @@ from imagebind_core.errors import InvalidInput, StoreUnavailable
 StorageOptions = Mapping[str, Any]
 
 
+# Timeouts and attempts of each S3 request (botocore's client config). s3fs retries each call
+# that times out 5 times more on top of botocore's attempts (a constant of s3fs), so a store that
+# accepts connections and never answers holds one operation for about
+# 5 x S3_MAX_ATTEMPTS x S3_READ_TIMEOUT_S (7.5 min here); botocore's defaults (60 s, 5 legacy
+# attempts) made that 25 min before any caller of ours retried it again.
+S3_CONNECT_TIMEOUT_S = 10.0
+S3_READ_TIMEOUT_S = 30.0
+S3_MAX_ATTEMPTS = 3
+
+
 def s3_storage_options(
     endpoint_url: str | None = None,
     region: str | None = None,
     key: str | None = None,
     secret: str | None = None,
     anon: bool = False,
+    connect_timeout_s: float = S3_CONNECT_TIMEOUT_S,
+    read_timeout_s: float = S3_READ_TIMEOUT_S,
+    max_attempts: int = S3_MAX_ATTEMPTS,
 ) -> dict[str, Any]:
     """fsspec/s3fs options for an S3-compatible store (AWS, MinIO, moto, ...).
 
     Credentials left as None fall back to the usual AWS chain (env vars, profile, instance role).
+    `connect_timeout_s`, `read_timeout_s` (the longest wait for the next bytes of a response)
+    and `max_attempts` (per request, the first included; botocore's "standard" retry mode:
+    timeouts, connection errors, throttling and 5xx are retried with backoff) bound how long
+    a request to a store that stops answering can take.
     """
     opts: dict[str, Any] = {}
     client_kwargs: dict[str, Any] = {}
@@ -45,6 +62,11 @@ def s3_storage_options(
         opts["anon"] = True
     if client_kwargs:
         opts["client_kwargs"] = client_kwargs
+    opts["config_kwargs"] = {
+        "connect_timeout": connect_timeout_s,
+        "read_timeout": read_timeout_s,
+        "retries": {"mode": "standard", "total_max_attempts": max_attempts},
+    }
     return opts
 
 

@@ -57,6 +57,12 @@ class StorageConfig(_Strict):
     key: str | None = None
     secret: str | None = None
     anon: bool = False
+    # Each S3 request: seconds to connect, longest wait for the next bytes of a response, and
+    # attempts (the first included). They bound how long a store that stops answering holds
+    # one operation: about 5 x max_attempts x read_timeout_s (s3fs retries each timed-out call).
+    connect_timeout_s: float = Field(ibc.S3_CONNECT_TIMEOUT_S, gt=0)
+    read_timeout_s: float = Field(ibc.S3_READ_TIMEOUT_S, gt=0)
+    max_attempts: int = Field(ibc.S3_MAX_ATTEMPTS, ge=1)
 
     def options(self) -> dict[str, Any]:
         """fsspec/s3fs storage options for these settings."""

@@ -115,6 +115,19 @@ def transient_store_error(exc: BaseException) -> bool:
     return False
 
 
+# Errors that come after waiting a timeout out (the names of botocore's, aiohttp's and
+# fsspec's; Python's own is TimeoutError).
+_TIMEOUTS = {"ReadTimeoutError", "ConnectTimeoutError", "FSTimeoutError", "ServerTimeoutError"}
+
+
+def timed_out_error(exc: BaseException) -> bool:
+    """True if `exc` (or an exception it was raised from) is a request that timed out."""
+    for e in _causes(exc):
+        if isinstance(e, TimeoutError) or {c.__name__ for c in type(e).__mro__} & _TIMEOUTS:
+            return True
+    return False
+
+
 class OutputUnwritable(RuntimeError):
     """The output cannot be written (read-only, full, no permission): the operator's to fix;
     a rerun then resumes."""
@@ -148,17 +161,25 @@ def with_store_retries(
     """Call `fn()`; while it fails because the store behind `uri` is unreachable
     (`transient_store_error`), wait (1, 2, 4, 8 s) and call it again — for idempotent
     operations only. Then `StoreUnavailable` naming the store and `what` (e.g. "reading <uri>"):
-    the item is not at fault, so the block fails and a rerun resumes."""
+    the item is not at fault, so the block fails and a rerun resumes.
+
+    A call that timed out is not called again: the S3 client under it has already retried
+    it (botocore's attempts, each retried by s3fs: `imagebind_core.io.S3_MAX_ATTEMPTS`), and
+    retrying here too would multiply the time a store that stopped answering holds the run
+    (five times 25 minutes at botocore's defaults). Refused connections and 5xx, which fail
+    fast, are retried: a store restarting comes back within these waits."""
     for attempt in range(retries + 1):
         try:
             return fn()
         except Exception as e:
             if not transient_store_error(e):
                 raise
-            if attempt == retries:
+            timed_out = timed_out_error(e)
+            if attempt == retries or timed_out:
+                how = "timed out" if timed_out else f"failed after {attempt + 1} attempts"
                 raise StoreUnavailable(
                     store_name(uri, storage_options),
-                    f"{what} failed after {retries + 1} attempts: {type(e).__name__}: {e}",
+                    f"{what} {how}: {type(e).__name__}: {e}",
                     uri,
                 ) from e
             time.sleep(min(2.0**attempt, 10.0))

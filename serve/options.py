@@ -241,6 +241,15 @@ class AppArgs(BaseModel):
     s3_endpoint_url: str | None = None
     s3_region: str | None = None
     s3_anon: bool = False
+    s3_connect_timeout_s: float = Field(default=ibc.S3_CONNECT_TIMEOUT_S, gt=0)
+    s3_read_timeout_s: float = Field(
+        default=ibc.S3_READ_TIMEOUT_S,
+        gt=0,
+        description="Longest wait for the next bytes of an S3 response.",
+    )
+    s3_max_attempts: int = Field(
+        default=ibc.S3_MAX_ATTEMPTS, ge=1, description="Attempts per S3 request."
+    )
     # --- search ------------------------------------------------------------------------------
     index_uri: str | None = Field(
         default=None,
@@ -354,5 +363,10 @@ class AppArgs(BaseModel):
     def storage_options(self) -> dict[str, Any]:
         """fsspec options for s3:// inputs and the index (credentials from the AWS chain)."""
         return ibc.s3_storage_options(
-            endpoint_url=self.s3_endpoint_url, region=self.s3_region, anon=self.s3_anon
+            endpoint_url=self.s3_endpoint_url,
+            region=self.s3_region,
+            anon=self.s3_anon,
+            connect_timeout_s=self.s3_connect_timeout_s,
+            read_timeout_s=self.s3_read_timeout_s,
+            max_attempts=self.s3_max_attempts,
         )

@@ -44,3 +44,33 @@ def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class Silent:
+    """A store that accepts connections on 127.0.0.1 and never answers; `accepted` counts
+    the connections (each request attempt of a client opens one: the dead ones are closed)."""
+
+    def __init__(self) -> None:
+        import socket
+
+        self.accepted = 0
+        self._held: list[socket.socket] = []
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(128)
+        self.port = self._sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            self._held.append(conn)
+
+    def close(self) -> None:
+        self._sock.close()
+        for c in self._held:
+            c.close()

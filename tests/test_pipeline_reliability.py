@@ -430,6 +430,50 @@ def test_an_unreachable_store_stops_the_block_instead_of_failing_the_item():
         preprocess_batch(batch, storage_options=storage_options, store_retries=1)
 
 
+def test_a_store_that_stops_answering_is_given_up_after_the_s3_clients_own_retries():
+    # Connections are accepted and nothing ever comes back. The S3 client retries a timed-out
+    # request (botocore's attempts, each retried by s3fs); the stage must not retry it again
+    # on top (its waits are for refused connections and 5xx): five more rounds of timeouts
+    # would hold the run 5x longer (hours at botocore's defaults) before it says anything.
+    from listener import Silent
+
+    from imagebind_core.errors import StoreUnavailable
+    from imagebind_core.io import s3_storage_options
+
+    store = Silent()
+    try:
+        endpoint = f"http://127.0.0.1:{store.port}"
+        storage_options = s3_storage_options(
+            endpoint, "us-east-1", "testing", "testing", read_timeout_s=0.5, max_attempts=2
+        )
+        row = {f.name: None for f in ITEM_SCHEMA}
+        row.update(id="x", uri="s3://b/x.png", modality="vision", shard="s", branch="vision")
+        row["status"] = STATUS_OK
+        batch = pa.Table.from_pylist([row], schema=ITEM_SCHEMA)
+        with pytest.raises(StoreUnavailable, match=r"s3://b/x\.png timed out") as e:
+            preprocess_batch(batch, storage_options=storage_options)
+        assert e.value.store == endpoint
+        # botocore's 2 attempts, each call tried 5 times by s3fs: 10 requests, not 5 x 10.
+        assert 2 <= store.accepted <= 10, store.accepted
+    finally:
+        store.close()
+
+
+def test_storage_timeouts_and_attempts_reach_the_s3_client():
+    cfg = load_config(
+        None,
+        {
+            **SMALL,
+            "input": "in",
+            "output": "out",
+            "storage": {"read_timeout_s": 7, "connect_timeout_s": 3, "max_attempts": 4},
+        },
+    )
+    kw = cfg.storage_options()["config_kwargs"]
+    assert (kw["read_timeout"], kw["connect_timeout"]) == (7, 3)
+    assert kw["retries"] == {"mode": "standard", "total_max_attempts": 4}
+
+
 def test_shard_files_are_created_only_if_absent(tmp_path, s3_server):
     bucket = s3_server.create_bucket(f"cia-{uuid.uuid4().hex[:6]}")
     for uri, storage_options in (
