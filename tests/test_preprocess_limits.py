@@ -8,6 +8,7 @@ quadratic in the word's length, but only the tokens that fit in the context reac
 from __future__ import annotations
 
 import io
+import math
 import random
 import sys
 import time
@@ -15,6 +16,7 @@ import time
 import media
 import numpy as np
 import pytest
+import torch
 from numerics import assert_inputs_close
 from PIL import Image
 from reference_data_shim import reference_data
@@ -155,3 +157,32 @@ def test_the_bpe_memo_is_bounded_in_bytes(monkeypatch) -> None:
     for s in range(20):
         tok2.encode(_letters(5_000, s), max_tokens=75)
     assert max(len(k) for k in tok2._cache) <= text_mod.LONG_WORD_SYMBOLS
+
+
+@pytest.mark.parametrize("sr", [16001, 96001, 8001])
+def test_audio_at_a_rate_that_needs_a_huge_resampling_filter_is_refused_fast(sr) -> None:
+    # torchaudio's (the reference's) resampler builds a filter of (16000/g) x (sr/g + ...)
+    # values, g = gcd(sr, 16000): 256M values (~4 GB, 20 s) for 16,001 Hz, 1.5G for 96,001 Hz,
+    # from a 3 s WAV of 100 KB within every other limit.
+    data = media.make_wav(seconds=3.0, sr=sr, channels=1)
+    e = _refused_fast("audio", data, needle="max_resample_filter")
+    assert f"sample rate {sr} Hz" in e.reason
+    # The library entry point that takes a decoded waveform checks it too.
+    wave, rate = P.decode_audio(data)
+    with pytest.raises(InvalidInput, match="max_resample_filter"):
+        P.preprocess_audio(wave, rate)
+
+
+@pytest.mark.parametrize("sr", [8000, 11025, 22050, 32000, 44100, 44056, 47952, 48000, 192000])
+def test_usual_audio_rates_fit_the_resampling_filter_limit(sr) -> None:
+    from torchaudio.functional.functional import _get_sinc_resample_kernel
+
+    from imagebind_core.preprocess.audio import resample_filter_size
+
+    # The size the check computes is the filter torchaudio builds (its private helper, called
+    # here only to pin the formula to the library's).
+    kernel, _ = _get_sinc_resample_kernel(sr, 16000, math.gcd(sr, 16000), dtype=torch.float32)
+    assert resample_filter_size(sr, 16000) == kernel.numel()
+    assert resample_filter_size(sr, 16000) <= Limits().max_resample_filter
+    x = P.preprocess("audio", media.make_wav(seconds=2.5, sr=sr, channels=1))
+    assert x.shape == (3, 1, 128, 204)

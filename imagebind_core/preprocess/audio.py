@@ -331,18 +331,22 @@ def _open_source(data: bytes, limits: Limits) -> _SndfileSource | tuple[np.ndarr
 
 
 def preprocess_audio(
-    waveform: np.ndarray | torch.Tensor, sample_rate: int, cfg: AudioConfig = AUDIO
+    waveform: np.ndarray | torch.Tensor,
+    sample_rate: int,
+    cfg: AudioConfig = AUDIO,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> torch.Tensor:
     """Waveform (channels, samples) at `sample_rate` -> (3, 1, 128, 204) float32 model input.
 
-    The input is not modified. Raises InvalidInput if a clip is shorter than one 25 ms frame.
+    The input is not modified. Raises InvalidInput if a clip is shorter than one 25 ms frame,
+    or if resampling from `sample_rate` needs a filter over `limits.max_resample_filter`.
     """
     wave = torch.as_tensor(waveform, dtype=torch.float32)
     if wave.ndim != 2 or wave.shape[1] == 0:
         raise InvalidInput(
             KIND, f"expected a (channels, samples) waveform, got {tuple(wave.shape)}"
         )
-    return _clip_features(wave.shape[1], sample_rate, lambda a, b: wave[:, a:b], cfg)
+    return _clip_features(wave.shape[1], sample_rate, lambda a, b: wave[:, a:b], cfg, limits)
 
 
 def resampled_length(n: int, orig_sr: int, new_sr: int) -> int:
@@ -353,6 +357,35 @@ def resampled_length(n: int, orig_sr: int, new_sr: int) -> int:
     g = math.gcd(orig_sr, new_sr)
     o, w = orig_sr // g, new_sr // g
     return int(torch.ceil(torch.as_tensor(w * n / o)).long())
+
+
+def _filter_width(o: int, w: int) -> int:
+    """Half-width (input samples) of torchaudio's default resampling filter for the
+    gcd-reduced rates `o` -> `w` (lowpass_filter_width 6, rolloff 0.99)."""
+    return math.ceil(6 * o / (min(o, w) * 0.99))
+
+
+def resample_filter_size(orig_sr: int, new_sr: int) -> int:
+    """Values of the filter `torchaudio.functional.resample(x, orig_sr, new_sr)` builds:
+    (new/g, 1, orig/g + 2 x width), g the rates' gcd; 0 when no resampling is needed."""
+    if orig_sr == new_sr:
+        return 0
+    g = math.gcd(orig_sr, new_sr)
+    o, w = orig_sr // g, new_sr // g
+    return w * (o + 2 * _filter_width(o, w))
+
+
+def _check_resample(sr: int, new_sr: int, limits: Limits) -> None:
+    size = resample_filter_size(sr, new_sr)
+    if size > limits.max_resample_filter:
+        raise InvalidInput(
+            KIND,
+            f"sample rate {sr} Hz cannot be resampled to {new_sr} Hz within the limits: the "
+            f"exact resampling filter (as the reference builds it) would hold {size:,} values, "
+            f"over max_resample_filter ({limits.max_resample_filter:,}); rates sharing few "
+            "factors with it cost gigabytes. Re-encode the file at a common rate (8, 16, 22.05, "
+            "44.1 or 48 kHz)",
+        )
 
 
 def _resampled_range(
@@ -375,7 +408,7 @@ def _resampled_range(
         return torch.as_tensor(read(a, b), dtype=torch.float32).clone()
     g = math.gcd(sr, new_sr)
     o, w = sr // g, new_sr // g
-    width = math.ceil(6 * o / (min(o, w) * 0.99))  # torchaudio's default filter half-width
+    width = _filter_width(o, w)
     margin = -(-width // o) + 1  # blocks
     i0, i1 = a // w, (b - 1) // w
     s = max(0, (i0 - margin) * o)
@@ -397,10 +430,15 @@ WHOLE_RESAMPLE_MAX_S = 120.0
 
 
 def _clip_features(
-    n_in: int, sr: int, read: Callable[[int, int], np.ndarray | torch.Tensor], cfg: AudioConfig
+    n_in: int,
+    sr: int,
+    read: Callable[[int, int], np.ndarray | torch.Tensor],
+    cfg: AudioConfig,
+    limits: Limits,
 ) -> torch.Tensor:
     """The reference's clip loop over a source of `n_in` samples at `sr`, read by ranges."""
     new_sr = cfg.sample_rate
+    _check_resample(sr, new_sr, limits)
     n = resampled_length(n_in, sr, new_sr)
     min_len = int(new_sr * cfg.frame_length_ms / 1000)
     spans = []
@@ -472,8 +510,8 @@ def audio_from_bytes(
     src = _open_source(data, limits)
     if isinstance(src, _SndfileSource):
         try:
-            return _clip_features(src.frames, src.sr, src.read, cfg)
+            return _clip_features(src.frames, src.sr, src.read, cfg, limits)
         finally:
             src.close()
     wave, sr = src
-    return preprocess_audio(wave, sr, cfg)
+    return preprocess_audio(wave, sr, cfg, limits)

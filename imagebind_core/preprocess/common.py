@@ -52,6 +52,12 @@ class Limits:
         max_imu_samples: time steps of one IMU recording, before resampling.
         max_sample_rate: audio sample rate in Hz.
         max_channels: audio channels.
+        max_resample_filter: values of the filter that resamples audio to 16 kHz
+            (`torchaudio.functional.resample`, as the reference: new/g x (sr/g + 2 x width),
+            g = gcd of the rates), checked from the header. The filter grows with
+            sr x 16000 / g^2: the usual rates need under 0.2M values, 44,056 Hz 11M, but a
+            rate that shares few factors with 16 kHz (16,001 Hz: 256M values, ~4 GB and 20 s
+            for one file) would cost gigabytes.
         max_decode_s: wall-clock budget for the frame/packet loops of one item (checked
             between frames; a single libav call cannot be interrupted).
     """
@@ -66,6 +72,7 @@ class Limits:
     max_imu_samples: int = 1_000_000
     max_sample_rate: int = 768_000
     max_channels: int = 64
+    max_resample_filter: int = 16_000_000
     max_decode_s: float = 120.0
 
     def __post_init__(self) -> None:
