@@ -84,6 +84,10 @@ def options_for(uri: str, storage_options: StorageOptions | None) -> dict[str, A
     return {}
 
 
+# The URI schemes inputs, outputs, items and checkpoints may use (local paths are `file`).
+SCHEMES = ("file", "s3", "s3a", "http", "https")
+
+
 def filesystem(uri: str, storage_options: StorageOptions | None = None):
     """Return (fsspec filesystem, path within it) for `uri`."""
     if protocol_of(uri) == "file":
@@ -96,10 +100,15 @@ def filesystem(uri: str, storage_options: StorageOptions | None = None):
     # user-supplied URI must name one object in one store. `::` is a legal character of an S3
     # key and stays part of the key here.
     protocol = protocol_of(uri)
-    try:
-        cls = fsspec.get_filesystem_class(protocol)
-    except ValueError:
-        raise ValueError(f"unsupported URI scheme {protocol!r} in {uri!r}") from None
+    if protocol not in SCHEMES:
+        # fsspec knows many more (gs, hdfs, ftp, ...), but opening them fails in ways that
+        # name no URI (a missing driver's ImportError, libjvm, a TypeError for ftp), and the
+        # product is built and tested on these.
+        raise ValueError(
+            f"unsupported URI scheme {protocol!r} in {uri!r}: use a local path, file://, "
+            "s3:// (any S3-compatible store: storage.endpoint_url) or, for items, http(s)://"
+        )
+    cls = fsspec.get_filesystem_class(protocol)
     fs = fsspec.filesystem(protocol, **options_for(uri, storage_options))
     return fs, cls._strip_protocol(uri)
 

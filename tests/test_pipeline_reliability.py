@@ -210,6 +210,7 @@ def test_lock_of_a_same_named_host_in_another_pid_namespace_is_not_broken(tmp_pa
 def test_any_exception_of_an_item_read_becomes_an_error_row():
     rows = [
         {"id": "weird", "uri": "foo://bar/x.jpg", "modality": "vision", "shard": "s"},
+        {"id": "ftp", "uri": "ftp://x/y.jpg", "modality": "vision", "shard": "s"},
         {"id": "ok", "uri": None, "modality": "text", "shard": "s", "data": b"hello"},
     ]
     for r in rows:
@@ -220,6 +221,8 @@ def test_any_exception_of_an_item_read_becomes_an_error_row():
     out = {r["id"]: r for r in preprocess_batch(batch).to_pylist()}
     assert out["weird"]["status"] == STATUS_ERROR
     assert "foo://bar/x.jpg" in out["weird"]["error"]
+    # A scheme fsspec knows but the product does not read (ftp gave fsspec's TypeError).
+    assert "unsupported URI scheme 'ftp' in 'ftp://x/y.jpg'" in out["ftp"]["error"]
     assert out["ok"]["status"] == STATUS_OK and out["ok"]["tensor"]
 
 
