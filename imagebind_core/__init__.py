@@ -78,10 +78,12 @@ __version__ = "0.1.0"
 
 # Names whose modules import torch: loaded on first attribute access (PEP 562).
 _LAZY = {
+    "check_checkpoint": "checkpoint",
     "fetch_checkpoint": "checkpoint",
     "load_checkpoint": "checkpoint",
     "load_model": "checkpoint",
     "map_reference_state_dict": "checkpoint",
+    "verify_checkpoint": "checkpoint",
     "Encoder": "model",
     "ImageBindModel": "model",
     "build_model": "model",
@@ -90,10 +92,12 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from imagebind_core.checkpoint import (
+        check_checkpoint,
         fetch_checkpoint,
         load_checkpoint,
         load_model,
         map_reference_state_dict,
+        verify_checkpoint,
     )
     from imagebind_core.model import Encoder, ImageBindModel, build_model, text_lengths
 
@@ -151,6 +155,7 @@ __all__ = [
     "TrunkConfig",
     "WorkerBroken",
     "build_model",
+    "check_checkpoint",
     "check_kind",
     "collate",
     "expand",
@@ -167,4 +172,5 @@ __all__ = [
     "read_bytes",
     "s3_storage_options",
     "text_lengths",
+    "verify_checkpoint",
 ]

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from imagebind_core.errors import StoreUnavailable
+from imagebind_core.errors import CheckpointError, StoreUnavailable
 from pipelines.config import (
     ConfigError,
     JobConfig,
@@ -33,7 +33,14 @@ from pipelines.console import (
     resume_command,
     shutdown_ray,
 )
-from pipelines.embed import OutputMismatch, check_output, job_record, run_job, verify_record
+from pipelines.embed import (
+    OutputMismatch,
+    check_model,
+    check_output,
+    job_record,
+    run_job,
+    verify_record,
+)
 from pipelines.formats import PlanError
 from pipelines.lineage import model_lineage
 from pipelines.lock import OutputLocked
@@ -51,12 +58,12 @@ REINDEX = "imagebind-reindex"
 
 # Exit statuses by error, first match wins; 0 is success, 130 an interrupt, 1 anything else.
 EMBED_STATUSES: tuple[tuple[tuple[type[BaseException], ...], int], ...] = (
-    ((ConfigError, PlanError), 2),
+    ((ConfigError, PlanError, CheckpointError), 2),
     ((OutputLocked, OutputMismatch, OutputDamaged), 3),
     ((StoreUnavailable, OutputUnwritable), 1),
 )
 REINDEX_STATUSES: tuple[tuple[tuple[type[BaseException], ...], int], ...] = (
-    ((ConfigError, PlanError), 2),
+    ((ConfigError, PlanError, CheckpointError), 2),
     ((OutputLocked, OutputDamaged), 3),
     ((StoreUnavailable, OutputUnwritable), 1),
 )
@@ -283,8 +290,8 @@ def _embed(args: argparse.Namespace, cfg: JobConfig) -> Any:
 
 
 def embed_main(argv: Sequence[str] | None = None) -> int:
-    """`imagebind-embed`. Exit status: 0 done (item errors included), 2 bad config or
-    input, 3 output locked, started by another job or damaged (a file it must read is
+    """`imagebind-embed`. Exit status: 0 done (item errors included), 2 bad config,
+    input or checkpoint, 3 output locked, started by another job or damaged (a file it must read is
     not what a run wrote; the message names it), 130 interrupted (Ctrl-C; rerun to
     resume), 1 anything else (an unreachable object store included: rerun to resume)."""
     return _run_command(
@@ -303,6 +310,7 @@ def dry_run(cfg: JobConfig) -> str:
     anything (PlanError, OutputMismatch as the run raises them)."""
     check_input(cfg.input, cfg.storage_options())
     check_output(cfg)
+    check_model(cfg)
     output = Output(cfg.output, cfg.storage_options())
     rec = job_record(cfg, output)
     plan = plan_job(cfg, files_shards=(rec or {}).get("files_shards"))

@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import imagebind_core as ibc
-from imagebind_core.errors import StoreUnavailable
+from imagebind_core.errors import CheckpointError, StoreUnavailable
 from imagebind_core.io import canonical_uri, store_name
 from pipelines.config import JobConfig
 from pipelines.lineage import model_lineage
@@ -65,6 +65,7 @@ from pipelines.stages import EncodeBatch, preprocess_batch, without_tensors
 from pipelines.store import (
     Output,
     OutputUnwritable,
+    find_cause,
     read_job_record,
     transient_store_error,
     unwritable_error,
@@ -359,6 +360,22 @@ def check_output(cfg: JobConfig) -> None:
     check_folder(cfg.output, "output", cfg.storage_options())
 
 
+def check_model(cfg: JobConfig, kinds: Sequence[str] | None = None) -> None:
+    """CheckpointError naming the checkpoint if it is missing, unreachable, empty or not a
+    PyTorch checkpoint: said before Ray starts or the output is written. With `kinds` and no
+    `checkpoint_sha256` (the driver then fetches the checkpoint to hash it), also if it does
+    not hold those kinds' encoders of the preset (`imagebind_core.verify_checkpoint`);
+    otherwise the encoder actors that load it say so."""
+    if cfg.checkpoint is None:
+        return
+    ibc.check_checkpoint(cfg.checkpoint, cfg.storage_options())
+    if kinds is not None and not cfg.checkpoint_sha256:
+        local, _ = ibc.fetch_checkpoint(cfg.checkpoint, storage_options=cfg.storage_options())
+        modalities = sorted({ibc.model_modality(k).value for k in kinds if k != INVALID})
+        if modalities:
+            ibc.verify_checkpoint(local, cfg.preset, modalities, source=cfg.checkpoint)
+
+
 def _quiet_issue_detectors(config: Any) -> Any:
     """Ray Data's issue detectors without the high-memory one.
 
@@ -400,9 +417,10 @@ def run_plan(cfg: JobConfig, plan: Plan) -> JobSummary:
     """
     t0 = time.perf_counter()
     check_output(cfg)
+    check_model(cfg, plan.kinds)
+    lineage = model_lineage(cfg, plan.kinds)
     output = Output(cfg.output, cfg.storage_options())
     output.makedirs(output.root)
-    lineage = model_lineage(cfg, plan.kinds)
     if cfg.checkpoint is not None:  # every actor verifies the checkpoint the metadata names
         cfg = cfg.model_copy(update={"checkpoint_sha256": lineage["imagebind.checkpoint_sha256"]})
     lock = OutputLock(cfg.output, cfg.storage_options(), ttl_s=cfg.lock_ttl_s)
@@ -529,6 +547,9 @@ class _Run:
             self._stream(ds, pending, tracker, refs, lock)
             results = ray.get(refs)
         except Exception as e:
+            bad_model = find_cause(e, CheckpointError)
+            if bad_model is not None:  # an encoder actor could not load it: one sentence
+                raise CheckpointError(str(bad_model)) from None
             refused = unwritable_error(e, cfg.output)
             if refused is not None:
                 raise OutputUnwritable(
@@ -602,6 +623,7 @@ class _Run:
 def run_job(cfg: JobConfig) -> JobSummary:
     """Plan the input of `cfg` and embed every item not yet committed in `cfg.output`."""
     check_input(cfg.input, cfg.storage_options())
+    check_model(cfg)
     output = Output(cfg.output, cfg.storage_options())
     rec = job_record(cfg, output)
     plan = plan_job(cfg, files_shards=(rec or {}).get("files_shards"))

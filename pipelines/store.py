@@ -29,7 +29,7 @@ import os
 import re
 import time
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import fsspec.asyn
 import pyarrow as pa
@@ -85,6 +85,14 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
             e = e.__cause__
         else:
             e = e.__context__
+
+
+E = TypeVar("E", bound=BaseException)
+
+
+def find_cause(exc: BaseException, cls: type[E]) -> E | None:
+    """The first exception of type `cls` in `exc`'s chain (`_causes`: a Ray task's included)."""
+    return next((e for e in _causes(exc) if isinstance(e, cls)), None)
 
 
 def transient_store_error(exc: BaseException) -> bool:

@@ -130,6 +130,44 @@ def test_no_credentials_and_unknown_schemes_are_one_sentence(capsys, tmp_path, m
     assert not (tmp_path / "o").exists()
 
 
+def test_a_bad_checkpoint_is_one_sentence_before_ray_starts_or_the_output_is_written(
+    capsys, tmp_path
+):
+    # Before: a missing file was a CheckpointError traceback (exit 1) after the output folder
+    # was made, and --dry-run passed; a text file or another model's weights failed in the
+    # encoder actors ~20 s into the run (a Ray traceback), after `_job.json` recorded that
+    # checkpoint's lineage, so the rerun with the right one was refused as another model's.
+    import torch
+
+    import imagebind_core as ibc
+
+    corpus = str(tmp_path / "corpus")
+    write_demo_corpus(corpus)
+    text = tmp_path / "notes.pth"
+    text.write_text("not a checkpoint")
+    other = tmp_path / "other.pth"
+    torch.save({"head.weight": torch.zeros(2, 2)}, other)
+    cases = [
+        (str(tmp_path / "missing.pth"), f"checkpoint not found: {tmp_path / 'missing.pth'}"),
+        (str(tmp_path), f"{tmp_path}: is a folder, not a checkpoint file"),
+        (str(text), f"{text}: not a PyTorch checkpoint (it starts with b'not "),
+        (str(other), "checkpoint does not match the 'tiny' configuration"),
+    ]
+    for checkpoint, said in cases:
+        out = tmp_path / "out"
+        extra = [[]] if checkpoint == str(other) else [[], ["--dry-run"]]
+        for flags in extra:
+            argv = ["--config", DEMO, "--input", corpus, "--output", str(out)]
+            rc, _, err = run_embed(capsys, *argv, "--checkpoint", checkpoint, *flags)
+            assert rc == 2 and said in err, err
+            assert "Traceback" not in err
+            assert not out.exists(), "the output was written for a run that cannot start"
+    # A checkpoint of the preset passes the same check (no false alarm).
+    good = tmp_path / "tiny.pth"
+    torch.save(ibc.build_model(ibc.get_config("tiny"), seed=0).state_dict(), good)
+    assert ibc.verify_checkpoint(str(good), "tiny", ["vision", "text", "audio"])
+
+
 def _started_output(tmp_path) -> tuple[str, str]:
     """A demo corpus and an output started by the demo config (its job record written)."""
     corpus, out = str(tmp_path / "corpus"), str(tmp_path / "emb")

@@ -192,3 +192,35 @@ def test_checkpoint_from_s3_is_loaded_verified_and_recorded(tmp_path, ray_sessio
         want = model({"text": x})["text"].numpy()  # raw (not normalised)
     got = dict(zip(emb.column("id").to_pylist(), emb.column("embedding").to_pylist(), strict=True))
     assert_embeddings_close(np.array([got["t0"], got["t1"]]), want)
+
+
+def test_a_checkpoint_the_encoders_cannot_load_ends_the_run_with_one_sentence(
+    tmp_path, ray_session
+):
+    # With checkpoint_sha256 given the driver does not fetch the checkpoint, so only the
+    # encoder actors find that it holds another model's weights: the run ends with their
+    # CheckpointError itself (exit status 2 on the command line), not Ray's task error.
+    import hashlib
+
+    import torch
+
+    from imagebind_core.errors import CheckpointError
+
+    path = tmp_path / "other.pth"
+    torch.save({"head.weight": torch.zeros(2, 2)}, path)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "m.jsonl").write_text('{"id": "t0", "modality": "text", "text": "a"}\n')
+    cfg = load_config(
+        None,
+        {
+            **SMALL,
+            "input": str(tmp_path / "in"),
+            "output": str(tmp_path / "out"),
+            "checkpoint": str(path),
+            "checkpoint_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        },
+    )
+    with pytest.raises(CheckpointError, match="does not match the 'tiny' configuration") as e:
+        run_job(cfg)
+    assert "Traceback" not in str(e.value) and "RayTaskError" not in str(e.value)
+    assert e.value.__cause__ is None
