@@ -107,6 +107,15 @@ def make_npy(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def npy_declaring(shape: tuple[int, ...], dtype: str = "<f8", data: bytes = b"\0" * 40) -> bytes:
+    """A .npy file whose header declares `shape` of `dtype` but holds only `data`."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": dtype, "fortran_order": False, "shape": shape}
+    )
+    return buf.getvalue() + data
+
+
 def make_depth_npy(size: tuple[int, int] = (320, 240), seed: int = 0, metres: bool = True) -> bytes:
     """A float32 depth map in metres (or uint16 millimetres) as .npy."""
     d = depth_array_mm(size, seed)

@@ -186,3 +186,30 @@ def test_usual_audio_rates_fit_the_resampling_filter_limit(sr) -> None:
     assert resample_filter_size(sr, 16000) <= Limits().max_resample_filter
     x = P.preprocess("audio", media.make_wav(seconds=2.5, sr=sr, channels=1))
     assert x.shape == (3, 1, 128, 204)
+
+
+@pytest.mark.parametrize("kind", ["depth", "thermal", "imu"])
+def test_npy_headers_are_checked_before_any_element_is_allocated(kind) -> None:
+    # np.load allocates what the header declares: 168 bytes declaring (60000, 60000) float64
+    # asked for 27 GiB (a MemoryError, or with overcommit an allocation far past the file).
+    e = _refused_fast(kind, media.npy_declaring((60000, 60000)), needle="header declares")
+    assert "(60000, 60000)" in e.reason and "the file holds 40" in e.reason
+    # A file cut short, and one with bytes after its data: the same check.
+    whole = media.make_npy(np.ones((8, 6), np.float32))
+    for data in (whole[:-4], whole + b"\0" * 8):
+        _refused_fast(kind, data, needle="header declares")
+    # Objects and complex numbers are refused from the header too.
+    _refused_fast(kind, media.npy_declaring((2, 2), "|O"), needle="real numeric array")
+    _refused_fast(kind, media.npy_declaring((2, 2), "<c8", b"\0" * 32), needle="real numeric")
+
+
+@pytest.mark.parametrize("kind", ["depth", "thermal"])
+def test_npy_rasters_are_held_to_max_pixels_from_the_header(kind) -> None:
+    data = media.npy_declaring((1, 4000, 4000), "|u1", b"\0" * 16_000_000)
+    limits = Limits(max_pixels=1_000_000)
+    t0 = time.perf_counter()
+    with pytest.raises(InvalidInput, match="4000x4000") as e:
+        P.preprocess(kind, data, limits=limits)
+    assert time.perf_counter() - t0 < FAST_S and e.value.modality == kind
+    x = P.preprocess(kind, media.make_npy(np.ones((1, 40, 30), np.float32) / 2))
+    assert x.shape == (1, 224, 224)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import logging
+import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -144,6 +146,44 @@ def decoding(kind: str, what: str) -> Iterator[None]:
     except (Exception, MemoryError) as e:
         msg = str(e).strip() or type(e).__name__
         raise InvalidInput(kind, f"cannot decode {what}: {msg}") from e
+
+
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def load_npy(
+    kind: str, data: bytes, check_shape: Callable[[tuple[int, ...]], None] | None = None
+) -> np.ndarray:
+    """A real numeric `.npy` array, its header checked before any element is read: the
+    declared shape and dtype must account for exactly the bytes the file holds, so memory is
+    bounded by the file's size (`np.load` allocates what the header declares: a 168-byte file
+    declaring (60000, 60000) float64 asked for 27 GiB), and `check_shape(shape)` runs first
+    (a caller's limits). Not pickled objects, not complex, not strings."""
+    buf = io.BytesIO(data)
+    with decoding(kind, ".npy header"):
+        version = np.lib.format.read_magic(buf)
+        if version not in ((1, 0), (2, 0)):  # 3.0 only adds UTF-8 field names
+            raise ValueError(f"unsupported .npy format version {version[0]}.{version[1]}")
+        read_header = getattr(np.lib.format, f"read_array_header_{version[0]}_0")
+        shape, _, dtype = read_header(buf)
+    if (
+        dtype.hasobject
+        or not np.issubdtype(dtype, np.number)
+        or np.issubdtype(dtype, np.complexfloating)
+    ):
+        raise InvalidInput(kind, f"expected a real numeric array, got dtype {dtype}")
+    declared = math.prod(shape) * dtype.itemsize
+    held = len(data) - buf.tell()
+    if declared != held:
+        raise InvalidInput(
+            kind,
+            f".npy header declares shape {shape} of {dtype} ({declared:,} bytes of data), "
+            f"the file holds {held:,}",
+        )
+    if check_shape is not None:
+        check_shape(shape)
+    with decoding(kind, ".npy array"):
+        return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 class Deadline:

@@ -13,7 +13,6 @@ stated in `DepthConfig`; they are assumptions, not published ImageBind constants
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,18 +25,18 @@ from PIL import Image
 from imagebind_core.errors import InvalidInput
 from imagebind_core.preprocess.common import (
     DEFAULT_LIMITS,
+    NPY_MAGIC,
     Limits,
     as_bytes,
     check_finite,
     check_pixels,
     decoding,
+    load_npy,
     replace_config,
 )
 from imagebind_core.preprocess.image import load_pixels, open_image, resize_center_crop
 
 logger = logging.getLogger(__name__)
-
-NPY_MAGIC = b"\x93NUMPY"
 
 
 @dataclass(frozen=True)
@@ -103,17 +102,22 @@ DEPTH = DepthConfig()
 THERMAL = ThermalConfig()
 
 
+def _raster_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """(H, W) of a single-channel raster stored as (H, W), (1, H, W) or (H, W, 1)."""
+    if len(shape) == 3 and 1 in (shape[0], shape[-1]):
+        return shape[1:] if shape[0] == 1 else shape[:-1]
+    return shape
+
+
 def _load_npy(kind: str, data: bytes, limits: Limits) -> np.ndarray:
-    with decoding(kind, ".npy array"):
-        arr = np.load(io.BytesIO(data), allow_pickle=False)
-    if arr.ndim == 3 and 1 in (arr.shape[0], arr.shape[-1]):
-        arr = arr.reshape(arr.shape[1:] if arr.shape[0] == 1 else arr.shape[:-1])
-    if arr.ndim != 2:
-        raise InvalidInput(kind, f"expected a 2-D (H, W) array, got shape {arr.shape}")
-    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
-        raise InvalidInput(kind, f"expected a numeric array, got dtype {arr.dtype}")
-    check_pixels(kind, arr.shape[1], arr.shape[0], limits)
-    return arr
+    def check(shape: tuple[int, ...]) -> None:  # from the header, before any element is read
+        hw = _raster_shape(shape)
+        if len(hw) != 2:
+            raise InvalidInput(kind, f"expected a 2-D (H, W) array, got shape {shape}")
+        check_pixels(kind, hw[1], hw[0], limits)
+
+    arr = load_npy(kind, data, check)
+    return arr.reshape(_raster_shape(arr.shape))
 
 
 def _load_single_channel(kind: str, data: bytes, limits: Limits, allow_rgb: bool) -> np.ndarray:

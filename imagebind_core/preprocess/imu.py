@@ -27,17 +27,18 @@ import torch
 from imagebind_core.errors import InvalidInput
 from imagebind_core.preprocess.common import (
     DEFAULT_LIMITS,
+    NPY_MAGIC,
     Limits,
     as_bytes,
     check_finite,
     decoding,
+    load_npy,
     replace_config,
 )
 
 logger = logging.getLogger(__name__)
 
 KIND = "imu"
-NPY_MAGIC = b"\x93NUMPY"
 
 
 @dataclass(frozen=True)
@@ -107,10 +108,7 @@ def decode_imu(data: bytes, limits: Limits = DEFAULT_LIMITS, channels: int = 6) 
     """
     data = as_bytes(KIND, data, limits)
     if data.startswith(NPY_MAGIC):
-        with decoding(KIND, ".npy array"):
-            arr = np.load(io.BytesIO(data), allow_pickle=False)
-        if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
-            raise InvalidInput(KIND, f"expected a real numeric array, got dtype {arr.dtype}")
+        arr = load_npy(KIND, data)
     else:
         try:
             text = data.decode("utf-8-sig")
