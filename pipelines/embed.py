@@ -51,7 +51,7 @@ from pipelines.plan import (
     shard_tasks,
     store_errors,
 )
-from pipelines.progress import ProgressReporter, counter_actor
+from pipelines.progress import PARTS_DROPPED, ProgressReporter, counter_actor
 from pipelines.readers import read_tasks
 from pipelines.resources import (
     WRITER_NUM_CPUS,
@@ -494,7 +494,8 @@ class _Run:
         )
         if summary.items_reused:
             logger.info(
-                "reused %d items from earlier parts (embedded by an interrupted run)",
+                "%d items in earlier parts (embedded by an interrupted run): those whose input "
+                "is unchanged are reused",
                 summary.items_reused,
             )
         # A shard with no items (an empty manifest, or only ids of earlier manifests) gets its
@@ -573,7 +574,9 @@ class _Run:
                 f"{str(cause)[:300]}). {resume}",
             ) from e
         finally:
-            reporter.stop()
+            counts = reporter.stop()
+            # Part rows counted as reused at the start whose item had changed or gone.
+            self.summary.items_reused -= counts.get(PARTS_DROPPED, 0)
             ray.kill(counter)
             self.summary.workers_warmed, self.summary.warmup_tasks = warmup.finish()
             ctx.enable_progress_bars, ctx.issue_detectors_config = prev_bars, prev_detectors

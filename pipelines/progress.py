@@ -32,19 +32,45 @@ STAGES: dict[str, str] = {
 }
 
 
+# The tally of part rows the read tasks dropped (items changed or gone since the interrupted
+# run that embedded them): the summary's reused items do not count them.
+PARTS_DROPPED = "parts_dropped"
+
+# Warnings a run's tasks send to the driver between two progress lines, at most (the rest are
+# counted): Ray does not forward worker logs to the driver (`log_to_driver=False`, which keeps
+# the console to the job's own lines), so what a user must see travels here.
+MAX_NOTES = 100
+
+
 class ProgressCounter:
-    """Items done per stage (a plain class; `counter_actor` runs it as a Ray actor)."""
+    """Items done per stage, and the warnings tasks send to the driver (`notify`): a plain
+    class; `counter_actor` runs it as a Ray actor."""
 
     def __init__(self) -> None:
         self.counts: dict[str, int] = defaultdict(int)
+        self.notes: list[str] = []
+        self.notes_dropped = 0
 
     def add(self, stage: str, n: int) -> None:
-        """Count `n` more items finished by `stage`."""
+        """Count `n` more items finished by `stage` (or any other tally a task keeps)."""
         self.counts[stage] += n
 
     def snapshot(self) -> dict[str, int]:
         """Items done so far per stage."""
         return dict(self.counts)
+
+    def note(self, message: str) -> None:
+        """Keep a warning for the driver to log."""
+        if len(self.notes) < MAX_NOTES:
+            self.notes.append(message)
+        else:
+            self.notes_dropped += 1
+
+    def take_notes(self) -> tuple[list[str], int]:
+        """The warnings kept since the last call, and how many more were not kept."""
+        notes, dropped = self.notes, self.notes_dropped
+        self.notes, self.notes_dropped = [], 0
+        return notes, dropped
 
 
 def counter_actor() -> Any:
@@ -61,6 +87,16 @@ def report(progress: Any, stage: str, n: int) -> None:
         return
     with contextlib.suppress(Exception):
         progress.add.remote(stage, n)
+
+
+def notify(progress: Any, log: logging.Logger, message: str) -> None:
+    """Log the warning `message` here (a worker's log) and send it to the driver, which logs
+    it where the user reads the run (`ProgressReporter`). Never raises and never waits."""
+    log.warning("%s", message)
+    if progress is None:
+        return
+    with contextlib.suppress(Exception):
+        progress.note.remote(message)
 
 
 def _clock(seconds: float) -> str:
@@ -168,14 +204,36 @@ class ProgressReporter:
         logger.warning("%s", msg)
         return msg
 
+    def drain_notes(self) -> list[str]:
+        """Log (WARNING) and return the warnings the tasks sent since the last call."""
+        import ray
+
+        notes, dropped = ray.get(self.counter.take_notes.remote(), timeout=10)
+        if dropped:
+            notes = [*notes, f"{dropped} more warnings from the run's tasks (in the Ray logs)"]
+        for n in notes:
+            logger.warning("%s", n)
+        return notes
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
+                self.drain_notes()
                 logger.info("%s", self.line())
             except Exception as e:  # a slow or restarting cluster: try at the next tick
                 logger.debug("progress unavailable: %s", e)
 
-    def stop(self) -> None:
+    def stop(self) -> dict[str, int]:
+        """Stop the thread; log the warnings not logged yet. Returns the final counts ({} if
+        the counter cannot be read)."""
+        import ray
+
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=15)
+        try:
+            self.drain_notes()
+            return ray.get(self.counter.snapshot.remote(), timeout=10)
+        except Exception as e:
+            logger.debug("progress unavailable: %s", e)
+            return {}

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 from imagebind_core.io import StorageOptions
 from pipelines.formats import wds_member
 from pipelines.plan import input_format
-from pipelines.progress import report
+from pipelines.progress import PARTS_DROPPED, notify, report
 from pipelines.rows import (
     INVALID,
     ITEM_SCHEMA,
@@ -76,6 +76,7 @@ def read_shard_task(
     *,
     chunk_rows: int = 64,
     chunk_bytes: int = 64 << 20,
+    progress: Any = None,
 ) -> Iterator[pa.Table]:
     """Item rows of one (shard, kind) task in chunks, then its end-of-shard marker.
 
@@ -92,13 +93,13 @@ def read_shard_task(
     fmt = input_format(task["format"])
     if fmt.shard_table is not None and task["items"] is None:
         yield from _read_table_task(
-            task, fmt, storage_options, out, parts, include, chunk_rows, chunk_bytes
+            task, fmt, storage_options, out, parts, include, chunk_rows, chunk_bytes, progress
         )
         return
     current = None
     if parts and task["items"] is not None:  # only a resume compares
         current = {it["id"]: it.get("fingerprint") for it in task["items"]}
-    done = _reusable(out, task, parts, current, include)
+    done = _reusable(out, task, parts, current, include, progress)
     seen: set[str] = set()
     buf: list[dict[str, Any]] = []
     nbytes = 0
@@ -133,6 +134,7 @@ def _read_table_task(
     include: set[str] | None,
     chunk_rows: int,
     chunk_bytes: int,
+    progress: Any = None,
 ) -> Iterator[pa.Table]:
     """`read_shard_task` for a format that reads a shard as one table (`shard_table`): the
     same rows and marker, filtered and cut into tables of `chunk_rows` column by column."""
@@ -145,7 +147,7 @@ def _read_table_task(
     if parts:
         fps = table.column("fingerprint").to_pylist()
         current = dict(zip(ids.to_pylist(), fps, strict=True))
-    done = _reusable(out, task, parts, current, include)
+    done = _reusable(out, task, parts, current, include, progress)
     if done:
         table = table.filter(pc.invert(pc.is_in(ids, pa.array(sorted(done), pa.string()))))
     if include is not None:
@@ -174,6 +176,7 @@ def _reusable(
     parts: dict[str, str | None],
     current: dict[str, str | None] | None,
     include: set[str] | None,
+    progress: Any = None,
 ) -> set[str]:
     """The ids the task skips: its part rows (`parts`, id -> fingerprint) whose item the shard
     still holds unchanged, and `exclude`. The other part rows (the item changed, left the
@@ -201,14 +204,15 @@ def _reusable(
 
     stale = {i for i, fp in parts.items() if not still(i, fp)}
     if stale:
-        logger.warning(
-            "shard %s: %d %s items embedded by an interrupted run changed or went away since; "
-            "their rows are dropped (changed items are embedded again)",
-            task["shard"],
-            len(stale),
-            task["kind"],
+        notify(
+            progress,
+            logger,
+            f"shard {task['shard']}: {len(stale)} {task['kind']} items embedded by an "
+            "interrupted run changed or went away since; their rows are dropped (changed items "
+            "are embedded again)",
         )
         drop_part_rows(out, task["shard"], task["kind"], stale)
+        report(progress, PARTS_DROPPED, len(stale))
     return (set(parts) - stale) | exclude
 
 
@@ -254,7 +258,7 @@ def read_tasks(
     block). `progress`: the job's `pipelines.progress.counter_actor()` (None: not counted)."""
     for t in batch.column("task").to_pylist():
         for table in read_shard_task(
-            json.loads(t), output_uri, storage_options, chunk_rows=chunk_rows
+            json.loads(t), output_uri, storage_options, chunk_rows=chunk_rows, progress=progress
         ):
             report(progress, "read", sum(s != STATUS_EOS for s in table["status"].to_pylist()))
             yield table

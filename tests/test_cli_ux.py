@@ -372,7 +372,7 @@ def test_progress_ctrl_c_resume_and_a_quiet_log(tmp_path):
     again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     text = again.stdout + again.stderr
     assert again.returncode == 0, text
-    reused = re.search(r"reused (\d+) items from earlier parts", again.stderr)
+    reused = re.search(r"reused (\d+) items from earlier parts", again.stdout)  # the summary
     assert reused and int(reused.group(1)) >= int(kept.group(1)), text
     embedded = re.search(r"text\s+(\d+) embedded", again.stdout)
     assert embedded and int(embedded.group(1)) + int(reused.group(1)) == 40, text

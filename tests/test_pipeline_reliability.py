@@ -357,7 +357,7 @@ def test_an_output_that_refuses_writes_is_named_in_one_sentence(
 
 
 @pytest.mark.parametrize("fmt", ["files", "manifest", "webdataset"])
-def test_a_resume_drops_parts_of_items_changed_or_gone_since(tmp_path, ray_session, fmt):
+def test_a_resume_drops_parts_of_items_changed_or_gone_since(tmp_path, ray_session, fmt, caplog):
     """Parts an interrupted run wrote are reused only for items the input still holds
     unchanged: an item changed since is embedded again, one gone is not committed, so the
     output equals a clean run's of the input as it is now."""
@@ -388,7 +388,13 @@ def test_a_resume_drops_parts_of_items_changed_or_gone_since(tmp_path, ray_sessi
     # that has gone since; each with an embedding no encoder makes.
     rows = [part_row(a, listed[a]["fingerprint"]), part_row(b, "old"), part_row("gone", "g")]
     write_parts(_encoded(rows, 32), str(out), None, 32)
-    run_job(cfg)
+    with caplog.at_level("WARNING", logger="pipelines.progress"):
+        summary = run_job(cfg)
+    # Said where the user reads the run (the driver's log, not only a Ray worker's), and not
+    # counted as reused.
+    said = "2 text items embedded by an interrupted run changed or went away since"
+    assert any(said in r.getMessage() for r in caplog.records), caplog.text
+    assert summary.items_reused == 1
     emb, err, _ = read_output(str(out))
     assert err.num_rows == 0
     got = {r["id"]: r for r in emb.to_pylist()}
