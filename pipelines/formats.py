@@ -439,8 +439,10 @@ def iter_tar(
     want: Callable[[str], str | None],
     *,
     read: bool = True,
-) -> Iterator[tuple[str, str, bytes | None, int, float]]:
-    """(member name, kind, bytes or None, size, mtime) for the members `want` maps to a kind.
+) -> Iterator[tuple[str, str, bytes | None, int, float, str | None]]:
+    """(member name, kind, bytes or None, size, mtime, error) for the members `want` maps to a
+    kind. `error` is None, or why the member cannot be read: a symbolic or hard link (links
+    are not followed: a shard's items are its own files), then with no bytes.
 
     Headers are read one by one and payloads of unwanted members are seeked over, so listing
     (`read=False`) or a caption-only pass does not download the images.
@@ -456,10 +458,16 @@ def iter_tar(
         # uncompressed tar the payload's end must lie within the file.
         end = fs.size(path) if not read and tf.fileobj is f else None
         for m in tf:
-            if not m.isfile():
+            link = m.issym() or m.islnk()
+            if not (m.isfile() or link):
                 continue
             kind = want(m.name)
             if kind is None:
+                continue
+            if link:
+                how = "symbolic" if m.issym() else "hard"
+                why = f"tar member {m.name!r} is a {how} link to {m.linkname!r}, not a file"
+                yield m.name, kind, None, 0, float(m.mtime), why
                 continue
             if end is not None and m.offset_data + m.size > end:
                 raise tarfile.ReadError(f"member {m.name!r} is cut short: the file ends first")
@@ -467,7 +475,7 @@ def iter_tar(
             if read:
                 fobj = tf.extractfile(m)
                 data = fobj.read() if fobj is not None else b""
-            yield m.name, kind, data, int(m.size), float(m.mtime)
+            yield m.name, kind, data, int(m.size), float(m.mtime), None
 
 
 def peek_tar_kinds(
@@ -475,7 +483,7 @@ def peek_tar_kinds(
 ) -> list[str]:
     """Kinds among the first `n` members of a tar shard (headers only)."""
     kinds: set[str] = set()
-    for i, (_, kind, _, _, _) in enumerate(
+    for i, (_, kind, *_) in enumerate(
         iter_tar(uri, storage_options, lambda name: member_kind(name, extensions), read=False)
     ):
         kinds.add(kind)
@@ -563,10 +571,19 @@ def tar_rows(
         return None if wds_id(shard, name) in skip else kind_of(name)
 
     try:
-        for name, kind, data, size, mtime in iter_tar(uri, storage_options, want, read=read):
+        members = iter_tar(uri, storage_options, want, read=read)
+        for name, kind, data, size, mtime, error in members:
             fp = member_fingerprint(fingerprint or "", name)
             yield item_row(
-                wds_id(shard, name), f"{uri}#{name}", kind, shard, fp, size, mtime, data=data
+                wds_id(shard, name),
+                f"{uri}#{name}",
+                kind,
+                shard,
+                fp,
+                size,
+                mtime,
+                data=data,
+                error=error,
             )
     except (tarfile.TarError, OSError, EOFError) as e:
         # A truncated or corrupt shard: its readable members were emitted; the rest cannot

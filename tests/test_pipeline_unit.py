@@ -1112,3 +1112,34 @@ def test_a_tar_cut_short_in_a_payload_lists_what_the_job_reads(tmp_path):
         rows = tar_rows("t", str(path), "fp", ["vision"], None, {}, read=read)
         got[read] = [(r["id"], r["status"]) for r in rows]
     assert got[False] == got[True] == [("t#a.jpg", "ok"), ("t#unreadable-vision", "error")]
+
+
+def test_link_members_of_a_tar_are_error_rows_not_dropped(tmp_path):
+    # A symbolic or hard link member with a media suffix was skipped (`not m.isfile()`): in
+    # neither the output nor `_errors/`. Links are not followed; the item is an error row, the
+    # same in the listing (a re-index counts it as a failure, not as new on every run).
+    import io
+
+    from pipelines.formats import tar_rows
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        info = tarfile.TarInfo("a.txt")
+        info.size = 3
+        tf.addfile(info, io.BytesIO(b"one"))
+        for name, kind in (("b.txt", tarfile.SYMTYPE), ("c.txt", tarfile.LNKTYPE)):
+            link = tarfile.TarInfo(name)
+            link.type, link.linkname = kind, "a.txt"
+            tf.addfile(link)
+    path = tmp_path / "t.tar"
+    path.write_bytes(buf.getvalue())
+    for read in (False, True):
+        rows = {r["id"]: r for r in tar_rows("t", str(path), "fp", ["text"], None, {}, read=read)}
+        assert sorted(rows) == ["t#a.txt", "t#b.txt", "t#c.txt"]
+        assert rows["t#a.txt"]["status"] == "ok"
+        assert rows["t#b.txt"]["status"] == rows["t#c.txt"]["status"] == "error"
+        assert (
+            rows["t#b.txt"]["error"]
+            == "tar member 'b.txt' is a symbolic link to 'a.txt', not a file"
+        )
+        assert "'c.txt' is a hard link to 'a.txt'" in rows["t#c.txt"]["error"]
