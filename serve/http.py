@@ -81,18 +81,63 @@ def unknown_field_message(name: str, schema: type[BaseModel]) -> str:
     return f"unknown field {name!r}; the fields of this request are {', '.join(known)}"
 
 
+# What a JSON value is, in JSON's words, for "input[2] is a number, not a string".
+_JSON_TYPES: tuple[tuple[type | tuple[type, ...], str], ...] = (
+    (type(None), "null"),
+    (bool, "a boolean"),
+    ((int, float), "a number"),
+    (str, "a string"),
+    (dict, "an object"),
+    (list, "an array"),
+)
+# What an element of a list field must be, by pydantic's error type.
+_WANTED = {
+    "string_type": "a string",
+    "float_type": "a number",
+    "int_type": "an integer",
+    "bool_type": "a boolean",
+}
+
+
+def json_type(value: Any) -> str:
+    """`null`, `a number`, `an object`, ...: what a parsed JSON value is."""
+    return next((name for t, name in _JSON_TYPES if isinstance(value, t)), type(value).__name__)
+
+
+def _element_error(err: Mapping[str, Any], hints: Mapping[str, str]) -> tuple[str, str] | None:
+    """`("input[2] is a number, not a string: input must be ...", "input[2]")` for an element
+    of a list field of the wrong type; None for any other error. Union members' tags in the
+    location (`input.list[str].2`) are left out."""
+    parts = [p for p in err.get("loc", ()) if not (isinstance(p, str) and "[" in p)]
+    wanted = _WANTED.get(err.get("type", ""))
+    if wanted is None or len(parts) != 2 or not isinstance(parts[1], int):
+        return None
+    field, index = parts
+    name = f"{field}[{index}]"
+    msg = f"{name} is {json_type(err.get('input'))}, not {wanted}"
+    if field in hints:
+        msg += f": {field} {hints[field]}"
+    return msg, name
+
+
 def validation_message(
     e: ValidationError, schema: type[BaseModel] | None = None
 ) -> tuple[str, str | None, str]:
     """The error to report as `field: message`, the field as `param`, and the error code.
 
     An unknown top-level field comes first, named with the closest known one: `{"inputs":
-    ...}` is a typo of `input`, not a request missing its input."""
+    ...}` is a typo of `input`, not a request missing its input. Then an element of a list of
+    the wrong type, named with its index (`input[2]`) and what it is (`a number`)."""
     errors = e.errors()
     for err in errors:
         loc = err.get("loc", ())
         if err.get("type") == "extra_forbidden" and len(loc) == 1 and schema is not None:
             return unknown_field_message(str(loc[0]), schema), str(loc[0]), "unknown_field"
+    hints = getattr(schema, "field_hints", {})
+    for err in errors:
+        element = _element_error(err, hints)
+        if element is not None:
+            return element[0], element[1], "invalid_request"
     err = errors[0]
     parts = [str(p) for p in err.get("loc", ())]
     msg = err.get("msg", "invalid value")
@@ -100,7 +145,6 @@ def validation_message(
         msg = str(err["ctx"]["error"])  # a validator's own sentence, without "Value error, "
     # What a field of this schema must be (`field_hints`), for a value of the wrong type:
     # pydantic's own message for a union names each member tried (`input.str`).
-    hints = getattr(schema, "field_hints", {})
     if parts and parts[0] in hints and err.get("type") != "missing":
         return f"{parts[0]} {hints[parts[0]]}", parts[0], "invalid_request"
     loc = ".".join(parts)

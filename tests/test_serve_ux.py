@@ -97,7 +97,7 @@ def test_unknown_fields_are_named_with_the_field_meant(ray_session, schema_name)
     err = _answer(route, {**valid, "zzz": 1})
     assert err.message.startswith("unknown field 'zzz'; the fields of this request are input")
     # A known field with a wrong value says what this request's field must be.
-    for bad in (3, ["a dog"] if schema is S.SearchRequest else [1, 2]):
+    for bad in (3, ["a dog"]) if schema is S.SearchRequest else (3,):
         err = _answer(route, {"input": bad})
         assert err.status == 400 and err.param == "input" and err.code == "invalid_request"
         assert err.message == f"input {schema.field_hints['input']}", err.message
@@ -106,6 +106,33 @@ def test_unknown_fields_are_named_with_the_field_meant(ray_session, schema_name)
     if schema is S.EmbeddingRequest:  # a missing input is said to be missing
         err = _answer(route, {"model": "x"})
         assert err.param == "input" and err.message == "input: Field required", err.message
+
+
+@pytest.mark.parametrize(
+    ("inputs", "param", "what"),
+    [
+        (["a", "b", 5], "input[2]", "a number"),
+        (["a", None], "input[1]", "null"),
+        ([{}], "input[0]", "an object"),
+        (["a", True, "b"], "input[1]", "a boolean"),
+        (["a", ["b"]], "input[1]", "an array"),
+        ([1, 2], "input[0]", "a number"),
+    ],
+)
+def test_a_list_element_of_the_wrong_type_is_named_with_its_index(ray_session, inputs, param, what):
+    """`{"input": ["a", "b", 5]}` is a 400 naming `input[2]` and what it is, not `input`."""
+    from serve.ingress import EmbeddingService
+    from serve.options import AppArgs
+
+    svc = EmbeddingService(AppArgs(preset="tiny"), {})
+    err = _answer(svc.embeddings, {"input": inputs})
+    assert (err.status, err.param, err.code) == (400, param, "invalid_request"), err.message
+    assert err.message.startswith(f"{param} is {what}, not a string: input must be a string or")
+    # The same for the search's raw vector.
+    svc = EmbeddingService(AppArgs(preset="tiny"), {}, search=object())
+    err = _answer(svc.search, {"vector": [0.5, "x"]})
+    assert (err.status, err.param) == (400, "vector[1]")
+    assert err.message == "vector[1] is a string, not a number", err.message
 
 
 # ----------------------------------------------------------------------------- start-up
