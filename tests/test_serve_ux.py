@@ -48,10 +48,10 @@ def doc_section(path: Path, heading: str) -> str:
 # ----------------------------------------------------------------------------- request typos
 
 
-def _request(body: dict):
+def _request(body: dict | bytes):
     from starlette.requests import Request
 
-    raw = json.dumps(body).encode()
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
 
     async def receive():
         return {"type": "http.request", "body": raw, "more_body": False}
@@ -133,6 +133,50 @@ def test_a_list_element_of_the_wrong_type_is_named_with_its_index(ray_session, i
     err = _answer(svc.search, {"vector": [0.5, "x"]})
     assert (err.status, err.param) == (400, "vector[1]")
     assert err.message == "vector[1] is a string, not a number", err.message
+
+
+@pytest.mark.parametrize(
+    ("raw", "param", "code", "message"),
+    [
+        (
+            b'{"input": "a", "input": "b"}',
+            "input",
+            "duplicate_key",
+            "duplicate key 'input' in the JSON body: give each field once",
+        ),
+        (
+            b'{"input": "a", "modality": "text", "modality": "vision"}',
+            "modality",
+            "duplicate_key",
+            "duplicate key 'modality' in the JSON body: give each field once",
+        ),
+        (
+            rb'{"input": ["fine", "\ud800"]}',
+            "input[1]",
+            "invalid_request",
+            "input[1]: the text holds an unpaired UTF-16 surrogate (\\ud800), which is not a "
+            "character: send valid Unicode (a surrogate pair, or the character itself in UTF-8)",
+        ),
+        (b'{"input": NaN}', None, "invalid_request", "invalid JSON: NaN is not a JSON value"),
+        (b'["a"]', None, "invalid_request", "the body must be a JSON object, got an array"),
+        (
+            b'{"input": "caf\xe9"}',
+            None,
+            "invalid_request",
+            "the body is not valid UTF-8 (byte 14): send JSON encoded as UTF-8",
+        ),
+    ],
+)
+def test_bodies_that_parsers_read_differently_are_refused(ray_session, raw, param, code, message):
+    """A key given twice (which one wins differs between parsers: a proxy and this server must
+    not disagree), an unpaired surrogate, NaN, a non-object, non-UTF-8: 400 saying which."""
+    from serve.ingress import EmbeddingService
+    from serve.options import AppArgs
+
+    svc = EmbeddingService(AppArgs(preset="tiny"), {})
+    err = _answer(svc.embeddings, raw)
+    assert (err.status, err.param, err.code) == (400, param, code), err.message
+    assert err.message == message
 
 
 # ----------------------------------------------------------------------------- start-up
