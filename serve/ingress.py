@@ -46,6 +46,7 @@ from serve.options import AppArgs
 from serve.schemas import (
     ALL_KINDS,
     EmbeddingRequest,
+    EmbeddingResponse,
     ModelCard,
     ModelList,
     SearchHit,
@@ -674,6 +675,24 @@ async def _routing_error(request: Request, e: StarletteHTTPException) -> Respons
     return err.response()
 
 
+def _documented(request: type, response: type) -> dict[str, Any]:
+    """OpenAPI for a route that reads its JSON body itself (`RequestPolicy.json_request`: the
+    body limit, deadline and error shape stay ours): the pydantic models it validates with as
+    the request body and the 200 response, and the error shape."""
+    return {
+        "openapi_extra": {
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": request.model_json_schema()}},
+            }
+        },
+        "responses": {
+            200: {"model": response, "description": "Success"},
+            400: {"description": 'Bad request: `{"error": {message, type, param, code}}`'},
+        },
+    }
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.25})
 @serve.ingress(api)
 class Ingress:
@@ -712,12 +731,12 @@ class Ingress:
         if reason is not None:
             raise RuntimeError(reason)
 
-    @api.post("/v1/embeddings")
+    @api.post("/v1/embeddings", **_documented(EmbeddingRequest, EmbeddingResponse))
     async def embeddings(self, request: Request) -> Response:
         """Embed inputs of one modality (OpenAI-compatible for text)."""
         return await self.service.embeddings(request)
 
-    @api.post("/v1/search")
+    @api.post("/v1/search", **_documented(SearchRequest, SearchResponse))
     async def search(self, request: Request) -> Response:
         """Nearest neighbours of a query in the configured index."""
         return await self.service.search(request)

@@ -535,3 +535,28 @@ def test_curl_examples_are_quoted_for_bash():
     for p in (ROOT / "README.md", SERVE_DOC):
         for cmd in curl_examples(p):
             assert shlex.split(cmd)[0] == "curl"
+
+
+def test_openapi_lists_the_request_and_response_fields_of_the_json_routes():
+    """/openapi.json (and so /docs and /redoc) carries the request body and the 200 response
+    of POST /v1/embeddings and /v1/search: the fields of the pydantic models they validate."""
+    import serve.schemas as S
+    from serve.ingress import api
+
+    doc = api.openapi()
+    schemas = doc["components"]["schemas"]
+    for path, request, response in (
+        ("/v1/embeddings", S.EmbeddingRequest, S.EmbeddingResponse),
+        ("/v1/search", S.SearchRequest, S.SearchResponse),
+    ):
+        op = doc["paths"][path]["post"]
+        body = op["requestBody"]["content"]["application/json"]["schema"]
+        assert op["requestBody"]["required"] is True
+        assert set(body["properties"]) == set(request.model_fields), path
+        assert body["additionalProperties"] is False  # unknown fields are refused
+        ref = op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
+        name = ref.rsplit("/", 1)[-1]
+        assert set(schemas[name]["properties"]) == set(response.model_fields), path
+    assert doc["paths"]["/v1/embeddings"]["post"]["requestBody"]["content"]["application/json"][
+        "schema"
+    ]["required"] == ["input"]
