@@ -560,3 +560,14 @@ def test_openapi_lists_the_request_and_response_fields_of_the_json_routes():
     assert doc["paths"]["/v1/embeddings"]["post"]["requestBody"]["content"]["application/json"][
         "schema"
     ]["required"] == ["input"]
+
+
+def test_the_search_disabled_message_is_quoted_as_the_server_sends_it():
+    from serve.http import APIError
+    from serve.ingress import IndexClient
+
+    with pytest.raises(APIError) as e:
+        IndexClient(None, {}).need()
+    assert (e.value.status, e.value.code) == (404, "search_disabled")
+    text = " ".join(doc_section(SERVE_DOC, "### `POST /v1/search`").split())
+    assert f"`` {e.value.message} ``" in text, e.value.message
