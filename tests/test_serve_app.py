@@ -363,6 +363,58 @@ def test_a_request_of_many_inputs_does_not_hold_later_requests_behind_all_of_the
     assert started.index("b0") <= 2 * threads, started
 
 
+def test_inputs_of_requests_past_their_deadline_are_never_preprocessed(ray_session):
+    """Four requests of slow inputs, each past its `X-Request-Timeout` (504) while the pool
+    still holds their queued inputs: those are withdrawn, never started, so a later request
+    waits at most for the inputs already running, not for all the abandoned ones (counted,
+    not timed)."""
+    import json
+    import threading
+
+    from serve.http import APIError
+    from serve.ingress import EmbeddingService
+    from serve.options import AppArgs
+
+    threads = 2
+    svc = EmbeddingService(AppArgs(preset="tiny", ingress={"preprocess_threads": threads}), {})
+
+    async def started(kind):
+        return None
+
+    svc.startup.check_started = started
+    begun: list[str] = []
+    lock = threading.Lock()
+
+    def prepare(kind, index, value):
+        with lock:
+            begun.append(value)
+        time.sleep(0.5)
+        return np.zeros(1)
+
+    svc.inputs.prepare = prepare
+
+    def request(r: int):
+        body = {"modality": "vision", "input": [f"r{r}i{i}" for i in range(4)]}
+        req = _post("/v1/embeddings", json.dumps(body).encode())
+        req.scope["headers"].append((b"x-request-timeout", b"0.2"))
+        return req
+
+    async def one(r: int) -> int:
+        try:
+            await svc.embeddings(request(r))
+        except APIError as e:
+            return e.status
+        return 200
+
+    async def main():
+        return await asyncio.gather(*(one(r) for r in range(4)))
+
+    assert asyncio.run(main()) == [504] * 4
+    svc.inputs.pool.shutdown(wait=True)  # let whatever was started finish
+    # Only the inputs that were running at the deadline (the pool's width) ever started.
+    assert len(begun) <= threads, begun
+
+
 def test_input_size_limit_is_on_the_decoded_bytes(ray_session):
     """`max_input_bytes` limits the bytes an input decodes to: line-wrapped base64 (MIME)
     under the limit is taken even when its characters with the line breaks are over, and an
