@@ -72,6 +72,8 @@ from imagebind_core.runner import (
     ModelSpec,
     lineage_key,
     merge_lineage,
+    non_finite_rows,
+    overflow_reason,
 )
 
 __version__ = "0.1.0"
@@ -168,6 +170,8 @@ __all__ = [
     "map_reference_state_dict",
     "merge_lineage",
     "model_modality",
+    "non_finite_rows",
+    "overflow_reason",
     "preprocess",
     "read_bytes",
     "s3_storage_options",

@@ -244,6 +244,34 @@ class Staged:
     host: Any = None
 
 
+# Half-precision compute dtypes: an overflow in them is worth naming to the user.
+HALF_DTYPES = ("float16", "bfloat16")
+
+
+def non_finite_rows(y: np.ndarray) -> list[int]:
+    """The rows of an encoder's (B, D) output that hold NaN or Inf."""
+    return [int(i) for i in np.flatnonzero(~np.isfinite(y).all(axis=1))]
+
+
+def overflow_reason(dtype: str | None = None) -> str:
+    """Why an input whose embedding came out non-finite is refused, in a user's terms.
+
+    Finite inputs make a finite embedding unless their values are too large for the model's
+    arithmetic: squares and sums inside the model (its normalisation layers) overflow to Inf,
+    and Inf becomes NaN. Not a bug of the model: the input's values must be scaled down.
+    `dtype` is the model's compute dtype; it is named only when it is a half-precision one.
+    """
+    reason = (
+        "its values are too large for the model: the encoder's arithmetic overflowed to "
+        "non-finite values (scale the values down)"
+    )
+    if dtype in HALF_DTYPES:
+        reason += f"; the model computes in {dtype}"
+        if dtype == "float16":
+            reason += " (largest value 65504)"
+    return reason
+
+
 class EncoderRunner:
     """Runs one modality's encoder over compact batches; the model is loaded once.
 
@@ -409,10 +437,13 @@ class EncoderRunner:
 __all__ = [
     "DECODERS",
     "DEVICE_DECODE_KINDS",
+    "HALF_DTYPES",
     "LINEAGE_KEYS",
     "EncoderRunner",
     "ModelSpec",
     "Staged",
     "lineage_key",
     "merge_lineage",
+    "non_finite_rows",
+    "overflow_reason",
 ]

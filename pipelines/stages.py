@@ -696,6 +696,14 @@ class EncodeBatch:
                     except Exception as e:
                         status[i] = STATUS_ERROR
                         errors[i] = f"encoder failed: {type(e).__name__}: {e}"
+        # A finite input whose values overflow the model's arithmetic gets NaN/Inf: an error
+        # row with the reason, never a non-finite vector in the table and the index.
+        bad = [i for i in ibc.non_finite_rows(values) if done[i]]
+        if bad:
+            reason = ibc.overflow_reason(self.runner.model.lineage()["dtype"])
+            for i in bad:
+                status[i], errors[i], done[i] = STATUS_ERROR, reason, False
+                values[i] = 0.0
         if ok and not self._first_batch_logged:
             self._first_batch_logged = True
             logger.info(

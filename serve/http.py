@@ -12,7 +12,9 @@ import base64
 import contextlib
 import difflib
 import hmac
+import json
 import os
+import re
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -81,18 +83,63 @@ def unknown_field_message(name: str, schema: type[BaseModel]) -> str:
     return f"unknown field {name!r}; the fields of this request are {', '.join(known)}"
 
 
+# What a JSON value is, in JSON's words, for "input[2] is a number, not a string".
+_JSON_TYPES: tuple[tuple[type | tuple[type, ...], str], ...] = (
+    (type(None), "null"),
+    (bool, "a boolean"),
+    ((int, float), "a number"),
+    (str, "a string"),
+    (dict, "an object"),
+    (list, "an array"),
+)
+# What an element of a list field must be, by pydantic's error type.
+_WANTED = {
+    "string_type": "a string",
+    "float_type": "a number",
+    "int_type": "an integer",
+    "bool_type": "a boolean",
+}
+
+
+def json_type(value: Any) -> str:
+    """`null`, `a number`, `an object`, ...: what a parsed JSON value is."""
+    return next((name for t, name in _JSON_TYPES if isinstance(value, t)), type(value).__name__)
+
+
+def _element_error(err: Mapping[str, Any], hints: Mapping[str, str]) -> tuple[str, str] | None:
+    """`("input[2] is a number, not a string: input must be ...", "input[2]")` for an element
+    of a list field of the wrong type; None for any other error. Union members' tags in the
+    location (`input.list[str].2`) are left out."""
+    parts = [p for p in err.get("loc", ()) if not (isinstance(p, str) and "[" in p)]
+    wanted = _WANTED.get(err.get("type", ""))
+    if wanted is None or len(parts) != 2 or not isinstance(parts[1], int):
+        return None
+    field, index = parts
+    name = f"{field}[{index}]"
+    msg = f"{name} is {json_type(err.get('input'))}, not {wanted}"
+    if field in hints:
+        msg += f": {field} {hints[field]}"
+    return msg, name
+
+
 def validation_message(
     e: ValidationError, schema: type[BaseModel] | None = None
 ) -> tuple[str, str | None, str]:
     """The error to report as `field: message`, the field as `param`, and the error code.
 
     An unknown top-level field comes first, named with the closest known one: `{"inputs":
-    ...}` is a typo of `input`, not a request missing its input."""
+    ...}` is a typo of `input`, not a request missing its input. Then an element of a list of
+    the wrong type, named with its index (`input[2]`) and what it is (`a number`)."""
     errors = e.errors()
     for err in errors:
         loc = err.get("loc", ())
         if err.get("type") == "extra_forbidden" and len(loc) == 1 and schema is not None:
             return unknown_field_message(str(loc[0]), schema), str(loc[0]), "unknown_field"
+    hints = getattr(schema, "field_hints", {})
+    for err in errors:
+        element = _element_error(err, hints)
+        if element is not None:
+            return element[0], element[1], "invalid_request"
     err = errors[0]
     parts = [str(p) for p in err.get("loc", ())]
     msg = err.get("msg", "invalid value")
@@ -100,11 +147,105 @@ def validation_message(
         msg = str(err["ctx"]["error"])  # a validator's own sentence, without "Value error, "
     # What a field of this schema must be (`field_hints`), for a value of the wrong type:
     # pydantic's own message for a union names each member tried (`input.str`).
-    hints = getattr(schema, "field_hints", {})
     if parts and parts[0] in hints and err.get("type") != "missing":
         return f"{parts[0]} {hints[parts[0]]}", parts[0], "invalid_request"
     loc = ".".join(parts)
     return (f"{loc}: {msg}" if loc else msg), (loc or None), "invalid_request"
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refusing a key given twice (which one wins differs between parsers: a
+    proxy that checks the first and a server that uses the last is a known attack)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return obj
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+# A `\uD800`-`\uDFFF` escape: only then can a parsed string hold an unpaired surrogate.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _lone_surrogate(value: Any, path: str) -> tuple[str, int] | None:
+    """(where, code point) of the first string in `value` holding an unpaired surrogate."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return path, ord(value[e.start])
+        return None
+    items: Any = ()
+    if isinstance(value, dict):
+        items = ((f"{path}.{k}" if path else k, v) for k, v in value.items())
+    elif isinstance(value, list):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
+    for where, v in items:
+        found = _lone_surrogate(v, where)
+        if found is not None:
+            return found
+    return None
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    """The request body as a JSON object: UTF-8, standard JSON (no NaN/Infinity), each key of
+    an object once, no unpaired UTF-16 surrogate in a string; else a 400 saying which.
+
+    The standard library's C parser with a pairs hook: on this box as fast as orjson (2M
+    short texts: ~130 ms; a 16 MB base64 image: ~12 ms), and it sees every key."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise APIError(
+            400,
+            f"the body is not valid UTF-8 (byte {e.start}): send JSON encoded as UTF-8",
+            code="invalid_request",
+        ) from None
+    try:
+        obj = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except _DuplicateKey as e:
+        key = str(e.args[0])
+        raise APIError(
+            400,
+            f"duplicate key {key!r} in the JSON body: give each field once",
+            param=key,
+            code="duplicate_key",
+        ) from None
+    except json.JSONDecodeError as e:
+        raise APIError(
+            400,
+            f"invalid JSON: {e.msg} at line {e.lineno} column {e.colno}",
+            code="invalid_request",
+        ) from None
+    except RecursionError:
+        raise APIError(400, "invalid JSON: nested too deeply", code="invalid_request") from None
+    except ValueError as e:  # NaN/Infinity, an integer of over 4300 digits
+        raise APIError(400, f"invalid JSON: {e}", code="invalid_request") from None
+    if not isinstance(obj, dict):
+        raise APIError(
+            400, f"the body must be a JSON object, got {json_type(obj)}", code="invalid_request"
+        )
+    if _SURROGATE_ESCAPE.search(body):
+        found = _lone_surrogate(obj, "")
+        if found is not None:
+            where, code = found
+            raise APIError(
+                400,
+                f"{where}: the text holds an unpaired UTF-16 surrogate (\\u{code:04x}), which "
+                "is not a character: send valid Unicode (a surrogate pair, or the character "
+                "itself in UTF-8)",
+                param=where,
+                code="invalid_request",
+            )
+    return obj
 
 
 def retry_after(seconds: float, floor: int = 1) -> dict[str, str]:
@@ -258,7 +399,7 @@ class RequestPolicy:
         body = await self.read_body_in_time(request, deadline)
         async with self._until(deadline, deadline - (time.monotonic() - started)):
             try:
-                req = schema.model_validate_json(body)
+                req = schema.model_validate(parse_json_object(body))
             except ValidationError as e:
                 msg, param, code = validation_message(e, schema)
                 raise APIError(400, msg, param=param, code=code) from None

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -46,6 +46,7 @@ from serve.options import AppArgs
 from serve.schemas import (
     ALL_KINDS,
     EmbeddingRequest,
+    EmbeddingResponse,
     ModelCard,
     ModelList,
     SearchHit,
@@ -270,8 +271,42 @@ class EmbeddingService:
         return int(ibc.get_config(self.args.preset).out_embed_dim)
 
     # --- transport ---------------------------------------------------------------------------
-    async def encode(self, kind: str, arrays: list[np.ndarray], normalize: bool) -> np.ndarray:
-        """(n, ...) preprocessed inputs -> (n, D), in chunks of the encoder's max_batch_size."""
+    async def encode(
+        self,
+        kind: str,
+        arrays: list[np.ndarray],
+        normalize: bool,
+        param: Callable[[int], str] = "input[{}]".format,
+    ) -> np.ndarray:
+        """(n, ...) preprocessed inputs -> (n, D), in chunks of the encoder's max_batch_size.
+
+        An input whose vector comes back non-finite (its values overflow the model's
+        arithmetic) is a 422 naming it (`param(i)`): never a vector of NaN, never a 500."""
+        out = await self._encode_chunks(kind, arrays, normalize)
+        bad = ibc.non_finite_rows(out)
+        if bad:
+            name = param(bad[0])
+            reason = ibc.overflow_reason(await self._encoder_dtype(kind))
+            raise APIError(
+                422,
+                f"{name}: invalid {kind} input: {reason}",
+                param=name,
+                code="input_overflow",
+            )
+        return out
+
+    async def _encoder_dtype(self, kind: str) -> str | None:
+        """The compute dtype of `kind`'s encoder as its replica reports it (None if unknown)."""
+        try:
+            handle = self.encoders[str(ibc.model_modality(kind))]
+            info = await asyncio.wait_for(handle.ready.remote(), timeout=5)
+            return info.get("lineage", {}).get("dtype")
+        except Exception:
+            return None
+
+    async def _encode_chunks(
+        self, kind: str, arrays: list[np.ndarray], normalize: bool
+    ) -> np.ndarray:
         m = str(ibc.model_modality(kind))
         size = self.args.encoder_options(m).max_batch_size
         calls = [
@@ -399,17 +434,8 @@ class EmbeddingService:
 
     def _embedding_body(self, vectors: np.ndarray, fmt: str, tokens: int) -> dict[str, Any]:
         """`EmbeddingResponse`'s shape, built as a dict: the vectors stay float32 arrays for
-        `json_response` (pydantic would validate and copy each of 1024 floats). Non-finite
-        vectors are a 500, never sent as JSON nulls (what orjson writes for NaN)."""
-        bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
-        if bad.size:
-            raise APIError(
-                500,
-                f"the encoder returned non-finite values for input[{int(bad[0])}] "
-                f"({bad.size} of {len(vectors)} inputs); with dtype float16 this is overflow",
-                type="server_error",
-                code="non_finite_embedding",
-            )
+        `json_response` (pydantic would validate and copy each of 1024 floats). `encode` has
+        refused non-finite vectors (orjson would write NaN as a JSON null)."""
         data = [
             {"object": "embedding", "index": i, "embedding": encode_vector(v, fmt)}
             for i, v in enumerate(vectors)
@@ -459,7 +485,7 @@ class EmbeddingService:
         """The unit-length embedding of one query input."""
         await self.startup.check_started(kind)
         arrays, _ = await self.inputs.prepare_all(kind, [query])
-        return (await self.encode(kind, arrays, True))[0].tolist()
+        return (await self.encode(kind, arrays, True, lambda _: "input"))[0].tolist()
 
     # --- routes: models, status, readiness, metrics ------------------------------------------
     async def models(self, request: Request) -> Response:
@@ -649,6 +675,24 @@ async def _routing_error(request: Request, e: StarletteHTTPException) -> Respons
     return err.response()
 
 
+def _documented(request: type, response: type) -> dict[str, Any]:
+    """OpenAPI for a route that reads its JSON body itself (`RequestPolicy.json_request`: the
+    body limit, deadline and error shape stay ours): the pydantic models it validates with as
+    the request body and the 200 response, and the error shape."""
+    return {
+        "openapi_extra": {
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": request.model_json_schema()}},
+            }
+        },
+        "responses": {
+            200: {"model": response, "description": "Success"},
+            400: {"description": 'Bad request: `{"error": {message, type, param, code}}`'},
+        },
+    }
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.25})
 @serve.ingress(api)
 class Ingress:
@@ -687,12 +731,12 @@ class Ingress:
         if reason is not None:
             raise RuntimeError(reason)
 
-    @api.post("/v1/embeddings")
+    @api.post("/v1/embeddings", **_documented(EmbeddingRequest, EmbeddingResponse))
     async def embeddings(self, request: Request) -> Response:
         """Embed inputs of one modality (OpenAI-compatible for text)."""
         return await self.service.embeddings(request)
 
-    @api.post("/v1/search")
+    @api.post("/v1/search", **_documented(SearchRequest, SearchResponse))
     async def search(self, request: Request) -> Response:
         """Nearest neighbours of a query in the configured index."""
         return await self.service.search(request)

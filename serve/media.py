@@ -35,10 +35,11 @@ UI_FILES = {
     "placeholder.svg": "image/svg+xml",
 }
 # The page runs only its own script and style, talks only to this origin, shows media only
-# from blob: URLs it made itself, and cannot be framed.
+# from blob: URLs it made itself (and its own placeholder.svg), and cannot be framed. A query
+# file travels as a data: URI in a request body, never as an image source: no data: here.
 UI_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
-    "img-src 'self' blob: data:; media-src 'self' blob:; connect-src 'self'; "
+    "img-src 'self' blob:; media-src 'self' blob:; connect-src 'self'; "
     "base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",

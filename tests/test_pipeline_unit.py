@@ -1143,3 +1143,35 @@ def test_link_members_of_a_tar_are_error_rows_not_dropped(tmp_path):
             == "tar member 'b.txt' is a symbolic link to 'a.txt', not a file"
         )
         assert "'c.txt' is a hard link to 'a.txt'" in rows["t#c.txt"]["error"]
+
+
+def test_an_input_that_overflows_the_model_is_an_error_row_not_a_nan_vector():
+    """An IMU recording of finite but huge values (1e30) makes the model's arithmetic overflow:
+    the row becomes an error row with the same reason the endpoint gives, the others embed."""
+    import io
+
+    import imagebind_core as ibc
+    from pipelines.rows import ITEM_SCHEMA, STATUS_ERROR, STATUS_OK
+    from pipelines.stages import EncodeBatch, preprocess_batch
+
+    def npy(value: float) -> bytes:
+        buf = io.BytesIO()
+        np.save(buf, np.full((6, 200), value, np.float32))
+        return buf.getvalue()
+
+    rows = {f.name: [None] * 3 for f in ITEM_SCHEMA}
+    rows.update(
+        id=["small", "huge", "other"],
+        modality=["imu"] * 3,
+        status=[STATUS_OK] * 3,
+        data=[npy(0.5), npy(1e30), npy(-2.0)],
+        fingerprint=["x"] * 3,
+    )
+    pre = preprocess_batch(pa.table(rows, schema=ITEM_SCHEMA))
+    got = EncodeBatch("imu", model=ibc.build_model("tiny", ["imu"]))(pre).to_pylist()
+    by_id = {r["id"]: r for r in got}
+    assert by_id["huge"]["status"] == STATUS_ERROR and by_id["huge"]["embedding"] is None
+    assert by_id["huge"]["error"] == ibc.overflow_reason("float32")
+    assert "too large" in by_id["huge"]["error"] and "float16" not in by_id["huge"]["error"]
+    for i in ("small", "other"):
+        assert by_id[i]["status"] == STATUS_OK and np.isfinite(by_id[i]["embedding"]).all()

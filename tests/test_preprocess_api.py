@@ -129,6 +129,42 @@ def test_corrupt_input_gives_invalid_input_quickly(kind, make) -> None:
     assert peak < 200 * 2**20, f"peak Python allocation {peak / 2**20:.0f} MiB"
 
 
+def _wav_with_zero_bits_per_sample() -> bytes:
+    wav = bytearray(media.make_wav(1.0))
+    fmt = wav.index(b"fmt ") + 8
+    wav[fmt + 14 : fmt + 16] = b"\0\0"  # bits per sample
+    return bytes(wav)
+
+
+# Text of a library's internals that a reason must never carry (PyAV/FFmpeg's errno and file
+# name, a Python error tripped inside a decoder).
+INTERNAL_TEXT = ("Errno", "<none>", "NoneType", "has no attribute", "object is not")
+
+
+@pytest.mark.parametrize(
+    ("kind", "make"),
+    [*CORRUPT, ("audio", _wav_with_zero_bits_per_sample), ("audio", lambda: b"OggS" + b"x" * 999)],
+)
+def test_corrupt_input_reasons_are_in_the_senders_terms(kind, make) -> None:
+    """A corrupt file's reason says what is wrong with it, not a decoder's internal text
+    (`[Errno 1094995529] Invalid data found when processing input: '<none>'`, `'NoneType'
+    object has no attribute 'sample_rate'`)."""
+    with pytest.raises(InvalidInput) as e:
+        P.preprocess(kind, make())
+    assert not any(t in e.value.reason for t in INTERNAL_TEXT), e.value.reason
+
+
+def test_corrupt_media_reasons_say_what_is_wrong() -> None:
+    with pytest.raises(InvalidInput) as e:
+        P.preprocess("audio", _wav_with_zero_bits_per_sample())
+    assert e.value.reason == "the WAV header declares 0 bits per sample", e.value.reason
+    damaged = "the file is damaged or in a format that cannot be read"
+    for kind in ("audio", "video"):
+        with pytest.raises(InvalidInput) as e:
+            P.preprocess(kind, media.random_bytes(8192, 2))
+        assert e.value.reason == f"cannot decode {kind}: {damaged}", e.value.reason
+
+
 def test_lying_wav_header_message_names_both_lengths() -> None:
     with pytest.raises(InvalidInput, match=r"declares 960000 samples .* holds 16000"):
         P.preprocess("audio", media.wav_with_declared_length(16000 * 60))

@@ -388,6 +388,9 @@ def test_page_files_and_nothing_else():
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     csp = page.headers["content-security-policy"]
     assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+    # what docs/serve.md says: media only from blob: URLs (and the page's own placeholder)
+    directives = dict(d.strip().split(" ", 1) for d in csp.split(";"))
+    assert directives["img-src"] == "'self' blob:" and directives["media-src"] == "'self' blob:"
     html = page.body.decode()
     # no CDN: every script, style and image the page names is one of its own files
     assert "http://" not in html and "https://" not in html

@@ -363,6 +363,58 @@ def test_a_request_of_many_inputs_does_not_hold_later_requests_behind_all_of_the
     assert started.index("b0") <= 2 * threads, started
 
 
+def test_inputs_of_requests_past_their_deadline_are_never_preprocessed(ray_session):
+    """Four requests of slow inputs, each past its `X-Request-Timeout` (504) while the pool
+    still holds their queued inputs: those are withdrawn, never started, so a later request
+    waits at most for the inputs already running, not for all the abandoned ones (counted,
+    not timed)."""
+    import json
+    import threading
+
+    from serve.http import APIError
+    from serve.ingress import EmbeddingService
+    from serve.options import AppArgs
+
+    threads = 2
+    svc = EmbeddingService(AppArgs(preset="tiny", ingress={"preprocess_threads": threads}), {})
+
+    async def started(kind):
+        return None
+
+    svc.startup.check_started = started
+    begun: list[str] = []
+    lock = threading.Lock()
+
+    def prepare(kind, index, value):
+        with lock:
+            begun.append(value)
+        time.sleep(0.5)
+        return np.zeros(1)
+
+    svc.inputs.prepare = prepare
+
+    def request(r: int):
+        body = {"modality": "vision", "input": [f"r{r}i{i}" for i in range(4)]}
+        req = _post("/v1/embeddings", json.dumps(body).encode())
+        req.scope["headers"].append((b"x-request-timeout", b"0.2"))
+        return req
+
+    async def one(r: int) -> int:
+        try:
+            await svc.embeddings(request(r))
+        except APIError as e:
+            return e.status
+        return 200
+
+    async def main():
+        return await asyncio.gather(*(one(r) for r in range(4)))
+
+    assert asyncio.run(main()) == [504] * 4
+    svc.inputs.pool.shutdown(wait=True)  # let whatever was started finish
+    # Only the inputs that were running at the deadline (the pool's width) ever started.
+    assert len(begun) <= threads, begun
+
+
 def test_input_size_limit_is_on_the_decoded_bytes(ray_session):
     """`max_input_bytes` limits the bytes an input decodes to: line-wrapped base64 (MIME)
     under the limit is taken even when its characters with the line breaks are over, and an
@@ -831,9 +883,89 @@ def test_encoder_calls_pick_their_transport_and_survive_a_grpc_failure(ray_sessi
     assert e.value.status == 503 and "Retry-After" in e.value.headers
 
 
-def test_non_finite_embeddings_are_a_500_not_json_nulls(ray_session):
+def _post(path: str, body: bytes):
+    """A starlette Request for `EmbeddingService`'s routes, without Serve."""
     from starlette.requests import Request
 
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": path,
+        "headers": [(b"content-type", b"application/json")],
+        "query_string": b"",
+    }
+    return Request(scope, receive)
+
+
+class CoreHandle:
+    """A stand-in for an encoder's DeploymentHandle over a real `EncoderCore` (no Serve)."""
+
+    def __init__(self, core, dtype: str | None = None) -> None:
+        self.core, self.dtype = core, dtype
+        self.embed, self.ready = self._Method(self._embed), self._Method(self._info)
+
+    class _Method:
+        def __init__(self, fn) -> None:
+            self.remote = fn
+
+    def options(self, **_) -> CoreHandle:
+        return self
+
+    def _embed(self, call):
+        async def answer():
+            return self.core.encode([call])[0]
+
+        return answer()
+
+    def _info(self):
+        async def answer():
+            info = self.core.info()
+            if self.dtype is not None:  # what a replica computing in this dtype reports
+                info["lineage"]["dtype"] = self.dtype
+            return info
+
+        return answer()
+
+
+@pytest.mark.parametrize(("kind", "value"), [("imu", 1e30), ("imu", 3e38), ("thermal", 3e38)])
+def test_finite_inputs_that_overflow_the_model_are_422_naming_the_input(ray_session, kind, value):
+    """Huge but finite values (an IMU recording of 1e30, a thermal frame of 3e38) make the
+    model's arithmetic overflow: a 422 naming the input and saying why, never a 500 or a JSON
+    null; the float16 hint only when the model really computes in a half dtype."""
+    import io
+    import json
+
+    from serve.encoder import EncoderCore
+    from serve.http import APIError
+    from serve.ingress import EmbeddingService
+    from serve.options import AppArgs
+
+    shape = (6, 200) if kind == "imu" else (32, 32)
+    buf = io.BytesIO()
+    np.save(buf, np.full(shape, value, np.float32))
+    huge = base64.b64encode(buf.getvalue()).decode()
+    fine = wire(make_input(kind))
+    core = EncoderCore(str(__import__("imagebind_core").model_modality(kind)), preset="tiny")
+    body = json.dumps({"modality": kind, "input": [fine, huge]}).encode()
+    for dtype, hint in ((None, False), ("float16", True)):
+        svc = EmbeddingService(AppArgs(preset="tiny"), {core.modality: CoreHandle(core, dtype)})
+        with pytest.raises(APIError) as e:
+            asyncio.run(svc.embeddings(_post("/v1/embeddings", body)))
+        err = e.value
+        assert (err.status, err.param, err.code) == (422, "input[1]", "input_overflow")
+        assert err.message.startswith(f"input[1]: invalid {kind} input: its values are too large")
+        assert "overflow" in err.message
+        assert ("float16" in err.message) is hint, err.message
+    # The same request without the huge input is answered.
+    ok = json.dumps({"modality": kind, "input": [fine]}).encode()
+    assert asyncio.run(svc.embeddings(_post("/v1/embeddings", ok))).status_code == 200
+
+
+def test_non_finite_embeddings_are_never_json_nulls(ray_session):
+    """Whatever makes a vector non-finite, the input is named and no NaN is sent as null."""
     from serve.http import APIError
     from serve.ingress import EmbeddingService
     from serve.options import AppArgs
@@ -854,21 +986,11 @@ def test_non_finite_embeddings_are_a_500_not_json_nulls(ray_session):
             return answer()
 
     body = b'{"input": ["fine", "also fine, but the model overflows"]}'
-
-    async def receive():
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    scope = {
-        "type": "http",
-        "method": "POST",
-        "path": "/v1/embeddings",
-        "headers": [(b"content-type", b"application/json")],
-        "query_string": b"",
-    }
     svc = EmbeddingService(AppArgs(preset="tiny"), {"text": NaNEncoder()})
     with pytest.raises(APIError) as e:
-        asyncio.run(svc.embeddings(Request(scope, receive)))
-    assert e.value.status == 500 and "input[1]" in str(e.value)
+        asyncio.run(svc.embeddings(_post("/v1/embeddings", body)))
+    assert e.value.status == 422 and e.value.param == "input[1]", e.value.message
+    assert "float16" not in e.value.message  # the dtype is unknown: not guessed
 
 
 def test_api_key_from_the_environment(ray_session, monkeypatch):

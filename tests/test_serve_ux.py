@@ -48,10 +48,10 @@ def doc_section(path: Path, heading: str) -> str:
 # ----------------------------------------------------------------------------- request typos
 
 
-def _request(body: dict):
+def _request(body: dict | bytes):
     from starlette.requests import Request
 
-    raw = json.dumps(body).encode()
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
 
     async def receive():
         return {"type": "http.request", "body": raw, "more_body": False}
@@ -97,7 +97,7 @@ def test_unknown_fields_are_named_with_the_field_meant(ray_session, schema_name)
     err = _answer(route, {**valid, "zzz": 1})
     assert err.message.startswith("unknown field 'zzz'; the fields of this request are input")
     # A known field with a wrong value says what this request's field must be.
-    for bad in (3, ["a dog"] if schema is S.SearchRequest else [1, 2]):
+    for bad in (3, ["a dog"]) if schema is S.SearchRequest else (3,):
         err = _answer(route, {"input": bad})
         assert err.status == 400 and err.param == "input" and err.code == "invalid_request"
         assert err.message == f"input {schema.field_hints['input']}", err.message
@@ -106,6 +106,77 @@ def test_unknown_fields_are_named_with_the_field_meant(ray_session, schema_name)
     if schema is S.EmbeddingRequest:  # a missing input is said to be missing
         err = _answer(route, {"model": "x"})
         assert err.param == "input" and err.message == "input: Field required", err.message
+
+
+@pytest.mark.parametrize(
+    ("inputs", "param", "what"),
+    [
+        (["a", "b", 5], "input[2]", "a number"),
+        (["a", None], "input[1]", "null"),
+        ([{}], "input[0]", "an object"),
+        (["a", True, "b"], "input[1]", "a boolean"),
+        (["a", ["b"]], "input[1]", "an array"),
+        ([1, 2], "input[0]", "a number"),
+    ],
+)
+def test_a_list_element_of_the_wrong_type_is_named_with_its_index(ray_session, inputs, param, what):
+    """`{"input": ["a", "b", 5]}` is a 400 naming `input[2]` and what it is, not `input`."""
+    from serve.ingress import EmbeddingService
+    from serve.options import AppArgs
+
+    svc = EmbeddingService(AppArgs(preset="tiny"), {})
+    err = _answer(svc.embeddings, {"input": inputs})
+    assert (err.status, err.param, err.code) == (400, param, "invalid_request"), err.message
+    assert err.message.startswith(f"{param} is {what}, not a string: input must be a string or")
+    # The same for the search's raw vector.
+    svc = EmbeddingService(AppArgs(preset="tiny"), {}, search=object())
+    err = _answer(svc.search, {"vector": [0.5, "x"]})
+    assert (err.status, err.param) == (400, "vector[1]")
+    assert err.message == "vector[1] is a string, not a number", err.message
+
+
+@pytest.mark.parametrize(
+    ("raw", "param", "code", "message"),
+    [
+        (
+            b'{"input": "a", "input": "b"}',
+            "input",
+            "duplicate_key",
+            "duplicate key 'input' in the JSON body: give each field once",
+        ),
+        (
+            b'{"input": "a", "modality": "text", "modality": "vision"}',
+            "modality",
+            "duplicate_key",
+            "duplicate key 'modality' in the JSON body: give each field once",
+        ),
+        (
+            rb'{"input": ["fine", "\ud800"]}',
+            "input[1]",
+            "invalid_request",
+            "input[1]: the text holds an unpaired UTF-16 surrogate (\\ud800), which is not a "
+            "character: send valid Unicode (a surrogate pair, or the character itself in UTF-8)",
+        ),
+        (b'{"input": NaN}', None, "invalid_request", "invalid JSON: NaN is not a JSON value"),
+        (b'["a"]', None, "invalid_request", "the body must be a JSON object, got an array"),
+        (
+            b'{"input": "caf\xe9"}',
+            None,
+            "invalid_request",
+            "the body is not valid UTF-8 (byte 14): send JSON encoded as UTF-8",
+        ),
+    ],
+)
+def test_bodies_that_parsers_read_differently_are_refused(ray_session, raw, param, code, message):
+    """A key given twice (which one wins differs between parsers: a proxy and this server must
+    not disagree), an unpaired surrogate, NaN, a non-object, non-UTF-8: 400 saying which."""
+    from serve.ingress import EmbeddingService
+    from serve.options import AppArgs
+
+    svc = EmbeddingService(AppArgs(preset="tiny"), {})
+    err = _answer(svc.embeddings, raw)
+    assert (err.status, err.param, err.code) == (400, param, code), err.message
+    assert err.message == message
 
 
 # ----------------------------------------------------------------------------- start-up
@@ -464,3 +535,39 @@ def test_curl_examples_are_quoted_for_bash():
     for p in (ROOT / "README.md", SERVE_DOC):
         for cmd in curl_examples(p):
             assert shlex.split(cmd)[0] == "curl"
+
+
+def test_openapi_lists_the_request_and_response_fields_of_the_json_routes():
+    """/openapi.json (and so /docs and /redoc) carries the request body and the 200 response
+    of POST /v1/embeddings and /v1/search: the fields of the pydantic models they validate."""
+    import serve.schemas as S
+    from serve.ingress import api
+
+    doc = api.openapi()
+    schemas = doc["components"]["schemas"]
+    for path, request, response in (
+        ("/v1/embeddings", S.EmbeddingRequest, S.EmbeddingResponse),
+        ("/v1/search", S.SearchRequest, S.SearchResponse),
+    ):
+        op = doc["paths"][path]["post"]
+        body = op["requestBody"]["content"]["application/json"]["schema"]
+        assert op["requestBody"]["required"] is True
+        assert set(body["properties"]) == set(request.model_fields), path
+        assert body["additionalProperties"] is False  # unknown fields are refused
+        ref = op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
+        name = ref.rsplit("/", 1)[-1]
+        assert set(schemas[name]["properties"]) == set(response.model_fields), path
+    assert doc["paths"]["/v1/embeddings"]["post"]["requestBody"]["content"]["application/json"][
+        "schema"
+    ]["required"] == ["input"]
+
+
+def test_the_search_disabled_message_is_quoted_as_the_server_sends_it():
+    from serve.http import APIError
+    from serve.ingress import IndexClient
+
+    with pytest.raises(APIError) as e:
+        IndexClient(None, {}).need()
+    assert (e.value.status, e.value.code) == (404, "search_disabled")
+    text = " ".join(doc_section(SERVE_DOC, "### `POST /v1/search`").split())
+    assert f"`` {e.value.message} ``" in text, e.value.message

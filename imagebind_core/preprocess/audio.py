@@ -33,6 +33,7 @@ import torchaudio
 from imagebind_core.errors import InvalidInput
 from imagebind_core.preprocess.clips import clip_spans
 from imagebind_core.preprocess.common import (
+    DAMAGED,
     DEFAULT_LIMITS,
     Deadline,
     Limits,
@@ -128,6 +129,15 @@ def _wav_channels_and_rate(data: bytes) -> tuple[int, int] | None:
         if tag == b"fmt " and at + 8 <= len(data):
             channels, rate = struct.unpack("<HI", data[at + 2 : at + 8])
             return channels, rate
+    return None
+
+
+def _wav_bits_per_sample(data: bytes) -> int | None:
+    """Bits per sample from a WAVE file's `fmt ` chunk, or None."""
+    for tag, at, _ in _riff_chunks(data):
+        if tag == b"fmt " and at + 16 <= len(data):
+            (bits,) = struct.unpack("<H", data[at + 14 : at + 16])
+            return bits
     return None
 
 
@@ -242,6 +252,8 @@ def _decode_pyav(data: bytes, limits: Limits) -> tuple[np.ndarray, int]:
         if not container.streams.audio:
             raise InvalidInput(KIND, "no audio stream in the file")
         st = container.streams.audio[0]
+        if st.codec_context is None:  # FFmpeg found a stream but has no decoder for it
+            raise InvalidInput(KIND, f"{DAMAGED} (no decoder for its audio stream)")
         sr = st.codec_context.sample_rate or st.rate
         channels = st.codec_context.channels
         declared = None
@@ -309,6 +321,8 @@ def _open_source(data: bytes, limits: Limits) -> _SndfileSource | tuple[np.ndarr
     declared = _wav_channels_and_rate(data)
     if declared is not None:
         _check_stream(declared[1], declared[0], None, limits)
+    if _wav_bits_per_sample(data) == 0:
+        raise InvalidInput(KIND, "the WAV header declares 0 bits per sample")
     if data[:4] in _SNDFILE_MAGIC or _looks_like_mp3(data):
         try:
             src = _SndfileSource(data, limits)

@@ -144,8 +144,34 @@ def decoding(kind: str, what: str) -> Iterator[None]:
     except InvalidInput:
         raise
     except (Exception, MemoryError) as e:
-        msg = str(e).strip() or type(e).__name__
-        raise InvalidInput(kind, f"cannot decode {what}: {msg}") from e
+        raise InvalidInput(kind, f"cannot decode {what}: {library_reason(e)}") from e
+
+
+# Exceptions that are a decoder's own bug tripped by odd data (PyAV reading a stream it has no
+# codec for: `'NoneType' object has no attribute 'sample_rate'`): their text means nothing to
+# the sender of the file.
+_INTERNAL_ERRORS = (AttributeError, TypeError, KeyError, IndexError, NameError, AssertionError)
+DAMAGED = "the file is damaged or in a format that cannot be read"
+
+
+def library_reason(e: BaseException) -> str:
+    """What a decoding library's exception says about the input, in the sender's terms.
+
+    FFmpeg's errors (PyAV) lose their errno and the `'<none>'` file name (`[Errno 1094995529]
+    Invalid data found when processing input: '<none>'` -> the file is damaged or in a format
+    that cannot be read); internal errors of a library (`_INTERNAL_ERRORS`) say the same, not
+    their Python text. Other messages (Pillow's, libsndfile's, numpy's) are kept: they name
+    what is wrong with the data."""
+    if type(e).__module__.split(".")[0] == "av":  # PyAV's FFmpegError and its subclasses
+        if type(e).__name__ == "InvalidDataError":
+            return DAMAGED
+        strerror = getattr(e, "strerror", None)
+        return f"{DAMAGED} (FFmpeg: {strerror})" if strerror else DAMAGED
+    if isinstance(e, MemoryError):
+        return "not enough memory to decode it"
+    if isinstance(e, _INTERNAL_ERRORS):
+        return DAMAGED
+    return str(e).strip() or type(e).__name__
 
 
 NPY_MAGIC = b"\x93NUMPY"
