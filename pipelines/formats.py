@@ -310,6 +310,11 @@ def _column(table: pa.Table, name: str, typ: pa.DataType = pa.string()) -> pa.Ch
     return pa.chunked_array([pa.nulls(table.num_rows, typ)], typ)
 
 
+# The within-manifest repeat warnings this process has given: planning, re-reading for a rerun
+# and listing each read a manifest, and the warning is said once.
+_REPEATS_SAID: set[tuple[str, int, tuple[str, ...]]] = set()
+
+
 def _manifest_keys(table: pa.Table, shard: str, repeats: list[str] | None) -> _ManifestKeys:
     """The ids, kinds and rejections of a manifest's rows (see `manifest_table`)."""
     n = table.num_rows
@@ -324,12 +329,14 @@ def _manifest_keys(table: pa.Table, shard: str, repeats: list[str] | None) -> _M
         dup_mask = np.ones(n, bool)
         dup_mask[keep] = False
         dups = pc.filter(ids, pa.array(dup_mask)).to_pylist()
-        logger.warning(
-            "manifest %s: %d rows repeat an id of an earlier row and are skipped, e.g. %s",
-            shard,
-            len(dups),
-            sorted(set(dups))[:3],
-        )
+        said = (shard, len(dups), tuple(sorted(set(dups))[:3]))
+        if said not in _REPEATS_SAID:  # a run reads a manifest more than once
+            _REPEATS_SAID.add(said)
+            logger.warning(
+                "manifest %s: %d rows repeat an id of an earlier row and are skipped, e.g. %s",
+                *said[:2],
+                list(said[2]),
+            )
         if repeats is not None:
             repeats.extend(dups)
     rows = pa.array(keep)

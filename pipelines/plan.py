@@ -20,7 +20,7 @@ import pickle
 import tarfile
 import zlib
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -476,15 +476,22 @@ def _exclude_repeated_ids(
         counts.subtract(it["_kind"] for it in dup)
         spec.counts = {kind: n for kind, n in counts.items() if n > 0}
         spec.kinds = tuple(sorted(spec.counts))
-        logger.warning(
-            "manifest %s: %d rows repeat ids of an earlier manifest and are skipped (first "
-            "occurrence wins), e.g. %s",
-            spec.name,
-            len(dup),
-            spec.exclude[:3],
-        )
         excluded += len(dup)
     return excluded
+
+
+def warn_repeats(shard: ShardSpec, repeats: Collection[str]) -> None:
+    """Say which rows of manifest `shard` a run skips because their ids are another
+    manifest's: one earlier in name order, or one committed before (`reconcile`, which knows
+    which; said there, once per run, for the shards the run embeds)."""
+    if repeats:
+        logger.warning(
+            "manifest %s: %d rows repeat ids of another manifest (earlier in name order, or "
+            "committed before) and are skipped: an id is embedded once, e.g. %s",
+            shard.name,
+            len(repeats),
+            sorted(repeats)[:3],
+        )
 
 
 def _peek_kinds(
@@ -590,6 +597,8 @@ def reconcile(
     stale_names = {s.name for s in stale}
     unchanged = [s for s in done if s.name not in stale_names]
     if not stale and not (plan.format == "manifest" and new and done):
+        for s in new:
+            warn_repeats(s, s.exclude or ())
         return new, [], unchanged
     logger.info(
         "%d committed shards changed since they were committed: looking for new items", len(stale)
@@ -660,6 +669,8 @@ def _extend_manifests(
         items = manifest_items(read_manifest(s.uri, run.storage_options), s.name, s.uri)
         excl = set(s.exclude or ())
         excl |= {it["id"] for it in items if it["id"] in everywhere}
+        # Repeats: ids of other manifests (not the shard's own committed ones, which are done).
+        warn_repeats(s, excl - run.ids_of.get(s.name, set()))
         counts = Counter(it["_kind"] for it in items if it["id"] not in excl)
         return dataclasses.replace(
             s, kinds=tuple(sorted(counts)), counts=dict(counts), exclude=sorted(excl)

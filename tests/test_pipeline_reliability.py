@@ -620,3 +620,29 @@ def test_a_worker_that_cannot_import_its_decoders_is_replaced(tmp_path, ray_sess
     assert [(r["id"], r["status"], r["error"]) for r in rows] == [
         (i, STATUS_OK, None) for i in "abc"
     ]
+
+
+def test_a_new_manifest_repeating_a_committed_id_is_the_one_said_to_skip_it(tmp_path, caplog):
+    # `d_ws` committed `w2`; then `0_early`, which sorts before it, arrives with `w2` too. The
+    # committed row is never retracted, so `0_early`'s `w2` is the one skipped: the warning
+    # named `d_ws` (planning's name order) and said nothing of `0_early`.
+    from pipelines.plan import reconcile
+
+    corpus, out = tmp_path / "in", tmp_path / "out"
+    corpus.mkdir()
+    (corpus / "d_ws.csv").write_text("id,modality,text\nw1,text,one\nw2,text,two\n")
+    cfg = load_config(None, {**SMALL, "input": str(corpus), "output": str(out)})
+    rows = [{**_row(i, shard="d_ws"), "id": f"w{i}"} for i in (1, 2)]
+    write_parts(_encoded(rows), str(out), None, 4)
+    commit_shard(str(out), "d_ws", None, 4, {}, identity=plan_job(cfg).shards[0].identity)
+    (corpus / "0_early.csv").write_text("id,modality,text\nw2,text,steals\nnew0,text,new\n")
+    plan = plan_job(cfg)
+    output = Output(str(out))
+    with caplog.at_level("WARNING", logger="pipelines.plan"):
+        new, extended, unchanged = reconcile(plan, output, output.committed_shards(), None)
+    said = [r.getMessage() for r in caplog.records if "repeat ids" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("manifest 0_early: 1 rows repeat ids"), said
+    assert "['w2']" in said[0]
+    assert [s.name for s in new] == ["0_early"] and new[0].exclude == ["w2"]
+    assert new[0].counts == {"text": 1} and [s.name for s in unchanged] == ["d_ws"]
+    assert extended == []
