@@ -98,9 +98,15 @@ def find_cause(exc: BaseException, cls: type[E]) -> E | None:
 def transient_store_error(exc: BaseException) -> bool:
     """True if `exc` (or an exception it was raised from) says the store is unreachable or
     overloaded rather than that the object is bad."""
+    return _transient_cause(exc) is not None
+
+
+def _transient_cause(exc: BaseException) -> BaseException | None:
+    """The exception in `exc`'s chain that says the store is unreachable or overloaded (an
+    fsspec FileNotFoundError raised from aiohttp's connection error: the latter)."""
     for e in _causes(exc):
         if isinstance(e, (ConnectionError, TimeoutError)):
-            return True
+            return e
         # by name: botocore and aiohttp are optional; a Ray task error subclasses its cause
         names = {c.__name__ for c in type(e).__mro__}
         if names & {
@@ -113,14 +119,14 @@ def transient_store_error(exc: BaseException) -> bool:
             "ServerDisconnectedError",
             "ClientOSError",
         }:
-            return True
+            return e
         response = getattr(e, "response", None)
         if isinstance(response, dict):
             code = str(response.get("Error", {}).get("Code", ""))
             status = str(response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
             if code in _TRANSIENT_CODES or status in _TRANSIENT_CODES:
-                return True
-    return False
+                return e
+    return None
 
 
 # Errors that come after waiting a timeout out (the names of botocore's, aiohttp's and
@@ -185,9 +191,10 @@ def with_store_retries(
             timed_out = timed_out_error(e)
             if attempt == retries or timed_out:
                 how = "timed out" if timed_out else f"failed after {attempt + 1} attempts"
+                cause = _transient_cause(e) or e
                 raise StoreUnavailable(
                     store_name(uri, storage_options),
-                    f"{what} {how}: {type(e).__name__}: {e}",
+                    f"{what} {how}: {type(cause).__name__}: {cause}",
                     uri,
                 ) from e
             time.sleep(min(2.0**attempt, 10.0))

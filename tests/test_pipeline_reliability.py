@@ -313,6 +313,9 @@ def test_a_bad_uri_fails_its_item_not_the_job(tmp_path, ray_session):
     errors = pq.read_table(out / "_errors" / "m.parquet").to_pylist()
     for r in errors:
         assert bad[r["id"]] in r["error"], r
+    # The dead host's reason is the connection error, not fsspec's bare FileNotFoundError.
+    (dead_error,) = [r["error"] for r in errors if r["id"] == "dead"]
+    assert "ClientConnectorError: Cannot connect to host" in dead_error, dead_error
 
 
 def test_an_output_that_refuses_writes_is_named_in_one_sentence(

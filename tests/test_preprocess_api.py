@@ -163,6 +163,10 @@ def test_corrupt_media_reasons_say_what_is_wrong() -> None:
         with pytest.raises(InvalidInput) as e:
             P.preprocess(kind, media.random_bytes(8192, 2))
         assert e.value.reason == f"cannot decode {kind}: {damaged}", e.value.reason
+    # A FLAC cut short inside its header: libsndfile's own failure, said as damage.
+    with pytest.raises(InvalidInput) as e:
+        P.preprocess("audio", media.make_flac(seconds=3.0, sr=44100)[:89])
+    assert e.value.reason.startswith(f"cannot decode audio: {damaged} (libsndfile: "), e.value
 
 
 def test_lying_wav_header_message_names_both_lengths() -> None:

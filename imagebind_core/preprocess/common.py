@@ -169,6 +169,9 @@ def library_reason(e: BaseException) -> str:
         return f"{DAMAGED} (FFmpeg: {strerror})" if strerror else DAMAGED
     if isinstance(e, MemoryError):
         return "not enough memory to decode it"
+    if type(e).__module__.split(".")[0] == "soundfile" and str(e).startswith("Internal "):
+        # libsndfile's own failure on a cut-short file (`Internal psf_fseek() failed.`)
+        return f"{DAMAGED} (libsndfile: {str(e).strip()})"
     if isinstance(e, _INTERNAL_ERRORS):
         return DAMAGED
     return str(e).strip() or type(e).__name__

@@ -268,7 +268,8 @@ def check_text(text: str | bytes, limits: Limits = DEFAULT_LIMITS) -> str:
         if len(text) > 4 * limits.max_text_chars:
             raise InvalidInput(
                 "text",
-                f"text is {len(text)} bytes, over the limit of {limits.max_text_chars} chars",
+                f"text is {len(text)} bytes: more than the limit of {limits.max_text_chars} "
+                f"characters can take in UTF-8 ({4 * limits.max_text_chars} bytes)",
             )
         try:
             text = bytes(text).decode("utf-8-sig")
