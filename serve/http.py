@@ -40,6 +40,11 @@ CLIENT_CLOSED = 499  # nginx's status for a client that went away: counted, neve
 M = TypeVar("M", bound=BaseModel)
 
 
+# The longest error message sent: messages quote what was sent (an unknown id, a value), and
+# a 30 MB id came back whole as a 30 MB error body.
+MAX_MESSAGE_CHARS = 2000
+
+
 class APIError(Exception):
     """A request that cannot be served, as an HTTP status plus OpenAI-style error body."""
 
@@ -53,6 +58,9 @@ class APIError(Exception):
         code: str | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
+        if len(message) > MAX_MESSAGE_CHARS:  # a message quoting what the client sent
+            cut = len(message) - MAX_MESSAGE_CHARS
+            message = f"{message[:MAX_MESSAGE_CHARS]}... ({cut:,} more characters)"
         super().__init__(message)
         self.status = status
         self.message = message
@@ -116,7 +124,11 @@ def _element_error(err: Mapping[str, Any], hints: Mapping[str, str]) -> tuple[st
         return None
     field, index = parts
     name = f"{field}[{index}]"
-    msg = f"{name} is {json_type(err.get('input'))}, not {wanted}"
+    got = json_type(err.get("input"))
+    if got == wanted:  # the right type, out of its range (an integer of 400 digits)
+        msg = f"{name} is {got} out of range (a float holds magnitudes up to about 1.8e308)"
+    else:
+        msg = f"{name} is {got}, not {wanted}"
     if field in hints:
         msg += f": {field} {hints[field]}"
     return msg, name

@@ -13,6 +13,7 @@ import binascii
 import logging
 import os
 import re
+import stat
 import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
@@ -119,13 +120,58 @@ class Inputs:
 
     def read_media(self, item: dict) -> bytes:
         """The bytes of a published index item (at most `max_input_bytes`); InvalidInput when
-        it is missing or too large, StoreUnavailable when the store cannot be reached."""
+        it is missing, too large or (a local file) not inside `media_local_dirs` when opened,
+        StoreUnavailable when the store cannot be reached."""
+        uri, kind = item["uri"], item["modality"]
+        m = URI_SCHEME.match(uri)
+        if m is None or m.group(1).lower() == "file":
+            return self._read_local_media(uri[len("file://") :] if m else uri, kind)
         return ibc.read_bytes(
-            item["uri"],
-            self.storage_options(),
-            max_bytes=self.args.max_input_bytes,
-            modality=item["modality"],
+            uri, self.storage_options(), max_bytes=self.args.max_input_bytes, modality=kind
         )
+
+    def _read_local_media(self, path: str, kind: str) -> bytes:
+        """A local file's bytes, opened one path component at a time from the media folder
+        that holds its resolved path, never following a link (`O_NOFOLLOW`): a file or folder
+        swapped for a link between `media_allowed`'s check and the read (a race a writer of
+        the corpus could win) fails the read instead of reading outside the folders. Links
+        inside the corpus that stay inside still work: the path is resolved first."""
+        limit = self.args.max_input_bytes
+        try:
+            real = os.path.realpath(path)
+            root = next(
+                (d for d in self.args.media_local_dirs if os.path.commonpath([real, d]) == d),
+                None,
+            )
+            if root is None:
+                raise ibc.InvalidInput(kind, "not inside media_local_dirs")
+            parts = [p for p in os.path.relpath(real, root).split(os.sep) if p not in ("", ".")]
+            fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                for i, part in enumerate(parts):
+                    last = i == len(parts) - 1
+                    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+                    # A FIFO would block an open for reading: never wait for a writer.
+                    flags |= os.O_NONBLOCK if last else os.O_DIRECTORY
+                    nxt = os.open(part, flags, dir_fd=fd)
+                    os.close(fd)
+                    fd = nxt
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise ibc.InvalidInput(kind, "not a regular file")
+                if st.st_size > limit:
+                    raise ibc.InvalidInput(kind, f"{st.st_size} bytes, over the limit of {limit}")
+                with os.fdopen(os.dup(fd), "rb") as f:
+                    data = f.read(limit + 1)
+            finally:
+                os.close(fd)
+        except FileNotFoundError:
+            raise ibc.InvalidInput(kind, "file not found") from None
+        except OSError as e:  # ELOOP: a link where the check saw none; EISDIR, EACCES, ...
+            raise ibc.InvalidInput(kind, f"cannot read it ({e.strerror or e})") from None
+        if len(data) > limit:
+            raise ibc.InvalidInput(kind, f"over the limit of {limit} bytes")
+        return data
 
     # --- allow-lists -------------------------------------------------------------------------
     def s3_allowed(self, uri: str) -> bool:
@@ -146,7 +192,10 @@ class Inputs:
             return self.s3_allowed(uri)
         if scheme != "file" or not self.args.media_local_dirs:
             return False
-        path = os.path.realpath(uri[len("file://") :] if m else uri)
+        try:
+            path = os.path.realpath(uri[len("file://") :] if m else uri)
+        except (OSError, ValueError):  # a link changing while it is resolved, a NUL byte
+            return False
         return any(os.path.commonpath([path, d]) == d for d in self.args.media_local_dirs)
 
     # --- preprocessing -----------------------------------------------------------------------

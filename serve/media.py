@@ -204,7 +204,7 @@ class SearchPage:
         if item["modality"] not in THUMBNAIL_KINDS:
             raise APIError(
                 400,
-                f"id: {item_id!r} is a {item['modality']} item; thumbnails exist for "
+                f"id: {item_id!r} is an item of modality {item['modality']}; thumbnails exist for "
                 f"{list(THUMBNAIL_KINDS)} (GET /v1/media serves the item itself)",
                 param="id",
                 code="no_thumbnail",

@@ -224,12 +224,13 @@ class SearchIndexCore:
 
     def similar_sync(self, item_id: str, top_k: int, modality: str | None = None) -> list[dict]:
         """Top-k hits for the stored vector of the item `item_id` ("more like this"); the item
-        itself is among them (score 1.0). Raises KeyError if the loaded version lacks it."""
+        itself comes first (`own_first`). Raises KeyError if the loaded version lacks it."""
         pointer, index, _ = self._loaded()
         vector = index.vector_of(item_id)
         if vector is None:
             raise KeyError(item_id)
-        return self.search_version(vector, top_k, modality, pointer.name)["hits"]
+        hits = self.search_version(vector, top_k + SIMILAR_EXTRA, modality, pointer.name)
+        return own_first(hits["hits"], item_id, top_k)
 
     def item_sync(self, item_id: str) -> dict | None:
         """`{id, uri, modality, version}` of `item_id` in the loaded version, or None if that
@@ -311,6 +312,18 @@ class SearchIndex(SearchIndexCore):
 
     def __del__(self) -> None:
         self.close()
+
+
+# Hits fetched beyond top_k for "more like this": an item's exact copies score as it does
+# (1.0) and ties go by id, so the item can rank after them and fall past top_k.
+SIMILAR_EXTRA = 16
+
+
+def own_first(hits: list[dict], item_id: str, top_k: int) -> list[dict]:
+    """`hits` (of `item_id`'s own vector, top_k + SIMILAR_EXTRA of them) cut to `top_k`, the
+    item itself first when it is among them: its exact copies tie with it."""
+    own = [h for h in hits if h["id"] == item_id]
+    return (own + [h for h in hits if h["id"] != item_id])[:top_k]
 
 
 async def fan_out(
@@ -413,7 +426,10 @@ class SearchFanout:
             if found["vector"] is None:
                 raise KeyError(item_id)
             callers = [self._caller(h) for h in self.groups]
-            return await fan_out(callers, found["vector"], top_k, modality, found["version"])
+            hits = await fan_out(
+                callers, found["vector"], top_k + SIMILAR_EXTRA, modality, found["version"]
+            )
+            return own_first(hits, item_id, top_k)
         except RayTaskError as e:
             raise _unwrap(e) from None
 

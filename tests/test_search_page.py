@@ -266,6 +266,50 @@ def test_media_allow_list_rules(corpus):
     assert not svc.inputs.media_allowed(f"{d}/pic.png")
 
 
+def test_a_link_swapped_in_after_the_check_is_not_followed(corpus, tmp_path, monkeypatch):
+    # The check (`media_allowed`) resolves links; a writer of the corpus then swaps the file,
+    # or a folder above it, for a link out of the media folders before the read. The read
+    # opened the unresolved path and served the outside file (345 of 1,500 racing requests
+    # in an adversarial run). Now it opens component by component, never following a link.
+    import os
+
+    import imagebind_core as ibc
+
+    svc, _ = service(corpus)
+    d = corpus["media"]
+    secret = tmp_path / "outside"
+    secret.mkdir()
+    (secret / "cap.txt").write_text("TOP SECRET")
+    os.makedirs(f"{d}/sub")
+    (tmp_path / "media" / "sub" / "cap.txt").write_text("inside")
+    item = {"uri": f"{d}/sub/cap.txt", "modality": "text"}
+    assert svc.inputs.media_allowed(item["uri"])
+    assert svc.inputs.read_media(item) == b"inside"
+    os.replace(f"{d}/sub", f"{d}/sub-moved")
+    os.symlink(secret, f"{d}/sub")  # a folder above the file, now a link out
+    os.symlink(secret / "cap.txt", f"{d}/cap2.txt")  # a file, a link out
+    link_out = {"uri": f"file://{d}/cap2.txt", "modality": "text"}
+    for it in (item, link_out):  # swapped before the read resolves the path: refused
+        with pytest.raises(ibc.InvalidInput, match="not inside media_local_dirs"):
+            svc.inputs.read_media(it)
+    # Swapped after the path was resolved (the race): paths resolve to themselves here, so
+    # only the component-by-component open stands between the read and the outside file.
+    with monkeypatch.context() as mp:
+        mp.setattr(os.path, "realpath", lambda p: p)
+        for it in (item, link_out):
+            with pytest.raises(ibc.InvalidInput, match="cannot read it"):
+                svc.inputs.read_media(it)
+        # Through the route, with a check that passed before the swap: 404, not the bytes.
+        mp.setattr(svc.inputs, "media_allowed", lambda uri: True)
+        status, _, msg = call(svc.page.media(request("/v1/media"), "link"))
+        assert status == 404 and "cannot read it" in msg, (status, msg)
+    # A link inside the folder to a file inside it is still served; a NUL byte is refused.
+    os.symlink(f"{d}/pic.png", f"{d}/alias.png")
+    got = svc.inputs.read_media({"uri": f"{d}/alias.png", "modality": "vision"})
+    assert got == (tmp_path / "media" / "pic.png").read_bytes()
+    assert not svc.inputs.media_allowed(f"{d}/pic\0.png")
+
+
 def test_media_and_thumbnails_ask_for_the_key(corpus):
     svc, _ = service(corpus, api_key="sesame")
     for key in (None, "wrong"):

@@ -916,3 +916,29 @@ def test_rerank_reads_ask_the_kernel_for_their_pages_at_once(layout, tmp_path):
     assert not got[~want].any(), np.flatnonzero(got)  # nothing read around them
     np.testing.assert_array_equal(arr[rows], x[rows])
     will_need(np.zeros((4, 8), np.float32), np.array([0, 2]))  # in memory: nothing to do
+
+
+@pytest.mark.parametrize("opts", [FLAT, RERANK], ids=["flat", "rr"])
+def test_more_like_this_puts_the_item_before_its_exact_copies(opts, tmp_path):
+    # Exact duplicates are common in real corpora. An item's copies score 1.0 with it and
+    # ties go by id, so "more like this" of a copy whose id sorts last gave the others first
+    # and, with top_k 1, not the item at all (found by an adversarial client); the docs say
+    # the item itself comes first. The same through the fan-out over two groups.
+    from serve.search import SearchFanout, SearchIndexCore
+
+    root = str(tmp_path / "root")
+    ids, emb = corpus(300, seed=5)
+    emb = emb.copy()
+    emb[1:4] = emb[0]  # ids 0-3 hold one vector
+    t = table(ids, emb, mods=["text"] * len(ids))
+    publish_version(root, 1, t, shards=4, **opts)
+    single = SearchIndexCore(root, poll_interval_s=0)
+    cores = [SearchIndexCore(root, poll_interval_s=0, group=g, groups=2) for g in range(2)]
+    fanout = SearchFanout.func_or_class([_Handle(c) for c in cores])
+    copies = set(ids[:4])
+    for i in ids[:4]:
+        for k in (1, 4, 10):
+            got = single.similar_sync(i, k)
+            assert got[0]["id"] == i and len(got) == k, (i, k, got)
+            assert {h["id"] for h in got[: min(k, 4)]} <= copies
+            assert asyncio.run(fanout.similar(i, k, None)) == got

@@ -133,6 +133,20 @@ def test_a_list_element_of_the_wrong_type_is_named_with_its_index(ray_session, i
     err = _answer(svc.search, {"vector": [0.5, "x"]})
     assert (err.status, err.param) == (400, "vector[1]")
     assert err.message == "vector[1] is a string, not a number", err.message
+    # A number, of the right type but past a float's range: not "a number, not a number".
+    err = _answer(svc.search, {"vector": [10**400, 0.5]})
+    assert (err.status, err.param) == (400, "vector[0]")
+    assert err.message.startswith("vector[0] is a number out of range"), err.message
+
+
+def test_an_error_quoting_a_huge_value_is_cut():
+    # A 30 MB unknown id came back whole in the 404's message.
+    from serve.http import MAX_MESSAGE_CHARS, APIError
+
+    err = APIError(404, f"id: no item {'a' * 3_000_000!r} in the published index version")
+    assert len(err.message) < MAX_MESSAGE_CHARS + 50
+    assert err.message.endswith("more characters)") and err.message.startswith("id: no item 'aa")
+    assert len(err.response().body) < MAX_MESSAGE_CHARS + 200
 
 
 @pytest.mark.parametrize(
