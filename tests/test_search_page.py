@@ -350,7 +350,7 @@ def test_thumbnails_are_bounded_jpegs_of_images_and_video_frames(corpus):
         status, _, msg = call(svc.page.thumbnail(request(), "pic", size))
         assert status == 400 and "size" in msg
     status, _, msg = call(svc.page.thumbnail(request(), "cap", 64))
-    assert status == 400 and "text item" in msg
+    assert status == 400 and "of modality text" in msg
     assert call(svc.page.thumbnail(request(), "nope", 64))[0] == 404
     assert call(svc.page.thumbnail(request(), "outside", 64))[0] == 403
 
