@@ -524,6 +524,15 @@ def bare_preprocess(
     )
 
 
+def start_ray_as_the_job(cpus: int, kinds: list[str]) -> None:
+    """A local Ray of `cpus` logical CPUs, started as the job starts one (its Arrow allocator:
+    `pipelines.embed.ensure_ray`)."""
+    from pipelines.config import load_config
+    from pipelines.embed import ensure_ray
+
+    ensure_ray(load_config(None, {"input": "x", "output": "y", "ray.num_cpus": cpus}), kinds)
+
+
 def null_config(kind: str, source: str, out: str, fmt: str):
     """The job's config with null encoders, batched as for a GPU encoder, one actor."""
     from pipelines.config import load_config
@@ -580,7 +589,7 @@ def run_null_ceiling(args: argparse.Namespace) -> None:
 
         # The logical CPUs the job gives a local Ray it starts itself, for the busiest kind.
         cpus = max(local_num_cpus(null_config(k, "x", "y", fmts[k]), [k]) for k in kinds)
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        start_ray_as_the_job(cpus, kinds)
         results: dict = {
             "cores": cores,
             "ray_logical_cpus": cpus,
@@ -757,7 +766,7 @@ def main() -> None:
         # The logical CPUs the job gives a local Ray it starts itself.
         kinds = args.kinds.split(",")
         cpus = local_num_cpus(load_config(None, {"input": "x", "output": "y"}), kinds)
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        start_ray_as_the_job(cpus, kinds)
         ray_init_s = time.perf_counter() - t0
         results = {"preset": args.preset, "batch_size": args.batch_size, "ray_init_s": ray_init_s}
         flags = ("encoder_cpus", "job_threads", "actors", "preprocess_batch", "files_per_shard")

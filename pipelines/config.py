@@ -302,6 +302,10 @@ class RayConfig(_Strict):
     # Ray Data's progress bars; "auto": drawn when stderr is a terminal, off otherwise (the
     # job's own progress lines, `progress_interval_s`, are logged either way).
     progress_bars: bool | Literal["auto"] = "auto"
+    # Arrow's allocator in the driver and in this job's Ray workers (`pipelines.embed.ensure_ray`).
+    # None: ARROW_DEFAULT_MEMORY_POOL if set, else jemalloc (mimalloc, pyarrow's default, grows
+    # large string buffers by copying: benchmarks/results/arrow-memory-pool-2core.md).
+    arrow_memory_pool: Literal["jemalloc", "mimalloc", "system"] | None = None
 
     def bars(self) -> bool:
         """Whether Ray Data draws its progress bars in this process."""

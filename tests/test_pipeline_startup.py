@@ -176,3 +176,67 @@ def test_the_job_never_waits_for_the_warm_up(tmp_path, ray_session):
     assert summary.warmup_tasks == 2 and summary.first_batch_seconds is not None
     lines = events.read_text().splitlines()
     assert lines and not lines[0].startswith("warm "), lines
+
+
+_POOL_PROBE = """
+import json, os, sys
+import pyarrow as pa, ray
+from pipelines.config import load_config
+from pipelines.embed import ensure_ray
+over = {"input": "in", "output": "out", "ray.num_cpus": 2, **json.loads(sys.argv[1])}
+cfg = load_config(None, over)
+ensure_ray(cfg, ["text"])
+backend = ray.remote(num_cpus=1)(lambda: pa.default_memory_pool().backend_name)
+print(json.dumps({
+    "driver": pa.default_memory_pool().backend_name,
+    "workers": sorted(set(ray.get([backend.remote() for _ in range(4)]))),
+    "env_after": os.environ.get("ARROW_DEFAULT_MEMORY_POOL"),
+}))
+"""
+
+
+def _pool_probe(tmp_path, overrides: dict) -> dict:
+    env = {**os.environ, "PYTHONPATH": ROOT, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("ARROW_DEFAULT_MEMORY_POOL", None)
+    res = subprocess.run(
+        [sys.executable, "-c", _POOL_PROBE, json.dumps(overrides)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_a_new_local_ray_allocates_arrow_memory_with_jemalloc(tmp_path):
+    # pyarrow's own default (mimalloc) copies a large string buffer each time it grows: the
+    # re-index diff's shuffles took 1.5-1.9x as long with it (benchmarks/results/
+    # arrow-memory-pool-2core.md). The driver and every worker of a fresh Ray use jemalloc, and
+    # the driver's environment is left as it was.
+    import pyarrow as pa
+
+    if "jemalloc" not in pa.supported_memory_backends():
+        pytest.skip("this pyarrow build has no jemalloc")  # the Linux wheels have it
+    got = _pool_probe(tmp_path, {})
+    assert got == {"driver": "jemalloc", "workers": ["jemalloc"], "env_after": None}, got
+
+
+def test_the_arrow_allocator_follows_the_config_and_the_users_environment(monkeypatch):
+    from pipelines.config import load_config
+    from pipelines.embed import arrow_memory_pool
+
+    monkeypatch.delenv("ARROW_DEFAULT_MEMORY_POOL", raising=False)
+    base = {"input": "in", "output": "out"}
+    assert arrow_memory_pool(load_config(None, base)) == "jemalloc"
+    cfg = load_config(None, {**base, "ray.arrow_memory_pool": "system"})
+    assert arrow_memory_pool(cfg) == "system"
+    # A user's ARROW_DEFAULT_MEMORY_POOL is left to Arrow (and inherited by a local Ray) ...
+    monkeypatch.setenv("ARROW_DEFAULT_MEMORY_POOL", "mimalloc")
+    assert arrow_memory_pool(load_config(None, base)) is None
+    # ... unless the config names one.
+    assert arrow_memory_pool(cfg) == "system"
+    with pytest.raises(Exception, match="arrow_memory_pool"):
+        load_config(None, {**base, "ray.arrow_memory_pool": "tcmalloc"})
