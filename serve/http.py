@@ -260,6 +260,32 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     return obj
 
 
+_WHOLE_NUMBER = re.compile(r"-?[0-9]{1,9}")
+
+
+def check_query(request: Request, names: tuple[str, ...], whole: tuple[str, ...] = ()) -> None:
+    """400 for a query parameter of `names` given more than once (`?id=a&id=b`: which one the
+    client meant is not ours to guess), or one of `whole` that is not written as a whole number
+    in digits: FastAPI's lax parsing takes `256.0`, `+256`, `2_56` and ` 256 ` for 256."""
+    for name in names:
+        values = request.query_params.getlist(name)
+        if len(values) > 1:
+            raise APIError(
+                400,
+                f"{name}: given {len(values)} times (query parameter); give it once",
+                param=name,
+                code="duplicate_parameter",
+            )
+        if values and name in whole and not _WHOLE_NUMBER.fullmatch(values[0]):
+            raise APIError(
+                400,
+                f"{name}: expected a whole number written in digits "
+                f"(query parameter, got {values[0]!r})",
+                param=name,
+                code="invalid_request",
+            )
+
+
 def retry_after(seconds: float, floor: int = 1) -> dict[str, str]:
     """The `Retry-After` header of a 503: `seconds` rounded, at least `floor`."""
     return {"Retry-After": str(max(floor, round(seconds)))}

@@ -36,6 +36,7 @@ from serve.http import (
     CLIENT_CLOSED,
     APIError,
     RequestPolicy,
+    check_query,
     encode_vector,
     json_response,
     retry_after,
@@ -749,11 +750,13 @@ class Ingress:
     @api.get("/v1/media")
     async def media(self, request: Request, id: str | None = None) -> Response:
         """The bytes of an item of the published index (allow-listed URIs only)."""
+        check_query(request, ("id",))
         return await self.service.page.media(request, id)
 
     @api.get("/v1/thumbnail")
     async def thumbnail(self, request: Request, id: str | None = None, size: int = 256) -> Response:
         """A JPEG thumbnail of an image or video item of the published index."""
+        check_query(request, ("id", "size"), whole=("size",))
         return await self.service.page.thumbnail(request, id, size)
 
     @api.get("/", include_in_schema=False)

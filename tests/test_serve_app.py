@@ -569,6 +569,20 @@ def test_routing_and_protocol_errors_use_the_error_shape(client):
     err = error(client.get("/v1/thumbnail", params={"id": "x", "size": "abc"}), 400)
     assert (err["param"], err["code"]) == ("size", "invalid_request")
     assert err["message"].startswith("size: ") and "'abc'" in err["message"], err
+    # FastAPI would take the last of repeated values, and 256.0, +256, 2_56 or " 256" for 256.
+    for url, param in (
+        ("/v1/media?id=a&id=b", "id"),
+        ("/v1/thumbnail?id=a&size=64&size=9", "size"),
+    ):
+        err = error(client.get(url), 400)
+        assert (err["param"], err["code"]) == (param, "duplicate_parameter"), err
+        assert "given 2 times" in err["message"], err
+    for size in ("256.0", "+256", "2_56", " 256"):
+        err = error(client.get("/v1/thumbnail", params={"id": "x", "size": size}), 400)
+        assert (err["param"], err["code"]) == ("size", "invalid_request"), err
+        assert repr(size) in err["message"], err
+    r = client.get("/v1/thumbnail", params={"id": "x", "size": "256"})
+    assert r.status_code < 400 or r.json()["error"]["param"] != "size", r.text
     r = client.post("/v1/embeddings", json={"input": "x"}, headers={"X-Request-Timeout": "soon"})
     err = error(r, 400)
     assert (err["param"].lower(), err["code"]) == ("x-request-timeout", "invalid_header"), err
