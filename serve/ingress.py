@@ -419,10 +419,12 @@ class EmbeddingService:
                 await self.startup.check_started(kind)
                 inputs = self.check_inputs(req)
                 self.request_metrics.inputs.inc(len(inputs), tags={"modality": kind})
-                arrays, tokens = await self.inputs.prepare_all(kind, inputs)
-                t_enc = time.perf_counter()
-                vectors = await self.encode(kind, arrays, req.normalize)
-                t_enc = time.perf_counter() - t_enc
+                async with self.inputs.held(kind, len(inputs)):
+                    arrays, tokens = await self.inputs.prepare_all(kind, inputs)
+                    t_enc = time.perf_counter()
+                    vectors = await self.encode(kind, arrays, req.normalize)
+                    t_enc = time.perf_counter() - t_enc
+                    del arrays
             body = self._embedding_body(vectors, req.encoding_format, tokens)
             seen.status = 200
             # Like OpenAI's `openai-processing-ms`: time spent inside the ingress, and the part
@@ -485,8 +487,9 @@ class EmbeddingService:
     async def _query_vector(self, kind: str, query: str) -> list[float]:
         """The unit-length embedding of one query input."""
         await self.startup.check_started(kind)
-        arrays, _ = await self.inputs.prepare_all(kind, [query])
-        return (await self.encode(kind, arrays, True, lambda _: "input"))[0].tolist()
+        async with self.inputs.held(kind, 1):
+            arrays, _ = await self.inputs.prepare_all(kind, [query])
+            return (await self.encode(kind, arrays, True, lambda _: "input"))[0].tolist()
 
     # --- routes: models, status, readiness, metrics ------------------------------------------
     async def models(self, request: Request) -> Response:

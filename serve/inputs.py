@@ -10,12 +10,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
+import contextlib
 import logging
 import os
 import re
 import stat
 import time
 import urllib.parse
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +38,56 @@ _INLINE_TEXT_CHARS = 2048
 _WHITESPACE = {ord(c): None for c in " \t\r\n\v\f"}
 
 
+class ByteBudget:
+    """Bytes that the requests of one replica may hold at once, granted first come, first
+    served: `async with budget.hold(n)` waits until `n` more fit (a request asking more than
+    the whole budget waits until it can hold all of it alone). A waiter cancelled by its
+    deadline or a closed connection leaves the queue; one granted gives its bytes back when
+    its block ends, however it ends.
+
+    Written here rather than taken from asyncio: `asyncio.Semaphore` counts units one by one
+    and wakes waiters in no set order, so a stream of small requests could starve a large one.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, n: int) -> AsyncIterator[None]:
+        n = min(n, self.limit)
+        if self._waiters or self.held + n > self.limit:
+            fut = asyncio.get_running_loop().create_future()
+            entry = (n, fut)
+            self._waiters.append(entry)
+            try:
+                await fut
+            except BaseException:
+                if fut.done() and not fut.cancelled():  # granted as it was cancelled
+                    self._release(n)
+                else:
+                    self._waiters.remove(entry)
+                    self._grant()  # the next in line may fit now
+                raise
+        else:
+            self.held += n
+        try:
+            yield
+        finally:
+            self._release(n)
+
+    def _release(self, n: int) -> None:
+        self.held -= n
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._waiters and self.held + self._waiters[0][0] <= self.limit:
+            n, fut = self._waiters.popleft()
+            self.held += n
+            fut.set_result(None)
+
+
 class Inputs:
     """Decodes and preprocesses the inputs of requests under the application's limits.
 
@@ -46,6 +99,7 @@ class Inputs:
     def __init__(self, args: AppArgs, pool: ThreadPoolExecutor) -> None:
         self.args = args
         self.pool = pool
+        self.budget = ByteBudget(args.ingress.max_held_input_bytes)
         self._storage_options: dict[str, Any] | None = None
         self._m_preprocess = seconds_histogram(
             "imagebind_preprocess_seconds", "Decode + preprocess time of one input.", ("modality",)
@@ -227,6 +281,15 @@ class Inputs:
         for _ in texts:
             self._m_preprocess.observe(per_input, tags={"modality": "text"})
         return list(tokens), int(np.count_nonzero(tokens))  # padding is token id 0
+
+    def held(self, kind: str, n: int) -> contextlib.AbstractAsyncContextManager[None]:
+        """Room in this replica's budget (`ingress.max_held_input_bytes`) for `n` preprocessed
+        inputs of `kind`, held from before they are decoded until their vectors are back: a
+        burst of video requests waits for it instead of exhausting the replica's memory (a
+        video is 18 MB of float32 clips, 64 of them 1.2 GB)."""
+        from imagebind_core.preprocess import item_nbytes
+
+        return self.budget.hold(n * item_nbytes(kind, compact=True))
 
     async def prepare_all(self, kind: str, inputs: list[str]) -> tuple[list[np.ndarray], int]:
         """Preprocess every input on the pool; the lowest-index bad input -> 400."""

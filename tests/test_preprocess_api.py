@@ -238,3 +238,25 @@ def test_bytes_to_tiny_model_equals_reference_loader_to_reference_model(tmp_path
     for k in ref_inputs:
         assert_embeddings_close(our_out[k], ref_out[k], k)
     assert_embeddings_close(our_video["vision"], ref_video["vision"])
+
+
+def test_item_nbytes_is_what_preprocess_returns_for_every_kind():
+    # The endpoint reserves memory for a request's inputs from this before decoding them.
+    from imagebind_core.preprocess import ITEM_SHAPES, item_nbytes, preprocess
+
+    samples = {
+        "text": "a photo of a dog",
+        "vision": media.make_image(size=(96, 80), seed=1),
+        "video": media.make_video(seconds=1.0, size=(64, 48)),
+        "audio": media.make_wav(seconds=2.0, seed=1),
+        "depth": media.make_depth_png(size=(96, 80), seed=1),
+        "thermal": media.make_gray_png(size=(96, 80), bits=8, seed=1),
+        "imu": media.make_imu_npy(seed=1),
+    }
+    assert set(samples) == set(ITEM_SHAPES)
+    for kind, data in samples.items():
+        for compact in (False, True):
+            got = preprocess(kind, data, compact=compact).numpy().nbytes
+            assert item_nbytes(kind, compact=compact) == got, (kind, compact)
+    assert item_nbytes("video") == 15 * 3 * 2 * 224 * 224 * 4
+    assert item_nbytes("vision", compact=True) * 4 == item_nbytes("vision")

@@ -161,3 +161,116 @@ def test_encoder_core_expands_compact_images_in_a_mixed_batch():
     a, b, v = core.encode([EncodeCall(full), EncodeCall(compact), EncodeCall(video)])
     np.testing.assert_array_equal(a, b)
     assert v.shape == a.shape
+
+
+# ------------------------------------------------------------ the ingress's input byte budget
+
+
+def test_the_input_budget_grants_in_arrival_order_and_never_past_its_limit():
+    from serve.inputs import ByteBudget
+
+    async def main():
+        budget = ByteBudget(100)
+        order: list[str] = []
+        gates = {name: asyncio.Event() for name in ("a", "big", "b", "c")}
+        peak = 0
+
+        async def request(name: str, n: int) -> None:
+            nonlocal peak
+            async with budget.hold(n):
+                order.append(name)
+                peak = max(peak, budget.held)
+                await gates[name].wait()
+
+        tasks = [asyncio.ensure_future(request("a", 60))]
+        await asyncio.sleep(0)
+        # "big" does not fit beside "a"; "b" and "c" would, but arrived after it: they wait
+        # behind it instead of starving it.
+        for name, n in (("big", 90), ("b", 10), ("c", 10)):
+            tasks.append(asyncio.ensure_future(request(name, n)))
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.05)
+        assert order == ["a"] and budget.held == 60
+        gates["a"].set()
+        await asyncio.sleep(0.05)
+        assert order == ["a", "big", "b"] and budget.held == 100  # 90 + 10 fit; c does not
+        for g in gates.values():
+            g.set()
+        await asyncio.gather(*tasks)
+        assert order == ["a", "big", "b", "c"] and budget.held == 0 and peak <= 100
+
+    run(main())
+
+
+def test_an_oversized_request_runs_alone_and_a_cancelled_or_failed_one_gives_its_bytes_back():
+    from serve.inputs import ByteBudget
+
+    async def holder(budget, n: int, until: asyncio.Event, seen: list[int]) -> None:
+        async with budget.hold(n):
+            seen.append(budget.held)
+            await until.wait()
+
+    async def main():
+        budget = ByteBudget(100)
+        first_done, big_done = asyncio.Event(), asyncio.Event()
+        seen: list[int] = []
+        # Larger than the whole budget: it waits for an empty budget, then holds all of it.
+        first = asyncio.ensure_future(holder(budget, 30, first_done, seen))
+        await asyncio.sleep(0)
+        big = asyncio.ensure_future(holder(budget, 500, big_done, seen))
+        await asyncio.sleep(0.02)
+        assert seen == [30]
+        first_done.set()
+        await asyncio.sleep(0.02)
+        assert seen == [30, 100]
+        big_done.set()
+        await asyncio.gather(first, big)
+        assert budget.held == 0
+
+        # A waiter cancelled by its deadline leaves the queue; the one behind it proceeds.
+        hold_done, small_done = asyncio.Event(), asyncio.Event()
+        seen.clear()
+        hold = asyncio.ensure_future(holder(budget, 80, hold_done, seen))
+        await asyncio.sleep(0)
+        late = asyncio.ensure_future(
+            asyncio.wait_for(holder(budget, 50, asyncio.Event(), seen), 0.05)
+        )
+        await asyncio.sleep(0)
+        small = asyncio.ensure_future(holder(budget, 20, small_done, seen))
+        with pytest.raises(asyncio.TimeoutError):
+            await late
+        await asyncio.sleep(0.02)
+        assert seen == [80, 100] and budget.held == 100  # 80 + 20 fit once the 50 left
+        hold_done.set()
+        small_done.set()
+        await asyncio.gather(hold, small)
+        assert budget.held == 0 and not budget._waiters
+
+        # An error inside the block gives the bytes back.
+        with pytest.raises(ValueError):
+            async with budget.hold(70):
+                raise ValueError("decode failed")
+        assert budget.held == 0
+
+    run(main())
+
+
+def test_a_request_holds_room_for_its_preprocessed_inputs():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from imagebind_core.preprocess import item_nbytes
+    from serve.inputs import Inputs
+    from serve.options import AppArgs
+
+    args = AppArgs(preset="tiny", ingress={"max_held_input_bytes": 10 * item_nbytes("video")})
+    with ThreadPoolExecutor(1) as pool:
+        inputs = Inputs(args, pool)
+
+        async def main():
+            async with inputs.held("video", 4):
+                assert inputs.budget.held == 4 * item_nbytes("video")
+                async with inputs.held("vision", 64):  # compact pixels: 64 x 150,528 B
+                    assert inputs.budget.held == 4 * item_nbytes("video") + 64 * 150_528
+            assert inputs.budget.held == 0
+
+        run(main())

@@ -16,6 +16,7 @@ from imagebind_core.preprocess.api import (
     collate,
     expand,
     infer_kind,
+    item_nbytes,
     preprocess,
 )
 from imagebind_core.preprocess.common import (
@@ -72,6 +73,7 @@ __all__ = [
     "collate",
     "expand",
     "infer_kind",
+    "item_nbytes",
     "model_modality",
     "preprocess",
     *_LAZY,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -44,6 +45,15 @@ ITEM_SHAPES: dict[str, tuple[int, ...]] = {
     "thermal": (1, 224, 224),
     "imu": (6, 2000),
 }
+
+
+def item_nbytes(kind: str, compact: bool = False) -> int:
+    """Bytes of one preprocessed item of `kind` as `preprocess` returns it: token ids as int64,
+    a still image's pixels as uint8 when `compact`, every other input float32."""
+    n = math.prod(ITEM_SHAPES[kind])
+    if kind == "text":
+        return 8 * n
+    return n if compact and kind in _COMPACT else 4 * n
 
 
 def _handler(kind: str) -> Callable[..., torch.Tensor]:
