@@ -78,6 +78,22 @@ def test_thermal_8_and_16_bit() -> None:
     assert float(full.max()) <= 1.0 and not torch.equal(full, t16)
 
 
+def test_a_float_thermal_map_must_already_be_in_the_unit_range() -> None:
+    rng = np.random.default_rng(1)
+    unit = rng.random((40, 30), dtype=np.float32)
+    unit[0, 0], unit[0, 1] = 0.0, 1.0  # the bounds themselves are in range
+    buf = io.BytesIO()
+    np.save(buf, unit)
+    assert P.preprocess("thermal", buf.getvalue()).shape == (1, 224, 224)
+    for bad, span in ((unit * 300.0 + 250.0, "250 to 550"), (unit - 0.5, "-0.5 to 0.5")):
+        buf = io.BytesIO()
+        np.save(buf, bad.astype(np.float64))
+        with pytest.raises(InvalidInput, match=f"must lie in \\[0, 1\\] \\(these span {span}\\)"):
+            P.preprocess("thermal", buf.getvalue())
+    # Integer maps are scaled as before, whatever their range.
+    assert P.preprocess_thermal((unit * 30000).astype(np.uint16)).shape == (1, 224, 224)
+
+
 def test_large_maps_are_converted_in_row_blocks_with_the_same_numbers() -> None:
     # 1500 x 1200: the float64 maths runs over two row blocks (~1 M pixels each); the result
     # must be the whole-array float64 computation cast once to float32, exactly.

@@ -209,12 +209,23 @@ def decode_thermal(data: bytes, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
 
 def preprocess_thermal(thermal: np.ndarray, cfg: ThermalConfig = THERMAL) -> torch.Tensor:
     """Thermal (H, W) -> (1, 224, 224) float32: scaled to [0, 1] (uint8 / 255; 16-bit per
-    `cfg.sixteen_bit`; float arrays are taken as already in [0, 1]), image geometry, then
-    (x - mean) / std. The input array is not modified."""
+    `cfg.sixteen_bit`; float arrays are taken as already in [0, 1], and InvalidInput when
+    they are not), image geometry, then (x - mean) / std. The input array is not modified."""
     if thermal.ndim != 2:
         raise InvalidInput("thermal", f"expected a 2-D (H, W) array, got shape {thermal.shape}")
     check_finite("thermal", thermal, "thermal values")
     integer = np.issubdtype(thermal.dtype, np.integer)
+    if not integer and thermal.size:
+        # A float map is used as it is: values in kelvin or degrees would be embedded as an
+        # all-white frame without a word.
+        lo, hi = float(thermal.min()), float(thermal.max())
+        if lo < 0.0 or hi > 1.0:
+            raise InvalidInput(
+                "thermal",
+                f"float thermal values must lie in [0, 1] (these span {lo:g} to {hi:g}); "
+                "scale them to [0, 1], or give integer counts (8-bit, or 16-bit for the "
+                "per-frame min-max stretch)",
+            )
     lo = hi = 0.0
     if integer and thermal.dtype != np.uint8 and cfg.sixteen_bit != "full_range":
         lo, hi = float(thermal.min()), float(thermal.max())
