@@ -30,6 +30,7 @@ A carried row or kept failure whose listed `uri` differs from the parent's is `r
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,9 +41,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.formats import PlanError
-from pipelines.plan import REPEAT
+from pipelines.plan import REPEAT, REPEATS_SKIPPED
 from pipelines.rows import LISTING_SCHEMA
 from pipelines.tables import Pin, lance_options
+
+logger = logging.getLogger(__name__)
 
 # The columns of a parent's rows the diff reads (failures: all but `modality`).
 KEY_COLUMNS = ("id", "fingerprint", "uri", "modality")
@@ -50,6 +53,9 @@ EMBED_ACTIONS = ("added", "changed", "retried", "reembedded")
 KEEP_ACTIONS = ("carried", "failed_kept")
 ACTIONS = (*EMBED_ACTIONS, *KEEP_ACTIONS, "deleted")
 _CODE = {a: i for i, a in enumerate(ACTIONS)}
+# A listing row flagged by its listing task as repeating an id of its shard (REPEAT): dropped
+# where it is classified and said once by the driver.
+SKIPPED = "skipped_repeat"
 _ACTION_NAMES = np.array(ACTIONS, dtype=object)
 # Listing rows per block handed to Ray Data, parent rows per read task (Ray Data's default,
 # at least 200 read tasks split into small blocks, made one map task per few thousand rows:
@@ -385,24 +391,31 @@ def _classify_batch(batch: pa.Table, full: bool, retry_failed: bool) -> pa.Table
     """Classify a join partition and keep what the driver needs: every row that is not simply
     carried (embedded, deleted, dropped, relocated) with `n` = 1, and one summary row (`id`
     null) per kept action with `n` = how many plain carried rows or kept failures it stands
-    for. A repeated listing id comes back alone, as action `repeated`: the driver refuses
-    the listing. It is one flagged by its listing task (`x_repeat`, from `list_items_on_ray`:
-    exact); without flags, one this batch holds twice — a partition can reach the worker as
-    several blocks (Ray's join streams its output), so this check alone can miss a repeat.
+    for. A listing row its listing task flagged as repeating an id of its shard (`x_repeat`,
+    from `list_items_on_ray`: exact) is dropped and comes back as action SKIPPED with its id,
+    for the driver to say. Without flags, an id this batch holds twice comes back alone, as
+    action `repeated`, and the driver refuses the listing — a partition can reach the worker
+    as several blocks (Ray's join streams its output), so that check alone can miss a repeat.
     When the listing is on Ray, its other columns (`_EXTRA`) come back with the rows that
     are not plainly carried."""
     extra = "x_shard" in batch.column_names
     schema = _out_schema(extra)
+    skipped = schema.empty_table()
     if "x_repeat" in batch.column_names:
-        flagged = batch.filter(pc.fill_null(batch.column("x_repeat"), False))
-        dup = flagged.column("id")[0].as_py() if flagged.num_rows else None
+        flag = pc.fill_null(batch.column("x_repeat"), False)
+        ids = batch.filter(flag).column("id").to_pylist()
+        if ids:  # later rows of an id in their shard: skipped, and said by the driver
+            k = len(ids)
+            values = {"id": ids, "action": [SKIPPED] * k, "relocated": [False] * k, "n": [1] * k}
+            skipped = _summary(values, k, schema)
+            batch = batch.filter(pc.invert(flag))
     else:
         dup = repeated_id(batch.filter(pc.is_valid(batch.column("l_pos"))).column("id"))
-    if dup is not None:
-        values = {"id": [dup], "action": ["repeated"], "relocated": [False], "n": [1]}
-        return _summary(values, 1, schema)
+        if dup is not None:
+            values = {"id": [dup], "action": ["repeated"], "relocated": [False], "n": [1]}
+            return _summary(values, 1, schema)
     if batch.num_rows == 0:
-        return schema.empty_table()
+        return skipped
     code, relocated, in_parent = _codes(batch, full=full, retry_failed=retry_failed)
     plain = ~relocated & ((code == _CODE["carried"]) | (code == _CODE["failed_kept"]))
     counts = np.bincount(code[plain], minlength=len(ACTIONS))
@@ -421,7 +434,7 @@ def _classify_batch(batch: pa.Table, full: bool, retry_failed: bool) -> pa.Table
         "in_parent": [True] * k,
         "n": [int(counts[_CODE[a]]) for a in KEEP_ACTIONS],
     }
-    return pa.concat_tables([small, _summary(values, k, schema)])
+    return pa.concat_tables([small, _summary(values, k, schema), skipped])
 
 
 def _parent_keys_batch(batch: pa.Table, errors: bool) -> pa.Table:
@@ -474,9 +487,10 @@ def diff_on_ray(
     versions (`pipelines.tables.Pin`, opened with `storage_options`) or Parquet files
     (`filesystem`: a pyarrow filesystem for the paths); None or [] when it has none. The
     embeddings are never read; the driver receives the counts, the rows to embed and the ids
-    not carried. A repeated listing id raises PlanError: a table listing is checked on the
-    driver; a Ray listing by the flags its listing tasks set (`pipelines.plan.REPEAT`; a
-    dataset without them is checked block by block only, which can miss a repeat).
+    not carried. A Ray listing's rows flagged by its listing tasks as repeating an id of their
+    shard (`pipelines.plan.REPEAT`) are skipped, with a warning, as `list_items` skips them. A
+    repeated id otherwise raises PlanError: a table listing is checked on the driver; a
+    dataset without flags block by block only, which can miss a repeat.
     `listing`: a pyarrow Table on the driver, or a Ray dataset
     of LISTING_SCHEMA rows (`pipelines.plan.list_items_on_ray`: the listing never reaches the
     driver). `num_partitions` (default one per ROWS_PER_PARTITION rows of the parent, or of a
@@ -524,6 +538,11 @@ def diff_on_ray(
     repeats = out.filter(pc.equal(out.column("action"), "repeated"))
     if repeats.num_rows:
         raise _repeated(repeats.column("id")[0].as_py())
+    skipped = pc.equal(out.column("action"), SKIPPED)
+    if pc.any(skipped).as_py():
+        ids = out.filter(skipped).column("id")
+        logger.warning(REPEATS_SKIPPED, len(ids), pc.min(ids).as_py())
+        out = out.filter(pc.invert(skipped))
     counts = dict.fromkeys((*ACTIONS, "relocated"), 0)
     for r in out.group_by("action").aggregate([("n", "sum")]).to_pylist():
         counts[r["action"]] += r["n_sum"]

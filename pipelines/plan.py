@@ -754,7 +754,28 @@ def list_items(cfg: JobConfig, *, stat: bool = True, threads: int = 16) -> pa.Ta
     `fingerprint` column of a previous output.
     """
     chunks = list(_listing_chunks(plan_job(cfg).shards, cfg, stat, threads))
-    return pa.concat_tables(chunks) if chunks else LISTING_SCHEMA.empty_table()
+    return skip_repeats(pa.concat_tables(chunks)) if chunks else LISTING_SCHEMA.empty_table()
+
+
+# Said when a listing drops items that repeat an id of their shard (ids repeated across shards
+# are excluded by planning): the same rule as the embedding job, which embeds the first.
+REPEATS_SKIPPED = (
+    "%d listed items repeat the id of an earlier item of their shard (a tar holding two "
+    "members of one name) and are skipped, the first one kept: e.g. %r"
+)
+
+
+def skip_repeats(listing: pa.Table) -> pa.Table:
+    """`listing` without the rows whose id an earlier row holds, said in a warning. Planning
+    keeps an id's first manifest; what remains are repeats inside one shard."""
+    keep = first_occurrences(listing.column("id"))
+    if len(keep) == listing.num_rows:
+        return listing
+    dropped = np.ones(listing.num_rows, bool)
+    dropped[keep] = False
+    example = listing.column("id")[int(np.flatnonzero(dropped)[0])].as_py()
+    logger.warning(REPEATS_SKIPPED, listing.num_rows - len(keep), example)
+    return listing.take(pa.array(keep))
 
 
 def list_items_on_ray(
@@ -773,10 +794,9 @@ def list_items_on_ray(
 
     The rows are LISTING_SCHEMA's plus REPEAT (bool): True on a row whose id an earlier row of
     the same shard lists (a tar holding two members of one name; repeats across manifests are
-    excluded by the plan). Whoever reads the dataset refuses such a listing, as
-    `check_unique_ids` refuses the driver's (`pipelines.diff.diff_on_ray` does): the flag is
-    set where the whole shard is in one place, so it does not depend on how blocks are split
-    or shuffled later."""
+    excluded by the plan). Whoever reads the dataset skips such rows, as `list_items` does
+    (`pipelines.diff.diff_on_ray` does, and says how many): the flag is set where the whole
+    shard is in one place, so it does not depend on how blocks are split or shuffled later."""
     import ray.data
 
     plan = plan_job(cfg)

@@ -163,21 +163,36 @@ def test_listing_on_ray_equals_the_driver_listing(ray_session, tmp_path):
         assert started == [plan_job(cfg).kinds] and started[0]
 
 
-def test_a_repeat_inside_a_shard_is_refused_however_the_join_splits_it(ray_session, tmp_path):
-    # A tar holding two members of one name lists one id twice. Its listing task flags the
-    # second row, where the whole shard is at hand: the worker that classifies it refuses the
-    # listing even when the two rows reach it in different blocks (Ray's join streams a
-    # partition as several blocks), which a check of each block's own ids would miss.
+def test_a_repeat_inside_a_shard_is_skipped_however_the_join_splits_it(
+    ray_session, tmp_path, caplog
+):
+    # A tar holding two members of one name lists one id twice. As in the embedding job, the
+    # first member is the item and the later one is skipped with a warning, on the driver's
+    # listing and on Ray's. There the shard's listing task flags the second row, where the
+    # whole shard is at hand, so the worker that classifies it drops it even when the two rows
+    # reach it in different blocks (Ray's join streams a partition as several blocks).
     w = Writer(str(tmp_path))
     w.put("wds/00000.tar", _tar([("k1.txt", b"one"), ("k2.txt", b"two"), ("k1.txt", b"again")]))
     cfg = load_config(None, {"input": w.uri("wds"), "output": str(tmp_path / "o")})
-    with pytest.raises(PlanError, match=r"'00000#k1\.txt' more than once"):
-        diff_listing(list_items(cfg), None, None)
+    said = "1 listed items repeat the id of an earlier item of their shard"
+    with caplog.at_level("WARNING"):
+        listing = list_items(cfg)
+    assert said in caplog.text and "'00000#k1.txt'" in caplog.text
+    assert listing["id"].to_pylist() == ["00000#k1.txt", "00000#k2.txt"]
+    assert listing["size"].to_pylist() == [3, 3]  # k1 is the first member ("one"), not "again"
+    d = diff_listing(listing, None, None)
+    assert (d.added, sorted(d.to_embed["id"].to_pylist())) == (2, ["00000#k1.txt", "00000#k2.txt"])
+
     listed = list_items_on_ray(cfg, start_ray=lambda kinds: None)
     rows = pa.concat_tables(pdiff._collect(listed))
     assert rows[REPEAT].to_pylist() == [False, False, True]
-    with pytest.raises(PlanError, match=r"'00000#k1\.txt' more than once"):
-        diff_on_ray(listed, None, None, LocalFileSystem(), num_partitions=2)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        got = diff_on_ray(listed, None, None, LocalFileSystem(), num_partitions=2)
+    assert said in caplog.text and "'00000#k1.txt'" in caplog.text
+    assert got.added == 2 and got.to_embed.num_rows == 2
+    first = got.to_embed.filter(pc.equal(got.to_embed["id"], "00000#k1.txt"))
+    assert first["size"].to_pylist() == [3]  # the first member's row
     # The two rows of the id in different blocks of one partition, as the join may hand them:
     keys = pdiff._listing_keys_batch(rows)
     joined = keys.join(pdiff._RIGHT.empty_table(), "id", join_type="full outer")
@@ -185,9 +200,13 @@ def test_a_repeat_inside_a_shard_is_refused_however_the_join_splits_it(ray_sessi
     blocks = [joined.slice(0, 2), joined.slice(2)]  # k1 (first row) | k1 (flagged)
     assert [b["id"].to_pylist().count("00000#k1.txt") for b in blocks] == [1, 1]
     out = [pdiff._classify_batch(b, full=False, retry_failed=False) for b in blocks]
-    assert [o.filter(pc.equal(o["action"], "repeated"))["id"].to_pylist() for o in out] == [
+    assert [o.filter(pc.equal(o["action"], pdiff.SKIPPED))["id"].to_pylist() for o in out] == [
         [],
         ["00000#k1.txt"],
+    ]
+    assert [sorted(o.filter(pc.equal(o["action"], "added"))["id"].to_pylist()) for o in out] == [
+        ["00000#k1.txt", "00000#k2.txt"],
+        [],
     ]
 
 
