@@ -60,7 +60,7 @@ def replica_pid(app: str) -> int:
                 title = f.read().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if title.startswith(f"ray::ServeReplica:{app}:Ingress"):
+        if title.startswith(f"ray::ServeReplica:{app}:ingress"):
             return int(p)
     raise RuntimeError(f"no ingress replica of app {app!r} found")
 
@@ -71,6 +71,20 @@ def rss_mb(pid: int) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     raise KeyError("VmRSS")
+
+
+def wait_ready(url: str, timeout_s: float = 300.0) -> None:
+    import httpx
+
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} not ready after {timeout_s:.0f} s")
 
 
 async def burst(url: str, videos: list[str], requests: int) -> list[int]:
@@ -117,8 +131,9 @@ def main() -> None:
             max_inputs=max(64, a.videos),
             request_timeout_s=600,
         )
-        serve.run(build_app(args), name=app, route_prefix=f"/{app}", blocking=True)
+        serve.run(build_app(args), name=app, route_prefix=f"/{app}", blocking=False)
         url = f"http://127.0.0.1:{port}/{app}"
+        wait_ready(url)
         asyncio.run(burst(url, videos[:1], 1))  # warm the path
         pid = replica_pid(app)
         before = rss_mb(pid)

@@ -142,11 +142,13 @@ class IngressOptions(BaseModel):
         "at most this many of its inputs at a time, so concurrent requests' inputs interleave.",
     )
     max_held_input_bytes: PositiveInt = Field(
-        default=2 * 1024**3,
+        default=1024**3,
         description="Preprocessed inputs each ingress replica holds at once, over all its "
         "requests, from decoding until their vectors are back (a still image 150 KB, an audio "
         "clip 313 KB, a video 18 MB). A request waits, first come first served, until its "
-        "inputs fit (within its deadline: else 504); one larger than this runs alone.",
+        "inputs fit (within its deadline: else 504); one larger than this runs alone. The "
+        "replica's memory grows by about 3x this at most: the batches stacked for the encoders "
+        "and their object-store copies come on top (benchmarks/bench_serve_memory.py).",
     )
 
     @model_validator(mode="after")
