@@ -946,9 +946,10 @@ class CoreHandle:
 
 @pytest.mark.parametrize(("kind", "value"), [("imu", 1e30), ("imu", 3e38), ("thermal", 3e38)])
 def test_finite_inputs_that_overflow_the_model_are_422_naming_the_input(ray_session, kind, value):
-    """Huge but finite values (an IMU recording of 1e30, a thermal frame of 3e38) make the
-    model's arithmetic overflow: a 422 naming the input and saying why, never a 500 or a JSON
-    null; the float16 hint only when the model really computes in a half dtype."""
+    """Huge but finite values (an IMU recording of 1e30 or 3e38) make the model's arithmetic
+    overflow: a 422 naming the input and saying why, never a 500 or a JSON null; the float16
+    hint only when the model really computes in a half dtype. A thermal frame of 3e38 is
+    refused before the model, as a float thermal map outside [0, 1]: a 400 naming it."""
     import io
     import json
 
@@ -969,6 +970,10 @@ def test_finite_inputs_that_overflow_the_model_are_422_naming_the_input(ray_sess
         with pytest.raises(APIError) as e:
             asyncio.run(svc.embeddings(_post("/v1/embeddings", body)))
         err = e.value
+        if kind == "thermal":
+            assert (err.status, err.param, err.code) == (400, "input[1]", "invalid_input"), err
+            assert "float thermal values must lie in [0, 1]" in err.message, err.message
+            continue
         assert (err.status, err.param, err.code) == (422, "input[1]", "input_overflow")
         assert err.message.startswith(f"input[1]: invalid {kind} input: its values are too large")
         assert "overflow" in err.message
