@@ -351,10 +351,9 @@ def arrow_memory_pool(cfg: JobConfig) -> str | None:
     pyarrow build: jemalloc is optional in it).
 
     Why not pyarrow's default, mimalloc: the listing and the diff build and shuffle columns of
-    millions of strings, and mimalloc grows a large buffer by copying it on each reallocation.
-    Taking 4M rows of string ids by position took 0.7 s with it against 0.1 s with jemalloc or
-    the system allocator; the 4M re-index diff 31 s against 17-20 s
-    (benchmarks/results/arrow-memory-pool-2core.md). jemalloc also peaked lowest there."""
+    millions of strings, and mimalloc grows a large buffer by copying it, which made them
+    several times slower in fresh worker processes; jemalloc also used the least memory
+    (benchmarks/results/arrow-memory-pool-2core.md)."""
     name = cfg.ray.arrow_memory_pool
     if name is None:
         if os.environ.get(ARROW_POOL_ENV):
@@ -379,7 +378,7 @@ def ensure_ray(cfg: JobConfig, kinds: Sequence[str]) -> bool:
         kwargs["num_cpus"] = local_num_cpus(cfg, kinds)
         # A new local Ray's processes inherit the driver's environment: its prestarted workers
         # then serve the job. A job runtime_env would make Ray start other workers for it
-        # (measured: ~2 s more of the 4M diff on 2 cores).
+        # (slower: benchmarks/results/arrow-memory-pool-2core.md).
         with _environ(ARROW_POOL_ENV, pool):
             ray.init(address=address, **kwargs)
         return True
