@@ -559,6 +559,7 @@ def test_routing_and_protocol_errors_use_the_error_shape(client):
     assert error(client.get("/v1/nothing"), 404)["code"] == "not_found"
     error(client.post("/v1/embeddings/", json={"input": "x"}), 404)  # no redirect
     assert client.head("/healthz").status_code == 200
+    assert client.head("/readyz").status_code == 200
     r = client.post(
         "/v1/embeddings",
         content=gzip.compress(b'{"input": "x"}'),

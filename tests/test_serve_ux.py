@@ -576,6 +576,25 @@ def test_openapi_lists_the_request_and_response_fields_of_the_json_routes():
     ]["required"] == ["input"]
 
 
+def test_every_route_has_its_own_openapi_operation_id():
+    """No two operations share an id (FastAPI warns "Duplicate Operation ID", and client
+    generators fed /openapi.json name two methods alike); the probes' HEAD stays out of it."""
+    import warnings
+
+    from fastapi.openapi.utils import get_openapi
+
+    from serve.ingress import api
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        doc = get_openapi(title=api.title, version=api.version, routes=api.routes)
+    assert not [str(w.message) for w in caught if "Operation ID" in str(w.message)]
+    ids = [op["operationId"] for ops in doc["paths"].values() for op in ops.values()]
+    assert len(ids) == len(set(ids)), ids
+    for probe in ("/healthz", "/readyz"):  # HEAD: test_routing_and_protocol_errors_use_...
+        assert set(doc["paths"][probe]) == {"get"}
+
+
 def test_the_search_disabled_message_is_quoted_as_the_server_sends_it():
     from serve.http import APIError
     from serve.ingress import IndexClient
