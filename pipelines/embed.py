@@ -521,9 +521,14 @@ class _Run:
     def reconcile(self) -> list[ShardSpec]:
         """The shards to embed (new ones and committed ones with new items), after committing
         those without items; the summary's counts of what is already done."""
-        committed = self.output.committed_shards()
+        files = self.output.committed_files()
+        committed = self.output.committed_shards(files)
         new, self.extended, unchanged = reconcile(
-            self.plan, self.output, committed, self.storage_options
+            self.plan,
+            self.output,
+            committed,
+            self.storage_options,
+            files=self.output.committed_files_by_shard(files),
         )
         pending = new + self.extended
         summary = self.summary

@@ -573,6 +573,7 @@ def reconcile(
     committed: set[str],
     storage_options: StorageOptions | None,
     workers: int = 16,
+    files: Mapping[str, Mapping[str, int]] | None = None,
 ) -> tuple[list[ShardSpec], list[ShardSpec], list[ShardSpec]]:
     """Split the shards of `plan` for a rerun into (new, extended, unchanged).
 
@@ -591,7 +592,7 @@ def reconcile(
     pool = max(1, min(workers, len(done) or 1))
     with ThreadPoolExecutor(pool) as ex:
         recorded = list(
-            ex.map(lambda s: output.read_identity(s.name) if s.identity else None, done)
+            ex.map(lambda s: output.read_identity(s.name, files) if s.identity else None, done)
         )
     stale = [s for s, r in zip(done, recorded, strict=True) if s.identity and r != s.identity]
     stale_names = {s.name for s in stale}
@@ -607,7 +608,7 @@ def reconcile(
         names = [s.name for s in done]
         ids_of = dict(zip(names, ex.map(output.committed_ids, names), strict=True))
     return input_format(plan.format).extend(
-        _Rerun(output, storage_options, workers, ids_of), new, stale, unchanged
+        _Rerun(output, storage_options, workers, ids_of, files), new, stale, unchanged
     )
 
 
@@ -619,10 +620,12 @@ class _Rerun:
     storage_options: StorageOptions | None
     workers: int
     ids_of: dict[str, set[str]]  # committed ids per committed shard
+    files: Mapping[str, Mapping[str, int]] | None = None  # committed files as listed
 
     def up_to_date(self, s: ShardSpec) -> ShardSpec:
         """`s` has nothing new: record its current input identity (the next run skips it)."""
-        self.output.write_identity(s.name, s.identity or "")
+        listed = None if self.files is None else self.files.get(s.name, {})
+        self.output.write_identity(s.name, s.identity or "", listed)
         return s
 
 

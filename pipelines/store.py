@@ -28,7 +28,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import fsspec.asyn
@@ -268,15 +268,18 @@ class Output:
     def inputs_path(self, shard: str) -> str:
         return self.path(INPUTS_DIR, f"{shard}.json")
 
-    def _shard_family(self, folder: str, shard: str) -> list[str]:
-        # `<shard>.parquet` and its additions `<shard>.add-<hash>.parquet`, in `folder`.
+    def _sized_family(self, folder: str, shard: str) -> dict[str, int]:
+        # `<shard>.parquet` and its additions `<shard>.add-<hash>.parquet`, in `folder`: sizes.
         d, _, base = join_uri(folder, shard).rpartition("/")
-        out = []
-        for f in self.ls_files(d):
+        out = {}
+        for f, size in self.ls_sizes(d).items():
             name = f.rsplit("/", 1)[-1][: -len(".parquet")]
             if name == base or (name.startswith(base) and ADDITION_RE.fullmatch(name[len(base) :])):
-                out.append(f)
+                out[f] = size
         return out
+
+    def _shard_family(self, folder: str, shard: str) -> list[str]:
+        return sorted(self._sized_family(folder, shard))
 
     def shard_files(self, shard: str) -> list[str]:
         """The committed embedding files of `shard`: the main file and its additions."""
@@ -299,21 +302,113 @@ class Output:
                 ) from None
         return ids
 
-    def read_identity(self, shard: str) -> str | None:
-        """The input identity recorded when `shard` was last committed or brought up to date."""
+    def read_identity(
+        self, shard: str, files: Mapping[str, Mapping[str, int]] | None = None
+    ) -> str | None:
+        """The input identity recorded when `shard` was last committed or brought up to date.
+        With `files` (`committed_files_by_shard`), None when the shard's committed files are
+        not the ones recorded then, by name and size (one cut short, emptied, deleted or
+        added outside a run): the run then reads their ids instead of trusting the record,
+        which names a file it cannot read (OutputDamaged) and embeds again what a deleted
+        one held. A record without sizes (written by an earlier version) is trusted."""
         path = self.inputs_path(shard)
         try:
             doc = self.read_json(path)
         except ValueError as e:  # damaged: a cache, so the run compares ids instead
             logger.warning("%s is not readable (%s): ignored", self.uri_of(path), e)
             return None
-        return doc.get("identity") if isinstance(doc, dict) else None
+        if not isinstance(doc, dict):
+            return None
+        recorded = doc.get("files")
+        if files is not None and isinstance(recorded, dict):
+            now = dict(files.get(shard, {}))
+            if recorded != now:
+                changed = sorted(
+                    k for k in recorded.keys() | now.keys() if recorded.get(k) != now.get(k)
+                )
+                logger.warning(
+                    "shard %s: committed files changed since the shard was committed (%s): "
+                    "reading their ids instead of trusting %s",
+                    shard,
+                    ", ".join(
+                        f"{self.uri_of(self.path(k))}: {recorded.get(k, 'absent')} -> "
+                        f"{now.get(k, 'absent')} bytes"
+                        for k in changed[:5]
+                    )
+                    + (f" and {len(changed) - 5} more" if len(changed) > 5 else ""),
+                    self.uri_of(path),
+                )
+                return None
+        return doc.get("identity")
 
-    def write_identity(self, shard: str, identity: str) -> None:
+    def write_identity(
+        self, shard: str, identity: str, files: Mapping[str, int] | None = None
+    ) -> None:
+        """Record `identity` for `shard`, with the sizes of its committed files (`files`,
+        paths relative to the root; default: listed now, two folder listings) that the
+        record vouches for."""
         # A cache: when absent or stale the next run compares ids instead (correct, slower).
+        if files is None:
+            files = self.shard_file_sizes(shard)
         self.write_bytes_atomic(
-            self.inputs_path(shard), json.dumps({"identity": identity}).encode()
+            self.inputs_path(shard),
+            json.dumps({"identity": identity, "files": dict(sorted(files.items()))}).encode(),
         )
+
+    def shard_file_sizes(self, shard: str) -> dict[str, int]:
+        """{path relative to the root: size} of `shard`'s committed files (embeddings and
+        errors, main files and additions)."""
+        out = {}
+        for folder in (self.root, self.path(ERRORS_DIR)):
+            for p, size in self._sized_family(folder, shard).items():
+                out[self.relative(p)] = size
+        return out
+
+    def sizes_of(self, paths: Sequence[str]) -> dict[str, int]:
+        """{path relative to the root: size} of those of `paths` that exist."""
+        out = {}
+        for p in paths:
+            with contextlib.suppress(Exception):
+                self.fs.invalidate_cache(p)
+            try:
+                out[self.relative(p)] = int(self.fs.info(p)["size"])
+            except FileNotFoundError:
+                continue
+        return out
+
+    def relative(self, path: str) -> str:
+        """`path` (of this output's filesystem) relative to the root."""
+        prefix = self.root.rstrip("/") + "/"
+        return path[len(prefix) :] if path.startswith(prefix) else path
+
+    def committed_files(self) -> dict[str, int]:
+        """{path relative to the root: size} of every committed file (a shard's main file,
+        its additions, their error files), from one listing of the output."""
+        with contextlib.suppress(Exception):
+            self.fs.invalidate_cache(self.root)
+        try:
+            found = self.fs.find(self.root, detail=True)
+        except FileNotFoundError:
+            return {}
+        out = {}
+        for f, info in found.items():
+            rel = self.relative(f)
+            if not rel.endswith(".parquet") or info.get("type", "file") != "file":
+                continue
+            inner = rel[len(ERRORS_DIR) + 1 :] if rel.startswith(ERRORS_DIR + "/") else rel
+            if not hidden(inner):
+                out[rel] = int(info.get("size") or 0)
+        return out
+
+    @staticmethod
+    def committed_files_by_shard(files: Mapping[str, int]) -> dict[str, dict[str, int]]:
+        """`committed_files()` grouped by the shard each file belongs to."""
+        out: dict[str, dict[str, int]] = {}
+        for rel, size in files.items():
+            inner = rel[len(ERRORS_DIR) + 1 :] if rel.startswith(ERRORS_DIR + "/") else rel
+            shard = ADDITION_RE.sub("", inner[: -len(".parquet")])
+            out.setdefault(shard, {})[rel] = size
+        return out
 
     def makedirs(self, path: str) -> None:
         if self.local:
@@ -326,18 +421,22 @@ class Output:
 
     def ls_files(self, path: str) -> list[str]:
         """Files directly under `path` (none if it does not exist); hidden/temporary excluded."""
+        return sorted(self.ls_sizes(path))
+
+    def ls_sizes(self, path: str) -> dict[str, int]:
+        """`ls_files` with each file's size."""
         with contextlib.suppress(Exception):
             self.fs.invalidate_cache(path)
         try:
             entries = self.fs.ls(path, detail=True)
         except (FileNotFoundError, NotADirectoryError):
-            return []
-        out = []
+            return {}
+        out = {}
         for e in entries:
             name = e["name"].rstrip("/").rsplit("/", 1)[-1]
             if e.get("type") == "file" and not name.startswith(".") and name.endswith(".parquet"):
-                out.append(e["name"])
-        return sorted(out)
+                out[e["name"]] = int(e.get("size") or 0)
+        return out
 
     def write_bytes_atomic(self, path: str, data: bytes) -> None:
         """Write `path` so that readers see all of it or nothing."""
@@ -457,25 +556,17 @@ class Output:
             if f.startswith(prefix) and f.endswith(".parquet") and "/." not in f[len(prefix) - 1 :]
         }
 
-    def committed_shards(self) -> set[str]:
-        """Names of the shards whose `<shard>.parquet` exists."""
-        with contextlib.suppress(Exception):
-            self.fs.invalidate_cache(self.root)
-        try:
-            files = self.fs.find(self.root)
-        except FileNotFoundError:
-            return set()
-        out = set()
-        prefix = self.root.rstrip("/") + "/"
-        for f in files:
-            rel = f[len(prefix) :] if f.startswith(prefix) else f
-            if hidden(rel) or not rel.endswith(".parquet"):
-                continue
-            name = rel[: -len(".parquet")]
-            if ADDITION_RE.search(name):  # an addition; its shard has a main file
-                continue
-            out.add(name)
-        return out
+    def committed_shards(self, files: Mapping[str, int] | None = None) -> set[str]:
+        """Names of the shards whose `<shard>.parquet` exists (in `files`, a
+        `committed_files()` listing, when given)."""
+        if files is None:
+            files = self.committed_files()
+        return {
+            rel[: -len(".parquet")]
+            for rel in files
+            if not rel.startswith(ERRORS_DIR + "/")
+            and not ADDITION_RE.search(rel[: -len(".parquet")])  # an addition
+        }
 
     def leftover_parts(self, committed: set[str]) -> list[str]:
         """Committed shards that still have part files: a run that died between a commit and

@@ -256,6 +256,7 @@ def commit_shard(
         done = out.committed_ids(shard)
         new = [i for i, id_ in enumerate(table.column("id").to_pylist()) if id_ not in done]
         table = table.take(pa.array(new, pa.int64()))
+    files = None  # the committed files the input record vouches for: listed, unless known
     if committed and not table.num_rows:
         result["ok"] = _num_rows(out, main)
         if out.exists(errors):
@@ -268,7 +269,10 @@ def commit_shard(
         result["ok"], result["errors"] = _write_commit(
             out, shard, main, errors, table, embed_dim, metadata
         )
+        if not committed:  # a first commit: its files are these two (a listing of the
+            # output's folder per commit would cost O(shards) each on an object store)
+            files = out.sizes_of([main, errors])
     if identity is not None:
-        out.write_identity(shard, identity)
+        out.write_identity(shard, identity, files)
     out.rm_parts(shard)
     return result

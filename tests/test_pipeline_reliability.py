@@ -649,3 +649,53 @@ def test_a_new_manifest_repeating_a_committed_id_is_the_one_said_to_skip_it(tmp_
     assert [s.name for s in new] == ["0_early"] and new[0].exclude == ["w2"]
     assert new[0].counts == {"text": 1} and [s.name for s in unchanged] == ["d_ws"]
     assert extended == []
+
+
+def test_a_committed_file_changed_outside_a_run_is_not_trusted_on_a_rerun(tmp_path, caplog):
+    """The input record vouches for the committed files' names and sizes: a rerun with the
+    input unchanged reads the ids of a shard whose files changed since (cut short: named, not
+    skipped; deleted: what it held is embedded again) instead of calling the shard done."""
+    import shutil
+
+    from pipelines.embed import _Run
+    from pipelines.store import OutputDamaged
+
+    corpus, out = tmp_path / "in", tmp_path / "out"
+    corpus.mkdir()
+    (corpus / "m.csv").write_text("id,modality,text\nx1,text,one\nx2,text,two\nx3,text,three\n")
+    cfg = load_config(None, {**SMALL, "input": str(corpus), "output": str(out)})
+    plan = plan_job(cfg)
+    rows = [_row(1, shard="m"), _row(2, shard="m"), _row(3, STATUS_ERROR, shard="m")]
+    write_parts(_encoded(rows), str(out), None, 4)
+    commit_shard(str(out), "m", None, 4, {}, identity=plan.shards[0].identity)
+    pristine = tmp_path / "pristine"
+    shutil.copytree(out, pristine)
+
+    def rerun() -> list:
+        run = _Run(cfg, plan, Output(str(out)), {"imagebind.embed_dim": "4"}, 0.0)
+        return [(s.name, s.counts, s.exclude) for s in run.reconcile()]
+
+    assert rerun() == []  # nothing changed: the record is trusted, no id is read
+
+    (out / "_errors" / "m.parquet").unlink()  # x3's failure is gone: x3 is done again
+    with caplog.at_level("WARNING", logger="pipelines.store"):
+        assert rerun() == [("m", {"text": 1}, ["x1", "x2"])]
+    assert "shard m: committed files changed since the shard was committed" in caplog.text
+    assert "_errors/m.parquet: " in caplog.text and "-> absent bytes" in caplog.text
+
+    shutil.rmtree(out)
+    shutil.copytree(pristine, out)
+    with open(out / "m.parquet", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(OutputDamaged, match=r"committed file .*/m\.parquet is not readable"):
+        rerun()
+
+    shutil.rmtree(out)
+    shutil.copytree(pristine, out)
+    record = json.loads((out / "_inputs" / "m.json").read_text())
+    assert set(record["files"]) == {"m.parquet", "_errors/m.parquet"}
+    # A record of an earlier version (no sizes) is trusted as before.
+    (out / "_inputs" / "m.json").write_text(json.dumps({"identity": record["identity"]}))
+    with open(out / "m.parquet", "r+b") as f:
+        f.truncate(100)
+    assert rerun() == []
