@@ -58,6 +58,7 @@ kind or its size leaves the retrain band (`IndexOptions.retrain_growth`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -742,7 +743,7 @@ class _Segment:
                     entry["order"] = True
                 entry["vectors"] = True
             parts[m] = entry
-        return {"rows": self.stored, "parts": parts}
+        return {"rows": self.stored, "parts": parts, "files": _segment_file_sizes(fs, path, parts)}
 
     @classmethod
     def load(
@@ -784,6 +785,59 @@ class _Segment:
         if deleted is None:
             deleted = _read_deleted(fs, base, entry)
         return cls(labels, rows, parts, deleted)
+
+
+def _segment_file_names(parts: dict) -> list[str]:
+    """The files a segment with these meta.json `parts` entries consists of."""
+    names = ["rows.parquet"]
+    for m, p in parts.items():
+        names.append(f"{m}.faiss")
+        if p.get("vectors"):
+            names += [f"{m}.vectors.npy", f"{m}.labels.npy"]
+            if p.get("order"):
+                names.append(f"{m}.order.npy")
+    return names
+
+
+def _listed_sizes(fs: Any, path: str) -> dict[str, int]:
+    """{file name: size} of the files directly in the folder `path` (empty if none)."""
+    with contextlib.suppress(Exception):
+        fs.invalidate_cache(path)
+    try:
+        entries = fs.ls(path, detail=True)
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    return {
+        e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0)
+        for e in entries
+        if e.get("type") == "file"
+    }
+
+
+def _segment_file_sizes(fs: Any, path: str, parts: dict) -> dict[str, int]:
+    """{file name: size} of the segment just written at `path` (recorded in its entry: an
+    update checks the files it shares against it, `_damaged_segment_file`)."""
+    listed = _listed_sizes(fs, path)
+    return {n: listed[n] for n in _segment_file_names(parts) if n in listed}
+
+
+def _damaged_segment_file(fs: Any, base: str, meta: dict) -> str | None:
+    """The first file of the index's segments (folder `base`) whose size is not the one
+    recorded when it was written, described; None when all match. An update shares the
+    segments it does not merge without reading their codes or vectors, so a file cut short,
+    emptied or deleted since would otherwise pass into every later version. Entries without
+    recorded sizes (written before they were recorded) are not checked."""
+    for seg in (e for segs in _segment_entries(meta) for e in segs):
+        recorded = seg.get("files")
+        if not recorded:
+            continue
+        path = _resolve(base, seg["path"])
+        listed = _listed_sizes(fs, path)
+        for name, size in sorted(recorded.items()):
+            if listed.get(name) != size:
+                now = "missing" if name not in listed else f"{listed[name]} bytes"
+                return f"{path}/{name} is {now}, {size} bytes when it was written"
+    return None
 
 
 def _map_random(path: str) -> np.ndarray:
@@ -1927,6 +1981,15 @@ def _rebuild_reason(
     vecs = embeddings_of(upserts)
     if upserts.num_rows and vecs.shape[1] != meta["dim"]:
         return f"embedding dimension changed ({meta['dim']} -> {vecs.shape[1]})", {}, None
+    pfs, ppath = filesystem(parent_uri, storage_options)
+    damaged = _damaged_segment_file(pfs, ppath, meta)
+    if damaged is not None:
+        logger.warning(
+            "the parent index at %s is damaged (%s): building the new index from every row",
+            parent_uri,
+            damaged,
+        )
+        return f"parent index damaged ({damaged})", {}, None
     training = {m: dict(t) for m, t in meta["training"].items()}
     scan = _ParentScan.read(parent_uri, meta, upserts, deletes, options, storage_options)
     up_mods = np.asarray(upserts.column("modality").to_pylist(), dtype=object)

@@ -383,18 +383,26 @@ def test_a_damaged_published_version_is_named_not_a_traceback(ray_session, tmp_p
 
 
 def test_a_damaged_parent_index_is_rebuilt_from_the_rows(ray_session, tmp_path, caplog):
-    """The parent's index files cut short outside a run (the rows intact): when the next run
-    must read them (here: a deletion compacts the shard's segments), that version's index is
-    built from its rows, with a warning, instead of failing after the embedding."""
+    """The parent's index files changed outside a run (the rows intact): that version's index
+    is built from its rows, with a warning, instead of failing after the embedding or sharing
+    the damage. A file whose size is not the one recorded is caught before the update reads
+    anything (the reason names it); one garbled in place fails where the update reads it."""
     corpus = _corpus(tmp_path / "corpus")
     root = str(tmp_path / "index")
     r1 = reindex(_cfg(corpus, root))
-    index1 = os.path.join(IndexRoot(root).version_uri(r1.name), INDEX_DIR)
-    damaged = [os.path.join(d, f) for d, _, fs in os.walk(index1) for f in fs if ".faiss" in f]
-    assert damaged
+
+    def faiss_files(name: str) -> tuple[str, list[str]]:
+        index = os.path.join(IndexRoot(root).version_uri(name), INDEX_DIR)
+        found = [os.path.join(d, f) for d, _, fs in os.walk(index) for f in fs if ".faiss" in f]
+        assert found
+        return index, found
+
+    # Garbled in place, same size: read when a deletion compacts the shard's segments.
+    index1, damaged = faiss_files(r1.name)
     for p in damaged:
+        size = os.path.getsize(p)
         with open(p, "r+b") as f:
-            f.truncate(5)
+            f.write(b"\0" * size)
     corpus.put("txt/cap05.txt", b"a caption changed after the damage")
     with caplog.at_level("WARNING", logger="pipelines.reindex"):
         r2 = reindex(_cfg(corpus, root, **{"index.compact_deleted": 0}))
@@ -406,10 +414,26 @@ def test_a_damaged_parent_index_is_rebuilt_from_the_rows(ray_session, tmp_path, 
         record["index"],
     )
     assert "the parent's index could not be read" in json.dumps(record["index"])
-    path2 = os.path.join(IndexRoot(root).version_uri(r2.name), INDEX_DIR)
+
+    # Cut short: the recorded sizes say so before anything is read.
+    index2, damaged = faiss_files(r2.name)
+    for p in damaged:
+        with open(p, "r+b") as f:
+            f.truncate(5)
+    corpus.put("txt/cap05.txt", b"a caption changed again, after more damage")
+    with caplog.at_level("WARNING", logger="imagebind_core.index"):
+        r3 = reindex(_cfg(corpus, root))
+    record = IndexRoot(root).read_record(r3.name)
+    assert record["index"]["mode"] == "built", record["index"]
+    assert record["index"]["reason"].startswith(f"parent index damaged ({index2}"), record["index"]
+    assert "is 5 bytes" in record["index"]["reason"]
+    assert f"the parent index at {index2} is damaged" in caplog.text
+    for name, parent_index in ((r2.name, index1), (r3.name, index2)):
+        path = os.path.join(IndexRoot(root).version_uri(name), INDEX_DIR)
+        assert not [p for p in index_files(path) if p.startswith(parent_index + os.sep)]
+    path2 = os.path.join(IndexRoot(root).version_uri(r3.name), INDEX_DIR)
     index2 = VectorIndex.load(path2)
-    rows = IndexRoot(root).read_rows(r2.name)
+    rows = IndexRoot(root).read_rows(r3.name)
     assert index2.count == rows.num_rows
-    assert not [p for p in index_files(path2) if p.startswith(index1 + os.sep)]
     for row in rows.to_pylist():
         assert index2.search(row["embedding"], 1)[0]["id"] == row["id"]

@@ -259,6 +259,57 @@ def test_an_update_writes_the_change_and_compaction_keeps_the_answers(opts, tmp_
             assert len(part.vectors) == len(part.vlabels) == sh.count
 
 
+@pytest.mark.parametrize(
+    "damage", ["vectors cut short", "codes emptied", "labels deleted", "rows cut short"]
+)
+def test_an_update_rebuilds_rather_than_share_a_damaged_parent_segment(damage, tmp_path):
+    """Segment files are recorded with their sizes; an update that would share a parent's
+    segment whose file was cut short, emptied or deleted since builds from the rows instead,
+    saying which file, so the damage does not pass into every later version."""
+    v1, v2, upserts, deleted = change(1200, seed=21, mods=["text"])
+    opts = IndexOptions(**RERANK, shards=2)
+    p1 = str(tmp_path / "v1")
+    update_index(p1, parent_uri=None, upserts=v1, deletes=[], all_rows=lambda: v1, options=opts)
+    meta = read_index_meta(p1)
+    seg = meta["shards"][1]["segments"][0]
+    assert set(seg["files"]) == {
+        "rows.parquet", "text.faiss", "text.vectors.npy", "text.labels.npy", "text.order.npy"
+    }  # fmt: skip
+    folder = tmp_path / "v1" / seg["path"]
+    assert seg["files"] == {f: os.path.getsize(folder / f) for f in seg["files"]}
+    # Undamaged: the update shares the parent's segments.
+    r = update_index(
+        str(tmp_path / "ok"), parent_uri=p1, upserts=upserts, deletes=deleted,
+        all_rows=None, options=opts,
+    )  # fmt: skip
+    assert r.mode == "updated"
+    name = {
+        "vectors cut short": "text.vectors.npy",
+        "codes emptied": "text.faiss",
+        "labels deleted": "text.labels.npy",
+        "rows cut short": "rows.parquet",
+    }[damage]
+    target = folder / name
+    if damage == "labels deleted":
+        target.unlink()
+    else:
+        with open(target, "r+b") as f:
+            f.truncate(0 if damage == "codes emptied" else os.path.getsize(target) // 2)
+    p2 = str(tmp_path / "v2")
+    r = update_index(
+        p2, parent_uri=p1, upserts=upserts, deletes=deleted, all_rows=lambda: v2, options=opts
+    )
+    assert r.mode == "built" and r.reason.startswith("parent index damaged"), r.reason
+    assert f"{target}" in r.reason
+    assert ("is missing" if damage == "labels deleted" else "bytes when it was written") in r.reason
+    assert not {p for p in index_files(p2) if not p.startswith(p2 + os.sep)}  # nothing shared
+    rebuilt = VectorIndex.load(p2)
+    assert rebuilt.count == v2.num_rows
+    q = mixture(5, 22)
+    want = VectorIndex.from_table(v2, **opts.to_json())
+    assert [h["id"] for h in rebuilt.search(q[0], 5)] == [h["id"] for h in want.search(q[0], 5)]
+
+
 @pytest.mark.parametrize("compact_deleted", [0.05, 1.0], ids=["full", "newest"])
 def test_a_chain_of_updates_equals_a_rebuild_and_stays_bounded(compact_deleted, tmp_path):
     """Ten exact-index updates with at most 3 segments a shard: each version answers like a
