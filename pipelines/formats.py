@@ -348,10 +348,19 @@ def _manifest_keys(table: pa.Table, shard: str, repeats: list[str] | None) -> _M
     return _ManifestKeys(keep, ids, kind, modality, text, uri, error)
 
 
-def manifest_keys(table: pa.Table, shard: str, repeats: list[str] | None = None) -> pa.Table:
+def manifest_keys(
+    table: pa.Table, shard: str, repeats: list[str] | None = None, facts: dict | None = None
+) -> pa.Table:
     """`id` and `_kind` of `manifest_table(table, shard, ...)`, without its other columns (no
-    uri resolution, no fingerprints of inline texts): what planning needs of a manifest."""
+    uri resolution, no fingerprints of inline texts): what planning needs of a manifest.
+    `facts`, if given, gets `lists_alone`: True when every row's listing follows from the
+    manifest alone (each row has a `fingerprint`, inline text, or an error), False when a
+    listing must ask the store for some object's fingerprint."""
     k = _manifest_keys(table, shard, repeats)
+    if facts is not None:
+        fp = _column(table, "fingerprint").take(pa.array(k.keep))
+        asks = pc.and_(pc.and_(pc.is_null(fp), pc.is_null(k.text)), pc.is_null(k.error))
+        facts["lists_alone"] = not pc.any(asks).as_py()
     return pa.table({"id": k.ids, _KIND: k.kinds()})
 
 

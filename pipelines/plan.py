@@ -327,6 +327,11 @@ class ShardSpec:
     # the manifest's or tar's fingerprint (etag, else size and mtime), a digest of the ids of
     # a files bucket. None (explicit subsets): a committed shard is done.
     identity: str | None = None
+    # The shard's listing rows follow from its file alone (a tar; a manifest whose rows each
+    # carry a fingerprint or inline text): a re-index may carry a shard of the same identity
+    # without listing it (`pipelines.reindex`). False when listing asks the store for objects'
+    # fingerprints, which can change while the shard's file does not.
+    lists_alone: bool = False
 
 
 @dataclass
@@ -382,13 +387,26 @@ def plan_job(cfg: JobConfig, files_shards: int | None = None, *, scan_workers: i
         files_shards: the shard count recorded by an earlier run on the same output
             (files format); None on a first run.
     """
+    fmt, sources = input_sources(cfg)
+    return fmt.plan(cfg, sources, files_shards, scan_workers)
+
+
+def input_sources(cfg: JobConfig) -> tuple[InputFormat, list[Source]]:
+    """The input's format and its objects (listed, none read): what planning starts from."""
     sources = list_input(cfg.input, cfg.storage_options(), exclude=cfg.output)
     fmt = input_format(detect_format(sources) if cfg.format == "auto" else cfg.format)
     if fmt.suffixes:
         bad = [s.rel for s in sources if not s.rel.lower().endswith(fmt.suffixes)]
         if bad:
             raise PlanError(f"format {fmt.name}: {bad[:3]} are not {fmt.noun}")
-    return fmt.plan(cfg, sources, files_shards, scan_workers)
+    return fmt, sources
+
+
+def shard_identities(fmt: InputFormat, sources: Sequence[Source]) -> dict[str, str]:
+    """{shard name: identity} of a manifest or WebDataset corpus's shards (the fingerprint
+    of each file, from the listing: none is read). PlanError if two would share a name."""
+    names = _shard_names(sources, fmt.suffixes)
+    return {n: s.fingerprint for n, s in zip(names, sources, strict=True)}
 
 
 def _plan_manifests(
@@ -400,7 +418,8 @@ def _plan_manifests(
     def scan(args: tuple[Source, str]) -> tuple[ShardSpec, np.ndarray, int]:
         src, name = args
         repeats: list[str] = []
-        table = manifest_keys(read_manifest(src.uri, storage_options), name, repeats)
+        facts: dict = {}
+        table = manifest_keys(read_manifest(src.uri, storage_options), name, repeats, facts)
         counts = Counter(
             {r["values"]: r["counts"] for r in pc.value_counts(table.column("_kind")).to_pylist()}
         )
@@ -412,6 +431,7 @@ def _plan_manifests(
             tuple(sorted(counts)),
             counts=dict(counts),
             identity=src.fingerprint,
+            lists_alone=facts["lists_alone"],
         )
         return spec, id_digests(table.column("id")), len(repeats)
 
@@ -438,7 +458,9 @@ def _plan_webdataset(
         kinds = _peek_kinds(sources, cfg.storage_options(), cfg.webdataset.extensions)
     kinds_t = tuple(sorted(set(kinds)))
     shards = [
-        ShardSpec(n, "webdataset", s.uri, s.fingerprint, kinds_t, identity=s.fingerprint)
+        ShardSpec(
+            n, "webdataset", s.uri, s.fingerprint, kinds_t, identity=s.fingerprint, lists_alone=True
+        )
         for s, n in zip(sources, names, strict=True)
     ]
     return Plan("webdataset", cfg.input, shards, kinds_t, None)
@@ -747,16 +769,19 @@ def input_format(name: str) -> InputFormat:
 LIST_CHUNK_ROWS = 65_536
 
 
-def list_items(cfg: JobConfig, *, stat: bool = True, threads: int = 16) -> pa.Table:
+def list_items(
+    cfg: JobConfig, *, stat: bool = True, threads: int = 16, plan: Plan | None = None
+) -> pa.Table:
     """Every item of the corpus as rows (LISTING_SCHEMA) without reading payload bytes.
 
     Columns: id, uri, modality (kind; "invalid" for rejected manifest rows), shard, source
     (the manifest/tar URI, or the file), fingerprint, size, mtime, error. For manifest rows
     that reference objects and carry no fingerprint, `stat=True` asks the store for each
     object's metadata (a HEAD request, no body). This is what re-indexing diffs against the
-    `fingerprint` column of a previous output.
+    `fingerprint` column of a previous output. `plan`: these shards only (default: all,
+    `plan_job(cfg)`).
     """
-    chunks = list(_listing_chunks(plan_job(cfg).shards, cfg, stat, threads))
+    chunks = list(_listing_chunks((plan or plan_job(cfg)).shards, cfg, stat, threads))
     return skip_repeats(pa.concat_tables(chunks)) if chunks else LISTING_SCHEMA.empty_table()
 
 
@@ -787,13 +812,14 @@ def list_items_on_ray(
     stat: bool = True,
     threads: int = 16,
     start_ray: Callable[[Sequence[str]], Any] | None = None,
+    plan: Plan | None = None,
 ) -> Any:
     """`list_items` as a Ray dataset: the driver plans (for manifests and WebDataset, one
     spec a manifest or tar), Ray tasks list the shards (read manifests and tar headers, ask
     the store for fingerprints), and the rows never reach the driver. `start_ray(kinds)` is
     called once the plan knows the corpus's kinds, before any Ray call (the caller starts Ray
     as its job would). Raises EmptyInput, like `list_items`, when the input holds nothing to
-    list.
+    list. `plan`: as for `list_items`.
 
     The rows are LISTING_SCHEMA's plus REPEAT (bool): True on a row whose id an earlier row of
     the same shard lists (a tar holding two members of one name; repeats across manifests are
@@ -802,7 +828,7 @@ def list_items_on_ray(
     shard is in one place, so it does not depend on how blocks are split or shuffled later."""
     import ray.data
 
-    plan = plan_job(cfg)
+    plan = plan or plan_job(cfg)
     if start_ray is not None:
         start_ray(plan.kinds)
     shards = plan.shards

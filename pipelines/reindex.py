@@ -8,13 +8,14 @@ One run:
    versions its record pins, `pipelines.tables`; Parquet for versions published before);
 3. lists the corpus without reading payloads (`pipelines.plan.list_items`, the same inputs
    as `imagebind-embed`; in Ray tasks for a parent of `index.diff_on_ray_rows` rows or more,
-   `list_items_on_ray`) and diffs it against the parent by (`id`, `fingerprint`): new and
-   changed items are embedded, unchanged rows are carried forward as they are (same bytes, no
-   recomputation), deleted items are left out. A different model lineage (preset, checkpoint
-   sha256, dtype, embedding size, normalisation, preprocessing version, options and limits;
-   the seed for random weights) re-embeds everything. Items that failed in the parent with
-   the same fingerprint are not retried unless `index.retry_failed` is set (a bad file must
-   not make every run publish a new version);
+   `list_items_on_ray`; only the new shards when the parent's shards are the same files as
+   when it listed them, `inputs.json`) and diffs it against the parent by (`id`,
+   `fingerprint`): new and changed items are embedded, unchanged rows are carried forward as
+   they are (same bytes, no recomputation), deleted items are left out. A different model
+   lineage (preset, checkpoint sha256, dtype, embedding size, normalisation, preprocessing
+   version, options and limits; the seed for random weights) re-embeds everything. Items
+   that failed in the parent with the same fingerprint are not retried unless
+   `index.retry_failed` is set (a bad file must not make every run publish a new version);
 4. if nothing changed, publishes nothing; otherwise stages a complete version
    (`pipelines.publish.StagedVersion`) under `<root>/versions/<n>-<run>/` — `data/embedded/`
    (this run's embeddings, written by `pipelines.embed.embed_items` with its exactly-once
@@ -37,6 +38,8 @@ line is `pipelines.cli.reindex_main`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import sys
 import time
@@ -45,6 +48,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -60,10 +64,10 @@ from imagebind_core.index import (
 from imagebind_core.io import filesystem, protocol_of
 from pipelines.config import ReindexConfig
 from pipelines.diff import KEY_COLUMNS, diff_listing, diff_on_ray, relocate
-from pipelines.formats import PlanError
+from pipelines.formats import PlanError, id_digests
 from pipelines.lineage import lineage_changes, lineage_key, model_lineage
 from pipelines.lock import OutputLock, OutputLocked
-from pipelines.plan import check_folder, check_input, store_errors
+from pipelines.plan import check_folder, check_input, shard_identities, store_errors
 from pipelines.publish import (
     RECORD_FORMAT,
     IndexRoot,
@@ -203,9 +207,8 @@ def _run_locked(cfg: ReindexConfig, ir: IndexRoot, lock: OutputLock) -> ReindexR
         with _damage_named(ir):
             parent = _read_parent(cfg, ir, key)
     with _timed(timings, "list_and_diff_s"):
-        listing = _list_corpus(cfg, parent)
-        diff = _diff(cfg, ir, listing, parent)
-    _log_diff(cfg, diff, parent)
+        listed, diff = _list_and_diff(cfg, ir, parent)
+    _log_diff(cfg, diff, parent, listed)
     dim = int(key["embed_dim"])
     if parent.pointer is not None and parent.full_reason is None and diff.empty:
         result = ReindexResult(
@@ -232,7 +235,10 @@ def _run_locked(cfg: ReindexConfig, ir: IndexRoot, lock: OutputLock) -> ReindexR
     with _timed(timings, "index_s"):
         index = _write_index(cfg, stage, parent, data, dim)
     counts = _counts(diff, new_rows, new_errors, count_pin(data.rows, ir.storage_options))
-    stage.write_record(_version_record(cfg, stage, parent, key, counts, data, index, timings))
+    if listed.inputs is not None:  # before the record: a folder without it is unfinished
+        _write_inputs(stage, listed.inputs)
+    record = _version_record(cfg, stage, parent, key, counts, data, index, timings)
+    stage.write_record({**record, "diff": _diff_kind(listed)})
     result = _publish(cfg, ir, stage, parent, counts, lock)
     upserts, deletes = _index_change(data.appended, data.drop_ids, dim)
     sink_rows = lambda: _pinned_rows(data.rows, ir.storage_options, dim)  # noqa: E731
@@ -253,19 +259,18 @@ def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
 class _Parent:
     """The published version a run starts from (no pointer before the first version): the
     Lance versions its record pins (`pins`; None for a version published as Parquet, whose
-    `files` are listed instead), and its rows' `KEY_COLUMNS` on the driver (all columns for a
-    Parquet version) unless the diff runs on Ray Data (`on_ray`)."""
+    `files` are listed instead), whether a diff against it runs on Ray Data (`on_ray`), and
+    the identities of its corpus's shards when they were listed (`inputs`)."""
 
     pointer: Pointer | None
     etag: str | None
     record: dict | None
     full_reason: str | None  # why this run re-embeds everything; None: it does not
     on_ray: bool = False
-    rows: pa.Table | None = None
-    errors: pa.Table | None = None
     pins: tuple[Pin | None, Pin | None] | None = None  # (rows, failures)
     files: tuple[list[str], list[str]] = ([], [])  # (data files, _errors files) of Parquet
     data_uri: str = ""  # the Parquet version's data/ folder
+    inputs: dict | None = None  # its `inputs.json`: its shards' identities when listed
 
     @property
     def version(self) -> int:
@@ -331,33 +336,141 @@ def _read_parent(cfg: ReindexConfig, ir: IndexRoot, key: dict[str, str]) -> _Par
             parquet_files(parent.data_uri, storage_options, errors=False),
             parquet_files(parent.data_uri, storage_options, errors=True),
         )
-    if parent.on_ray:
-        return parent
-    if parent.pins is None:
-        parent.rows = read_parquet_tree(parent.data_uri, storage_options, errors=False)
-        parent.errors = read_parquet_tree(parent.data_uri, storage_options, errors=True)
-    else:  # the diff's columns only: the embeddings stay in Lance
-        parent.rows = read_pin(parent.pins[0], storage_options, columns=list(KEY_COLUMNS))
-        parent.errors = read_pin(parent.pins[1], storage_options)
+    parent.inputs = _read_inputs(ir, pointer)
     return parent
 
 
-def _list_corpus(cfg: ReindexConfig, parent: _Parent) -> Any:
+def _parent_tables(parent: _Parent, ir: IndexRoot) -> tuple[pa.Table | None, pa.Table | None]:
+    """The parent's rows and failures on the driver, for a diff there: the diff's columns of
+    a Lance version (the embeddings stay in Lance), every column of a Parquet one."""
+    so = ir.storage_options
+    if parent.pins is None:
+        return (
+            read_parquet_tree(parent.data_uri, so, errors=False),
+            read_parquet_tree(parent.data_uri, so, errors=True),
+        )
+    return read_pin(parent.pins[0], so, columns=list(KEY_COLUMNS)), read_pin(parent.pins[1], so)
+
+
+# ----------------------------------------------------------------------------- listing
+
+
+# Where a version records what its corpus's shards were when they were listed.
+INPUTS_NAME = "inputs.json"
+
+
+def _read_inputs(ir: IndexRoot, pointer: Pointer) -> dict | None:
+    """The parent's `inputs.json` (None when it has none: published before it was written, or
+    of a corpus of files, or unreadable — then the run lists everything, as before)."""
+    uri = join_uri(pointer.version_uri(ir.root), INPUTS_NAME)
+    fs, path = filesystem(uri, ir.storage_options)
+    try:
+        doc = json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        return None
+    except ValueError as e:
+        logger.warning("%s is not readable (%s): the corpus is listed whole", uri, e)
+        return None
+    return doc if isinstance(doc, dict) and isinstance(doc.get("shards"), dict) else None
+
+
+def _listing_key(cfg: ReindexConfig, fmt: str) -> str:
+    """What, besides its shards' files, decides a corpus's listing: its input, format and the
+    WebDataset member rules. A parent listed under another key is listed again whole."""
+    doc = {"input": cfg.job.input, "format": fmt, "webdataset": cfg.job.webdataset.model_dump()}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass
+class _Listed:
+    """The corpus as this run lists it: `listing` (a table on the driver, or a Ray dataset
+    when `on_ray`), the `inputs.json` record the new version keeps (None: a corpus of files),
+    and `appended`: only the shards new since the parent were listed, the parent's shards
+    being the same files as when it listed them (carried by identity, not read)."""
+
+    listing: Any
+    inputs: dict | None
+    on_ray: bool
+    appended: bool = False
+
+
+def _inputs_record(cfg: ReindexConfig, fmt: str, shards: dict[str, str | None]) -> dict | None:
+    if fmt not in ("manifest", "webdataset"):
+        return None
+    return {
+        "listing_key": _listing_key(cfg, fmt),
+        "format": fmt,
+        "shards": dict(sorted(shards.items())),
+    }
+
+
+def _identities(plan: Any) -> dict[str, str | None]:
+    """{shard: identity} of a plan's shards; None for a shard a run must list again even when
+    its file is unchanged (a manifest whose rows ask the store for fingerprints)."""
+    return {s.name: (s.identity if s.lists_alone else None) for s in plan.shards}
+
+
+def _new_sources(cfg: ReindexConfig, parent: _Parent, fmt: Any, sources: list) -> list | None:
+    """The sources of shards the parent does not have, when the corpus only gained shards
+    since the parent listed it (each of the parent's shards is still there, its file's
+    identity unchanged and its listing known to follow from it alone); None otherwise (the
+    corpus is listed whole). Also None for a full re-embed or `index.retry_failed` (which
+    reach into every shard) and a parent without Lance pins."""
+    rec = parent.inputs
+    if (
+        rec is None
+        or parent.full_reason is not None
+        or cfg.index.retry_failed
+        or parent.pins is None
+        or rec.get("format") != fmt.name
+        or rec.get("listing_key") != _listing_key(cfg, fmt.name)
+    ):
+        return None
+    now = shard_identities(fmt, sources)
+    old = rec["shards"]
+    if any(ident is None or now.get(name) != ident for name, ident in old.items()):
+        return None
+    names = list(now)
+    return [src for src, name in zip(sources, names, strict=True) if name not in old]
+
+
+def _list_corpus(cfg: ReindexConfig, parent: _Parent, *, whole: bool = False) -> _Listed:
     """The corpus listing (no payloads read): a table on the driver, or, when the diff runs
-    on Ray Data, a Ray dataset listed by Ray tasks (`pipelines.plan.list_items_on_ray`). An
-    input without items is an error unless a version exists and `index.allow_empty` is set
-    (then every item is deleted)."""
+    on Ray Data, a Ray dataset listed by Ray tasks (`pipelines.plan.list_items_on_ray`). When
+    the corpus only gained shards since the parent (`_new_sources`), only those are planned
+    and listed, unless `whole`. An input without items is an error unless a version exists
+    and `index.allow_empty` is set (then every item is deleted)."""
     from pipelines.embed import ensure_ray
     from pipelines.formats import EmptyInput
-    from pipelines.plan import list_items, list_items_on_ray
+    from pipelines.plan import input_sources, list_items, list_items_on_ray
     from pipelines.rows import LISTING_SCHEMA
 
+    def start_ray(kinds: Any) -> None:
+        # Ray as the embedding job starts it for the corpus's kinds (`ray.address`, logical
+        # CPUs), not Ray Data's default.
+        ensure_ray(cfg.job, kinds)
+
     try:
+        fmt, sources = input_sources(cfg.job)
+        new = None if whole else _new_sources(cfg, parent, fmt, sources)
+        if new is not None:
+            assert parent.inputs is not None
+            shards = dict(parent.inputs["shards"])
+            if not new:
+                return _Listed(LISTING_SCHEMA.empty_table(), None, False, appended=True)
+            plan = fmt.plan(cfg.job, new, None, 8)
+            shards.update(_identities(plan))
+            inputs = _inputs_record(cfg, fmt.name, shards)
+            items = sum((plan.counts or {}).values()) if plan.counts else None
+            if items is not None and items < cfg.index.diff_on_ray_rows:
+                return _Listed(list_items(cfg.job, plan=plan), inputs, False, appended=True)
+            listing = list_items_on_ray(cfg.job, start_ray=start_ray, plan=plan)
+            return _Listed(listing, inputs, True, appended=True)
+        plan = fmt.plan(cfg.job, sources, None, 8)
+        inputs = _inputs_record(cfg, fmt.name, _identities(plan))
         if parent.on_ray:
-            # Ray as the embedding job starts it for the corpus's kinds (`ray.address`,
-            # logical CPUs), not Ray Data's default.
-            return list_items_on_ray(cfg.job, start_ray=lambda kinds: ensure_ray(cfg.job, kinds))
-        return list_items(cfg.job)
+            return _Listed(list_items_on_ray(cfg.job, start_ray=start_ray, plan=plan), inputs, True)
+        return _Listed(list_items(cfg.job, plan=plan), inputs, False)
     except EmptyInput as e:
         if parent.pointer is None or not cfg.index.allow_empty:
             hint = (
@@ -366,32 +479,90 @@ def _list_corpus(cfg: ReindexConfig, parent: _Parent) -> Any:
                 else ""
             )
             raise EmptyInput(f"{e}{hint}") from None
-        return LISTING_SCHEMA.empty_table()
+        return _Listed(LISTING_SCHEMA.empty_table(), None, False)
 
 
-def _diff(cfg: ReindexConfig, ir: IndexRoot, listing: pa.Table, parent: _Parent) -> Any:
-    """The listing against the parent (`pipelines.diff`): on Ray Data or on the driver."""
-    if parent.on_ray:
+def _list_and_diff(cfg: ReindexConfig, ir: IndexRoot, parent: _Parent) -> tuple[_Listed, Any]:
+    """List the corpus (its new shards only, when that is all that changed) and diff it
+    against the parent. New manifests that repeat an id the parent has are listed again with
+    the whole corpus (`_parent_holds`)."""
+    listed = _list_corpus(cfg, parent)
+    diff = _diff(cfg, ir, listed, parent)
+    if listed.appended and listed.inputs and listed.inputs["format"] == "manifest":
+        with _damage_named(ir):
+            held = _parent_holds(parent, diff.to_embed.column("id"), ir.storage_options)
+        if held is not None:
+            logger.info(
+                "new manifests list id %r, which the published version already has: listing "
+                "the whole corpus",
+                held,
+            )
+            listed = _list_corpus(cfg, parent, whole=True)
+            diff = _diff(cfg, ir, listed, parent)
+    return listed, diff
+
+
+def _diff(cfg: ReindexConfig, ir: IndexRoot, listed: _Listed, parent: _Parent) -> Any:
+    """The listing against the parent (`pipelines.diff`): on Ray Data or on the driver. An
+    appended listing (new shards only) is diffed against nothing: its items are new, the
+    parent's rows and failures are carried by count."""
+    full = parent.full_reason is not None
+    if listed.appended:
+        if listed.on_ray:
+            fs = arrow_fs(ir.root, ir.storage_options)
+            diff = diff_on_ray(listed.listing, None, None, fs, num_partitions=2)
+        else:
+            diff = diff_listing(listed.listing, None, None)
+        assert parent.pins is not None
+        with _damage_named(ir):
+            diff.carried_rows = count_pin(parent.pins[0], ir.storage_options)
+            diff.failed_kept = count_pin(parent.pins[1], ir.storage_options)
+        return diff
+    if listed.on_ray:
         return diff_on_ray(
-            listing,
+            listed.listing,
             *(parent.pins or parent.files),
             arrow_fs(ir.root, ir.storage_options),
-            full=parent.full_reason is not None,
+            full=full,
             retry_failed=cfg.index.retry_failed,
             parent_count=record_rows(parent.record),
             num_partitions=cfg.index.diff_partitions,
             storage_options=ir.storage_options,
         )
+    with _damage_named(ir):
+        rows, errors = _parent_tables(parent, ir)
     return diff_listing(
-        listing,
-        parent.rows,
-        parent.errors,
-        full=parent.full_reason is not None,
-        retry_failed=cfg.index.retry_failed,
+        listed.listing, rows, errors, full=full, retry_failed=cfg.index.retry_failed
     )
 
 
-def _log_diff(cfg: ReindexConfig, diff: Any, parent: _Parent) -> None:
+def _parent_holds(parent: _Parent, ids: pa.Array, storage_options: Any) -> str | None:
+    """One of `ids` that the parent's rows or failures hold (None: none), from a streamed
+    read of their id column (8 bytes of digest per new id held, nothing per parent row):
+    new shards that repeat an id of the parent's shards are listed with the whole corpus,
+    whose planning decides which shard keeps the id."""
+    if not len(ids) or parent.pins is None:
+        return None
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks()
+    want = np.unique(id_digests(ids))
+    for pin in parent.pins:
+        if pin is None:
+            continue
+        for batch in scan_pin(pin, storage_options, columns=["id"]):
+            col = batch.column(0)
+            d = id_digests(col)
+            pos = np.minimum(np.searchsorted(want, d), len(want) - 1)
+            cand = np.flatnonzero(want[pos] == d)
+            if len(cand):  # digests only find candidates: the ids decide
+                some = col.take(pa.array(cand))
+                hit = some.filter(pc.is_in(some, value_set=ids))
+                if len(hit):
+                    return hit[0].as_py()
+    return None
+
+
+def _log_diff(cfg: ReindexConfig, diff: Any, parent: _Parent, how: _Listed) -> None:
     listed = sum(
         getattr(diff, k)
         for k in ("added", "changed", "retried", "reembedded", "carried_rows", "failed_kept")
@@ -410,8 +581,15 @@ def _log_diff(cfg: ReindexConfig, diff: Any, parent: _Parent) -> None:
         diff.relocated,
         diff.failed_kept,
         f"; full re-embed: {parent.full_reason}" if parent.full_reason else "",
-        " (diff on Ray Data)" if parent.on_ray else "",
+        " (diff on Ray Data)" if how.on_ray else "",
     )
+    if how.appended:
+        logger.info(
+            "the published version's shards are unchanged: only the %d new shards were listed",
+            len(how.inputs["shards"]) - len(parent.inputs["shards"])
+            if how.inputs and parent.inputs
+            else 0,
+        )
 
 
 def _embed_changes(cfg: ReindexConfig, stage: StagedVersion, diff: Any) -> None:
@@ -701,9 +879,19 @@ def _version_record(
         "embed_dim": int(key["embed_dim"]),
         "index": {**index.record(), "nprobe": cfg.index.nprobe},
         "data": data_record(data.rows, data.failures),
-        "diff": "ray" if parent.on_ray else "driver",
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
     }
+
+
+def _diff_kind(listed: _Listed) -> str:
+    """The record's `diff`: where the diff ran, and whether only new shards were listed."""
+    where = "ray" if listed.on_ray else "driver"
+    return f"{where}, new shards" if listed.appended else where
+
+
+def _write_inputs(stage: StagedVersion, inputs: dict) -> None:
+    fs, path = filesystem(join_uri(stage.uri, INPUTS_NAME), stage.root.storage_options)
+    fs.pipe_file(path, json.dumps(inputs).encode())
 
 
 def _publish(
