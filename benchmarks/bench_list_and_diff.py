@@ -35,7 +35,8 @@ from _common import run_child, write_results
 
 
 def build(root: str, n: int, changed: int, manifest_rows: int) -> None:
-    """The corpus (fingerprints of every (n // changed)-th item changed) and the parent."""
+    """The corpus (fingerprints of every (n // changed)-th item changed; none when `changed`
+    is 0) and the parent."""
     if os.path.exists(f"{root}/.done"):
         return
     from pipelines.tables import ROWS_TABLE, VersionTable
@@ -44,7 +45,7 @@ def build(root: str, n: int, changed: int, manifest_rows: int) -> None:
     os.makedirs(f"{root}/corpus")
     ids = pa.array([f"i{i:010d}" for i in range(n)])
     uris = pa.array([f"/corpus/i{i:010d}.jpg" for i in range(n)])
-    touched = np.arange(n) % max(1, n // max(changed, 1)) == 0
+    touched = np.arange(n) % max(1, n // changed) == 0 if changed else np.zeros(n, bool)
     fp_now = pa.array(np.where(touched, "g", "f"))
     for k, s in enumerate(range(0, n, manifest_rows)):
         m = min(manifest_rows, n - s)
