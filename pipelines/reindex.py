@@ -461,8 +461,11 @@ def _list_corpus(cfg: ReindexConfig, parent: _Parent, *, whole: bool = False) ->
             plan = fmt.plan(cfg.job, new, None, 8)
             shards.update(_identities(plan))
             inputs = _inputs_record(cfg, fmt.name, shards)
-            items = sum((plan.counts or {}).values()) if plan.counts else None
-            if items is not None and items < cfg.index.diff_on_ray_rows:
+            # On Ray from `diff_on_ray_rows` new items; tars are not counted before they
+            # are listed: there, as the parent is diffed.
+            items = sum(plan.counts.values()) if plan.counts is not None else None
+            big = parent.on_ray if items is None else items >= cfg.index.diff_on_ray_rows
+            if not big:
                 return _Listed(list_items(cfg.job, plan=plan), inputs, False, appended=True)
             listing = list_items_on_ray(cfg.job, start_ray=start_ray, plan=plan)
             return _Listed(listing, inputs, True, appended=True)

@@ -128,3 +128,29 @@ def test_runs_that_reach_into_every_shard_list_the_whole_corpus(ray_session, tmp
     r = reindex(load_reindex_config(None, {**over, flag: True}))
     assert r.status == "published"
     assert IndexRoot(root, {}).read_record(r.name)["diff"] == "driver"
+
+
+def test_a_new_tar_shard_is_listed_alone(ray_session, tmp_path):
+    """WebDataset: a tar's ids carry its name, so a new tar cannot repeat a published id; the
+    run lists only the new tar."""
+    import shutil
+
+    from helpers.pipeline import Writer, webdataset_corpus
+
+    corpus = webdataset_corpus(Writer(str(tmp_path)))
+    root = str(tmp_path / "index")
+    cfg = load_reindex_config(None, {**SMALL_JOB, "input": corpus.input, "index.root": root})
+    r1 = reindex(cfg)
+    shards = _inputs(root, r1.name)["shards"]
+    assert set(shards) == {"00000", "00001"} and None not in shards.values()
+    _, rows = version_rows(root, {})
+    _, errors = version_rows(root, {}, errors=True)
+    in_00001 = [i for i in rows.column("id").to_pylist() + errors.column("id").to_pylist()]
+    in_00001 = [i for i in in_00001 if i.startswith("00001")]
+    shutil.copy(os.path.join(corpus.input, "00001.tar"), os.path.join(corpus.input, "00002.tar"))
+    r2 = reindex(cfg)
+    assert r2.status == "published"
+    assert IndexRoot(root, {}).read_record(r2.name)["diff"] == "driver, new shards"
+    assert r2.counts["added"] + r2.counts["failed"] == len(in_00001)
+    assert r2.counts["carried"] == r1.counts["total"]
+    assert r2.counts["failed_kept"] == r1.counts["failed"]
