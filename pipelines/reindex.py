@@ -48,7 +48,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -64,7 +63,7 @@ from imagebind_core.index import (
 from imagebind_core.io import filesystem, protocol_of
 from pipelines.config import ReindexConfig
 from pipelines.diff import KEY_COLUMNS, diff_listing, diff_on_ray, relocate
-from pipelines.formats import PlanError, id_digests
+from pipelines.formats import PlanError
 from pipelines.lineage import lineage_changes, lineage_key, model_lineage
 from pipelines.lock import OutputLock, OutputLocked
 from pipelines.plan import check_folder, check_input, shard_identities, store_errors
@@ -541,27 +540,19 @@ def _diff(cfg: ReindexConfig, ir: IndexRoot, listed: _Listed, parent: _Parent) -
 
 def _parent_holds(parent: _Parent, ids: pa.Array, storage_options: Any) -> str | None:
     """One of `ids` that the parent's rows or failures hold (None: none), from a streamed
-    read of their id column (8 bytes of digest per new id held, nothing per parent row):
-    new shards that repeat an id of the parent's shards are listed with the whole corpus,
-    whose planning decides which shard keeps the id."""
+    read of their id column: new shards that repeat an id of the parent's shards are listed
+    with the whole corpus, whose planning decides which shard keeps the id."""
     if not len(ids) or parent.pins is None:
         return None
     if isinstance(ids, pa.ChunkedArray):
         ids = ids.combine_chunks()
-    want = np.unique(id_digests(ids))
     for pin in parent.pins:
         if pin is None:
             continue
         for batch in scan_pin(pin, storage_options, columns=["id"]):
-            col = batch.column(0)
-            d = id_digests(col)
-            pos = np.minimum(np.searchsorted(want, d), len(want) - 1)
-            cand = np.flatnonzero(want[pos] == d)
-            if len(cand):  # digests only find candidates: the ids decide
-                some = col.take(pa.array(cand))
-                hit = some.filter(pc.is_in(some, value_set=ids))
-                if len(hit):
-                    return hit[0].as_py()
+            hit = batch.column(0).filter(pc.is_in(batch.column(0), value_set=ids))
+            if len(hit):
+                return hit[0].as_py()
     return None
 
 
