@@ -168,10 +168,10 @@ def prefetch_ab(index: VectorIndex, queries: np.ndarray, k: int, cold: bool) -> 
 def search_per_segment(index: VectorIndex, q: np.ndarray, k: int) -> list[dict]:
     """`index.search` with each segment computing its own coarse assignment (the baseline of
     the shared one)."""
-    x, o = check_query(q, k, None, index.dim), index.options
+    x, o, depth = check_query(q, k, None, index.dim), index.options, index.rerank_depths
     return merge_hits(
         [
-            merge_hits([g.search(x, k, None, o.nprobe, o.rerank, None) for g in sh.segments], k)
+            merge_hits([g.search(x, k, None, o.nprobe, depth, None) for g in sh.segments], k)
             for sh in index.shards.values()
         ],
         k,
@@ -264,7 +264,15 @@ def main() -> None:
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--nlist", type=int, default=None, help="IVF lists (default ~4 sqrt(n))")
     p.add_argument("--nprobe", type=int, nargs="+", default=[16, 32, 64])
-    p.add_argument("--rerank", type=int, nargs="+", default=[0, 4, 10])
+    p.add_argument(
+        "--rerank",
+        type=lambda v: v if v == "auto" else int(v),
+        nargs="+",
+        default=[0, 4, 10],
+        help='re-ranking depths to search at; "auto": the depth the index measured for itself '
+        "(`rerank: auto`, calibrated by the build; on a --reuse'd index built without it, "
+        "calibrated here and timed)",
+    )
     p.add_argument("--pq-m", type=int, default=64)
     p.add_argument("--clusters", type=int, default=1000)
     p.add_argument("--spread", type=float, default=1.0)
@@ -305,8 +313,11 @@ def main() -> None:
         f"n={a.n} dim={a.dim} raw={raw / 2**20:.0f} MiB queries={a.queries} "
         f"threads={a.threads} cpus={os.cpu_count()}"
     )
+    fixed = [r for r in a.rerank if r != "auto"] or [0]
+    top = max(fixed)
+    auto = "auto" in a.rerank
     opts = dict(
-        flat_threshold=1, pq_threshold=1, nlist=a.nlist, pq_m=a.pq_m, rerank=max(a.rerank) or 0
+        flat_threshold=1, pq_threshold=1, nlist=a.nlist, pq_m=a.pq_m, rerank="auto" if auto else top
     )
     t0 = time.perf_counter()
     v1 = os.path.join(work, "v1")
@@ -340,28 +351,44 @@ def main() -> None:
     )
 
     index = VectorIndex.load(v1)
-    print(f"training: {json.dumps(index.training)}")
+    calibrate_s = None
+    if auto and any("rerank" not in t for t in index.training.values()):
+        index.options = dataclasses.replace(index.options, rerank="auto")
+        t0 = time.perf_counter()
+        index.calibrate_rerank()
+        calibrate_s = time.perf_counter() - t0
+        print(f"rerank auto: calibrated on the loaded index in {calibrate_s:.1f} s")
+    training = index.training
+    print(f"training: {json.dumps(training)}")
     exact = exact_top(((i, x) for _, i, x in corpus.blocks()), queries, a.top_k)
     faiss.omp_set_num_threads(a.threads)
     results = []
     for rerank in a.rerank:
         for nprobe in a.nprobe:
             index.options = dataclasses.replace(index.options, nprobe=nprobe, rerank=rerank)
+            depths = index.rerank_depths
+            label = f"auto({max(depths.values())})" if isinstance(depths, dict) else str(rerank)
             if a.warm_up:  # the same queries once, untimed: their vectors' pages cached
                 time_queries(index, queries, a.top_k)
             lat, got = time_queries(index, queries, a.top_k)
             p50, p99 = np.percentile(lat, [50, 99])
             rec = recall(got, exact)
             results.append(
-                {"rerank": rerank, "nprobe": nprobe, "p50_ms": p50, "p99_ms": p99, "recall": rec}
+                {
+                    "rerank": label if rerank == "auto" else rerank,
+                    "nprobe": nprobe,
+                    "p50_ms": p50,
+                    "p99_ms": p99,
+                    "recall": rec,
+                }
             )
             print(
-                f"rerank={rerank:<3d} nprobe={nprobe:<4d} p50 {p50:7.2f} ms  p99 {p99:7.2f} ms"
+                f"rerank={label:<9s} nprobe={nprobe:<4d} p50 {p50:7.2f} ms  p99 {p99:7.2f} ms"
                 f"  recall@{a.top_k} {rec:.3f}"
             )
     if a.prefetch_ab:
         ab = []
-        for rerank in (r for r in a.rerank if r):
+        for rerank in (r for r in fixed if r):
             index.options = dataclasses.replace(index.options, nprobe=a.nprobe[0], rerank=rerank)
             for cold in (True, False):
                 r = prefetch_ab(index, queries, a.top_k, cold)
@@ -377,7 +404,7 @@ def main() -> None:
         return
     faiss.omp_set_num_threads(os.cpu_count() or 1)
 
-    for rerank in sorted({0, max(a.rerank)}):
+    for rerank in sorted({0, top}):
         mem = replica_memory(v1, queries, rerank)
         b, q = mem["before"], mem["queried"]
         anon, file_ = q["RssAnon"] - b["RssAnon"], q["RssFile"] - b["RssFile"]
@@ -428,18 +455,25 @@ def main() -> None:
     exact2 = exact_top(after_update(), queries, a.top_k)
     updated = VectorIndex.load(v2)
     faiss.omp_set_num_threads(a.threads)
-    for rerank in sorted({0, max(a.rerank)}):
+    for rerank in sorted({0, top}):
         updated.options = dataclasses.replace(updated.options, nprobe=32, rerank=rerank)
         _, got = time_queries(updated, queries, a.top_k)
         print(
             f"after update, rerank={rerank} nprobe=32: recall@{a.top_k} {recall(got, exact2):.3f}"
         )
-    updated.options = dataclasses.replace(updated.options, nprobe=32, rerank=max(a.rerank))
+    if auto:
+        updated.options = dataclasses.replace(updated.options, nprobe=32, rerank="auto")
+        _, got = time_queries(updated, queries, a.top_k)
+        print(
+            f"after update, rerank=auto({max(updated.rerank_depths.values())}) nprobe=32: "
+            f"recall@{a.top_k} {recall(got, exact2):.3f}"
+        )
+    updated.options = dataclasses.replace(updated.options, nprobe=32, rerank=top)
     segs = sum(len(sh.segments) for sh in updated.shards.values())
     cmp = shared_vs_per_segment(updated, queries, a.top_k)
     sh, ps = cmp["shared"], cmp["per_segment"]
     print(
-        f"after update ({segs} segments), nprobe=32 rerank={max(a.rerank)}: one coarse "
+        f"after update ({segs} segments), nprobe=32 rerank={top}: one coarse "
         f"assignment p50 {sh['p50_ms']:.2f} ms p99 {sh['p99_ms']:.2f} ms; per segment p50 "
         f"{ps['p50_ms']:.2f} ms p99 {ps['p99_ms']:.2f} ms; p50 ratio "
         f"{ps['p50_ms'] / sh['p50_ms']:.2f}x"
@@ -457,6 +491,8 @@ def main() -> None:
                 "n": a.n,
                 "dim": a.dim,
                 "build_s": build_s,
+                "calibrate_s": calibrate_s,
+                "training": training,
                 "sizes": sizes,
                 "search": results,
                 "update_s": upd_s,

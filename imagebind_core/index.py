@@ -93,6 +93,15 @@ META_NAME = "meta.json"
 TRAINED_DIR = "trained"
 MAX_TOP_K = 1000
 VECTORS_HEADER_BYTES = 4096  # re-ranking vectors start on a page (`_vectors_header`)
+# `rerank: auto`: the depths it chooses from (x top_k candidates re-ranked per shard), the
+# depth of an IVF-PQ part whose index records none (built before calibration), and the
+# calibration's queries and k (recall@10 over 100 queries: its standard error is <= 0.016,
+# about 0.007 near a 0.95 target).
+AUTO = "auto"
+RERANK_LEVELS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+UNCALIBRATED_RERANK = 10
+CALIBRATION_QUERIES = 100
+CALIBRATION_K = 10
 
 
 def join_uri(root: str, *parts: str) -> str:
@@ -219,7 +228,11 @@ class IndexOptions:
         pq_m: PQ code bytes per vector (subquantizers of 8 bits); the largest divisor of the
             dimension not above it is used.
         rerank: IVF-PQ only: re-score `rerank * top_k` PQ candidates with the exact float
-            vectors (stored next to the codes); 0 = PQ scores only, no float vectors kept.
+            vectors (stored next to the codes); 0 = PQ scores only, no float vectors kept;
+            "auto" = the smallest depth of RERANK_LEVELS at which the index's own
+            measurement reaches `recall_target` (`VectorIndex.calibrate_rerank`, made when
+            the index is built and kept by its updates).
+        recall_target: the recall@10 `rerank: auto` aims at.
         shards: the index is split into this many shards by `label % shards`.
         retrain_growth: an IVF modality is retrained (the version's index rebuilt) when its
             size leaves [trained / g, trained * g], trained being its size at training.
@@ -239,7 +252,8 @@ class IndexOptions:
     nlist: int | None = None
     nprobe: int = 32
     pq_m: int = 64
-    rerank: int = 10
+    rerank: int | str = "auto"
+    recall_target: float = 0.95
     shards: int = 1
     retrain_growth: float = 4.0
     retrain_drift: float = 0.05
@@ -253,8 +267,16 @@ class IndexOptions:
                 raise ValueError(f"index option {name} must be an integer >= 1, got {v!r}")
         if self.nlist is not None and (not isinstance(self.nlist, int) or self.nlist < 1):
             raise ValueError(f"index option nlist must be None or >= 1, got {self.nlist!r}")
-        if not isinstance(self.rerank, int) or self.rerank < 0:
-            raise ValueError(f"index option rerank must be an integer >= 0, got {self.rerank!r}")
+        if self.rerank != AUTO and (
+            not isinstance(self.rerank, int) or isinstance(self.rerank, bool) or self.rerank < 0
+        ):
+            raise ValueError(
+                f"index option rerank must be an integer >= 0 or {AUTO!r}, got {self.rerank!r}"
+            )
+        if not 0 < self.recall_target <= 1:
+            raise ValueError(
+                f"index option recall_target must be in (0, 1], got {self.recall_target!r}"
+            )
         if not self.retrain_drift >= 0:
             raise ValueError(f"index option retrain_drift must be >= 0, got {self.retrain_drift}")
         if not 0 <= self.compact_deleted <= 1:
@@ -277,9 +299,14 @@ class IndexOptions:
             "pq_threshold": self.pq_threshold,
             "nlist": self.nlist,
             "pq_m": self.pq_m,
-            "rerank_vectors": self.rerank > 0,
+            "rerank_vectors": self.keeps_vectors,
             "shards": self.shards,
         }
+
+    @property
+    def keeps_vectors(self) -> bool:
+        """Whether IVF-PQ parts keep their float vectors for re-ranking."""
+        return self.rerank == AUTO or self.rerank > 0
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -600,7 +627,7 @@ class _Segment:
             sel = np.flatnonzero(mods == m)
             part = _Part(_empty(kinds[m], dim, templates.get(m)), kinds[m])
             part.index.add_with_ids(vecs[sel], labels[sel])
-            if part.kind == "ivfpq" and opts.rerank:
+            if part.kind == "ivfpq" and opts.keeps_vectors:
                 part.vectors, part.vlabels = np.ascontiguousarray(vecs[sel]), labels[sel]
             seg.parts[m] = part
         return seg
@@ -665,25 +692,27 @@ class _Segment:
         top_k: int,
         modality: str | None,
         nprobe: int,
-        rerank: int,
+        rerank: int | dict[str, int],
         coarse: dict | None = None,
     ) -> list[dict]:
         """This segment's top-k for the normalised (1, D) query, ordered by (-score, id).
-        `coarse` caches the query's coarse assignment per IVF quantizer (`_probe`)."""
+        `rerank`: one depth, or one per modality (`VectorIndex.rerank_depths`). `coarse`
+        caches the query's coarse assignment per IVF quantizer (`_probe`)."""
         if modality is None:
-            parts = list(self.parts.values())
+            parts = list(self.parts.items())
         else:
-            parts = [self.parts[modality]] if modality in self.parts else []
+            parts = [(modality, self.parts[modality])] if modality in self.parts else []
         scores: list[np.ndarray] = []
         labels: list[np.ndarray] = []
-        for part in parts:
+        for m, part in parts:
+            depth = rerank if isinstance(rerank, int) else rerank.get(m, UNCALIBRATED_RERANK)
             k = top_k
-            if part.kind != "flat" and part.vectors is not None and rerank:
-                k = top_k * rerank
+            if part.kind != "flat" and part.vectors is not None and depth:
+                k = top_k * depth
             d, i = _probe(part, q, min(k, part.count), self._params(part, nprobe), coarse)
             keep = i[0] >= 0
             d, i = d[0][keep], i[0][keep]
-            if part.vectors is not None and rerank and len(i):
+            if part.vectors is not None and depth and len(i):
                 rows = part.vrows(i)
                 will_need(part.vectors, rows)
                 exact = np.asarray(part.vectors[rows], np.float64) @ q[0].astype(np.float64)
@@ -1068,7 +1097,7 @@ class _Shard:
         top_k: int,
         modality: str | None,
         nprobe: int,
-        rerank: int,
+        rerank: int | dict[str, int],
         coarse: dict | None = None,
     ) -> list[dict]:
         """This shard's top-k, ordered by (-score, id) like every level of the merge; its
@@ -1233,7 +1262,10 @@ class VectorIndex:
             sel = np.flatnonzero(shard_of == s)
             seg = _Segment.build(labels[sel], rows.take(sel), vecs[sel], kinds, templates, opts)
             shards[s] = _Shard([seg])
-        return cls(shards, dim, opts, training, templates)
+        index = cls(shards, dim, opts, training, templates)
+        if _needs_calibration(opts, training):
+            index.calibrate_rerank()
+        return index
 
     @classmethod
     def from_table(cls, table: Any, **options: Any) -> VectorIndex:
@@ -1259,12 +1291,87 @@ class VectorIndex:
         """
         q = check_query(vector, top_k, modality, self.dim)
         mod = None if modality is None else str(modality)
+        return self._search(q, top_k, mod, self.rerank_depths)
+
+    def _search(
+        self, q: np.ndarray, top_k: int, mod: str | None, rerank: int | dict[str, int]
+    ) -> list[dict]:
         coarse: dict = {}  # every shard and segment of a modality shares one quantizer
         per_shard = [
-            s.search(q, top_k, mod, self.options.nprobe, self.options.rerank, coarse)
+            s.search(q, top_k, mod, self.options.nprobe, rerank, coarse)
             for s in self.shards.values()
         ]
         return merge_hits(per_shard, top_k)
+
+    @property
+    def rerank_depths(self) -> int | dict[str, int]:
+        """The re-ranking depth searches use: the `rerank` option, or with `rerank: auto`
+        each modality's calibrated depth (`calibrate_rerank`; UNCALIBRATED_RERANK for an
+        IVF-PQ modality whose index records none)."""
+        if self.options.rerank != AUTO:
+            return self.options.rerank
+        return {m: int(t.get("rerank", UNCALIBRATED_RERANK)) for m, t in self.training.items()}
+
+    def calibrate_rerank(
+        self, queries: int = CALIBRATION_QUERIES, k: int = CALIBRATION_K, seed: int = 0
+    ) -> dict[str, dict]:
+        """Choose each IVF-PQ modality's re-ranking depth for `rerank: auto`: the smallest of
+        RERANK_LEVELS whose recall@k against exact search, measured on this index, reaches
+        the `recall_target` option (the largest level if none does, with a warning). Records
+        it in the modality's training record (`rerank`, with the measured `rerank_recall` and
+        `rerank_queries`) and returns those fields per modality.
+
+        The queries are `queries` of the modality's live vectors, drawn at random (seeded);
+        each query's own item is left out of both answers, where it would be a free hit. The
+        exact answers come from one pass over the stored float vectors (k best per query
+        kept), the approximate ones from this index's own search (all loaded shards, merged,
+        at the `nprobe` option) asking for k + 1. How well this predicts recall on a user's
+        queries depends on how those sit among the vectors: queries from another modality
+        (text against images) can need a deeper re-rank; measure with your own queries
+        (`benchmarks/bench_search.py`) and set `rerank` to a number where they differ."""
+        out: dict[str, dict] = {}
+        for m, t in sorted(self.training.items()):
+            parts = [
+                (seg, seg.parts[m])
+                for sh in self.shards.values()
+                for seg in sh.segments
+                if m in seg.parts and seg.parts[m].vectors is not None
+            ]
+            if t.get("kind") != "ivfpq" or not parts:
+                continue
+            found = _calibration_queries(parts, queries, k, seed)
+            if found is None:
+                continue
+            qvec, qlab, exact = found
+            recall, depth = 0.0, RERANK_LEVELS[-1]
+            for depth in RERANK_LEVELS:
+                recall = self._recall(qvec, qlab, exact, m, k, depth)
+                if recall >= self.options.recall_target:
+                    break
+            else:
+                logger.warning(
+                    "%s: re-ranking %d x top_k candidates reaches a recall@%d of %.3f, below "
+                    "the recall_target %.3f: a larger nprobe (now %d) may be needed",
+                    m, depth, k, recall, self.options.recall_target, self.options.nprobe,
+                )  # fmt: skip
+            rec = {"rerank": depth, "rerank_recall": round(recall, 4), "rerank_queries": len(qvec)}
+            t.update(rec)
+            out[m] = rec
+            logger.info(
+                "%s: rerank %d (recall@%d %.3f over %d queries)", m, depth, k, recall, len(qvec)
+            )
+        return out
+
+    def _recall(
+        self, qvec: np.ndarray, qlab: np.ndarray, exact: list[set], m: str, k: int, depth: int
+    ) -> float:
+        """Mean recall@k of this index's search of modality `m` at re-ranking `depth`."""
+        total = 0.0
+        for q, own, truth in zip(qvec, qlab, exact, strict=True):
+            hits = self._search(q[None, :], k + 1, m, {m: depth})
+            got = [int(x) for x in labels_of([h["id"] for h in hits]) if int(x) != int(own)]
+            total += len(set(got[:k]) & truth) / len(truth)
+        return total / len(qvec)
 
     def _locate(self, item_id: str) -> tuple[_Segment, int, int] | None:
         """(segment, row, label) of `item_id` if one of the loaded shards holds it, else None."""
@@ -1362,6 +1469,80 @@ class VectorIndex:
         cache = None if local else vectors_cache
         loaded = {s: _Shard.load(fs, path, entries[s], local, tmpl, cache) for s in wanted}
         return cls(loaded, int(meta["dim"]), opts, meta["training"], tmpl)
+
+
+def _calibration_queries(
+    parts: list[tuple[_Segment, _Part]], queries: int, k: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, list[set]] | None:
+    """`calibrate_rerank`'s queries in one modality's `parts` (segment, part with float
+    vectors): (vectors, labels, each one's exact top-k labels, itself left out), or None
+    when the parts hold fewer than k + 1 live vectors. One pass over the stored vectors,
+    in chunks (memory-mapped files are read once, in order)."""
+    labels, live = [], []
+    for seg, part in parts:
+        assert part.vlabels is not None
+        deleted = _in_sorted(part.vlabels, seg.deleted)  # in vlabels order
+        by_row, gone = part.vlabels, deleted
+        if part.vorder is not None:  # vectors' rows are in arrival order
+            by_row, gone = np.empty_like(part.vlabels), np.empty_like(deleted)
+            by_row[part.vorder], gone[part.vorder] = part.vlabels, deleted
+        labels.append(by_row)
+        live.append(~gone)
+    counts = [int(x.sum()) for x in live]
+    total = sum(counts)
+    if total <= k:
+        return None
+    pick = np.sort(np.random.default_rng(seed).choice(total, min(queries, total), replace=False))
+    qvec, qlab = [], []
+    start = 0
+    for (_, part), lab, ok, n in zip(parts, labels, live, counts, strict=True):
+        rows = np.flatnonzero(ok)[pick[(pick >= start) & (pick < start + n)] - start]
+        qvec.extend(np.asarray(part.vectors[r], np.float32) for r in rows.tolist())
+        qlab.extend(lab[rows].tolist())
+        start += n
+    q = np.stack(qvec)
+    ql = np.asarray(qlab, np.int64)
+    best_s = np.full((len(q), k), -np.inf, np.float32)
+    best_l = np.full((len(q), k), -1, np.int64)
+    for (_, part), lab, ok in zip(parts, labels, live, strict=True):
+        assert part.vectors is not None
+        for s in range(0, len(lab), BUILD_BATCH_ROWS):
+            sc = q @ np.asarray(part.vectors[s : s + BUILD_BATCH_ROWS], np.float32).T
+            chunk = lab[s : s + BUILD_BATCH_ROWS]
+            sc[:, ~ok[s : s + BUILD_BATCH_ROWS]] = -np.inf
+            sc[ql[:, None] == chunk[None, :]] = -np.inf  # a query's own vector
+            cand_s = np.concatenate([best_s, sc], axis=1)
+            cand_l = np.concatenate([best_l, np.broadcast_to(chunk, sc.shape)], axis=1)
+            top = np.argpartition(-cand_s, k - 1, axis=1)[:, :k]
+            best_s = np.take_along_axis(cand_s, top, axis=1)
+            best_l = np.take_along_axis(cand_l, top, axis=1)
+    exact = [set(lab[s > -np.inf].tolist()) for lab, s in zip(best_l, best_s, strict=True)]
+    return q, ql, exact
+
+
+def _calibrate_saved(uri: str, storage_options: StorageOptions | None) -> None:
+    """`calibrate_rerank` on the index just written at `uri` (not yet published), its
+    depths recorded in the training records of its meta.json (rewritten). An index on an
+    object store is searched from a temporary local copy of its re-ranking vectors."""
+    import tempfile
+
+    fs, path = filesystem(uri, storage_options)
+    with tempfile.TemporaryDirectory(prefix="imagebind-calibrate-") as cache:
+        index = VectorIndex.load(uri, storage_options, vectors_cache=cache)
+        records = index.calibrate_rerank()
+        del index
+    if records:
+        meta = json.loads(fs.cat_file(f"{path}/{META_NAME}"))
+        for m, rec in records.items():
+            meta["training"][m].update(rec)
+        fs.pipe_file(f"{path}/{META_NAME}", json.dumps(meta, sort_keys=True).encode())
+
+
+def _needs_calibration(options: IndexOptions, training: dict) -> bool:
+    """`rerank: auto` and an IVF-PQ modality whose depth is not measured yet."""
+    return options.rerank == AUTO and any(
+        t.get("kind") == "ivfpq" and "rerank" not in t for t in training.values()
+    )
 
 
 def _save_templates(fs: Any, path: str, templates: dict[str, Any]) -> None:
@@ -1559,7 +1740,7 @@ class _ShardBuilder:
             if part is None:
                 kind = self.kinds[m]
                 part = self.parts[m] = _Part(_empty(kind, self.dim, self.templates.get(m)), kind)
-                if kind == "ivfpq" and self.opts.rerank:
+                if kind == "ivfpq" and self.opts.keeps_vectors:
                     file = f"{self.path}/{m}.vectors.npy"
                     self.vfiles[m] = _open_vectors(self.fs, file, self.counts[m], self.dim)
                     self.vlabels[m] = []
@@ -1684,6 +1865,8 @@ def _build_streaming(
         del seg, b
     parts = dict(sorted(parts.items()))
     _write_meta(fs, path, dim or 0, options, training, parts, entries, TRAINED_DIR)
+    if _needs_calibration(options, training):
+        _calibrate_saved(out_uri, storage_options)
     return sum(e["count"] for e in entries), parts
 
 
@@ -1781,6 +1964,8 @@ def _update_from_parent(
                 parts[m] = PartInfo(p["kind"], p["live"] + (prev.count if prev else 0))
     parts = {m: p for m, p in parts.items() if p.count}
     _write_meta(fs, path, int(scan.meta["dim"]), options, training, parts, shards, trained)
+    if _needs_calibration(options, {m: t for m, t in training.items() if m in parts}):
+        _calibrate_saved(out_uri, storage_options)  # a parent built before calibration
     return IndexUpdate(
         "updated",
         None,

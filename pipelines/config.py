@@ -661,9 +661,12 @@ class IndexSettings(BaseModel):
     """Hash partitions of the Ray Data diff (default one per 2 million rows, at least 2)."""
     pq_m: int = Field(64, ge=1)
     """IVF-PQ code bytes per vector."""
-    rerank: int = Field(10, ge=0)
+    rerank: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
     """IVF-PQ: re-score rerank x top_k candidates with stored float vectors (0: off, no float
-    vectors stored)."""
+    vectors stored). "auto": each IVF-PQ modality's depth is measured when its index is built
+    (the smallest reaching `recall_target` on the index's own vectors) and kept by updates."""
+    recall_target: float = Field(0.95, gt=0, le=1)
+    """The recall@10 against exact search that `rerank: auto` chooses its depth for."""
     shards: int = Field(1, ge=1)
     """Index shards (by id hash)."""
     retrain_growth: float = Field(4.0, gt=1)

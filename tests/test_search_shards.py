@@ -873,7 +873,7 @@ def test_segments_and_shards_share_one_coarse_assignment(opts, tmp_path):
     update_index(p2, parent_uri=p1, upserts=upserts, deletes=deleted, all_rows=None, options=o)
     index = VectorIndex.load(p2)
     assert [len(sh.segments) for sh in index.shards.values()] == [2, 2]
-    nprobe, rerank = index.options.nprobe, index.options.rerank
+    nprobe, rerank = index.options.nprobe, index.rerank_depths
     for q in mixture(20, 42):
         q = (q / np.linalg.norm(q)).astype(np.float32)[None]
         coarse: dict = {}
