@@ -71,17 +71,18 @@ def test_auto_measures_the_depth_that_reaches_the_target_and_searches_at_it(corp
     assert t["rerank_recall"] >= index.options.recall_target
     assert index.rerank_depths == {"vision": t["rerank"]}
     # Fresh queries of the same mixture (not stored items), exact answers by brute force:
-    # the measured depth holds on them. The calibration's estimate has a standard error of
-    # about 0.01 near 0.95 (100 queries x 10 neighbours), these 200 queries' about 0.007:
-    # 0.05 below the target is several of them.
+    # the measured depth holds on them. Each estimate is a mean of per-query recalls in
+    # [0, 1] whose standard deviation near a 0.95 mean is at most sqrt(0.95 x 0.05) = 0.22:
+    # standard errors <= 0.022 (100 queries) and <= 0.016 (these 200), <= 0.027 for their
+    # difference; 0.08 below the target is 3 of those.
     queries = mixture(200, seed=2)
-    assert recall_at(index, emb, queries) >= index.options.recall_target - 0.05
+    assert recall_at(index, emb, queries) >= index.options.recall_target - 0.08
     # PQ scores alone are far from it on this data: the depth adapted to it, and the
     # default search uses it (a fixed depth of 1 finds less).
     assert t["rerank"] > 1
     shallow = VectorIndex.build(ids, ids, ["vision"] * len(ids), emb, **PQ, rerank=1)
     assert "rerank" not in shallow.training["vision"]  # a fixed depth is not measured
-    assert recall_at(shallow, emb, queries) < index.options.recall_target - 0.05
+    assert recall_at(shallow, emb, queries) < index.options.recall_target - 0.08
 
 
 def test_a_target_out_of_reach_takes_the_deepest_level_and_says_so(corpus, caplog):
