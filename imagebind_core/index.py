@@ -58,7 +58,6 @@ kind or its size leaves the retrain band (`IndexOptions.retrain_growth`).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -75,7 +74,7 @@ from typing import Any
 import numpy as np
 
 from imagebind_core.errors import InvalidInput
-from imagebind_core.io import StorageOptions, filesystem, protocol_of
+from imagebind_core.io import StorageOptions, base_name, filesystem, listed_sizes, protocol_of
 from imagebind_core.kinds import KINDS
 
 logger = logging.getLogger(__name__)
@@ -831,17 +830,7 @@ def _segment_file_names(parts: dict) -> list[str]:
 
 def _listed_sizes(fs: Any, path: str) -> dict[str, int]:
     """{file name: size} of the files directly in the folder `path` (empty if none)."""
-    with contextlib.suppress(Exception):
-        fs.invalidate_cache(path)
-    try:
-        entries = fs.ls(path, detail=True)
-    except (FileNotFoundError, NotADirectoryError):
-        return {}
-    return {
-        e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0)
-        for e in entries
-        if e.get("type") == "file"
-    }
+    return {base_name(p): n for p, n in listed_sizes(fs, path).items()}
 
 
 def _segment_file_sizes(fs: Any, path: str, parts: dict) -> dict[str, int]:

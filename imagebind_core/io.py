@@ -218,6 +218,24 @@ def _check_regular(path: str, uri: str, modality: str) -> None:
         raise InvalidInput(modality, f"cannot read {uri}: {what}", uri)
 
 
+def listed_sizes(fs: Any, path: str) -> dict[str, int]:
+    """{path: size} of the files directly in the folder `path` of `fs` (empty when it does not
+    exist), listed afresh: fsspec's listing cache is dropped first, since a size is read to
+    check what is there now (what a run committed, what an index segment holds)."""
+    with contextlib.suppress(Exception):
+        fs.invalidate_cache(path)
+    try:
+        entries = fs.ls(path, detail=True)
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    return {e["name"]: int(e.get("size") or 0) for e in entries if e.get("type") == "file"}
+
+
+def base_name(path: str) -> str:
+    """The last part of a listed path (fsspec names folders with or without a trailing /)."""
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
 def local_cache_dir() -> str:
     """Where downloaded checkpoints are cached: $IMAGEBIND_CACHE or ~/.cache/imagebind-ray."""
     return os.environ.get(

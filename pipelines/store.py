@@ -39,11 +39,13 @@ from imagebind_core.errors import StoreUnavailable
 from imagebind_core.index import join_uri
 from imagebind_core.io import (
     StorageOptions,
+    base_name,
     canonical_uri,
     durable_tmp,
     file_lock,
     filesystem,
     is_durable_tmp,
+    listed_sizes,
     protocol_of,
     store_name,
     write_atomic,
@@ -425,18 +427,11 @@ class Output:
 
     def ls_sizes(self, path: str) -> dict[str, int]:
         """`ls_files` with each file's size."""
-        with contextlib.suppress(Exception):
-            self.fs.invalidate_cache(path)
-        try:
-            entries = self.fs.ls(path, detail=True)
-        except (FileNotFoundError, NotADirectoryError):
-            return {}
-        out = {}
-        for e in entries:
-            name = e["name"].rstrip("/").rsplit("/", 1)[-1]
-            if e.get("type") == "file" and not name.startswith(".") and name.endswith(".parquet"):
-                out[e["name"]] = int(e.get("size") or 0)
-        return out
+        return {
+            p: n
+            for p, n in listed_sizes(self.fs, path).items()
+            if not base_name(p).startswith(".") and p.endswith(".parquet")
+        }
 
     def write_bytes_atomic(self, path: str, data: bytes) -> None:
         """Write `path` so that readers see all of it or nothing."""
