@@ -162,3 +162,23 @@ def test_the_reindex_config_takes_auto_or_a_depth():
     for bad in ({"rerank": "deep"}, {"rerank": -1}, {"recall_target": 1.5}):
         with pytest.raises(ConfigError, match=r"index\.(rerank|recall_target)"):
             opts(**bad)
+
+
+def test_an_index_built_on_an_object_store_measures_its_depth(corpus, s3_server):
+    """The build writes to S3 (moto's server, real HTTP); the calibration searches a local
+    copy of the re-ranking vectors and records the depth in the meta.json on S3."""
+    import uuid
+
+    ids, emb = corpus
+    rows = table(ids[:3000], emb[:3000])
+    bucket = s3_server.create_bucket(f"rr-{uuid.uuid4().hex[:8]}")
+    uri, so = f"s3://{bucket}/v1", s3_server.storage_options
+    r = update_index(
+        uri, parent_uri=None, upserts=rows.slice(0, 0), deletes=[], all_rows=lambda: rows,
+        options=IndexOptions(**PQ), storage_options=so,
+    )  # fmt: skip
+    assert r.mode == "built"
+    t = read_index_meta(uri, so)["training"]["vision"]
+    assert t["rerank"] in RERANK_LEVELS and t["rerank_queries"] == 100
+    assert t["rerank_recall"] >= 0.95
+    assert VectorIndex.load(uri, so).rerank_depths == {"vision": t["rerank"]}
