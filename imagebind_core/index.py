@@ -1513,14 +1513,27 @@ def _calibration_queries(
 def _calibrate_saved(uri: str, storage_options: StorageOptions | None) -> None:
     """`calibrate_rerank` on the index just written at `uri` (not yet published), its
     depths recorded in the training records of its meta.json (rewritten). An index on an
-    object store is searched from a temporary local copy of its re-ranking vectors."""
+    object store is searched from a temporary local copy of its re-ranking vectors.
+
+    A measurement that fails (the store unreachable while the vectors are copied, the disk
+    full) is logged and leaves the depths unrecorded: the index is whole without them and
+    searched at UNCALIBRATED_RERANK, and the next update measures again. A failed
+    measurement must not cost the build it follows."""
     import tempfile
 
     fs, path = filesystem(uri, storage_options)
-    with tempfile.TemporaryDirectory(prefix="imagebind-calibrate-") as cache:
-        index = VectorIndex.load(uri, storage_options, vectors_cache=cache)
-        records = index.calibrate_rerank()
-        del index
+    try:
+        with tempfile.TemporaryDirectory(prefix="imagebind-calibrate-") as cache:
+            index = VectorIndex.load(uri, storage_options, vectors_cache=cache)
+            records = index.calibrate_rerank()
+            del index
+    except Exception as e:
+        logger.warning(
+            "%s: could not measure the re-ranking depth (%s: %s); searched at %d until an "
+            "update measures it",
+            uri, type(e).__name__, e, UNCALIBRATED_RERANK,
+        )  # fmt: skip
+        return
     if records:
         meta = json.loads(fs.cat_file(f"{path}/{META_NAME}"))
         for m, rec in records.items():

@@ -182,3 +182,38 @@ def test_an_index_built_on_an_object_store_measures_its_depth(corpus, s3_server)
     assert t["rerank"] in RERANK_LEVELS and t["rerank_queries"] == 100
     assert t["rerank_recall"] >= 0.95
     assert VectorIndex.load(uri, so).rerank_depths == {"vision": t["rerank"]}
+
+
+def test_a_failed_measurement_leaves_the_index_whole_and_the_next_update_measures(
+    corpus, tmp_path, monkeypatch, caplog
+):
+    """The measurement follows a build that may have taken an hour: when it fails, the build
+    stands, the depth is unrecorded (searched at UNCALIBRATED_RERANK) and said, and the next
+    update measures it."""
+    ids, emb = corpus
+    rows = table(ids[:3000], emb[:3000])
+    opts = IndexOptions(**PQ)
+    v1, v2 = str(tmp_path / "v1"), str(tmp_path / "v2")
+    real = VectorIndex.calibrate_rerank
+
+    def broken(self, *a, **k):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(VectorIndex, "calibrate_rerank", broken)
+    with caplog.at_level(logging.WARNING, logger="imagebind_core.index"):
+        r = update_index(
+            v1, parent_uri=None, upserts=rows.slice(0, 0), deletes=[], all_rows=lambda: rows,
+            options=opts,
+        )  # fmt: skip
+    assert r.mode == "built"
+    assert "could not measure the re-ranking depth (OSError: No space left" in caplog.text
+    assert "rerank" not in read_index_meta(v1)["training"]["vision"]
+    index = VectorIndex.load(v1)
+    assert index.rerank_depths == {"vision": UNCALIBRATED_RERANK}
+    assert index.search(emb[0], 1, "vision")[0]["id"] == ids[0]
+
+    monkeypatch.setattr(VectorIndex, "calibrate_rerank", real)
+    up = table(["new0"], mixture(1, seed=5))
+    r = update_index(v2, parent_uri=v1, upserts=up, deletes=[], all_rows=None, options=opts)
+    assert r.mode == "updated", r.reason
+    assert read_index_meta(v2)["training"]["vision"]["rerank"] in RERANK_LEVELS
