@@ -273,7 +273,8 @@ class IndexOptions:
             raise ValueError(
                 f"index option rerank must be an integer >= 0 or {AUTO!r}, got {self.rerank!r}"
             )
-        if not 0 < self.recall_target <= 1:
+        target = self.recall_target
+        if isinstance(target, bool) or not isinstance(target, int | float) or not 0 < target <= 1:
             raise ValueError(
                 f"index option recall_target must be in (0, 1], got {self.recall_target!r}"
             )

@@ -142,6 +142,7 @@ def test_a_saved_index_keeps_its_depth_through_updates_and_measures_a_missing_on
         ({"rerank": "fast"}, "rerank"),
         ({"rerank": True}, "rerank"),
         ({"recall_target": 0}, "recall_target"),
+        ({"recall_target": "high"}, "recall_target"),
     ],
 )
 def test_bad_rerank_options_are_named(bad, field):
