@@ -80,10 +80,38 @@ def build(root: str, n: int, changed: int, manifest_rows: int) -> None:
     schema = next(parts()).schema
     table = VersionTable(f"{root}/rows", ROWS_TABLE, None)
     table.commit(None, None, (b for t in parts() for b in t.to_batches()), schema, "parent")
+    write_snapshot(root)
     open(f"{root}/.done", "w").close()
 
 
-def child(root: str, n: int) -> dict:
+def write_snapshot(root: str) -> None:
+    """The parent's key snapshot (`pipelines.keys`), as a re-index that listed the corpus
+    before the change would have written it: each manifest listed as the product lists it,
+    with the parent's fingerprints."""
+    from pipelines import keys
+    from pipelines.config import load_reindex_config
+    from pipelines.plan import list_shard, plan_job
+
+    over = {"input": f"{root}/corpus", "preset": "huge", "index.root": f"{root}/index"}
+    cfg = load_reindex_config(None, over)
+    bases, rows = {}, 0
+    plan = plan_job(cfg.job)
+    for shard in plan.shards:
+        t = list_shard(shard, cfg.job)
+        t = t.set_column(
+            t.schema.get_field_index("fingerprint"),
+            "fingerprint",
+            pa.repeat(pa.scalar("f"), t.num_rows),
+        )
+        rel = f"snapshot/{keys.base_name(shard.name)}"
+        keys.write_base(t, f"{root}/{rel}", None)
+        bases[shard.name] = {"file": rel, "since": 0}
+        rows += t.num_rows
+    with open(f"{root}/snapshot.json", "w") as f:
+        json.dump({**keys.new_record(bases, [], rows, 0), "kinds": list(plan.kinds)}, f)
+
+
+def child(root: str, n: int, how: str = "ray") -> dict:
     from pyarrow.fs import LocalFileSystem
 
     import pipelines
@@ -106,10 +134,29 @@ def child(root: str, n: int) -> dict:
         ray_s.append(time.perf_counter() - t)
 
     t0 = time.perf_counter()
-    listing = list_items_on_ray(cfg.job, start_ray=start_ray)
-    t1 = time.perf_counter()
-    d = diff_on_ray(listing, pin, None, LocalFileSystem(), parent_count=n)
-    t2 = time.perf_counter()
+    if how == "shards":  # the parent's snapshot: each shard diffed where it is listed
+        from pipelines.keys import diff_shards
+        from pipelines.plan import input_sources, manifest_specs
+
+        # As `pipelines.reindex` plans a manifest corpus whose snapshot found no repeats: the
+        # manifests are read by the tasks only.
+        with open(f"{root}/snapshot.json") as f:
+            snap = json.load(f)
+        plan = manifest_specs(cfg.job, input_sources(cfg.job)[1])
+        plan.kinds = tuple(snap["kinds"])  # Ray for the corpus's kinds, as the re-index does
+        start_ray(plan.kinds)
+        t1 = time.perf_counter()
+        out = f"runs/{os.getpid()}"
+        d = diff_shards(
+            cfg.job, plan, snap, root, {}, (pin, None), (n, 0), out, start_ray, unplanned=True
+        ).diff
+        t2 = time.perf_counter()
+        shutil.rmtree(f"{root}/{out}", ignore_errors=True)
+    else:
+        listing = list_items_on_ray(cfg.job, start_ray=start_ray)
+        t1 = time.perf_counter()
+        d = diff_on_ray(listing, pin, None, LocalFileSystem(), parent_count=n)
+        t2 = time.perf_counter()
     return {
         "plan_s": round(t1 - t0, 2),
         "ray_start_s": round(sum(ray_s), 2),
@@ -129,23 +176,34 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--workdir", default="/tmp/bench-list-diff")
     p.add_argument("--baseline", help="a checkout to alternate with this one, for the ratio")
+    p.add_argument(
+        "--diff",
+        choices=["ray", "shards", "both"],
+        default="both",
+        help="ray: the whole-corpus join on Ray Data (`diff_on_ray`); shards: shard by shard "
+        "against the parent's key snapshot (`pipelines.keys.diff_shards`); both: alternated",
+    )
     p.add_argument("--json", help="also write the results here")
-    p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
-        print(json.dumps(child(a.child[0], int(a.child[1]))))
+        print(json.dumps(child(a.child[0], int(a.child[1]), a.child[2])))
         return
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    codes = ([("baseline", os.path.abspath(a.baseline))] if a.baseline else []) + [("this", here)]
+    hows = ["ray", "shards"] if a.diff == "both" else [a.diff]
+    if a.baseline:
+        codes = [("baseline", os.path.abspath(a.baseline), "ray"), ("this", here, hows[-1])]
+    else:
+        codes = [(how, here, how) for how in hows]
     for n in a.sizes:
         build(f"{a.workdir}/n{n}", n, a.changed, a.manifest_rows)
     results = []
     for r in range(a.rounds):
         for n in a.sizes:
-            for label, code in codes:
+            for label, code, how in codes:
                 path = os.pathsep.join([code, os.environ.get("PYTHONPATH", "")])
                 out = run_child(
-                    [sys.executable, __file__, "--child", f"{a.workdir}/n{n}", str(n)],
+                    [sys.executable, __file__, "--child", f"{a.workdir}/n{n}", str(n), how],
                     env=dict(os.environ, PYTHONPATH=path),
                 )
                 out.update(size=n, code=label, round=r)
@@ -158,22 +216,23 @@ def main() -> None:
             k: statistics.median(x[k] for x in results if x["code"] == label and x["size"] == n)
             for k in ("plan_s", "ray_start_s", "diff_s", "wall_s")
         }
-        for label, _ in codes
+        for label, *_ in codes
         for n in a.sizes
     }
     for (label, n), m in med.items():
         print(f"{label:8s} {n:>11,} rows: median plan {m['plan_s']:.2f} s (Ray's start "
               f"{m['ray_start_s']:.2f} s of it), diff "
               f"{m['diff_s']:.2f} s, wall {m['wall_s']:.2f} s")  # fmt: skip
-    for label, _ in codes:
+    for label, *_ in codes:
         lo, hi = a.sizes[0], a.sizes[-1]
         if lo != hi:
             print(f"{label}: wall {hi:,} / {lo:,} = "
                   f"{med[(label, hi)]['wall_s'] / med[(label, lo)]['wall_s']:.2f}x")  # fmt: skip
-    if a.baseline:
+    if len(codes) == 2:
+        (first, *_), (second, *_) = codes
         for n in a.sizes:
-            b, t = med[("baseline", n)]["wall_s"], med[("this", n)]["wall_s"]
-            print(f"{n:,} rows: wall this / baseline = {t / b:.2f}x")
+            b, t = med[(first, n)]["wall_s"], med[(second, n)]["wall_s"]
+            print(f"{n:,} rows: wall {second} / {first} = {t / b:.2f}x")
     write_results(a.json, {"rounds": results, "sizes": a.sizes})
 
 

@@ -24,7 +24,8 @@ run lists itself (`pipelines.plan`), so the listing's cost is measured too.
 
 Bytes written: the sizes of the files under the index root that are new or changed after the
 run, by area: `rows` (the version's rows: `rows.lance`/`failures.lance`, or a version's
-`data/carried/`), `embedded` (`data/embedded/`), `index` (the version's `index/`), `other`.
+`data/carried/`), `embedded` (`data/embedded/`), `index` (the version's `index/`), `keys`
+(its key snapshot's files, `pipelines.keys`), `other`.
 The same script runs against any commit whose `pipelines.reindex` has `_list_corpus` and
 `_embed_changes` (e.g. `git worktree add /tmp/main main` and `PYTHONPATH=/tmp/main`).
 `--baseline DIR` compares in one run: the measured runs alternate between the checkout at DIR
@@ -79,8 +80,8 @@ def _patch(listing: pa.Table | None, dim: int) -> None:
     from imagebind_core.index import join_uri
     from imagebind_core.io import filesystem
 
-    def list_corpus(cfg, parent):
-        return listing
+    def list_corpus(cfg, ir, parent, stage, **_):
+        return ri._Listed(listing, None, False)
 
     def embed_changes(cfg, stage, diff):
         todo = diff.to_embed
@@ -123,6 +124,8 @@ def _area(rel: str) -> str:
         return "embedded"
     if "/index/" in rel:
         return "index"
+    if "/keys/" in rel:
+        return "keys"
     return "other"
 
 
@@ -184,7 +187,7 @@ def child(
     after = _files(f"{root}/index")
     record = IndexRoot(f"{root}/index", {}).read_record(r.name)
     timings, index = record.get("timings_s", {}), record.get("index") or {}
-    written: dict[str, int] = {"rows": 0, "embedded": 0, "index": 0, "other": 0}
+    written: dict[str, int] = {"rows": 0, "embedded": 0, "index": 0, "keys": 0, "other": 0}
     for rel, (size, mtime) in after.items():
         if before.get(rel) != (size, mtime):
             written[_area(rel)] += size

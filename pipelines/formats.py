@@ -315,6 +315,19 @@ def _column(table: pa.Table, name: str, typ: pa.DataType = pa.string()) -> pa.Ch
 _REPEATS_SAID: set[tuple[str, int, tuple[str, ...]]] = set()
 
 
+def warn_manifest_repeats(shard: str, dups: Sequence[str]) -> None:
+    """Say that manifest `shard` skips rows repeating the ids `dups` of earlier rows (once per
+    process: a run reads a manifest more than once)."""
+    said = (shard, len(dups), tuple(sorted(set(dups))[:3]))
+    if said not in _REPEATS_SAID:
+        _REPEATS_SAID.add(said)
+        logger.warning(
+            "manifest %s: %d rows repeat an id of an earlier row and are skipped, e.g. %s",
+            *said[:2],
+            list(said[2]),
+        )
+
+
 def _manifest_keys(table: pa.Table, shard: str, repeats: list[str] | None) -> _ManifestKeys:
     """The ids, kinds and rejections of a manifest's rows (see `manifest_table`)."""
     n = table.num_rows
@@ -329,14 +342,7 @@ def _manifest_keys(table: pa.Table, shard: str, repeats: list[str] | None) -> _M
         dup_mask = np.ones(n, bool)
         dup_mask[keep] = False
         dups = pc.filter(ids, pa.array(dup_mask)).to_pylist()
-        said = (shard, len(dups), tuple(sorted(set(dups))[:3]))
-        if said not in _REPEATS_SAID:  # a run reads a manifest more than once
-            _REPEATS_SAID.add(said)
-            logger.warning(
-                "manifest %s: %d rows repeat an id of an earlier row and are skipped, e.g. %s",
-                *said[:2],
-                list(said[2]),
-            )
+        warn_manifest_repeats(shard, dups)
         if repeats is not None:
             repeats.extend(dups)
     rows = pa.array(keep)
@@ -562,10 +568,12 @@ def manifest_shard_table(
     fingerprint: str | None,
     kinds: Collection[str],
     storage_options: StorageOptions | None,
+    repeats: list[str] | None = None,
     **_: Any,
 ) -> pa.Table:
-    """`manifest_rows` as one table (the read task's path for manifests: no dict per row)."""
-    table = manifest_table(read_manifest(uri, storage_options), shard, uri)
+    """`manifest_rows` as one table (the read task's path for manifests: no dict per row).
+    `repeats`: as for `manifest_table`."""
+    table = manifest_table(read_manifest(uri, storage_options), shard, uri, repeats)
     mask = pc.is_in(table.column(_KIND), pa.array(sorted(kinds), pa.string()))
     return table.filter(mask).drop_columns([_KIND])
 

@@ -813,13 +813,16 @@ def list_items_on_ray(
     threads: int = 16,
     start_ray: Callable[[Sequence[str]], Any] | None = None,
     plan: Plan | None = None,
+    bases: tuple[str, str, StorageOptions | None] | None = None,
 ) -> Any:
     """`list_items` as a Ray dataset: the driver plans (for manifests and WebDataset, one
     spec a manifest or tar), Ray tasks list the shards (read manifests and tar headers, ask
     the store for fingerprints), and the rows never reach the driver. `start_ray(kinds)` is
     called once the plan knows the corpus's kinds, before any Ray call (the caller starts Ray
     as its job would). Raises EmptyInput, like `list_items`, when the input holds nothing to
-    list. `plan`: as for `list_items`.
+    list. `plan`: as for `list_items`. `bases` (index root, folder relative to it, storage
+    options): each task also writes its shard's key snapshot base there
+    (`pipelines.keys.write_base`, named `base_name(shard)`).
 
     The rows are LISTING_SCHEMA's plus REPEAT (bool): True on a row whose id an earlier row of
     the same shard lists (a tar holding two members of one name; repeats across manifests are
@@ -839,7 +842,7 @@ def list_items_on_ray(
     )
     return specs.map_batches(
         _list_specs,
-        fn_kwargs={"cfg": cfg, "stat": stat, "threads": threads},
+        fn_kwargs={"cfg": cfg, "stat": stat, "threads": threads, "bases": bases},
         batch_size=1,  # one shard a task: a shard is up to a manifest's or a tar's rows
         batch_format="pyarrow",
     )
@@ -860,17 +863,67 @@ def _flag_repeats(t: pa.Table, unique: bool = False) -> pa.Table:
     return t.append_column(pa.field(REPEAT, pa.bool_()), pa.array(repeat))
 
 
-def _list_specs(batch: pa.Table, cfg: JobConfig, stat: bool, threads: int) -> pa.Table:
+def list_shard(
+    shard: ShardSpec,
+    cfg: JobConfig,
+    *,
+    stat: bool = True,
+    threads: int = 16,
+    facts: dict | None = None,
+) -> pa.Table:
+    """One shard's listing rows (LISTING_SCHEMA) with REPEAT flags. `facts`, if given, gets
+    for a manifest `lists_alone` (as `ShardSpec.lists_alone`: no row asked the store for its
+    fingerprint) and `repeats` (ids its rows repeat, later rows skipped)."""
+    fmt = input_format(shard.format)
+    if fmt.shard_table is None:
+        chunks = list(_listing_chunks([shard], cfg, stat, threads))
+        return _flag_repeats(pa.concat_tables(chunks) if chunks else LISTING_SCHEMA.empty_table())
+    storage_options = cfg.storage_options()
+    repeats: list[str] = []
+    t = _table_listing(shard, storage_options, repeats)
+    if facts is not None:
+        asks = pc.and_(pc.is_null(t.column("fingerprint")), pc.is_null(t.column("error")))
+        facts["lists_alone"] = not pc.any(asks).as_py()
+        facts["repeats"] = repeats
+    if stat:
+        t = _stat_table(t, storage_options, threads)
+    return _flag_repeats(t, unique=True)
+
+
+def manifest_specs(cfg: JobConfig, sources: Sequence[Source]) -> Plan:
+    """A manifest corpus's plan without reading its manifests: one spec a manifest, every kind
+    allowed, no counts, no ids excluded (`ShardSpec.exclude`) and `lists_alone` unknown
+    (False). For a run whose tasks read each manifest anyway and find ids repeated across
+    manifests themselves (`pipelines.keys.diff_shards`): `plan_job` reads every manifest on
+    the driver first to find them."""
+    names = _shard_names(sources, MANIFEST_SUFFIXES)
+    kinds = tuple(sorted({*KINDS, INVALID}))
+    shards = [
+        ShardSpec(n, "manifest", s.uri, s.fingerprint, kinds, identity=s.fingerprint)
+        for s, n in zip(sources, names, strict=True)
+    ]
+    return Plan("manifest", cfg.input, shards, tuple(sorted(KINDS)), None)
+
+
+def _list_specs(
+    batch: pa.Table,
+    cfg: JobConfig,
+    stat: bool,
+    threads: int,
+    bases: tuple[str, str, StorageOptions | None] | None = None,
+) -> pa.Table:
+    from imagebind_core.index import join_uri
+    from pipelines.keys import base_name, write_base
+
     out = []
     for spec in batch.column("spec").to_pylist():
         shard = pickle.loads(spec)
-        chunks = list(_listing_chunks([shard], cfg, stat, threads))
-        out.append(
-            _flag_repeats(
-                pa.concat_tables(chunks) if chunks else LISTING_SCHEMA.empty_table(),
-                unique=input_format(shard.format).shard_table is not None,
-            )
-        )
+        t = list_shard(shard, cfg, stat=stat, threads=threads)
+        if bases is not None:
+            root, folder, so = bases
+            kept = t.filter(pc.invert(t.column(REPEAT)))
+            write_base(kept, join_uri(root, folder, base_name(shard.name)), so)
+        out.append(t)
     return pa.concat_tables(out) if out else _flag_repeats(LISTING_SCHEMA.empty_table())
 
 
@@ -907,11 +960,19 @@ def _listing_chunks(
         yield chunk()
 
 
-def _table_listing(shard: ShardSpec, storage_options: StorageOptions | None) -> pa.Table:
+def _table_listing(
+    shard: ShardSpec, storage_options: StorageOptions | None, repeats: list[str] | None = None
+) -> pa.Table:
     """`_listed_rows` of a shard whose format reads it as one table (`shard_table`: manifests),
-    built column by column (the same rows: tested against the row-by-row path)."""
+    built column by column (the same rows: tested against the row-by-row path). `repeats`
+    gets the ids the shard's rows repeat (later rows skipped)."""
     t = input_format(shard.format).shard_table(
-        shard.name, shard.uri, shard.fingerprint, shard.kinds, storage_options=storage_options
+        shard.name,
+        shard.uri,
+        shard.fingerprint,
+        shard.kinds,
+        storage_options=storage_options,
+        repeats=repeats,
     )
     if shard.exclude:
         skip = pa.array(sorted(shard.exclude), pa.string())

@@ -55,6 +55,7 @@ from imagebind_core.index import (
     join_uri,
 )
 from imagebind_core.io import StorageOptions, canonical_uri, filesystem
+from pipelines.keys import KEYS_DIR, snapshot_files
 from pipelines.store import PreconditionFailed, hidden, open_store
 from pipelines.tables import FAILURES_TABLE, ROWS_TABLE, Pin, VersionTable, read_pin
 
@@ -219,8 +220,8 @@ class IndexRoot:
             files = []
         spared = [p for p in in_use if p.startswith(path + "/")]
         doomed = [f for f in files if not any(f == p or f.startswith(p + "/") for p in spared)]
-        index_prefix = f"{path}/{INDEX_DIR}/"
-        was_version = not files or any(not f.startswith(index_prefix) for f in doomed)
+        shared = tuple(f"{path}/{d}/" for d in SHARED_DIRS)
+        was_version = not files or any(not f.startswith(shared) for f in doomed)
         if not spared:
             self.discard(name)
             return was_version
@@ -231,6 +232,23 @@ class IndexRoot:
             for table in self.tables():
                 table.untag(name)
         return was_version and bool(doomed)
+
+    def read_inputs(self, name: str) -> dict | None:
+        """The version's `inputs.json` (what its corpus's shards were when listed, and its key
+        snapshot); None when it has none. Raises ValueError when it is not JSON."""
+        fs, path = filesystem(join_uri(self.version_uri(name), INPUTS_NAME), self.storage_options)
+        try:
+            return json.loads(fs.cat_file(path))
+        except FileNotFoundError:
+            return None
+
+    def _keys_record(self, name: str) -> dict | None:
+        try:
+            doc = self.read_inputs(name)
+        except ValueError:
+            return None
+        keys = doc.get("keys") if isinstance(doc, dict) else None
+        return keys if isinstance(keys, dict) else None
 
     def apply_retention(self, keep: int) -> list[str]:
         """Keep the newest `keep` published versions; remove older ones and abandoned stages.
@@ -252,13 +270,16 @@ class IndexRoot:
                 name = self.read_record(name).get("parent_name")
             except FileNotFoundError:
                 break
-        # A kept version's index may use segments an older version wrote (`index_files`):
-        # those files stay when that version goes.
+        # A kept version's index may use segments an older version wrote (`index_files`), and
+        # its key snapshot an older version's files (`snapshot_files`): those files stay when
+        # that version goes.
         in_use = {
             p
             for n in kept
             for p in index_files(join_uri(self.version_uri(n), INDEX_DIR), self.storage_options)
         }
+        for n in kept:
+            in_use.update(snapshot_files(self.root, self._keys_record(n), self.storage_options))
         removed = []
         for n in self._list_version_names():
             num = parse_version_name(n)
@@ -281,6 +302,11 @@ class IndexRoot:
 
 
 # ------------------------------------------------------------------------- version staging
+
+# Where a version records what its corpus's shards were when listed, and its key snapshot.
+INPUTS_NAME = "inputs.json"
+# A version folder's subfolders whose files later versions may use (retention spares them).
+SHARED_DIRS = (INDEX_DIR, KEYS_DIR)
 
 # Inside a version's data/ folder: this run's embeddings (`pipelines.embed.embed_items` output;
 # failed items in `_errors/`). Versions published before the Lance layout also hold `carried/`.

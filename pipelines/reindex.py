@@ -6,16 +6,17 @@ One run:
    a second run finds it held and exits without doing anything;
 2. reads the published pointer (`<root>/LATEST`) and the parent version's rows (the Lance
    versions its record pins, `pipelines.tables`; Parquet for versions published before);
-3. lists the corpus without reading payloads (`pipelines.plan.list_items`, the same inputs
-   as `imagebind-embed`; in Ray tasks for a parent of `index.diff_on_ray_rows` rows or more,
-   `list_items_on_ray`; only the new shards when the parent's shards are the same files as
-   when it listed them, `inputs.json`) and diffs it against the parent by (`id`,
-   `fingerprint`): new and changed items are embedded, unchanged rows are carried forward as
+3. lists the corpus without reading payloads (`pipelines.plan.list_items`, the same inputs as
+   `imagebind-embed`; in Ray tasks for a parent of `index.diff_on_ray_rows` rows or more,
+   `list_items_on_ray`; only the new shards when the parent's shards are the same files as when
+   it listed them, `inputs.json`) and diffs it against the parent by (`id`, `fingerprint`; shard
+   by shard against the parent's key snapshot when it has one, `pipelines.keys`, so only what
+   differs is joined): new and changed items are embedded, unchanged rows are carried forward as
    they are (same bytes, no recomputation), deleted items are left out. A different model
    lineage (preset, checkpoint sha256, dtype, embedding size, normalisation, preprocessing
-   version, options and limits; the seed for random weights) re-embeds everything. Items
-   that failed in the parent with the same fingerprint are not retried unless
-   `index.retry_failed` is set (a bad file must not make every run publish a new version);
+   version, options and limits; the seed for random weights) re-embeds everything. Items that
+   failed in the parent with the same fingerprint are not retried unless `index.retry_failed` is
+   set (a bad file must not make every run publish a new version);
 4. if nothing changed, publishes nothing; otherwise stages a complete version
    (`pipelines.publish.StagedVersion`) under `<root>/versions/<n>-<run>/` — `data/embedded/`
    (this run's embeddings, written by `pipelines.embed.embed_items` with its exactly-once
@@ -48,6 +49,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -55,12 +57,14 @@ from imagebind_core.index import (
     BUILD_BATCH_ROWS,
     DATA_DIR,
     INDEX_DIR,
+    VERSIONS_DIR,
     IndexUpdate,
     Pointer,
     join_uri,
     update_index,
 )
 from imagebind_core.io import filesystem, protocol_of
+from imagebind_core.kinds import KINDS
 from pipelines.config import ReindexConfig
 from pipelines.diff import KEY_COLUMNS, diff_listing, diff_on_ray, relocate
 from pipelines.formats import PlanError
@@ -68,6 +72,7 @@ from pipelines.lineage import lineage_changes, lineage_key, model_lineage
 from pipelines.lock import OutputLock, OutputLocked
 from pipelines.plan import check_folder, check_input, shard_identities, store_errors
 from pipelines.publish import (
+    INPUTS_NAME,
     RECORD_FORMAT,
     IndexRoot,
     PublishConflict,
@@ -205,11 +210,19 @@ def _run_locked(cfg: ReindexConfig, ir: IndexRoot, lock: OutputLock) -> ReindexR
         key = lineage_key(cfg.job)
         with _damage_named(ir):
             parent = _read_parent(cfg, ir, key)
+    # Staged before the diff: the listing writes the version's key snapshot into its folder.
+    stage = ir.stage(parent.version + 1)
     with _timed(timings, "list_and_diff_s"):
-        listed, diff = _list_and_diff(cfg, ir, parent)
+        try:
+            listed, diff = _list_and_diff(cfg, ir, parent, stage)
+        except BaseException:
+            with contextlib.suppress(Exception):  # the error at hand is the one to report
+                stage.discard()
+            raise
     _log_diff(cfg, diff, parent, listed)
     dim = int(key["embed_dim"])
     if parent.pointer is not None and parent.full_reason is None and diff.empty:
+        stage.discard()
         result = ReindexResult(
             "unchanged",
             ir.root,
@@ -219,7 +232,6 @@ def _run_locked(cfg: ReindexConfig, ir: IndexRoot, lock: OutputLock) -> ReindexR
         )
         rows = lambda: _published_rows(ir, parent, dim)  # noqa: E731
         return _sync_milvus(cfg, result, parent.name, rows, dim)
-    stage = ir.stage(parent.version + 1)
     logger.info("staging version %s", stage.name)
     with _timed(timings, "embed_s"):
         _embed_changes(cfg, stage, diff)
@@ -235,7 +247,11 @@ def _run_locked(cfg: ReindexConfig, ir: IndexRoot, lock: OutputLock) -> ReindexR
         index = _write_index(cfg, stage, parent, data, dim)
     counts = _counts(diff, new_rows, new_errors, count_pin(data.rows, ir.storage_options))
     if listed.inputs is not None:  # before the record: a folder without it is unfinished
-        _write_inputs(stage, listed.inputs)
+        inputs = dict(listed.inputs)
+        if listed.keys is not None:  # the snapshot holds each item the version holds
+            held = counts["total"] + count_pin(data.failures, ir.storage_options)
+            inputs["keys"] = {**listed.keys, "rows": held}
+        _write_inputs(stage, inputs)
     record = _version_record(cfg, stage, parent, key, counts, data, index, timings)
     stage.write_record({**record, "diff": _diff_kind(listed)})
     result = _publish(cfg, ir, stage, parent, counts, lock)
@@ -354,21 +370,17 @@ def _parent_tables(parent: _Parent, ir: IndexRoot) -> tuple[pa.Table | None, pa.
 # ----------------------------------------------------------------------------- listing
 
 
-# Where a version records what its corpus's shards were when they were listed.
-INPUTS_NAME = "inputs.json"
-
-
 def _read_inputs(ir: IndexRoot, pointer: Pointer) -> dict | None:
     """The parent's `inputs.json` (None when it has none: published before it was written, or
     of a corpus of files, or unreadable — then the run lists everything, as before)."""
-    uri = join_uri(pointer.version_uri(ir.root), INPUTS_NAME)
-    fs, path = filesystem(uri, ir.storage_options)
     try:
-        doc = json.loads(fs.cat_file(path))
-    except FileNotFoundError:
-        return None
+        doc = ir.read_inputs(pointer.name)
     except ValueError as e:
-        logger.warning("%s is not readable (%s): the corpus is listed whole", uri, e)
+        logger.warning(
+            "%s is not readable (%s): the corpus is listed whole",
+            join_uri(pointer.version_uri(ir.root), INPUTS_NAME),
+            e,
+        )
         return None
     return doc if isinstance(doc, dict) and isinstance(doc.get("shards"), dict) else None
 
@@ -385,12 +397,17 @@ class _Listed:
     """The corpus as this run lists it: `listing` (a table on the driver, or a Ray dataset
     when `on_ray`), the `inputs.json` record the new version keeps (None: a corpus of files),
     and `appended`: only the shards new since the parent were listed, the parent's shards
-    being the same files as when it listed them (carried by identity, not read)."""
+    being the same files as when it listed them (carried by identity, not read). `keys` and
+    `diff`: see below."""
 
     listing: Any
     inputs: dict | None
     on_ray: bool
     appended: bool = False
+    # The new version's key snapshot (`pipelines.keys`; its `rows` added once counted), and
+    # the diff when the snapshot path made it with the listing.
+    keys: dict | None = None
+    diff: Any = None
 
 
 def _inputs_record(cfg: ReindexConfig, fmt: str, shards: dict[str, str | None]) -> dict | None:
@@ -433,12 +450,43 @@ def _new_sources(cfg: ReindexConfig, parent: _Parent, fmt: Any, sources: list) -
     return [src for src, name in zip(sources, names, strict=True) if name not in old]
 
 
-def _list_corpus(cfg: ReindexConfig, parent: _Parent, *, whole: bool = False) -> _Listed:
+def _snapshot(parent: _Parent, cfg: ReindexConfig, fmt: Any) -> dict | None:
+    """The parent's key snapshot when this run can diff against it shard by shard: listed
+    under the same key and digest scheme, pinned in Lance, and neither a full re-embed nor
+    `index.retry_failed` (which reach into every shard). None otherwise."""
+    from pipelines.keys import usable
+
+    rec = parent.inputs
+    if (
+        rec is None
+        or parent.full_reason is not None
+        or cfg.index.retry_failed
+        or parent.pins is None
+        or rec.get("format") != fmt.name
+        or rec.get("listing_key") != _listing_key(cfg, fmt.name)
+        or not usable(rec.get("keys"))
+    ):
+        return None
+    return rec["keys"]
+
+
+def _list_corpus(
+    cfg: ReindexConfig,
+    ir: IndexRoot,
+    parent: _Parent,
+    stage: StagedVersion,
+    *,
+    whole: bool = False,
+) -> _Listed:
     """The corpus listing (no payloads read): a table on the driver, or, when the diff runs
     on Ray Data, a Ray dataset listed by Ray tasks (`pipelines.plan.list_items_on_ray`). When
     the corpus only gained shards since the parent (`_new_sources`), only those are planned
-    and listed, unless `whole`. An input without items is an error unless a version exists
-    and `index.allow_empty` is set (then every item is deleted)."""
+    and listed, unless `whole`. A parent diffed on Ray with a key snapshot is diffed shard by
+    shard as its shards are listed (`pipelines.keys.diff_shards`: `diff` is set); Ray
+    listings write the new version's snapshot into `stage`'s folder (`keys`). An input
+    without items is an error unless a version exists and `index.allow_empty` is set (then
+    every item is deleted)."""
+    from pipelines import keys as ks
     from pipelines.embed import ensure_ray
     from pipelines.formats import EmptyInput
     from pipelines.plan import input_sources, list_items, list_items_on_ray
@@ -449,8 +497,11 @@ def _list_corpus(cfg: ReindexConfig, parent: _Parent, *, whole: bool = False) ->
         # CPUs), not Ray Data's default.
         ensure_ray(cfg.job, kinds)
 
+    so = ir.storage_options
+    folder = f"{VERSIONS_DIR}/{stage.name}/{ks.KEYS_DIR}"
     try:
         fmt, sources = input_sources(cfg.job)
+        snap = _snapshot(parent, cfg, fmt)
         new = None if whole else _new_sources(cfg, parent, fmt, sources)
         if new is not None:
             assert parent.inputs is not None
@@ -460,19 +511,51 @@ def _list_corpus(cfg: ReindexConfig, parent: _Parent, *, whole: bool = False) ->
             plan = fmt.plan(cfg.job, new, None, 8)
             shards.update(_identities(plan))
             inputs = _inputs_record(cfg, fmt.name, shards)
+            # The parent's snapshot with bases for the new shards (none: the parent has none).
+            keys = None
+            if snap is not None:
+                since = len(snap["deltas"])
+                bases = {
+                    **snap["bases"],
+                    **{s.name: {"file": f"{folder}/{ks.base_name(s.name)}", "since": since}
+                       for s in plan.shards},
+                }  # fmt: skip
+                keys = ks.new_record(bases, snap["deltas"], 0, int(snap.get("delta_rows", 0)))
+                keys["repeats"] = bool(snap.get("repeats") or plan.duplicates)
+                keys["kinds"] = sorted(set(snap.get("kinds") or ()) | set(plan.kinds))
             # On Ray from `diff_on_ray_rows` new items; tars are not counted before they
             # are listed: there, as the parent is diffed.
             items = sum(plan.counts.values()) if plan.counts is not None else None
             big = parent.on_ray if items is None else items >= cfg.index.diff_on_ray_rows
             if not big:
-                return _Listed(list_items(cfg.job, plan=plan), inputs, False, appended=True)
-            listing = list_items_on_ray(cfg.job, start_ray=start_ray, plan=plan)
-            return _Listed(listing, inputs, True, appended=True)
+                listing = list_items(cfg.job, plan=plan)
+                if keys is not None:
+                    _write_bases(listing, plan, ir, folder)
+                return _Listed(listing, inputs, False, appended=True, keys=keys)
+            out = (ir.root, folder, so) if keys is not None else None
+            listing = list_items_on_ray(cfg.job, start_ray=start_ray, plan=plan, bases=out)
+            return _Listed(listing, inputs, True, appended=True, keys=keys)
+        if parent.on_ray and snap is not None:
+            got = _diff_by_shard(cfg, ir, parent, snap, fmt, sources, folder, start_ray)
+            if got is not None:
+                return got
         plan = fmt.plan(cfg.job, sources, None, 8)
         inputs = _inputs_record(cfg, fmt.name, _identities(plan))
-        if parent.on_ray:
-            return _Listed(list_items_on_ray(cfg.job, start_ray=start_ray, plan=plan), inputs, True)
-        return _Listed(list_items(cfg.job, plan=plan), inputs, False)
+        every = {s.name: {"file": f"{folder}/{ks.base_name(s.name)}", "since": 0}
+                 for s in plan.shards}  # fmt: skip
+        # A snapshot for the next run: every shard's base, written as it is listed.
+        keys = ks.new_record(every, [], 0, 0) if inputs is not None else None
+        if keys is not None:  # whether the next run must plan the manifests to find repeats
+            keys["repeats"] = bool(plan.duplicates)
+            keys["kinds"] = sorted(plan.kinds)
+        if not parent.on_ray:
+            listing = list_items(cfg.job, plan=plan)
+            if keys is not None:
+                _write_bases(listing, plan, ir, folder)
+            return _Listed(listing, inputs, False, keys=keys)
+        out = (ir.root, folder, so) if keys is not None else None
+        listing = list_items_on_ray(cfg.job, start_ray=start_ray, plan=plan, bases=out)
+        return _Listed(listing, inputs, True, keys=keys)
     except EmptyInput as e:
         if parent.pointer is None or not cfg.index.allow_empty:
             hint = (
@@ -484,11 +567,93 @@ def _list_corpus(cfg: ReindexConfig, parent: _Parent, *, whole: bool = False) ->
         return _Listed(LISTING_SCHEMA.empty_table(), None, False)
 
 
-def _list_and_diff(cfg: ReindexConfig, ir: IndexRoot, parent: _Parent) -> tuple[_Listed, Any]:
+def _diff_by_shard(
+    cfg: ReindexConfig,
+    ir: IndexRoot,
+    parent: _Parent,
+    snap: dict,
+    fmt: Any,
+    sources: list,
+    folder: str,
+    start_ray: Callable[[Any], None],
+) -> _Listed | None:
+    """The corpus listed and diffed shard by shard against the parent's key snapshot
+    (`pipelines.keys.diff_shards`); None when the snapshot cannot be used (said in a warning:
+    the caller lists and diffs the whole corpus). A manifest corpus whose last plan found no
+    repeated ids is not planned on the driver first (`manifest_specs`): its tasks find
+    repeats, which send the run to the whole plan."""
+    import ray
+
+    from pipelines import keys as ks
+    from pipelines.plan import manifest_specs
+
+    assert parent.pins is not None
+    unplanned = fmt.name == "manifest" and snap.get("repeats") is False
+    if unplanned:
+        plan = manifest_specs(cfg.job, sources)
+        # Ray for the kinds the corpus had (the plan, not reading the manifests, allows all:
+        # a local Ray started for all would have more logical CPUs, workers and tasks than
+        # the run needs); restarted below if the change brings another.
+        plan.kinds = tuple(snap.get("kinds") or plan.kinds)
+    else:
+        plan = fmt.plan(cfg.job, sources, None, 8)
+    started_here = not ray.is_initialized()
+    so = ir.storage_options
+    counts = (count_pin(parent.pins[0], so), count_pin(parent.pins[1], so))
+    try:
+        with _damage_named(ir):
+            got = ks.diff_shards(
+                cfg.job,
+                plan,
+                snap,
+                ir.root,
+                so,
+                parent.pins,
+                counts,
+                folder,
+                start_ray,
+                repeats_found=plan.duplicates,
+                unplanned=unplanned,
+            )
+    except ks.SnapshotMismatch as e:
+        logger.warning(
+            "the published version's key snapshot cannot be used (%s): listing and diffing the "
+            "whole corpus",
+            e,
+        )
+        return None
+    kinds = set(plan.kinds)
+    if unplanned:
+        kinds |= set(pc.unique(got.diff.to_embed.column("modality")).to_pylist()) & set(KINDS)
+        if started_here and not kinds <= set(plan.kinds):
+            ray.shutdown()  # nothing runs on it now: the diff is on the driver
+            start_ray(sorted(kinds))
+    got.record["kinds"] = sorted(kinds)
+    identities = got.identities if unplanned else _identities(plan)
+    inputs = _inputs_record(cfg, fmt.name, identities)
+    return _Listed(None, inputs, True, keys=got.record, diff=got.diff)
+
+
+def _write_bases(listing: pa.Table, plan: Any, ir: IndexRoot, folder: str) -> None:
+    """Write the snapshot bases of `plan`'s shards from a listing on the driver (one sort by
+    shard, then a slice a shard)."""
+    from pipelines.keys import base_name, write_base
+
+    ordered = listing.sort_by("shard")
+    names = ordered.column("shard").to_numpy(zero_copy_only=False)
+    for s in plan.shards:
+        lo, hi = (int(np.searchsorted(names, s.name, side)) for side in ("left", "right"))
+        rows = ordered.slice(lo, hi - lo)
+        write_base(rows, join_uri(ir.root, folder, base_name(s.name)), ir.storage_options)
+
+
+def _list_and_diff(
+    cfg: ReindexConfig, ir: IndexRoot, parent: _Parent, stage: StagedVersion
+) -> tuple[_Listed, Any]:
     """List the corpus (its new shards only, when that is all that changed) and diff it
     against the parent. New manifests that repeat an id the parent has are listed again with
     the whole corpus (`_parent_holds`)."""
-    listed = _list_corpus(cfg, parent)
+    listed = _list_corpus(cfg, ir, parent, stage)
     diff = _diff(cfg, ir, listed, parent)
     if listed.appended and listed.inputs and listed.inputs["format"] == "manifest":
         with _damage_named(ir):
@@ -499,7 +664,7 @@ def _list_and_diff(cfg: ReindexConfig, ir: IndexRoot, parent: _Parent) -> tuple[
                 "the whole corpus",
                 held,
             )
-            listed = _list_corpus(cfg, parent, whole=True)
+            listed = _list_corpus(cfg, ir, parent, stage, whole=True)
             diff = _diff(cfg, ir, listed, parent)
     return listed, diff
 
@@ -507,7 +672,10 @@ def _list_and_diff(cfg: ReindexConfig, ir: IndexRoot, parent: _Parent) -> tuple[
 def _diff(cfg: ReindexConfig, ir: IndexRoot, listed: _Listed, parent: _Parent) -> Any:
     """The listing against the parent (`pipelines.diff`): on Ray Data or on the driver. An
     appended listing (new shards only) is diffed against nothing: its items are new, the
-    parent's rows and failures are carried by count."""
+    parent's rows and failures are carried by count. A diff the listing made (`diff`) is
+    that diff."""
+    if listed.diff is not None:
+        return listed.diff
     full = parent.full_reason is not None
     if listed.appended:
         if listed.on_ray:
@@ -880,6 +1048,8 @@ def _version_record(
 def _diff_kind(listed: _Listed) -> str:
     """The record's `diff`: where the diff ran, and whether only new shards were listed."""
     where = "ray" if listed.on_ray else "driver"
+    if listed.diff is not None:
+        return f"{where}, by shard"
     return f"{where}, new shards" if listed.appended else where
 
 
