@@ -1,21 +1,26 @@
 """The part of a large re-index that reads every item: planning and listing a manifest corpus
-on Ray (`pipelines.plan.list_items_on_ray`) and diffing it against the parent version on Ray
-Data (`pipelines.diff.diff_on_ray`). Wall time per size, and its growth from size to size.
+and diffing it against the parent version, either as one join on Ray Data
+(`pipelines.plan.list_items_on_ray` + `pipelines.diff.diff_on_ray`: `--diff ray`) or shard by
+shard against the parent's key snapshot (`pipelines.keys.diff_shards`, the manifests not read
+on the driver first: `--diff shards`); `--diff both` alternates them run for run. Wall time
+per size, and its growth from size to size.
 
     RAY_AUTH_MODE=disabled /work/main/.venv/bin/python benchmarks/bench_list_and_diff.py \
         [--sizes 1000000 4000000] [--changed 1000] [--manifest-rows 100000] [--rounds 2] \
-        [--workdir /tmp/bench-list-diff] [--baseline /path/to/other/checkout] [--json FILE]
+        [--diff both] [--workdir /tmp/bench-list-diff] [--baseline /path/to/other/checkout] \
+        [--json FILE]
 
 For each size N the script writes, once, a corpus of N items as Parquet manifests of
 `--manifest-rows` rows (`id`, `uri`, `modality`, `fingerprint`) with `--changed` fingerprints
 changed against a parent: a Lance rows table as `imagebind-reindex` writes it (the key
 columns, `shard`, and a 4-wide `embedding`: the diff never reads the embeddings, so their
-width changes nothing here). Each measurement is a fresh process that starts Ray as the
-re-index does (`pipelines.embed.ensure_ray`), plans and lists the corpus on Ray and diffs it
-(`plan_s`: planning, with Ray's start, also given apart as `ray_start_s`; `diff_s`: the
-Ray Data job). With `--baseline DIR`, the checkout at DIR and this one alternate, run for
-run, on the same data; medians and ratios are printed. What follows the diff in a re-index
-(the Lance commit, the index update) is flat in N and measured by `bench_reindex_storage.py`.
+width changes nothing here), and the parent's key snapshot (each manifest listed by the
+product, with the parent's fingerprints). Each measurement is a fresh process that starts Ray
+as the re-index does (`pipelines.embed.ensure_ray`), plans, lists and diffs (`plan_s`:
+planning, with Ray's start, also given apart as `ray_start_s`; `diff_s`: listing and diff).
+With `--baseline DIR`, the checkout at DIR (`--diff ray`) and this one alternate, run for run,
+on the same data; medians and ratios are printed. What follows the diff in a re-index (the
+Lance commit, the index update) is flat in N and measured by `bench_reindex_storage.py`.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ def build(root: str, n: int, changed: int, manifest_rows: int) -> None:
     """The corpus (fingerprints of every (n // changed)-th item changed; none when `changed`
     is 0) and the parent."""
     if os.path.exists(f"{root}/.done"):
+        if not os.path.exists(f"{root}/snapshot.json"):  # built by an earlier version
+            write_snapshot(root)
         return
     from pipelines.tables import ROWS_TABLE, VersionTable
 
