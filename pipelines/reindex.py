@@ -426,12 +426,10 @@ def _identities(plan: Any) -> dict[str, str | None]:
     return {s.name: (s.identity if s.lists_alone else None) for s in plan.shards}
 
 
-def _new_sources(cfg: ReindexConfig, parent: _Parent, fmt: Any, sources: list) -> list | None:
-    """The sources of shards the parent does not have, when the corpus only gained shards
-    since the parent listed it (each of the parent's shards is still there, its file's
-    identity unchanged and its listing known to follow from it alone); None otherwise (the
-    corpus is listed whole). Also None for a full re-embed or `index.retry_failed` (which
-    reach into every shard) and a parent without Lance pins."""
+def _listed_alike(cfg: ReindexConfig, parent: _Parent, fmt: Any) -> dict | None:
+    """The parent's `inputs.json` when this run may reuse what the parent's listing recorded:
+    the same input, format and member rules, a Lance parent, and neither a full re-embed nor
+    `index.retry_failed` (which reach into every shard); None otherwise."""
     rec = parent.inputs
     if (
         rec is None
@@ -441,6 +439,17 @@ def _new_sources(cfg: ReindexConfig, parent: _Parent, fmt: Any, sources: list) -
         or rec.get("format") != fmt.name
         or rec.get("listing_key") != _listing_key(cfg, fmt.name)
     ):
+        return None
+    return rec
+
+
+def _new_sources(cfg: ReindexConfig, parent: _Parent, fmt: Any, sources: list) -> list | None:
+    """The sources of shards the parent does not have, when the corpus only gained shards
+    since the parent listed it (each of the parent's shards is still there, its file's
+    identity unchanged and its listing known to follow from it alone); None otherwise (the
+    corpus is listed whole), and whenever `_listed_alike` says no."""
+    rec = _listed_alike(cfg, parent, fmt)
+    if rec is None:
         return None
     now = shard_identities(fmt, sources)
     old = rec["shards"]
@@ -451,23 +460,12 @@ def _new_sources(cfg: ReindexConfig, parent: _Parent, fmt: Any, sources: list) -
 
 
 def _snapshot(parent: _Parent, cfg: ReindexConfig, fmt: Any) -> dict | None:
-    """The parent's key snapshot when this run can diff against it shard by shard: listed
-    under the same key and digest scheme, pinned in Lance, and neither a full re-embed nor
-    `index.retry_failed` (which reach into every shard). None otherwise."""
+    """The parent's key snapshot when this run can diff against it shard by shard
+    (`_listed_alike`, and the same digest scheme); None otherwise."""
     from pipelines.keys import usable
 
-    rec = parent.inputs
-    if (
-        rec is None
-        or parent.full_reason is not None
-        or cfg.index.retry_failed
-        or parent.pins is None
-        or rec.get("format") != fmt.name
-        or rec.get("listing_key") != _listing_key(cfg, fmt.name)
-        or not usable(rec.get("keys"))
-    ):
-        return None
-    return rec["keys"]
+    rec = _listed_alike(cfg, parent, fmt)
+    return rec["keys"] if rec is not None and usable(rec.get("keys")) else None
 
 
 def _list_corpus(

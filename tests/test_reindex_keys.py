@@ -195,7 +195,9 @@ def test_diff_by_shard_equals_the_whole_diff_run_after_run(ray_session, tmp_path
     assert {b["file"].split("/")[1] for b in rec4["bases"].values()} == {r4.name}
 
 
-def test_a_snapshot_that_does_not_describe_its_version_is_not_used(ray_session, tmp_path, caplog):
+def test_a_snapshot_that_does_not_describe_its_version_is_not_used(
+    ray_session, tmp_path, caplog, monkeypatch
+):
     corpus = Writer(str(tmp_path / "corpus"))
     root, trace = str(tmp_path / "index"), str(tmp_path / "trace")
     _manifest(corpus, "m1.csv", [("a1", "apple 1"), ("a2", "apple 2")])
@@ -225,6 +227,15 @@ def test_a_snapshot_that_does_not_describe_its_version_is_not_used(ray_session, 
     assert "key snapshot cannot be used" in caplog.text and "FileNotFoundError" in caplog.text
     assert r3.status == "published" and r3.counts["changed"] == 1
     _check_version(cfg, root, {})
+
+    # A run that fails while it lists leaves no stage folder behind (its snapshot files).
+    def fail(*a, **k):
+        raise RuntimeError("listing failed")
+
+    monkeypatch.setattr(ks, "diff_shards", fail)
+    with pytest.raises(RuntimeError, match="listing failed"):
+        reindex(cfg)
+    assert sorted(os.listdir(os.path.join(root, "versions"))) == sorted([r1.name, r2.name, r3.name])
 
 
 def test_ids_repeated_across_or_within_manifests(ray_session, tmp_path, caplog):
