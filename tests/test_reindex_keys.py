@@ -229,10 +229,16 @@ def test_a_snapshot_that_does_not_describe_its_version_is_not_used(
     _check_version(cfg, root, {})
 
     # A run that fails while it lists leaves no stage folder behind (its snapshot files).
+    real = ks.diff_shards
+    versions = os.path.join(root, "versions")
+
     def fail(*a, **k):
+        real(*a, **k)
+        assert len(os.listdir(versions)) == 4  # the stage holds the delta it wrote
         raise RuntimeError("listing failed")
 
     monkeypatch.setattr(ks, "diff_shards", fail)
+    _manifest(corpus, "m1.csv", [("a1", "apple one"), ("a2", "apple 2"), ("a9", "apple 9")])
     with pytest.raises(RuntimeError, match="listing failed"):
         reindex(cfg)
     assert sorted(os.listdir(os.path.join(root, "versions"))) == sorted([r1.name, r2.name, r3.name])
