@@ -378,3 +378,36 @@ def test_compare_shard(n):
         assert matched == 1
         assert unmatched.column("id").to_pylist() == ["y", "z", "y"]
         assert gone.to_pylist() == ["w"]
+
+
+def test_diff_by_shard_of_tars(ray_session, tmp_path, caplog):
+    """WebDataset: a changed tar (its members' fingerprints carry the tar's identity), a member
+    name repeated inside a tar (the first member kept, the repeat said), a removed and a new
+    tar; the diff by shard equals the whole diff."""
+    from helpers.pipeline import _tar
+
+    corpus = Writer(str(tmp_path / "wds"))
+    root, trace = str(tmp_path / "index"), str(tmp_path / "trace")
+    corpus.put("00000.tar", _tar([("k1.txt", b"one"), ("k2.txt", b"two")]))
+    corpus.put("00001.tar", _tar([("k3.txt", b"three")]))
+    cfg = _cfg(corpus.root, root, trace)
+    ir = IndexRoot(root, {})
+    assert reindex(cfg).status == "published"
+    corpus.put("00000.tar", _tar([("k1.txt", b"uno"), ("k2.txt", b"two"), ("k1.txt", b"again")]))
+    corpus.put("00002.tar", _tar([("k4.txt", b"four")]))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        by_shard, whole = _both_diffs(cfg, root, {})
+    assert "repeat the id of an earlier item of their shard" in caplog.text
+    assert _summary(by_shard) == _summary(whole)
+    r2 = reindex(cfg)
+    assert ir.read_record(r2.name)["diff"] == "ray, by shard"
+    assert (r2.counts["added"], r2.counts["changed"], r2.counts["carried"]) == (1, 2, 1)
+    _check_version(cfg, root, {})
+    corpus.rm("00001.tar")
+    by_shard, whole = _both_diffs(cfg, root, {})
+    assert _summary(by_shard) == _summary(whole)
+    r3 = reindex(cfg)
+    assert (r3.counts["deleted"], r3.counts["total"]) == (1, 3)
+    assert ir.read_record(r3.name)["diff"] == "ray, by shard"
+    _check_version(cfg, root, {})
