@@ -316,12 +316,15 @@ def _shard_task(
 @dataclass
 class ShardsDiff:
     """`diff_shards`' answer: the diff (as `diff_on_ray` gives it), the new version's
-    snapshot record (its `rows` set when the version's count is known) and each shard's
-    identity as `inputs.json` records it (None: its listing asks the store)."""
+    snapshot record (its `rows` set when the version's count is known), each shard's
+    identity as `inputs.json` records it (None: its listing asks the store), and how many
+    items the shards matched and how many rows came back to the driver (the change)."""
 
     diff: Any
     record: dict
     identities: dict[str, str | None]
+    matched: int = 0  # items carried where they were listed
+    returned: int = 0  # listing rows and parent ids that came back to the driver
 
 
 def diff_shards(
@@ -418,7 +421,8 @@ def diff_shards(
         s.name: (s.identity if r.lists_alone else None)
         for s, r in zip(plan.shards, results, strict=True)
     }
-    return ShardsDiff(diff, record, identities)
+    returned = unmatched.num_rows + gone.num_rows
+    return ShardsDiff(diff, record, identities, matched, returned)
 
 
 def _empty_listing(with_h: bool = False) -> pa.Table:

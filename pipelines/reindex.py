@@ -620,6 +620,12 @@ def _diff_by_shard(
             e,
         )
         return None
+    logger.info(
+        "diffed by shard: %d items matched the parent's key snapshot where they were listed; "
+        "%d listing rows and parent ids came back to the driver",
+        got.matched,
+        got.returned,
+    )
     kinds = set(plan.kinds)
     if unplanned:
         kinds |= set(pc.unique(got.diff.to_embed.column("modality")).to_pylist()) & set(KINDS)

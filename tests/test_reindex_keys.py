@@ -411,3 +411,65 @@ def test_diff_by_shard_of_tars(ray_session, tmp_path, caplog):
     assert (r3.counts["deleted"], r3.counts["total"]) == (1, 3)
     assert ir.read_record(r3.name)["diff"] == "ray, by shard"
     _check_version(cfg, root, {})
+
+
+def test_only_the_change_reaches_the_driver(ray_session, tmp_path):
+    """60,000 items in six manifests, 12 changed and 3 deleted: the shards match the rest
+    where they are listed, and what comes back to the driver is the change."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from pipelines.plan import input_sources, list_shard, manifest_specs
+    from pipelines.tables import ROWS_TABLE, Pin, VersionTable
+
+    n, per = 60_000, 10_000
+    root = str(tmp_path)
+    ids = pa.array([f"i{i:06d}" for i in range(n)])
+    uris = pa.array([f"/corpus/i{i:06d}.jpg" for i in range(n)])
+    changed = np.arange(n) % 5000 == 7
+    deleted = np.arange(n) % 20000 == 11
+    os.makedirs(f"{root}/corpus")
+    for k, s in enumerate(range(0, n, per)):
+        keep = pa.array(~deleted[s : s + per])
+        part = pa.table(
+            {
+                "id": ids.slice(s, per),
+                "uri": uris.slice(s, per),
+                "modality": pa.repeat(pa.scalar("vision"), per),
+                "fingerprint": pa.array(np.where(changed[s : s + per], "g", "f")),
+            }
+        )
+        pq.write_table(part.filter(keep), f"{root}/corpus/m{k}.parquet")
+    cfg = load_reindex_config(None, {"input": f"{root}/corpus", "index.root": f"{root}/index"})
+    plan = manifest_specs(cfg.job, input_sources(cfg.job)[1])
+    # The parent: every item with fingerprint "f", as rows and as a snapshot of each manifest.
+    parent = pa.table(
+        {
+            "id": ids,
+            "uri": uris,
+            "modality": pa.repeat(pa.scalar("vision"), n),
+            "fingerprint": pa.repeat(pa.scalar("f"), n),
+        }
+    )
+    table = VersionTable(f"{root}/rows", ROWS_TABLE, None)
+    table.commit(None, None, parent.to_batches(), parent.schema, "parent")
+    bases = {}
+    for k, shard in enumerate(plan.shards):
+        rel = f"snap/{ks.base_name(shard.name)}"
+        ks.write_base(parent.slice(k * per, per), f"{root}/{rel}", None)
+        bases[shard.name] = {"file": rel, "since": 0}
+    assert list_shard(plan.shards[0], cfg.job).num_rows == per - 1
+    snap = {**ks.new_record(bases, [], n, 0), "kinds": ["vision"]}
+    pin = Pin(table.uri, table.open("parent").version)
+    got = ks.diff_shards(
+        cfg.job, plan, snap, root, {}, (pin, None), (n, 0), "out", lambda k: None, unplanned=True
+    )
+    assert (got.diff.changed, got.diff.deleted, got.diff.carried_rows) == (12, 3, n - 15)
+    assert sorted(got.diff.to_embed.column("id").to_pylist()) == sorted(
+        ids.filter(pa.array(changed)).to_pylist()
+    )
+    assert (got.matched, got.returned) == (n - 15, 15)
+    # The new version's snapshot: the parent's bases, amended by one delta of the change.
+    assert got.record["bases"] == bases and got.record["delta_rows"] == 15
+    delta = pq.read_table(f"{root}/out/delta.parquet")
+    assert delta.num_rows == 15 and delta["h"].null_count == 3
