@@ -354,7 +354,7 @@ def diff_shards(
     import ray
 
     from pipelines.diff import KEY_COLUMNS, diff_listing, repeated_id
-    from pipelines.formats import warn_manifest_repeats
+    from pipelines.formats import PlanError, warn_manifest_repeats
     from pipelines.plan import REPEAT, REPEATS_SKIPPED
     from pipelines.rows import LISTING_SCHEMA
     from pipelines.tables import read_pin
@@ -370,7 +370,14 @@ def diff_shards(
         base_uri = join_uri(root, rel) if rel else None
         args = (pickle.dumps(s), cfg_ref, root, storage_options, parent_ref, base_uri)
         refs.append(task.remote(*args))
-    results: list[ShardResult] = ray.get(refs)
+    try:
+        results: list[ShardResult] = ray.get(refs)
+    except ray.exceptions.RayTaskError as e:
+        # A bad manifest (PlanError) or snapshot file (SnapshotMismatch) as its task raised
+        # it, without Ray's wrapping.
+        if isinstance(e.cause, (PlanError, SnapshotMismatch)):
+            raise e.cause from None
+        raise
     if unplanned and not any(r.listed for r in results):
         raise SnapshotMismatch("the corpus lists no items")
     repeats = [i for r in results for i in r.repeats]

@@ -597,22 +597,24 @@ def _diff_by_shard(
         plan = fmt.plan(cfg.job, sources, None, 8)
     started_here = not ray.is_initialized()
     so = ir.storage_options
-    counts = (count_pin(parent.pins[0], so), count_pin(parent.pins[1], so))
+    with _damage_named(ir):
+        counts = (count_pin(parent.pins[0], so), count_pin(parent.pins[1], so))
     try:
-        with _damage_named(ir):
-            got = ks.diff_shards(
-                cfg.job,
-                plan,
-                snap,
-                ir.root,
-                so,
-                parent.pins,
-                counts,
-                folder,
-                start_ray,
-                repeats_found=plan.duplicates,
-                unplanned=unplanned,
-            )
+        # Not under `_damage_named`: the corpus's errors (a bad manifest's PlanError) are
+        # reported as they are.
+        got = ks.diff_shards(
+            cfg.job,
+            plan,
+            snap,
+            ir.root,
+            so,
+            parent.pins,
+            counts,
+            folder,
+            start_ray,
+            repeats_found=plan.duplicates,
+            unplanned=unplanned,
+        )
     except ks.SnapshotMismatch as e:
         logger.warning(
             "the published version's key snapshot cannot be used (%s): listing and diffing the "

@@ -17,6 +17,7 @@ from helpers.reindex import by_id, traced, version_rows
 
 from pipelines import keys as ks
 from pipelines.config import load_reindex_config
+from pipelines.formats import PlanError
 from pipelines.lineage import lineage_key
 from pipelines.plan import list_items
 from pipelines.publish import IndexRoot
@@ -473,3 +474,18 @@ def test_only_the_change_reaches_the_driver(ray_session, tmp_path):
     assert got.record["bases"] == bases and got.record["delta_rows"] == 15
     delta = pq.read_table(f"{root}/out/delta.parquet")
     assert delta.num_rows == 15 and delta["h"].null_count == 3
+
+
+def test_a_bad_manifest_is_named(ray_session, tmp_path):
+    """A manifest that cannot be read fails the run with its name, as when it is planned on
+    the driver, though the run diffs by shard and its tasks are the first to read it."""
+    corpus = Writer(str(tmp_path / "corpus"))
+    root, trace = str(tmp_path / "index"), str(tmp_path / "trace")
+    _manifest(corpus, "m1.csv", [("a1", "apple 1")])
+    _manifest(corpus, "m2.csv", [("b1", "banana 1")])
+    cfg = _cfg(corpus.root, root, trace)
+    assert reindex(cfg).status == "published"
+    corpus.put("m2.csv", b"id,kind\nb1,text\n")  # no `modality`, no `uri` or `text`
+    with pytest.raises(PlanError, match="m2") as err:
+        reindex(cfg)
+    assert "RayTaskError" not in type(err.value).__name__
