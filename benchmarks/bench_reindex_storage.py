@@ -10,7 +10,8 @@ and driver peak RSS of the run, split into version rows, index and the rest.
 update, record, compare-and-swap publish, retention) on a local index root, with two steps
 replaced so that no model runs and no corpus of N files is needed: the corpus listing is a
 synthetic table (`id`, `uri`, `modality`, `fingerprint`, ...) and the embedding step writes
-random float32 vectors of `--dim` for the rows to embed into the stage's `data/embedded/`
+random float32 vectors of `--dim` (1024, 512 or 32: the `huge`, `base` or `tiny` preset's
+embedding size, the run's lineage) for the rows to embed into the stage's `data/embedded/`
 (Parquet, as the embedding job does). The first run builds the parent (N rows, not measured);
 each measured run (`--runs`, each in a fresh process, on the version the previous one
 published) changes the fingerprint of `--changed` rows no earlier run changed.
@@ -50,6 +51,9 @@ import pyarrow.parquet as pq
 from _common import add_table_args, run_child, status_kb, write_results
 
 FILE_ROWS = 50_000
+# The preset whose lineage a run of `--dim` has (the embedding is replaced, no model is built):
+# D only sets the change's vector bytes and the parent's build time.
+PRESET_OF_DIM = {1024: "huge", 512: "base", 32: "tiny"}
 
 
 def _listing(n: int, changed: int, run: int) -> pa.Table:
@@ -170,7 +174,7 @@ def child(
         None,
         {
             "input": f"{root}/corpus",
-            "preset": "huge",  # D = 1024; no model is built (embedding replaced)
+            "preset": PRESET_OF_DIM[dim],  # its D; no model is built (embedding replaced)
             "index.root": f"{root}/index",
             "index.keep_versions": 2,
             **({} if ray_rows is None else {"index.diff_on_ray_rows": ray_rows}),
@@ -244,8 +248,8 @@ def main() -> None:
     )
     p.add_argument("--child", nargs=3, metavar=("STEP", "ROOT", "N"), help=argparse.SUPPRESS)
     a = p.parse_args()
-    if a.dim != 1024:
-        p.error("--dim must be 1024: the run's lineage is the `huge` preset's (D = 1024)")
+    if a.dim not in PRESET_OF_DIM:
+        p.error(f"--dim must be one of {sorted(PRESET_OF_DIM)}: a preset's embedding size")
     if a.child:
         step, root, n = a.child
         ray_rows, manifests = a.diff_on_ray_rows, a.manifest_rows > 0
