@@ -267,3 +267,24 @@ def test_object_store_vectors_are_copied_once_mapped_and_pruned(s3_server, tmp_p
     assert core.search_sync(queries[0].tolist(), 10) == two.search(queries[0].tolist(), 10)
     core.refresh()  # the previous version's grace is over
     assert len(os.listdir(core_cache)) == 2  # both still used by the loaded version
+
+
+def test_segment_ids_are_read_only_where_asked(tmp_path):
+    """An update reads the ids of a segment's re-embedded rows (to rule out a label clash)
+    a row group at a time, from the row groups that hold them: the same ids, in order."""
+    import fsspec
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from imagebind_core.index import _segment_ids_at
+
+    seg = tmp_path / "seg"
+    seg.mkdir()
+    ids = [f"id{i:03d}" for i in range(20)]
+    pq.write_table(pa.table({"id": ids, "label": list(range(20))}), seg / "rows.parquet",
+                   row_group_size=3)  # fmt: skip
+    fs = fsspec.filesystem("file")
+    for rows in ([], [0], [2, 3], [5, 6, 7, 19], list(range(20))):
+        got = _segment_ids_at(fs, str(tmp_path), {"path": "seg"}, np.array(rows, np.int64))
+        assert got == [ids[r] for r in rows]
