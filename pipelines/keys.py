@@ -103,10 +103,16 @@ def _write(table: pa.Table, uri: str, storage_options: StorageOptions | None) ->
         pq.write_table(table, fh, row_group_size=65_536)
 
 
-def write_base(listing: pa.Table, uri: str, storage_options: StorageOptions | None) -> int:
-    """Write a shard's base at `uri` from its listing rows (repeats already left out);
-    returns the pairs written."""
-    t = pa.table([listing.column("id").cast(pa.string()), digests(listing)], schema=BASE_SCHEMA)
+def write_base(
+    listing: pa.Table,
+    uri: str,
+    storage_options: StorageOptions | None,
+    h: pa.Array | None = None,
+) -> int:
+    """Write a shard's base at `uri` from its listing rows (repeats already left out) and
+    their digests `h` (default: computed here); returns the pairs written."""
+    h = digests(listing) if h is None else h
+    t = pa.table([listing.column("id").cast(pa.string()), h], schema=BASE_SCHEMA)
     _write(t, uri, storage_options)
     return t.num_rows
 
@@ -208,14 +214,19 @@ H_COL = "_h"
 
 
 def compare_shard(
-    listing: pa.Table, parent: pa.Table | None, shard: str, repeat_col: str
+    listing: pa.Table,
+    parent: pa.Table | None,
+    shard: str,
+    repeat_col: str,
+    h: pa.Array | None = None,
 ) -> tuple[pa.Table, pa.Array, int]:
     """One shard's listing (with REPEAT flags in `repeat_col`) against the parent's pairs for
     it: (rows that do not match, with their digests in H_COL; parent ids no longer listed;
-    rows matched). Rows flagged as repeats never match (the driver says them)."""
+    rows matched). Rows flagged as repeats never match (the driver says them). `h`: the
+    listing's digests (default: computed here)."""
     import polars as pl
 
-    h = digests(listing)
+    h = digests(listing) if h is None else h
     repeat = pc.fill_null(listing.column(repeat_col), False)
     listing = listing.append_column(pa.field(H_COL, pa.uint64()), h)
     if parent is None or parent.num_rows == 0:
@@ -299,9 +310,11 @@ def _shard_task(
     facts: dict = {}
     listing = list_shard(shard, cfg, facts=facts)
     pairs = shard_pairs(root, parent, shard.name, storage_options)
-    unmatched, gone, matched = compare_shard(listing, pairs, shard.name, REPEAT)
+    h = digests(listing)  # once: compared, and written when the shard gets a new base
+    unmatched, gone, matched = compare_shard(listing, pairs, shard.name, REPEAT, h)
     if base_uri is not None:
-        write_base(listing.filter(pc.invert(listing.column(REPEAT))), base_uri, storage_options)
+        first = pc.invert(pc.fill_null(listing.column(REPEAT), False))
+        write_base(listing.filter(first), base_uri, storage_options, h.filter(first))
     return ShardResult(
         shard.name,
         unmatched,
