@@ -1,9 +1,10 @@
 """Worker warm-up: the processes that will preprocess import their decoders before their first task.
 
-A Ray worker process pays its imports in its first preprocessing task: torch, the kind's
-decoders (Pillow, PyAV, soundfile, ...) and, for texts, the tokenizer — ~1.6-2.0 CPU-s per
-process (benchmarks/results/null-encoder-text-profile-2core.txt, "Cold workers"), paid by
-every worker at once when a job starts. With `preprocess.warm_workers` (off by default),
+A Ray worker process pays its imports in its first preprocessing task: pyarrow and fsspec,
+the kind's decoders (Pillow, PyAV, soundfile, ...) with torch for every kind but text, and, for
+texts, the tokenizer — ~1.6-2.0 CPU-s per process with torch
+(benchmarks/results/null-encoder-text-profile-2core.txt, "Cold workers"), paid by every worker
+at once when a job starts. With `preprocess.warm_workers` (off by default),
 `start_warmup` submits, as soon as Ray is up, one small task per preprocessing task slot
 (`preprocess.num_cpus` each, the preprocessing tasks' own request), no more than the run's
 preprocessing tasks, less one per kind; each does those imports in the worker process Ray
@@ -51,8 +52,8 @@ def warm_worker(
 ) -> dict[str, Any]:
     """Import what preprocessing `kinds` needs into this process; build the tokenizer for texts.
 
-    Returns {"pid", "cold": whether torch was not imported yet (so this call did the
-    imports), "seconds": this call's own time}. With `trace_path`, appends the line
+    Returns {"pid", "cold": whether this call imported any module (the process had not
+    preprocessed these kinds before), "seconds": this call's own time}. With `trace_path`, appends the line
     `warm <pid> cold|warm` when done (the start-up tests read it beside the items'
     `<pid> <id>` lines). With `gate_path`, first waits until that file is not empty (tests:
     the job must finish while the warm-up is held back).
@@ -60,18 +61,20 @@ def warm_worker(
     if gate_path:
         _wait_for(gate_path)
     t0 = time.perf_counter()
-    cold = "torch" not in sys.modules
+    loaded = len(sys.modules)
     import imagebind_core as ibc
     import pipelines.stages  # noqa: F401  (the preprocessing task's module: pyarrow, fsspec)
 
     for kind in kinds:
         if kind == "text":
-            ibc.preprocess("text", "warm-up", compact=True)  # the tokenizer, built once
+            # The tokenizer, built once, by the stage's own call (no torch: texts stay numpy).
+            ibc.preprocess.preprocess_texts(["warm-up"])
             continue
         # Empty bytes: the kind's decoder module is imported, then the item is refused.
         with contextlib.suppress(ibc.InvalidInput):
             ibc.preprocess(kind, b"", compact=True)
     seconds = time.perf_counter() - t0
+    cold = len(sys.modules) > loaded
     if trace_path:
         with open(trace_path, "a") as f:  # one O_APPEND write: lines do not interleave
             f.write(f"warm {os.getpid()} {'cold' if cold else 'warm'}\n")

@@ -187,20 +187,40 @@ over = {"input": "in", "output": "out", "ray.num_cpus": 2, **json.loads(sys.argv
 cfg = load_config(None, over)
 ensure_ray(cfg, ["text"])
 backend = ray.remote(num_cpus=1)(lambda: pa.default_memory_pool().backend_name)
-print(json.dumps({
+out = {
     "driver": pa.default_memory_pool().backend_name,
     "workers": sorted(set(ray.get([backend.remote() for _ in range(4)]))),
     "env_after": os.environ.get("ARROW_DEFAULT_MEMORY_POOL"),
-}))
+}
+if "--bursts" in sys.argv:
+    import time
+
+    @ray.remote(num_cpus=0.25)  # as Ray Data's fractional readers and writers: 8 at once here
+    def pid():
+        time.sleep(1.0)
+        return os.getpid()
+
+    def alive(p):
+        try:
+            os.kill(p, 0)
+            return True
+        except ProcessLookupError:
+            return False
+
+    workers = set(ray.get([pid.remote() for _ in range(8)]))
+    time.sleep(3.0)  # idle for longer than Ray's own 1 s
+    out["bursts"] = {"workers": len(workers), "ended": sum(not alive(p) for p in workers)}
+print(json.dumps(out))
 """
 
 
-def _pool_probe(tmp_path, overrides: dict) -> dict:
+def _pool_probe(tmp_path, overrides: dict, *flags: str) -> dict:
     env = {**os.environ, "PYTHONPATH": ROOT, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     env.pop("ARROW_DEFAULT_MEMORY_POOL", None)
+    env.pop("RAY_idle_worker_killing_time_threshold_ms", None)
     res = subprocess.run(
-        [sys.executable, "-c", _POOL_PROBE, json.dumps(overrides)],
+        [sys.executable, "-c", _POOL_PROBE, json.dumps(overrides), *flags],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -222,6 +242,16 @@ def test_a_new_local_ray_allocates_arrow_memory_with_jemalloc(tmp_path):
         pytest.skip("this pyarrow build has no jemalloc")  # the Linux wheels have it
     got = _pool_probe(tmp_path, {})
     assert got == {"driver": "jemalloc", "workers": ["jemalloc"], "env_after": None}, got
+
+
+def test_a_new_local_ray_keeps_its_idle_workers_between_bursts_of_tasks(tmp_path):
+    # Ray Data runs fractional-CPU readers and writers beside the preprocessing tasks, so a
+    # job's worker processes outnumber the logical CPUs. Ray's own default ends the idle ones
+    # above that number after 1 s, and the next burst of tasks starts new processes that import
+    # everything again. A local Ray the job starts keeps them (`embed.IDLE_WORKER_KEEP_MS`).
+    got = _pool_probe(tmp_path, {}, "--bursts")["bursts"]
+    assert got["workers"] > 2, got  # more worker processes than the 2 logical CPUs
+    assert got["ended"] == 0, got
 
 
 def test_the_arrow_allocator_follows_the_config_and_the_users_environment(monkeypatch):

@@ -24,14 +24,18 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ftfy
 import numpy as np
 import regex
-import torch
 
 from imagebind_core.errors import InvalidInput
 from imagebind_core.preprocess.common import DEFAULT_LIMITS, Limits, replace_config
+
+if TYPE_CHECKING:  # torch only where a tensor is returned: the job's text workers never need
+    # it (`preprocess_texts` returns numpy), and importing it costs a new worker ~1.3 CPU-s.
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -297,6 +301,8 @@ def tokenize(
     whitespace collapse + lower case; a literal `<|endoftext|>` in the text becomes id 49407;
     texts longer than 75 BPE tokens are cut and still end with EOT.
     """
+    import torch
+
     if isinstance(texts, str | bytes):
         texts = [texts]
     return torch.from_numpy(_token_matrix([check_text(t, limits) for t in texts], cfg))
