@@ -368,7 +368,12 @@ def _describe_plan(cfg: JobConfig, plan: Plan) -> str:
     p = cfg.preprocess
     lines.append(
         f"preprocess: {p.num_cpus:g} CPU per task, {p.read_threads} read threads; "
-        f"readers {p.read_num_cpus:g} CPU per shard"
+        f"readers {p.read_num_cpus:g} CPU per shard, "
+        + (
+            "as many at once as cores (auto)"
+            if p.read_concurrency == "auto"
+            else f"at most {p.read_concurrency} at once"
+        )
     )
     for k in plan.kinds:
         if k == INVALID:

@@ -159,6 +159,8 @@ class PreprocessConfig(_Strict):
     batch_sizes: dict[Kind, Annotated[int, Field(gt=0)]] = Field(default_factory=dict)
     read_threads: int = Field(8, gt=0)  # parallel object reads inside one task (latency hiding)
     read_num_cpus: float = Field(0.25, gt=0)  # per shard-reading task (listing/tar streaming)
+    # Shard-reading tasks at once per kind; "auto": `resources.read_concurrency`.
+    read_concurrency: Annotated[int, Field(gt=0)] | Literal["auto"] = "auto"
     # Memory reserved per preprocessing task (Ray scheduling), enough for one batch of decoded
     # media; it also keeps this stage a separate operator from the encoder.
     memory_mb: int = Field(512, gt=0)

@@ -60,6 +60,7 @@ from pipelines.resources import (
     check_resources,
     local_num_cpus,
     pool_size,
+    read_concurrency,
 )
 from pipelines.rows import INVALID
 from pipelines.stages import EncodeBatch, preprocess_batch, without_tensors
@@ -154,8 +155,9 @@ def build_pipeline(
     dim = ibc.get_config(cfg.preset).out_embed_dim
     tasks = shard_tasks(plan, cfg, plan.shards if shards is None else shards)
     branches = []
+    readers = read_concurrency(cfg, resources, local)
     for kind, rows in sorted(tasks.items()):
-        ds = _read_stage(cfg, rows, progress, kind)
+        ds = _read_stage(cfg, rows, progress, kind, readers)
         if kind == INVALID:  # rows rejected while reading: straight to the writer
             ds = ds.map_batches(
                 without_tensors,
@@ -164,7 +166,7 @@ def build_pipeline(
                 fn_kwargs={"embed_dim": dim},
             )
         else:
-            ds = _preprocess_stage(cfg, ds, kind, progress)
+            ds = _preprocess_stage(cfg, ds, kind, progress, readers)
             pool = pool_size(cfg, kind, plan.kinds, resources, local)
             ds = _encode_stage(cfg, ds, kind, pool, progress)
         branches.append(ds)
@@ -184,10 +186,12 @@ def build_pipeline(
     )
 
 
-def _read_stage(cfg: JobConfig, rows: list[dict[str, Any]], progress: Any, kind: str) -> Any:
-    """One kind's read tasks (one per shard): the shard's rows, without bytes, emitted in
-    tables of the kind's preprocessing block size (each one block, and one progress report:
-    Ray Data's and the counter's costs are per table, not per row)."""
+def _read_stage(
+    cfg: JobConfig, rows: list[dict[str, Any]], progress: Any, kind: str, readers: int
+) -> Any:
+    """One kind's read tasks (one per shard, at most `readers` at once): the shard's rows,
+    without bytes, emitted in tables of the kind's preprocessing block size (each one block,
+    and one progress report: Ray Data's and the counter's costs are per table, not per row)."""
     import ray.data
 
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
@@ -196,6 +200,7 @@ def _read_stage(cfg: JobConfig, rows: list[dict[str, Any]], progress: Any, kind:
         read_tasks,
         batch_size=1,
         batch_format="pyarrow",
+        compute=ray.data.TaskPoolStrategy(size=readers),
         num_cpus=cfg.preprocess.read_num_cpus,
         fn_kwargs={
             "output_uri": cfg.output,
@@ -206,15 +211,16 @@ def _read_stage(cfg: JobConfig, rows: list[dict[str, Any]], progress: Any, kind:
     )
 
 
-def _preprocess_stage(cfg: JobConfig, ds: Any, kind: str, progress: Any) -> Any:
-    """`kind`'s preprocessing tasks: read bytes, decode, preprocess (CPU)."""
+def _preprocess_stage(cfg: JobConfig, ds: Any, kind: str, progress: Any, readers: int) -> Any:
+    """`kind`'s preprocessing tasks: read bytes, decode, preprocess (CPU). `readers`: the read
+    stage's task bound, which the repartition fused into it shares."""
     pre_batch = cfg.preprocess_batch(kind)
     # A shard is read as one block; cut it into task-sized blocks so that a shard's items
     # are preprocessed by parallel tasks and reach the encoders as many bundles (the actor
     # pool balances bundles, not rows). Streaming: no all-to-all exchange; fused into the
     # read tasks (`_fuse_into_read`), so it costs no operator of its own.
     ds = _fuse_into_read(
-        ds.repartition(target_num_rows_per_block=pre_batch), cfg.preprocess.read_num_cpus
+        ds.repartition(target_num_rows_per_block=pre_batch), cfg.preprocess.read_num_cpus, readers
     )
     return ds.map_batches(
         preprocess_batch,
@@ -287,18 +293,21 @@ def _encode_stage(cfg: JobConfig, ds: Any, kind: str, pool: Pool, progress: Any)
     )
 
 
-def _fuse_into_read(ds: Any, read_num_cpus: float) -> Any:
+def _fuse_into_read(ds: Any, read_num_cpus: float, readers: int) -> Any:
     """`ds` (a streaming repartition right after the read) with the repartition's resource
-    request set to the read's, so that Ray Data fuses the two: each read task then emits its
-    rows as blocks of the target size itself, and no separate operator (a task per block, and
-    its (de)serialisation) cuts them. `repartition` has no parameter for it; on a Ray whose
-    logical plan differs, the operators stay apart (the same rows, one operator more)."""
+    request and task bound set to the read's, so that Ray Data fuses the two: each read task
+    then emits its rows as blocks of the target size itself, and no separate operator (a task
+    per block, and its (de)serialisation) cuts them. `repartition` has no parameter for it; on
+    a Ray whose logical plan differs, the operators stay apart (the same rows, one operator
+    more)."""
     try:
+        from ray.data import TaskPoolStrategy
         from ray.data._internal.logical.operators.map_operator import StreamingRepartition
 
         op = ds._logical_plan.dag
         if isinstance(op, StreamingRepartition) and isinstance(op.ray_remote_args, dict):
             op.ray_remote_args.update(num_cpus=read_num_cpus)
+            object.__setattr__(op, "compute", TaskPoolStrategy(size=readers))  # a frozen field
     except (ImportError, AttributeError):
         logger.debug("Ray Data internals differ: shard repartition not fused into the read")
     return ds

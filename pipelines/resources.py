@@ -127,6 +127,25 @@ def pool_size(
     return Pool(enc.min_actors, n, n)
 
 
+def read_concurrency(
+    cfg: JobConfig, resources: dict[str, float] | None = None, local: bool = True
+) -> int:
+    """Shard-reading tasks that run at once, per kind (`preprocess.read_concurrency`).
+
+    auto: this machine's cores for a local Ray, the cluster's logical CPUs otherwise. Without a
+    bound, Ray Data starts every shard's read task at once (a quarter CPU each: 28 on a
+    7-CPU local Ray), and each task holds a worker process of its own: a 20-manifest job on 2
+    cores started ten processes at once, which imported Ray and pyarrow side by side while the
+    first blocks waited (benchmarks/results/pipeline-cpu-2core.md). A read task only lists its
+    shard, or streams it, ahead of preprocessing tasks that take far longer per item."""
+    n = cfg.preprocess.read_concurrency
+    if n != "auto":
+        return n
+    if local:
+        return os.cpu_count() or 1
+    return max(1, int((resources or {}).get("CPU", 0)))
+
+
 def required_cpus(cfg: JobConfig, kinds: Sequence[str]) -> float:
     """Logical CPUs the pipeline needs to make progress: every pool at its minimum size plus
     one reader, one preprocessing task per kind and a writer."""

@@ -53,9 +53,9 @@ def warm_worker(
     """Import what preprocessing `kinds` needs into this process; build the tokenizer for texts.
 
     Returns {"pid", "cold": whether this call imported any module (the process had not
-    preprocessed these kinds before), "seconds": this call's own time}. With `trace_path`, appends the line
-    `warm <pid> cold|warm` when done (the start-up tests read it beside the items'
-    `<pid> <id>` lines). With `gate_path`, first waits until that file is not empty (tests:
+    preprocessed these kinds before), "seconds": this call's own time}. With `trace_path`,
+    appends the line `warm <pid> cold|warm` when done (the start-up tests read it beside the
+    items' `<pid> <id>` lines). With `gate_path`, first waits until that file is not empty (tests:
     the job must finish while the warm-up is held back).
     """
     if gate_path:

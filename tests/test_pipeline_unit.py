@@ -211,6 +211,49 @@ def test_batch_defaults_follow_the_encoder_device():
     assert given.preprocess_batch("vision") == 8 and given.preprocess_batch("text") == 8192
 
 
+def test_read_tasks_are_bounded_and_keep_the_repartition_fused(tmp_path, monkeypatch, ray_session):
+    # Unbounded, Ray Data starts every shard's read at once, each in a worker process of its
+    # own (a 20-manifest job on 2 cores started ten at once). The bound must reach the read
+    # operator without splitting the shard repartition back out of it (one operator per block).
+    from ray.data._internal.logical.optimizers import get_execution_plan
+
+    from pipelines.embed import build_pipeline
+    from pipelines.resources import read_concurrency
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    base = {"input": "in", "output": "out"}
+    assert read_concurrency(load_config(None, base)) == 6  # auto, local: the cores
+    assert read_concurrency(load_config(None, base), {"CPU": 48.0}, local=False) == 48
+    given = load_config(None, {**base, "preprocess.read_concurrency": 3})
+    assert read_concurrency(given, {"CPU": 48.0}, local=False) == 3
+    for bad in (0, -1, "many"):
+        with pytest.raises(ConfigError, match="read_concurrency"):
+            load_config(None, {**base, "preprocess.read_concurrency": bad})
+
+    (tmp_path / "in").mkdir()
+    for m in range(3):
+        ids = [f"t{m}-{i}" for i in range(4)]
+        rows = {"id": ids, "modality": ["text"] * 4, "text": [f"caption {i}" for i in ids]}
+        pq.write_table(pa.table(rows), tmp_path / "in" / f"m{m}.parquet")
+    cfg = load_config(
+        None,
+        {
+            "input": str(tmp_path / "in"),
+            "output": str(tmp_path / "out"),
+            "preset": "tiny",
+            "preprocess.read_concurrency": 2,
+        },
+    )
+    ds = build_pipeline(cfg, plan_job(cfg), resources={"CPU": 4.0}, local=True)
+    op, ops = get_execution_plan(ds._logical_plan)[0].dag, []
+    while op.input_dependencies:
+        ops.append(op)
+        op = op.input_dependencies[0]
+    reads = [o for o in ops if o.name.startswith("MapBatches(read_tasks)")]
+    assert len(reads) == 1 and "StreamingRepartition" in reads[0].name, [o.name for o in ops]
+    assert reads[0]._max_concurrency == 2
+
+
 def test_listing_and_writing_modules_do_not_import_torch():
     # Ray tasks that list shards, write parts and commit import these modules: without torch
     # they start in a fraction of the time (worker start-up is the job's fixed cost).
