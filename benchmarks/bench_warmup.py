@@ -54,26 +54,31 @@ def reuse(trace: str) -> tuple[int, int]:
     return len(first), sum(1 for pid, i in first.items() if warmed.get(pid, i) < i)
 
 
-def run_once(kind: str, source: str, fmt: str, out: str, warm: bool) -> dict:
-    """One job in a fresh process and Ray; its summary's start-up figures and the tree's CPU."""
-    trace = out + ".trace"
-    sets = {
-        "format": fmt,
-        **null_encoder_settings(kind),
-        "preprocess.warm_workers": warm,
-        "debug.trace_path": trace,
-    }
+def cli_job(
+    kind: str, source: str, fmt: str, out: str, sets: dict, root: str = ROOT
+) -> tuple[dict, CpuSampler, float]:
+    """The embedding command line of the checkout at `root`, null encoders, in a fresh process
+    and Ray: (its --json summary, the process tree's CpuSampler, wall seconds)."""
+    sets = {"format": fmt, **null_encoder_settings(kind), **sets}
     cmd = [sys.executable, "-m", "pipelines.embed", "--json", "--input", source, "--output", out]
     cmd += [a for k, v in sets.items() for a in ("--set", f"{k}={json.dumps(v)}")]
-    env = {**os.environ, "PYTHONPATH": ROOT, "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, "PYTHONPATH": root, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     with CpuSampler() as cpu:
         w0 = time.perf_counter()
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+        res = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, check=False)
         wall = time.perf_counter() - w0
     if res.returncode != 0:
         raise RuntimeError(f"job failed ({res.returncode}): {res.stderr[-2000:]}")
-    s = json.loads(res.stdout)
+    return json.loads(res.stdout), cpu, wall
+
+
+def run_once(kind: str, source: str, fmt: str, out: str, warm: bool) -> dict:
+    """One job in a fresh process and Ray; its summary's start-up figures and the tree's CPU."""
+    trace = out + ".trace"
+    s, cpu, wall = cli_job(
+        kind, source, fmt, out, {"preprocess.warm_workers": warm, "debug.trace_path": trace}
+    )
     items = s["kinds"][kind]["embedded"] + s["kinds"][kind]["errors"]
     processes, reused = reuse(trace)
     return {
