@@ -68,9 +68,12 @@ def cli_job(
         w0 = time.perf_counter()
         res = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, check=False)
         wall = time.perf_counter() - w0
-    if res.returncode != 0:
+    if res.returncode != 0 or not res.stdout.strip():
         raise RuntimeError(f"job failed ({res.returncode}): {res.stderr[-2000:]}")
-    return json.loads(res.stdout), cpu, wall
+    # The summary is the last thing printed: Ray may print to stdout before it (a raylet
+    # warning), so it is read from its first line ("{").
+    out = res.stdout if res.stdout.startswith("{") else res.stdout[res.stdout.index("\n{") + 1 :]
+    return json.loads(out), cpu, wall
 
 
 def run_once(kind: str, source: str, fmt: str, out: str, warm: bool) -> dict:
