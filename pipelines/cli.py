@@ -370,7 +370,7 @@ def _describe_plan(cfg: JobConfig, plan: Plan) -> str:
         f"preprocess: {p.num_cpus:g} CPU per task, {p.read_threads} read threads; "
         f"readers {p.read_num_cpus:g} CPU per shard, "
         + (
-            "as many at once as cores (auto)"
+            "auto: as many at once as cores, or the cluster's logical CPUs"
             if p.read_concurrency == "auto"
             else f"at most {p.read_concurrency} at once"
         )

@@ -355,10 +355,10 @@ ARROW_POOL_ENV = "ARROW_DEFAULT_MEMORY_POOL"
 # How long a local Ray the job starts keeps an idle worker process above its soft limit (Ray's
 # own default: 1 s). Ray Data runs fractional-CPU readers and writers beside the preprocessing
 # tasks, so a job's worker processes outnumber the logical CPUs (the soft limit); with 1 s, the
-# extra ones were ended between two bursts of tasks and started again for the next, each new
-# process importing Ray, pyarrow and the stage's modules again: ten starts in a 400,000-caption
-# job, a third of its CPU (benchmarks/results/pipeline-cpu-2core.md). Kept for a minute, a busy
-# job's processes live as long as it does and end a minute after it.
+# extra ones are ended between two bursts of tasks and started again for the next, each new
+# process importing Ray, pyarrow and the stage's modules again (what that costs:
+# benchmarks/results/pipeline-cpu-2core.md). Kept for a minute, a busy job's processes live as
+# long as it does and end a minute after it.
 IDLE_WORKER_ENV = "RAY_idle_worker_killing_time_threshold_ms"
 IDLE_WORKER_KEEP_MS = 60_000
 

@@ -133,11 +133,11 @@ def read_concurrency(
     """Shard-reading tasks that run at once, per kind (`preprocess.read_concurrency`).
 
     auto: this machine's cores for a local Ray, the cluster's logical CPUs otherwise. Without a
-    bound, Ray Data starts every shard's read task at once (a quarter CPU each: 28 on a
-    7-CPU local Ray), and each task holds a worker process of its own: a 20-manifest job on 2
-    cores started ten processes at once, which imported Ray and pyarrow side by side while the
-    first blocks waited (benchmarks/results/pipeline-cpu-2core.md). A read task only lists its
-    shard, or streams it, ahead of preprocessing tasks that take far longer per item."""
+    bound, Ray Data starts every shard's read task at once (a quarter CPU each), and each task
+    holds a worker process of its own: on a small machine those processes start side by side
+    while the first blocks wait (benchmarks/results/pipeline-cpu-2core.md). A read task only
+    lists its shard, or streams it, ahead of preprocessing tasks that take far longer per
+    item."""
     n = cfg.preprocess.read_concurrency
     if n != "auto":
         return n

@@ -34,7 +34,7 @@ from imagebind_core.errors import InvalidInput
 from imagebind_core.preprocess.common import DEFAULT_LIMITS, Limits, replace_config
 
 if TYPE_CHECKING:  # torch only where a tensor is returned: the job's text workers never need
-    # it (`preprocess_texts` returns numpy), and importing it costs a new worker ~1.3 CPU-s.
+    # it (`preprocess_texts` returns numpy), and importing it is most of a new worker's start.
     import torch
 
 logger = logging.getLogger(__name__)
