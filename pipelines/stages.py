@@ -421,13 +421,13 @@ def _preprocess_items(
                 tensors[i], formats[i] = jpeg, ENCODED_JPEG
                 continue
             # compact: still images travel to the encoders as uint8 pixels, a quarter of the
-            # float32 bytes; the encoder expands them on its device.
-            tensors[i] = ibc.preprocess(
+            # float32 bytes; the encoder expands them on its device. As numpy: an image
+            # worker never imports torch.
+            tensors[i] = ibc.preprocess.preprocess_array(
                 kinds[i],
                 data[i],
                 item_id=ids[i],
                 limits=lim,
-                compact=True,
                 **dict(options.get(kinds[i], {})),
             )
         except ibc.InvalidInput as e:

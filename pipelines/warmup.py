@@ -1,8 +1,8 @@
 """Worker warm-up: the processes that will preprocess import their decoders before their first task.
 
 A Ray worker process pays its imports in its first preprocessing task: pyarrow and fsspec,
-the kind's decoders (Pillow, PyAV, soundfile, ...) with torch for every kind but text, and, for
-texts, the tokenizer — ~1.6-2.0 CPU-s per process with torch
+the kind's decoders (Pillow, PyAV, soundfile, ...) with torch for every kind but still images
+and text, and, for texts, the tokenizer — ~1.6-2.0 CPU-s per process with torch
 (benchmarks/results/null-encoder-text-profile-2core.txt, "Cold workers"), paid by every worker
 at once when a job starts. With `preprocess.warm_workers` (off by default),
 `start_warmup` submits, as soon as Ray is up, one small task per preprocessing task slot
@@ -70,9 +70,10 @@ def warm_worker(
             # The tokenizer, built once, by the stage's own call (no torch: texts stay numpy).
             ibc.preprocess.preprocess_texts(["warm-up"])
             continue
-        # Empty bytes: the kind's decoder module is imported, then the item is refused.
+        # Empty bytes: the kind's decoder module is imported, then the item is refused (the
+        # stage's own call: still images without torch).
         with contextlib.suppress(ibc.InvalidInput):
-            ibc.preprocess(kind, b"", compact=True)
+            ibc.preprocess.preprocess_array(kind, b"")
     seconds = time.perf_counter() - t0
     cold = len(sys.modules) > loaded
     if trace_path:

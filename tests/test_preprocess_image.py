@@ -46,6 +46,10 @@ def test_parity_with_reference(tmp_path, fmt: str, size: tuple[int, int], mode: 
     compact = P.preprocess("vision", data, compact=True)
     assert compact.shape == (3, 224, 224) and compact.dtype == torch.uint8
     assert torch.equal(P.expand("vision", compact), ours)
+    # The job's call (numpy, no torch): the same bytes.
+    array = P.preprocess_array("vision", data)
+    assert isinstance(array, np.ndarray) and array.flags.c_contiguous
+    assert np.array_equal(array, compact.numpy()) and array.dtype == np.uint8
 
 
 def test_compact_inputs_batches_options_and_other_kinds() -> None:
@@ -68,6 +72,17 @@ def test_compact_inputs_batches_options_and_other_kinds() -> None:
         assert torch.equal(x, P.preprocess(kind, data)) and P.expand(kind, x) is x
     with pytest.raises(InvalidInput, match="not a supported image"):
         P.preprocess("vision", b"not an image", compact=True)
+    # `preprocess_array`: the compact form as numpy, with the same options and errors.
+    assert np.array_equal(
+        P.preprocess_array("vision", datas[1], size=160),
+        P.preprocess("vision", datas[1], compact=True, size=160).numpy(),
+    )
+    for kind, data in [("text", "a dog"), ("imu", media.make_imu_npy(2000))]:
+        assert np.array_equal(P.preprocess_array(kind, data), P.preprocess(kind, data).numpy())
+    with pytest.raises(InvalidInput, match=r"item 'x7'.*not a supported image"):
+        P.preprocess_array("vision", b"not an image", item_id="x7")
+    with pytest.raises(P.PreprocessOptionError):
+        P.preprocess_array("vision", datas[0], colour="blue")
 
 
 def test_jpeg_matches_reference_on_the_same_decoder(tmp_path) -> None:

@@ -18,6 +18,7 @@ from imagebind_core.preprocess.api import (
     infer_kind,
     item_nbytes,
     preprocess,
+    preprocess_array,
 )
 from imagebind_core.preprocess.common import (
     DEFAULT_LIMITS,
@@ -76,6 +77,7 @@ __all__ = [
     "item_nbytes",
     "model_modality",
     "preprocess",
+    "preprocess_array",
     *_LAZY,
 ]
 

@@ -3,6 +3,9 @@
 The resize is Pillow's bicubic on the uint8 image (antialiased on downscale), exactly what the
 reference gets from torchvision's `Resize` on a PIL image; a tensor-side bicubic would differ
 by several grey levels. Geometry helpers here are shared by depth and thermal.
+
+torch is imported only by the functions that return tensors: a job's preprocessing worker
+(`image_pixels_array`) decodes, resizes and crops with Pillow and numpy, and starts without it.
 """
 
 from __future__ import annotations
@@ -12,9 +15,9 @@ import io
 import logging
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
 from imagebind_core.errors import InvalidInput
@@ -26,6 +29,9 @@ from imagebind_core.preprocess.common import (
     decoding,
     replace_config,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +157,7 @@ def preprocess_image(image: np.ndarray, cfg: ImageConfig = IMAGE) -> torch.Tenso
     return _to_model_input(Image.fromarray(image, "RGB"), cfg)
 
 
-def _pixels(im: Image.Image, cfg: ImageConfig) -> torch.Tensor:
+def _pixels(im: Image.Image, cfg: ImageConfig) -> np.ndarray:
     """Resize + centre crop: (3, size, size) uint8, the last exact integer stage.
 
     The crop is a slice of the resized pixels, copied once into channel-first order: the same
@@ -162,13 +168,15 @@ def _pixels(im: Image.Image, cfg: ImageConfig) -> torch.Tensor:
     top, left = _crop_offsets(im, cfg.size)
     hwc = np.asarray(im)  # a read-only view of one copy of the resized pixels
     crop = hwc[top : top + cfg.size, left : left + cfg.size].transpose(2, 0, 1)
-    return torch.from_numpy(np.ascontiguousarray(crop, dtype=np.uint8))
+    return np.ascontiguousarray(crop, dtype=np.uint8)
 
 
 def normalize_pixels(x: torch.Tensor, cfg: ImageConfig = IMAGE) -> torch.Tensor:
     """uint8 pixels (3, H, W) or (B, 3, H, W), on any device -> the model input in float32:
     /255 then per-channel (x - mean) / std, the reference's order of operations, so the result
     is bit for bit the one `preprocess("vision", ...)` returns."""
+    import torch
+
     x = x.to(torch.float32).div(255)
     mean = torch.tensor(cfg.mean, dtype=torch.float32, device=x.device)[:, None, None]
     std = torch.tensor(cfg.std, dtype=torch.float32, device=x.device)[:, None, None]
@@ -176,7 +184,9 @@ def normalize_pixels(x: torch.Tensor, cfg: ImageConfig = IMAGE) -> torch.Tensor:
 
 
 def _to_model_input(im: Image.Image, cfg: ImageConfig) -> torch.Tensor:
-    return normalize_pixels(_pixels(im, cfg), cfg)
+    import torch
+
+    return normalize_pixels(torch.from_numpy(_pixels(im, cfg)), cfg)
 
 
 def image_pixels_from_bytes(
@@ -185,6 +195,15 @@ def image_pixels_from_bytes(
     """`preprocess("vision", data, compact=True)`: the resized, cropped uint8 pixels — a quarter
     of the float32 input's bytes, for moving items between processes or machines. Finish with
     `expand_pixels` (or `imagebind_core.expand`) where the model runs."""
+    import torch
+
+    return torch.from_numpy(image_pixels_array(data, limits, **options))
+
+
+def image_pixels_array(
+    data: bytes, limits: Limits = DEFAULT_LIMITS, **options: object
+) -> np.ndarray:
+    """`image_pixels_from_bytes` as a numpy array (the same bytes), without importing torch."""
     cfg = replace_config(IMAGE, options, "vision")
     return _pixels(_decode_rgb(data, limits), cfg)
 
@@ -192,6 +211,8 @@ def image_pixels_from_bytes(
 def expand_pixels(x: torch.Tensor, **options: object) -> torch.Tensor:
     """Compact still-image input (uint8) -> model input, with the same `options` as its
     preprocessing (a different `mean`/`std` must be given to both)."""
+    import torch
+
     if x.dtype != torch.uint8:
         raise ValueError(f"expected compact uint8 pixels, got {x.dtype}")
     return normalize_pixels(x, replace_config(IMAGE, options, "vision"))
