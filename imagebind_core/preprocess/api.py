@@ -126,8 +126,8 @@ def preprocess_array(
 ) -> np.ndarray:
     """`preprocess(kind, data, compact=True)` as a numpy array: the form an item travels in
     between processes. The same values and errors; still images are decoded, resized and
-    cropped without torch, so a process that only preprocesses them never imports it (~1.3
-    CPU-s and ~250 MB of private memory per worker process)."""
+    cropped without torch, so a process that only preprocesses them never imports it (~1-1.5
+    CPU-s and ~270 MB of private memory per worker process)."""
     k = check_kind(kind)
     if k in _COMPACT:
         mod, _, _, name = _COMPACT[k]
