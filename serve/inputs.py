@@ -256,13 +256,13 @@ class Inputs:
     def prepare(self, kind: str, index: int, value: str) -> np.ndarray:
         """One media input -> its model input array. Runs on the preprocessing pool."""
         # The submodule, not `ibc.preprocess`: the package attribute of that name is lazy.
-        from imagebind_core.preprocess import preprocess
+        from imagebind_core.preprocess import preprocess_array
 
         t0 = time.perf_counter()
         # compact: images go to the encoder replica as uint8 pixels, a quarter of the bytes of
         # the float input; the replica expands them (imagebind_core.expand)
         data = self.load_bytes(kind, index, value)
-        x = preprocess(kind, data, item_id=f"input[{index}]", compact=True).numpy()
+        x = preprocess_array(kind, data, item_id=f"input[{index}]")
         self._m_preprocess.observe(time.perf_counter() - t0, tags={"modality": kind})
         return x
 

@@ -322,7 +322,7 @@ print(all(np.frombuffer(tensor[i], np.uint8).tobytes()
 """
 
 
-def test_image_preprocessing_workers_do_not_import_torch(tmp_path):
+def test_image_preprocessing_workers_do_not_import_torch():
     # Still images are decoded, resized and cropped with Pillow and numpy: an image worker
     # starts without torch (~1-1.5 CPU-s and ~270 MB of private memory less per process), and its
     # pixels are the bytes the tensor-returning call gives.

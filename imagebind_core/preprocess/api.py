@@ -63,16 +63,11 @@ def _handler(kind: str) -> Callable[..., torch.Tensor]:
 
 
 # Kinds whose input has a smaller exact form for transport: kind -> (module, compact
-# preprocessing, expansion, compact preprocessing into numpy without torch). Still images
-# only: every other kind's last integer stage is far from its input (video and depth/thermal
-# resize in floating point, audio is a spectrogram).
-_COMPACT: dict[str, tuple[str, str, str, str]] = {
-    "vision": (
-        "imagebind_core.preprocess.image",
-        "image_pixels_from_bytes",
-        "expand_pixels",
-        "image_pixels_array",
-    ),
+# preprocessing into numpy (no torch), expansion). Still images only: every other kind's last
+# integer stage is far from its input (video and depth/thermal resize in floating point, audio
+# is a spectrogram).
+_COMPACT: dict[str, tuple[str, str, str]] = {
+    "vision": ("imagebind_core.preprocess.image", "image_pixels_array", "expand_pixels"),
 }
 
 
@@ -109,11 +104,12 @@ def preprocess(
     """
     k = check_kind(kind)
     if compact and k in _COMPACT:
-        mod, name, _, _ = _COMPACT[k]
-        fn = getattr(load_module(mod), name)
-    else:
-        fn = _handler(k)
-    return _call(k, fn, data, item_id, limits, options)
+        import torch
+
+        return torch.from_numpy(
+            preprocess_array(k, data, item_id=item_id, limits=limits, **options)
+        )
+    return _call(k, _handler(k), data, item_id, limits, options)
 
 
 def preprocess_array(
@@ -130,7 +126,7 @@ def preprocess_array(
     CPU-s and ~270 MB of private memory per worker process)."""
     k = check_kind(kind)
     if k in _COMPACT:
-        mod, _, _, name = _COMPACT[k]
+        mod, name, _ = _COMPACT[k]
         return _call(k, getattr(load_module(mod), name), data, item_id, limits, options)
     return preprocess(k, data, item_id=item_id, limits=limits, compact=True, **options).numpy()
 
@@ -174,7 +170,7 @@ def expand(kind: Kind | str, x: torch.Tensor, device: Any = None, **options: Any
     k = check_kind(kind)
     if k not in _COMPACT or x.is_floating_point():
         return x
-    mod, _, name, _ = _COMPACT[k]
+    mod, _, name = _COMPACT[k]
     if device is not None:
         x = x.to(device)
     return getattr(load_module(mod), name)(x, **options)
