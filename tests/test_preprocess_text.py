@@ -90,6 +90,35 @@ def test_cleaning_skips_ftfy_only_where_ftfy_changes_nothing() -> None:
         assert Tokenizer.clean(s) == with_ftfy(s), repr(s)
 
 
+def test_ascii_pre_tokens_skip_the_byte_mapping_with_the_same_ids() -> None:
+    """A printable ASCII word is its own byte-symbol string, so `Tokenizer.symbols` skips the
+    byte mapping for it: every ASCII character (controls and space map elsewhere) and mixed
+    words map as byte by byte, and on random strings over all of ASCII and non-ASCII letters
+    `encode` gives the ids of mapping every pre-token's UTF-8 bytes."""
+    import random
+
+    from imagebind_core.preprocess.text import _PRETOKEN, _byte_symbols
+
+    tok = P.get_tokenizer()
+    symbols = _byte_symbols()
+    for word in [chr(c) for c in range(128)] + ["a b", "ok\x7f", "tab\there", "é", "x😀", "A!~"]:
+        assert tok.symbols(word, symbols) == "".join(symbols[b] for b in word.encode()), word
+
+    def mapped(text: str) -> list[int]:
+        ids: list[int] = []
+        for m in _PRETOKEN.finditer(tok.clean(text)):
+            ids.extend(tok._bpe("".join(symbols[b] for b in m.group().encode("utf-8"))))
+        return ids
+
+    rng = random.Random(11)
+    pool = [chr(c) for c in range(128)] + list("éßİ中😀\u00a0\u200b")
+    for i in range(3000):
+        s = "".join(rng.choice(pool) for _ in range(rng.randint(0, 40)))
+        assert tok.encode(s) == mapped(s), repr(s)
+    for s in TEXTS:
+        assert tok.encode(s) == mapped(s), repr(s[:40])
+
+
 def test_many_texts_at_once_equal_one_at_a_time() -> None:
     """`preprocess_texts` (the job's blocks) gives each text the ids `preprocess` gives it,
     and reports a bad text by index, with its id, leaving the others untouched."""

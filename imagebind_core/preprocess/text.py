@@ -252,8 +252,17 @@ class Tokenizer:
             left = None if max_tokens is None else max_tokens - len(ids)
             if left is not None and left <= 0:
                 break
-            ids.extend(self._bpe("".join(table[b] for b in tok.group().encode("utf-8")), left))
+            ids.extend(self._bpe(self.symbols(tok.group(), table), left))
         return ids
+
+    @staticmethod
+    def symbols(word: str, table: Sequence[str]) -> str:
+        """`word`'s UTF-8 bytes as byte symbols (`table`: `_byte_symbols()`). Printable ASCII
+        but space (0x21-0x7E) is its own symbol: such a word, as most pre-tokens of English
+        captions are, is returned as it is, without a lookup per byte."""
+        if word.isascii() and word.isprintable() and " " not in word:
+            return word
+        return "".join(table[b] for b in word.encode("utf-8"))
 
     def frame(self, ids: Sequence[int], context_length: int = CONTEXT_LENGTH) -> list[int]:
         """[SOT] + ids, cut to context_length - 1, then [EOT]: EOT survives truncation."""
