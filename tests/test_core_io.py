@@ -20,6 +20,43 @@ def test_read_bytes_local_and_limits(tmp_path):
     assert e.value.modality == "vision" and e.value.item_id == str(p)
     with pytest.raises(ibc.InvalidInput, match="not found"):
         ibc.read_bytes(str(tmp_path / "missing.jpg"), modality="vision")
+    (tmp_path / "empty").write_bytes(b"")
+    assert ibc.read_bytes(str(tmp_path / "empty"), max_bytes=0) == b""
+
+
+def test_read_bytes_refuses_what_is_not_a_regular_file_without_waiting(tmp_path):
+    """A FIFO (opening it for reading would wait for a writer), a folder and a device that
+    never ends are refused at once, each named with the reason; an unreadable file is the
+    item's error, not an exception of another type."""
+    import os
+    import threading
+
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    cases = {str(fifo): "not a regular file", str(tmp_path): "a folder"}
+    if os.path.exists("/dev/zero"):
+        cases["/dev/zero"] = "not a regular file"
+    caught: dict[str, BaseException] = {}
+
+    def read(uri: str) -> None:
+        try:
+            ibc.read_bytes(uri, max_bytes=10, modality="vision")
+        except BaseException as e:
+            caught[uri] = e
+
+    for uri, reason in cases.items():
+        t = threading.Thread(target=read, args=(uri,), daemon=True)
+        t.start()
+        t.join(10)
+        assert not t.is_alive(), f"reading {uri} hung"
+        e = caught[uri]
+        assert isinstance(e, ibc.InvalidInput) and f"cannot read {uri}: {reason}" in str(e), e
+    locked = tmp_path / "locked.jpg"
+    locked.write_bytes(b"x")
+    locked.chmod(0)
+    if os.geteuid() != 0:  # root reads it anyway
+        with pytest.raises(ibc.InvalidInput, match="Permission denied"):
+            ibc.read_bytes(str(locked), modality="vision")
 
 
 def test_read_bytes_from_s3_over_http(s3_server):
