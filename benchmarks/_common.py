@@ -11,6 +11,16 @@ import subprocess
 import sys
 from typing import Any
 
+# The checkout this file is in. Every benchmark imports its packages from here, not from the
+# copy the virtualenv has installed (an editable install points at one checkout): a baseline
+# in a git worktree then measures its own code, in this process and in the workers of a local
+# Ray it starts (they inherit PYTHONPATH).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path[:2]:
+    sys.path.insert(0, ROOT)
+if os.environ.get("PYTHONPATH", "").split(os.pathsep)[0] != ROOT:
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
+
 
 def free_port() -> int:
     """A free TCP port on 127.0.0.1."""

@@ -112,7 +112,7 @@ def test_ascii_pre_tokens_skip_the_byte_mapping_with_the_same_ids() -> None:
 
     rng = random.Random(11)
     pool = [chr(c) for c in range(128)] + list("éßİ中😀\u00a0\u200b")
-    for i in range(3000):
+    for _trial in range(3000):
         s = "".join(rng.choice(pool) for _ in range(rng.randint(0, 40)))
         assert tok.encode(s) == mapped(s), repr(s)
     for s in TEXTS:
