@@ -226,7 +226,8 @@ def _read_local(path: str, uri: str, max_bytes: int | None, modality: str) -> by
     buffered open: a local corpus's reads cost about half as much CPU,
     benchmarks/results/pipeline-cpu-2core.md). Opened without blocking, so that a FIFO (whose
     open waits for a writer) and a device (/dev/zero never ends) are refused by the fstat of
-    what was opened, not hung on; the size is checked before the read."""
+    what was opened, not hung on; the size is checked before the read and what is read is
+    bounded by the limit."""
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     fd = os.open(path, flags)  # FileNotFoundError: "object not found", as for any store
     try:
@@ -238,10 +239,22 @@ def _read_local(path: str, uri: str, max_bytes: int | None, modality: str) -> by
             raise InvalidInput(
                 modality, f"object is {st.st_size} bytes, over the limit of {max_bytes}", uri
             )
-        # Read to the end (a buffer of the fstat's size, not of the limit): a file that grew
-        # past the limit since the fstat is refused by the caller's check of what was read.
+        # Read to the end, but never more than the limit + 1 bytes (the caller refuses that):
+        # a file may have grown since the fstat, and some report no size at all (/proc's).
+        # The first read asks for the fstat's size and a byte more, so a file of the size it
+        # reports takes one read and one that finds its end, and no copy.
+        limit = None if max_bytes is None else max_bytes + 1
+        chunks: list[bytes] = []
+        size, want = 0, st.st_size + 1
         with open(fd, "rb", buffering=0, closefd=False) as f:
-            return f.read()
+            while limit is None or size < limit:
+                chunk = f.read(want if limit is None else min(want, limit - size))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+                want = max(st.st_size, 1 << 20)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
     finally:
         os.close(fd)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 
 import pytest
@@ -22,13 +23,21 @@ def test_read_bytes_local_and_limits(tmp_path):
         ibc.read_bytes(str(tmp_path / "missing.jpg"), modality="vision")
     (tmp_path / "empty").write_bytes(b"")
     assert ibc.read_bytes(str(tmp_path / "empty"), max_bytes=0) == b""
+    big = tmp_path / "big.bin"
+    big.write_bytes(bytes(range(256)) * 8192)  # 2 MiB: more than one read's worth
+    assert ibc.read_bytes(str(big), max_bytes=2 << 20) == big.read_bytes()
+    status = "/proc/self/status"  # a regular file whose fstat reports 0 bytes
+    if os.path.exists(status):
+        assert ibc.read_bytes(status).startswith(b"Name:")
+        assert len(ibc.read_bytes(status)) > 100
+        with pytest.raises(ibc.InvalidInput, match="over the limit of 10 bytes"):
+            ibc.read_bytes(status, max_bytes=10)
 
 
 def test_read_bytes_refuses_what_is_not_a_regular_file_without_waiting(tmp_path):
     """A FIFO (opening it for reading would wait for a writer), a folder and a device that
     never ends are refused at once, each named with the reason; an unreadable file is the
     item's error, not an exception of another type."""
-    import os
     import threading
 
     fifo = tmp_path / "pipe.jpg"
