@@ -160,21 +160,23 @@ class Tokenizer:
         self._cache_bytes = 0
 
     def _bpe(self, word: str, limit: int | None = None) -> tuple[int, ...]:
-        """Ids of one pre-token (already mapped to byte symbols).
+        """Ids of one pre-token, as it appears in the cleaned text.
 
-        Short words are memoised; the memo holds at most `MEMO_MAX_BYTES` (then it starts
-        over). With `limit`, only the first `limit` ids are needed (the rest of the word cannot
-        fit in the context): a long word is then merged prefix by prefix (`_bpe_prefix`), so
-        its cost does not grow with its length.
+        Words of up to `LONG_WORD_SYMBOLS` byte symbols are memoised under the word itself
+        (`encode` looks them up without a call); the memo holds at most `MEMO_MAX_BYTES`
+        (then it starts over). With `limit`, only the first `limit` ids are needed (the rest
+        of the word cannot fit in the context): a long word is then merged prefix by prefix
+        (`_bpe_prefix`), so its cost does not grow with its length.
         """
         hit = self._cache.get(word)
         if hit is not None:
             return hit if limit is None else hit[:limit]
-        if len(word) > LONG_WORD_SYMBOLS:
+        sym = self.symbols(word, self.byte_table)
+        if len(sym) > LONG_WORD_SYMBOLS:
             if limit is not None:
-                return self._bpe_prefix(word, limit)
-            return tuple(self.encoder[p] for p in self._merge([*word[:-1], word[-1] + "</w>"]))
-        ids = tuple(self.encoder[p] for p in self._merge([*word[:-1], word[-1] + "</w>"]))
+                return self._bpe_prefix(sym, limit)
+            return tuple(self.encoder[p] for p in self._merge([*sym[:-1], sym[-1] + "</w>"]))
+        ids = tuple(self.encoder[p] for p in self._merge([*sym[:-1], sym[-1] + "</w>"]))
         size = sys.getsizeof(word) + sys.getsizeof(ids) + 100  # + the dict's slot and hash
         if self._cache_bytes + size > MEMO_MAX_BYTES:
             self._clear_memo()
@@ -246,13 +248,18 @@ class Tokenizer:
         encoding's first ones): framing keeps no more, and the work is then bounded by the
         context length instead of the text's length.
         """
-        table = self.byte_table
+        memo = self._cache
         ids: list[int] = []
         for tok in _PRETOKEN.finditer(self.clean(text)):
             left = None if max_tokens is None else max_tokens - len(ids)
             if left is not None and left <= 0:
                 break
-            ids.extend(self._bpe(self.symbols(tok.group(), table), left))
+            word = tok.group()
+            hit = memo.get(word)  # most words: memoised, no call (see `_bpe`)
+            if hit is None:
+                ids.extend(self._bpe(word, left))
+            else:
+                ids.extend(hit if left is None else hit[:left])
         return ids
 
     @staticmethod
