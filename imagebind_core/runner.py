@@ -6,7 +6,9 @@ model any other way. One batch goes through two steps:
 
 - `stage`: host array -> the model's device. On CUDA the batch is copied once into pinned
   memory and from there to the device on a side stream, so the copy of the next batch runs
-  while the previous one computes; on the CPU it is a zero-copy view.
+  while the previous one computes; on the CPU it is a zero-copy view. A batch that arrives
+  in pieces (`RowParts`: views of several received blocks) is copied piece by piece into
+  the pinned buffer, not joined first; on the CPU it is joined once.
 - `finish`: wait for the batch's copy, expand compact inputs on the device (uint8 pixels ->
   normalised floats, `imagebind_core.expand`), encode, return float32 (B, D) on the host.
 
@@ -244,6 +246,62 @@ class Staged:
     host: Any = None
 
 
+class RowParts:
+    """A batch of rows, (B, ...) of one dtype, held as consecutive parts: arrays of the same
+    row shape whose concatenation along the first axis is the batch.
+
+    A batch assembled from several received blocks (Ray Data joins its blocks into one call
+    without copying them) is a view of each block's buffer. Joining those views first and
+    then copying the result into pinned memory would copy every byte twice; `stage` copies
+    the parts straight into the pinned buffer instead, and on the CPU joins them once.
+    Slicing rows (`x[a:b]`) gives a view where the rows lie in one part.
+    """
+
+    __slots__ = ("_starts", "dtype", "parts", "shape")
+
+    def __init__(self, parts: Sequence[np.ndarray]) -> None:
+        if not parts:
+            raise ValueError("RowParts needs at least one part")
+        row, dtype = parts[0].shape[1:], parts[0].dtype
+        for p in parts:
+            if p.shape[1:] != row or p.dtype != dtype:
+                raise ValueError(f"parts differ: {p.shape[1:]} {p.dtype} against {row} {dtype}")
+        self.parts = list(parts)
+        self._starts = np.concatenate([[0], np.cumsum([len(p) for p in self.parts])])
+        self.shape = (int(self._starts[-1]), *row)
+        self.dtype = dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice) -> np.ndarray | RowParts:
+        """Rows `rows` (a slice of step 1): a view of one part, or the parts they span."""
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise TypeError("RowParts takes row slices of step 1 only")
+        a, b, _ = rows.indices(len(self))
+        b = max(a, b)
+        out = []
+        for p, s in zip(self.parts, self._starts[:-1].tolist(), strict=True):
+            lo, hi = max(a - s, 0), min(b - s, len(p))
+            if lo < hi:
+                out.append(p[lo:hi])
+        if not out:
+            return self.parts[0][:0]
+        return out[0] if len(out) == 1 else RowParts(out)
+
+    def join(self, out: np.ndarray | None = None) -> np.ndarray:
+        """The batch as one array (written into `out` when given: one copy of each part)."""
+        return np.concatenate(self.parts, out=out)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        x = self.join()
+        return x if dtype is None else x.astype(dtype, copy=False)
+
+
 # Half-precision compute dtypes: an overflow in them is worth naming to the user.
 HALF_DTYPES = ("float16", "bfloat16")
 
@@ -366,29 +424,38 @@ class EncoderRunner:
         lin["device"] = str(m.device)
         return lin
 
-    def stage(self, kind: str, x: np.ndarray | torch.Tensor) -> Staged:
+    def stage(self, kind: str, x: np.ndarray | RowParts | torch.Tensor) -> Staged:
         """Start moving one batch (B, ...) of `kind` to the model's device (no compute)."""
         import torch
 
         check_kind(kind)
         if model_modality(kind) != self.modality:
             raise ValueError(f"{kind} batches do not run on the {self.modality} encoder")
-        if isinstance(x, np.ndarray):
-            with warnings.catch_warnings():
-                # A read-only view of a received block: the model never writes its input.
-                warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-                t = torch.from_numpy(np.ascontiguousarray(x))
-        else:
-            t = x
         dev = self.model.device
-        if dev.type != "cuda" or t.device.type == "cuda":
-            return Staged(kind, t)
+        parts = x if isinstance(x, RowParts) else None
+        if parts is not None and dev.type != "cuda":
+            x, parts = parts.join(), None  # the model needs one array: the one copy
+        if parts is None:
+            if isinstance(x, np.ndarray):
+                with warnings.catch_warnings():
+                    # A read-only view of a received block: the model never writes its input.
+                    warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+                    t = torch.from_numpy(np.ascontiguousarray(x))
+            else:
+                t = x
+            if dev.type != "cuda" or t.device.type == "cuda":
+                return Staged(kind, t)
         if self._copy_stream is None:
             self._copy_stream = torch.cuda.Stream(dev)
         # One copy into pinned memory, then an asynchronous copy on the side stream: the
         # compute stream keeps running the previous batch meanwhile.
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        host.copy_(t)
+        if parts is not None:
+            dtype = torch.from_numpy(np.empty(0, parts.dtype)).dtype
+            host = torch.empty(parts.shape, dtype=dtype, pin_memory=True)
+            parts.join(out=host.numpy())  # each part copied once, into the pinned buffer
+        else:
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host.copy_(t)
         with torch.cuda.stream(self._copy_stream):
             xd = host.to(dev, non_blocking=True)
             event = torch.cuda.Event()
@@ -412,14 +479,14 @@ class EncoderRunner:
             return y.float().cpu().numpy()  # (B, D); waits for the batch
 
     def encode(
-        self, kind: str, x: np.ndarray | torch.Tensor, normalize: bool | None = None
+        self, kind: str, x: np.ndarray | RowParts | torch.Tensor, normalize: bool | None = None
     ) -> np.ndarray:
         """One batch of `kind`, synchronously: (B, ...) -> (B, D) float32."""
         return self.finish(self.stage(kind, x), normalize)
 
     def encode_all(
         self,
-        batches: Iterable[tuple[str, np.ndarray | torch.Tensor]],
+        batches: Iterable[tuple[str, np.ndarray | RowParts | torch.Tensor]],
         normalize: bool | None = None,
     ) -> Iterator[np.ndarray]:
         """Encode batches in order with the next batch's copy in flight while one computes
@@ -441,6 +508,7 @@ __all__ = [
     "LINEAGE_KEYS",
     "EncoderRunner",
     "ModelSpec",
+    "RowParts",
     "Staged",
     "lineage_key",
     "merge_lineage",

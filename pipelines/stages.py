@@ -19,6 +19,8 @@
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
 import os
 import threading
@@ -145,28 +147,34 @@ def token_columns(ids: np.ndarray, present: np.ndarray) -> tuple[pa.Array, pa.Ar
 
 def batch_arrays(
     batch: pa.Table, rows: Sequence[int], pad: bool = False
-) -> list[tuple[list[int], np.ndarray]]:
+) -> list[tuple[list[int], np.ndarray | ibc.RowParts]]:
     """The inputs of `rows` as batches: one (row indices, (n, ...) array) per item shape and
-    dtype, in first-row order. Rows that are neighbours in the buffer (null rows between
-    them add no bytes) are a zero-copy view of the block's buffer; others are gathered into
-    one new array.
+    dtype, in first-row order. Rows that are neighbours in a block's buffer (null rows
+    between them add no bytes) are a zero-copy view of it. A batch whose rows lie in several
+    runs (the blocks Ray Data joined into one call, or rows of other shapes between them) is
+    an `ibc.RowParts` of those views: the runner copies it once, where it must be contiguous.
 
     Args:
         pad: 1-D rows of one dtype form one batch whatever their lengths, zero-padded to the
-            longest (token ids, see `compact_input`).
+            longest (token ids, see `compact_input`): a new array, so the blocks' token ids
+            (small) are joined first.
     """
     if not rows:
         return []
     chunked = batch.column("tensor")
-    # Blocks merged into one batch: one copy into one buffer; a single block: none.
-    col = chunked.chunk(0) if chunked.num_chunks == 1 else chunked.combine_chunks()
-    offsets = np.frombuffer(col.buffers()[1], np.int64)[col.offset : col.offset + len(col) + 1]
-    data = col.buffers()[2]
-    buf = np.frombuffer(data, np.uint8) if data is not None else np.empty(0, np.uint8)
     if pad:
+        col = chunked.chunk(0) if chunked.num_chunks == 1 else chunked.combine_chunks()
+        offsets, buf = _buffer_of(col)
         padded = _padded_run(batch, rows, offsets, buf)
         if padded is not None:
             return [padded]
+        chunks = [(0, offsets, buf)]
+    else:
+        chunks, first = [], 0
+        for col in chunked.chunks:
+            chunks.append((first, *_buffer_of(col)))
+            first += len(col)
+    firsts = np.array([c[0] for c in chunks], np.int64)
     shapes = batch.column("tensor_shape").to_pylist()
     dtypes = batch.column("tensor_dtype").to_pylist()
     groups: dict[tuple, list[int]] = {}
@@ -174,29 +182,43 @@ def batch_arrays(
         shape = tuple(shapes[i])
         key = (len(shape), dtypes[i]) if pad and len(shape) == 1 else (shape, dtypes[i])
         groups.setdefault(key, []).append(i)
-    out = []
+    out: list[tuple[list[int], np.ndarray | ibc.RowParts]] = []
     for (shape, dt), idx in groups.items():
         dtype = np.dtype(dt)
         if isinstance(shape, int):  # padded 1-D rows
+            offsets, buf = chunks[0][1], chunks[0][2]
             width = max(int(shapes[i][0]) for i in idx)
             x = np.zeros((len(idx), width), dtype)
             for j, i in enumerate(idx):
                 x[j, : shapes[i][0]] = buf[offsets[i] : offsets[i + 1]].view(dtype)
             out.append((idx, x))
             continue
-        starts, ends = offsets[idx], offsets[np.array(idx) + 1]
-        if np.array_equal(starts[1:], ends[:-1]):  # one run: a view of the buffer
-            x = buf[starts[0] : ends[-1]].view(dtype).reshape(len(idx), *shape)
-        else:
-            x = np.concatenate([buf[a:b] for a, b in zip(starts, ends, strict=True)])
-            x = x.view(dtype).reshape(len(idx), *shape)
-        out.append((idx, x))
+        sel = np.asarray(idx, np.int64)
+        which = np.searchsorted(firsts, sel, side="right") - 1
+        local = sel - firsts[which]
+        starts = np.array([chunks[c][1][r] for c, r in zip(which, local, strict=True)])
+        ends = np.array([chunks[c][1][r + 1] for c, r in zip(which, local, strict=True)])
+        # A new run where the chunk changes or a row does not start where the last one ended.
+        breaks = np.flatnonzero((which[1:] != which[:-1]) | (starts[1:] != ends[:-1])) + 1
+        bounds = [0, *breaks.tolist(), len(idx)]
+        views = [
+            chunks[which[a]][2][starts[a] : ends[b - 1]].view(dtype).reshape(b - a, *shape)
+            for a, b in itertools.pairwise(bounds)
+        ]
+        out.append((idx, views[0] if len(views) == 1 else ibc.RowParts(views)))
     return out
 
 
+def _buffer_of(col: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """A `tensor` chunk's row offsets (len + 1, int64) and its data buffer as uint8."""
+    offsets = np.frombuffer(col.buffers()[1], np.int64)[col.offset : col.offset + len(col) + 1]
+    data = col.buffers()[2]
+    return offsets, np.frombuffer(data, np.uint8) if data is not None else np.empty(0, np.uint8)
+
+
 def model_batches(
-    groups: list[tuple[list[int], np.ndarray]], batch_size: int | None
-) -> list[tuple[list[int], np.ndarray]]:
+    groups: list[tuple[list[int], np.ndarray | ibc.RowParts]], batch_size: int | None
+) -> list[tuple[list[int], np.ndarray | ibc.RowParts]]:
     """`batch_arrays`' groups cut into batches of at most `batch_size` rows (None: as they
     are), each a view of its group. A 2-D integer group (token ids, zero-padded) loses the
     columns past its batch's last non-zero id: the model ignores them, the copy need not."""
@@ -206,7 +228,12 @@ def model_batches(
     for idx, x in groups:
         for s in range(0, len(idx), batch_size):
             part = x[s : s + batch_size]
-            if part.ndim == 2 and part.dtype.kind in "iu" and len(idx) > batch_size:
+            if (
+                isinstance(part, np.ndarray)
+                and part.ndim == 2
+                and part.dtype.kind in "iu"
+                and len(idx) > batch_size
+            ):
                 used = part.any(axis=0)
                 part = part[:, : len(used) - int(np.argmax(used[::-1])) if used.any() else 0]
             out.append((idx[s : s + batch_size], part))
@@ -214,13 +241,19 @@ def model_batches(
 
 
 def encoded_rows(batch: pa.Table, rows: Sequence[int]) -> list[memoryview]:
-    """The `tensor` bytes of `rows` (`ENCODED_JPEG` rows: the files), as zero-copy views."""
-    chunked = batch.column("tensor")
-    col = chunked.chunk(0) if chunked.num_chunks == 1 else chunked.combine_chunks()
-    offsets = np.frombuffer(col.buffers()[1], np.int64)[col.offset : col.offset + len(col) + 1]
-    data = col.buffers()[2]
-    buf = memoryview(data) if data is not None else memoryview(b"")
-    return [buf[int(offsets[i]) : int(offsets[i + 1])] for i in rows]
+    """The `tensor` bytes of `rows` (`ENCODED_JPEG` rows: the files), as zero-copy views of
+    the buffers of the blocks they came in."""
+    chunks, first = [], 0
+    for col in batch.column("tensor").chunks:
+        offsets, buf = _buffer_of(col)
+        chunks.append((first, offsets.tolist(), memoryview(buf)))
+        first += len(col)
+    firsts = [c[0] for c in chunks]
+    out = []
+    for i in rows:
+        start, offsets, buf = chunks[bisect.bisect_right(firsts, i) - 1]
+        out.append(buf[offsets[i - start] : offsets[i - start + 1]])
+    return out
 
 
 def _padded_run(

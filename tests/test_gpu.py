@@ -116,6 +116,12 @@ def test_runner_on_cuda_pins_overlaps_and_matches_the_cpu():
         assert np.abs(got - want).max() < 1e-4
         outs = list(gpu.encode_all([("vision", compact[:2]), ("vision", compact[2:])]))
         assert np.abs(np.concatenate(outs) - want).max() < 1e-4
+        # A batch in pieces (the views of two received blocks) is copied piece by piece
+        # into one pinned buffer: the bytes of the joined batch, the same vectors.
+        parts = ibc.RowParts([compact[:1], compact[1:3], compact[3:]])
+        staged = gpu.stage("vision", parts)
+        assert staged.host.is_pinned() and torch.equal(staged.host, torch.from_numpy(compact))
+        assert np.abs(gpu.finish(staged) - gpu.encode("vision", compact)).max() <= 1e-6
         text = ibc.collate([ibc.preprocess("text", t) for t in ["a dog", "a cat"]]).numpy()
         t_cpu = ibc.EncoderRunner(ibc.ModelSpec(preset="tiny", device="cpu"), "text")
         t_gpu = ibc.EncoderRunner(ibc.ModelSpec(preset="tiny", device="cuda"), "text")

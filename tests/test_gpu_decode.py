@@ -140,6 +140,11 @@ def test_encoder_decodes_jpegs_and_every_other_item_takes_the_cpu_path():
     got = EncodeBatch("vision", model=model)(pre)
     assert sorted(got.column("id").to_pylist()) == sorted(datas)  # every row, once
     emb, status, error = (_by_id(got, c) for c in ("embedding", "status", "error"))
+    # The block as Ray Data often hands it to the actor, two blocks in one call (a row sliced
+    # off): the files and pixels are read where they lie, with the same outcome per row.
+    split = EncodeBatch("vision", model=model)(pa.concat_tables([pre.slice(0, 3), pre.slice(3)]))
+    for c, want in (("embedding", emb), ("status", status), ("error", error)):
+        assert _by_id(split, c) == want, c
 
     # The default path, for the same items: its errors are the reference reasons.
     cpu = EncodeBatch("vision", model=model)(preprocess_batch(items))

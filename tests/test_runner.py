@@ -123,6 +123,91 @@ def test_batch_arrays_views_runs_and_groups_shapes():
     assert len(batch_arrays(t, [0, 1])) == 2
 
 
+def test_batch_arrays_of_joined_blocks_are_views_of_each_block():
+    # Ray Data hands the actor two or more blocks as one table (one chunk each). Their rows are
+    # viewed where they lie, not joined into a new buffer first: a `RowParts` of one view per
+    # block, equal to the rows of the blocks joined.
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(0, 255, (3, 4, 5), np.uint8) for _ in range(7)]
+    blocks = []
+    for part in (rows[:3], [None, *rows[3:5]], rows[5:]):
+        tensor, shape, dtype = tensor_columns(part)
+        blocks.append(pa.table({"tensor": tensor, "tensor_shape": shape, "tensor_dtype": dtype}))
+    joined = pa.concat_tables(blocks)
+    assert joined.column("tensor").num_chunks == 3
+    ok = [0, 1, 2, 4, 5, 6, 7]  # row 3 is the null one
+    ((idx, x),) = batch_arrays(joined, ok)
+    assert idx == ok and isinstance(x, ibc.RowParts) and len(x.parts) == 3
+    assert x.shape == (7, 3, 4, 5) and x.dtype == np.uint8 and len(x) == 7
+    want = np.stack(rows)
+    np.testing.assert_array_equal(x.join(), want)
+    for part, b in zip(x.parts, blocks, strict=True):
+        assert np.shares_memory(
+            part, np.frombuffer(b.column("tensor").chunk(0).buffers()[2], np.uint8)
+        )
+    # The same rows from the blocks combined into one buffer: the same arrays.
+    ((_, one),) = batch_arrays(joined.combine_chunks(), ok)
+    assert isinstance(one, np.ndarray)
+    np.testing.assert_array_equal(one, want)
+    # A subset across blocks, and a block's rows sliced by Ray Data (an offset into a chunk).
+    ((idx, x),) = batch_arrays(joined, [1, 5, 6])
+    np.testing.assert_array_equal(np.asarray(x), want[[1, 4, 5]])
+    sliced = pa.concat_tables([blocks[0].slice(1), blocks[2].slice(0, 1)])
+    ((idx, x),) = batch_arrays(sliced, [0, 1, 2])
+    np.testing.assert_array_equal(x.join(), want[[1, 2, 5]])
+    # Rows of another shape between them: one batch per shape, each a view or its parts.
+    odd = np.ones((2, 2), np.uint8)
+    tensor, shape, dtype = tensor_columns([rows[0], odd, rows[1]])
+    mixed = pa.concat_tables(
+        [blocks[2], pa.table({"tensor": tensor, "tensor_shape": shape, "tensor_dtype": dtype})]
+    )
+    groups = batch_arrays(mixed, [0, 1, 2, 3, 4])
+    assert [g[0] for g in groups] == [[0, 1, 2, 4], [3]]
+    np.testing.assert_array_equal(np.asarray(groups[0][1]), np.stack([*rows[5:], rows[0], rows[1]]))
+    np.testing.assert_array_equal(groups[1][1], odd[None])
+
+
+def test_row_parts_slice_like_the_joined_array():
+    rng = np.random.default_rng(1)
+    parts = [rng.standard_normal((n, 3)).astype(np.float32) for n in (2, 5, 1, 3)]
+    x, want = ibc.RowParts(parts), np.concatenate(parts)
+    for a in range(-12, 13):
+        for b in [*range(-12, 13), None]:
+            got = x[a:b]
+            np.testing.assert_array_equal(np.asarray(got), want[a:b], err_msg=f"{a}:{b}")
+            assert np.asarray(got).shape == want[a:b].shape
+    assert isinstance(x[2:6], np.ndarray) and np.shares_memory(x[2:6], parts[1])  # one part
+    out = np.empty_like(want)
+    assert x.join(out=out) is out
+    np.testing.assert_array_equal(out, want)
+    with pytest.raises(ValueError, match="parts differ"):
+        ibc.RowParts([parts[0], parts[1].astype(np.float64)])
+    with pytest.raises(TypeError):
+        x[::2]
+
+
+def test_an_actor_call_over_joined_blocks_embeds_as_over_one_block():
+    # What the job's actor gets most often: two preprocessed blocks in one call. The runner
+    # joins their views once (CPU) and the vectors are those of the same rows in one block.
+    data = items("vision") * 2
+    pre = [preprocess_batch(block("vision", data[:3])), preprocess_batch(block("vision", data[3:]))]
+    joined = pa.concat_tables(pre)
+    assert joined.column("tensor").num_chunks == 2
+    actor = EncodeBatch("vision", ibc.ModelSpec(preset="tiny", device="cpu"), batch_size=4)
+    got, one = actor(joined), actor(joined.combine_chunks())
+    assert got.column("status").to_pylist() == one.column("status").to_pylist()
+    assert got.column("status").to_pylist().count(STATUS_OK) == 6
+    vectors = got.column("embedding").to_pylist()
+    assert sum(v is not None for v in vectors) == 6
+    assert vectors == one.column("embedding").to_pylist()  # the same floats, bit for bit
+    # The runner given the parts stages the joined batch (CPU: one array).
+    runner = actor.runner
+    ((_, x),) = batch_arrays(joined, [0, 1, 2, 5, 6, 7])
+    assert isinstance(x, ibc.RowParts)
+    np.testing.assert_array_equal(runner.stage("vision", x).x.numpy(), x.join())
+    np.testing.assert_array_equal(runner.encode("vision", x), runner.encode("vision", x.join()))
+
+
 def test_token_columns_equal_the_per_row_transport():
     # A text block's columns built at once equal those of its rows one by one (the same
     # bytes, shapes and dtypes; null rows where no tensor), and so do the encoder's batches.
