@@ -15,8 +15,16 @@ Both ways are timed in this process, alternating, on the same table, in process 
   CUDA, where that buffer is pinned): `RowParts.join(out=...)`, against `combine_chunks()` and
   then a copy of the joined array.
 
+`--job` measures the same actor inside the job instead: the null-encoder job
+(`bench_pipeline.py --null-encoder`'s configuration, 64-image blocks, 128-image calls) on a
+small and a large corpus of JPEG files in one local Ray, alternating, with the encoder actor's
+CPU (utime+stime of its process, sampled every 50 ms until it ends with its job); the
+difference over the extra images is its CPU per image, start-up excluded. Run it from two
+checkouts (`PYTHONPATH=<checkout>`) to compare them.
+
     python benchmarks/bench_actor_call.py
     python benchmarks/bench_actor_call.py --blocks 2 --block 64 --reps 20
+    python benchmarks/bench_actor_call.py --job --images 4096 --small 512 --pairs 3
 """
 
 from __future__ import annotations
@@ -58,14 +66,87 @@ def _cpu_us(fn, reps: int, items: int) -> float:
     return (time.process_time() - c0) / reps / items * 1e6
 
 
+def run_job_mode(args: argparse.Namespace) -> dict:
+    """The encoder actor's CPU per image in the null-encoder job (see the module docstring)."""
+    import os
+    import shutil
+    import tempfile
+    import threading
+
+    import bench_pipeline as bp
+
+    import pipelines.embed as embed
+    from pipelines.resources import local_num_cpus
+
+    tmp = tempfile.mkdtemp(prefix="bench-actor-")
+    try:
+        folder = bp.make_corpus(tmp, args.images, 0)["vision"]
+        small = os.path.join(tmp, "small")
+        os.makedirs(small)
+        for f in bp._files(folder)[: args.small]:
+            os.link(f, os.path.join(small, os.path.basename(f)))
+        cfg = bp.null_config("vision", "x", "y", "files")
+        bp.start_ray_as_the_job(local_num_cpus(cfg, ["vision"]), ["vision"])
+        root, hz, seen = os.getpid(), os.sysconf("SC_CLK_TCK"), set()
+
+        def actor_seconds(source: str, out: str) -> float:
+            """CPU seconds of the actor(s) this job started, read until the job returns."""
+            last: dict[int, int] = {}
+            stop = threading.Event()
+
+            def watch() -> None:
+                while not stop.is_set():
+                    for pid, ticks in bp._tree_cpu_ticks(root).items():
+                        if pid in seen or bp.process_role(pid, root) != "encoder actors":
+                            continue
+                        last[pid] = max(last.get(pid, 0), ticks)
+                    stop.wait(0.05)
+
+            t = threading.Thread(target=watch, daemon=True)
+            t.start()
+            embed.run_job(bp.null_config("vision", source, out, "files"))
+            stop.set()
+            t.join()
+            seen.update(last)
+            return sum(last.values()) / hz
+
+        actor_seconds(folder, os.path.join(tmp, "warm"))  # workers started, imports done
+        rounds = []
+        for i in range(args.pairs):
+            s = actor_seconds(small, os.path.join(tmp, f"s{i}"))
+            b = actor_seconds(folder, os.path.join(tmp, f"b{i}"))
+            us = (b - s) / (args.images - args.small) * 1e6
+            rounds.append({"small_s": s, "large_s": b, "us_per_image": us})
+            print(
+                f"pair {i + 1}: actor CPU {s:.2f} s ({args.small} images), {b:.2f} s "
+                f"({args.images}) -> {us:.0f} us per image",
+                flush=True,
+            )
+        med = sorted(r["us_per_image"] for r in rounds)[len(rounds) // 2]
+        print(f"encoder actor in the job, median: {med:.0f} us of CPU per image")
+        return {"images": args.images, "small": args.small, "pairs": rounds, "median_us": med}
+    finally:
+        import ray
+
+        ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--blocks", type=int, default=2, help="preprocessed blocks per call")
     ap.add_argument("--block", type=int, default=64, help="images per preprocessed block")
     ap.add_argument("--reps", type=int, default=20, help="calls per timing")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--job", action="store_true", help="measure the actor inside the job")
+    ap.add_argument("--images", type=int, default=4096, help="--job: the large corpus")
+    ap.add_argument("--small", type=int, default=512, help="--job: the small corpus")
+    ap.add_argument("--pairs", type=int, default=3, help="--job: small/large job pairs")
     ap.add_argument("--json")
     args = ap.parse_args()
+    if args.job:
+        write_results(args.json, run_job_mode(args))
+        return
 
     table = pa.concat_tables(
         [preprocessed_block(args.block, k * args.block) for k in range(args.blocks)]
