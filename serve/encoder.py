@@ -109,12 +109,17 @@ class EncoderCore:
         Images (3,H,W) and video clips (S,3,T,H,W) reach the same vision encoder but cannot be
         stacked, and `normalize` is a model argument: a mixed batch runs once per group.
         """
+        from imagebind_core.runner import RowParts
+
         groups: dict[tuple, list[int]] = {}
         for i, c in enumerate(calls):
             groups.setdefault((c.x.shape[1:], c.x.dtype.str, c.normalize), []).append(i)
         out: list[np.ndarray | None] = [None] * len(calls)
         for (_, _, normalize), idx in groups.items():
-            x = np.concatenate([calls[i].x for i in idx])
+            # The requests' arrays as parts of one batch: the runner copies each once (into
+            # pinned memory on CUDA; joined on the CPU), not joined here first.
+            xs = [calls[i].x for i in idx]
+            x = xs[0] if len(xs) == 1 else RowParts(xs)
             y = self.runner.encode(self.modality, x, normalize=normalize)  # (N, D) float32
             start = 0
             for i in idx:

@@ -161,6 +161,13 @@ def test_encoder_core_expands_compact_images_in_a_mixed_batch():
     a, b, v = core.encode([EncodeCall(full), EncodeCall(compact), EncodeCall(video)])
     np.testing.assert_array_equal(a, b)
     assert v.shape == a.shape
+    # Several requests of one shape form one model batch in parts (the runner joins them
+    # once): each gets its rows of the batch, as if the arrays were joined first.
+    two = np.concatenate([compact, compact[:, :, ::-1]])
+    got = core.encode([EncodeCall(compact), EncodeCall(two), EncodeCall(compact)])
+    want = core.runner.encode("vision", np.concatenate([compact, two, compact]), normalize=True)
+    assert [g.shape[0] for g in got] == [1, 2, 1]
+    np.testing.assert_array_equal(np.concatenate(got), want)
 
 
 # ------------------------------------------------------------ the ingress's input byte budget
