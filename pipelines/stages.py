@@ -170,10 +170,7 @@ def batch_arrays(
             return [padded]
         chunks = [(0, offsets, buf)]
     else:
-        chunks, first = [], 0
-        for col in chunked.chunks:
-            chunks.append((first, *_buffer_of(col)))
-            first += len(col)
+        chunks = _chunk_buffers(chunked)
     firsts = np.array([c[0] for c in chunks], np.int64)
     shapes = batch.column("tensor_shape").to_pylist()
     dtypes = batch.column("tensor_dtype").to_pylist()
@@ -216,6 +213,16 @@ def _buffer_of(col: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return offsets, np.frombuffer(data, np.uint8) if data is not None else np.empty(0, np.uint8)
 
 
+def _chunk_buffers(chunked: pa.ChunkedArray) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """Each chunk (received block) of a `tensor` column: (its first row in the column, its
+    row offsets, its data buffer), as `_buffer_of`; nothing copied."""
+    out, first = [], 0
+    for col in chunked.chunks:
+        out.append((first, *_buffer_of(col)))
+        first += len(col)
+    return out
+
+
 def model_batches(
     groups: list[tuple[list[int], np.ndarray | ibc.RowParts]], batch_size: int | None
 ) -> list[tuple[list[int], np.ndarray | ibc.RowParts]]:
@@ -243,16 +250,12 @@ def model_batches(
 def encoded_rows(batch: pa.Table, rows: Sequence[int]) -> list[memoryview]:
     """The `tensor` bytes of `rows` (`ENCODED_JPEG` rows: the files), as zero-copy views of
     the buffers of the blocks they came in."""
-    chunks, first = [], 0
-    for col in batch.column("tensor").chunks:
-        offsets, buf = _buffer_of(col)
-        chunks.append((first, offsets.tolist(), memoryview(buf)))
-        first += len(col)
+    chunks = _chunk_buffers(batch.column("tensor"))
     firsts = [c[0] for c in chunks]
     out = []
     for i in rows:
-        start, offsets, buf = chunks[bisect.bisect_right(firsts, i) - 1]
-        out.append(buf[offsets[i - start] : offsets[i - start + 1]])
+        first, offsets, buf = chunks[bisect.bisect_right(firsts, i) - 1]
+        out.append(memoryview(buf[offsets[i - first] : offsets[i - first + 1]]))
     return out
 
 
