@@ -72,6 +72,69 @@ def embedding_type(dim: int) -> pa.DataType:
     return pa.list_(pa.float32(), dim)
 
 
+def part_embedding_type(dim: int) -> pa.DataType:
+    """How a part file holds a vector: its float32 values as little-endian bytes,
+    `fixed_size_binary(4 * dim)`.
+
+    Why not `embedding_type`: a part is written once and read once, by its shard's commit,
+    then deleted. Parquet stores a list column with a definition and a repetition level per
+    float, and real embeddings hardly compress; as bytes in an uncompressed file
+    (`PART_COMPRESSION`), a part's vectors cost a fraction of the CPU to write and to read
+    (benchmarks/results/write-commit-2core.md). The committed files keep `embedding_type`.
+    """
+    return pa.binary(4 * dim)
+
+
+# Parts are transient and nearly all vector bytes: stored uncompressed (`part_embedding_type`).
+PART_COMPRESSION = "none"
+
+
+def embedding_column(values: np.ndarray, valid: np.ndarray, dim: int) -> pa.Array:
+    """(n, dim) float32 and which rows have a vector -> `embedding_type(dim)` (null elsewhere)."""
+    flat = pa.array(np.ascontiguousarray(values, np.float32).reshape(-1), pa.float32())
+    return pa.FixedSizeListArray.from_arrays(flat, dim, mask=pa.array(~np.asarray(valid, bool)))
+
+
+def _one_array(col: pa.Array | pa.ChunkedArray) -> pa.Array:
+    if isinstance(col, pa.ChunkedArray):
+        return col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    return col
+
+
+def embedding_values(col: pa.Array | pa.ChunkedArray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """A column of vectors, either as `embedding_type` (any float list of width `dim`) or as
+    part bytes (`part_embedding_type`) -> ((n, dim) float32, which rows have one). Rows
+    without a vector hold whatever their slots hold (zeros as the encoder writes them)."""
+    arr = _one_array(col)
+    n = len(arr)
+    valid = arr.is_valid().to_numpy(zero_copy_only=False)
+    if n == 0:
+        return np.zeros((0, dim), np.float32), valid
+    if pa.types.is_fixed_size_binary(arr.type):
+        if arr.type.byte_width != 4 * dim:
+            raise ValueError(f"vectors of {arr.type.byte_width} bytes, expected {4 * dim}")
+        data = arr.buffers()[1]
+        values = np.frombuffer(data, "<f4", count=n * dim, offset=arr.offset * 4 * dim)
+        return values.reshape(n, dim).astype(np.float32, copy=False), valid
+    arr = arr.cast(embedding_type(dim))
+    child = arr.values.slice(arr.offset * dim, n * dim)  # `.values` ignores the offset
+    return child.to_numpy(zero_copy_only=False).reshape(n, dim), valid
+
+
+def part_embedding(col: pa.Array | pa.ChunkedArray, dim: int) -> pa.Array:
+    """A column of vectors (`embedding_values` takes either form) -> `part_embedding_type`."""
+    arr = _one_array(col)
+    if arr.type == part_embedding_type(dim):
+        return arr
+    values, valid = embedding_values(arr, dim)
+    data = np.ascontiguousarray(values, "<f4")
+    nulls = len(valid) - int(valid.sum())
+    bitmap = pa.array(valid, pa.bool_()).buffers()[1] if nulls else None
+    return pa.FixedSizeBinaryArray.from_buffers(
+        part_embedding_type(dim), len(valid), [bitmap, pa.py_buffer(data)], null_count=nulls
+    )
+
+
 def encoded_schema(dim: int) -> pa.Schema:
     """Rows leaving the encoders: `tensor` replaced by `embedding` (null for non-ok rows)."""
     base = [f for f in ITEM_SCHEMA if f.name != "data"]
@@ -84,8 +147,9 @@ def _pick(*names: str, **fields: pa.Field) -> list[pa.Field]:
 
 
 def part_schema(dim: int) -> pa.Schema:
-    """One part file: embedded and failed items of one shard (error null <=> embedded)."""
-    embedding = pa.field("embedding", embedding_type(dim))
+    """One part file: embedded and failed items of one shard (error null <=> embedded); the
+    vectors as bytes (`part_embedding_type`)."""
+    embedding = pa.field("embedding", part_embedding_type(dim))
     return pa.schema(
         _pick(
             "id", "uri", "modality", "embedding", "fingerprint", "size", "mtime", "error",

@@ -41,6 +41,7 @@ from pipelines.rows import (
     STATUS_EOS,
     STATUS_ERROR,
     STATUS_OK,
+    embedding_column,
     encoded_schema,
     fingerprint_from_info,
 )
@@ -578,18 +579,12 @@ def _tensor_columns_of(
     return columns, lengths
 
 
-def _embedding_column(values: np.ndarray, done: np.ndarray, dim: int) -> pa.Array:
-    """(n, dim) float32 and which rows have a vector -> fixed_size_list (null elsewhere)."""
-    flat = pa.array(np.ascontiguousarray(values, np.float32).reshape(-1), pa.float32())
-    return pa.FixedSizeListArray.from_arrays(flat, dim, mask=pa.array(~done))
-
-
 def without_tensors(batch: pa.Table, embed_dim: int) -> pa.Table:
     """Rows that reach the writer without an encoder (rejected while reading): null embedding."""
     n = batch.num_rows
     schema = encoded_schema(embed_dim)
     cols = {name: batch.column(name) for name in schema.names if name in batch.column_names}
-    cols["embedding"] = _embedding_column(
+    cols["embedding"] = embedding_column(
         np.zeros((n, embed_dim), np.float32), np.zeros(n, bool), embed_dim
     )
     return pa.table({name: cols[name] for name in schema.names}, schema=schema)
@@ -752,7 +747,7 @@ class EncodeBatch:
         }
         cols["status"] = pa.array(status, pa.string())
         cols["error"] = pa.array(errors, pa.string())
-        cols["embedding"] = _embedding_column(values, done, self.dim)
+        cols["embedding"] = embedding_column(values, done, self.dim)
         report(self.progress, "encode", sum(1 for s in status if s != STATUS_EOS))
         return pa.table({name: cols[name] for name in self.schema.names}, schema=self.schema)
 

@@ -206,28 +206,35 @@ def with_store_retries(
 # --------------------------------------------------------------------------- file helpers
 
 
-def parquet_bytes(table: pa.Table) -> bytes:
-    """`table` as Parquet file bytes: zstd, dictionary encoding only where it can pay.
+def parquet_bytes(table: pa.Table, compression: str = "zstd") -> bytes:
+    """`table` as Parquet file bytes: zstd (or `compression`), dictionary encoding only where
+    it can pay.
 
-    Float vector columns (`embedding`) are written without dictionary encoding: Parquet tries a
-    dictionary by default, and for embeddings, where no two values repeat, it hashes every
-    float, gives up and falls back to plain pages (figures in
+    Vector columns (float lists: `embedding`; fixed-size binary: a part's vector bytes,
+    `pipelines.rows.part_embedding_type`) are written without dictionary encoding: Parquet
+    tries a dictionary by default, and for embeddings, where no two values repeat, it hashes
+    every value, gives up and falls back to plain pages (figures in
     benchmarks/results/null-encoder-text-profile-2core.txt). Plain + zstd is readable by every
     Parquet reader.
     """
     no_dict = {
         f.name
         for f in table.schema
-        if pa.types.is_list(f.type)
-        or pa.types.is_fixed_size_list(f.type)
-        or pa.types.is_large_list(f.type)
-        if pa.types.is_floating(f.type.value_type)
+        if pa.types.is_fixed_size_binary(f.type)
+        or (
+            (
+                pa.types.is_list(f.type)
+                or pa.types.is_fixed_size_list(f.type)
+                or pa.types.is_large_list(f.type)
+            )
+            and pa.types.is_floating(f.type.value_type)
+        )
     }
     sink = pa.BufferOutputStream()
     pq.write_table(
         table,
         sink,
-        compression="zstd",
+        compression=compression,
         use_dictionary=[n for n in table.column_names if n not in no_dict] if no_dict else True,
     )
     return sink.getvalue().to_pybytes()
@@ -475,12 +482,12 @@ class Output:
         return True
 
     @staticmethod
-    def _parquet_bytes(table: pa.Table) -> bytes:
-        return parquet_bytes(table)
+    def _parquet_bytes(table: pa.Table, compression: str = "zstd") -> bytes:
+        return parquet_bytes(table, compression)
 
-    def write_table_atomic(self, path: str, table: pa.Table) -> None:
-        """Write a Parquet file atomically."""
-        self.write_bytes_atomic(path, self._parquet_bytes(table))
+    def write_table_atomic(self, path: str, table: pa.Table, compression: str = "zstd") -> None:
+        """Write a Parquet file atomically (`parquet_bytes`)."""
+        self.write_bytes_atomic(path, self._parquet_bytes(table, compression))
 
     def create_table(self, path: str, table: pa.Table) -> bool:
         """Create a Parquet file unless it exists (see `create_atomic`)."""

@@ -26,13 +26,16 @@ import pyarrow.parquet as pq
 from imagebind_core.index import join_uri
 from imagebind_core.io import StorageOptions
 from pipelines.rows import (
+    PART_COMPRESSION,
     STATUS_EOS,
     STATUS_OK,
     SUMMARY_SCHEMA,
-    embedding_type,
+    embedding_column,
+    embedding_values,
     errors_schema,
     first_occurrences,
     output_schema,
+    part_embedding,
     part_schema,
 )
 from pipelines.store import Output, with_store_retries
@@ -87,7 +90,7 @@ def drop_part_rows(out: Output, shard: str, kind: str, ids: Iterable[str]) -> No
             continue
         name = _part_name(kind, kept.column("id").to_pylist()) if kept.num_rows else None
         if name is not None:
-            out.write_table_atomic(join_uri(out.parts_dir(shard), name), kept)
+            out.write_table_atomic(join_uri(out.parts_dir(shard), name), kept, PART_COMPRESSION)
         if name != p.rsplit("/", 1)[-1]:
             with contextlib.suppress(FileNotFoundError):
                 out.fs.rm(p)
@@ -126,7 +129,7 @@ def _part_table(sub: pa.Table, embed_dim: int) -> pa.Table:
             "id": sub.column("id"),
             "uri": sub.column("uri"),
             "modality": sub.column("modality"),
-            "embedding": sub.column("embedding").cast(embedding_type(embed_dim)),
+            "embedding": part_embedding(sub.column("embedding"), embed_dim),
             "fingerprint": sub.column("fingerprint"),
             "size": sub.column("size"),
             "mtime": sub.column("mtime"),
@@ -161,7 +164,7 @@ def write_parts(
             path = join_uri(out.parts_dir(shard), _part_name(kind, ids))
             # A part's name derives from its ids: writing it again is harmless.
             with_store_retries(
-                lambda p=path, t=part: out.write_table_atomic(p, t),
+                lambda p=path, t=part: out.write_table_atomic(p, t, PART_COMPRESSION),
                 f"writing {path}",
                 output_uri,
                 storage_options,
@@ -191,11 +194,21 @@ def _num_rows(out: Output, path: str) -> int:
         return pq.ParquetFile(f).metadata.num_rows
 
 
+def _read_part(out: Output, path: str, embed_dim: int) -> pa.Table:
+    """A part file as `part_schema`; its vectors may be float lists (parts written by
+    versions before `part_embedding_type`, left by an interrupted run)."""
+    t = out.read_table(path)
+    i = t.schema.get_field_index("embedding")
+    if i >= 0:
+        t = t.set_column(i, "embedding", part_embedding(t.column(i), embed_dim))
+    return t.cast(part_schema(embed_dim))
+
+
 def _merged_parts(out: Output, shard: str, embed_dim: int) -> pa.Table:
     """Every row of the shard's part files, deduplicated by id (first part in name order
     wins) and sorted by id."""
     pschema = part_schema(embed_dim)
-    tables = [out.read_table(p).cast(pschema) for p in out.ls_files(out.parts_dir(shard))]
+    tables = [_read_part(out, p, embed_dim) for p in out.ls_files(out.parts_dir(shard))]
     table = pa.concat_tables(tables) if tables else pschema.empty_table()
     return _dedupe(table, shard).sort_by("id")
 
@@ -212,8 +225,9 @@ def _write_commit(
     """Write the failed rows of `table` to `errors` (or remove a stale one), then create
     `main` with the embedded rows; (embedded, failed) counts."""
     is_err = table.column("error").is_valid()
-    good = table.filter(pc.invert(is_err))
     bad = table.filter(is_err)
+    # A filter copies every vector; most shards have no failed rows, and keep them in place.
+    good = table.filter(pc.invert(is_err)) if bad.num_rows else table
     meta = dict(metadata)
     if bad.num_rows:
         out.write_table_atomic(
@@ -222,6 +236,8 @@ def _write_commit(
     elif out.exists(errors):
         out.fs.rm(errors)
     schema = output_schema(embed_dim, meta)
+    vectors = embedding_column(*embedding_values(good.column("embedding"), embed_dim), embed_dim)
+    good = good.set_column(good.schema.get_field_index("embedding"), "embedding", vectors)
     if not out.create_table(main, good.select(schema.names).cast(schema)):
         # another commit of the same rows won the race; it is the same data
         logger.warning("shard %s: %s was committed concurrently; kept as it is", shard, main)

@@ -894,6 +894,74 @@ def test_parts_are_idempotent_and_commit_dedupes(tmp_path):
     assert Output(out).leftover_parts(Output(out).committed_shards()) == ["s"]
 
 
+def test_parts_hold_vector_bytes_and_the_commit_gives_back_the_same_floats(tmp_path):
+    # Parts store each vector as its float32 bytes, uncompressed (fast to write and to read
+    # back); the committed file holds fixed_size_list<float32> with every bit unchanged,
+    # including values that do not survive a round trip through text or float64 casts.
+    out, dim = str(tmp_path / "out"), 5
+    special = [np.float32(v) for v in (-0.0, 1e-45, 3.4028235e38, 1 / 3, -2.5e-8)]
+    rows = [
+        {
+            "id": f"x{i}",
+            "shard": "s",
+            "branch": "text",
+            "modality": "text",
+            "status": STATUS_OK if i != 1 else STATUS_ERROR,
+            "error": "bad" if i == 1 else None,
+            "embedding": [float(v) * (-1) ** i for v in special] if i != 1 else None,
+        }
+        for i in range(4)
+    ]
+    block = _encoded(rows, dim)
+    write_parts(block.slice(1), out, None, dim)  # a sliced block: Arrow offsets in play
+    write_parts(block.slice(0, 1), out, None, dim)
+    part_dir = tmp_path / "out" / "_parts" / "s"
+    for part in os.listdir(part_dir):
+        f = pq.ParquetFile(part_dir / part)
+        assert f.schema_arrow.field("embedding").type == pa.binary(4 * dim)
+        col = f.schema_arrow.get_field_index("embedding")
+        assert f.metadata.row_group(0).column(col).compression == "UNCOMPRESSED"
+    assert commit_shard(out, "s", None, dim, {})["ok"] == 3
+    got = pq.read_table(tmp_path / "out" / "s.parquet")
+    assert got.schema.field("embedding").type == embedding_type(dim)
+    want = np.array([r["embedding"] for r in rows if r["embedding"]], np.float32)
+    have = np.asarray(got.column("embedding").combine_chunks().values).reshape(-1, dim)
+    assert have.tobytes() == want.tobytes()
+
+
+def test_a_commit_takes_parts_written_with_float_lists(tmp_path):
+    # Parts left by an interrupted run of a version that wrote vectors as float lists are
+    # committed beside new ones, vectors unchanged.
+    from pipelines.rows import part_schema
+
+    out, dim = str(tmp_path / "out"), 3
+    old = pa.table(
+        {
+            "id": ["a", "b"],
+            "uri": ["ua", "ub"],
+            "modality": ["text", "text"],
+            "embedding": pa.array([[1.5, -2.0, 0.25], None], embedding_type(dim)),
+            "fingerprint": ["fa", "fb"],
+            "size": pa.array([None, None], pa.int64()),
+            "mtime": pa.array([None, None], pa.float64()),
+            "error": [None, "bad"],
+        }
+    )
+    assert old.schema.field("embedding").type != part_schema(dim).field("embedding").type
+    Output(out).write_table_atomic(f"{out}/_parts/s/text-old.parquet", old)
+    row = {"id": "c", "shard": "s", "branch": "text", "modality": "text", "status": STATUS_OK}
+    write_parts(_encoded([{**row, "embedding": [7.0, 8.0, 9.0]}], dim), out, None, dim)
+    assert commit_shard(out, "s", None, dim, {}) == {
+        "shard": "s",
+        "ok": 2,
+        "errors": 1,
+        "added": False,
+    }
+    got = pq.read_table(tmp_path / "out" / "s.parquet")
+    assert got.column("id").to_pylist() == ["a", "c"]
+    assert got.column("embedding").to_pylist() == [[1.5, -2.0, 0.25], [7.0, 8.0, 9.0]]
+
+
 def test_output_started_by_another_model_is_refused(tmp_path):
     corpus = files_corpus(Writer(str(tmp_path)))
     out = tmp_path / "out"
