@@ -14,6 +14,7 @@ readers, preprocessing, writers); per pair, this checkout's wall and CPU over th
 
     git worktree add /tmp/base <commit>
     python benchmarks/bench_cold_job.py --baseline /tmp/base --texts 400000 --pairs 3
+    python benchmarks/bench_cold_job.py --baseline /tmp/base --preset huge   # 1024-d vectors
 
 (figures: benchmarks/results/pipeline-cpu-2core.md; `--json PATH` also writes them as JSON)
 """
@@ -30,8 +31,8 @@ from bench_pipeline import make_corpus, make_text_manifests
 from bench_warmup import ROOT, cli_job
 
 
-def run(root: str, kind: str, source: str, fmt: str, out: str) -> dict:
-    s, cpu, wall = cli_job(kind, source, fmt, out, {}, root=root)
+def run(root: str, kind: str, source: str, fmt: str, out: str, sets: dict) -> dict:
+    s, cpu, wall = cli_job(kind, source, fmt, out, sets, root=root)
     items = s["kinds"][kind]["embedded"] + s["kinds"][kind]["errors"]
     return {
         "checkout": root,
@@ -61,6 +62,10 @@ def main() -> None:
     p.add_argument("--texts-per-manifest", type=int, default=20000)
     p.add_argument("--images", type=int, default=2048)
     p.add_argument("--pairs", type=int, default=3)
+    p.add_argument(
+        "--preset",
+        help="the model preset (default: the null encoders' tiny; huge: 1024-d vectors to write)",
+    )
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
     base = os.path.abspath(args.baseline)
@@ -70,13 +75,15 @@ def main() -> None:
             source, fmt = make_text_manifests(tmp, args.texts, args.texts_per_manifest), "manifest"
         else:
             source, fmt = make_corpus(tmp, args.images, 0)["vision"], "files"
-        print(f"{os.cpu_count()} cores; {args.kind}, baseline {base}", flush=True)
+        sets = {"preset": args.preset} if args.preset else {}
+        print(f"{os.cpu_count()} cores; {args.kind} {sets}, baseline {base}", flush=True)
         results = []
         for i in range(args.pairs):
             order = [("this", ROOT), ("baseline", base)]
             pair = {}
             for name, root in order if i % 2 == 0 else order[::-1]:
-                r = run(root, args.kind, source, fmt, os.path.join(tmp, f"out-{name}-{i}"))
+                out = os.path.join(tmp, f"out-{name}-{i}")
+                r = run(root, args.kind, source, fmt, out, sets)
                 pair[name] = r
                 print(f"pair {i + 1} {_line(name, r)}", flush=True)
             ratio = {k: pair["this"][k] / pair["baseline"][k] for k in ("wall_s", "cpu_s")}
