@@ -14,6 +14,11 @@ on; docs/pipelines.md, "Logs", lists them):
   CLIs pass their stderr through a line filter (`filtered_stderr`).
 - faiss's INFO lines about the CPU-specific builds it could not load, before the generic one
   (shown with `--log-level DEBUG`).
+- Ray Data's Python warning that an operator "only received N input(s)", fewer than its task
+  or actor concurrency, with the advice to raise `override_num_blocks`: a job of few shards
+  (one manifest) or few blocks starts fewer read tasks or uses fewer encoder actors than the
+  job's sizing allows. Neither the advice nor the setting is open to a user of these
+  commands, and nothing is wrong.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -38,6 +44,14 @@ QUIET_RECORDS: tuple[tuple[str, re.Pattern[str]], ...] = (
             r"^(Progress bars disabled|Progress bars for operators disabled|Progress will be "
             r"logged because|\[dataset\]: A new progress UI is available)"
         ),
+    ),
+)
+# (module, message pattern) of Python warnings the CLIs drop (see the module docstring).
+QUIET_WARNINGS: tuple[tuple[str, str], ...] = (
+    (
+        r"ray\.data\.",
+        r"The (maximum|minimum) number of concurrent (tasks|actors) for .* but the operator "
+        r"only received \d+ input",
     ),
 )
 # Lines Ray's C++ core writes to stderr that the CLIs drop (see the module docstring).
@@ -68,6 +82,8 @@ def configure_logging(level: str) -> None:
         raise SystemExit(f"--log-level {level!r}: {e}") from None
     for name, pattern in QUIET_RECORDS:
         logging.getLogger(name).addFilter(_DropMatching(pattern))
+    for module, message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message, UserWarning, module)
     if logging.getLogger().level > logging.DEBUG:
         # faiss logs each CPU-specific build it cannot import (`ModuleNotFoundError ...
         # swigfaiss_avx512`) at INFO before it loads the generic one: expected, not news.

@@ -5,8 +5,11 @@ from __future__ import annotations
 import re
 
 # Python logging's level names, Ray's C++ glog prefix (`[2026-12-04 17:16:30,497 E 27357
-# 27357] core_worker.cc:...`: W, E or F) and Python tracebacks.
-ALARM = re.compile(r"\b(WARNING|ERROR|CRITICAL)\b|^\[[^\]]* [WEF] \d+ \d+\]|Traceback")
+# 27357] core_worker.cc:...`: W, E or F), Python warnings (`file.py:12: UserWarning: ...`) and
+# Python tracebacks.
+ALARM = re.compile(
+    r"\b(WARNING|ERROR|CRITICAL)\b|^\[[^\]]* [WEF] \d+ \d+\]|:\d+: \w*Warning: |Traceback"
+)
 # The one warning a run with random weights logs on purpose.
 RANDOM_WEIGHTS = "no checkpoint: embedding with RANDOM"
 # Ray Data's warning that its first operator waited over 60 s for a CPU: a fact about the

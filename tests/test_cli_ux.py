@@ -293,6 +293,35 @@ def test_stderr_filter_drops_rays_false_alarm_and_keeps_the_rest():
     ]
 
 
+def test_rays_few_inputs_warning_is_dropped_and_other_warnings_kept():
+    # Ray Data warns when an operator gets fewer inputs than its concurrency (a job of one
+    # manifest); the CLIs drop exactly that warning, from Ray Data only.
+    few = (
+        "The maximum number of concurrent tasks for 'MapBatches(read_tasks)' is set to 2, but "
+        "the operator only received 1 input(s). This means that the operator can launch at "
+        "most 1 task(s), which is less than the concurrency limit."
+    )
+    actors = few.replace("maximum", "minimum").replace("concurrent tasks", "concurrent actors")
+    ops = "ray.data._internal.execution.operators"
+    code = (
+        "import warnings\n"
+        "from pipelines.console import configure_logging\n"
+        "configure_logging('INFO')\n"
+        "def warn(msg, module, line):\n"
+        "    warnings.warn_explicit(msg, UserWarning, 'w.py', line, module=module)\n"
+        f"warn({few!r}, '{ops}.task_pool_map_operator', 1)\n"
+        f"warn({actors!r}, '{ops}.actor_pool_map_operator', 2)\n"
+        f"warn({few!r}, 'someone.else', 3)\n"
+        f"warn('another warning', '{ops}.task_pool_map_operator', 4)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    shown = [line for line in res.stderr.splitlines() if "UserWarning" in line]
+    assert [line.split(":")[1] for line in shown] == ["3", "4"], res.stderr
+    assert alarming_lines(res.stderr), "the log check sees Python warnings"
+
+
 # ----------------------------------------------------------------------------- progress
 
 
