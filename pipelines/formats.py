@@ -132,6 +132,10 @@ def _read_manifest_file(uri: str, storage_options: StorageOptions | None) -> pa.
                     convert_options=pacsv.ConvertOptions(
                         column_types={c: pa.string() for c in _MANIFEST_STRINGS},
                         strings_can_be_null=True,
+                        # As in JSON Lines: a text that is not UTF-8 fails its own row
+                        # (`imagebind_core.preprocess`), not the file; the other columns are
+                        # checked by `_check_utf8`.
+                        check_utf8=False,
                     ),
                 )
             return pajson.read_json(f)
@@ -142,6 +146,30 @@ def _read_manifest_file(uri: str, storage_options: StorageOptions | None) -> pa.
         ):
             hint = " (a JSON manifest is JSON Lines: one object per line, not an array)"
         raise PlanError(f"manifest {uri}: cannot read it: {e}{hint}") from None
+
+
+def _check_utf8(col: pa.Array | pa.ChunkedArray, name: str, uri: str) -> None:
+    """PlanError naming the row if a string column holds bytes that are not UTF-8 (CSV and
+    JSON Lines readers leave them unchecked; ids, uris and modalities feed string kernels that
+    would fail on them mid-run)."""
+    start = 0
+    for chunk in col.chunks if isinstance(col, pa.ChunkedArray) else [col]:
+        try:
+            chunk.validate(full=True)
+        except pa.ArrowInvalid:
+            for i, v in enumerate(chunk.cast(pa.binary()).to_pylist()):
+                try:
+                    if v is not None:
+                        v.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    row = start + i + 1
+                    raise PlanError(
+                        f"manifest {uri}: column {name!r} is not valid UTF-8 in row {row} "
+                        f"({v!r}: {e.reason} at byte {e.start}); a manifest is UTF-8 text "
+                        "(convert it, e.g. with iconv)"
+                    ) from None
+            raise
+        start += len(chunk)
 
 
 def _manifest_column_types(table: pa.Table, uri: str) -> pa.Table:
@@ -161,6 +189,8 @@ def _manifest_column_types(table: pa.Table, uri: str) -> pa.Table:
                 ) from None
         if c == "text":  # "" is no text, as CSV reads it, whatever the file format
             col = pc.if_else(pc.equal(col, ""), pa.scalar(None, pa.string()), col)
+        else:
+            _check_utf8(col, c, uri)
         table = table.set_column(table.column_names.index(c), c, col)
     for c, convert in (("size", _as_int64), ("mtime", _as_seconds)):
         if c in table.column_names:

@@ -599,6 +599,37 @@ def test_manifest_columns_of_other_types_are_normalised(tmp_path):
     )
     with pytest.raises(PlanError, match=r"bad.parquet: column 'id' of type binary .*UTF8"):
         plan_job(cfg)
+    # Strings that are not UTF-8 in the columns that name and route an item: the row is named,
+    # whichever reader left them unchecked (JSON Lines, CSV).
+    (d / "bad.parquet").unlink()
+    ok_row = b'{"id": "a", "uri": "a.png", "modality": "vision"}\n'
+    (d / "bad.jsonl").write_bytes(
+        ok_row + b'{"id": "b\xff", "uri": "b.png", "modality": "vision"}\n'
+    )
+    with pytest.raises(PlanError, match=r"bad.jsonl: column 'id' is not valid UTF-8 in row 2 "):
+        plan_job(cfg)
+    (d / "bad.jsonl").unlink()
+    (d / "bad.csv").write_bytes(b"uri,modality\na.png,vision\nb.png,vis\xe9ion\n")
+    with pytest.raises(PlanError, match=r"bad.csv: column 'modality' is not valid UTF-8 in row 2"):
+        plan_job(cfg)
+
+
+def test_a_csv_caption_that_is_not_utf8_fails_its_row_only(tmp_path):
+    # As in JSON Lines: the caption's row goes to the errors with the reason; the manifest's
+    # other rows are embedded (before, the CSV reader refused the whole file).
+    from pipelines.stages import preprocess_batch
+
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "m.csv").write_bytes(b"id,modality,text\nx1,text,a caption\nx2,text,caf\xe9\n")
+    cfg = load_config(None, {"input": str(d), "output": str(tmp_path / "o"), "preset": "tiny"})
+    plan = plan_job(cfg)
+    (task,) = shard_tasks(plan, cfg, plan.shards)["text"]
+    blocks = read_tasks(pa.table({"task": [task["task"]]}), str(tmp_path / "o"), None)
+    rows = {r["id"]: r for r in preprocess_batch(pa.concat_tables(blocks)).to_pylist()}
+    assert rows["x1"]["status"] == STATUS_OK
+    assert rows["x2"]["status"] == STATUS_ERROR
+    assert rows["x2"]["error"] == "text is not valid UTF-8 (unexpected end of data at byte 3)"
 
 
 def test_listing_edge_cases_of_paths_and_formats(tmp_path):
