@@ -12,6 +12,10 @@ on; docs/pipelines.md, "Logs", lists them):
   any actor pool, ours or a one-line probe's. The job keeps Ray Data's restarts (a lost node's
   encoder actors come back). It is printed by Ray's C++ core to file descriptor 2, so the
   CLIs pass their stderr through a line filter (`filtered_stderr`).
+- Ray Data's WARNING "Specifying both num_cpus and num_gpus for map tasks is experimental",
+  once per GPU encoder pool: the job's GPU actors ask for `num_cpus` 1 by default, the CPU
+  that feeds the GPU (`encoder_defaults.num_cpus`), which is what Ray Data itself gives a
+  GPU map task that names no `num_cpus`; it warns only because the job spells it out.
 - faiss's INFO lines about the CPU-specific builds it could not load, before the generic one
   (shown with `--log-level DEBUG`).
 - Ray Data's Python warning that an operator "only received N input(s)", fewer than its task
@@ -44,6 +48,10 @@ QUIET_RECORDS: tuple[tuple[str, re.Pattern[str]], ...] = (
             r"^(Progress bars disabled|Progress bars for operators disabled|Progress will be "
             r"logged because|\[dataset\]: A new progress UI is available)"
         ),
+    ),
+    (
+        "ray.data._internal.execution.operators.map_operator",
+        re.compile(r"^Specifying both num_cpus and num_gpus for map tasks is experimental"),
     ),
 )
 # (module, message pattern) of Python warnings the CLIs drop (see the module docstring).

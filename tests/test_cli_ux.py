@@ -322,6 +322,30 @@ def test_rays_few_inputs_warning_is_dropped_and_other_warnings_kept():
     assert alarming_lines(res.stderr), "the log check sees Python warnings"
 
 
+def test_rays_gpu_actor_cpu_warning_is_dropped_and_other_records_kept():
+    # A GPU encoder pool asks for num_cpus and num_gpus; Ray Data logs that this is
+    # "experimental" once per pool. The CLIs drop that record, from that logger only.
+    both = (
+        "Specifying both num_cpus and num_gpus for map tasks is experimental, and may result "
+        "in scheduling or stability issues. Please report any issues to the Ray team: "
+        "https://github.com/ray-project/ray/issues/new/choose"
+    )
+    code = (
+        "import logging\n"
+        "from pipelines.console import configure_logging\n"
+        "configure_logging('INFO')\n"
+        "ops = logging.getLogger('ray.data._internal.execution.operators.map_operator')\n"
+        f"ops.warning({both!r})\n"
+        "ops.warning('kept: from the same logger')\n"
+        f"logging.getLogger('someone.else').warning({both!r})\n"
+    )
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    shown = [line.split(": ", 1)[1] for line in res.stderr.splitlines() if "WARNING" in line]
+    assert shown == ["kept: from the same logger", both], res.stderr
+
+
 # ----------------------------------------------------------------------------- progress
 
 
