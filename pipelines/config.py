@@ -322,6 +322,13 @@ class DebugConfig(_Strict):
     # Encoders that run no model (zero embeddings): the pipeline's own ceiling
     # (benchmarks/bench_pipeline.py --null-encoder). Never for real output.
     null_encoder: bool = False
+    # With null_encoder: each model batch also holds its actor's one compute slot for this
+    # many seconds per item, asleep (no CPU), after copying the batch into a host buffer as a
+    # CUDA actor stages it: a stand-in for an accelerator of known speed, to measure how well
+    # the pipeline feeds one (benchmarks/bench_feed.py).
+    null_encoder_item_s: float = Field(0.0, ge=0)
+    # Local file: one line "<pid> <start> <end> <items>" per stand-in batch (its busy time).
+    null_encoder_log_path: str | None = None
     actor_trace_path: str | None = None  # local file: one line "<pid> <kind> <GPU ids>" per actor
     # Local file: encoder actors start loading the model only once it is not empty, then append
     # "load <kind>" (with trace_path the same file: proves reads overlap the model load).

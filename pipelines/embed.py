@@ -286,6 +286,8 @@ def _encode_stage(cfg: JobConfig, ds: Any, kind: str, pool: Pool, progress: Any)
             "batch_size": enc.batch_size,
             "torch_threads": enc.threads,
             "null_encoder": cfg.debug.null_encoder,
+            "null_item_s": cfg.debug.null_encoder_item_s,
+            "null_log_path": cfg.debug.null_encoder_log_path,
             "trace_path": cfg.debug.actor_trace_path,
             "load_gate_path": cfg.debug.load_gate_path,
             "progress": progress,

@@ -606,6 +606,12 @@ class EncodeBatch:
         model: an already built model (tests, single-process use); skips loading.
         null_encoder: run everything but the model (embeddings are zeros): measures what the
             pipeline can deliver to an encoder (benchmarks/bench_pipeline.py --null-encoder).
+        null_item_s: with `null_encoder`, a stand-in for an accelerator of known speed
+            (benchmarks/bench_feed.py): each model batch is copied into a host buffer, as a
+            CUDA runner stages it, then holds the actor's one compute slot for this many
+            seconds per item, asleep.
+        null_log_path: a local file that gets a line "<pid> <start> <end> <items>" per
+            stand-in batch: when its compute slot was busy (Unix time, seconds).
         trace_path: a local file that gets one line per actor: pid, kind, logical GPU ids
             (tests of pool sizing and GPU packing).
         load_gate_path: a test hook (`debug.load_gate_path`): the model load starts only once
@@ -623,11 +629,17 @@ class EncodeBatch:
         torch_threads: int | None = None,
         model: Any = None,
         null_encoder: bool = False,
+        null_item_s: float = 0.0,
+        null_log_path: str | None = None,
         trace_path: str | None = None,
         load_gate_path: str | None = None,
         progress: Any = None,
     ) -> None:
         self.progress = progress
+        self.null_item_s = null_item_s
+        self.null_log_path = null_log_path
+        self._compute_slot = threading.Lock()  # the stand-in's device: one batch at a time
+        self._staging = threading.local()  # the stand-in's host buffer, one per calling thread
         if torch_threads and not null_encoder:
             import torch
 
@@ -662,8 +674,32 @@ class EncodeBatch:
 
     def _encode_groups(self, groups: list[tuple[list[int], np.ndarray]]) -> list[np.ndarray]:
         if self.runner is None:
+            if self.null_item_s:
+                for idx, x in groups:
+                    self._stand_in(x, len(idx))
             return [np.zeros((len(idx), self.dim), np.float32) for idx, _ in groups]
         return list(self.runner.encode_all((self.kind, x) for _, x in groups))
+
+    def _stand_in(self, x: Any, n: int) -> None:
+        """The null encoder's stand-in accelerator (`null_item_s`): stage `x` as the CUDA
+        runner does (one copy of its rows into a reused host buffer), then compute for
+        `n * null_item_s` seconds without the CPU, one batch at a time per actor (logged to
+        `null_log_path`)."""
+        shape, dtype = tuple(x.shape), np.dtype(x.dtype)
+        buf = getattr(self._staging, "buf", None)
+        if buf is None or buf.shape != shape or buf.dtype != dtype:
+            buf = self._staging.buf = np.empty(shape, dtype)
+        if isinstance(x, ibc.RowParts):
+            x.join(out=buf)
+        else:
+            np.copyto(buf, x)
+        with self._compute_slot:
+            start = time.time()
+            time.sleep(n * self.null_item_s)
+            end = time.time()
+        if self.null_log_path:
+            with open(self.null_log_path, "a") as f:
+                f.write(f"{os.getpid()} {start:.6f} {end:.6f} {n}\n")
 
     def _decode_jpegs(
         self, batch: pa.Table, rows: list[int], status: list[Any], errors: list[Any]

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import media
@@ -206,6 +207,38 @@ def test_an_actor_call_over_joined_blocks_embeds_as_over_one_block():
     assert isinstance(x, ibc.RowParts)
     np.testing.assert_array_equal(runner.stage("vision", x).x.numpy(), x.join())
     np.testing.assert_array_equal(runner.encode("vision", x), runner.encode("vision", x.join()))
+
+
+def test_the_null_encoders_stand_in_computes_one_batch_at_a_time_and_logs_it(tmp_path):
+    # bench_feed's stand-in accelerator: each model batch holds the actor's one compute slot
+    # for its items times `null_item_s`, whichever thread calls (a GPU actor runs two calls
+    # at once), and the log holds every batch; the rows come out as the null encoder's.
+    data = items("vision") * 2
+    pre = [preprocess_batch(block("vision", data[:3])), preprocess_batch(block("vision", data[3:]))]
+    joined = pa.concat_tables(pre)
+    log = tmp_path / "busy.log"
+    kw = {"batch_size": 2, "null_encoder": True}
+    actor = EncodeBatch(
+        "vision", ibc.ModelSpec(preset="tiny"), **kw, null_item_s=0.05, null_log_path=str(log)
+    )
+    outs: list[pa.Table] = []
+    calls = [threading.Thread(target=lambda: outs.append(actor(joined))) for _ in range(2)]
+    for t in calls:
+        t.start()
+    for t in calls:
+        t.join()
+    plain = EncodeBatch("vision", ibc.ModelSpec(preset="tiny"), **kw)(joined)
+    for out in outs:
+        assert out.to_pylist() == plain.to_pylist()
+    ok = plain.column("status").to_pylist().count(STATUS_OK)
+    spans = sorted((float(a), float(b), int(n)) for _, a, b, n in map(str.split, log.open()))
+    assert sum(n for *_, n in spans) == 2 * ok  # every embedded row of both calls, once
+    assert all(n <= 2 for *_, n in spans)  # in model batches
+    # Unix times (the log is read beside a job's): a millisecond's leeway for clock slew.
+    for a, b, n in spans:
+        assert b - a >= n * 0.05 - 1e-3
+    for (_, b, _), (a, _, _) in itertools.pairwise(spans):
+        assert a >= b - 1e-3  # one batch at a time
 
 
 def test_token_columns_equal_the_per_row_transport():
