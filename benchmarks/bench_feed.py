@@ -7,7 +7,7 @@ accelerator (`debug.null_encoder_item_s`): each model batch is copied into a hos
 the CUDA runner stages it, then holds the actor's one compute slot for a fixed time per item,
 asleep, so the stand-in computes at a known rate and uses no CPU, as a GPU would. The actor
 runs as on a GPU: one logical GPU per actor (a local Ray started with one), two calls at once,
-two batches queued, the GPU batch sizes.
+the GPU's batch sizes and batches in flight (`encoder_defaults.max_tasks_in_flight`).
 
 Per kind, in one warm local Ray:
 

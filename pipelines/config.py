@@ -240,8 +240,10 @@ class EncoderPoolConfig(_Strict):
     # logical GPU share: tests of pool sizing on machines without GPUs).
     device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_threads: int | None = Field(None, gt=0)  # default: max(1, round(num_cpus))
-    # Batches queued at one actor while it computes; None: 1 on CPU (an idle actor never waits
-    # behind a busy one), 2 on GPU (the next batch is already local when one finishes).
+    # Batches sent to one actor at a time; None: 1 on CPU (an idle actor never waits behind a
+    # busy one), on a GPU two per call the actor runs at once: a CUDA actor runs two, and two
+    # more wait at the actor, so the GPU has work while Ray Data sends the next ones (a
+    # stand-in accelerator kept busier: benchmarks/results/feed-standin-2core.md).
     max_tasks_in_flight: int | None = Field(None, gt=0)
 
     @property
@@ -264,8 +266,8 @@ class EncoderPoolConfig(_Strict):
 
     @property
     def tasks_in_flight(self) -> int:
-        """Batches queued per actor (see `max_tasks_in_flight`)."""
-        return self.max_tasks_in_flight or (2 if self.num_gpus > 0 else 1)
+        """Batches sent to one actor at a time (see `max_tasks_in_flight`)."""
+        return self.max_tasks_in_flight or (2 * self.concurrent_batches if self.num_gpus > 0 else 1)
 
     @model_validator(mode="after")
     def _check_pool(self) -> EncoderPoolConfig:

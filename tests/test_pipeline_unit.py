@@ -141,7 +141,12 @@ def test_pool_sizes_and_preprocess_batches_resolve_per_kind(monkeypatch):
     assert pool_size(gpu, "vision", ["vision", "text"], {"CPU": 16, "GPU": 4}) == Pool(2, 8, 8)
     assert pool_size(gpu, "vision", ["vision"], {"CPU": 16}) == Pool(2, 2, 2)
     assert pool_size(gpu, "text", ["vision", "text"], {"CPU": 16, "GPU": 4}) == Pool(1, 8, 8)
-    assert gpu.encoder("vision").tasks_in_flight == 2 and gpu.encoder("text").tasks_in_flight == 1
+    # a CUDA actor runs two calls and has two more waiting; a CPU actor one call
+    assert gpu.encoder("vision").tasks_in_flight == 4 and gpu.encoder("text").tasks_in_flight == 1
+    logical = gpu.model_copy(  # a logical GPU share, the model kept on the CPU: one call
+        update={"encoder_defaults": gpu.encoder_defaults.model_copy(update={"device": "cpu"})}
+    )
+    assert logical.encoder("vision").tasks_in_flight == 2
     # a number is taken as given: [min, max], starting at min
     fixed = load_config(
         None, {"input": "i", "output": "o", "preset": "tiny", "encoders.text.max_actors": 3}
