@@ -685,7 +685,9 @@ class EncodeBatch:
         runner does (one copy of its rows into a reused host buffer), then compute for
         `n * null_item_s` seconds without the CPU, one batch at a time per actor (logged to
         `null_log_path`)."""
-        shape, dtype = tuple(x.shape), np.dtype(x.dtype)
+        if not isinstance(x, ibc.RowParts):
+            x = np.asarray(x)  # JPEG files decoded here (`decode: gpu`) come as a CPU tensor
+        shape, dtype = x.shape, x.dtype
         buf = getattr(self._staging, "buf", None)
         if buf is None or buf.shape != shape or buf.dtype != dtype:
             buf = self._staging.buf = np.empty(shape, dtype)

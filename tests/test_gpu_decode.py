@@ -168,6 +168,22 @@ def test_encoder_decodes_jpegs_and_every_other_item_takes_the_cpu_path():
     assert_embeddings_close(np.array([emb["jpeg"], emb["photo"]]), want)
 
 
+def test_the_null_encoders_stand_in_takes_the_files_it_decodes(tmp_path):
+    # bench_feed's stand-in accelerator with `decode: gpu`: the null encoder decodes the JPEG
+    # files itself (on the CPU, a tensor), and the stand-in stages and times that batch too.
+    datas = {
+        "jpeg": media.make_image("JPEG", size=(320, 240), seed=1),
+        "png": media.make_image("PNG", seed=2),
+    }
+    pre = preprocess_batch(_items(datas), decode={"vision": "gpu"})
+    assert _by_id(pre, "tensor_dtype")["jpeg"] == ENCODED_JPEG
+    log = tmp_path / "busy.log"
+    null = {"null_encoder": True, "null_item_s": 0.01, "null_log_path": str(log)}
+    got = EncodeBatch("vision", ibc.ModelSpec(preset="tiny"), **null)(pre)
+    assert _by_id(got, "status") == {"jpeg": STATUS_OK, "png": STATUS_OK}
+    assert sorted(int(line.split()[3]) for line in log.open()) == [1, 1]  # each its batch
+
+
 def test_decode_setting_is_validated_and_part_of_the_lineage(tmp_path):
     base = {"input": str(tmp_path), "output": str(tmp_path / "o"), "preset": "tiny"}
     cpu = load_config(None, base)
