@@ -176,6 +176,13 @@ def run_kind(kind: str, source: str, part: str, tmp: str, args: argparse.Namespa
     }
 
 
+def _key_value(text: str) -> tuple[str, str]:
+    key, eq, value = text.partition("=")
+    if not (key and eq):
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return key, value
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--kinds", default="vision,text")
@@ -187,11 +194,16 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--preset", default="huge", help="sets the vectors' width (1024-d: huge)")
     p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="a job config override"
+        "--set",
+        action="append",
+        default=[],
+        type=_key_value,
+        metavar="KEY=VALUE",
+        help="a job config override",
     )
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
-    OVERRIDES.update(kv.split("=", 1) for kv in args.set)
+    OVERRIDES.update(args.set)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
