@@ -339,6 +339,15 @@ class DebugConfig(_Strict):
     # test can prove that the job never waits for them.
     warm_gate_path: str | None = None
 
+    @model_validator(mode="after")
+    def _check_stand_in(self) -> DebugConfig:
+        # The stand-in is part of the null encoder: alone, it would silently do nothing.
+        if not self.null_encoder:
+            for name in ("null_encoder_item_s", "null_encoder_log_path"):
+                if getattr(self, name):
+                    raise ValueError(f"{name} needs null_encoder: true")
+        return self
+
 
 class JobConfig(_Strict):
     """Everything `imagebind-embed` needs. See docs/pipelines.md for every field."""

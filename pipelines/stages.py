@@ -685,14 +685,14 @@ class EncodeBatch:
         runner does (one copy of its rows into a reused host buffer), then compute for
         `n * null_item_s` seconds without the CPU, one batch at a time per actor (logged to
         `null_log_path`)."""
-        if not isinstance(x, ibc.RowParts):
+        parts = x if isinstance(x, ibc.RowParts) else None
+        if parts is None:
             x = np.asarray(x)  # JPEG files decoded here (`decode: gpu`) come as a CPU tensor
-        shape, dtype = x.shape, x.dtype
         buf = getattr(self._staging, "buf", None)
-        if buf is None or buf.shape != shape or buf.dtype != dtype:
-            buf = self._staging.buf = np.empty(shape, dtype)
-        if isinstance(x, ibc.RowParts):
-            x.join(out=buf)
+        if buf is None or buf.shape != x.shape or buf.dtype != x.dtype:
+            buf = self._staging.buf = np.empty(x.shape, x.dtype)
+        if parts is not None:
+            parts.join(out=buf)
         else:
             np.copyto(buf, x)
         with self._compute_slot:

@@ -62,6 +62,9 @@ from pipelines.writers import commit_shard, write_parts
             {"preprocess.options": {"depth": {"input": "sideways"}}},
             "preprocess.options: invalid depth preprocessing option: DepthConfig.input must be",
         ),
+        # The stand-in accelerator alone would do nothing: refused, not ignored.
+        ({"debug.null_encoder_item_s": 0.01}, "debug: null_encoder_item_s needs null_encoder"),
+        ({"debug.null_encoder_log_path": "x"}, "debug: null_encoder_log_path needs null_encoder"),
     ],
 )
 def test_bad_config_names_the_field(overrides, named):
