@@ -55,18 +55,30 @@ def reuse(trace: str) -> tuple[int, int]:
 
 
 def cli_job(
-    kind: str, source: str, fmt: str, out: str, sets: dict, root: str = ROOT
+    kind: str,
+    source: str,
+    fmt: str,
+    out: str,
+    sets: dict,
+    root: str = ROOT,
+    null: bool = True,
+    timeout: float | None = None,
 ) -> tuple[dict, CpuSampler, float]:
-    """The embedding command line of the checkout at `root`, null encoders, in a fresh process
-    and Ray: (its --json summary, the process tree's CpuSampler, wall seconds)."""
-    sets = {"format": fmt, **null_encoder_settings(kind), **sets}
+    """The embedding command line of the checkout at `root`, in a fresh process and Ray, null
+    encoders unless `null` is False: (its --json summary, the process tree's CpuSampler, wall
+    seconds)."""
+    sets = {"format": fmt, **(null_encoder_settings(kind) if null else {}), **sets}
     cmd = [sys.executable, "-m", "pipelines.embed", "--json", "--input", source, "--output", out]
     cmd += [a for k, v in sets.items() for a in ("--set", f"{k}={json.dumps(v)}")]
-    env = {**os.environ, "PYTHONPATH": root, "RAY_AUTH_MODE": "disabled"}
+    # The checkout first; what PYTHONPATH held stays after it (e.g. where Ray is installed).
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     with CpuSampler() as cpu:
         w0 = time.perf_counter()
-        res = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, check=False)
+        res = subprocess.run(
+            cmd, cwd=root, env=env, capture_output=True, text=True, check=False, timeout=timeout
+        )
         wall = time.perf_counter() - w0
     if res.returncode != 0 or not res.stdout.strip():
         raise RuntimeError(f"job failed ({res.returncode}): {res.stderr[-2000:]}")
