@@ -124,6 +124,32 @@ def test_ascii_pre_tokens_skip_the_byte_mapping_with_the_same_ids() -> None:
         assert tok.encode(s) == mapped(s), repr(s[:40])
 
 
+def test_printable_ascii_takes_the_stdlib_pre_tokenizer_with_the_same_splits() -> None:
+    """Cleaned printable ASCII is split by `_ASCII_PRETOKEN` (Python's `re`), everything else
+    by `_PRETOKEN` (`regex`, Unicode classes): on random printable ASCII strings rich in the
+    pattern's special cases, both split the cleaned text into the same pre-tokens, and
+    `encode` (which takes the shortcut for them) gives the ids of the `regex` split."""
+    import random
+
+    from imagebind_core.preprocess.text import _ASCII_PRETOKEN, _PRETOKEN
+
+    tok = P.get_tokenizer()
+    pieces = [chr(c) for c in range(0x20, 0x7F)] + [
+        "<|endoftext|>", "<|startoftext|>", "<|ENDOFTEXT|>", "<|endoftext", "'s", "'S", "'t",
+        "'re", "'ve", "'m", "'ll", "'LL", "'d", "''", "word", "Dog", "42", "  ", "&", "&amp;",
+    ]  # fmt: skip
+    rng = random.Random(5)
+    fast = 0
+    for _trial in range(5000):
+        s = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 25)))
+        clean = tok.clean(s)
+        assert _ASCII_PRETOKEN.findall(clean) == _PRETOKEN.findall(clean), repr(s)
+        regex_ids = [i for w in _PRETOKEN.findall(clean) for i in tok._bpe(w)]
+        assert tok.encode(s) == regex_ids, repr(s)
+        fast += clean.isascii() and clean.isprintable()
+    assert fast > 4000  # the shortcut was exercised
+
+
 def test_many_texts_at_once_equal_one_at_a_time() -> None:
     """`preprocess_texts` (the job's blocks) gives each text the ids `preprocess` gives it,
     and reports a bad text by index, with its id, leaving the others untouched."""
