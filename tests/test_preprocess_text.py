@@ -8,6 +8,7 @@ from reference_data_shim import reference_data
 
 import imagebind_core.preprocess as P
 from imagebind_core.errors import InvalidInput
+from imagebind_core.preprocess.text import check_text
 
 TEXTS = [
     "",
@@ -51,6 +52,15 @@ def test_framing_and_truncation() -> None:
 
 def test_bytes_input_and_limits() -> None:
     assert torch.equal(P.preprocess("text", "café".encode()), P.preprocess("text", "café"))
+    # A UTF-8 BOM at the start of bytes is dropped, once, as the "utf-8-sig" codec drops it;
+    # a str keeps its characters.
+    bom = "\ufeff".encode()
+    for data, same in [(bom + "café".encode(), "café"), (bom + bom + b"x", "\ufeffx")]:
+        assert check_text(data) == same
+        assert torch.equal(P.preprocess("text", data), P.preprocess("text", same))
+    assert check_text("\ufeffx") == "\ufeffx"
+    with pytest.raises(InvalidInput, match="at byte 4"):
+        P.preprocess("text", bom + b"a\xff")
     with pytest.raises(InvalidInput, match="UTF-8") as e:
         P.preprocess("text", b"caf\xe9 \xff\xfe", item_id="t1")
     assert e.value.item_id == "t1" and e.value.modality == "text"
