@@ -183,3 +183,11 @@ def test_many_texts_at_once_equal_one_at_a_time() -> None:
         np.testing.assert_array_equal(matrix[i], want)
     short, _ = P.preprocess_texts(["a dog"], context_length=8)
     assert short.shape == (1, 8)
+    # A block (16 texts or more) fills its matrix in one copy: the same rows, also cut short.
+    block = [*TEXTS, *TEXTS[::-1]]
+    for width in (77, 8):
+        matrix, errors = P.preprocess_texts(block, context_length=width)
+        assert not errors and len(block) >= 16 and matrix.shape == (len(block), width)
+        for i, t in enumerate(block):
+            want = P.preprocess("text", t, context_length=width).numpy()
+            np.testing.assert_array_equal(matrix[i], want, err_msg=repr(t[:40]))
