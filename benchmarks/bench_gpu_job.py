@@ -27,9 +27,10 @@ more keys to a variant, or to add variants), e.g. device JPEG decode or batches 
     python benchmarks/bench_gpu_job.py --device cpu --preset tiny --dtype float32 \
         --images 256 --texts 20000 --bare-seconds 3           # a smoke test without a GPU
 
-With the defaults (100,000 images, 400,000 captions, huge, bfloat16) one run takes ~6-8 min on
-one H200 with 16 cores, most of it the jobs; the corpus is kept in `--corpus DIR` if given and
-reused by later runs. The last line reads `gpu job, steady state / bare: vision <share>, text
+The defaults (100,000 images, 400,000 captions, huge, bfloat16) are sized to take 6-8 minutes
+on one H200 with 16 cores, estimated from the job's rates there on 2026-12-04 (it has not run
+on a GPU yet), most of it the jobs; the corpus is kept in `--corpus DIR` if given and reused by
+later runs. The last line reads `gpu job, steady state / bare: vision <share>, text
 <share>`. Timings vary with the node: only the shares printed by one run are comparable.
 """
 
