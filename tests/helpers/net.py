@@ -2,12 +2,42 @@
 
 from __future__ import annotations
 
+import random
 import socket
+
+# Ports this module hands out: above Ray's worker ports (10002-19999 by default) and below the
+# kernel's ephemeral range (Linux: /proc/sys/net/ipv4/ip_local_port_range, 32768 by default).
+_LOW = 20000
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
+    """A free TCP port on 127.0.0.1, outside the kernel's ephemeral range.
+
+    A port taken from that range (a bind to port 0) can be handed to any other bind to port 0
+    or outgoing connection between this pick and the server's own bind, e.g. one of the Ray
+    processes that `serve run` starts binding its gRPC server: a test's server then fails
+    with "Failed to bind to address" (seen once in a full run). Outside that range only
+    another explicit pick can take it.
+    """
+    high = _ephemeral_low()
+    rng = random.SystemRandom()
+    for _ in range(100 if high - _LOW > 1000 else 0):
+        port = rng.randrange(_LOW, high)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # an unusual port range: the kernel's pick
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
