@@ -51,6 +51,14 @@ def tree_bytes(root: str) -> dict[str, int]:
     return out
 
 
+def key_value(text: str) -> tuple[str, str]:
+    """An argparse type: "KEY=VALUE" -> (KEY, VALUE); anything else is refused with its text."""
+    key, eq, value = text.partition("=")
+    if not (key and eq):
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return key, value
+
+
 def write_results(path: str | None, results: Any, key: str = "results") -> None:
     """Write `{"command": <this command line>, key: results}` to `path` (nothing when None)."""
     if path:

@@ -44,7 +44,7 @@ import sys
 import tempfile
 import time
 
-from _common import write_results
+from _common import key_value, write_results
 from bench_pipeline import CpuSampler, _files, _median, make_corpus, make_text_manifests
 
 FORMATS = {"vision": "files", "text": "manifest"}
@@ -176,13 +176,6 @@ def run_kind(kind: str, source: str, part: str, tmp: str, args: argparse.Namespa
     }
 
 
-def _key_value(text: str) -> tuple[str, str]:
-    key, eq, value = text.partition("=")
-    if not (key and eq):
-        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
-    return key, value
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--kinds", default="vision,text")
@@ -197,7 +190,7 @@ def main() -> None:
         "--set",
         action="append",
         default=[],
-        type=_key_value,
+        type=key_value,
         metavar="KEY=VALUE",
         help="a job config override",
     )

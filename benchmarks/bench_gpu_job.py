@@ -48,7 +48,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from _common import write_results
+from _common import key_value, write_results
 from bench_pipeline import make_text_manifests
 from bench_warmup import cli_job
 
@@ -272,10 +272,9 @@ def run_variant(kind: str, name: str, full: str, part: str, sets: dict, args, ba
 
 def _variant(text: str) -> tuple[str, str, str]:
     name, colon, kv = text.partition(":")
-    key, eq, value = kv.partition("=")
-    if not (name and colon and key and eq):
+    if not (name and colon):
         raise argparse.ArgumentTypeError(f"{text!r} is not NAME:KEY=VALUE")
-    return name, key, value
+    return (name, *key_value(kv))
 
 
 def main() -> None:
